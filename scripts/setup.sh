@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-time set-up of moca3d on a fresh Debian/Ubuntu machine (idempotent; fast when done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=.setup-done
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup.sh ] \
+   && "$PY" -c "import moca3d, torch" 2>/dev/null; then
+  exit 0
+fi
+# System libraries for headless rendering (Mesa EGL/OSMesa) when apt is available.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  if ! dpkg -s libegl1 libgl1-mesa-dri libosmesa6 >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      libegl1 libgl1-mesa-dri libosmesa6 >/dev/null
+  fi
+fi
+# torch first, so nothing else pulls a multi-GB CUDA build; keep a GPU build if one is present.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+fi
+"$PY" -m pip install -q -e ".[dev]"
+touch "$STAMP"

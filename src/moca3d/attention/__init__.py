@@ -1,0 +1,1 @@
+"""Mixture-of-Components attention: router, routing, local mask, backends."""

@@ -1,0 +1,59 @@
+"""`moca3d <verb>`: the command-line interface.
+
+Each module in `moca3d.commands` defines `register(app)`, adding its verbs. Heavy imports stay
+inside the command functions so that `moca3d --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import typer
+
+from moca3d.errors import MoCA3DError
+
+app = typer.Typer(
+    name="moca3d",
+    help="Compositional 3D generation with Mixture-of-Components (MoC) attention: "
+    "one image -> N part (or instance) meshes in one frame.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Compositional 3D generation with Mixture-of-Components attention."""
+
+
+@app.command("version")
+def version() -> None:
+    """Print the installed moca3d version."""
+    from moca3d import __version__
+
+    typer.echo(__version__)
+
+
+def _register_commands() -> None:
+    import moca3d.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"moca3d.commands.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console entry point: bad input ends with one clear line, not a stack trace."""
+    try:
+        app(standalone_mode=True)
+    except MoCA3DError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

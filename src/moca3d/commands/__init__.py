@@ -1,0 +1,1 @@
+"""CLI verbs, one module per area; each defines `register(app: typer.Typer)`."""
