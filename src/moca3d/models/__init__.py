@@ -1,0 +1,1 @@
+"""Neural networks: the vecset VAE and the MoC diffusion transformer."""

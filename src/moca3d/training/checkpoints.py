@@ -1,0 +1,334 @@
+"""Training checkpoints in safetensors + JSON (never pickle), written atomically; and an EMA.
+
+Layout of a run directory:
+
+    OUT/checkpoints/step_00001000/   model.safetensors, ema.safetensors (optional),
+                                     optimizer.safetensors, rng.safetensors, state.json
+    OUT/checkpoints/step_00002000/   ...
+
+A checkpoint directory is built under a temporary name and renamed into place with
+`os.replace`, so an interrupted write never leaves a half-written `step_*` directory; `state.json`
+is written last and marks a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moca3d.errors import CheckpointError
+
+CHECKPOINT_DIR = "checkpoints"
+STEP_PATTERN = re.compile(r"^step_(\d{8})$")
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic file helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk (best effort; not every platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first floating tensor with NaN/Inf values."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor '{name}' contains NaN/Inf values; refusing it")
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """Write a safetensors file via a temporary file and `os.replace` (all or nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_finite(tensors, str(path))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> None:
+    """Write JSON via a temporary file and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file on CPU, refusing missing files and NaN/Inf values."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
+    check_finite(tensors, str(path))
+    return tensors
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file."""
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    decay_t = min(decay, (1 + t) / (warmup + t)), so early averages follow the model closely.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: int = 10):
+        if not 0.0 <= decay < 1.0:
+            raise CheckpointError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def current_decay(self) -> float:
+        """Decay used by the next update."""
+        return min(self.decay, (1 + self.num_updates) / (self.warmup + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow <- d * shadow + (1 - d) * model."""
+        d = self.current_decay()
+        state = model.state_dict()
+        for name, avg in self.shadow.items():
+            avg.lerp_(state[name].detach().to(avg.dtype), 1.0 - d)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model`."""
+        model.load_state_dict(self.shadow, strict=False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors (scalars live in `scalars`)."""
+        return dict(self.shadow)
+
+    def scalars(self) -> dict[str, Any]:
+        """JSON-serialisable state."""
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates}
+
+    def load(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+        """Restore from `state_dict()` and `scalars()`."""
+        missing = set(self.shadow) - set(tensors)
+        if missing:
+            raise CheckpointError(f"EMA state lacks {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
+        for name in self.shadow:
+            self.shadow[name].copy_(tensors[name])
+        self.decay = float(scalars["decay"])
+        self.warmup = int(scalars["warmup"])
+        self.num_updates = int(scalars["num_updates"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and RNG state without pickle
+# ----------------------------------------------------------------------------------------------
+
+
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors ('state.<param>.<name>') and JSON scalars."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"state_scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def optimizer_from_safetensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of `optimizer_to_safetensors`; loads into `optimizer`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["state_scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"optimizer state does not match this model: {err}") from err
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Torch (CPU, CUDA), NumPy and Python RNG states as tensors + JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, py_state, gauss_next = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(py_state), gauss_next]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss_next = meta["python"]
+    random.setstate((version, tuple(py_state), gauss_next))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` restored: the step and the caller's extra JSON state."""
+
+    path: Path
+    step: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """Directory of the checkpoint of `step` inside a run directory."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_PATTERN.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """Most recent complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    ema: Optional[EMA] = None, extra: Optional[dict[str, Any]] = None, keep_last: int = 3) -> Path:
+    """Write the checkpoint of `step` atomically and keep only the newest `keep_last` ones.
+
+    Refuses (CheckpointError) to write model, EMA or optimizer tensors containing NaN/Inf.
+    """
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        state: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": int(step), "extra": extra or {}}
+        atomic_save_tensors(model.state_dict(), tmp / "model.safetensors")
+        if ema is not None:
+            atomic_save_tensors(ema.state_dict(), tmp / "ema.safetensors")
+            state["ema"] = ema.scalars()
+        if optimizer is not None:
+            tensors, meta = optimizer_to_safetensors(optimizer)
+            atomic_save_tensors(tensors, tmp / "optimizer.safetensors")
+            state["optimizer"] = meta
+        rng_tensors, rng_meta = capture_rng()
+        atomic_save_tensors(rng_tensors, tmp / "rng.safetensors")
+        state["rng"] = rng_meta
+        atomic_write_json(state, tmp / "state.json")  # last: marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    ema: Optional[EMA] = None, restore_rng_state: bool = True) -> Checkpoint:
+    """Load a checkpoint directory into the given objects; refuses NaN/Inf tensors."""
+    path = Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"not a complete checkpoint (no state.json): {path}")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
+    weights = load_tensors(path / "model.safetensors")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit this model ({first})") from err
+    if ema is not None:
+        if "ema" not in state:
+            raise CheckpointError(f"{path}: no EMA state in this checkpoint")
+        ema.load(load_tensors(path / "ema.safetensors"), state["ema"])
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path}: no optimizer state in this checkpoint")
+        optimizer_from_safetensors(optimizer, load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+    if restore_rng_state:
+        restore_rng(load_tensors(path / "rng.safetensors"), state["rng"])
+    return Checkpoint(path=path, step=int(state["step"]), extra=state.get("extra", {}))
