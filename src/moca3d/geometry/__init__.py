@@ -1,0 +1,1 @@
+"""Geometry toolkit: mesh I/O and normalisation, surface sampling, inside tests, rendering."""

@@ -1,0 +1,291 @@
+"""Mesh I/O on trimesh: components in, one named GLB node per component out, normalisation.
+
+An asset is a list of components (the parts of an object or the instances of a scene), each a
+`trimesh.Trimesh` in one shared frame, plus one name per component. Components come from the
+nodes of a scene file, from the files of a folder, or from connected components on request.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import trimesh
+
+from moca3d.errors import InputError
+
+MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
+CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
+MIN_COMPONENT_AREA = 1e-12  # relative to the squared asset extent; below this a component is empty
+
+
+@dataclass
+class Normalization:
+    """Similarity transform into the canonical frame: x_canonical = (x - center) * scale."""
+
+    center: np.ndarray  # (3,)
+    scale: float
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """Map points from the source frame into the canonical frame."""
+        return (np.asarray(points, dtype=np.float64) - self.center) * self.scale
+
+    def invert(self, points: np.ndarray) -> np.ndarray:
+        """Map points from the canonical frame back into the source frame."""
+        return np.asarray(points, dtype=np.float64) / self.scale + self.center
+
+    def matrix(self) -> np.ndarray:
+        """The 4x4 homogeneous matrix of `apply`."""
+        m = np.eye(4)
+        m[:3, :3] *= self.scale
+        m[:3, 3] = -self.center * self.scale
+        return m
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, as stored in normalization.json."""
+        return {"center": [float(c) for c in self.center], "scale": float(self.scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        """Inverse of `to_dict`."""
+        return cls(center=np.asarray(d["center"], dtype=np.float64), scale=float(d["scale"]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Normalization":
+        """Read a normalization.json file."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def fuse(meshes: list[trimesh.Trimesh]) -> trimesh.Trimesh:
+    """All components concatenated into one mesh (no merging of vertices)."""
+    if len(meshes) == 1:
+        return meshes[0]
+    return trimesh.util.concatenate(meshes)
+
+
+def bounds_of(meshes: list[trimesh.Trimesh]) -> np.ndarray:
+    """Axis-aligned bounds (2, 3) of all components together."""
+    verts = np.concatenate([np.asarray(m.vertices) for m in meshes], axis=0)  # (V, 3)
+    return np.stack([verts.min(axis=0), verts.max(axis=0)])
+
+
+def fit_normalization(meshes: list[trimesh.Trimesh], extent: float = CANONICAL_EXTENT) -> Normalization:
+    """Centre the joint bounding box and scale its largest side to `extent`."""
+    lo, hi = bounds_of(meshes)
+    size = float((hi - lo).max())
+    if not np.isfinite(size) or size <= 0:
+        raise InputError("asset has a degenerate bounding box (all vertices coincide)")
+    return Normalization(center=(lo + hi) / 2.0, scale=extent / size)
+
+
+def transform_meshes(meshes: list[trimesh.Trimesh], norm: Normalization) -> list[trimesh.Trimesh]:
+    """Copies of the components mapped by `norm` (visuals kept)."""
+    out = []
+    for m in meshes:
+        m = m.copy()
+        m.apply_transform(norm.matrix())
+        out.append(m)
+    return out
+
+
+def normalize_meshes(
+    meshes: list[trimesh.Trimesh], extent: float = CANONICAL_EXTENT
+) -> tuple[list[trimesh.Trimesh], Normalization]:
+    """Normalise all components together; returns the moved copies and the transform."""
+    norm = fit_normalization(meshes, extent)
+    return transform_meshes(meshes, norm), norm
+
+
+def palette(n: int, seed: int = 0) -> np.ndarray:
+    """`n` distinct, saturated RGBA colours (uint8, (n, 4)), golden-ratio spaced in hue."""
+    golden = 0.618033988749895
+    hues = (seed * 0.137 + golden * np.arange(n)) % 1.0
+    rgb = [colorsys.hsv_to_rgb(h, 0.65, 0.9 - 0.25 * (i % 3) / 2) for i, h in enumerate(hues)]
+    rgba = np.concatenate([np.asarray(rgb), np.ones((n, 1))], axis=1)
+    return (rgba * 255).round().astype(np.uint8)
+
+
+def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
+    """The dominant RGBA colour (uint8, (4,)) of a mesh's visual, or None if it has none."""
+    visual = mesh.visual
+    try:
+        if isinstance(visual, trimesh.visual.ColorVisuals):
+            if visual.defined:
+                return np.asarray(visual.main_color, dtype=np.uint8)
+            return None
+        material = getattr(visual, "material", None)
+        if material is not None:
+            return np.asarray(material.main_color, dtype=np.uint8)
+    except (AttributeError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Names made unique (and non-empty) by suffixing repeats with _1, _2, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, name in enumerate(names):
+        name = str(name).strip() or f"component_{i}"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
+        seen.setdefault(name, 0)
+        out.append(name)
+    return out
+
+
+def _scene_components(scene: trimesh.Scene) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """One component per scene node holding a triangle mesh, in the scene frame."""
+    meshes, names = [], []
+    for node in scene.graph.nodes_geometry:
+        transform, geom_name = scene.graph[node]
+        geom = scene.geometry[geom_name]
+        if not isinstance(geom, trimesh.Trimesh):
+            continue  # points, paths: not surfaces
+        mesh = geom.copy()
+        mesh.apply_transform(transform)
+        meshes.append(mesh)
+        names.append(str(node))
+    return meshes, names
+
+
+def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """Components of one mesh file: one per scene node (a single mesh gives one component)."""
+    path = Path(path)
+    if path.suffix.lower() not in MESH_EXTENSIONS:
+        raise InputError(f"{path.name}: unsupported mesh format (expected one of {', '.join(MESH_EXTENSIONS)})")
+    try:
+        loaded = trimesh.load(str(path), force="scene", process=False)
+    except Exception as err:  # trimesh raises many types on corrupt files
+        raise InputError(f"{path.name}: unreadable mesh ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+    meshes, names = _scene_components(loaded)
+    if not meshes:
+        raise InputError(f"{path.name}: contains no triangle mesh")
+    return meshes, names
+
+
+def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """Components from the mesh files of a folder, one per file (sorted by name, named by stem)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in MESH_EXTENSIONS)
+    if not files:
+        raise InputError(f"{folder.name}: folder holds no mesh files")
+    meshes, names = [], []
+    for f in files:
+        parts, _ = load_file(f)
+        meshes.append(fuse(parts))
+        names.append(f.stem)
+    return meshes, names
+
+
+def split_connected(meshes: list[trimesh.Trimesh], names: list[str]) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """Re-split components into connected components (vertices merged first), named name_k."""
+    out_meshes, out_names = [], []
+    for mesh, name in zip(meshes, names):
+        merged = trimesh.Trimesh(mesh.vertices, mesh.faces, process=True)
+        pieces = merged.split(only_watertight=False)
+        pieces = sorted(pieces, key=lambda p: -p.area)
+        for k, piece in enumerate(pieces):
+            out_meshes.append(piece)
+            out_names.append(name if len(pieces) == 1 else f"{name}_{k}")
+    return out_meshes, out_names
+
+
+def validate_components(
+    meshes: list[trimesh.Trimesh], names: list[str], max_components: int | None = None, label: str = "asset"
+) -> None:
+    """Raise InputError (one line) for an empty asset, NaN vertices, zero-area parts, too many parts."""
+    if not meshes:
+        raise InputError(f"{label}: no components")
+    if max_components is not None and len(meshes) > max_components:
+        raise InputError(f"{label}: {len(meshes)} components exceed the maximum of {max_components}")
+    for mesh, name in zip(meshes, names):
+        if len(mesh.faces) == 0 or len(mesh.vertices) == 0:
+            raise InputError(f"{label}: component '{name}' is empty (no faces)")
+        if not np.isfinite(np.asarray(mesh.vertices)).all():
+            raise InputError(f"{label}: component '{name}' has non-finite (NaN/inf) vertices")
+    lo, hi = bounds_of(meshes)
+    size = float((hi - lo).max())
+    if size <= 0:
+        raise InputError(f"{label}: all vertices coincide")
+    for mesh, name in zip(meshes, names):
+        if mesh.area <= MIN_COMPONENT_AREA * size * size:
+            raise InputError(f"{label}: component '{name}' has zero surface area")
+
+
+def load_components(
+    path: str | Path, connected: bool = False, max_components: int | None = None
+) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """Read an asset (a mesh file, or a folder with one file per component) and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    meshes, names = load_folder(path) if path.is_dir() else load_file(path)
+    if connected:
+        meshes, names = split_connected(meshes, names)
+    names = _unique_names(names)
+    validate_components(meshes, names, max_components, label=path.name)
+    return meshes, names
+
+
+def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray) -> trimesh.Trimesh:
+    """A geometry-only copy with one face colour."""
+    out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
+    out.visual = trimesh.visual.ColorVisuals(out, face_colors=np.tile(color, (len(out.faces), 1)))
+    return out
+
+
+def components_scene(
+    meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None
+) -> trimesh.Scene:
+    """A scene with one named node per component, each in its own colour."""
+    names = _unique_names(list(names) if names is not None else [f"component_{i}" for i in range(len(meshes))])
+    colors = palette(len(meshes)) if colors is None else np.asarray(colors, dtype=np.uint8)
+    scene = trimesh.Scene()
+    for mesh, name, color in zip(meshes, names, colors):
+        scene.add_geometry(_colored_copy(mesh, color), node_name=name, geom_name=name)
+    return scene
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, then rename over the target."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_glb(
+    path: str | Path,
+    meshes: list[trimesh.Trimesh],
+    names: list[str] | None = None,
+    colors: np.ndarray | None = None,
+) -> Path:
+    """Write a GLB scene, one named node per component with distinct colours (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = components_scene(meshes, names, colors).export(file_type="glb")
+    _atomic_write_bytes(path, data)
+    return path
+
+
+def save_separate(
+    folder: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None, ext: str = "obj"
+) -> list[Path]:
+    """Write one file per component into `folder` (named after the component)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = _unique_names(list(names) if names is not None else [f"component_{i}" for i in range(len(meshes))])
+    paths = []
+    for mesh, name in zip(meshes, names):
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        p = folder / f"{safe}.{ext}"
+        data = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).export(file_type=ext)
+        _atomic_write_bytes(p, data.encode() if isinstance(data, str) else data)
+        paths.append(p)
+    return paths
