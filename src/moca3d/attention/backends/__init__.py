@@ -1,0 +1,37 @@
+"""Implementations of routed MoC attention behind one signature, and automatic selection.
+
+Every backend maps (q, kz, vz, kp, vp, routing, config) -> out with
+q: (B, N, H, T, d), kz/vz: (B, N, H, Lz, d), kp/vp: (B, N, H, Np, d), out: (B, N, H, T, d).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moca3d.attention.backends.blocksparse import HAS_FLEX, moc_attention_blocksparse
+from moca3d.attention.backends.chunked import moc_attention_chunked
+from moca3d.attention.backends.dense import dense_global_attention
+from moca3d.attention.backends.reference import moc_attention_reference
+from moca3d.attention.config import MoCAttentionConfig
+
+BACKENDS = {
+    "reference": moc_attention_reference,
+    "chunked": moc_attention_chunked,
+    "blocksparse": moc_attention_blocksparse,
+}
+
+
+def select_backend(config: MoCAttentionConfig, device: torch.device, grad_enabled: bool) -> str:
+    """The backend to use: the forced one, else blocksparse on CUDA and chunked on the CPU.
+
+    flex_attention has no CPU backward and its compiled CPU kernel is slower than cache-sized
+    gathers + SDPA, so the CPU takes `chunked` for inference and training alike.
+    """
+    if config.backend != "auto":
+        return config.backend
+    if device.type == "cuda" and HAS_FLEX and config.gate == "key":
+        return "blocksparse"
+    return "chunked"
+
+
+__all__ = ["BACKENDS", "select_backend", "dense_global_attention", "moc_attention_reference", "moc_attention_chunked", "moc_attention_blocksparse"]
