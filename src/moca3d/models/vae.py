@@ -206,8 +206,9 @@ class DiagonalGaussian:
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Reparameterised sample (B, L, C)."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+        device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         """Posterior mean (B, L, C)."""

@@ -1,0 +1,132 @@
+"""CLI verbs of the vecset VAE: `train-vae`, `reconstruct`, `encode-dataset`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moca3d.errors import ConfigError, InputError
+
+PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "vae"
+
+
+def _device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; other names are checked."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda") and name != "mps":
+        raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N)")
+    return name
+
+
+def load_vae(model_dir: Optional[Path], device: str = "cpu"):
+    """A VecSetVAE from a diffusers-style folder (default: the packaged weights)."""
+    from moca3d.models.vae import VecSetVAE
+
+    folder = Path(model_dir) if model_dir is not None else PACKAGED_VAE
+    if not (folder / "config.json").is_file():
+        hint = "" if model_dir is not None else " (no packaged VAE weights; pass --model)"
+        raise InputError(f"{folder}: not a VAE folder, config.json missing{hint}")
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(f"{folder}: no .safetensors weights")
+    from moca3d.training.checkpoints import check_finite
+
+    model = VecSetVAE.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+    check_finite(model.state_dict(), str(folder))
+    return model.to(device).eval()
+
+
+def _weights_id(folder: Path) -> str:
+    """Content hash of a model folder's safetensors files (identifies the encoder of cached latents)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the VAE verbs to the CLI."""
+
+    @app.command("train-vae")
+    def train_vae_cmd(
+        data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
+        out_dir: Path = typer.Option(..., "-o", "--out", help="Run directory: checkpoints, logs, vae/."),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (default configs/vae_small.json values)."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the batch size (components)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT_DIR."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    ) -> None:
+        """Train the vecset VAE on part meshes (SDF + KL loss, EMA, checkpoints, validation)."""
+        from moca3d.training.train_vae import VAETrainConfig, train_vae
+
+        cfg = VAETrainConfig.from_json(config) if config is not None else VAETrainConfig()
+        if steps is not None:
+            cfg.steps = steps
+        if batch_size is not None:
+            cfg.batch_size = batch_size
+        if threads is not None:
+            cfg.num_threads = threads
+        cfg.check()
+        summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=_device(device))
+        typer.echo(f"trained {summary['steps']} steps in {summary['train_time_s'] / 60:.1f} min; weights in {out_dir / 'vae'}")
+        for k, v in summary.get("val", {}).items():
+            typer.echo(f"  val {k}: {v:.4f}")
+
+    @app.command("reconstruct")
+    def reconstruct_cmd(
+        mesh: Path = typer.Argument(..., help="Mesh file (one component per node) or folder (one per file)."),
+        out: Path = typer.Option(..., "-o", "--out", help="Output .glb, one node per component."),
+        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
+        resolution: int = typer.Option(256, "--resolution", help="Finest grid cells per axis."),
+        points: int = typer.Option(2048, "--points", help="Surface points fed to the encoder per component."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    ) -> None:
+        """Encode every component of a mesh and decode it back (VAE round trip)."""
+        from moca3d.geometry.extract import ExtractConfig
+        from moca3d.geometry.mesh_io import save_glb
+        from moca3d.training.train_vae import reconstruct_mesh_file
+
+        if out.suffix.lower() != ".glb":
+            raise InputError(f"{out}: output must be a .glb file")
+        dev = _device(device)
+        vae = load_vae(model, dev)
+        coarse = max(32, resolution // 4)
+        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, progress=True)
+        meshes, names = reconstruct_mesh_file(mesh, vae, points, extract)
+        empty = [n for n, m in zip(names, meshes) if len(m.faces) == 0]
+        kept = [(m, n) for m, n in zip(meshes, names) if len(m.faces)]
+        if not kept:
+            raise InputError(f"{mesh}: no component decoded to a surface")
+        save_glb(out, [m for m, _ in kept], [n for _, n in kept])
+        typer.echo(f"wrote {out} ({len(kept)} components)")
+        if empty:
+            typer.echo(f"warning: {len(empty)} components decoded empty: {', '.join(empty)}", err=True)
+
+    @app.command("encode-dataset")
+    def encode_dataset_cmd(
+        data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
+        points: int = typer.Option(2048, "--points", help="Surface points fed to the encoder per component."),
+        batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    ) -> None:
+        """Cache per-asset latents (posterior means) as assets/<id>/latents.safetensors (resumable)."""
+        from moca3d.training.train_vae import encode_dataset
+
+        folder = Path(model) if model is not None else PACKAGED_VAE
+        vae = load_vae(folder, _device(device))
+        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite)
+        typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")

@@ -1,0 +1,470 @@
+"""Training of the VecSetVAE on a prepared dataset, validation, latent caching, reconstruction.
+
+Dataset layout (written by `moca3d prepare`):
+
+    ROOT/manifest.jsonl              {"id", "split", "kind", "category", "num_components", "names"}
+    ROOT/assets/<id>/mesh.glb        normalised components, one named node per component
+    ROOT/assets/<id>/samples.npz     surface (N, P, 6); query_points (N, Q, 3); query_sdf (N, Q) (+ inside)
+
+Loss per query point, with the target t = clamp(sdf / truncation, -1, 1):
+    |logit - t|  +  sign_weight * BCE(sign_sharpness * logit, sdf > 0)  (+ kl_weight * KL).
+Every random draw of step s comes from a generator seeded by (seed, s), so a resumed run repeats
+exactly the run that was not interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moca3d.errors import ConfigError, InputError
+from moca3d.geometry.extract import ExtractConfig, extract_mesh
+from moca3d.models.vae import VecSetVAE, farthest_point_indices
+from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+
+SEED_STRIDE = 1_000_003  # mixes (seed, step) into one generator seed
+VAL_SEED = 12345  # fixed seed of the deterministic surface subsets used to encode
+
+
+@dataclass
+class VAETrainConfig:
+    """A VAE training recipe (JSON: these fields, the model's config under "model")."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    steps: int = 4000
+    batch_size: int = 16
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    num_surface_points: int = 2048  # dense points P_d fed to the encoder per component
+    num_query_points: int = 2048  # supervised query points per component and step
+    kl_weight: float = 1e-4
+    sign_weight: float = 0.5
+    sign_sharpness: float = 10.0  # logits are ~sdf/truncation; BCE sees them times this
+    ema_decay: float = 0.995
+    log_every: int = 25
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    validate_every: int = 1000
+    val_assets: int = 8  # held-out assets reconstructed at each validation
+    val_resolution: int = 128
+    val_coarse_resolution: int = 32
+    val_band: float = 0.95
+    metric_points: int = 20000  # surface points per side for CD / F-score
+    seed: int = 0
+    num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VAETrainConfig":
+        """Build from a dict, rejecting unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown VAE training config keys: {', '.join(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "VAETrainConfig":
+        """Read a JSON recipe."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: invalid JSON ({err})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def check(self) -> None:
+        """Raise ConfigError for values out of range."""
+        for name in ("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
+                     "checkpoint_every", "validate_every", "val_resolution", "val_coarse_resolution"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"bad learning rate settings lr={self.lr} min_lr_ratio={self.min_lr_ratio}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def read_manifest(root: str | Path) -> list[dict[str, Any]]:
+    """Entries of ROOT/manifest.jsonl."""
+    path = Path(root) / "manifest.jsonl"
+    if not path.is_file():
+        raise InputError(f"{root}: no manifest.jsonl (run `moca3d prepare` first)")
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        raise InputError(f"{path}: empty manifest")
+    return entries
+
+
+@dataclass
+class ComponentArrays:
+    """All components of a split in memory, flat over assets."""
+
+    surface: torch.Tensor  # (N, P, 6)
+    query_points: torch.Tensor  # (N, Q, 3)
+    query_sdf: torch.Tensor  # (N, Q)
+    asset_ids: list[str]
+    component: list[int]
+
+    def __len__(self) -> int:
+        return self.surface.shape[0]
+
+
+def load_samples(root: str | Path, asset_id: str) -> dict[str, np.ndarray]:
+    """Arrays of ROOT/assets/<id>/samples.npz."""
+    path = Path(root) / "assets" / asset_id / "samples.npz"
+    if not path.is_file():
+        raise InputError(f"missing samples for asset {asset_id}: {path}")
+    with np.load(path) as npz:
+        return {k: npz[k] for k in ("surface", "query_points", "query_sdf")}
+
+
+def load_split(root: str | Path, split: str, max_assets: Optional[int] = None) -> ComponentArrays:
+    """Load every component of the assets of one split (at most `max_assets` assets)."""
+    entries = [e for e in read_manifest(root) if e["split"] == split][:max_assets]
+    if not entries:
+        raise InputError(f"{root}: no assets in split '{split}'")
+    surf, qp, qs, ids, comp = [], [], [], [], []
+    for e in entries:
+        s = load_samples(root, e["id"])
+        n = s["surface"].shape[0]
+        surf.append(s["surface"])
+        qp.append(s["query_points"])
+        qs.append(s["query_sdf"])
+        ids += [e["id"]] * n
+        comp += list(range(n))
+    return ComponentArrays(torch.from_numpy(np.concatenate(surf)).float(), torch.from_numpy(np.concatenate(qp)).float(),
+                           torch.from_numpy(np.concatenate(qs)).float(), ids, comp)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of every random draw of one training step."""
+    return torch.Generator().manual_seed(seed * SEED_STRIDE + step)
+
+
+def random_subset(x: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-row random subset without replacement: (B, P, ...) -> (B, count, ...)."""
+    B, P = x.shape[:2]
+    if count >= P:
+        return x
+    idx = torch.rand(B, P, generator=generator).argsort(dim=1)[:, :count]  # (B, count)
+    return torch.gather(x, 1, idx.view(B, count, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def make_batch(data: ComponentArrays, cfg: VAETrainConfig, step: int) -> dict[str, torch.Tensor]:
+    """The training batch of `step` (deterministic in (seed, step))."""
+    g = step_generator(cfg.seed, step)
+    idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)  # (B,)
+    surface = random_subset(data.surface[idx], cfg.num_surface_points, g)  # (B, Pd, 6)
+    q = torch.cat([data.query_points[idx], data.query_sdf[idx, :, None]], dim=-1)  # (B, Q, 4)
+    q = random_subset(q, cfg.num_query_points, g)  # (B, Mq, 4)
+    return {"surface": surface, "points": q[..., :3].contiguous(), "sdf": q[..., 3].contiguous(), "generator": g}
+
+
+def deterministic_surface(surface: torch.Tensor, count: int) -> torch.Tensor:
+    """The fixed subset of `count` surface points used to encode at evaluation: (N, P, 6) -> (N, count, 6)."""
+    return random_subset(surface, count, torch.Generator().manual_seed(VAL_SEED))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction (truncated-SDF L1 + sign BCE) + KL loss of one batch."""
+    g = batch["generator"]
+    surface = batch["surface"]
+    L = model.config.num_latents
+    qidx = farthest_point_indices(surface[..., :3].cpu(), L, random_start=True, generator=g)  # (B, L)
+    posterior = model.encode(surface, query_indices=qidx)
+    z = posterior.sample(g)  # (B, L, C)
+    logits = model.decode(z, batch["points"])  # (B, M)
+    sdf = batch["sdf"]
+    target = (sdf / model.config.truncation).clamp(-1.0, 1.0)
+    loss_sdf = (logits - target).abs().mean()
+    loss_sign = F.binary_cross_entropy_with_logits(cfg.sign_sharpness * logits, (sdf > 0).float())
+    loss_kl = posterior.kl().mean()
+    loss = loss_sdf + cfg.sign_weight * loss_sign + cfg.kl_weight * loss_kl
+    with torch.no_grad():
+        sign_acc = ((logits > 0) == (sdf > 0)).float().mean()
+    stats = {"loss": loss.item(), "sdf": loss_sdf.item(), "sign": loss_sign.item(), "kl": loss_kl.item(),
+             "sign_acc": sign_acc.item()}
+    return loss, stats
+
+
+def lr_at(step: int, cfg: VAETrainConfig) -> float:
+    """Linear warm-up then cosine decay to lr * min_lr_ratio (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, progress)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: VAETrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and norms)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding, decoding, validation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latents(model: VecSetVAE, surface: torch.Tensor, num_points: int, batch_size: int = 16) -> torch.Tensor:
+    """Posterior means (N, L, C) float32 of components' surfaces (N, P, 6), deterministic."""
+    device = next(model.parameters()).device
+    surface = deterministic_surface(surface, num_points)
+    out = [model.encode(surface[i:i + batch_size].to(device)).mode().float().cpu() for i in range(0, len(surface), batch_size)]
+    return torch.cat(out)
+
+
+def decode_meshes(model: VecSetVAE, latents: torch.Tensor, extract: ExtractConfig) -> list:
+    """One mesh per latent set (N, L, C); a component whose field has no surface gives an empty mesh."""
+    device = next(model.parameters()).device
+    return [extract_mesh(model.field(z.to(device), chunk_size=extract.chunk_size), extract, device) for z in latents]
+
+
+def load_gt_meshes(root: str | Path, entry: dict[str, Any]) -> list:
+    """Ground-truth component meshes of an asset, in the order of samples.npz (manifest names)."""
+    from moca3d.geometry.mesh_io import load_file
+
+    meshes, names = load_file(Path(root) / "assets" / entry["id"] / "mesh.glb")
+    wanted = entry.get("names") or names
+    by_name = dict(zip(names, meshes))
+    if all(n in by_name for n in wanted) and len(wanted) == len(meshes):
+        return [by_name[n] for n in wanted]
+    return meshes
+
+
+def reconstruction_metrics(pred: list, gt: list, metric_points: int, seed: int = 0) -> dict[str, float]:
+    """Per-component (each normalised alone) and fused-asset CD / F-scores (DESIGN §6)."""
+    from moca3d.metrics import MetricsConfig, surface_metrics
+
+    mcfg = MetricsConfig(num_points=metric_points, seed=seed)
+    zero = {"chamfer": float("nan"), "fscore@0.1": 0.0, "fscore@0.05": 0.0}
+    per_part = [surface_metrics([p], [g], mcfg) if len(p.faces) else dict(zero) for p, g in zip(pred, gt)]
+    kept = [p for p in pred if len(p.faces)]
+    fused = surface_metrics(kept, gt, mcfg) if kept else dict(zero)
+    return {"parts": per_part, "asset": fused}
+
+
+def validate(model: VecSetVAE, root: str | Path, cfg: VAETrainConfig, max_assets: Optional[int] = None,
+             split: str = "val", progress: bool = False) -> dict[str, float]:
+    """Reconstruct held-out assets; mean per-part and per-asset CD and F-scores."""
+    entries = [e for e in read_manifest(root) if e["split"] == split][: (max_assets or cfg.val_assets)]
+    if not entries:
+        raise InputError(f"{root}: no assets in split '{split}' to validate on")
+    extract = ExtractConfig(resolution=cfg.val_resolution, coarse_resolution=cfg.val_coarse_resolution,
+                            band=cfg.val_band, progress=False)
+    parts, assets = [], []
+    iterator = entries
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(entries, desc="validate", leave=False)
+    was_training = model.training
+    model.eval()
+    for e in iterator:
+        surface = torch.from_numpy(load_samples(root, e["id"])["surface"]).float()
+        latents = encode_latents(model, surface, cfg.num_surface_points)
+        pred = decode_meshes(model, latents, extract)
+        m = reconstruction_metrics(pred, load_gt_meshes(root, e), cfg.metric_points)
+        parts += m["parts"]
+        assets.append(m["asset"])
+    model.train(was_training)
+    out: dict[str, float] = {"num_assets": len(assets), "num_parts": len(parts)}
+    for key in ("fscore@0.1", "fscore@0.05", "chamfer"):
+        out[f"part_{key}"] = float(np.nanmean([p[key] for p in parts]))
+        out[f"asset_{key}"] = float(np.nanmean([a[key] for a in assets]))
+    out["part_min_fscore@0.05"] = float(min(p["fscore@0.05"] for p in parts))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, resume: bool = False,
+              device: str = "cpu", progress: bool = True, validate_at_end: bool = True) -> dict[str, Any]:
+    """Train (or resume) a VAE; writes checkpoints, logs and OUT/vae (EMA weights, diffusers folder)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    model = VecSetVAE(**cfg.model).to(dev)
+    optimizer = make_optimizer(model, cfg)
+    ema = EMA(model, decay=cfg.ema_decay)
+    start, elapsed = 0, 0.0
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, ema)
+        start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
+    elif not resume and latest_checkpoint(out_dir) is not None:
+        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or use a new directory")
+    atomic_write_json(cfg.to_dict(), out_dir / "train_config.json")
+    train = load_split(data_dir, "train")
+    has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
+    log_path = out_dir / "log.jsonl"
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train-vae", dynamic_ncols=True)
+    model.train()
+    t0 = time.time()
+    running: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = make_batch(train, cfg, step)
+        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        loss, stats = vae_loss(model, batch, cfg)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"non-finite loss at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        ema.update(model)
+        done = step + 1
+        for k, v in stats.items():
+            running[k] = running.get(k, 0.0) + v
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['sign_acc']:.3f}")
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            n = cfg.log_every if done % cfg.log_every == 0 else (done - start) % cfg.log_every or cfg.log_every
+            record = {"step": done, "lr": lr_at(step, cfg), "elapsed_s": elapsed + time.time() - t0}
+            record.update({k: v / n for k, v in running.items()})
+            _append_jsonl(log_path, record)
+            running = {}
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0},
+                            keep_last=cfg.keep_checkpoints)
+        if has_val and done % cfg.validate_every == 0 and done != cfg.steps:
+            metrics = validate_ema(model, ema, data_dir, cfg)
+            _append_jsonl(log_path, {"step": done, "val": metrics})
+            if bar is not None:
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if bar is not None:
+        bar.close()
+    train_time = elapsed + time.time() - t0
+    final = VecSetVAE(**cfg.model)
+    ema.copy_to(final)
+    final.save_pretrained(out_dir / "vae", safe_serialization=True)
+    summary: dict[str, Any] = {"steps": cfg.steps, "train_time_s": train_time}
+    if has_val and validate_at_end:
+        summary["val"] = validate(final.to(dev), data_dir, cfg)
+        _append_jsonl(log_path, {"step": cfg.steps, "val": summary["val"], "final": True})
+    atomic_write_json(summary, out_dir / "summary.json")
+    return summary
+
+
+def validate_ema(model: VecSetVAE, ema: EMA, data_dir: str | Path, cfg: VAETrainConfig) -> dict[str, float]:
+    """Validation metrics of the EMA weights (the model itself is left untouched)."""
+    averaged = VecSetVAE(**cfg.model).to(next(model.parameters()).device)
+    ema.copy_to(averaged)
+    return validate(averaged, data_dir, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent caching and reconstruction
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_points: int, batch_size: int = 16,
+                   overwrite: bool = False, progress: bool = True) -> dict[str, int]:
+    """Write ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C) posterior means) per asset.
+
+    Resumable: an asset whose file already carries the same model id and point count is skipped.
+    """
+    from moca3d.training.checkpoints import atomic_save_tensors, read_metadata
+
+    entries = read_manifest(data_dir)
+    done = skipped = 0
+    iterator = entries
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(entries, desc="encode", unit="asset")
+    model.eval()
+    for e in iterator:
+        path = Path(data_dir) / "assets" / e["id"] / "latents.safetensors"
+        if path.is_file() and not overwrite:
+            try:
+                meta = read_metadata(path)
+            except Exception:
+                meta = {}
+            if meta.get("model") == model_id and meta.get("num_points") == str(num_points):
+                skipped += 1
+                continue
+        surface = torch.from_numpy(load_samples(data_dir, e["id"])["surface"]).float()
+        latents = encode_latents(model, surface, num_points, batch_size)  # (N, L, C)
+        meta = {"asset_id": e["id"], "num_components": str(latents.shape[0]), "names": json.dumps(e.get("names", [])),
+                "num_latents": str(latents.shape[1]), "latent_channels": str(latents.shape[2]),
+                "model": model_id, "num_points": str(num_points), "kind": "posterior_mean"}
+        atomic_save_tensors({"latents": latents.contiguous()}, path, metadata=meta)
+        done += 1
+    return {"encoded": done, "skipped": skipped}
+
+
+def reconstruct_mesh_file(path: str | Path, model: VecSetVAE, num_points: int, extract: ExtractConfig,
+                          seed: int = 0) -> tuple[list, list[str]]:
+    """Encode every component of a mesh file (or folder) and decode it back, in the input's frame."""
+    from moca3d.geometry.mesh_io import fit_normalization, load_components, transform_meshes
+    from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
+
+    meshes, names = load_components(path)
+    norm = fit_normalization(meshes)
+    canonical = transform_meshes(meshes, norm)
+    scfg = SurfaceSamplingConfig(num_points=max(num_points, SurfaceSamplingConfig().num_points))
+    surface = torch.from_numpy(np.stack([sample_surface(m, scfg, seed + i) for i, m in enumerate(canonical)]))
+    latents = encode_latents(model, surface, num_points)
+    out = []
+    for mesh in decode_meshes(model, latents, extract):
+        if len(mesh.vertices):
+            mesh.vertices = norm.invert(mesh.vertices)
+        out.append(mesh)
+    return out, names
