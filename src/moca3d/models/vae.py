@@ -221,11 +221,11 @@ class DiagonalGaussian:
 
 
 def farthest_point_indices(xyz: torch.Tensor, num_samples: int, random_start: bool = False,
-                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                           generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
     """Farthest-point sample per batch element: xyz (B, P, 3) -> indices (B, num_samples) long.
 
-    Deterministic (starts at point 0) unless `random_start`. Uses `fpsample` on CPU and an exact
-    iterative torch loop elsewhere.
+    Deterministic (starting from point 0) unless `random_start`. backend "auto" uses `fpsample`'s
+    exact FPS on CPU and an iterative torch loop ("torch") elsewhere; both give the same indices.
     """
     B, P, _ = xyz.shape
     if num_samples > P:
@@ -236,12 +236,14 @@ def farthest_point_indices(xyz: torch.Tensor, num_samples: int, random_start: bo
         starts = torch.randint(0, P, (B,), generator=generator).tolist()
     else:
         starts = [0] * B
-    if xyz.device.type == "cpu":
+    if backend not in ("auto", "fpsample", "torch"):
+        raise ConfigError(f"unknown FPS backend '{backend}'")
+    if backend == "fpsample" or (backend == "auto" and xyz.device.type == "cpu"):
         import fpsample
 
-        pts = xyz.detach().float().numpy()
-        idx = [fpsample.bucket_fps_kdline_sampling(pts[b], num_samples, h=5, start_idx=starts[b]) for b in range(B)]
-        return torch.from_numpy(np.stack(idx).astype(np.int64))
+        pts = xyz.detach().float().cpu().numpy()
+        idx = [fpsample.fps_sampling(pts[b], num_samples, start_idx=int(starts[b])) for b in range(B)]
+        return torch.from_numpy(np.stack(idx).astype(np.int64)).to(xyz.device)
     pts = xyz.detach().float()
     out = torch.empty(B, num_samples, dtype=torch.long, device=xyz.device)
     cur = torch.tensor(starts, device=xyz.device)

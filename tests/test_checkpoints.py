@@ -1,0 +1,143 @@
+"""Checkpoints: safetensors round trip, resume state, NaN refusal, atomic writes, EMA."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from moca3d.errors import CheckpointError
+from moca3d.training import checkpoints as ck
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+def train_steps(model, opt, ema, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(16, 4, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+
+
+def test_round_trip_restores_model_optimizer_ema_rng_and_step(tmp_path):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = ck.EMA(model, decay=0.9)
+    train_steps(model, opt, ema, 3, seed=1)
+    torch.manual_seed(123)
+    np.random.seed(7)
+    random.seed(9)
+    path = ck.save_checkpoint(tmp_path, 3, model, opt, ema, extra={"elapsed_s": 1.5})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    train_steps(model, opt, ema, 2, seed=2)  # continue the original
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2 = make_model(seed=99)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    ema2 = ck.EMA(model2, decay=0.5)
+    state = ck.load_checkpoint(ck.latest_checkpoint(tmp_path), model2, opt2, ema2)
+    assert state.step == 3 and state.extra == {"elapsed_s": 1.5} and state.path == path
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    assert ema2.num_updates == 3 and ema2.decay == 0.9
+    train_steps(model2, opt2, ema2, 2, seed=2)
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    for k, v in ema2.shadow.items():
+        assert torch.equal(v, ema.shadow[k])
+
+
+def test_files_are_safetensors_and_json_only(tmp_path):
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    train_steps(model, opt, ck.EMA(model), 1, seed=0)
+    path = ck.save_checkpoint(tmp_path, 1, model, opt, ck.EMA(model))
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    json.loads((path / "state.json").read_text())
+    for p in path.glob("*.safetensors"):
+        raw = p.read_bytes()
+        header = int.from_bytes(raw[:8], "little")  # safetensors: u64 header size, then a JSON header
+        assert raw[8:9] == b"{" and json.loads(raw[8:8 + header]) is not None
+        assert not raw.startswith(b"PK")  # not a torch.save zip archive
+
+
+def test_nan_checkpoint_is_refused_with_one_line_error(tmp_path):
+    model = make_model()
+    good = ck.save_checkpoint(tmp_path, 1, model)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError) as err:
+        ck.save_checkpoint(tmp_path, 2, model)
+    assert "\n" not in str(err.value) and "NaN" in str(err.value)
+    assert ck.latest_checkpoint(tmp_path) == good  # nothing half-written
+    # A file poisoned on disk is refused at load time too.
+    from safetensors.torch import save_file
+
+    bad = {k: v.clone() for k, v in make_model().state_dict().items()}
+    bad["2.bias"][0] = float("inf")
+    save_file(bad, str(good / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        ck.load_checkpoint(good, make_model())
+    assert "\n" not in str(err.value) and "2.bias" in str(err.value)
+
+
+def test_interrupted_write_leaves_no_corrupt_file(tmp_path, monkeypatch):
+    model = make_model()
+    first = ck.save_checkpoint(tmp_path, 1, model)
+    # A crash in the middle of writing a tensor file (after some bytes hit the disk).
+    real_save = ck.save_file
+
+    def crashing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ck, "save_file", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(tmp_path, 2, model)
+    with pytest.raises(KeyboardInterrupt):
+        ck.atomic_save_tensors({"w": torch.ones(2)}, first / "model.safetensors")
+    monkeypatch.setattr(ck, "save_file", real_save)
+    assert ck.latest_checkpoint(tmp_path) == first
+    leftovers = [p.name for p in (tmp_path / ck.CHECKPOINT_DIR).iterdir()]
+    assert leftovers == ["step_00000001"]
+    assert sorted(p.name for p in first.iterdir() if p.name.endswith(".tmp")) == []
+    ck.load_checkpoint(first, make_model())  # the old file is intact and loads
+
+
+def test_keep_last_and_missing_checkpoint(tmp_path):
+    model = make_model()
+    for step in (1, 2, 3, 4):
+        ck.save_checkpoint(tmp_path, step, model, keep_last=2)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    with pytest.raises(CheckpointError):
+        ck.load_checkpoint(tmp_path / "nowhere", model)
+    with pytest.raises(CheckpointError):
+        ck.load_checkpoint(ck.latest_checkpoint(tmp_path), nn.Linear(3, 3))
+
+
+def test_ema_average_and_warmup():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = ck.EMA(model, decay=0.9, warmup=1)
+    assert ema.current_decay() == pytest.approx(0.9)  # (1 + 0) / (1 + 0) = 1 is capped at decay
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.1))
+    target = nn.Linear(2, 1, bias=False)
+    ema.copy_to(target)
+    assert torch.allclose(target.weight, torch.full((1, 2), 0.1))
