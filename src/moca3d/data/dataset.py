@@ -1,0 +1,120 @@
+"""Torch Datasets over a prepared dataset folder (see moca3d.data.prepare for the layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from moca3d.errors import InputError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:
+    """Manifest records of `root`, optionally only one split ('all' or None for every split)."""
+    path = Path(root) / "manifest.jsonl"
+    if not path.is_file():
+        raise InputError(f"{root}: no manifest.jsonl (run `moca3d prepare` first)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if split not in (None, "all"):
+        if split not in SPLITS:
+            raise InputError(f"unknown split '{split}' (train, val, test or all)")
+        records = [r for r in records if r["split"] == split]
+    return records
+
+
+def _subsample(n_total: int, n_keep: int | None, rng: np.random.Generator) -> np.ndarray | slice:
+    """Random indices without replacement (sorted), or everything when n_keep is None or too large."""
+    if n_keep is None or n_keep >= n_total:
+        return slice(None)
+    return np.sort(rng.choice(n_total, size=n_keep, replace=False))
+
+
+class _PreparedBase(Dataset):
+    """Shared loading and subsampling for the two dataset views."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = "train",
+        num_surface: int | None = None,
+        num_queries: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.records = read_manifest(root, split)
+        self.num_surface, self.num_queries = num_surface, num_queries
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new subsamples each epoch (deterministic given seed, epoch and index)."""
+        self.epoch = epoch
+
+    def _samples(self, asset_id: str) -> dict[str, np.ndarray]:
+        """The arrays of samples.npz for one asset."""
+        with np.load(self.root / "assets" / asset_id / "samples.npz") as data:
+            return {k: data[k] for k in ("surface", "query_points", "query_sdf")}
+
+    def _pick(self, arrays: dict[str, np.ndarray], index: int) -> dict[str, torch.Tensor]:
+        """Subsample surface and query points (the same subset for every component of an asset)."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        s = _subsample(arrays["surface"].shape[-2], self.num_surface, rng)
+        q = _subsample(arrays["query_points"].shape[-2], self.num_queries, rng)
+        return {
+            "surface": torch.from_numpy(np.ascontiguousarray(arrays["surface"][..., s, :])),  # (..., P, 6)
+            "query_points": torch.from_numpy(np.ascontiguousarray(arrays["query_points"][..., q, :])),  # (..., Q, 3)
+            "query_sdf": torch.from_numpy(np.ascontiguousarray(arrays["query_sdf"][..., q])),  # (..., Q)
+        }
+
+
+class AssetDataset(_PreparedBase):
+    """One item per asset: all components' samples plus the conditioning image and instance mask."""
+
+    def __init__(self, root: str | Path, split: str | None = "train", num_surface: int | None = None,
+                 num_queries: int | None = None, seed: int = 0, load_images: bool = True) -> None:
+        super().__init__(root, split, num_surface, num_queries, seed)
+        self.load_images = load_images
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        item = {"id": record["id"], "num_components": int(record["num_components"]), "names": record["names"],
+                "kind": record["kind"], "category": record["category"]}
+        item.update(self._pick(self._samples(record["id"]), index))  # surface (N, P, 6) ...
+        if self.load_images:
+            from PIL import Image
+
+            folder = self.root / "assets" / record["id"]
+            rgb = np.asarray(Image.open(folder / "render.png").convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+            item["image"] = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # (3, H, W)
+            item["mask"] = torch.from_numpy(np.asarray(Image.open(folder / "mask.png"), dtype=np.int64))  # (H, W)
+        return item
+
+
+class ComponentDataset(_PreparedBase):
+    """One item per component of every asset (for VAE training): its surface and query samples."""
+
+    def __init__(self, root: str | Path, split: str | None = "train", num_surface: int | None = None,
+                 num_queries: int | None = None, seed: int = 0) -> None:
+        super().__init__(root, split, num_surface, num_queries, seed)
+        self.index = [(a, c) for a, r in enumerate(self.records) for c in range(int(r["num_components"]))]
+        self._cache: tuple[str, dict[str, np.ndarray]] | None = None  # the last asset read
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict:
+        asset, component = self.index[index]
+        asset_id = self.records[asset]["id"]
+        if self._cache is None or self._cache[0] != asset_id:
+            self._cache = (asset_id, self._samples(asset_id))
+        arrays = {k: v[component] for k, v in self._cache[1].items()}
+        item = self._pick(arrays, index)  # surface (P, 6), query_points (Q, 3), query_sdf (Q,)
+        item.update(asset_id=asset_id, component=component, name=self.records[asset]["names"][component])
+        return item

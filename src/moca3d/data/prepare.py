@@ -1,0 +1,322 @@
+"""`moca3d prepare`: meshes (or the procedural generator) -> a training dataset on disk.
+
+Layout of ROOT (the contract read by the VAE and DiT training):
+  manifest.jsonl                one line per finished asset: id, split, kind, category, num_components, names
+  report.jsonl                  one line per skipped asset: source, reason
+  assets/<id>/mesh.glb          normalised components, one named node each
+  assets/<id>/samples.npz       surface (N, P, 6), query_points (N, Q, 3), query_sdf (N, Q) positive inside
+  assets/<id>/render.png, mask.png, camera.json, normalization.json, meta.json (its manifest line)
+
+Each asset is built in a hidden temporary folder and renamed into place, so a folder under
+assets/ is always complete; a restart skips finished and reported assets, and the manifest is
+rebuilt from the meta.json files, so an interruption at any moment loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import trimesh
+
+from moca3d.errors import ConfigError, InputError
+from moca3d.geometry.inside import QueryConfig, sample_queries
+from moca3d.geometry.mesh_io import (
+    MESH_EXTENSIONS,
+    load_components,
+    main_color,
+    normalize_meshes,
+    palette,
+    save_glb,
+    validate_components,
+)
+from moca3d.geometry.render import RenderConfig, floor_plane, object_camera, render, save_render, scene_camera
+from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
+
+MANIFEST, REPORT, ASSETS, META = "manifest.jsonl", "report.jsonl", "assets", "meta.json"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that decides the content of a prepared asset."""
+
+    surface: SurfaceSamplingConfig = field(default_factory=SurfaceSamplingConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    max_components: int = 32
+    connected: bool = False  # split file assets into connected components
+    kind: str = "object"  # for file assets: "object" (random view) or "scene" (isometric, floor)
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class Job:
+    """One asset to prepare: a mesh file/folder, or a procedural (kind, seed, index)."""
+
+    id: str
+    source: str  # a path, or "procedural:<kind>:<seed>:<index>"
+
+
+@dataclass
+class PrepareSummary:
+    """What a run did."""
+
+    processed: int = 0
+    skipped: int = 0
+    already_done: int = 0
+    total: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def _safe_id(name: str) -> str:
+    """A folder-safe asset id."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "asset"
+
+
+def folder_jobs(folder: str | Path) -> list[Job]:
+    """One job per mesh file and per sub-folder (one file per component) of `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder of meshes")
+    jobs, seen = [], set()
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() not in MESH_EXTENSIONS:
+            continue
+        base = _safe_id(entry.stem if entry.is_file() else entry.name)
+        asset_id = base if base not in seen else _safe_id(entry.name)
+        seen.add(asset_id)
+        jobs.append(Job(asset_id, str(entry)))
+    return jobs
+
+
+def procedural_jobs(kind: str, count: int, seed: int = 0, start: int = 0) -> list[Job]:
+    """Jobs for procedural assets start..start+count-1 of the stream `seed`."""
+    if kind not in ("objects", "scenes"):
+        raise ConfigError(f"--procedural must be 'objects' or 'scenes', got '{kind}'")
+    if count < 1:
+        raise ConfigError("--count must be at least 1")
+    prefix = "object" if kind == "objects" else "scene"
+    return [Job(f"{prefix}_s{seed}_{i:06d}", f"procedural:{kind}:{seed}:{i}") for i in range(start, start + count)]
+
+
+def split_of(asset_id: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from a hash of the id (stable under resumes and re-orderings)."""
+    u = int(hashlib.sha1(asset_id.encode()).hexdigest()[:8], 16) / 2**32
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def _asset_seed(asset_id: str, seed: int) -> list[int]:
+    """Seed material for the asset's random draws, independent of the worker that runs it."""
+    return [seed, int(hashlib.sha1(asset_id.encode()).hexdigest()[:8], 16)]
+
+
+# ----------------------------------------------------------------------------- one asset
+
+
+def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], list[str], np.ndarray, str, str]:
+    """Components, names, colours (N, 4), kind and category of a job."""
+    if job.source.startswith("procedural:"):
+        from moca3d.data.procedural import generate
+
+        _, kind, seed, index = job.source.split(":")
+        asset = generate(kind, int(seed), int(index))
+        validate_components(asset.meshes, asset.names, config.max_components, label=job.id)
+        return asset.meshes, asset.names, asset.colors, asset.kind, asset.category
+    meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)
+    fallback = palette(len(meshes))
+    colors = np.stack([c if (c := main_color(m)) is not None else fallback[i] for i, m in enumerate(meshes)])
+    return meshes, names, colors, config.kind, "mesh"
+
+
+def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
+    """Write every file of one asset into `out_dir`; returns its manifest record."""
+    meshes, names, colors, kind, category = _load_job(job, config)
+    meshes, norm = normalize_meshes(meshes)
+    rng = np.random.default_rng(_asset_seed(job.id, config.seed))
+
+    surface, query_points, query_sdf = [], [], []
+    for mesh in meshes:
+        surface.append(sample_surface(mesh, config.surface, rng))  # (P, 6)
+        points, sdf = sample_queries(mesh, config.queries, rng)  # (Q, 3), (Q,)
+        query_points.append(points)
+        query_sdf.append(sdf)
+    arrays = {
+        "surface": np.stack(surface),  # (N, P, 6)
+        "query_points": np.stack(query_points),  # (N, Q, 3)
+        "query_sdf": np.stack(query_sdf),  # (N, Q)
+    }
+    for key, value in arrays.items():
+        if not np.isfinite(value).all():
+            raise InputError(f"{job.id}: non-finite values in {key}")
+
+    if kind == "scene":
+        camera = scene_camera(meshes, config.render)
+        backdrop = [(floor_plane(meshes), config.render.floor_color)]
+    else:
+        camera, backdrop = object_camera(meshes, rng, config.render), None
+    rgb, mask = render(meshes, camera, colors, backdrop, config.render)
+    if mask.max() == 0:
+        raise InputError(f"{job.id}: the render shows no component")
+
+    save_glb(out_dir / "mesh.glb", meshes, names, colors)
+    np.savez(out_dir / "samples.npz", **arrays)
+    save_render(out_dir, rgb, mask, camera)
+    (out_dir / "normalization.json").write_text(json.dumps(norm.to_dict()))
+    record = {
+        "id": job.id,
+        "split": split_of(job.id, config.val_fraction, config.test_fraction),
+        "kind": kind,
+        "category": category,
+        "num_components": len(meshes),
+        "names": list(names),
+        "source": job.source,
+    }
+    (out_dir / META).write_text(json.dumps(record))
+    return record
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one short line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if isinstance(err, InputError) else f"{type(err).__name__}: {text}"
+
+
+def run_job(job: Job, root: Path, config: PrepareConfig) -> tuple[str, dict]:
+    """Build one asset atomically; ('ok', record) or ('skip', {source, reason}). Never raises on bad input."""
+    final = root / ASSETS / job.id
+    tmp = root / ASSETS / f"{TMP_PREFIX}{job.id}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        record = build_asset(job, tmp, config)
+    except Exception as err:  # report any per-asset failure and carry on with the others
+        shutil.rmtree(tmp, ignore_errors=True)
+        return "skip", {"id": job.id, "source": job.source, "reason": _one_line(err)}
+    if final.exists():  # a previous run finished it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return "ok", record
+
+
+def _worker_init() -> None:
+    """One torch thread per worker process: the processes are the parallelism."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_job_star(args: tuple) -> tuple[str, dict]:
+    """Pool adapter for run_job."""
+    return run_job(*args)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def finished_ids(root: Path) -> set[str]:
+    """Ids of complete assets (folders renamed into place, holding meta.json)."""
+    assets = root / ASSETS
+    if not assets.is_dir():
+        return set()
+    return {d.name for d in assets.iterdir() if not d.name.startswith(".") and (d / META).is_file()}
+
+
+def reported_sources(root: Path) -> set[str]:
+    """Sources already skipped with a reason in report.jsonl."""
+    path = root / REPORT
+    if not path.is_file():
+        return set()
+    out = set()
+    for line in path.read_text().splitlines():
+        try:
+            out.add(json.loads(line)["source"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by an interruption
+    return out
+
+
+def write_manifest(root: Path) -> int:
+    """Rebuild manifest.jsonl (sorted by id) from the meta.json files, atomically; returns its length."""
+    records = []
+    for asset_id in sorted(finished_ids(root)):
+        record = json.loads((root / ASSETS / asset_id / META).read_text())
+        records.append({k: record[k] for k in ("id", "split", "kind", "category", "num_components", "names")})
+    tmp = root / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, root / MANIFEST)
+    return len(records)
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove temporary folders left by an interrupted run."""
+    for d in (root / ASSETS).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def prepare(
+    jobs: list[Job],
+    root: str | Path,
+    config: PrepareConfig | None = None,
+    workers: int = 1,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Prepare every job not finished (or reported) yet into `root`, over `workers` processes."""
+    config = config or PrepareConfig()
+    root = Path(root)
+    (root / ASSETS).mkdir(parents=True, exist_ok=True)
+    _clean_stale(root)
+    if retry_failed and (root / REPORT).exists():
+        (root / REPORT).unlink()
+    done, reported = finished_ids(root), reported_sources(root)
+    todo = [j for j in jobs if j.id not in done and j.source not in reported]
+    summary = PrepareSummary(already_done=len(jobs) - len(todo), total=len(jobs))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="prepare", unit="asset", disable=not progress, dynamic_ncols=True)
+    try:
+        with open(root / REPORT, "a") as report:
+            for status, record in _results(todo, root, config, workers):
+                if status == "ok":
+                    summary.processed += 1
+                else:
+                    summary.skipped += 1
+                    summary.reasons.append(f"{record['source']}: {record['reason']}")
+                    report.write(json.dumps({"source": record["source"], "reason": record["reason"]}) + "\n")
+                    report.flush()
+                    bar.write(f"skipped {record['source']}: {record['reason']}")
+                bar.update(1)
+    finally:
+        bar.close()
+        write_manifest(root)
+    return summary
+
+
+def _results(todo: list[Job], root: Path, config: PrepareConfig, workers: int):
+    """Yield run_job results, in-process for one worker, else from a process pool as they finish."""
+    if workers <= 1:
+        for job in todo:
+            yield run_job(job, root, config)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        yield from pool.imap_unordered(_run_job_star, [(job, root, config) for job in todo], chunksize=1)
