@@ -167,7 +167,30 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     meshes, names = _scene_components(loaded)
     if not meshes:
         raise InputError(f"{path.name}: contains no triangle mesh")
+    order = _gltf_node_order(path)
+    if order is not None:  # keep the file's node order: component i must stay component i
+        rank = {name: i for i, name in enumerate(order)}
+        perm = sorted(range(len(names)), key=lambda i: (rank.get(names[i], len(rank)), i))
+        meshes, names = [meshes[i] for i in perm], [names[i] for i in perm]
     return meshes, names
+
+
+def _gltf_node_order(path: Path) -> list[str] | None:
+    """Node names in the order of a .glb/.gltf file's JSON, or None for other formats."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".gltf":
+            doc = json.loads(path.read_text())
+        elif suffix == ".glb":
+            with open(path, "rb") as f:
+                header = f.read(20)  # magic, version, length, then the JSON chunk's length and type
+                json_len = int.from_bytes(header[12:16], "little")
+                doc = json.loads(f.read(json_len))
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    return [str(node.get("name", "")) for node in doc.get("nodes", [])]
 
 
 def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:

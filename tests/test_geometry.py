@@ -1,0 +1,167 @@
+"""Geometry toolkit: GLB round trip, normalisation, sampling, FPS, inside/SDF, rendering."""
+
+import numpy as np
+import pytest
+import trimesh
+
+from moca3d.errors import InputError
+from moca3d.geometry.inside import QueryConfig, inside_mask, sample_queries, signed_distance, unsigned_distance, winding_number
+from moca3d.geometry.mesh_io import Normalization, load_components, normalize_meshes, save_glb, save_separate
+from moca3d.geometry.render import RenderConfig, object_camera, render, scene_camera
+from moca3d.geometry.sampling import (
+    SurfaceSamplingConfig,
+    farthest_point_sample,
+    sample_sharp,
+    sample_surface,
+    sharp_edges,
+)
+
+
+def _parts():
+    """Three named components in one frame."""
+    return [
+        trimesh.creation.box(extents=[2, 0.2, 1]),
+        trimesh.creation.cylinder(radius=0.1, height=1.0, sections=16).apply_translation([0.5, -0.6, 0]),
+        trimesh.creation.icosphere(2, radius=0.3).apply_translation([0, 0.5, 0]),
+    ], ["seat", "leg", "ball"]
+
+
+def test_glb_round_trip_keeps_named_nodes_and_geometry(tmp_path):
+    meshes, names = _parts()
+    save_glb(tmp_path / "a.glb", meshes, names)
+    loaded, loaded_names = load_components(tmp_path / "a.glb")
+    assert loaded_names == names
+    for a, b in zip(meshes, loaded):
+        assert np.allclose(a.bounds, b.bounds, atol=1e-5)
+        assert abs(a.volume - b.volume) < 1e-4
+
+
+def test_folder_of_files_and_connected_components(tmp_path):
+    meshes, names = _parts()
+    save_separate(tmp_path / "parts", meshes, names, ext="obj")
+    loaded, loaded_names = load_components(tmp_path / "parts")
+    assert sorted(loaded_names) == sorted(names)
+    fused = trimesh.util.concatenate(meshes)
+    fused.export(tmp_path / "fused.ply")
+    assert len(load_components(tmp_path / "fused.ply")[0]) == 1
+    assert len(load_components(tmp_path / "fused.ply", connected=True)[0]) == 3
+
+
+def test_bad_meshes_raise_one_line_input_errors(tmp_path):
+    (tmp_path / "junk.glb").write_bytes(b"not a mesh at all")
+    with pytest.raises(InputError):
+        load_components(tmp_path / "junk.glb")
+    nan = trimesh.creation.box()
+    nan.vertices[0] = [np.nan, 0, 0]
+    nan.export(tmp_path / "nan.obj")
+    with pytest.raises(InputError, match="non-finite|unreadable"):
+        load_components(tmp_path / "nan.obj")
+    meshes, names = _parts()
+    save_glb(tmp_path / "many.glb", meshes, names)
+    with pytest.raises(InputError, match="exceed"):
+        load_components(tmp_path / "many.glb", max_components=2)
+    with pytest.raises(InputError):
+        load_components(tmp_path / "missing.glb")
+
+
+def test_normalisation_fits_unit_cube_and_inverts():
+    meshes, _ = _parts()
+    moved = [m.copy().apply_scale(7.0).apply_translation([3, -2, 10]) for m in meshes]
+    normed, norm = normalize_meshes(moved)
+    verts = np.concatenate([m.vertices for m in normed])
+    assert np.isclose(np.ptp(verts, axis=0).max(), 2.0)
+    assert np.allclose((verts.min(0) + verts.max(0)) / 2, 0, atol=1e-9)
+    assert np.allclose(norm.invert(normed[1].vertices), moved[1].vertices)
+    assert np.allclose(Normalization.from_dict(norm.to_dict()).apply(moved[0].vertices), normed[0].vertices)
+
+
+def test_surface_samples_lie_on_the_surface_with_outward_normals():
+    mesh = trimesh.creation.icosphere(3, radius=0.7)
+    samples = sample_surface(mesh, SurfaceSamplingConfig(num_points=2000), seed=0)
+    assert samples.shape == (2000, 6) and samples.dtype == np.float32
+    assert unsigned_distance(mesh, samples[:, :3]).max() < 1e-5
+    radial = samples[:, :3] / np.linalg.norm(samples[:, :3], axis=1, keepdims=True)
+    assert (np.sum(radial * samples[:, 3:], axis=1) > 0.95).all()
+    assert np.array_equal(samples, sample_surface(mesh, SurfaceSamplingConfig(num_points=2000), seed=0))
+
+
+def test_sharp_samples_lie_on_box_edges_and_smooth_shapes_have_none():
+    box = trimesh.creation.box(extents=[1, 1, 1])
+    assert len(sharp_edges(box)[0]) == 12  # the 12 cube edges; face diagonals are flat
+    pts = sample_sharp(box, 500, seed=0)[:, :3]
+    # On a cube edge two coordinates are at +-0.5.
+    on_faces = (np.abs(np.abs(pts) - 0.5) < 1e-6).sum(axis=1)
+    assert (on_faces >= 2).all()
+    sphere = trimesh.creation.icosphere(3)
+    assert len(sample_sharp(sphere, 100, seed=0)) == 0
+    full = sample_surface(box, SurfaceSamplingConfig(num_points=400, sharp_fraction=0.25), seed=1)
+    edge_rows = (np.abs(np.abs(full[:, :3]) - 0.5) < 1e-6).sum(axis=1) >= 2
+    assert edge_rows[300:].all()  # uniform first, then sharp
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_farthest_point_sampling_count_and_spread(backend):
+    rng = np.random.default_rng(0)
+    # A dense cluster and a few far points: FPS must pick the far ones, random picks would not.
+    pts = np.concatenate([rng.normal(0, 0.01, (2000, 3)), np.eye(3) * 5, -np.eye(3) * 5])
+    idx = farthest_point_sample(pts, 16, backend=backend)
+    assert len(idx) == 16 and len(set(idx.tolist())) == 16
+    assert set(range(2000, 2006)) <= set(idx.tolist())
+    with pytest.raises(InputError):
+        farthest_point_sample(pts, 10_000)
+
+
+def test_inside_and_sdf_on_primitives():
+    box = trimesh.creation.box(extents=[1, 1, 1])
+    pts = np.array([[0, 0, 0], [0.4, 0.4, 0.4], [0.6, 0, 0], [2, 2, 2], [0, 0.3, 0]])
+    sdf = signed_distance(box, pts)
+    assert np.allclose(sdf, [0.5, 0.1, -0.1, -np.sqrt(3 * 1.5**2), 0.2], atol=1e-9)
+    sphere = trimesh.creation.icosphere(4, radius=0.5)
+    rng = np.random.default_rng(0)
+    q = rng.uniform(-1, 1, (3000, 3))
+    r = np.linalg.norm(q, axis=1)
+    keep = np.abs(r - 0.5) > 0.01  # away from the faceted surface
+    assert np.array_equal(inside_mask(sphere, q[keep]), r[keep] < 0.5)
+    assert np.allclose(signed_distance(sphere, q[keep]), 0.5 - r[keep], atol=2e-3)
+    assert np.allclose(winding_number(sphere, q[keep]), (r[keep] < 0.5).astype(float), atol=1e-6)
+
+
+def test_inside_is_robust_to_a_hole():
+    box = trimesh.creation.box(extents=[1, 1, 1])
+    top = np.where(box.face_normals[:, 1] > 0.9)[0]
+    open_box = trimesh.Trimesh(box.vertices, np.delete(box.faces, top, axis=0), process=False)
+    assert not open_box.is_watertight
+    inside = np.array([[0, 0, 0], [0.3, -0.3, 0.2], [-0.4, -0.4, -0.4]])
+    outside = np.array([[0, -0.8, 0], [1.2, 0, 0], [0, 0, -0.9], [0.8, 0.8, 0.8]])
+    assert inside_mask(open_box, inside).all()
+    assert not inside_mask(open_box, outside).any()
+    assert (signed_distance(open_box, inside) > 0).all()
+
+
+def test_queries_mix_near_and_uniform_points():
+    box = trimesh.creation.box(extents=[1, 1, 1])
+    points, sdf = sample_queries(box, QueryConfig(num_queries=1000), seed=0)
+    assert points.shape == (1000, 3) and sdf.shape == (1000,)
+    assert np.abs(sdf[:500]).mean() < 0.05  # jittered around the surface
+    assert np.abs(points[500:]).max() <= 1.05
+    assert (sdf > 0).any() and (sdf < 0).any()
+
+
+def test_render_is_non_empty_and_masks_match_silhouettes():
+    meshes, _ = _parts()
+    meshes, _ = normalize_meshes(meshes)
+    config = RenderConfig(size=96, supersample=1)
+    camera = object_camera(meshes, np.random.default_rng(0), config)
+    rgb, mask = render(meshes, camera, config=config)
+    assert rgb.shape == (96, 96, 3) and mask.shape == (96, 96)
+    assert set(np.unique(mask)) <= {0, 1, 2, 3} and (mask == 1).sum() > 0
+    assert ((rgb < 250).any(axis=2) == (mask > 0)).mean() > 0.99  # white exactly where no component
+    for i, mesh in enumerate(meshes):
+        _, alone = render([mesh], camera, config=config)
+        visible = mask == i + 1
+        # What component i shows in the composite lies inside its own silhouette.
+        assert (alone[visible] == 1).all()
+        assert visible.sum() > 0 or i == 1
+    scene_rgb, _ = render(meshes, scene_camera(meshes, config), config=config)
+    assert (scene_rgb < 250).any()
+    assert camera.to_dict()["width"] == 96
