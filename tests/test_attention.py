@@ -253,8 +253,7 @@ def test_context_length_matches_formula(N, kw):
     with torch.no_grad():
         routing = m.route(x)
         q, k, v = m.project(x)
-        kz, kp = k[:, :, :, :Lz].contiguous(), k[:, :, :, Lz : Lz + Np].contiguous()
-        K, _, mask = build_context(kz, kz, kp, kp, routing, m.config, torch.arange(N))
+        K, _, mask = build_context(k[:, :, :, : Lz + Np].contiguous(), v[:, :, :, : Lz + Np].contiguous(), Lz, routing, m.config, torch.arange(N))
     assert mask is None
     assert K.shape[2] == m.config.context_length(N, Lz, Np)
     kk = m.config.num_routed(N)

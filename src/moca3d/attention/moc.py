@@ -122,14 +122,12 @@ class MoCAttention(ComponentAttention):
             out = out.view(B, N, H, T, d)
         else:
             q, k, v = self.project(x, num_keys=num_latent + num_compressed)  # k, v: (B, N, H, Lz+Np, d)
-            kz, vz = k[:, :, :, :num_latent].contiguous(), v[:, :, :, :num_latent].contiguous()
             if mode == "dense":
-                out = dense_global_attention(q, kz, vz, component_mask)
+                out = dense_global_attention(q, k, v, num_latent, component_mask)
             else:
-                kp, vp = k[:, :, :, num_latent:].contiguous(), v[:, :, :, num_latent:].contiguous()
                 if routing is None:
                     routing = self.route(x, component_mask, generator)
                 backend = select_backend(self.config, x.device, torch.is_grad_enabled())
-                out = BACKENDS[backend](q, kz, vz, kp, vp, routing, self.config)
+                out = BACKENDS[backend](q, k, v, num_latent, routing, self.config)
         y = self.output(out, component_mask)
         return (y, routing) if return_routing else y

@@ -1,7 +1,7 @@
 """Implementations of routed MoC attention behind one signature, and automatic selection.
 
-Every backend maps (q, kz, vz, kp, vp, routing, config) -> out with
-q: (B, N, H, T, d), kz/vz: (B, N, H, Lz, d), kp/vp: (B, N, H, Np, d), out: (B, N, H, T, d).
+Every backend maps (q, k, v, num_latent, routing, config) -> out with q: (B, N, H, T, d),
+k/v: (B, N, H, Lz + Np, d) contiguous (z tokens then p tokens), out: (B, N, H, T, d).
 """
 
 from __future__ import annotations

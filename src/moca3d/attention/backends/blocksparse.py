@@ -71,18 +71,19 @@ def _dense_to_indices(blocks: torch.Tensor):
 
 
 def moc_attention_blocksparse(
-    q, kz, vz, kp, vp, routing: Routing, config: MoCAttentionConfig, compiled: Optional[bool] = None
+    q, k, v, num_latent: int, routing: Routing, config: MoCAttentionConfig, compiled: Optional[bool] = None
 ) -> torch.Tensor:
     """Same signature and result as `moc_attention_reference`, as one block-sparse attention."""
     if not HAS_FLEX:
         raise ConfigError("the blocksparse backend needs torch >= 2.5 (flex_attention)")
     if config.gate != "key":
         raise ConfigError("the blocksparse backend supports key gating only; use backend='chunked' for gate='value'")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, kz, vz, kp, vp, routing.gate))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, routing.gate))
     if q.device.type == "cpu" and needs_grad:
         raise ConfigError("flex_attention has no backward on the CPU: train with backend='chunked' (the CPU default)")
     B, N, H, T, d = q.shape
-    Lz, Np = kz.shape[3], kp.shape[3]
+    Lz, Np = num_latent, k.shape[3] - num_latent
+    kz, kp, vz, vp = k[:, :, :, :Lz], k[:, :, :, Lz:], v[:, :, :, :Lz], v[:, :, :, Lz:]
     device = q.device
     bs = config.block_size or default_block_size(Lz, Np, device)
     Lzp, Npp, Na = -(-Lz // bs) * bs, -(-Np // bs) * bs, -(-N // bs) * bs
