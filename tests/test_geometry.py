@@ -165,3 +165,14 @@ def test_render_is_non_empty_and_masks_match_silhouettes():
     scene_rgb, _ = render(meshes, scene_camera(meshes, config), config=config)
     assert (scene_rgb < 250).any()
     assert camera.to_dict()["width"] == 96
+
+
+def test_inside_is_right_where_closed_parts_overlap():
+    # Two overlapping closed boxes fused into one component: ray parity alone would call the
+    # overlap outside (two crossings); the union must be inside, matching the winding number.
+    fused = trimesh.util.concatenate([trimesh.creation.box(), trimesh.creation.box().apply_translation([0.5, 0, 0])])
+    assert fused.is_watertight
+    pts = np.array([[0.25, 0, 0], [-0.4, 0, 0], [0.9, 0, 0], [1.2, 0, 0]])
+    assert inside_mask(fused, pts).tolist() == [True, True, True, False]
+    assert (winding_number(fused, pts[:1]) > 1.5).all()
+    assert signed_distance(fused, pts[:1])[0] > 0

@@ -5,7 +5,7 @@ exact distance to the nearest triangle; the sign comes from the generalised wind
 (Jacobson et al. 2013), which is an integer (0 or 1) for watertight meshes and degrades gracefully
 on meshes with holes or cracks: a point is inside when its winding number exceeds 1/2.
 For closed (watertight, consistently wound) meshes the winding number equals ray parity, so the
-faster Embree ray test is used there. Distances are brute force over triangles in bounded chunks
+faster Embree ray test is used there, body by body so that overlapping closed parts stay inside. Distances are brute force over triangles in bounded chunks
 (cost O(Q * F)): a float32 pass picks the few nearest triangles, float64 re-measures them; meshes
 with more than `max_brute_faces` triangles use trimesh's tree-based closest point instead.
 """
@@ -160,7 +160,16 @@ def inside_mask(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
     """Boolean (Q,): points inside the mesh (ray parity if it is closed, else winding number > 1/2)."""
     points = np.asarray(points, dtype=np.float64)
     if mesh.is_watertight and mesh.is_winding_consistent:
-        return np.asarray(mesh.contains(points), dtype=bool)  # closed: ray parity is exact and fast
+        # Ray parity is wrong where closed bodies overlap (a point inside two of them has even
+        # parity), so test each connected body on its own and take the union.
+        bodies = mesh.split(only_watertight=False)
+        if all(b.is_watertight for b in bodies):
+            inside = np.zeros(len(points), dtype=bool)
+            for body in bodies:
+                lo, hi = body.bounds
+                near = ~inside & np.all((points >= lo) & (points <= hi), axis=1)
+                inside[near] = body.contains(points[near])
+            return inside
     return winding_number(mesh, points) > 0.5
 
 

@@ -1,0 +1,150 @@
+"""`moca3d prepare`: format, bad-input reporting, resume after interruption, parallel = serial."""
+
+import json
+
+import numpy as np
+import pytest
+import trimesh
+from typer.testing import CliRunner
+
+import moca3d.data.prepare as prep
+from moca3d.cli import app
+from moca3d.data.dataset import AssetDataset, ComponentDataset
+from moca3d.geometry.inside import QueryConfig
+from moca3d.geometry.mesh_io import load_components, save_glb, save_separate
+from moca3d.geometry.render import RenderConfig
+from moca3d.geometry.sampling import SurfaceSamplingConfig
+
+TINY = prep.PrepareConfig(
+    surface=SurfaceSamplingConfig(num_points=128),
+    queries=QueryConfig(num_queries=96),
+    render=RenderConfig(size=48, supersample=1),
+    max_components=3,
+    val_fraction=0.0,
+    test_fraction=0.0,
+)
+
+
+def _manifest(root):
+    return [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+
+
+def _report(root):
+    return [json.loads(line) for line in (root / "report.jsonl").read_text().splitlines()]
+
+
+def _mesh_folder(tmp_path):
+    """A folder with two good assets and five bad ones."""
+    src = tmp_path / "src"
+    src.mkdir()
+    box, ball = trimesh.creation.box(), trimesh.creation.icosphere(1).apply_translation([2, 0, 0])
+    save_glb(src / "good.glb", [box, ball], ["box", "ball"])
+    save_separate(src / "folder_asset", [box, ball.copy().apply_translation([0, 2, 0])], ["a", "b"])
+    (src / "junk.glb").write_bytes(b"\x00garbage")
+    (src / "empty.obj").write_text("# nothing here\n")
+    nan = trimesh.creation.box()
+    nan.vertices[3] = [np.nan, np.nan, np.nan]
+    save_glb(src / "nan.glb", [nan, box], ["nan", "box"])
+    flat = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]], process=False)
+    save_glb(src / "zero_area.glb", [box, flat], ["box", "flat"])
+    save_glb(src / "too_many.glb", [box.copy().apply_translation([3 * i, 0, 0]) for i in range(4)], list("abcd"))
+    (src / "notes.txt").write_text("not a mesh")
+    return src
+
+
+def test_prepare_folder_writes_the_format_and_reports_bad_assets(tmp_path):
+    root = tmp_path / "ds"
+    summary = prep.prepare(prep.folder_jobs(_mesh_folder(tmp_path)), root, TINY, progress=False)
+    assert (summary.processed, summary.skipped) == (2, 5)
+    assert [r["id"] for r in _manifest(root)] == ["folder_asset", "good"]
+    reasons = {r["source"].split("/")[-1]: r["reason"] for r in _report(root)}
+    assert set(reasons) == {"junk.glb", "empty.obj", "nan.glb", "zero_area.glb", "too_many.glb"}
+    assert "non-finite" in reasons["nan.glb"] and "zero surface area" in reasons["zero_area.glb"]
+    assert "exceed" in reasons["too_many.glb"]
+    assert all("\n" not in r for r in reasons.values())
+
+    folder = root / "assets" / "good"
+    with np.load(folder / "samples.npz") as s:
+        assert s["surface"].shape == (2, 128, 6) and s["surface"].dtype == np.float32
+        assert s["query_points"].shape == (2, 96, 3) and s["query_sdf"].shape == (2, 96)
+        assert np.abs(s["surface"][..., :3]).max() <= 1.0 + 1e-5  # normalised frame
+    meshes, names = load_components(folder / "mesh.glb")
+    assert names == ["box", "ball"]
+    verts = np.concatenate([m.vertices for m in meshes])
+    assert np.isclose(np.ptp(verts, axis=0).max(), 2.0, atol=1e-5)
+    norm = json.loads((folder / "normalization.json").read_text())
+    assert np.isclose(norm["scale"], 2.0 / 3.5)  # the source spans 3.5 units in x
+    assert json.loads((folder / "camera.json").read_text())["width"] == 48
+
+    again = prep.prepare(prep.folder_jobs(tmp_path / "src"), root, TINY, progress=False)
+    assert (again.processed, again.skipped, again.already_done) == (0, 0, 7)
+
+
+def test_prepare_resumes_after_an_interruption(tmp_path, monkeypatch):
+    root = tmp_path / "ds"
+    jobs = prep.procedural_jobs("objects", 4, seed=5)
+    real_build, calls = prep.build_asset, []
+
+    def interrupted(job, out_dir, config):
+        calls.append(job.id)
+        if len(calls) == 3:
+            (out_dir / "samples.npz").write_bytes(b"half-written")
+            raise KeyboardInterrupt  # a Ctrl-C in the middle of the third asset
+        return real_build(job, out_dir, config)
+
+    monkeypatch.setattr(prep, "build_asset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(jobs, root, TINY.__class__(**{**TINY.__dict__, "max_components": 32}), progress=False)
+    assert [r["id"] for r in _manifest(root)] == [j.id for j in jobs[:2]]
+    stamps = {j.id: (root / "assets" / j.id / "samples.npz").stat().st_mtime_ns for j in jobs[:2]}
+
+    monkeypatch.setattr(prep, "build_asset", real_build)
+    config = TINY.__class__(**{**TINY.__dict__, "max_components": 32})
+    summary = prep.prepare(jobs, root, config, progress=False)
+    assert (summary.processed, summary.already_done) == (2, 2)
+    assert [r["id"] for r in _manifest(root)] == [j.id for j in jobs]
+    assert all((root / "assets" / i / "samples.npz").stat().st_mtime_ns == t for i, t in stamps.items())
+    assert not list((root / "assets").glob(".tmp-*"))  # the half-written folder was cleaned up
+
+
+def test_parallel_prepare_matches_serial_and_datasets_read_it(tmp_path):
+    config = TINY.__class__(**{**TINY.__dict__, "max_components": 32})
+    jobs = prep.procedural_jobs("scenes", 2, seed=0) + prep.procedural_jobs("objects", 1, seed=0)
+    prep.prepare(jobs, tmp_path / "serial", config, workers=1, progress=False)
+    prep.prepare(jobs, tmp_path / "parallel", config, workers=2, progress=False)
+    assert _manifest(tmp_path / "serial") == _manifest(tmp_path / "parallel")
+    for job in jobs:
+        a = np.load(tmp_path / "serial" / "assets" / job.id / "samples.npz")
+        b = np.load(tmp_path / "parallel" / "assets" / job.id / "samples.npz")
+        assert all(np.array_equal(a[k], b[k]) for k in ("surface", "query_points", "query_sdf"))
+
+    records = _manifest(tmp_path / "serial")
+    assets = AssetDataset(tmp_path / "serial", split="train", num_surface=64, num_queries=32)
+    assert len(assets) == 3
+    item = assets[0]
+    n = item["num_components"]
+    assert item["surface"].shape == (n, 64, 6) and item["query_points"].shape == (n, 32, 3)
+    assert item["query_sdf"].shape == (n, 32) and item["image"].shape == (3, 48, 48)
+    assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    assert int(item["mask"].max()) <= n and int(item["mask"].max()) > 0
+    parts = ComponentDataset(tmp_path / "serial", split="all")
+    assert len(parts) == sum(r["num_components"] for r in records)
+    one = parts[1]
+    assert one["surface"].shape == (128, 6) and one["query_sdf"].shape == (96,)
+    assert one["name"] == records[0]["names"][1]
+    with pytest.raises(Exception):
+        AssetDataset(tmp_path / "missing")
+
+
+def test_cli_prepare_and_evaluate(tmp_path):
+    runner = CliRunner()
+    root = tmp_path / "ds"
+    result = runner.invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "--out", str(root),
+                                 "--num-surface", "64", "--num-queries", "64", "--image-size", "32"])
+    assert result.exit_code == 0, result.output
+    (asset,) = _manifest(root)
+    glb = root / "assets" / asset["id"] / "mesh.glb"
+    result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", "--num-points", "2000"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["chamfer"] == 0.0 and metrics["fscore@0.1"] == 1.0 and metrics["num_pred"] == asset["num_components"]
