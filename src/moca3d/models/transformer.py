@@ -1,0 +1,296 @@
+"""MoCATransformer: the compositional diffusion transformer over vecset latents (DESIGN.md §3).
+
+Data flow of one forward pass, for B samples of N components with L latents each:
+
+    latents (B, N, L, C) --proj_in--> z (B, N, L, D)            [+ timestep token or embedding]
+    pack: p_i, pbar_i = CrossAttn([p; pbar], z_i, z_i)           (B, N, Np + 1, D)
+    x_i = [z_i ; p_i ; pbar_i] + e[id_i]                          (B, N, T, D), T = Lz + Np + 1
+    blocks: local (masked, within a component) / global (MoC)    self-attention, cross-attention
+            to the condition tokens, FFN; optional long skips
+    norm_out, proj_out on the z tokens -> velocity (B, N, L, C)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch.utils.checkpoint import checkpoint
+
+from moca3d.attention import LocalAttention, MoCAttention, MoCAttentionConfig
+from moca3d.errors import ConfigError, InputError
+from moca3d.models.vae import FeedForward, LayerNorm32
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) times in [0, 1] -> (B, dim) sinusoidal features of 1000 t."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features -> two-layer SiLU MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, D)."""
+        h = timestep_embedding(t, self.freq_dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(h)))
+
+
+class CrossAttention(nn.Module):
+    """Tokens of every component attend to condition tokens, shared (B, M, Dc) or per component (B, N, M, Dc)."""
+
+    def __init__(self, dim: int, cond_dim: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(cond_dim, dim, bias=False)
+        self.to_v = nn.Linear(cond_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        d = dim // heads
+        self.norm_q = nn.RMSNorm(d, eps=1e-6) if qk_norm else nn.Identity()
+        self.norm_k = nn.RMSNorm(d, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (B, N, T, D) -> (B, N, T, D)."""
+        B, N, T, D = x.shape
+        H, d = self.heads, D // self.heads
+        if cond.dim() == 3:  # one condition for all components: one attention over all N*T queries
+            M = cond.shape[1]
+            q = self.norm_q(self.to_q(x).view(B, N * T, H, d).transpose(1, 2))  # (B, H, N*T, d)
+            k = self.norm_k(self.to_k(cond).view(B, M, H, d).transpose(1, 2))  # (B, H, M, d)
+            v = self.to_v(cond).view(B, M, H, d).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, T, D)
+        else:  # per-component condition (scenes): (B, N, M, Dc)
+            M = cond.shape[2]
+            q = self.norm_q(self.to_q(x).view(B * N, T, H, d).transpose(1, 2))  # (BN, H, T, d)
+            k = self.norm_k(self.to_k(cond).view(B * N, M, H, d).transpose(1, 2))
+            v = self.to_v(cond).view(B * N, M, H, d).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, T, D)
+        return self.to_out(out)
+
+
+class ComponentPacker(nn.Module):
+    """Packs each component's latents into N_p compressed tokens and one anchor token.
+
+    p_i = CrossAttn(p, z_i, z_i) and pbar_i = CrossAttn(pbar, z_i, z_i) with learnable queries
+    [p ; pbar] shared by all components (DESIGN.md §3, "Tokens").
+    """
+
+    def __init__(self, dim: int, heads: int, num_compressed: int):
+        super().__init__()
+        self.heads = heads
+        self.queries = nn.Parameter(torch.randn(num_compressed + 1, dim) * 0.02)  # [p ; pbar]
+        self.norm = LayerNorm32(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, N, Lz, D) -> [p_i ; pbar_i] (B, N, Np + 1, D)."""
+        B, N, Lz, D = z.shape
+        H, d = self.heads, D // self.heads
+        S = self.queries.shape[0]
+        zn = self.norm(z)
+        q = self.to_q(self.queries).view(1, S, H, d).transpose(1, 2).expand(B * N, H, S, d)
+        k = self.to_k(zn).view(B * N, Lz, H, d).transpose(1, 2)  # (BN, H, Lz, d)
+        v = self.to_v(zn).view(B * N, Lz, H, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, S, D)
+        return self.queries.to(out.dtype) + self.to_out(out)
+
+
+class MoCABlock(nn.Module):
+    """Pre-norm block: local or MoC self-attention, cross-attention to the condition, FFN."""
+
+    def __init__(self, dim: int, cond_dim: int, attention: MoCAttentionConfig, is_global: bool, mlp_ratio: float, skip: bool, time_add: bool):
+        super().__init__()
+        self.is_global = is_global
+        self.norm1 = LayerNorm32(dim)
+        self.attn1 = MoCAttention(attention) if is_global else LocalAttention(attention)
+        self.norm2 = LayerNorm32(dim)
+        self.attn2 = CrossAttention(dim, cond_dim, attention.num_heads, attention.qk_norm)
+        self.norm3 = LayerNorm32(dim)
+        self.ff = FeedForward(dim, int(dim * mlp_ratio))
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.skip_norm = LayerNorm32(dim) if skip else None
+        self.time_linear = nn.Linear(dim, dim) if time_add else None
+
+    def forward(self, x, cond, num_compressed: int, component_mask=None, skip=None, temb=None, routing_seed=None):
+        """x (B, N, T, D) -> (B, N, T, D); `routing_seed` makes training routing reproducible."""
+        generator = None
+        if routing_seed is not None:
+            generator = torch.Generator(device=x.device).manual_seed(routing_seed)
+        if self.skip_linear is not None:
+            x = self.skip_norm(self.skip_linear(torch.cat([x, skip], dim=-1)))
+        if self.time_linear is not None:
+            x = x + self.time_linear(F.silu(temb))[:, None, None]
+        h = self.norm1(x)
+        if self.is_global:
+            x = x + self.attn1(h, num_compressed, component_mask, generator=generator)
+        else:
+            x = x + self.attn1(h, num_compressed, component_mask)
+        x = x + self.attn2(self.norm2(x), cond)
+        return x + self.ff(self.norm3(x))
+
+
+def global_block_indices(num_layers: int, global_blocks: Union[str, Sequence[int]]) -> List[int]:
+    """Indices of global (MoC) blocks: "even", "odd", "all", "none" or an explicit list."""
+    if isinstance(global_blocks, str):
+        table = {"even": range(0, num_layers, 2), "odd": range(1, num_layers, 2), "all": range(num_layers), "none": range(0)}
+        if global_blocks not in table:
+            raise ConfigError(f"global_blocks must be even/odd/all/none or a list, got {global_blocks!r}")
+        return list(table[global_blocks])
+    idx = sorted(int(i) for i in global_blocks)
+    if any(i < 0 or i >= num_layers for i in idx):
+        raise ConfigError(f"global block indices {idx} out of range for {num_layers} layers")
+    return idx
+
+
+class MoCATransformer(ModelMixin, ConfigMixin):
+    """Compositional rectified-flow DiT with Mixture-of-Components attention."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 64,
+        num_latents: int = 512,
+        width: int = 512,
+        num_layers: int = 8,
+        num_heads: int = 8,
+        cond_dim: int = 512,
+        mlp_ratio: float = 4.0,
+        compression: int = 8,
+        global_blocks: Union[str, List[int]] = "even",
+        attention_mode: str = "moc",
+        topk_ratio: float = 0.25,
+        topk: Optional[int] = None,
+        router: str = "sigmoid",
+        routing: bool = True,
+        unselected: str = "compressed",
+        gate: str = "key",
+        train_routing: str = "sample",
+        multihead_routing: bool = True,
+        attention_backend: str = "auto",
+        qk_norm: bool = True,
+        timestep_mode: str = "add",
+        long_skips: bool = False,
+        id_codebook_size: int = 50,
+    ):
+        super().__init__()
+        if num_latents % compression:
+            raise ConfigError(f"num_latents ({num_latents}) must be divisible by compression ({compression})")
+        if long_skips and num_layers % 2 == 0:
+            raise ConfigError(f"long skips need an odd number of layers (push, middle, pop), got {num_layers}")
+        if timestep_mode not in ("add", "token"):
+            raise ConfigError(f"timestep_mode must be 'add' or 'token', got {timestep_mode!r}")
+        self.num_compressed = num_latents // compression
+        self.attention_config = MoCAttentionConfig(
+            dim=width, num_heads=num_heads, mode=attention_mode, topk_ratio=topk_ratio, topk=topk, router=router,
+            routing=routing, unselected=unselected, gate=gate, train_routing=train_routing,
+            multihead_routing=multihead_routing, qk_norm=qk_norm, backend=attention_backend,
+        )
+        self.global_indices = global_block_indices(num_layers, global_blocks)
+        self.proj_in = nn.Linear(in_channels, width)
+        self.time_embed = TimestepEmbedding(width)
+        self.packer = ComponentPacker(width, num_heads, self.num_compressed)
+        self.id_embedding = nn.Embedding(id_codebook_size, width)
+        half = num_layers // 2
+        self.blocks = nn.ModuleList(
+            MoCABlock(
+                width, cond_dim, self.attention_config, is_global=i in self.global_indices, mlp_ratio=mlp_ratio,
+                skip=long_skips and i > half, time_add=timestep_mode == "add",
+            )
+            for i in range(num_layers)
+        )
+        self.norm_out = LayerNorm32(width)
+        self.proj_out = nn.Linear(width, in_channels)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier for linear layers, small normal for embeddings, zero output projection."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.proj_out:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            if block.is_global and block.attn1.router is not None:
+                block.attn1.router.reset_parameters()
+        nn.init.normal_(self.id_embedding.weight, std=0.02)
+        nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
+        nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    @property
+    def max_components(self) -> int:
+        return self.config.id_codebook_size
+
+    def sample_ids(self, batch: int, num_components: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+        """(B, N) distinct random draws from the ID codebook, per sample."""
+        size = self.config.id_codebook_size
+        if num_components > size:
+            raise InputError(f"{num_components} components exceed the model's limit of {size} (ID codebook size)")
+        keys = torch.rand(batch, size, generator=generator)
+        return keys.argsort(dim=1)[:, :num_components].to(device or self.device)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: torch.Tensor,
+        component_mask: Optional[torch.Tensor] = None,
+        ids: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Velocity v(Z_t, t, c): latents (B, N, L, C), timestep (B,) in [0, 1] -> (B, N, L, C)."""
+        if latents.dim() != 4:
+            raise InputError(f"latents must be (B, N, L, C), got {tuple(latents.shape)}")
+        B, N, L, C = latents.shape
+        if L != self.config.num_latents or C != self.config.in_channels:
+            raise InputError(f"latents have L={L}, C={C}; the model expects L={self.config.num_latents}, C={self.config.in_channels}")
+        if ids is None:
+            ids = self.sample_ids(B, N, generator, latents.device)
+        timestep = timestep.to(latents.device).reshape(-1).expand(B)
+        temb = self.time_embed(timestep)  # (B, D)
+        z = self.proj_in(latents)  # (B, N, L, D)
+        if self.config.timestep_mode == "token":
+            z = torch.cat([temb[:, None, None].expand(B, N, 1, -1).to(z.dtype), z], dim=2)  # (B, N, L+1, D)
+        x = torch.cat([z, self.packer(z)], dim=2)  # (B, N, T, D)
+        x = x + self.id_embedding(ids)[:, :, None]
+        Np = self.num_compressed
+        skips, half = [], len(self.blocks) // 2
+        for i, block in enumerate(self.blocks):
+            skip = skips.pop() if block.skip_linear is not None else None
+            # a seed, not a generator: a checkpointed block recomputes the same routing
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if (generator is not None and block.is_global) else None
+            args = (x, cond, Np, component_mask, skip, temb, seed)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+            if self.config.long_skips and i < half:
+                skips.append(x)
+        z_out = x[:, :, -L - Np - 1 : -Np - 1]  # (B, N, L, D): the latent tokens, without the timestep token
+        out = self.proj_out(self.norm_out(z_out))
+        if component_mask is not None:
+            out = out * component_mask.view(B, N, 1, 1).to(out.dtype)
+        return out

@@ -1,0 +1,177 @@
+"""MoCATransformer and rectified flow: shapes, padding, equivariance, CFG, overfitting, save/load.
+
+Tolerances: fp32 CPU; outputs agree to 1e-5 absolute unless stated.
+"""
+
+import pytest
+import torch
+
+from moca3d import flow
+from moca3d.errors import ConfigError, InputError
+from moca3d.models.transformer import MoCATransformer
+
+ATOL = 1e-5
+TINY = dict(in_channels=8, num_latents=32, width=64, num_layers=4, num_heads=4, cond_dim=24, compression=8)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = MoCATransformer(**{**TINY, **kw}).eval()
+    torch.nn.init.normal_(m.proj_out.weight, std=0.1)  # the zero init would make every output 0
+    return m
+
+
+def inputs(B=2, N=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, 32, 8, generator=g), torch.rand(B, generator=g), torch.randn(B, 6, 24, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["moc", "dense", "none"])
+@pytest.mark.parametrize("timestep_mode", ["add", "token"])
+def test_shapes_and_padding(mode, timestep_mode):
+    m = tiny_model(attention_mode=mode, timestep_mode=timestep_mode)
+    x, t, c = inputs(B=2, N=6)
+    ids = m.sample_ids(2, 6, torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 3:] = False
+    with torch.no_grad():
+        y = m(x, t, c, component_mask=mask, ids=ids)
+        assert y.shape == x.shape
+        assert torch.all(y[0, 3:] == 0)
+        alone = m(x[:1, :3], t[:1], c[:1], ids=ids[:1, :3])
+        garbage = x.clone()
+        garbage[0, 3:] = 100 * torch.randn_like(garbage[0, 3:])
+        y2 = m(garbage, t, c, component_mask=mask, ids=ids)
+    torch.testing.assert_close(y[0, :3], alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(y2[0, :3], alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"long_skips": True, "num_layers": 5}, {"attention_mode": "dense"}])
+def test_permutation_equivariance_given_ids(kw):
+    m = tiny_model(**kw)
+    x, t, c = inputs(N=7)
+    ids = m.sample_ids(2, 7, torch.Generator().manual_seed(2))
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = m(x, t, c, ids=ids)
+        y_perm = m(x[:, perm], t, c, ids=ids[:, perm])
+    torch.testing.assert_close(y_perm, y[:, perm], atol=ATOL, rtol=0)
+
+
+def test_per_component_condition_for_scenes():
+    m = tiny_model()
+    x, t, c = inputs(N=4)
+    per = c[:, None].expand(2, 4, 6, 24).contiguous()
+    ids = m.sample_ids(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, per, ids=ids), m(x, t, c, ids=ids), atol=ATOL, rtol=0)
+
+
+def test_ids_are_distinct_and_component_limit_is_a_clear_error():
+    m = tiny_model()
+    ids = m.sample_ids(3, 50)
+    assert all(len(set(row.tolist())) == 50 for row in ids)
+    with pytest.raises(InputError, match="exceed the model's limit"):
+        m.sample_ids(1, 51)
+    with pytest.raises(InputError, match="expects L=32"):
+        m(torch.randn(1, 2, 16, 8), torch.rand(1), torch.randn(1, 6, 24))
+    with pytest.raises(ConfigError):
+        MoCATransformer(**{**TINY, "long_skips": True})  # even layer count
+
+
+def test_cfg_scale_one_is_the_conditional_prediction():
+    m = tiny_model()
+    x, t, c = inputs()
+    ids = m.sample_ids(2, 5)
+    with torch.no_grad():
+        v = flow.guided_velocity(m, x, t, c, torch.zeros_like(c), 1.0, ids=ids)
+        torch.testing.assert_close(v, m(x, t, c, ids=ids), atol=0, rtol=0)
+        v3 = flow.guided_velocity(m, x, t, c, torch.zeros_like(c), 3.0, ids=ids)
+        vu = m(x, t, torch.zeros_like(c), ids=ids)
+        torch.testing.assert_close(v3, vu + 3.0 * (m(x, t, c, ids=ids) - vu), atol=1e-4, rtol=0)
+
+
+def test_flow_interpolation_and_loss():
+    z0, eps = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    zt = flow.interpolate(z0, eps, t)
+    torch.testing.assert_close(zt[0], z0[0])
+    torch.testing.assert_close(zt[2], eps[2])
+    torch.testing.assert_close(zt[1], 0.5 * (z0[1] + eps[1]))
+    # the exact velocity has zero loss; padded components are ignored
+    mask = torch.tensor([[True, False]] * 3)
+    pred = flow.velocity_target(z0, eps)
+    pred[:, 1] += 5.0
+    assert flow.flow_loss(pred, z0, eps, mask).item() == 0.0
+    ts = flow.sample_timesteps(10000, "logit_normal", generator=torch.Generator().manual_seed(0))
+    assert 0 < ts.min() and ts.max() < 1 and abs(ts.median().item() - 0.5) < 0.02
+
+
+def test_euler_sampler_follows_an_exact_velocity_field():
+    """With v = eps - z* for a fixed target z*, Euler from t=1 lands exactly on z*."""
+    target = torch.randn(1, 3, 4, 2)
+    cond = torch.zeros(1, 1, 1)
+
+    def model(z, t, c):
+        tt = t.view(-1, 1, 1, 1)
+        eps = (z - (1 - tt) * target) / tt  # the noise this z_t came from
+        return eps - target
+
+    z0 = flow.sample(model, cond, tuple(target.shape), steps=7, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z0, target, atol=1e-5, rtol=0)
+
+
+def test_loss_decreases_on_a_tiny_overfit_set():
+    """A fixed batch of (Z_0, eps, t): the flow loss must fall well below its starting value."""
+    torch.manual_seed(0)
+    m = MoCATransformer(**TINY).train()
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(4, 3, 32, 8, generator=g), torch.randn(4, 3, 32, 8, generator=g)
+    t, cond = flow.sample_timesteps(4, generator=g), torch.randn(4, 6, 24, generator=g)
+    ids = m.sample_ids(4, 3, g)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = flow.flow_loss(m(flow.interpolate(z0, eps, t), t, cond, ids=ids, generator=g), z0, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::5]
+
+
+def test_gradients_reach_every_parameter_group():
+    m = tiny_model().train()
+    x, t, c = inputs()
+    m(x, t, c, generator=torch.Generator().manual_seed(0)).square().mean().backward()
+    names = ["proj_in", "packer.queries", "id_embedding", "time_embed", "router.to_q", "attn2.to_k", "proj_out"]
+    for name in names:
+        grads = [p.grad for n, p in m.named_parameters() if name in n]
+        assert grads and all(g is not None for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    m = tiny_model().train()
+    x, t, c = inputs()
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        m(x, t, c, ids=m.sample_ids(2, 5, torch.Generator().manual_seed(0)), generator=torch.Generator().manual_seed(1)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = tiny_model(topk=2, router="softmax")
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    m2 = MoCATransformer.from_pretrained(tmp_path).eval()
+    assert m2.config.topk == 2 and m2.config.router == "softmax"
+    for (k1, v1), (k2, v2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    x, t, c = inputs()
+    ids = m.sample_ids(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x, t, c, ids=ids), m(x, t, c, ids=ids), atol=ATOL, rtol=0)
