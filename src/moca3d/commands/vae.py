@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         dev = _device(device)
         vae = load_vae(model, dev)
         coarse = max(32, resolution // 4)
-        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, progress=True)
+        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=True)
         meshes, names = reconstruct_mesh_file(mesh, vae, points, extract)
         empty = [n for n, m in zip(names, meshes) if len(m.faces) == 0]
         kept = [(m, n) for m, n in zip(meshes, names) if len(m.faces)]

@@ -27,6 +27,7 @@ class ExtractConfig:
     coarse_resolution: int = 64  # cells per axis of the dense first grid
     bounds: float = 1.05  # the grid spans [-bounds, bounds]^3
     band: float = 0.5  # refine cells whose corners have |value| < band (or a sign change)
+    band_decay: float = 1.0  # band multiplier per doubling (0.5 follows the cell size for true SDFs)
     chunk_size: int = 65536  # query points per field call (bounds memory)
     min_component_fraction: Optional[float] = 0.02  # drop pieces with fewer faces than this x largest; None keeps all
     close_boundary: bool = True  # force the outer grid layer outside, so meshes are closed
@@ -81,9 +82,10 @@ def evaluate_grid(field: Field, config: ExtractConfig = ExtractConfig(), device:
     index = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # ((R0+1)^3, 3)
     values = _evaluate(field, _grid_points(index, R0, config.bounds), config.chunk_size, device, bar)
     values = values.view(R0 + 1, R0 + 1, R0 + 1)
-    res = R0
+    res, band = R0, config.band
     while res < R:
-        active = _active_cells(values, config.band)  # (res, res, res)
+        active = _active_cells(values, band)  # (res, res, res)
+        band *= config.band_decay
         res *= 2
         values = F.interpolate(values[None, None], size=(res + 1,) * 3, mode="trilinear", align_corners=True)[0, 0]
         # Vertices of the children of active cells: every fine vertex within an active coarse cell.
