@@ -266,6 +266,10 @@ def test_resume_continues_from_the_same_step_with_identical_state(dataset, tmp_p
     state_a, state_b = json.loads((a / "state.json").read_text()), json.loads((b / "state.json").read_text())
     assert state_a["step"] == state_b["step"] == 4
     assert state_a["optimizer"] == state_b["optimizer"] and state_a["ema"] == state_b["ema"]
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    val = [r["val_query"] for r in log if "val_query" in r]
+    assert len(val) == 1 and 0.0 <= val[0]["sign_acc"] <= 1.0 and 0.0 <= val[0]["iou"] <= 1.0
+    assert (tmp_path / "straight" / "vae" / "config.json").is_file()
 
 
 def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
@@ -288,28 +292,54 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     assert encode_dataset(dataset, model, "other", num_points=64, progress=False)["encoded"] == len(entries)
 
 
-def test_cli_reconstruct_round_trip(dataset, tmp_path):
+class SphereFieldVAE(VecSetVAE):
+    """A real encoder with a known decoder field (a sphere of radius 0.3 in the canonical frame)."""
+
+    def field(self, z, chunk_size=65536):
+        return lambda p: 0.3 - p.norm(dim=-1)
+
+
+def test_cli_reconstruct_writes_one_node_per_component_in_the_input_frame(dataset, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import moca3d.commands.vae as vae_cmd
     from moca3d.cli import app
     from moca3d.geometry.mesh_io import load_file
 
-    # A model trained for a handful of steps is enough to exercise the whole path.
-    model = tiny_vae()
-    with torch.no_grad():
-        model.decoder.proj_out.bias.fill_(0.0)
+    torch.manual_seed(0)
+    model = SphereFieldVAE(**TINY).eval()
     model.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    real_load = vae_cmd.load_vae
+
+    def load_sphere_vae(folder, device="cpu"):
+        real_load(folder, device)  # the real checks: config.json, safetensors, finite weights
+        return SphereFieldVAE.from_pretrained(str(folder), local_files_only=True).eval()
+
+    monkeypatch.setattr(vae_cmd, "load_vae", load_sphere_vae)
+    # The input is the dataset's canonical asset moved and scaled: the output must follow it back.
+    meshes, names = load_file(dataset / "assets" / "synth_000" / "mesh.glb")
+    moved = [m.copy().apply_scale(3.0).apply_translation([5.0, 0.0, 0.0]) for m in meshes]
+    from moca3d.geometry.mesh_io import save_glb
+
+    save_glb(tmp_path / "in.glb", moved, names)
     runner = CliRunner()
-    src = dataset / "assets" / "synth_000" / "mesh.glb"
-    result = runner.invoke(app, ["reconstruct", str(src), "-o", str(tmp_path / "out.glb"), "--model", str(tmp_path / "vae"),
-                                 "--resolution", "32", "--points", "64", "--device", "cpu"])
-    if result.exit_code == 0:
-        meshes, _ = load_file(tmp_path / "out.glb")
-        assert 1 <= len(meshes) <= 2
-    else:  # an untrained field may have no surface at all: the error must be the one-line InputError
-        assert isinstance(result.exception, InputError), result.output
-    bad = runner.invoke(app, ["reconstruct", str(src), "-o", str(tmp_path / "out.obj"), "--model", str(tmp_path / "vae")])
+    result = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.glb"), "--model",
+                                 str(tmp_path / "vae"), "--resolution", "32", "--points", "64", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out, out_names = load_file(tmp_path / "out.glb")
+    assert sorted(out_names) == sorted(names) and all(m.is_watertight for m in out)
+    # Canonical radius 0.3 maps back to 0.3 / scale around the input's box centre.
+    lo = np.min([m.bounds[0] for m in moved], axis=0)
+    hi = np.max([m.bounds[1] for m in moved], axis=0)
+    scale = 2.0 / (hi - lo).max()
+    radius = np.linalg.norm(out[0].vertices - (lo + hi) / 2, axis=1)
+    assert abs(radius.mean() - 0.3 / scale) < 0.05 / scale
+    bad = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.obj"), "--model",
+                              str(tmp_path / "vae")])
     assert isinstance(bad.exception, InputError)
+    missing = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "o.glb"), "--model",
+                                  str(tmp_path / "nowhere")])
+    assert isinstance(missing.exception, InputError)
 
 
 def test_config_rejects_unknown_keys():

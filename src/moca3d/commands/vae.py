@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "-o", "--out", help="Output .glb, one node per component."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
         resolution: int = typer.Option(256, "--resolution", help="Finest grid cells per axis."),
-        points: int = typer.Option(2048, "--points", help="Surface points fed to the encoder per component."),
+        points: int = typer.Option(1024, "--points", help="Surface points fed to the encoder per component."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
         """Encode every component of a mesh and decode it back (VAE round trip)."""
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
     def encode_dataset_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
-        points: int = typer.Option(2048, "--points", help="Surface points fed to the encoder per component."),
+        points: int = typer.Option(1024, "--points", help="Surface points fed to the encoder per component."),
         batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),

@@ -56,7 +56,8 @@ class VAETrainConfig:
     log_every: int = 25
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
-    validate_every: int = 1000
+    validate_every: int = 1000  # full validation: meshes extracted, CD / F-scores
+    val_query_every: int = 250  # cheap validation: sign accuracy / IoU at the held-out query points
     val_assets: int = 8  # held-out assets reconstructed at each validation
     val_resolution: int = 128
     val_coarse_resolution: int = 32
@@ -99,7 +100,7 @@ class VAETrainConfig:
     def check(self) -> None:
         """Raise ConfigError for values out of range."""
         for name in ("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
-                     "checkpoint_every", "validate_every", "val_resolution", "val_coarse_resolution"):
+                     "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -250,6 +251,33 @@ def encode_latents(model: VecSetVAE, surface: torch.Tensor, num_points: int, bat
     return torch.cat(out)
 
 
+@torch.no_grad()
+def query_metrics(model: VecSetVAE, data: ComponentArrays, cfg: VAETrainConfig, batch_size: int = 16,
+                  near: float = 0.02) -> dict[str, float]:
+    """Sign accuracy (all / within `near` of the surface), occupancy IoU and truncated-SDF L1 at the query points."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    latents = encode_latents(model, data.surface, cfg.num_surface_points, batch_size)  # (N, L, C)
+    correct = near_correct = near_total = inter = union = l1 = 0.0
+    for i in range(0, len(data), batch_size):
+        logits = model.decode(latents[i:i + batch_size].to(device), data.query_points[i:i + batch_size].to(device),
+                              chunk_size=4096).cpu()  # (b, Q)
+        sdf = data.query_sdf[i:i + batch_size]
+        pred_in, true_in = logits > 0, sdf > 0
+        correct += (pred_in == true_in).sum().item()
+        close = sdf.abs() < near
+        near_correct += ((pred_in == true_in) & close).sum().item()
+        near_total += close.sum().item()
+        inter += (pred_in & true_in).sum().item()
+        union += (pred_in | true_in).sum().item()
+        l1 += (logits - (sdf / model.config.truncation).clamp(-1, 1)).abs().sum().item()
+    model.train(was_training)
+    n = data.query_sdf.numel()
+    return {"sign_acc": correct / n, "near_sign_acc": near_correct / max(near_total, 1.0),
+            "iou": inter / max(union, 1.0), "tsdf_l1": l1 / n}
+
+
 def decode_meshes(model: VecSetVAE, latents: torch.Tensor, extract: ExtractConfig) -> list:
     """One mesh per latent set (N, L, C); a component whose field has no surface gives an empty mesh."""
     device = next(model.parameters()).device
@@ -353,6 +381,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     atomic_write_json(cfg.to_dict(), out_dir / "train_config.json")
     train = load_split(data_dir, "train")
     has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
+    val_arrays = load_split(data_dir, "val") if has_val else None
     log_path = out_dir / "log.jsonl"
 
     bar = None
@@ -391,8 +420,13 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0},
                             keep_last=cfg.keep_checkpoints)
+        if val_arrays is not None and (done % cfg.val_query_every == 0 or done == cfg.steps):
+            metrics = query_metrics(ema_model(ema, cfg, dev), val_arrays, cfg)
+            _append_jsonl(log_path, {"step": done, "val_query": metrics})
+            if bar is not None:
+                bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
         if has_val and done % cfg.validate_every == 0 and done != cfg.steps:
-            metrics = validate_ema(model, ema, data_dir, cfg)
+            metrics = validate(ema_model(ema, cfg, dev), data_dir, cfg)
             _append_jsonl(log_path, {"step": done, "val": metrics})
             if bar is not None:
                 bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -410,11 +444,11 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     return summary
 
 
-def validate_ema(model: VecSetVAE, ema: EMA, data_dir: str | Path, cfg: VAETrainConfig) -> dict[str, float]:
-    """Validation metrics of the EMA weights (the model itself is left untouched)."""
-    averaged = VecSetVAE(**cfg.model).to(next(model.parameters()).device)
+def ema_model(ema: EMA, cfg: VAETrainConfig, device: torch.device) -> VecSetVAE:
+    """A fresh VecSetVAE holding the EMA weights (the training model is left untouched)."""
+    averaged = VecSetVAE(**cfg.model).to(device)
     ema.copy_to(averaged)
-    return validate(averaged, data_dir, cfg)
+    return averaged.eval()
 
 
 # ----------------------------------------------------------------------------------------------
