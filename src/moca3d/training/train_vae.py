@@ -392,6 +392,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     model.train()
     t0 = time.time()
     running: dict[str, float] = {}
+    running_steps = 0
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -408,15 +409,15 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         done = step + 1
         for k, v in stats.items():
             running[k] = running.get(k, 0.0) + v
+        running_steps += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['sign_acc']:.3f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
-            n = cfg.log_every if done % cfg.log_every == 0 else (done - start) % cfg.log_every or cfg.log_every
             record = {"step": done, "lr": lr_at(step, cfg), "elapsed_s": elapsed + time.time() - t0}
-            record.update({k: v / n for k, v in running.items()})
+            record.update({k: v / running_steps for k, v in running.items()})
             _append_jsonl(log_path, record)
-            running = {}
+            running, running_steps = {}, 0
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0},
                             keep_last=cfg.keep_checkpoints)
