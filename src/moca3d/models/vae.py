@@ -310,8 +310,7 @@ class VecSetVAE(ModelMixin, ConfigMixin):
     # -- initialisation --------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Explicit init: linears N(0, init_std) with zero bias, residual outputs scaled by depth,
-        LayerNorms identity, log-variance head starting at logvar = 0 - small."""
+        """Explicit init: linears N(0, init_std), zero biases, depth-scaled residual outputs, identity norms."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
