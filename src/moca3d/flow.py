@@ -39,12 +39,16 @@ def velocity_target(z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def flow_loss(pred: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, component_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean squared error to eps - Z_0 over the real (unpadded) components. pred: (B, N, L, C)."""
+    """Squared error to eps - Z_0: mean over each sample's real components, then over samples.
+
+    Weighting every asset equally (not every component) keeps the loss of a global batch equal
+    to the mean of its per-process losses under data parallelism. pred: (B, N, L, C).
+    """
     err = (pred.float() - velocity_target(z0, noise).float()).pow(2).mean(dim=(2, 3))  # (B, N)
     if component_mask is None:
         return err.mean()
     w = component_mask.to(err.dtype)
-    return (err * w).sum() / w.sum().clamp_min(1.0)
+    return ((err * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)).mean()
 
 
 def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:

@@ -7,7 +7,7 @@ Tokens of a batch are laid out as x: (B, N, T, D), component i holding
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -97,10 +97,11 @@ class MoCAttention(ComponentAttention):
         self.router = Router(config) if config.mode == "moc" else None
 
     def route(
-        self, x: torch.Tensor, component_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
+        self, x: torch.Tensor, component_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+        seeds: Optional[Sequence[int]] = None,
     ) -> Routing:
         """Routing of (B, N, T, D) tokens from their anchors (the last token of each component)."""
-        return self.router(x[:, :, -1], component_mask, generator)
+        return self.router(x[:, :, -1], component_mask, generator, seeds)
 
     def forward(
         self,
@@ -110,6 +111,7 @@ class MoCAttention(ComponentAttention):
         routing: Optional[Routing] = None,
         return_routing: bool = False,
         generator: Optional[torch.Generator] = None,
+        seeds: Optional[Sequence[int]] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[Routing]]]:
         """(B, N, T, D) -> (B, N, T, D); optionally also the Routing used."""
         num_latent = _check_layout(x, num_compressed, component_mask)
@@ -126,7 +128,7 @@ class MoCAttention(ComponentAttention):
                 out = dense_global_attention(q, k, v, num_latent, component_mask)
             else:
                 if routing is None:
-                    routing = self.route(x, component_mask, generator)
+                    routing = self.route(x, component_mask, generator, seeds)
                 backend = select_backend(self.config, x.device, torch.is_grad_enabled())
                 out = BACKENDS[backend](q, k, v, num_latent, routing, self.config)
         y = self.output(out, component_mask)

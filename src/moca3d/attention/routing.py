@@ -7,7 +7,7 @@ never token-sized sorting or indexing, so it stays a small fraction of the atten
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -102,11 +102,12 @@ class Router(nn.Module):
         anchors: torch.Tensor,
         component_mask: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        seeds: Optional[Sequence[int]] = None,
     ) -> Routing:
         """(B, N, D) anchors -> Routing: top-k at eval, sampling without replacement in training."""
         gate = self.importance(anchors, component_mask)
         sample = self.training and self.config.train_routing == "sample"
-        return route(gate, self.config, component_mask, sample=sample, generator=generator)
+        return route(gate, self.config, component_mask, sample=sample, generator=generator, seeds=seeds)
 
 
 def route(
@@ -115,12 +116,14 @@ def route(
     component_mask: Optional[torch.Tensor] = None,
     sample: bool = False,
     generator: Optional[torch.Generator] = None,
+    seeds: Optional[Sequence[int]] = None,
 ) -> Routing:
     """Rank the other components of each (i, h) by importance; the first k are routed.
 
     With `sample`, the ranking is a draw without replacement from o_ij / sum_j o_ij (the
     Gumbel-top-k trick: argsort of log o + Gumbel noise), so its first k entries are k draws
-    without replacement; otherwise it is the deterministic top-k.
+    without replacement; otherwise it is the deterministic top-k. `seeds` (one per sample) make
+    each sample's draw independent of the rest of the batch (same routing on any process split).
     """
     B, Hr, N, _ = gate.shape
     device = gate.device
@@ -129,7 +132,11 @@ def route(
     with torch.no_grad():
         score = gate.detach().float()
         if sample:
-            u = torch.rand(score.shape, device=device, generator=generator).clamp_(1e-12, 1 - 1e-7)
+            if seeds is not None:
+                u = torch.stack([torch.rand(score.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+                u = u.to(device).clamp_(1e-12, 1 - 1e-7)
+            else:
+                u = torch.rand(score.shape, device=device, generator=generator).clamp_(1e-12, 1 - 1e-7)
             gumbel = -torch.log(-torch.log(u))
             score = torch.log(score.clamp_min(1e-30)) + gumbel
         # Padded components rank after every real one, the diagonal after everything.

@@ -272,7 +272,10 @@ def components_scene(
     colors = palette(len(meshes)) if colors is None else np.asarray(colors, dtype=np.uint8)
     scene = trimesh.Scene()
     for mesh, name, color in zip(meshes, names, colors):
-        scene.add_geometry(_colored_copy(mesh, color), node_name=name, geom_name=name)
+        if len(mesh.faces) == 0:  # an empty component keeps its named node, without geometry
+            scene.graph.update(frame_to=name, frame_from=scene.graph.base_frame, matrix=np.eye(4))
+        else:
+            scene.add_geometry(_colored_copy(mesh, color), node_name=name, geom_name=name)
     return scene
 
 

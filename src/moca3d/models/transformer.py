@@ -130,18 +130,16 @@ class MoCABlock(nn.Module):
         self.skip_norm = LayerNorm32(dim) if skip else None
         self.time_linear = nn.Linear(dim, dim) if time_add else None
 
-    def forward(self, x, cond, num_compressed: int, component_mask=None, skip=None, temb=None, routing_seed=None):
-        """x (B, N, T, D) -> (B, N, T, D); `routing_seed` makes training routing reproducible."""
-        generator = None
-        if routing_seed is not None:
-            generator = torch.Generator(device=x.device).manual_seed(routing_seed)
+    def forward(self, x, cond, num_compressed: int, component_mask=None, skip=None, temb=None, routing_seeds=None):
+        """x (B, N, T, D) -> (B, N, T, D); `routing_seeds` (B,) make training routing reproducible."""
         if self.skip_linear is not None:
             x = self.skip_norm(self.skip_linear(torch.cat([x, skip], dim=-1)))
         if self.time_linear is not None:
             x = x + self.time_linear(F.silu(temb))[:, None, None]
         h = self.norm1(x)
         if self.is_global:
-            x = x + self.attn1(h, num_compressed, component_mask, generator=generator)
+            seeds = routing_seeds.tolist() if routing_seeds is not None else None
+            x = x + self.attn1(h, num_compressed, component_mask, seeds=seeds)
         else:
             x = x + self.attn1(h, num_compressed, component_mask)
         x = x + self.attn2(self.norm2(x), cond)
@@ -260,8 +258,12 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         component_mask: Optional[torch.Tensor] = None,
         ids: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        routing_seeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Velocity v(Z_t, t, c): latents (B, N, L, C), timestep (B,) in [0, 1] -> (B, N, L, C)."""
+        """Velocity v(Z_t, t, c): latents (B, N, L, C), timestep (B,) in [0, 1] -> (B, N, L, C).
+
+        Training routing draws from `routing_seeds` (B,) per sample when given, else from `generator`.
+        """
         if latents.dim() != 4:
             raise InputError(f"latents must be (B, N, L, C), got {tuple(latents.shape)}")
         B, N, L, C = latents.shape
@@ -277,12 +279,14 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         x = torch.cat([z, self.packer(z)], dim=2)  # (B, N, T, D)
         x = x + self.id_embedding(ids)[:, :, None]
         Np = self.num_compressed
+        if routing_seeds is None and generator is not None and self.training:
+            routing_seeds = torch.randint(0, 2**62, (B,), generator=generator)
         skips, half = [], len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip_linear is not None else None
-            # a seed, not a generator: a checkpointed block recomputes the same routing
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if (generator is not None and block.is_global) else None
-            args = (x, cond, Np, component_mask, skip, temb, seed)
+            # seeds, not a generator: a checkpointed block recomputes the same routing
+            seeds = (routing_seeds + 1_000_003 * (i + 1)) % 2**62 if (routing_seeds is not None and block.is_global) else None
+            args = (x, cond, Np, component_mask, skip, temb, seeds)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)
             else:

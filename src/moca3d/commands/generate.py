@@ -1,0 +1,69 @@
+"""CLI verbs of the compositional generator: `generate` (image -> part meshes) and `train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moca3d.errors import ConfigError
+
+
+def register(app: typer.Typer) -> None:
+    """Add the generation and DiT-training verbs to the CLI."""
+
+    @app.command("generate")
+    def generate(
+        image: Path = typer.Argument(..., help="Input image (PNG/JPG; alpha or white background)."),
+        parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate."),
+        output: Path = typer.Option(Path("output.glb"), "--output", "-o", help="Output GLB, one named node per part."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
+        steps: int = typer.Option(50, help="Sampling steps (Euler)."),
+        guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
+        seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
+        shift: float = typer.Option(1.0, help="Timestep shift of the sampler (>1: more steps at high noise)."),
+        resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    ) -> None:
+        """Generate PARTS part meshes from one IMAGE and write them as a GLB scene."""
+        import time
+
+        import torch
+
+        from moca3d.pipeline import MoCAPipeline
+
+        if steps < 1 or resolution < 16:
+            raise ConfigError("--steps must be >= 1 and --resolution >= 16")
+        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        t0 = time.time()
+        pipe = MoCAPipeline.from_pretrained(model, device=dev)
+        result = pipe(image, num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
+        path = result.save(output)
+        empty = sum(1 for m in result.meshes if len(m.faces) == 0)
+        note = f" ({empty} empty)" if empty else ""
+        typer.echo(f"wrote {path}: {parts} parts{note} in {time.time() - t0:.1f} s")
+
+    @app.command("train")
+    def train(
+        data: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d prepare + encode-dataset)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json)."),
+        vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder bundled into the exported pipeline."),
+        steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
+        batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
+        device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+        resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
+    ) -> None:
+        """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
+        from moca3d.training.train_dit import DiTTrainConfig, train as run
+
+        cfg = DiTTrainConfig.from_json(config) if config else DiTTrainConfig()
+        if steps is not None:
+            cfg.steps = steps
+        if batch_size is not None:
+            cfg.batch_size = batch_size
+        result = run(data, output, cfg, vae_dir=vae, device=device, resume=resume)
+        typer.echo(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final loss {result['final_loss']}")
+        if "pipeline" in result:
+            typer.echo(f"pipeline: {result['pipeline']}")

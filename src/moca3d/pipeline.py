@@ -1,0 +1,173 @@
+"""MoCAPipeline: image (+ instance masks) -> N component meshes in one frame (DESIGN.md §1).
+
+A diffusers-style folder holds the pipeline:
+    model_index.json, vae/, transformer/, image_encoder/, scheduler/
+each model folder being `save_pretrained` output (config.json + safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Union
+
+import torch
+import trimesh
+
+from moca3d import flow
+from moca3d.errors import CheckpointError, InputError
+from moca3d.geometry.extract import ExtractConfig, extract_mesh
+from moca3d.geometry.mesh_io import components_scene
+from moca3d.models.image_encoder import ImageEncoder, ImageLike, preprocess_image
+from moca3d.models.transformer import MoCATransformer
+from moca3d.models.vae import VecSetVAE
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"
+COMPONENTS = {"vae": VecSetVAE, "transformer": MoCATransformer, "image_encoder": ImageEncoder}
+
+
+@dataclass
+class MoCAOutput:
+    """Generated components: meshes in the shared normalised frame, their names and a GLB-ready scene."""
+
+    meshes: List[trimesh.Trimesh]
+    names: List[str]
+    latents: torch.Tensor  # (N, L, C)
+
+    @property
+    def scene(self) -> trimesh.Scene:
+        return components_scene(self.meshes, self.names)
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write a GLB with one named node per component (atomic)."""
+        from moca3d.geometry.mesh_io import save_glb
+
+        return save_glb(path, self.meshes, self.names)
+
+
+def _check_finite(model: torch.nn.Module, where: Path) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}: tensor '{name}' contains NaN or Inf")
+
+
+class MoCAPipeline:
+    """Generate part (or instance) meshes from one image with a MoCA transformer."""
+
+    def __init__(self, vae: VecSetVAE, transformer: MoCATransformer, image_encoder: ImageEncoder, scheduler=None):
+        self.vae = vae.eval()
+        self.transformer = transformer.eval()
+        self.image_encoder = image_encoder.eval()
+        self.scheduler = scheduler or flow.make_scheduler()
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu") -> "MoCAPipeline":
+        """Load a pipeline folder; `None` loads the built-in default model shipped with the package."""
+        root = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if not (root / "model_index.json").is_file():
+            hint = " (the built-in model is not installed)" if path is None else ""
+            raise CheckpointError(f"{root}: not a moca3d pipeline folder, model_index.json missing{hint}")
+        parts = {}
+        for name, klass in COMPONENTS.items():
+            sub = root / name
+            if not sub.is_dir():
+                raise CheckpointError(f"{root}: component folder '{name}/' missing")
+            model = klass.from_pretrained(sub)
+            _check_finite(model, sub)
+            parts[name] = model.to(device)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler") if (root / "scheduler").is_dir() else None
+        return cls(scheduler=scheduler, **parts)
+
+    def save_pretrained(self, path: Union[str, Path]) -> Path:
+        """Write every component and model_index.json (the index last, so a folder with it is complete)."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        for name in COMPONENTS:
+            getattr(self, name).save_pretrained(root / name)
+        self.scheduler.save_config(root / "scheduler")
+        index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
+        index.update({name: ["moca3d", klass.__name__] for name, klass in COMPONENTS.items()})
+        index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
+        tmp = root / "model_index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=2))
+        os.replace(tmp, root / "model_index.json")
+        return root
+
+    def to(self, device: Union[str, torch.device]) -> "MoCAPipeline":
+        for name in COMPONENTS:
+            getattr(self, name).to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, image: ImageLike) -> torch.Tensor:
+        """Image -> condition tokens (1, M, D)."""
+        pixels = preprocess_image(image, self.image_encoder.image_size).to(self.device)
+        return self.image_encoder(pixels[None])
+
+    @torch.no_grad()
+    def generate_latents(
+        self, cond: torch.Tensor, num_parts: int, steps: int = 50, guidance: float = 7.0, seed: int = 0,
+        shift: float = 1.0, progress: Optional[Callable[[int, int], None]] = None,
+    ) -> torch.Tensor:
+        """Sample (1, N, L, C) latents for `num_parts` components under `cond` (1, M, D) or (1, N, M, D)."""
+        cfg = self.transformer.config
+        if num_parts < 1:
+            raise InputError(f"the number of parts must be >= 1, got {num_parts}")
+        if num_parts > self.transformer.max_components:
+            raise InputError(f"{num_parts} parts exceed the model's limit of {self.transformer.max_components}")
+        g = torch.Generator().manual_seed(seed)
+        ids = self.transformer.sample_ids(1, num_parts, g, self.device)
+        uncond = torch.zeros_like(cond)
+        return flow.sample(
+            self.transformer, cond, (1, num_parts, cfg.num_latents, cfg.in_channels), uncond=uncond, steps=steps,
+            guidance=guidance, shift=shift, generator=g, scheduler=self.scheduler, progress=progress, ids=ids,
+        )
+
+    @torch.no_grad()
+    def decode_latents(
+        self, latents: torch.Tensor, resolution: int = 128, progress: Optional[Callable[[int, int], None]] = None
+    ) -> List[trimesh.Trimesh]:
+        """(N, L, C) latents -> one mesh per component (marching cubes on the VAE field)."""
+        config = ExtractConfig(resolution=resolution, coarse_resolution=min(64, resolution), chunk_size=32768)
+        meshes = []
+        for i, z in enumerate(latents):
+            meshes.append(extract_mesh(self.vae.field(z[None].to(self.device)), config, device=self.device))
+            if progress is not None:
+                progress(i + 1, len(latents))
+        return meshes
+
+    def __call__(
+        self, image: ImageLike, num_parts: int = 4, steps: int = 50, guidance: float = 7.0, seed: int = 0,
+        shift: float = 1.0, resolution: int = 128, show_progress: bool = True,
+    ) -> MoCAOutput:
+        """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
+        from rich.progress import Progress
+
+        with Progress(disable=not show_progress, transient=True) as bar:
+            cond = self.encode_image(image)
+            task = bar.add_task("sampling", total=steps)
+            latents = self.generate_latents(
+                cond, num_parts, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i)
+            )[0]
+            task = bar.add_task("decoding", total=num_parts)
+            meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
+        names = [f"part_{i:02d}" for i in range(num_parts)]
+        return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu())
+
+
+def _version() -> str:
+    from moca3d import __version__
+
+    return __version__

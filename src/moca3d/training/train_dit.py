@@ -1,0 +1,277 @@
+"""Rectified-flow training of the MoCA transformer and image encoder (DESIGN.md §5), on accelerate.
+
+One command runs on the CPU, one GPU or many (`accelerate launch` / torchrun, DDP). Every random
+draw of a step comes from a generator seeded by (seed, step): the global batch is the same
+whatever the number of processes (each takes its slice), and a resumed run continues exactly.
+
+Data: a prepared dataset (`moca3d prepare`) with cached latents (`moca3d encode-dataset`):
+ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C)) and render.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from moca3d import flow
+from moca3d.data.dataset import read_manifest
+from moca3d.errors import ConfigError, InputError
+from moca3d.models.image_encoder import ImageEncoder, preprocess_image
+from moca3d.models.transformer import MoCATransformer
+from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+
+SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class DiTTrainConfig:
+    """A DiT training recipe (JSON: these fields; model configs under "transformer" and "image_encoder")."""
+
+    transformer: dict[str, Any] = field(default_factory=dict)
+    image_encoder: dict[str, Any] = field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 8  # global batch (split across processes)
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cfg_drop: float = 0.1  # probability of a zero condition (classifier-free guidance)
+    timestep_distribution: str = "logit_normal"
+    max_components: int = 32  # assets with more parts are skipped
+    mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on the CPU; or "no" / "bf16" / "fp16"
+    gradient_checkpointing: bool = False
+    log_every: int = 25
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_threads: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DiTTrainConfig":
+        """Build from a dict, rejecting unknown keys."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown DiT training config keys: {', '.join(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        cfg = cls(**d)
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_components"):
+            if getattr(cfg, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+        if not 0 <= cfg.cfg_drop < 1:
+            raise ConfigError(f"cfg_drop must be in [0, 1), got {cfg.cfg_drop}")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "DiTTrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: invalid JSON ({err})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+class LatentDataset:
+    """In-memory latents (N, L, C) and preprocessed renders of a prepared dataset split."""
+
+    def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32):
+        self.root = Path(root)
+        self.latents: list[torch.Tensor] = []
+        self.images: list[torch.Tensor] = []
+        self.ids: list[str] = []
+        for rec in read_manifest(root, split):
+            asset = self.root / "assets" / rec["id"]
+            path = asset / "latents.safetensors"
+            if not path.is_file() or rec["num_components"] > max_components:
+                continue
+            self.latents.append(load_file(str(path))["latents"].float())
+            self.images.append(preprocess_image(asset / "render.png", image_size))
+            self.ids.append(rec["id"])
+        if not self.ids:
+            raise InputError(f"{root}: no '{split}' assets with cached latents (run `moca3d encode-dataset` first)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Pad to the largest part count: latents (B, N, L, C), component_mask (B, N), images (B, 3, S, S)."""
+        lat = [self.latents[i] for i in indices]
+        n_max = max(x.shape[0] for x in lat)
+        L, C = lat[0].shape[1:]
+        latents = torch.zeros(len(lat), n_max, L, C)
+        mask = torch.zeros(len(lat), n_max, dtype=torch.bool)
+        for b, x in enumerate(lat):
+            latents[b, : x.shape[0]] = x
+            mask[b, : x.shape[0]] = True
+        return {"latents": latents, "component_mask": mask, "images": torch.stack([self.images[i] for i in indices])}
+
+
+class Generator(nn.Module):
+    """The trained pair: image encoder and transformer (one module for DDP, checkpoints and EMA)."""
+
+    def __init__(self, transformer: MoCATransformer, image_encoder: ImageEncoder):
+        super().__init__()
+        self.transformer = transformer
+        self.image_encoder = image_encoder
+
+    def forward(self, latents, timestep, images, component_mask, drop, ids, routing_seeds):
+        """Velocity prediction; `drop` (B,) bool zeroes the condition (CFG dropout)."""
+        cond = self.image_encoder(images)  # (B, M, D)
+        cond = cond * (~drop).view(-1, 1, 1).to(cond.dtype)
+        return self.transformer(latents, timestep, cond, component_mask=component_mask, ids=ids, routing_seeds=routing_seeds)
+
+
+def build_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Generator:
+    """Models from the recipe; L and C come from the data, the condition width from the encoder."""
+    encoder = ImageEncoder(**cfg.image_encoder)
+    tcfg = {"num_latents": latent_shape[0], "in_channels": latent_shape[1], **cfg.transformer, "cond_dim": encoder.out_dim}
+    return Generator(MoCATransformer(**tcfg), encoder)
+
+
+def lr_at(step: int, cfg: DiTTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_draws(cfg: DiTTrainConfig, step: int, dataset_size: int, batch_size: int) -> dict[str, Any]:
+    """All random choices of one global step: asset indices, times, CFG drops, and a generator for noise."""
+    g = torch.Generator().manual_seed(cfg.seed * SEED_STRIDE + step)
+    indices = torch.randint(0, dataset_size, (batch_size,), generator=g).tolist()
+    t = flow.sample_timesteps(batch_size, cfg.timestep_distribution, generator=g)
+    drop = torch.rand(batch_size, generator=g) < cfg.cfg_drop
+    return {"indices": indices, "t": t, "drop": drop, "generator": g}
+
+
+def model_config(model: nn.Module):
+    """The transformer config of a Generator, possibly wrapped (DDP)."""
+    return getattr(model, "module", model).transformer.config
+
+
+def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], rows: slice, device) -> torch.Tensor:
+    """Flow loss of the rows `rows` of the global batch described by `draws`."""
+    g = draws["generator"]
+    batch = data.batch(draws["indices"])
+    z0 = batch["latents"]
+    # every per-sample draw is made for the whole global batch, then sliced: process-independent
+    noise = torch.randn(z0.shape, generator=g)
+    routing_seeds = torch.randint(0, 2**62, (z0.shape[0],), generator=g)
+    ids = torch.rand(z0.shape[0], model_config(model).id_codebook_size, generator=g).argsort(dim=1)[:, : z0.shape[1]]
+    mask = batch["component_mask"][rows].to(device)
+    z0, noise = z0[rows].to(device), noise[rows].to(device)
+    t = draws["t"][rows].to(device)
+    zt = flow.interpolate(z0, noise, t)
+    pred = model(zt, t, batch["images"][rows].to(device), mask, draws["drop"][rows].to(device), ids[rows].to(device), routing_seeds[rows])
+    return flow.flow_loss(pred, z0, noise, mask)
+
+
+def export_pipeline(out_dir: str | Path, model: Generator, vae_dir: str | Path) -> Path:
+    """Write a complete pipeline folder (the VAE copied from `vae_dir`)."""
+    from moca3d.models.vae import VecSetVAE
+    from moca3d.pipeline import MoCAPipeline
+
+    pipe = MoCAPipeline(VecSetVAE.from_pretrained(vae_dir), model.transformer, model.image_encoder)
+    return pipe.save_pretrained(out_dir)
+
+
+def train(
+    data_dir: str | Path, out_dir: str | Path, cfg: DiTTrainConfig, vae_dir: Optional[str | Path] = None,
+    device: Optional[str] = None, resume: bool = True, progress: bool = True,
+) -> dict[str, Any]:
+    """Train; checkpoints under OUT/checkpoints, the final (EMA) pipeline under OUT/pipeline."""
+    from accelerate import Accelerator
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "no" if use_cpu else "bf16"
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    out = Path(out_dir)
+    encoder_size = ImageEncoder(**cfg.image_encoder).image_size
+    data = LatentDataset(data_dir, "train", encoder_size, cfg.max_components)
+    torch.manual_seed(cfg.seed)
+    model = build_models(cfg, tuple(data.latents[0].shape[1:]))
+    model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas
+    )
+    ema = EMA(model, decay=cfg.ema_decay)
+    start = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, optimizer, ema).step
+        accelerator.print(f"resumed from {ckpt} (step {start})")
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg.to_dict(), out / "train_config.json")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    local = cfg.batch_size // world
+    rows = slice(rank * local, (rank + 1) * local)
+    model.train()
+    log: list[dict[str, float]] = []
+    loss_value = None
+    t0 = time.time()
+    columns = [TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=start, info="")
+        for step in range(start, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            draws = step_draws(cfg, step, len(data), cfg.batch_size)
+            with accelerator.autocast():
+                loss = training_loss(model, data, draws, rows, accelerator.device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint kept intact")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            unwrapped = accelerator.unwrap_model(model)
+            ema.update(unwrapped)
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            if (step + 1) % cfg.log_every == 0 or step == start:
+                log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr_at(step, cfg), "time": time.time() - t0})
+            bar.update(task, completed=step + 1, info=f"loss {loss_value:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints)
+                    with open(out / "train_log.jsonl", "a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in log)
+                    log.clear()
+    accelerator.wait_for_everyone()
+    result = {"steps": cfg.steps, "seconds": time.time() - t0, "final_loss": loss_value if cfg.steps > start else None}
+    if accelerator.is_main_process and vae_dir is not None:
+        final = build_models(cfg, tuple(data.latents[0].shape[1:]))
+        ema.copy_to(final)
+        result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae_dir))
+    return result

@@ -1,0 +1,174 @@
+"""End to end on tiny models: prepare -> encode latents -> train the DiT (resume) -> export -> generate."""
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import trimesh
+from PIL import Image
+from typer.testing import CliRunner
+
+from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
+from moca3d.errors import CheckpointError, InputError
+from moca3d.geometry.inside import QueryConfig
+from moca3d.geometry.render import RenderConfig
+from moca3d.geometry.sampling import SurfaceSamplingConfig
+from moca3d.models.image_encoder import preprocess_image
+from moca3d.models.vae import VecSetVAE
+from moca3d.pipeline import MoCAPipeline
+from moca3d.training.train_dit import DiTTrainConfig, LatentDataset, build_models, step_draws, train, training_loss
+from moca3d.training.train_vae import encode_dataset
+
+TINY_VAE = dict(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4, num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
+
+
+def tiny_recipe(steps=4, **kw):
+    recipe = dict(
+        transformer=dict(width=32, num_layers=2, num_heads=4, compression=4),
+        image_encoder=dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4),
+        steps=steps, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1,
+    )
+    return DiTTrainConfig.from_dict({**recipe, **kw})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Six tiny procedural objects with cached latents of a random tiny VAE, and that VAE's folder."""
+    root = tmp_path_factory.mktemp("data")
+    cfg = PrepareConfig(
+        surface=SurfaceSamplingConfig(num_points=512), queries=QueryConfig(num_queries=256),
+        render=RenderConfig(size=64, supersample=1), val_fraction=0.0, test_fraction=0.0,
+    )
+    prepare(procedural_jobs("objects", 6, seed=3), root, cfg, workers=1, progress=False)
+    torch.manual_seed(0)
+    vae = VecSetVAE(**TINY_VAE).eval()
+    vae_dir = root / "vae"
+    vae.save_pretrained(vae_dir)
+    encode_dataset(root, vae, "test", num_points=512, progress=False)
+    return root, vae_dir
+
+
+def test_train_resume_export_and_generate(dataset, tmp_path):
+    root, vae_dir = dataset
+    run = tmp_path / "run"
+    first = train(root, run, tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
+    assert first["steps"] == 2 and np.isfinite(first["final_loss"])
+    # resume: continue to 4 steps from the step-2 checkpoint
+    second = train(root, run, tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)
+    assert (run / "checkpoints").is_dir() and second["steps"] == 4
+    # a resumed run gives the same weights as an uninterrupted one
+    straight = tmp_path / "straight"
+    train(root, straight, tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)
+    a = MoCAPipeline.from_pretrained(run / "pipeline")
+    b = MoCAPipeline.from_pretrained(straight / "pipeline")
+    for (k, v), (k2, v2) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
+        torch.testing.assert_close(v, v2, atol=1e-6, rtol=1e-5, msg=k)
+
+    image = root / "assets" / LatentDataset(root, "train", 32).ids[0] / "render.png"
+    out = a(image, num_parts=3, steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
+    assert len(out.meshes) == 3 and out.latents.shape == (3, 16, 4)
+    glb = out.save(tmp_path / "parts.glb")
+    scene = trimesh.load(glb, file_type="glb")
+    assert {"part_00", "part_01", "part_02"} <= set(scene.graph.nodes)
+    again = a(image, num_parts=3, steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
+    assert torch.equal(out.latents, again.latents), "the same seed must give the same latents"
+
+
+def test_generate_cli_and_clear_errors(dataset, tmp_path):
+    from moca3d.cli import app
+
+    root, vae_dir = dataset
+    train(root, tmp_path / "run", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    model = tmp_path / "run" / "pipeline"
+    image = next((root / "assets").glob("*/render.png"))
+    runner = CliRunner()
+    res = runner.invoke(app, ["generate", str(image), "--parts", "2", "-o", str(tmp_path / "o.glb"), "--model", str(model), "--steps", "1", "--resolution", "16"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o.glb").is_file()
+    pipe = MoCAPipeline.from_pretrained(model)
+    with pytest.raises(InputError, match="exceed the model's limit"):
+        pipe(image, num_parts=51, steps=1, show_progress=False)
+    with pytest.raises(InputError, match="image not found"):
+        pipe(tmp_path / "missing.png", num_parts=2, steps=1, show_progress=False)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="cannot read image"):
+        pipe(tmp_path / "bad.png", num_parts=2, steps=1, show_progress=False)
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "blank.png")
+    with pytest.raises(InputError, match="no foreground"):
+        pipe(tmp_path / "blank.png", num_parts=2, steps=1, show_progress=False)
+    with pytest.raises(CheckpointError, match="model_index.json"):
+        MoCAPipeline.from_pretrained(tmp_path)
+
+
+def test_nan_weights_are_refused(dataset, tmp_path):
+    root, vae_dir = dataset
+    train(root, tmp_path / "run", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    pipe = MoCAPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    with torch.no_grad():
+        pipe.transformer.proj_in.weight[0, 0] = float("nan")
+    pipe.transformer.save_pretrained(tmp_path / "run" / "pipeline" / "transformer")
+    with pytest.raises(CheckpointError, match="NaN"):
+        MoCAPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+
+
+def test_preprocess_crops_foreground_onto_white():
+    img = np.full((100, 80, 4), 0, np.uint8)  # fully transparent
+    img[40:60, 30:50] = [200, 10, 10, 255]  # an opaque red square
+    x = preprocess_image(img, 32)
+    assert x.shape == (3, 32, 32)
+    assert torch.allclose(x[:, 0, 0], torch.ones(3))  # corner: white background
+    centre = x[:, 16, 16]
+    assert centre[0] > 0.7 and centre[1] < 0.1  # the square fills the middle
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, root, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = tiny_recipe(batch_size=4)
+    data = LatentDataset(root, "train", 32)
+    torch.manual_seed(cfg.seed)
+    model = build_models(cfg, tuple(data.latents[0].shape[1:]))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    local = cfg.batch_size // world
+    loss = training_loss(ddp, data, step_draws(cfg, 5, len(data), cfg.batch_size), slice(rank * local, (rank + 1) * local), "cpu")
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, result_path)  # test artefact only
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_process_gradients_match_single_process(dataset, tmp_path):
+    """DDP over two processes, each with half of the global batch, equals one process with all of it."""
+    root, _ = dataset
+    result = tmp_path / "grads.pt"
+    context = mp.spawn(_ddp_worker, args=(2, _free_port(), str(root), str(result)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("two-process training did not finish within 300 s")
+    ddp_grads = torch.load(result)
+    cfg = tiny_recipe(batch_size=4)
+    data = LatentDataset(root, "train", 32)
+    torch.manual_seed(cfg.seed)
+    model = build_models(cfg, tuple(data.latents[0].shape[1:]))
+    training_loss(model, data, step_draws(cfg, 5, len(data), cfg.batch_size), slice(0, 4), "cpu").backward()
+    assert ddp_grads
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            # equal batches per process: the DDP mean of per-process means is the global mean
+            torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
