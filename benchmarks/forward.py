@@ -1,0 +1,126 @@
+"""Benchmark: one forward pass of the whole MoCA transformer vs the dense-global baseline.
+
+For each N it times the full transformer (same size, same weights apart from the router) and
+splits the time into local attention, routing, global attention (routing excluded) and total,
+with module hooks (CUDA-synchronised on a GPU). The paper's Table 4, side by side in one run.
+
+    python benchmarks/forward.py --n 4 8 16 32 --config configs/forward_cpu.json --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+
+from moca3d.attention import LocalAttention, MoCAttention, Router
+from moca3d.models.transformer import MoCATransformer
+
+DEFAULT_CONFIG = {"num_latents": 256, "in_channels": 64, "width": 256, "num_layers": 4, "num_heads": 4, "cond_dim": 256, "compression": 8}
+COND_TOKENS = 65
+
+
+class SectionTimer:
+    """Accumulates wall time spent inside modules of given types (hooks; nested sections allowed)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.totals: Dict[str, float] = defaultdict(float)
+        self.starts: Dict[int, float] = {}
+        self.handles = []
+        for module in model.modules():
+            name = {Router: "routing", MoCAttention: "global", LocalAttention: "local"}.get(type(module))
+            if name is not None:
+                self.handles.append(module.register_forward_pre_hook(self._pre))
+                self.handles.append(module.register_forward_hook(lambda m, i, o, name=name: self._post(m, name)))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _pre(self, module, inputs) -> None:
+        self._sync()
+        self.starts[id(module)] = time.perf_counter()
+
+    def _post(self, module, name: str) -> None:
+        self._sync()
+        self.totals[name] += (time.perf_counter() - self.starts.pop(id(module))) * 1e3
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
+def bench(config: dict, n: int, mode: str, device: torch.device, dtype: torch.dtype, repeats: int) -> Dict:
+    torch.manual_seed(0)
+    model = MoCATransformer(**{**config, "attention_mode": mode})
+    torch.nn.Module.to(model, device, dtype).eval()  # plain cast (diffusers warns on .to(dtype))
+    L, C = config["num_latents"], config["in_channels"]
+    x = torch.randn(1, n, L, C, device=device, dtype=dtype)
+    t = torch.rand(1, device=device)
+    cond = torch.randn(1, COND_TOKENS, config["cond_dim"], device=device, dtype=dtype)
+    ids = model.sample_ids(1, n, torch.Generator().manual_seed(0), device)
+    timer = SectionTimer(model, device)
+    runs = []
+    with torch.no_grad():
+        model(x, t, cond, ids=ids)  # warm-up
+        for _ in range(repeats):
+            timer.reset()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x, t, cond, ids=ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            total = (time.perf_counter() - t0) * 1e3
+            runs.append({"total_ms": total, "local_ms": timer.totals["local"], "routing_ms": timer.totals["routing"],
+                         "global_ms": timer.totals["global"] - timer.totals["routing"]})
+    rec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    rec.update(n=n, mode="moca" if mode == "moc" else mode, device=device.type, dtype=str(dtype).replace("torch.", ""))
+    rec["other_ms"] = rec["total_ms"] - rec["local_ms"] - rec["routing_ms"] - rec["global_ms"]
+    return rec
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="component counts")
+    p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: a mid-size CPU config)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the records to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    config = dict(DEFAULT_CONFIG)
+    if args.config:
+        with open(args.config) as f:
+            config.update(json.load(f))
+    print(f"MoCA transformer forward vs dense global — {config} — {device.type} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    records = []
+    for n in args.n:
+        pair = [bench(config, n, mode, device, dtype, args.repeats) for mode in ("moc", "dense")]
+        pair[0]["speedup"] = pair[1]["total_ms"] / pair[0]["total_ms"]
+        records += pair
+        print(f"  N={n}: MoCA {pair[0]['total_ms']:.0f} ms, dense {pair[1]['total_ms']:.0f} ms ({pair[0]['speedup']:.2f}x)", flush=True)
+    print(f"{'N':>4} | {'mode':>6} | {'local ms':>9} | {'routing ms':>10} | {'global ms':>9} | {'other ms':>9} | {'total ms':>9} | speedup")
+    for r in records:
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        print(f"{r['n']:>4} | {r['mode']:>6} | {r['local_ms']:>9.1f} | {r['routing_ms']:>10.2f} | {r['global_ms']:>9.1f} | {r['other_ms']:>9.1f} | {r['total_ms']:>9.1f} | {sp}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"config": config, "records": records}, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
