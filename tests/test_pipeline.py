@@ -78,6 +78,12 @@ def test_train_resume_export_and_generate(dataset, tmp_path):
     again = a(image, num_parts=3, steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
     assert torch.equal(out.latents, again.latents), "the same seed must give the same latents"
 
+    from moca3d.evaluation import evaluate_pipeline
+
+    report = evaluate_pipeline(a, root, "train", count=2, steps=1, resolution=16, metric_points=2000, progress=False)
+    assert report["count"] == 2 and set(report["mean"]) >= {"chamfer", "fscore@0.1", "fscore@0.05", "self_iou"}
+    assert all(0.0 <= r["fscore@0.1"] <= 1.0 for r in report["assets"])
+
 
 def test_generate_cli_and_clear_errors(dataset, tmp_path):
     from moca3d.cli import app
