@@ -8,13 +8,7 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/
    && "$PY" -c "import moca3d, torch" 2>/dev/null; then
   exit 0
 fi
-# System libraries for headless rendering (Mesa EGL/OSMesa) when apt is available.
-if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  if ! dpkg -s libegl1 libgl1-mesa-dri libosmesa6 >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      libegl1 libgl1-mesa-dri libosmesa6 >/dev/null
-  fi
-fi
+# No system libraries are needed: rendering is CPU ray casting (trimesh + embreex wheels).
 # torch first, so nothing else pulls a multi-GB CUDA build; keep a GPU build if one is present.
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"

@@ -140,7 +140,8 @@ class MoCAPipeline:
         self, latents: torch.Tensor, resolution: int = 128, progress: Optional[Callable[[int, int], None]] = None
     ) -> List[trimesh.Trimesh]:
         """(N, L, C) latents -> one mesh per component (marching cubes on the VAE field)."""
-        config = ExtractConfig(resolution=resolution, coarse_resolution=min(64, resolution), chunk_size=32768)
+        # the VAE's logits are SDF / truncation clamped to [-1, 1]: refine where |logit| < 0.95
+        config = ExtractConfig(resolution=resolution, coarse_resolution=max(16, resolution // 4), band=0.95, band_decay=0.5, chunk_size=32768)
         meshes = []
         for i, z in enumerate(latents):
             meshes.append(extract_mesh(self.vae.field(z[None].to(self.device)), config, device=self.device))
