@@ -349,3 +349,11 @@ def test_config_rejects_unknown_keys():
         VAETrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ConfigError):
         VAETrainConfig.from_dict({"steps": 0})
+
+
+def test_posterior_starts_nearly_deterministic():
+    """A std ~1 posterior at init drowns the small means and the decoder learns to ignore z (collapse)."""
+    model = tiny_vae()
+    posterior = model.encode(sphere_surface(128)[None])
+    assert posterior.std.max() < 0.05
+    assert posterior.mean.abs().mean() > 5 * posterior.std.mean()
