@@ -27,28 +27,34 @@ from moca3d.errors import ConfigError, InputError
 from moca3d.models.vae import FeedForward, LayerNorm32
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) times in [0, 1] -> (B, dim) sinusoidal features of 1000 t."""
+TIME_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as diffusers' "gelu"
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, sin_first: bool = False) -> torch.Tensor:
+    """(B,) times in [0, 1] -> (B, dim) sinusoidal features of 1000 t: [cos, sin] (or [sin, cos])."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
+    pair = [torch.sin(args), torch.cos(args)] if sin_first else [torch.cos(args), torch.sin(args)]
+    return F.pad(torch.cat(pair, dim=-1), (0, dim % 2))
 
 
 class TimestepEmbedding(nn.Module):
-    """Sinusoidal features -> two-layer SiLU MLP."""
+    """Sinusoidal features -> two-layer MLP (SiLU by default; TripoSG: [sin, cos], GELU, 4D hidden)."""
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    def __init__(self, dim: int, freq_dim: int = 256, hidden_dim: Optional[int] = None, act: str = "silu", sin_first: bool = False):
         super().__init__()
-        self.freq_dim = freq_dim
-        self.linear_1 = nn.Linear(freq_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        if act not in TIME_ACTIVATIONS:
+            raise ConfigError(f"time_act must be one of {sorted(TIME_ACTIVATIONS)}, got {act!r}")
+        hidden_dim = hidden_dim or dim
+        self.freq_dim, self.sin_first, self.act = freq_dim, sin_first, TIME_ACTIVATIONS[act]
+        self.linear_1 = nn.Linear(freq_dim, hidden_dim)
+        self.linear_2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) -> (B, D)."""
-        h = timestep_embedding(t, self.freq_dim).to(self.linear_1.weight.dtype)
-        return self.linear_2(F.silu(self.linear_1(h)))
+        h = timestep_embedding(t, self.freq_dim, sin_first=self.sin_first).to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(h)))
 
 
 class CrossAttention(nn.Module):
@@ -190,7 +196,17 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         timestep_mode: str = "add",
         long_skips: bool = False,
         id_codebook_size: int = 50,
+        id_assignment: str = "random",
+        time_freq_dim: int = 256,
+        time_hidden_dim: Optional[int] = None,
+        time_act: str = "silu",
+        time_sin_first: bool = False,
     ):
+        """`id_assignment`: "random" (distinct draws, DESIGN §3) or "sequential" (ids 0..N-1, PartCrafter).
+
+        `time_*` shape the timestep MLP (defaults: 256 cos/sin features, SiLU, hidden = width); a converted
+        TripoSG uses width features, [sin, cos], GELU and hidden = 4 * width (see moca3d.convert.triposg).
+        """
         super().__init__()
         if num_latents % compression:
             raise ConfigError(f"num_latents ({num_latents}) must be divisible by compression ({compression})")
@@ -198,6 +214,8 @@ class MoCATransformer(ModelMixin, ConfigMixin):
             raise ConfigError(f"long skips need an odd number of layers (push, middle, pop), got {num_layers}")
         if timestep_mode not in ("add", "token"):
             raise ConfigError(f"timestep_mode must be 'add' or 'token', got {timestep_mode!r}")
+        if id_assignment not in ("random", "sequential"):
+            raise ConfigError(f"id_assignment must be 'random' or 'sequential', got {id_assignment!r}")
         self.num_compressed = num_latents // compression
         self.attention_config = MoCAttentionConfig(
             dim=width, num_heads=num_heads, mode=attention_mode, topk_ratio=topk_ratio, topk=topk, router=router,
@@ -206,7 +224,7 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         )
         self.global_indices = global_block_indices(num_layers, global_blocks)
         self.proj_in = nn.Linear(in_channels, width)
-        self.time_embed = TimestepEmbedding(width)
+        self.time_embed = TimestepEmbedding(width, time_freq_dim, time_hidden_dim, time_act, time_sin_first)
         self.packer = ComponentPacker(width, num_heads, self.num_compressed)
         self.id_embedding = nn.Embedding(id_codebook_size, width)
         half = num_layers // 2
@@ -243,10 +261,12 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         return self.config.id_codebook_size
 
     def sample_ids(self, batch: int, num_components: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-        """(B, N) distinct random draws from the ID codebook, per sample."""
+        """(B, N) distinct random draws from the ID codebook per sample (0..N-1 when id_assignment is sequential)."""
         size = self.config.id_codebook_size
         if num_components > size:
             raise InputError(f"{num_components} components exceed the model's limit of {size} (ID codebook size)")
+        if self.config.id_assignment == "sequential":
+            return torch.arange(num_components, device=device or self.device).expand(batch, num_components)
         keys = torch.rand(batch, size, generator=generator)
         return keys.argsort(dim=1)[:, :num_components].to(device or self.device)
 

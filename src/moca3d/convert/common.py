@@ -1,0 +1,128 @@
+"""Shared checkpoint plumbing for the converters: strict folder reading, layout checks, assembly.
+
+Every converter follows the same contract (issue 8): the source folder's tensors are checked
+against a written layout (first missing / mis-shaped / unexpected key is the error), every
+source key is consumed by the mapping, and every parameter of the target model is filled,
+either from the source or by an explicit, documented initialisation. No partial loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import load_file
+
+from moca3d.errors import CheckpointError
+
+StateDict = Dict[str, torch.Tensor]
+Layout = Dict[str, Tuple[int, ...]]
+
+
+def read_config(folder: Path, name: str = "config.json") -> dict:
+    """The JSON config of a model folder; clear error when missing or unreadable."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: {name} missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err.msg})") from None
+
+
+def read_safetensors_folder(folder: Path) -> StateDict:
+    """All tensors of a model folder: one `*.safetensors` file, or the shards named by an index."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: folder missing")
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = json.loads(index[0].read_text()).get("weight_map", {})
+        files = sorted({folder / f for f in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if len(files) > 1:
+            raise CheckpointError(f"{folder}: {len(files)} .safetensors files and no index; expected one")
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors weights (pickled checkpoints are not loaded)")
+    state: StateDict = {}
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: shard {path.name} named by the index is missing")
+        state.update(load_file(str(path)))
+    return state
+
+
+def check_layout(state: Mapping[str, torch.Tensor], layout: Layout, where: Union[str, Path],
+                 optional: Iterable[str] = ()) -> None:
+    """Raise on the first missing or mis-shaped key of `layout` (in its order), then on the first unexpected key."""
+    optional = set(optional)
+    for key, shape in layout.items():
+        if key not in state:
+            raise CheckpointError(f"{where}: key '{key}' missing (expected shape {list(shape)})")
+        if tuple(state[key].shape) != tuple(shape):
+            raise CheckpointError(f"{where}: key '{key}' has shape {list(state[key].shape)}, expected {list(shape)}")
+    extra = [k for k in state if k not in layout and k not in optional]
+    if extra:
+        raise CheckpointError(f"{where}: unexpected key '{sorted(extra)[0]}' ({len(extra)} unexpected in all); "
+                              "not a checkpoint of this architecture/config")
+
+
+class Consumer:
+    """A source state dict that records which keys the mapping read; `finish` fails on leftovers."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], where: Union[str, Path]):
+        self.state, self.where, self.used = dict(state), where, set()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        """The tensor under `key`, marked consumed."""
+        if key not in self.state:
+            raise CheckpointError(f"{self.where}: key '{key}' missing")
+        self.used.add(key)
+        return self.state[key]
+
+    def finish(self) -> None:
+        """Every source key must have been read exactly by the mapping."""
+        left = sorted(set(self.state) - self.used)
+        if left:
+            raise CheckpointError(f"{self.where}: key '{left[0]}' was not consumed by the mapping ({len(left)} in all)")
+
+
+def split_per_head(weight: torch.Tensor, heads: int, parts: int) -> Tuple[torch.Tensor, ...]:
+    """Un-interleave a fused projection whose rows are grouped per head.
+
+    TripoSG computes cat([q, k, v]) (or cat([k, v])) and views it as (heads, parts * d): the rows
+    of head h of projection j are rows [h * parts * d + j * d, ... + d) of the concatenation.
+    weight: (parts * D, Din) -> `parts` tensors (D, Din).
+    """
+    rows, din = weight.shape
+    d = rows // (parts * heads)
+    grouped = weight.reshape(heads, parts, d, din)  # (H, parts, d, Din)
+    return tuple(grouped[:, j].reshape(heads * d, din).contiguous() for j in range(parts))
+
+
+def assemble(model_cls, config: dict, tensors: StateDict, dtype: Optional[torch.dtype] = None,
+             where: Union[str, Path] = "checkpoint"):
+    """Build `model_cls(**config)` on the meta device and load `tensors`, which must fill every parameter.
+
+    Meta-device construction allocates no memory for the random init, so a 1.5B model costs one
+    copy of its weights (in `dtype` when given, e.g. torch.bfloat16).
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = model_cls(**config)
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"{where}: target parameter '{key}' was not filled by the conversion")
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{where}: target '{key}' got shape {list(tensors[key].shape)}, expected {list(ref.shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: conversion produced unknown target key '{extra[0]}'")
+    cast: Callable[[torch.Tensor], torch.Tensor] = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    model.load_state_dict({k: cast(v.contiguous()) for k, v in tensors.items()}, strict=True, assign=True)
+    return model.eval()
