@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image, UnidentifiedImageError
 
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 from moca3d.models.vae import LayerNorm32, VecSetBlock
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -133,3 +133,130 @@ class ImageEncoder(ModelMixin, ConfigMixin):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+# -- scene conditioning (DESIGN.md §4): a 7-channel first projection, LoRA fine-tuning ---------------
+#
+# A scene model's encoder sees, per instance, [instance-masked RGB (3), scene RGB (3), mask (1)]
+# (MIDI's recipe). The object encoder's first projection (a patch Conv2d) is widened from 3 to 7
+# input channels, the original channels first, and the encoder is then fine-tuned with LoRA.
+# The helpers find the projection by attribute path, so they serve the built-in ImageEncoder
+# (`patch_embed`) and a transformers `Dinov2Model` (`embeddings.patch_embeddings.projection`) alike,
+# bare or inside a wrapper module.
+
+SCENE_CHANNELS = 7  # instance-masked RGB, scene RGB, instance mask
+FIRST_PROJECTION_NAMES = ("patch_embed", "embeddings.patch_embeddings.projection")
+WIDEN_INITS = ("zero", "clone")
+LORA_ADAPTER = "default"
+
+
+def first_projection_path(encoder: nn.Module) -> str:
+    """Attribute path of the encoder's first projection: the first Conv2d named like a known patch embedding."""
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.Conv2d) and any(name == n or name.endswith("." + n) for n in FIRST_PROJECTION_NAMES):
+            return name
+    raise ConfigError(f"{type(encoder).__name__}: no first projection Conv2d named {' or '.join(FIRST_PROJECTION_NAMES)}")
+
+
+def input_channels(encoder: nn.Module) -> int:
+    """Number of image channels the encoder takes (3 for objects, 7 for scenes)."""
+    return encoder.get_submodule(first_projection_path(encoder)).in_channels
+
+
+def widen_input_channels(encoder: nn.Module, in_channels: int = SCENE_CHANNELS, init: str = "zero", path: str | None = None) -> nn.Module:
+    """Widen the first projection Conv2d (found by `path`, or by name) to `in_channels` inputs, in place.
+
+    The original channels keep their weights and come first. init="zero": the new channels get zero
+    weights, so the output for the original channels is unchanged. init="clone": each full group of
+    new channels copies the original weights (the scene RGB gets the RGB weights), a remaining partial
+    group (the mask) gets their mean over channels. The encoder's channel count in its config (and a
+    transformers patch embedding's `num_channels` check) follows.
+    """
+    if init not in WIDEN_INITS:
+        raise ConfigError(f"init must be one of {', '.join(WIDEN_INITS)}, got {init!r}")
+    path = path or first_projection_path(encoder)
+    old = encoder.get_submodule(path)
+    if not isinstance(old, nn.Conv2d):
+        raise ConfigError(f"{path} is a {type(old).__name__}, not a Conv2d")
+    c_old = old.in_channels
+    if in_channels <= c_old:
+        raise ConfigError(f"cannot widen {path} from {c_old} to {in_channels} channels")
+    new = nn.Conv2d(
+        in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
+        bias=old.bias is not None, padding_mode=old.padding_mode,
+    ).to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        w = old.weight  # (D, c_old, p, p)
+        new.weight.zero_()
+        new.weight[:, :c_old] = w
+        if init == "clone":
+            for start in range(c_old, in_channels, c_old):
+                stop = min(start + c_old, in_channels)
+                new.weight[:, start:stop] = w if stop - start == c_old else w.mean(dim=1, keepdim=True)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    parent_path, _, child = path.rpartition(".")
+    parent = encoder.get_submodule(parent_path) if parent_path else encoder
+    setattr(parent, child, new)
+    if hasattr(parent, "num_channels"):  # transformers' Dinov2PatchEmbeddings checks its input against it
+        parent.num_channels = in_channels
+    _set_config_channels(encoder, in_channels)
+    return encoder
+
+
+def _set_config_channels(encoder: nn.Module, in_channels: int) -> None:
+    """Record the channel count in a diffusers (`in_channels`) or transformers (`num_channels`) config."""
+    config = getattr(encoder, "config", None)
+    if isinstance(encoder, ConfigMixin) and "in_channels" in encoder.config:
+        encoder.register_to_config(in_channels=in_channels)
+    elif config is not None and hasattr(config, "num_channels"):
+        config.num_channels = in_channels
+
+
+def add_encoder_lora(
+    encoder: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
+    target_modules: list[str] | None = None, train_projection: bool = True,
+) -> nn.Module:
+    """Inject peft LoRA into the encoder's linear layers, in place; only LoRA (and the first projection) train.
+
+    `target_modules` defaults to every nn.Linear of the encoder (attention and MLP projections).
+    `train_projection` keeps the first projection Conv2d fully trainable: the new channels of a
+    widened encoder start at zero (or as copies) and need full-rank updates to learn the mask and
+    scene inputs. Every other base weight is frozen.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
+    targets = target_modules or [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+    if not targets:
+        raise ConfigError(f"{type(encoder).__name__} has no linear layers to adapt with LoRA")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout, target_modules=targets, bias="none")
+    inject_adapter_in_model(config, encoder, adapter_name=LORA_ADAPTER)
+    for name, param in encoder.named_parameters():
+        param.requires_grad_(is_lora_parameter(name))
+    if train_projection:
+        encoder.get_submodule(first_projection_path(encoder)).requires_grad_(True)
+    return encoder
+
+
+def is_lora_parameter(name: str) -> bool:
+    """True for the parameters peft's LoRA adds (lora_A / lora_B / lora_embedding_*)."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def merge_encoder_lora(encoder: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and remove the wrappers, in place; returns how many.
+
+    The result has the plain layer names again, so it saves and loads as an ordinary encoder.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = [name for name, m in encoder.named_modules() if isinstance(m, LoraLayer)]
+    for name in wrapped:
+        layer = encoder.get_submodule(name)
+        layer.merge(adapter_names=[LORA_ADAPTER])
+        parent_path, _, child = name.rpartition(".")
+        parent = encoder.get_submodule(parent_path) if parent_path else encoder
+        setattr(parent, child, layer.get_base_layer())
+    return len(wrapped)

@@ -6,6 +6,12 @@ whatever the number of processes (each takes its slice), and a resumed run conti
 
 Data: a prepared dataset (`moca3d prepare`) with cached latents (`moca3d encode-dataset`):
 ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C)) and render.png.
+
+Scenes (`"condition": "scene"`, issue 7): fine-tune an object pipeline folder (`init_from`) on
+prepared scenes (render.png + mask.png label maps). The encoder's first projection is widened to
+7 channels (instance-masked RGB, scene RGB, mask; see moca3d.data.scene), LoRA is injected into
+its linear layers, and each component is conditioned on its own instance: cond (B, N, M, D).
+The exported pipeline has the LoRA merged into a plain 7-channel encoder.
 """
 
 from __future__ import annotations
@@ -24,11 +30,21 @@ from safetensors.torch import load_file
 from moca3d import flow
 from moca3d.data.dataset import read_manifest
 from moca3d.errors import ConfigError, InputError
-from moca3d.models.image_encoder import ImageEncoder, preprocess_image
+from moca3d.models.image_encoder import (
+    SCENE_CHANNELS,
+    WIDEN_INITS,
+    ImageEncoder,
+    add_encoder_lora,
+    input_channels,
+    merge_encoder_lora,
+    preprocess_image,
+    widen_input_channels,
+)
 from moca3d.models.transformer import MoCATransformer
 from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SEED_STRIDE = 1_000_003
+CONDITIONS = ("object", "scene")
 
 
 @dataclass
@@ -56,6 +72,14 @@ class DiTTrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     num_threads: int = 0
+    # scenes (issue 7): per-instance 7-channel conditions, fine-tuned from an object pipeline
+    condition: str = "object"  # "object": one image per sample; "scene": one 7-channel stack per component
+    init_from: Optional[str] = None  # scene: the object pipeline folder to start from (its VAE is reused)
+    widen_init: str = "zero"  # scene: "zero" or "clone" for the encoder's 4 new input channels
+    lora_rank: int = 16  # scene: LoRA rank of the encoder's linear layers
+    lora_alpha: Optional[float] = None  # scene: LoRA scale numerator (default: the rank)
+    lora_dropout: float = 0.0
+    train_projection: bool = True  # scene: the widened first projection trains in full, next to the LoRA
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiTTrainConfig":
@@ -72,6 +96,14 @@ class DiTTrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
         if not 0 <= cfg.cfg_drop < 1:
             raise ConfigError(f"cfg_drop must be in [0, 1), got {cfg.cfg_drop}")
+        if cfg.condition not in CONDITIONS:
+            raise ConfigError(f"condition must be one of {', '.join(CONDITIONS)}, got {cfg.condition!r}")
+        if cfg.condition == "scene" and not cfg.init_from:
+            raise ConfigError("a scene recipe needs init_from: the object pipeline folder to fine-tune")
+        if cfg.widen_init not in WIDEN_INITS:
+            raise ConfigError(f"widen_init must be one of {', '.join(WIDEN_INITS)}, got {cfg.widen_init!r}")
+        if cfg.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be positive, got {cfg.lora_rank}")
         return cfg
 
     @classmethod
@@ -147,6 +179,57 @@ def build_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Generato
     return Generator(MoCATransformer(**tcfg), encoder)
 
 
+class SceneGenerator(Generator):
+    """The trained pair for scenes: each component is conditioned on its own 7-channel instance stack."""
+
+    def forward(self, latents, timestep, images, component_mask, drop, ids, routing_seeds):
+        """Velocity prediction from images (B, N, 7, S, S); padded components are not encoded."""
+        B, N = images.shape[:2]
+        tokens = self.image_encoder(images[component_mask])  # (K, M, D): the K real components
+        cond = tokens.new_zeros(B, N, *tokens.shape[1:])
+        cond[component_mask] = tokens  # (B, N, M, D)
+        cond = cond * (~drop).view(-1, 1, 1, 1).to(cond.dtype)
+        return self.transformer(latents, timestep, cond, component_mask=component_mask, ids=ids, routing_seeds=routing_seeds)
+
+
+def init_folder(cfg: DiTTrainConfig) -> Path:
+    """The pipeline folder a scene recipe starts from, checked."""
+    root = Path(cfg.init_from or "")
+    if not (root / "model_index.json").is_file():
+        raise ConfigError(f"init_from {root}: not a moca3d pipeline folder (model_index.json missing)")
+    return root
+
+
+def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> SceneGenerator:
+    """The object pipeline `init_from`, its encoder widened to 7 channels and wrapped with LoRA.
+
+    `cfg.transformer` may override the object transformer's config (e.g. attention_mode or
+    attention_backend) as long as its weights still load; `cfg.image_encoder` is not used.
+    """
+    root = init_folder(cfg)
+    transformer = MoCATransformer.from_pretrained(root / "transformer")
+    if cfg.transformer:
+        unknown = sorted(set(cfg.transformer) - set(transformer.config))
+        if unknown:
+            raise ConfigError(f"unknown transformer config keys: {', '.join(unknown)}")
+        state = transformer.state_dict()
+        transformer = MoCATransformer.from_config({**transformer.config, **cfg.transformer})
+        try:
+            transformer.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(f"the transformer overrides change its weights, {root} no longer loads: {str(err).splitlines()[0]}") from None
+    if (transformer.config.num_latents, transformer.config.in_channels) != tuple(latent_shape):
+        raise ConfigError(
+            f"the data's latents are (L={latent_shape[0]}, C={latent_shape[1]}) but {root} expects "
+            f"(L={transformer.config.num_latents}, C={transformer.config.in_channels}): encode the scenes with its VAE"
+        )
+    encoder = ImageEncoder.from_pretrained(root / "image_encoder")
+    if input_channels(encoder) != SCENE_CHANNELS:  # an object encoder; a scene one is fine-tuned as it is
+        widen_input_channels(encoder, SCENE_CHANNELS, cfg.widen_init)
+    add_encoder_lora(encoder, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, train_projection=cfg.train_projection)
+    return SceneGenerator(transformer, encoder)
+
+
 def lr_at(step: int, cfg: DiTTrainConfig) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
     if step < cfg.warmup_steps:
@@ -211,13 +294,23 @@ def train(
         precision = "no" if use_cpu else "bf16"
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
     out = Path(out_dir)
-    encoder_size = ImageEncoder(**cfg.image_encoder).image_size
-    data = LatentDataset(data_dir, "train", encoder_size, cfg.max_components)
+    scene = cfg.condition == "scene"
+    if scene:
+        from moca3d.data.scene import SceneLatentDataset
+
+        vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
+        encoder_size = ImageEncoder.load_config(init_folder(cfg) / "image_encoder")["image_size"]
+        data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components)
+    else:
+        encoder_size = ImageEncoder(**cfg.image_encoder).image_size
+        data = LatentDataset(data_dir, "train", encoder_size, cfg.max_components)
+    build = build_scene_models if scene else build_models
     torch.manual_seed(cfg.seed)
-    model = build_models(cfg, tuple(data.latents[0].shape[1:]))
+    model = build(cfg, tuple(data.latents[0].shape[1:]))
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but a scene encoder's frozen base
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas
     )
@@ -271,7 +364,9 @@ def train(
     accelerator.wait_for_everyone()
     result = {"steps": cfg.steps, "seconds": time.time() - t0, "final_loss": loss_value if cfg.steps > start else None}
     if accelerator.is_main_process and vae_dir is not None:
-        final = build_models(cfg, tuple(data.latents[0].shape[1:]))
+        final = build(cfg, tuple(data.latents[0].shape[1:]))
         ema.copy_to(final)
+        if scene:
+            merge_encoder_lora(final.image_encoder)  # a plain 7-channel encoder in the pipeline folder
         result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae_dir))
     return result

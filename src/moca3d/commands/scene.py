@@ -1,0 +1,115 @@
+"""CLI verbs for instance-composed scenes (issue 7): `generate-scene`, `evaluate-scenes`, `train-scene`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moca3d.errors import ConfigError
+
+MIN_RESOLUTION = 16
+
+
+def _device(device: str) -> str:
+    """'auto' -> cuda when available, else cpu."""
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the scene verbs to the CLI."""
+
+    @app.command("generate-scene")
+    def generate_scene(
+        image: Path = typer.Argument(..., help="Scene image (PNG/JPG)."),
+        masks: Path = typer.Option(..., "--masks", "-m", help="Label map image (0 = background, one id per instance) or a folder of binary masks (file-name order; where masks overlap, the later file wins)."),
+        output: Path = typer.Option(Path("scene.glb"), "--output", "-o", help="Output GLB, one named node per instance."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (trained with `train-scene`)."),
+        steps: int = typer.Option(50, help="Sampling steps (Euler)."),
+        guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
+        seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
+        shift: float = typer.Option(1.0, help="Timestep shift of the sampler (>1: more steps at high noise)."),
+        resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    ) -> None:
+        """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB scene."""
+        import time
+
+        from moca3d.pipeline import MoCAPipeline
+
+        if steps < 1 or resolution < MIN_RESOLUTION:
+            raise ConfigError(f"--steps must be >= 1 and --resolution >= {MIN_RESOLUTION}")
+        t0 = time.time()
+        pipe = MoCAPipeline.from_pretrained(model, device=_device(device))
+        result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
+        path = result.save(output)
+        empty = sum(1 for m in result.meshes if len(m.faces) == 0)
+        note = f" ({empty} empty)" if empty else ""
+        typer.echo(f"wrote {path}: {len(result.meshes)} instances{note} in {time.time() - t0:.1f} s")
+
+    @app.command("evaluate-scenes")
+    def evaluate_scenes(
+        data: Path = typer.Argument(..., help="Prepared scenes (moca3d prepare --procedural scenes)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder."),
+        split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
+        count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes."),
+        steps: int = typer.Option(50, help="Sampling steps."),
+        guidance: float = typer.Option(7.0, help="Classifier-free guidance scale."),
+        resolution: int = typer.Option(128, help="Marching-cubes resolution per instance."),
+        min_instances: int = typer.Option(2, help="Skip scenes with fewer instances."),
+        max_instances: int = typer.Option(32, help="Skip scenes with more instances."),
+        seed: int = typer.Option(0, help="Sampling and metric seed."),
+        metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics here."),
+    ) -> None:
+        """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
+        import json
+
+        from moca3d.evaluation import evaluate_scenes as run
+        from moca3d.pipeline import MoCAPipeline
+
+        if min_instances > max_instances:
+            raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
+        pipe = MoCAPipeline.from_pretrained(model, device=_device(device))
+        result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points)
+        for key, value in result["mean"].items():
+            typer.echo(f"{key:>22}: {value:.4f}")
+        typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2))
+
+    @app.command("train-scene")
+    def train_scene(
+        data: Path = typer.Argument(..., help="Prepared scenes with cached latents (moca3d prepare --procedural scenes + encode-dataset)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", help="Object pipeline folder to fine-tune (overrides the recipe's init_from)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Scene recipe JSON (configs/dit_scene_*.json)."),
+        vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder for the exported pipeline (default: the init pipeline's)."),
+        steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
+        batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
+        device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+        resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
+    ) -> None:
+        """Fine-tune an object pipeline on scenes: 7-channel per-instance conditions, LoRA on the encoder."""
+        from moca3d.training.train_dit import DiTTrainConfig, train as run
+
+        recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
+        recipe["condition"] = "scene"
+        if init_from is not None:
+            recipe["init_from"] = str(init_from)
+        if steps is not None:
+            recipe["steps"] = steps
+        if batch_size is not None:
+            recipe["batch_size"] = batch_size
+        cfg = DiTTrainConfig.from_dict(recipe)
+        result = run(data, output, cfg, vae_dir=vae, device=device, resume=resume)
+        typer.echo(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final loss {result['final_loss']}")
+        if "pipeline" in result:
+            typer.echo(f"pipeline: {result['pipeline']}")

@@ -1,0 +1,240 @@
+"""Scene inputs (DESIGN.md §4): instance masks -> per-instance 7-channel conditions.
+
+Masks come as a label map (an image or (H, W) integer array: 0 = background, one id per instance,
+instances ordered by increasing id) or as a folder of binary masks (instances ordered by file name,
+numbers compared as numbers: mask_2 before mask_10). A folder's masks may overlap: a pixel belongs to
+the LAST mask that covers it (as when painting a label map in file order); an instance that loses
+all its pixels that way is reported as empty.
+
+Scene preprocessing: one square crop for the whole scene, around the union of the masks (the same
+geometry as `preprocess_image` with an explicit box), then per instance i the stack
+[scene RGB outside instance i turned white (3), scene RGB (3), mask of i (1)]: (N, 7, S, S).
+Masks are resized by area averaging, so an instance smaller than a pixel keeps a soft trace.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file
+
+from moca3d.data.dataset import read_manifest
+from moca3d.errors import InputError
+from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, preprocess_image
+
+SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
+MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
+MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+MasksLike = Union[str, Path, np.ndarray, Sequence[np.ndarray]]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _natural_key(name: str) -> list:
+    """Sort key comparing digit runs as numbers: mask_2 < mask_10."""
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    """(H, W) array of a single-channel image (label ids, palette indices or grey levels)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("L", "P", "I", "I;16", "1"):
+                return np.asarray(im).astype(np.int64)
+            rgb = np.asarray(im.convert("RGB")).astype(np.int64)  # (H, W, 3)
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read mask {path}: {err.__class__.__name__}") from None
+    if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
+        raise InputError(f"mask {path} must be single-channel (grey or label ids), not colour")
+    return rgb[..., 0]
+
+
+def label_map_to_masks(labels: np.ndarray) -> np.ndarray:
+    """(H, W) label map -> (N, H, W) bool, one mask per non-zero id in increasing order."""
+    if labels.ndim != 2:
+        raise InputError(f"a label map must be (H, W), got {labels.shape}")
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    return labels[None] == ids[:, None, None]  # (N, H, W)
+
+
+def resolve_overlaps(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> the same with each pixel kept only in the last mask that covers it."""
+    if masks.sum(axis=0, dtype=np.int32).max(initial=0) <= 1:
+        return masks
+    later = np.flip(np.cumsum(np.flip(masks, 0), axis=0, dtype=np.int32), 0)  # (N, H, W): masks i..N-1 on the pixel
+    return masks & (later == 1)
+
+
+def _folder_masks(folder: Path) -> tuple[np.ndarray, list[str]]:
+    """Binary masks of a folder, in natural file-name order: (N, H, W) bool and the file names."""
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in MASK_EXTENSIONS and not p.name.startswith(".")),
+                   key=lambda p: _natural_key(p.name))
+    if not files:
+        raise InputError(f"mask folder {folder} holds no images ({', '.join(MASK_EXTENSIONS)})")
+    arrays = [_read_gray(p) for p in files]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise InputError(f"masks in {folder} differ in size: {', '.join(f'{w}x{h}' for h, w in sorted(shapes))}")
+    return np.stack([a > MASK_THRESHOLD for a in arrays]), [p.name for p in files]
+
+
+def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_instances: int | None = None) -> np.ndarray:
+    """Masks -> (N, H, W) bool, checked: a label-map path or (H, W) int array, a folder, or binary masks.
+
+    Binary masks ((N, H, W) bool array, a list of (H, W) arrays, or a folder) overlap-resolve with
+    the later mask winning. `image_size` (W, H) must match; N must be 1..max_instances; no mask may be empty.
+    """
+    names: list[str] | None = None
+    if isinstance(masks, (str, Path)):
+        path = Path(masks)
+        if path.is_dir():
+            stack, names = _folder_masks(path)
+        elif path.is_file():
+            stack = label_map_to_masks(_read_gray(path))
+        else:
+            raise InputError(f"masks not found: {path}")
+    elif isinstance(masks, np.ndarray) and masks.ndim == 2:
+        if masks.dtype == bool:
+            raise InputError("a single (H, W) bool mask is ambiguous: pass a list of masks or an integer label map")
+        stack = label_map_to_masks(masks.astype(np.int64))
+    else:
+        arrays = [np.asarray(m) for m in masks]
+        if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
+            raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays")
+        stack = np.stack([a > 0 if a.dtype == bool or a.max(initial=0) <= 1 else a > MASK_THRESHOLD for a in arrays])
+    return check_masks(stack, image_size, max_instances, names)
+
+
+def check_masks(masks: np.ndarray, image_size: tuple[int, int] | None = None, max_instances: int | None = None,
+                names: list[str] | None = None) -> np.ndarray:
+    """Validate (N, H, W) bool masks (count, size, emptiness) after resolving overlaps; returns them."""
+    n, h, w = masks.shape
+    if n == 0:
+        raise InputError("the masks hold no instance (a label map needs non-zero ids)")
+    if max_instances is not None and n > max_instances:
+        raise InputError(f"{n} masks exceed the model's limit of {max_instances} instances")
+    if image_size is not None and (w, h) != tuple(image_size):
+        raise InputError(f"the masks are {w}x{h} but the image is {image_size[0]}x{image_size[1]}")
+    for stage, note in ((masks, ""), (resolve_overlaps(masks), " (every pixel is covered by a later mask)")):
+        empty = np.flatnonzero(~stage.any(axis=(1, 2)))
+        if len(empty):
+            label = f"'{names[empty[0]]}'" if names else f"{empty[0]}"
+            raise InputError(f"mask {label} is empty{note}")
+    return stage
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def union_box(masks: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around every pixel of (N, H, W) masks."""
+    ys, xs = np.nonzero(masks.any(axis=0))
+    if len(xs) == 0:
+        raise InputError("the masks are all empty")
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def square_crop(box: tuple[int, int, int, int], padding: float) -> tuple[int, int, int]:
+    """(left, top, side) of the padded square around `box`: the crop `preprocess_image` makes for it."""
+    x0, y0, x1, y1 = box
+    side = int(round(max(x1 - x0, y1 - y0) * (1 + 2 * padding)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), side
+
+
+def crop_masks(masks: np.ndarray, box: tuple[int, int, int, int], size: int, padding: float = SCENE_PADDING) -> torch.Tensor:
+    """(N, H, W) bool -> (N, size, size) soft masks in [0, 1] (area average, 8-bit), cropped like the image."""
+    left, top, side = square_crop(box, padding)
+    out = []
+    for m in masks:
+        canvas = Image.new("L", (side, side), 0)
+        canvas.paste(Image.fromarray(m.astype(np.uint8) * 255), (-left, -top))
+        out.append(np.asarray(canvas.resize((size, size), Image.BOX)))
+    return torch.from_numpy(np.stack(out)).float() / 255.0  # (N, S, S)
+
+
+def stack_conditions(scene: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Scene (3, S, S) and soft masks (N, S, S) -> (N, 7, S, S): [instance on white, scene, mask]."""
+    m = masks[:, None]  # (N, 1, S, S)
+    instance = scene[None] * m + (1.0 - m)  # (N, 3, S, S): white outside the instance, as object renders
+    return torch.cat([instance, scene[None].expand(len(masks), -1, -1, -1), m], dim=1)  # (N, 7, S, S)
+
+
+def scene_inputs(image: ImageLike, masks: np.ndarray, size: int, padding: float = SCENE_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scene image and (N, H, W) masks -> cropped scene (3, S, S) and soft masks (N, S, S)."""
+    box = union_box(masks)
+    return preprocess_image(image, size, padding, box=box), crop_masks(masks, box, size, padding)
+
+
+def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: float = SCENE_PADDING) -> torch.Tensor:
+    """Scene image and (N, H, W) masks -> per-instance encoder inputs (N, 7, S, S) in [0, 1]."""
+    return stack_conditions(*scene_inputs(image, masks, size, padding))
+
+
+# ----------------------------------------------------------------------------- prepared scenes
+
+
+def component_masks(label_path: str | Path, num_components: int) -> np.ndarray:
+    """(N, H, W) bool from a prepared mask.png, where id i+1 is component i (an occluded one is all False)."""
+    labels = _read_gray(Path(label_path))
+    return labels[None] == np.arange(1, num_components + 1)[:, None, None]
+
+
+class SceneLatentDataset:
+    """Latents (N, L, C) and per-instance conditions of the prepared scenes of a split, in memory.
+
+    Each scene keeps its cropped render (3, S, S) and soft instance masks (N, S, S) as 8-bit tensors;
+    `batch` builds the 7-channel stacks. An instance hidden in the render (an all-zero mask) stays in
+    the scene: its condition is the scene RGB alone.
+    """
+
+    def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32, padding: float = SCENE_PADDING):
+        self.root = Path(root)
+        self.latents: list[torch.Tensor] = []
+        self.scenes: list[torch.Tensor] = []  # (3, S, S) uint8
+        self.masks: list[torch.Tensor] = []  # (N, S, S) uint8
+        self.ids: list[str] = []
+        for rec in read_manifest(root, split):
+            asset = self.root / "assets" / rec["id"]
+            path = asset / "latents.safetensors"
+            n = rec["num_components"]
+            if rec.get("kind") != "scene" or not path.is_file() or n > max_components:
+                continue
+            masks = component_masks(asset / "mask.png", n)
+            if not masks.any():
+                continue
+            scene, soft = scene_inputs(asset / "render.png", masks, image_size, padding)
+            self.latents.append(load_file(str(path))["latents"].float())
+            self.scenes.append((scene * 255).round().to(torch.uint8))
+            self.masks.append((soft * 255).round().to(torch.uint8))
+            self.ids.append(rec["id"])
+        if not self.ids:
+            raise InputError(f"{root}: no '{split}' scenes with cached latents (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Pad to the largest instance count: latents (B, N, L, C), component_mask (B, N), images (B, N, 7, S, S)."""
+        lat = [self.latents[i] for i in indices]
+        n_max = max(x.shape[0] for x in lat)
+        L, C = lat[0].shape[1:]
+        S = self.scenes[0].shape[-1]
+        latents = torch.zeros(len(lat), n_max, L, C)
+        mask = torch.zeros(len(lat), n_max, dtype=torch.bool)
+        images = torch.zeros(len(lat), n_max, SCENE_CHANNELS, S, S)
+        for b, i in enumerate(indices):
+            n = lat[b].shape[0]
+            latents[b, :n] = lat[b]
+            mask[b, :n] = True
+            images[b, :n] = stack_conditions(self.scenes[i].float() / 255.0, self.masks[i].float() / 255.0)
+        return {"latents": latents, "component_mask": mask, "images": images}
