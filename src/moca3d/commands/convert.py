@@ -1,0 +1,57 @@
+"""`moca3d convert triposg|partcrafter SRC_DIR DST_DIR`: released checkpoints -> moca3d pipeline folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from moca3d.errors import ConfigError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(name: str):
+    """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, DTYPES[name])
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `convert` sub-app to the CLI."""
+    sub = typer.Typer(help="Convert released checkpoints (TripoSG, PartCrafter) to moca3d pipeline folders.",
+                      no_args_is_help=True)
+
+    @sub.command("triposg")
+    def triposg_cmd(
+        src: Path = typer.Argument(..., help="TripoSG folder: transformer/, vae/, scheduler/, image_encoder_dinov2/."),
+        dst: Path = typer.Argument(..., help="Output moca3d pipeline folder."),
+        num_latents: int = typer.Option(2048, "--num-latents", help="Latent tokens per component (L)."),
+        compression: int = typer.Option(8, "--compression", help="Compression ratio sigma (N_p = L / sigma)."),
+        global_blocks: str = typer.Option("even", "--global-blocks", help="MoC blocks: even, odd, all, none."),
+        dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype: fp32, bf16, fp16."),
+    ) -> None:
+        """TripoSG -> MoCA transformer (N = 1 identical to TripoSG), VAE, scheduler, DINOv2."""
+        from moca3d.convert import convert_triposg
+
+        out = convert_triposg(src, dst, num_latents, compression, _dtype(dtype), global_blocks=global_blocks)
+        typer.echo(f"wrote {out}")
+
+    @sub.command("partcrafter")
+    def partcrafter_cmd(
+        src: Path = typer.Argument(..., help="PartCrafter folder: transformer/, vae/, scheduler/, image_encoder_dinov2/."),
+        dst: Path = typer.Argument(..., help="Output moca3d pipeline folder."),
+        num_latents: int = typer.Option(2048, "--num-latents", help="Latent tokens per component (L)."),
+        compression: int = typer.Option(8, "--compression", help="Compression ratio sigma (N_p = L / sigma)."),
+        dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype: fp32, bf16, fp16."),
+    ) -> None:
+        """PartCrafter -> transformer in the dense-global mode with its part embedding as ID codebook."""
+        from moca3d.convert import convert_partcrafter
+
+        out = convert_partcrafter(src, dst, num_latents, compression, _dtype(dtype))
+        typer.echo(f"wrote {out}")
+
+    app.add_typer(sub, name="convert")

@@ -1,0 +1,337 @@
+"""Conversion of TripoSG / PartCrafter folders: written key layout, strictness, and N = 1 equality.
+
+The checkpoints are built here from a written description of the released layout (tiny width),
+and the reference output is a hand-written re-computation of TripoSG's layer arithmetic that
+shares no code with moca3d:
+
+  * fused attention: q = x Wq^T, k = x Wk^T, v = x Wv^T; cat([q, k, v], -1) viewed (T, H, 3d) and
+    split into q, k, v per head (cross-attention: q plain, cat([k, v]) viewed (M, H, 2d));
+  * RMSNorm(d, eps 1e-6) on q and k; softmax(q k^T / sqrt d) v; to_out.0;
+  * pre-LayerNorm (eps 1e-5) blocks: self-attn, cross-attn, exact-GELU FFN (4D);
+  * timestep: [sin | cos](1000 t * 10000^(-j / (D/2))) -> linear_1 (4D) -> GELU -> linear_2, prepended;
+  * blocks > layers // 2 pop: x = skip_norm(skip_linear(cat([skip, x]))); blocks < layers // 2 push;
+  * out = proj_out(norm_out(x))[:, 1:] predicts Z_0 - eps (moca3d: eps - Z_0, the negation).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moca3d.convert import convert_partcrafter, convert_triposg, load_partcrafter_transformer, load_triposg_transformer
+from moca3d.convert.triposg import GATE_INIT_LOGIT, load_triposg_vae
+from moca3d.errors import CheckpointError
+
+D, H, LAYERS, C, DC = 16, 2, 5, 4, 8  # width, heads, blocks, latent channels, condition width
+L, M = 8, 5  # latent tokens, condition tokens
+DH = D // H
+PARTS = 4  # PartCrafter max_num_parts
+GLOBAL_IDS = [0, 2, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# Written description of the released layouts
+# ----------------------------------------------------------------------------------------------
+
+
+def triposg_dit_description(part_embedding=False):
+    """Key -> shape of TripoSG's DiT (and PartCrafter's, with part_embedding)."""
+    keys = {"proj_in.weight": (D, C), "proj_in.bias": (D,),
+            "time_proj.linear_1.weight": (4 * D, D), "time_proj.linear_1.bias": (4 * D,),
+            "time_proj.linear_2.weight": (D, 4 * D), "time_proj.linear_2.bias": (D,)}
+    if part_embedding:
+        keys["part_embedding.weight"] = (PARTS, D)
+    for i in range(LAYERS):
+        b = f"blocks.{i}."
+        for n in ("norm1", "norm2", "norm3"):
+            keys[b + n + ".weight"] = (D,)
+            keys[b + n + ".bias"] = (D,)
+        for a, kv in (("attn1", D), ("attn2", DC)):
+            keys.update({b + a + ".to_q.weight": (D, D), b + a + ".to_k.weight": (D, kv), b + a + ".to_v.weight": (D, kv),
+                         b + a + ".to_out.0.weight": (D, D), b + a + ".to_out.0.bias": (D,),
+                         b + a + ".norm_q.weight": (DH,), b + a + ".norm_k.weight": (DH,)})
+        keys.update({b + "ff.net.0.proj.weight": (4 * D, D), b + "ff.net.0.proj.bias": (4 * D,),
+                     b + "ff.net.2.weight": (D, 4 * D), b + "ff.net.2.bias": (D,)})
+        if i > LAYERS // 2:
+            keys.update({b + "skip_linear.weight": (D, 2 * D), b + "skip_linear.bias": (D,),
+                         b + "skip_norm.weight": (D,), b + "skip_norm.bias": (D,)})
+    keys.update({"norm_out.weight": (D,), "norm_out.bias": (D,), "proj_out.weight": (C, D), "proj_out.bias": (C,)})
+    return keys
+
+
+VAE = dict(in_channels=3, latent_channels=4, num_attention_heads=2, width_encoder=16, width_decoder=16,
+           num_layers_encoder=1, num_layers_decoder=1, embedding_type="frequency", embed_frequency=2, embed_include_pi=False)
+
+
+def triposg_vae_description():
+    """Key -> shape of TripoSG's VAE at the VAE config above (xyz Fourier 2 freqs + input, + normals)."""
+    We, Wd, Cz = VAE["width_encoder"], VAE["width_decoder"], VAE["latent_channels"]
+    emb = 3 * (2 * VAE["embed_frequency"] + 1)
+
+    def block(p, W, self_attn):
+        a, n = ("attn1", "norm1") if self_attn else ("attn2", "norm2")
+        k = {f"{p}.{n}.weight": (W,), f"{p}.{n}.bias": (W,), f"{p}.{a}.to_q.weight": (W, W), f"{p}.{a}.to_k.weight": (W, W),
+             f"{p}.{a}.to_v.weight": (W, W), f"{p}.{a}.to_out.0.weight": (W, W), f"{p}.{a}.to_out.0.bias": (W,),
+             f"{p}.norm3.weight": (W,), f"{p}.norm3.bias": (W,), f"{p}.ff.net.0.proj.weight": (4 * W, W),
+             f"{p}.ff.net.0.proj.bias": (4 * W,), f"{p}.ff.net.2.weight": (W, 4 * W), f"{p}.ff.net.2.bias": (W,)}
+        if not self_attn:
+            k.update({f"{p}.{a}.norm_cross.weight": (W,), f"{p}.{a}.norm_cross.bias": (W,)})
+        return k
+
+    keys = {"encoder.proj_in.weight": (We, emb + 3), "encoder.proj_in.bias": (We,)}
+    keys.update(block("encoder.blocks.0", We, False))
+    keys.update(block("encoder.blocks.1", We, True))
+    keys.update({"encoder.norm_out.weight": (We,), "encoder.norm_out.bias": (We,),
+                 "quant.weight": (2 * Cz, We), "quant.bias": (2 * Cz,), "post_quant.weight": (Wd, Cz), "post_quant.bias": (Wd,)})
+    keys.update(block("decoder.blocks.0", Wd, True))
+    keys.update(block("decoder.blocks.1", Wd, False))
+    keys.update({"decoder.proj_query.weight": (Wd, emb), "decoder.proj_query.bias": (Wd,),
+                 "decoder.norm_out.weight": (Wd,), "decoder.norm_out.bias": (Wd,),
+                 "decoder.proj_out.weight": (1, Wd), "decoder.proj_out.bias": (1,)})
+    return keys
+
+
+def random_state(description, seed):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, shape in description.items():
+        if "norm" in k and k.endswith("weight"):  # LayerNorm / RMSNorm gains around 1
+            state[k] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            state[k] = 0.3 * torch.randn(shape, generator=g)
+    return state
+
+
+def write_model(folder, state, config):
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def write_dino(folder):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14)
+    Dinov2Model(cfg).save_pretrained(folder)
+
+
+def triposg_config():
+    return {"_class_name": "TripoSGDiTModel", "num_attention_heads": H, "width": D, "in_channels": C,
+            "num_layers": LAYERS, "cross_attention_dim": DC}
+
+
+def partcrafter_config():
+    cfg = triposg_config()
+    cfg.update(_class_name="PartCrafterDiTModel", max_num_parts=PARTS, enable_part_embedding=True,
+               global_attn_block_ids=GLOBAL_IDS)
+    return cfg
+
+
+def write_release(root, partcrafter=False):
+    """A folder laid out like the released ones: transformer/, vae/, scheduler/, image_encoder_dinov2/."""
+    cfg = partcrafter_config() if partcrafter else triposg_config()
+    dit = random_state(triposg_dit_description(partcrafter), seed=1)
+    write_model(root / "transformer", dit, cfg)
+    write_model(root / "vae", random_state(triposg_vae_description(), seed=2), {"_class_name": "TripoSGVAEModel", **VAE})
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "RectifiedFlowScheduler", "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}))
+    write_dino(root / "image_encoder_dinov2")
+    (root / "model_index.json").write_text(json.dumps({"image_encoder_dinov2": ["transformers", "Dinov2Model"]}))
+    return dit, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-written TripoSG / PartCrafter forward
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_norm(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def rms_norm(x, w, eps=1e-6):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def attend(q, k, v):
+    """q (R, H, T, d), k/v (R, H, S, d) -> (R, H, T, d), explicit softmax."""
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return w @ v
+
+
+def heads(t, n):
+    """(R, T, H * n * d) -> (R, H, T, n * d)."""
+    R, T, _ = t.shape
+    return t.view(R, T, H, -1).transpose(1, 2)
+
+
+def reference_forward(sd, latents, t1000, cond, num_parts=1, global_ids=(), part_ids=None):
+    """TripoSG (or PartCrafter, with global_ids / part_ids) on rows = objects x parts: (R, L, C) -> (R, L, C)."""
+    R = latents.shape[0]
+    lin = lambda x, p: x @ sd[p + ".weight"].T + (sd[p + ".bias"] if p + ".bias" in sd else 0)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(D // 2) / (D // 2))
+    args = t1000[:, None] * freqs[None]
+    temb = lin(torch.nn.functional.gelu(lin(torch.cat([args.sin(), args.cos()], -1), "time_proj.linear_1")), "time_proj.linear_2")
+    x = torch.cat([temb[:, None], lin(latents, "proj_in")], dim=1)  # (R, T, D)
+    if part_ids is not None:
+        x = x + sd["part_embedding.weight"][part_ids][:, None]
+    T = x.shape[1]
+    skips = []
+    for i in range(LAYERS):
+        b = f"blocks.{i}."
+        if i > LAYERS // 2:
+            x = lin(torch.cat([skips.pop(), x], -1), b + "skip_linear")
+            x = layer_norm(x, sd[b + "skip_norm.weight"], sd[b + "skip_norm.bias"])
+        # self-attention, fused q/k/v split per head
+        h = layer_norm(x, sd[b + "norm1.weight"], sd[b + "norm1.bias"])
+        qkv = heads(torch.cat([lin(h, b + "attn1.to_q"), lin(h, b + "attn1.to_k"), lin(h, b + "attn1.to_v")], -1), 3)
+        q, k, v = qkv.split(DH, dim=-1)  # (R, H, T, d)
+        q, k = rms_norm(q, sd[b + "attn1.norm_q.weight"]), rms_norm(k, sd[b + "attn1.norm_k.weight"])
+        if i in global_ids:  # every part sees all tokens of all parts of its object
+            n = num_parts
+            k = k.reshape(R // n, n, H, T, DH).transpose(1, 2).reshape(R // n, H, n * T, DH).repeat_interleave(n, 0)
+            v = v.reshape(R // n, n, H, T, DH).transpose(1, 2).reshape(R // n, H, n * T, DH).repeat_interleave(n, 0)
+        o = attend(q, k, v).transpose(1, 2).reshape(R, T, D)
+        x = x + lin(o, b + "attn1.to_out.0")
+        # cross-attention: plain q, fused k/v split per head
+        h = layer_norm(x, sd[b + "norm2.weight"], sd[b + "norm2.bias"])
+        q = rms_norm(heads(lin(h, b + "attn2.to_q"), 1), sd[b + "attn2.norm_q.weight"])
+        kv = heads(torch.cat([lin(cond, b + "attn2.to_k"), lin(cond, b + "attn2.to_v")], -1), 2)
+        k, v = kv.split(DH, dim=-1)
+        k = rms_norm(k, sd[b + "attn2.norm_k.weight"])
+        x = x + lin(attend(q, k, v).transpose(1, 2).reshape(R, T, D), b + "attn2.to_out.0")
+        h = layer_norm(x, sd[b + "norm3.weight"], sd[b + "norm3.bias"])
+        x = x + lin(torch.nn.functional.gelu(lin(h, b + "ff.net.0.proj")), b + "ff.net.2")
+        if i < LAYERS // 2:
+            skips.append(x)
+    x = layer_norm(x, sd["norm_out.weight"], sd["norm_out.bias"])[:, -L:]
+    return lin(x, "proj_out")
+
+
+def inputs(rows, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, L, C, generator=g), torch.rand(1, generator=g).expand(rows), torch.randn(1, M, DC, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+
+def test_triposg_n1_equals_reference(tmp_path):
+    dit, cfg = write_release(tmp_path / "src")
+    model = load_triposg_transformer(tmp_path / "src" / "transformer", num_latents=L, compression=4)
+    assert model.config.timestep_mode == "token" and model.config.long_skips and model.config.num_layers == LAYERS
+    lat, t, cond = inputs(1)
+    with torch.no_grad():
+        ours = model(lat[None], t[:1], cond)[0]  # (1, L, C): N = 1
+        ref = reference_forward(dit, lat, 1000 * t[:1], cond)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, -ref, rtol=1e-4, atol=1e-5)  # eps - Z_0 = -(Z_0 - eps)
+
+
+def test_triposg_global_blocks_start_near_prior(tmp_path):
+    write_release(tmp_path / "src")
+    model = load_triposg_transformer(tmp_path / "src" / "transformer", num_latents=L, compression=4)
+    assert model.id_embedding.weight.abs().sum() == 0
+    g = torch.Generator().manual_seed(0)
+    anchors = torch.randn(2, 5, D, generator=g)
+    for i in model.global_indices:
+        gate = model.blocks[i].attn1.router.importance(anchors)  # (B, H, N, N)
+        off = ~torch.eye(5, dtype=torch.bool)
+        torch.testing.assert_close(gate[..., off], torch.full_like(gate[..., off], torch.sigmoid(torch.tensor(GATE_INIT_LOGIT)).item()))
+    lat, t, cond = inputs(3)
+    with torch.no_grad():  # N > 1 runs; every component's output is finite
+        assert torch.isfinite(model(lat[None], t[:1], cond)).all()
+
+
+def test_partcrafter_dense_equals_reference(tmp_path):
+    dit, cfg = write_release(tmp_path / "src", partcrafter=True)
+    model = load_partcrafter_transformer(tmp_path / "src" / "transformer", num_latents=L, compression=4)
+    assert model.config.attention_mode == "dense" and model.global_indices == GLOBAL_IDS
+    torch.testing.assert_close(model.id_embedding.weight, dit["part_embedding.weight"])
+    n = 3
+    lat, t, cond = inputs(n)
+    with torch.no_grad():
+        ours = model(lat[None], t[:1], cond)[0]  # (N, L, C), ids 0..N-1
+        ref = reference_forward(dit, lat, 1000 * t, cond, num_parts=n, global_ids=GLOBAL_IDS, part_ids=torch.arange(n))
+    torch.testing.assert_close(ours, -ref, rtol=1e-4, atol=1e-5)
+
+
+def test_vae_every_key_mapped_with_per_head_split(tmp_path):
+    state = random_state(triposg_vae_description(), seed=2)
+    write_model(tmp_path / "vae", state, VAE)
+    vae = load_triposg_vae(tmp_path / "vae", num_latents=L)
+    ours = vae.state_dict()
+    assert set(ours) == set(state)
+    for k, v in state.items():
+        assert ours[k].shape == v.shape, k
+    # head h of q is rows [h*3d, h*3d + d) of cat([q, k, v]) (self) / of k in cat([k, v]) (cross)
+    Wd, d = VAE["width_decoder"], VAE["width_decoder"] // VAE["num_attention_heads"]
+    fused = torch.cat([state[f"decoder.blocks.0.attn1.to_{n}.weight"] for n in "qkv"])
+    for h in range(VAE["num_attention_heads"]):
+        torch.testing.assert_close(ours["decoder.blocks.0.attn1.to_k.weight"][h * d:(h + 1) * d], fused[h * 3 * d + d:h * 3 * d + 2 * d])
+    fused = torch.cat([state[f"decoder.blocks.1.attn2.to_{n}.weight"] for n in "kv"])
+    for h in range(VAE["num_attention_heads"]):
+        torch.testing.assert_close(ours["decoder.blocks.1.attn2.to_v.weight"][h * d:(h + 1) * d], fused[h * 2 * d + d:h * 2 * d + 2 * d])
+    torch.testing.assert_close(ours["decoder.blocks.1.attn2.to_q.weight"], state["decoder.blocks.1.attn2.to_q.weight"])
+    torch.testing.assert_close(ours["decoder.proj_out.weight"], -state["decoder.proj_out.weight"])
+    assert Wd == ours["post_quant.weight"].shape[0]
+
+
+def test_convert_cli_writes_pipeline_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.models.transformer import MoCATransformer
+
+    dit, _ = write_release(tmp_path / "src")
+    res = CliRunner().invoke(app, ["convert", "triposg", str(tmp_path / "src"), str(tmp_path / "dst"),
+                                   "--num-latents", str(L), "--compression", "4"])
+    assert res.exit_code == 0, res.output
+    for sub in ("transformer", "vae", "scheduler", "image_encoder"):
+        assert (tmp_path / "dst" / sub).is_dir()
+    index = json.loads((tmp_path / "dst" / "model_index.json").read_text())
+    assert index["image_encoder"] == ["transformers", "Dinov2Model"]
+    model = MoCATransformer.from_pretrained(tmp_path / "dst" / "transformer").eval()
+    lat, t, cond = inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(lat[None], t[:1], cond)[0], -reference_forward(dit, lat, 1000 * t[:1], cond), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_partcrafter_bf16(tmp_path):
+    write_release(tmp_path / "src", partcrafter=True)
+    dst = convert_partcrafter(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4, dtype=torch.bfloat16)
+    from safetensors import safe_open
+
+    with safe_open(str(dst / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor("proj_in.weight").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda sd: sd.pop("blocks.3.skip_linear.weight"), "key 'blocks.3.skip_linear.weight' missing"),
+    (lambda sd: sd.__setitem__("blocks.1.attn2.to_k.weight", torch.zeros(D, D)), "key 'blocks.1.attn2.to_k.weight' has shape [16, 16], expected [16, 8]"),
+    (lambda sd: sd.__setitem__("blocks.0.extra.weight", torch.zeros(1)), "unexpected key 'blocks.0.extra.weight'"),
+])
+def test_wrong_checkpoint_names_first_bad_key(tmp_path, damage, message):
+    state = random_state(triposg_dit_description(), seed=1)
+    damage(state)
+    write_model(tmp_path / "transformer", state, triposg_config())
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_triposg_transformer(tmp_path / "transformer", num_latents=L, compression=4)
+
+
+def test_wrong_folder_errors(tmp_path):
+    write_release(tmp_path / "src", partcrafter=True)
+    with pytest.raises(CheckpointError, match="PartCrafter transformer"):
+        convert_triposg(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="subfolder 'transformer/'"):
+        convert_triposg(tmp_path / "empty", tmp_path / "dst2")
+    assert not (tmp_path / "dst2").exists()
