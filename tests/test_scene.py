@@ -1,0 +1,311 @@
+"""Scenes (issue 7): mask parsing, 7-channel widening, encoder LoRA, scene fine-tuning and generation, tiny."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+from typer.testing import CliRunner
+
+from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
+from moca3d.data.scene import component_masks, load_masks, scene_conditions
+from moca3d.errors import ConfigError, InputError
+from moca3d.geometry.inside import QueryConfig
+from moca3d.geometry.render import RenderConfig
+from moca3d.geometry.sampling import SurfaceSamplingConfig
+from moca3d.models.image_encoder import (
+    ImageEncoder,
+    add_encoder_lora,
+    first_projection_path,
+    input_channels,
+    is_lora_parameter,
+    merge_encoder_lora,
+    widen_input_channels,
+)
+from moca3d.models.vae import VecSetVAE
+from moca3d.pipeline import MoCAPipeline
+from moca3d.training.train_dit import DiTTrainConfig, build_models, export_pipeline, train
+from moca3d.training.train_vae import encode_dataset
+
+TINY_VAE = dict(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4, num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
+TINY_ENCODER = dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)
+TINY_TRANSFORMER = dict(width=32, num_layers=2, num_heads=4, compression=4)
+SMALL_SCENES = (2, 6, 38)  # procedural scenes of stream 2 with 3, 3 and 4 objects
+SURFACE_POINTS = 256
+
+
+def _save(array: np.ndarray, path) -> None:
+    Image.fromarray(array.astype(np.uint8)).save(path)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_label_map_gives_one_mask_per_id_in_order(tmp_path):
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:6, 3:9] = 7
+    labels[10:15, 20:25] = 3
+    _save(labels, tmp_path / "labels.png")
+    for source in (tmp_path / "labels.png", labels.astype(np.int64)):
+        masks = load_masks(source, image_size=(30, 20), max_instances=4)
+        assert masks.shape == (2, 20, 30)
+        assert masks[0].sum() == 25 and masks[0][12, 22]  # id 3 comes first
+        assert masks[1].sum() == 24 and masks[1][3, 4]
+
+
+def test_folder_masks_natural_order_and_later_mask_wins(tmp_path):
+    h, w = 16, 16
+    a = np.zeros((h, w), np.uint8)
+    a[0:8, 0:8] = 255
+    b = np.zeros((h, w), np.uint8)
+    b[4:12, 4:12] = 255  # overlaps a on [4:8, 4:8]
+    _save(a, tmp_path / "mask_2.png")
+    _save(b, tmp_path / "mask_10.png")  # natural order: mask_2 first, mask_10 second
+    masks = load_masks(tmp_path, image_size=(w, h))
+    assert masks.shape == (2, h, w)
+    assert masks[1].sum() == 64 and masks[0].sum() == 64 - 16  # the shared pixels went to the later mask
+    assert not (masks[0] & masks[1]).any()
+    covered = np.zeros((h, w), np.uint8)
+    covered[5:7, 5:7] = 255  # inside mask_10, which comes later
+    _save(covered, tmp_path / "mask_3.png")
+    with pytest.raises(InputError, match="'mask_3.png' is empty .*covered by a later mask"):
+        load_masks(tmp_path)
+
+
+def test_mask_errors_are_clear(tmp_path):
+    labels = np.zeros((20, 30), np.int64)
+    labels[:4, :4], labels[5:9, 5:9], labels[10:14, 10:14] = 1, 2, 3
+    with pytest.raises(InputError, match="masks are 30x20 but the image is 32x20"):
+        load_masks(labels, image_size=(32, 20))
+    with pytest.raises(InputError, match="3 masks exceed the model's limit of 2"):
+        load_masks(labels, max_instances=2)
+    with pytest.raises(InputError, match="no instance"):
+        load_masks(np.zeros((8, 8), np.int64))
+    with pytest.raises(InputError, match="mask 1 is empty"):
+        load_masks([labels == 1, np.zeros((20, 30), bool)])
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    _save(np.full((8, 8), 255), folder / "a.png")
+    _save(np.zeros((8, 8)), folder / "b.png")
+    with pytest.raises(InputError, match="'b.png' is empty$"):
+        load_masks(folder)
+    _save(np.full((9, 8), 255), folder / "b.png")
+    with pytest.raises(InputError, match="differ in size"):
+        load_masks(folder)
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0] = 200
+    _save(colour, tmp_path / "colour.png")
+    with pytest.raises(InputError, match="single-channel"):
+        load_masks(tmp_path / "colour.png")
+    with pytest.raises(InputError, match="masks not found"):
+        load_masks(tmp_path / "missing.png")
+
+
+def test_scene_conditions_crop_image_and_masks_together():
+    image = np.full((120, 160, 3), 90, np.uint8)  # a grey floor everywhere (no white background)
+    image[20:50, 20:50] = [220, 20, 20]  # red instance 1
+    image[70:100, 110:140] = [20, 20, 220]  # blue instance 2
+    labels = np.zeros((120, 160), np.int64)
+    labels[20:50, 20:50], labels[70:100, 110:140] = 1, 2
+    x = scene_conditions(image, load_masks(labels), size=32)
+    assert x.shape == (2, 7, 32, 32)
+    torch.testing.assert_close(x[0, 3:6], x[1, 3:6])  # both see the same scene crop
+    for i, colour in ((0, 0), (1, 2)):
+        inside = x[i, 6] > 0.99  # the instance's own pixels
+        mean = x[i, :3, inside].mean(dim=1)  # (3,) its mean colour in the scene crop
+        assert inside.sum() >= 16 and mean[colour] > 0.75 and mean.min() < 0.2  # the mask lies on its colour
+        torch.testing.assert_close(x[i, :3, inside], x[i, 3:6, inside])  # masked RGB = scene RGB inside
+        assert (x[i, :3, x[i, 6] == 0] == 1).all()  # and white outside
+
+
+# ----------------------------------------------------------------------------- widening and LoRA
+
+
+def _encoder() -> ImageEncoder:
+    torch.manual_seed(0)
+    return ImageEncoder(**TINY_ENCODER).eval()
+
+
+def test_zero_widening_keeps_rgb_output_and_clone_differs():
+    encoder = _encoder()
+    rgb = torch.rand(2, 3, 32, 32)
+    extra = torch.rand(2, 4, 32, 32)
+    with torch.no_grad():
+        before = encoder(rgb)
+        widen_input_channels(encoder, 7, init="zero")
+        assert encoder.config.in_channels == 7 and input_channels(encoder) == 7
+        torch.testing.assert_close(encoder(torch.cat([rgb, extra], 1)), before, rtol=0, atol=0)
+        cloned = widen_input_channels(_encoder(), 7, init="clone")
+        w = cloned.patch_embed.weight  # (D, 7, p, p)
+        torch.testing.assert_close(w[:, 3:6], w[:, :3])  # scene RGB starts from the RGB weights
+        torch.testing.assert_close(w[:, 6], w[:, :3].mean(dim=1))
+        assert not torch.allclose(cloned(torch.cat([rgb, extra], 1)), before, atol=1e-4)
+    with pytest.raises(ConfigError, match="init must be"):
+        widen_input_channels(_encoder(), 7, init="random")
+
+
+def test_widening_finds_the_dinov2_projection():
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=28, patch_size=14)
+    model = Dinov2Model(config).eval()
+    assert first_projection_path(model) == "embeddings.patch_embeddings.projection"
+    pixels = torch.rand(1, 3, 28, 28)
+    with torch.no_grad():
+        before = model(pixel_values=pixels).last_hidden_state
+        widen_input_channels(model, 7, init="zero")
+        after = model(pixel_values=torch.cat([pixels, torch.rand(1, 4, 28, 28)], 1)).last_hidden_state
+    assert model.config.num_channels == 7
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_lora_parameters_are_the_only_trainable_encoder_ones():
+    encoder = widen_input_channels(_encoder(), 7)
+    x = torch.rand(2, 7, 32, 32)
+    with torch.no_grad():
+        before = encoder(x)
+    add_encoder_lora(encoder, rank=2, train_projection=False)
+    trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    assert trainable and all(is_lora_parameter(n) for n in trainable)
+    assert all(not p.requires_grad for n, p in encoder.named_parameters() if not is_lora_parameter(n))
+    assert sum("lora_A" in n for n in trainable) == sum(isinstance(m, torch.nn.Linear) for m in _encoder().modules())
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), before)  # LoRA B starts at zero
+    encoder.zero_grad()
+    encoder(x).square().mean().backward()
+    assert all(p.grad is None for n, p in encoder.named_parameters() if not is_lora_parameter(n))
+    # with the projection: LoRA plus the widened first projection, nothing else
+    other = add_encoder_lora(widen_input_channels(_encoder(), 7), rank=2)
+    names = {n for n, p in other.named_parameters() if p.requires_grad and not is_lora_parameter(n)}
+    assert names == {"patch_embed.weight", "patch_embed.bias"}
+    # merging folds the adapters into plain layers with the same output
+    with torch.no_grad():
+        for n, p in encoder.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+        adapted = encoder(x)
+        assert merge_encoder_lora(encoder) == len(trainable) // 2
+        torch.testing.assert_close(encoder(x), adapted, atol=1e-5, rtol=1e-4)
+    assert set(encoder.state_dict()) == set(_encoder().state_dict())
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """Three tiny procedural scenes with cached latents, and an (untrained) tiny object pipeline to start from."""
+    root = tmp_path_factory.mktemp("scenes")
+    cfg = PrepareConfig(
+        surface=SurfaceSamplingConfig(num_points=SURFACE_POINTS), queries=QueryConfig(num_queries=128),
+        render=RenderConfig(size=64, supersample=1), val_fraction=0.0, test_fraction=0.0,
+    )
+    jobs = [job for i in SMALL_SCENES for job in procedural_jobs("scenes", 1, seed=2, start=i)]
+    prepare(jobs, root, cfg, workers=1, progress=False)
+    torch.manual_seed(0)
+    vae = VecSetVAE(**TINY_VAE).eval()
+    vae_dir = root / "vae"
+    vae.save_pretrained(vae_dir)
+    encode_dataset(root, vae, "test", num_points=SURFACE_POINTS, progress=False)
+    recipe = DiTTrainConfig.from_dict(dict(transformer=TINY_TRANSFORMER, image_encoder=TINY_ENCODER))
+    obj = root / "object_pipeline"
+    export_pipeline(obj, build_models(recipe, (16, 4)), vae_dir)
+    return root, obj
+
+
+def scene_recipe(init_from, steps=2, **kw):
+    recipe = dict(condition="scene", init_from=str(init_from), lora_rank=2, steps=steps, batch_size=2, warmup_steps=1, checkpoint_every=1, log_every=1)
+    return DiTTrainConfig.from_dict({**recipe, **kw})
+
+
+def _visible_scene(root):
+    """A prepared scene whose every instance shows in the render: its folder and instance count."""
+    for folder in sorted((root / "assets").iterdir()):
+        if (folder / "mask.png").is_file():
+            n = len(trimesh.load(folder / "mesh.glb", file_type="glb").geometry)
+            if component_masks(folder / "mask.png", n).any(axis=(1, 2)).all():
+                return folder, n
+    pytest.fail("every tiny scene hides an instance")
+
+
+def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
+    root, obj = scenes
+    with pytest.raises(ConfigError, match="needs init_from"):
+        DiTTrainConfig.from_dict(dict(condition="scene"))
+    run = tmp_path / "run"
+    first = train(root, run, scene_recipe(obj, steps=1), device="cpu", progress=False)
+    assert np.isfinite(first["final_loss"])
+    second = train(root, run, scene_recipe(obj, steps=2), device="cpu", progress=False)  # resumes the LoRA state
+    assert second["steps"] == 2 and "pipeline" in second
+    pipe = MoCAPipeline.from_pretrained(run / "pipeline")
+    assert pipe.is_scene_model and pipe.image_encoder.config.in_channels == 7
+    assert not any(is_lora_parameter(n) for n in pipe.image_encoder.state_dict())  # LoRA merged on export
+    start = MoCAPipeline.from_pretrained(obj)
+    assert not torch.equal(pipe.transformer.proj_out.weight, start.transformer.proj_out.weight)  # fine-tuned together
+
+    folder, n = _visible_scene(root)
+    out = pipe.generate_scene(folder / "render.png", folder / "mask.png", steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
+    assert len(out.meshes) == n and out.latents.shape == (n, 16, 4)
+    glb = trimesh.load(out.save(tmp_path / "scene.glb"), file_type="glb")
+    names = {f"instance_{i:02d}" for i in range(n)}
+    assert names <= set(glb.graph.nodes) and not {f"instance_{n:02d}"} & set(glb.graph.nodes)
+    again = pipe.generate_scene(folder / "render.png", folder / "mask.png", steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
+    assert torch.equal(out.latents, again.latents)
+
+    with pytest.raises(InputError, match="object image encoder"):
+        start.generate_scene(folder / "render.png", folder / "mask.png", steps=1, show_progress=False)
+    many = np.arange(64 * 64).reshape(64, 64) % (pipe.transformer.max_components + 2)
+    with pytest.raises(InputError, match="exceed the model's limit"):
+        pipe.generate_scene(folder / "render.png", many, steps=1, show_progress=False)
+
+    from moca3d.evaluation import evaluate_scenes
+
+    report = evaluate_scenes(pipe, root, "train", count=1, steps=1, resolution=16, metric_points=500, progress=False)
+    assert report["count"] == 1 and not report["skipped"]
+    row = report["scenes"][0]
+    assert {"chamfer", "fscore@0.1", "instance_fscore@0.1", "instance_chamfer", "self_iou", "num_empty"} <= set(row)
+    assert 0.0 <= row["fscore@0.1"] <= 1.0 and 0.0 <= row["instance_fscore@0.1"] <= 1.0
+    assert set(report["mean"]) >= {"fscore@0.1", "instance_fscore@0.1", "self_iou"}
+
+
+def test_evaluation_skips_scenes_with_hidden_instances(scenes, tmp_path):
+    import shutil
+
+    from moca3d.evaluation import evaluate_scenes
+
+    root, obj = scenes
+    folder, _ = _visible_scene(root)
+    copy = tmp_path / "data"
+    shutil.copytree(folder, copy / "assets" / folder.name)
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    (copy / "manifest.jsonl").write_text("\n".join(line for line in lines if folder.name in line) + "\n")
+    labels = np.asarray(Image.open(folder / "mask.png")).copy()
+    labels[labels == 1] = 0  # instance 0 hidden behind the others
+    _save(labels, copy / "assets" / folder.name / "mask.png")
+    report = evaluate_scenes(MoCAPipeline.from_pretrained(obj), copy, "train", count=1, steps=1, progress=False)
+    assert report["count"] == 0 and report["skipped"][0]["id"] == folder.name and "hidden" in report["skipped"][0]["reason"]
+
+
+def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):
+    from moca3d.cli import app
+
+    root, obj = scenes
+    run = tmp_path / "run"
+    train(root, run, scene_recipe(obj, steps=1, widen_init="clone"), device="cpu", progress=False)
+    folder, n = _visible_scene(root)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    labels = np.asarray(Image.open(folder / "mask.png"))
+    for i in range(n):
+        _save((labels == i + 1) * 255, masks / f"instance_{i}.png")
+    runner = CliRunner()
+    args = ["generate-scene", str(folder / "render.png"), "--masks", str(masks), "-o", str(tmp_path / "s.glb"),
+            "--model", str(run / "pipeline"), "--steps", "1", "--resolution", "16", "--device", "cpu"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    nodes = set(trimesh.load(tmp_path / "s.glb", file_type="glb").graph.nodes)
+    assert {f"instance_{i:02d}" for i in range(n)} <= nodes
+    _save(np.zeros((32, 32)), masks / "instance_99.png")  # a mask of the wrong size
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, InputError) and "differ in size" in str(res.exception)
