@@ -148,8 +148,8 @@ def test_widening_finds_the_dinov2_projection():
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=28, patch_size=14)
-    model = Dinov2Model(config).eval()
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=28, patch_size=14)
+    model = Dinov2Model(Dinov2Config(**tiny)).eval()
     assert first_projection_path(model) == "embeddings.patch_embeddings.projection"
     pixels = torch.rand(1, 3, 28, 28)
     with torch.no_grad():
@@ -158,6 +158,10 @@ def test_widening_finds_the_dinov2_projection():
         after = model(pixel_values=torch.cat([pixels, torch.rand(1, 4, 28, 28)], 1)).last_hidden_state
     assert model.config.num_channels == 7
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+    wrapper = torch.nn.Module()  # as a wrapper module (models/dino.py) holds it
+    wrapper.model = Dinov2Model(Dinov2Config(**tiny))
+    widen_input_channels(wrapper, 7, init="clone")
+    assert wrapper.model.config.num_channels == 7 and input_channels(wrapper) == 7
 
 
 def test_lora_parameters_are_the_only_trainable_encoder_ones():

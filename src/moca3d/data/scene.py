@@ -110,7 +110,7 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
         arrays = [np.asarray(m) for m in masks]
         if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
             raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays")
-        stack = np.stack([a > 0 if a.dtype == bool or a.max(initial=0) <= 1 else a > MASK_THRESHOLD for a in arrays])
+        stack = np.stack([a > (0.5 if a.max(initial=0) <= 1 else MASK_THRESHOLD) for a in arrays])  # 0/1 or 0/255
     return check_masks(stack, image_size, max_instances, names)
 
 

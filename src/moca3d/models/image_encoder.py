@@ -200,7 +200,9 @@ def widen_input_channels(encoder: nn.Module, in_channels: int = SCENE_CHANNELS, 
     setattr(parent, child, new)
     if hasattr(parent, "num_channels"):  # transformers' Dinov2PatchEmbeddings checks its input against it
         parent.num_channels = in_channels
-    _set_config_channels(encoder, in_channels)
+    parts = path.split(".")
+    for depth in range(len(parts)):  # the encoder and every module on the way (a wrapped Dinov2Model)
+        _set_config_channels(encoder.get_submodule(".".join(parts[:depth])), in_channels)
     return encoder
 
 
