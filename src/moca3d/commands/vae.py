@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
     def train_vae_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
         out_dir: Path = typer.Option(..., "-o", "--out", help="Run directory: checkpoints, logs, vae/."),
-        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (default configs/vae_small.json values)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (default: the built-in small recipe, as configs/vae_small.json)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the batch size (components)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT_DIR."),

@@ -30,6 +30,10 @@ from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import VecSetVAE, farthest_point_indices
 from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
 
+SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
+    "latent_channels": 8, "num_latents": 64, "num_attention_heads": 4, "width_encoder": 128, "width_decoder": 128,
+    "num_layers_encoder": 1, "num_layers_decoder": 3, "embed_frequency": 8, "truncation": 0.1,
+}
 SEED_STRIDE = 1_000_003  # mixes (seed, step) into one generator seed
 VAL_SEED = 12345  # fixed seed of the deterministic surface subsets used to encode
 
@@ -38,27 +42,27 @@ VAL_SEED = 12345  # fixed seed of the deterministic surface subsets used to enco
 class VAETrainConfig:
     """A VAE training recipe (JSON: these fields, the model's config under "model")."""
 
-    model: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=lambda: dict(SMALL_MODEL))
     steps: int = 4000
-    batch_size: int = 16
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
-    num_surface_points: int = 2048  # dense points P_d fed to the encoder per component
-    num_query_points: int = 2048  # supervised query points per component and step
+    num_surface_points: int = 512  # dense points P_d fed to the encoder per component
+    num_query_points: int = 1024  # supervised query points per component and step
     kl_weight: float = 1e-4
     sign_weight: float = 0.5
     sign_sharpness: float = 10.0  # logits are ~sdf/truncation; BCE sees them times this
     ema_decay: float = 0.995
     log_every: int = 25
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
     validate_every: int = 1000  # full validation: meshes extracted, CD / F-scores
     val_query_every: int = 250  # cheap validation: sign accuracy / IoU at the held-out query points
-    val_assets: int = 8  # held-out assets reconstructed at each validation
+    val_assets: int = 3  # held-out assets reconstructed at each full validation
     val_resolution: int = 128
     val_coarse_resolution: int = 32
     val_band: float = 0.95
