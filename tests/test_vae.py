@@ -357,3 +357,25 @@ def test_posterior_starts_nearly_deterministic():
     posterior = model.encode(sphere_surface(128)[None])
     assert posterior.std.max() < 0.05
     assert posterior.mean.abs().mean() > 5 * posterior.std.mean()
+
+
+def test_cli_eval_vae_reports_fscores(dataset, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import moca3d.commands.vae as vae_cmd
+    from moca3d.cli import app
+
+    torch.manual_seed(0)
+    SphereFieldVAE(**TINY).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    monkeypatch.setattr(vae_cmd, "load_vae", lambda folder, device="cpu": SphereFieldVAE.from_pretrained(
+        str(folder), local_files_only=True).eval())
+    result = CliRunner().invoke(app, ["eval-vae", str(dataset), "--model", str(tmp_path / "vae"), "--assets", "1",
+                                      "--resolution", "32", "--points", "64", "--device", "cpu",
+                                      "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_assets"] == 1 and metrics["num_parts"] == 2
+    for key in ("asset_fscore@0.05", "asset_fscore@0.1", "part_fscore@0.05", "part_normalized_fscore@0.1"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # Both parts decode to a radius-0.3 sphere at the origin, which only partly matches either part.
+    assert 0.0 < metrics["part_fscore@0.1"] < 0.9

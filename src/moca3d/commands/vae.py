@@ -1,4 +1,4 @@
-"""CLI verbs of the vecset VAE: `train-vae`, `reconstruct`, `encode-dataset`."""
+"""CLI verbs of the vecset VAE: `train-vae`, `eval-vae`, `reconstruct`, `encode-dataset`."""
 
 from __future__ import annotations
 
@@ -84,13 +84,39 @@ def register(app: typer.Typer) -> None:
         for k, v in summary.get("val", {}).items():
             typer.echo(f"  val {k}: {v:.4f}")
 
+    @app.command("eval-vae")
+    def eval_vae_cmd(
+        data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
+        split: str = typer.Option("val", "--split", help="Split whose assets are reconstructed."),
+        assets: int = typer.Option(12, "--assets", help="At most this many assets of the split."),
+        resolution: int = typer.Option(128, "--resolution", help="Finest grid cells per axis."),
+        points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    ) -> None:
+        """Reconstruct held-out assets part by part; print CD and F-scores (DESIGN §6)."""
+        import json
+
+        from moca3d.training.train_vae import VAETrainConfig, validate
+
+        vae = load_vae(model, _device(device))
+        cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
+                             val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
+        metrics = validate(vae, data_dir, cfg, split=split, progress=True)
+        for k, v in metrics.items():
+            typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(metrics, indent=2))
+
     @app.command("reconstruct")
     def reconstruct_cmd(
         mesh: Path = typer.Argument(..., help="Mesh file (one component per node) or folder (one per file)."),
         out: Path = typer.Option(..., "-o", "--out", help="Output .glb, one node per component."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
         resolution: int = typer.Option(256, "--resolution", help="Finest grid cells per axis."),
-        points: int = typer.Option(1024, "--points", help="Surface points fed to the encoder per component."),
+        points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
         """Encode every component of a mesh and decode it back (VAE round trip)."""
@@ -118,7 +144,7 @@ def register(app: typer.Typer) -> None:
     def encode_dataset_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
-        points: int = typer.Option(1024, "--points", help="Surface points fed to the encoder per component."),
+        points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
