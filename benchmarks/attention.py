@@ -40,18 +40,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn` in milliseconds."""
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Median ms of each function, timed in turn within every repeat, so that a shared machine's
+    load changes hit all of them alike (side-by-side ratios)."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    times = []
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _rss_bytes() -> int:
@@ -127,24 +130,23 @@ def bench_n(args, n: int, device: torch.device, dtype: torch.dtype) -> Dict:
     )
     rec["flop_ratio"] = attention_flops(n * T, n * L, D) / attention_flops(n * T, ctx_measured, D)
 
-    # Forward (inference).
+    # Forward (inference): dense, routing and every backend timed in turn within each repeat.
     with torch.no_grad():
-        rec["dense_ms"] = time_ms(lambda: dense_global_attention(q, k, v, L), device, args.repeats)
-        rec["routing_ms"] = time_ms(lambda: moc.route(x), device, args.repeats)
-        by_backend = {}
+        fns: Dict[str, Callable[[], object]] = {"dense": lambda: dense_global_attention(q, k, v, L), "routing": lambda: moc.route(x)}
         for name in args.backends:
             if name == "blocksparse" and device.type == "cpu" and not args.cpu_flex:
                 continue
-            fn = BACKENDS[name]
-            call = lambda fn=fn: fn(q, k, v, L, moc.route(x), cfg)  # noqa: E731
-            by_backend[name] = time_ms(call, device, args.repeats, warmup=2 if name == "blocksparse" else 1)
+            fns[name] = lambda fn=BACKENDS[name]: fn(q, k, v, L, moc.route(x), cfg)
+        ms = time_interleaved(fns, device, args.repeats, warmup=2)
+        rec["dense_ms"], rec["routing_ms"] = ms.pop("dense"), ms.pop("routing")
+        by_backend = ms
         best = min(by_backend, key=by_backend.get)
         rec["moc_ms_by_backend"] = by_backend
         rec["backend"], rec["moc_ms"] = best, by_backend[best]
         rec["speedup"] = rec["dense_ms"] / rec["moc_ms"]
         rec["routing_frac"] = rec["routing_ms"] / rec["moc_ms"]
-        rec["layer_dense_ms"] = time_ms(lambda: dense(x, Np), device, args.repeats)
-        rec["layer_moc_ms"] = time_ms(lambda: moc(x, Np), device, args.repeats)
+        layer = time_interleaved({"dense": lambda: dense(x, Np), "moc": lambda: moc(x, Np)}, device, args.repeats)
+        rec["layer_dense_ms"], rec["layer_moc_ms"] = layer["dense"], layer["moc"]
         rec["peak_mem_dense_mb"] = peak_memory_mb(lambda: dense_global_attention(q, k, v, L), device)
         rec["peak_mem_moc_mb"] = peak_memory_mb(lambda: BACKENDS[best](q, k, v, L, moc.route(x), cfg), device)
 
@@ -162,8 +164,8 @@ def bench_n(args, n: int, device: torch.device, dtype: torch.dtype) -> Dict:
             r = moc.route(x)
             BACKENDS[train_backend](*leaves, L, r, cfg).backward(grad_out)
 
-        rec["fwd_bwd_dense_ms"] = time_ms(fwd_bwd_dense, device, args.repeats)
-        rec["fwd_bwd_moc_ms"] = time_ms(fwd_bwd_moc, device, args.repeats, warmup=2)
+        fb = time_interleaved({"dense": fwd_bwd_dense, "moc": fwd_bwd_moc}, device, args.repeats)
+        rec["fwd_bwd_dense_ms"], rec["fwd_bwd_moc_ms"] = fb["dense"], fb["moc"]
         rec["fwd_bwd_backend"] = train_backend
         rec["fwd_bwd_speedup"] = rec["fwd_bwd_dense_ms"] / rec["fwd_bwd_moc_ms"]
         moc.eval()
@@ -200,7 +202,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--k-fraction", type=float, default=0.25, help="routed fraction of the components")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default fp32 CPU, bf16 GPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     p.add_argument("--backends", nargs="+", default=["reference", "chunked", "blocksparse"], choices=list(BACKENDS))
     p.add_argument("--cpu-flex", action="store_true", help="also time compiled flex_attention on the CPU (slow to compile)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward timings")

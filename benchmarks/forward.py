@@ -22,7 +22,7 @@ import torch
 from moca3d.attention import LocalAttention, MoCAttention, Router
 from moca3d.models.transformer import MoCATransformer
 
-DEFAULT_CONFIG = {"num_latents": 256, "in_channels": 64, "width": 256, "num_layers": 4, "num_heads": 4, "cond_dim": 256, "compression": 8}
+DEFAULT_CONFIG = {"num_latents": 256, "in_channels": 64, "width": 256, "num_layers": 4, "num_heads": 4, "cond_dim": 256, "compression": 8, "id_codebook_size": 128}
 COND_TOKENS = 65
 
 
@@ -56,34 +56,46 @@ class SectionTimer:
         self.totals.clear()
 
 
-def bench(config: dict, n: int, mode: str, device: torch.device, dtype: torch.dtype, repeats: int) -> Dict:
+def build(config: dict, n: int, mode: str, device: torch.device, dtype: torch.dtype):
+    """A transformer of `mode` ("moc" or "dense") with its inputs and section timer."""
     torch.manual_seed(0)
     model = MoCATransformer(**{**config, "attention_mode": mode})
     torch.nn.Module.to(model, device, dtype).eval()  # plain cast (diffusers warns on .to(dtype))
     L, C = config["num_latents"], config["in_channels"]
-    x = torch.randn(1, n, L, C, device=device, dtype=dtype)
-    t = torch.rand(1, device=device)
-    cond = torch.randn(1, COND_TOKENS, config["cond_dim"], device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, n, L, C, generator=g).to(device, dtype)
+    t = torch.rand(1, generator=g).to(device)
+    cond = torch.randn(1, COND_TOKENS, config["cond_dim"], generator=g).to(device, dtype)
     ids = model.sample_ids(1, n, torch.Generator().manual_seed(0), device)
-    timer = SectionTimer(model, device)
-    runs = []
+    return model, (x, t, cond), ids, SectionTimer(model, device)
+
+
+def bench_pair(config: dict, n: int, device: torch.device, dtype: torch.dtype, repeats: int) -> List[Dict]:
+    """MoCA and dense forwards of the same size, timed in turn within each repeat (side by side)."""
+    setups = {mode: build(config, n, mode, device, dtype) for mode in ("moc", "dense")}
+    runs: Dict[str, List[Dict]] = {mode: [] for mode in setups}
     with torch.no_grad():
-        model(x, t, cond, ids=ids)  # warm-up
+        for model, args, ids, _ in setups.values():
+            model(*args, ids=ids)  # warm-up
         for _ in range(repeats):
-            timer.reset()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x, t, cond, ids=ids)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            total = (time.perf_counter() - t0) * 1e3
-            runs.append({"total_ms": total, "local_ms": timer.totals["local"], "routing_ms": timer.totals["routing"],
-                         "global_ms": timer.totals["global"] - timer.totals["routing"]})
-    rec = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    rec.update(n=n, mode="moca" if mode == "moc" else mode, device=device.type, dtype=str(dtype).replace("torch.", ""))
-    rec["other_ms"] = rec["total_ms"] - rec["local_ms"] - rec["routing_ms"] - rec["global_ms"]
-    return rec
+            for mode, (model, args, ids, timer) in setups.items():
+                timer.reset()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model(*args, ids=ids)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                total = (time.perf_counter() - t0) * 1e3
+                runs[mode].append({"total_ms": total, "local_ms": timer.totals["local"], "routing_ms": timer.totals["routing"],
+                                   "global_ms": timer.totals["global"] - timer.totals["routing"]})
+    records = []
+    for mode, rs in runs.items():
+        rec = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        rec.update(n=n, mode="moca" if mode == "moc" else mode, device=device.type, dtype=str(dtype).replace("torch.", ""))
+        rec["other_ms"] = rec["total_ms"] - rec["local_ms"] - rec["routing_ms"] - rec["global_ms"]
+        records.append(rec)
+    return records
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
@@ -92,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: a mid-size CPU config)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     p.add_argument("--json", default=None, help="write the records to this JSON file")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -104,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     print(f"MoCA transformer forward vs dense global — {config} — {device.type} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     records = []
     for n in args.n:
-        pair = [bench(config, n, mode, device, dtype, args.repeats) for mode in ("moc", "dense")]
+        pair = bench_pair(config, n, device, dtype, args.repeats)
         pair[0]["speedup"] = pair[1]["total_ms"] / pair[0]["total_ms"]
         records += pair
         print(f"  N={n}: MoCA {pair[0]['total_ms']:.0f} ms, dense {pair[1]['total_ms']:.0f} ms ({pair[0]['speedup']:.2f}x)", flush=True)
