@@ -114,7 +114,7 @@ def write_dino(folder):
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14)
+    cfg = Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=56, patch_size=14)
     Dinov2Model(cfg).save_pretrained(folder)
 
 
@@ -303,6 +303,22 @@ def test_convert_cli_writes_pipeline_folder(tmp_path):
     lat, t, cond = inputs(1)
     with torch.no_grad():
         torch.testing.assert_close(model(lat[None], t[:1], cond)[0], -reference_forward(dit, lat, 1000 * t[:1], cond), rtol=1e-4, atol=1e-5)
+
+    # the converted folder is a complete pipeline: DINOv2 conditioning, generation, GLB
+    from PIL import Image
+
+    from moca3d.pipeline import MoCAPipeline
+
+    pipe = MoCAPipeline.from_pretrained(tmp_path / "dst")
+    image = Image.new("RGB", (64, 48), (255, 255, 255))
+    image.paste((200, 30, 30), (20, 10, 40, 40))
+    cond = pipe.encode_image(image)
+    assert cond.shape == (1, pipe.image_encoder.num_tokens, pipe.image_encoder.out_dim)
+    out = pipe(image, num_parts=2, steps=1, resolution=16, show_progress=False)
+    assert len(out.meshes) == 2 and out.latents.shape[0] == 2
+    pipe.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["image_encoder"] == ["transformers", "Dinov2Model"]
+    MoCAPipeline.from_pretrained(tmp_path / "again")
 
 
 def test_convert_partcrafter_bf16(tmp_path):

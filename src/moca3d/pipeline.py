@@ -58,6 +58,14 @@ class MoCAPipeline:
     """Generate part (or instance) meshes from one image with a MoCA transformer."""
 
     def __init__(self, vae: VecSetVAE, transformer: MoCATransformer, image_encoder: ImageEncoder, scheduler=None):
+        if image_encoder.out_dim != transformer.config.cond_dim:
+            raise CheckpointError(
+                f"image encoder width {image_encoder.out_dim} does not match the transformer's cond_dim {transformer.config.cond_dim}"
+            )
+        if vae.config.latent_channels != transformer.config.in_channels:
+            raise CheckpointError(
+                f"VAE latent channels {vae.config.latent_channels} do not match the transformer's in_channels {transformer.config.in_channels}"
+            )
         self.vae = vae.eval()
         self.transformer = transformer.eval()
         self.image_encoder = image_encoder.eval()
@@ -72,12 +80,18 @@ class MoCAPipeline:
         if not (root / "model_index.json").is_file():
             hint = " (the built-in model is not installed)" if path is None else ""
             raise CheckpointError(f"{root}: not a moca3d pipeline folder, model_index.json missing{hint}")
+        index = json.loads((root / "model_index.json").read_text())
         parts = {}
         for name, klass in COMPONENTS.items():
             sub = root / name
             if not sub.is_dir():
                 raise CheckpointError(f"{root}: component folder '{name}/' missing")
-            model = klass.from_pretrained(sub)
+            if name == "image_encoder" and index.get(name, [None])[0] == "transformers":
+                from moca3d.models.dino import DINOv2Encoder  # converted TripoSG / PartCrafter folders
+
+                model = DINOv2Encoder.from_pretrained(sub)
+            else:
+                model = klass.from_pretrained(sub)
             _check_finite(model, sub)
             parts[name] = model.to(device)
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -89,11 +103,16 @@ class MoCAPipeline:
         """Write every component and model_index.json (the index last, so a folder with it is complete)."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        for name in COMPONENTS:
-            getattr(self, name).save_pretrained(root / name)
-        self.scheduler.save_config(root / "scheduler")
         index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
-        index.update({name: ["moca3d", klass.__name__] for name, klass in COMPONENTS.items()})
+        for name, klass in COMPONENTS.items():
+            part = getattr(self, name)
+            if _is_dino(part):
+                part.model.save_pretrained(root / name)
+                index[name] = ["transformers", type(part.model).__name__]
+            else:
+                part.save_pretrained(root / name)
+                index[name] = ["moca3d", klass.__name__]
+        self.scheduler.save_config(root / "scheduler")
         index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
         tmp = root / "model_index.json.tmp"
         tmp.write_text(json.dumps(index, indent=2))
@@ -114,6 +133,8 @@ class MoCAPipeline:
     @torch.no_grad()
     def encode_image(self, image: ImageLike) -> torch.Tensor:
         """Image -> condition tokens (1, M, D)."""
+        if _is_dino(self.image_encoder):  # DINOv2: its own preprocessing (resize 256, crop 224, ImageNet norm)
+            return self.image_encoder.encode(load_image(image)).to(self.device)
         pixels = preprocess_image(image, self.image_encoder.image_size).to(self.device)
         return self.image_encoder(pixels[None])
 
@@ -207,6 +228,11 @@ class MoCAPipeline:
             meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
         names = [f"instance_{i:02d}" for i in range(num)]
         return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu())
+
+
+def _is_dino(encoder) -> bool:
+    """True for the DINOv2 wrapper of converted real-weight pipelines."""
+    return hasattr(encoder, "preprocess") and hasattr(encoder, "model")
 
 
 def _version() -> str:
