@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	moca3d bench-attention --n 4 8 16 32 --L 256 --dim 512 --heads 8 --repeats 3 --json benchmarks/results/attention_cpu.json
+	bash scripts/demo.sh
 
 test: setup
 	python3 -m pytest -q tests
