@@ -56,3 +56,24 @@ def test_bad_procedural_arguments():
         generate("buildings", 0, 0)
     with pytest.raises(ConfigError):
         generate_scene(0, 0, max_objects=64)
+
+
+def test_scenes_of_17_to_32_objects_through_prepare(tmp_path):
+    """The 17-32 instance regime of issue 7: prepare honours the scene object range."""
+    from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
+    from moca3d.data.procedural import generate_scene
+    from moca3d.geometry.inside import QueryConfig
+    from moca3d.geometry.render import RenderConfig
+    from moca3d.geometry.sampling import SurfaceSamplingConfig
+
+    assert 17 <= len(generate_scene(0, 0, min_objects=17, max_objects=32).meshes) <= 32
+    assert len(generate_scene(0, 0).meshes) == len(generate_scene(0, 0, min_objects=2).meshes)  # default stream unchanged
+    cfg = PrepareConfig(
+        surface=SurfaceSamplingConfig(num_points=64), queries=QueryConfig(num_queries=64),
+        render=RenderConfig(size=32, supersample=1), scene_objects=(17, 20),
+    )
+    prepare(procedural_jobs("scenes", 1, seed=0), tmp_path, cfg, workers=1, progress=False)
+    import json
+
+    meta = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert len(meta) == 1 and 17 <= meta[0]["num_components"] <= 20

@@ -22,6 +22,7 @@ def prepare_command(
     num_queries: int = typer.Option(8192, help="Supervision queries per component (Q), half near the surface."),
     image_size: int = typer.Option(256, help="Render size in pixels (square)."),
     max_components: int = typer.Option(32, help="Assets with more components are skipped."),
+    scene_objects: tuple[int, int] = typer.Option((2, 16), help="Procedural scenes: min and max objects per scene (up to 32)."),
     connected: bool = typer.Option(False, "--connected", help="Split file assets into connected components."),
     kind: str = typer.Option("object", help="For file assets: 'object' (random view) or 'scene' (isometric, floor)."),
     val_fraction: float = typer.Option(0.05, help="Share of assets in the val split."),
@@ -43,7 +44,7 @@ def prepare_command(
         surface=SurfaceSamplingConfig(num_points=num_surface, sharp_fraction=sharp_fraction),
         queries=QueryConfig(num_queries=num_queries),
         render=RenderConfig(size=image_size),
-        max_components=max_components, connected=connected, kind=kind,
+        max_components=max_components, connected=connected, kind=kind, scene_objects=tuple(scene_objects),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input)

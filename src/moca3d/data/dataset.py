@@ -118,3 +118,14 @@ class ComponentDataset(_PreparedBase):
         item = self._pick(arrays, index)  # surface (P, 6), query_points (Q, 3), query_sdf (Q,)
         item.update(asset_id=asset_id, component=component, name=self.records[asset]["names"][component])
         return item
+
+
+def pad_components(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-asset (N_b, ...) tensors -> (B, N_max, ...) zero-padded and the (B, N_max) real-component mask."""
+    n_max = max(x.shape[0] for x in items)
+    padded = items[0].new_zeros((len(items), n_max, *items[0].shape[1:]))
+    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+    for b, x in enumerate(items):
+        padded[b, : x.shape[0]] = x
+        mask[b, : x.shape[0]] = True
+    return padded, mask

@@ -51,6 +51,7 @@ class PrepareConfig:
     queries: QueryConfig = field(default_factory=QueryConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     max_components: int = 32
+    scene_objects: tuple[int, int] = (2, 16)  # procedural scenes: min and max objects per scene
     connected: bool = False  # split file assets into connected components
     kind: str = "object"  # for file assets: "object" (random view) or "scene" (isometric, floor)
     val_fraction: float = 0.05
@@ -135,7 +136,8 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
         from moca3d.data.procedural import generate
 
         _, kind, seed, index = job.source.split(":")
-        asset = generate(kind, int(seed), int(index))
+        extra = {"min_objects": config.scene_objects[0], "max_objects": config.scene_objects[1]} if kind.startswith("scene") else {}
+        asset = generate(kind, int(seed), int(index), **extra)
         validate_components(asset.meshes, asset.names, config.max_components, label=job.id)
         return asset.meshes, asset.names, asset.colors, asset.kind, asset.category
     meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)

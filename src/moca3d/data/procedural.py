@@ -430,12 +430,12 @@ def _place_objects(rng: Rng, footprints: np.ndarray, gap: float = 0.05) -> np.nd
     return centres
 
 
-def generate_scene(seed: int, index: int, num_objects: int | None = None, max_objects: int = 16) -> ProceduralAsset:
-    """Scene `index` of the stream `seed`: 2-`max_objects` objects (one component each) on a floor y = 0."""
-    if not 2 <= max_objects <= MAX_PARTS:
-        raise ConfigError(f"scenes hold 2 to {MAX_PARTS} objects, got max_objects={max_objects}")
+def generate_scene(seed: int, index: int, num_objects: int | None = None, max_objects: int = 16, min_objects: int = 2) -> ProceduralAsset:
+    """Scene `index` of the stream `seed`: `min_objects`-`max_objects` objects (one component each) on a floor y = 0."""
+    if not 2 <= min_objects <= max_objects <= MAX_PARTS:
+        raise ConfigError(f"scenes hold 2 to {MAX_PARTS} objects, got min_objects={min_objects}, max_objects={max_objects}")
     rng = np.random.default_rng([seed, index, 1])
-    n = num_objects or int(rng.integers(2, max_objects + 1))
+    n = num_objects or int(rng.integers(min_objects, max_objects + 1))
     meshes, names, colors = [], [], []
     for k in range(n):
         obj = generate_object(seed, index * 1000 + k + 10**9)  # a stream disjoint from the object set

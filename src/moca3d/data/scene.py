@@ -23,9 +23,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
-from moca3d.data.dataset import read_manifest
+from moca3d.data.dataset import pad_components, read_manifest
 from moca3d.errors import InputError
-from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, preprocess_image
+from moca3d.models.image_encoder import ImageLike, preprocess_image
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
 MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
@@ -225,16 +225,7 @@ class SceneLatentDataset:
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Pad to the largest instance count: latents (B, N, L, C), component_mask (B, N), images (B, N, 7, S, S)."""
-        lat = [self.latents[i] for i in indices]
-        n_max = max(x.shape[0] for x in lat)
-        L, C = lat[0].shape[1:]
-        S = self.scenes[0].shape[-1]
-        latents = torch.zeros(len(lat), n_max, L, C)
-        mask = torch.zeros(len(lat), n_max, dtype=torch.bool)
-        images = torch.zeros(len(lat), n_max, SCENE_CHANNELS, S, S)
-        for b, i in enumerate(indices):
-            n = lat[b].shape[0]
-            latents[b, :n] = lat[b]
-            mask[b, :n] = True
-            images[b, :n] = stack_conditions(self.scenes[i].float() / 255.0, self.masks[i].float() / 255.0)
+        latents, mask = pad_components([self.latents[i] for i in indices])
+        conditions = [stack_conditions(self.scenes[i].float() / 255.0, self.masks[i].float() / 255.0) for i in indices]
+        images, _ = pad_components(conditions)  # (B, N, 7, S, S)
         return {"latents": latents, "component_mask": mask, "images": images}

@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from moca3d import flow
-from moca3d.data.dataset import read_manifest
+from moca3d.data.dataset import pad_components, read_manifest
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
     SCENE_CHANNELS,
@@ -146,14 +146,7 @@ class LatentDataset:
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Pad to the largest part count: latents (B, N, L, C), component_mask (B, N), images (B, 3, S, S)."""
-        lat = [self.latents[i] for i in indices]
-        n_max = max(x.shape[0] for x in lat)
-        L, C = lat[0].shape[1:]
-        latents = torch.zeros(len(lat), n_max, L, C)
-        mask = torch.zeros(len(lat), n_max, dtype=torch.bool)
-        for b, x in enumerate(lat):
-            latents[b, : x.shape[0]] = x
-            mask[b, : x.shape[0]] = True
+        latents, mask = pad_components([self.latents[i] for i in indices])
         return {"latents": latents, "component_mask": mask, "images": torch.stack([self.images[i] for i in indices])}
 
 
