@@ -17,9 +17,8 @@ The exported pipeline has the LoRA merged into a plain 7-channel encoder.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,6 +40,7 @@ from moca3d.models.image_encoder import (
     widen_input_channels,
 )
 from moca3d.models.transformer import MoCATransformer
+from moca3d.training.recipe import Recipe, lr_at
 from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SEED_STRIDE = 1_000_003
@@ -48,8 +48,10 @@ CONDITIONS = ("object", "scene")
 
 
 @dataclass
-class DiTTrainConfig:
+class DiTTrainConfig(Recipe):
     """A DiT training recipe (JSON: these fields; model configs under "transformer" and "image_encoder")."""
+
+    recipe_name = "DiT training"
 
     transformer: dict[str, Any] = field(default_factory=dict)
     image_encoder: dict[str, Any] = field(default_factory=dict)
@@ -81,45 +83,19 @@ class DiTTrainConfig:
     lora_dropout: float = 0.0
     train_projection: bool = True  # scene: the widened first projection trains in full, next to the LoRA
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiTTrainConfig":
-        """Build from a dict, rejecting unknown keys."""
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown DiT training config keys: {', '.join(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        cfg = cls(**d)
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_components"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-        if not 0 <= cfg.cfg_drop < 1:
-            raise ConfigError(f"cfg_drop must be in [0, 1), got {cfg.cfg_drop}")
-        if cfg.condition not in CONDITIONS:
-            raise ConfigError(f"condition must be one of {', '.join(CONDITIONS)}, got {cfg.condition!r}")
-        if cfg.condition == "scene" and not cfg.init_from:
+    def check(self) -> None:
+        """Raise ConfigError for values out of range."""
+        self.check_positive("steps", "batch_size", "log_every", "checkpoint_every", "max_components")
+        if not 0 <= self.cfg_drop < 1:
+            raise ConfigError(f"cfg_drop must be in [0, 1), got {self.cfg_drop}")
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        if self.condition == "scene" and not self.init_from:
             raise ConfigError("a scene recipe needs init_from: the object pipeline folder to fine-tune")
-        if cfg.widen_init not in WIDEN_INITS:
-            raise ConfigError(f"widen_init must be one of {', '.join(WIDEN_INITS)}, got {cfg.widen_init!r}")
-        if cfg.lora_rank < 1:
-            raise ConfigError(f"lora_rank must be positive, got {cfg.lora_rank}")
-        return cfg
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "DiTTrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid JSON ({err})") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+        if self.widen_init not in WIDEN_INITS:
+            raise ConfigError(f"widen_init must be one of {', '.join(WIDEN_INITS)}, got {self.widen_init!r}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be positive, got {self.lora_rank}")
 
 
 class LatentDataset:
@@ -221,14 +197,6 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
         widen_input_channels(encoder, SCENE_CHANNELS, cfg.widen_init)
     add_encoder_lora(encoder, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, train_projection=cfg.train_projection)
     return SceneGenerator(transformer, encoder)
-
-
-def lr_at(step: int, cfg: DiTTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def step_draws(cfg: DiTTrainConfig, step: int, dataset_size: int, batch_size: int) -> dict[str, Any]:

@@ -15,9 +15,8 @@ exactly the run that was not interrupted.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import VecSetVAE, farthest_point_indices
+from moca3d.training.recipe import Recipe, lr_at
 from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
@@ -39,8 +39,10 @@ VAL_SEED = 12345  # fixed seed of the deterministic surface subsets used to enco
 
 
 @dataclass
-class VAETrainConfig:
+class VAETrainConfig(Recipe):
     """A VAE training recipe (JSON: these fields, the model's config under "model")."""
+
+    recipe_name = "VAE training"
 
     model: dict[str, Any] = field(default_factory=lambda: dict(SMALL_MODEL))
     steps: int = 4000
@@ -70,43 +72,10 @@ class VAETrainConfig:
     seed: int = 0
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAETrainConfig":
-        """Build from a dict, rejecting unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown VAE training config keys: {', '.join(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        cfg = cls(**d)
-        cfg.check()
-        return cfg
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "VAETrainConfig":
-        """Read a JSON recipe."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid JSON ({err})") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
     def check(self) -> None:
         """Raise ConfigError for values out of range."""
-        for name in ("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
-                     "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.check_positive("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
+                            "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"bad learning rate settings lr={self.lr} min_lr_ratio={self.min_lr_ratio}")
 
@@ -222,15 +191,6 @@ def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tu
     stats = {"loss": loss.item(), "sdf": loss_sdf.item(), "sign": loss_sign.item(), "kl": loss_kl.item(),
              "sign_acc": sign_acc.item()}
     return loss, stats
-
-
-def lr_at(step: int, cfg: VAETrainConfig) -> float:
-    """Linear warm-up then cosine decay to lr * min_lr_ratio (step counts from 0)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, progress)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: VAETrainConfig) -> torch.optim.AdamW:
