@@ -74,6 +74,12 @@ class DiTTrainConfig(Recipe):
     keep_checkpoints: int = 2
     seed: int = 0
     num_threads: int = 0
+    # validation generations (object runs with a VAE): EMA weights, the first val assets, DESIGN §6 metrics
+    validate_every: int = 0  # 0: off
+    val_assets: int = 4
+    val_steps: int = 25
+    val_guidance: float = 7.0
+    val_resolution: int = 64
     # scenes (issue 7): per-instance 7-channel conditions, fine-tuned from an object pipeline
     condition: str = "object"  # "object": one image per sample; "scene": one 7-channel stack per component
     init_from: Optional[str] = None  # scene: the object pipeline folder to start from (its VAE is reused)
@@ -230,6 +236,22 @@ def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], 
     return flow.flow_loss(pred, z0, noise, mask)
 
 
+def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae_dir: str | Path, build) -> dict[str, float]:
+    """Generate the first `val_assets` val objects with the EMA weights and return the mean metrics."""
+    from moca3d.evaluation import evaluate_pipeline
+    from moca3d.models.vae import VecSetVAE
+    from moca3d.pipeline import MoCAPipeline
+
+    shadow = build(cfg, (model.transformer.config.num_latents, model.transformer.config.in_channels))
+    ema.copy_to(shadow)
+    pipe = MoCAPipeline(VecSetVAE.from_pretrained(vae_dir), shadow.transformer, shadow.image_encoder).to(next(model.parameters()).device)
+    report = evaluate_pipeline(
+        pipe, data_dir, "val", count=cfg.val_assets, steps=cfg.val_steps, guidance=cfg.val_guidance,
+        resolution=cfg.val_resolution, seed=cfg.seed, metric_points=10000, progress=False,
+    )
+    return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
+
+
 def export_pipeline(out_dir: str | Path, model: Generator, vae_dir: str | Path) -> Path:
     """Write a complete pipeline folder (the VAE copied from `vae_dir`)."""
     from moca3d.models.vae import VecSetVAE
@@ -319,6 +341,10 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints)
+                    if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae_dir is not None and not scene:
+                        metrics = validate(unwrapped, ema, cfg, data_dir, vae_dir, build)
+                        log.append({"step": step + 1, **metrics})
+                        accelerator.print(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     with open(out / "train_log.jsonl", "a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in log)
                     log.clear()
