@@ -176,17 +176,22 @@ class MoCAPipeline:
         shift: float = 1.0, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
+        return self._generate(lambda: self.encode_image(image), num_parts, "part", steps, guidance, seed, shift, resolution, show_progress)
+
+    def _generate(self, encode, num: Optional[int], prefix: str, steps, guidance, seed, shift, resolution, show_progress) -> MoCAOutput:
+        """Condition (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
         from rich.progress import Progress
 
         with Progress(disable=not show_progress, transient=True) as bar:
-            cond = self.encode_image(image)
+            cond = encode()  # (1, M, D) shared, or (1, N, M, D) per component
+            num = cond.shape[1] if num is None else num
             task = bar.add_task("sampling", total=steps)
             latents = self.generate_latents(
-                cond, num_parts, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i)
+                cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i)
             )[0]
-            task = bar.add_task("decoding", total=num_parts)
+            task = bar.add_task("decoding", total=num)
             meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
-        names = [f"part_{i:02d}" for i in range(num_parts)]
+        names = [f"{prefix}_{i:02d}" for i in range(num)]
         return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu())
 
     # -- scenes (issue 7) --------------------------------------------------------------------------
@@ -215,19 +220,7 @@ class MoCAPipeline:
         shift: float = 1.0, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""
-        from rich.progress import Progress
-
-        with Progress(disable=not show_progress, transient=True) as bar:
-            cond = self.encode_scene(image, masks)  # (1, N, M, D)
-            num = cond.shape[1]
-            task = bar.add_task("sampling", total=steps)
-            latents = self.generate_latents(
-                cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i)
-            )[0]
-            task = bar.add_task("decoding", total=num)
-            meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
-        names = [f"instance_{i:02d}" for i in range(num)]
-        return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu())
+        return self._generate(lambda: self.encode_scene(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)
 
 
 def _is_dino(encoder) -> bool:
