@@ -351,3 +351,46 @@ def test_wrong_folder_errors(tmp_path):
     with pytest.raises(CheckpointError, match="subfolder 'transformer/'"):
         convert_triposg(tmp_path / "empty", tmp_path / "dst2")
     assert not (tmp_path / "dst2").exists()
+
+
+def test_finetune_moca_from_a_converted_triposg(tmp_path):
+    """Object fine-tuning from a converted folder: DINOv2 stays frozen, the transformer trains, a pipeline comes out."""
+    from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
+    from moca3d.geometry.inside import QueryConfig
+    from moca3d.geometry.render import RenderConfig
+    from moca3d.geometry.sampling import SurfaceSamplingConfig
+    from moca3d.models.vae import VecSetVAE
+    from moca3d.pipeline import MoCAPipeline
+    from moca3d.training.train_dit import DiTTrainConfig, train
+    from moca3d.training.train_vae import encode_dataset
+
+    write_release(tmp_path / "src")
+    pipe_dir = convert_triposg(tmp_path / "src", tmp_path / "pipe", num_latents=L, compression=4)
+    data = tmp_path / "data"
+    cfg = PrepareConfig(surface=SurfaceSamplingConfig(num_points=256), queries=QueryConfig(num_queries=64),
+                        render=RenderConfig(size=48, supersample=1), val_fraction=0.0, test_fraction=0.0)
+    prepare(procedural_jobs("objects", 3, seed=5), data, cfg, workers=1, progress=False)
+    encode_dataset(data, VecSetVAE.from_pretrained(pipe_dir / "vae"), "converted", num_points=256, progress=False)
+    recipe = DiTTrainConfig.from_dict(dict(init_from=str(pipe_dir), freeze_image_encoder=True, steps=2, batch_size=2,
+                                           warmup_steps=1, checkpoint_every=2, log_every=1, lr=1e-3))
+    result = train(data, tmp_path / "run", recipe, device="cpu", progress=False)
+    before, after = MoCAPipeline.from_pretrained(pipe_dir), MoCAPipeline.from_pretrained(result["pipeline"])
+    for (k, v), (_, w) in zip(before.image_encoder.state_dict().items(), after.image_encoder.state_dict().items()):
+        assert torch.equal(v, w), f"frozen encoder weight {k} changed"
+    changed = [k for (k, v), (_, w) in zip(before.transformer.state_dict().items(), after.transformer.state_dict().items()) if not torch.equal(v, w)]
+    assert changed, "the transformer did not train"
+
+
+def test_latent_length_stage_change_keeps_weights(tmp_path):
+    """The L = 512 -> 1024 stage: overriding num_latents repeats the compressed queries, everything else loads."""
+    from moca3d.training.train_dit import DiTTrainConfig, load_transformer
+
+    write_release(tmp_path / "src")
+    pipe_dir = convert_triposg(tmp_path / "src", tmp_path / "pipe", num_latents=L, compression=4)
+    base = load_transformer(pipe_dir, DiTTrainConfig(), None)
+    longer = load_transformer(pipe_dir, DiTTrainConfig(transformer={"num_latents": 2 * L}), (2 * L, base.config.in_channels))
+    q0, q1 = base.packer.queries, longer.packer.queries
+    assert q1.shape[0] == 2 * (q0.shape[0] - 1) + 1
+    torch.testing.assert_close(q1[:-1:2], q0[:-1])
+    torch.testing.assert_close(q1[-1], q0[-1])
+    torch.testing.assert_close(longer.proj_in.weight, base.proj_in.weight)

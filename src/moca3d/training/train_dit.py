@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ from moca3d import flow
 from moca3d.data.dataset import pad_components, read_manifest
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
+    load_image,
     SCENE_CHANNELS,
     WIDEN_INITS,
     ImageEncoder,
@@ -82,7 +83,8 @@ class DiTTrainConfig(Recipe):
     val_resolution: int = 64
     # scenes (issue 7): per-instance 7-channel conditions, fine-tuned from an object pipeline
     condition: str = "object"  # "object": one image per sample; "scene": one 7-channel stack per component
-    init_from: Optional[str] = None  # scene: the object pipeline folder to start from (its VAE is reused)
+    init_from: Optional[str] = None  # a pipeline folder to start from (its VAE is reused): scenes, or object fine-tuning
+    freeze_image_encoder: bool = False  # object fine-tuning: keep the (e.g. DINOv2) encoder fixed, as TripoSG does
     widen_init: str = "zero"  # scene: "zero" or "clone" for the encoder's 4 new input channels
     lora_rank: int = 16  # scene: LoRA rank of the encoder's linear layers
     lora_alpha: Optional[float] = None  # scene: LoRA scale numerator (default: the rank)
@@ -107,8 +109,10 @@ class DiTTrainConfig(Recipe):
 class LatentDataset:
     """In-memory latents (N, L, C) and preprocessed renders of a prepared dataset split."""
 
-    def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32):
+    def __init__(self, root: str | Path, split: str, image_size: Union[int, Callable[[Path], torch.Tensor]], max_components: int = 32):
+        """`image_size`: the small encoder's size, or the encoder's own preprocessing (path -> (3, S, S))."""
         self.root = Path(root)
+        preprocess = image_size if callable(image_size) else (lambda path: preprocess_image(path, image_size))
         self.latents: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
         self.ids: list[str] = []
@@ -118,7 +122,7 @@ class LatentDataset:
             if not path.is_file() or rec["num_components"] > max_components:
                 continue
             self.latents.append(load_file(str(path))["latents"].float())
-            self.images.append(preprocess_image(asset / "render.png", image_size))
+            self.images.append(preprocess(asset / "render.png"))
             self.ids.append(rec["id"])
         if not self.ids:
             raise InputError(f"{root}: no '{split}' assets with cached latents (run `moca3d encode-dataset` first)")
@@ -148,7 +152,13 @@ class Generator(nn.Module):
 
 
 def build_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Generator:
-    """Models from the recipe; L and C come from the data, the condition width from the encoder."""
+    """Models from the recipe (or from the pipeline `init_from`); L and C come from the data."""
+    if cfg.init_from:
+        root = init_folder(cfg)
+        encoder = load_encoder(root)
+        if cfg.freeze_image_encoder:
+            encoder.requires_grad_(False)
+        return Generator(load_transformer(root, cfg, latent_shape), encoder)
     encoder = ImageEncoder(**cfg.image_encoder)
     tcfg = {"num_latents": latent_shape[0], "in_channels": latent_shape[1], **cfg.transformer, "cond_dim": encoder.out_dim}
     return Generator(MoCATransformer(**tcfg), encoder)
@@ -175,13 +185,8 @@ def init_folder(cfg: DiTTrainConfig) -> Path:
     return root
 
 
-def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> SceneGenerator:
-    """The object pipeline `init_from`, its encoder widened to 7 channels and wrapped with LoRA.
-
-    `cfg.transformer` may override the object transformer's config (e.g. attention_mode or
-    attention_backend) as long as its weights still load; `cfg.image_encoder` is not used.
-    """
-    root = init_folder(cfg)
+def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tuple[int, int]]) -> MoCATransformer:
+    """The transformer of pipeline `root`, with `cfg.transformer` overrides that keep its weights loadable."""
     transformer = MoCATransformer.from_pretrained(root / "transformer")
     if cfg.transformer:
         unknown = sorted(set(cfg.transformer) - set(transformer.config))
@@ -189,15 +194,49 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
             raise ConfigError(f"unknown transformer config keys: {', '.join(unknown)}")
         state = transformer.state_dict()
         transformer = MoCATransformer.from_config({**transformer.config, **cfg.transformer})
+        # a longer latent set (the paper's L = 512 -> 1024 stage) needs more compressed queries:
+        # repeat each learned query (the anchor query, last, stays single)
+        queries, wanted = state["packer.queries"], transformer.packer.queries.shape[0]
+        if queries.shape[0] != wanted and (wanted - 1) % (queries.shape[0] - 1) == 0:
+            factor = (wanted - 1) // (queries.shape[0] - 1)
+            state["packer.queries"] = torch.cat([queries[:-1].repeat_interleave(factor, dim=0), queries[-1:]])
         try:
             transformer.load_state_dict(state)
         except RuntimeError as err:
             raise ConfigError(f"the transformer overrides change its weights, {root} no longer loads: {str(err).splitlines()[0]}") from None
-    if (transformer.config.num_latents, transformer.config.in_channels) != tuple(latent_shape):
+    if latent_shape is not None and (transformer.config.num_latents, transformer.config.in_channels) != tuple(latent_shape):
         raise ConfigError(
             f"the data's latents are (L={latent_shape[0]}, C={latent_shape[1]}) but {root} expects "
-            f"(L={transformer.config.num_latents}, C={transformer.config.in_channels}): encode the scenes with its VAE"
+            f"(L={transformer.config.num_latents}, C={transformer.config.in_channels}): encode the data with its VAE"
         )
+    return transformer
+
+
+def load_encoder(root: Path):
+    """The image encoder of pipeline `root`: the small ViT, or DINOv2 for converted real-weight pipelines."""
+    index = json.loads((root / "model_index.json").read_text())
+    if index.get("image_encoder", [None])[0] == "transformers":
+        from moca3d.models.dino import DINOv2Encoder
+
+        return DINOv2Encoder.from_pretrained(root / "image_encoder")
+    return ImageEncoder.from_pretrained(root / "image_encoder")
+
+
+def encoder_preprocess(encoder) -> Callable[[Path], torch.Tensor]:
+    """path -> (3, S, S) pixels the way `encoder` expects them."""
+    if hasattr(encoder, "preprocess"):  # DINOv2: resize 256, centre crop 224, ImageNet normalisation
+        return lambda path: encoder.preprocess(load_image(path))[0]
+    return lambda path: preprocess_image(path, encoder.image_size)
+
+
+def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> SceneGenerator:
+    """The object pipeline `init_from`, its encoder widened to 7 channels and wrapped with LoRA.
+
+    `cfg.transformer` may override the object transformer's config (e.g. attention_mode or
+    attention_backend) as long as its weights still load; `cfg.image_encoder` is not used.
+    """
+    root = init_folder(cfg)
+    transformer = load_transformer(root, cfg, latent_shape)
     encoder = ImageEncoder.from_pretrained(root / "image_encoder")
     if input_channels(encoder) != SCENE_CHANNELS:  # an object encoder; a scene one is fine-tuned as it is
         widen_input_channels(encoder, SCENE_CHANNELS, cfg.widen_init)
@@ -285,8 +324,12 @@ def train(
         encoder_size = ImageEncoder.load_config(init_folder(cfg) / "image_encoder")["image_size"]
         data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components)
     else:
-        encoder_size = ImageEncoder(**cfg.image_encoder).image_size
-        data = LatentDataset(data_dir, "train", encoder_size, cfg.max_components)
+        if cfg.init_from:
+            vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
+            preprocess = encoder_preprocess(load_encoder(init_folder(cfg)))
+        else:
+            preprocess = ImageEncoder(**cfg.image_encoder).image_size
+        data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
     build = build_scene_models if scene else build_models
     torch.manual_seed(cfg.seed)
     model = build(cfg, tuple(data.latents[0].shape[1:]))
