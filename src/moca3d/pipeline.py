@@ -124,9 +124,22 @@ class MoCAPipeline:
             getattr(self, name).to(device)
         return self
 
+    def enable_sequential_cpu_offload(self, device: Union[str, torch.device] = "cuda") -> "MoCAPipeline":
+        """Keep weights in CPU memory and move each submodule to `device` only while it runs (accelerate hooks).
+
+        Lets a 1.5B-parameter transformer run on a GPU smaller than its weights, at the cost of speed.
+        """
+        from accelerate import cpu_offload
+
+        device = torch.device(device)
+        for name in COMPONENTS:
+            cpu_offload(getattr(self, name), execution_device=device)
+        self._execution_device = device
+        return self
+
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return getattr(self, "_execution_device", None) or next(self.transformer.parameters()).device
 
     # -- generation ------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         shift: float = typer.Option(1.0, help="Timestep shift of the sampler (>1: more steps at high noise)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
     ) -> None:
         """Generate PARTS part meshes from one IMAGE and write them as a GLB scene."""
         import time
@@ -38,7 +39,9 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("--steps must be >= 1 and --resolution >= 16")
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(model, device=dev)
+        pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev)
+        if offload:
+            pipe.enable_sequential_cpu_offload(dev)
         result = pipe(image, num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
         path = result.save(output)
         empty = sum(1 for m in result.meshes if len(m.faces) == 0)
