@@ -39,6 +39,10 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_dit import DiTTrainConfig, train
         from moca3d.training.train_vae import VAETrainConfig, encode_dataset, train_vae
 
+        from moca3d.errors import ConfigError
+
+        if not recipe.is_file():
+            raise ConfigError(f"recipe not found: {recipe} (the recipes live in the repository's configs/ folder)")
         spec = json.loads(recipe.read_text())
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         root = data or work / "data"
