@@ -13,6 +13,21 @@ from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig, evaluate_object, instance_metrics
 
 
+def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
+    """The first `count` manifest records of `split` with low..high components (and of `kind`, if given)."""
+    records = [r for r in read_manifest(root, split) if low <= r["num_components"] <= high and kind in (None, r.get("kind"))]
+    return records[:count] if count is not None else records
+
+
+def with_progress(items: list, desc: str, show: bool):
+    """`items`, wrapped in a tqdm bar when `show`."""
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc)
+
+
 def object_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
     """evaluate_object over the non-empty predicted parts; an all-empty prediction scores F = 0."""
     parts = [m for m in pred if len(m.faces)]
@@ -29,16 +44,10 @@ def evaluate_pipeline(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Mean and per-asset metrics of `pipe` on up to `count` assets of `split` (the GT part count is used)."""
-    records = [r for r in read_manifest(root, split) if min_parts <= r["num_components"] <= max_parts]
-    records = records[:count] if count is not None else records
+    records = select_records(root, split, count, min_parts, max_parts)
     config = MetricsConfig(num_points=metric_points, seed=seed)
     per_asset = []
-    iterator = records
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(records, desc=f"evaluate {split}")
-    for rec in iterator:
+    for rec in with_progress(records, f"evaluate {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
         t0 = time.time()
@@ -90,17 +99,11 @@ def evaluate_scenes(
 
     from moca3d.data.scene import component_masks
 
-    records = [r for r in read_manifest(root, split) if r["kind"] == "scene" and min_instances <= r["num_components"] <= max_instances]
-    records = records[:count] if count is not None else records
+    records = select_records(root, split, count, min_instances, max_instances, kind="scene")
     config = MetricsConfig(num_points=metric_points, seed=seed)
     cuda = pipe.device.type == "cuda"
     per_scene, skipped = [], []
-    iterator = records
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(records, desc=f"evaluate scenes {split}")
-    for rec in iterator:
+    for rec in with_progress(records, f"evaluate scenes {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
         masks = component_masks(asset / "mask.png", len(gt))  # (N, H, W)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from moca3d.commands.common import MIN_RESOLUTION, resolve_device, run_dit_training, save_generation, write_json
 from moca3d.errors import ConfigError
 
 
@@ -31,22 +32,17 @@ def register(app: typer.Typer) -> None:
         """Generate PARTS part meshes from one IMAGE and write them as a GLB scene."""
         import time
 
-        import torch
-
         from moca3d.pipeline import MoCAPipeline
 
-        if steps < 1 or resolution < 16:
-            raise ConfigError("--steps must be >= 1 and --resolution >= 16")
-        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        if steps < 1 or resolution < MIN_RESOLUTION:
+            raise ConfigError(f"--steps must be >= 1 and --resolution >= {MIN_RESOLUTION}")
+        dev = resolve_device(device)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev)
         if offload:
             pipe.enable_sequential_cpu_offload(dev)
         result = pipe(image, num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
-        path = result.save(output)
-        empty = sum(1 for m in result.meshes if len(m.faces) == 0)
-        note = f" ({empty} empty)" if empty else ""
-        typer.echo(f"wrote {path}: {parts} parts{note} in {time.time() - t0:.1f} s")
+        save_generation(result, output, "parts", t0)
 
     @app.command("train")
     def train(
@@ -60,17 +56,14 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
-        from moca3d.training.train_dit import DiTTrainConfig, train as run
+        from moca3d.training.train_dit import DiTTrainConfig
 
-        cfg = DiTTrainConfig.from_json(config) if config else DiTTrainConfig()
+        recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
         if steps is not None:
-            cfg.steps = steps
+            recipe["steps"] = steps
         if batch_size is not None:
-            cfg.batch_size = batch_size
-        result = run(data, output, cfg, vae_dir=vae, device=device, resume=resume)
-        typer.echo(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final loss {result['final_loss']}")
-        if "pipeline" in result:
-            typer.echo(f"pipeline: {result['pipeline']}")
+            recipe["batch_size"] = batch_size
+        run_dit_training(data, output, recipe, vae, device, resume)
 
 
 def register_evaluation(app: typer.Typer) -> None:
@@ -91,8 +84,6 @@ def register_evaluation(app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics here."),
     ) -> None:
         """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""
-        import json
-
         from moca3d.evaluation import evaluate_pipeline
         from moca3d.pipeline import MoCAPipeline
 
@@ -101,6 +92,4 @@ def register_evaluation(app: typer.Typer) -> None:
         for key, value in result["mean"].items():
             typer.echo(f"{key:>12}: {value:.4f}")
         typer.echo(f"{result['count']} assets of '{split}'")
-        if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result, indent=2))
+        write_json(json_out, result)

@@ -7,19 +7,8 @@ from typing import Optional
 
 import typer
 
+from moca3d.commands.common import MIN_RESOLUTION, resolve_device, run_dit_training, save_generation, write_json
 from moca3d.errors import ConfigError
-
-MIN_RESOLUTION = 16
-
-
-def _device(device: str) -> str:
-    """'auto' -> cuda when available, else cpu."""
-    import torch
-
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def register(app: typer.Typer) -> None:
     """Add the scene verbs to the CLI."""
@@ -45,12 +34,9 @@ def register(app: typer.Typer) -> None:
         if steps < 1 or resolution < MIN_RESOLUTION:
             raise ConfigError(f"--steps must be >= 1 and --resolution >= {MIN_RESOLUTION}")
         t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(model, device=_device(device))
+        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
         result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
-        path = result.save(output)
-        empty = sum(1 for m in result.meshes if len(m.faces) == 0)
-        note = f" ({empty} empty)" if empty else ""
-        typer.echo(f"wrote {path}: {len(result.meshes)} instances{note} in {time.time() - t0:.1f} s")
+        save_generation(result, output, "instances", t0)
 
     @app.command("evaluate-scenes")
     def evaluate_scenes(
@@ -69,21 +55,17 @@ def register(app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics here."),
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
-        import json
-
         from moca3d.evaluation import evaluate_scenes as run
         from moca3d.pipeline import MoCAPipeline
 
         if min_instances > max_instances:
             raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
-        pipe = MoCAPipeline.from_pretrained(model, device=_device(device))
+        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points)
         for key, value in result["mean"].items():
             typer.echo(f"{key:>22}: {value:.4f}")
         typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
-        if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result, indent=2))
+        write_json(json_out, result)
 
     @app.command("train-scene")
     def train_scene(
@@ -98,7 +80,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
     ) -> None:
         """Fine-tune an object pipeline on scenes: 7-channel per-instance conditions, LoRA on the encoder."""
-        from moca3d.training.train_dit import DiTTrainConfig, train as run
+        from moca3d.training.train_dit import DiTTrainConfig
 
         recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
         recipe["condition"] = "scene"
@@ -108,8 +90,4 @@ def register(app: typer.Typer) -> None:
             recipe["steps"] = steps
         if batch_size is not None:
             recipe["batch_size"] = batch_size
-        cfg = DiTTrainConfig.from_dict(recipe)
-        result = run(data, output, cfg, vae_dir=vae, device=device, resume=resume)
-        typer.echo(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final loss {result['final_loss']}")
-        if "pipeline" in result:
-            typer.echo(f"pipeline: {result['pipeline']}")
+        run_dit_training(data, output, recipe, vae, device, resume)

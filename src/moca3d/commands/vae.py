@@ -7,22 +7,10 @@ from typing import Optional
 
 import typer
 
-from moca3d.errors import ConfigError, InputError
+from moca3d.commands.common import resolve_device
+from moca3d.errors import InputError
 
 PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "vae"
-
-
-def _device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; other names are checked."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available")
-    if name != "cpu" and not name.startswith("cuda") and name != "mps":
-        raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N)")
-    return name
 
 
 def load_vae(model_dir: Optional[Path], device: str = "cpu"):
@@ -79,7 +67,7 @@ def register(app: typer.Typer) -> None:
         if threads is not None:
             cfg.num_threads = threads
         cfg.check()
-        summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=_device(device))
+        summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
         typer.echo(f"trained {summary['steps']} steps in {summary['train_time_s'] / 60:.1f} min; weights in {out_dir / 'vae'}")
         for k, v in summary.get("val", {}).items():
             typer.echo(f"  val {k}: {v:.4f}")
@@ -100,7 +88,7 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.training.train_vae import VAETrainConfig, validate
 
-        vae = load_vae(model, _device(device))
+        vae = load_vae(model, resolve_device(device))
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
         metrics = validate(vae, data_dir, cfg, split=split, progress=True)
@@ -126,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
         if out.suffix.lower() != ".glb":
             raise InputError(f"{out}: output must be a .glb file")
-        dev = _device(device)
+        dev = resolve_device(device)
         vae = load_vae(model, dev)
         coarse = max(32, resolution // 4)
         extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=True)
@@ -153,6 +141,6 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_vae import encode_dataset
 
         folder = Path(model) if model is not None else PACKAGED_VAE
-        vae = load_vae(folder, _device(device))
+        vae = load_vae(folder, resolve_device(device))
         counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")

@@ -28,8 +28,8 @@ import torch
 
 from moca3d.convert.common import assemble, read_config, read_safetensors_folder
 from moca3d.convert.triposg import (
-    DEFAULT_COMPRESSION, DEFAULT_NUM_LATENTS, check_source_folder, dit_dims, init_new_parameters, load_triposg_vae,
-    map_triposg_dit, moca_config_from_triposg, scheduler_from_triposg, write_pipeline_folder,
+    DEFAULT_COMPRESSION, DEFAULT_NUM_LATENTS, convert_release, dit_dims, init_new_parameters, map_triposg_dit,
+    moca_config_from_triposg,
 )
 from moca3d.errors import CheckpointError
 
@@ -77,9 +77,4 @@ def load_partcrafter_transformer(folder: Union[str, Path], num_latents: int = DE
 def convert_partcrafter(src: Union[str, Path], dst: Union[str, Path], num_latents: int = DEFAULT_NUM_LATENTS,
                         compression: int = DEFAULT_COMPRESSION, dtype: Optional[torch.dtype] = None, **overrides) -> Path:
     """PartCrafter folder (transformer/, vae/, scheduler/, image_encoder_dinov2/) -> moca3d pipeline folder."""
-    src = Path(src)
-    parts = check_source_folder(src)
-    transformer = load_partcrafter_transformer(parts["transformer"], num_latents, compression, dtype, **overrides)
-    vae = load_triposg_vae(parts["vae"], num_latents, dtype)
-    scheduler = scheduler_from_triposg(parts["scheduler"])
-    return write_pipeline_folder(dst, transformer, vae, scheduler, parts["image_encoder"], "PartCrafter")
+    return convert_release(src, dst, load_partcrafter_transformer, "PartCrafter", num_latents, compression, dtype, **overrides)

@@ -358,9 +358,14 @@ def check_source_folder(src: Path) -> Dict[str, Path]:
 def convert_triposg(src: Union[str, Path], dst: Union[str, Path], num_latents: int = DEFAULT_NUM_LATENTS,
                     compression: int = DEFAULT_COMPRESSION, dtype: Optional[torch.dtype] = None, **overrides) -> Path:
     """TripoSG folder (transformer/, vae/, scheduler/, image_encoder_dinov2/) -> moca3d pipeline folder."""
-    src = Path(src)
-    parts = check_source_folder(src)
-    transformer = load_triposg_transformer(parts["transformer"], num_latents, compression, dtype, **overrides)
+    return convert_release(src, dst, load_triposg_transformer, "TripoSG", num_latents, compression, dtype, **overrides)
+
+
+def convert_release(src, dst, load_transformer, name: str, num_latents: int, compression: int,
+                    dtype: Optional[torch.dtype] = None, **overrides) -> Path:
+    """A TripoSG-family release folder -> moca3d pipeline folder, its transformer read by `load_transformer`."""
+    parts = check_source_folder(Path(src))
+    transformer = load_transformer(parts["transformer"], num_latents, compression, dtype, **overrides)
     vae = load_triposg_vae(parts["vae"], num_latents, dtype)
     scheduler = scheduler_from_triposg(parts["scheduler"])
-    return write_pipeline_folder(dst, transformer, vae, scheduler, parts["image_encoder"], "TripoSG")
+    return write_pipeline_folder(dst, transformer, vae, scheduler, parts["image_encoder"], name)

@@ -16,6 +16,7 @@ The exported pipeline has the LoRA merged into a plain 7-channel encoder.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -151,11 +152,11 @@ class Generator(nn.Module):
         return self.transformer(latents, timestep, cond, component_mask=component_mask, ids=ids, routing_seeds=routing_seeds)
 
 
-def build_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Generator:
-    """Models from the recipe (or from the pipeline `init_from`); L and C come from the data."""
+def build_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int], encoder=None) -> Generator:
+    """Models from the recipe (or from the pipeline `init_from`, whose encoder may be passed in already loaded)."""
     if cfg.init_from:
         root = init_folder(cfg)
-        encoder = load_encoder(root)
+        encoder = encoder if encoder is not None else load_encoder(root)
         if cfg.freeze_image_encoder:
             encoder.requires_grad_(False)
         return Generator(load_transformer(root, cfg, latent_shape), encoder)
@@ -275,13 +276,13 @@ def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], 
     return flow.flow_loss(pred, z0, noise, mask)
 
 
-def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae_dir: str | Path, build) -> dict[str, float]:
+def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae_dir: str | Path) -> dict[str, float]:
     """Generate the first `val_assets` val objects with the EMA weights and return the mean metrics."""
     from moca3d.evaluation import evaluate_pipeline
     from moca3d.models.vae import VecSetVAE
     from moca3d.pipeline import MoCAPipeline
 
-    shadow = build(cfg, (model.transformer.config.num_latents, model.transformer.config.in_channels))
+    shadow = copy.deepcopy(model)  # same structure (LoRA wrappers included), EMA weights
     ema.copy_to(shadow)
     pipe = MoCAPipeline(VecSetVAE.from_pretrained(vae_dir), shadow.transformer, shadow.image_encoder).to(next(model.parameters()).device)
     report = evaluate_pipeline(
@@ -324,15 +325,17 @@ def train(
         encoder_size = ImageEncoder.load_config(init_folder(cfg) / "image_encoder")["image_size"]
         data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components)
     else:
+        encoder = None
         if cfg.init_from:
             vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
-            preprocess = encoder_preprocess(load_encoder(init_folder(cfg)))
+            encoder = load_encoder(init_folder(cfg))  # loaded once: its preprocessing, then the model
+            preprocess = encoder_preprocess(encoder)
         else:
             preprocess = ImageEncoder(**cfg.image_encoder).image_size
         data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
-    build = build_scene_models if scene else build_models
     torch.manual_seed(cfg.seed)
-    model = build(cfg, tuple(data.latents[0].shape[1:]))
+    latent_shape = tuple(data.latents[0].shape[1:])
+    model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but a scene encoder's frozen base
     decay = [p for p in trainable if p.ndim >= 2]
@@ -385,7 +388,7 @@ def train(
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints)
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae_dir is not None and not scene:
-                        metrics = validate(unwrapped, ema, cfg, data_dir, vae_dir, build)
+                        metrics = validate(unwrapped, ema, cfg, data_dir, vae_dir)
                         log.append({"step": step + 1, **metrics})
                         accelerator.print(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     with open(out / "train_log.jsonl", "a") as f:
@@ -394,7 +397,7 @@ def train(
     accelerator.wait_for_everyone()
     result = {"steps": cfg.steps, "seconds": time.time() - t0, "final_loss": loss_value if cfg.steps > start else None}
     if accelerator.is_main_process and vae_dir is not None:
-        final = build(cfg, tuple(data.latents[0].shape[1:]))
+        final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
         if scene:
             merge_encoder_lora(final.image_encoder)  # a plain 7-channel encoder in the pipeline folder

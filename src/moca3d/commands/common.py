@@ -1,0 +1,53 @@
+"""Helpers shared by the CLI verbs (this module registers no verb)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from moca3d.errors import ConfigError
+
+
+MIN_RESOLUTION = 16  # smallest marching-cubes grid a generation verb accepts
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; other names are checked."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda") and name != "mps":
+        raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N)")
+    return name
+
+
+def save_generation(result, output: Path, noun: str, started: float) -> None:
+    """Write a generation's GLB and print one line: path, component count, empty ones, time."""
+    path = result.save(output)
+    empty = sum(1 for m in result.meshes if len(m.faces) == 0)
+    note = f" ({empty} empty)" if empty else ""
+    typer.echo(f"wrote {path}: {len(result.meshes)} {noun}{note} in {time.time() - started:.1f} s")
+
+
+def write_json(path: Optional[Path], obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` (parents created); nothing when path is None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2))
+
+
+def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path], device: Optional[str], resume: bool) -> None:
+    """Build the recipe (overrides already applied), train, and print the outcome."""
+    from moca3d.training.train_dit import DiTTrainConfig, train
+
+    result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume)
+    typer.echo(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final loss {result['final_loss']}")
+    if "pipeline" in result:
+        typer.echo(f"pipeline: {result['pipeline']}")
