@@ -14,4 +14,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
 "$PY" -m pip install -q -e ".[dev]"
+# The web demo's browser test (tests/test_app.py) drives Debian's chromium; playwright's own
+# browser download is never used. Without it that one test is skipped, with the reason.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"  # never prompt: fail and warn instead
+  if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q \
+         && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } >/dev/null; then
+    echo "warning: could not install chromium with apt-get: the web demo's browser test will be skipped" >&2
+  fi
+fi
 touch "$STAMP"
