@@ -379,3 +379,33 @@ def test_cli_eval_vae_reports_fscores(dataset, tmp_path, monkeypatch):
         assert 0.0 <= metrics[key] <= 1.0
     # Both parts decode to a radius-0.3 sphere at the origin, which only partly matches either part.
     assert 0.0 < metrics["part_fscore@0.1"] < 0.9
+
+
+def test_builtin_defaults_equal_the_small_recipe():
+    """`moca3d train-vae` without --config trains what configs/vae_small.json says (threads aside)."""
+    from moca3d.training.train_vae import VAETrainConfig
+
+    recipe = VAETrainConfig.from_json(Path(__file__).parents[1] / "configs" / "vae_small.json").to_dict()
+    builtin = VAETrainConfig().to_dict()
+    recipe_model, builtin_model = recipe.pop("model"), builtin.pop("model")
+    recipe.pop("num_threads"), builtin.pop("num_threads")
+    assert recipe == builtin
+    full = VecSetVAE(**builtin_model).config
+    assert all(full[k] == v for k, v in recipe_model.items())
+
+
+def test_inside_weight_scales_only_the_inside_sign_terms(dataset):
+    """BCE with inside_weight w: all-outside batches are unchanged, all-inside ones scale by w exactly."""
+    from moca3d.training.train_vae import load_split, make_batch, vae_loss
+
+    model = tiny_vae()
+    batch = make_batch(load_split(dataset, "train"), tiny_train_config(), step=0)
+    for sign, expected_ratio in ((-1.0, 1.0), (1.0, 3.0)):
+        batch["sdf"] = sign * batch["sdf"].abs().clamp(min=1e-3)
+        stats = []
+        for weight in (1.0, 3.0):
+            batch["generator"].manual_seed(0)
+            stats.append(vae_loss(model, batch, tiny_train_config(inside_weight=weight))[1]["sign"])
+        assert stats[1] == pytest.approx(expected_ratio * stats[0], rel=1e-5)
+    with pytest.raises(ConfigError):
+        tiny_train_config(inside_weight=0.0)

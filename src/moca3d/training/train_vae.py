@@ -7,7 +7,8 @@ Dataset layout (written by `moca3d prepare`):
     ROOT/assets/<id>/samples.npz     surface (N, P, 6); query_points (N, Q, 3); query_sdf (N, Q) (+ inside)
 
 Loss per query point, with the target t = clamp(sdf / truncation, -1, 1):
-    |logit - t|  +  sign_weight * BCE(sign_sharpness * logit, sdf > 0)  (+ kl_weight * KL).
+    |logit - t|  +  sign_weight * BCE(sign_sharpness * logit, sdf > 0; inside queries weighted by
+    inside_weight)  (+ kl_weight * KL).
 Every random draw of step s comes from a generator seeded by (seed, s), so a resumed run repeats
 exactly the run that was not interrupted.
 """
@@ -33,6 +34,7 @@ from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoin
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
     "latent_channels": 8, "num_latents": 64, "num_attention_heads": 4, "width_encoder": 128, "width_decoder": 128,
     "num_layers_encoder": 1, "num_layers_decoder": 3, "embed_frequency": 8, "truncation": 0.1,
+    "init_std": 0.06,  # 0.02 (GPT-2's) is too small at width 128: attention stays uniform for hundreds of steps
 }
 SEED_STRIDE = 1_000_003  # mixes (seed, step) into one generator seed
 VAL_SEED = 12345  # fixed seed of the deterministic surface subsets used to encode
@@ -45,25 +47,26 @@ class VAETrainConfig(Recipe):
     recipe_name = "VAE training"
 
     model: dict[str, Any] = field(default_factory=lambda: dict(SMALL_MODEL))
-    steps: int = 4000
-    batch_size: int = 8
+    steps: int = 10000
+    batch_size: int = 32  # components per step: many shapes with few queries each learn faster than the reverse
     lr: float = 1e-3
     min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     num_surface_points: int = 512  # dense points P_d fed to the encoder per component
-    num_query_points: int = 1024  # supervised query points per component and step
+    num_query_points: int = 256  # supervised query points per component and step
     kl_weight: float = 1e-4
     sign_weight: float = 0.5
     sign_sharpness: float = 10.0  # logits are ~sdf/truncation; BCE sees them times this
+    inside_weight: float = 1.5  # BCE weight of inside queries: > 1 keeps thin parts from vanishing
     ema_decay: float = 0.995
-    log_every: int = 25
-    checkpoint_every: int = 100
+    log_every: int = 50
+    checkpoint_every: int = 250
     keep_checkpoints: int = 2
-    validate_every: int = 1000  # full validation: meshes extracted, CD / F-scores
-    val_query_every: int = 250  # cheap validation: sign accuracy / IoU at the held-out query points
+    validate_every: int = 2500  # full validation: meshes extracted, CD / F-scores
+    val_query_every: int = 500  # cheap validation: sign accuracy / IoU at the held-out query points
     val_assets: int = 3  # held-out assets reconstructed at each full validation
     val_resolution: int = 128
     val_coarse_resolution: int = 32
@@ -76,6 +79,8 @@ class VAETrainConfig(Recipe):
         """Raise ConfigError for values out of range."""
         self.check_positive("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
                             "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution")
+        if self.inside_weight <= 0:
+            raise ConfigError(f"inside_weight must be positive, got {self.inside_weight}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"bad learning rate settings lr={self.lr} min_lr_ratio={self.min_lr_ratio}")
 
@@ -183,7 +188,8 @@ def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tu
     sdf = batch["sdf"]
     target = (sdf / model.config.truncation).clamp(-1.0, 1.0)
     loss_sdf = (logits - target).abs().mean()
-    loss_sign = F.binary_cross_entropy_with_logits(cfg.sign_sharpness * logits, (sdf > 0).float())
+    pos_weight = torch.tensor(cfg.inside_weight, device=logits.device)
+    loss_sign = F.binary_cross_entropy_with_logits(cfg.sign_sharpness * logits, (sdf > 0).float(), pos_weight=pos_weight)
     loss_kl = posterior.kl().mean()
     loss = loss_sdf + cfg.sign_weight * loss_sign + cfg.kl_weight * loss_kl
     with torch.no_grad():
