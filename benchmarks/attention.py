@@ -6,8 +6,8 @@ timed separately as whole layers):
   moc_ms     routing + routed attention, for each backend; the fastest is reported
   routing_ms the router alone (anchor projections, importance, ranking)
 and forward+backward for both, the context length measured vs L + kL + (N-k-1)L/sigma, the
-attention-FLOP ratio, and peak memory (CUDA allocator peak; on the CPU the peak RSS rise,
-sampled, approximate). Prints a table and writes JSON records (--json).
+attention-FLOP ratio, and peak memory (CUDA allocator peak; on the CPU the rise of the kernel's
+peak RSS, reset before each call: benchkit.measure_peak). Prints a table and writes JSON (--json).
 
     python benchmarks/attention.py --n 4 8 16 32 64 --L 256 --dim 512 --heads 8 --json out.json
 """
@@ -15,13 +15,8 @@ sampled, approximate). Prints a table and writes JSON records (--json).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
-import os
 import platform
 import statistics
-import threading
 import time
 import warnings
 from typing import Callable, Dict, List, Optional
@@ -31,6 +26,8 @@ import torch
 from moca3d.attention import BACKENDS, MoCAttention, MoCAttentionConfig
 from moca3d.attention.backends import dense_global_attention
 from moca3d.attention.backends.context import build_context
+
+from benchkit import peak_memory_mb, print_table, write_json  # benchmarks/benchkit.py
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
@@ -55,49 +52,6 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
             _sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory added by one call of `fn`: CUDA allocator peak, or sampled RSS rise on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _trim()
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out = fn()
-    peak[0] = max(peak[0], _rss_bytes())
-    done.set()
-    thread.join()
-    del out
-    return (peak[0] - base) / 2**20
 
 
 def attention_flops(queries: int, keys: int, dim: int) -> float:
@@ -172,7 +126,7 @@ def bench_n(args, n: int, device: torch.device, dtype: torch.dtype) -> Dict:
     return rec
 
 
-def print_table(records: List[Dict]) -> None:
+def print_records(records: List[Dict]) -> None:
     cols = [
         ("N", "n", "{:>4}"), ("k", "k", "{:>3}"), ("ctx", "context_len", "{:>6}"), ("ctx(formula)", "context_len_formula", "{:>12}"),
         ("FLOPx", "flop_ratio", "{:>6.2f}"), ("dense ms", "dense_ms", "{:>9.1f}"), ("MoC ms", "moc_ms", "{:>8.1f}"),
@@ -180,13 +134,7 @@ def print_table(records: List[Dict]) -> None:
         ("route %", "routing_frac", "{:>7.1%}"), ("fb dense", "fwd_bwd_dense_ms", "{:>9.1f}"), ("fb MoC", "fwd_bwd_moc_ms", "{:>8.1f}"),
         ("fb x", "fwd_bwd_speedup", "{:>5.2f}x"), ("mem dense MB", "peak_mem_dense_mb", "{:>12.0f}"), ("mem MoC MB", "peak_mem_moc_mb", "{:>10.0f}"),
     ]
-    print(" | ".join(name for name, _, _ in cols))
-    for r in records:
-        cells = []
-        for name, key, fmt in cols:
-            val = r.get(key)
-            cells.append(fmt.format(val) if val is not None else "-".rjust(len(name)))
-        print(" | ".join(cells))
+    print_table(records, cols)
     for r in records:
         per = ", ".join(f"{b} {ms:.1f}" for b, ms in r["moc_ms_by_backend"].items())
         print(f"N={r['n']}: MoC ms by backend: {per}; whole layer dense {r['layer_dense_ms']:.1f} ms vs MoC {r['layer_moc_ms']:.1f} ms")
@@ -225,14 +173,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         rec["env"] = env
         records.append(rec)
         print(f"  N={n}: dense {rec['dense_ms']:.1f} ms, MoC {rec['moc_ms']:.1f} ms ({rec['backend']}), routing {rec['routing_ms']:.2f} ms", flush=True)
-    print_table(records)
+    print_records(records)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(records, f, indent=2)
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, records)
     return records
 
 

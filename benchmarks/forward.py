@@ -4,14 +4,12 @@ For each N it times the full transformer (same size, same weights apart from the
 splits the time into local attention, routing, global attention (routing excluded) and total,
 with module hooks (CUDA-synchronised on a GPU). The paper's Table 4, side by side in one run.
 
-    python benchmarks/forward.py --n 4 8 16 32 --config configs/forward_cpu.json --json out.json
+    python benchmarks/forward.py --n 4 8 16 32 --config benchmarks/forward_l512.json --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -22,8 +20,7 @@ import torch
 from moca3d.attention import LocalAttention, MoCAttention, Router
 from moca3d.models.transformer import MoCATransformer
 
-DEFAULT_CONFIG = {"num_latents": 256, "in_channels": 64, "width": 256, "num_layers": 4, "num_heads": 4, "cond_dim": 256, "compression": 8, "id_codebook_size": 128}
-COND_TOKENS = 65
+from benchkit import COND_TOKENS, load_config, write_json  # benchmarks/benchkit.py
 
 
 class SectionTimer:
@@ -109,10 +106,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    config = dict(DEFAULT_CONFIG)
-    if args.config:
-        with open(args.config) as f:
-            config.update(json.load(f))
+    config = load_config(args.config)
     print(f"MoCA transformer forward vs dense global — {config} — {device.type} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     records = []
     for n in args.n:
@@ -125,12 +119,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['n']:>4} | {r['mode']:>6} | {r['local_ms']:>9.1f} | {r['routing_ms']:>10.2f} | {r['global_ms']:>9.1f} | {r['other_ms']:>9.1f} | {r['total_ms']:>9.1f} | {sp}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"config": config, "records": records}, f, indent=2)
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"config": config, "records": records})
     return records
 
 

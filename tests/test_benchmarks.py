@@ -2,14 +2,21 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = str(ROOT / "benchmarks")
+KNOWN_ALLOCATION_MIB = 64
+SMALL_BATCH, BIG_BATCH = 1, 8
 
 
 def load(name):
+    if BENCHMARKS not in sys.path:  # the scripts import their shared helpers (benchkit.py) as a sibling module
+        sys.path.insert(0, BENCHMARKS)
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -39,3 +46,27 @@ def test_forward_benchmark_writes_required_keys(tmp_path):
     for r in records:
         assert {"n", "mode", "local_ms", "routing_ms", "global_ms", "total_ms"} <= set(r)
         assert r["total_ms"] >= r["local_ms"] + r["global_ms"]
+
+
+def test_cpu_peak_memory_of_a_known_allocation():
+    peak_mib = load("benchkit").peak_memory_mb(lambda: torch.ones(KNOWN_ALLOCATION_MIB * 2**18), torch.device("cpu"))  # float32: 4 bytes
+    assert KNOWN_ALLOCATION_MIB * 0.95 <= peak_mib <= KNOWN_ALLOCATION_MIB * 1.1
+
+
+def test_memory_benchmark_writes_required_keys(tmp_path):
+    out = tmp_path / "memory.json"
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"num_latents": 32, "in_channels": 8, "width": 64, "num_layers": 2, "num_heads": 2, "cond_dim": 16, "compression": 4}))
+    batches = [str(SMALL_BATCH), str(BIG_BATCH)]
+    load("memory").main(["--n", "2", "--batch", *batches, "--config", str(config), "--threads", "1", "--device", "cpu", "--budget-gib", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    records = result["records"]
+    assert {(r["mode"], r["batch"]) for r in records} == {(m, b) for m in ("moca", "dense") for b in (SMALL_BATCH, BIG_BATCH)}
+    peaks = {}
+    for r in records:
+        assert {"n", "mode", "batch", "sdpa", "peak_gib", "static_gib", "baseline_bytes", "peak_bytes", "fits"} <= set(r)
+        assert r["peak_gib"] > 0 and r["static_gib"] > 0 and r["fits"] is True
+        peaks[r["mode"], r["batch"]] = r["peak_gib"]
+    for mode in ("moca", "dense"):
+        assert peaks[mode, BIG_BATCH] > 2 * peaks[mode, SMALL_BATCH]
+    assert all(r["dense_over_moca"] > 0 for r in records if r["mode"] == "moca")

@@ -1,0 +1,137 @@
+"""Helpers shared by the benchmark scripts: default model shape, JSON output, tables, peak memory."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import re
+import threading
+import time
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+# The mid-size CPU transformer of the whole-model benchmarks (forward.py, memory.py).
+DEFAULT_CONFIG = {"num_latents": 256, "in_channels": 64, "width": 256, "num_layers": 4, "num_heads": 4, "cond_dim": 256, "compression": 8, "id_codebook_size": 128}
+COND_TOKENS = 65  # condition tokens per sample (a DINO CLS + 8x8 patch grid)
+MIB = 2**20
+GIB = 2**30
+RSS_SAMPLE_S = 0.002  # RSS sampling period where the peak cannot be reset
+CLEAR_REFS_RESET_PEAK = "5"  # /proc/<pid>/clear_refs: reset VmHWM to the current RSS
+
+
+def load_config(path: Optional[str]) -> dict:
+    """DEFAULT_CONFIG updated with the MoCATransformer arguments of a JSON file (if given)."""
+    config = dict(DEFAULT_CONFIG)
+    if path:
+        with open(path) as f:
+            config.update(json.load(f))
+    return config
+
+
+def write_json(path: str, data) -> None:
+    """Write `data` as indented JSON, atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def print_table(records: Sequence[Dict], cols: Sequence[Tuple[str, str, str]]) -> None:
+    """Print records as a " | " table; cols are (header, key, format); a missing value prints "-"."""
+    rows = [[fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in cols] for r in records]
+    widths = [max([len(name)] + [len(row[i]) for row in rows]) for i, (name, _, _) in enumerate(cols)]
+    for cells in [[name for name, _, _ in cols]] + rows:
+        print(" | ".join(cell.rjust(w) for cell, w in zip(cells, widths)))
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> Optional[int]:
+    """VmHWM (peak RSS since start or the last reset) of this process, None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write(CLEAR_REFS_RESET_PEAK)
+    except OSError:
+        return False
+    return _hwm_bytes() is not None
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand free heap pages back to the OS, so RSS tracks live allocations."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _sampled_peak(fn: Callable[[], object], base: int) -> int:
+    """Peak RSS during fn(), polled by a thread (misses spikes shorter than RSS_SAMPLE_S)."""
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(RSS_SAMPLE_S)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out = fn()
+    peak[0] = max(peak[0], rss_bytes())
+    done.set()
+    thread.join()
+    del out
+    return peak[0]
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device) -> Tuple[int, int]:
+    """(baseline, peak) bytes around one call of `fn`.
+
+    CUDA: allocated bytes before, and the allocator's peak during the call.
+    CPU: RSS before (heap trimmed), and the kernel's peak RSS (VmHWM, reset just before the call),
+    or the RSS sampled every RSS_SAMPLE_S where the peak cannot be reset.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        return base, torch.cuda.max_memory_allocated(device)
+    trim_heap()
+    base = rss_bytes()
+    if not reset_peak_rss():
+        return base, _sampled_peak(fn, base)
+    out = fn()
+    peak = max(_hwm_bytes() or 0, rss_bytes())
+    del out
+    return base, peak
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory added by one call of `fn` in MiB (see measure_peak)."""
+    base, peak = measure_peak(fn, device)
+    return (peak - base) / MIB
+

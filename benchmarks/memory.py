@@ -1,0 +1,344 @@
+"""Benchmark: peak memory of one training step of the whole MoCA transformer vs the dense-global baseline.
+
+For each N, batch size and attention mode ("moc" shown as moca, and "dense") one measurement runs
+in its own process: it builds the transformer and the inputs of one rectified-flow step (latents
+(B, N, L, C), timesteps, condition tokens, an all-real component mask), takes a baseline, runs
+forward + flow loss + backward once in training mode (sampled routing), and reports the peak
+increase over the baseline: activations, autograd buffers and the parameter gradients; weights,
+inputs and optimizer state are not in it (weights and inputs are `static`, counted exactly).
+
+Method. One warm-up step comes first (--warmup): full size on CUDA, so that the compiled
+attention kernels and cuBLAS workspaces exist before the baseline; on the CPU one sample of at
+most 4 components, which pages in torch's code (~20 MB of RSS that is not the step's). CUDA:
+torch.cuda.reset_peak_memory_stats, then max_memory_allocated - memory_allocated. CPU: torch's
+CPU allocations are not tracked by torch.cuda, so the kernel's peak resident set size is used:
+heap trimmed (malloc_trim), baseline = RSS, peak RSS reset by writing "5" to
+/proc/self/clear_refs, peak = VmHWM of /proc/self/status after the step (a polled RSS where the
+reset is not allowed; benchkit.measure_peak). Checked: doubling the batch doubles the delta
+(x1.85-2.06 on the CPU; README "Measured"), and a known allocation measures its size (tests).
+
+--sdpa math forces torch's math attention kernel in both modes (the score matrices are stored,
+as without a fused kernel); the default lets torch pick its fused kernels, which keep none.
+
+The processes are forked, one per measurement, from a server process that imported torch and
+moca3d but allocated no tensors and touched no GPU, so no allocator state leaks between
+measurements and the ~4 s import is paid once. --budget-gib X marks which steps fit in X GiB
+(static + peak); --max-batch also searches the largest batch that fits (doubling, then bisecting,
+one process per probe; a probe stops as soon as it passes the budget).
+
+    python benchmarks/memory.py --n 8 16 32 --batch 1 2 --threads 1 --json benchmarks/results/memory_cpu.json
+    python benchmarks/memory.py --n 8 16 32 --batch 1 --sdpa math --threads 1 --json benchmarks/results/memory_cpu_math.json
+    python benchmarks/memory.py --device cuda --dtype bf16 --latents 1024 --width 2048 --heads 16 --layers 8 \\
+        --n 8 16 32 --batch 4 --budget-gib 80 --max-batch --json benchmarks/results/memory_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moca3d.flow import flow_loss, interpolate, sample_timesteps
+from moca3d.models.transformer import MoCATransformer
+
+from benchkit import COND_TOKENS, GIB, load_config, measure_peak, print_table, reset_peak_rss, rss_bytes, trim_heap, write_json  # benchmarks/benchkit.py
+
+MODES = {"moc": "moca", "dense": "dense"}  # attention_mode -> name in the records, measured in this order
+SDPA_CHOICES = ("auto", "math")  # torch's fused kernels (no score matrix kept), or the math kernel (scores materialised)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_N = [8, 16, 32]
+DEFAULT_K_FRACTION = 0.25
+WARMUP_STEPS = 1  # steps before the baseline: full size on CUDA, WARMUP_N_CPU components of one sample on the CPU
+WARMUP_N_CPU = 4
+DEFAULT_MAX_BATCH_CAP = 32  # the batch search stops doubling here
+SAFETY_FRACTION = 0.8  # a CPU measurement stops when it would take more than this part of MemAvailable
+WATCH_PERIOD_S = 0.005  # RSS polling period of the CPU budget watchdog
+EXIT_OVER_LIMIT = 3  # exit status of a measurement stopped by its memory limit
+SEED = 0
+
+
+# ---------------------------------------------------------------- measurement (in the forked process)
+
+
+def _watch_rss(limit_rss: int) -> None:
+    """Exit the process with EXIT_OVER_LIMIT as soon as its RSS passes `limit_rss` bytes (a daemon thread)."""
+
+    def watch() -> None:
+        while rss_bytes() <= limit_rss:
+            time.sleep(WATCH_PERIOD_S)
+        os._exit(EXIT_OVER_LIMIT)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def measure(spec: Dict) -> Dict:
+    """One training step of the spec's transformer: static bytes (weights + inputs), baseline and peak bytes."""
+    device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
+    torch.set_num_threads(spec["threads"])
+    limit = spec.get("limit_bytes")
+    if device.type == "cuda" and limit:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / torch.cuda.get_device_properties(device).total_memory), device)
+    store = torch.float32 if spec["amp"] else dtype  # weights and inputs; --amp computes in `dtype` under autocast
+    config, B, N = spec["config"], spec["batch"], spec["n"]
+    torch.manual_seed(SEED)
+    model = MoCATransformer(**{**config, "attention_mode": spec["mode"]})
+    torch.nn.Module.to(model, device, store).train()  # plain cast (diffusers warns on .to(dtype)); training = sampled routing
+    model.gradient_checkpointing = spec["grad_checkpointing"]
+    L, C = config["num_latents"], config["in_channels"]
+    g = torch.Generator().manual_seed(SEED)
+    z0 = torch.randn(B, N, L, C, generator=g).to(device, store)  # (B, N, L, C) clean latents
+    noise = torch.randn(B, N, L, C, generator=g).to(device, store)
+    t = sample_timesteps(B, generator=g, device=device)  # (B,)
+    zt = interpolate(z0, noise, t)  # (B, N, L, C)
+    cond = torch.randn(B, COND_TOKENS, config["cond_dim"], generator=g).to(device, store)  # (B, T_c, cond_dim)
+    mask = torch.ones(B, N, dtype=torch.bool, device=device)  # every component real
+    ids = model.sample_ids(B, N, g, device)  # (B, N)
+    seeds = torch.arange(B) + SEED  # (B,) routing seeds
+    autocast = torch.autocast(device.type, dtype=dtype) if spec["amp"] else nullcontext()
+
+    def step(b: int = B, n: int = N) -> None:
+        """Forward + flow loss + backward on the first b samples and n components."""
+        with autocast:
+            pred = model(zt[:b, :n], t[:b], cond[:b], component_mask=mask[:b, :n], ids=ids[:b, :n], routing_seeds=seeds[:b])  # (b, n, L, C)
+        flow_loss(pred, z0[:b, :n], noise[:b, :n], mask[:b, :n]).backward()
+
+    warm_b, warm_n = (B, N) if device.type == "cuda" else (1, min(N, WARMUP_N_CPU))
+    with sdpa_kernel(SDPBackend.MATH) if spec["sdpa"] == "math" else nullcontext():
+        for _ in range(spec["warmup"]):
+            step(warm_b, warm_n)
+            model.zero_grad(set_to_none=True)
+        tensors = list(model.parameters()) + [z0, noise, t, zt, cond, mask, ids]
+        static = sum(x.numel() * x.element_size() for x in tensors)
+        if device.type == "cpu" and limit:
+            trim_heap()
+            _watch_rss(rss_bytes() + limit - static)
+        base, peak = measure_peak(step, device)
+    if device.type == "cuda":
+        method = f"cuda max_memory_allocated ({torch.cuda.get_device_name(device)})"
+    else:
+        method = "cpu VmHWM after clear_refs" if reset_peak_rss() else "cpu RSS polled"
+    return {"static_bytes": static, "baseline_bytes": base, "peak_bytes": peak, "params": sum(p.numel() for p in model.parameters()), "method": method}
+
+
+def _run_forked(spec: Dict) -> Dict:
+    """measure(spec) in a forked child; its result, or over_limit / error from how it ended."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: stdout belongs to the server's protocol, so send prints to stderr
+        os.close(read_fd)
+        os.dup2(2, 1)
+        code = 0
+        try:
+            result = measure(spec)
+        except torch.OutOfMemoryError:
+            result = {"over_limit": True}
+        except Exception as e:  # reported to the parent, which records it
+            result, code = {"error": f"{type(e).__name__}: {e}"}, 1
+        with os.fdopen(write_fd, "w") as f:
+            f.write(json.dumps(result))
+        os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        text = f.read()  # until the child exits
+    _, status = os.waitpid(pid, 0)
+    if text:
+        return json.loads(text)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_OVER_LIMIT:
+        return {"over_limit": True}
+    return {"error": f"measurement process ended with wait status {status}"}
+
+
+def serve() -> None:
+    """Read one JSON spec per stdin line, answer one JSON result per stdout line, each measured in a fresh fork."""
+    gc.freeze()  # the imported modules' objects: the children's collections skip them (no copy-on-write of the heap)
+    for line in sys.stdin:
+        print(json.dumps(_run_forked(json.loads(line))), flush=True)
+
+
+class Server:
+    """The parent's handle on the `--serve` process (a context manager)."""
+
+    def __init__(self, threads: int):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def run(self, spec: Dict) -> Dict:
+        """Measure one spec in a fresh process."""
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the measurement server exited (status {self.proc.wait()})")
+        return json.loads(line)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------- the benchmark (parent process)
+
+
+def _mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+class Bench:
+    """Runs and caches measurements of (N, mode, batch, SDPA kernel), budget checks and the max-batch search."""
+
+    def __init__(self, server: Server, base_spec: Dict, budget_gib: Optional[float]):
+        self.server, self.base_spec, self.budget = server, base_spec, budget_gib
+        self.cache: Dict[Tuple[int, str, int, str], Dict] = {}
+        cpu = base_spec["device"] == "cpu"
+        self.safety = int(SAFETY_FRACTION * _mem_available()) if cpu else None
+
+    def record(self, n: int, mode: str, batch: int, sdpa: str, limit_gib: Optional[float] = None) -> Dict:
+        """The record of one measurement (run once; a limited probe only when no full one exists)."""
+        key = (n, mode, batch, sdpa)
+        if key in self.cache:
+            return self.cache[key]
+        limits = [x for x in (self.safety, limit_gib and int(limit_gib * GIB)) if x]
+        limit = min(limits) if limits else None
+        out = self.server.run({**self.base_spec, "n": n, "mode": mode, "batch": batch, "sdpa": sdpa, "limit_bytes": limit})
+        rec: Dict = {"n": n, "mode": MODES[mode], "batch": batch, "sdpa": sdpa, **out}
+        if "peak_bytes" in out:
+            rec["peak_gib"] = (out["peak_bytes"] - out["baseline_bytes"]) / GIB
+            rec["static_gib"] = out["static_bytes"] / GIB
+        if self.budget is not None:
+            rec["fits"] = self._fits(rec, limit)
+        self.cache[key] = rec
+        return rec
+
+    def _fits(self, rec: Dict, limit: Optional[int]) -> Optional[bool]:
+        """static + peak <= budget; a step stopped at a limit below the budget is unknown (None)."""
+        if "peak_gib" in rec:
+            return rec["static_gib"] + rec["peak_gib"] <= self.budget
+        if rec.get("over_limit") and limit is not None and limit <= self.budget * GIB:
+            return False
+        return None
+
+    def max_batch(self, n: int, mode: str, sdpa: str, cap: int) -> Dict:
+        """Largest batch <= cap whose step fits the budget: doubling from 1, then bisecting."""
+        fits = lambda b: bool(self.record(n, mode, b, sdpa, self.budget).get("fits"))  # noqa: E731
+        head = {"n": n, "mode": MODES[mode], "sdpa": sdpa}
+        if not fits(1):
+            return {**head, "max_batch": 0}
+        lo, hi = 1, None
+        while hi is None and lo < cap:
+            b = min(2 * lo, cap)
+            lo, hi = (b, None) if fits(b) else (lo, b)
+        while hi is not None and hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        best = self.record(n, mode, lo, sdpa)
+        return {**head, "max_batch": lo, "capped": hi is None, "peak_gib": best.get("peak_gib"), "static_gib": best.get("static_gib")}
+
+
+def _add_ratios(records: List[Dict]) -> None:
+    """dense peak / MoCA peak on each MoCA record of the same (N, batch, SDPA kernel)."""
+    peaks = {(r["n"], r["batch"], r["sdpa"], r["mode"]): r.get("peak_gib") for r in records}
+    for r in records:
+        dense = peaks.get((r["n"], r["batch"], r["sdpa"], "dense"))
+        if r["mode"] == "moca" and r.get("peak_gib") and dense:
+            r["dense_over_moca"] = dense / r["peak_gib"]
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, nargs="+", default=DEFAULT_N, help="component counts")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, each measured for every N and mode")
+    p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: benchkit.DEFAULT_CONFIG, as forward.py)")
+    p.add_argument("--latents", type=int, default=None, help="latent tokens per component L (overrides the config)")
+    p.add_argument("--width", type=int, default=None, help="model width (overrides the config)")
+    p.add_argument("--layers", type=int, default=None, help="blocks, global on even indices (overrides the config)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (overrides the config)")
+    p.add_argument("--compression", type=int, default=None, help="compression ratio sigma (overrides the config)")
+    p.add_argument("--k-fraction", type=float, default=None, help=f"routed fraction of the components (default {DEFAULT_K_FRACTION})")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp32 CPU, bf16 GPU (weights cast too, unless --amp)")
+    p.add_argument("--amp", action="store_true", help="fp32 weights and inputs, forward under autocast to --dtype (as the trainer)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the measurements (default: this process's)")
+    p.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="training steps before the baseline (small ones on the CPU)")
+    p.add_argument("--sdpa", nargs="+", choices=SDPA_CHOICES, default=["auto"],
+                   help="attention kernels, each measured: auto (torch's fused kernels) or math (score matrices materialised)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in the backward pass")
+    p.add_argument("--budget-gib", type=float, default=None, help="mark which steps fit in this many GiB (static + peak)")
+    p.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits --budget-gib")
+    p.add_argument("--max-batch-cap", type=int, default=DEFAULT_MAX_BATCH_CAP, help="largest batch the search tries")
+    p.add_argument("--json", default=None, help="write the records to this JSON file")
+    args = p.parse_args(argv)
+    if args.serve:
+        serve()
+        return {}
+    if args.max_batch and args.budget_gib is None:
+        p.error("--max-batch needs --budget-gib")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    threads = args.threads or torch.get_num_threads()
+    config = load_config(args.config)
+    overrides = {"num_latents": args.latents, "width": args.width, "num_layers": args.layers, "num_heads": args.heads,
+                 "compression": args.compression, "topk_ratio": args.k_fraction}
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    config.setdefault("topk_ratio", DEFAULT_K_FRACTION)
+    spec = {"config": config, "device": str(device), "dtype": dtype, "threads": threads, "warmup": args.warmup, "amp": args.amp,
+            "grad_checkpointing": args.grad_checkpointing}
+    env = f"torch {torch.__version__}, {device.type}" + ("" if device.type == "cuda" else f", {threads} threads")  # no CUDA context here
+    precision = f"{dtype} autocast, fp32 weights" if args.amp else dtype
+    print(f"MoCA vs dense transformer, peak memory of one training step — {config} — {precision}, {env}", flush=True)
+
+    records: List[Dict] = []
+    searches: List[Dict] = []
+    with Server(threads) as server:
+        bench = Bench(server, spec, args.budget_gib)
+        for sdpa in args.sdpa:
+            for n in args.n:
+                for batch in args.batch:
+                    for mode in MODES:  # side by side
+                        t0 = time.perf_counter()
+                        rec = bench.record(n, mode, batch, sdpa)
+                        records.append(rec)
+                        peak = f"{rec['peak_gib']:.3f} GiB" if "peak_gib" in rec else rec.get("error", "over the limit")
+                        print(f"  SDPA {sdpa} N={n} B={batch} {MODES[mode]}: {peak} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            for n in args.n if args.max_batch else []:
+                for mode in MODES:
+                    searches.append(bench.max_batch(n, mode, sdpa, args.max_batch_cap))
+                    print(f"  SDPA {sdpa} N={n} {MODES[mode]}: max batch {searches[-1]['max_batch']} in {args.budget_gib:g} GiB", flush=True)
+    _add_ratios(records)
+
+    cols = [("SDPA", "sdpa", "{:>4}"), ("N", "n", "{:>4}"), ("mode", "mode", "{:>6}"), ("batch", "batch", "{:>5}"), ("peak GiB", "peak_gib", "{:>8.3f}"),
+            ("dense/MoCA", "dense_over_moca", "{:>9.2f}x"), ("static GiB", "static_gib", "{:>10.3f}")]
+    if args.budget_gib is not None:
+        cols.append((f"fits {args.budget_gib:g} GiB", "fits", "{!s}"))
+    print_table(records, cols)
+    if searches:
+        print(f"largest batch within {args.budget_gib:g} GiB (static + peak; search capped at {args.max_batch_cap}):")
+        print_table(searches, [("SDPA", "sdpa", "{:>4}"), ("N", "n", "{:>4}"), ("mode", "mode", "{:>6}"), ("max batch", "max_batch", "{:>9}"), ("peak GiB", "peak_gib", "{:>8.3f}")])
+    print("method:", ", ".join(sorted({r["method"] for r in records if "method" in r})))
+    result = {"config": config, "device": device.type, "dtype": dtype, "amp": args.amp, "env": env, "budget_gib": args.budget_gib, "records": records, "max_batch": searches}
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
