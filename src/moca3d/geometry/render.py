@@ -109,26 +109,31 @@ def _bounding_sphere(meshes: list[trimesh.Trimesh]) -> tuple[np.ndarray, float]:
     return center, float(np.linalg.norm(verts - center, axis=1).max())
 
 
+def orbit_camera(
+    meshes: list[trimesh.Trimesh], azimuth_deg: float, elevation_deg: float, config: RenderConfig | None = None
+) -> Camera:
+    """A camera on the sphere around the components' bounding sphere, framing all of them."""
+    config = config or RenderConfig()
+    center, radius = _bounding_sphere(meshes)
+    eye = _orbit(azimuth_deg, elevation_deg, _fit_distance(radius, config), center)
+    return Camera(tuple(eye), tuple(center), config.fov_deg, config.size, config.size)
+
+
 def object_camera(
     meshes: list[trimesh.Trimesh], rng: np.random.Generator, config: RenderConfig | None = None
 ) -> Camera:
     """A random view of an object: azimuth uniform, elevation in the configured range."""
     config = config or RenderConfig()
-    center, radius = _bounding_sphere(meshes)
     azimuth = float(rng.uniform(0.0, 360.0))
     elevation = float(rng.uniform(*config.object_elevation_deg))
-    eye = _orbit(azimuth, elevation, _fit_distance(radius, config), center)
-    return Camera(tuple(eye), tuple(center), config.fov_deg, config.size, config.size)
+    return orbit_camera(meshes, azimuth, elevation, config)
 
 
 def scene_camera(
     meshes: list[trimesh.Trimesh], config: RenderConfig | None = None, azimuth_deg: float = 45.0
 ) -> Camera:
     """An isometric view of a scene: looking down the cube diagonal from azimuth `azimuth_deg`."""
-    config = config or RenderConfig()
-    center, radius = _bounding_sphere(meshes)
-    eye = _orbit(azimuth_deg, ISOMETRIC_ELEVATION_DEG, _fit_distance(radius, config), center)
-    return Camera(tuple(eye), tuple(center), config.fov_deg, config.size, config.size)
+    return orbit_camera(meshes, azimuth_deg, ISOMETRIC_ELEVATION_DEG, config)
 
 
 def render(

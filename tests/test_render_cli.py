@@ -1,0 +1,59 @@
+"""`moca3d render`: a preview PNG of a mesh file's components, alone or beside the input image."""
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+from typer.testing import CliRunner
+
+from moca3d.cli import app
+from moca3d.errors import InputError
+from moca3d.geometry.mesh_io import save_glb
+
+RED, BLUE = (220, 30, 30, 255), (30, 30, 220, 255)
+
+
+@pytest.fixture
+def two_boxes(tmp_path):
+    """A GLB with a red box on the left and a blue box on the right."""
+    left, right = trimesh.creation.box(extents=[0.6, 0.6, 0.6]), trimesh.creation.box(extents=[0.6, 0.6, 0.6])
+    left.apply_translation([-0.5, 0, 0])
+    right.apply_translation([0.5, 0, 0])
+    path = tmp_path / "boxes.glb"
+    save_glb(path, [left, right], ["left", "right"], colors=np.array([RED, BLUE]))
+    return path
+
+
+def test_render_draws_every_component_in_its_colour(two_boxes, tmp_path):
+    out = tmp_path / "preview.png"
+    result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(out), "--size", "64", "--azimuth", "0"])
+    assert result.exit_code == 0, result.output
+    rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)  # (64, 64, 3)
+    assert rgb.shape == (64, 64, 3)
+    reddish = (rgb[..., 0] > rgb[..., 2] + 60).sum()
+    bluish = (rgb[..., 2] > rgb[..., 0] + 60).sum()
+    assert reddish > 50 and bluish > 50
+    # seen from +z, the red box (x < 0) is on the left half, the blue one on the right
+    cols = np.arange(64)[None, :].repeat(64, 0)
+    assert cols[rgb[..., 0] > rgb[..., 2] + 60].mean() < 32 < cols[rgb[..., 2] > rgb[..., 0] + 60].mean()
+
+
+def test_render_beside_an_image_doubles_the_width(two_boxes, tmp_path):
+    image = tmp_path / "input.png"
+    Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(image)  # transparent: composited on white
+    out = tmp_path / "pair.png"
+    result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(out), "--size", "32", "--beside", str(image)])
+    assert result.exit_code == 0, result.output
+    pair = np.asarray(Image.open(out).convert("RGB"))
+    assert pair.shape == (32, 64, 3)
+    assert (pair[:, :32] == 255).all()
+
+
+def test_render_bad_inputs_are_one_line_errors(two_boxes, tmp_path):
+    text = tmp_path / "not_an_image.png"
+    text.write_text("hello")
+    result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(tmp_path / "x.png"), "--beside", str(text)])
+    assert isinstance(result.exception, InputError) and "not a readable image" in str(result.exception)
+    result = CliRunner().invoke(app, ["render", str(tmp_path / "missing.glb"), "-o", str(tmp_path / "y.png")])
+    assert result.exit_code != 0
+    assert not (tmp_path / "y.png").exists()
