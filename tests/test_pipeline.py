@@ -210,3 +210,21 @@ def test_sequential_cpu_offload_gives_the_same_latents(dataset, tmp_path):
     assert next(pipe.transformer.parameters()).device.type == "meta"  # weights live in the offload hooks
     offloaded = pipe(image, num_parts=2, steps=2, resolution=16, show_progress=False)
     torch.testing.assert_close(offloaded.latents, plain.latents, atol=1e-6, rtol=0)
+
+
+def test_group_by_parts_draws_batches_of_neighbouring_part_counts():
+    counts = [2, 9, 3, 8, 2, 7, 5, 4, 6, 9, 3, 2]
+    by_parts = sorted(range(len(counts)), key=lambda i: (counts[i], i))
+    cfg = tiny_recipe(group_by_parts=4, batch_size=3)
+    seen = set()
+    for step in range(300):
+        draws = step_draws(cfg, step, len(counts), 3, by_parts)
+        positions = [by_parts.index(i) for i in draws["indices"]]
+        assert max(positions) - min(positions) < 4  # one window of 4 neighbours in part-count order
+        seen.update(draws["indices"])
+        again = step_draws(cfg, step, len(counts), 3, by_parts)
+        assert again["indices"] == draws["indices"] and torch.equal(again["t"], draws["t"])
+    assert seen == set(range(len(counts)))
+    # off (the default): the uniform draws, whatever order is passed
+    plain = tiny_recipe(batch_size=3)
+    assert step_draws(plain, 7, len(counts), 3, by_parts)["indices"] == step_draws(plain, 7, len(counts), 3)["indices"]

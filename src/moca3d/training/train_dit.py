@@ -69,6 +69,7 @@ class DiTTrainConfig(Recipe):
     cfg_drop: float = 0.1  # probability of a zero condition (classifier-free guidance)
     timestep_distribution: str = "logit_normal"
     max_components: int = 32  # assets with more parts are skipped
+    group_by_parts: int = 0  # > 0: each batch comes from a window of this many assets of similar part count (less padding)
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on the CPU; or "no" / "bf16" / "fp16"
     gradient_checkpointing: bool = False
     log_every: int = 25
@@ -95,6 +96,8 @@ class DiTTrainConfig(Recipe):
     def check(self) -> None:
         """Raise ConfigError for values out of range."""
         self.check_positive("steps", "batch_size", "log_every", "checkpoint_every", "max_components")
+        if self.group_by_parts < 0:
+            raise ConfigError(f"group_by_parts must be >= 0, got {self.group_by_parts}")
         if not 0 <= self.cfg_drop < 1:
             raise ConfigError(f"cfg_drop must be in [0, 1), got {self.cfg_drop}")
         if self.condition not in CONDITIONS:
@@ -245,10 +248,22 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
     return SceneGenerator(transformer, encoder)
 
 
-def step_draws(cfg: DiTTrainConfig, step: int, dataset_size: int, batch_size: int) -> dict[str, Any]:
-    """All random choices of one global step: asset indices, times, CFG drops, and a generator for noise."""
+def step_draws(cfg: DiTTrainConfig, step: int, dataset_size: int, batch_size: int,
+               by_parts: Optional[list[int]] = None) -> dict[str, Any]:
+    """All random choices of one global step: asset indices, times, CFG drops, and a generator for noise.
+
+    With `cfg.group_by_parts` and `by_parts` (the dataset's indices sorted by part count), the batch
+    is drawn from a random window of that many neighbours in this order: its assets have similar
+    part counts, so little of the batch is padding; every asset stays (near) equally likely.
+    """
     g = torch.Generator().manual_seed(cfg.seed * SEED_STRIDE + step)
-    indices = torch.randint(0, dataset_size, (batch_size,), generator=g).tolist()
+    if cfg.group_by_parts and by_parts is not None:
+        window = min(cfg.group_by_parts, dataset_size)
+        start = int(torch.randint(0, dataset_size - window + 1, (1,), generator=g))
+        picks = torch.randint(0, window, (batch_size,), generator=g)  # (B,) positions in the window
+        indices = [by_parts[start + int(i)] for i in picks]
+    else:
+        indices = torch.randint(0, dataset_size, (batch_size,), generator=g).tolist()
     t = flow.sample_timesteps(batch_size, cfg.timestep_distribution, generator=g)
     drop = torch.rand(batch_size, generator=g) < cfg.cfg_drop
     return {"indices": indices, "t": t, "drop": drop, "generator": g}
@@ -335,6 +350,7 @@ def train(
         data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
     torch.manual_seed(cfg.seed)
     latent_shape = tuple(data.latents[0].shape[1:])
+    by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but a scene encoder's frozen base
@@ -368,7 +384,7 @@ def train(
         for step in range(start, cfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            draws = step_draws(cfg, step, len(data), cfg.batch_size)
+            draws = step_draws(cfg, step, len(data), cfg.batch_size, by_parts)
             with accelerator.autocast():
                 loss = training_loss(model, data, draws, rows, accelerator.device)
             if not torch.isfinite(loss):
