@@ -409,3 +409,39 @@ def test_inside_weight_scales_only_the_inside_sign_terms(dataset):
         assert stats[1] == pytest.approx(expected_ratio * stats[0], rel=1e-5)
     with pytest.raises(ConfigError):
         tiny_train_config(inside_weight=0.0)
+
+
+def test_latent_normalization_round_trip_and_fit(tmp_path):
+    """fit_latent_statistics makes the normalised latents zero-mean, unit-std; the factors survive save/load."""
+    model = tiny_vae()
+    z = 3.0 * torch.randn(10, 16, 4) - 1.5
+    assert torch.equal(model.normalize_latents(z), z)  # defaults: identity
+    shift, scale = model.fit_latent_statistics(z)
+    n = model.normalize_latents(z)
+    assert abs(n.mean().item()) < 1e-5 and n.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(model.denormalize_latents(n), z, atol=1e-5)
+    model.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    loaded = VecSetVAE.from_pretrained(str(tmp_path / "vae"))
+    assert (loaded.config.shift_factor, loaded.config.scaling_factor) == (shift, scale)
+    with pytest.raises(ConfigError):
+        VecSetVAE(**TINY, scaling_factor=0.0)
+
+
+def test_pipeline_decodes_the_denormalised_latents(monkeypatch):
+    """The transformer samples normalised latents; the pipeline hands the VAE field the raw VAE latents."""
+    from moca3d.pipeline import MoCAPipeline
+    from moca3d.training.train_dit import DiTTrainConfig, build_models
+
+    vae = tiny_vae()
+    raw = 3.0 * torch.randn(2, TINY["num_latents"], TINY["latent_channels"]) + 1.0  # (N, L, C)
+    vae.fit_latent_statistics(raw)
+    cfg = DiTTrainConfig.from_dict(dict(transformer=dict(width=32, num_layers=2, num_heads=4, compression=4),
+                                        image_encoder=dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)))
+    models = build_models(cfg, (TINY["num_latents"], TINY["latent_channels"]))
+    pipe = MoCAPipeline(vae, models.transformer, models.image_encoder)
+    received = []
+    field = vae.field
+    monkeypatch.setattr(vae, "field", lambda z, **kw: received.append(z.clone()) or field(z, **kw))
+    meshes = pipe.decode_latents(vae.normalize_latents(raw), resolution=16)
+    assert len(meshes) == 2
+    assert torch.allclose(torch.cat(received), raw, atol=1e-5)

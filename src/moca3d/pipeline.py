@@ -179,7 +179,8 @@ class MoCAPipeline:
         config = ExtractConfig(resolution=resolution, coarse_resolution=max(16, resolution // 4), band=0.95, band_decay=0.5, chunk_size=32768)
         meshes = []
         for i, z in enumerate(latents):
-            meshes.append(extract_mesh(self.vae.field(z[None].to(self.device)), config, device=self.device))
+            z = self.vae.denormalize_latents(z[None].to(self.device))  # sampled (unit-scale) -> VAE latents
+            meshes.append(extract_mesh(self.vae.field(z), config, device=self.device))
             if progress is not None:
                 progress(i + 1, len(latents))
         return meshes

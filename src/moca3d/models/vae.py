@@ -290,6 +290,8 @@ class VecSetVAE(ModelMixin, ConfigMixin):
         norm_eps: float = 1e-5,
         truncation: float = 0.05,
         init_std: float = 0.02,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
     ):
         super().__init__()
         for name, value in [("latent_channels", latent_channels), ("num_latents", num_latents),
@@ -299,6 +301,8 @@ class VecSetVAE(ModelMixin, ConfigMixin):
                 raise ConfigError(f"VecSetVAE {name} must be positive, got {value}")
         if truncation <= 0:
             raise ConfigError(f"VecSetVAE truncation must be positive, got {truncation}")
+        if not scaling_factor > 0:
+            raise ConfigError(f"VecSetVAE scaling_factor must be positive, got {scaling_factor}")
         self.embedder = FourierEmbedder(embed_frequency, in_channels, embed_include_pi)
         self.encoder = VecSetEncoder(self.embedder.out_dim + point_feature_channels, width_encoder,
                                      num_attention_heads, num_layers_encoder, mlp_ratio, norm_eps)
@@ -363,6 +367,25 @@ class VecSetVAE(ModelMixin, ConfigMixin):
         moments = self.quant(tokens)  # (B, L, 2C)
         mean, logvar = moments.chunk(2, dim=-1)  # (B, L, C) each
         return DiagonalGaussian(mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+
+    # -- latent normalisation (diffusers' scaling_factor / shift_factor) --------------------------
+
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the unit-scale latents the transformer is trained on and samples: (z - shift) * scale."""
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_latents`: sampled latents -> VAE latents to decode."""
+        return z / self.config.scaling_factor + self.config.shift_factor
+
+    def fit_latent_statistics(self, latents: torch.Tensor) -> tuple[float, float]:
+        """Set shift = mean and scale = 1 / std of `latents` (posterior means of training parts); returns them."""
+        latents = latents.detach()
+        if latents.numel() < 2 or not torch.isfinite(latents).all():
+            raise InputError("latent statistics need at least two finite values")
+        shift, scale = float(latents.mean()), float(1.0 / latents.std().clamp_min(1e-6))
+        self.register_to_config(scaling_factor=scale, shift_factor=shift)
+        return shift, scale
 
     # -- decoder -----------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from moca3d.models.image_encoder import (
     widen_input_channels,
 )
 from moca3d.models.transformer import MoCATransformer
+from moca3d.models.vae import VecSetVAE
 from moca3d.training.recipe import Recipe, lr_at
 from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -294,7 +295,6 @@ def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], 
 def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae_dir: str | Path) -> dict[str, float]:
     """Generate the first `val_assets` val objects with the EMA weights and return the mean metrics."""
     from moca3d.evaluation import evaluate_pipeline
-    from moca3d.models.vae import VecSetVAE
     from moca3d.pipeline import MoCAPipeline
 
     shadow = copy.deepcopy(model)  # same structure (LoRA wrappers included), EMA weights
@@ -309,7 +309,6 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
 
 def export_pipeline(out_dir: str | Path, model: Generator, vae_dir: str | Path) -> Path:
     """Write a complete pipeline folder (the VAE copied from `vae_dir`)."""
-    from moca3d.models.vae import VecSetVAE
     from moca3d.pipeline import MoCAPipeline
 
     pipe = MoCAPipeline(VecSetVAE.from_pretrained(vae_dir), model.transformer, model.image_encoder)
@@ -348,6 +347,10 @@ def train(
         else:
             preprocess = ImageEncoder(**cfg.image_encoder).image_size
         data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
+    if vae_dir is not None:  # train on the unit-scale latents the pipeline samples (the VAE's scaling/shift factors)
+        vae_config = VecSetVAE.load_config(str(vae_dir))
+        shift, scale = vae_config.get("shift_factor", 0.0), vae_config.get("scaling_factor", 1.0)
+        data.latents = [(z - shift) * scale for z in data.latents]
     torch.manual_seed(cfg.seed)
     latent_shape = tuple(data.latents[0].shape[1:])
     by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts

@@ -38,6 +38,7 @@ SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small
 }
 SEED_STRIDE = 1_000_003  # mixes (seed, step) into one generator seed
 VAL_SEED = 12345  # fixed seed of the deterministic surface subsets used to encode
+LATENT_STAT_COMPONENTS = 2048  # training parts whose latents set the shift/scaling factors
 
 
 @dataclass
@@ -406,6 +407,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     train_time = elapsed + time.time() - t0
     final = VecSetVAE(**cfg.model)
     ema.copy_to(final)
+    fit_latent_scale(final, train, cfg)
     final.save_pretrained(out_dir / "vae", safe_serialization=True)
     summary: dict[str, Any] = {"steps": cfg.steps, "train_time_s": train_time}
     if has_val and validate_at_end:
@@ -413,6 +415,17 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         _append_jsonl(log_path, {"step": cfg.steps, "val": summary["val"], "final": True})
     atomic_write_json(summary, out_dir / "summary.json")
     return summary
+
+
+def fit_latent_scale(model: VecSetVAE, data: ComponentArrays, cfg: VAETrainConfig,
+                     max_components: int = LATENT_STAT_COMPONENTS) -> tuple[float, float]:
+    """Set the VAE's shift/scaling factors from the posterior means of (up to `max_components`) training parts."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    latents = encode_latents(model, data.surface[:max_components], cfg.num_surface_points)  # (n, L, C)
+    model.train(was_training)
+    return model.fit_latent_statistics(latents.to(device))
 
 
 def ema_model(ema: EMA, cfg: VAETrainConfig, device: torch.device) -> VecSetVAE:
