@@ -10,7 +10,7 @@ import typer
 from moca3d.commands.common import resolve_device
 from moca3d.errors import InputError
 
-PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "vae"
+PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "default" / "vae"  # the built-in model's VAE
 
 
 def load_vae(model_dir: Optional[Path], device: str = "cpu"):
