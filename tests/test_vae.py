@@ -270,6 +270,13 @@ def test_resume_continues_from_the_same_step_with_identical_state(dataset, tmp_p
     val = [r["val_query"] for r in log if "val_query" in r]
     assert len(val) == 1 and 0.0 <= val[0]["sign_acc"] <= 1.0 and 0.0 <= val[0]["iou"] <= 1.0
     assert (tmp_path / "straight" / "vae" / "config.json").is_file()
+    # the exported VAE carries the latent statistics of its training parts: normalised latents are unit-scale
+    from moca3d.training.train_vae import encode_latents, load_split
+
+    final = VecSetVAE.from_pretrained(str(tmp_path / "straight" / "vae"))
+    assert final.config.scaling_factor != 1.0 and final.config.shift_factor != 0.0
+    z = final.normalize_latents(encode_latents(final.eval(), load_split(dataset, "train").surface, cfg.num_surface_points))
+    assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
