@@ -292,14 +292,14 @@ def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], 
     return flow.flow_loss(pred, z0, noise, mask)
 
 
-def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae_dir: str | Path) -> dict[str, float]:
+def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae: VecSetVAE) -> dict[str, float]:
     """Generate the first `val_assets` val objects with the EMA weights and return the mean metrics."""
     from moca3d.evaluation import evaluate_pipeline
     from moca3d.pipeline import MoCAPipeline
 
     shadow = copy.deepcopy(model)  # same structure (LoRA wrappers included), EMA weights
     ema.copy_to(shadow)
-    pipe = MoCAPipeline(VecSetVAE.from_pretrained(vae_dir), shadow.transformer, shadow.image_encoder).to(next(model.parameters()).device)
+    pipe = MoCAPipeline(vae, shadow.transformer, shadow.image_encoder).to(next(model.parameters()).device)
     report = evaluate_pipeline(
         pipe, data_dir, "val", count=cfg.val_assets, steps=cfg.val_steps, guidance=cfg.val_guidance,
         resolution=cfg.val_resolution, seed=cfg.seed, metric_points=10000, progress=False,
@@ -307,11 +307,12 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
     return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
 
 
-def export_pipeline(out_dir: str | Path, model: Generator, vae_dir: str | Path) -> Path:
-    """Write a complete pipeline folder (the VAE copied from `vae_dir`)."""
+def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE, str, Path]) -> Path:
+    """Write a complete pipeline folder with `vae` (a loaded VAE, or its folder)."""
     from moca3d.pipeline import MoCAPipeline
 
-    pipe = MoCAPipeline(VecSetVAE.from_pretrained(vae_dir), model.transformer, model.image_encoder)
+    vae = vae if isinstance(vae, VecSetVAE) else VecSetVAE.from_pretrained(vae)
+    pipe = MoCAPipeline(vae, model.transformer, model.image_encoder)
     return pipe.save_pretrained(out_dir)
 
 
@@ -347,10 +348,9 @@ def train(
         else:
             preprocess = ImageEncoder(**cfg.image_encoder).image_size
         data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
-    if vae_dir is not None:  # train on the unit-scale latents the pipeline samples (the VAE's scaling/shift factors)
-        vae_config = VecSetVAE.load_config(str(vae_dir))
-        shift, scale = vae_config.get("shift_factor", 0.0), vae_config.get("scaling_factor", 1.0)
-        data.latents = [(z - shift) * scale for z in data.latents]
+    vae = VecSetVAE.from_pretrained(vae_dir) if vae_dir is not None else None  # loaded once: validation, export
+    if vae is not None:  # train on the unit-scale latents the pipeline samples
+        data.latents = [vae.normalize_latents(z) for z in data.latents]
     torch.manual_seed(cfg.seed)
     latent_shape = tuple(data.latents[0].shape[1:])
     by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts
@@ -406,8 +406,8 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints)
-                    if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae_dir is not None and not scene:
-                        metrics = validate(unwrapped, ema, cfg, data_dir, vae_dir)
+                    if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
+                        metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})
                         accelerator.print(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     with open(out / "train_log.jsonl", "a") as f:
@@ -415,10 +415,10 @@ def train(
                     log.clear()
     accelerator.wait_for_everyone()
     result = {"steps": cfg.steps, "seconds": time.time() - t0, "final_loss": loss_value if cfg.steps > start else None}
-    if accelerator.is_main_process and vae_dir is not None:
+    if accelerator.is_main_process and vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
         if scene:
             merge_encoder_lora(final.image_encoder)  # a plain 7-channel encoder in the pipeline folder
-        result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae_dir))
+        result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae))
     return result
