@@ -86,6 +86,53 @@ def test_train_resume_export_and_generate(dataset, tmp_path):
     assert all(0.0 <= r["fscore@0.1"] <= 1.0 for r in report["assets"])
 
 
+def test_latent_cache_round_trip_and_training_from_it(dataset, tmp_path):
+    root, vae_dir = dataset
+    data = LatentDataset(root, "train", 32)
+    cache = data.save_cache(tmp_path / "cache.safetensors")
+    back = LatentDataset.from_cache(cache)
+    assert back.ids == data.ids
+    for a, b in zip(data.latents, back.latents):
+        assert torch.equal(a, b)
+    for a, b in zip(data.images, back.images):
+        assert torch.equal(a, b), "8-bit images must come back exactly"
+    few = min(z.shape[0] for z in data.latents)
+    small = LatentDataset.from_cache(cache, max_components=few)
+    assert len(small) == sum(z.shape[0] <= few for z in data.latents) and all(z.shape[0] <= few for z in small.latents)
+    with pytest.raises(InputError, match="not a moca3d latent cache"):
+        LatentDataset.from_cache(vae_dir / "diffusion_pytorch_model.safetensors")
+    from moca3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cached images are 32 px"):
+        LatentDataset.from_cache(cache, image_size=64)
+    # training from the cache follows the same draws as training from the folder
+    a = train(root, tmp_path / "folder", tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
+    b = train(cache, tmp_path / "cached", tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
+
+
+def test_time_limit_stops_checkpoints_and_exports(dataset, tmp_path):
+    root, vae_dir = dataset
+    run = tmp_path / "run"
+    result = train(root, run, tiny_recipe(steps=50, time_limit_s=1e-6), vae_dir=vae_dir, device="cpu", progress=False)
+    assert result["steps"] == 1, "the limit is checked after every step"
+    assert (run / "checkpoints" / "step_00000001").is_dir() and (run / "pipeline" / "model_index.json").is_file()
+    # a later run without the limit resumes from that checkpoint
+    assert train(root, run, tiny_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)["steps"] == 3
+
+
+def test_training_backend_override_is_not_saved(dataset, tmp_path):
+    root, vae_dir = dataset
+    from moca3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention_backend"):
+        tiny_recipe(attention_backend="fast")
+    result = train(root, tmp_path / "run", tiny_recipe(steps=1, attention_backend="reference"), vae_dir=vae_dir, device="cpu", progress=False)
+    pipe = MoCAPipeline.from_pretrained(result["pipeline"])
+    assert pipe.transformer.config.attention_backend == "auto"
+    assert pipe.transformer.attention_config.backend == "auto"
+
+
 def test_validation_generations_are_logged(dataset, tmp_path):
     root, vae_dir = dataset
     run = tmp_path / "run"

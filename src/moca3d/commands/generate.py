@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
-        data: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d prepare + encode-dataset)."),
+        data: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d prepare + encode-dataset), or a cache file (moca3d cache-latents)."),
         output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json)."),
         vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder bundled into the exported pipeline."),

@@ -144,8 +144,11 @@ class EMA:
         """shadow <- d * shadow + (1 - d) * model."""
         d = self.current_decay()
         state = model.state_dict()
-        for name, avg in self.shadow.items():
-            avg.lerp_(state[name].detach().to(avg.dtype), 1.0 - d)
+        names = list(self.shadow)
+        if names and self.shadow[names[0]].device != state[names[0]].device:  # follow the model (e.g. onto the GPU)
+            self.shadow = {k: v.to(state[k].device) for k, v in self.shadow.items()}
+        averages = [self.shadow[k] for k in names]
+        torch._foreach_lerp_(averages, [state[k].detach().to(a.dtype) for k, a in zip(names, averages)], 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

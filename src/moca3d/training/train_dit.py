@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from moca3d import flow
+from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import pad_components, read_manifest
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
@@ -73,6 +74,10 @@ class DiTTrainConfig(Recipe):
     group_by_parts: int = 0  # > 0: each batch comes from a window of this many assets of similar part count (less padding)
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on the CPU; or "no" / "bf16" / "fp16"
     gradient_checkpointing: bool = False
+    # the MoC backend while training (the saved model keeps its own, "auto"): on CUDA "reference" or
+    # "chunked" avoid a flex_attention recompile for every new (batch, part count) shape of small models
+    attention_backend: Optional[str] = None
+    time_limit_s: float = 0.0  # > 0: stop after this many seconds of training, checkpoint and export as at the end
     log_every: int = 25
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -109,6 +114,10 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"widen_init must be one of {', '.join(WIDEN_INITS)}, got {self.widen_init!r}")
         if self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be positive, got {self.lora_rank}")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        if self.time_limit_s < 0:
+            raise ConfigError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
 
 
 class LatentDataset:
@@ -134,6 +143,53 @@ class LatentDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def save_cache(self, path: str | Path) -> Path:
+        """One safetensors file with every latent and image (uint8) of the split: a fast start for big datasets."""
+        from moca3d.training.checkpoints import atomic_save_tensors
+
+        images = torch.stack(self.images)  # (A, 3, S, S) in [0, 1]
+        pixels = (images * 255).round()
+        if not torch.equal(pixels / 255, images):
+            raise ConfigError("a latent cache holds 8-bit images: this encoder's preprocessing gives other values")
+        tensors = {
+            "latents": torch.cat(self.latents).contiguous(),  # (sum N, L, C)
+            "counts": torch.tensor([z.shape[0] for z in self.latents], dtype=torch.long),  # (A,)
+            "images": pixels.to(torch.uint8).contiguous(),  # (A, 3, S, S)
+        }
+        atomic_save_tensors(tensors, Path(path), metadata={"ids": json.dumps(self.ids), "kind": "moca3d-latent-cache"})
+        return Path(path)
+
+    @classmethod
+    def from_cache(cls, path: str | Path, max_components: int = 32, image_size: Optional[int] = None) -> "LatentDataset":
+        """A dataset from `save_cache`'s file (assets with more than `max_components` parts left out)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("kind") != "moca3d-latent-cache":
+                raise InputError(f"{path}: not a moca3d latent cache (write one with LatentDataset.save_cache)")
+            tensors = {k: f.get_tensor(k) for k in ("latents", "counts", "images")}
+        if image_size is not None and tensors["images"].shape[-1] != image_size:
+            raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size}")
+        self = cls.__new__(cls)
+        self.root = path.parent
+        ids = json.loads(meta["ids"])
+        parts = torch.split(tensors["latents"].float(), tensors["counts"].tolist())
+        keep = [i for i, z in enumerate(parts) if z.shape[0] <= max_components]
+        self.latents = [parts[i] for i in keep]
+        self.images = [tensors["images"][i].float() / 255 for i in keep]
+        self.ids = [ids[i] for i in keep]
+        if not self.ids:
+            raise InputError(f"{path}: no assets with at most {max_components} parts")
+        return self
+
+    def to(self, device) -> "LatentDataset":
+        """Move every latent and image to `device` (batches are then assembled there)."""
+        self.latents = [z.to(device) for z in self.latents]
+        self.images = [im.to(device) for im in self.images]
+        return self
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Pad to the largest part count: latents (B, N, L, C), component_mask (B, N), images (B, 3, S, S)."""
@@ -307,6 +363,13 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
     return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
 
 
+def _any_process(accelerator, flag: bool) -> bool:
+    """True when `flag` holds on any process (one decision for all of them)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0)
+
+
 def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE, str, Path]) -> Path:
     """Write a complete pipeline folder with `vae` (a loaded VAE, or its folder)."""
     from moca3d.pipeline import MoCAPipeline
@@ -347,7 +410,10 @@ def train(
             preprocess = encoder_preprocess(encoder)
         else:
             preprocess = ImageEncoder(**cfg.image_encoder).image_size
-        data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
+        if Path(data_dir).is_file():  # a latent cache (LatentDataset.save_cache) of the training split
+            data = LatentDataset.from_cache(data_dir, cfg.max_components, None if callable(preprocess) else preprocess)
+        else:
+            data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
     vae = VecSetVAE.from_pretrained(vae_dir) if vae_dir is not None else None  # loaded once: validation, export
     if vae is not None:  # train on the unit-scale latents the pipeline samples
         data.latents = [vae.normalize_latents(z) for z in data.latents]
@@ -356,6 +422,8 @@ def train(
     by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.attention_backend is not None:  # every block shares this config; the saved model config is not touched
+        model.transformer.attention_config.backend = cfg.attention_backend
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but a scene encoder's frozen base
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -372,6 +440,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg.to_dict(), out / "train_config.json")
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.device.type == "cuda" and isinstance(data, LatentDataset):
+        data.to(accelerator.device)  # batches assembled on the GPU: no host-to-device copy of images per step
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
@@ -380,6 +450,7 @@ def train(
     model.train()
     log: list[dict[str, float]] = []
     loss_value = None
+    done = cfg.steps  # the last step run (less when the time limit stops the run)
     t0 = time.time()
     columns = [TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
@@ -402,7 +473,8 @@ def train(
             if (step + 1) % cfg.log_every == 0 or step == start:
                 log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr_at(step, cfg), "time": time.time() - t0})
             bar.update(task, completed=step + 1, info=f"loss {loss_value:.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, time.time() - t0 > cfg.time_limit_s)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints)
@@ -413,8 +485,12 @@ def train(
                     with open(out / "train_log.jsonl", "a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in log)
                     log.clear()
+            if out_of_time:
+                done = step + 1
+                accelerator.print(f"time limit of {cfg.time_limit_s:.0f} s reached at step {done} of {cfg.steps}")
+                break
     accelerator.wait_for_everyone()
-    result = {"steps": cfg.steps, "seconds": time.time() - t0, "final_loss": loss_value if cfg.steps > start else None}
+    result = {"steps": done, "seconds": time.time() - t0, "final_loss": loss_value if done > start else None}
     if accelerator.is_main_process and vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One GPU session of this project (device tool, H100/H200, ~10 minutes), as one prepared script:
+#   1. train the built-in model's recipe (configs/dit_medium.json) three times side by side on one
+#      GPU - MoCA, dense-global and local-only attention, same data, steps and time limit - and
+#      return their EMA weights (fp16: the transformer and image encoder of each pipeline);
+#   2. meanwhile, peak memory of one training step (benchmarks/memory.py, bf16, L = 1024, D = 2048);
+#   3. then, alone on the GPU, the attention and whole-forward benchmarks (bf16, L = 1024, D = 2048).
+# Inputs, carried next to the working tree: .whl/ (wheels of packages the GPU image lacks) and
+# .gpu/cache.xz (scripts/gpu/transport.py pack of `moca3d cache-latents` of the training split).
+# Everything comes back under $OUT (at most 8 files): <variant>.tar, results.tar, session.log.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/moca3d-gpu-out}
+WORK=${WORK:-/tmp/moca3d-gpu}
+TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}      # training seconds per variant (all three run at once)
+STEPS=${STEPS:-}                         # override the recipe's steps (smoke tests)
+BATCH=${BATCH:-}                         # override the recipe's batch size (smoke tests on a CPU: NO_WHEELS=1 DEVICE=cpu)
+VARIANTS=${VARIANTS:-"moc dense none"}
+DEVICE=${DEVICE:-cuda}
+BENCH=${BENCH:-1}
+mkdir -p "$OUT" "$WORK/results"
+exec > >(tee "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+if [ -z "${NO_WHEELS:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks
+else
+  export PYTHONPATH=$PWD/src:$PWD/benchmarks
+fi
+python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', 'python', sys.version.split()[0])"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+stamp "unpacking the latent cache"
+python3 scripts/gpu/transport.py unpack .gpu/cache.xz -o "$WORK/cache.safetensors" || exit 1
+
+# 1. three trainings at once (same recipe; only the attention mode differs)
+pids=()
+for v in $VARIANTS; do
+  python3 - "$v" "$TRAIN_LIMIT_S" "$STEPS" "$BATCH" "$WORK/recipe_$v.json" <<'PY'
+import json, sys
+variant, limit, steps, batch, path = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+recipe = json.load(open("configs/dit_medium.json"))
+recipe["transformer"]["attention_mode"] = variant
+recipe["time_limit_s"] = limit
+if steps:
+    recipe["steps"] = int(steps)
+    recipe["checkpoint_every"] = int(steps)
+if batch:
+    recipe["batch_size"] = int(batch)
+json.dump(recipe, open(path, "w"), indent=2)
+PY
+  stamp "training $v"
+  python3 -m moca3d train "$WORK/cache.safetensors" -o "$WORK/runs/$v" --config "$WORK/recipe_$v.json" \
+    --vae src/moca3d/weights/default/vae --device "$DEVICE" > "$WORK/results/train_$v.log" 2>&1 &
+  pids+=($!)
+done
+
+# 2. meanwhile: memory of one training step (measured per process: the trainings do not change it)
+if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
+  stamp "memory benchmark (background)"
+  timeout 300 python3 benchmarks/memory.py --device cuda --dtype bf16 --latents 1024 --width 2048 --heads 16 --layers 8 \
+    --n 8 16 32 --batch 1 2 --json "$WORK/results/memory_cuda.json" > "$WORK/results/memory_cuda.txt" 2>&1 &
+  mem_pid=$!
+fi
+for p in "${pids[@]}"; do wait "$p"; done
+stamp "trainings finished"
+for v in $VARIANTS; do tail -n 3 "$WORK/results/train_$v.log"; cp "$WORK/runs/$v/train_log.jsonl" "$WORK/results/train_log_$v.jsonl" 2>/dev/null; cp "$WORK/runs/$v/train_config.json" "$WORK/results/train_config_$v.json" 2>/dev/null; done
+
+# weights back in fp16 (one tar per variant, < 16 MiB)
+for v in $VARIANTS; do
+  [ -f "$WORK/runs/$v/pipeline/model_index.json" ] || { echo "no pipeline for $v"; continue; }
+  python3 - "$WORK/runs/$v/pipeline" "$WORK/export_$v" <<'PY'
+import sys
+from pathlib import Path
+from moca3d.models.image_encoder import ImageEncoder
+from moca3d.models.transformer import MoCATransformer
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+for name, klass in (("transformer", MoCATransformer), ("image_encoder", ImageEncoder)):
+    klass.from_pretrained(src / name).half().save_pretrained(dst / name)
+PY
+  tar -cf "$OUT/$v.tar" -C "$WORK/export_$v" transformer image_encoder && ls -la "$OUT/$v.tar"
+done
+[ -n "${mem_pid:-}" ] && { stamp "waiting for the memory benchmark"; wait "$mem_pid"; }
+
+# 3. alone on the GPU: attention and forward timings
+if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
+  stamp "attention benchmark"
+  timeout 150 python3 benchmarks/attention.py --n 8 16 32 64 --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
+  stamp "forward benchmark"
+  timeout 100 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --json "$WORK/results/forward_cuda.json" 2>&1 | tee "$WORK/results/forward_cuda.txt"
+fi
+stamp "done"
+tar -cf "$OUT/results.tar" -C "$WORK" results
