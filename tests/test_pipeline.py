@@ -121,6 +121,20 @@ def test_time_limit_stops_checkpoints_and_exports(dataset, tmp_path):
     assert train(root, run, tiny_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)["steps"] == 3
 
 
+def test_time_limited_schedule_ends_at_the_limit():
+    from moca3d.training.recipe import lr_at
+    from moca3d.training.train_dit import schedule_step
+
+    cfg = tiny_recipe(steps=1010, warmup_steps=10, time_limit_s=100.0)
+    assert schedule_step(5, cfg, elapsed=50.0) == 5, "the warm-up counts steps"
+    assert schedule_step(10, cfg, elapsed=0.0) == 10
+    assert schedule_step(20, cfg, elapsed=50.0) == 510, "half the time: half the schedule, however few steps ran"
+    assert lr_at(schedule_step(20, cfg, elapsed=100.0), cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert schedule_step(600, cfg, elapsed=10.0) == 600, "a fast machine follows the steps"
+    assert schedule_step(20, tiny_recipe(steps=1010, warmup_steps=10), elapsed=1e9) == 20, "no limit: the steps alone"
+    assert schedule_step(410, cfg, elapsed=50.0, start=410) == 710, "a resumed run spreads the remaining steps over its own time"
+
+
 def test_training_backend_override_is_not_saved(dataset, tmp_path):
     root, vae_dir = dataset
     from moca3d.errors import ConfigError

@@ -88,9 +88,9 @@ done
 # 3. alone on the GPU: attention and forward timings
 if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
   stamp "attention benchmark"
-  timeout 150 python3 benchmarks/attention.py --n 8 16 32 64 --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
+  timeout 140 python3 benchmarks/attention.py --n 8 16 32 --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
   stamp "forward benchmark"
-  timeout 100 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --json "$WORK/results/forward_cuda.json" 2>&1 | tee "$WORK/results/forward_cuda.txt"
+  timeout 90 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --json "$WORK/results/forward_cuda.json" 2>&1 | tee "$WORK/results/forward_cuda.txt"
 fi
 stamp "done"
 tar -cf "$OUT/results.tar" -C "$WORK" results

@@ -77,7 +77,9 @@ class DiTTrainConfig(Recipe):
     # the MoC backend while training (the saved model keeps its own, "auto"): on CUDA "reference" or
     # "chunked" avoid a flex_attention recompile for every new (batch, part count) shape of small models
     attention_backend: Optional[str] = None
-    time_limit_s: float = 0.0  # > 0: stop after this many seconds of training, checkpoint and export as at the end
+    # > 0: stop after this many seconds of training, checkpoint and export as at the end; the LR schedule
+    # then follows the further of step / steps and elapsed / time_limit_s, so it ends at the limit
+    time_limit_s: float = 0.0
     log_every: int = 25
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -363,6 +365,15 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
     return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
 
 
+def schedule_step(step: int, cfg: DiTTrainConfig, elapsed: float, start: int = 0) -> int:
+    """The step the LR schedule is at: with a time limit, the further of the step and the elapsed share
+    of the limit (so the cosine reaches its end at the limit whatever the speed of the machine)."""
+    if cfg.time_limit_s <= 0 or step < cfg.warmup_steps:  # the warm-up counts steps
+        return step
+    first = max(start, cfg.warmup_steps)
+    return max(step, first + int(elapsed / cfg.time_limit_s * (cfg.steps - first)))
+
+
 def _any_process(accelerator, flag: bool) -> bool:
     """True when `flag` holds on any process (one decision for all of them)."""
     if accelerator.num_processes == 1:
@@ -456,8 +467,9 @@ def train(
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
+            lr = lr_at(schedule_step(step, cfg, time.time() - t0, start), cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr
             draws = step_draws(cfg, step, len(data), cfg.batch_size, by_parts)
             with accelerator.autocast():
                 loss = training_loss(model, data, draws, rows, accelerator.device)
@@ -471,7 +483,7 @@ def train(
             ema.update(unwrapped)
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             if (step + 1) % cfg.log_every == 0 or step == start:
-                log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr_at(step, cfg), "time": time.time() - t0})
+                log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "time": time.time() - t0})
             bar.update(task, completed=step + 1, info=f"loss {loss_value:.4f}")
             out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, time.time() - t0 > cfg.time_limit_s)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
