@@ -28,6 +28,11 @@ def test_recipe_parses(path):
         VAETrainConfig.from_json(CONFIGS / spec["vae_config"])
         DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
         assert spec["objects"] > 0 and 0 <= spec["val_fraction"] + spec["test_fraction"] < 1
+        known = {"objects", "seed", "num_surface", "num_queries", "val_fraction", "test_fraction", "encoder_points",
+                 "vae_config", "dit_config", "dit_extra_objects", "dit_extra_num_queries"}
+        assert set(spec) <= known, f"unknown recipe keys {set(spec) - known}"
+        if spec.get("dit_extra_objects"):
+            assert spec["dit_extra_num_queries"] > 0
     elif kind == "vae":
         from moca3d.models.vae import VecSetVAE
 

@@ -190,6 +190,28 @@ def test_generate_cli_and_clear_errors(dataset, tmp_path):
         MoCAPipeline.from_pretrained(tmp_path)
 
 
+def test_train_cli_cache_attention_mode_and_time_limit(dataset, tmp_path):
+    from moca3d.cli import app
+    from moca3d.errors import ConfigError
+
+    root, vae_dir = dataset
+    runner = CliRunner()
+    cache = tmp_path / "cache.safetensors"
+    res = runner.invoke(app, ["cache-latents", str(root), "-o", str(cache), "--image-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert f"{len(LatentDataset(root, 'train', 32))} assets" in res.output
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe(steps=2).to_dict()))
+    base = ["train", str(cache), "--config", str(recipe), "--vae", str(vae_dir), "--device", "cpu"]
+    res = runner.invoke(app, base + ["-o", str(tmp_path / "bad"), "--attention-mode", "sparse"])
+    assert isinstance(res.exception, ConfigError) and "--attention-mode must be one of" in str(res.exception)
+    res = runner.invoke(app, base + ["-o", str(tmp_path / "none"), "--attention-mode", "none", "--time-limit", "1e-6"])
+    assert res.exit_code == 0, res.output
+    assert "trained 1 steps" in res.output
+    pipe = MoCAPipeline.from_pretrained(tmp_path / "none" / "pipeline")
+    assert pipe.transformer.config.attention_mode == "none"
+
+
 def test_nan_weights_are_refused(dataset, tmp_path):
     root, vae_dir = dataset
     train(root, tmp_path / "run", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)

@@ -1,7 +1,10 @@
 """`moca3d train-default`: the reproducible recipe of the built-in model, every stage resumable.
 
-procedural objects -> prepare -> train-vae -> encode-dataset -> train (DiT) -> pipeline folder,
-optionally installed as the package's default model.
+procedural objects -> prepare -> train-vae -> [more objects for the DiT] -> encode-dataset ->
+train (DiT) -> pipeline folder, optionally installed as the package's default model. The VAE trains
+on the first `objects`; `dit_extra_objects` more (the same stream, prepared after the VAE with only
+`dit_extra_num_queries` SDF queries each, since the transformer needs their latents alone) widen the
+transformer's training set.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def register(app: typer.Typer) -> None:
         if not (vae_run / "vae" / "config.json").is_file():
             typer.echo(f"[2/4] training the VAE in {vae_run}")
             train_vae(root, vae_run, VAETrainConfig.from_json(CONFIGS / spec["vae_config"]), resume=True, device=dev)
+        extra = int(spec.get("dit_extra_objects", 0))
+        if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
+            typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
+            cfg = PrepareConfig(
+                surface=SurfaceSamplingConfig(num_points=spec["num_surface"]), queries=QueryConfig(num_queries=spec["dit_extra_num_queries"]),
+                val_fraction=spec["val_fraction"], test_fraction=spec["test_fraction"], seed=spec["seed"],
+            )
+            prepare(procedural_jobs("objects", extra, seed=spec["seed"], start=spec["objects"]), root, cfg, workers=workers)
         typer.echo("[3/4] caching latents")
         vae = load_vae(vae_run / "vae", dev)
         encode_dataset(root, vae, _weights_id(vae_run / "vae"), spec["encoder_points"])

@@ -54,8 +54,12 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
+        attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
+        time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds (the LR schedule ends there), then export."),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
+        from moca3d.attention.config import MODES
+        from moca3d.errors import ConfigError
         from moca3d.training.train_dit import DiTTrainConfig
 
         recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
@@ -63,6 +67,12 @@ def register(app: typer.Typer) -> None:
             recipe["steps"] = steps
         if batch_size is not None:
             recipe["batch_size"] = batch_size
+        if attention_mode is not None:
+            if attention_mode not in MODES:
+                raise ConfigError(f"--attention-mode must be one of {', '.join(MODES)}, got {attention_mode!r}")
+            recipe["transformer"] = {**recipe.get("transformer", {}), "attention_mode": attention_mode}
+        if time_limit is not None:
+            recipe["time_limit_s"] = time_limit
         run_dit_training(data, output, recipe, vae, device, resume)
 
 
