@@ -482,10 +482,10 @@ def train(
             unwrapped = accelerator.unwrap_model(model)
             ema.update(unwrapped)
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            if (step + 1) % cfg.log_every == 0 or step == start:
+            out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, time.time() - t0 > cfg.time_limit_s)
+            if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.steps or out_of_time:
                 log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "time": time.time() - t0})
             bar.update(task, completed=step + 1, info=f"loss {loss_value:.4f}")
-            out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, time.time() - t0 > cfg.time_limit_s)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:

@@ -1,0 +1,71 @@
+"""Table: the same recipe trained with MoCA, dense-global and local-only attention (the paper's Table 1
+analogue on the procedural domain), from `moca3d evaluate-model --json` reports and the training runs.
+
+    python benchmarks/variants_table.py --run moca=runs/cpu/moc --eval moca=runs/cpu/eval_moc.json \\
+        --run dense=runs/cpu/dense --eval dense=runs/cpu/eval_dense.json \\
+        --run none=runs/cpu/none --eval none=runs/cpu/eval_none_2-9.json --eval none=runs/cpu/eval_none_10-16.json \\
+        --json benchmarks/results/variants_cpu.json
+
+Several --eval files of one variant (e.g. part-count ranges run in parallel) are merged asset by asset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from benchkit import print_table, write_json  # benchmarks/benchkit.py
+
+METRICS = ["chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds"]
+
+
+def pairs(values: List[str]) -> Dict[str, List[str]]:
+    """['name=path', ...] -> {name: [path, ...]} in order."""
+    out: Dict[str, List[str]] = defaultdict(list)
+    for v in values:
+        name, _, path = v.partition("=")
+        out[name].append(path)
+    return out
+
+
+def training_summary(run: Path) -> Dict:
+    """Steps, seconds and the last logged loss of a run folder (train_log.jsonl, train_config.json)."""
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r for r in records if "loss" in r]
+    config = json.loads((run / "train_config.json").read_text())
+    steps = max(int(d.name.split("_")[1]) for d in (run / "checkpoints").glob("step_*"))  # the last step run
+    return {"steps": steps, "train_seconds": max(losses[-1]["time"], config.get("time_limit_s") or 0.0), "last_logged_loss": losses[-1]["loss"],
+            "batch_size": config["batch_size"], "attention_mode": config["transformer"].get("attention_mode", "moc")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", action="append", default=[], help="NAME=RUN_FOLDER")
+    p.add_argument("--eval", action="append", default=[], help="NAME=EVAL_JSON (repeatable per name)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    runs, evals = pairs(args.run), pairs(args.eval)
+    records = []
+    for name, files in evals.items():
+        assets = [a for f in files for a in json.loads(Path(f).read_text())["assets"]]
+        rec = {"variant": name, "count": len(assets), **{k: float(np.mean([a[k] for a in assets])) for k in METRICS}}
+        rec["min_parts"], rec["max_parts"] = min(a["num_parts"] for a in assets), max(a["num_parts"] for a in assets)
+        if name in runs:
+            rec.update(training_summary(Path(runs[name][0])))
+        rec["assets"] = assets
+        records.append(rec)
+    cols = [("variant", "variant", "{:>8}"), ("objects", "count", "{:>7}"), ("steps", "steps", "{:>6}"), ("train s", "train_seconds", "{:>7.0f}"),
+            ("CD", "chamfer", "{:>6.3f}"), ("F@0.1", "fscore@0.1", "{:>6.3f}"), ("F@0.05", "fscore@0.05", "{:>6.3f}"),
+            ("self-IoU", "self_iou", "{:>8.3f}"), ("s/object", "seconds", "{:>8.1f}")]
+    print_table(records, cols)
+    if args.json:
+        write_json(args.json, records)
+
+
+if __name__ == "__main__":
+    main()
