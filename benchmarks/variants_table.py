@@ -15,7 +15,7 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -43,12 +43,12 @@ def training_summary(run: Path) -> Dict:
             "batch_size": config["batch_size"], "attention_mode": config["transformer"].get("attention_mode", "moc")}
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", action="append", default=[], help="NAME=RUN_FOLDER")
     p.add_argument("--eval", action="append", default=[], help="NAME=EVAL_JSON (repeatable per name)")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     runs, evals = pairs(args.run), pairs(args.eval)
     records = []
     for name, files in evals.items():
@@ -65,6 +65,7 @@ def main() -> None:
     print_table(records, cols)
     if args.json:
         write_json(args.json, records)
+    return records
 
 
 if __name__ == "__main__":

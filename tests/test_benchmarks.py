@@ -70,3 +70,23 @@ def test_memory_benchmark_writes_required_keys(tmp_path):
     for mode in ("moca", "dense"):
         assert peaks[mode, BIG_BATCH] > 2 * peaks[mode, SMALL_BATCH]
     assert all(r["dense_over_moca"] > 0 for r in records if r["mode"] == "moca")
+
+
+def test_variants_table_merges_reports_and_training_runs(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000007").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000005").mkdir()
+    (run / "train_config.json").write_text(json.dumps({"batch_size": 8, "time_limit_s": 60.0, "transformer": {"attention_mode": "dense"}}))
+    (run / "train_log.jsonl").write_text(json.dumps({"step": 5, "loss": 0.5, "time": 59.0}) + "\n")
+    reports = []
+    for i, parts in enumerate([(2, 3), (12,)]):
+        assets = [{"id": f"a{i}{n}", "num_parts": n, "chamfer": 0.1 * n, "fscore@0.1": 0.5, "fscore@0.05": 0.25, "self_iou": 0.01, "seconds": 2.0} for n in parts]
+        reports.append(tmp_path / f"eval{i}.json")
+        reports[-1].write_text(json.dumps({"assets": assets}))
+    out = tmp_path / "table.json"
+    records = load("variants_table").main(["--run", f"dense={run}", "--eval", f"dense={reports[0]}", "--eval", f"dense={reports[1]}", "--json", str(out)])
+    (rec,) = records
+    assert rec["count"] == 3 and rec["min_parts"] == 2 and rec["max_parts"] == 12
+    assert rec["chamfer"] == pytest.approx(0.1 * (2 + 3 + 12) / 3), "merged asset by asset, not mean of means"
+    assert rec["steps"] == 7 and rec["train_seconds"] == 60.0 and rec["attention_mode"] == "dense"
+    assert json.loads(out.read_text())[0]["count"] == 3
