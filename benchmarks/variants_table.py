@@ -7,6 +7,8 @@ analogue on the procedural domain), from `moca3d evaluate-model --json` reports 
         --json benchmarks/results/variants_cpu.json
 
 Several --eval files of one variant (e.g. part-count ranges run in parallel) are merged asset by asset.
+An object whose every generated part came out empty scores F = 0 and is counted under "empty"; its
+(infinite) Chamfer distance is left out of the mean CD.
 """
 
 from __future__ import annotations
@@ -54,13 +56,17 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     for name, files in evals.items():
         assets = [a for f in files for a in json.loads(Path(f).read_text())["assets"]]
         rec = {"variant": name, "count": len(assets), **{k: float(np.mean([a[k] for a in assets])) for k in METRICS}}
+        # an all-empty prediction has no surface: F = 0 in the means, its infinite CD left out and counted
+        finite = [a["chamfer"] for a in assets if np.isfinite(a["chamfer"])]
+        rec["chamfer"] = float(np.mean(finite)) if finite else None
+        rec["empty"] = len(assets) - len(finite)
         rec["min_parts"], rec["max_parts"] = min(a["num_parts"] for a in assets), max(a["num_parts"] for a in assets)
         if name in runs:
             rec.update(training_summary(Path(runs[name][0])))
-        rec["assets"] = assets
+        rec["assets"] = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in a.items()} for a in assets]  # strict JSON
         records.append(rec)
     cols = [("variant", "variant", "{:>8}"), ("objects", "count", "{:>7}"), ("steps", "steps", "{:>6}"), ("train s", "train_seconds", "{:>7.0f}"),
-            ("CD", "chamfer", "{:>6.3f}"), ("F@0.1", "fscore@0.1", "{:>6.3f}"), ("F@0.05", "fscore@0.05", "{:>6.3f}"),
+            ("empty", "empty", "{:>5}"), ("CD", "chamfer", "{:>6.3f}"), ("F@0.1", "fscore@0.1", "{:>6.3f}"), ("F@0.05", "fscore@0.05", "{:>6.3f}"),
             ("self-IoU", "self_iou", "{:>8.3f}"), ("s/object", "seconds", "{:>8.1f}")]
     print_table(records, cols)
     if args.json:

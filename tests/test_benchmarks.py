@@ -88,5 +88,6 @@ def test_variants_table_merges_reports_and_training_runs(tmp_path):
     (rec,) = records
     assert rec["count"] == 3 and rec["min_parts"] == 2 and rec["max_parts"] == 12
     assert rec["chamfer"] == pytest.approx(0.1 * (2 + 3 + 12) / 3), "merged asset by asset, not mean of means"
+    assert rec["empty"] == 0
     assert rec["steps"] == 7 and rec["train_seconds"] == 60.0 and rec["attention_mode"] == "dense"
     assert json.loads(out.read_text())[0]["count"] == 3
