@@ -8,6 +8,14 @@
 # Inputs, carried next to the working tree: .whl/ (wheels of packages the GPU image lacks) and
 # .gpu/cache.xz (scripts/gpu/transport.py pack of `moca3d cache-latents` of the training split).
 # Everything comes back under $OUT (at most 8 files): <variant>.tar, results.tar, session.log.
+#
+# Making the inputs here (both folders are git-ignored through .git/info/exclude: /.whl/ and /.gpu/):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 #     -d .whl diffusers==0.42.1 trimesh==5.2.0 rtree==1.4.1 importlib_metadata
+#   moca3d cache-latents data/objects -o data/objects_train_cache.safetensors   # after encode-dataset
+#   python3 scripts/gpu/transport.py pack data/objects_train_cache.safetensors -o .gpu/cache.xz
+# The upload limit is 64 MiB in all: move the built-in transformer/image_encoder weights out of the
+# tree for the run (git checkout brings them back), and use --max-assets if the cache is larger.
+# Back here: python3 scripts/gpu/assemble.py moc.tar --vae src/moca3d/weights/default/vae -o runs/gpu/moc/pipeline
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/moca3d-gpu-out}
