@@ -5,7 +5,8 @@ draw of a step comes from a generator seeded by (seed, step): the global batch i
 whatever the number of processes (each takes its slice), and a resumed run continues exactly.
 
 Data: a prepared dataset (`moca3d prepare`) with cached latents (`moca3d encode-dataset`):
-ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C)) and render.png.
+ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C)) and render.png; or one cache file of the
+training split (`moca3d cache-latents`: latents and 8-bit preprocessed images), which starts in seconds.
 
 Scenes (`"condition": "scene"`, issue 7): fine-tune an object pipeline folder (`init_from`) on
 prepared scenes (render.png + mask.png label maps). The encoder's first projection is widened to
