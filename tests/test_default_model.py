@@ -13,8 +13,8 @@ from moca3d.pipeline import DEFAULT_MODEL_DIR, MoCAPipeline
 RECIPE = dict(seed=1, num_surface=4096, num_queries=4096, val_fraction=0.05, test_fraction=0.05)
 HELD_OUT = [53, 594, 948]  # a table (5 parts), a stool (4), a chair (8): all in the test split
 STEPS, RESOLUTION = 25, 96  # cheaper than the CLI's 50 steps / 128 cells; the README's table uses those
-# regression guard: measured 0.162 (0.045, 0.068, 0.373) with the 7k-object model (0.195 with the previous one, whose
-# 58-object test mean was lower: 0.383 vs 0.421); the issue-6 target 0.85 is not met yet
+# regression guard: measured 0.162 (0.045, 0.068, 0.373) with the 7k-object model (0.195 with the previous one; their
+# 58-object seed-0 means: 0.383 and 0.421); the issue-6 target 0.85 is not met yet
 MIN_MEAN_FSCORE = 0.12
 MAX_EMPTY_PARTS = 2
 
