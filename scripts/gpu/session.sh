@@ -10,7 +10,9 @@
 # Everything comes back under $OUT (at most 8 files): <variant>.tar, results.tar, session.log.
 #
 # Making the inputs here (both folders are git-ignored through .git/info/exclude: /.whl/ and /.gpu/):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 #     -d .whl diffusers==0.42.1 trimesh==5.2.0 rtree==1.4.1 importlib_metadata
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl diffusers==0.42.1 trimesh==5.2.0 rtree==1.4.1 importlib_metadata
 #   moca3d cache-latents data/objects -o data/objects_train_cache.safetensors   # after encode-dataset
 #   python3 scripts/gpu/transport.py pack data/objects_train_cache.safetensors -o .gpu/cache.xz
 # The upload limit is 64 MiB in all: move the built-in transformer/image_encoder weights out of the
@@ -47,21 +49,9 @@ python3 scripts/gpu/transport.py unpack .gpu/cache.xz -o "$WORK/cache.safetensor
 # 1. three trainings at once (same recipe; only the attention mode differs)
 pids=()
 for v in $VARIANTS; do
-  python3 - "$v" "$TRAIN_LIMIT_S" "$STEPS" "$BATCH" "$WORK/recipe_$v.json" <<'PY'
-import json, sys
-variant, limit, steps, batch, path = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-recipe = json.load(open("configs/dit_medium.json"))
-recipe["transformer"]["attention_mode"] = variant
-recipe["time_limit_s"] = limit
-if steps:
-    recipe["steps"] = int(steps)
-    recipe["checkpoint_every"] = int(steps)
-if batch:
-    recipe["batch_size"] = int(batch)
-json.dump(recipe, open(path, "w"), indent=2)
-PY
   stamp "training $v"
-  python3 -m moca3d train "$WORK/cache.safetensors" -o "$WORK/runs/$v" --config "$WORK/recipe_$v.json" \
+  python3 -m moca3d train "$WORK/cache.safetensors" -o "$WORK/runs/$v" --config configs/dit_medium.json \
+    --attention-mode "$v" --time-limit "$TRAIN_LIMIT_S" ${STEPS:+--steps "$STEPS"} ${BATCH:+--batch-size "$BATCH"} \
     --vae src/moca3d/weights/default/vae --device "$DEVICE" > "$WORK/results/train_$v.log" 2>&1 &
   pids+=($!)
 done

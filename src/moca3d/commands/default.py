@@ -49,13 +49,18 @@ def register(app: typer.Typer) -> None:
         spec = json.loads(recipe.read_text())
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         root = data or work / "data"
-        if data is None:
-            typer.echo(f"[1/4] preparing {spec['objects']} procedural objects in {root}")
+
+        def prepare_objects(count: int, start: int, num_queries: int) -> None:
+            """Objects start..start+count-1 of the recipe's stream into `root`, with `num_queries` SDF queries each."""
             cfg = PrepareConfig(
-                surface=SurfaceSamplingConfig(num_points=spec["num_surface"]), queries=QueryConfig(num_queries=spec["num_queries"]),
+                surface=SurfaceSamplingConfig(num_points=spec["num_surface"]), queries=QueryConfig(num_queries=num_queries),
                 val_fraction=spec["val_fraction"], test_fraction=spec["test_fraction"], seed=spec["seed"],
             )
-            prepare(procedural_jobs("objects", spec["objects"], seed=spec["seed"]), root, cfg, workers=workers)
+            prepare(procedural_jobs("objects", count, seed=spec["seed"], start=start), root, cfg, workers=workers)
+
+        if data is None:
+            typer.echo(f"[1/4] preparing {spec['objects']} procedural objects in {root}")
+            prepare_objects(spec["objects"], 0, spec["num_queries"])
         vae_run = work / "vae"
         if not (vae_run / "vae" / "config.json").is_file():
             typer.echo(f"[2/4] training the VAE in {vae_run}")
@@ -63,11 +68,7 @@ def register(app: typer.Typer) -> None:
         extra = int(spec.get("dit_extra_objects", 0))
         if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
             typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
-            cfg = PrepareConfig(
-                surface=SurfaceSamplingConfig(num_points=spec["num_surface"]), queries=QueryConfig(num_queries=spec["dit_extra_num_queries"]),
-                val_fraction=spec["val_fraction"], test_fraction=spec["test_fraction"], seed=spec["seed"],
-            )
-            prepare(procedural_jobs("objects", extra, seed=spec["seed"], start=spec["objects"]), root, cfg, workers=workers)
+            prepare_objects(extra, spec["objects"], spec["dit_extra_num_queries"])
         typer.echo("[3/4] caching latents")
         vae = load_vae(vae_run / "vae", dev)
         encode_dataset(root, vae, _weights_id(vae_run / "vae"), spec["encoder_points"])

@@ -144,11 +144,6 @@ def register(app: typer.Typer) -> None:
         vae = load_vae(folder, resolve_device(device))
         counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")
-    register_cache(app)
-
-
-def register_cache(app: typer.Typer) -> None:
-    """Add `cache-latents`."""
 
     @app.command("cache-latents")
     def cache_latents_cmd(
