@@ -23,11 +23,14 @@ CLEAR_REFS_RESET_PEAK = "5"  # /proc/<pid>/clear_refs: reset VmHWM to the curren
 
 
 def load_config(path: Optional[str]) -> dict:
-    """DEFAULT_CONFIG updated with the MoCATransformer arguments of a JSON file (if given)."""
+    """DEFAULT_CONFIG updated with the MoCATransformer arguments of a JSON file (if given).
+
+    The file may be a model folder's config.json: diffusers' bookkeeping keys ("_class_name", ...) are dropped.
+    """
     config = dict(DEFAULT_CONFIG)
     if path:
         with open(path) as f:
-            config.update(json.load(f))
+            config.update({k: v for k, v in json.load(f).items() if not k.startswith("_")})
     return config
 
 

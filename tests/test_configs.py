@@ -17,6 +17,8 @@ def recipe_kind(path: Path) -> str:
     keys = json.loads(path.read_text()).keys()
     if "vae_config" in keys:
         return "default"
+    if "freeze_encoder" in keys or "num_query_points" in keys:
+        return "vae"
     return "dit" if "transformer" in keys or "init_from" in keys else "vae"
 
 
@@ -36,7 +38,11 @@ def test_recipe_parses(path):
     elif kind == "vae":
         from moca3d.models.vae import VecSetVAE
 
-        VecSetVAE(**VAETrainConfig.from_json(path).model)
+        cfg = VAETrainConfig.from_json(path)
+        cfg.check()
+        if cfg.init_from:  # a fine-tuning recipe starts from a folder of this repository (the shipped VAE)
+            assert (CONFIGS.parent / cfg.init_from / "config.json").is_file(), cfg.init_from
+        VecSetVAE(**cfg.model)
     else:
         cfg = DiTTrainConfig.from_json(path)
         if not cfg.init_from:

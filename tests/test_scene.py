@@ -1,5 +1,7 @@
 """Scenes (issue 7): mask parsing, 7-channel widening, encoder LoRA, scene fine-tuning and generation, tiny."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -313,3 +315,22 @@ def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):
     _save(np.zeros((32, 32)), masks / "instance_99.png")  # a mask of the wrong size
     res = runner.invoke(app, args)
     assert isinstance(res.exception, InputError) and "differ in size" in str(res.exception)
+
+
+def test_train_scene_cli_dense_baseline_from_a_moca_checkpoint(scenes, tmp_path):
+    """--attention-mode dense fine-tunes the MoCA object model as the dense-global baseline (router dropped)."""
+    from moca3d.cli import app
+
+    root, obj = scenes
+    assert MoCAPipeline.from_pretrained(obj).transformer.config.attention_mode == "moc"
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(scene_recipe(obj, steps=3).to_dict()))
+    runner = CliRunner()
+    base = ["train-scene", str(root), "--config", str(recipe), "--device", "cpu"]
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "dense"), "--attention-mode", "dense", "--time-limit", "600"])
+    assert res.exit_code == 0, res.output
+    pipe = MoCAPipeline.from_pretrained(tmp_path / "dense" / "pipeline")
+    assert pipe.is_scene_model and pipe.transformer.config.attention_mode == "dense"
+    assert not any(".router." in k for k in pipe.transformer.state_dict())
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "bad"), "--attention-mode", "sparse"])
+    assert isinstance(res.exception, ConfigError) and "--attention-mode" in str(res.exception)

@@ -279,6 +279,44 @@ def test_resume_continues_from_the_same_step_with_identical_state(dataset, tmp_p
     assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_decoder_finetune_keeps_the_encoder_and_latent_scale(dataset, tmp_path):
+    """--init-from + --freeze-encoder: encoder weights, cached latents and scaling factors unchanged; decoder trained."""
+    from moca3d.training.train_vae import encode_latents, load_split, train_vae
+
+    with pytest.raises(ConfigError, match="freeze_encoder needs init_from"):
+        tiny_train_config(freeze_encoder=True).check()
+    train_vae(dataset, tmp_path / "base", tiny_train_config(), progress=False, validate_at_end=False)
+    base = VecSetVAE.from_pretrained(str(tmp_path / "base" / "vae"))
+    cfg = tiny_train_config(model={}, init_from=str(tmp_path / "base" / "vae"), freeze_encoder=True, lr=3e-3)
+    train_vae(dataset, tmp_path / "tuned", cfg, progress=False, validate_at_end=False)
+    tuned = VecSetVAE.from_pretrained(str(tmp_path / "tuned" / "vae"))
+    assert tuned.config.scaling_factor == base.config.scaling_factor and tuned.config.shift_factor == base.config.shift_factor
+    before, after = base.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    surface = load_split(dataset, "train").surface
+    torch.testing.assert_close(encode_latents(tuned.eval(), surface, 64), encode_latents(base.eval(), surface, 64), rtol=0, atol=0)
+
+
+def test_load_split_mixes_assets_prepared_with_different_counts(tmp_path):
+    """An asset with fewer surface points / queries sets the count; the others keep matching (point, sdf) subsets."""
+    from moca3d.training.train_vae import load_samples, load_split, read_manifest
+
+    root = make_dataset(tmp_path / "mixed", num_assets=3, points=128, queries=128)
+    first = read_manifest(root)[0]["id"]
+    full = {e["id"]: load_samples(root, e["id"]) for e in read_manifest(root)}
+    small = {k: v[:, :64] if k != "surface" else v[:, :96] for k, v in full[first].items()}
+    np.savez(root / "assets" / first / "samples.npz", **small)
+    data = load_split(root, "train")
+    assert data.surface.shape[1] == 96 and data.query_points.shape[1] == 64
+    for row, (asset, comp) in enumerate(zip(data.asset_ids, data.component)):
+        src = small if asset == first else full[asset]
+        pairs = {tuple(np.round(np.append(p, d), 5)) for p, d in zip(src["query_points"][comp], src["query_sdf"][comp])}
+        kept = np.concatenate([data.query_points[row].numpy(), data.query_sdf[row, :, None].numpy()], axis=1)
+        assert all(tuple(np.round(k, 5)) in pairs for k in kept)  # subsets of the asset's own samples, still paired
+
+
 def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     from safetensors.torch import load_file
 

@@ -26,6 +26,7 @@ from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"
+DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
 COMPONENTS = {"vae": VecSetVAE, "transformer": MoCATransformer, "image_encoder": ImageEncoder}
 
 

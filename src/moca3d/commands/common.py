@@ -43,6 +43,24 @@ def write_json(path: Optional[Path], obj: Any) -> None:
         path.write_text(json.dumps(obj, indent=2))
 
 
+def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int],
+                             attention_mode: Optional[str], time_limit: Optional[float]) -> dict:
+    """Apply the command-line overrides of `train` / `train-scene` to a recipe dict (checked)."""
+    from moca3d.attention.config import MODES
+
+    if steps is not None:
+        recipe["steps"] = steps
+    if batch_size is not None:
+        recipe["batch_size"] = batch_size
+    if attention_mode is not None:
+        if attention_mode not in MODES:
+            raise ConfigError(f"--attention-mode must be one of {', '.join(MODES)}, got {attention_mode!r}")
+        recipe["transformer"] = {**recipe.get("transformer", {}), "attention_mode": attention_mode}
+    if time_limit is not None:
+        recipe["time_limit_s"] = time_limit
+    return recipe
+
+
 def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path], device: Optional[str], resume: bool) -> None:
     """Build the recipe (overrides already applied), train, and print the outcome."""
     from moca3d.training.train_dit import DiTTrainConfig, train

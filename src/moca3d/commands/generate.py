@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import MIN_RESOLUTION, resolve_device, run_dit_training, save_generation, write_json
+from moca3d.commands.common import (MIN_RESOLUTION, apply_training_overrides, resolve_device, run_dit_training,
+                                    save_generation, write_json)
 from moca3d.errors import ConfigError
 
 
@@ -58,21 +59,10 @@ def register(app: typer.Typer) -> None:
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds (the LR schedule ends there), then export."),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
-        from moca3d.attention.config import MODES
-        from moca3d.errors import ConfigError
         from moca3d.training.train_dit import DiTTrainConfig
 
         recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
-        if steps is not None:
-            recipe["steps"] = steps
-        if batch_size is not None:
-            recipe["batch_size"] = batch_size
-        if attention_mode is not None:
-            if attention_mode not in MODES:
-                raise ConfigError(f"--attention-mode must be one of {', '.join(MODES)}, got {attention_mode!r}")
-            recipe["transformer"] = {**recipe.get("transformer", {}), "attention_mode": attention_mode}
-        if time_limit is not None:
-            recipe["time_limit_s"] = time_limit
+        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit)
         run_dit_training(data, output, recipe, vae, device, resume)
 
 

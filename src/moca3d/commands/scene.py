@@ -7,8 +7,21 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import MIN_RESOLUTION, resolve_device, run_dit_training, save_generation, write_json
+from moca3d.commands.common import (MIN_RESOLUTION, apply_training_overrides, resolve_device, run_dit_training,
+                                    save_generation, write_json)
 from moca3d.errors import ConfigError
+
+
+def scene_model(model: Optional[Path]) -> Path:
+    """The pipeline folder to load: `model`, or the built-in scene model."""
+    from moca3d.pipeline import DEFAULT_SCENE_MODEL_DIR
+
+    if model is not None:
+        return model
+    if not (DEFAULT_SCENE_MODEL_DIR / "model_index.json").is_file():
+        raise ConfigError(f"no built-in scene model at {DEFAULT_SCENE_MODEL_DIR}: pass --model (a `train-scene` pipeline)")
+    return DEFAULT_SCENE_MODEL_DIR
+
 
 def register(app: typer.Typer) -> None:
     """Add the scene verbs to the CLI."""
@@ -18,7 +31,7 @@ def register(app: typer.Typer) -> None:
         image: Path = typer.Argument(..., help="Scene image (PNG/JPG)."),
         masks: Path = typer.Option(..., "--masks", "-m", help="Label map image (0 = background, one id per instance) or a folder of binary masks (file-name order; where masks overlap, the later file wins)."),
         output: Path = typer.Option(Path("scene.glb"), "--output", "-o", help="Output GLB, one named node per instance."),
-        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (trained with `train-scene`)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (trained with `train-scene`; default: the built-in scene model)."),
         steps: int = typer.Option(50, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
@@ -34,14 +47,14 @@ def register(app: typer.Typer) -> None:
         if steps < 1 or resolution < MIN_RESOLUTION:
             raise ConfigError(f"--steps must be >= 1 and --resolution >= {MIN_RESOLUTION}")
         t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
+        pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
         save_generation(result, output, "instances", t0)
 
     @app.command("evaluate-scenes")
     def evaluate_scenes(
         data: Path = typer.Argument(..., help="Prepared scenes (moca3d prepare --procedural scenes)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (default: the built-in scene model)."),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes."),
         steps: int = typer.Option(50, help="Sampling steps."),
@@ -60,7 +73,7 @@ def register(app: typer.Typer) -> None:
 
         if min_instances > max_instances:
             raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
-        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
+        pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points)
         for key, value in result["mean"].items():
             typer.echo(f"{key:>22}: {value:.4f}")
@@ -78,6 +91,8 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
+        attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),
+        time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds (the LR schedule ends there), then export."),
     ) -> None:
         """Fine-tune an object pipeline on scenes: 7-channel per-instance conditions, LoRA on the encoder."""
         from moca3d.training.train_dit import DiTTrainConfig
@@ -86,8 +101,5 @@ def register(app: typer.Typer) -> None:
         recipe["condition"] = "scene"
         if init_from is not None:
             recipe["init_from"] = str(init_from)
-        if steps is not None:
-            recipe["steps"] = steps
-        if batch_size is not None:
-            recipe["batch_size"] = batch_size
+        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit)
         run_dit_training(data, output, recipe, vae, device, resume)

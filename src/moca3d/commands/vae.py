@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT_DIR."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this VAE folder (fine-tune)."),
+        freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only: latents cached with --init-from's VAE (and transformers trained on them) stay valid."),
     ) -> None:
         """Train the vecset VAE on part meshes (SDF + KL loss, EMA, checkpoints, validation)."""
         from moca3d.training.train_vae import VAETrainConfig, train_vae
@@ -66,6 +68,10 @@ def register(app: typer.Typer) -> None:
             cfg.batch_size = batch_size
         if threads is not None:
             cfg.num_threads = threads
+        if init_from is not None:
+            cfg.init_from = str(init_from)
+        if freeze_encoder:
+            cfg.freeze_encoder = True
         cfg.check()
         summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
         typer.echo(f"trained {summary['steps']} steps in {summary['train_time_s'] / 60:.1f} min; weights in {out_dir / 'vae'}")

@@ -264,6 +264,8 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
         if queries.shape[0] != wanted and (wanted - 1) % (queries.shape[0] - 1) == 0:
             factor = (wanted - 1) // (queries.shape[0] - 1)
             state["packer.queries"] = torch.cat([queries[:-1].repeat_interleave(factor, dim=0), queries[-1:]])
+        if transformer.config.attention_mode != "moc":  # a MoCA checkpoint fine-tuned as dense / local-only
+            state = {k: v for k, v in state.items() if ".router." not in k}  # has no router to load
         try:
             transformer.load_state_dict(state)
         except RuntimeError as err:

@@ -29,7 +29,7 @@ from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, lr_at
-from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+from moca3d.training.checkpoints import EMA, atomic_write_json, check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
     "latent_channels": 8, "num_latents": 64, "num_attention_heads": 4, "width_encoder": 128, "width_decoder": 128,
@@ -75,6 +75,10 @@ class VAETrainConfig(Recipe):
     metric_points: int = 20000  # surface points per side for CD / F-score
     seed: int = 0
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    init_from: Optional[str] = None  # VAE folder to start from (its config replaces `model`)
+    # train the decoder only: the encoder, hence every cached latent and the latent scaling factors,
+    # stay those of `init_from`, so a transformer trained on its latents still fits the result
+    freeze_encoder: bool = False
 
     def check(self) -> None:
         """Raise ConfigError for values out of range."""
@@ -82,6 +86,8 @@ class VAETrainConfig(Recipe):
                             "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution")
         if self.inside_weight <= 0:
             raise ConfigError(f"inside_weight must be positive, got {self.inside_weight}")
+        if self.freeze_encoder and not self.init_from:
+            raise ConfigError("freeze_encoder needs init_from (the VAE whose encoder is kept)")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"bad learning rate settings lr={self.lr} min_lr_ratio={self.min_lr_ratio}")
 
@@ -126,7 +132,11 @@ def load_samples(root: str | Path, asset_id: str) -> dict[str, np.ndarray]:
 
 
 def load_split(root: str | Path, split: str, max_assets: Optional[int] = None) -> ComponentArrays:
-    """Load every component of the assets of one split (at most `max_assets` assets)."""
+    """Load every component of the assets of one split (at most `max_assets` assets).
+
+    Assets with more surface points or queries than the split's smallest count keep a fixed random
+    subset of that size, so datasets prepared with different --num-surface / --num-queries mix.
+    """
     entries = [e for e in read_manifest(root) if e["split"] == split][:max_assets]
     if not entries:
         raise InputError(f"{root}: no assets in split '{split}'")
@@ -139,6 +149,13 @@ def load_split(root: str | Path, split: str, max_assets: Optional[int] = None) -
         qs.append(s["query_sdf"])
         ids += [e["id"]] * n
         comp += list(range(n))
+    counts = {len(a[0]) for a in surf}, {len(a[0]) for a in qp}
+    if len(counts[0]) > 1 or len(counts[1]) > 1:  # assets prepared with different P or Q (e.g. separate runs):
+        P, Q = min(counts[0]), min(counts[1])  # keep a fixed random subset of each, the smallest count
+        g = np.random.default_rng(VAL_SEED)
+        surf = [a[:, g.permutation(a.shape[1])[:P]] for a in surf]
+        keep = [g.permutation(a.shape[1])[:Q] for a in qp]
+        qp, qs = [a[:, k] for a, k in zip(qp, keep)], [a[:, k] for a, k in zip(qs, keep)]
     return ComponentArrays(torch.from_numpy(np.concatenate(surf)).float(), torch.from_numpy(np.concatenate(qp)).float(),
                            torch.from_numpy(np.concatenate(qs)).float(), ids, comp)
 
@@ -201,9 +218,10 @@ def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tu
 
 
 def make_optimizer(model: torch.nn.Module, cfg: VAETrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and norms)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the trainable parameters, with weight decay on matrices only (not on biases and norms)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
@@ -339,7 +357,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         torch.set_num_threads(cfg.num_threads)
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model = VecSetVAE(**cfg.model).to(dev)
+    model = build_vae(cfg).to(dev)
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, decay=cfg.ema_decay)
     start, elapsed = 0, 0.0
@@ -407,7 +425,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     train_time = elapsed + time.time() - t0
     final = VecSetVAE(**cfg.model)
     ema.copy_to(final)
-    fit_latent_scale(final, train, cfg)
+    if not cfg.freeze_encoder:  # a frozen encoder keeps init_from's factors (in cfg.model)
+        fit_latent_scale(final, train, cfg)
     final.save_pretrained(out_dir / "vae", safe_serialization=True)
     summary: dict[str, Any] = {"steps": cfg.steps, "train_time_s": train_time}
     if has_val and validate_at_end:
@@ -415,6 +434,22 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         _append_jsonl(log_path, {"step": cfg.steps, "val": summary["val"], "final": True})
     atomic_write_json(summary, out_dir / "summary.json")
     return summary
+
+
+def build_vae(cfg: VAETrainConfig) -> VecSetVAE:
+    """A fresh VAE of `cfg.model`, or `cfg.init_from`'s weights (then `cfg.model` becomes its config)."""
+    if not cfg.init_from:
+        return VecSetVAE(**cfg.model)
+    folder = Path(cfg.init_from)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"init_from {folder}: not a VAE folder, config.json missing")
+    model = VecSetVAE.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+    check_finite(model.state_dict(), str(folder))
+    cfg.model = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    if cfg.freeze_encoder:
+        for module in (model.encoder, model.quant):  # the posterior: points -> (mean, log-variance)
+            module.requires_grad_(False)
+    return model
 
 
 def fit_latent_scale(model: VecSetVAE, data: ComponentArrays, cfg: VAETrainConfig,
