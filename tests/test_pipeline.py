@@ -84,6 +84,18 @@ def test_train_resume_export_and_generate(dataset, tmp_path):
     report = evaluate_pipeline(a, root, "train", count=2, steps=1, resolution=16, metric_points=2000, progress=False)
     assert report["count"] == 2 and set(report["mean"]) >= {"chamfer", "fscore@0.1", "fscore@0.05", "self_iou"}
     assert all(0.0 <= r["fscore@0.1"] <= 1.0 for r in report["assets"])
+    # --reconstruct: the GT parts through the pipeline's VAE = the cached latents decoded as a generation is
+    from safetensors.torch import load_file
+
+    from moca3d.evaluation import round_trip
+
+    asset = image.parent
+    cached = load_file(str(asset / "latents.safetensors"))["latents"]  # (N, L, C), encode-dataset's posterior means
+    expected = a.decode_latents(a.vae.normalize_latents(cached), 16)
+    for got, want in zip(round_trip(a, asset, 16), expected):
+        np.testing.assert_allclose(got.vertices, want.vertices, atol=1e-5)
+    ceiling = evaluate_pipeline(a, root, "train", count=2, resolution=16, metric_points=2000, progress=False, reconstruct=True)
+    assert ceiling["reconstruct"] and [r["id"] for r in ceiling["assets"]] == [r["id"] for r in report["assets"]]
 
 
 def test_latent_cache_round_trip_and_training_from_it(dataset, tmp_path):

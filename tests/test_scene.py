@@ -273,6 +273,11 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     assert {"chamfer", "fscore@0.1", "instance_fscore@0.1", "instance_chamfer", "self_iou", "num_empty"} <= set(row)
     assert 0.0 <= row["fscore@0.1"] <= 1.0 and 0.0 <= row["instance_fscore@0.1"] <= 1.0
     assert set(report["mean"]) >= {"fscore@0.1", "instance_fscore@0.1", "self_iou"}
+    # the VAE ceiling: GT instances through the VAE, decoded like a generation
+    ceiling = evaluate_scenes(pipe, root, "train", count=1, resolution=16, metric_points=500, progress=False, reconstruct=True)
+    assert ceiling["reconstruct"] and ceiling["scenes"][0]["num_gt"] == row["num_gt"]
+    assert ceiling["scenes"][0]["num_pred"] == row["num_gt"]
+    assert 0.0 <= ceiling["mean"]["fscore@0.1"] <= 1.0 and set(ceiling["mean"]) == set(report["mean"])
 
 
 def test_evaluation_skips_scenes_with_hidden_instances(scenes, tmp_path):

@@ -38,12 +38,30 @@ def object_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
     return out
 
 
+def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
+    """The GT components of a prepared asset encoded by the pipeline's VAE and decoded as a generation would be.
+
+    Scoring these instead of generations gives the ceiling of any transformer on this VAE.
+    """
+    import torch
+
+    from moca3d.training.train_vae import encode_latents
+
+    with np.load(asset / "samples.npz") as npz:
+        surface = torch.from_numpy(npz["surface"]).float()  # (N, P, 6)
+    latents = encode_latents(pipe.vae, surface.to(pipe.device), points)  # (N, L, C) posterior means
+    return pipe.decode_latents(pipe.vae.normalize_latents(latents), resolution)
+
+
 def evaluate_pipeline(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = 50, guidance: float = 7.0,
     resolution: int = 128, seed: int = 0, min_parts: int = 1, max_parts: int = 32, metric_points: int = 20000,
-    progress: bool = True,
+    progress: bool = True, reconstruct: bool = False,
 ) -> dict[str, Any]:
-    """Mean and per-asset metrics of `pipe` on up to `count` assets of `split` (the GT part count is used)."""
+    """Mean and per-asset metrics of `pipe` on up to `count` assets of `split` (the GT part count is used).
+
+    With `reconstruct`, each asset's GT parts go through the VAE instead (`round_trip`): the ceiling.
+    """
     records = select_records(root, split, count, min_parts, max_parts)
     config = MetricsConfig(num_points=metric_points, seed=seed)
     per_asset = []
@@ -51,12 +69,16 @@ def evaluate_pipeline(
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
         t0 = time.time()
-        out = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, resolution=resolution, show_progress=False)
+        if reconstruct:
+            meshes = round_trip(pipe, asset, resolution)
+        else:
+            meshes = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, resolution=resolution, show_progress=False).meshes
         seconds = time.time() - t0
-        per_asset.append({"id": rec["id"], "num_parts": len(gt), "seconds": seconds, **object_metrics(out.meshes, gt, config)})
+        per_asset.append({"id": rec["id"], "num_parts": len(gt), "seconds": seconds, **object_metrics(meshes, gt, config)})
     keys = ["chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds"]
     mean = {k: float(np.mean([a[k] for a in per_asset])) for k in keys} if per_asset else {}
-    return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "mean": mean, "assets": per_asset}
+    return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "reconstruct": reconstruct,
+            "mean": mean, "assets": per_asset}
 
 
 # -- scenes (issue 7): scene-level and per-instance metrics over a prepared split ---------------------
@@ -88,9 +110,11 @@ def scene_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
 def evaluate_scenes(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = 50, guidance: float = 7.0,
     resolution: int = 128, seed: int = 0, min_instances: int = 2, max_instances: int = 32, metric_points: int = 20000,
-    progress: bool = True,
+    progress: bool = True, reconstruct: bool = False,
 ) -> dict[str, Any]:
     """Generate each prepared scene of `split` from render.png + mask.png and compare with its instances.
+
+    With `reconstruct`, the GT instances go through the VAE instead (`round_trip`): the ceiling.
 
     A scene with an instance hidden in the render (no pixel in mask.png) cannot be conditioned and
     is skipped (listed under "skipped"). On CUDA the peak memory of each generation is reported.
@@ -114,13 +138,16 @@ def evaluate_scenes(
         if cuda:
             torch.cuda.reset_peak_memory_stats(pipe.device)
         t0 = time.time()
-        out = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, resolution=resolution, show_progress=False)
+        if reconstruct:
+            meshes = round_trip(pipe, asset, resolution)
+        else:
+            meshes = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, resolution=resolution, show_progress=False).meshes
         row = {"id": rec["id"], "num_instances": len(gt), "seconds": time.time() - t0}
         if cuda:
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
-        per_scene.append({**row, **scene_metrics(out.meshes, gt, config)})
+        per_scene.append({**row, **scene_metrics(meshes, gt, config)})
     mean = {k: float(np.mean([s[k] for s in per_scene])) for k in SCENE_KEYS} if per_scene else {}
     return {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
-        "steps": steps, "guidance": guidance, "mean": mean, "scenes": per_scene, "skipped": skipped,
+        "steps": steps, "guidance": guidance, "reconstruct": reconstruct, "mean": mean, "scenes": per_scene, "skipped": skipped,
     }

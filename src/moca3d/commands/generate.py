@@ -82,13 +82,15 @@ def register_evaluation(app: typer.Typer) -> None:
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics here."),
+        reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""
         from moca3d.evaluation import evaluate_pipeline
         from moca3d.pipeline import MoCAPipeline
 
         pipe = MoCAPipeline.from_pretrained(model)
-        result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts)
+        result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts,
+                                   reconstruct=reconstruct)
         for key, value in result["mean"].items():
             typer.echo(f"{key:>12}: {value:.4f}")
         typer.echo(f"{result['count']} assets of '{split}'")

@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
         metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics here."),
+        reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
         from moca3d.evaluation import evaluate_scenes as run
@@ -74,7 +75,8 @@ def register(app: typer.Typer) -> None:
         if min_instances > max_instances:
             raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
-        result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points)
+        result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
+                     reconstruct=reconstruct)
         for key, value in result["mean"].items():
             typer.echo(f"{key:>22}: {value:.4f}")
         typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
