@@ -15,19 +15,11 @@ PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "default" / 
 
 def load_vae(model_dir: Optional[Path], device: str = "cpu"):
     """A VecSetVAE from a diffusers-style folder (default: the packaged weights)."""
-    from moca3d.models.vae import VecSetVAE
+    from moca3d.training.train_vae import load_vae_folder
 
     folder = Path(model_dir) if model_dir is not None else PACKAGED_VAE
-    if not (folder / "config.json").is_file():
-        hint = "" if model_dir is not None else " (no packaged VAE weights; pass --model)"
-        raise InputError(f"{folder}: not a VAE folder, config.json missing{hint}")
-    if not any(folder.glob("*.safetensors")):
-        raise InputError(f"{folder}: no .safetensors weights")
-    from moca3d.training.checkpoints import check_finite
-
-    model = VecSetVAE.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
-    check_finite(model.state_dict(), str(folder))
-    return model.to(device).eval()
+    hint = "" if model_dir is not None else " (no packaged VAE weights; pass --model)"
+    return load_vae_folder(folder, hint).to(device).eval()
 
 
 def _weights_id(folder: Path) -> str:

@@ -436,15 +436,22 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     return summary
 
 
+def load_vae_folder(folder: Path, hint: str = "") -> VecSetVAE:
+    """A VecSetVAE from a diffusers-style folder (config.json + safetensors), checked for NaN/inf."""
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a VAE folder, config.json missing{hint}")
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(f"{folder}: no .safetensors weights")
+    model = VecSetVAE.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+    check_finite(model.state_dict(), str(folder))
+    return model
+
+
 def build_vae(cfg: VAETrainConfig) -> VecSetVAE:
     """A fresh VAE of `cfg.model`, or `cfg.init_from`'s weights (then `cfg.model` becomes its config)."""
     if not cfg.init_from:
         return VecSetVAE(**cfg.model)
-    folder = Path(cfg.init_from)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"init_from {folder}: not a VAE folder, config.json missing")
-    model = VecSetVAE.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
-    check_finite(model.state_dict(), str(folder))
+    model = load_vae_folder(Path(cfg.init_from))
     cfg.model = {k: v for k, v in model.config.items() if not k.startswith("_")}
     if cfg.freeze_encoder:
         for module in (model.encoder, model.quant):  # the posterior: points -> (mean, log-variance)
