@@ -424,6 +424,9 @@ def test_cli_eval_vae_reports_fscores(dataset, tmp_path, monkeypatch):
         assert 0.0 <= metrics[key] <= 1.0
     # Both parts decode to a radius-0.3 sphere at the origin, which only partly matches either part.
     assert 0.0 < metrics["part_fscore@0.1"] < 0.9
+    (asset,) = metrics["assets"]  # each asset's scores; their mean is the asset mean
+    assert asset["num_parts"] == 2 and asset["fscore@0.1"] == pytest.approx(metrics["asset_fscore@0.1"])
+    assert not any(line.startswith("assets:") for line in result.output.splitlines())
 
 
 def test_builtin_defaults_equal_the_small_recipe():
@@ -454,6 +457,52 @@ def test_inside_weight_scales_only_the_inside_sign_terms(dataset):
         assert stats[1] == pytest.approx(expected_ratio * stats[0], rel=1e-5)
     with pytest.raises(ConfigError):
         tiny_train_config(inside_weight=0.0)
+
+
+def test_free_space_queries_are_exactly_labelled_outside():
+    """Kept free-space points lie outside the part, at least one truncation from its surface; near ones are masked."""
+    from moca3d.geometry.inside import signed_distance
+    from moca3d.training.train_vae import free_space_queries
+
+    parts = [trimesh.creation.box((0.4, 0.2, 0.6)), trimesh.creation.icosphere(2, 0.3)]
+    parts[1].apply_translation((0.5, -0.4, 0.1))
+    surface = torch.stack([torch.from_numpy(np.asarray(m.sample(2000, seed=k), dtype=np.float32)) for k, m in enumerate(parts)])
+    surface = torch.cat([surface, torch.zeros_like(surface)], -1)  # (2, P, 6): normals unused
+    g = torch.Generator().manual_seed(0)
+    points, sdf, weight = free_space_queries(surface, 4000, 1.05, 0.1, 0.02, g)
+    assert points.shape == (2, 4000, 3) and sdf.shape == weight.shape == (2, 4000)
+    assert points.abs().max() <= 1.05 and set(weight.unique().tolist()) <= {0.0, 1.0}
+    for k, mesh in enumerate(parts):
+        kept = weight[k] > 0
+        assert 0.5 < kept.float().mean() < 1.0  # most of the domain is far from a small part, not all of it
+        true = torch.from_numpy(signed_distance(mesh, points[k][kept].numpy())).float()  # exact, > 0 inside
+        assert (true < 0).all() and (-true >= 0.1 - 1e-5).all()  # outside, beyond the truncation
+        assert (sdf[k][kept] >= true + 1e-5).all() and (sdf[k][kept] <= -0.1).all()  # a bound on |sdf| whose clamp is exact
+        lo, hi = torch.tensor(mesh.bounds, dtype=torch.float32) + torch.tensor([[-0.02], [0.02]])  # the true box, padded
+        to_box = torch.maximum(lo - points[k][~kept], points[k][~kept] - hi).clamp(min=0).norm(dim=-1)
+        assert (to_box < 0.1).all()  # masked points are the near ones (the sampled box lies inside the true one)
+
+
+def test_free_space_queries_extend_the_batch_and_off_changes_nothing(dataset):
+    """free_space_queries = 0 replays the old batches exactly; > 0 appends masked outside queries to the loss."""
+    from moca3d.training.train_vae import load_split, make_batch, vae_loss
+
+    data = load_split(dataset, "train")
+    plain, extra = make_batch(data, tiny_train_config(), 0), make_batch(data, tiny_train_config(free_space_queries=32), 0)
+    assert plain["points"].shape[1] == 64 and extra["points"].shape[1] == 96
+    assert torch.equal(plain["points"], extra["points"][:, :64]) and torch.equal(plain["surface"], extra["surface"])
+    assert torch.equal(plain["weight"], torch.ones(2, 64)) and (extra["sdf"][:, 64:] <= -0.1).all()
+    model = tiny_vae()
+    losses = []
+    for batch in (plain, extra):
+        batch["generator"].manual_seed(0)
+        losses.append(vae_loss(model, batch, tiny_train_config())[0].item())
+    extra["weight"][:, 64:] = 0.0  # all free-space queries masked: the plain loss again
+    extra["generator"].manual_seed(0)
+    assert vae_loss(model, extra, tiny_train_config())[0].item() == pytest.approx(losses[0], rel=1e-5)
+    assert losses[1] != pytest.approx(losses[0], rel=1e-5)
+    with pytest.raises(ConfigError, match="free-space"):
+        tiny_train_config(free_space_queries=-1)
 
 
 def test_latent_normalization_round_trip_and_fit(tmp_path):

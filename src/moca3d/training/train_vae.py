@@ -58,6 +58,13 @@ class VAETrainConfig(Recipe):
     grad_clip: float = 1.0
     num_surface_points: int = 512  # dense points P_d fed to the encoder per component
     num_query_points: int = 256  # supervised query points per component and step
+    # extra uniform queries per component and step in [-free_space_bound, free_space_bound]^3, labelled
+    # "outside" where they lie at least one truncation from the part's (margin-padded) bounding box, where
+    # the clamped target is exact; the others are masked out. The prepared queries are half uniform, so
+    # the far corners of the domain are rarely seen and decode floaters without this.
+    free_space_queries: int = 0
+    free_space_bound: float = 1.05  # the extraction grid's bounds
+    free_space_margin: float = 0.02  # bounding box padding: surface samples may miss the extremes
     kl_weight: float = 1e-4
     sign_weight: float = 0.5
     sign_sharpness: float = 10.0  # logits are ~sdf/truncation; BCE sees them times this
@@ -84,6 +91,9 @@ class VAETrainConfig(Recipe):
         """Raise ConfigError for values out of range."""
         self.check_positive("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
                             "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution")
+        if self.free_space_queries < 0 or self.free_space_bound <= 0 or self.free_space_margin < 0:
+            raise ConfigError(f"bad free-space settings queries={self.free_space_queries} bound={self.free_space_bound} "
+                              f"margin={self.free_space_margin}")
         if self.inside_weight <= 0:
             raise ConfigError(f"inside_weight must be positive, got {self.inside_weight}")
         if self.freeze_encoder and not self.init_from:
@@ -174,14 +184,39 @@ def random_subset(x: torch.Tensor, count: int, generator: torch.Generator) -> to
     return torch.gather(x, 1, idx.view(B, count, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
 
 
-def make_batch(data: ComponentArrays, cfg: VAETrainConfig, step: int) -> dict[str, torch.Tensor]:
-    """The training batch of `step` (deterministic in (seed, step))."""
+def free_space_queries(surface: torch.Tensor, count: int, bound: float, clearance: float, margin: float,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform points far from each component: points (B, M, 3), sdf (B, M) and a 0/1 weight (B, M).
+
+    A point at distance d >= clearance from the component's bounding box (padded by `margin`) is
+    outside the component and at least d from its surface, so sdf = -d is a lower bound whose
+    truncated target, -1, is exact. Points nearer the box get weight 0.
+    """
+    B = surface.shape[0]
+    lo = surface[..., :3].amin(dim=1, keepdim=True) - margin  # (B, 1, 3)
+    hi = surface[..., :3].amax(dim=1, keepdim=True) + margin  # (B, 1, 3)
+    points = (torch.rand(B, count, 3, generator=generator) * 2 - 1) * bound  # (B, M, 3)
+    gap = torch.maximum(lo - points, points - hi).clamp(min=0)  # (B, M, 3) per-axis distance outside the box
+    dist = gap.norm(dim=-1)  # (B, M)
+    weight = (dist >= clearance).float()
+    return points, -dist.clamp(min=clearance), weight
+
+
+def make_batch(data: ComponentArrays, cfg: VAETrainConfig, step: int, truncation: float = 0.1) -> dict[str, torch.Tensor]:
+    """The training batch of `step` (deterministic in (seed, step)); `truncation`: the model's."""
     g = step_generator(cfg.seed, step)
     idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)  # (B,)
-    surface = random_subset(data.surface[idx], cfg.num_surface_points, g)  # (B, Pd, 6)
+    full_surface = data.surface[idx]  # (B, P, 6)
+    surface = random_subset(full_surface, cfg.num_surface_points, g)  # (B, Pd, 6)
     q = torch.cat([data.query_points[idx], data.query_sdf[idx, :, None]], dim=-1)  # (B, Q, 4)
     q = random_subset(q, cfg.num_query_points, g)  # (B, Mq, 4)
-    return {"surface": surface, "points": q[..., :3].contiguous(), "sdf": q[..., 3].contiguous(), "generator": g}
+    points, sdf = q[..., :3].contiguous(), q[..., 3].contiguous()
+    weight = torch.ones_like(sdf)  # (B, Mq)
+    if cfg.free_space_queries:
+        fp, fs, fw = free_space_queries(full_surface, cfg.free_space_queries, cfg.free_space_bound, truncation,
+                                        cfg.free_space_margin, g)
+        points, sdf, weight = torch.cat([points, fp], 1), torch.cat([sdf, fs], 1), torch.cat([weight, fw], 1)  # (B, Mq + Mf)
+    return {"surface": surface, "points": points, "sdf": sdf, "weight": weight, "generator": g}
 
 
 def deterministic_surface(surface: torch.Tensor, count: int) -> torch.Tensor:
@@ -204,14 +239,19 @@ def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tu
     z = posterior.sample(g)  # (B, L, C)
     logits = model.decode(z, batch["points"])  # (B, M)
     sdf = batch["sdf"]
+    weight = batch.get("weight")
+    weight = torch.ones_like(sdf) if weight is None else weight.to(sdf.device)  # (B, M): 0 masks a query out
+    total = weight.sum().clamp(min=1.0)
     target = (sdf / model.config.truncation).clamp(-1.0, 1.0)
-    loss_sdf = (logits - target).abs().mean()
+    loss_sdf = ((logits - target).abs() * weight).sum() / total
     pos_weight = torch.tensor(cfg.inside_weight, device=logits.device)
-    loss_sign = F.binary_cross_entropy_with_logits(cfg.sign_sharpness * logits, (sdf > 0).float(), pos_weight=pos_weight)
+    loss_sign = F.binary_cross_entropy_with_logits(cfg.sign_sharpness * logits, (sdf > 0).float(), pos_weight=pos_weight,
+                                                   reduction="none")
+    loss_sign = (loss_sign * weight).sum() / total
     loss_kl = posterior.kl().mean()
     loss = loss_sdf + cfg.sign_weight * loss_sign + cfg.kl_weight * loss_kl
     with torch.no_grad():
-        sign_acc = ((logits > 0) == (sdf > 0)).float().mean()
+        sign_acc = (((logits > 0) == (sdf > 0)).float() * weight).sum() / total
     stats = {"loss": loss.item(), "sdf": loss_sdf.item(), "sign": loss_sign.item(), "kl": loss_kl.item(),
              "sign_acc": sign_acc.item()}
     return loss, stats
@@ -305,8 +345,8 @@ def reconstruction_metrics(pred: list, gt: list, metric_points: int, seed: int =
 
 
 def validate(model: VecSetVAE, root: str | Path, cfg: VAETrainConfig, max_assets: Optional[int] = None,
-             split: str = "val", progress: bool = False) -> dict[str, float]:
-    """Reconstruct held-out assets; mean per-part and per-asset CD and F-scores."""
+             split: str = "val", progress: bool = False, per_asset: bool = False) -> dict[str, Any]:
+    """Reconstruct held-out assets; mean per-part and per-asset CD and F-scores (+ each asset's under "assets")."""
     entries = [e for e in read_manifest(root) if e["split"] == split][: (max_assets or cfg.val_assets)]
     if not entries:
         raise InputError(f"{root}: no assets in split '{split}' to validate on")
@@ -334,6 +374,10 @@ def validate(model: VecSetVAE, root: str | Path, cfg: VAETrainConfig, max_assets
         for key in ("fscore@0.1", "fscore@0.05", "chamfer"):
             out[f"{prefix}_{key}"] = float(np.nanmean([r[key] for r in results[group]]))
     out["part_min_fscore@0.05"] = float(min(p["fscore@0.05"] for p in results["parts"]))
+    if per_asset:
+        out["assets"] = [{"id": e["id"], "category": e.get("category"), "num_parts": e.get("num_components"),
+                          **{k: float(r[k]) for k in ("fscore@0.1", "fscore@0.05", "chamfer")}}
+                         for e, r in zip(entries, results["asset"])]
     return out
 
 
@@ -385,7 +429,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = make_batch(train, cfg, step)
+        batch = make_batch(train, cfg, step, model.config.truncation)
         batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
         loss, stats = vae_loss(model, batch, cfg)
         if not torch.isfinite(loss):
