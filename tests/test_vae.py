@@ -483,26 +483,52 @@ def test_free_space_queries_are_exactly_labelled_outside():
         assert (to_box < 0.1).all()  # masked points are the near ones (the sampled box lies inside the true one)
 
 
-def test_free_space_queries_extend_the_batch_and_off_changes_nothing(dataset):
-    """free_space_queries = 0 replays the old batches exactly; > 0 appends masked outside queries to the loss."""
+def test_free_space_queries_extend_the_loss_and_off_changes_nothing(dataset):
+    """free_space_queries = 0 replays the old batches exactly; > 0 adds outside queries, all masked = the old loss."""
     from moca3d.training.train_vae import load_split, make_batch, vae_loss
 
     data = load_split(dataset, "train")
     plain, extra = make_batch(data, tiny_train_config(), 0), make_batch(data, tiny_train_config(free_space_queries=32), 0)
-    assert plain["points"].shape[1] == 64 and extra["points"].shape[1] == 96
-    assert torch.equal(plain["points"], extra["points"][:, :64]) and torch.equal(plain["surface"], extra["surface"])
-    assert torch.equal(plain["weight"], torch.ones(2, 64)) and (extra["sdf"][:, 64:] <= -0.1).all()
+    assert "free" not in plain
+    for k in ("points", "sdf", "surface"):
+        assert torch.equal(plain[k], extra[k])
+    fp, fs, fw = extra["free"]
+    assert fp.shape == (2, 32, 3) and (fs <= -0.1).all()
     model = tiny_vae()
     losses = []
     for batch in (plain, extra):
         batch["generator"].manual_seed(0)
-        losses.append(vae_loss(model, batch, tiny_train_config())[0].item())
-    extra["weight"][:, 64:] = 0.0  # all free-space queries masked: the plain loss again
-    extra["generator"].manual_seed(0)
-    assert vae_loss(model, extra, tiny_train_config())[0].item() == pytest.approx(losses[0], rel=1e-5)
+        losses.append(vae_loss(model, batch, tiny_train_config(free_space_queries=32))[0].item())
     assert losses[1] != pytest.approx(losses[0], rel=1e-5)
+    extra["free"] = (fp, fs, torch.zeros_like(fw))  # every free-space query masked: the plain loss again
+    extra["generator"].manual_seed(0)
+    assert vae_loss(model, extra, tiny_train_config(free_space_queries=32))[0].item() == pytest.approx(losses[0], rel=1e-5)
     with pytest.raises(ConfigError, match="free-space"):
         tiny_train_config(free_space_queries=-1)
+
+
+def test_free_space_mining_keeps_the_candidates_decoded_most_inside():
+    """hardest_free_space returns, per component, the top-`count` decoded logits among the unmasked candidates."""
+    from moca3d.training.train_vae import hardest_free_space
+
+    model = tiny_vae()
+    z = torch.randn(3, TINY["num_latents"], TINY["latent_channels"])
+    points = torch.rand(3, 50, 3) * 2 - 1
+    sdf, weight = -0.1 - torch.rand(3, 50), (torch.rand(3, 50) > 0.3).float()
+    kp, ks, kw = hardest_free_space(model, z, (points, sdf, weight), 8)
+    assert kp.shape == (3, 8, 3) and ks.shape == kw.shape == (3, 8) and (kw == 1).all()
+    with torch.no_grad():
+        logits = model.decode(z, points)  # (3, 50)
+    for b in range(3):
+        valid = logits[b][weight[b] == 1]
+        expected = valid.topk(8).values
+        with torch.no_grad():
+            got = model.decode(z[b:b + 1], kp[b:b + 1])[0]
+        torch.testing.assert_close(got.sort(descending=True).values, expected, rtol=1e-5, atol=1e-5)
+        for p, s_ in zip(kp[b], ks[b]):  # each kept point keeps its own label
+            i = (points[b] == p).all(-1).nonzero()[0, 0]
+            assert s_ == sdf[b, i]
+    assert hardest_free_space(model, z, (points, sdf, weight), 50)[0] is points  # no mining without spare candidates
 
 
 def test_latent_normalization_round_trip_and_fit(tmp_path):

@@ -63,6 +63,9 @@ class VAETrainConfig(Recipe):
     # the clamped target is exact; the others are masked out. The prepared queries are half uniform, so
     # the far corners of the domain are rarely seen and decode floaters without this.
     free_space_queries: int = 0
+    # > free_space_queries: draw this many free-space candidates and train on the free_space_queries of them
+    # the decoder calls most "inside" (hard-example mining: floaters are rare, uniform draws seldom hit them)
+    free_space_candidates: int = 0
     free_space_bound: float = 1.05  # the extraction grid's bounds
     free_space_margin: float = 0.02  # bounding box padding: surface samples may miss the extremes
     kl_weight: float = 1e-4
@@ -91,9 +94,10 @@ class VAETrainConfig(Recipe):
         """Raise ConfigError for values out of range."""
         self.check_positive("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
                             "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution")
-        if self.free_space_queries < 0 or self.free_space_bound <= 0 or self.free_space_margin < 0:
-            raise ConfigError(f"bad free-space settings queries={self.free_space_queries} bound={self.free_space_bound} "
-                              f"margin={self.free_space_margin}")
+        if (self.free_space_queries < 0 or self.free_space_candidates < 0 or self.free_space_bound <= 0
+                or self.free_space_margin < 0):
+            raise ConfigError(f"bad free-space settings queries={self.free_space_queries} candidates="
+                              f"{self.free_space_candidates} bound={self.free_space_bound} margin={self.free_space_margin}")
         if self.inside_weight <= 0:
             raise ConfigError(f"inside_weight must be positive, got {self.inside_weight}")
         if self.freeze_encoder and not self.init_from:
@@ -210,13 +214,22 @@ def make_batch(data: ComponentArrays, cfg: VAETrainConfig, step: int, truncation
     surface = random_subset(full_surface, cfg.num_surface_points, g)  # (B, Pd, 6)
     q = torch.cat([data.query_points[idx], data.query_sdf[idx, :, None]], dim=-1)  # (B, Q, 4)
     q = random_subset(q, cfg.num_query_points, g)  # (B, Mq, 4)
-    points, sdf = q[..., :3].contiguous(), q[..., 3].contiguous()
-    weight = torch.ones_like(sdf)  # (B, Mq)
-    if cfg.free_space_queries:
-        fp, fs, fw = free_space_queries(full_surface, cfg.free_space_queries, cfg.free_space_bound, truncation,
-                                        cfg.free_space_margin, g)
-        points, sdf, weight = torch.cat([points, fp], 1), torch.cat([sdf, fs], 1), torch.cat([weight, fw], 1)  # (B, Mq + Mf)
-    return {"surface": surface, "points": points, "sdf": sdf, "weight": weight, "generator": g}
+    batch = {"surface": surface, "points": q[..., :3].contiguous(), "sdf": q[..., 3].contiguous(), "generator": g}
+    if cfg.free_space_queries:  # (B, Mf) candidates; vae_loss keeps free_space_queries of them
+        count = max(cfg.free_space_queries, cfg.free_space_candidates)
+        batch["free"] = free_space_queries(full_surface, count, cfg.free_space_bound, truncation, cfg.free_space_margin, g)
+    return batch
+
+
+def hardest_free_space(model: VecSetVAE, z: torch.Tensor, free: tuple[torch.Tensor, ...], count: int) -> tuple[torch.Tensor, ...]:
+    """The `count` free-space candidates per component with the highest ("most inside") decoded logit."""
+    points, sdf, weight = free  # (B, Mc, 3), (B, Mc), (B, Mc)
+    if points.shape[1] <= count:
+        return free
+    with torch.no_grad():
+        score = model.decode(z, points.to(z.device)).float().cpu().masked_fill(weight == 0, float("-inf"))  # (B, Mc)
+    idx = score.topk(count, dim=1).indices  # (B, count)
+    return torch.gather(points, 1, idx[..., None].expand(-1, -1, 3)), torch.gather(sdf, 1, idx), torch.gather(weight, 1, idx)
 
 
 def deterministic_surface(surface: torch.Tensor, count: int) -> torch.Tensor:
@@ -237,10 +250,12 @@ def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tu
     qidx = farthest_point_indices(surface[..., :3].cpu(), L, random_start=True, generator=g)  # (B, L)
     posterior = model.encode(surface, query_indices=qidx)
     z = posterior.sample(g)  # (B, L, C)
-    logits = model.decode(z, batch["points"])  # (B, M)
-    sdf = batch["sdf"]
-    weight = batch.get("weight")
-    weight = torch.ones_like(sdf) if weight is None else weight.to(sdf.device)  # (B, M): 0 masks a query out
+    points, sdf = batch["points"], batch["sdf"]  # (B, Mq, 3), (B, Mq)
+    weight = torch.ones_like(sdf)  # 0 masks a query out
+    if "free" in batch:  # free-space queries (mined among the candidates): (B, Mq + Mf)
+        fp, fs, fw = hardest_free_space(model, z.detach(), batch["free"], cfg.free_space_queries)
+        points, sdf, weight = torch.cat([points, fp.to(points)], 1), torch.cat([sdf, fs.to(sdf)], 1), torch.cat([weight, fw.to(sdf)], 1)
+    logits = model.decode(z, points)  # (B, M)
     total = weight.sum().clamp(min=1.0)
     target = (sdf / model.config.truncation).clamp(-1.0, 1.0)
     loss_sdf = ((logits - target).abs() * weight).sum() / total
