@@ -31,8 +31,13 @@ def test_recipe_parses(path):
         DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
         assert spec["objects"] > 0 and 0 <= spec["val_fraction"] + spec["test_fraction"] < 1
         known = {"objects", "seed", "num_surface", "num_queries", "val_fraction", "test_fraction", "encoder_points",
-                 "vae_config", "dit_config", "dit_extra_objects", "dit_extra_num_queries"}
+                 "vae_config", "dit_config", "dit_extra_objects", "dit_extra_num_queries", "vae_finetune_config",
+                 "dit_continue_config"}
         assert set(spec) <= known, f"unknown recipe keys {set(spec) - known}"
+        if spec.get("vae_finetune_config"):  # train-default points it at its own first VAE
+            assert VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"]).freeze_encoder
+        if spec.get("dit_continue_config"):  # train-default points it at its own first pipeline
+            assert DiTTrainConfig.from_json(CONFIGS / spec["dit_continue_config"]).init_from
         if spec.get("dit_extra_objects"):
             assert spec["dit_extra_num_queries"] > 0
     elif kind == "vae":

@@ -4,7 +4,9 @@ procedural objects -> prepare -> train-vae -> [more objects for the DiT] -> enco
 train (DiT) -> pipeline folder, optionally installed as the package's default model. The VAE trains
 on the first `objects`; `dit_extra_objects` more (the same stream, prepared after the VAE with only
 `dit_extra_num_queries` SDF queries each, since the transformer needs their latents alone) widen the
-transformer's training set.
+transformer's training set. Two optional stages refine the result: `vae_finetune_config` trains the
+VAE's decoder again on all objects (encoder frozen, so the latents stay those of the first VAE) and
+`dit_continue_config` trains the transformer further from the first stage's pipeline.
 """
 
 from __future__ import annotations
@@ -69,11 +71,27 @@ def register(app: typer.Typer) -> None:
         if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
             typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
             prepare_objects(extra, spec["objects"], spec["dit_extra_num_queries"])
+        vae_dir = vae_run / "vae"
+        if spec.get("vae_finetune_config"):  # decoder only: the latents below stay those of vae_run
+            ft_run = work / "vae_finetune"
+            if not (ft_run / "vae" / "config.json").is_file():
+                typer.echo(f"[2c/4] fine-tuning the VAE decoder in {ft_run}")
+                ft_cfg = VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"])
+                if not ft_cfg.freeze_encoder:
+                    raise ConfigError(f"{spec['vae_finetune_config']}: a recipe's VAE fine-tune must set freeze_encoder")
+                ft_cfg.init_from = str(vae_dir)
+                train_vae(root, ft_run, ft_cfg, resume=True, device=dev)
+            vae_dir = ft_run / "vae"
         typer.echo("[3/4] caching latents")
-        vae = load_vae(vae_run / "vae", dev)
-        encode_dataset(root, vae, _weights_id(vae_run / "vae"), spec["encoder_points"])
+        vae = load_vae(vae_dir, dev)
+        encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"])
         typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
-        result = train(root, work / "dit", DiTTrainConfig.from_json(CONFIGS / spec["dit_config"]), vae_dir=vae_run / "vae", device=dev)
+        result = train(root, work / "dit", DiTTrainConfig.from_json(CONFIGS / spec["dit_config"]), vae_dir=vae_dir, device=dev)
+        if spec.get("dit_continue_config"):  # more training from the first stage's pipeline
+            typer.echo(f"[4b/4] training the transformer further in {work / 'dit_continue'}")
+            more = DiTTrainConfig.from_json(CONFIGS / spec["dit_continue_config"])
+            more.init_from = str(result["pipeline"])
+            result = train(root, work / "dit_continue", more, vae_dir=vae_dir, device=dev)
         pipeline = Path(result["pipeline"])
         typer.echo(f"pipeline: {pipeline}")
         if install:
