@@ -565,3 +565,17 @@ def test_pipeline_decodes_the_denormalised_latents(monkeypatch):
     meshes = pipe.decode_latents(vae.normalize_latents(raw), resolution=16)
     assert len(meshes) == 2
     assert torch.allclose(torch.cat(received), raw, atol=1e-5)
+
+
+def test_packaged_reconstruction_vae_shares_the_builtin_encoder():
+    """weights/vae (free-space decoder) encodes exactly as the built-in pipeline's VAE; only the decoder differs."""
+    from moca3d.commands.vae import PACKAGED_VAE
+    from moca3d.pipeline import DEFAULT_MODEL_DIR
+
+    packaged, builtin = (VecSetVAE.from_pretrained(str(folder)) for folder in (PACKAGED_VAE, DEFAULT_MODEL_DIR / "vae"))
+    assert packaged.config.scaling_factor == builtin.config.scaling_factor
+    assert packaged.config.shift_factor == builtin.config.shift_factor
+    a, b = packaged.state_dict(), builtin.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith(("decoder.", "post_quant.")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))

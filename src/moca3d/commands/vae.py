@@ -10,7 +10,10 @@ import typer
 from moca3d.commands.common import resolve_device
 from moca3d.errors import InputError
 
-PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "default" / "vae"  # the built-in model's VAE
+# the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
+# (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
+# latents decode to more empty parts with this one). Same encoder, so the latents of both are identical.
+PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "vae"
 
 
 def load_vae(model_dir: Optional[Path], device: str = "cpu"):
