@@ -515,7 +515,7 @@ def test_free_space_mining_keeps_the_candidates_decoded_most_inside():
     z = torch.randn(3, TINY["num_latents"], TINY["latent_channels"])
     points = torch.rand(3, 50, 3) * 2 - 1
     sdf, weight = -0.1 - torch.rand(3, 50), (torch.rand(3, 50) > 0.3).float()
-    kp, ks, kw = hardest_free_space(model, z, (points, sdf, weight), 8)
+    kp, ks, kw = hardest_free_space(model, model.decode_tokens(z), (points, sdf, weight), 8)
     assert kp.shape == (3, 8, 3) and ks.shape == kw.shape == (3, 8) and (kw == 1).all()
     with torch.no_grad():
         logits = model.decode(z, points)  # (3, 50)
@@ -528,7 +528,7 @@ def test_free_space_mining_keeps_the_candidates_decoded_most_inside():
         for p, s_ in zip(kp[b], ks[b]):  # each kept point keeps its own label
             i = (points[b] == p).all(-1).nonzero()[0, 0]
             assert s_ == sdf[b, i]
-    assert hardest_free_space(model, z, (points, sdf, weight), 50)[0] is points  # no mining without spare candidates
+    assert hardest_free_space(model, model.decode_tokens(z), (points, sdf, weight), 50)[0] is points  # no mining without spare candidates
 
 
 def test_latent_normalization_round_trip_and_fit(tmp_path):

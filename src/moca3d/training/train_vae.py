@@ -221,13 +221,13 @@ def make_batch(data: ComponentArrays, cfg: VAETrainConfig, step: int, truncation
     return batch
 
 
-def hardest_free_space(model: VecSetVAE, z: torch.Tensor, free: tuple[torch.Tensor, ...], count: int) -> tuple[torch.Tensor, ...]:
-    """The `count` free-space candidates per component with the highest ("most inside") decoded logit."""
+def hardest_free_space(model: VecSetVAE, tokens: torch.Tensor, free: tuple[torch.Tensor, ...], count: int) -> tuple[torch.Tensor, ...]:
+    """The `count` free-space candidates per component with the highest ("most inside") logit; `tokens`: decode_tokens(z)."""
     points, sdf, weight = free  # (B, Mc, 3), (B, Mc), (B, Mc)
     if points.shape[1] <= count:
         return free
     with torch.no_grad():
-        score = model.decode(z, points.to(z.device)).float().cpu().masked_fill(weight == 0, float("-inf"))  # (B, Mc)
+        score = model.query(tokens, points.to(tokens.device)).float().cpu().masked_fill(weight == 0, float("-inf"))  # (B, Mc)
     idx = score.topk(count, dim=1).indices  # (B, count)
     return torch.gather(points, 1, idx[..., None].expand(-1, -1, 3)), torch.gather(sdf, 1, idx), torch.gather(weight, 1, idx)
 
@@ -250,12 +250,13 @@ def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tu
     qidx = farthest_point_indices(surface[..., :3].cpu(), L, random_start=True, generator=g)  # (B, L)
     posterior = model.encode(surface, query_indices=qidx)
     z = posterior.sample(g)  # (B, L, C)
+    tokens = model.decode_tokens(z)  # (B, L, W): the decoder's latent stack, run once for mining and loss
     points, sdf = batch["points"], batch["sdf"]  # (B, Mq, 3), (B, Mq)
     weight = torch.ones_like(sdf)  # 0 masks a query out
     if "free" in batch:  # free-space queries (mined among the candidates): (B, Mq + Mf)
-        fp, fs, fw = hardest_free_space(model, z.detach(), batch["free"], cfg.free_space_queries)
+        fp, fs, fw = hardest_free_space(model, tokens.detach(), batch["free"], cfg.free_space_queries)
         points, sdf, weight = torch.cat([points, fp.to(points)], 1), torch.cat([sdf, fs.to(sdf)], 1), torch.cat([weight, fw.to(sdf)], 1)
-    logits = model.decode(z, points)  # (B, M)
+    logits = model.query(tokens, points)  # (B, M)
     total = weight.sum().clamp(min=1.0)
     target = (sdf / model.config.truncation).clamp(-1.0, 1.0)
     loss_sdf = ((logits - target).abs() * weight).sum() / total
