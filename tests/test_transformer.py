@@ -121,6 +121,26 @@ def test_euler_sampler_follows_an_exact_velocity_field():
     torch.testing.assert_close(z0, target, atol=1e-5, rtol=0)
 
 
+def test_sampler_shift_overrides_a_given_scheduler():
+    """shift=None keeps the scheduler's times; shift s visits s t / (1 + (s - 1) t); the scheduler is not changed."""
+    visited = []
+
+    def model(z, t, c):
+        visited.append(float(t[0]))
+        return torch.zeros_like(z)
+
+    scheduler = flow.make_scheduler()
+    flow.sample(model, torch.zeros(1, 1, 1), (1, 1, 2, 2), steps=5, guidance=1.0, scheduler=scheduler)
+    plain, visited[:] = list(visited), []
+    flow.sample(model, torch.zeros(1, 1, 1), (1, 1, 2, 2), steps=5, guidance=1.0, scheduler=scheduler, shift=3.0)
+    expected = [3 * t / (1 + 2 * t) for t in plain]
+    # diffusers shifts its 1000-step grid: equal to 2e-3 except at the last, near-zero time
+    assert visited[:-1] == pytest.approx(expected[:-1], abs=2e-3) and visited[1] > plain[1] + 0.1
+    assert scheduler.config.shift == 1.0 and flow.scheduler_with_shift(scheduler, 1.0) is scheduler
+    with pytest.raises(InputError, match="shift must be positive"):
+        flow.scheduler_with_shift(scheduler, 0.0)
+
+
 def test_loss_decreases_on_a_tiny_overfit_set():
     """A fixed batch of (Z_0, eps, t): the flow loss must fall well below its starting value."""
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
 def evaluate_pipeline(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = 50, guidance: float = 7.0,
     resolution: int = 128, seed: int = 0, min_parts: int = 1, max_parts: int = 32, metric_points: int = 20000,
-    progress: bool = True, reconstruct: bool = False,
+    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None,
 ) -> dict[str, Any]:
     """Mean and per-asset metrics of `pipe` on up to `count` assets of `split` (the GT part count is used).
 
@@ -72,12 +72,12 @@ def evaluate_pipeline(
         if reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
-            meshes = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, resolution=resolution, show_progress=False).meshes
+            meshes = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
         seconds = time.time() - t0
         per_asset.append({"id": rec["id"], "num_parts": len(gt), "seconds": seconds, **object_metrics(meshes, gt, config)})
     keys = ["chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds"]
     mean = {k: float(np.mean([a[k] for a in per_asset])) for k in keys} if per_asset else {}
-    return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "reconstruct": reconstruct,
+    return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
             "mean": mean, "assets": per_asset}
 
 
@@ -110,7 +110,7 @@ def scene_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
 def evaluate_scenes(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = 50, guidance: float = 7.0,
     resolution: int = 128, seed: int = 0, min_instances: int = 2, max_instances: int = 32, metric_points: int = 20000,
-    progress: bool = True, reconstruct: bool = False,
+    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None,
 ) -> dict[str, Any]:
     """Generate each prepared scene of `split` from render.png + mask.png and compare with its instances.
 
@@ -141,7 +141,7 @@ def evaluate_scenes(
         if reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
-            meshes = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, resolution=resolution, show_progress=False).meshes
+            meshes = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
         row = {"id": rec["id"], "num_instances": len(gt), "seconds": time.time() - t0}
         if cuda:
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20

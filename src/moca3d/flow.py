@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from moca3d.errors import InputError
+
 
 def sample_timesteps(
     batch: int, distribution: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
@@ -56,6 +58,15 @@ def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
+def scheduler_with_shift(scheduler: FlowMatchEulerDiscreteScheduler, shift: Optional[float]) -> FlowMatchEulerDiscreteScheduler:
+    """`scheduler` itself when `shift` is None or already its own, else a copy with that shift."""
+    if shift is None or float(shift) == float(scheduler.config.shift):
+        return scheduler
+    if shift <= 0:
+        raise InputError(f"the timestep shift must be positive, got {shift}")
+    return type(scheduler).from_config(scheduler.config, shift=float(shift))
+
+
 def guided_velocity(
     model: Callable[..., torch.Tensor], z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
     uncond: Optional[torch.Tensor], guidance: float, **kwargs,
@@ -78,15 +89,18 @@ def sample(
     uncond: Optional[torch.Tensor] = None,
     steps: int = 50,
     guidance: float = 7.0,
-    shift: float = 1.0,
+    shift: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     scheduler: Optional[FlowMatchEulerDiscreteScheduler] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     **model_kwargs,
 ) -> torch.Tensor:
-    """Integrate from noise (t = 1) to data (t = 0): returns Z_0 of `shape` (B, N, L, C)."""
+    """Integrate from noise (t = 1) to data (t = 0): returns Z_0 of `shape` (B, N, L, C).
+
+    `shift` None keeps the scheduler's own (1 for a new one); a value overrides it on a copy.
+    """
     device = cond.device
-    scheduler = scheduler or make_scheduler(shift)
+    scheduler = scheduler_with_shift(scheduler or make_scheduler(), shift)
     scheduler.set_timesteps(steps, device=device)
     z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=cond.dtype)
     B = shape[0]

@@ -155,7 +155,7 @@ class MoCAPipeline:
     @torch.no_grad()
     def generate_latents(
         self, cond: torch.Tensor, num_parts: int, steps: int = 50, guidance: float = 7.0, seed: int = 0,
-        shift: float = 1.0, progress: Optional[Callable[[int, int], None]] = None,
+        shift: Optional[float] = None, progress: Optional[Callable[[int, int], None]] = None,
     ) -> torch.Tensor:
         """Sample (1, N, L, C) latents for `num_parts` components under `cond` (1, M, D) or (1, N, M, D)."""
         cfg = self.transformer.config
@@ -188,7 +188,7 @@ class MoCAPipeline:
 
     def __call__(
         self, image: ImageLike, num_parts: int = 4, steps: int = 50, guidance: float = 7.0, seed: int = 0,
-        shift: float = 1.0, resolution: int = 128, show_progress: bool = True,
+        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
         return self._generate(lambda: self.encode_image(image), num_parts, "part", steps, guidance, seed, shift, resolution, show_progress)
@@ -232,7 +232,7 @@ class MoCAPipeline:
 
     def generate_scene(
         self, image: ImageLike, masks: MasksLike, steps: int = 50, guidance: float = 7.0, seed: int = 0,
-        shift: float = 1.0, resolution: int = 128, show_progress: bool = True,
+        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""
         return self._generate(lambda: self.encode_scene(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)

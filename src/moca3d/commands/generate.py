@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(50, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
-        shift: float = typer.Option(1.0, help="Timestep shift of the sampler (>1: more steps at high noise)."),
+        shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
@@ -77,6 +77,7 @@ def register_evaluation(app: typer.Typer) -> None:
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT assets."),
         steps: int = typer.Option(50, help="Sampling steps."),
         guidance: float = typer.Option(7.0, help="Classifier-free guidance scale."),
+        shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes resolution per part."),
         min_parts: int = typer.Option(1, help="Skip assets with fewer parts."),
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
@@ -90,7 +91,7 @@ def register_evaluation(app: typer.Typer) -> None:
 
         pipe = MoCAPipeline.from_pretrained(model)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts,
-                                   reconstruct=reconstruct)
+                                   reconstruct=reconstruct, shift=shift)
         for key, value in result["mean"].items():
             typer.echo(f"{key:>12}: {value:.4f}")
         typer.echo(f"{result['count']} assets of '{split}'")

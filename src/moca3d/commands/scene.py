@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(50, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
-        shift: float = typer.Option(1.0, help="Timestep shift of the sampler (>1: more steps at high noise)."),
+        shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
     ) -> None:
@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes."),
         steps: int = typer.Option(50, help="Sampling steps."),
         guidance: float = typer.Option(7.0, help="Classifier-free guidance scale."),
+        shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes resolution per instance."),
         min_instances: int = typer.Option(2, help="Skip scenes with fewer instances."),
         max_instances: int = typer.Option(32, help="Skip scenes with more instances."),
@@ -76,7 +77,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
-                     reconstruct=reconstruct)
+                     reconstruct=reconstruct, shift=shift)
         for key, value in result["mean"].items():
             typer.echo(f"{key:>22}: {value:.4f}")
         typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
