@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,37 @@ def test_variants_table_merges_reports_and_training_runs(tmp_path):
     assert rec["empty"] == 0
     assert rec["steps"] == 7 and rec["train_seconds"] == 60.0 and rec["attention_mode"] == "dense"
     assert json.loads(out.read_text())[0]["count"] == 3
+
+
+def test_diagnose_model_measures_condition_use_sdedit_and_decoder_noise(tmp_path):
+    """On a random tiny pipeline: the report has every section; SDEdit from t0 = 0 and zero decoder noise are both the
+    VAE round trip, so they score the same; the zero-condition loss does not depend on the image."""
+    from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
+    from moca3d.geometry.inside import QueryConfig
+    from moca3d.geometry.render import RenderConfig
+    from moca3d.geometry.sampling import SurfaceSamplingConfig
+    from moca3d.models.image_encoder import ImageEncoder
+    from moca3d.models.transformer import MoCATransformer
+    from moca3d.models.vae import VecSetVAE
+    from moca3d.pipeline import MoCAPipeline
+    from moca3d.training.train_vae import encode_dataset
+
+    root = tmp_path / "data"
+    cfg = PrepareConfig(surface=SurfaceSamplingConfig(num_points=512), queries=QueryConfig(num_queries=64),
+                        render=RenderConfig(size=64, supersample=1), val_fraction=0.0, test_fraction=0.0)
+    prepare(procedural_jobs("objects", 2, seed=3), root, cfg, workers=1, progress=False)
+    torch.manual_seed(0)
+    vae = VecSetVAE(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4,
+                    num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4).eval()
+    encode_dataset(root, vae, "test", num_points=512, progress=False)
+    transformer = MoCATransformer(in_channels=4, num_latents=16, width=32, num_layers=2, num_heads=4, cond_dim=32, compression=4)
+    encoder = ImageEncoder(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)
+    MoCAPipeline(vae, transformer, encoder).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "diag.json"
+    report = load("diagnose_model").main([str(root), "--model", str(tmp_path / "pipe"), "--count", "2", "--times", "0.5",
+                                          "--sdedit", "0", "0.5", "--noise", "0", "--steps", "2", "--resolution", "16", "--metric-points", "2000", "--json", str(out)])
+    assert json.loads(out.read_text())["assets"] == report["assets"] and len(report["assets"]) == 2
+    (loss,) = report["condition_use"]
+    assert {"loss_right", "loss_zero", "loss_wrong"} <= set(loss) and all(np.isfinite(v) for v in loss.values())
+    assert [r["t0"] for r in report["sdedit"]] == [0.0, 0.5]
+    assert report["sdedit"][0]["per_asset"] == pytest.approx(report["decoder_noise"][0]["per_asset"])

@@ -1,0 +1,165 @@
+"""Where does a generation pipeline lose quality? Three measurements on prepared assets with cached latents.
+
+1. Condition use: the flow loss at fixed times t with the asset's own image, a zero condition (what CFG
+   calls unconditional) and another asset's image. A model that reads its image has a clearly lower
+   loss with the right one.
+2. SDEdit: the GT latents noised to t0 and integrated back to 0 with the model (guided Euler, the
+   pipeline's step size), decoded and scored (F-score@0.1 on the fused surface, DESIGN §6). t0 = 0 is the
+   VAE round trip; t0 = 1 is generation from pure noise. Where F falls tells which part of the trajectory
+   (global layout at high t, detail at low t) the model gets wrong.
+3. Decoder robustness: the GT latents plus Gaussian noise of std sigma (in the transformer's unit-scale
+   latent units), decoded and scored: how exact must generated latents be?
+
+    python benchmarks/diagnose_model.py data/objects --split train --count 8 --json benchmarks/results/diagnose.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from benchkit import print_table, write_json
+
+
+def load_assets(root: Path, split: str, count: int):
+    """(ids, GT part meshes, unit-scale latents (N, L, C), render paths) of the first `count` assets with latents."""
+    from moca3d.data.dataset import read_manifest
+    from moca3d.geometry.mesh_io import load_components
+
+    out = []
+    for rec in read_manifest(root, split):
+        asset = root / "assets" / rec["id"]
+        if (asset / "latents.safetensors").is_file():
+            out.append((rec["id"], load_components(asset / "mesh.glb")[0], load_file(str(asset / "latents.safetensors"))["latents"].float(), asset / "render.png"))
+        if len(out) == count:
+            break
+    if not out:
+        raise SystemExit(f"{root}: no '{split}' assets with cached latents (run `moca3d encode-dataset` first)")
+    return out
+
+
+METRIC_POINTS = 20000  # points per fused surface, as `moca3d evaluate-model`
+
+
+def fscore(pipe, latents: torch.Tensor, gt, resolution: int, points: int = METRIC_POINTS) -> tuple[float, int]:
+    """F-score@0.1 of decoded unit-scale latents (N, L, C) against the GT parts (0 if all empty), and the empty parts."""
+    from moca3d.metrics import MetricsConfig, surface_metrics
+
+    meshes = pipe.decode_latents(latents, resolution)
+    parts = [m for m in meshes if len(m.faces)]
+    f = surface_metrics(parts, gt, MetricsConfig(num_points=points))["fscore@0.1"] if parts else 0.0
+    return f, len(meshes) - len(parts)
+
+
+def condition_use(pipe, assets, times, seed: int) -> list[dict]:
+    """Mean flow loss at each t with the right, a zero and a wrong (next asset's) condition."""
+    from moca3d import flow
+
+    conds = [pipe.encode_image(a[3]) for a in assets]  # (1, M, D) each
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in times:
+        losses = {"right": [], "zero": [], "wrong": []}
+        for i, (_, _, z, _) in enumerate(assets):
+            z0 = pipe.vae.normalize_latents(z)[None]  # (1, N, L, C)
+            noise = torch.randn(z0.shape, generator=g)
+            ids = pipe.transformer.sample_ids(1, z0.shape[1], g, pipe.device)
+            tt = torch.tensor([t])
+            zt = flow.interpolate(z0, noise, tt)
+            other = conds[(i + 1) % len(conds)] if len(conds) > 1 else torch.zeros_like(conds[i])
+            for key, cond in (("right", conds[i]), ("zero", torch.zeros_like(conds[i])), ("wrong", other)):
+                with torch.no_grad():
+                    pred = pipe.transformer(zt, tt, cond, ids=ids)
+                losses[key].append(flow.flow_loss(pred, z0, noise).item())
+        rows.append({"t": t, **{f"loss_{k}": float(np.mean(v)) for k, v in losses.items()}})
+    return rows
+
+
+def sdedit(pipe, assets, starts, steps: int, guidance: float, resolution: int, seed: int, points: int) -> list[dict]:
+    """F-score@0.1 after noising the GT latents to t0 and integrating back with the model."""
+    from moca3d import flow
+
+    rows = []
+    for t0 in starts:
+        scores, empty = [], 0
+        for k, (_, gt, z, image) in enumerate(assets):
+            g = torch.Generator().manual_seed(seed + k)
+            z0 = pipe.vae.normalize_latents(z)[None]
+            cond = pipe.encode_image(image)
+            ids = pipe.transformer.sample_ids(1, z0.shape[1], g, pipe.device)
+            ts = torch.linspace(t0, 0.0, max(1, int(round(steps * t0))) + 1)  # the pipeline's step size 1 / steps
+            zt = flow.interpolate(z0, torch.randn(z0.shape, generator=g), ts[:1])
+            with torch.no_grad():
+                for i in range(len(ts) - 1 if t0 > 0 else 0):
+                    v = flow.guided_velocity(pipe.transformer, zt, ts[i:i + 1], cond, torch.zeros_like(cond), guidance, ids=ids)
+                    zt = zt + (ts[i + 1] - ts[i]) * v
+            f, e = fscore(pipe, zt[0], gt, resolution, points)
+            scores.append(f)
+            empty += e
+        rows.append({"t0": t0, "fscore@0.1": float(np.mean(scores)), "empty_parts": empty, "per_asset": scores})
+    return rows
+
+
+def decoder_robustness(pipe, assets, sigmas, resolution: int, seed: int, points: int) -> list[dict]:
+    """F-score@0.1 of GT latents plus noise of std sigma (unit-scale latents)."""
+    rows = []
+    for sigma in sigmas:
+        scores, empty = [], 0
+        for k, (_, gt, z, _) in enumerate(assets):
+            g = torch.Generator().manual_seed(seed + k)
+            z0 = pipe.vae.normalize_latents(z)
+            f, e = fscore(pipe, z0 + sigma * torch.randn(z0.shape, generator=g), gt, resolution, points)
+            scores.append(f)
+            empty += e
+        rows.append({"sigma": sigma, "fscore@0.1": float(np.mean(scores)), "empty_parts": empty, "per_asset": scores})
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("data", type=Path, help="prepared dataset with cached latents (moca3d prepare + encode-dataset)")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the built-in model)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--times", type=float, nargs="*", default=[0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
+    p.add_argument("--sdedit", type=float, nargs="*", default=[0.0, 0.3, 0.6, 0.9, 1.0])
+    p.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.1, 0.2, 0.3, 0.5])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--resolution", type=int, default=96)
+    p.add_argument("--metric-points", type=int, default=METRIC_POINTS, help="points per fused surface for the F-score")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from moca3d.pipeline import MoCAPipeline
+
+    pipe = MoCAPipeline.from_pretrained(args.model)
+    assets = load_assets(args.data, args.split, args.count)
+    t0 = time.time()
+    report = {"model": args.model or "built-in", "split": args.split, "assets": [a[0] for a in assets],
+              "steps": args.steps, "guidance": args.guidance, "resolution": args.resolution,
+              "metric_points": args.metric_points}
+    report["condition_use"] = condition_use(pipe, assets, args.times, args.seed)
+    print_table(report["condition_use"], [("t", "t", "{:.2f}"), ("loss, own image", "loss_right", "{:.4f}"),
+                                          ("loss, zero condition", "loss_zero", "{:.4f}"), ("loss, another image", "loss_wrong", "{:.4f}")])
+    report["sdedit"] = sdedit(pipe, assets, args.sdedit, args.steps, args.guidance, args.resolution, args.seed, args.metric_points)
+    print_table(report["sdedit"], [("SDEdit from t0", "t0", "{:.2f}"), ("F@0.1", "fscore@0.1", "{:.3f}"), ("empty parts", "empty_parts", "{}")])
+    report["decoder_noise"] = decoder_robustness(pipe, assets, args.noise, args.resolution, args.seed, args.metric_points)
+    print_table(report["decoder_noise"], [("latent noise std", "sigma", "{:.2f}"), ("F@0.1", "fscore@0.1", "{:.3f}"), ("empty parts", "empty_parts", "{}")])
+    report["seconds"] = time.time() - t0
+    if args.json:
+        write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
