@@ -323,3 +323,24 @@ def test_group_by_parts_draws_batches_of_neighbouring_part_counts():
     # off (the default): the uniform draws, whatever order is passed
     plain = tiny_recipe(batch_size=3)
     assert step_draws(plain, 7, len(counts), 3, by_parts)["indices"] == step_draws(plain, 7, len(counts), 3)["indices"]
+
+
+@pytest.mark.parametrize("assignment", ["random", "sequential"])
+def test_training_follows_the_id_assignment(dataset, assignment):
+    """Sequential ids: component i of every sample is id i in training, as in sampling; random: distinct draws."""
+    root, _ = dataset
+    data = LatentDataset(root, "train", 32)
+    cfg = tiny_recipe(transformer=dict(width=32, num_layers=2, num_heads=4, compression=4, id_assignment=assignment))
+    model = build_models(cfg, tuple(data.latents[0].shape[1:]))
+    seen = []
+    forward = model.transformer.forward
+    model.transformer.forward = lambda *a, **kw: seen.append(kw["ids"]) or forward(*a, **kw)
+    draws = step_draws(cfg, 0, len(data), 4)
+    training_loss(model, data, draws, slice(0, 4), "cpu")
+    (ids,) = seen
+    n = ids.shape[1]
+    if assignment == "sequential":
+        assert torch.equal(ids, torch.arange(n).expand(4, n))
+        assert torch.equal(model.transformer.sample_ids(4, n), ids)
+    else:
+        assert all(len(set(row.tolist())) == n for row in ids) and not torch.equal(ids[0], torch.arange(n))
