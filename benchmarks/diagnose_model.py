@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from benchkit import print_table, write_json
 
 
-def load_assets(root: Path, split: str, count: int):
-    """(ids, GT part meshes, unit-scale latents (N, L, C), render paths) of the first `count` assets with latents."""
+def load_assets(pipe, root: Path, split: str, count: int):
+    """(id, GT part meshes, unit-scale latents (N, L, C), condition (1, M, D)) of the first `count` assets with latents."""
     from moca3d.data.dataset import read_manifest
     from moca3d.geometry.mesh_io import load_components
 
@@ -36,7 +36,8 @@ def load_assets(root: Path, split: str, count: int):
     for rec in read_manifest(root, split):
         asset = root / "assets" / rec["id"]
         if (asset / "latents.safetensors").is_file():
-            out.append((rec["id"], load_components(asset / "mesh.glb")[0], load_file(str(asset / "latents.safetensors"))["latents"].float(), asset / "render.png"))
+            z = pipe.vae.normalize_latents(load_file(str(asset / "latents.safetensors"))["latents"].float())
+            out.append((rec["id"], load_components(asset / "mesh.glb")[0], z, pipe.encode_image(asset / "render.png")))
         if len(out) == count:
             break
     if not out:
@@ -61,13 +62,13 @@ def condition_use(pipe, assets, times, seed: int) -> list[dict]:
     """Mean flow loss at each t with the right, a zero and a wrong (next asset's) condition."""
     from moca3d import flow
 
-    conds = [pipe.encode_image(a[3]) for a in assets]  # (1, M, D) each
+    conds = [a[3] for a in assets]  # (1, M, D) each
     g = torch.Generator().manual_seed(seed)
     rows = []
     for t in times:
         losses = {"right": [], "zero": [], "wrong": []}
         for i, (_, _, z, _) in enumerate(assets):
-            z0 = pipe.vae.normalize_latents(z)[None]  # (1, N, L, C)
+            z0 = z[None]  # (1, N, L, C)
             noise = torch.randn(z0.shape, generator=g)
             ids = pipe.transformer.sample_ids(1, z0.shape[1], g, pipe.device)
             tt = torch.tensor([t])
@@ -88,10 +89,9 @@ def sdedit(pipe, assets, starts, steps: int, guidance: float, resolution: int, s
     rows = []
     for t0 in starts:
         scores, empty = [], 0
-        for k, (_, gt, z, image) in enumerate(assets):
+        for k, (_, gt, z, cond) in enumerate(assets):
             g = torch.Generator().manual_seed(seed + k)
-            z0 = pipe.vae.normalize_latents(z)[None]
-            cond = pipe.encode_image(image)
+            z0 = z[None]  # (1, N, L, C)
             ids = pipe.transformer.sample_ids(1, z0.shape[1], g, pipe.device)
             ts = torch.linspace(t0, 0.0, max(1, int(round(steps * t0))) + 1)  # the pipeline's step size 1 / steps
             zt = flow.interpolate(z0, torch.randn(z0.shape, generator=g), ts[:1])
@@ -113,8 +113,7 @@ def decoder_robustness(pipe, assets, sigmas, resolution: int, seed: int, points:
         scores, empty = [], 0
         for k, (_, gt, z, _) in enumerate(assets):
             g = torch.Generator().manual_seed(seed + k)
-            z0 = pipe.vae.normalize_latents(z)
-            f, e = fscore(pipe, z0 + sigma * torch.randn(z0.shape, generator=g), gt, resolution, points)
+            f, e = fscore(pipe, z + sigma * torch.randn(z.shape, generator=g), gt, resolution, points)
             scores.append(f)
             empty += e
         rows.append({"sigma": sigma, "fscore@0.1": float(np.mean(scores)), "empty_parts": empty, "per_asset": scores})
@@ -143,7 +142,7 @@ def main(argv=None) -> dict:
     from moca3d.pipeline import MoCAPipeline
 
     pipe = MoCAPipeline.from_pretrained(args.model)
-    assets = load_assets(args.data, args.split, args.count)
+    assets = load_assets(pipe, args.data, args.split, args.count)
     t0 = time.time()
     report = {"model": args.model or "built-in", "split": args.split, "assets": [a[0] for a in assets],
               "steps": args.steps, "guidance": args.guidance, "resolution": args.resolution,

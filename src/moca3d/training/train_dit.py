@@ -344,9 +344,7 @@ def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], 
     # every per-sample draw is made for the whole global batch, then sliced: process-independent
     noise = torch.randn(z0.shape, generator=g)
     routing_seeds = torch.randint(0, 2**62, (z0.shape[0],), generator=g)
-    ids = torch.rand(z0.shape[0], model_config(model).id_codebook_size, generator=g).argsort(dim=1)[:, : z0.shape[1]]
-    if model_config(model).id_assignment == "sequential":  # component i is always id i (drawn anyway: same stream)
-        ids = torch.arange(z0.shape[1]).expand(z0.shape[0], -1)
+    ids = getattr(model, "module", model).transformer.sample_ids(z0.shape[0], z0.shape[1], g, "cpu")  # as in sampling
     mask = batch["component_mask"][rows].to(device)
     z0, noise = z0[rows].to(device), noise[rows].to(device)
     t = draws["t"][rows].to(device)
