@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from moca3d.training.pretrain_encoder import EncoderPretrainConfig
 from moca3d.training.train_dit import DiTTrainConfig
 from moca3d.training.train_vae import VAETrainConfig
 
@@ -17,6 +18,8 @@ def recipe_kind(path: Path) -> str:
     keys = json.loads(path.read_text()).keys()
     if "vae_config" in keys:
         return "default"
+    if "grid_resolution" in keys:
+        return "encoder"
     if "freeze_encoder" in keys or "num_query_points" in keys:
         return "vae"
     return "dit" if "transformer" in keys or "init_from" in keys else "vae"
@@ -32,14 +35,20 @@ def test_recipe_parses(path):
         assert spec["objects"] > 0 and 0 <= spec["val_fraction"] + spec["test_fraction"] < 1
         known = {"objects", "seed", "num_surface", "num_queries", "val_fraction", "test_fraction", "encoder_points",
                  "vae_config", "dit_config", "dit_extra_objects", "dit_extra_num_queries", "vae_finetune_config",
-                 "dit_continue_config"}
+                 "dit_continue_config", "encoder_pretrain_config"}
         assert set(spec) <= known, f"unknown recipe keys {set(spec) - known}"
         if spec.get("vae_finetune_config"):  # train-default points it at its own first VAE
             assert VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"]).freeze_encoder
         if spec.get("dit_continue_config"):  # train-default points it at its own first pipeline
             assert DiTTrainConfig.from_json(CONFIGS / spec["dit_continue_config"]).init_from
+        if spec.get("encoder_pretrain_config"):  # its encoder replaces the DiT recipe's own
+            EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"])
         if spec.get("dit_extra_objects"):
             assert spec["dit_extra_num_queries"] > 0
+    elif kind == "encoder":
+        from moca3d.training.pretrain_encoder import build_predictor
+
+        build_predictor(EncoderPretrainConfig.from_json(path))
     elif kind == "vae":
         from moca3d.models.vae import VecSetVAE
 
@@ -50,7 +59,9 @@ def test_recipe_parses(path):
         VecSetVAE(**cfg.model)
     else:
         cfg = DiTTrainConfig.from_json(path)
-        if not cfg.init_from:
+        if cfg.image_encoder_from:  # the output folder of `moca3d pretrain-encoder` (not in a clean clone)
+            assert Path(cfg.image_encoder_from).name == "image_encoder" and not cfg.image_encoder
+        elif not cfg.init_from:
             from moca3d.training.train_dit import build_models
 
             build_models(cfg, (16, 4))

@@ -13,10 +13,12 @@ from moca3d.pipeline import DEFAULT_MODEL_DIR, MoCAPipeline
 RECIPE = dict(seed=1, num_surface=4096, num_queries=4096, val_fraction=0.05, test_fraction=0.05)
 HELD_OUT = [53, 594, 948]  # a table (5 parts), a stool (4), a chair (8): all in the test split
 STEPS, RESOLUTION = 25, 96  # cheaper than the CLI's 50 steps / 128 cells; the README's table uses those
-# regression guard: measured 0.162 (0.045, 0.068, 0.373) with the 7k-object model (0.195 with the previous one; their
-# 58-object seed-0 means: 0.383 and 0.421); the issue-6 target 0.85 is not met yet
-MIN_MEAN_FSCORE = 0.12
-MAX_EMPTY_PARTS = 2
+# regression guard: measured 0.312 (0.0, 0.448, 0.489) with the pre-trained-encoder model, 0.162 (0.045, 0.068, 0.373)
+# with the previous one (their 58-object seed-0 means: 0.452 and 0.421); the issue-6 target 0.85 is not met yet
+MIN_MEAN_FSCORE = 0.2
+# it leaves more parts empty than the previous model (80 vs 32 of the 58 test objects' 446 parts, seed 0):
+# here 6 of 17 (4 of the table's 5, 2 of the stool's 4; the previous model: 1)
+MAX_EMPTY_PARTS = 7
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,5 @@ def test_builtin_model_generates_held_out_objects(held_out):
     report = evaluate_pipeline(pipe, held_out, split="test", steps=STEPS, resolution=RESOLUTION, seed=0,
                                metric_points=20000, progress=False)
     assert report["count"] == len(HELD_OUT)
-    # an empty part is possible (7% of the 446 parts of the 58 test objects, 32; here 1 of 17, the table's)
     assert sum(a["num_gt"] - a["num_pred"] for a in report["assets"]) <= MAX_EMPTY_PARTS, report["assets"]
     assert report["mean"]["fscore@0.1"] >= MIN_MEAN_FSCORE, report["assets"]

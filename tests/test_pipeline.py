@@ -14,18 +14,11 @@ import trimesh
 from PIL import Image
 from typer.testing import CliRunner
 
-from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
 from moca3d.errors import CheckpointError, InputError
-from moca3d.geometry.inside import QueryConfig
-from moca3d.geometry.render import RenderConfig
-from moca3d.geometry.sampling import SurfaceSamplingConfig
 from moca3d.models.image_encoder import preprocess_image
-from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline
 from moca3d.training.train_dit import DiTTrainConfig, LatentDataset, build_models, step_draws, train, training_loss
-from moca3d.training.train_vae import encode_dataset
 
-TINY_VAE = dict(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4, num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
 
 
 def tiny_recipe(steps=4, **kw):
@@ -38,20 +31,9 @@ def tiny_recipe(steps=4, **kw):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Six tiny procedural objects with cached latents of a random tiny VAE, and that VAE's folder."""
-    root = tmp_path_factory.mktemp("data")
-    cfg = PrepareConfig(
-        surface=SurfaceSamplingConfig(num_points=512), queries=QueryConfig(num_queries=256),
-        render=RenderConfig(size=64, supersample=1), val_fraction=0.0, test_fraction=0.0,
-    )
-    prepare(procedural_jobs("objects", 6, seed=3), root, cfg, workers=1, progress=False)
-    torch.manual_seed(0)
-    vae = VecSetVAE(**TINY_VAE).eval()
-    vae_dir = root / "vae"
-    vae.save_pretrained(vae_dir)
-    encode_dataset(root, vae, "test", num_points=512, progress=False)
-    return root, vae_dir
+def dataset(object_dataset):
+    """Six tiny procedural objects with cached latents of a random tiny VAE, and that VAE's folder (conftest)."""
+    return object_dataset
 
 
 def test_train_resume_export_and_generate(dataset, tmp_path):

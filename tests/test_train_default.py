@@ -1,11 +1,13 @@
 """`moca3d train-default` runs every stage of a recipe end to end (the smoke recipe: seconds on a CPU)."""
 
+import json
 from pathlib import Path
 
 import torch
 from typer.testing import CliRunner
 
 from moca3d.cli import app
+from moca3d.models.image_encoder import ImageEncoder
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline
 
@@ -18,8 +20,11 @@ def test_smoke_recipe_runs_every_stage(tmp_path):
     result = CliRunner().invoke(app, ["train-default", "--work", str(work), "--recipe", str(SMOKE),
                                       "--workers", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    for stage in ("[1/4]", "[2/4]", "[2c/4]", "[3/4]", "[4/4]", "[4b/4]"):
+    for stage in ("[1/4]", "[2/4]", "[2c/4]", "[3/4]", "[3b/4]", "[4/4]", "[4b/4]"):
         assert stage in result.output
+    pretrained = ImageEncoder.from_pretrained(str(work / "encoder" / "image_encoder"))  # the DiT started from it
+    assert pretrained.config.width == MoCAPipeline.from_pretrained(str(work / "dit" / "pipeline")).image_encoder.config.width
+    assert json.loads((work / "dit" / "train_config.json").read_text())["image_encoder_from"] == str(work / "encoder" / "image_encoder")
     pipe = MoCAPipeline.from_pretrained(str(work / "dit_continue" / "pipeline"))
     first, tuned = (VecSetVAE.from_pretrained(str(work / run / "vae")) for run in ("vae", "vae_finetune"))
     shipped = pipe.vae.state_dict()

@@ -4,7 +4,8 @@ procedural objects -> prepare -> train-vae -> [more objects for the DiT] -> enco
 train (DiT) -> pipeline folder, optionally installed as the package's default model. The VAE trains
 on the first `objects`; `dit_extra_objects` more (the same stream, prepared after the VAE with only
 `dit_extra_num_queries` SDF queries each, since the transformer needs their latents alone) widen the
-transformer's training set. Two optional stages refine the result: `vae_finetune_config` trains the
+transformer's training set. `encoder_pretrain_config` pre-trains the image encoder on the objects'
+coarse surface grids before the transformer (`moca3d pretrain-encoder`). Two optional stages refine the result: `vae_finetune_config` trains the
 VAE's decoder again on all objects (encoder frozen, so the latents stay those of the first VAE) and
 `dit_continue_config` trains the transformer further from the first stage's pipeline.
 """
@@ -85,8 +86,17 @@ def register(app: typer.Typer) -> None:
         typer.echo("[3/4] caching latents")
         vae = load_vae(vae_dir, dev)
         encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"])
+        dit_cfg = DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
+        if spec.get("encoder_pretrain_config"):  # the image encoder learns a 3D prior first (then frozen or not)
+            from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
+
+            enc_run = work / "encoder"
+            if not (enc_run / "image_encoder" / "config.json").is_file():
+                typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
+                pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run)
+            dit_cfg.image_encoder, dit_cfg.image_encoder_from = {}, str(enc_run / "image_encoder")
         typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
-        result = train(root, work / "dit", DiTTrainConfig.from_json(CONFIGS / spec["dit_config"]), vae_dir=vae_dir, device=dev)
+        result = train(root, work / "dit", dit_cfg, vae_dir=vae_dir, device=dev)
         if spec.get("dit_continue_config"):  # more training from the first stage's pipeline
             typer.echo(f"[4b/4] training the transformer further in {work / 'dit_continue'}")
             more = DiTTrainConfig.from_json(CONFIGS / spec["dit_continue_config"])

@@ -95,7 +95,9 @@ class DiTTrainConfig(Recipe):
     # scenes (issue 7): per-instance 7-channel conditions, fine-tuned from an object pipeline
     condition: str = "object"  # "object": one image per sample; "scene": one 7-channel stack per component
     init_from: Optional[str] = None  # a pipeline folder to start from (its VAE is reused): scenes, or object fine-tuning
-    freeze_image_encoder: bool = False  # object fine-tuning: keep the (e.g. DINOv2) encoder fixed, as TripoSG does
+    freeze_image_encoder: bool = False  # keep the (pre-trained or DINOv2) encoder fixed, as TripoSG does
+    # a pre-trained image encoder folder (`moca3d pretrain-encoder`'s image_encoder/) for a fresh transformer
+    image_encoder_from: Optional[str] = None
     widen_init: str = "zero"  # scene: "zero" or "clone" for the encoder's 4 new input channels
     lora_rank: int = 16  # scene: LoRA rank of the encoder's linear layers
     lora_alpha: Optional[float] = None  # scene: LoRA scale numerator (default: the rank)
@@ -121,6 +123,8 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.time_limit_s < 0:
             raise ConfigError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
+        if self.image_encoder_from and (self.init_from or self.image_encoder):
+            raise ConfigError("image_encoder_from replaces both init_from's encoder and an image_encoder config: give one")
 
 
 class LatentDataset:
@@ -223,7 +227,12 @@ def build_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int], encoder=Non
         if cfg.freeze_image_encoder:
             encoder.requires_grad_(False)
         return Generator(load_transformer(root, cfg, latent_shape), encoder)
-    encoder = ImageEncoder(**cfg.image_encoder)
+    if cfg.image_encoder_from:
+        encoder = encoder if encoder is not None else ImageEncoder.from_pretrained(pretrained_encoder_folder(cfg))
+    else:
+        encoder = ImageEncoder(**cfg.image_encoder)
+    if cfg.freeze_image_encoder:
+        encoder.requires_grad_(False)
     tcfg = {"num_latents": latent_shape[0], "in_channels": latent_shape[1], **cfg.transformer, "cond_dim": encoder.out_dim}
     return Generator(MoCATransformer(**tcfg), encoder)
 
@@ -239,6 +248,14 @@ class SceneGenerator(Generator):
         cond[component_mask] = tokens  # (B, N, M, D)
         cond = cond * (~drop).view(-1, 1, 1, 1).to(cond.dtype)
         return self.transformer(latents, timestep, cond, component_mask=component_mask, ids=ids, routing_seeds=routing_seeds)
+
+
+def pretrained_encoder_folder(cfg: DiTTrainConfig) -> Path:
+    """The pre-trained encoder folder `image_encoder_from`, checked."""
+    root = Path(cfg.image_encoder_from or "")
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"image_encoder_from {root}: not an image encoder folder (config.json missing)")
+    return root
 
 
 def init_folder(cfg: DiTTrainConfig) -> Path:
@@ -422,6 +439,9 @@ def train(
             vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
             encoder = load_encoder(init_folder(cfg))  # loaded once: its preprocessing, then the model
             preprocess = encoder_preprocess(encoder)
+        elif cfg.image_encoder_from:
+            encoder = ImageEncoder.from_pretrained(pretrained_encoder_folder(cfg))
+            preprocess = encoder.image_size
         else:
             preprocess = ImageEncoder(**cfg.image_encoder).image_size
         if Path(data_dir).is_file():  # a latent cache (LatentDataset.save_cache) of the training split

@@ -1,0 +1,46 @@
+"""`moca3d pretrain-encoder`: give the built-in image encoder a 3D prior before DiT training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add `pretrain-encoder`."""
+
+    @app.command("pretrain-encoder")
+    def pretrain_encoder_cmd(
+        data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/ with samples.npz)."),
+        out_dir: Path = typer.Option(..., "-o", "--out", help="Run folder: checkpoints, log.jsonl, summary.json, image_encoder/."),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (configs/encoder_pretrain.json; default: its values)."),
+        cache: Optional[Path] = typer.Option(None, "--cache", help="Read the renders from this latent cache (moca3d cache-latents) of DATA_DIR's train split."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds (the LR schedule ends there)."),
+    ) -> None:
+        """Train the image encoder to predict each object's coarse 3D surface grid from its render.
+
+        The result, OUT/image_encoder, is what a DiT recipe's `image_encoder_from` loads (with
+        `freeze_image_encoder` to keep it fixed). Resumes from OUT's checkpoints.
+        """
+        from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
+
+        cfg = EncoderPretrainConfig.from_json(config) if config else EncoderPretrainConfig.from_dict({})
+        if steps is not None:
+            cfg.steps = steps
+        if time_limit is not None:
+            cfg.time_limit_s = time_limit
+        cfg.check()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "log.jsonl", "a") as log_file:
+
+            def log(record: dict) -> None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+            folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log)
+        typer.echo(f"image encoder: {folder}")

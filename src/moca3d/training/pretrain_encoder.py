@@ -1,0 +1,316 @@
+"""Image-encoder pre-training: image -> coarse 3D occupancy, a geometric prior for the built-in encoder.
+
+The built-in ViT is trained from scratch. Trained only through the flow loss it learns to read
+almost nothing from its image (README, "Why it fails"): the transformer's high-noise layout decision
+then has no image evidence. This stage gives the encoder a direct 3D task first, the job DINOv2's
+pre-training does for TripoSG: from the render, predict which cells of a res^3 grid over the
+normalised object cube [-1, 1]^3 hold surface (every part's surface samples, one grid per object,
+dilated by `dilate` cells). A small head — grid-cell queries (Fourier features of the cell centre)
+cross-attending to the image tokens, then an MLP — gives one logit per cell. The DiT recipe then
+loads the encoder (`image_encoder_from`) and may freeze it.
+
+    render (B, 3, S, S) --ImageEncoder--> tokens (B, M, D) --GridHead(cell centres)--> logits (B, Q)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moca3d.errors import ConfigError, InputError
+from moca3d.models.image_encoder import ImageEncoder
+from moca3d.models.vae import FourierEmbedder, LayerNorm32, VecSetBlock
+from moca3d.training.checkpoints import (
+    atomic_save_tensors, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
+)
+from moca3d.training.recipe import Recipe, lr_at
+
+GRID_CACHE_KIND = "moca3d-surface-grids"
+BUILTIN_ENCODER = {"in_channels": 3, "image_size": 128, "patch_size": 16, "width": 128, "num_layers": 2, "num_heads": 4}
+
+
+@dataclass
+class EncoderPretrainConfig(Recipe):
+    """An encoder pre-training recipe (JSON: these fields; the encoder's config under "image_encoder")."""
+
+    recipe_name = "encoder pre-training"
+
+    image_encoder: dict[str, Any] = field(default_factory=lambda: dict(BUILTIN_ENCODER))
+    grid_resolution: int = 32
+    dilate: int = 1  # cells: surface cells grown by this many (a 1-cell-thick surface is a hard target)
+    queries_per_image: int = 2048  # half drawn among occupied cells, half uniform over the grid
+    head_width: int = 128
+    head_heads: int = 4
+    head_layers: int = 1
+    num_freqs: int = 6
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    val_assets: int = 200  # the last assets of the training split, held out to measure grid IoU
+    log_every: int = 50
+    checkpoint_every: int = 250
+    seed: int = 0
+    num_threads: int = 0  # > 0: torch CPU threads
+    time_limit_s: float = 0.0  # > 0: stop after this many seconds (per session); the LR schedule ends there
+
+    def check(self) -> None:
+        self.check_positive("grid_resolution", "queries_per_image", "head_width", "head_heads", "head_layers",
+                            "num_freqs", "steps", "batch_size", "lr", "log_every", "checkpoint_every")
+        if self.dilate < 0:
+            raise ConfigError(f"dilate must be >= 0, got {self.dilate}")
+        if self.head_width % self.head_heads:
+            raise ConfigError(f"head_width {self.head_width} is not divisible by head_heads {self.head_heads}")
+        if self.val_assets < 0 or self.time_limit_s < 0 or self.num_threads < 0:
+            raise ConfigError("val_assets, time_limit_s and num_threads must be >= 0")
+
+
+def grid_centres(resolution: int) -> torch.Tensor:
+    """(R^3, 3) cell centres of a regular grid over [-1, 1]^3, flat index = (i * R + j) * R + k for cell (x_i, y_j, z_k)."""
+    c = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 - 1
+    return torch.stack(torch.meshgrid(c, c, c, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def surface_grid(points: torch.Tensor, resolution: int, dilate: int = 0) -> torch.Tensor:
+    """(P, 3) points in [-1, 1]^3 -> (R, R, R) bool grid of the cells they fall in, grown by `dilate` cells."""
+    idx = ((points.clamp(-1, 1 - 1e-6) + 1) / 2 * resolution).long()  # (P, 3)
+    grid = torch.zeros(resolution, resolution, resolution)
+    grid[idx[:, 0], idx[:, 1], idx[:, 2]] = 1.0
+    if dilate:
+        grid = F.max_pool3d(grid[None, None], 2 * dilate + 1, stride=1, padding=dilate)[0, 0]
+    return grid > 0
+
+
+def load_surface_points(asset: Path) -> torch.Tensor:
+    """Every part's surface samples of a prepared asset, as one (P, 3) cloud in the normalised frame."""
+    path = asset / "samples.npz"
+    if not path.is_file():
+        raise InputError(f"{asset}: no samples.npz (prepare the dataset first)")
+    with np.load(path) as d:
+        return torch.from_numpy(d["surface"][..., :3].reshape(-1, 3).astype(np.float32))
+
+
+def build_grid_cache(root: str | Path, ids: list[str], resolution: int, out: str | Path,
+                     progress: Optional[Callable[[int], None]] = None) -> Path:
+    """Packed surface grids (A, R^3 / 8 bytes) of the given assets, in their order, to one safetensors file."""
+    root = Path(root)
+    rows = []
+    for i, asset_id in enumerate(ids):
+        grid = surface_grid(load_surface_points(root / "assets" / asset_id), resolution)
+        rows.append(torch.from_numpy(np.packbits(grid.numpy().reshape(-1))))
+        if progress is not None:
+            progress(i)
+    meta = {"kind": GRID_CACHE_KIND, "ids": json.dumps(ids), "resolution": str(resolution)}
+    atomic_save_tensors({"grids": torch.stack(rows)}, Path(out), metadata=meta)
+    return Path(out)
+
+
+def load_grid_cache(path: str | Path) -> tuple[torch.Tensor, list[str], int]:
+    """(A, R, R, R) bool grids, their asset ids and R from `build_grid_cache`'s file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("kind") != GRID_CACHE_KIND:
+            raise InputError(f"{path}: not a moca3d surface-grid cache")
+        packed = f.get_tensor("grids")
+    r = int(meta["resolution"])
+    bits = np.unpackbits(packed.numpy(), axis=1)[:, : r**3]
+    return torch.from_numpy(bits.astype(bool)).view(-1, r, r, r), json.loads(meta["ids"]), r
+
+
+class GridHead(nn.Module):
+    """Image tokens (B, M, Dc) + cell centres (B, Q, 3) -> occupancy logits (B, Q)."""
+
+    def __init__(self, cond_dim: int, width: int = 128, heads: int = 4, num_layers: int = 1, num_freqs: int = 6):
+        super().__init__()
+        self.embed = FourierEmbedder(num_freqs)
+        self.proj_q = nn.Linear(self.embed.out_dim, width)
+        self.proj_c = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList(
+            VecSetBlock(width, heads, 4.0, self_attention=False, cross_attention=True, eps=1e-6) for _ in range(num_layers)
+        )
+        self.norm = LayerNorm32(width, eps=1e-6)
+        self.out = nn.Linear(width, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """(B, M, Dc), (B, Q, 3) -> (B, Q)."""
+        q = self.proj_q(self.embed(points))  # (B, Q, W)
+        c = self.proj_c(tokens)  # (B, M, W)
+        for block in self.blocks:
+            q = block(q, c)
+        return self.out(self.norm(q))[..., 0]
+
+
+class GridPredictor(nn.Module):
+    """ImageEncoder + GridHead: the module pre-training optimises."""
+
+    def __init__(self, encoder: ImageEncoder, head: GridHead):
+        super().__init__()
+        self.image_encoder = encoder
+        self.head = head
+
+    def forward(self, images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S), (B, Q, 3) -> logits (B, Q)."""
+        return self.head(self.image_encoder(images), points)
+
+
+def build_predictor(cfg: EncoderPretrainConfig) -> GridPredictor:
+    """A fresh encoder (from the recipe) and grid head."""
+    encoder = ImageEncoder(**cfg.image_encoder)
+    head = GridHead(encoder.out_dim, cfg.head_width, cfg.head_heads, cfg.head_layers, cfg.num_freqs)
+    return GridPredictor(encoder, head)
+
+
+def draw_queries(grids: torch.Tensor, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per grid: count/2 occupied cells and count/2 uniform cells -> flat indices (B, Q), labels (B, Q)."""
+    B = grids.shape[0]
+    flat = grids.reshape(B, -1).float()  # (B, R^3)
+    half = count // 2
+    occupied = torch.multinomial(flat + 1e-12, half, replacement=True, generator=generator)  # (B, half)
+    uniform = torch.randint(0, flat.shape[1], (B, count - half), generator=generator)
+    idx = torch.cat([occupied, uniform], dim=1)  # (B, Q)
+    return idx, flat.gather(1, idx)
+
+
+@torch.no_grad()
+def predict_grid(model: GridPredictor, images: torch.Tensor, resolution: int, chunk: int = 8192) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, R, R, R) occupancy probabilities."""
+    tokens = model.image_encoder(images)
+    centres = grid_centres(resolution).to(images.device)
+    out = [torch.sigmoid(model.head(tokens, centres[None, s : s + chunk].expand(images.shape[0], -1, -1)))
+           for s in range(0, centres.shape[0], chunk)]
+    return torch.cat(out, dim=1).view(-1, resolution, resolution, resolution)
+
+
+def grid_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, ...) bool grids -> (B,) intersection over union."""
+    p, t = pred.flatten(1), target.flatten(1)
+    inter = (p & t).sum(1).float()
+    union = (p | t).sum(1).float().clamp_min(1)
+    return inter / union
+
+
+def evaluate_grids(model: GridPredictor, images: torch.Tensor, grids: torch.Tensor, batch: int = 16) -> dict[str, float]:
+    """Mean IoU of the predicted grids (p > 0.5) against the target grids."""
+    model.eval()
+    ious = []
+    for s in range(0, images.shape[0], batch):
+        pred = predict_grid(model, images[s : s + batch], grids.shape[-1]) > 0.5
+        ious.append(grid_iou(pred, grids[s : s + batch]))
+    model.train()
+    return {"grid_iou": float(torch.cat(ious).mean())}
+
+
+def dilate_grids(grids: torch.Tensor, dilate: int) -> torch.Tensor:
+    """(B, R, R, R) bool -> grown by `dilate` cells (a cube structuring element)."""
+    if not dilate:
+        return grids
+    g = grids.float()[:, None]
+    return F.max_pool3d(g, 2 * dilate + 1, stride=1, padding=dilate)[:, 0] > 0
+
+
+def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | Path, cache: Optional[str | Path] = None,
+                     grids_path: Optional[str | Path] = None, log: Callable[[dict], None] = print) -> Path:
+    """Train encoder + grid head on the training split's renders; writes `out_dir/image_encoder` (resumes).
+
+    The run folder also holds pretrain_config.json, checkpoints/ (encoder + head) and summary.json.
+
+    `cache`: a latent cache of the split (`moca3d cache-latents`) for the renders instead of the folder.
+    `grids_path`: the surface-grid cache (default `out_dir/grids<R>.safetensors`, built when missing).
+    """
+    from moca3d.training.train_dit import LatentDataset, schedule_step
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.to_dict(), out_dir / "pretrain_config.json")  # the run folder describes itself
+    size = cfg.image_encoder.get("image_size", 128)
+    if cache is not None:
+        data = LatentDataset.from_cache(cache, max_components=10**9, image_size=size)
+    else:
+        data = LatentDataset(data_dir, "train", size, max_components=10**9)
+    grids_path = Path(grids_path) if grids_path is not None else out_dir / f"grids{cfg.grid_resolution}.safetensors"
+    if not grids_path.is_file():
+        log({"event": "building surface grids", "assets": len(data.ids), "path": str(grids_path)})
+        build_grid_cache(data_dir, data.ids, cfg.grid_resolution, grids_path)
+    grids, grid_ids, resolution = load_grid_cache(grids_path)
+    if resolution != cfg.grid_resolution:
+        raise ConfigError(f"{grids_path}: grids are {resolution}^3, the recipe asks for {cfg.grid_resolution}^3")
+    row = {asset_id: i for i, asset_id in enumerate(grid_ids)}
+    missing = [a for a in data.ids if a not in row]
+    if missing:
+        raise InputError(f"{grids_path}: no grid for {len(missing)} of the training assets (first: {missing[0]})")
+    grids = dilate_grids(grids[[row[a] for a in data.ids]], cfg.dilate)  # (A, R, R, R), in the data's order
+    images = torch.stack(data.images)  # (A, 3, S, S)
+    n_val = min(cfg.val_assets, len(images) // 5)
+    train_images, train_grids = images[: len(images) - n_val], grids[: len(images) - n_val]
+    val_images, val_grids = images[len(images) - n_val :], grids[len(images) - n_val :]
+    centres = grid_centres(resolution)
+
+    torch.manual_seed(cfg.seed)
+    model = build_predictor(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    start, elapsed0 = 0, 0.0
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        start, elapsed0 = state.step, float(state.extra.get("elapsed_s", 0.0))
+        log({"event": "resume", "step": start})
+    t0 = time.time()
+    step, losses = start, []
+    while step < cfg.steps:
+        elapsed = time.time() - t0  # this session's: a resumed run gets the limit again, as DiT training does
+        if cfg.time_limit_s and elapsed >= cfg.time_limit_s:
+            break
+        sched = schedule_step(step, cfg, elapsed, start)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(sched, cfg)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run draws the same
+        pick = torch.randint(0, len(train_images), (cfg.batch_size,), generator=gen)
+        idx, labels = draw_queries(train_grids[pick], cfg.queries_per_image, gen)
+        logits = model(train_images[pick], centres[idx])  # (B, Q)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+        if step % cfg.log_every == 0:
+            log({"step": step, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
+                 "elapsed_s": round(elapsed0 + time.time() - t0, 1)})
+            losses = []
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
+    metrics: dict[str, Any] = {}
+    if n_val:
+        metrics = evaluate_grids(model, val_images, val_grids)
+        # the image-free reference: every held-out object predicted as the training grids' mean > 0.5
+        mean = train_grids.float().mean(0, keepdim=True) > 0.5
+        metrics["mean_grid_iou"] = float(grid_iou(mean.expand_as(val_grids), val_grids).mean())
+        metrics["val_assets"] = n_val
+    save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
+    model.image_encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
+    summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics}
+    atomic_write_json(summary, out_dir / "summary.json")
+    log({"event": "done", **summary})
+    return out_dir / "image_encoder"
+

@@ -1,0 +1,154 @@
+"""Image-encoder pre-training on coarse surface grids, and DiT training from the pre-trained encoder."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moca3d.cli import app
+from moca3d.errors import ConfigError
+from moca3d.models.image_encoder import ImageEncoder
+from moca3d.training.pretrain_encoder import (
+    EncoderPretrainConfig, build_grid_cache, dilate_grids, draw_queries, grid_centres, grid_iou, load_grid_cache,
+    load_surface_points, pretrain_encoder, surface_grid,
+)
+from moca3d.training.train_dit import DiTTrainConfig, train
+
+TINY_ENCODER = dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)
+
+
+def tiny_pretrain(**kw):
+    base = dict(image_encoder=TINY_ENCODER, grid_resolution=8, dilate=0, queries_per_image=64, head_width=32,
+                head_heads=4, steps=6, batch_size=2, warmup_steps=1, val_assets=1, log_every=2, checkpoint_every=3)
+    return EncoderPretrainConfig.from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def dataset(object_dataset):
+    """Six tiny procedural objects (all train) with cached latents and surface samples (conftest)."""
+    return object_dataset[0]
+
+
+def test_grid_cells_and_centres_agree():
+    """The cell of each grid centre is that centre's own flat index; points land in the expected cell."""
+    r = 5
+    centres = grid_centres(r)  # (R^3, 3)
+    for i in torch.randint(0, r**3, (20,)).tolist():
+        grid = surface_grid(centres[i : i + 1], r)
+        assert grid.sum() == 1 and grid.reshape(-1)[i]
+    corner = surface_grid(torch.tensor([[-1.0, -1.0, 1.0]]), r)  # the boundary +1 belongs to the last cell
+    assert corner[0, 0, r - 1] and corner.sum() == 1
+
+
+def test_dilation_grows_a_cell_to_a_cube_and_both_definitions_agree():
+    """One occupied cell dilated by 1 is a 3^3 cube; surface_grid(dilate) equals dilate_grids(surface_grid)."""
+    point = torch.tensor([[0.01, -0.3, 0.5]])
+    grown = surface_grid(point, 9, dilate=1)
+    assert grown.sum() == 27
+    points = torch.rand(50, 3) * 2 - 1
+    assert torch.equal(surface_grid(points, 7, dilate=1), dilate_grids(surface_grid(points, 7)[None], 1)[0])
+
+
+def test_query_draws_are_half_occupied_and_labelled_by_the_grid():
+    grids = torch.rand(3, 6, 6, 6) > 0.8
+    idx, labels = draw_queries(grids, 40, torch.Generator().manual_seed(0))
+    assert idx.shape == labels.shape == (3, 40)
+    assert torch.equal(labels, grids.reshape(3, -1).float().gather(1, idx))
+    assert labels[:, :20].all()  # the first half is drawn among occupied cells
+
+
+def test_grid_iou_limits():
+    a = torch.rand(2, 4, 4, 4) > 0.5
+    assert torch.allclose(grid_iou(a, a), torch.ones(2))
+    assert torch.allclose(grid_iou(a, ~a), torch.zeros(2))
+
+
+def test_grid_cache_round_trip(dataset, tmp_path):
+    ids = sorted(p.name for p in (dataset / "assets").iterdir())[:3]
+    path = build_grid_cache(dataset, ids, 8, tmp_path / "grids.safetensors")
+    grids, got_ids, r = load_grid_cache(path)
+    assert got_ids == ids and r == 8 and grids.shape == (3, 8, 8, 8)
+    for i, asset_id in enumerate(ids):
+        assert torch.equal(grids[i], surface_grid(load_surface_points(dataset / "assets" / asset_id), 8))
+
+
+def test_pretraining_resumes_and_writes_a_loadable_encoder(dataset, tmp_path):
+    """Six steps, then resumed from the step-3 checkpoint (as after a kill): the same encoder again."""
+    import shutil
+
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    pretrain_encoder(tiny_pretrain(), dataset, out_a, log=lambda r: None)
+    shutil.copytree(out_a, out_b)
+    shutil.rmtree(out_b / "image_encoder")
+    shutil.rmtree(out_b / "checkpoints" / "step_00000006")
+    records = []
+    pretrain_encoder(tiny_pretrain(), dataset, out_b, log=records.append)
+    assert records[0] == {"event": "resume", "step": 3}
+    a = ImageEncoder.from_pretrained(out_a / "image_encoder").state_dict()
+    b = ImageEncoder.from_pretrained(out_b / "image_encoder").state_dict()
+    fresh = ImageEncoder(**TINY_ENCODER).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert any(not torch.equal(a[k], fresh[k]) for k in a)  # it trained
+    summary = json.loads((out_a / "summary.json").read_text())
+    assert summary["step"] == 6 and 0 <= summary["grid_iou"] <= 1 and 0 <= summary["mean_grid_iou"] <= 1
+
+
+def test_pretraining_lowers_the_loss_on_a_fixed_set(dataset, tmp_path):
+    """Many steps on six objects: the late logged loss is below the first (the head and encoder learn)."""
+    records = []
+    pretrain_encoder(tiny_pretrain(steps=60, lr=3e-3, log_every=10, checkpoint_every=100, val_assets=0), dataset,
+                     tmp_path / "run", log=records.append)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_dit_training_from_a_frozen_pretrained_encoder(dataset, tmp_path):
+    """`image_encoder_from` + `freeze_image_encoder`: the exported pipeline carries the encoder unchanged."""
+    enc = pretrain_encoder(tiny_pretrain(), dataset, tmp_path / "enc", log=lambda r: None)
+    recipe = dict(transformer=dict(width=32, num_layers=2, num_heads=4, compression=4), steps=3, batch_size=2,
+                  warmup_steps=1, checkpoint_every=2, log_every=1, image_encoder_from=str(enc), freeze_image_encoder=True)
+    result = train(dataset, tmp_path / "dit", DiTTrainConfig.from_dict(recipe), vae_dir=dataset / "vae", device="cpu", progress=False)
+    from moca3d.pipeline import MoCAPipeline
+
+    pipe = MoCAPipeline.from_pretrained(str(result["pipeline"]))
+    before = ImageEncoder.from_pretrained(enc).state_dict()
+    for k, v in pipe.image_encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ConfigError, match="image_encoder_from"):
+        DiTTrainConfig.from_dict({**recipe, "image_encoder": TINY_ENCODER})
+    with pytest.raises(ConfigError, match="not an image encoder folder"):
+        train(dataset, tmp_path / "dit2", DiTTrainConfig.from_dict({**recipe, "image_encoder_from": str(tmp_path)}),
+              device="cpu", progress=False)
+
+
+def test_pretrain_encoder_cli(dataset, tmp_path):
+    cfg = tiny_pretrain().to_dict()
+    (tmp_path / "recipe.json").write_text(json.dumps(cfg))
+    result = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(tmp_path / "run"),
+                                      "--config", str(tmp_path / "recipe.json"), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "image_encoder" / "config.json").is_file()
+    lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lines[-1]["event"] == "done" and lines[-1]["step"] == 2
+    bad = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(tmp_path / "x"), "--config", str(tmp_path / "nope.json")])
+    assert isinstance(bad.exception, ConfigError) and "config file not found" in str(bad.exception)
+
+
+def test_grid_eval_benchmark_reports_iou_against_references(dataset, tmp_path):
+    """benchmarks/encoder_grid_eval.py on a tiny run: IoUs and F-scores in [0, 1], the GT-cell ceiling near 1."""
+    import importlib.util
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    pretrain_encoder(tiny_pretrain(grid_resolution=32), dataset, run, log=lambda r: None)
+    spec = importlib.util.spec_from_file_location("encoder_grid_eval", Path(__file__).parents[1] / "benchmarks" / "encoder_grid_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "grid.json"
+    summary = module.main([str(dataset), "--run", str(run), "--train-grids", str(run / "grids32.safetensors"), "--split", "train",
+                           "--points", "100000", "--json", str(out)])
+    assert json.loads(out.read_text())["count"] == 6
+    assert all(0 <= summary[k] <= 1 for k in summary)
+    assert summary["f01_gt_cells"] > 0.95  # 32^3 cells, all samples: every centre within 0.055 of the samples in its cell
