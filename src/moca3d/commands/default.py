@@ -4,10 +4,11 @@ procedural objects -> prepare -> train-vae -> [more objects for the DiT] -> enco
 train (DiT) -> pipeline folder, optionally installed as the package's default model. The VAE trains
 on the first `objects`; `dit_extra_objects` more (the same stream, prepared after the VAE with only
 `dit_extra_num_queries` SDF queries each, since the transformer needs their latents alone) widen the
-transformer's training set. `encoder_pretrain_config` pre-trains the image encoder on the objects'
-coarse surface grids before the transformer (`moca3d pretrain-encoder`). Two optional stages refine the result: `vae_finetune_config` trains the
-VAE's decoder again on all objects (encoder frozen, so the latents stay those of the first VAE) and
-`dit_continue_config` trains the transformer further from the first stage's pipeline.
+transformer's training set. `encoder_pretrain_config` pre-trains the image encoder on the training
+objects' coarse surface grids (`moca3d pretrain-encoder`); the transformer then starts from it. Two
+optional stages refine the result: `vae_finetune_config` trains the VAE's decoder again on all objects
+(encoder frozen, so the latents stay those of the first VAE) and `dit_continue_config` trains the
+transformer further from the first stage's pipeline.
 """
 
 from __future__ import annotations
