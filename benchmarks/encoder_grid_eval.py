@@ -7,7 +7,7 @@ themselves (the grid's quantisation ceiling) and the image-free guess (the train
 Prints a table and writes JSON.
 
     python benchmarks/encoder_grid_eval.py data/test58 --run runs/encoder_pretrain \
-        --train-grids data/objects_train_grids32.safetensors --json benchmarks/results/encoder_pretrain_grid_test58.json
+        --train-grids runs/encoder_pretrain/grids32.safetensors --json benchmarks/results/encoder_pretrain_grid_test58.json
 """
 
 from __future__ import annotations
@@ -51,12 +51,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = EncoderPretrainConfig.from_json(args.config or args.run / "pretrain_config.json")
+    ckpt = latest_checkpoint(args.run)
+    if ckpt is None:
+        raise SystemExit(f"error: {args.run} has no checkpoint (run `moca3d pretrain-encoder` first)")
     model = build_predictor(cfg)
-    model.load_state_dict(load_tensors(latest_checkpoint(args.run) / "model.safetensors"))
+    model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
     model.eval()
     r, size = cfg.grid_resolution, cfg.image_encoder.get("image_size", 128)
     centres = grid_centres(r).numpy()
-    train_grids, _, _ = load_grid_cache(args.train_grids)
+    train_grids, _, train_r = load_grid_cache(args.train_grids)
+    if train_r != r:
+        raise SystemExit(f"error: {args.train_grids} holds {train_r}^3 grids, the run predicts {r}^3")
     mean = dilate_grids(train_grids, cfg.dilate).float().mean(0) > 0.5  # (R, R, R)
     rows = []
     for rec in read_manifest(args.data, args.split):

@@ -60,7 +60,12 @@ def test_recipe_parses(path):
     else:
         cfg = DiTTrainConfig.from_json(path)
         if cfg.image_encoder_from:  # the output folder of `moca3d pretrain-encoder` (not in a clean clone)
+            from moca3d.models.image_encoder import ImageEncoder
+            from moca3d.training.pretrain_encoder import BUILTIN_ENCODER
+            from moca3d.training.train_dit import build_models
+
             assert Path(cfg.image_encoder_from).name == "image_encoder" and not cfg.image_encoder
+            build_models(cfg, (16, 4), encoder=ImageEncoder(**BUILTIN_ENCODER))  # the transformer config builds
         elif not cfg.init_from:
             from moca3d.training.train_dit import build_models
 

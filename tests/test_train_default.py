@@ -22,8 +22,9 @@ def test_smoke_recipe_runs_every_stage(tmp_path):
     assert result.exit_code == 0, result.output
     for stage in ("[1/4]", "[2/4]", "[2c/4]", "[3/4]", "[3b/4]", "[4/4]", "[4b/4]"):
         assert stage in result.output
-    pretrained = ImageEncoder.from_pretrained(str(work / "encoder" / "image_encoder"))  # the DiT started from it
-    assert pretrained.config.width == MoCAPipeline.from_pretrained(str(work / "dit" / "pipeline")).image_encoder.config.width
+    # the DiT started from the pre-trained encoder: its width (48) is not the DiT recipe's own (64)
+    pretrained = ImageEncoder.from_pretrained(str(work / "encoder" / "image_encoder"))
+    assert pretrained.config.width == 48 == MoCAPipeline.from_pretrained(str(work / "dit" / "pipeline")).image_encoder.config.width
     assert json.loads((work / "dit" / "train_config.json").read_text())["image_encoder_from"] == str(work / "encoder" / "image_encoder")
     pipe = MoCAPipeline.from_pretrained(str(work / "dit_continue" / "pipeline"))
     first, tuned = (VecSetVAE.from_pretrained(str(work / run / "vae")) for run in ("vae", "vae_finetune"))

@@ -92,10 +92,10 @@ def register(app: typer.Typer) -> None:
             from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
             enc_run = work / "encoder"
-            if not (enc_run / "image_encoder" / "config.json").is_file():
+            if not (enc_run / "summary.json").is_file():  # written last: the encoder folder is complete
                 typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
                 pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run)
-            dit_cfg.image_encoder, dit_cfg.image_encoder_from = {}, str(enc_run / "image_encoder")
+            dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
         typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
         result = train(root, work / "dit", dit_cfg, vae_dir=vae_dir, device=dev)
         if spec.get("dit_continue_config"):  # more training from the first stage's pipeline

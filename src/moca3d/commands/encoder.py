@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     def pretrain_encoder_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/ with samples.npz)."),
         out_dir: Path = typer.Option(..., "-o", "--out", help="Run folder: checkpoints, log.jsonl, summary.json, image_encoder/."),
-        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (configs/encoder_pretrain.json; default: its values)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (configs/encoder_pretrain.json; default: its values without its 20-minute limit and 1-thread setting)."),
         cache: Optional[Path] = typer.Option(None, "--cache", help="Read the renders from this latent cache (moca3d cache-latents) of DATA_DIR's train split."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds (the LR schedule ends there)."),

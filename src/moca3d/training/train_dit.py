@@ -125,6 +125,8 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
         if self.image_encoder_from and (self.init_from or self.image_encoder):
             raise ConfigError("image_encoder_from replaces both init_from's encoder and an image_encoder config: give one")
+        if self.freeze_image_encoder and not (self.init_from or self.image_encoder_from):
+            raise ConfigError("freeze_image_encoder needs a trained encoder (init_from or image_encoder_from), not a random one")
 
 
 class LatentDataset:
