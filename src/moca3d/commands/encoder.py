@@ -23,8 +23,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train the image encoder to predict each object's coarse 3D surface grid from its render.
 
-        The result, OUT/image_encoder, is what a DiT recipe's `image_encoder_from` loads (with
-        `freeze_image_encoder` to keep it fixed). Resumes from OUT's checkpoints.
+        The result, OUT/image_encoder, is what a DiT recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints.
         """
         from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
