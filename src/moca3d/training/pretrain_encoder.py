@@ -89,9 +89,7 @@ def surface_grid(points: torch.Tensor, resolution: int, dilate: int = 0) -> torc
     idx = ((points.clamp(-1, 1 - 1e-6) + 1) / 2 * resolution).long()  # (P, 3)
     grid = torch.zeros(resolution, resolution, resolution)
     grid[idx[:, 0], idx[:, 1], idx[:, 2]] = 1.0
-    if dilate:
-        grid = F.max_pool3d(grid[None, None], 2 * dilate + 1, stride=1, padding=dilate)[0, 0]
-    return grid > 0
+    return dilate_grids(grid[None] > 0, dilate)[0]
 
 
 def load_surface_points(asset: Path) -> torch.Tensor:
