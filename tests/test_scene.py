@@ -339,3 +339,50 @@ def test_train_scene_cli_dense_baseline_from_a_moca_checkpoint(scenes, tmp_path)
     assert not any(".router." in k for k in pipe.transformer.state_dict())
     res = runner.invoke(app, [*base, "-o", str(tmp_path / "bad"), "--attention-mode", "sparse"])
     assert isinstance(res.exception, ConfigError) and "--attention-mode" in str(res.exception)
+
+
+def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
+    """Scene pre-training: one grid per instance in the scene frame, a 7-channel encoder that train-scene starts from."""
+    from moca3d.training.pretrain_encoder import (
+        EncoderPretrainConfig, component_key, load_component_points, load_grid_cache, pretrain_encoder, surface_grid,
+    )
+    from moca3d.training.train_dit import build_scene_models
+
+    root, obj = scenes
+    recipe = dict(condition="scene", init_from=str(obj), grid_resolution=8, dilate=1, queries_per_image=64, head_width=32,
+                  head_heads=4, steps=3, batch_size=2, warmup_steps=1, val_assets=0, log_every=1, checkpoint_every=2)
+    cfg = EncoderPretrainConfig.from_dict(recipe)
+    records = []
+    folder = pretrain_encoder(cfg, root, tmp_path / "enc", log=records.append)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+    # the targets: each visible instance's own surface cells, in the shared scene frame (not one grid per scene)
+    grids, keys, r = load_grid_cache(tmp_path / "enc" / "grids8.safetensors")
+    scene_dir, n = _visible_scene(root)
+    points = load_component_points(scene_dir)  # (N, P, 3)
+    for j in range(n):
+        assert torch.equal(grids[keys.index(component_key(scene_dir.name, j))], surface_grid(points[j], r))
+    assert not torch.equal(grids[keys.index(component_key(scene_dir.name, 0))], grids[keys.index(component_key(scene_dir.name, 1))])
+
+    encoder = ImageEncoder.from_pretrained(folder)
+    assert input_channels(encoder) == 7  # the object encoder (3 channels) widened, then trained
+    widened = widen_input_channels(ImageEncoder.from_pretrained(obj / "image_encoder"), 7, "zero")
+    assert not all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), widened.state_dict().values()))
+
+    # train-scene: the transformer from the object pipeline, the encoder from pre-training (LoRA on top, zero at start)
+    scene_cfg = scene_recipe(obj, image_encoder_from=str(folder))
+    model = build_scene_models(scene_cfg, (16, 4))
+    merge_encoder_lora(model.image_encoder)
+    for name, value in encoder.state_dict().items():
+        torch.testing.assert_close(model.image_encoder.state_dict()[name], value, atol=1e-6, rtol=0)
+    result = train(root, tmp_path / "run", scene_cfg, device="cpu", progress=False)
+    assert result["steps"] == 2 and MoCAPipeline.from_pretrained(tmp_path / "run" / "pipeline").is_scene_model
+
+    # an object recipe still takes its encoder from one place only; an encoder of the wrong width is refused
+    with pytest.raises(ConfigError, match="give one"):
+        DiTTrainConfig.from_dict(dict(init_from=str(obj), image_encoder_from=str(folder)))
+    ImageEncoder(**{**TINY_ENCODER, "width": 48, "in_channels": 7}).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ConfigError, match="48-wide tokens"):
+        build_scene_models(scene_recipe(obj, image_encoder_from=str(tmp_path / "wide")), (16, 4))
+    with pytest.raises(ConfigError, match="latent cache holds object renders"):
+        pretrain_encoder(cfg, root, tmp_path / "enc2", cache=tmp_path / "any.safetensors")

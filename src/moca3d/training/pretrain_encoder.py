@@ -10,6 +10,12 @@ cross-attending to the image tokens, then an MLP — gives one logit per cell. T
 loads the encoder (`image_encoder_from`) and may freeze it.
 
     render (B, 3, S, S) --ImageEncoder--> tokens (B, M, D) --GridHead(cell centres)--> logits (B, Q)
+
+Scenes (`"condition": "scene"`, issue 7): one training pair per visible instance. The input is the
+instance's 7-channel stack (moca3d.data.scene: instance on white, scene RGB, mask) and the target is
+the instance's own grid in the shared scene frame: the encoder learns where the masked instance
+sits and how big it is, the placement the scene transformer otherwise has to discover through the
+flow loss. A 3-channel start (`init_from` an object encoder) is widened to 7 channels first.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moca3d.errors import ConfigError, InputError
-from moca3d.models.image_encoder import ImageEncoder
+from moca3d.models.image_encoder import SCENE_CHANNELS, WIDEN_INITS, ImageEncoder, input_channels, widen_input_channels
 from moca3d.models.vae import FourierEmbedder, LayerNorm32, VecSetBlock
 from moca3d.training.checkpoints import (
     atomic_save_tensors, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
@@ -34,6 +40,7 @@ from moca3d.training.checkpoints import (
 from moca3d.training.recipe import Recipe, lr_at
 
 GRID_CACHE_KIND = "moca3d-surface-grids"
+CONDITIONS = ("object", "scene")
 BUILTIN_ENCODER = {"in_channels": 3, "image_size": 128, "patch_size": 16, "width": 128, "num_layers": 2, "num_heads": 4}
 
 
@@ -44,6 +51,10 @@ class EncoderPretrainConfig(Recipe):
     recipe_name = "encoder pre-training"
 
     image_encoder: dict[str, Any] = field(default_factory=lambda: dict(BUILTIN_ENCODER))
+    condition: str = "object"  # "scene": 7-channel instance stacks -> instance grids in the scene frame
+    # start from a trained encoder (its folder, or a pipeline folder's image_encoder) instead of `image_encoder`
+    init_from: Optional[str] = None
+    widen_init: str = "zero"  # scene: the 4 new input channels of a 3-channel encoder, "zero" or "clone"
     grid_resolution: int = 32
     dilate: int = 1  # cells: surface cells grown by this many (a 1-cell-thick surface is a hard target)
     queries_per_image: int = 2048  # half drawn among occupied cells, half uniform over the grid
@@ -58,7 +69,7 @@ class EncoderPretrainConfig(Recipe):
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    val_assets: int = 200  # the last assets of the training split (at most a fifth), held out to measure grid IoU
+    val_assets: int = 200  # the last assets (objects or scenes) of the training split, at most a fifth, held out
     log_every: int = 50
     checkpoint_every: int = 250
     seed: int = 0
@@ -76,6 +87,10 @@ class EncoderPretrainConfig(Recipe):
             raise ConfigError(f"head_width {self.head_width} is not divisible by head_heads {self.head_heads}")
         if self.val_assets < 0 or self.time_limit_s < 0 or self.num_threads < 0:
             raise ConfigError("val_assets, time_limit_s and num_threads must be >= 0")
+        if self.condition not in CONDITIONS:
+            raise ConfigError(f"condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        if self.widen_init not in WIDEN_INITS:
+            raise ConfigError(f"widen_init must be one of {', '.join(WIDEN_INITS)}, got {self.widen_init!r}")
 
 
 def grid_centres(resolution: int) -> torch.Tensor:
@@ -92,26 +107,43 @@ def surface_grid(points: torch.Tensor, resolution: int, dilate: int = 0) -> torc
     return dilate_grids(grid[None] > 0, dilate)[0]
 
 
-def load_surface_points(asset: Path) -> torch.Tensor:
-    """Every part's surface samples of a prepared asset, as one (P, 3) cloud in the normalised frame."""
+def load_component_points(asset: Path) -> torch.Tensor:
+    """The surface samples of a prepared asset, per component: (N, P, 3) in the normalised frame."""
     path = asset / "samples.npz"
     if not path.is_file():
         raise InputError(f"{asset}: no samples.npz (prepare the dataset first)")
     with np.load(path) as d:
-        return torch.from_numpy(d["surface"][..., :3].reshape(-1, 3).astype(np.float32))
+        return torch.from_numpy(d["surface"][..., :3].astype(np.float32))
+
+
+def load_surface_points(asset: Path) -> torch.Tensor:
+    """Every part's surface samples of a prepared asset, as one (P, 3) cloud in the normalised frame."""
+    return load_component_points(asset).reshape(-1, 3)
+
+
+def component_key(asset_id: str, index: int) -> str:
+    """The grid-cache key of component `index` of a scene."""
+    return f"{asset_id}#{index}"
 
 
 def build_grid_cache(root: str | Path, ids: list[str], resolution: int, out: str | Path,
-                     progress: Optional[Callable[[int], None]] = None) -> Path:
-    """Packed surface grids (A, R^3 / 8 bytes) of the given assets, in their order, to one safetensors file."""
+                     progress: Optional[Callable[[int], None]] = None, per_component: bool = False) -> Path:
+    """Packed surface grids (rows, R^3 / 8 bytes) of the given assets, in their order, to one safetensors file.
+
+    One row per asset (all its parts), or with `per_component` one per component, keyed `component_key`.
+    """
     root = Path(root)
-    rows = []
+    rows, keys = [], []
     for i, asset_id in enumerate(ids):
-        grid = surface_grid(load_surface_points(root / "assets" / asset_id), resolution)
-        rows.append(torch.from_numpy(np.packbits(grid.numpy().reshape(-1))))
+        points = load_component_points(root / "assets" / asset_id)  # (N, P, 3)
+        clouds = list(points) if per_component else [points.reshape(-1, 3)]
+        for j, cloud in enumerate(clouds):
+            grid = surface_grid(cloud, resolution)
+            rows.append(torch.from_numpy(np.packbits(grid.numpy().reshape(-1))))
+            keys.append(component_key(asset_id, j) if per_component else asset_id)
         if progress is not None:
             progress(i)
-    meta = {"kind": GRID_CACHE_KIND, "ids": json.dumps(ids), "resolution": str(resolution)}
+    meta = {"kind": GRID_CACHE_KIND, "ids": json.dumps(keys), "resolution": str(resolution)}
     atomic_save_tensors({"grids": torch.stack(rows)}, Path(out), metadata=meta)
     return Path(out)
 
@@ -169,13 +201,39 @@ class GridPredictor(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S), (B, Q, 3) -> logits (B, Q)."""
+        """(B, C, S, S), (B, Q, 3) -> logits (B, Q); C = 3 (renders) or 7 (scene instance stacks)."""
         return self.head(self.image_encoder(images), points)
 
 
+def init_encoder_folder(cfg: EncoderPretrainConfig) -> Optional[Path]:
+    """The encoder folder `init_from` names (itself, or a pipeline folder's image_encoder), checked; None without one."""
+    if not cfg.init_from:
+        return None
+    root = Path(cfg.init_from)
+    folder = root / "image_encoder" if (root / "model_index.json").is_file() else root
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"init_from {root}: neither an image encoder folder nor a pipeline folder")
+    return folder
+
+
+def start_encoder(cfg: EncoderPretrainConfig) -> ImageEncoder:
+    """The encoder pre-training starts from: `init_from`'s, or a fresh one; 7 input channels for scenes."""
+    folder = init_encoder_folder(cfg)
+    if folder is not None:
+        encoder = ImageEncoder.from_pretrained(folder)
+    else:
+        encoder = ImageEncoder(**cfg.image_encoder)
+    wanted = SCENE_CHANNELS if cfg.condition == "scene" else 3
+    if input_channels(encoder) == 3 and wanted == SCENE_CHANNELS:
+        widen_input_channels(encoder, SCENE_CHANNELS, cfg.widen_init)
+    if input_channels(encoder) != wanted:
+        raise ConfigError(f"a {cfg.condition} encoder takes {wanted} input channels, this one {input_channels(encoder)}")
+    return encoder
+
+
 def build_predictor(cfg: EncoderPretrainConfig) -> GridPredictor:
-    """A fresh encoder (from the recipe) and grid head."""
-    encoder = ImageEncoder(**cfg.image_encoder)
+    """The starting encoder (from the recipe or `init_from`) and a fresh grid head."""
+    encoder = start_encoder(cfg)
     head = GridHead(encoder.out_dim, cfg.head_width, cfg.head_heads, cfg.head_layers, cfg.num_freqs)
     return GridPredictor(encoder, head)
 
@@ -193,7 +251,7 @@ def draw_queries(grids: torch.Tensor, count: int, generator: torch.Generator) ->
 
 @torch.no_grad()
 def predict_grid(model: GridPredictor, images: torch.Tensor, resolution: int, chunk: int = 8192) -> torch.Tensor:
-    """(B, 3, S, S) -> (B, R, R, R) occupancy probabilities."""
+    """(B, C, S, S) -> (B, R, R, R) occupancy probabilities."""
     tokens = model.image_encoder(images)
     centres = grid_centres(resolution).to(images.device)
     out = [torch.sigmoid(model.head(tokens, centres[None, s : s + chunk].expand(images.shape[0], -1, -1)))
@@ -228,43 +286,106 @@ def dilate_grids(grids: torch.Tensor, dilate: int) -> torch.Tensor:
     return F.max_pool3d(g, 2 * dilate + 1, stride=1, padding=dilate)[:, 0] > 0
 
 
+@dataclass
+class PretrainSamples:
+    """Pre-training pairs: input i is `inputs([i])`, its target the cached grid `keys[i]`, from asset `assets[i]`."""
+
+    keys: list[str]
+    assets: list[int]  # index of the object or scene each pair comes from (the held-out split is by asset)
+    inputs: Callable[[list[int]], torch.Tensor]  # pair indices -> (B, C, S, S) encoder inputs
+
+
+def object_samples(data) -> PretrainSamples:
+    """One pair per object: its render (3, S, S) -> its grid."""
+    return PretrainSamples(list(data.ids), list(range(len(data.ids))), lambda idx: torch.stack([data.images[i] for i in idx]))
+
+
+def scene_samples(data) -> PretrainSamples:
+    """One pair per visible instance of a SceneLatentDataset: its 7-channel stack -> its grid in the scene frame."""
+    from moca3d.data.scene import stack_conditions
+
+    pairs = [(a, j) for a, masks in enumerate(data.masks) for j in range(len(masks)) if masks[j].any()]
+
+    def inputs(idx: list[int]) -> torch.Tensor:
+        out = []
+        for i in idx:
+            a, j = pairs[i]
+            out.append(stack_conditions(data.scenes[a].float() / 255.0, data.masks[a][j : j + 1].float() / 255.0)[0])
+        return torch.stack(out)  # (B, 7, S, S)
+
+    return PretrainSamples([component_key(data.ids[a], j) for a, j in pairs], [a for a, _ in pairs], inputs)
+
+
+def load_samples(cfg: EncoderPretrainConfig, data_dir: str | Path, cache: Optional[str | Path]):
+    """The training split's pairs (objects or scene instances) and the asset ids they come from."""
+    from moca3d.training.train_dit import LatentDataset
+
+    size = start_encoder_size(cfg)
+    if cfg.condition == "scene":
+        from moca3d.data.scene import SceneLatentDataset
+
+        if cache is not None:
+            raise ConfigError("a latent cache holds object renders: scene pre-training reads the prepared scenes folder")
+        data = SceneLatentDataset(data_dir, "train", size, max_components=10**9)
+        return scene_samples(data), data.ids
+    if cache is not None:
+        data = LatentDataset.from_cache(cache, max_components=10**9, image_size=size)
+    else:
+        data = LatentDataset(data_dir, "train", size, max_components=10**9)
+    return object_samples(data), data.ids
+
+
+def start_encoder_size(cfg: EncoderPretrainConfig) -> int:
+    """The input size of the encoder pre-training starts from."""
+    folder = init_encoder_folder(cfg)
+    config = ImageEncoder.load_config(folder) if folder is not None else cfg.image_encoder
+    return int(config.get("image_size", 128))
+
+
+def mean_grid(grids: torch.Tensor, dilate: int, chunk: int = 1024) -> torch.Tensor:
+    """(A, R, R, R) bool -> the cell-wise mean of the dilated grids > 0.5: the best image-free guess."""
+    total = torch.zeros(grids.shape[1:])
+    for s in range(0, len(grids), chunk):
+        total += dilate_grids(grids[s : s + chunk], dilate).float().sum(0)
+    return total / max(len(grids), 1) > 0.5
+
+
 def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | Path, cache: Optional[str | Path] = None,
                      grids_path: Optional[str | Path] = None, log: Callable[[dict], None] = print) -> Path:
     """Train encoder + grid head on the training split's renders; writes `out_dir/image_encoder` (resumes).
 
     The run folder also holds pretrain_config.json, checkpoints/ (encoder + head) and summary.json.
 
-    `cache`: a latent cache of the split (`moca3d cache-latents`) for the renders instead of the folder.
-    `grids_path`: the surface-grid cache (default `out_dir/grids<R>.safetensors`, built when missing).
+    `cache`: a latent cache of the split (`moca3d cache-latents`) for the renders instead of the folder (objects).
+    `grids_path`: the surface-grid cache (default `out_dir/grids<R>.safetensors`, built when missing;
+    one grid per object, or per scene instance).
     """
-    from moca3d.training.train_dit import LatentDataset, schedule_step
+    from moca3d.training.train_dit import schedule_step
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg.to_dict(), out_dir / "pretrain_config.json")  # the run folder describes itself
-    size = cfg.image_encoder.get("image_size", 128)
-    if cache is not None:
-        data = LatentDataset.from_cache(cache, max_components=10**9, image_size=size)
-    else:
-        data = LatentDataset(data_dir, "train", size, max_components=10**9)
+    samples, asset_ids = load_samples(cfg, data_dir, cache)
+    scene = cfg.condition == "scene"
     grids_path = Path(grids_path) if grids_path is not None else out_dir / f"grids{cfg.grid_resolution}.safetensors"
     if not grids_path.is_file():
-        log({"event": "building surface grids", "assets": len(data.ids), "path": str(grids_path)})
-        build_grid_cache(data_dir, data.ids, cfg.grid_resolution, grids_path)
+        log({"event": "building surface grids", "assets": len(asset_ids), "path": str(grids_path)})
+        build_grid_cache(data_dir, asset_ids, cfg.grid_resolution, grids_path, per_component=scene)
     grids, grid_ids, resolution = load_grid_cache(grids_path)
     if resolution != cfg.grid_resolution:
         raise ConfigError(f"{grids_path}: grids are {resolution}^3, the recipe asks for {cfg.grid_resolution}^3")
-    row = {asset_id: i for i, asset_id in enumerate(grid_ids)}
-    missing = [a for a in data.ids if a not in row]
+    row = {key: i for i, key in enumerate(grid_ids)}
+    missing = [k for k in samples.keys if k not in row]
     if missing:
-        raise InputError(f"{grids_path}: no grid for {len(missing)} of the training assets (first: {missing[0]})")
-    grids = dilate_grids(grids[[row[a] for a in data.ids]], cfg.dilate)  # (A, R, R, R), in the data's order
-    images = torch.stack(data.images)  # (A, 3, S, S)
-    n_val = min(cfg.val_assets, len(images) // 5)
-    train_images, train_grids = images[: len(images) - n_val], grids[: len(images) - n_val]
-    val_images, val_grids = images[len(images) - n_val :], grids[len(images) - n_val :]
+        raise InputError(f"{grids_path}: no grid for {len(missing)} of the training {'instances' if scene else 'assets'} (first: {missing[0]})")
+    grids = grids[[row[k] for k in samples.keys]]  # (P, R, R, R), in the pairs' order; dilated per batch
+    n_val = min(cfg.val_assets, len(asset_ids) // 5)  # the last n_val assets, with all their pairs, are held out
+    first_val = len(asset_ids) - n_val
+    train_idx = [i for i, a in enumerate(samples.assets) if a < first_val]
+    val_idx = [i for i, a in enumerate(samples.assets) if a >= first_val]
+    train_grids = grids[train_idx]
     centres = grid_centres(resolution)
 
     torch.manual_seed(cfg.seed)
@@ -286,9 +407,9 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(sched, cfg)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run draws the same
-        pick = torch.randint(0, len(train_images), (cfg.batch_size,), generator=gen)
-        idx, labels = draw_queries(train_grids[pick], cfg.queries_per_image, gen)
-        logits = model(train_images[pick], centres[idx])  # (B, Q)
+        pick = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)
+        idx, labels = draw_queries(dilate_grids(train_grids[pick], cfg.dilate), cfg.queries_per_image, gen)
+        logits = model(samples.inputs([train_idx[i] for i in pick.tolist()]), centres[idx])  # (B, Q)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -303,12 +424,15 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         if step % cfg.checkpoint_every == 0:
             save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
     metrics: dict[str, Any] = {}
-    if n_val:
-        metrics = evaluate_grids(model, val_images, val_grids)
-        # the image-free reference: every held-out object predicted as the training grids' mean > 0.5
-        mean = train_grids.float().mean(0, keepdim=True) > 0.5
+    if val_idx:
+        val_grids = dilate_grids(grids[val_idx], cfg.dilate)
+        metrics = evaluate_grids(model, samples.inputs(val_idx), val_grids)
+        # the image-free reference: every held-out object (instance) predicted as the training grids' mean > 0.5
+        mean = mean_grid(train_grids, cfg.dilate)[None]
         metrics["mean_grid_iou"] = float(grid_iou(mean.expand_as(val_grids), val_grids).mean())
         metrics["val_assets"] = n_val
+        if scene:
+            metrics["val_instances"] = len(val_idx)
     save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
     model.image_encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
     summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics}

@@ -96,7 +96,8 @@ class DiTTrainConfig(Recipe):
     condition: str = "object"  # "object": one image per sample; "scene": one 7-channel stack per component
     init_from: Optional[str] = None  # a pipeline folder to start from (its VAE is reused): scenes, or object fine-tuning
     freeze_image_encoder: bool = False  # keep the (pre-trained or DINOv2) encoder fixed, as TripoSG does
-    # a pre-trained image encoder folder (`moca3d pretrain-encoder`'s image_encoder/) for a fresh transformer
+    # a pre-trained image encoder folder (`moca3d pretrain-encoder`'s image_encoder/) for a fresh transformer,
+    # or for a scene recipe the (scene-pre-trained, 3- or 7-channel) encoder to use instead of init_from's
     image_encoder_from: Optional[str] = None
     widen_init: str = "zero"  # scene: "zero" or "clone" for the encoder's 4 new input channels
     lora_rank: int = 16  # scene: LoRA rank of the encoder's linear layers
@@ -123,8 +124,9 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.time_limit_s < 0:
             raise ConfigError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
-        if self.image_encoder_from and (self.init_from or self.image_encoder):
-            raise ConfigError("image_encoder_from replaces both init_from's encoder and an image_encoder config: give one")
+        if self.image_encoder_from and (self.image_encoder or (self.init_from and self.condition != "scene")):
+            raise ConfigError("image_encoder_from replaces both init_from's encoder and an image_encoder config: give one"
+                              " (a scene recipe may name both: the transformer from init_from, the encoder from image_encoder_from)")
         if self.freeze_image_encoder and not (self.init_from or self.image_encoder_from):
             raise ConfigError("freeze_image_encoder needs a trained encoder (init_from or image_encoder_from), not a random one")
 
@@ -314,6 +316,11 @@ def encoder_preprocess(encoder) -> Callable[[Path], torch.Tensor]:
     return lambda path: preprocess_image(path, encoder.image_size)
 
 
+def scene_encoder_folder(cfg: DiTTrainConfig) -> Path:
+    """The encoder a scene recipe fine-tunes: `image_encoder_from` (e.g. scene-pre-trained), else init_from's."""
+    return pretrained_encoder_folder(cfg) if cfg.image_encoder_from else init_folder(cfg) / "image_encoder"
+
+
 def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> SceneGenerator:
     """The object pipeline `init_from`, its encoder widened to 7 channels and wrapped with LoRA.
 
@@ -322,7 +329,9 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
     """
     root = init_folder(cfg)
     transformer = load_transformer(root, cfg, latent_shape)
-    encoder = ImageEncoder.from_pretrained(root / "image_encoder")
+    encoder = ImageEncoder.from_pretrained(scene_encoder_folder(cfg))
+    if encoder.out_dim != transformer.config.cond_dim:
+        raise ConfigError(f"image_encoder_from gives {encoder.out_dim}-wide tokens, {root}'s transformer takes {transformer.config.cond_dim}")
     if input_channels(encoder) != SCENE_CHANNELS:  # an object encoder; a scene one is fine-tuned as it is
         widen_input_channels(encoder, SCENE_CHANNELS, cfg.widen_init)
     add_encoder_lora(encoder, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, train_projection=cfg.train_projection)
@@ -433,7 +442,7 @@ def train(
         from moca3d.data.scene import SceneLatentDataset
 
         vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
-        encoder_size = ImageEncoder.load_config(init_folder(cfg) / "image_encoder")["image_size"]
+        encoder_size = ImageEncoder.load_config(scene_encoder_folder(cfg))["image_size"]
         data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components)
     else:
         encoder = None
