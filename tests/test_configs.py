@@ -39,8 +39,10 @@ def test_recipe_parses(path):
         assert set(spec) <= known, f"unknown recipe keys {set(spec) - known}"
         if spec.get("vae_finetune_config"):  # train-default points it at its own first VAE
             assert VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"]).freeze_encoder
-        if spec.get("dit_continue_config"):  # train-default points it at its own first pipeline
-            assert DiTTrainConfig.from_json(CONFIGS / spec["dit_continue_config"]).init_from
+        from moca3d.commands.default import continue_configs
+
+        for name in continue_configs(spec):  # train-default points each at the previous stage's pipeline
+            assert DiTTrainConfig.from_json(CONFIGS / name).init_from
         if spec.get("encoder_pretrain_config"):  # its encoder replaces the DiT recipe's own
             EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"])
         if spec.get("dit_extra_objects"):
@@ -59,7 +61,9 @@ def test_recipe_parses(path):
         VecSetVAE(**cfg.model)
     else:
         cfg = DiTTrainConfig.from_json(path)
-        if cfg.image_encoder_from:  # the output folder of `moca3d pretrain-encoder` (not in a clean clone)
+        if cfg.image_encoder_from and cfg.init_from:  # a scene recipe: the pre-trained encoder replaces init_from's
+            assert cfg.condition == "scene" and Path(cfg.image_encoder_from).name == "image_encoder"
+        elif cfg.image_encoder_from:  # the output folder of `moca3d pretrain-encoder` (not in a clean clone)
             from moca3d.models.image_encoder import ImageEncoder
             from moca3d.training.pretrain_encoder import BUILTIN_ENCODER
             from moca3d.training.train_dit import build_models
@@ -75,3 +79,11 @@ def test_recipe_parses(path):
 def test_default_recipes_exist():
     for name in DEFAULT_RECIPES:
         assert recipe_kind(CONFIGS / name) == "default"
+
+
+def test_continue_stages_are_one_name_or_a_list():
+    from moca3d.commands.default import continue_configs
+
+    assert continue_configs({}) == [] and continue_configs({"dit_continue_config": None}) == []
+    assert continue_configs({"dit_continue_config": "a.json"}) == ["a.json"]
+    assert continue_configs({"dit_continue_config": ["a.json", "b.json"]}) == ["a.json", "b.json"]

@@ -7,8 +7,8 @@ on the first `objects`; `dit_extra_objects` more (the same stream, prepared afte
 transformer's training set. `encoder_pretrain_config` pre-trains the image encoder on the training
 objects' coarse surface grids (`moca3d pretrain-encoder`); the transformer then starts from it. Two
 optional stages refine the result: `vae_finetune_config` trains the VAE's decoder again on all objects
-(encoder frozen, so the latents stay those of the first VAE) and `dit_continue_config` trains the
-transformer further from the first stage's pipeline.
+(encoder frozen, so the latents stay those of the first VAE) and `dit_continue_config` (one recipe or a
+list) trains the transformer further, each stage from the previous stage's pipeline.
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ from typing import Optional
 import typer
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def continue_configs(spec: dict) -> list[str]:
+    """The recipe's `dit_continue_config`: one DiT recipe name or a list of them, run in order."""
+    names = spec.get("dit_continue_config") or []
+    return [names] if isinstance(names, str) else list(names)
 
 
 def register(app: typer.Typer) -> None:
@@ -98,11 +104,12 @@ def register(app: typer.Typer) -> None:
             dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
         typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
         result = train(root, work / "dit", dit_cfg, vae_dir=vae_dir, device=dev)
-        if spec.get("dit_continue_config"):  # more training from the first stage's pipeline
-            typer.echo(f"[4b/4] training the transformer further in {work / 'dit_continue'}")
-            more = DiTTrainConfig.from_json(CONFIGS / spec["dit_continue_config"])
+        for i, name in enumerate(continue_configs(spec)):  # more training, each stage from the last one's pipeline
+            folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
+            typer.echo(f"[4b/4] training the transformer further in {folder} ({name})")
+            more = DiTTrainConfig.from_json(CONFIGS / name)
             more.init_from = str(result["pipeline"])
-            result = train(root, work / "dit_continue", more, vae_dir=vae_dir, device=dev)
+            result = train(root, folder, more, vae_dir=vae_dir, device=dev)
         pipeline = Path(result["pipeline"])
         typer.echo(f"pipeline: {pipeline}")
         if install:
