@@ -22,10 +22,8 @@ import torch
 from moca3d.data.dataset import read_manifest
 from moca3d.metrics import point_metrics
 from moca3d.models.image_encoder import preprocess_image
-from moca3d.training.checkpoints import latest_checkpoint, load_tensors
 from moca3d.training.pretrain_encoder import (
-    EncoderPretrainConfig, build_predictor, dilate_grids, grid_centres, grid_iou, load_grid_cache, load_surface_points,
-    predict_grid, surface_grid,
+    dilate_grids, grid_centres, grid_iou, load_grid_cache, load_run, load_surface_points, predict_grid, surface_grid,
 )
 
 KEYS = ("iou", "mean_grid_iou", "f01", "f01_gt_cells", "f01_mean_grid")
@@ -50,13 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = EncoderPretrainConfig.from_json(args.config or args.run / "pretrain_config.json")
-    ckpt = latest_checkpoint(args.run)
-    if ckpt is None:
-        raise SystemExit(f"error: {args.run} has no checkpoint (run `moca3d pretrain-encoder` first)")
-    model = build_predictor(cfg)
-    model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
-    model.eval()
+    cfg, model = load_run(args.run, args.config)
     r, size = cfg.grid_resolution, cfg.image_encoder.get("image_size", 128)
     centres = grid_centres(r).numpy()
     train_grids, _, train_r = load_grid_cache(args.train_grids)

@@ -386,3 +386,18 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
         build_scene_models(scene_recipe(obj, image_encoder_from=str(tmp_path / "wide")), (16, 4))
     with pytest.raises(ConfigError, match="latent cache holds object renders"):
         pretrain_encoder(cfg, root, tmp_path / "enc2", cache=tmp_path / "any.safetensors")
+
+    # benchmarks/scene_encoder_eval.py: one row per visible instance, the summary their medians
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scene_encoder_eval", Path(__file__).parents[1] / "benchmarks" / "scene_encoder_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main([str(root), "--run", str(tmp_path / "enc"), "--split", "train", "--json", str(tmp_path / "eval.json")])
+    visible = sum(int(component_masks(root / "assets" / r["scene"] / "mask.png", r["instances"]).any(axis=(1, 2)).sum())
+                  for r in {row["scene"]: row for row in report["instances"]}.values())
+    assert len(report["instances"]) == visible >= n
+    assert all(0.0 <= row["iou"] <= 1.0 and row["placement_error"] >= 0.0 for row in report["instances"])
+    assert report["median"]["iou"] == pytest.approx(float(np.median([row["iou"] for row in report["instances"]])))
+    assert json.loads((tmp_path / "eval.json").read_text())["median"] == report["median"]

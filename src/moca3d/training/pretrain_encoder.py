@@ -238,6 +238,20 @@ def build_predictor(cfg: EncoderPretrainConfig) -> GridPredictor:
     return GridPredictor(encoder, head)
 
 
+def load_run(run: str | Path, config: Optional[str | Path] = None) -> tuple[EncoderPretrainConfig, GridPredictor]:
+    """A pretrain-encoder run folder's recipe (or `config`) and its newest checkpoint's encoder + head, in eval mode."""
+    from moca3d.training.checkpoints import load_tensors
+
+    run = Path(run)
+    cfg = EncoderPretrainConfig.from_json(config or run / "pretrain_config.json")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise InputError(f"{run} has no checkpoint (run `moca3d pretrain-encoder` first)")
+    model = build_predictor(cfg)
+    model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
+    return cfg, model.eval()
+
+
 def draw_queries(grids: torch.Tensor, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per grid: count/2 occupied cells and count/2 uniform cells -> flat indices (B, Q), labels (B, Q)."""
     B = grids.shape[0]
