@@ -4,7 +4,8 @@ For each visible instance of a split's scenes, the grid head's prediction from t
 7-channel stack against the instance's own (dilated) surface grid in the scene frame: IoU of the
 cells with p > 0.5, and the placement error — the distance between the centroid of the k most likely
 cells (k = the instance's true cell count) and the true cells' centroid. Reference: the image-free
-guess, every instance at the training instances' mean centroid. Prints a table and writes JSON.
+guess, every instance at the mean centroid of the run's grid cache (every instance of the training
+split it was built from). Prints a table and writes JSON.
 
     python benchmarks/scene_encoder_eval.py data/scenes_test --run runs/scene_encoder \
         --json benchmarks/results/scene_encoder_grid_test.json
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 from moca3d.data.dataset import read_manifest
-from moca3d.data.scene import component_masks, scene_inputs, stack_conditions
+from moca3d.data.scene import component_masks, scene_inputs, stack_conditions, visible_instances
 from moca3d.training.pretrain_encoder import (
-    dilate_grids, grid_centres, grid_iou, load_component_points, load_grid_cache, load_run, predict_grid, surface_grid,
+    dilate_grids, grid_centres, grid_iou, load_component_points, load_run, predict_grid, read_grid_cache, surface_grid,
+    unpack_grids,
 )
 
 
@@ -46,10 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {args.run} is not a scene pre-training run (condition {cfg.condition!r})")
     r, size = cfg.grid_resolution, model.image_encoder.image_size
     centres = grid_centres(r)
-    train_grids, _, _ = load_grid_cache(args.run / f"grids{r}.safetensors")
+    packed, _, _ = read_grid_cache(args.run / f"grids{r}.safetensors")
     sums, count = torch.zeros(3), 0
-    for s in range(0, len(train_grids), 1024):  # the training instances' mean centroid, in chunks (tens of thousands)
-        cells = dilate_grids(train_grids[s : s + 1024], cfg.dilate).reshape(-1, r**3).float()  # (b, R^3)
+    for s in range(0, len(packed), 1024):  # the cached instances' mean centroid, in chunks (tens of thousands)
+        cells = dilate_grids(unpack_grids(packed[s : s + 1024], r), cfg.dilate).reshape(-1, r**3).float()  # (b, R^3)
         cells = cells[cells.sum(1) > 0]
         sums += (cells @ centres / cells.sum(1, keepdim=True)).sum(0)
         count += len(cells)
@@ -60,8 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     for rec in records[: args.count or None]:
         asset = args.data / "assets" / rec["id"]
         masks = component_masks(asset / "mask.png", rec["num_components"])
-        visible = np.flatnonzero(masks.any(axis=(1, 2)))
+        if not masks.any():
+            continue
         scene, soft = scene_inputs(asset / "render.png", masks, size)
+        visible = visible_instances(soft)  # as in pre-training: a pixel left in the cropped mask
         probs = predict_grid(model, stack_conditions(scene, soft[visible]), r).reshape(len(visible), -1)  # (V, R^3)
         points = load_component_points(asset)  # (N, P, 3)
         for j, prob in zip(visible.tolist(), probs):

@@ -87,3 +87,8 @@ def test_continue_stages_are_one_name_or_a_list():
     assert continue_configs({}) == [] and continue_configs({"dit_continue_config": None}) == []
     assert continue_configs({"dit_continue_config": "a.json"}) == ["a.json"]
     assert continue_configs({"dit_continue_config": ["a.json", "b.json"]}) == ["a.json", "b.json"]
+    from moca3d.errors import ConfigError
+
+    for bad in ({"a": 1}, ["a.json", 2], 3):
+        with pytest.raises(ConfigError, match="recipe name or a list"):
+            continue_configs({"dit_continue_config": bad})

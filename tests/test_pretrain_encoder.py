@@ -186,3 +186,15 @@ def test_grid_eval_benchmark_reports_iou_against_references(dataset, tmp_path):
     assert summary["f01_gt_cells"] > 0.95  # 32^3 cells, all samples: every centre within 0.055 of the samples in its cell
     rows = json.loads(out.read_text())["assets"]  # the summary is the mean of the per-asset rows
     assert summary["iou"] == pytest.approx(sum(r["iou"] for r in rows) / len(rows))
+
+
+def test_holdout_split_keeps_every_asset_on_one_side():
+    from moca3d.training.pretrain_encoder import holdout_split
+
+    assets = [0, 0, 1, 1, 1, 2, 3, 4, 4, 4]  # pair -> asset (a scene's instances are consecutive pairs)
+    train, val = holdout_split(assets, 5, val_assets=1)
+    assert val == [7, 8, 9] and train == list(range(7))
+    assert holdout_split(assets, 5, val_assets=3) == (train, val)  # at most a fifth of the assets
+    train, val = holdout_split(assets, 10, val_assets=2)  # assets 8, 9 have no pairs: nothing held out
+    assert val == [] and train == list(range(10))
+    assert not set(train) & set(val)

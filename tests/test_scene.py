@@ -343,8 +343,10 @@ def test_train_scene_cli_dense_baseline_from_a_moca_checkpoint(scenes, tmp_path)
 
 def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
     """Scene pre-training: one grid per instance in the scene frame, a 7-channel encoder that train-scene starts from."""
+    from moca3d.data.scene import SceneLatentDataset, visible_instances
     from moca3d.training.pretrain_encoder import (
-        EncoderPretrainConfig, component_key, load_component_points, load_grid_cache, pretrain_encoder, surface_grid,
+        EncoderPretrainConfig, component_key, load_component_points, load_grid_cache, pretrain_encoder, scene_samples,
+        surface_grid,
     )
     from moca3d.training.train_dit import build_scene_models
 
@@ -355,6 +357,16 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
     records = []
     folder = pretrain_encoder(cfg, root, tmp_path / "enc", log=records.append)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+
+    # pair i: the 7-channel stack of instance j of its scene (its mask in channel 6), keyed by that instance
+    data = SceneLatentDataset(root, "train", 32, latents=False)
+    samples = scene_samples(data)
+    assert not data.latents and len(samples.keys) == sum(len(visible_instances(m)) for m in data.masks)
+    for i, key in enumerate(samples.keys):
+        scene_id, j = key.rsplit("#", 1)
+        a = data.ids.index(scene_id)
+        assert samples.assets[i] == a and component_key(scene_id, int(j)) == key
+        torch.testing.assert_close(samples.inputs([i])[0, 6], data.masks[a][int(j)].float() / 255.0, atol=0, rtol=0)
 
     # the targets: each visible instance's own surface cells, in the shared scene frame (not one grid per scene)
     grids, keys, r = load_grid_cache(tmp_path / "enc" / "grids8.safetensors")
@@ -395,9 +407,9 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     report = module.main([str(root), "--run", str(tmp_path / "enc"), "--split", "train", "--json", str(tmp_path / "eval.json")])
-    visible = sum(int(component_masks(root / "assets" / r["scene"] / "mask.png", r["instances"]).any(axis=(1, 2)).sum())
-                  for r in {row["scene"]: row for row in report["instances"]}.values())
-    assert len(report["instances"]) == visible >= n
+    data = SceneLatentDataset(root, "train", encoder.image_size, latents=False)
+    samples = scene_samples(data)  # the pairs pre-training drew from: the benchmark sees the same instances
+    assert [component_key(row["scene"], row["instance"]) for row in report["instances"]] == samples.keys
     assert all(0.0 <= row["iou"] <= 1.0 and row["placement_error"] >= 0.0 for row in report["instances"])
     assert report["median"]["iou"] == pytest.approx(float(np.median([row["iou"] for row in report["instances"]])))
     assert json.loads((tmp_path / "eval.json").read_text())["median"] == report["median"]

@@ -25,8 +25,13 @@ CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 def continue_configs(spec: dict) -> list[str]:
     """The recipe's `dit_continue_config`: one DiT recipe name or a list of them, run in order."""
+    from moca3d.errors import ConfigError
+
     names = spec.get("dit_continue_config") or []
-    return [names] if isinstance(names, str) else list(names)
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"dit_continue_config must be a recipe name or a list of them, got {spec['dit_continue_config']!r}")
+    return names
 
 
 def register(app: typer.Typer) -> None:
@@ -104,9 +109,10 @@ def register(app: typer.Typer) -> None:
             dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
         typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
         result = train(root, work / "dit", dit_cfg, vae_dir=vae_dir, device=dev)
-        for i, name in enumerate(continue_configs(spec)):  # more training, each stage from the last one's pipeline
+        stages = continue_configs(spec)
+        for i, name in enumerate(stages):  # more training, each stage from the last one's pipeline
             folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
-            typer.echo(f"[4b/4] training the transformer further in {folder} ({name})")
+            typer.echo(f"[4b/4] training the transformer further ({i + 1} of {len(stages)}, {name}) in {folder}")
             more = DiTTrainConfig.from_json(CONFIGS / name)
             more.init_from = str(result["pipeline"])
             result = train(root, folder, more, vae_dir=vae_dir, device=dev)

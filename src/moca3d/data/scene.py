@@ -183,6 +183,11 @@ def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: fl
 # ----------------------------------------------------------------------------- prepared scenes
 
 
+def visible_instances(masks: torch.Tensor) -> torch.Tensor:
+    """Indices of the instances whose (cropped, soft) mask in (N, S, S) keeps at least one non-zero pixel."""
+    return torch.nonzero(masks.flatten(1).amax(1) > 0)[:, 0]
+
+
 def component_masks(label_path: str | Path, num_components: int) -> np.ndarray:
     """(N, H, W) bool from a prepared mask.png, where id i+1 is component i (an occluded one is all False)."""
     labels = _read_gray(Path(label_path))
@@ -197,7 +202,9 @@ class SceneLatentDataset:
     the scene: its condition is the scene RGB alone.
     """
 
-    def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32, padding: float = SCENE_PADDING):
+    def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32, padding: float = SCENE_PADDING,
+                 latents: bool = True):
+        """`latents=False`: the conditions alone (no cached latents needed, `self.latents` stays empty)."""
         self.root = Path(root)
         self.latents: list[torch.Tensor] = []
         self.scenes: list[torch.Tensor] = []  # (3, S, S) uint8
@@ -207,13 +214,14 @@ class SceneLatentDataset:
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
             n = rec["num_components"]
-            if rec.get("kind") != "scene" or not path.is_file() or n > max_components:
+            if rec.get("kind") != "scene" or (latents and not path.is_file()) or n > max_components:
                 continue
             masks = component_masks(asset / "mask.png", n)
             if not masks.any():
                 continue
             scene, soft = scene_inputs(asset / "render.png", masks, image_size, padding)
-            self.latents.append(load_file(str(path))["latents"].float())
+            if latents:
+                self.latents.append(load_file(str(path))["latents"].float())
             self.scenes.append((scene * 255).round().to(torch.uint8))
             self.masks.append((soft * 255).round().to(torch.uint8))
             self.ids.append(rec["id"])
@@ -223,9 +231,13 @@ class SceneLatentDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def conditions(self, index: int, instances: Sequence[int] | None = None) -> torch.Tensor:
+        """The 7-channel stacks (K, 7, S, S) of scene `index`'s instances (default: all of them, K = N)."""
+        masks = self.masks[index] if instances is None else self.masks[index][list(instances)]
+        return stack_conditions(self.scenes[index].float() / 255.0, masks.float() / 255.0)
+
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Pad to the largest instance count: latents (B, N, L, C), component_mask (B, N), images (B, N, 7, S, S)."""
         latents, mask = pad_components([self.latents[i] for i in indices])
-        conditions = [stack_conditions(self.scenes[i].float() / 255.0, self.masks[i].float() / 255.0) for i in indices]
-        images, _ = pad_components(conditions)  # (B, N, 7, S, S)
+        images, _ = pad_components([self.conditions(i) for i in indices])  # (B, N, 7, S, S)
         return {"latents": latents, "component_mask": mask, "images": images}

@@ -52,7 +52,8 @@ class EncoderPretrainConfig(Recipe):
 
     image_encoder: dict[str, Any] = field(default_factory=lambda: dict(BUILTIN_ENCODER))
     condition: str = "object"  # "scene": 7-channel instance stacks -> instance grids in the scene frame
-    # start from a trained encoder (its folder, or a pipeline folder's image_encoder) instead of `image_encoder`
+    # start from a trained encoder (its folder, or a pipeline folder's image_encoder) instead of `image_encoder`;
+    # the run's pretrain_config.json then records that encoder's architecture under "image_encoder"
     init_from: Optional[str] = None
     widen_init: str = "zero"  # scene: the 4 new input channels of a 3-channel encoder, "zero" or "clone"
     grid_resolution: int = 32
@@ -148,8 +149,9 @@ def build_grid_cache(root: str | Path, ids: list[str], resolution: int, out: str
     return Path(out)
 
 
-def load_grid_cache(path: str | Path) -> tuple[torch.Tensor, list[str], int]:
-    """(A, R, R, R) bool grids, their asset ids and R from `build_grid_cache`'s file."""
+def read_grid_cache(path: str | Path) -> tuple[torch.Tensor, list[str], int]:
+    """Packed grids (rows, ceil(R^3 / 8)) uint8, their keys (asset ids or `component_key`s) and R, from
+    `build_grid_cache`'s file; `unpack_grids` opens rows (tens of thousands of scene instances stay packed)."""
     from safetensors import safe_open
 
     if not Path(path).is_file():
@@ -159,9 +161,19 @@ def load_grid_cache(path: str | Path) -> tuple[torch.Tensor, list[str], int]:
         if meta.get("kind") != GRID_CACHE_KIND:
             raise InputError(f"{path}: not a moca3d surface-grid cache")
         packed = f.get_tensor("grids")
-    r = int(meta["resolution"])
-    bits = np.unpackbits(packed.numpy(), axis=1)[:, : r**3]
-    return torch.from_numpy(bits.astype(bool)).view(-1, r, r, r), json.loads(meta["ids"]), r
+    return packed, json.loads(meta["ids"]), int(meta["resolution"])
+
+
+def unpack_grids(packed: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(B, ceil(R^3 / 8)) uint8 rows -> (B, R, R, R) bool grids."""
+    bits = np.unpackbits(packed.numpy(), axis=1)[:, : resolution**3]
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool).view(-1, resolution, resolution, resolution)
+
+
+def load_grid_cache(path: str | Path) -> tuple[torch.Tensor, list[str], int]:
+    """(A, R, R, R) bool grids, their keys (asset ids or `component_key`s) and R from `build_grid_cache`'s file."""
+    packed, keys, r = read_grid_cache(path)
+    return unpack_grids(packed, r), keys, r
 
 
 class GridHead(nn.Module):
@@ -240,6 +252,8 @@ def build_predictor(cfg: EncoderPretrainConfig) -> GridPredictor:
 
 def load_run(run: str | Path, config: Optional[str | Path] = None) -> tuple[EncoderPretrainConfig, GridPredictor]:
     """A pretrain-encoder run folder's recipe (or `config`) and its newest checkpoint's encoder + head, in eval mode."""
+    from dataclasses import replace
+
     from moca3d.training.checkpoints import load_tensors
 
     run = Path(run)
@@ -247,7 +261,7 @@ def load_run(run: str | Path, config: Optional[str | Path] = None) -> tuple[Enco
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise InputError(f"{run} has no checkpoint (run `moca3d pretrain-encoder` first)")
-    model = build_predictor(cfg)
+    model = build_predictor(replace(cfg, init_from=None))  # the recorded architecture; the weights come from the checkpoint
     model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
     return cfg, model.eval()
 
@@ -281,12 +295,14 @@ def grid_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return inter / union
 
 
-def evaluate_grids(model: GridPredictor, images: torch.Tensor, grids: torch.Tensor, batch: int = 16) -> dict[str, float]:
-    """Mean IoU of the predicted grids (p > 0.5) against the target grids."""
+def evaluate_grids(model: GridPredictor, inputs: Callable[[list[int]], torch.Tensor], grids: torch.Tensor,
+                   batch: int = 16) -> dict[str, float]:
+    """Mean IoU of the predicted grids (p > 0.5) against the target grids (A, R, R, R); `inputs(indices)`
+    gives the encoder inputs of those targets (built a batch at a time)."""
     model.eval()
     ious = []
-    for s in range(0, images.shape[0], batch):
-        pred = predict_grid(model, images[s : s + batch], grids.shape[-1]) > 0.5
+    for s in range(0, len(grids), batch):
+        pred = predict_grid(model, inputs(list(range(s, min(s + batch, len(grids))))), grids.shape[-1]) > 0.5
         ious.append(grid_iou(pred, grids[s : s + batch]))
     model.train()
     return {"grid_iou": float(torch.cat(ious).mean())}
@@ -316,16 +332,12 @@ def object_samples(data) -> PretrainSamples:
 
 def scene_samples(data) -> PretrainSamples:
     """One pair per visible instance of a SceneLatentDataset: its 7-channel stack -> its grid in the scene frame."""
-    from moca3d.data.scene import stack_conditions
+    from moca3d.data.scene import visible_instances
 
-    pairs = [(a, j) for a, masks in enumerate(data.masks) for j in range(len(masks)) if masks[j].any()]
+    pairs = [(a, j) for a, masks in enumerate(data.masks) for j in visible_instances(masks).tolist()]
 
     def inputs(idx: list[int]) -> torch.Tensor:
-        out = []
-        for i in idx:
-            a, j = pairs[i]
-            out.append(stack_conditions(data.scenes[a].float() / 255.0, data.masks[a][j : j + 1].float() / 255.0)[0])
-        return torch.stack(out)  # (B, 7, S, S)
+        return torch.stack([data.conditions(pairs[i][0], [pairs[i][1]])[0] for i in idx])  # (B, 7, S, S)
 
     return PretrainSamples([component_key(data.ids[a], j) for a, j in pairs], [a for a, _ in pairs], inputs)
 
@@ -340,7 +352,7 @@ def load_samples(cfg: EncoderPretrainConfig, data_dir: str | Path, cache: Option
 
         if cache is not None:
             raise ConfigError("a latent cache holds object renders: scene pre-training reads the prepared scenes folder")
-        data = SceneLatentDataset(data_dir, "train", size, max_components=10**9)
+        data = SceneLatentDataset(data_dir, "train", size, max_components=10**9, latents=False)
         return scene_samples(data), data.ids
     if cache is not None:
         data = LatentDataset.from_cache(cache, max_components=10**9, image_size=size)
@@ -356,12 +368,19 @@ def start_encoder_size(cfg: EncoderPretrainConfig) -> int:
     return int(config.get("image_size", 128))
 
 
-def mean_grid(grids: torch.Tensor, dilate: int, chunk: int = 1024) -> torch.Tensor:
-    """(A, R, R, R) bool -> the cell-wise mean of the dilated grids > 0.5: the best image-free guess."""
-    total = torch.zeros(grids.shape[1:])
-    for s in range(0, len(grids), chunk):
-        total += dilate_grids(grids[s : s + chunk], dilate).float().sum(0)
-    return total / max(len(grids), 1) > 0.5
+def mean_grid(packed: torch.Tensor, resolution: int, dilate: int, chunk: int = 1024) -> torch.Tensor:
+    """Packed grids (A, bytes) -> (R, R, R): the cell-wise mean of the dilated grids > 0.5, the best image-free guess."""
+    total = torch.zeros(resolution, resolution, resolution)
+    for s in range(0, len(packed), chunk):
+        total += dilate_grids(unpack_grids(packed[s : s + chunk], resolution), dilate).float().sum(0)
+    return total / max(len(packed), 1) > 0.5
+
+
+def holdout_split(assets: list[int], num_assets: int, val_assets: int) -> tuple[list[int], list[int]]:
+    """Pair indices for training and for validation: the last min(val_assets, num_assets // 5) assets are held
+    out with all their pairs (a scene's instances never straddle the split)."""
+    first_val = num_assets - min(val_assets, num_assets // 5)
+    return [i for i, a in enumerate(assets) if a < first_val], [i for i, a in enumerate(assets) if a >= first_val]
 
 
 def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | Path, cache: Optional[str | Path] = None,
@@ -380,30 +399,29 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.to_dict(), out_dir / "pretrain_config.json")  # the run folder describes itself
     samples, asset_ids = load_samples(cfg, data_dir, cache)
     scene = cfg.condition == "scene"
     grids_path = Path(grids_path) if grids_path is not None else out_dir / f"grids{cfg.grid_resolution}.safetensors"
     if not grids_path.is_file():
         log({"event": "building surface grids", "assets": len(asset_ids), "path": str(grids_path)})
         build_grid_cache(data_dir, asset_ids, cfg.grid_resolution, grids_path, per_component=scene)
-    grids, grid_ids, resolution = load_grid_cache(grids_path)
+    packed, grid_ids, resolution = read_grid_cache(grids_path)
     if resolution != cfg.grid_resolution:
         raise ConfigError(f"{grids_path}: grids are {resolution}^3, the recipe asks for {cfg.grid_resolution}^3")
     row = {key: i for i, key in enumerate(grid_ids)}
     missing = [k for k in samples.keys if k not in row]
     if missing:
         raise InputError(f"{grids_path}: no grid for {len(missing)} of the training {'instances' if scene else 'assets'} (first: {missing[0]})")
-    grids = grids[[row[k] for k in samples.keys]]  # (P, R, R, R), in the pairs' order; dilated per batch
-    n_val = min(cfg.val_assets, len(asset_ids) // 5)  # the last n_val assets, with all their pairs, are held out
-    first_val = len(asset_ids) - n_val
-    train_idx = [i for i, a in enumerate(samples.assets) if a < first_val]
-    val_idx = [i for i, a in enumerate(samples.assets) if a >= first_val]
-    train_grids = grids[train_idx]
+    packed = packed[[row[k] for k in samples.keys]]  # (P, bytes), in the pairs' order; unpacked and dilated per batch
+    train_idx, val_idx = holdout_split(samples.assets, len(asset_ids), cfg.val_assets)
+    train_rows = torch.tensor(train_idx, dtype=torch.long)
     centres = grid_centres(resolution)
 
     torch.manual_seed(cfg.seed)
     model = build_predictor(cfg)
+    # the run folder describes itself, with the encoder's actual architecture (init_from's, widened): `load_run`
+    record = cfg.to_dict() | {"image_encoder": {k: v for k, v in model.image_encoder.config.items() if not k.startswith("_")}}
+    atomic_write_json(record, out_dir / "pretrain_config.json")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     start, elapsed0 = 0, 0.0
     ckpt = latest_checkpoint(out_dir)
@@ -422,7 +440,8 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
             group["lr"] = lr_at(sched, cfg)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run draws the same
         pick = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)
-        idx, labels = draw_queries(dilate_grids(train_grids[pick], cfg.dilate), cfg.queries_per_image, gen)
+        grids = dilate_grids(unpack_grids(packed[train_rows[pick]], resolution), cfg.dilate)  # (B, R, R, R)
+        idx, labels = draw_queries(grids, cfg.queries_per_image, gen)
         logits = model(samples.inputs([train_idx[i] for i in pick.tolist()]), centres[idx])  # (B, Q)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -439,14 +458,14 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
             save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
     metrics: dict[str, Any] = {}
     if val_idx:
-        val_grids = dilate_grids(grids[val_idx], cfg.dilate)
-        metrics = evaluate_grids(model, samples.inputs(val_idx), val_grids)
-        # the image-free reference: every held-out object (instance) predicted as the training grids' mean > 0.5
-        mean = mean_grid(train_grids, cfg.dilate)[None]
-        metrics["mean_grid_iou"] = float(grid_iou(mean.expand_as(val_grids), val_grids).mean())
-        metrics["val_assets"] = n_val
-        if scene:
+        val_grids = dilate_grids(unpack_grids(packed[val_idx], resolution), cfg.dilate)
+        metrics = evaluate_grids(model, lambda rows: samples.inputs([val_idx[i] for i in rows]), val_grids)
+        metrics["val_assets"] = len({samples.assets[i] for i in val_idx})
+        if scene:  # small instances anywhere in the scene: their mean grid is empty, no reference (benchmarks/scene_encoder_eval.py)
             metrics["val_instances"] = len(val_idx)
+        else:  # the image-free reference: every held-out object predicted as the training grids' mean > 0.5
+            mean = mean_grid(packed[train_rows], resolution, cfg.dilate)[None]
+            metrics["mean_grid_iou"] = float(grid_iou(mean.expand_as(val_grids), val_grids).mean())
     save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
     model.image_encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
     summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics}

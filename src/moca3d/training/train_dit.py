@@ -322,7 +322,8 @@ def scene_encoder_folder(cfg: DiTTrainConfig) -> Path:
 
 
 def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> SceneGenerator:
-    """The object pipeline `init_from`, its encoder widened to 7 channels and wrapped with LoRA.
+    """The transformer of the object pipeline `init_from` and its encoder — or `image_encoder_from`'s, e.g. a
+    scene-pre-trained one — widened to 7 channels when it has 3, then wrapped with LoRA.
 
     `cfg.transformer` may override the object transformer's config (e.g. attention_mode or
     attention_backend) as long as its weights still load; `cfg.image_encoder` is not used.
@@ -331,7 +332,7 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
     transformer = load_transformer(root, cfg, latent_shape)
     encoder = ImageEncoder.from_pretrained(scene_encoder_folder(cfg))
     if encoder.out_dim != transformer.config.cond_dim:
-        raise ConfigError(f"image_encoder_from gives {encoder.out_dim}-wide tokens, {root}'s transformer takes {transformer.config.cond_dim}")
+        raise ConfigError(f"{scene_encoder_folder(cfg)} gives {encoder.out_dim}-wide tokens, {root}'s transformer takes {transformer.config.cond_dim}")
     if input_channels(encoder) != SCENE_CHANNELS:  # an object encoder; a scene one is fine-tuned as it is
         widen_input_channels(encoder, SCENE_CHANNELS, cfg.widen_init)
     add_encoder_lora(encoder, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, train_projection=cfg.train_projection)
