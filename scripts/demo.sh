@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p outputs
 if python3 -c "import sys; from moca3d.pipeline import DEFAULT_MODEL_DIR as d; sys.exit(0 if (d / 'model_index.json').is_file() else 1)"; then
-  moca3d generate examples/table.png --parts 5 -o outputs/table.glb
+  moca3d generate examples/chair.png --parts 8 -o outputs/chair.glb
 else
   echo "built-in weights not installed yet: training the smoke-scale model (configs/smoke.json) in outputs/smoke"
   moca3d train-default --recipe configs/smoke.json --work outputs/smoke --workers 1
-  moca3d generate examples/table.png --parts 5 -o outputs/table.glb --model outputs/smoke/dit/pipeline --steps 20 --resolution 64
+  moca3d generate examples/chair.png --parts 8 -o outputs/chair.glb --model outputs/smoke/dit/pipeline --steps 20 --resolution 64
 fi
