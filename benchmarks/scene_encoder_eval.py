@@ -23,8 +23,8 @@ import torch
 from moca3d.data.dataset import read_manifest
 from moca3d.data.scene import component_masks, scene_inputs, stack_conditions, visible_instances
 from moca3d.training.pretrain_encoder import (
-    dilate_grids, grid_centres, grid_iou, load_component_points, load_run, predict_grid, read_grid_cache, surface_grid,
-    unpack_grids,
+    dilate_grids, dilated_chunks, grid_centres, grid_iou, load_component_points, load_run, predict_grid, read_grid_cache,
+    surface_grid,
 )
 
 
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     centres = grid_centres(r)
     packed, _, _ = read_grid_cache(args.run / f"grids{r}.safetensors")
     sums, count = torch.zeros(3), 0
-    for s in range(0, len(packed), 1024):  # the cached instances' mean centroid, in chunks (tens of thousands)
-        cells = dilate_grids(unpack_grids(packed[s : s + 1024], r), cfg.dilate).reshape(-1, r**3).float()  # (b, R^3)
+    for grids in dilated_chunks(packed, r, cfg.dilate):  # the cached instances' mean centroid (tens of thousands)
+        cells = grids.reshape(-1, r**3).float()  # (b, R^3)
         cells = cells[cells.sum(1) > 0]
         sums += (cells @ centres / cells.sum(1, keepdim=True)).sum(0)
         count += len(cells)

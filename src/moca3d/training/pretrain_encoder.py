@@ -368,11 +368,15 @@ def start_encoder_size(cfg: EncoderPretrainConfig) -> int:
     return int(config.get("image_size", 128))
 
 
-def mean_grid(packed: torch.Tensor, resolution: int, dilate: int, chunk: int = 1024) -> torch.Tensor:
-    """Packed grids (A, bytes) -> (R, R, R): the cell-wise mean of the dilated grids > 0.5, the best image-free guess."""
-    total = torch.zeros(resolution, resolution, resolution)
+def dilated_chunks(packed: torch.Tensor, resolution: int, dilate: int, chunk: int = 1024):
+    """Packed grids (A, bytes) -> their dilated grids, `chunk` rows at a time: (b, R, R, R) bool each."""
     for s in range(0, len(packed), chunk):
-        total += dilate_grids(unpack_grids(packed[s : s + chunk], resolution), dilate).float().sum(0)
+        yield dilate_grids(unpack_grids(packed[s : s + chunk], resolution), dilate)
+
+
+def mean_grid(packed: torch.Tensor, resolution: int, dilate: int) -> torch.Tensor:
+    """Packed grids (A, bytes) -> (R, R, R): the cell-wise mean of the dilated grids > 0.5, the best image-free guess."""
+    total = sum((g.float().sum(0) for g in dilated_chunks(packed, resolution, dilate)), torch.zeros(resolution, resolution, resolution))
     return total / max(len(packed), 1) > 0.5
 
 

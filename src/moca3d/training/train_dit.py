@@ -330,9 +330,10 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
     """
     root = init_folder(cfg)
     transformer = load_transformer(root, cfg, latent_shape)
-    encoder = ImageEncoder.from_pretrained(scene_encoder_folder(cfg))
+    folder = scene_encoder_folder(cfg)
+    encoder = ImageEncoder.from_pretrained(folder)
     if encoder.out_dim != transformer.config.cond_dim:
-        raise ConfigError(f"{scene_encoder_folder(cfg)} gives {encoder.out_dim}-wide tokens, {root}'s transformer takes {transformer.config.cond_dim}")
+        raise ConfigError(f"{folder} gives {encoder.out_dim}-wide tokens, {root}'s transformer takes {transformer.config.cond_dim}")
     if input_channels(encoder) != SCENE_CHANNELS:  # an object encoder; a scene one is fine-tuned as it is
         widen_input_channels(encoder, SCENE_CHANNELS, cfg.widen_init)
     add_encoder_lora(encoder, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, train_projection=cfg.train_projection)
