@@ -137,13 +137,8 @@ def _run_forked(spec: Dict) -> Dict:
     if pid == 0:  # child: stdout belongs to the server's protocol, so send prints to stderr
         os.close(read_fd)
         os.dup2(2, 1)
-        code = 0
-        try:
-            result = measure(spec)
-        except torch.OutOfMemoryError:
-            result = {"over_limit": True}
-        except Exception as e:  # reported to the parent, which records it
-            result, code = {"error": f"{type(e).__name__}: {e}"}, 1
+        result = measure_one(spec)
+        code = 1 if "error" in result else 0
         with os.fdopen(write_fd, "w") as f:
             f.write(json.dumps(result))
         os._exit(code)
@@ -158,11 +153,34 @@ def _run_forked(spec: Dict) -> Dict:
     return {"error": f"measurement process ended with wait status {status}"}
 
 
+def _run_spawned(spec: Dict) -> Dict:
+    """measure(spec) in a fresh interpreter: CUDA cannot be used again in a fork of a process that touched it."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure-one", json.dumps(spec)]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = done.stdout.strip().splitlines()
+    if lines:
+        return json.loads(lines[-1])
+    return {"error": f"measurement process ended with status {done.returncode}"}
+
+
+def measure_one(spec: Dict) -> Dict:
+    """measure(spec) in this process, with out-of-memory and other failures reported as results."""
+    try:
+        return measure(spec)
+    except torch.OutOfMemoryError:
+        return {"over_limit": True}
+    except Exception as e:  # reported to the parent, which records it
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def serve() -> None:
-    """Read one JSON spec per stdin line, answer one JSON result per stdout line, each measured in a fresh fork."""
+    """Read one JSON spec per stdin line, answer one JSON result per stdout line, each measured in a fresh
+    process: a fork on the CPU, a new interpreter on CUDA."""
     gc.freeze()  # the imported modules' objects: the children's collections skip them (no copy-on-write of the heap)
     for line in sys.stdin:
-        print(json.dumps(_run_forked(json.loads(line))), flush=True)
+        spec = json.loads(line)
+        run = _run_spawned if spec["device"].startswith("cuda") else _run_forked
+        print(json.dumps(run(spec)), flush=True)
 
 
 class Server:
@@ -265,6 +283,7 @@ def _add_ratios(records: List[Dict]) -> None:
 def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--measure-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, nargs="+", default=DEFAULT_N, help="component counts")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, each measured for every N and mode")
     p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: benchkit.DEFAULT_CONFIG, as forward.py)")
@@ -289,6 +308,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = p.parse_args(argv)
     if args.serve:
         serve()
+        return {}
+    if args.measure_one is not None:
+        print(json.dumps(measure_one(json.loads(args.measure_one))), flush=True)
         return {}
     if args.max_batch and args.budget_gib is None:
         p.error("--max-batch needs --budget-gib")

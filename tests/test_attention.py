@@ -99,7 +99,7 @@ def test_backends_match_naive_loop_forward(kw, padded):
     with torch.no_grad():
         routing = m.route(x, mask)
         expected = naive_moc(m, x, 4, routing, mask)
-        backends = ["reference", "chunked"] + (["blocksparse"] if m.config.gate == "key" else [])
+        backends = ["reference", "chunked", "matmul"] + (["blocksparse"] if m.config.gate == "key" else [])
         for backend in backends:
             m.config.backend = backend
             m.config.chunk_bytes = 1  # one component per chunk: exercises chunk boundaries
@@ -113,7 +113,7 @@ def test_gradients_match_naive_loop_and_reach_router(kw):
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 4:] = False
     grads = {}
-    for backend in ["naive", "reference", "chunked"]:
+    for backend in ["naive", "reference", "chunked", "matmul"]:
         m.zero_grad()
         x = make_inputs(requires_grad=True)
         routing = m.route(x, mask, generator=torch.Generator().manual_seed(1))  # sampled, same draw each time
@@ -126,7 +126,7 @@ def test_gradients_match_naive_loop_and_reach_router(kw):
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         grads[backend] = (x.grad.clone(), m.router.to_q.weight.grad.clone(), m.to_k.weight.grad.clone())
     assert grads["naive"][1].abs().max() > 1e-6, "no gradient reached the router through the gate"
-    for backend in ["reference", "chunked"]:
+    for backend in ["reference", "chunked", "matmul"]:
         for got, want in zip(grads[backend], grads["naive"]):
             torch.testing.assert_close(got, want, atol=GRAD_ATOL, rtol=1e-4)
 
@@ -164,7 +164,7 @@ def test_single_component_is_plain_self_attention(mode):
         torch.testing.assert_close(got, m.output(out, None), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "blocksparse"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "blocksparse", "matmul"])
 def test_permuting_components_permutes_output(backend):
     m = make_module(backend=backend)
     x = make_inputs(N=7)
@@ -186,7 +186,7 @@ def test_padded_components_change_nothing_for_real_ones(mode):
         x[0, :3] = small[0]
         mask = torch.ones(2, 8, dtype=torch.bool)
         mask[0, 3:] = False
-        backends = ["reference", "chunked", "blocksparse"] if mode == "moc" else ["auto"]
+        backends = ["reference", "chunked", "blocksparse", "matmul"] if mode == "moc" else ["auto"]
         for backend in backends:
             m.config.backend = backend
             got = m(x, 4, component_mask=mask)
@@ -269,7 +269,7 @@ def test_mixed_part_counts_in_one_batch_match_separate_runs():
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[0, :2], mask[1] = True, True
     with torch.no_grad():
-        for backend in ["reference", "chunked", "blocksparse"]:
+        for backend in ["reference", "chunked", "blocksparse", "matmul"]:
             m.config.backend = backend
             y = m(x, 4, component_mask=mask)
             torch.testing.assert_close(y[0, :2], m(a, 4)[0], atol=ATOL, rtol=0)

@@ -63,3 +63,27 @@ def test_assemble_builds_a_loadable_pipeline_from_fp16_parts(tmp_path):
     assert next(pipe.transformer.parameters()).dtype == torch.float32, "fp16 files load as fp32"
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, transformer.state_dict()[k].float()), k
+
+
+def test_export_init_writes_an_fp16_pipeline_that_loads_back_within_fp16_rounding(tmp_path):
+    from moca3d.models.image_encoder import ImageEncoder
+    from moca3d.models.transformer import MoCATransformer
+    from moca3d.models.vae import VecSetVAE
+    from moca3d.pipeline import MoCAPipeline
+
+    torch.manual_seed(0)
+    vae = VecSetVAE(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4,
+                    num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
+    encoder = ImageEncoder(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)
+    transformer = MoCATransformer(in_channels=4, num_latents=16, width=32, num_layers=2, num_heads=4, cond_dim=32, compression=4)
+    MoCAPipeline(vae, transformer, encoder).save_pretrained(tmp_path / "full")
+    out = load("assemble").export_init(tmp_path / "full", tmp_path / "init")
+    sizes = {p.parent.name: p.stat().st_size for p in out.glob("*/diffusion_pytorch_model.safetensors")}
+    full = {p.parent.name: p.stat().st_size for p in (tmp_path / "full").glob("*/diffusion_pytorch_model.safetensors")}
+    assert set(sizes) == {"vae", "transformer", "image_encoder"}
+    assert all(sizes[k] < 0.6 * full[k] for k in sizes), "weights stored in fp16"
+    pipe = MoCAPipeline.from_pretrained(out)
+    assert pipe.vae.config.scaling_factor == vae.config.scaling_factor
+    for k, v in pipe.transformer.state_dict().items():
+        want = transformer.state_dict()[k]
+        assert v.dtype == want.dtype and torch.allclose(v, want, rtol=1e-3, atol=1e-4), k

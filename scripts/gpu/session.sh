@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
 # One GPU session of this project (device tool, H100/H200, ~10 minutes), as one prepared script:
-#   1. train the built-in model's recipe (configs/dit_medium.json) three times side by side on one
-#      GPU - MoCA, dense-global and local-only attention, same data, steps and time limit - and
-#      return their EMA weights (fp16: the transformer and image encoder of each pipeline);
+#   1. three trainings side by side on one GPU, the same cache and time limit (TRAINS, name:recipe:mode):
+#      - cont:         the built-in model (.gpu/init) trained further at batch 64
+#                      (configs/dit_small_7k_pretrained_gpu_continue.json);
+#      - medium_moc:   a wider, deeper transformer (configs/dit_medium_pretrained.json: width 192, 8 blocks)
+#                      on the built-in model's pre-trained image encoder, MoCA attention;
+#      - medium_dense: the same with dense-global attention (PartCrafter-style baseline);
+#      each returns its EMA weights (fp16: the transformer and image encoder of its pipeline);
 #   2. meanwhile, peak memory of one training step (benchmarks/memory.py, bf16, L = 1024, D = 2048);
 #   3. then, alone on the GPU, the attention and whole-forward benchmarks (bf16, L = 1024, D = 2048).
-# Inputs, carried next to the working tree: .whl/ (wheels of packages the GPU image lacks) and
-# .gpu/cache.xz (scripts/gpu/transport.py pack of `moca3d cache-latents` of the training split).
-# Everything comes back under $OUT (at most 8 files): <variant>.tar, results.tar, session.log.
+# Inputs, carried next to the working tree: .whl/ (wheels of packages the GPU image lacks), .gpu/cache.xz
+# (scripts/gpu/transport.py pack of `moca3d cache-latents` of the training split) and .gpu/init (the
+# built-in pipeline with fp16 weights: scripts/gpu/assemble.py --export-init).
+# Everything comes back under $OUT (at most 8 files): <name>.tar, results.tar, session.log.
 #
 # Making the inputs here (both folders are git-ignored through .git/info/exclude: /.whl/ and /.gpu/):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 trimesh==5.2.0 rtree==1.4.1 importlib_metadata
 #   moca3d cache-latents data/objects -o data/objects_train_cache.safetensors   # after encode-dataset
-#   python3 scripts/gpu/transport.py pack data/objects_train_cache.safetensors -o .gpu/cache.xz
-# The upload limit is 64 MiB in all: move the built-in transformer/image_encoder weights out of the
-# tree for the run (git checkout brings them back), and use --max-assets if the cache is larger.
-# Back here: python3 scripts/gpu/assemble.py moc.tar --vae src/moca3d/weights/default/vae -o runs/gpu/moc/pipeline
+#   python3 scripts/gpu/transport.py pack data/objects_train_cache.safetensors -o .gpu/cache.xz --max-assets 6200
+#   python3 scripts/gpu/assemble.py --export-init src/moca3d/weights/default -o .gpu/init
+# The upload limit is 64 MiB in all: move src/moca3d/weights out of the tree for the run (git checkout
+# brings it back); the session needs only .gpu/init.
+# Back here: python3 scripts/gpu/assemble.py cont.tar --vae src/moca3d/weights/default/vae -o runs/gpu/cont/pipeline
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/moca3d-gpu-out}
 WORK=${WORK:-/tmp/moca3d-gpu}
-TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}      # training seconds per variant (all three run at once)
+TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}      # training seconds per run (all three run at once)
 STEPS=${STEPS:-}                         # override the recipe's steps (smoke tests)
 BATCH=${BATCH:-}                         # override the recipe's batch size (smoke tests on a CPU: NO_WHEELS=1 DEVICE=cpu)
-VARIANTS=${VARIANTS:-"moc dense none"}
+TRAINS=${TRAINS:-"cont:configs/dit_small_7k_pretrained_gpu_continue.json:moc medium_moc:configs/dit_medium_pretrained.json:moc medium_dense:configs/dit_medium_pretrained.json:dense"}
 DEVICE=${DEVICE:-cuda}
 BENCH=${BENCH:-1}
 mkdir -p "$OUT" "$WORK/results"
@@ -33,6 +39,7 @@ exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+save_results() { tar -cf "$OUT/results.tar" -C "$WORK" results; }  # again after each stage: a kill keeps what is done
 
 if [ -z "${NO_WHEELS:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -46,29 +53,32 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 stamp "unpacking the latent cache"
 python3 scripts/gpu/transport.py unpack .gpu/cache.xz -o "$WORK/cache.safetensors" || exit 1
 
-# 1. three trainings at once (same recipe; only the attention mode differs)
+# 1. three trainings at once (each under a hard wall-clock limit too, should one hang)
 pids=()
-for v in $VARIANTS; do
-  stamp "training $v"
-  python3 -m moca3d train "$WORK/cache.safetensors" -o "$WORK/runs/$v" --config configs/dit_medium.json \
-    --attention-mode "$v" --time-limit "$TRAIN_LIMIT_S" ${STEPS:+--steps "$STEPS"} ${BATCH:+--batch-size "$BATCH"} \
-    --vae src/moca3d/weights/default/vae --device "$DEVICE" > "$WORK/results/train_$v.log" 2>&1 &
+names=()
+for spec in $TRAINS; do
+  IFS=: read -r v recipe mode <<< "$spec"
+  names+=("$v")
+  stamp "training $v ($recipe, $mode)"
+  timeout $((TRAIN_LIMIT_S + 100)) python3 -m moca3d train "$WORK/cache.safetensors" -o "$WORK/runs/$v" --config "$recipe" \
+    --attention-mode "$mode" --time-limit "$TRAIN_LIMIT_S" ${STEPS:+--steps "$STEPS"} ${BATCH:+--batch-size "$BATCH"} \
+    --vae .gpu/init/vae --device "$DEVICE" > "$WORK/results/train_$v.log" 2>&1 &
   pids+=($!)
 done
 
 # 2. meanwhile: memory of one training step (measured per process: the trainings do not change it)
 if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
   stamp "memory benchmark (background)"
-  timeout 300 python3 benchmarks/memory.py --device cuda --dtype bf16 --latents 1024 --width 2048 --heads 16 --layers 8 \
+  timeout 280 python3 benchmarks/memory.py --device cuda --dtype bf16 --latents 1024 --width 2048 --heads 16 --layers 8 \
     --n 8 16 32 --batch 1 2 --json "$WORK/results/memory_cuda.json" > "$WORK/results/memory_cuda.txt" 2>&1 &
   mem_pid=$!
 fi
 for p in "${pids[@]}"; do wait "$p"; done
 stamp "trainings finished"
-for v in $VARIANTS; do tail -n 3 "$WORK/results/train_$v.log"; cp "$WORK/runs/$v/train_log.jsonl" "$WORK/results/train_log_$v.jsonl" 2>/dev/null; cp "$WORK/runs/$v/train_config.json" "$WORK/results/train_config_$v.json" 2>/dev/null; done
+for v in "${names[@]}"; do tail -n 3 "$WORK/results/train_$v.log"; cp "$WORK/runs/$v/train_log.jsonl" "$WORK/results/train_log_$v.jsonl" 2>/dev/null; cp "$WORK/runs/$v/train_config.json" "$WORK/results/train_config_$v.json" 2>/dev/null; done
 
 # weights back in fp16 (one tar per variant, < 16 MiB)
-for v in $VARIANTS; do
+for v in "${names[@]}"; do
   [ -f "$WORK/runs/$v/pipeline/model_index.json" ] || { echo "no pipeline for $v"; continue; }
   python3 - "$WORK/runs/$v/pipeline" "$WORK/export_$v" <<'PY'
 import sys
@@ -81,14 +91,16 @@ for name, klass in (("transformer", MoCATransformer), ("image_encoder", ImageEnc
 PY
   tar -cf "$OUT/$v.tar" -C "$WORK/export_$v" transformer image_encoder && ls -la "$OUT/$v.tar"
 done
-[ -n "${mem_pid:-}" ] && { stamp "waiting for the memory benchmark"; wait "$mem_pid"; }
+save_results
+[ -n "${mem_pid:-}" ] && { stamp "waiting for the memory benchmark"; wait "$mem_pid"; save_results; }
 
 # 3. alone on the GPU: attention and forward timings
 if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
   stamp "attention benchmark"
-  timeout 140 python3 benchmarks/attention.py --n 8 16 32 --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
+  timeout 130 python3 benchmarks/attention.py --n 8 16 32 --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
+  save_results
   stamp "forward benchmark"
-  timeout 90 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --json "$WORK/results/forward_cuda.json" 2>&1 | tee "$WORK/results/forward_cuda.txt"
+  timeout 80 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --json "$WORK/results/forward_cuda.json" 2>&1 | tee "$WORK/results/forward_cuda.txt"
 fi
 stamp "done"
-tar -cf "$OUT/results.tar" -C "$WORK" results
+save_results

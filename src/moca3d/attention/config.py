@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from moca3d.errors import ConfigError
 
 MODES = ("moc", "dense", "none")
-BACKENDS = ("auto", "reference", "chunked", "blocksparse")
+BACKENDS = ("auto", "reference", "chunked", "blocksparse", "matmul")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class MoCAttentionConfig:
     qk_norm: bool = True
     qkv_bias: bool = False
     # Implementation.
-    backend: Literal["auto", "reference", "chunked", "blocksparse"] = "auto"
+    backend: Literal["auto", "reference", "chunked", "blocksparse", "matmul"] = "auto"
     chunk_bytes: int = 32 * 2**20  # context bytes (K and V) built at once by "chunked"
     block_size: Optional[int] = None  # flex_attention block; default: largest fitting L and L/sigma
 

@@ -11,6 +11,7 @@ import torch
 from moca3d.attention.backends.blocksparse import HAS_FLEX, moc_attention_blocksparse
 from moca3d.attention.backends.chunked import moc_attention_chunked
 from moca3d.attention.backends.dense import dense_global_attention
+from moca3d.attention.backends.matmul import moc_attention_matmul
 from moca3d.attention.backends.reference import moc_attention_reference
 from moca3d.attention.config import MoCAttentionConfig
 
@@ -18,6 +19,7 @@ BACKENDS = {
     "reference": moc_attention_reference,
     "chunked": moc_attention_chunked,
     "blocksparse": moc_attention_blocksparse,
+    "matmul": moc_attention_matmul,
 }
 
 
@@ -34,4 +36,4 @@ def select_backend(config: MoCAttentionConfig, device: torch.device, grad_enable
     return "chunked"
 
 
-__all__ = ["BACKENDS", "select_backend", "dense_global_attention", "moc_attention_reference", "moc_attention_chunked", "moc_attention_blocksparse"]
+__all__ = ["BACKENDS", "select_backend", "dense_global_attention", "moc_attention_reference", "moc_attention_chunked", "moc_attention_blocksparse", "moc_attention_matmul"]
