@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moca3d.attention.backends.blocksparse import HAS_FLEX, moc_attention_blocksparse
+from moca3d.attention.backends.blocksparse import moc_attention_blocksparse
 from moca3d.attention.backends.chunked import moc_attention_chunked
 from moca3d.attention.backends.dense import dense_global_attention
 from moca3d.attention.backends.matmul import moc_attention_matmul
@@ -24,16 +24,18 @@ BACKENDS = {
 
 
 def select_backend(config: MoCAttentionConfig, device: torch.device, grad_enabled: bool) -> str:
-    """The backend to use: the forced one, else blocksparse on CUDA and chunked on the CPU.
+    """The backend to use: the forced one, else `reference` on CUDA and `chunked` on the CPU.
 
-    flex_attention has no CPU backward and its compiled CPU kernel is slower than cache-sized
-    gathers + SDPA, so the CPU takes `chunked` for inference and training alike.
+    On an H200 (bf16, L = 1024, D = 2048; benchmarks/results/attention_cuda.json) the gathered
+    context + flash SDPA of `reference` ran 2.5-2.9x faster than flex_attention (`blocksparse`)
+    at N = 8, 16, 32, whose backward was also 19-51x slower than dense attention's. On the CPU,
+    flex_attention has no backward and its compiled kernel is slower than cache-sized gathers
+    + SDPA, so the CPU takes `chunked` for inference and training alike.
     """
     if config.backend != "auto":
         return config.backend
-    if device.type == "cuda" and HAS_FLEX and config.gate == "key":
-        return "blocksparse"
+    if device.type == "cuda":
+        return "reference"
     return "chunked"
-
 
 __all__ = ["BACKENDS", "select_backend", "dense_global_attention", "moc_attention_reference", "moc_attention_chunked", "moc_attention_blocksparse", "moc_attention_matmul"]
