@@ -391,3 +391,14 @@ def test_compiled_blocksparse_matches_reference_on_real_components():
         want = moc_attention_reference(q, k, v, 32, routing, m.config)
     torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(got[1, :3], want[1, :3], atol=ATOL, rtol=0)  # padded components' rows are unused
+
+
+def test_auto_backend_follows_the_measured_choice_per_device():
+    from moca3d.attention.backends import select_backend
+
+    config = MoCAttentionConfig(dim=DIM, num_heads=4)
+    for grad in (False, True):
+        assert select_backend(config, torch.device("cuda"), grad) == "reference"  # measured fastest on an H200
+        assert select_backend(config, torch.device("cpu"), grad) == "chunked"
+    config.backend = "matmul"
+    assert select_backend(config, torch.device("cpu"), True) == "matmul", "a forced backend is kept"
