@@ -32,9 +32,7 @@ def selection_matrices(routing: Routing, config: MoCAttentionConfig, B: int, N: 
     rows = torch.arange(B * N, device=routing.gate.device)
     plan = plan_context(routing, config, rows, H, num_latent, num_compressed, unit)
     n_rows = plan.rows.shape[-1]
-    # plan.rows index the global (B*N*H*per) table as ((b*N + j)*H + h)*per + r; keep j*per + r
-    comp_block = plan.rows // per  # (R, H, n_rows): (b*N + j)*H + h
-    local = (comp_block // H % N) * per + plan.rows % per  # (R, H, n_rows) in [0, N*per)
+    local = plan.comp * per + plan.rows % per  # (R, H, n_rows): row r of component j in the (b, h) table, j*per + r
     onehot = F.one_hot(local, N * per).to(dtype)  # (R, H, n_rows, N*per)
     onehot = onehot.view(B, N, H, n_rows, N * per).transpose(1, 2).reshape(B, H, N * n_rows, N * per)
     gate = plan.gate.to(dtype).view(B, N, H, n_rows).transpose(1, 2).reshape(B, H, N * n_rows, 1)
