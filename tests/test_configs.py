@@ -39,10 +39,15 @@ def test_recipe_parses(path):
         assert set(spec) <= known, f"unknown recipe keys {set(spec) - known}"
         if spec.get("vae_finetune_config"):  # train-default points it at its own first VAE
             assert VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"]).freeze_encoder
-        from moca3d.commands.default import continue_configs
+        from moca3d.commands.default import continue_stages, stage_config
 
-        for name in continue_configs(spec):  # train-default points each at the previous stage's pipeline
-            assert DiTTrainConfig.from_json(CONFIGS / name).init_from
+        for name, start in continue_stages(spec):  # train-default points each at the previous stage's pipeline
+            stage = stage_config(name, start, Path("runs/previous/pipeline"))
+            if start == "encoder":  # a new transformer from the recipe's own config, on the previous encoder
+                assert stage.image_encoder_from == "runs/previous/pipeline/image_encoder" and not stage.init_from
+                assert DiTTrainConfig.from_json(CONFIGS / name).transformer
+            else:
+                assert stage.init_from == "runs/previous/pipeline" and not stage.image_encoder_from
         if spec.get("encoder_pretrain_config"):  # its encoder replaces the DiT recipe's own
             EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"])
         if spec.get("dit_extra_objects"):
@@ -81,14 +86,15 @@ def test_default_recipes_exist():
         assert recipe_kind(CONFIGS / name) == "default"
 
 
-def test_continue_stages_are_one_name_or_a_list():
-    from moca3d.commands.default import continue_configs
+def test_continue_stages_are_one_stage_or_a_list():
+    from moca3d.commands.default import continue_stages
 
-    assert continue_configs({}) == [] and continue_configs({"dit_continue_config": None}) == []
-    assert continue_configs({"dit_continue_config": "a.json"}) == ["a.json"]
-    assert continue_configs({"dit_continue_config": ["a.json", "b.json"]}) == ["a.json", "b.json"]
+    assert continue_stages({}) == [] and continue_stages({"dit_continue_config": None}) == []
+    assert continue_stages({"dit_continue_config": "a.json"}) == [("a.json", "pipeline")]
+    assert continue_stages({"dit_continue_config": ["a.json", {"config": "b.json", "start": "encoder"}, {"config": "c.json"}]}) \
+        == [("a.json", "pipeline"), ("b.json", "encoder"), ("c.json", "pipeline")]
     from moca3d.errors import ConfigError
 
-    for bad in ({"a": 1}, ["a.json", 2], 3):
-        with pytest.raises(ConfigError, match="recipe name or a list"):
-            continue_configs({"dit_continue_config": bad})
+    for bad in ({"a": 1}, ["a.json", 2], 3, {"config": "a.json", "start": "vae"}, {"config": "a.json", "extra": 1}):
+        with pytest.raises(ConfigError, match="dit_continue_config must be"):
+            continue_stages({"dit_continue_config": bad})

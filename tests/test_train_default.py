@@ -15,7 +15,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.json"
 
 
 def test_smoke_recipe_runs_every_stage(tmp_path):
-    """prepare -> VAE -> decoder fine-tune -> latents -> DiT -> continued DiT: the pipeline holds the last of each."""
+    """prepare -> VAE -> decoder fine-tune -> latents -> DiT -> continued DiT -> a new DiT on that encoder."""
     work = tmp_path / "work"
     result = CliRunner().invoke(app, ["train-default", "--work", str(work), "--recipe", str(SMOKE),
                                       "--workers", "1", "--device", "cpu"])
@@ -37,3 +37,9 @@ def test_smoke_recipe_runs_every_stage(tmp_path):
     assert any(not torch.equal(shipped[k], v) for k, v in first.state_dict().items() if k.startswith("decoder."))
     stage1 = MoCAPipeline.from_pretrained(str(work / "dit" / "pipeline")).transformer.state_dict()
     assert any(not torch.equal(stage1[k], v) for k, v in pipe.transformer.state_dict().items())  # trained further
+    # the last stage: a new transformer (configs/dit_smoke_grow.json: width 48, 3 blocks) on the continued encoder
+    grown = MoCAPipeline.from_pretrained(str(work / "dit_continue2" / "pipeline"))
+    assert (grown.transformer.config.width, grown.transformer.config.num_layers) == (48, 3)
+    assert "a new transformer on the image encoder" in result.output
+    config = json.loads((work / "dit_continue2" / "train_config.json").read_text())
+    assert config["image_encoder_from"] == str(work / "dit_continue" / "pipeline" / "image_encoder") and not config["init_from"]

@@ -7,8 +7,11 @@ on the first `objects`; `dit_extra_objects` more (the same stream, prepared afte
 transformer's training set. `encoder_pretrain_config` pre-trains the image encoder on the training
 objects' coarse surface grids (`moca3d pretrain-encoder`); the transformer then starts from it. Two
 optional stages refine the result: `vae_finetune_config` trains the VAE's decoder again on all objects
-(encoder frozen, so the latents stay those of the first VAE) and `dit_continue_config` (one recipe or a
-list) trains the transformer further, each stage from the previous stage's pipeline.
+(encoder frozen, so the latents stay those of the first VAE) and `dit_continue_config` (one stage or a
+list) trains further, each stage from the previous stage's pipeline. A stage is a DiT recipe name (the
+transformer and encoder continue) or `{"config": name, "start": "encoder"}`: a new transformer, built from
+the recipe's own `transformer` config, trained on the previous stage's image encoder (how the built-in model
+grew from a small transformer to a medium one).
 """
 
 from __future__ import annotations
@@ -23,15 +26,37 @@ import typer
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
-def continue_configs(spec: dict) -> list[str]:
-    """The recipe's `dit_continue_config`: one DiT recipe name or a list of them, run in order."""
+STAGE_STARTS = ("pipeline", "encoder")  # continue the whole previous pipeline, or only its image encoder
+
+
+def continue_stages(spec: dict) -> list[tuple[str, str]]:
+    """The recipe's `dit_continue_config` as (recipe name, start) pairs, run in order."""
     from moca3d.errors import ConfigError
 
-    names = spec.get("dit_continue_config") or []
-    names = [names] if isinstance(names, str) else names
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"dit_continue_config must be a recipe name or a list of them, got {spec['dit_continue_config']!r}")
-    return names
+    raw = spec.get("dit_continue_config") or []
+    entries = raw if isinstance(raw, list) else [raw]
+    stages = []
+    for entry in entries:
+        if isinstance(entry, str):
+            stages.append((entry, "pipeline"))
+        elif isinstance(entry, dict) and set(entry) <= {"config", "start"} and isinstance(entry.get("config"), str) \
+                and entry.get("start", "pipeline") in STAGE_STARTS:
+            stages.append((entry["config"], entry.get("start", "pipeline")))
+        else:
+            raise ConfigError("dit_continue_config must be a recipe name, {\"config\": name, \"start\": \"pipeline\" or"
+                              f" \"encoder\"}}, or a list of them; got {raw!r}")
+    return stages
+
+
+def stage_config(name: str, start: str, previous: Path):
+    """The DiT recipe `name` pointed at the previous stage's pipeline (or only at its image encoder)."""
+    from moca3d.training.train_dit import DiTTrainConfig
+
+    cfg = DiTTrainConfig.from_json(CONFIGS / name)
+    if start == "encoder":
+        return DiTTrainConfig.from_dict({**cfg.to_dict(), "init_from": None, "image_encoder": {},
+                                         "image_encoder_from": str(previous / "image_encoder")})
+    return DiTTrainConfig.from_dict({**cfg.to_dict(), "init_from": str(previous), "image_encoder_from": None})
 
 
 def register(app: typer.Typer) -> None:
@@ -109,12 +134,12 @@ def register(app: typer.Typer) -> None:
             dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
         typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
         result = train(root, work / "dit", dit_cfg, vae_dir=vae_dir, device=dev)
-        stages = continue_configs(spec)
-        for i, name in enumerate(stages):  # more training, each stage from the last one's pipeline
+        stages = continue_stages(spec)
+        for i, (name, start) in enumerate(stages):  # more training, each stage from the last one's pipeline
             folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
-            typer.echo(f"[4b/4] training the transformer further ({i + 1} of {len(stages)}, {name}) in {folder}")
-            more = DiTTrainConfig.from_json(CONFIGS / name)
-            more.init_from = str(result["pipeline"])
+            what = "a new transformer on the image encoder" if start == "encoder" else "the transformer further"
+            typer.echo(f"[4b/4] training {what} ({i + 1} of {len(stages)}, {name}) in {folder}")
+            more = stage_config(name, start, Path(result["pipeline"]))
             result = train(root, folder, more, vae_dir=vae_dir, device=dev)
         pipeline = Path(result["pipeline"])
         typer.echo(f"pipeline: {pipeline}")
