@@ -98,3 +98,18 @@ def test_continue_stages_are_one_stage_or_a_list():
     for bad in ({"a": 1}, ["a.json", 2], 3, {"config": "a.json", "start": "vae"}, {"config": "a.json", "extra": 1}):
         with pytest.raises(ConfigError, match="dit_continue_config must be"):
             continue_stages({"dit_continue_config": bad})
+
+
+def test_builtin_transformer_is_what_the_default_recipe_builds():
+    """The shipped transformer's shape is the one of configs/default.json's last transformer (the recipe reproduces it)."""
+    from moca3d.commands.default import continue_stages
+    from moca3d.pipeline import DEFAULT_MODEL_DIR
+
+    spec = json.loads((CONFIGS / "default.json").read_text())
+    last = spec["dit_config"]
+    for name, start in continue_stages(spec):
+        if start == "encoder":  # a stage that starts a new transformer
+            last = name
+    recipe = DiTTrainConfig.from_json(CONFIGS / last).transformer
+    shipped = json.loads((DEFAULT_MODEL_DIR / "transformer" / "config.json").read_text())
+    assert recipe and {k: shipped[k] for k in recipe} == recipe

@@ -171,13 +171,18 @@ class MoCAPipeline:
             guidance=guidance, shift=shift, generator=g, scheduler=self.scheduler, progress=progress, ids=ids,
         )
 
+    @staticmethod
+    def extract_config(resolution: int = 128) -> ExtractConfig:
+        """How generated latents become meshes: the grid, refinement band and floater filter of `decode_latents`."""
+        # the VAE's logits are SDF / truncation clamped to [-1, 1]: refine where |logit| < 0.95
+        return ExtractConfig(resolution=resolution, coarse_resolution=max(16, resolution // 4), band=0.95, band_decay=0.5, chunk_size=32768)
+
     @torch.no_grad()
     def decode_latents(
         self, latents: torch.Tensor, resolution: int = 128, progress: Optional[Callable[[int, int], None]] = None
     ) -> List[trimesh.Trimesh]:
         """(N, L, C) latents -> one mesh per component (marching cubes on the VAE field)."""
-        # the VAE's logits are SDF / truncation clamped to [-1, 1]: refine where |logit| < 0.95
-        config = ExtractConfig(resolution=resolution, coarse_resolution=max(16, resolution // 4), band=0.95, band_decay=0.5, chunk_size=32768)
+        config = self.extract_config(resolution)
         meshes = []
         for i, z in enumerate(latents):
             z = self.vae.denormalize_latents(z[None].to(self.device))  # sampled (unit-scale) -> VAE latents

@@ -1,0 +1,95 @@
+"""How the extraction's floater filter changes a model's scores: one generation per object, several filters.
+
+Each held-out object is generated once (the `evaluate-model` protocol: its render, its GT part count,
+the same steps, guidance and seed); each part's field grid is evaluated once
+(`MoCAPipeline.extract_config`), then meshed with every `min_component_fraction` asked (pieces with
+fewer faces than that fraction of the part's largest piece are dropped; 0 keeps all) and scored
+against the GT parts. The table gives the mean metrics per filter and the mean paired change against
+the first filter, with its standard error.
+
+    python benchmarks/floater_filter.py data/test58 --fractions 0.02 0 0.1 0.25 0.5 --seed 0 \
+        --json benchmarks/results/floater_filter_test_seed0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchkit import write_json
+from moca3d.evaluation import object_metrics, select_records, with_progress
+from moca3d.geometry.extract import evaluate_grid, mesh_from_grid
+from moca3d.geometry.mesh_io import load_components
+from moca3d.metrics import MetricsConfig
+from moca3d.pipeline import MoCAPipeline
+
+KEYS = ("fscore@0.1", "fscore@0.05", "chamfer", "self_iou", "num_empty")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data", help="prepared dataset folder (moca3d prepare)")
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the built-in model)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--count", type=int, default=None, help="first COUNT objects of the split (default: all)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.0, 0.1, 0.25, 0.5],
+                    help="min_component_fraction values; the first is the reference of the paired changes")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=7.0)
+    ap.add_argument("--resolution", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--metric-points", type=int, default=20000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the table and per-object scores here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pipe = MoCAPipeline.from_pretrained(args.model)
+    config = pipe.extract_config(args.resolution)
+    metrics = MetricsConfig(num_points=args.metric_points, seed=args.seed)
+    records = select_records(args.data, args.split, args.count, 1, 32)
+    rows = []  # one per object: {"id", fraction -> metrics}
+    for rec in with_progress(records, f"{args.split} objects", True):
+        asset = Path(args.data) / "assets" / rec["id"]
+        gt, _ = load_components(asset / "mesh.glb")
+        t0 = time.time()
+        with torch.no_grad():
+            cond = pipe.encode_image(asset / "render.png")
+            latents = pipe.generate_latents(cond, len(gt), args.steps, args.guidance, args.seed)[0]  # (N, L, C)
+            grids = [evaluate_grid(pipe.vae.field(pipe.vae.denormalize_latents(z[None])), config) for z in latents]
+        row = {"id": rec["id"], "num_parts": len(gt), "seconds": time.time() - t0}
+        for f in args.fractions:
+            meshes = [mesh_from_grid(g, config.bounds, f if f > 0 else None) for g in grids]
+            row[str(f)] = object_metrics(meshes, gt, metrics)
+            row[str(f)].setdefault("num_empty", len(gt))  # all-empty predictions report no count of their own
+        rows.append(row)
+
+    ref = str(args.fractions[0])
+    table = []
+    for f in args.fractions:
+        entry = {"min_component_fraction": f}
+        for k in KEYS:
+            values = np.array([r[str(f)][k] for r in rows], dtype=float)
+            entry[k] = float(values.sum() if k == "num_empty" else values.mean())
+            if k != "num_empty" and len(rows) > 1:
+                diff = values - np.array([r[ref][k] for r in rows], dtype=float)
+                entry[f"{k}_paired"] = float(diff.mean())
+                entry[f"{k}_paired_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+        table.append(entry)
+
+    print(f"{len(rows)} objects of {args.split!r}, seed {args.seed}, {args.steps} steps, {args.resolution}^3; paired vs {ref}")
+    print(f"{'fraction':>8} | {'F@0.1':>6} {'(paired ± SE)':>16} | {'F@0.05':>6} | {'CD':>6} {'(paired)':>9} | {'self-IoU':>8} | empty")
+    for e in table:
+        print(f"{e['min_component_fraction']:>8} | {e['fscore@0.1']:.3f} {e.get('fscore@0.1_paired', 0):+.3f} ± {e.get('fscore@0.1_paired_se', 0):.3f}"
+              f" | {e['fscore@0.05']:.3f} | {e['chamfer']:.3f} {e.get('chamfer_paired', 0):+9.3f} | {e['self_iou']:8.3f} | {int(e['num_empty'])}")
+    if args.json:
+        write_json(args.json, {"model": args.model or "built-in", "split": args.split, "seed": args.seed, "steps": args.steps,
+                               "guidance": args.guidance, "resolution": args.resolution, "table": table, "objects": rows})
+
+
+if __name__ == "__main__":
+    main()
