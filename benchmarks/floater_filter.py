@@ -30,7 +30,8 @@ from moca3d.pipeline import MoCAPipeline
 KEYS = ("fscore@0.1", "fscore@0.05", "chamfer", "self_iou", "num_empty")
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Run the sweep on the command line's (or `argv`'s) arguments; returns the report written as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("data", help="prepared dataset folder (moca3d prepare)")
     ap.add_argument("--model", default=None, help="pipeline folder (default: the built-in model)")
@@ -43,17 +44,19 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metric-points", type=int, default=20000)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the table and per-object scores here")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     pipe = MoCAPipeline.from_pretrained(args.model)
     config = pipe.extract_config(args.resolution)
     metrics = MetricsConfig(num_points=args.metric_points, seed=args.seed)
     records = select_records(args.data, args.split, args.count, 1, 32)
     rows = []  # one per object: {"id", fraction -> metrics}
-    for rec in with_progress(records, f"{args.split} objects", True):
+    for rec in with_progress(records, f"{args.split} objects", not args.quiet):
         asset = Path(args.data) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
         t0 = time.time()
@@ -86,9 +89,12 @@ def main() -> None:
     for e in table:
         print(f"{e['min_component_fraction']:>8} | {e['fscore@0.1']:.3f} {e.get('fscore@0.1_paired', 0):+.3f} ± {e.get('fscore@0.1_paired_se', 0):.3f}"
               f" | {e['fscore@0.05']:.3f} | {e['chamfer']:.3f} {e.get('chamfer_paired', 0):+9.3f} | {e['self_iou']:8.3f} | {int(e['num_empty'])}")
+    report = {"model": args.model or "built-in", "split": args.split, "seed": args.seed, "steps": args.steps,
+              "guidance": args.guidance, "resolution": args.resolution, "metric_points": args.metric_points,
+              "table": table, "objects": rows}
     if args.json:
-        write_json(args.json, {"model": args.model or "built-in", "split": args.split, "seed": args.seed, "steps": args.steps,
-                               "guidance": args.guidance, "resolution": args.resolution, "table": table, "objects": rows})
+        write_json(args.json, report)
+    return report
 
 
 if __name__ == "__main__":

@@ -94,9 +94,8 @@ def test_variants_table_merges_reports_and_training_runs(tmp_path):
     assert json.loads(out.read_text())[0]["count"] == 3
 
 
-def test_diagnose_model_measures_condition_use_sdedit_and_decoder_noise(tmp_path):
-    """On a random tiny pipeline: the report has every section; SDEdit from t0 = 0 and zero decoder noise are both the
-    VAE round trip, so they score the same; the zero-condition loss does not depend on the image."""
+def make_tiny_pipeline_and_data(tmp_path):
+    """Two prepared procedural objects (train split) in tmp_path/data and a random tiny pipeline in tmp_path/pipe."""
     from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
     from moca3d.geometry.inside import QueryConfig
     from moca3d.geometry.render import RenderConfig
@@ -118,6 +117,13 @@ def test_diagnose_model_measures_condition_use_sdedit_and_decoder_noise(tmp_path
     transformer = MoCATransformer(in_channels=4, num_latents=16, width=32, num_layers=2, num_heads=4, cond_dim=32, compression=4)
     encoder = ImageEncoder(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)
     MoCAPipeline(vae, transformer, encoder).save_pretrained(tmp_path / "pipe")
+
+
+def test_diagnose_model_measures_condition_use_sdedit_and_decoder_noise(tmp_path):
+    """On a random tiny pipeline: the report has every section; SDEdit from t0 = 0 and zero decoder noise are both the
+    VAE round trip, so they score the same; the zero-condition loss does not depend on the image."""
+    make_tiny_pipeline_and_data(tmp_path)
+    root = tmp_path / "data"
     out = tmp_path / "diag.json"
     report = load("diagnose_model").main([str(root), "--model", str(tmp_path / "pipe"), "--count", "2", "--times", "0.5",
                                           "--sdedit", "0", "0.5", "--noise", "0", "--steps", "2", "--resolution", "16", "--metric-points", "2000", "--json", str(out)])
@@ -126,3 +132,24 @@ def test_diagnose_model_measures_condition_use_sdedit_and_decoder_noise(tmp_path
     assert {"loss_right", "loss_zero", "loss_wrong"} <= set(loss) and all(np.isfinite(v) for v in loss.values())
     assert [r["t0"] for r in report["sdedit"]] == [0.0, 0.5]
     assert report["sdedit"][0]["per_asset"] == pytest.approx(report["decoder_noise"][0]["per_asset"])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_floater_filter_reference_row_is_evaluate_pipeline(tmp_path):
+    """The sweep's first filter (the extraction default) scores exactly what evaluate-model scores; every filter is reported."""
+    from moca3d.evaluation import evaluate_pipeline
+    from moca3d.pipeline import MoCAPipeline
+
+    make_tiny_pipeline_and_data(tmp_path)
+    out = tmp_path / "floaters.json"
+    report = load("floater_filter").main([str(tmp_path / "data"), "--model", str(tmp_path / "pipe"), "--split", "train", "--steps", "2",
+                                          "--resolution", "16", "--metric-points", "2000", "--fractions", "0.02", "0", "0.5",
+                                          "--quiet", "--json", str(out)])
+    assert json.loads(out.read_text())["table"] == report["table"]
+    assert [row["min_component_fraction"] for row in report["table"]] == [0.02, 0.0, 0.5]
+    expected = evaluate_pipeline(MoCAPipeline.from_pretrained(str(tmp_path / "pipe")), tmp_path / "data", split="train", steps=2,
+                                 resolution=16, metric_points=2000, progress=False)
+    for row, asset in zip(report["objects"], expected["assets"]):
+        assert row["id"] == asset["id"]
+        for key in ("fscore@0.1", "chamfer", "self_iou"):
+            assert row["0.02"][key] == pytest.approx(asset[key], rel=1e-6, abs=1e-9), key
