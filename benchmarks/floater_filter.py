@@ -2,7 +2,7 @@
 
 Each held-out object is generated once (the `evaluate-model` protocol: its render, its GT part count,
 the same steps, guidance and seed); each part's field grid is evaluated once
-(`MoCAPipeline.extract_config`), then meshed with every `min_component_fraction` asked (pieces with
+(`MoCAPipeline.latent_grids`), then meshed with every `min_component_fraction` asked (pieces with
 fewer faces than that fraction of the part's largest piece are dropped; 0 keeps all) and scored
 against the GT parts. The table gives the mean metrics per filter and the mean paired change against
 the first filter, with its standard error.
@@ -22,7 +22,7 @@ import torch
 
 from benchkit import write_json
 from moca3d.evaluation import object_metrics, select_records, with_progress
-from moca3d.geometry.extract import evaluate_grid, mesh_from_grid
+from moca3d.geometry.extract import mesh_from_grid
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig
 from moca3d.pipeline import MoCAPipeline
@@ -63,12 +63,11 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             cond = pipe.encode_image(asset / "render.png")
             latents = pipe.generate_latents(cond, len(gt), args.steps, args.guidance, args.seed)[0]  # (N, L, C)
-            grids = [evaluate_grid(pipe.vae.field(pipe.vae.denormalize_latents(z[None])), config) for z in latents]
+            grids = list(pipe.latent_grids(latents, args.resolution))  # each part's field, evaluated once
         row = {"id": rec["id"], "num_parts": len(gt), "seconds": time.time() - t0}
         for f in args.fractions:
             meshes = [mesh_from_grid(g, config.bounds, f if f > 0 else None) for g in grids]
             row[str(f)] = object_metrics(meshes, gt, metrics)
-            row[str(f)].setdefault("num_empty", len(gt))  # all-empty predictions report no count of their own
         rows.append(row)
 
     ref = str(args.fractions[0])

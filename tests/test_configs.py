@@ -10,7 +10,7 @@ from moca3d.training.train_dit import DiTTrainConfig
 from moca3d.training.train_vae import VAETrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_RECIPES = ["default.json", "default_cpu.json", "smoke.json"]  # train-default recipes: dataset size + the two training configs
+DEFAULT_RECIPES = ["default.json", "default_cpu.json", "smoke.json"]  # train-default recipes: dataset size + each training stage's config
 
 
 def recipe_kind(path: Path) -> str:

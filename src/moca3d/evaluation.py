@@ -32,7 +32,8 @@ def object_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
     """evaluate_object over the non-empty predicted parts; an all-empty prediction scores F = 0."""
     parts = [m for m in pred if len(m.faces)]
     if not parts:
-        return {"chamfer": float("inf"), **{f"fscore@{t}": 0.0 for t in config.taus}, "self_iou": 0.0, "num_pred": 0, "num_gt": len(gt)}
+        return {"chamfer": float("inf"), **{f"fscore@{t}": 0.0 for t in config.taus}, "self_iou": 0.0, "num_pred": 0, "num_gt": len(gt),
+                "num_empty": len(pred)}
     out = evaluate_object(parts, gt, config)
     out["num_empty"] = len(pred) - len(parts)
     return out

@@ -11,14 +11,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
+import numpy as np
 import torch
 import trimesh
 
 from moca3d import flow
 from moca3d.errors import CheckpointError, InputError
-from moca3d.geometry.extract import ExtractConfig, extract_mesh
+from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
 from moca3d.data.scene import MasksLike, load_masks, scene_conditions
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, ImageLike, input_channels, load_image, preprocess_image
@@ -178,15 +179,21 @@ class MoCAPipeline:
         return ExtractConfig(resolution=resolution, coarse_resolution=max(16, resolution // 4), band=0.95, band_decay=0.5, chunk_size=32768)
 
     @torch.no_grad()
+    def latent_grids(self, latents: torch.Tensor, resolution: int = 128) -> Iterator[np.ndarray]:
+        """(N, L, C) sampled latents -> each component's VAE field on the extraction grid, one at a time."""
+        config = self.extract_config(resolution)
+        for z in latents:
+            z = self.vae.denormalize_latents(z[None].to(self.device))  # sampled (unit-scale) -> VAE latents
+            yield evaluate_grid(self.vae.field(z), config, device=self.device)
+
     def decode_latents(
         self, latents: torch.Tensor, resolution: int = 128, progress: Optional[Callable[[int, int], None]] = None
     ) -> List[trimesh.Trimesh]:
         """(N, L, C) latents -> one mesh per component (marching cubes on the VAE field)."""
         config = self.extract_config(resolution)
         meshes = []
-        for i, z in enumerate(latents):
-            z = self.vae.denormalize_latents(z[None].to(self.device))  # sampled (unit-scale) -> VAE latents
-            meshes.append(extract_mesh(self.vae.field(z), config, device=self.device))
+        for i, grid in enumerate(self.latent_grids(latents, resolution)):
+            meshes.append(mesh_from_grid(grid, config.bounds, config.min_component_fraction))
             if progress is not None:
                 progress(i + 1, len(latents))
         return meshes
