@@ -2,7 +2,8 @@
 
 1. Condition use: the flow loss at fixed times t with the asset's own image, a zero condition (what CFG
    calls unconditional) and another asset's image. A model that reads its image has a clearly lower
-   loss with the right one.
+   loss with the right one. For a scene model the wrong condition is the scene's own, with the instance
+   conditions shifted by one (instance i conditioned on mask i+1): does it read its masks?
 2. SDEdit: the GT latents noised to t0 and integrated back to 0 with the model (guided Euler, the
    pipeline's step size), decoded and scored (F-score@0.1 on the fused surface, DESIGN §6). t0 = 0 is the
    VAE round trip; t0 = 1 is generation from pure noise. Where F falls tells which part of the trajectory
@@ -11,6 +12,9 @@
    latent units), decoded and scored: how exact must generated latents be?
 
     python benchmarks/diagnose_model.py data/objects --split train --count 8 --json benchmarks/results/diagnose.json
+
+A scene model (`--model src/moca3d/weights/scene`, prepared scenes) is diagnosed the same way, each
+instance conditioned on its own mask; its scores add the instance F-score@0.1 (prediction i vs GT i).
 """
 
 from __future__ import annotations
@@ -27,17 +31,30 @@ from safetensors.torch import load_file
 from benchkit import print_table, write_json
 
 
-def load_assets(pipe, root: Path, split: str, count: int):
-    """(id, GT part meshes, unit-scale latents (N, L, C), condition (1, M, D)) of the first `count` assets with latents."""
+def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
+    """(id, GT meshes, unit-scale latents (N, L, C), condition) of the first `count` assets with latents.
+
+    The condition is (1, M, D) for an object model and (1, N, M, D) for a scene model (each instance
+    on its own mask; scenes with an instance hidden in the render are skipped, as in evaluate-scenes).
+    """
     from moca3d.data.dataset import read_manifest
+    from moca3d.data.scene import component_masks
     from moca3d.geometry.mesh_io import load_components
 
     out = []
     for rec in read_manifest(root, split):
         asset = root / "assets" / rec["id"]
-        if (asset / "latents.safetensors").is_file():
+        if rec["num_components"] <= max_parts and (asset / "latents.safetensors").is_file():
             z = pipe.vae.normalize_latents(load_file(str(asset / "latents.safetensors"))["latents"].float())
-            out.append((rec["id"], load_components(asset / "mesh.glb")[0], z, pipe.encode_image(asset / "render.png")))
+            gt = load_components(asset / "mesh.glb")[0]
+            if pipe.is_scene_model:
+                masks = component_masks(asset / "mask.png", len(gt))  # (N, H, W)
+                if not masks.any(axis=(1, 2)).all():
+                    continue
+                cond = pipe.encode_scene(asset / "render.png", masks)
+            else:
+                cond = pipe.encode_image(asset / "render.png")
+            out.append((rec["id"], gt, z, cond))
         if len(out) == count:
             break
     if not out:
@@ -48,14 +65,30 @@ def load_assets(pipe, root: Path, split: str, count: int):
 METRIC_POINTS = 20000  # points per fused surface, as `moca3d evaluate-model`
 
 
-def fscore(pipe, latents: torch.Tensor, gt, resolution: int, points: int = METRIC_POINTS) -> tuple[float, int]:
-    """F-score@0.1 of decoded unit-scale latents (N, L, C) against the GT parts (0 if all empty), and the empty parts."""
+def fscore(pipe, latents: torch.Tensor, gt, resolution: int, points: int = METRIC_POINTS) -> dict:
+    """Decoded unit-scale latents (N, L, C) against the GT: fused-surface F-score@0.1 (0 if all empty), empty parts,
+    and for a scene model the instance F-score@0.1 (an empty instance scores 0)."""
+    from moca3d.evaluation import scene_metrics
     from moca3d.metrics import MetricsConfig, surface_metrics
 
     meshes = pipe.decode_latents(latents, resolution)
+    config = MetricsConfig(num_points=points)
+    if pipe.is_scene_model:
+        m = scene_metrics(meshes, gt, config)
+        return {"fscore@0.1": m["fscore@0.1"], "empty": m["num_empty"], "instance_fscore@0.1": m["instance_fscore@0.1"]}
     parts = [m for m in meshes if len(m.faces)]
-    f = surface_metrics(parts, gt, MetricsConfig(num_points=points))["fscore@0.1"] if parts else 0.0
-    return f, len(meshes) - len(parts)
+    f = surface_metrics(parts, gt, config)["fscore@0.1"] if parts else 0.0
+    return {"fscore@0.1": f, "empty": len(meshes) - len(parts)}
+
+
+def score_rows(key: str, value: float, scores: list[dict]) -> dict:
+    """One table row: the setting, the mean scores and each asset's."""
+    row = {key: value, "fscore@0.1": float(np.mean([s["fscore@0.1"] for s in scores])), "empty_parts": sum(s["empty"] for s in scores),
+           "per_asset": [s["fscore@0.1"] for s in scores]}
+    if "instance_fscore@0.1" in scores[0]:
+        row["instance_fscore@0.1"] = float(np.mean([s["instance_fscore@0.1"] for s in scores]))
+        row["per_asset_instance"] = [s["instance_fscore@0.1"] for s in scores]
+    return row
 
 
 def condition_use(pipe, assets, times, seed: int) -> list[dict]:
@@ -73,7 +106,10 @@ def condition_use(pipe, assets, times, seed: int) -> list[dict]:
             ids = pipe.transformer.sample_ids(1, z0.shape[1], g, pipe.device)
             tt = torch.tensor([t])
             zt = flow.interpolate(z0, noise, tt)
-            other = conds[(i + 1) % len(conds)] if len(conds) > 1 else torch.zeros_like(conds[i])
+            if conds[i].dim() == 4:  # scene: instance j on mask j+1 of the same scene
+                other = conds[i].roll(1, dims=1) if z0.shape[1] > 1 else torch.zeros_like(conds[i])
+            else:
+                other = conds[(i + 1) % len(conds)] if len(conds) > 1 else torch.zeros_like(conds[i])
             for key, cond in (("right", conds[i]), ("zero", torch.zeros_like(conds[i])), ("wrong", other)):
                 with torch.no_grad():
                     pred = pipe.transformer(zt, tt, cond, ids=ids)
@@ -88,7 +124,7 @@ def sdedit(pipe, assets, starts, steps: int, guidance: float, resolution: int, s
 
     rows = []
     for t0 in starts:
-        scores, empty = [], 0
+        scores = []
         for k, (_, gt, z, cond) in enumerate(assets):
             g = torch.Generator().manual_seed(seed + k)
             z0 = z[None]  # (1, N, L, C)
@@ -99,10 +135,8 @@ def sdedit(pipe, assets, starts, steps: int, guidance: float, resolution: int, s
                 for i in range(len(ts) - 1 if t0 > 0 else 0):
                     v = flow.guided_velocity(pipe.transformer, zt, ts[i:i + 1], cond, torch.zeros_like(cond), guidance, ids=ids)
                     zt = zt + (ts[i + 1] - ts[i]) * v
-            f, e = fscore(pipe, zt[0], gt, resolution, points)
-            scores.append(f)
-            empty += e
-        rows.append({"t0": t0, "fscore@0.1": float(np.mean(scores)), "empty_parts": empty, "per_asset": scores})
+            scores.append(fscore(pipe, zt[0], gt, resolution, points))
+        rows.append(score_rows("t0", t0, scores))
     return rows
 
 
@@ -110,13 +144,11 @@ def decoder_robustness(pipe, assets, sigmas, resolution: int, seed: int, points:
     """F-score@0.1 of GT latents plus noise of std sigma (unit-scale latents)."""
     rows = []
     for sigma in sigmas:
-        scores, empty = [], 0
+        scores = []
         for k, (_, gt, z, _) in enumerate(assets):
             g = torch.Generator().manual_seed(seed + k)
-            f, e = fscore(pipe, z + sigma * torch.randn(z.shape, generator=g), gt, resolution, points)
-            scores.append(f)
-            empty += e
-        rows.append({"sigma": sigma, "fscore@0.1": float(np.mean(scores)), "empty_parts": empty, "per_asset": scores})
+            scores.append(fscore(pipe, z + sigma * torch.randn(z.shape, generator=g), gt, resolution, points))
+        rows.append(score_rows("sigma", sigma, scores))
     return rows
 
 
@@ -126,6 +158,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=None, help="pipeline folder (default: the built-in model)")
     p.add_argument("--split", default="train")
     p.add_argument("--count", type=int, default=8)
+    p.add_argument("--max-parts", type=int, default=32, help="skip assets with more components")
     p.add_argument("--times", type=float, nargs="*", default=[0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
     p.add_argument("--sdedit", type=float, nargs="*", default=[0.0, 0.3, 0.6, 0.9, 1.0])
     p.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.1, 0.2, 0.3, 0.5])
@@ -142,18 +175,23 @@ def main(argv=None) -> dict:
     from moca3d.pipeline import MoCAPipeline
 
     pipe = MoCAPipeline.from_pretrained(args.model)
-    assets = load_assets(pipe, args.data, args.split, args.count)
+    assets = load_assets(pipe, args.data, args.split, args.count, args.max_parts)
     t0 = time.time()
     report = {"model": args.model or "built-in", "split": args.split, "assets": [a[0] for a in assets],
               "steps": args.steps, "guidance": args.guidance, "resolution": args.resolution,
               "metric_points": args.metric_points}
     report["condition_use"] = condition_use(pipe, assets, args.times, args.seed)
+    scene = pipe.is_scene_model
+    report["scene_model"] = scene
     print_table(report["condition_use"], [("t", "t", "{:.2f}"), ("loss, own image", "loss_right", "{:.4f}"),
-                                          ("loss, zero condition", "loss_zero", "{:.4f}"), ("loss, another image", "loss_wrong", "{:.4f}")])
+                                          ("loss, zero condition", "loss_zero", "{:.4f}"),
+                                          ("loss, masks shifted" if scene else "loss, another image", "loss_wrong", "{:.4f}")])
+    scores = [("F@0.1", "fscore@0.1", "{:.3f}")] + ([("instance F@0.1", "instance_fscore@0.1", "{:.3f}")] if scene else [])
+    scores.append(("empty parts", "empty_parts", "{}"))
     report["sdedit"] = sdedit(pipe, assets, args.sdedit, args.steps, args.guidance, args.resolution, args.seed, args.metric_points)
-    print_table(report["sdedit"], [("SDEdit from t0", "t0", "{:.2f}"), ("F@0.1", "fscore@0.1", "{:.3f}"), ("empty parts", "empty_parts", "{}")])
+    print_table(report["sdedit"], [("SDEdit from t0", "t0", "{:.2f}")] + scores)
     report["decoder_noise"] = decoder_robustness(pipe, assets, args.noise, args.resolution, args.seed, args.metric_points)
-    print_table(report["decoder_noise"], [("latent noise std", "sigma", "{:.2f}"), ("F@0.1", "fscore@0.1", "{:.3f}"), ("empty parts", "empty_parts", "{}")])
+    print_table(report["decoder_noise"], [("latent noise std", "sigma", "{:.2f}")] + scores)
     report["seconds"] = time.time() - t0
     if args.json:
         write_json(args.json, report)

@@ -113,3 +113,13 @@ def test_builtin_transformer_is_what_the_default_recipe_builds():
     recipe = DiTTrainConfig.from_json(CONFIGS / last).transformer
     shipped = json.loads((DEFAULT_MODEL_DIR / "transformer" / "config.json").read_text())
     assert recipe and {k: shipped[k] for k in recipe} == recipe
+
+
+def test_dit_recipe_rejects_bad_timestep_settings():
+    from moca3d.errors import ConfigError
+
+    DiTTrainConfig(timestep_mean=1.0, timestep_std=0.5).check()  # a shifted logit-normal is valid
+    with pytest.raises(ConfigError, match="timestep_std"):
+        DiTTrainConfig(timestep_std=0.0).check()
+    with pytest.raises(ConfigError, match="timestep_distribution"):
+        DiTTrainConfig(timestep_distribution="beta").check()

@@ -71,6 +71,9 @@ class DiTTrainConfig(Recipe):
     ema_decay: float = 0.999
     cfg_drop: float = 0.1  # probability of a zero condition (classifier-free guidance)
     timestep_distribution: str = "logit_normal"
+    # logit-normal location and scale (SD3): a positive mean trains more at high noise, where the layout is decided
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     max_components: int = 32  # assets with more parts are skipped
     group_by_parts: int = 0  # > 0: each batch comes from a window of this many assets of similar part count (less padding)
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on the CPU; or "no" / "bf16" / "fp16"
@@ -124,6 +127,10 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.time_limit_s < 0:
             raise ConfigError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
+        if self.timestep_distribution not in ("uniform", "logit_normal"):
+            raise ConfigError(f"timestep_distribution must be uniform or logit_normal, got {self.timestep_distribution!r}")
+        if self.timestep_std <= 0:
+            raise ConfigError(f"timestep_std must be positive, got {self.timestep_std}")
         if self.image_encoder_from and (self.image_encoder or (self.init_from and self.condition != "scene")):
             raise ConfigError("image_encoder_from replaces both init_from's encoder and an image_encoder config: give one"
                               " (a scene recipe may name both: the transformer from init_from, the encoder from image_encoder_from)")
@@ -356,7 +363,7 @@ def step_draws(cfg: DiTTrainConfig, step: int, dataset_size: int, batch_size: in
         indices = [by_parts[start + int(i)] for i in picks]
     else:
         indices = torch.randint(0, dataset_size, (batch_size,), generator=g).tolist()
-    t = flow.sample_timesteps(batch_size, cfg.timestep_distribution, generator=g)
+    t = flow.sample_timesteps(batch_size, cfg.timestep_distribution, cfg.timestep_mean, cfg.timestep_std, generator=g)
     drop = torch.rand(batch_size, generator=g) < cfg.cfg_drop
     return {"indices": indices, "t": t, "drop": drop, "generator": g}
 
