@@ -1,14 +1,17 @@
-"""How the extraction's floater filter changes a model's scores: one generation per object, several filters.
+"""How the extraction's settings change a model's scores: one generation per object, several extractions.
 
 Each held-out object is generated once (the `evaluate-model` protocol: its render, its GT part count,
 the same steps, guidance and seed); each part's field grid is evaluated once
 (`MoCAPipeline.latent_grids`), then meshed with every `min_component_fraction` asked (pieces with
-fewer faces than that fraction of the part's largest piece are dropped; 0 keeps all) and scored
-against the GT parts. The table gives the mean metrics per filter and the mean paired change against
-the first filter, with its standard error.
+fewer faces than that fraction of the part's largest piece are dropped; 0 keeps all), crossed with
+every `rescue_vertices` asked (a part with no inside vertex is meshed at the level of its n-th largest
+value instead, if above `--rescue-floor`; 0 leaves it empty), and scored against the GT parts. The
+table gives the mean metrics per setting and the mean paired change against the first, with its
+standard error.
 
     python benchmarks/floater_filter.py data/test58 --fractions 0.02 0 0.1 0.25 0.5 --seed 0 \
         --json benchmarks/results/floater_filter_test_seed0.json
+    python benchmarks/floater_filter.py data/objects --max-parts 16 --fractions 0.02 --rescue 0 16 128 1024 --seed 0
 """
 
 from __future__ import annotations
@@ -37,8 +40,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=None, help="pipeline folder (default: the built-in model)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--count", type=int, default=None, help="first COUNT objects of the split (default: all)")
+    ap.add_argument("--max-parts", type=int, default=32, help="skip objects with more parts (16: the README's 58 test objects)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.0, 0.1, 0.25, 0.5],
                     help="min_component_fraction values; the first is the reference of the paired changes")
+    ap.add_argument("--rescue", type=int, nargs="+", default=[0],
+                    help="rescue_vertices values for empty parts (0: left empty), crossed with --fractions")
+    ap.add_argument("--rescue-floor", type=float, default=-0.5, help="no rescue of a part whose n-th largest value is below this")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.0)
     ap.add_argument("--resolution", type=int, default=128)
@@ -54,7 +61,13 @@ def main(argv=None) -> dict:
     pipe = MoCAPipeline.from_pretrained(args.model)
     config = pipe.extract_config(args.resolution)
     metrics = MetricsConfig(num_points=args.metric_points, seed=args.seed)
-    records = select_records(args.data, args.split, args.count, 1, 32)
+    records = select_records(args.data, args.split, args.count, 1, args.max_parts)
+    settings = [(f, r) for f in args.fractions for r in args.rescue]  # the first is the paired reference
+
+    def key(f: float, r: int) -> str:
+        """Per-object result key of a setting ("0.02" without rescue, as in earlier reports)."""
+        return str(f) if r == 0 else f"{f}+rescue{r}"
+
     rows = []  # one per object: {"id", fraction -> metrics}
     for rec in with_progress(records, f"{args.split} objects", not args.quiet):
         asset = Path(args.data) / "assets" / rec["id"]
@@ -65,30 +78,31 @@ def main(argv=None) -> dict:
             latents = pipe.generate_latents(cond, len(gt), args.steps, args.guidance, args.seed)[0]  # (N, L, C)
             grids = list(pipe.latent_grids(latents, args.resolution))  # each part's field, evaluated once
         row = {"id": rec["id"], "num_parts": len(gt), "seconds": time.time() - t0}
-        for f in args.fractions:
-            meshes = [mesh_from_grid(g, config.bounds, f if f > 0 else None) for g in grids]
-            row[str(f)] = object_metrics(meshes, gt, metrics)
+        for f, r in settings:
+            meshes = [mesh_from_grid(g, config.bounds, f if f > 0 else None, r, args.rescue_floor) for g in grids]
+            row[key(f, r)] = object_metrics(meshes, gt, metrics)
         rows.append(row)
 
-    ref = str(args.fractions[0])
+    ref = key(*settings[0])
     table = []
-    for f in args.fractions:
-        entry = {"min_component_fraction": f}
+    for f, r in settings:
+        entry = {"min_component_fraction": f, "rescue_vertices": r}
         for k in KEYS:
-            values = np.array([r[str(f)][k] for r in rows], dtype=float)
+            values = np.array([row[key(f, r)][k] for row in rows], dtype=float)
             entry[k] = float(values.sum() if k == "num_empty" else values.mean())
             if k != "num_empty" and len(rows) > 1:
-                diff = values - np.array([r[ref][k] for r in rows], dtype=float)
+                diff = values - np.array([row[ref][k] for row in rows], dtype=float)
                 entry[f"{k}_paired"] = float(diff.mean())
                 entry[f"{k}_paired_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
         table.append(entry)
 
     print(f"{len(rows)} objects of {args.split!r}, seed {args.seed}, {args.steps} steps, {args.resolution}^3; paired vs {ref}")
-    print(f"{'fraction':>8} | {'F@0.1':>6} {'(paired ± SE)':>16} | {'F@0.05':>6} | {'CD':>6} {'(paired)':>9} | {'self-IoU':>8} | empty")
+    print(f"{'fraction':>8} | {'rescue':>6} | {'F@0.1':>6} {'(paired ± SE)':>16} | {'F@0.05':>6} | {'CD':>6} {'(paired)':>9} | {'self-IoU':>8} | empty")
     for e in table:
-        print(f"{e['min_component_fraction']:>8} | {e['fscore@0.1']:.3f} {e.get('fscore@0.1_paired', 0):+.3f} ± {e.get('fscore@0.1_paired_se', 0):.3f}"
+        print(f"{e['min_component_fraction']:>8} | {e['rescue_vertices']:>6} | {e['fscore@0.1']:.3f} {e.get('fscore@0.1_paired', 0):+.3f} ± {e.get('fscore@0.1_paired_se', 0):.3f}"
               f" | {e['fscore@0.05']:.3f} | {e['chamfer']:.3f} {e.get('chamfer_paired', 0):+9.3f} | {e['self_iou']:8.3f} | {int(e['num_empty'])}")
     report = {"model": args.model or "built-in", "split": args.split, "seed": args.seed, "steps": args.steps,
+              "rescue_floor": args.rescue_floor,
               "guidance": args.guidance, "resolution": args.resolution, "metric_points": args.metric_points,
               "table": table, "objects": rows}
     if args.json:

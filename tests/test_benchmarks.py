@@ -144,9 +144,13 @@ def test_floater_filter_reference_row_is_evaluate_pipeline(tmp_path):
     out = tmp_path / "floaters.json"
     report = load("floater_filter").main([str(tmp_path / "data"), "--model", str(tmp_path / "pipe"), "--split", "train", "--steps", "2",
                                           "--resolution", "16", "--metric-points", "2000", "--fractions", "0.02", "0", "0.5",
-                                          "--quiet", "--json", str(out)])
+                                          "--rescue", "0", "64", "--quiet", "--json", str(out)])
     assert json.loads(out.read_text())["table"] == report["table"]
-    assert [row["min_component_fraction"] for row in report["table"]] == [0.02, 0.0, 0.5]
+    table = report["table"]
+    assert [(row["min_component_fraction"], row["rescue_vertices"]) for row in table] == [
+        (0.02, 0), (0.02, 64), (0.0, 0), (0.0, 64), (0.5, 0), (0.5, 64)]
+    for plain, rescued in zip(table[::2], table[1::2]):  # rescue only ever fills parts that were empty
+        assert rescued["num_empty"] <= plain["num_empty"]
     expected = evaluate_pipeline(MoCAPipeline.from_pretrained(str(tmp_path / "pipe")), tmp_path / "data", split="train", steps=2,
                                  resolution=16, metric_points=2000, progress=False)
     for row, asset in zip(report["objects"], expected["assets"]):

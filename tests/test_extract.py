@@ -72,3 +72,21 @@ def test_thin_plate_is_found_by_the_band():
 def test_bad_resolution_raises():
     with pytest.raises(ConfigError):
         evaluate_grid(sphere(), ExtractConfig(resolution=48, coarse_resolution=32))
+
+
+def test_rescue_meshes_an_empty_field_where_it_peaks():
+    """A field that never reaches 0 (peak -0.05 at c) is empty by default; rescue meshes the region around its peak."""
+    c = (0.3, -0.2, 0.1)
+    below = lambda p: sphere(0.5, c)(p) - 0.55  # noqa: E731  (peak -0.05, nothing inside)
+    cfg = ExtractConfig(resolution=32, coarse_resolution=16, band=1.0)
+    assert len(extract_mesh(below, cfg).faces) == 0  # rescue off (the default)
+    mesh = extract_mesh(below, ExtractConfig(**{**cfg.__dict__, "rescue_vertices": 60}))
+    cell = 2 * 1.05 / 32
+    assert len(mesh.faces) and mesh.is_watertight
+    assert np.linalg.norm(mesh.vertices.mean(0) - np.array(c)) < cell  # centred on the peak, within a cell
+    assert np.linalg.norm(mesh.vertices - np.array(c), axis=1).max() < 4 * cell  # a small blob (about 60 vertices inside)
+    # a peak below the floor stays empty; a field with an inside region is meshed at level 0 as before
+    assert len(extract_mesh(below, ExtractConfig(**{**cfg.__dict__, "rescue_vertices": 60, "rescue_floor": -0.01})).faces) == 0
+    plain = extract_mesh(sphere(0.5), cfg)
+    rescued = extract_mesh(sphere(0.5), ExtractConfig(**{**cfg.__dict__, "rescue_vertices": 60}))
+    np.testing.assert_array_equal(plain.vertices, rescued.vertices)

@@ -30,6 +30,10 @@ class ExtractConfig:
     band_decay: float = 1.0  # band multiplier per doubling (0.5 follows the cell size for true SDFs)
     chunk_size: int = 65536  # query points per field call (bounds memory)
     min_component_fraction: Optional[float] = 0.02  # drop pieces with fewer faces than this x largest; None keeps all
+    # > 0: a field with no inside vertex is meshed instead at the level of its `rescue_vertices`-th largest value,
+    # if that level is above `rescue_floor`: the region the field comes closest to filling, rather than nothing
+    rescue_vertices: int = 0
+    rescue_floor: float = -0.5
     close_boundary: bool = True  # force the outer grid layer outside, so meshes are closed
     progress: bool = False  # show a progress bar over field calls
 
@@ -108,14 +112,33 @@ def evaluate_grid(field: Field, config: ExtractConfig = ExtractConfig(), device:
     return grid
 
 
-def mesh_from_grid(grid: np.ndarray, bounds: float, min_component_fraction: Optional[float] = None) -> trimesh.Trimesh:
-    """Marching cubes at level 0 of a vertex grid spanning [-bounds, bounds]^3 (positive inside)."""
+def rescue_level(grid: np.ndarray, vertices: int, floor: float) -> Optional[float]:
+    """The level that puts the `vertices` highest grid values inside, for a field with none above 0; None if below `floor`."""
+    if vertices <= 0 or grid.max() > 0:
+        return None
+    values = grid[1:-1, 1:-1, 1:-1].ravel()  # the closed boundary layer never counts
+    level = float(np.partition(values, -vertices)[-vertices]) if vertices <= values.size else float(values.min())
+    return level if level > floor else None
+
+
+def mesh_from_grid(
+    grid: np.ndarray, bounds: float, min_component_fraction: Optional[float] = None, rescue_vertices: int = 0,
+    rescue_floor: float = -0.5,
+) -> trimesh.Trimesh:
+    """Marching cubes at level 0 of a vertex grid spanning [-bounds, bounds]^3 (positive inside).
+
+    With `rescue_vertices` > 0 a grid with nothing inside is meshed at `rescue_level` instead (see ExtractConfig).
+    """
     from skimage.measure import marching_cubes
 
-    if not (grid.max() > 0 and grid.min() < 0):
+    level = 0.0
+    rescue = rescue_level(grid, rescue_vertices, rescue_floor)
+    if rescue is not None:
+        level = np.nextafter(np.float32(rescue), np.float32(-np.inf))  # just below: the top values are inside
+    if not (grid.max() > level and grid.min() < level):
         return trimesh.Trimesh(vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), dtype=np.int64))
     spacing = 2.0 * bounds / (grid.shape[0] - 1)
-    verts, faces, _, _ = marching_cubes(grid, level=0.0, spacing=(spacing,) * 3, gradient_direction="ascent")
+    verts, faces, _, _ = marching_cubes(grid, level=float(level), spacing=(spacing,) * 3, gradient_direction="ascent")
     mesh = trimesh.Trimesh(vertices=verts - bounds, faces=faces, process=True)
     if min_component_fraction is not None and len(mesh.faces):
         pieces = mesh.split(only_watertight=False)
@@ -129,4 +152,4 @@ def mesh_from_grid(grid: np.ndarray, bounds: float, min_component_fraction: Opti
 def extract_mesh(field: Field, config: ExtractConfig = ExtractConfig(), device: Optional[torch.device] = None) -> trimesh.Trimesh:
     """Mesh of the zero level set of `field` (positive inside); empty mesh when there is none."""
     grid = evaluate_grid(field, config, device)
-    return mesh_from_grid(grid, config.bounds, config.min_component_fraction)
+    return mesh_from_grid(grid, config.bounds, config.min_component_fraction, config.rescue_vertices, config.rescue_floor)
