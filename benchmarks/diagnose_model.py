@@ -92,7 +92,7 @@ def score_rows(key: str, value: float, scores: list[dict]) -> dict:
 
 
 def condition_use(pipe, assets, times, seed: int) -> list[dict]:
-    """Mean flow loss at each t with the right, a zero and a wrong (next asset's) condition."""
+    """Mean flow loss at each t with the right, a zero and a wrong condition (the next asset's; a scene's masks shifted)."""
     from moca3d import flow
 
     conds = [a[3] for a in assets]  # (1, M, D) each

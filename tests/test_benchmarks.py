@@ -134,6 +134,31 @@ def test_diagnose_model_measures_condition_use_sdedit_and_decoder_noise(tmp_path
     assert report["sdedit"][0]["per_asset"] == pytest.approx(report["decoder_noise"][0]["per_asset"])
 
 
+def test_diagnose_model_reads_a_scene_model_per_instance(tmp_path):
+    """The built-in scene model on one procedural scene: instance scores are reported, the wrong condition is the
+    scene's own masks shifted, and SDEdit from t0 = 0 equals the undisturbed decode (both the VAE round trip)."""
+    from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
+    from moca3d.geometry.inside import QueryConfig
+    from moca3d.geometry.render import RenderConfig
+    from moca3d.geometry.sampling import SurfaceSamplingConfig
+    from moca3d.pipeline import DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
+    from moca3d.training.train_vae import encode_dataset
+
+    root = tmp_path / "scenes"
+    cfg = PrepareConfig(surface=SurfaceSamplingConfig(num_points=512), queries=QueryConfig(num_queries=64),
+                        render=RenderConfig(size=64, supersample=1), val_fraction=0.0, test_fraction=0.0, scene_objects=(2, 3))
+    prepare(procedural_jobs("scenes", 1, seed=4), root, cfg, workers=1, progress=False)
+    encode_dataset(root, MoCAPipeline.from_pretrained(DEFAULT_SCENE_MODEL_DIR).vae, "train", num_points=512, progress=False)
+    report = load("diagnose_model").main([str(root), "--model", str(DEFAULT_SCENE_MODEL_DIR), "--count", "1", "--times", "0.9",
+                                          "--sdedit", "0", "--noise", "0", "--steps", "2", "--resolution", "16", "--metric-points", "2000"])
+    assert report["scene_model"] and len(report["assets"]) == 1
+    (loss,) = report["condition_use"]
+    assert all(np.isfinite(v) for v in loss.values()) and loss["loss_wrong"] != loss["loss_right"]
+    (sdedit,), (noise,) = report["sdedit"], report["decoder_noise"]
+    assert 0.0 <= sdedit["instance_fscore@0.1"] <= 1.0
+    assert sdedit["per_asset_instance"] == pytest.approx(noise["per_asset_instance"])
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_floater_filter_reference_row_is_evaluate_pipeline(tmp_path):
     """The sweep's first filter (the extraction default) scores exactly what evaluate-model scores; every filter is reported."""
