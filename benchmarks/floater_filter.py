@@ -17,6 +17,7 @@ standard error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def main(argv=None) -> dict:
             grids = list(pipe.latent_grids(latents, args.resolution))  # each part's field, evaluated once
         row = {"id": rec["id"], "num_parts": len(gt), "seconds": time.time() - t0}
         for f, r in settings:
-            meshes = [mesh_from_grid(g, config.bounds, f if f > 0 else None, r, args.rescue_floor) for g in grids]
+            setting = dataclasses.replace(config, min_component_fraction=f if f > 0 else None, rescue_vertices=r,
+                                          rescue_floor=args.rescue_floor)
+            meshes = [mesh_from_grid(g, setting) for g in grids]
             row[key(f, r)] = object_metrics(meshes, gt, metrics)
         rows.append(row)
 

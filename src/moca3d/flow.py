@@ -14,6 +14,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from moca3d.errors import InputError
 
+TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal")  # training-time samplers of sample_timesteps
+
 
 def sample_timesteps(
     batch: int, distribution: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
@@ -25,7 +27,7 @@ def sample_timesteps(
     elif distribution == "logit_normal":
         t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
     else:
-        raise ValueError(f"unknown timestep distribution {distribution!r} (uniform, logit_normal)")
+        raise ValueError(f"unknown timestep distribution {distribution!r} ({', '.join(TIMESTEP_DISTRIBUTIONS)})")
     return t.to(device)
 
 

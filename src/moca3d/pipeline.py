@@ -193,7 +193,7 @@ class MoCAPipeline:
         config = self.extract_config(resolution)
         meshes = []
         for i, grid in enumerate(self.latent_grids(latents, resolution)):
-            meshes.append(mesh_from_grid(grid, config.bounds, config.min_component_fraction, config.rescue_vertices, config.rescue_floor))
+            meshes.append(mesh_from_grid(grid, config))
             if progress is not None:
                 progress(i + 1, len(latents))
         return meshes

@@ -121,18 +121,16 @@ def rescue_level(grid: np.ndarray, vertices: int, floor: float) -> Optional[floa
     return level if level > floor else None
 
 
-def mesh_from_grid(
-    grid: np.ndarray, bounds: float, min_component_fraction: Optional[float] = None, rescue_vertices: int = 0,
-    rescue_floor: float = -0.5,
-) -> trimesh.Trimesh:
-    """Marching cubes at level 0 of a vertex grid spanning [-bounds, bounds]^3 (positive inside).
+def mesh_from_grid(grid: np.ndarray, config: ExtractConfig) -> trimesh.Trimesh:
+    """Marching cubes at level 0 of a vertex grid spanning [-bounds, bounds]^3 (positive inside), floaters dropped.
 
-    With `rescue_vertices` > 0 a grid with nothing inside is meshed at `rescue_level` instead (see ExtractConfig).
+    With `config.rescue_vertices` > 0 a grid with nothing inside is meshed at `rescue_level` instead.
     """
     from skimage.measure import marching_cubes
 
+    bounds, min_component_fraction = config.bounds, config.min_component_fraction
     level = 0.0
-    rescue = rescue_level(grid, rescue_vertices, rescue_floor)
+    rescue = rescue_level(grid, config.rescue_vertices, config.rescue_floor)
     if rescue is not None:
         level = np.nextafter(np.float32(rescue), np.float32(-np.inf))  # just below: the top values are inside
     if not (grid.max() > level and grid.min() < level):
@@ -152,4 +150,4 @@ def mesh_from_grid(
 def extract_mesh(field: Field, config: ExtractConfig = ExtractConfig(), device: Optional[torch.device] = None) -> trimesh.Trimesh:
     """Mesh of the zero level set of `field` (positive inside); empty mesh when there is none."""
     grid = evaluate_grid(field, config, device)
-    return mesh_from_grid(grid, config.bounds, config.min_component_fraction, config.rescue_vertices, config.rescue_floor)
+    return mesh_from_grid(grid, config)

@@ -127,8 +127,8 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.time_limit_s < 0:
             raise ConfigError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
-        if self.timestep_distribution not in ("uniform", "logit_normal"):
-            raise ConfigError(f"timestep_distribution must be uniform or logit_normal, got {self.timestep_distribution!r}")
+        if self.timestep_distribution not in flow.TIMESTEP_DISTRIBUTIONS:
+            raise ConfigError(f"timestep_distribution must be one of {', '.join(flow.TIMESTEP_DISTRIBUTIONS)}, got {self.timestep_distribution!r}")
         if self.timestep_std <= 0:
             raise ConfigError(f"timestep_std must be positive, got {self.timestep_std}")
         if self.image_encoder_from and (self.image_encoder or (self.init_from and self.condition != "scene")):
