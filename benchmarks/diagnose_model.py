@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from benchkit import print_table, write_json
 
@@ -37,7 +36,7 @@ def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
     The condition is (1, M, D) for an object model and (1, N, M, D) for a scene model (each instance
     on its own mask; scenes with an instance hidden in the render are skipped, as in evaluate-scenes).
     """
-    from moca3d.data.dataset import read_manifest
+    from moca3d.data.dataset import load_cached_latents, read_manifest
     from moca3d.data.scene import component_masks
     from moca3d.geometry.mesh_io import load_components
 
@@ -45,7 +44,11 @@ def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
     for rec in read_manifest(root, split):
         asset = root / "assets" / rec["id"]
         if rec["num_components"] <= max_parts and (asset / "latents.safetensors").is_file():
-            z = pipe.vae.normalize_latents(load_file(str(asset / "latents.safetensors"))["latents"].float())
+            z, order = load_cached_latents(asset / "latents.safetensors")
+            if pipe.transformer.token_order == "canonical" and order != "canonical":
+                raise SystemExit(f"{asset}: latents in {order!r} token order, the model expects {pipe.transformer.token_order!r}"
+                                 f" (moca3d encode-dataset --token-order {pipe.transformer.token_order} --overwrite)")
+            z = pipe.vae.normalize_latents(z)
             gt = load_components(asset / "mesh.glb")[0]
             if pipe.is_scene_model:
                 masks = component_masks(asset / "mask.png", len(gt))  # (N, H, W)

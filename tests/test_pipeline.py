@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +104,39 @@ def test_latent_cache_round_trip_and_training_from_it(dataset, tmp_path):
     a = train(root, tmp_path / "folder", tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
     b = train(cache, tmp_path / "cached", tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
+
+
+def test_token_positions_train_on_canonical_latents_only(dataset, tmp_path):
+    """A transformer with token positions refuses FPS-ordered latents (one-line error) and trains on canonical
+    ones, from the folder and from a latent cache, which keeps the order; mixed orders are refused."""
+    import shutil
+
+    from moca3d.errors import ConfigError
+    from moca3d.models.vae import VecSetVAE
+    from moca3d.training.train_vae import encode_dataset
+
+    root, vae_dir = dataset
+    cfg = tiny_recipe(steps=2, transformer=dict(width=32, num_layers=2, num_heads=4, compression=4, token_positions=True))
+    with pytest.raises(ConfigError, match="encode-dataset --token-order canonical"):
+        train(root, tmp_path / "fps", cfg, vae_dir=vae_dir, device="cpu", progress=False)
+    ordered = Path(shutil.copytree(root, tmp_path / "data"))
+    vae = VecSetVAE.from_pretrained(vae_dir)
+    encode_dataset(ordered, vae, "test", num_points=512, progress=False, token_order="canonical")
+    data = LatentDataset(ordered, "train", 32)
+    assert data.token_order == "canonical"
+    assert LatentDataset.from_cache(data.save_cache(tmp_path / "cache.safetensors")).token_order == "canonical"
+    result = train(tmp_path / "cache.safetensors", tmp_path / "run", cfg, vae_dir=vae_dir, device="cpu", progress=False)
+    pipe = MoCAPipeline.from_pretrained(result["pipeline"])
+    assert pipe.transformer.token_order == "canonical" and np.isfinite(result["final_loss"])
+    # back to FPS order (an order change re-encodes without --overwrite), then one asset canonical again: refused
+    assert encode_dataset(ordered, vae, "test", num_points=512, progress=False)["encoded"] == len(data)
+    assert LatentDataset(ordered, "train", 32).token_order == "fps"
+    from safetensors.torch import save_file
+
+    first = ordered / "assets" / data.ids[0] / "latents.safetensors"
+    save_file({"latents": data.latents[0]}, str(first), metadata={"token_order": "canonical"})
+    with pytest.raises(InputError, match="mix token orders"):
+        LatentDataset(ordered, "train", 32)
 
 
 def test_time_limit_stops_checkpoints_and_exports(dataset, tmp_path):

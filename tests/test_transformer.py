@@ -198,3 +198,22 @@ def test_save_load_round_trip(tmp_path):
     ids = m.sample_ids(2, 5)
     with torch.no_grad():
         torch.testing.assert_close(m2(x, t, c, ids=ids), m(x, t, c, ids=ids), atol=ATOL, rtol=0)
+
+
+def test_tokens_are_exchangeable_without_token_positions_and_ordered_with_them():
+    """Without token positions, permuting a component's tokens permutes the velocity (tolerance 1e-5); with
+    them (canonically ordered latents) it does not, and the config round-trips."""
+    x, t, c = inputs(N=3)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(4))
+    plain = tiny_model()
+    positions = tiny_model(token_positions=True)
+    assert plain.token_order == "fps" and positions.token_order == "canonical"
+    assert plain.token_embedding is None and positions.token_embedding.shape == (32, 64)
+    ids = plain.sample_ids(2, 3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x[:, :, perm], t, c, ids=ids), plain(x, t, c, ids=ids)[:, :, perm], atol=ATOL, rtol=0)
+        moved = positions(x[:, :, perm], t, c, ids=ids) - positions(x, t, c, ids=ids)[:, :, perm]
+    assert moved.abs().max() > 1e-3
+    config = dict(positions.config)
+    assert MoCATransformer.from_config(config).config.token_positions is True
+    assert MoCATransformer.from_config({k: v for k, v in config.items() if k != "token_positions"}).token_embedding is None

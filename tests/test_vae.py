@@ -11,7 +11,7 @@ import torch
 import trimesh
 
 from moca3d.errors import ConfigError, InputError
-from moca3d.models.vae import VecSetVAE, convert_triposg_state_dict, farthest_point_indices
+from moca3d.models.vae import VecSetVAE, canonical_token_order, convert_triposg_state_dict, farthest_point_indices
 
 TINY = dict(latent_channels=4, num_latents=16, num_attention_heads=2, width_encoder=32, width_decoder=32,
             num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
@@ -579,3 +579,62 @@ def test_packaged_reconstruction_vae_shares_the_builtin_encoder():
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith(("decoder.", "post_quant.")))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+
+
+# ----------------------------------------------------------------------------------------------
+# Canonical token order
+# ----------------------------------------------------------------------------------------------
+
+
+def test_canonical_order_is_a_permutation_that_ignores_input_order_and_box():
+    """The order depends on the point set alone, in its own box: the same points, shuffled, moved and
+    stretched per axis, give the same token sequence."""
+    g = torch.Generator().manual_seed(0)
+    xyz = torch.rand(3, 32, 3, generator=g) * torch.tensor([1.0, 0.1, 0.5])  # a flat set among them
+    order = canonical_token_order(xyz)
+    assert torch.equal(order.sort(dim=1).values, torch.arange(32).expand(3, 32))
+    shuffle = torch.randperm(32, generator=g)
+    moved = xyz[:, shuffle] * torch.tensor([2.0, 3.0, 0.5]) + torch.tensor([0.3, -0.7, 0.1])
+    tokens = torch.gather(xyz, 1, order[..., None].expand(-1, -1, 3))
+    again = torch.gather(xyz[:, shuffle], 1, canonical_token_order(moved)[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(again, tokens, atol=0, rtol=0)
+
+
+def test_canonical_token_order_permutes_the_fps_latents():
+    """Reordering queries permutes the encoder's tokens and leaves the decoded field unchanged (tolerance 1e-5)."""
+    model = tiny_vae()
+    surface = torch.stack([sphere_surface(256, seed=i) for i in range(2)])
+    fps = model.encode(surface).mode()  # (2, L, C)
+    canonical = model.encode(surface, token_order="canonical").mode()
+    L = fps.shape[1]
+    match = torch.cdist(canonical, fps).argmin(dim=-1)  # each canonical token's FPS twin
+    assert all(sorted(row.tolist()) == list(range(L)) for row in match)
+    torch.testing.assert_close(canonical, torch.gather(fps, 1, match[..., None].expand_as(fps)), atol=1e-5, rtol=0)
+    assert not torch.equal(canonical, fps)
+    pts = torch.rand(2, 50, 3) * 2 - 1
+    torch.testing.assert_close(model.decode(canonical, pts), model.decode(fps, pts), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="token_order"):
+        model.encode(surface, token_order="sorted")
+
+
+def test_encode_dataset_records_the_token_order(dataset, tmp_path):
+    import shutil
+
+    from moca3d.data.dataset import load_cached_latents
+    from moca3d.training.train_vae import encode_dataset, read_manifest
+
+    dataset = Path(shutil.copytree(dataset, tmp_path / "data"))  # the module's dataset keeps its FPS latents
+    model = tiny_vae()
+    entries = read_manifest(dataset)
+    encode_dataset(dataset, model, "tiny", num_points=64, progress=False, overwrite=True)
+    path = dataset / "assets" / entries[0]["id"] / "latents.safetensors"
+    fps, order = load_cached_latents(path)
+    assert order == "fps"
+    # same model and points, another order: re-encoded, not skipped
+    counts = encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="canonical")
+    assert counts == {"encoded": len(entries), "skipped": 0}
+    canonical, order = load_cached_latents(path)
+    assert order == "canonical" and not torch.equal(canonical, fps)
+    torch.testing.assert_close(canonical.sort(dim=1).values, fps.sort(dim=1).values, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="token_order"):
+        encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="morton")

@@ -50,7 +50,7 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
 
     with np.load(asset / "samples.npz") as npz:
         surface = torch.from_numpy(npz["surface"]).float()  # (N, P, 6)
-    latents = encode_latents(pipe.vae, surface.to(pipe.device), points)  # (N, L, C) posterior means
+    latents = encode_latents(pipe.vae, surface.to(pipe.device), points, token_order=pipe.transformer.token_order)  # (N, L, C)
     return pipe.decode_latents(pipe.vae.normalize_latents(latents), resolution)
 
 

@@ -138,13 +138,14 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        token_order: str = typer.Option("fps", "--token-order", help="fps (farthest-point order, any transformer) or canonical (for a transformer with token_positions)."),
     ) -> None:
         """Cache per-asset latents (posterior means) as assets/<id>/latents.safetensors (resumable)."""
         from moca3d.training.train_vae import encode_dataset
 
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
-        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite)
+        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, token_order=token_order)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")
 
     @app.command("cache-latents")

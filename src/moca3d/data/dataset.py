@@ -129,3 +129,20 @@ def pad_components(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
         padded[b, : x.shape[0]] = x
         mask[b, : x.shape[0]] = True
     return padded, mask
+
+
+def load_cached_latents(path: str | Path) -> tuple[torch.Tensor, str]:
+    """An asset's cached latents (`moca3d encode-dataset`): (N, L, C) float32 and their token order."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        latents = f.get_tensor("latents").float()
+        order = (f.metadata() or {}).get("token_order", "fps")  # files written before token orders existed
+    return latents, order
+
+
+def common_token_order(orders: set[str], root: str | Path) -> str:
+    """The one token order of a dataset's cached latents (an error if they were encoded in different orders)."""
+    if len(orders) > 1:
+        raise InputError(f"{root}: cached latents mix token orders {sorted(orders)}: run `moca3d encode-dataset --overwrite`")
+    return next(iter(orders), "fps")

@@ -21,9 +21,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file
 
-from moca3d.data.dataset import pad_components, read_manifest
+from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest
 from moca3d.errors import InputError
 from moca3d.models.image_encoder import ImageLike, preprocess_image
 
@@ -210,6 +209,7 @@ class SceneLatentDataset:
         self.scenes: list[torch.Tensor] = []  # (3, S, S) uint8
         self.masks: list[torch.Tensor] = []  # (N, S, S) uint8
         self.ids: list[str] = []
+        orders = set()
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
@@ -221,12 +221,15 @@ class SceneLatentDataset:
                 continue
             scene, soft = scene_inputs(asset / "render.png", masks, image_size, padding)
             if latents:
-                self.latents.append(load_file(str(path))["latents"].float())
+                z, order = load_cached_latents(path)
+                self.latents.append(z)
+                orders.add(order)
             self.scenes.append((scene * 255).round().to(torch.uint8))
             self.masks.append((soft * 255).round().to(torch.uint8))
             self.ids.append(rec["id"])
         if not self.ids:
             raise InputError(f"{root}: no '{split}' scenes with cached latents (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)")
+        self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -201,8 +201,13 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         time_hidden_dim: Optional[int] = None,
         time_act: str = "silu",
         time_sin_first: bool = False,
+        token_positions: bool = False,
     ):
         """`id_assignment`: "random" (distinct draws, DESIGN §3) or "sequential" (ids 0..N-1, PartCrafter).
+
+        `token_positions`: a learned embedding per token index within a component (TripoSG has none, so the
+        model is permutation-equivariant in tokens); it only helps latents in a consistent order, cached with
+        `token_order` "canonical" (see `MoCATransformer.token_order`).
 
         `time_*` shape the timestep MLP (defaults: 256 cos/sin features, SiLU, hidden = width); a converted
         TripoSG uses width features, [sin, cos], GELU and hidden = 4 * width (see moca3d.convert.triposg).
@@ -227,6 +232,7 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         self.time_embed = TimestepEmbedding(width, time_freq_dim, time_hidden_dim, time_act, time_sin_first)
         self.packer = ComponentPacker(width, num_heads, self.num_compressed)
         self.id_embedding = nn.Embedding(id_codebook_size, width)
+        self.token_embedding = nn.Parameter(torch.empty(num_latents, width)) if token_positions else None
         half = num_layers // 2
         self.blocks = nn.ModuleList(
             MoCABlock(
@@ -251,6 +257,8 @@ class MoCATransformer(ModelMixin, ConfigMixin):
             if block.is_global and block.attn1.router is not None:
                 block.attn1.router.reset_parameters()
         nn.init.normal_(self.id_embedding.weight, std=0.02)
+        if self.token_embedding is not None:
+            nn.init.normal_(self.token_embedding, std=0.02)
         nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
         nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
         nn.init.zeros_(self.proj_out.weight)
@@ -259,6 +267,12 @@ class MoCATransformer(ModelMixin, ConfigMixin):
     @property
     def max_components(self) -> int:
         return self.config.id_codebook_size
+
+    @property
+    def token_order(self) -> str:
+        """Latent token order the model needs (`VecSetVAE.encode`'s): "canonical" with token positions, else
+        "fps" — though then any order works, the model being permutation-equivariant in tokens."""
+        return "canonical" if self.config.token_positions else "fps"
 
     def sample_ids(self, batch: int, num_components: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
         """(B, N) distinct random draws from the ID codebook per sample (0..N-1 when id_assignment is sequential)."""
@@ -294,6 +308,8 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         timestep = timestep.to(latents.device).reshape(-1).expand(B)
         temb = self.time_embed(timestep)  # (B, D)
         z = self.proj_in(latents)  # (B, N, L, D)
+        if self.token_embedding is not None:
+            z = z + self.token_embedding.to(z.dtype)
         if self.config.timestep_mode == "token":
             z = torch.cat([temb[:, None, None].expand(B, N, 1, -1).to(z.dtype), z], dim=2)  # (B, N, L+1, D)
         x = torch.cat([z, self.packer(z)], dim=2)  # (B, N, T, D)

@@ -258,6 +258,33 @@ def farthest_point_indices(xyz: torch.Tensor, num_samples: int, random_start: bo
     return out
 
 
+TOKEN_ORDERS = ("fps", "canonical")  # latent token order: farthest-point order, or matched to a fixed template
+
+
+def token_template(num_tokens: int) -> torch.Tensor:
+    """A fixed, well-spread set of `num_tokens` points in [0, 1]^3 (the first points of a Sobol sequence)."""
+    return torch.quasirandom.SobolEngine(3, scramble=False).draw(num_tokens).double() + 0.5 / num_tokens  # (L, 3)
+
+
+def canonical_token_order(xyz: torch.Tensor) -> torch.Tensor:
+    """A consistent order of each component's query points: xyz (B, L, 3) -> permutation (B, L) long.
+
+    Each point set is scaled into its own bounding box [0, 1]^3 and matched one-to-one to a fixed
+    template (`token_template`) by minimum total squared distance; token j is the point matched to
+    template point j. So token j lands in about the same place of every component's box, which
+    breaks the exchangeability of farthest-point tokens for a transformer that knows token indices.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    B, L, _ = xyz.shape
+    pts = xyz.detach().double().cpu()
+    lo, hi = pts.amin(dim=1, keepdim=True), pts.amax(dim=1, keepdim=True)
+    unit = (pts - lo) / (hi - lo).clamp_min(1e-6)  # (B, L, 3)
+    cost = torch.cdist(token_template(L).expand(B, L, 3), unit).pow(2).numpy()  # (B, L template, L points)
+    order = [linear_sum_assignment(cost[b])[1] for b in range(B)]  # template j -> point order[j]
+    return torch.from_numpy(np.stack(order).astype(np.int64)).to(xyz.device)
+
+
 # ----------------------------------------------------------------------------------------------
 # The VAE
 # ----------------------------------------------------------------------------------------------
@@ -349,19 +376,25 @@ class VecSetVAE(ModelMixin, ConfigMixin):
 
     def encode(self, surface: torch.Tensor, query_indices: Optional[torch.Tensor] = None,
                num_latents: Optional[int] = None, random_start: bool = False,
-               generator: Optional[torch.Generator] = None) -> DiagonalGaussian:
+               generator: Optional[torch.Generator] = None, token_order: str = "fps") -> DiagonalGaussian:
         """Surface samples (B, P, 6) xyz+normal -> posterior over z (B, L, C).
 
         The L query points are a farthest-point subset of the input (deterministic unless
-        `random_start`), or `query_indices` (B, L) when given.
+        `random_start`), or `query_indices` (B, L) when given. `token_order` "canonical" reorders
+        them by `canonical_token_order` (the tokens are permuted, their values unchanged).
         """
         expected = self.config.in_channels + self.config.point_feature_channels
         if surface.ndim != 3 or surface.shape[-1] != expected:
             raise InputError(f"surface must be (B, P, {expected}), got {tuple(surface.shape)}")
+        if token_order not in TOKEN_ORDERS:
+            raise ConfigError(f"token_order must be one of {', '.join(TOKEN_ORDERS)}, got {token_order!r}")
         L = num_latents or self.config.num_latents
         if query_indices is None:
             query_indices = farthest_point_indices(surface[..., :3], L, random_start=random_start, generator=generator)
         query_indices = query_indices.to(surface.device)
+        if token_order == "canonical":
+            xyz = torch.gather(surface[..., :3], 1, query_indices[..., None].expand(-1, -1, 3))  # (B, L, 3)
+            query_indices = torch.gather(query_indices, 1, canonical_token_order(xyz))
         queries = torch.gather(surface, 1, query_indices[..., None].expand(-1, -1, surface.shape[-1]))  # (B, L, 6)
         tokens = self.encoder(self._embed_points(queries), self._embed_points(surface))  # (B, L, We)
         moments = self.quant(tokens)  # (B, L, 2C)

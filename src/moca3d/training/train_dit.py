@@ -26,11 +26,10 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
-from moca3d.data.dataset import pad_components, read_manifest
+from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
     load_image,
@@ -148,16 +147,20 @@ class LatentDataset:
         self.latents: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
         self.ids: list[str] = []
+        orders = set()
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
             if not path.is_file() or rec["num_components"] > max_components:
                 continue
-            self.latents.append(load_file(str(path))["latents"].float())
+            latents, order = load_cached_latents(path)
+            self.latents.append(latents)
+            orders.add(order)
             self.images.append(preprocess(asset / "render.png"))
             self.ids.append(rec["id"])
         if not self.ids:
             raise InputError(f"{root}: no '{split}' assets with cached latents (run `moca3d encode-dataset` first)")
+        self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -175,7 +178,8 @@ class LatentDataset:
             "counts": torch.tensor([z.shape[0] for z in self.latents], dtype=torch.long),  # (A,)
             "images": pixels.to(torch.uint8).contiguous(),  # (A, 3, S, S)
         }
-        atomic_save_tensors(tensors, Path(path), metadata={"ids": json.dumps(self.ids), "kind": "moca3d-latent-cache"})
+        meta = {"ids": json.dumps(self.ids), "kind": "moca3d-latent-cache", "token_order": self.token_order}
+        atomic_save_tensors(tensors, Path(path), metadata=meta)
         return Path(path)
 
     @classmethod
@@ -199,6 +203,7 @@ class LatentDataset:
         self.latents = [parts[i] for i in keep]
         self.images = [tensors["images"][i].float() / 255 for i in keep]
         self.ids = [ids[i] for i in keep]
+        self.token_order = meta.get("token_order", "fps")
         if not self.ids:
             raise InputError(f"{path}: no assets with at most {max_components} parts")
         return self
@@ -475,6 +480,10 @@ def train(
     latent_shape = tuple(data.latents[0].shape[1:])
     by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
+    if model.transformer.token_order == "canonical" and data.token_order != "canonical":  # else any order works
+        raise ConfigError(f"the transformer expects latent tokens in {model.transformer.token_order!r} order, the cached latents"
+                          f" are in {data.token_order!r} order: run `moca3d encode-dataset --token-order"
+                          f" {model.transformer.token_order} --overwrite`")
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.attention_backend is not None:  # every block shares this config; the saved model config is not touched
         model.transformer.attention_config.backend = cfg.attention_backend

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
-from moca3d.models.vae import VecSetVAE, farthest_point_indices
+from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, lr_at
 from moca3d.training.checkpoints import EMA, atomic_write_json, check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -288,11 +288,13 @@ def make_optimizer(model: torch.nn.Module, cfg: VAETrainConfig) -> torch.optim.A
 
 
 @torch.no_grad()
-def encode_latents(model: VecSetVAE, surface: torch.Tensor, num_points: int, batch_size: int = 16) -> torch.Tensor:
+def encode_latents(model: VecSetVAE, surface: torch.Tensor, num_points: int, batch_size: int = 16,
+                   token_order: str = "fps") -> torch.Tensor:
     """Posterior means (N, L, C) float32 of components' surfaces (N, P, 6), deterministic."""
     device = next(model.parameters()).device
     surface = deterministic_surface(surface, num_points)
-    out = [model.encode(surface[i:i + batch_size].to(device)).mode().float().cpu() for i in range(0, len(surface), batch_size)]
+    out = [model.encode(surface[i:i + batch_size].to(device), token_order=token_order).mode().float().cpu()
+           for i in range(0, len(surface), batch_size)]
     return torch.cat(out)
 
 
@@ -543,13 +545,15 @@ def ema_model(ema: EMA, cfg: VAETrainConfig, device: torch.device) -> VecSetVAE:
 
 
 def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_points: int, batch_size: int = 16,
-                   overwrite: bool = False, progress: bool = True) -> dict[str, int]:
+                   overwrite: bool = False, progress: bool = True, token_order: str = "fps") -> dict[str, int]:
     """Write ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C) posterior means) per asset.
 
-    Resumable: an asset whose file already carries the same model id and point count is skipped.
+    Resumable: an asset whose file already carries the same model id, point count and token order is skipped.
     """
     from moca3d.training.checkpoints import atomic_save_tensors, read_metadata
 
+    if token_order not in TOKEN_ORDERS:
+        raise ConfigError(f"token_order must be one of {', '.join(TOKEN_ORDERS)}, got {token_order!r}")
     entries = read_manifest(data_dir)
     done = skipped = 0
     iterator = entries
@@ -565,12 +569,12 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
                 meta = read_metadata(path)
             except Exception:
                 meta = {}
-            if meta.get("model") == model_id and meta.get("num_points") == str(num_points):
+            if (meta.get("model"), meta.get("num_points"), meta.get("token_order", "fps")) == (model_id, str(num_points), token_order):
                 skipped += 1
                 continue
         surface = torch.from_numpy(load_samples(data_dir, e["id"])["surface"]).float()
-        latents = encode_latents(model, surface, num_points, batch_size)  # (N, L, C)
-        meta = {"asset_id": e["id"], "num_components": str(latents.shape[0]), "names": json.dumps(e.get("names", [])),
+        latents = encode_latents(model, surface, num_points, batch_size, token_order)  # (N, L, C)
+        meta = {"token_order": token_order, "asset_id": e["id"], "num_components": str(latents.shape[0]), "names": json.dumps(e.get("names", [])),
                 "num_latents": str(latents.shape[1]), "latent_channels": str(latents.shape[2]),
                 "model": model_id, "num_points": str(num_points), "kind": "posterior_mean"}
         atomic_save_tensors({"latents": latents.contiguous()}, path, metadata=meta)
