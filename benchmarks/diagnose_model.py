@@ -36,7 +36,7 @@ def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
     The condition is (1, M, D) for an object model and (1, N, M, D) for a scene model (each instance
     on its own mask; scenes with an instance hidden in the render are skipped, as in evaluate-scenes).
     """
-    from moca3d.data.dataset import load_cached_latents, read_manifest
+    from moca3d.data.dataset import load_cached_latents, read_manifest, require_token_order
     from moca3d.data.scene import component_masks
     from moca3d.geometry.mesh_io import load_components
 
@@ -45,9 +45,7 @@ def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
         asset = root / "assets" / rec["id"]
         if rec["num_components"] <= max_parts and (asset / "latents.safetensors").is_file():
             z, order = load_cached_latents(asset / "latents.safetensors")
-            if pipe.transformer.token_order == "canonical" and order != "canonical":
-                raise SystemExit(f"{asset}: latents in {order!r} token order, the model expects {pipe.transformer.token_order!r}"
-                                 f" (moca3d encode-dataset --token-order {pipe.transformer.token_order} --overwrite)")
+            require_token_order(pipe.transformer.token_order, order, str(asset))
             z = pipe.vae.normalize_latents(z)
             gt = load_components(asset / "mesh.glb")[0]
             if pipe.is_scene_model:

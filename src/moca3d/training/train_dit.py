@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
-from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest
+from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest, require_token_order
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
     load_image,
@@ -480,10 +480,7 @@ def train(
     latent_shape = tuple(data.latents[0].shape[1:])
     by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
-    if model.transformer.token_order == "canonical" and data.token_order != "canonical":  # else any order works
-        raise ConfigError(f"the transformer expects latent tokens in {model.transformer.token_order!r} order, the cached latents"
-                          f" are in {data.token_order!r} order: run `moca3d encode-dataset --token-order"
-                          f" {model.transformer.token_order} --overwrite`")
+    require_token_order(model.transformer.token_order, data.token_order, str(data_dir))
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.attention_backend is not None:  # every block shares this config; the saved model config is not touched
         model.transformer.attention_config.backend = cfg.attention_backend
