@@ -31,10 +31,11 @@ from benchkit import print_table, write_json
 
 
 def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
-    """(id, GT meshes, unit-scale latents (N, L, C), condition) of the first `count` assets with latents.
+    """(id, GT meshes, unit-scale latents (N, L, C), condition, transformer kwargs) of the first `count` assets with latents.
 
     The condition is (1, M, D) for an object model and (1, N, M, D) for a scene model (each instance
-    on its own mask; scenes with an instance hidden in the render are skipped, as in evaluate-scenes).
+    on its own mask; scenes with an instance hidden in the render are skipped, as in evaluate-scenes); the
+    kwargs hold the masks' layout (1, N, 8) for a transformer with `layout_features`, else nothing.
     """
     from moca3d.data.dataset import load_cached_latents, read_manifest, require_token_order
     from moca3d.data.scene import component_masks
@@ -52,10 +53,10 @@ def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
                 masks = component_masks(asset / "mask.png", len(gt))  # (N, H, W)
                 if not masks.any(axis=(1, 2)).all():
                     continue
-                cond = pipe.encode_scene(asset / "render.png", masks)
+                cond, layout = pipe.scene_condition(asset / "render.png", masks)
             else:
-                cond = pipe.encode_image(asset / "render.png")
-            out.append((rec["id"], gt, z, cond))
+                cond, layout = pipe.encode_image(asset / "render.png"), None
+            out.append((rec["id"], gt, z, cond, {} if layout is None else {"layout": layout}))
         if len(out) == count:
             break
     if not out:
@@ -101,19 +102,20 @@ def condition_use(pipe, assets, times, seed: int) -> list[dict]:
     rows = []
     for t in times:
         losses = {"right": [], "zero": [], "wrong": []}
-        for i, (_, _, z, _) in enumerate(assets):
+        for i, (_, _, z, _, extra) in enumerate(assets):
             z0 = z[None]  # (1, N, L, C)
             noise = torch.randn(z0.shape, generator=g)
             ids = pipe.transformer.sample_ids(1, z0.shape[1], g, pipe.device)
             tt = torch.tensor([t])
             zt = flow.interpolate(z0, noise, tt)
+            shifted = {k: v.roll(1, dims=1) for k, v in extra.items()}  # a scene's layout moves with its masks
             if conds[i].dim() == 4:  # scene: instance j on mask j+1 of the same scene
                 other = conds[i].roll(1, dims=1) if z0.shape[1] > 1 else torch.zeros_like(conds[i])
             else:
                 other = conds[(i + 1) % len(conds)] if len(conds) > 1 else torch.zeros_like(conds[i])
-            for key, cond in (("right", conds[i]), ("zero", torch.zeros_like(conds[i])), ("wrong", other)):
+            for key, cond, kw in (("right", conds[i], extra), ("zero", torch.zeros_like(conds[i]), extra), ("wrong", other, shifted)):
                 with torch.no_grad():
-                    pred = pipe.transformer(zt, tt, cond, ids=ids)
+                    pred = pipe.transformer(zt, tt, cond, ids=ids, **kw)
                 losses[key].append(flow.flow_loss(pred, z0, noise).item())
         rows.append({"t": t, **{f"loss_{k}": float(np.mean(v)) for k, v in losses.items()}})
     return rows
@@ -126,7 +128,7 @@ def sdedit(pipe, assets, starts, steps: int, guidance: float, resolution: int, s
     rows = []
     for t0 in starts:
         scores = []
-        for k, (_, gt, z, cond) in enumerate(assets):
+        for k, (_, gt, z, cond, extra) in enumerate(assets):
             g = torch.Generator().manual_seed(seed + k)
             z0 = z[None]  # (1, N, L, C)
             ids = pipe.transformer.sample_ids(1, z0.shape[1], g, pipe.device)
@@ -134,7 +136,7 @@ def sdedit(pipe, assets, starts, steps: int, guidance: float, resolution: int, s
             zt = flow.interpolate(z0, torch.randn(z0.shape, generator=g), ts[:1])
             with torch.no_grad():
                 for i in range(len(ts) - 1 if t0 > 0 else 0):
-                    v = flow.guided_velocity(pipe.transformer, zt, ts[i:i + 1], cond, torch.zeros_like(cond), guidance, ids=ids)
+                    v = flow.guided_velocity(pipe.transformer, zt, ts[i:i + 1], cond, torch.zeros_like(cond), guidance, ids=ids, **extra)
                     zt = zt + (ts[i + 1] - ts[i]) * v
             scores.append(fscore(pipe, zt[0], gt, resolution, points))
         rows.append(score_rows("t0", t0, scores))
@@ -146,7 +148,7 @@ def decoder_robustness(pipe, assets, sigmas, resolution: int, seed: int, points:
     rows = []
     for sigma in sigmas:
         scores = []
-        for k, (_, gt, z, _) in enumerate(assets):
+        for k, (_, gt, z, _, _) in enumerate(assets):
             g = torch.Generator().manual_seed(seed + k)
             scores.append(fscore(pipe, z + sigma * torch.randn(z.shape, generator=g), gt, resolution, points))
         rows.append(score_rows("sigma", sigma, scores))

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
-from moca3d.data.scene import component_masks, load_masks, scene_conditions
+from moca3d.data.scene import component_masks, load_masks, mask_layout, scene_conditions
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.inside import QueryConfig
 from moca3d.geometry.render import RenderConfig
@@ -121,6 +121,28 @@ def test_scene_conditions_crop_image_and_masks_together():
 
 
 # ----------------------------------------------------------------------------- widening and LoRA
+
+
+def test_mask_layout_of_known_boxes():
+    """Centroid, box and sqrt(area share) in the crop's [-1, 1] frame (pixel centres), exact for a box; soft
+    pixels weight the centroid but count in the box; an empty mask gives zeros, visible flag included."""
+    S = 8
+    masks = torch.zeros(2, 3, S, S)
+    masks[0, 0, 2:4, 4:8] = 1.0  # rows 2-3, columns 4-7
+    masks[0, 1, 0, 0] = 1.0
+    masks[0, 1, 0, 2] = 0.5
+    layout = mask_layout(masks)  # (2, 3, 8)
+    assert layout.shape == (2, 3, 8)
+    centre = lambda i: (i + 0.5) / S * 2 - 1
+    expected = [1.0, 0.5, -0.25, centre(4), centre(2), centre(7), centre(3), (8 / 64) ** 0.5]
+    torch.testing.assert_close(layout[0, 0], torch.tensor(expected), atol=1e-6, rtol=0)
+    cx = (centre(0) * 1.0 + centre(2) * 0.5) / 1.5
+    soft = [1.0, cx, centre(0), centre(0), centre(0), centre(2), centre(0), (1.5 / 64) ** 0.5]
+    torch.testing.assert_close(layout[0, 1], torch.tensor(soft), atol=1e-6, rtol=0)
+    assert torch.equal(layout[0, 2], torch.zeros(8)) and torch.equal(layout[1], torch.zeros(3, 8))
+    flipped = mask_layout(masks.flip(-1))[0, 0]  # mirrored in x: x features negate and swap, y unchanged
+    torch.testing.assert_close(flipped[[1, 3, 5]], -layout[0, 0, [1, 5, 3]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(flipped[[0, 2, 4, 6, 7]], layout[0, 0, [0, 2, 4, 6, 7]], atol=1e-6, rtol=0)
 
 
 def _encoder() -> ImageEncoder:
@@ -413,3 +435,38 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
     assert all(0.0 <= row["iou"] <= 1.0 and row["placement_error"] >= 0.0 for row in report["instances"])
     assert report["median"]["iou"] == pytest.approx(float(np.median([row["iou"] for row in report["instances"]])))
     assert json.loads((tmp_path / "eval.json").read_text())["median"] == report["median"]
+
+
+def test_scene_finetune_with_a_mask_layout_embedding(scenes, tmp_path):
+    """`transformer: {layout_features: 8}` adds the mask-layout embedding to a pipeline without one: the loaded model
+    starts as the original (zero output layer, 1e-5), the embedding trains, and generation and diagnosis pass it."""
+    from moca3d.training.train_dit import build_scene_models
+
+    root, obj = scenes
+    recipe = scene_recipe(obj, steps=2, transformer={"layout_features": 8})
+    start = build_scene_models(recipe, (16, 4)).transformer.eval()
+    plain = MoCAPipeline.from_pretrained(obj).transformer.eval()
+    torch.nn.init.normal_(plain.proj_out.weight, std=0.1)  # an untrained pipeline's zero output would hide a difference
+    start.proj_out.weight.data.copy_(plain.proj_out.weight)
+    g = torch.Generator().manual_seed(0)
+    x, t, cond = torch.randn(1, 3, 16, 4, generator=g), torch.rand(1, generator=g), torch.randn(1, 3, 5, plain.config.cond_dim, generator=g)
+    ids = plain.sample_ids(1, 3, g)
+    with torch.no_grad():
+        torch.testing.assert_close(start(x, t, cond, ids=ids, layout=torch.rand(1, 3, 8)), plain(x, t, cond, ids=ids), atol=1e-5, rtol=0)
+
+    result = train(root, tmp_path / "run", recipe, device="cpu", progress=False)
+    assert result["steps"] == 2
+    pipe = MoCAPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.transformer.config.layout_features == 8 and pipe.transformer.layout_embed.linear_2.weight.abs().sum() > 0
+    folder, n = _visible_scene(root)
+    cond, layout = pipe.scene_condition(folder / "render.png", folder / "mask.png")
+    assert cond.shape[:2] == (1, n) and layout.shape == (1, n, 8) and torch.all(layout[..., 0] == 1)
+    out = pipe.generate_scene(folder / "render.png", folder / "mask.png", steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
+    assert len(out.meshes) == n
+
+    from test_benchmarks import load  # benchmarks/*.py as modules
+
+    report = load("diagnose_model").main([str(root), "--model", str(tmp_path / "run" / "pipeline"), "--count", "1", "--times", "0.9",
+                            "--sdedit", "0.5", "--noise", "0", "--steps", "2", "--resolution", "16", "--metric-points", "500"])
+    (loss,) = report["condition_use"]
+    assert report["scene_model"] and all(np.isfinite(v) for v in loss.values())

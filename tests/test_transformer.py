@@ -217,3 +217,28 @@ def test_tokens_are_exchangeable_without_token_positions_and_ordered_with_them()
     config = dict(positions.config)
     assert MoCATransformer.from_config(config).config.token_positions is True
     assert MoCATransformer.from_config({k: v for k, v in config.items() if k != "token_positions"}).token_embedding is None
+
+
+def test_layout_embedding_starts_as_the_model_without_it_and_stays_equivariant():
+    """A layout embedding (scene mask boxes) starts at zero output, so the model equals the one without it (1e-5);
+    once trained it moves the velocity, permutes with its components, and a missing or stray layout is an error."""
+    x, t, c = inputs(N=4)
+    layout = torch.rand(2, 4, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    plain = tiny_model()
+    boxed = tiny_model(layout_features=8)
+    missing, unexpected = boxed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("layout_embed.") for k in missing)
+    ids = plain.sample_ids(2, 4, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(boxed(x, t, c, ids=ids, layout=layout), plain(x, t, c, ids=ids), atol=ATOL, rtol=0)
+        torch.nn.init.normal_(boxed.layout_embed.linear_2.weight, std=0.1)  # as after training
+        y = boxed(x, t, c, ids=ids, layout=layout)
+        assert (y - plain(x, t, c, ids=ids)).abs().max() > 1e-3
+        perm = torch.tensor([2, 0, 3, 1])
+        torch.testing.assert_close(boxed(x[:, perm], t, c, ids=ids[:, perm], layout=layout[:, perm]), y[:, perm], atol=ATOL, rtol=0)
+    with pytest.raises(InputError, match="layout features"):
+        boxed(x, t, c, ids=ids)
+    with pytest.raises(InputError, match="layout features"):
+        boxed(x, t, c, ids=ids, layout=layout[:, :, :5])
+    with pytest.raises(InputError, match="layout features"):
+        plain(x, t, c, ids=ids, layout=layout)

@@ -21,7 +21,7 @@ from moca3d import flow
 from moca3d.errors import CheckpointError, InputError
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
-from moca3d.data.scene import MasksLike, load_masks, scene_conditions
+from moca3d.data.scene import MasksLike, load_masks, mask_layout, scene_conditions
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, ImageLike, input_channels, load_image, preprocess_image
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
@@ -157,8 +157,12 @@ class MoCAPipeline:
     def generate_latents(
         self, cond: torch.Tensor, num_parts: int, steps: int = 50, guidance: float = 7.0, seed: int = 0,
         shift: Optional[float] = None, progress: Optional[Callable[[int, int], None]] = None,
+        layout: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Sample (1, N, L, C) latents for `num_parts` components under `cond` (1, M, D) or (1, N, M, D)."""
+        """Sample (1, N, L, C) latents for `num_parts` components under `cond` (1, M, D) or (1, N, M, D).
+
+        `layout` (1, N, F): per-component features for a transformer with `layout_features` (`scene_condition`'s).
+        """
         cfg = self.transformer.config
         if num_parts < 1:
             raise InputError(f"the number of parts must be >= 1, got {num_parts}")
@@ -167,9 +171,10 @@ class MoCAPipeline:
         g = torch.Generator().manual_seed(seed)
         ids = self.transformer.sample_ids(1, num_parts, g, self.device)
         uncond = torch.zeros_like(cond)
+        extra = {} if layout is None else {"layout": layout.to(self.device)}  # kept in the unconditional pass, as in training
         return flow.sample(
             self.transformer, cond, (1, num_parts, cfg.num_latents, cfg.in_channels), uncond=uncond, steps=steps,
-            guidance=guidance, shift=shift, generator=g, scheduler=self.scheduler, progress=progress, ids=ids,
+            guidance=guidance, shift=shift, generator=g, scheduler=self.scheduler, progress=progress, ids=ids, **extra,
         )
 
     @staticmethod
@@ -203,18 +208,18 @@ class MoCAPipeline:
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
-        return self._generate(lambda: self.encode_image(image), num_parts, "part", steps, guidance, seed, shift, resolution, show_progress)
+        return self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution, show_progress)
 
     def _generate(self, encode, num: Optional[int], prefix: str, steps, guidance, seed, shift, resolution, show_progress) -> MoCAOutput:
-        """Condition (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
+        """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
         from rich.progress import Progress
 
         with Progress(disable=not show_progress, transient=True) as bar:
-            cond = encode()  # (1, M, D) shared, or (1, N, M, D) per component
+            cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num
             task = bar.add_task("sampling", total=steps)
             latents = self.generate_latents(
-                cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i)
+                cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i), layout=layout
             )[0]
             task = bar.add_task("decoding", total=num)
             meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
@@ -229,8 +234,9 @@ class MoCAPipeline:
         return input_channels(self.image_encoder) == SCENE_CHANNELS
 
     @torch.no_grad()
-    def encode_scene(self, image: ImageLike, masks: MasksLike) -> torch.Tensor:
-        """Scene image and instance masks -> per-instance condition tokens (1, N, M, D).
+    def scene_condition(self, image: ImageLike, masks: MasksLike) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Scene image and instance masks -> per-instance condition tokens (1, N, M, D) and, for a transformer
+        with `layout_features`, the masks' layout (1, N, 8) (else None).
 
         `masks`: a label map (path or (H, W) int array, 0 = background), a folder of binary masks,
         or a list / (N, H, W) stack of binary masks; see moca3d.data.scene for order and overlaps.
@@ -240,14 +246,19 @@ class MoCAPipeline:
         im = load_image(image)
         masks = load_masks(masks, image_size=im.size, max_instances=self.transformer.max_components)  # (N, H, W)
         pixels = scene_conditions(im, masks, self.image_encoder.image_size).to(self.device)  # (N, 7, S, S)
-        return self.image_encoder(pixels)[None]  # (1, N, M, D)
+        layout = mask_layout(pixels[None, :, -1]) if self.transformer.config.layout_features else None  # (1, N, 8)
+        return self.image_encoder(pixels)[None], layout  # (1, N, M, D)
+
+    def encode_scene(self, image: ImageLike, masks: MasksLike) -> torch.Tensor:
+        """Scene image and instance masks -> per-instance condition tokens (1, N, M, D) (see `scene_condition`)."""
+        return self.scene_condition(image, masks)[0]
 
     def generate_scene(
         self, image: ImageLike, masks: MasksLike, steps: int = 50, guidance: float = 7.0, seed: int = 0,
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""
-        return self._generate(lambda: self.encode_scene(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)
+        return self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)
 
 
 def _is_dino(encoder) -> bool:

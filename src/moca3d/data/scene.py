@@ -10,6 +10,8 @@ Scene preprocessing: one square crop for the whole scene, around the union of th
 geometry as `preprocess_image` with an explicit box), then per instance i the stack
 [scene RGB outside instance i turned white (3), scene RGB (3), mask of i (1)]: (N, 7, S, S).
 Masks are resized by area averaging, so an instance smaller than a pixel keeps a soft trace.
+`mask_layout` sums each cropped mask up as 8 numbers (centroid, box, size) for a transformer with
+`layout_features`: where the instance sits in the image, handed to its tokens directly.
 """
 
 from __future__ import annotations
@@ -177,6 +179,34 @@ def scene_inputs(image: ImageLike, masks: np.ndarray, size: int, padding: float 
 def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: float = SCENE_PADDING) -> torch.Tensor:
     """Scene image and (N, H, W) masks -> per-instance encoder inputs (N, 7, S, S) in [0, 1]."""
     return stack_conditions(*scene_inputs(image, masks, size, padding))
+
+
+LAYOUT_FEATURES = 8  # mask_layout's features per instance
+
+
+def mask_layout(masks: torch.Tensor) -> torch.Tensor:
+    """Soft masks (..., S, S) in [0, 1] -> each mask's layout (..., 8) in the crop's [-1, 1] frame:
+    [visible, centroid x, centroid y, box x0, y0, x1, y1, sqrt(area share)]; all zero for an empty mask."""
+    S = masks.shape[-1]
+    w = masks.float()
+    mass = w.sum(dim=(-2, -1))  # (...)
+    visible = mass > 0
+    coords = (torch.arange(S, dtype=w.dtype, device=w.device) + 0.5) / S * 2 - 1  # pixel centres, (S,)
+    safe = mass.clamp_min(1e-12)
+    cx = (w.sum(dim=-2) * coords).sum(-1) / safe  # columns: x
+    cy = (w.sum(dim=-1) * coords).sum(-1) / safe  # rows: y (down)
+
+    def extent(profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        on = profile > 0  # (..., S)
+        lo = torch.where(on, coords, torch.full_like(coords, 2.0)).amin(-1)
+        hi = torch.where(on, coords, torch.full_like(coords, -2.0)).amax(-1)
+        return lo, hi
+
+    x0, x1 = extent(w.amax(dim=-2))
+    y0, y1 = extent(w.amax(dim=-1))
+    area = (mass / (S * S)).sqrt()
+    out = torch.stack([visible.to(w.dtype), cx, cy, x0, y0, x1, y1, area], dim=-1)  # (..., 8)
+    return out * visible[..., None].to(w.dtype)
 
 
 # ----------------------------------------------------------------------------- prepared scenes

@@ -4,7 +4,7 @@ Data flow of one forward pass, for B samples of N components with L latents each
 
     latents (B, N, L, C) --proj_in--> z (B, N, L, D)            [+ timestep token or embedding]
     pack: p_i, pbar_i = CrossAttn([p; pbar], z_i, z_i)           (B, N, Np + 1, D)
-    x_i = [z_i ; p_i ; pbar_i] + e[id_i]                          (B, N, T, D), T = Lz + Np + 1
+    x_i = [z_i ; p_i ; pbar_i] + e[id_i] (+ layout_i)             (B, N, T, D), T = Lz + Np + 1
     blocks: local (masked, within a component) / global (MoC)    self-attention, cross-attention
             to the condition tokens, FFN; optional long skips
     norm_out, proj_out on the z tokens -> velocity (B, N, L, C)
@@ -88,6 +88,26 @@ class CrossAttention(nn.Module):
             v = self.to_v(cond).view(B * N, M, H, d).transpose(1, 2)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, T, D)
         return self.to_out(out)
+
+
+class LayoutEmbedding(nn.Module):
+    """Per-component layout features (B, N, F) (a scene instance's mask box) -> (B, N, D), added to its tokens.
+
+    Features and their Fourier features sin/cos(2^k pi f), k < num_freqs, through a two-layer MLP whose
+    output layer starts at zero, so a model fine-tuned with it starts as the one without.
+    """
+
+    def __init__(self, num_features: int, dim: int, num_freqs: int = 6):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32), persistent=False)
+        self.linear_1 = nn.Linear(num_features * (1 + 2 * num_freqs), dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, layout: torch.Tensor) -> torch.Tensor:
+        """(B, N, F) -> (B, N, D)."""
+        args = layout.float()[..., None] * self.freqs  # (B, N, F, K)
+        h = torch.cat([layout.float(), args.sin().flatten(-2), args.cos().flatten(-2)], dim=-1)  # (B, N, F (1 + 2K))
+        return self.linear_2(F.silu(self.linear_1(h.to(self.linear_1.weight.dtype))))
 
 
 class ComponentPacker(nn.Module):
@@ -202,12 +222,16 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         time_act: str = "silu",
         time_sin_first: bool = False,
         token_positions: bool = False,
+        layout_features: int = 0,
     ):
         """`id_assignment`: "random" (distinct draws, DESIGN §3) or "sequential" (ids 0..N-1, PartCrafter).
 
         `token_positions`: a learned embedding per token index within a component (TripoSG has none, so the
         model is permutation-equivariant in tokens); it only helps latents in a consistent order, cached with
         `token_order` "canonical" (see `MoCATransformer.token_order`).
+
+        `layout_features`: F > 0 adds a `LayoutEmbedding` of per-component features (B, N, F) to each
+        component's tokens; scene models take F = 8, `moca3d.data.scene.mask_layout` of the instance masks.
 
         `time_*` shape the timestep MLP (defaults: 256 cos/sin features, SiLU, hidden = width); a converted
         TripoSG uses width features, [sin, cos], GELU and hidden = 4 * width (see moca3d.convert.triposg).
@@ -233,6 +257,7 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         self.packer = ComponentPacker(width, num_heads, self.num_compressed)
         self.id_embedding = nn.Embedding(id_codebook_size, width)
         self.token_embedding = nn.Parameter(torch.empty(num_latents, width)) if token_positions else None
+        self.layout_embed = LayoutEmbedding(layout_features, width) if layout_features > 0 else None
         half = num_layers // 2
         self.blocks = nn.ModuleList(
             MoCABlock(
@@ -247,7 +272,7 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier for linear layers, small normal for embeddings, zero output projection."""
+        """Xavier for linear layers, small normal for embeddings, zero output projection and layout output."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module is not self.proj_out:
                 nn.init.xavier_uniform_(module.weight)
@@ -263,6 +288,8 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        if self.layout_embed is not None:
+            nn.init.zeros_(self.layout_embed.linear_2.weight)
 
     @property
     def max_components(self) -> int:
@@ -293,16 +320,22 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         ids: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         routing_seeds: Optional[torch.Tensor] = None,
+        layout: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Velocity v(Z_t, t, c): latents (B, N, L, C), timestep (B,) in [0, 1] -> (B, N, L, C).
 
         Training routing draws from `routing_seeds` (B,) per sample when given, else from `generator`.
+        `layout` (B, N, F): per-component features, required by (and only by) a model with `layout_features`.
         """
         if latents.dim() != 4:
             raise InputError(f"latents must be (B, N, L, C), got {tuple(latents.shape)}")
         B, N, L, C = latents.shape
         if L != self.config.num_latents or C != self.config.in_channels:
             raise InputError(f"latents have L={L}, C={C}; the model expects L={self.config.num_latents}, C={self.config.in_channels}")
+        F_layout = self.config.layout_features
+        if (layout is None) != (F_layout == 0) or (layout is not None and tuple(layout.shape) != (B, N, F_layout)):
+            got = "none" if layout is None else tuple(layout.shape)
+            raise InputError(f"the model takes layout features of shape (B, N, F) = {(B, N, F_layout) if F_layout else 'none'}, got {got}")
         if ids is None:
             ids = self.sample_ids(B, N, generator, latents.device)
         timestep = timestep.to(latents.device).reshape(-1).expand(B)
@@ -314,6 +347,8 @@ class MoCATransformer(ModelMixin, ConfigMixin):
             z = torch.cat([temb[:, None, None].expand(B, N, 1, -1).to(z.dtype), z], dim=2)  # (B, N, L+1, D)
         x = torch.cat([z, self.packer(z)], dim=2)  # (B, N, T, D)
         x = x + self.id_embedding(ids)[:, :, None]
+        if self.layout_embed is not None:
+            x = x + self.layout_embed(layout).to(x.dtype)[:, :, None]
         Np = self.num_compressed
         if routing_seeds is None and generator is not None and self.training:
             routing_seeds = torch.randint(0, 2**62, (B,), generator=generator)

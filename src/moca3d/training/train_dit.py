@@ -30,6 +30,7 @@ import torch.nn as nn
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest, require_token_order
+from moca3d.data.scene import mask_layout
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
     load_image,
@@ -263,7 +264,10 @@ class SceneGenerator(Generator):
         cond = tokens.new_zeros(B, N, *tokens.shape[1:])
         cond[component_mask] = tokens  # (B, N, M, D)
         cond = cond * (~drop).view(-1, 1, 1, 1).to(cond.dtype)
-        return self.transformer(latents, timestep, cond, component_mask=component_mask, ids=ids, routing_seeds=routing_seeds)
+        # the mask layout is structure, like N: kept when the condition is dropped (and at sampling's unconditional pass)
+        layout = mask_layout(images[:, :, -1]) if self.transformer.config.layout_features else None  # (B, N, 8)
+        return self.transformer(latents, timestep, cond, component_mask=component_mask, ids=ids, routing_seeds=routing_seeds,
+                                layout=layout)
 
 
 def pretrained_encoder_folder(cfg: DiTTrainConfig) -> Path:
@@ -299,6 +303,8 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
             state["packer.queries"] = torch.cat([queries[:-1].repeat_interleave(factor, dim=0), queries[-1:]])
         if transformer.config.attention_mode != "moc":  # a MoCA checkpoint fine-tuned as dense / local-only
             state = {k: v for k, v in state.items() if ".router." not in k}  # has no router to load
+        if transformer.layout_embed is not None:  # a layout embedding added by the overrides starts at its (zero) init
+            state.update({k: v for k, v in transformer.state_dict().items() if k.startswith("layout_embed.") and k not in state})
         try:
             transformer.load_state_dict(state)
         except RuntimeError as err:
