@@ -438,11 +438,20 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
 
 
 def test_scene_finetune_with_a_mask_layout_embedding(scenes, tmp_path):
-    """`transformer: {layout_features: 8}` adds the mask-layout embedding to a pipeline without one: the loaded model
-    starts as the original (zero output layer, 1e-5), the embedding trains, and generation and diagnosis pass it."""
+    """`transformer: {layout_features: 8}` adds the mask-layout embedding to a pipeline without one (saved before the
+    option existed): the loaded model starts as the original (zero output layer, 1e-5), the embedding trains, and
+    generation and diagnosis pass it."""
+    import shutil
+
     from moca3d.training.train_dit import build_scene_models
 
     root, obj = scenes
+    old = tmp_path / "older_pipeline"  # its transformer config.json predates layout_features
+    shutil.copytree(obj, old)
+    config = json.loads((old / "transformer" / "config.json").read_text())
+    del config["layout_features"]
+    (old / "transformer" / "config.json").write_text(json.dumps(config))
+    obj = old
     recipe = scene_recipe(obj, steps=2, transformer={"layout_features": 8})
     start = build_scene_models(recipe, (16, 4)).transformer.eval()
     plain = MoCAPipeline.from_pretrained(obj).transformer.eval()

@@ -294,7 +294,10 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
         if unknown:
             raise ConfigError(f"unknown transformer config keys: {', '.join(unknown)}")
         state = transformer.state_dict()
-        transformer = MoCATransformer.from_config({**transformer.config, **cfg.transformer})
+        # without diffusers' private keys: `_use_default_values` (keys missing from an older config.json, such as a
+        # newer option) would make from_config drop the override of exactly those keys
+        saved = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        transformer = MoCATransformer.from_config({**saved, **cfg.transformer})
         # a longer latent set (the paper's L = 512 -> 1024 stage) needs more compressed queries:
         # repeat each learned query (the anchor query, last, stays single)
         queries, wanted = state["packer.queries"], transformer.packer.queries.shape[0]
