@@ -332,10 +332,11 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         B, N, L, C = latents.shape
         if L != self.config.num_latents or C != self.config.in_channels:
             raise InputError(f"latents have L={L}, C={C}; the model expects L={self.config.num_latents}, C={self.config.in_channels}")
-        F_layout = self.config.layout_features
-        if (layout is None) != (F_layout == 0) or (layout is not None and tuple(layout.shape) != (B, N, F_layout)):
-            got = "none" if layout is None else tuple(layout.shape)
-            raise InputError(f"the model takes layout features of shape (B, N, F) = {(B, N, F_layout) if F_layout else 'none'}, got {got}")
+        wanted = (B, N, self.config.layout_features)
+        if self.layout_embed is None and layout is not None:
+            raise InputError("this model takes no layout features (its layout_features is 0)")
+        if self.layout_embed is not None and (layout is None or tuple(layout.shape) != wanted):
+            raise InputError(f"the model takes layout features of shape {wanted}, got {None if layout is None else tuple(layout.shape)}")
         if ids is None:
             ids = self.sample_ids(B, N, generator, latents.device)
         timestep = timestep.to(latents.device).reshape(-1).expand(B)
