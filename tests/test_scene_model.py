@@ -13,10 +13,11 @@ from moca3d.pipeline import DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 TEST_STREAM, SCENE_OBJECTS = 4, (2, 8)
 HELD_OUT = [2, 3]  # 4 and 3 instances
 STEPS, RESOLUTION = 25, 96  # cheaper than the CLI's 50 steps / 128 cells; the README's table uses those
-# regression guards: measured scene F@0.1 0.275 (0.309, 0.240) and instance F@0.1 0.036 (0.048, 0.024), no empty
-# instance, with the free-space fine-tuned VAE decoder (0.288 / 0.034 with the first one); the model is weak (README: 70 CPU-minutes of fine-tuning; instances come out object-sized)
-MIN_SCENE_FSCORE = 0.2
-MIN_INSTANCE_FSCORE = 0.015
+# regression guards: measured scene F@0.1 0.218 (0.298, 0.137) and instance F@0.1 0.052 (0.073, 0.030), no empty
+# instance (the model before the mask-layout fine-tune: 0.289 / 0.034); the model is weak (README: instances roughly
+# in place but not yet their shapes)
+MIN_SCENE_FSCORE = 0.18
+MIN_INSTANCE_FSCORE = 0.03
 
 
 @pytest.fixture(scope="module")
