@@ -63,8 +63,10 @@ def build(config: dict, n: int, mode: str, device: torch.device, dtype: torch.dt
     x = torch.randn(1, n, L, C, generator=g).to(device, dtype)
     t = torch.rand(1, generator=g).to(device)
     cond = torch.randn(1, COND_TOKENS, config["cond_dim"], generator=g).to(device, dtype)
-    ids = model.sample_ids(1, n, torch.Generator().manual_seed(0), device)
-    return model, (x, t, cond), ids, SectionTimer(model, device)
+    kwargs = {"ids": model.sample_ids(1, n, torch.Generator().manual_seed(0), device)}
+    if config.get("layout_features"):  # a scene model's mask layout (1, N, F) in [-1, 1]
+        kwargs["layout"] = (torch.rand(1, n, config["layout_features"], generator=g) * 2 - 1).to(device)
+    return model, (x, t, cond), kwargs, SectionTimer(model, device)
 
 
 def bench_pair(config: dict, n: int, device: torch.device, dtype: torch.dtype, repeats: int) -> List[Dict]:
@@ -72,15 +74,15 @@ def bench_pair(config: dict, n: int, device: torch.device, dtype: torch.dtype, r
     setups = {mode: build(config, n, mode, device, dtype) for mode in ("moc", "dense")}
     runs: Dict[str, List[Dict]] = {mode: [] for mode in setups}
     with torch.no_grad():
-        for model, args, ids, _ in setups.values():
-            model(*args, ids=ids)  # warm-up
+        for model, args, kwargs, _ in setups.values():
+            model(*args, **kwargs)  # warm-up
         for _ in range(repeats):
-            for mode, (model, args, ids, timer) in setups.items():
+            for mode, (model, args, kwargs, timer) in setups.items():
                 timer.reset()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                model(*args, ids=ids)
+                model(*args, **kwargs)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 total = (time.perf_counter() - t0) * 1e3

@@ -104,12 +104,15 @@ def measure(spec: Dict) -> Dict:
     mask = torch.ones(B, N, dtype=torch.bool, device=device)  # every component real
     ids = model.sample_ids(B, N, g, device)  # (B, N)
     seeds = torch.arange(B) + SEED  # (B,) routing seeds
+    F = config.get("layout_features", 0)  # a scene model's mask layout: (B, N, F) in [-1, 1]
+    layout = (torch.rand(B, N, F, generator=g) * 2 - 1).to(device) if F else None
     autocast = torch.autocast(device.type, dtype=dtype) if spec["amp"] else nullcontext()
 
     def step(b: int = B, n: int = N) -> None:
         """Forward + flow loss + backward on the first b samples and n components."""
         with autocast:
-            pred = model(zt[:b, :n], t[:b], cond[:b], component_mask=mask[:b, :n], ids=ids[:b, :n], routing_seeds=seeds[:b])  # (b, n, L, C)
+            pred = model(zt[:b, :n], t[:b], cond[:b], component_mask=mask[:b, :n], ids=ids[:b, :n], routing_seeds=seeds[:b],
+                         layout=None if layout is None else layout[:b, :n])  # (b, n, L, C)
         flow_loss(pred, z0[:b, :n], noise[:b, :n], mask[:b, :n]).backward()
 
     warm_b, warm_n = (B, N) if device.type == "cuda" else (1, min(N, WARMUP_N_CPU))

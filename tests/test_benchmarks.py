@@ -40,7 +40,9 @@ def test_attention_benchmark_writes_required_keys(tmp_path):
 def test_forward_benchmark_writes_required_keys(tmp_path):
     out = tmp_path / "forward.json"
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps({"num_latents": 16, "in_channels": 4, "width": 32, "num_layers": 2, "num_heads": 2, "cond_dim": 16, "compression": 4}))
+    # a scene model's config (layout_features): the benchmark feeds it a mask layout
+    config.write_text(json.dumps({"num_latents": 16, "in_channels": 4, "width": 32, "num_layers": 2, "num_heads": 2, "cond_dim": 16, "compression": 4,
+                                  "layout_features": 8}))
     load("forward").main(["--n", "2", "3", "--config", str(config), "--repeats", "1", "--device", "cpu", "--json", str(out)])
     records = json.loads(out.read_text())["records"]
     assert {(r["n"], r["mode"]) for r in records} == {(2, "moca"), (2, "dense"), (3, "moca"), (3, "dense")}
@@ -57,7 +59,8 @@ def test_cpu_peak_memory_of_a_known_allocation():
 def test_memory_benchmark_writes_required_keys(tmp_path):
     out = tmp_path / "memory.json"
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps({"num_latents": 32, "in_channels": 8, "width": 64, "num_layers": 2, "num_heads": 2, "cond_dim": 16, "compression": 4}))
+    config.write_text(json.dumps({"num_latents": 32, "in_channels": 8, "width": 64, "num_layers": 2, "num_heads": 2, "cond_dim": 16, "compression": 4,
+                                  "layout_features": 8}))  # as the built-in scene model's: a mask layout is fed
     batches = [str(SMALL_BATCH), str(BIG_BATCH)]
     load("memory").main(["--n", "2", "--batch", *batches, "--config", str(config), "--threads", "1", "--device", "cpu", "--budget-gib", "1", "--json", str(out)])
     result = json.loads(out.read_text())
