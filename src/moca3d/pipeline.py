@@ -21,7 +21,7 @@ from moca3d import flow
 from moca3d.errors import CheckpointError, InputError
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
-from moca3d.data.scene import MasksLike, load_masks, mask_layout, scene_conditions
+from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, ImageLike, input_channels, load_image, preprocess_image
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
@@ -246,7 +246,7 @@ class MoCAPipeline:
         im = load_image(image)
         masks = load_masks(masks, image_size=im.size, max_instances=self.transformer.max_components)  # (N, H, W)
         pixels = scene_conditions(im, masks, self.image_encoder.image_size).to(self.device)  # (N, 7, S, S)
-        layout = mask_layout(pixels[None, :, -1]) if self.transformer.config.layout_features else None  # (1, N, 8)
+        layout = conditions_layout(pixels[None]) if self.transformer.config.layout_features else None  # (1, N, 8)
         return self.image_encoder(pixels)[None], layout  # (1, N, M, D)
 
     def encode_scene(self, image: ImageLike, masks: MasksLike) -> torch.Tensor:

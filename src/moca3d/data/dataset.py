@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
 
@@ -151,7 +151,5 @@ def common_token_order(orders: set[str], root: str | Path) -> str:
 def require_token_order(needed: str, found: str, where: str) -> None:
     """A one-line error when a transformer with token positions ("canonical") meets latents in another order."""
     if needed == "canonical" and found != "canonical":  # a model without positions takes any order
-        from moca3d.errors import ConfigError
-
         raise ConfigError(f"{where}: the transformer expects latent tokens in 'canonical' order, the cached latents are in"
                           f" {found!r} order: run `moca3d encode-dataset --token-order canonical --overwrite`")

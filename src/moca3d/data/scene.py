@@ -181,9 +181,6 @@ def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: fl
     return stack_conditions(*scene_inputs(image, masks, size, padding))
 
 
-LAYOUT_FEATURES = 8  # mask_layout's features per instance
-
-
 def mask_layout(masks: torch.Tensor) -> torch.Tensor:
     """Soft masks (..., S, S) in [0, 1] -> each mask's layout (..., 8) in the crop's [-1, 1] frame:
     [visible, centroid x, centroid y, box x0, y0, x1, y1, sqrt(area share)]; all zero for an empty mask."""
@@ -207,6 +204,11 @@ def mask_layout(masks: torch.Tensor) -> torch.Tensor:
     area = (mass / (S * S)).sqrt()
     out = torch.stack([visible.to(w.dtype), cx, cy, x0, y0, x1, y1, area], dim=-1)  # (..., 8)
     return out * visible[..., None].to(w.dtype)
+
+
+def conditions_layout(stacks: torch.Tensor) -> torch.Tensor:
+    """7-channel stacks (..., 7, S, S) of `stack_conditions` -> `mask_layout` of their mask channel (..., 8)."""
+    return mask_layout(stacks[..., -1, :, :])
 
 
 # ----------------------------------------------------------------------------- prepared scenes

@@ -105,8 +105,9 @@ class LayoutEmbedding(nn.Module):
 
     def forward(self, layout: torch.Tensor) -> torch.Tensor:
         """(B, N, F) -> (B, N, D)."""
-        args = layout.float()[..., None] * self.freqs  # (B, N, F, K)
-        h = torch.cat([layout.float(), args.sin().flatten(-2), args.cos().flatten(-2)], dim=-1)  # (B, N, F (1 + 2K))
+        f = layout.float()
+        args = f[..., None] * self.freqs  # (B, N, F, K)
+        h = torch.cat([f, args.sin().flatten(-2), args.cos().flatten(-2)], dim=-1)  # (B, N, F (1 + 2K))
         return self.linear_2(F.silu(self.linear_1(h.to(self.linear_1.weight.dtype))))
 
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest, require_token_order
-from moca3d.data.scene import mask_layout
+from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
     load_image,
@@ -265,7 +265,7 @@ class SceneGenerator(Generator):
         cond[component_mask] = tokens  # (B, N, M, D)
         cond = cond * (~drop).view(-1, 1, 1, 1).to(cond.dtype)
         # the mask layout is structure, like N: kept when the condition is dropped (and at sampling's unconditional pass)
-        layout = mask_layout(images[:, :, -1]) if self.transformer.config.layout_features else None  # (B, N, 8)
+        layout = conditions_layout(images) if self.transformer.config.layout_features else None  # (B, N, 8)
         return self.transformer(latents, timestep, cond, component_mask=component_mask, ids=ids, routing_seeds=routing_seeds,
                                 layout=layout)
 
