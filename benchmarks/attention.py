@@ -148,7 +148,7 @@ def print_records(records: List[Dict]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="component counts")
     p.add_argument("--L", type=int, default=None, help="latent tokens per component (default 256 CPU, 1024 GPU)")
     p.add_argument("--dim", type=int, default=None, help="model width (default 512 CPU, 2048 GPU)")

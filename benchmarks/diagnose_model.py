@@ -156,22 +156,25 @@ def decoder_robustness(pipe, assets, sigmas, resolution: int, seed: int, points:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="prepared dataset with cached latents (moca3d prepare + encode-dataset)")
     p.add_argument("--model", default=None, help="pipeline folder (default: the built-in model)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--split", default="train", help="split to diagnose (train: does it fit its own data?)")
+    p.add_argument("--count", type=int, default=8, help="first COUNT assets of the split")
     p.add_argument("--max-parts", type=int, default=32, help="skip assets with more components")
-    p.add_argument("--times", type=float, nargs="*", default=[0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
-    p.add_argument("--sdedit", type=float, nargs="*", default=[0.0, 0.3, 0.6, 0.9, 1.0])
-    p.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.1, 0.2, 0.3, 0.5])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--resolution", type=int, default=96)
+    p.add_argument("--times", type=float, nargs="*", default=[0.05, 0.2, 0.4, 0.6, 0.8, 0.95],
+                   help="flow times t at which the loss is compared: own condition, zero condition, another asset's")
+    p.add_argument("--sdedit", type=float, nargs="*", default=[0.0, 0.3, 0.6, 0.9, 1.0],
+                   help="start times t0: GT latents noised to t0, integrated back with the model, scored (1.0 = pure noise)")
+    p.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.1, 0.2, 0.3, 0.5],
+                   help="std of Gaussian noise added to the GT latents before decoding (the decoder's tolerance)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps over [0, 1] (SDEdit uses the same spacing)")
+    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--resolution", type=int, default=96, help="marching-cubes resolution per component")
     p.add_argument("--metric-points", type=int, default=METRIC_POINTS, help="points per fused surface for the F-score")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

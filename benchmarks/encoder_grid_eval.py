@@ -37,7 +37,7 @@ def fscore_of_cells(cells: torch.Tensor, centres: np.ndarray, surface: np.ndarra
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="prepared dataset (samples.npz and render.png per asset)")
     p.add_argument("--run", type=Path, required=True, help="a pretrain-encoder run folder (pretrain_config.json or --config, checkpoints/)")
     p.add_argument("--config", type=Path, default=None, help="its recipe (default: RUN/pretrain_config.json)")

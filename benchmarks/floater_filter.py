@@ -36,7 +36,7 @@ KEYS = ("fscore@0.1", "fscore@0.05", "chamfer", "self_iou", "num_empty")
 
 def main(argv=None) -> dict:
     """Run the sweep on the command line's (or `argv`'s) arguments; returns the report written as JSON."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="prepared dataset folder (moca3d prepare)")
     ap.add_argument("--model", default=None, help="pipeline folder (default: the built-in model)")
     ap.add_argument("--split", default="test")

@@ -98,7 +98,7 @@ def bench_pair(config: dict, n: int, device: torch.device, dtype: torch.dtype, r
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="component counts")
     p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: a mid-size CPU config)")
     p.add_argument("--device", default=None)

@@ -284,7 +284,7 @@ def _add_ratios(records: List[Dict]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--measure-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, nargs="+", default=DEFAULT_N, help="component counts")

@@ -34,7 +34,7 @@ def centroid(cells: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="prepared scenes (samples.npz, render.png and mask.png per scene)")
     p.add_argument("--run", type=Path, required=True, help="a scene pretrain-encoder run folder (pretrain_config.json, checkpoints/, grids)")
     p.add_argument("--split", default="test")

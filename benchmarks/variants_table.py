@@ -46,7 +46,7 @@ def training_summary(run: Path) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", default=[], help="NAME=RUN_FOLDER")
     p.add_argument("--eval", action="append", default=[], help="NAME=EVAL_JSON (repeatable per name)")
     p.add_argument("--json", default=None)

@@ -10,8 +10,10 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/
 fi
 # No system libraries are needed: rendering is CPU ray casting (trimesh + embreex wheels).
 # torch first, so nothing else pulls a multi-GB CUDA build; keep a GPU build if one is present.
+# pip's configured index decides which build: a CPU wheel where it offers one (as on this project's CI
+# machines); on stock PyPI set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU build.
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 "$PY" -m pip install -q -e ".[dev]"
 # The web demo's browser test (tests/test_app.py) drives Debian's chromium; playwright's own

@@ -15,7 +15,7 @@ import trimesh
 from PIL import Image
 from typer.testing import CliRunner
 
-from moca3d.errors import CheckpointError, InputError
+from moca3d.errors import CheckpointError, ConfigError, InputError
 from moca3d.models.image_encoder import preprocess_image
 from moca3d.pipeline import MoCAPipeline
 from moca3d.training.train_dit import DiTTrainConfig, LatentDataset, build_models, step_draws, train, training_loss
@@ -96,7 +96,6 @@ def test_latent_cache_round_trip_and_training_from_it(dataset, tmp_path):
     assert len(small) == sum(z.shape[0] <= few for z in data.latents) and all(z.shape[0] <= few for z in small.latents)
     with pytest.raises(InputError, match="not a moca3d latent cache"):
         LatentDataset.from_cache(vae_dir / "diffusion_pytorch_model.safetensors")
-    from moca3d.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cached images are 32 px"):
         LatentDataset.from_cache(cache, image_size=64)
@@ -111,7 +110,6 @@ def test_token_positions_train_on_canonical_latents_only(dataset, tmp_path):
     ones, from the folder and from a latent cache, which keeps the order; mixed orders are refused."""
     import shutil
 
-    from moca3d.errors import ConfigError
     from moca3d.models.vae import VecSetVAE
     from moca3d.training.train_vae import encode_dataset
 
@@ -165,7 +163,6 @@ def test_time_limited_schedule_ends_at_the_limit():
 
 def test_training_backend_override_is_not_saved(dataset, tmp_path):
     root, vae_dir = dataset
-    from moca3d.errors import ConfigError
 
     with pytest.raises(ConfigError, match="attention_backend"):
         tiny_recipe(attention_backend="fast")
@@ -216,11 +213,12 @@ def test_generate_cli_and_clear_errors(dataset, tmp_path):
         pipe(tmp_path / "blank.png", num_parts=2, steps=1, show_progress=False)
     with pytest.raises(CheckpointError, match="model_index.json"):
         MoCAPipeline.from_pretrained(tmp_path)
+    res = runner.invoke(app, ["evaluate-model", str(root), "--model", str(model), "--min-parts", "5", "--max-parts", "2"])
+    assert isinstance(res.exception, ConfigError) and "--min-parts 5 is above --max-parts 2" in str(res.exception)
 
 
 def test_train_cli_cache_attention_mode_and_time_limit(dataset, tmp_path):
     from moca3d.cli import app
-    from moca3d.errors import ConfigError
 
     root, vae_dir = dataset
     runner = CliRunner()
@@ -233,7 +231,10 @@ def test_train_cli_cache_attention_mode_and_time_limit(dataset, tmp_path):
     base = ["train", str(cache), "--config", str(recipe), "--vae", str(vae_dir), "--device", "cpu"]
     res = runner.invoke(app, base + ["-o", str(tmp_path / "bad"), "--attention-mode", "sparse"])
     assert isinstance(res.exception, ConfigError) and "--attention-mode must be one of" in str(res.exception)
-    res = runner.invoke(app, base + ["-o", str(tmp_path / "none"), "--attention-mode", "none", "--time-limit", "1e-6"])
+    res = runner.invoke(app, base[:4] + ["--device", "cpu", "--out", str(tmp_path / "novae")])
+    assert isinstance(res.exception, ConfigError) and "needs --vae" in str(res.exception)  # else no pipeline at the end
+    assert not (tmp_path / "novae").exists()
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "none"), "--attention-mode", "none", "--time-limit", "1e-6"])
     assert res.exit_code == 0, res.output
     assert "trained 1 steps" in res.output
     pipe = MoCAPipeline.from_pretrained(tmp_path / "none" / "pipeline")

@@ -47,7 +47,7 @@ def export_init(pipeline: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("archive", type=Path, help="<name>.tar from a GPU session, or with --export-init a pipeline folder")
     p.add_argument("--vae", type=Path, default=None, help="the VAE folder of the assembled pipeline")
     p.add_argument("--export-init", action="store_true", help="write an fp16 copy of the pipeline folder ARCHIVE instead")

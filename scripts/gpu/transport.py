@@ -64,7 +64,7 @@ def unpack(packed: Path, out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["pack", "unpack"])
     p.add_argument("source", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)

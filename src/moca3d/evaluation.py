@@ -9,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from moca3d.data.dataset import read_manifest
+from moca3d.errors import InputError
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig, evaluate_object, instance_metrics
 
@@ -16,6 +17,9 @@ from moca3d.metrics import MetricsConfig, evaluate_object, instance_metrics
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
     """The first `count` manifest records of `split` with low..high components (and of `kind`, if given)."""
     records = [r for r in read_manifest(root, split) if low <= r["num_components"] <= high and kind in (None, r.get("kind"))]
+    if not records:
+        what = "scenes" if kind == "scene" else "assets"
+        raise InputError(f"{root}: no {what} in the '{split}' split with {low}-{high} components")
     return records[:count] if count is not None else records
 
 

@@ -50,6 +50,12 @@ class MoCAOutput:
         return save_glb(path, self.meshes, self.names)
 
 
+def _one_line(err: Exception) -> str:
+    """An exception as one short line (libraries' messages can span pages)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _check_finite(model: torch.nn.Module, where: Path) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -82,23 +88,36 @@ class MoCAPipeline:
         if not (root / "model_index.json").is_file():
             hint = " (the built-in model is not installed)" if path is None else ""
             raise CheckpointError(f"{root}: not a moca3d pipeline folder, model_index.json missing{hint}")
-        index = json.loads((root / "model_index.json").read_text())
+        try:
+            index = json.loads((root / "model_index.json").read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{root / 'model_index.json'}: corrupt JSON ({err})") from None
         parts = {}
         for name, klass in COMPONENTS.items():
             sub = root / name
             if not sub.is_dir():
                 raise CheckpointError(f"{root}: component folder '{name}/' missing")
-            if name == "image_encoder" and index.get(name, [None])[0] == "transformers":
-                from moca3d.models.dino import DINOv2Encoder  # converted TripoSG / PartCrafter folders
+            if not any(sub.glob("*.safetensors")):
+                raise CheckpointError(f"{sub}: no weights (*.safetensors) in the component folder")
+            try:
+                if name == "image_encoder" and index.get(name, [None])[0] == "transformers":
+                    from moca3d.models.dino import DINOv2Encoder  # converted TripoSG / PartCrafter folders
 
-                model = DINOv2Encoder.from_pretrained(sub)
-            else:
-                model = klass.from_pretrained(sub)
+                    model = DINOv2Encoder.from_pretrained(sub)
+                else:
+                    model = klass.from_pretrained(sub)
+            except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # corrupt config, weights or shapes
+                raise CheckpointError(f"{sub}: cannot load the {name} ({_one_line(err)})") from None
             _check_finite(model, sub)
             parts[name] = model.to(device)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler") if (root / "scheduler").is_dir() else None
+        scheduler = None
+        if (root / "scheduler").is_dir():
+            try:
+                scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({_one_line(err)})") from None
         return cls(scheduler=scheduler, **parts)
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
@@ -148,6 +167,8 @@ class MoCAPipeline:
     @torch.no_grad()
     def encode_image(self, image: ImageLike) -> torch.Tensor:
         """Image -> condition tokens (1, M, D)."""
+        if self.is_scene_model:
+            raise InputError("this is a scene model (7-channel image encoder): it needs instance masks (generate_scene, `moca3d generate-scene`)")
         if _is_dino(self.image_encoder):  # DINOv2: its own preprocessing (resize 256, crop 224, ImageNet norm)
             return self.image_encoder.encode(load_image(image)).to(self.device)
         pixels = preprocess_image(image, self.image_encoder.image_size).to(self.device)

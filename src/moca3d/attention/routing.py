@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moca3d.attention.config import MoCAttentionConfig
 

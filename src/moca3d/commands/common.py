@@ -13,6 +13,7 @@ from moca3d.errors import ConfigError
 
 
 MIN_RESOLUTION = 16  # smallest marching-cubes grid a generation verb accepts
+MAX_RESOLUTION = 1024  # largest: a 1024^3 grid of float32 field values is already 4 GiB per component
 
 
 def resolve_device(name: str) -> str:
@@ -26,6 +27,22 @@ def resolve_device(name: str) -> str:
     if name != "cpu" and not name.startswith("cuda") and name != "mps":
         raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N)")
     return name
+
+
+def check_generation_args(steps: int, resolution: int, guidance: float, output: Path) -> None:
+    """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
+    import math
+
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise ConfigError(f"--resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}")
+    if not math.isfinite(guidance):
+        raise ConfigError(f"--guidance must be a finite number, got {guidance}")
+    if output.suffix.lower() != ".glb":
+        raise ConfigError(f"--output must be a .glb file (one named node per component), got {output}")
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder: give a .glb file path")
 
 
 def save_generation(result, output: Path, noun: str, started: float) -> None:

@@ -11,7 +11,7 @@ import typer
 
 def prepare_command(
     input: Optional[Path] = typer.Argument(None, help="Folder of meshes: each file (components = scene nodes) or sub-folder (one file per component) is an asset."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dataset root to create or resume."),
+    out: Path = typer.Option(..., "--output", "--out", "-o", help="Dataset root to create or resume."),
     procedural: Optional[str] = typer.Option(None, help="Generate 'objects' or 'scenes' instead of reading INPUT."),
     count: int = typer.Option(100, help="Number of procedural assets."),
     seed: int = typer.Option(0, help="Seed of the procedural stream and of all sampling."),
@@ -31,7 +31,7 @@ def prepare_command(
 ) -> None:
     """Turn meshes (or procedural assets) into a dataset: samples, SDF queries, renders, masks, manifest."""
     from moca3d.data.prepare import PrepareConfig, folder_jobs, prepare, procedural_jobs
-    from moca3d.errors import ConfigError
+    from moca3d.errors import ConfigError, InputError
     from moca3d.geometry.inside import QueryConfig
     from moca3d.geometry.render import RenderConfig
     from moca3d.geometry.sampling import SurfaceSamplingConfig
@@ -53,6 +53,8 @@ def prepare_command(
         f"{out}: {summary.processed} prepared, {summary.already_done} already done or reported, "
         f"{summary.skipped} skipped (see {out / 'report.jsonl'})"
     )
+    if summary.processed == 0 and summary.already_done == 0:
+        raise InputError(f"no asset could be prepared: all {summary.skipped} skipped (reasons in {out / 'report.jsonl'})")
 
 
 def evaluate_command(

@@ -65,8 +65,8 @@ def register(app: typer.Typer) -> None:
     @app.command("train-default")
     def train_default(
         work: Path = typer.Option(Path("runs/default"), "--work", help="Working folder: data/, vae/, dit/ (resumable)."),
-        recipe: Path = typer.Option(CONFIGS / "default.json", "--recipe", help="Recipe JSON: dataset size and each training stage's config."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe JSON: dataset size and each training stage's config (default: the repository's configs/default.json)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         workers: int = typer.Option(2, "--workers", help="Processes for data preparation."),
         install: bool = typer.Option(False, "--install", help="Copy the trained pipeline into the package as the default model."),
         data: Optional[Path] = typer.Option(None, "--data", help="Use this prepared dataset instead of preparing one."),
@@ -75,8 +75,6 @@ def register(app: typer.Typer) -> None:
 
         configs/default.json (the shipped model) ends with a GPU-sized stage, a medium transformer: 4 minutes on an H200, roughly 11 hours on one CPU core. --recipe configs/default_cpu.json stops before it: the previous, small built-in model, hours on a 2-core CPU.
         """
-        import torch
-
         from moca3d.commands.vae import _weights_id, load_vae
         from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
         from moca3d.geometry.inside import QueryConfig
@@ -85,12 +83,14 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_dit import DiTTrainConfig, train
         from moca3d.training.train_vae import VAETrainConfig, encode_dataset, train_vae
 
+        from moca3d.commands.common import resolve_device
         from moca3d.errors import ConfigError
 
+        recipe = recipe if recipe is not None else CONFIGS / "default.json"
         if not recipe.is_file():
             raise ConfigError(f"recipe not found: {recipe} (the recipes live in the repository's configs/ folder)")
         spec = json.loads(recipe.read_text())
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dev = resolve_device(device)
         root = data or work / "data"
 
         def prepare_objects(count: int, start: int, num_queries: int) -> None:
@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
             enc_run = work / "encoder"
             if not (enc_run / "summary.json").is_file():  # written last: the encoder folder is complete
                 typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
-                pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run)
+                pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run, device=dev)
             dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
         typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
         result = train(root, work / "dit", dit_cfg, vae_dir=vae_dir, device=dev)

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         model: Optional[Path] = typer.Option(
-            None, "--model", help="Pipeline folder to serve (e.g. runs/dit/pipeline). Default: the built-in model, once installed."
+            None, "--model", help="Pipeline folder to serve (e.g. runs/dit/pipeline). Default: the built-in model."
         ),
         host: str = typer.Option(
             DEFAULT_HOST, "--host", help="Interface to listen on. 127.0.0.1 = this computer only; 0.0.0.0 = your whole network."

@@ -15,16 +15,18 @@ def register(app: typer.Typer) -> None:
     @app.command("pretrain-encoder")
     def pretrain_encoder_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/ with samples.npz): objects, or scenes with a scene recipe."),
-        out_dir: Path = typer.Option(..., "-o", "--out", help="Run folder: checkpoints, log.jsonl, summary.json, image_encoder/."),
+        out_dir: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, log.jsonl, summary.json, image_encoder/."),
         config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (configs/encoder_pretrain.json; default: its values without its 20-minute limit and 1-thread setting)."),
         cache: Optional[Path] = typer.Option(None, "--cache", help="Read the renders from this latent cache (moca3d cache-latents) of DATA_DIR's train split (objects only)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds (the LR schedule ends there)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
     ) -> None:
         """Train the image encoder to predict each object's coarse 3D surface grid from its render.
 
         With a scene recipe (configs/encoder_pretrain_scene.json, "condition": "scene") each visible instance's 7-channel stack predicts that instance's grid in the scene frame, starting from an object encoder widened to 7 channels. The result, OUT/image_encoder, is what a DiT or scene recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints.
         """
+        from moca3d.commands.common import resolve_device
         from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
         cfg = EncoderPretrainConfig.from_json(config) if config else EncoderPretrainConfig.from_dict({})
@@ -41,5 +43,5 @@ def register(app: typer.Typer) -> None:
                 log_file.flush()
                 typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
-            folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log)
+            folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log, device=resolve_device(device))
         typer.echo(f"image encoder: {folder}")

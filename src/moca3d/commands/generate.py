@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (MIN_RESOLUTION, apply_training_overrides, resolve_device, run_dit_training,
+from moca3d.commands.common import (apply_training_overrides, check_generation_args, resolve_device, run_dit_training,
                                     save_generation, write_json)
 from moca3d.errors import ConfigError
 
@@ -18,9 +18,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("generate")
     def generate(
-        image: Path = typer.Argument(..., help="Input image (PNG/JPG; alpha or white background)."),
+        image: Path = typer.Argument(..., help="Input image (PNG, JPG or WebP; alpha or white background)."),
         parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate."),
-        output: Path = typer.Option(Path("output.glb"), "--output", "-o", help="Output GLB, one named node per part."),
+        output: Path = typer.Option(Path("output.glb"), "--output", "--out", "-o", help="Output GLB, one named node per part."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
         steps: int = typer.Option(50, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
@@ -35,8 +35,7 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.pipeline import MoCAPipeline
 
-        if steps < 1 or resolution < MIN_RESOLUTION:
-            raise ConfigError(f"--steps must be >= 1 and --resolution >= {MIN_RESOLUTION}")
+        check_generation_args(steps, resolution, guidance, output)
         dev = resolve_device(device)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev)
@@ -48,9 +47,9 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
         data: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d prepare + encode-dataset), or a cache file (moca3d cache-latents)."),
-        output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
-        config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json)."),
-        vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder bundled into the exported pipeline."),
+        output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json; default: the DiTTrainConfig defaults, a small from-scratch transformer)."),
+        vae: Optional[Path] = typer.Option(None, "--vae", help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
@@ -62,6 +61,8 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_dit import DiTTrainConfig
 
         recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
+        if vae is None and not recipe.get("init_from"):
+            raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless the recipe has init_from")
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit)
         run_dit_training(data, output, recipe, vae, device, resume)
 
@@ -82,6 +83,7 @@ def register_evaluation(app: typer.Typer) -> None:
         min_parts: int = typer.Option(1, help="Skip assets with fewer parts."),
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics here."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
@@ -89,7 +91,9 @@ def register_evaluation(app: typer.Typer) -> None:
         from moca3d.evaluation import evaluate_pipeline
         from moca3d.pipeline import MoCAPipeline
 
-        pipe = MoCAPipeline.from_pretrained(model)
+        if min_parts > max_parts:
+            raise ConfigError(f"--min-parts {min_parts} is above --max-parts {max_parts}")
+        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts,
                                    reconstruct=reconstruct, shift=shift)
         for key, value in result["mean"].items():

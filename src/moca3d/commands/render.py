@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
     @app.command("render")
     def render_cmd(
         mesh: Path = typer.Argument(..., help="A GLB/OBJ/PLY file, e.g. the output of `moca3d generate`."),
-        output: Path = typer.Option(..., "--output", "-o", help="PNG to write."),
+        output: Path = typer.Option(..., "--output", "--out", "-o", help="PNG to write."),
         azimuth: float = typer.Option(DEFAULT_AZIMUTH_DEG, help="Camera azimuth in degrees (0 = looking from +z)."),
         elevation: float = typer.Option(DEFAULT_ELEVATION_DEG, help="Camera elevation in degrees above the horizon."),
         size: int = typer.Option(DEFAULT_SIZE, help="Image side in pixels."),
@@ -66,5 +66,7 @@ def register(app: typer.Typer) -> None:
         """Render the parts of MESH, each in its own colour, to a PNG (headless CPU ray casting)."""
         if size < 16:
             raise InputError(f"--size must be at least 16 pixels, got {size}")
+        if output.suffix.lower() != ".png":
+            raise InputError(f"--output must be a .png file, got {output}")
         path, count = render_components_png(mesh, output, azimuth, elevation, size, beside)
         typer.echo(f"wrote {path}: {count} components")

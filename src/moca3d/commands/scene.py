@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (MIN_RESOLUTION, apply_training_overrides, resolve_device, run_dit_training,
+from moca3d.commands.common import (apply_training_overrides, check_generation_args, resolve_device, run_dit_training,
                                     save_generation, write_json)
 from moca3d.errors import ConfigError
 
@@ -28,9 +28,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("generate-scene")
     def generate_scene(
-        image: Path = typer.Argument(..., help="Scene image (PNG/JPG)."),
+        image: Path = typer.Argument(..., help="Scene image (PNG, JPG or WebP)."),
         masks: Path = typer.Option(..., "--masks", "-m", help="Label map image (0 = background, one id per instance) or a folder of binary masks (file-name order; where masks overlap, the later file wins)."),
-        output: Path = typer.Option(Path("scene.glb"), "--output", "-o", help="Output GLB, one named node per instance."),
+        output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output GLB, one named node per instance."),
         model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (trained with `train-scene`; default: the built-in scene model)."),
         steps: int = typer.Option(50, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
@@ -44,8 +44,7 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.pipeline import MoCAPipeline
 
-        if steps < 1 or resolution < MIN_RESOLUTION:
-            raise ConfigError(f"--steps must be >= 1 and --resolution >= {MIN_RESOLUTION}")
+        check_generation_args(steps, resolution, guidance, output)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
@@ -86,7 +85,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train-scene")
     def train_scene(
         data: Path = typer.Argument(..., help="Prepared scenes with cached latents (moca3d prepare --procedural scenes + encode-dataset)."),
-        output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
+        output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Object pipeline folder to fine-tune (overrides the recipe's init_from)."),
         config: Optional[Path] = typer.Option(None, "--config", help="Scene recipe JSON (configs/dit_scene_*.json)."),
         vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder for the exported pipeline (default: the init pipeline's)."),

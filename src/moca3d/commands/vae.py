@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train-vae")
     def train_vae_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
-        out_dir: Path = typer.Option(..., "-o", "--out", help="Run directory: checkpoints, logs, vae/."),
+        out_dir: Path = typer.Option(..., "--output", "--out", "-o", help="Run directory: checkpoints, logs, vae/."),
         config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (default: the built-in small recipe, as configs/vae_small.json)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the batch size (components)."),
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval-vae")
     def eval_vae_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         split: str = typer.Option("val", "--split", help="Split whose assets are reconstructed."),
         assets: int = typer.Option(12, "--assets", help="At most this many assets of the split."),
         resolution: int = typer.Option(128, "--resolution", help="Finest grid cells per axis."),
@@ -103,8 +103,8 @@ def register(app: typer.Typer) -> None:
     @app.command("reconstruct")
     def reconstruct_cmd(
         mesh: Path = typer.Argument(..., help="Mesh file (one component per node) or folder (one per file)."),
-        out: Path = typer.Option(..., "-o", "--out", help="Output .glb, one node per component."),
-        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
+        out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb, one node per component."),
+        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         resolution: int = typer.Option(256, "--resolution", help="Finest grid cells per axis."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
     @app.command("encode-dataset")
     def encode_dataset_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
     @app.command("cache-latents")
     def cache_latents_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d encode-dataset)."),
-        output: Path = typer.Option(..., "--output", "-o", help="The cache file to write (.safetensors)."),
+        output: Path = typer.Option(..., "--output", "--out", "-o", help="The cache file to write (.safetensors)."),
         split: str = typer.Option("train", help="Split to cache: train, val or test."),
         image_size: int = typer.Option(128, "--image-size", help="The image encoder's input size (the recipe's image_encoder.image_size)."),
         max_parts: int = typer.Option(32, "--max-parts", help="Leave out assets with more parts."),

@@ -19,7 +19,17 @@ def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:
     path = Path(root) / "manifest.jsonl"
     if not path.is_file():
         raise InputError(f"{root}: no manifest.jsonl (run `moca3d prepare` first)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: line {number} is not valid JSON ({err.msg}); re-run `moca3d prepare` on it") from None
+        if not isinstance(record, dict) or not {"id", "split", "num_components"} <= record.keys():
+            raise InputError(f"{path}: line {number} is not a manifest record (needs id, split, num_components)")
+        records.append(record)
     if split not in (None, "all"):
         if split not in SPLITS:
             raise InputError(f"unknown split '{split}' (train, val, test or all)")

@@ -101,6 +101,8 @@ def folder_jobs(folder: str | Path) -> list[Job]:
         asset_id = base if base not in seen else _safe_id(entry.name)
         seen.add(asset_id)
         jobs.append(Job(asset_id, str(entry)))
+    if not jobs:
+        raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it")
     return jobs
 
 

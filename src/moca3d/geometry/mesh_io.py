@@ -160,6 +160,10 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     path = Path(path)
     if path.suffix.lower() not in MESH_EXTENSIONS:
         raise InputError(f"{path.name}: unsupported mesh format (expected one of {', '.join(MESH_EXTENSIONS)})")
+    if not path.is_file():
+        raise InputError(f"mesh file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path.name}: the file is empty")
     try:
         loaded = trimesh.load(str(path), force="scene", process=False)
     except Exception as err:  # trimesh raises many types on corrupt files
@@ -282,8 +286,11 @@ def components_scene(
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, then rename over the target."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:  # a failed write leaves neither a partial target nor the temporary file
+        tmp.unlink(missing_ok=True)
 
 
 def save_glb(

@@ -24,25 +24,50 @@ from moca3d.models.vae import LayerNorm32, VecSetBlock
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
 
+MIN_IMAGE_SIDE = 8  # px: below this there is no object to crop
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greyscale images -> 8-bit 'L' (PIL would clip them to white); others as they are."""
+    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return im
+    values = np.asarray(im, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    top = finite.max() if finite.size else 0.0
+    if im.mode == "F":
+        scale = 1.0 if top <= 1.0 else 255.0  # floats in [0, 1], or already in [0, 255]
+    else:
+        scale = 65535.0 if top > 255 else 255.0  # 16-bit data (PIL opens 16-bit PNGs as 'I' or 'I;16')
+    return Image.fromarray((np.nan_to_num(values) / scale * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+
+
 def load_image(image: ImageLike) -> Image.Image:
     """A PIL image from a path, a PIL image or an (H, W, 3|4) uint8 array; clear error otherwise."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise InputError(f"image not found: {path}")
+        if path.stat().st_size == 0:
+            raise InputError(f"cannot read image {path}: the file is empty")
         try:
             with Image.open(path) as im:
                 im.load()
-                return im.copy()
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"cannot read image {path}: {err.__class__.__name__}") from None
-    if isinstance(image, np.ndarray):
+                im = im.copy()
+        except UnidentifiedImageError:
+            raise InputError(f"cannot read image {path}: not an image format PIL knows (PNG, JPG, WebP, …)") from None
+        except OSError as err:
+            raise InputError(f"cannot read image {path}: truncated or corrupt ({err})") from None
+    elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise InputError(f"image array must be (H, W, 3|4), got {image.shape}")
-        return Image.fromarray(image.astype(np.uint8))
-    if isinstance(image, Image.Image):
-        return image
-    raise InputError(f"unsupported image type {type(image).__name__}")
+        im = Image.fromarray(image.astype(np.uint8))
+    elif isinstance(image, Image.Image):
+        im = image
+    else:
+        raise InputError(f"unsupported image type {type(image).__name__}")
+    if min(im.size) < MIN_IMAGE_SIDE:
+        raise InputError(f"image is {im.size[0]}x{im.size[1]} px: at least {MIN_IMAGE_SIDE} px a side is needed")
+    return to_8bit(im)
 
 
 def foreground_box(rgb: np.ndarray, alpha: np.ndarray | None, threshold: int = 250) -> tuple[int, int, int, int] | None:

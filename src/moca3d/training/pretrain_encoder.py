@@ -303,7 +303,7 @@ def evaluate_grids(model: GridPredictor, inputs: Callable[[list[int]], torch.Ten
     ious = []
     for s in range(0, len(grids), batch):
         pred = predict_grid(model, inputs(list(range(s, min(s + batch, len(grids))))), grids.shape[-1]) > 0.5
-        ious.append(grid_iou(pred, grids[s : s + batch]))
+        ious.append(grid_iou(pred.cpu(), grids[s : s + batch]))
     model.train()
     return {"grid_iou": float(torch.cat(ious).mean())}
 
@@ -388,7 +388,7 @@ def holdout_split(assets: list[int], num_assets: int, val_assets: int) -> tuple[
 
 
 def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | Path, cache: Optional[str | Path] = None,
-                     grids_path: Optional[str | Path] = None, log: Callable[[dict], None] = print) -> Path:
+                     grids_path: Optional[str | Path] = None, log: Callable[[dict], None] = print, device: str = "cpu") -> Path:
     """Train encoder + grid head on the training split's renders; writes `out_dir/image_encoder` (resumes).
 
     The run folder also holds pretrain_config.json, checkpoints/ (encoder + head) and summary.json.
@@ -396,6 +396,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     `cache`: a latent cache of the split (`moca3d cache-latents`) for the renders instead of the folder (objects).
     `grids_path`: the surface-grid cache (default `out_dir/grids<R>.safetensors`, built when missing;
     one grid per object, or per scene instance).
+    `device`: where the model trains (fp32); the data and the grids stay on the CPU and move a batch at a time.
     """
     from moca3d.training.train_dit import schedule_step
 
@@ -422,7 +423,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     centres = grid_centres(resolution)
 
     torch.manual_seed(cfg.seed)
-    model = build_predictor(cfg)
+    model = build_predictor(cfg).to(device)
     # the run folder describes itself, with the encoder's actual architecture (init_from's, widened): `load_run`
     record = cfg.to_dict() | {"image_encoder": {k: v for k, v in model.image_encoder.config.items() if not k.startswith("_")}}
     atomic_write_json(record, out_dir / "pretrain_config.json")
@@ -446,8 +447,9 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         pick = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)
         grids = dilate_grids(unpack_grids(packed[train_rows[pick]], resolution), cfg.dilate)  # (B, R, R, R)
         idx, labels = draw_queries(grids, cfg.queries_per_image, gen)
-        logits = model(samples.inputs([train_idx[i] for i in pick.tolist()]), centres[idx])  # (B, Q)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        images = samples.inputs([train_idx[i] for i in pick.tolist()]).to(device)  # (B, C, S, S)
+        logits = model(images, centres[idx].to(device))  # (B, Q)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -463,7 +465,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     metrics: dict[str, Any] = {}
     if val_idx:
         val_grids = dilate_grids(unpack_grids(packed[val_idx], resolution), cfg.dilate)
-        metrics = evaluate_grids(model, lambda rows: samples.inputs([val_idx[i] for i in rows]), val_grids)
+        metrics = evaluate_grids(model, lambda rows: samples.inputs([val_idx[i] for i in rows]).to(device), val_grids)
         metrics["val_assets"] = len({samples.assets[i] for i in val_idx})
         if scene:  # small instances anywhere in the scene: their mean grid is empty, no reference (benchmarks/scene_encoder_eval.py)
             metrics["val_instances"] = len(val_idx)
