@@ -18,6 +18,8 @@ app = typer.Typer(
     name="moca3d",
     help="Compositional 3D generation with Mixture-of-Components (MoC) attention: "
     "one image -> N part (or instance) meshes in one frame.",
+    epilog="Start here: moca3d generate examples/chair.png --parts 8 -o chair.glb (the built-in model), then "
+    "moca3d render chair.glb -o chair.png. Every verb has --help; the README shows the whole workflow.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -37,6 +39,12 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# The order `moca3d --help` lists the verbs in: use, evaluate, then the training workflow; others after.
+VERB_ORDER = ("generate", "generate-scene", "demo", "render", "evaluate", "evaluate-model", "evaluate-scenes",
+              "prepare", "train-vae", "eval-vae", "reconstruct", "encode-dataset", "cache-latents",
+              "pretrain-encoder", "train", "train-scene", "train-default", "version")
+
+
 def _register_commands() -> None:
     import moca3d.commands as commands
 
@@ -45,6 +53,8 @@ def _register_commands() -> None:
         register = getattr(module, "register", None)
         if register is not None:
             register(app)
+    rank = {name: i for i, name in enumerate(VERB_ORDER)}
+    app.registered_commands.sort(key=lambda c: rank.get(c.name, len(rank)))
 
 
 _register_commands()

@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and each asset's) to this JSON file."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
-        """Reconstruct held-out assets part by part; print CD and F-scores (DESIGN §6)."""
+        """Reconstruct held-out assets part by part; print CD and F-scores (docs/DESIGN.md §6)."""
         import json
 
         from moca3d.training.train_vae import VAETrainConfig, validate

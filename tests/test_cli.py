@@ -1,0 +1,31 @@
+"""`moca3d --help` and the verbs' shared conventions."""
+
+import typer.main
+from typer.testing import CliRunner
+
+from moca3d.cli import VERB_ORDER, app
+
+
+def _commands():
+    group = typer.main.get_group(app)
+    return group, group.list_commands(None)
+
+
+def test_help_lists_every_verb_in_workflow_order():
+    group, names = _commands()
+    verbs = [n for n in names if n != "convert"]  # convert is a group of its own (triposg, partcrafter)
+    assert sorted(verbs) == sorted(VERB_ORDER), "a new verb needs a place in cli.VERB_ORDER"
+    assert verbs == list(VERB_ORDER)
+    text = CliRunner().invoke(app, ["--help"]).output
+    assert text.index("generate ") < text.index("train ") and "Start here: moca3d generate" in text
+    for name in names:
+        assert group.get_command(None, name).get_short_help_str(), f"{name} has no help line"
+
+
+def test_every_output_option_takes_out_and_output():
+    group, names = _commands()
+    for name in names:
+        command = group.get_command(None, name)
+        for param in getattr(command, "params", []):
+            if "-o" in param.opts:
+                assert {"--out", "--output"} <= set(param.opts), f"{name}: {param.opts}"
