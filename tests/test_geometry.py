@@ -145,6 +145,12 @@ def test_queries_mix_near_and_uniform_points():
     assert np.abs(sdf[:500]).mean() < 0.05  # jittered around the surface
     assert np.abs(points[500:]).max() <= 1.05
     assert (sdf > 0).any() and (sdf < 0).any()
+    # Every value, row by row, is the unit box's exact signed distance (positive inside).
+    q = np.abs(points) - 0.5
+    exact = -(np.linalg.norm(np.maximum(q, 0), axis=1) + np.minimum(q.max(axis=1), 0))
+    np.testing.assert_allclose(sdf, exact, atol=1e-5)
+    _, clamped = sample_queries(box, QueryConfig(num_queries=1000, truncation=0.05), seed=0)
+    np.testing.assert_allclose(clamped, exact.clip(-0.05, 0.05), atol=1e-5)
 
 
 def test_render_is_non_empty_and_masks_match_silhouettes():

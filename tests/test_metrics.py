@@ -58,6 +58,18 @@ def test_point_metrics_known_values_and_symmetry():
     assert out["fscore@0.1"] == pytest.approx(fscore(a, b, 0.1))
 
 
+def test_fscore_is_the_harmonic_mean_of_precision_and_recall():
+    # GT = half of the prediction's points: recall 1, precision about 0.55, where the arithmetic mean would differ.
+    rng = np.random.default_rng(1)
+    pred = rng.random((3000, 3))
+    gt = pred[pred[:, 0] < 0.5]
+    d = np.linalg.norm(pred[:, None] - gt[None], axis=-1)  # (P, G), brute force
+    precision, recall = float((d.min(1) < 0.1).mean()), float((d.min(0) < 0.1).mean())
+    assert recall == 1.0 and 0.5 < precision < 0.7
+    assert fscore(pred, gt, 0.1) == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-12)
+    assert chamfer(pred, gt) == pytest.approx(float(d.min(1).mean() + d.min(0).mean()), abs=1e-12)
+
+
 def test_metrics_are_deterministic_by_seed_and_symmetric_on_meshes():
     a = [trimesh.creation.box(extents=[1, 1, 1])]
     b = [trimesh.creation.cylinder(radius=0.5, height=1.2, sections=32)]
@@ -109,3 +121,18 @@ def test_bad_inputs_raise_input_error():
         chamfer(np.zeros((0, 3)), np.zeros((5, 3)))
     with pytest.raises(InputError):
         evaluate_object([], [trimesh.creation.box()], FAST)
+
+
+def test_scene_metrics_pair_prediction_i_with_instance_i_and_count_empty_ones():
+    from moca3d.evaluation import scene_metrics
+
+    boxes = [trimesh.creation.box(extents=[0.4, 0.4, 0.4]).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
+    config = MetricsConfig(num_points=2000)
+    out = scene_metrics([boxes[0], trimesh.Trimesh(), boxes[2]], boxes, config)
+    assert out["num_empty"] == 1 and out["num_pred"] == out["num_gt"] == 3
+    assert out["instance_fscore@0.1"] == pytest.approx(2 / 3)  # the empty one scores 0, counted in the mean
+    assert out["instance_chamfer"] == pytest.approx(0.0, abs=1e-12)  # the empty one is left out of the CD mean
+    swapped = scene_metrics([boxes[2], trimesh.Trimesh(), boxes[0]], boxes, config)  # right shapes, wrong places
+    assert swapped["instance_fscore@0.1"] == 0.0 and swapped["fscore@0.1"] == out["fscore@0.1"]
+    nothing = scene_metrics([trimesh.Trimesh()] * 3, boxes, config)
+    assert nothing["fscore@0.1"] == 0.0 and nothing["chamfer"] == float("inf") and nothing["num_empty"] == 3

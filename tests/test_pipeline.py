@@ -260,6 +260,12 @@ def test_preprocess_crops_foreground_onto_white():
     assert torch.allclose(x[:, 0, 0], torch.ones(3))  # corner: white background
     centre = x[:, 16, 16]
     assert centre[0] > 0.7 and centre[1] < 0.1  # the square fills the middle
+    # Off-centre, the square is cropped, centred and padded by 10% a side: 32 / 1.2 = 26.7 px wide, from 2.7 to 29.3.
+    img = np.full((100, 80, 4), 0, np.uint8)
+    img[10:30, 5:25] = [200, 10, 10, 255]
+    rows, cols = np.nonzero((preprocess_image(img, 32) < 0.9).any(0).numpy())
+    for lo, hi in ((rows.min(), rows.max()), (cols.min(), cols.max())):
+        assert abs(lo - 2.5) <= 1 and abs(hi - 29.5) <= 1
 
 
 def _free_port() -> int:

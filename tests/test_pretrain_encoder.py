@@ -69,6 +69,9 @@ def test_grid_iou_limits():
     a = torch.rand(2, 4, 4, 4) > 0.5
     assert torch.allclose(grid_iou(a, a), torch.ones(2))
     assert torch.allclose(grid_iou(a, ~a), torch.zeros(2))
+    b = torch.rand(2, 4, 4, 4) > 0.5  # independent halves: IoU about 1/3 (Dice would be about 1/2)
+    expected = (a & b).flatten(1).sum(1).float() / (a | b).flatten(1).sum(1).float()
+    torch.testing.assert_close(grid_iou(a, b), expected, atol=1e-7, rtol=0)
 
 
 def test_grid_cache_round_trip(dataset, tmp_path):

@@ -101,6 +101,22 @@ def test_encode_decode_shapes():
     assert logits2.shape == (3, 7) and torch.isfinite(logits2).all()
 
 
+def test_kl_query_and_forward_match_their_definitions():
+    model = tiny_vae()
+    surface = torch.stack([sphere_surface(128, seed=i) for i in range(2)])  # (2, 128, 6)
+    posterior = model.encode(surface)
+    mu, logvar = posterior.mean, posterior.logvar
+    expected = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).mean((1, 2))  # the mean over L*C entries, not the sum
+    torch.testing.assert_close(posterior.kl(), expected, atol=1e-6, rtol=0)
+    points = torch.rand(2, 40, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tokens = model.decode_tokens(posterior.mode())
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # queries are independent of each other: permuting them permutes the logits
+        torch.testing.assert_close(model.query(tokens, points[:, perm]), model.query(tokens, points)[:, perm], atol=1e-6, rtol=0)
+        logits, _ = model(surface, points, sample_posterior=False)
+        torch.testing.assert_close(logits, model.query(tokens, points), atol=1e-6, rtol=0)
+
+
 def test_bad_inputs_raise_one_line_errors():
     model = tiny_vae()
     with pytest.raises(InputError):
@@ -122,6 +138,9 @@ def test_decoding_is_deterministic_and_encoding_uses_fps():
     assert torch.equal(model.decode(z1, pts), model.decode(z1, pts))
     idx = farthest_point_indices(surface[..., :3], 16)
     assert idx.shape == (1, 16) and len(set(idx[0].tolist())) == 16 and idx[0, 0] == 0
+    # The encoder's queries are the FPS points: shuffling every point but the first (FPS's start) changes nothing.
+    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(255, generator=torch.Generator().manual_seed(0))])
+    torch.testing.assert_close(model.encode(surface[:, perm]).mode(), z1, atol=1e-5, rtol=0)
 
 
 def naive_fps(xyz: np.ndarray, count: int, start: int = 0) -> list[int]:
