@@ -13,11 +13,11 @@ from moca3d.pipeline import DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 TEST_STREAM, SCENE_OBJECTS = 4, (2, 8)
 HELD_OUT = [2, 3]  # 4 and 3 instances
 STEPS, RESOLUTION = 25, 96  # cheaper than the CLI's 50 steps / 128 cells; the README's table uses those
-# regression guards: measured scene F@0.1 0.218 (0.298, 0.137) and instance F@0.1 0.052 (0.073, 0.030), no empty
-# instance (the model before the mask-layout fine-tune: 0.289 / 0.034); the model is weak (README: instances roughly
-# in place but not yet their shapes)
+# regression guards: measured scene F@0.1 0.230 (0.300, 0.159) and instance F@0.1 0.086 (0.084, 0.088), no empty
+# instance (the model before these 1 500 more steps: 0.218 / 0.052; before the mask layout: 0.289 / 0.034); the model
+# is weak (README: instances roughly in place but not yet their shapes)
 MIN_SCENE_FSCORE = 0.18
-MIN_INSTANCE_FSCORE = 0.03
+MIN_INSTANCE_FSCORE = 0.06
 
 
 @pytest.fixture(scope="module")
