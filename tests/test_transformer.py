@@ -129,6 +129,13 @@ def test_flow_interpolation_and_loss():
     pred = flow.velocity_target(z0, eps)
     pred[:, 1] += 5.0
     assert flow.flow_loss(pred, z0, eps, mask).item() == 0.0
+    # Each asset weighs the same, whatever its number of real components: mean over its components, then over assets.
+    g = torch.Generator().manual_seed(2)
+    z0, eps, pred = (torch.randn(2, 3, 4, 2, generator=g) for _ in range(3))
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    err = (pred - (eps - z0)).pow(2).mean((2, 3))  # (B, N)
+    expected = (err[0, 0] + (err[1, 0] + err[1, 1]) / 2) / 2
+    torch.testing.assert_close(flow.flow_loss(pred, z0, eps, mask), expected, atol=1e-6, rtol=0)
     ts = flow.sample_timesteps(10000, "logit_normal", generator=torch.Generator().manual_seed(0))
     assert 0 < ts.min() and ts.max() < 1 and abs(ts.median().item() - 0.5) < 0.02
     # a shifted location moves the median to sigmoid(mean) (more training at high noise), tolerance 0.02

@@ -396,8 +396,10 @@ def test_cli_reconstruct_writes_one_node_per_component_in_the_input_frame(datase
     lo = np.min([m.bounds[0] for m in moved], axis=0)
     hi = np.max([m.bounds[1] for m in moved], axis=0)
     scale = 2.0 / (hi - lo).max()
-    radius = np.linalg.norm(out[0].vertices - (lo + hi) / 2, axis=1)
-    assert abs(radius.mean() - 0.3 / scale) < 0.05 / scale
+    for part in out:  # every part: a sphere of radius 0.3 / scale centred on the input's box (1% of the canonical frame)
+        assert np.linalg.norm(part.vertices.mean(0) - (lo + hi) / 2) < 0.01 / scale
+        radius = np.linalg.norm(part.vertices - (lo + hi) / 2, axis=1)
+        assert abs(radius.mean() - 0.3 / scale) < 0.01 / scale and radius.std() < 0.01 / scale
     bad = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.obj"), "--model",
                               str(tmp_path / "vae")])
     assert isinstance(bad.exception, InputError)
