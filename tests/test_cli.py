@@ -29,3 +29,26 @@ def test_every_output_option_takes_out_and_output():
         for param in getattr(command, "params", []):
             if "-o" in param.opts:
                 assert {"--out", "--output"} <= set(param.opts), f"{name}: {param.opts}"
+
+
+def test_sampling_defaults_have_one_definition():
+    import inspect
+
+    from moca3d import defaults
+    from moca3d.evaluation import evaluate_pipeline, evaluate_scenes
+    from moca3d.pipeline import MoCAPipeline
+
+    group, _ = _commands()
+
+    def cli_default(verb, name):
+        return next(p.default for p in group.get_command(None, verb).params if p.name == name)
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    for verb, fn, guidance in [("generate", MoCAPipeline.__call__, defaults.GUIDANCE),
+                               ("evaluate-model", evaluate_pipeline, defaults.GUIDANCE),
+                               ("generate-scene", MoCAPipeline.generate_scene, defaults.SCENE_GUIDANCE),
+                               ("evaluate-scenes", evaluate_scenes, defaults.SCENE_GUIDANCE)]:
+        assert cli_default(verb, "guidance") == default(fn, "guidance") == guidance, verb
+        assert cli_default(verb, "steps") == default(fn, "steps") == defaults.STEPS, verb

@@ -13,9 +13,9 @@ from moca3d.pipeline import DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 TEST_STREAM, SCENE_OBJECTS = 4, (2, 8)
 HELD_OUT = [2, 3]  # 4 and 3 instances
 STEPS, RESOLUTION = 25, 96  # cheaper than the CLI's 50 steps / 128 cells; the README's table uses those
-# regression guards: measured scene F@0.1 0.230 (0.300, 0.159) and instance F@0.1 0.086 (0.084, 0.088), no empty
-# instance (the model before these 1 500 more steps: 0.218 / 0.052; before the mask layout: 0.289 / 0.034); the model
-# is weak (README: instances roughly in place but not yet their shapes)
+# regression guards: measured scene F@0.1 0.217 (0.328, 0.107) and instance F@0.1 0.103 (0.116, 0.090), no empty
+# instance, at the scene guidance 2 (at guidance 7: 0.230 / 0.086; the model before its last 1 500 steps, guidance 7:
+# 0.218 / 0.052); the model is weak (README: instances roughly in place but not yet their shapes)
 MIN_SCENE_FSCORE = 0.18
 MIN_INSTANCE_FSCORE = 0.06
 

@@ -23,15 +23,16 @@ from moca3d.commands.common import MAX_RESOLUTION, MIN_RESOLUTION, resolve_devic
 from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION
 from moca3d.errors import ConfigError, InputError, MoCA3DError
 from moca3d.pipeline import DEFAULT_MODEL_DIR, MoCAPipeline
+from moca3d.defaults import GUIDANCE, STEPS
 
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # PIL format names
 DEFAULT_PARTS = 4
-DEFAULT_STEPS = 50
+DEFAULT_STEPS = STEPS
 MAX_STEPS = 200
-DEFAULT_GUIDANCE = 7.0
+DEFAULT_GUIDANCE = GUIDANCE
 MAX_GUIDANCE = 15.0
 GUIDANCE_STEP = 0.5
 DEFAULT_SEED = 0

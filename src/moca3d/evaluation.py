@@ -12,6 +12,7 @@ from moca3d.data.dataset import read_manifest
 from moca3d.errors import InputError
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig, evaluate_object, instance_metrics
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 
 
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
@@ -59,7 +60,7 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
 
 
 def evaluate_pipeline(
-    pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = 50, guidance: float = 7.0,
+    pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = GUIDANCE,
     resolution: int = 128, seed: int = 0, min_parts: int = 1, max_parts: int = 32, metric_points: int = 20000,
     progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None,
 ) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def scene_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
 
 
 def evaluate_scenes(
-    pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = 50, guidance: float = 7.0,
+    pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = SCENE_GUIDANCE,
     resolution: int = 128, seed: int = 0, min_instances: int = 2, max_instances: int = 32, metric_points: int = 20000,
     progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None,
 ) -> dict[str, Any]:

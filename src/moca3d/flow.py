@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from moca3d.errors import InputError
+from moca3d.defaults import GUIDANCE, STEPS
 
 TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal")  # training-time samplers of sample_timesteps
 
@@ -89,8 +90,8 @@ def sample(
     cond: torch.Tensor,
     shape: tuple,
     uncond: Optional[torch.Tensor] = None,
-    steps: int = 50,
-    guidance: float = 7.0,
+    steps: int = STEPS,
+    guidance: float = GUIDANCE,
     shift: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     scheduler: Optional[FlowMatchEulerDiscreteScheduler] = None,

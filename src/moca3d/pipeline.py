@@ -25,6 +25,7 @@ from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_co
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, ImageLike, input_channels, load_image, preprocess_image
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"
 DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
@@ -176,7 +177,7 @@ class MoCAPipeline:
 
     @torch.no_grad()
     def generate_latents(
-        self, cond: torch.Tensor, num_parts: int, steps: int = 50, guidance: float = 7.0, seed: int = 0,
+        self, cond: torch.Tensor, num_parts: int, steps: int = STEPS, guidance: float = GUIDANCE, seed: int = 0,
         shift: Optional[float] = None, progress: Optional[Callable[[int, int], None]] = None,
         layout: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
@@ -225,7 +226,7 @@ class MoCAPipeline:
         return meshes
 
     def __call__(
-        self, image: ImageLike, num_parts: int = 4, steps: int = 50, guidance: float = 7.0, seed: int = 0,
+        self, image: ImageLike, num_parts: int = 4, steps: int = STEPS, guidance: float = GUIDANCE, seed: int = 0,
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
@@ -275,7 +276,7 @@ class MoCAPipeline:
         return self.scene_condition(image, masks)[0]
 
     def generate_scene(
-        self, image: ImageLike, masks: MasksLike, steps: int = 50, guidance: float = 7.0, seed: int = 0,
+        self, image: ImageLike, masks: MasksLike, steps: int = STEPS, guidance: float = SCENE_GUIDANCE, seed: int = 0,
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""

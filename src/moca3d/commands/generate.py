@@ -10,6 +10,7 @@ import typer
 from moca3d.commands.common import (apply_training_overrides, check_generation_args, resolve_device, run_dit_training,
                                     save_generation, write_json)
 from moca3d.errors import ConfigError
+from moca3d.defaults import GUIDANCE, STEPS
 
 
 def register(app: typer.Typer) -> None:
@@ -22,8 +23,8 @@ def register(app: typer.Typer) -> None:
         parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate."),
         output: Path = typer.Option(Path("output.glb"), "--output", "--out", "-o", help="Output GLB, one named node per part."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
-        steps: int = typer.Option(50, help="Sampling steps (Euler)."),
-        guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
+        steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
+        guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale (1 = off)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part."),
@@ -76,8 +77,8 @@ def register_evaluation(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT assets."),
-        steps: int = typer.Option(50, help="Sampling steps."),
-        guidance: float = typer.Option(7.0, help="Classifier-free guidance scale."),
+        steps: int = typer.Option(STEPS, help="Sampling steps."),
+        guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes resolution per part."),
         min_parts: int = typer.Option(1, help="Skip assets with fewer parts."),

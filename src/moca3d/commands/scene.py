@@ -10,6 +10,7 @@ import typer
 from moca3d.commands.common import (apply_training_overrides, check_generation_args, resolve_device, run_dit_training,
                                     save_generation, write_json)
 from moca3d.errors import ConfigError
+from moca3d.defaults import SCENE_GUIDANCE, STEPS
 
 
 def scene_model(model: Optional[Path]) -> Path:
@@ -32,8 +33,8 @@ def register(app: typer.Typer) -> None:
         masks: Path = typer.Option(..., "--masks", "-m", help="Label map image (0 = background, one id per instance) or a folder of binary masks (file-name order; where masks overlap, the later file wins)."),
         output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output GLB, one named node per instance."),
         model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (trained with `train-scene`; default: the built-in scene model)."),
-        steps: int = typer.Option(50, help="Sampling steps (Euler)."),
-        guidance: float = typer.Option(7.0, help="Classifier-free guidance scale (1 = off)."),
+        steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
+        guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale (1 = off; scenes score best at low guidance: README)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance."),
@@ -56,8 +57,8 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (default: the built-in scene model)."),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes."),
-        steps: int = typer.Option(50, help="Sampling steps."),
-        guidance: float = typer.Option(7.0, help="Classifier-free guidance scale."),
+        steps: int = typer.Option(STEPS, help="Sampling steps."),
+        guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes resolution per instance."),
         min_instances: int = typer.Option(2, help="Skip scenes with fewer instances."),
