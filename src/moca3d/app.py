@@ -21,9 +21,9 @@ from PIL import Image, UnidentifiedImageError
 
 from moca3d.commands.common import MAX_RESOLUTION, MIN_RESOLUTION, resolve_device
 from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION
+from moca3d.defaults import GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError, MoCA3DError
 from moca3d.pipeline import DEFAULT_MODEL_DIR, MoCAPipeline
-from moca3d.defaults import GUIDANCE, STEPS
 
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024

@@ -15,3 +15,11 @@ class ConfigError(MoCA3DError, ValueError):
 
 class CheckpointError(MoCA3DError, ValueError):
     """A checkpoint is missing, mis-shaped, or contains non-finite values."""
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its first line of text, after its type unless it is one of ours."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if isinstance(err, MoCA3DError) else f"{type(err).__name__}: {text}"

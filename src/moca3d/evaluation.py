@@ -9,10 +9,10 @@ from typing import Any, Optional
 import numpy as np
 
 from moca3d.data.dataset import read_manifest
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import InputError
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig, evaluate_object, instance_metrics
-from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 
 
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:

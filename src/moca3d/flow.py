@@ -12,8 +12,8 @@ from typing import Callable, Optional
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from moca3d.errors import InputError
 from moca3d.defaults import GUIDANCE, STEPS
+from moca3d.errors import InputError
 
 TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal")  # training-time samplers of sample_timesteps
 

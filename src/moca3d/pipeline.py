@@ -18,14 +18,14 @@ import torch
 import trimesh
 
 from moca3d import flow
-from moca3d.errors import CheckpointError, InputError
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
+from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, ImageLike, input_channels, load_image, preprocess_image
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
-from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"
 DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
@@ -49,12 +49,6 @@ class MoCAOutput:
         from moca3d.geometry.mesh_io import save_glb
 
         return save_glb(path, self.meshes, self.names)
-
-
-def _one_line(err: Exception) -> str:
-    """An exception as one short line (libraries' messages can span pages)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _check_finite(model: torch.nn.Module, where: Path) -> None:
@@ -108,7 +102,7 @@ class MoCAPipeline:
                 else:
                     model = klass.from_pretrained(sub)
             except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # corrupt config, weights or shapes
-                raise CheckpointError(f"{sub}: cannot load the {name} ({_one_line(err)})") from None
+                raise CheckpointError(f"{sub}: cannot load the {name} ({one_line(err)})") from None
             _check_finite(model, sub)
             parts[name] = model.to(device)
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -118,7 +112,7 @@ class MoCAPipeline:
             try:
                 scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
             except (OSError, ValueError) as err:
-                raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({_one_line(err)})") from None
+                raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
         return cls(scheduler=scheduler, **parts)
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:

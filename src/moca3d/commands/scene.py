@@ -9,8 +9,8 @@ import typer
 
 from moca3d.commands.common import (apply_training_overrides, check_generation_args, resolve_device, run_dit_training,
                                     save_generation, write_json)
-from moca3d.errors import ConfigError
 from moca3d.defaults import SCENE_GUIDANCE, STEPS
+from moca3d.errors import ConfigError
 
 
 def scene_model(model: Optional[Path]) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
     MESH_EXTENSIONS,
@@ -195,12 +195,6 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
     return record
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception as one short line."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return text if isinstance(err, InputError) else f"{type(err).__name__}: {text}"
-
-
 def run_job(job: Job, root: Path, config: PrepareConfig) -> tuple[str, dict]:
     """Build one asset atomically; ('ok', record) or ('skip', {source, reason}). Never raises on bad input."""
     final = root / ASSETS / job.id
@@ -211,7 +205,7 @@ def run_job(job: Job, root: Path, config: PrepareConfig) -> tuple[str, dict]:
         record = build_asset(job, tmp, config)
     except Exception as err:  # report any per-asset failure and carry on with the others
         shutil.rmtree(tmp, ignore_errors=True)
-        return "skip", {"id": job.id, "source": job.source, "reason": _one_line(err)}
+        return "skip", {"id": job.id, "source": job.source, "reason": one_line(err)}
     if final.exists():  # a previous run finished it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
     else:

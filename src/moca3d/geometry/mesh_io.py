@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from moca3d.errors import InputError
+from moca3d.errors import InputError, one_line
 
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
@@ -167,7 +167,7 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     try:
         loaded = trimesh.load(str(path), force="scene", process=False)
     except Exception as err:  # trimesh raises many types on corrupt files
-        raise InputError(f"{path.name}: unreadable mesh ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+        raise InputError(f"{path.name}: unreadable mesh ({one_line(err, 120)})") from None
     meshes, names = _scene_components(loaded)
     if not meshes:
         raise InputError(f"{path.name}: contains no triangle mesh")
