@@ -49,6 +49,14 @@ def test_encoder_tokens_and_background_hook(dino_dir):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))
     tokens = enc.encode([img, img])
     assert tokens.shape == (2, enc.num_tokens, 32)
+    # The tokens are the DINOv2 model's last hidden states of the preprocessed image, one image of a batch as alone.
+    from transformers import Dinov2Model
+
+    reference = Dinov2Model.from_pretrained(dino_dir).eval()
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 320, 3), dtype=np.uint8))
+    with torch.no_grad():
+        expected = reference(pixel_values=dino_preprocess(other)[None]).last_hidden_state
+    torch.testing.assert_close(enc.encode([img, other])[1:], expected, atol=1e-5, rtol=0)
     enc.background_remover = remove_background
     white = enc.encode(img)
     assert calls == [(300, 300)]

@@ -18,11 +18,11 @@ import torch
 import trimesh
 
 from moca3d import flow
+from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
-from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, ImageLike, input_channels, load_image, preprocess_image
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
