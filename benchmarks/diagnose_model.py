@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchkit import print_table, write_json
+from moca3d.defaults import GUIDANCE, STEPS
 
 
 def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
@@ -168,8 +169,8 @@ def main(argv=None) -> dict:
                    help="start times t0: GT latents noised to t0, integrated back with the model, scored (1.0 = pure noise)")
     p.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.1, 0.2, 0.3, 0.5],
                    help="std of Gaussian noise added to the GT latents before decoding (the decoder's tolerance)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps over [0, 1] (SDEdit uses the same spacing)")
-    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=STEPS, help="sampling steps over [0, 1] (SDEdit uses the same spacing)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--resolution", type=int, default=96, help="marching-cubes resolution per component")
     p.add_argument("--metric-points", type=int, default=METRIC_POINTS, help="points per fused surface for the F-score")
     p.add_argument("--seed", type=int, default=0)

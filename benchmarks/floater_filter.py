@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from benchkit import write_json
+from moca3d.defaults import GUIDANCE, STEPS
 from moca3d.evaluation import object_metrics, select_records, with_progress
 from moca3d.geometry.extract import mesh_from_grid
 from moca3d.geometry.mesh_io import load_components
@@ -47,8 +48,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rescue", type=int, nargs="+", default=[0],
                     help="rescue_vertices values for empty parts (0: left empty), crossed with --fractions")
     ap.add_argument("--rescue-floor", type=float, default=-0.5, help="no rescue of a part whose n-th largest value is below this")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=7.0)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--guidance", type=float, default=GUIDANCE)
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metric-points", type=int, default=20000)

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from moca3d.commands.common import MAX_RESOLUTION, MIN_RESOLUTION, resolve_device
+from moca3d.commands.common import check_resolution, resolve_device
 from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION
 from moca3d.defaults import GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError, MoCA3DError
@@ -79,8 +79,7 @@ class DemoGenerator:
     """The demo's event handler: one loaded pipeline, GLBs written to a temporary folder."""
 
     def __init__(self, pipeline: MoCAPipeline, resolution: int = DEFAULT_RESOLUTION, output_dir: Optional[Path] = None):
-        if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-            raise ConfigError(f"resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}")
+        check_resolution(resolution, "resolution")
         self.pipeline = pipeline
         self.resolution = resolution
         self.output_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="moca3d-demo-"))

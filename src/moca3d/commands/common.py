@@ -29,14 +29,19 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_resolution(resolution: int, name: str = "--resolution") -> None:
+    """The marching-cubes resolution is within [MIN_RESOLUTION, MAX_RESOLUTION] (one-line ConfigError)."""
+    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise ConfigError(f"{name} must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}")
+
+
 def check_generation_args(steps: int, resolution: int, guidance: float, output: Path) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
     import math
 
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        raise ConfigError(f"--resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}")
+    check_resolution(resolution)
     if not math.isfinite(guidance):
         raise ConfigError(f"--guidance must be a finite number, got {guidance}")
     if output.suffix.lower() != ".glb":
