@@ -144,7 +144,10 @@ def test_cli_prepare_and_evaluate(tmp_path):
     assert result.exit_code == 0, result.output
     (asset,) = _manifest(root)
     glb = root / "assets" / asset["id"] / "mesh.glb"
-    result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", "--num-points", "2000"])
+    result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", "-", "--num-points", "2000"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
     assert metrics["chamfer"] == 0.0 and metrics["fscore@0.1"] == 1.0 and metrics["num_pred"] == asset["num_components"]
+    result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", str(tmp_path / "m" / "metrics.json"), "--num-points", "2000"])
+    assert result.exit_code == 0, result.output
+    assert "fscore@0.1" in result.output and json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics

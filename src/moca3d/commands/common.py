@@ -59,10 +59,15 @@ def save_generation(result, output: Path, noun: str, started: float) -> None:
 
 
 def write_json(path: Optional[Path], obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` (parents created); nothing when path is None."""
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2))
+    """Write `obj` as indented JSON to `path` atomically (parents created); '-' prints it; nothing when None."""
+    from moca3d.training.checkpoints import atomic_write_json
+
+    if path is None:
+        return
+    if str(path) == "-":
+        typer.echo(json.dumps(obj, indent=2))
+        return
+    atomic_write_json(obj, path)
 
 
 def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int],

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from moca3d.commands.common import write_json
 
 
 def prepare_command(
@@ -64,7 +65,7 @@ def evaluate_command(
     seed: int = typer.Option(0, help="Sampling seed."),
     iou_resolution: int = typer.Option(64, help="Voxels per side for self-IoU."),
     scene: bool = typer.Option(False, "--scene", help="Also report per-instance metrics (component i vs i)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them, alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
     from moca3d.geometry.mesh_io import load_components
@@ -74,8 +75,8 @@ def evaluate_command(
     pred_meshes, _ = load_components(pred)
     gt_meshes, _ = load_components(gt)
     result = (evaluate_scene if scene else evaluate_object)(pred_meshes, gt_meshes, config)
-    if as_json:
-        typer.echo(json.dumps(result))
+    write_json(json_out, result)
+    if json_out is not None and str(json_out) == "-":
         return
     for key, value in result.items():
         if key != "per_instance":

@@ -85,7 +85,7 @@ def register_evaluation(app: typer.Typer) -> None:
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics here."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics to this JSON file ('-': print it)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""

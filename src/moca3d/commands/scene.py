@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics here."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics to this JSON file ('-': print it)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import resolve_device
+from moca3d.commands.common import resolve_device, write_json
 from moca3d.errors import InputError
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
@@ -81,12 +81,10 @@ def register(app: typer.Typer) -> None:
         assets: int = typer.Option(12, "--assets", help="At most this many assets of the split."),
         resolution: int = typer.Option(128, "--resolution", help="Finest grid cells per axis."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and each asset's) to this JSON file."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and each asset's) to this JSON file ('-': print it)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
         """Reconstruct held-out assets part by part; print CD and F-scores (docs/DESIGN.md §6)."""
-        import json
-
         from moca3d.training.train_vae import VAETrainConfig, validate
 
         vae = load_vae(model, resolve_device(device))
@@ -96,9 +94,7 @@ def register(app: typer.Typer) -> None:
         for k, v in metrics.items():
             if k != "assets":  # each asset's scores go to the JSON only
                 typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(metrics, indent=2))
+        write_json(json_out, metrics)
 
     @app.command("reconstruct")
     def reconstruct_cmd(
