@@ -19,6 +19,9 @@ reset is not allowed; benchkit.measure_peak). Checked: doubling the batch double
 
 --sdpa math forces torch's math attention kernel in both modes (the score matrices are stored,
 as without a fused kernel); the default lets torch pick its fused kernels, which keep none.
+--scene conditions each component on its own tokens (B, N, T_c, cond_dim), as a scene training step
+does (one 7-channel stack per instance), instead of one shared (B, T_c, cond_dim) per sample; the image
+encoder's own step is not in the measurement.
 
 The processes are forked, one per measurement, from a server process that imported torch and
 moca3d but allocated no tensors and touched no GPU, so no allocator state leaks between
@@ -30,6 +33,8 @@ one process per probe; a probe stops as soon as it passes the budget).
     python benchmarks/memory.py --n 8 16 32 --batch 1 --sdpa math --threads 1 --json benchmarks/results/memory_cpu_math.json
     python benchmarks/memory.py --device cuda --dtype bf16 --latents 1024 --width 2048 --heads 16 --layers 8 \\
         --n 8 16 32 --batch 4 --budget-gib 80 --max-batch --json benchmarks/results/memory_cuda.json
+    python benchmarks/memory.py --config src/moca3d/weights/scene/transformer/config.json --scene --device cuda --dtype bf16 \\
+        --n 32 --batch 8 64 --sdpa auto math --json benchmarks/results/memory_scene_cuda.json
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ def measure(spec: Dict) -> Dict:
     noise = torch.randn(B, N, L, C, generator=g).to(device, store)
     t = sample_timesteps(B, generator=g, device=device)  # (B,)
     zt = interpolate(z0, noise, t)  # (B, N, L, C)
-    cond = torch.randn(B, COND_TOKENS, config["cond_dim"], generator=g).to(device, store)  # (B, T_c, cond_dim)
+    per_instance = (N,) if spec["scene"] else ()  # a scene's condition: one token set per instance
+    cond = torch.randn(B, *per_instance, COND_TOKENS, config["cond_dim"], generator=g).to(device, store)  # (B, [N,] T_c, cond_dim)
     mask = torch.ones(B, N, dtype=torch.bool, device=device)  # every component real
     ids = model.sample_ids(B, N, g, device)  # (B, N)
     seeds = torch.arange(B) + SEED  # (B,) routing seeds
@@ -110,8 +116,9 @@ def measure(spec: Dict) -> Dict:
 
     def step(b: int = B, n: int = N) -> None:
         """Forward + flow loss + backward on the first b samples and n components."""
+        c = cond[:b, :n] if spec["scene"] else cond[:b]  # (b, [n,] T_c, cond_dim)
         with autocast:
-            pred = model(zt[:b, :n], t[:b], cond[:b], component_mask=mask[:b, :n], ids=ids[:b, :n], routing_seeds=seeds[:b],
+            pred = model(zt[:b, :n], t[:b], c, component_mask=mask[:b, :n], ids=ids[:b, :n], routing_seeds=seeds[:b],
                          layout=None if layout is None else layout[:b, :n])  # (b, n, L, C)
         flow_loss(pred, z0[:b, :n], noise[:b, :n], mask[:b, :n]).backward()
 
@@ -304,6 +311,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--sdpa", nargs="+", choices=SDPA_CHOICES, default=["auto"],
                    help="attention kernels, each measured: auto (torch's fused kernels) or math (score matrices materialised)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in the backward pass")
+    p.add_argument("--scene", action="store_true", help="condition tokens per component (B, N, T_c, cond_dim), as a scene training step")
     p.add_argument("--budget-gib", type=float, default=None, help="mark which steps fit in this many GiB (static + peak)")
     p.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits --budget-gib")
     p.add_argument("--max-batch-cap", type=int, default=DEFAULT_MAX_BATCH_CAP, help="largest batch the search tries")
@@ -326,9 +334,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.setdefault("topk_ratio", DEFAULT_K_FRACTION)
     spec = {"config": config, "device": str(device), "dtype": dtype, "threads": threads, "warmup": args.warmup, "amp": args.amp,
-            "grad_checkpointing": args.grad_checkpointing}
+            "grad_checkpointing": args.grad_checkpointing, "scene": args.scene}
     env = f"torch {torch.__version__}, {device.type}" + ("" if device.type == "cuda" else f", {threads} threads")  # no CUDA context here
     precision = f"{dtype} autocast, fp32 weights" if args.amp else dtype
+    precision += ", per-instance conditions" if args.scene else ""
     print(f"MoCA vs dense transformer, peak memory of one training step — {config} — {precision}, {env}", flush=True)
 
     records: List[Dict] = []
@@ -359,7 +368,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"largest batch within {args.budget_gib:g} GiB (static + peak; search capped at {args.max_batch_cap}):")
         print_table(searches, [("SDPA", "sdpa", "{:>4}"), ("N", "n", "{:>4}"), ("mode", "mode", "{:>6}"), ("max batch", "max_batch", "{:>9}"), ("peak GiB", "peak_gib", "{:>8.3f}")])
     print("method:", ", ".join(sorted({r["method"] for r in records if "method" in r})))
-    result = {"config": config, "device": device.type, "dtype": dtype, "amp": args.amp, "env": env, "budget_gib": args.budget_gib, "records": records, "max_batch": searches}
+    result = {"config": config, "device": device.type, "dtype": dtype, "amp": args.amp, "scene": args.scene, "env": env, "budget_gib": args.budget_gib, "records": records, "max_batch": searches}
     if args.json:
         write_json(args.json, result)
     return result

@@ -76,6 +76,17 @@ def test_memory_benchmark_writes_required_keys(tmp_path):
     assert all(r["dense_over_moca"] > 0 for r in records if r["mode"] == "moca")
 
 
+def test_memory_benchmark_of_a_scene_step_feeds_per_instance_conditions(tmp_path):
+    out = tmp_path / "memory.json"
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"num_latents": 16, "in_channels": 8, "width": 32, "num_layers": 2, "num_heads": 2, "cond_dim": 16, "compression": 4,
+                                  "layout_features": 8}))
+    load("memory").main(["--n", "3", "--batch", "2", "--config", str(config), "--scene", "--threads", "1", "--device", "cpu", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["scene"] and {r["mode"] for r in result["records"]} == {"moca", "dense"}
+    assert all(r["peak_gib"] > 0 for r in result["records"]), result["records"]
+
+
 def test_variants_table_merges_reports_and_training_runs(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000007").mkdir(parents=True)

@@ -43,6 +43,26 @@ def test_transport_round_trip_keeps_images_exact_and_latents_within_a_step(tmp_p
     assert two["latents"].shape[0] == 7 and two["images"].shape[0] == 2
 
 
+def test_transport_carries_a_scene_cache_with_its_instance_masks(tmp_path):
+    from moca3d.data.dataset import SCENE_CACHE, save_latent_cache
+    from moca3d.data.scene import SceneLatentDataset
+
+    transport = load("transport")
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(n, 16, 4, generator=g) for n in (3, 1, 2)]  # (N, L, C) per scene
+    scenes = torch.randint(0, 256, (3, 3, 8, 8), generator=g, dtype=torch.uint8)  # (A, 3, S, S)
+    masks = torch.randint(0, 256, (6, 8, 8), generator=g, dtype=torch.uint8)  # (sum N, S, S)
+    cache = save_latent_cache(tmp_path / "scenes.safetensors", SCENE_CACHE, latents, ["a", "b", "c"], "fps", images=scenes, masks=masks)
+    transport.pack(cache, tmp_path / "scenes.xz", max_assets=2)
+    transport.unpack(tmp_path / "scenes.xz", tmp_path / "back.safetensors")
+    back = SceneLatentDataset.from_cache(tmp_path / "back.safetensors")
+    assert back.ids == ["a", "b"] and [len(m) for m in back.masks] == [3, 1]
+    assert torch.equal(torch.cat(back.masks), masks[:4]) and torch.equal(torch.stack(back.scenes), scenes[:2])
+    for z, want in zip(back.latents, latents):
+        span = want.amax(dim=1, keepdim=True) - want.amin(dim=1, keepdim=True)  # (N, 1, C)
+        assert ((z - want).abs() <= span / 255).all()
+
+
 def test_assemble_builds_a_loadable_pipeline_from_fp16_parts(tmp_path):
     from moca3d.models.image_encoder import ImageEncoder
     from moca3d.models.transformer import MoCATransformer

@@ -363,6 +363,38 @@ def test_train_scene_cli_dense_baseline_from_a_moca_checkpoint(scenes, tmp_path)
     assert isinstance(res.exception, ConfigError) and "--attention-mode" in str(res.exception)
 
 
+def test_scene_latent_cache_round_trip_and_training_from_it(scenes, tmp_path):
+    """`moca3d cache-latents` of prepared scenes keeps latents, scene crops and instance masks exactly; `train CACHE`
+    with a scene recipe follows the same draws as training from the folder; a cache of the other kind is refused."""
+    from moca3d.cli import app
+    from moca3d.data.scene import SceneLatentDataset
+    from moca3d.training.train_dit import LatentDataset
+
+    root, obj = scenes
+    cache = tmp_path / "scenes.safetensors"
+    res = CliRunner().invoke(app, ["cache-latents", str(root), "-o", str(cache), "--image-size", str(TINY_ENCODER["image_size"])])
+    assert res.exit_code == 0, res.output
+    data = SceneLatentDataset(root, "train", TINY_ENCODER["image_size"])
+    assert f"{len(data)} scenes" in res.output
+    back = SceneLatentDataset.from_cache(cache)
+    assert back.ids == data.ids and back.token_order == data.token_order
+    for name in ("latents", "scenes", "masks"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(data, name), getattr(back, name))), name
+    assert torch.equal(back.batch([0, 1])["images"], data.batch([0, 1])["images"])  # (B, N, 7, S, S)
+    few = min(z.shape[0] for z in data.latents)
+    small = SceneLatentDataset.from_cache(cache, max_components=few)
+    assert small.ids == [i for i, z in zip(data.ids, data.latents) if z.shape[0] <= few]
+    assert all(len(m) == len(z) for m, z in zip(small.masks, small.latents))
+    with pytest.raises(ConfigError, match="cached images are 32 px"):
+        SceneLatentDataset.from_cache(cache, image_size=64)
+    with pytest.raises(InputError, match="a latent cache of scenes, the recipe trains on objects"):
+        LatentDataset.from_cache(cache)
+    folder = train(root, tmp_path / "folder", scene_recipe(obj, steps=2), device="cpu", progress=False)
+    cached = train(cache, tmp_path / "cached", scene_recipe(obj, steps=2), device="cpu", progress=False)
+    assert cached["final_loss"] == pytest.approx(folder["final_loss"], rel=1e-6)
+    assert MoCAPipeline.from_pretrained(cached["pipeline"]).is_scene_model
+
+
 def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
     """Scene pre-training: one grid per instance in the scene frame, a 7-channel encoder that train-scene starts from."""
     from moca3d.data.scene import SceneLatentDataset, visible_instances
@@ -418,7 +450,7 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
     ImageEncoder(**{**TINY_ENCODER, "width": 48, "in_channels": 7}).save_pretrained(tmp_path / "wide")
     with pytest.raises(ConfigError, match="48-wide tokens"):
         build_scene_models(scene_recipe(obj, image_encoder_from=str(tmp_path / "wide")), (16, 4))
-    with pytest.raises(ConfigError, match="latent cache holds object renders"):
+    with pytest.raises(ConfigError, match="not a latent cache"):
         pretrain_encoder(cfg, root, tmp_path / "enc2", cache=tmp_path / "any.safetensors")
 
     # benchmarks/scene_encoder_eval.py: one row per visible instance, the summary their medians

@@ -3,6 +3,8 @@ other way: a pipeline folder into the fp16 copy a GPU session starts from (`--ex
 
     python scripts/gpu/assemble.py cont.tar --vae src/moca3d/weights/default/vae -o runs/gpu/cont/pipeline
     python scripts/gpu/assemble.py --export-init src/moca3d/weights/default -o .gpu/init
+    python scripts/gpu/assemble.py --export-init src/moca3d/weights/scene -o .gpu/scene_init      # scenes
+    python scripts/gpu/assemble.py scene_moc.tar --vae src/moca3d/weights/scene/vae -o runs/gpu/scene_moc/pipeline
 
 The transformer and image encoder keep their fp16 weights (loading casts them to fp32); the VAE
 and the scheduler are copied from `--vae` and the default scheduler.

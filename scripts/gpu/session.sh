@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session of this project (device tool, H100/H200, ~10 minutes), as one prepared script:
+# One GPU session of this project (device tool, H100/H200, ~10 minutes), as one prepared script.
+# KIND=object (the default):
 #   1. three trainings side by side on one GPU, the same cache and time limit (TRAINS, name:recipe:mode):
 #      - cont:         the built-in model (.gpu/init) trained further at batch 64
 #                      (configs/dit_small_7k_pretrained_gpu_continue.json);
@@ -9,31 +10,60 @@
 #      each returns its EMA weights (fp16: the transformer and image encoder of its pipeline);
 #   2. meanwhile, peak memory of one training step (benchmarks/memory.py, bf16, L = 1024, D = 2048);
 #   3. then, alone on the GPU, the attention and whole-forward benchmarks (bf16, L = 1024, D = 2048).
-# Inputs, carried next to the working tree: .whl/ (wheels of packages the GPU image lacks), .gpu/cache.xz
-# (scripts/gpu/transport.py pack of `moca3d cache-latents` of the training split) and .gpu/init (the
-# built-in pipeline with fp16 weights: scripts/gpu/assemble.py --export-init).
+# KIND=scene (issue 7: image + instance masks -> one mesh per instance, up to 32):
+#   1. two trainings side by side: the built-in scene model (.gpu/scene_init) trained further at batch 64
+#      (configs/dit_scene_small_gpu_continue.json), scene_moc with MoCA and scene_dense with dense-global attention;
+#   2. meanwhile, peak memory of one scene training step at 32 instances, MoCA vs dense at the same batch
+#      (per-instance conditions): the scene transformer's size at batch 8 and 64, then L = 1024, D = 2048 at batch 1, 2;
+#   3. as for objects (BENCH=memory leaves it out).
+# Inputs, carried next to the working tree: .whl/ (wheels of packages the GPU image lacks), CACHE
+# (scripts/gpu/transport.py pack of `moca3d cache-latents` of the training split: .gpu/cache.xz, .gpu/scene_cache.xz)
+# and INIT (a built-in pipeline with fp16 weights, scripts/gpu/assemble.py --export-init: .gpu/init, .gpu/scene_init;
+# the recipes name it as their init_from / image_encoder_from, every run takes its VAE).
 # Everything comes back under $OUT (at most 8 files): <name>.tar, results.tar, session.log.
 #
-# Making the inputs here (both folders are git-ignored through .git/info/exclude: /.whl/ and /.gpu/):
+# Making the inputs here (both folders are git-ignored: /.whl/ and /.gpu/ in .gitignore):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 trimesh==5.2.0 rtree==1.4.1 importlib_metadata
+#   objects:
 #   moca3d cache-latents data/objects -o data/objects_train_cache.safetensors   # after encode-dataset
 #   python3 scripts/gpu/transport.py pack data/objects_train_cache.safetensors -o .gpu/cache.xz --max-assets 6200
 #   python3 scripts/gpu/assemble.py --export-init src/moca3d/weights/default -o .gpu/init
-# The upload limit is 64 MiB in all: move src/moca3d/weights out of the tree for the run (git checkout
-# brings it back); the session needs only .gpu/init.
+#   scenes (1 361 training scenes of 2-32 instances, 17 KiB each packed: 22.4 MiB; with the scene init (6.4 MB), the
+#   wheels (7.7 MB) and the tree (3.3 MB without weights and candidates) 38.9 MiB of the 64):
+#   moca3d prepare --procedural scenes --count 1500 --seed 6 --scene-objects 2 32 --num-surface 4096 --num-queries 512 \
+#     -o data/scenes_s6 --workers 2
+#   moca3d encode-dataset data/scenes_s6
+#   moca3d cache-latents data/scenes_s6 -o data/scenes_s6_train_cache.safetensors   # scenes: with their instance masks
+#   python3 scripts/gpu/transport.py pack data/scenes_s6_train_cache.safetensors -o .gpu/scene_cache.xz
+#   python3 scripts/gpu/assemble.py --export-init src/moca3d/weights/scene -o .gpu/scene_init
+#   KIND=scene BENCH=memory bash scripts/gpu/session.sh   # BENCH=memory: without stage 3 (the object session measured it)
+# The upload limit is 64 MiB in all: move src/moca3d/weights and candidates/ out of the tree for the run (git
+# checkout brings them back); the session needs only INIT.
 # Back here: python3 scripts/gpu/assemble.py cont.tar --vae src/moca3d/weights/default/vae -o runs/gpu/cont/pipeline
+#   (scenes: scene_moc.tar --vae src/moca3d/weights/scene/vae -o runs/gpu/scene_moc/pipeline)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/moca3d-gpu-out}
 WORK=${WORK:-/tmp/moca3d-gpu}
-TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}      # training seconds per run (all three run at once)
+TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}      # training seconds per run (the runs go at once)
 STEPS=${STEPS:-}                         # override the recipe's steps (smoke tests)
 BATCH=${BATCH:-}                         # override the recipe's batch size (smoke tests on a CPU: NO_WHEELS=1 DEVICE=cpu)
-TRAINS=${TRAINS:-"cont:configs/dit_small_7k_pretrained_gpu_continue.json:moc medium_moc:configs/dit_medium_pretrained.json:moc medium_dense:configs/dit_medium_pretrained.json:dense"}
+KIND=${KIND:-object}                     # object or scene: the defaults of TRAINS, CACHE and INIT, and the memory benchmark
+if [ "$KIND" = scene ]; then
+  TRAINS=${TRAINS:-"scene_moc:configs/dit_scene_small_gpu_continue.json:moc scene_dense:configs/dit_scene_small_gpu_continue.json:dense"}
+  CACHE=${CACHE:-.gpu/scene_cache.xz}
+  INIT=${INIT:-.gpu/scene_init}
+elif [ "$KIND" = object ]; then
+  TRAINS=${TRAINS:-"cont:configs/dit_small_7k_pretrained_gpu_continue.json:moc medium_moc:configs/dit_medium_pretrained.json:moc medium_dense:configs/dit_medium_pretrained.json:dense"}
+  CACHE=${CACHE:-.gpu/cache.xz}
+  INIT=${INIT:-.gpu/init}
+else
+  echo "KIND must be object or scene, got '$KIND'"; exit 2
+fi
 DEVICE=${DEVICE:-cuda}
-BENCH=${BENCH:-1}
+BENCH=${BENCH:-1}                        # 1: the memory benchmark beside the trainings, then stage 3; memory: the first only; 0: none
 mkdir -p "$OUT" "$WORK/results"
 exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -51,9 +81,9 @@ python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.c
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
 stamp "unpacking the latent cache"
-python3 scripts/gpu/transport.py unpack .gpu/cache.xz -o "$WORK/cache.safetensors" || exit 1
+python3 scripts/gpu/transport.py unpack "$CACHE" -o "$WORK/cache.safetensors" || exit 1
 
-# 1. three trainings at once (each under a hard wall-clock limit too, should one hang)
+# 1. the trainings at once (each under a hard wall-clock limit too, should one hang)
 pids=()
 names=()
 for spec in $TRAINS; do
@@ -62,15 +92,26 @@ for spec in $TRAINS; do
   stamp "training $v ($recipe, $mode)"
   timeout $((TRAIN_LIMIT_S + 100)) python3 -m moca3d train "$WORK/cache.safetensors" -o "$WORK/runs/$v" --config "$recipe" \
     --attention-mode "$mode" --time-limit "$TRAIN_LIMIT_S" ${STEPS:+--steps "$STEPS"} ${BATCH:+--batch-size "$BATCH"} \
-    --vae .gpu/init/vae --device "$DEVICE" > "$WORK/results/train_$v.log" 2>&1 &
+    --vae "$INIT/vae" --device "$DEVICE" > "$WORK/results/train_$v.log" 2>&1 &
   pids+=($!)
 done
 
 # 2. meanwhile: memory of one training step (measured per process: the trainings do not change it)
-if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
+#    (scenes: the scene transformer's config from INIT, each component conditioned on its own instance)
+memory() {  # NAME SECONDS, then memory.py's arguments: one run under that limit, its records in results/NAME.json
+  local name=$1 seconds=$2; shift 2
+  timeout "$seconds" python3 benchmarks/memory.py --device cuda --dtype bf16 "$@" --json "$WORK/results/$name.json" > "$WORK/results/$name.txt" 2>&1
+}
+paper_size=(--latents 1024 --width 2048 --heads 16 --layers 8)
+if [ "$BENCH" != 0 ] && [ "$DEVICE" = cuda ]; then
   stamp "memory benchmark (background)"
-  timeout 280 python3 benchmarks/memory.py --device cuda --dtype bf16 --latents 1024 --width 2048 --heads 16 --layers 8 \
-    --n 8 16 32 --batch 1 2 --json "$WORK/results/memory_cuda.json" > "$WORK/results/memory_cuda.txt" 2>&1 &
+  if [ "$KIND" = scene ]; then
+    scene=(--config "$INIT/transformer/config.json" --scene --n 32)
+    { memory memory_scene_cuda 150 "${scene[@]}" --batch 8 64 --sdpa auto math
+      memory memory_scene_cuda_l1024 130 "${scene[@]}" "${paper_size[@]}" --batch 1 2; } &
+  else
+    memory memory_cuda 280 "${paper_size[@]}" --n 8 16 32 --batch 1 2 &
+  fi
   mem_pid=$!
 fi
 for p in "${pids[@]}"; do wait "$p"; done

@@ -5,8 +5,9 @@
 
 `pack` quantises every latent to 8 bits per (part, channel) (min/max over the part's L tokens,
 kept in fp16: measured rms error 0.25% of the latents' std, at most 1.2% of a part's range) and compresses the whole
-with xz; `unpack` writes a cache that `moca3d train` reads. It is a transport format for this
-project's GPU sessions, not a training input of its own.
+with xz; `unpack` writes a cache that `moca3d train` reads. The 8-bit images, and a scene cache's 8-bit instance
+masks (one (S, S) mask per part), travel exactly. It is a transport format for this project's GPU sessions, not a
+training input of its own.
 """
 
 from __future__ import annotations
@@ -38,29 +39,35 @@ def dequantize(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> torch.Tenso
     return lo[:, None] + codes.float() / 255 * (hi - lo)[:, None]
 
 
+PER_ASSET = ("counts", "images")  # one row per asset; every other tensor of a cache has one row per part
+
+
 def pack(cache: Path, out: Path, max_assets: int | None = None) -> None:
+    """Write the cache `cache` (its first `max_assets` assets) as 8-bit latents and exact uint8 tensors, xz-compressed."""
     with safe_open(str(cache), "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in ("latents", "counts", "images")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # latents, counts, images; a scene cache's masks too
     if max_assets is not None and max_assets < len(tensors["counts"]):  # keep the first assets (ids in order)
         meta = meta | {"ids": json.dumps(json.loads(meta["ids"])[:max_assets])}
         parts = int(tensors["counts"][:max_assets].sum())
-        tensors = {"latents": tensors["latents"][:parts], "counts": tensors["counts"][:max_assets], "images": tensors["images"][:max_assets]}
-    images = tensors["images"].permute(0, 2, 3, 1).contiguous().numpy()  # (A, S, S, 3): compresses 15% better
-    arrays = quantize(tensors["latents"].float()) | {"counts": tensors["counts"].numpy(), "images": images}
+        tensors = {k: v[:max_assets] if k in PER_ASSET else v[:parts] for k, v in tensors.items()}
+    images = tensors.pop("images").permute(0, 2, 3, 1).contiguous().numpy()  # (A, S, S, 3): compresses 15% better
+    arrays = quantize(tensors.pop("latents").float()) | {k: v.numpy() for k, v in tensors.items()} | {"images": images}
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
     out.write_bytes(lzma.compress(buf.getvalue(), preset=6))
-    print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB for {len(tensors['counts'])} assets")
+    print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB for {len(arrays['counts'])} assets")
 
 
 def unpack(packed: Path, out: Path) -> None:
+    """Write `pack`'s file back as a latent cache (the latents dequantised to float32)."""
     with np.load(io.BytesIO(lzma.decompress(packed.read_bytes()))) as z:
         meta = json.loads(z["meta"].tobytes().decode())
-        latents = dequantize(z["codes"], z["lo"], z["hi"])
-        images = torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()  # (A, 3, S, S)
-        save_file({"latents": latents.contiguous(), "counts": torch.from_numpy(z["counts"]), "images": images}, str(out), metadata=meta)
-    print(f"{out}: {latents.shape[0]} parts")
+        tensors = {"latents": dequantize(z["codes"], z["lo"], z["hi"]).contiguous(),  # (P, L, C)
+                   "images": torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()}  # (A, 3, S, S)
+        tensors |= {k: torch.from_numpy(z[k]) for k in z.files if k not in ("meta", "codes", "lo", "hi", "images")}  # counts, masks
+        save_file(tensors, str(out), metadata=meta)
+    print(f"{out}: {tensors['latents'].shape[0]} parts")
 
 
 def main() -> None:

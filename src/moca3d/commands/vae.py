@@ -146,15 +146,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command("cache-latents")
     def cache_latents_cmd(
-        data_dir: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d encode-dataset)."),
+        data_dir: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d encode-dataset): objects, or scenes (every asset of the split a scene: cached with their instance masks, for a scene recipe)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="The cache file to write (.safetensors)."),
         split: str = typer.Option("train", help="Split to cache: train, val or test."),
-        image_size: int = typer.Option(128, "--image-size", help="The image encoder's input size (the recipe's image_encoder.image_size)."),
+        image_size: int = typer.Option(128, "--image-size", help="The image encoder's input size (the recipe's image_encoder.image_size; a scene pipeline's image_encoder/config.json)."),
         max_parts: int = typer.Option(32, "--max-parts", help="Leave out assets with more parts."),
     ) -> None:
         """Pack a split's latents and preprocessed renders into one file: `moca3d train CACHE` starts in seconds."""
+        from moca3d.data.dataset import read_manifest
+        from moca3d.data.scene import SceneLatentDataset
         from moca3d.training.train_dit import LatentDataset
 
-        data = LatentDataset(data_dir, split, image_size, max_parts)
+        records = read_manifest(data_dir, split)
+        scenes = bool(records) and all(r.get("kind") == "scene" for r in records)
+        data = (SceneLatentDataset if scenes else LatentDataset)(data_dir, split, image_size, max_parts)
         path = data.save_cache(output)
-        typer.echo(f"{path}: {len(data)} assets, {sum(z.shape[0] for z in data.latents)} parts, {image_size} px images")
+        noun = "scenes" if scenes else "assets"
+        typer.echo(f"{path}: {len(data)} {noun}, {sum(z.shape[0] for z in data.latents)} parts, {image_size} px images")

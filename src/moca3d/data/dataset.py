@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 from moca3d.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
+OBJECT_CACHE, SCENE_CACHE = "moca3d-latent-cache", "moca3d-scene-latent-cache"  # a latent cache's metadata "kind"
+CACHE_HOLDS = {OBJECT_CACHE: "object", SCENE_CACHE: "scene"}  # kind -> the recipe "condition" that trains on it
 
 
 def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:
@@ -163,3 +165,44 @@ def require_token_order(needed: str, found: str, where: str) -> None:
     if needed == "canonical" and found != "canonical":  # a model without positions takes any order
         raise ConfigError(f"{where}: the transformer expects latent tokens in 'canonical' order, the cached latents are in"
                           f" {found!r} order: run `moca3d encode-dataset --token-order canonical --overwrite`")
+
+
+def save_latent_cache(path: str | Path, kind: str, latents: list[torch.Tensor], ids: list[str], token_order: str,
+                      **tensors: torch.Tensor) -> Path:
+    """Write a latent cache (`moca3d cache-latents`): latents (sum N, L, C), counts (A,), `tensors` as given
+    (images (A, 3, S, S) uint8; a scene cache's masks (sum N, S, S) uint8), ids and token order as metadata."""
+    from moca3d.training.checkpoints import atomic_save_tensors
+
+    counts = torch.tensor([z.shape[0] for z in latents], dtype=torch.long)  # (A,)
+    meta = {"ids": json.dumps(ids), "kind": kind, "token_order": token_order}
+    atomic_save_tensors({"latents": torch.cat(latents), "counts": counts, **tensors}, Path(path), metadata=meta)
+    return Path(path)
+
+
+def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, image_size: int | None = None) -> dict:
+    """A latent cache of `kind`, checked, per asset and without the assets of more than `max_components` parts:
+    "ids", "token_order", "latents" [(N, L, C) float32], "images" [(3, S, S) uint8] and each per-part tensor
+    (a scene cache's "masks" [(N, S, S) uint8])."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        found = meta.get("kind")
+        if found not in CACHE_HOLDS:
+            raise InputError(f"{path}: not a moca3d latent cache (write one with `moca3d cache-latents`)")
+        if found != kind:
+            raise InputError(f"{path}: a latent cache of {CACHE_HOLDS[found]}s, the recipe trains on {CACHE_HOLDS[kind]}s"
+                             f' ("condition": "{CACHE_HOLDS[kind]}")')
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if image_size is not None and tensors["images"].shape[-1] != image_size:
+        raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size}")
+    counts = tensors.pop("counts").tolist()
+    assets = {"latents": torch.split(tensors.pop("latents").float(), counts), "images": tensors.pop("images"),
+              **{k: torch.split(v, counts) for k, v in tensors.items()}}  # the rest is per part
+    keep = [i for i, n in enumerate(counts) if n <= max_components]
+    if not keep:
+        raise InputError(f"{path}: no assets with at most {max_components} parts")
+    ids = json.loads(meta["ids"])
+    return {"ids": [ids[i] for i in keep], "token_order": meta.get("token_order", "fps"),
+            **{k: [v[i] for i in keep] for k, v in assets.items()}}

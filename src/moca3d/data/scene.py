@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest
+from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
+                                 save_latent_cache)
 from moca3d.errors import InputError
 from moca3d.models.image_encoder import ImageLike, preprocess_image
 
@@ -265,6 +266,28 @@ class SceneLatentDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def save_cache(self, path: str | Path) -> Path:
+        """One safetensors file of the split (`moca3d cache-latents`): latents, 8-bit scene crops and instance masks."""
+        return save_latent_cache(path, SCENE_CACHE, self.latents, self.ids, self.token_order,
+                                 images=torch.stack(self.scenes), masks=torch.cat(self.masks))  # (A, 3, S, S), (sum N, S, S)
+
+    @classmethod
+    def from_cache(cls, path: str | Path, max_components: int = 32, image_size: int | None = None) -> "SceneLatentDataset":
+        """A dataset from `save_cache`'s file (scenes with more than `max_components` instances left out)."""
+        cache = load_latent_cache(path, SCENE_CACHE, max_components, image_size)
+        self = cls.__new__(cls)
+        self.root = Path(path).parent
+        self.latents, self.scenes, self.masks = cache["latents"], cache["images"], cache["masks"]
+        self.ids, self.token_order = cache["ids"], cache["token_order"]
+        return self
+
+    def to(self, device) -> "SceneLatentDataset":
+        """Move every latent, scene crop and mask to `device` (batches are then assembled there)."""
+        self.latents = [z.to(device) for z in self.latents]
+        self.scenes = [im.to(device) for im in self.scenes]
+        self.masks = [m.to(device) for m in self.masks]
+        return self
 
     def conditions(self, index: int, instances: Sequence[int] | None = None) -> torch.Tensor:
         """The 7-channel stacks (K, 7, S, S) of scene `index`'s instances (default: all of them, K = N)."""

@@ -351,7 +351,7 @@ def load_samples(cfg: EncoderPretrainConfig, data_dir: str | Path, cache: Option
         from moca3d.data.scene import SceneLatentDataset
 
         if cache is not None:
-            raise ConfigError("a latent cache holds object renders: scene pre-training reads the prepared scenes folder")
+            raise ConfigError("scene pre-training reads the prepared scenes folder, not a latent cache (--cache is for objects)")
         data = SceneLatentDataset(data_dir, "train", size, max_components=10**9, latents=False)
         return scene_samples(data), data.ids
     if cache is not None:

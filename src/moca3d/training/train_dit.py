@@ -6,7 +6,8 @@ whatever the number of processes (each takes its slice), and a resumed run conti
 
 Data: a prepared dataset (`moca3d prepare`) with cached latents (`moca3d encode-dataset`):
 ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C)) and render.png; or one cache file of the
-training split (`moca3d cache-latents`: latents and 8-bit preprocessed images), which starts in seconds.
+training split (`moca3d cache-latents`: latents and 8-bit preprocessed images; for scenes the 8-bit scene
+crops and instance masks), which starts in seconds.
 
 Scenes (`"condition": "scene"`, issue 7): fine-tune an object pipeline folder (`init_from`) on
 prepared scenes (render.png + mask.png label maps). The encoder's first projection is widened to
@@ -29,7 +30,8 @@ import torch.nn as nn
 
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
-from moca3d.data.dataset import common_token_order, load_cached_latents, pad_components, read_manifest, require_token_order
+from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
+                                 require_token_order, save_latent_cache)
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import (
@@ -168,45 +170,20 @@ class LatentDataset:
 
     def save_cache(self, path: str | Path) -> Path:
         """One safetensors file with every latent and image (uint8) of the split: a fast start for big datasets."""
-        from moca3d.training.checkpoints import atomic_save_tensors
-
         images = torch.stack(self.images)  # (A, 3, S, S) in [0, 1]
         pixels = (images * 255).round()
         if not torch.equal(pixels / 255, images):
             raise ConfigError("a latent cache holds 8-bit images: this encoder's preprocessing gives other values")
-        tensors = {
-            "latents": torch.cat(self.latents).contiguous(),  # (sum N, L, C)
-            "counts": torch.tensor([z.shape[0] for z in self.latents], dtype=torch.long),  # (A,)
-            "images": pixels.to(torch.uint8).contiguous(),  # (A, 3, S, S)
-        }
-        meta = {"ids": json.dumps(self.ids), "kind": "moca3d-latent-cache", "token_order": self.token_order}
-        atomic_save_tensors(tensors, Path(path), metadata=meta)
-        return Path(path)
+        return save_latent_cache(path, OBJECT_CACHE, self.latents, self.ids, self.token_order, images=pixels.to(torch.uint8))
 
     @classmethod
     def from_cache(cls, path: str | Path, max_components: int = 32, image_size: Optional[int] = None) -> "LatentDataset":
         """A dataset from `save_cache`'s file (assets with more than `max_components` parts left out)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("kind") != "moca3d-latent-cache":
-                raise InputError(f"{path}: not a moca3d latent cache (write one with LatentDataset.save_cache)")
-            tensors = {k: f.get_tensor(k) for k in ("latents", "counts", "images")}
-        if image_size is not None and tensors["images"].shape[-1] != image_size:
-            raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size}")
+        cache = load_latent_cache(path, OBJECT_CACHE, max_components, image_size)
         self = cls.__new__(cls)
-        self.root = path.parent
-        ids = json.loads(meta["ids"])
-        parts = torch.split(tensors["latents"].float(), tensors["counts"].tolist())
-        keep = [i for i, z in enumerate(parts) if z.shape[0] <= max_components]
-        self.latents = [parts[i] for i in keep]
-        self.images = [tensors["images"][i].float() / 255 for i in keep]
-        self.ids = [ids[i] for i in keep]
-        self.token_order = meta.get("token_order", "fps")
-        if not self.ids:
-            raise InputError(f"{path}: no assets with at most {max_components} parts")
+        self.root = Path(path).parent
+        self.latents, self.ids, self.token_order = cache["latents"], cache["ids"], cache["token_order"]
+        self.images = [im.float() / 255 for im in cache["images"]]
         return self
 
     def to(self, device) -> "LatentDataset":
@@ -466,7 +443,10 @@ def train(
 
         vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
         encoder_size = ImageEncoder.load_config(scene_encoder_folder(cfg))["image_size"]
-        data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components)
+        if Path(data_dir).is_file():  # a scene latent cache (SceneLatentDataset.save_cache) of the training split
+            data = SceneLatentDataset.from_cache(data_dir, cfg.max_components, encoder_size)
+        else:
+            data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components)
     else:
         encoder = None
         if cfg.init_from:
@@ -509,7 +489,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg.to_dict(), out / "train_config.json")
     model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.device.type == "cuda" and isinstance(data, LatentDataset):
+    if accelerator.device.type == "cuda":
         data.to(accelerator.device)  # batches assembled on the GPU: no host-to-device copy of images per step
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
