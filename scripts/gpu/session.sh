@@ -138,7 +138,7 @@ save_results
 # 3. alone on the GPU: attention and forward timings
 if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
   stamp "attention benchmark"
-  timeout 130 python3 benchmarks/attention.py --n 8 16 32 --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
+  timeout 130 python3 benchmarks/attention.py --n 8 16 32 --backends reference chunked blocksparse matmul --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
   save_results
   stamp "forward benchmark"
   timeout 80 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --json "$WORK/results/forward_cuda.json" 2>&1 | tee "$WORK/results/forward_cuda.txt"
