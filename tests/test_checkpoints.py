@@ -128,6 +128,21 @@ def test_keep_last_and_missing_checkpoint(tmp_path):
         ck.load_checkpoint(ck.latest_checkpoint(tmp_path), nn.Linear(3, 3))
 
 
+def test_a_checkpoint_of_another_model_names_what_does_not_fit(tmp_path):
+    path = ck.save_checkpoint(tmp_path, 1, make_model())
+    wider = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 2))  # 5 tensors of another shape
+    with pytest.raises(CheckpointError) as err:
+        ck.load_checkpoint(path, wider)
+    message = str(err.value)
+    assert "\n" not in message and "5 of another shape (e.g. '0.weight': (8, 4), the model has (16, 4))" in message
+    deeper = nn.Sequential(*make_model(), nn.Linear(2, 2))  # the checkpoint lacks the last layer's 2 tensors
+    with pytest.raises(CheckpointError, match=r"2 tensors missing \(e.g. '3.bias'\)"):
+        ck.load_checkpoint(path, deeper)
+    assert ck.state_dict_mismatch(make_model(), make_model(1).state_dict()) == ""
+    assert ck.state_dict_mismatch(nn.Linear(4, 8), make_model().state_dict()) == \
+        "2 tensors missing (e.g. 'bias'); 6 unexpected (e.g. '0.bias')"
+
+
 def test_ema_average_and_warmup():
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from moca3d.convert import convert_partcrafter, convert_triposg, load_partcrafter_transformer, load_triposg_transformer
 from moca3d.convert.triposg import GATE_INIT_LOGIT, load_triposg_vae
-from moca3d.errors import CheckpointError
+from moca3d.errors import CheckpointError, ConfigError
 
 D, H, LAYERS, C, DC = 16, 2, 5, 4, 8  # width, heads, blocks, latent channels, condition width
 L, M = 8, 5  # latent tokens, condition tokens
@@ -394,3 +394,5 @@ def test_latent_length_stage_change_keeps_weights(tmp_path):
     torch.testing.assert_close(q1[:-1:2], q0[:-1])
     torch.testing.assert_close(q1[-1], q0[-1])
     torch.testing.assert_close(longer.proj_in.weight, base.proj_in.weight)
+    with pytest.raises(ConfigError, match=r"no longer loads: .* of another shape \(e.g. '"):  # one line naming a tensor
+        load_transformer(pipe_dir, DiTTrainConfig(transformer={"width": 2 * base.config.width}), None)

@@ -97,6 +97,23 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
             os.remove(tmp)
 
 
+def state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """What keeps `state` from loading strictly into `module`, as one line ('' when nothing does)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (e.g. '{k}': {tuple(state[k].shape)}, the model has {tuple(own[k].shape)})")
+    return "; ".join(problems)
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file on CPU, refusing missing files and NaN/Inf values."""
     path = Path(path)
@@ -319,11 +336,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
     weights = load_tensors(path / "model.safetensors")
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit this model ({first})") from err
+    problem = state_dict_mismatch(model, weights)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not fit this model: {problem}")
+    model.load_state_dict(weights, strict=True)
     if ema is not None:
         if "ema" not in state:
             raise CheckpointError(f"{path}: no EMA state in this checkpoint")

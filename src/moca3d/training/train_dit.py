@@ -48,7 +48,7 @@ from moca3d.models.image_encoder import (
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.training.recipe import Recipe, lr_at
-from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
 SEED_STRIDE = 1_000_003
 CONDITIONS = ("object", "scene")
@@ -285,10 +285,10 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
             state = {k: v for k, v in state.items() if ".router." not in k}  # has no router to load
         if transformer.layout_embed is not None:  # a layout embedding added by the overrides starts at its (zero) init
             state.update({k: v for k, v in transformer.state_dict().items() if k.startswith("layout_embed.") and k not in state})
-        try:
-            transformer.load_state_dict(state)
-        except RuntimeError as err:
-            raise ConfigError(f"the transformer overrides change its weights, {root} no longer loads: {str(err).splitlines()[0]}") from None
+        problem = state_dict_mismatch(transformer, state)
+        if problem:
+            raise ConfigError(f"the transformer overrides change its weights, {root} no longer loads: {problem}")
+        transformer.load_state_dict(state)
     if latent_shape is not None and (transformer.config.num_latents, transformer.config.in_channels) != tuple(latent_shape):
         raise ConfigError(
             f"the data's latents are (L={latent_shape[0]}, C={latent_shape[1]}) but {root} expects "
