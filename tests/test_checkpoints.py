@@ -140,7 +140,7 @@ def test_a_checkpoint_of_another_model_names_what_does_not_fit(tmp_path):
         ck.load_checkpoint(path, deeper)
     assert ck.state_dict_mismatch(make_model(), make_model(1).state_dict()) == ""
     assert ck.state_dict_mismatch(nn.Linear(4, 8), make_model().state_dict()) == \
-        "2 tensors missing (e.g. 'bias'); 6 unexpected (e.g. '0.bias')"
+        "2 tensors missing (e.g. 'bias'); 6 tensors unexpected (e.g. '0.bias')"
 
 
 def test_ema_average_and_warmup():

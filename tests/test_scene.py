@@ -389,6 +389,14 @@ def test_scene_latent_cache_round_trip_and_training_from_it(scenes, tmp_path):
         SceneLatentDataset.from_cache(cache, image_size=64)
     with pytest.raises(InputError, match="a latent cache of scenes, the recipe trains on objects"):
         LatentDataset.from_cache(cache)
+    mixed = tmp_path / "mixed"  # the same split with one record an object: refused, a cache holds one kind
+    mixed.mkdir()
+    (mixed / "assets").symlink_to((root / "assets").resolve())
+    records = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    records[0]["kind"] = "object"
+    (mixed / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = CliRunner().invoke(app, ["cache-latents", str(mixed), "-o", str(tmp_path / "mixed.safetensors"), "--split", records[0]["split"]])
+    assert res.exit_code != 0 and "mixes scenes and objects" in str(res.exception or res.output)
     folder = train(root, tmp_path / "folder", scene_recipe(obj, steps=2), device="cpu", progress=False)
     cached = train(cache, tmp_path / "cached", scene_recipe(obj, steps=2), device="cpu", progress=False)
     assert cached["final_loss"] == pytest.approx(folder["final_loss"], rel=1e-6)

@@ -448,6 +448,10 @@ def test_cli_eval_vae_reports_fscores(dataset, tmp_path, monkeypatch):
     (asset,) = metrics["assets"]  # each asset's scores; their mean is the asset mean
     assert asset["num_parts"] == 2 and asset["fscore@0.1"] == pytest.approx(metrics["asset_fscore@0.1"])
     assert not any(line.startswith("assets:") for line in result.output.splitlines())
+    printed = CliRunner().invoke(app, ["eval-vae", str(dataset), "--model", str(tmp_path / "vae"), "--assets", "1",
+                                       "--resolution", "32", "--points", "64", "--device", "cpu", "--json", "-"])
+    assert printed.exit_code == 0, printed.output
+    assert json.loads(printed.stdout) == metrics  # the JSON alone, nothing else on stdout
 
 
 def test_builtin_defaults_equal_the_small_recipe():

@@ -23,6 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moca3d.data.dataset import CACHE_PER_ASSET
+
+QUANTIZED = ("codes", "lo", "hi")  # `quantize`'s arrays: the latents
+
 
 def quantize(latents: torch.Tensor) -> dict[str, np.ndarray]:
     """(P, L, C) float -> uint8 codes (P, L, C) and per (part, channel) lo, hi (P, C)."""
@@ -39,9 +43,6 @@ def dequantize(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> torch.Tenso
     return lo[:, None] + codes.float() / 255 * (hi - lo)[:, None]
 
 
-PER_ASSET = ("counts", "images")  # one row per asset; every other tensor of a cache has one row per part
-
-
 def pack(cache: Path, out: Path, max_assets: int | None = None) -> None:
     """Write the cache `cache` (its first `max_assets` assets) as 8-bit latents and exact uint8 tensors, xz-compressed."""
     with safe_open(str(cache), "pt") as f:
@@ -50,7 +51,7 @@ def pack(cache: Path, out: Path, max_assets: int | None = None) -> None:
     if max_assets is not None and max_assets < len(tensors["counts"]):  # keep the first assets (ids in order)
         meta = meta | {"ids": json.dumps(json.loads(meta["ids"])[:max_assets])}
         parts = int(tensors["counts"][:max_assets].sum())
-        tensors = {k: v[:max_assets] if k in PER_ASSET else v[:parts] for k, v in tensors.items()}
+        tensors = {k: v[:max_assets] if k in CACHE_PER_ASSET else v[:parts] for k, v in tensors.items()}
     images = tensors.pop("images").permute(0, 2, 3, 1).contiguous().numpy()  # (A, S, S, 3): compresses 15% better
     arrays = quantize(tensors.pop("latents").float()) | {k: v.numpy() for k, v in tensors.items()} | {"images": images}
     buf = io.BytesIO()
@@ -65,7 +66,7 @@ def unpack(packed: Path, out: Path) -> None:
         meta = json.loads(z["meta"].tobytes().decode())
         tensors = {"latents": dequantize(z["codes"], z["lo"], z["hi"]).contiguous(),  # (P, L, C)
                    "images": torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()}  # (A, 3, S, S)
-        tensors |= {k: torch.from_numpy(z[k]) for k in z.files if k not in ("meta", "codes", "lo", "hi", "images")}  # counts, masks
+        tensors |= {k: torch.from_numpy(z[k]) for k in z.files if k not in ("meta", "images", *QUANTIZED)}  # counts, masks
         save_file(tensors, str(out), metadata=meta)
     print(f"{out}: {tensors['latents'].shape[0]} parts")
 

@@ -58,16 +58,16 @@ def save_generation(result, output: Path, noun: str, started: float) -> None:
     typer.echo(f"wrote {path}: {len(result.meshes)} {noun}{note} in {time.time() - started:.1f} s")
 
 
-def write_json(path: Optional[Path], obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically (parents created); '-' prints it; nothing when None."""
+def write_json(path: Optional[Path], obj: Any) -> bool:
+    """Write `obj` as indented JSON to `path` atomically (parents created), or print it for '-' (then True)."""
     from moca3d.training.checkpoints import atomic_write_json
 
-    if path is None:
-        return
-    if str(path) == "-":
+    if path is not None and str(path) == "-":
         typer.echo(json.dumps(obj, indent=2))
-        return
-    atomic_write_json(obj, path)
+        return True
+    if path is not None:
+        atomic_write_json(obj, path, sort_keys=False)
+    return False
 
 
 def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int],

@@ -65,7 +65,7 @@ def evaluate_command(
     seed: int = typer.Option(0, help="Sampling seed."),
     iou_resolution: int = typer.Option(64, help="Voxels per side for self-IoU."),
     scene: bool = typer.Option(False, "--scene", help="Also report per-instance metrics (component i vs i)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them, alone)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
     from moca3d.geometry.mesh_io import load_components
@@ -75,8 +75,7 @@ def evaluate_command(
     pred_meshes, _ = load_components(pred)
     gt_meshes, _ = load_components(gt)
     result = (evaluate_scene if scene else evaluate_object)(pred_meshes, gt_meshes, config)
-    write_json(json_out, result)
-    if json_out is not None and str(json_out) == "-":
+    if write_json(json_out, result):
         return
     for key, value in result.items():
         if key != "per_instance":

@@ -85,7 +85,7 @@ def register_evaluation(app: typer.Typer) -> None:
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics to this JSON file ('-': print it)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""
@@ -97,7 +97,8 @@ def register_evaluation(app: typer.Typer) -> None:
         pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts,
                                    reconstruct=reconstruct, shift=shift)
+        if write_json(json_out, result):
+            return
         for key, value in result["mean"].items():
             typer.echo(f"{key:>12}: {value:.4f}")
         typer.echo(f"{result['count']} assets of '{split}'")
-        write_json(json_out, result)

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics to this JSON file ('-': print it)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
@@ -78,14 +78,15 @@ def register(app: typer.Typer) -> None:
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
                      reconstruct=reconstruct, shift=shift)
+        if write_json(json_out, result):
+            return
         for key, value in result["mean"].items():
             typer.echo(f"{key:>22}: {value:.4f}")
         typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
-        write_json(json_out, result)
 
     @app.command("train-scene")
     def train_scene(
-        data: Path = typer.Argument(..., help="Prepared scenes with cached latents (moca3d prepare --procedural scenes + encode-dataset)."),
+        data: Path = typer.Argument(..., help="Prepared scenes with cached latents (moca3d prepare --procedural scenes + encode-dataset), or a scene cache file (moca3d cache-latents)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Object pipeline folder to fine-tune (overrides the recipe's init_from)."),
         config: Optional[Path] = typer.Option(None, "--config", help="Scene recipe JSON (configs/dit_scene_*.json)."),

@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         assets: int = typer.Option(12, "--assets", help="At most this many assets of the split."),
         resolution: int = typer.Option(128, "--resolution", help="Finest grid cells per axis."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and each asset's) to this JSON file ('-': print it)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and each asset's) to this JSON file ('-': print it alone)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
         """Reconstruct held-out assets part by part; print CD and F-scores (docs/DESIGN.md §6)."""
@@ -91,10 +91,11 @@ def register(app: typer.Typer) -> None:
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
         metrics = validate(vae, data_dir, cfg, split=split, progress=True, per_asset=True)
+        if write_json(json_out, metrics):
+            return
         for k, v in metrics.items():
             if k != "assets":  # each asset's scores go to the JSON only
                 typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-        write_json(json_out, metrics)
 
     @app.command("reconstruct")
     def reconstruct_cmd(
@@ -158,7 +159,10 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_dit import LatentDataset
 
         records = read_manifest(data_dir, split)
-        scenes = bool(records) and all(r.get("kind") == "scene" for r in records)
+        kinds = {r.get("kind") == "scene" for r in records}
+        if len(kinds) > 1:
+            raise InputError(f"{data_dir}: split '{split}' mixes scenes and objects; a cache holds one kind (prepare them apart)")
+        scenes = kinds == {True}
         data = (SceneLatentDataset if scenes else LatentDataset)(data_dir, split, image_size, max_parts)
         path = data.save_cache(output)
         noun = "scenes" if scenes else "assets"

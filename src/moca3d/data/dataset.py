@@ -14,6 +14,7 @@ from moca3d.errors import ConfigError, InputError
 SPLITS = ("train", "val", "test")
 OBJECT_CACHE, SCENE_CACHE = "moca3d-latent-cache", "moca3d-scene-latent-cache"  # a latent cache's metadata "kind"
 CACHE_HOLDS = {OBJECT_CACHE: "object", SCENE_CACHE: "scene"}  # kind -> the recipe "condition" that trains on it
+CACHE_PER_ASSET = ("counts", "images")  # a latent cache's tensors of one row per asset; every other one has a row per part
 
 
 def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:
@@ -136,7 +137,7 @@ def pad_components(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     """Per-asset (N_b, ...) tensors -> (B, N_max, ...) zero-padded and the (B, N_max) real-component mask."""
     n_max = max(x.shape[0] for x in items)
     padded = items[0].new_zeros((len(items), n_max, *items[0].shape[1:]))
-    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+    mask = torch.zeros(len(items), n_max, dtype=torch.bool, device=items[0].device)
     for b, x in enumerate(items):
         padded[b, : x.shape[0]] = x
         mask[b, : x.shape[0]] = True
@@ -198,8 +199,8 @@ def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, ima
     if image_size is not None and tensors["images"].shape[-1] != image_size:
         raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size}")
     counts = tensors.pop("counts").tolist()
-    assets = {"latents": torch.split(tensors.pop("latents").float(), counts), "images": tensors.pop("images"),
-              **{k: torch.split(v, counts) for k, v in tensors.items()}}  # the rest is per part
+    assets = {k: v if k in CACHE_PER_ASSET else torch.split(v, counts) for k, v in tensors.items()}
+    assets["latents"] = [z.float() for z in assets["latents"]]
     keep = [i for i, n in enumerate(counts) if n <= max_components]
     if not keep:
         raise InputError(f"{path}: no assets with at most {max_components} parts")

@@ -269,6 +269,8 @@ class SceneLatentDataset:
 
     def save_cache(self, path: str | Path) -> Path:
         """One safetensors file of the split (`moca3d cache-latents`): latents, 8-bit scene crops and instance masks."""
+        if not self.latents:
+            raise InputError(f"{self.root}: this dataset was read without latents, there is nothing to cache")
         return save_latent_cache(path, SCENE_CACHE, self.latents, self.ids, self.token_order,
                                  images=torch.stack(self.scenes), masks=torch.cat(self.masks))  # (A, 3, S, S), (sum N, S, S)
 

@@ -81,14 +81,14 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, meta
     _fsync_dir(path.parent)
 
 
-def atomic_write_json(obj: Any, path: str | Path) -> None:
+def atomic_write_json(obj: Any, path: str | Path, sort_keys: bool = True) -> None:
     """Write JSON via a temporary file and `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
+            json.dump(obj, fh, indent=2, sort_keys=sort_keys)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -107,7 +107,7 @@ def state_dict_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> st
     if missing:
         problems.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
+        problems.append(f"{len(unexpected)} tensors unexpected (e.g. '{unexpected[0]}')")
     if reshaped:
         k = reshaped[0]
         problems.append(f"{len(reshaped)} of another shape (e.g. '{k}': {tuple(state[k].shape)}, the model has {tuple(own[k].shape)})")
