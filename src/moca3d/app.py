@@ -30,9 +30,7 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # PIL format names
 DEFAULT_PARTS = 4
-DEFAULT_STEPS = STEPS
 MAX_STEPS = 200
-DEFAULT_GUIDANCE = GUIDANCE
 MAX_GUIDANCE = 15.0
 GUIDANCE_STEP = 0.5
 DEFAULT_SEED = 0
@@ -90,7 +88,7 @@ class DemoGenerator:
         """The model's part limit (its ID codebook size), the slider's maximum."""
         return self.pipeline.transformer.max_components
 
-    def generate(self, image_path, num_parts, seed=DEFAULT_SEED, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE):
+    def generate(self, image_path, num_parts, seed=DEFAULT_SEED, steps=STEPS, guidance=GUIDANCE):
         """Uploaded image -> (GLB for the viewer, GLB for download, one-line summary); gr.Error on bad input."""
         started = time.time()
         try:
@@ -110,7 +108,7 @@ class DemoGenerator:
 
 def build_app(
     model_path: Union[str, Path, None] = None, device: str = "auto", resolution: int = DEFAULT_RESOLUTION,
-    default_steps: int = DEFAULT_STEPS, output_dir: Optional[Path] = None,
+    default_steps: int = STEPS, output_dir: Optional[Path] = None,
 ) -> gr.Blocks:
     """Load the pipeline once and lay out the page: upload, part count, advanced settings, 3D viewer, download."""
     pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=resolve_device(device))
@@ -130,7 +128,7 @@ def build_app(
                 with gr.Accordion("Advanced", open=False):
                     seed = gr.Number(DEFAULT_SEED, label="Seed (the same seed gives the same result)", precision=0, minimum=0, maximum=MAX_SEED)
                     steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Sampling steps")
-                    guidance = gr.Slider(1.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=GUIDANCE_STEP, label="Guidance scale (1 = off)")
+                    guidance = gr.Slider(1.0, MAX_GUIDANCE, value=GUIDANCE, step=GUIDANCE_STEP, label="Guidance scale (1 = off)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate-button")
             with gr.Column():
                 viewer = gr.Model3D(label="Generated parts", elem_id="viewer")

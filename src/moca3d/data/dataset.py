@@ -200,10 +200,10 @@ def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, ima
         raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size}")
     counts = tensors.pop("counts").tolist()
     assets = {k: v if k in CACHE_PER_ASSET else torch.split(v, counts) for k, v in tensors.items()}
-    assets["latents"] = [z.float() for z in assets["latents"]]
     keep = [i for i, n in enumerate(counts) if n <= max_components]
     if not keep:
         raise InputError(f"{path}: no assets with at most {max_components} parts")
     ids = json.loads(meta["ids"])
-    return {"ids": [ids[i] for i in keep], "token_order": meta.get("token_order", "fps"),
-            **{k: [v[i] for i in keep] for k, v in assets.items()}}
+    kept = {k: [v[i] for i in keep] for k, v in assets.items()}
+    kept["latents"] = [z.float() for z in kept["latents"]]  # only the kept assets' latents
+    return {"ids": [ids[i] for i in keep], "token_order": meta.get("token_order", "fps"), **kept}
