@@ -1,4 +1,5 @@
-"""The web demo (`moca3d demo`): upload checks, the part limit, and one generation clicked through in headless Chromium."""
+"""The web demo (`moca3d demo`): upload checks, the part limit, and an object and a scene generation clicked through in
+headless Chromium."""
 
 import os
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 import trimesh
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 
 from moca3d import app as demo_app
 from moca3d.errors import ConfigError
+from moca3d.models.image_encoder import widen_input_channels
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline
 from moca3d.training.train_dit import DiTTrainConfig, build_models, export_pipeline
@@ -27,7 +30,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # the browser's own services resolve no host either
 ]
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "chair.png"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE = EXAMPLES / "chair.png"
+SCENE, SCENE_MASKS, SCENE_INSTANCES = EXAMPLES / "scene4.png", EXAMPLES / "scene4_masks.png", 4
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 MAX_PARTS = 8  # the tiny model's ID codebook: its part limit
 PARTS = 3
@@ -53,10 +58,21 @@ def pipeline_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def generator(pipeline_dir, tmp_path_factory):
-    """The demo's event handler over the tiny pipeline."""
-    pipe = MoCAPipeline.from_pretrained(pipeline_dir)
-    return demo_app.DemoGenerator(pipe, resolution=RESOLUTION, output_dir=tmp_path_factory.mktemp("demo_out"))
+def scene_pipeline_dir(tmp_path_factory):
+    """A tiny untrained scene pipeline: the object models with the encoder widened to 7 channels."""
+    root = tmp_path_factory.mktemp("tiny_scene_model")
+    torch.manual_seed(1)
+    VecSetVAE(**TINY_VAE).save_pretrained(root / "vae")
+    model = build_models(DiTTrainConfig.from_dict(TINY_RECIPE), (TINY_VAE["num_latents"], TINY_VAE["latent_channels"]))
+    model.image_encoder = widen_input_channels(model.image_encoder)
+    return export_pipeline(root / "pipeline", model, root / "vae")
+
+
+@pytest.fixture(scope="module")
+def generator(pipeline_dir, scene_pipeline_dir, tmp_path_factory):
+    """The demo's event handlers over the tiny pipelines."""
+    pipe, scene_pipe = MoCAPipeline.from_pretrained(pipeline_dir), MoCAPipeline.from_pretrained(scene_pipeline_dir)
+    return demo_app.DemoGenerator(pipe, resolution=RESOLUTION, output_dir=tmp_path_factory.mktemp("demo_out"), scene_pipeline=scene_pipe)
 
 
 def _error_of(generator, image, parts=PARTS) -> str:
@@ -90,18 +106,74 @@ def test_bad_uploads_get_one_line_errors(generator, tmp_path, monkeypatch):
     assert "exceed the model's limit" in _error_of(generator, EXAMPLE, parts=MAX_PARTS + 1)
 
 
+def _scene_error_of(generator, image, masks) -> str:
+    """The one-line gr.Error message the scene handler raises for these uploads."""
+    with pytest.raises(gr.Error) as info:
+        generator.generate_scene(image, masks, steps=1)
+    message = info.value.message
+    assert "\n" not in message and message
+    return message
+
+
+def test_bad_scene_uploads_get_one_line_errors(generator, tmp_path):
+    assert "upload a scene image first" in _scene_error_of(generator, None, SCENE_MASKS)
+    assert "upload a label map" in _scene_error_of(generator, SCENE, None)
+    lossy = tmp_path / "labels.jpg"
+    Image.open(SCENE_MASKS).convert("L").save(lossy)
+    assert "not a PNG, BMP or TIFF image" in _scene_error_of(generator, SCENE, lossy)
+    small = tmp_path / "small.png"
+    Image.open(SCENE_MASKS).resize((64, 64), Image.NEAREST).save(small)
+    assert "the masks are 64x64 but the image is" in _scene_error_of(generator, SCENE, small)
+    many = tmp_path / "many.png"
+    width, height = Image.open(SCENE).size
+    ids = (np.arange(width * height).reshape(height, width) // 7) % (MAX_PARTS + 2)  # MAX_PARTS + 1 instance ids
+    Image.fromarray(ids.astype(np.uint8)).save(many)
+    assert f"exceed the model's limit of {MAX_PARTS}" in _scene_error_of(generator, SCENE, many)
+    objects_only = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION, output_dir=tmp_path)
+    assert "--scene-model" in _scene_error_of(objects_only, SCENE, SCENE_MASKS)
+
+
+def test_scene_handler_writes_a_glb_with_named_instances(generator):
+    viewer, download, summary = generator.generate_scene(SCENE, SCENE_MASKS, seed=1, steps=STEPS)
+    assert viewer == download and Path(download).parent == generator.output_dir
+    assert _nodes(download, "instance_") == {f"instance_{i:02d}" for i in range(SCENE_INSTANCES)}
+    assert summary.startswith(f"{SCENE_INSTANCES} instances")
+
+
+def test_models_go_to_the_right_tab(pipeline_dir, scene_pipeline_dir):
+    pipe, scene_pipe = MoCAPipeline.from_pretrained(pipeline_dir), MoCAPipeline.from_pretrained(scene_pipeline_dir)
+    with pytest.raises(ConfigError, match="scene model .* --scene-model"):
+        demo_app.DemoGenerator(scene_pipe, resolution=RESOLUTION)
+    with pytest.raises(ConfigError, match="object image encoder"):
+        demo_app.DemoGenerator(pipe, resolution=RESOLUTION, scene_pipeline=pipe)
+
+
 def test_handler_writes_a_glb_with_named_parts(generator):
     viewer, download, summary = generator.generate(EXAMPLE, PARTS, seed=1, steps=STEPS)
     assert viewer == download and Path(download).parent == generator.output_dir
-    assert _part_nodes(download) == {f"part_{i:02d}" for i in range(PARTS)}
+    assert _nodes(download, "part_") == {f"part_{i:02d}" for i in range(PARTS)}
     assert summary.startswith(f"{PARTS} parts")
 
 
+def _elem_ids(demo) -> set:
+    return {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+
+
 def test_parts_slider_matches_the_model_limit(pipeline_dir, tmp_path):
-    demo = demo_app.build_app(pipeline_dir, device="cpu", resolution=RESOLUTION, output_dir=tmp_path)
+    demo = demo_app.build_app(pipeline_dir, device="cpu", resolution=RESOLUTION, output_dir=tmp_path, scenes=False)
     slider = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "num-parts")
     assert slider.maximum == MAX_PARTS == MoCAPipeline.from_pretrained(pipeline_dir).transformer.max_components
     assert slider.minimum == 1 and slider.value == demo_app.DEFAULT_PARTS
+    assert "scene-tab" not in _elem_ids(demo)  # --no-scenes: objects only
+
+
+def test_scene_tab_defaults_to_the_scene_guidance(pipeline_dir, scene_pipeline_dir, tmp_path):
+    from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE
+
+    demo = demo_app.build_app(pipeline_dir, device="cpu", resolution=RESOLUTION, output_dir=tmp_path, scene_model_path=scene_pipeline_dir)
+    blocks = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    assert {"scene-tab", "scene-masks", "scene-generate-button"} <= set(blocks)
+    assert blocks["scene-guidance"].value == SCENE_GUIDANCE and blocks["guidance"].value == GUIDANCE
 
 
 def test_missing_builtin_model_names_the_fix(tmp_path, monkeypatch):
@@ -110,8 +182,11 @@ def test_missing_builtin_model_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_app, "DEFAULT_MODEL_DIR", tmp_path / "default")
     with pytest.raises(ConfigError, match="--model PATH .*moca3d train-default --install"):
         demo_app.resolve_model(None)
+    monkeypatch.setattr(demo_app, "DEFAULT_SCENE_MODEL_DIR", tmp_path / "scene")
+    assert demo_app.resolve_scene_model(None) is None  # no built-in scene model: no scene tab, no error
+    assert demo_app.resolve_scene_model(tmp_path, enabled=False) is None
     help_text = CliRunner().invoke(app, ["demo", "--help"]).output
-    assert "--model" in help_text and "--port" in help_text and "127.0.0.1" in help_text
+    assert all(flag in help_text for flag in ("--model", "--port", "127.0.0.1", "--scene-model", "--no-scenes"))
 
 
 def _free_port() -> int:
@@ -120,20 +195,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _part_nodes(glb: Path) -> set:
+def _nodes(glb: Path, prefix: str) -> set:
+    """The GLB's node names that start with `prefix` (part_ or instance_)."""
     scene = trimesh.load(glb, file_type="glb")
-    return {name for name in scene.graph.nodes if name.startswith("part_")}
+    return {name for name in scene.graph.nodes if name.startswith(prefix)}
 
 
 @pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas deprecations
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium (scripts/setup.sh does)")
-def test_browser_generates_and_downloads_parts(pipeline_dir, tmp_path):
+def test_browser_generates_and_downloads_parts_and_instances(pipeline_dir, scene_pipeline_dir, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     port = _free_port()
     demo = demo_app.launch(
         pipeline_dir, port=port, device="cpu", prevent_thread_lock=True, resolution=RESOLUTION, default_steps=STEPS,
-        output_dir=tmp_path / "outputs",
+        output_dir=tmp_path / "outputs", scene_model_path=scene_pipeline_dir,
     )
     outside = []  # requests to anything but the local server: there must be none
 
@@ -165,8 +241,23 @@ def test_browser_generates_and_downloads_parts(pipeline_dir, tmp_path):
                 link.click()
             saved = tmp_path / "downloaded.glb"
             download.value.save_as(saved)
+
+            page.get_by_role("tab", name="Scene").click()
+            page.locator("#scene-image input[type='file']").set_input_files(SCENE)
+            expect(page.locator("#scene-image img").first).to_be_visible()
+            page.locator("#scene-masks input[type='file']").set_input_files(SCENE_MASKS)
+            expect(page.locator("#scene-masks")).to_contain_text(SCENE_MASKS.name)
+            page.locator("#scene-generate-button").click()
+            scene_link = page.locator("#scene-glb-file a").first
+            expect(scene_link).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+            expect(page.locator("#scene-summary")).to_contain_text(f"{SCENE_INSTANCES} instances")
+            with page.expect_download() as scene_download:
+                scene_link.click()
+            saved_scene = tmp_path / "scene.glb"
+            scene_download.value.save_as(saved_scene)
             browser.close()
     finally:
         demo.close()
-    assert _part_nodes(saved) == {f"part_{i:02d}" for i in range(PARTS)}
+    assert _nodes(saved, "part_") == {f"part_{i:02d}" for i in range(PARTS)}
+    assert _nodes(saved_scene, "instance_") == {f"instance_{i:02d}" for i in range(SCENE_INSTANCES)}
     assert not outside, f"the page tried to reach the network: {outside}"

@@ -1,7 +1,9 @@
-"""`moca3d demo`: a gradio web page over MoCAPipeline (image -> N coloured part meshes, viewed and downloaded as a GLB).
+"""`moca3d demo`: a gradio web page over MoCAPipeline, viewed and downloaded as GLBs.
 
-The pipeline is loaded once; a queue runs one generation at a time. Generated GLBs go to a
-temporary folder. gradio is an optional dependency (`pip install 'moca3d[demo]'`).
+Two tabs: an object (image -> N coloured part meshes) and, when a scene model is available, a scene
+(image + label map -> one mesh per instance). Each pipeline is loaded once; a queue runs one
+generation at a time. Generated GLBs go to a temporary folder. gradio is an optional dependency
+(`pip install 'moca3d[demo]'`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,19 @@ from PIL import Image, UnidentifiedImageError
 
 from moca3d.commands.common import check_resolution, resolve_device
 from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION
-from moca3d.defaults import GUIDANCE, STEPS
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError, MoCA3DError
-from moca3d.pipeline import DEFAULT_MODEL_DIR, MoCAPipeline
+from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 
 MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # PIL format names
+ALLOWED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # PIL format name -> the name users read
+LABEL_MAP_FORMATS = {"PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF"}  # lossless only: a JPEG would smear the instance ids
+LABEL_MAP_EXTENSIONS = [".png", ".bmp", ".tif", ".tiff"]
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # in a source checkout; absent from a wheel
+OBJECT_EXAMPLES = ("chair.png", "airplane.png", "lamp.png")
+SCENE_EXAMPLES = (("scene4.png", "scene4_masks.png"), ("scene32.png", "scene32_masks.png"))
 DEFAULT_PARTS = 4
 MAX_STEPS = 200
 MAX_GUIDANCE = 15.0
@@ -36,6 +43,7 @@ GUIDANCE_STEP = 0.5
 DEFAULT_SEED = 0
 MAX_SEED = 2**31 - 1
 QUEUE_SIZE = 16  # waiting requests beyond this are turned away
+QUEUE_ID = "generation"  # object and scene generations share one queue: one at a time in all
 TITLE = "moca3d: one image -> N part meshes"
 
 
@@ -51,13 +59,24 @@ def resolve_model(model_path: Union[str, Path, None]) -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def check_upload(image_path: Union[str, Path, None]) -> Path:
-    """The uploaded file if it is a PNG, JPEG or WebP image within the size limits; InputError otherwise."""
+def resolve_scene_model(scene_model_path: Union[str, Path, None], enabled: bool = True) -> Optional[Path]:
+    """The scene pipeline folder for the scene tab: the given one, the built-in scene model if installed, or None."""
+    if not enabled:
+        return None
+    if scene_model_path is not None:
+        return Path(scene_model_path)
+    return DEFAULT_SCENE_MODEL_DIR if (DEFAULT_SCENE_MODEL_DIR / "model_index.json").is_file() else None
+
+
+def check_upload(image_path: Union[str, Path, None], what: str = "an image", formats: dict[str, str] = ALLOWED_FORMATS) -> Path:
+    """The uploaded file if it is an image of one of `formats` within the size limits; InputError otherwise."""
+    *first, last = formats.values()
+    kinds = f"{', '.join(first)} or {last}"
     if image_path is None:
-        raise InputError("upload an image first (PNG, JPEG or WebP)")
+        raise InputError(f"upload {what} first ({kinds})")
     path = Path(image_path)
     if not path.is_file():
-        raise InputError(f"image not found: {path.name}")
+        raise InputError(f"file not found: {path.name}")
     size = path.stat().st_size
     if size > MAX_UPLOAD_BYTES:
         raise InputError(f"{path.name} is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB")
@@ -66,19 +85,27 @@ def check_upload(image_path: Union[str, Path, None]) -> Path:
             image_format, (width, height) = im.format, im.size
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
         image_format, width, height = None, 0, 0
-    if image_format not in ALLOWED_FORMATS:
-        raise InputError(f"{path.name} is not a PNG, JPEG or WebP image")
+    if image_format not in formats:
+        raise InputError(f"{path.name} is not a {kinds} image")
     if width * height > MAX_PIXELS:
         raise InputError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
     return path
 
 
 class DemoGenerator:
-    """The demo's event handler: one loaded pipeline, GLBs written to a temporary folder."""
+    """The demo's event handlers: the loaded pipelines (object, optional scene), GLBs written to a temporary folder."""
 
-    def __init__(self, pipeline: MoCAPipeline, resolution: int = DEFAULT_RESOLUTION, output_dir: Optional[Path] = None):
+    def __init__(
+        self, pipeline: MoCAPipeline, resolution: int = DEFAULT_RESOLUTION, output_dir: Optional[Path] = None,
+        scene_pipeline: Optional[MoCAPipeline] = None,
+    ):
         check_resolution(resolution, "resolution")
+        if pipeline.is_scene_model:
+            raise ConfigError("the model is a scene model (7-channel image encoder): pass it as --scene-model, and an object model as --model")
+        if scene_pipeline is not None and not scene_pipeline.is_scene_model:
+            raise ConfigError("the scene model has an object image encoder (3 channels): pass a `train-scene` pipeline")
         self.pipeline = pipeline
+        self.scene_pipeline = scene_pipeline
         self.resolution = resolution
         self.output_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="moca3d-demo-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -90,51 +117,119 @@ class DemoGenerator:
 
     def generate(self, image_path, num_parts, seed=DEFAULT_SEED, steps=STEPS, guidance=GUIDANCE):
         """Uploaded image -> (GLB for the viewer, GLB for download, one-line summary); gr.Error on bad input."""
-        started = time.time()
-        try:
+        def run():
             path = check_upload(image_path)
-            result = self.pipeline(
+            return self.pipeline(
                 path, num_parts=int(num_parts), steps=int(steps), guidance=float(guidance), seed=int(seed),
                 resolution=self.resolution, show_progress=False,
             )
-            glb = result.save(self.output_dir / f"parts-{uuid.uuid4().hex[:12]}.glb")
+        return self._respond(run, "parts")
+
+    def generate_scene(self, image_path, masks_path, seed=DEFAULT_SEED, steps=STEPS, guidance=SCENE_GUIDANCE):
+        """Uploaded scene image and label map -> (GLB for the viewer, GLB for download, summary); gr.Error on bad input."""
+        def run():
+            if self.scene_pipeline is None:
+                raise InputError("this demo was started without a scene model (moca3d demo --scene-model PATH)")
+            image = check_upload(image_path, "a scene image")
+            masks = check_upload(masks_path, "a label map (0 = background, one id per instance)", LABEL_MAP_FORMATS)
+            return self.scene_pipeline.generate_scene(
+                image, masks, steps=int(steps), guidance=float(guidance), seed=int(seed), resolution=self.resolution,
+                show_progress=False,
+            )
+        return self._respond(run, "instances")
+
+    def _respond(self, run, kind: str):
+        """Run one generation and save its GLB: (viewer path, download path, summary); our errors become gr.Error."""
+        started = time.time()
+        try:
+            result = run()
+            glb = result.save(self.output_dir / f"{kind}-{uuid.uuid4().hex[:12]}.glb")
         except MoCA3DError as err:
             raise gr.Error(str(err), print_exception=False) from None
         empty = sum(1 for mesh in result.meshes if len(mesh.faces) == 0)
         note = f" ({empty} empty)" if empty else ""
-        summary = f"{len(result.meshes)} parts{note} in {time.time() - started:.1f} s: {', '.join(result.names)}"
+        summary = f"{len(result.meshes)} {kind}{note} in {time.time() - started:.1f} s: {', '.join(result.names)}"
         return str(glb), str(glb), summary
+
+
+def _examples(rows) -> list:
+    """The rows of example inputs whose files all exist (a source checkout has them; a wheel does not)."""
+    found = [[str(EXAMPLES_DIR / name) for name in ((row,) if isinstance(row, str) else row)] for row in rows]
+    return [row for row in found if all(Path(p).is_file() for p in row)]
+
+
+def _settings(default_steps: int, default_guidance: float, prefix: str) -> tuple:
+    """The "Advanced" accordion: seed, steps and guidance inputs."""
+    with gr.Accordion("Advanced", open=False):
+        seed = gr.Number(DEFAULT_SEED, label="Seed (the same seed gives the same result)", precision=0, minimum=0, maximum=MAX_SEED,
+                         elem_id=f"{prefix}seed")
+        steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Sampling steps", elem_id=f"{prefix}steps")
+        guidance = gr.Slider(1.0, MAX_GUIDANCE, value=default_guidance, step=GUIDANCE_STEP, label="Guidance scale (1 = off)",
+                             elem_id=f"{prefix}guidance")
+    return seed, steps, guidance
+
+
+def _outputs(label: str, node: str, prefix: str) -> tuple:
+    """The result column: 3D viewer, GLB download and a one-line summary."""
+    viewer = gr.Model3D(label=label, elem_id=f"{prefix}viewer")
+    download = gr.File(label=f"Download GLB (one named node per {node})", interactive=False, elem_id=f"{prefix}glb-file")
+    summary = gr.Markdown(elem_id=f"{prefix}summary")
+    return viewer, download, summary
 
 
 def build_app(
     model_path: Union[str, Path, None] = None, device: str = "auto", resolution: int = DEFAULT_RESOLUTION,
-    default_steps: int = STEPS, output_dir: Optional[Path] = None,
+    default_steps: int = STEPS, output_dir: Optional[Path] = None, scene_model_path: Union[str, Path, None] = None,
+    scenes: bool = True,
 ) -> gr.Blocks:
-    """Load the pipeline once and lay out the page: upload, part count, advanced settings, 3D viewer, download."""
-    pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=resolve_device(device))
-    handler = DemoGenerator(pipeline, resolution, output_dir)
+    """Load the pipelines once and lay out the page: an object tab and, with a scene model, a scene tab."""
+    device = resolve_device(device)
+    pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=device)
+    scene_dir = resolve_scene_model(scene_model_path, scenes)
+    scene_pipeline = MoCAPipeline.from_pretrained(scene_dir, device=device) if scene_dir is not None else None
+    handler = DemoGenerator(pipeline, resolution, output_dir, scene_pipeline)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(
-            f"## {TITLE}\nUpload an object image (PNG, JPEG or WebP, at most {MAX_UPLOAD_MB} MB, on a white or transparent "
-            "background), choose how many parts to generate, and press **Generate**. Each part is a separate mesh in its own colour."
-        )
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image")
-                parts = gr.Slider(
-                    1, handler.max_parts, value=min(DEFAULT_PARTS, handler.max_parts), step=1,
-                    label=f"Number of parts (this model: at most {handler.max_parts})", elem_id="num-parts",
+        gr.Markdown(f"## {TITLE}")
+        with gr.Tab("Object", id="object"):
+            gr.Markdown(
+                f"Upload an object image (PNG, JPEG or WebP, at most {MAX_UPLOAD_MB} MB, on a white or transparent background), "
+                "choose how many parts to generate, and press **Generate**. Each part is a separate mesh in its own colour."
+            )
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image")
+                    parts = gr.Slider(
+                        1, handler.max_parts, value=min(DEFAULT_PARTS, handler.max_parts), step=1,
+                        label=f"Number of parts (this model: at most {handler.max_parts})", elem_id="num-parts",
+                    )
+                    seed, steps, guidance = _settings(default_steps, GUIDANCE, "")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                    if examples := _examples(OBJECT_EXAMPLES):
+                        gr.Examples(examples, inputs=[image], label="Held-out examples")
+                with gr.Column():
+                    viewer, download, summary = _outputs("Generated parts", "part", "")
+            button.click(handler.generate, inputs=[image, parts, seed, steps, guidance], outputs=[viewer, download, summary],
+                         concurrency_id=QUEUE_ID)
+        if scene_pipeline is not None:
+            with gr.Tab("Scene", id="scene", elem_id="scene-tab"):
+                gr.Markdown(
+                    "Upload a scene image and its **label map**: a PNG of the same size, 0 = background and one integer id per "
+                    f"instance (at most {scene_pipeline.transformer.max_components}). Each instance becomes a separate mesh, "
+                    "placed as in the image. The scene model is weak (procedural scenes only; README)."
                 )
-                with gr.Accordion("Advanced", open=False):
-                    seed = gr.Number(DEFAULT_SEED, label="Seed (the same seed gives the same result)", precision=0, minimum=0, maximum=MAX_SEED)
-                    steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Sampling steps")
-                    guidance = gr.Slider(1.0, MAX_GUIDANCE, value=GUIDANCE, step=GUIDANCE_STEP, label="Guidance scale (1 = off)")
-                button = gr.Button("Generate", variant="primary", elem_id="generate-button")
-            with gr.Column():
-                viewer = gr.Model3D(label="Generated parts", elem_id="viewer")
-                download = gr.File(label="Download GLB (one named node per part)", interactive=False, elem_id="glb-file")
-                summary = gr.Markdown(elem_id="summary")
-        button.click(handler.generate, inputs=[image, parts, seed, steps, guidance], outputs=[viewer, download, summary])
+                with gr.Row():
+                    with gr.Column():
+                        scene_image = gr.Image(label="Scene image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                               elem_id="scene-image")
+                        masks = gr.File(label="Label map (PNG, BMP or TIFF)", file_types=LABEL_MAP_EXTENSIONS, elem_id="scene-masks")
+                        scene_settings = _settings(default_steps, SCENE_GUIDANCE, "scene-")
+                        scene_button = gr.Button("Generate scene", variant="primary", elem_id="scene-generate-button")
+                        if examples := _examples(SCENE_EXAMPLES):
+                            gr.Examples(examples, inputs=[scene_image, masks], label="Held-out examples")
+                    with gr.Column():
+                        scene_outputs = _outputs("Generated instances", "instance", "scene-")
+                scene_button.click(handler.generate_scene, inputs=[scene_image, masks, *scene_settings], outputs=list(scene_outputs),
+                                   concurrency_id=QUEUE_ID)
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
 

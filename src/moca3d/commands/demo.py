@@ -30,8 +30,14 @@ def register(app: typer.Typer) -> None:
         share: bool = typer.Option(False, "--share", help="Also publish a temporary public gradio.live link (needs internet; off by default)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part."),
+        scene_model: Optional[Path] = typer.Option(
+            None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map; a `train-scene` pipeline). Default: the built-in scene model."
+        ),
+        scenes: bool = typer.Option(True, "--scenes/--no-scenes", help="Show the Scene tab (--no-scenes: objects only, one model loaded)."),
     ) -> None:
         """Start a local web page: upload an image, choose the number of parts, and view / download the GLB.
+
+        A second tab generates scenes: a scene image plus a label map (one id per instance) -> one mesh per instance.
 
         Needs the optional web dependencies: pip install 'moca3d\\[demo]'. Example:
 
@@ -47,4 +53,5 @@ def register(app: typer.Typer) -> None:
 
         resolve_model(model)  # a missing built-in model fails here, in one line
         typer.echo(f"loading the model; the page will be at http://{host}:{port}")
-        launch(model, host=host, port=port, share=share, device=device, resolution=resolution)
+        launch(model, host=host, port=port, share=share, device=device, resolution=resolution, scene_model_path=scene_model,
+               scenes=scenes)
