@@ -136,3 +136,16 @@ def test_scene_metrics_pair_prediction_i_with_instance_i_and_count_empty_ones():
     assert swapped["instance_fscore@0.1"] == 0.0 and swapped["fscore@0.1"] == out["fscore@0.1"]
     nothing = scene_metrics([trimesh.Trimesh()] * 3, boxes, config)
     assert nothing["fscore@0.1"] == 0.0 and nothing["chamfer"] == float("inf") and nothing["num_empty"] == 3
+    # each instance's own scores, in instance order
+    assert [i["empty"] for i in out["instances"]] == [False, True, False]
+    assert [i["fscore@0.1"] for i in out["instances"]] == pytest.approx([1.0, 0.0, 1.0])
+    assert out["instances"][1]["chamfer"] is None and all(i["empty"] for i in nothing["instances"])
+
+
+def test_categories_of_names_and_their_means():
+    from moca3d.evaluation import by_category, category_of
+
+    assert [category_of(n) for n in ("chair_10", "lamp_0", "my_part", "seat", "_3")] == ["chair", "lamp", "my_part", "seat", "_3"]
+    rows = [dict(category="b", f=1.0), dict(category="a", f=0.0), dict(category="b", f=0.5)]
+    assert by_category(rows, ("f",)) == {"a": {"count": 1, "f": 0.0}, "b": {"count": 2, "f": 0.75}}
+    assert list(by_category(rows, ("f",))) == ["a", "b"]

@@ -67,6 +67,12 @@ def test_train_resume_export_and_generate(dataset, tmp_path):
     report = evaluate_pipeline(a, root, "train", count=2, steps=1, resolution=16, metric_points=2000, progress=False)
     assert report["count"] == 2 and set(report["mean"]) >= {"chamfer", "fscore@0.1", "fscore@0.05", "self_iou"}
     assert all(0.0 <= r["fscore@0.1"] <= 1.0 for r in report["assets"])
+    # per category: the assets' count and their means (here recomputed from the rows)
+    cats = {r["category"] for r in report["assets"]}
+    assert set(report["by_category"]) == cats and sum(c["count"] for c in report["by_category"].values()) == 2
+    for cat, summary in report["by_category"].items():
+        rows = [r for r in report["assets"] if r["category"] == cat]
+        assert summary["fscore@0.1"] == pytest.approx(np.mean([r["fscore@0.1"] for r in rows]))
     # --reconstruct: the GT parts through the pipeline's VAE = the cached latents decoded as a generation is
     from safetensors.torch import load_file
 

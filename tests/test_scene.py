@@ -287,7 +287,7 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     with pytest.raises(InputError, match="exceed the model's limit"):
         pipe.generate_scene(folder / "render.png", many, steps=1, show_progress=False)
 
-    from moca3d.evaluation import evaluate_scenes
+    from moca3d.evaluation import category_of, evaluate_scenes
 
     report = evaluate_scenes(pipe, root, "train", count=1, steps=1, resolution=16, metric_points=500, progress=False)
     assert report["count"] == 1 and not report["skipped"]
@@ -295,6 +295,13 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     assert {"chamfer", "fscore@0.1", "instance_fscore@0.1", "instance_chamfer", "self_iou", "num_empty"} <= set(row)
     assert 0.0 <= row["fscore@0.1"] <= 1.0 and 0.0 <= row["instance_fscore@0.1"] <= 1.0
     assert set(report["mean"]) >= {"fscore@0.1", "instance_fscore@0.1", "self_iou"}
+    # each instance's scores, name and mask share; their mean is the scene's instance F-score
+    instances = row["instances"]
+    assert len(instances) == row["num_gt"] and all(0.0 < i["mask_fraction"] < 1.0 for i in instances)
+    assert np.mean([i["fscore@0.1"] for i in instances]) == pytest.approx(row["instance_fscore@0.1"])
+    assert sum(i["empty"] for i in instances) == row["num_empty"]
+    assert all(i["category"] == category_of(i["name"]) and (i["chamfer"] is None) == i["empty"] for i in instances)
+    assert sum(c["count"] for c in report["by_category"].values()) == row["num_gt"]
     # the VAE ceiling: GT instances through the VAE, decoded like a generation
     ceiling = evaluate_scenes(pipe, root, "train", count=1, resolution=16, metric_points=500, progress=False, reconstruct=True)
     assert ceiling["reconstruct"] and ceiling["scenes"][0]["num_gt"] == row["num_gt"]
@@ -305,7 +312,7 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
 def test_evaluation_skips_scenes_with_hidden_instances(scenes, tmp_path):
     import shutil
 
-    from moca3d.evaluation import evaluate_scenes
+    from moca3d.evaluation import category_of, evaluate_scenes
 
     root, obj = scenes
     folder, _ = _visible_scene(root)

@@ -44,6 +44,20 @@ def object_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
     return out
 
 
+def category_of(name: str) -> str:
+    """A component's category from its name: procedural names end in their index ('chair_10' -> 'chair')."""
+    stem, _, tail = name.rpartition("_")
+    return stem if stem and tail.isdigit() else name
+
+
+def by_category(rows: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per category (each row's "category"): the row count and the mean of each key, categories in name order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["category"], []).append(row)
+    return {cat: {"count": len(g), **{k: float(np.mean([r[k] for r in g])) for k in keys}} for cat, g in sorted(groups.items())}
+
+
 def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
     """The GT components of a prepared asset encoded by the pipeline's VAE and decoded as a generation would be.
 
@@ -80,36 +94,43 @@ def evaluate_pipeline(
         else:
             meshes = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
         seconds = time.time() - t0
-        per_asset.append({"id": rec["id"], "num_parts": len(gt), "seconds": seconds, **object_metrics(meshes, gt, config)})
-    keys = ["chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds"]
+        row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
+        per_asset.append({**row, **object_metrics(meshes, gt, config)})
+    keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
     mean = {k: float(np.mean([a[k] for a in per_asset])) for k in keys} if per_asset else {}
     return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
-            "mean": mean, "assets": per_asset}
+            "mean": mean, "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
 
 
 # -- scenes (issue 7): scene-level and per-instance metrics over a prepared split ---------------------
 
 SCENE_KEYS = ("chamfer", "fscore@0.1", "fscore@0.05", "instance_chamfer", "instance_fscore@0.1", "instance_fscore@0.05", "self_iou", "seconds")
+INSTANCE_KEYS = ("fscore@0.1", "fscore@0.05", "empty")  # per category: mean F-scores (empty = 0) and the share left empty
 
 
-def scene_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
-    """Scene metrics (fused surfaces, self-IoU) and instance means, prediction i vs GT instance i.
+def scene_metrics(pred, gt, config: MetricsConfig) -> dict:
+    """Scene metrics (fused surfaces, self-IoU), instance means and each instance's scores, prediction i vs GT instance i.
 
     An empty predicted instance scores F = 0 in the instance F-score means and is left out of the
-    instance chamfer mean (counted in num_empty); an all-empty scene scores F = 0 and chamfer inf.
+    instance chamfer mean (counted in num_empty; its own chamfer is None); an all-empty scene scores
+    F = 0 and chamfer inf.
     """
     kept = [i for i, m in enumerate(pred) if len(m.faces)]
-    out: dict[str, float] = {}
+    out: dict = {}
+    fscores = [f"fscore@{t:g}" for t in config.taus]
+    instances = [{"empty": True, "chamfer": None, **{f: 0.0 for f in fscores}} for _ in gt]
     if not kept:
         out.update(chamfer=float("inf"), instance_chamfer=float("inf"), self_iou=0.0)
-        out.update({f"{prefix}fscore@{t:g}": 0.0 for t in config.taus for prefix in ("", "instance_")})
+        out.update({f"{prefix}{f}": 0.0 for f in fscores for prefix in ("", "instance_")})
     else:
         out.update(evaluate_object([pred[i] for i in kept], gt, config))
         per = instance_metrics([pred[i] for i in kept], [gt[i] for i in kept], config)
+        for i, r in zip(kept, per):
+            instances[i] = {"empty": False, "chamfer": r["chamfer"], **{f: r[f] for f in fscores}}
         out["instance_chamfer"] = float(np.mean([r["chamfer"] for r in per]))
-        for t in config.taus:
-            out[f"instance_fscore@{t:g}"] = float(sum(r[f"fscore@{t:g}"] for r in per) / len(gt))
-    out.update(num_pred=len(pred), num_gt=len(gt), num_empty=len(pred) - len(kept))
+        for f in fscores:
+            out[f"instance_{f}"] = float(sum(r[f] for r in per) / len(gt))
+    out.update(num_pred=len(pred), num_gt=len(gt), num_empty=len(pred) - len(kept), instances=instances)
     return out
 
 
@@ -135,7 +156,7 @@ def evaluate_scenes(
     per_scene, skipped = [], []
     for rec in with_progress(records, f"evaluate scenes {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
-        gt, _ = load_components(asset / "mesh.glb")
+        gt, names = load_components(asset / "mesh.glb")
         masks = component_masks(asset / "mask.png", len(gt))  # (N, H, W)
         hidden = np.flatnonzero(~masks.any(axis=(1, 2)))
         if len(hidden):
@@ -151,9 +172,15 @@ def evaluate_scenes(
         row = {"id": rec["id"], "num_instances": len(gt), "seconds": time.time() - t0}
         if cuda:
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
-        per_scene.append({**row, **scene_metrics(meshes, gt, config)})
+        row.update(scene_metrics(meshes, gt, config))
+        shares = masks.sum(axis=(1, 2)) / masks[0].size  # (N,) each instance's share of the image
+        for inst, name, share in zip(row["instances"], names, shares):
+            inst.update(name=name, category=category_of(name), mask_fraction=float(share))
+        per_scene.append(row)
     mean = {k: float(np.mean([s[k] for s in per_scene])) for k in SCENE_KEYS} if per_scene else {}
     return {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
-        "steps": steps, "guidance": guidance, "reconstruct": reconstruct, "mean": mean, "scenes": per_scene, "skipped": skipped,
+        "steps": steps, "guidance": guidance, "reconstruct": reconstruct, "mean": mean,
+        "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
+        "scenes": per_scene, "skipped": skipped,
     }

@@ -70,6 +70,16 @@ def write_json(path: Optional[Path], obj: Any) -> bool:
     return False
 
 
+def echo_categories(by_category: dict[str, dict[str, float]], key: str, what: str) -> None:
+    """One line per category of an evaluation report: its count and mean `key`, lowest first."""
+    if not by_category:
+        return
+    typer.echo(f"{key} by category ({what}):")
+    for cat, summary in sorted(by_category.items(), key=lambda item: item[1][key]):
+        empty = f", {summary['empty']:.0%} empty" if "empty" in summary else ""
+        typer.echo(f"{cat:>22}: {summary[key]:.4f}  ({summary['count']} {what}{empty})")
+
+
 def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int],
                              attention_mode: Optional[str], time_limit: Optional[float]) -> dict:
     """Apply the command-line overrides of `train` / `train-scene` to a recipe dict (checked)."""

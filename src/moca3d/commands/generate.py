@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (apply_training_overrides, check_generation_args, resolve_device, run_dit_training,
-                                    save_generation, write_json)
+from moca3d.commands.common import (apply_training_overrides, check_generation_args, echo_categories, resolve_device,
+                                    run_dit_training, save_generation, write_json)
 from moca3d.defaults import GUIDANCE, STEPS
 from moca3d.errors import ConfigError
 
@@ -85,7 +85,7 @@ def register_evaluation(app: typer.Typer) -> None:
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-asset and mean metrics to this JSON file ('-': print it alone)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category and per-asset metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""
@@ -101,4 +101,5 @@ def register_evaluation(app: typer.Typer) -> None:
             return
         for key, value in result["mean"].items():
             typer.echo(f"{key:>12}: {value:.4f}")
+        echo_categories(result["by_category"], "fscore@0.1", "assets")
         typer.echo(f"{result['count']} assets of '{split}'")

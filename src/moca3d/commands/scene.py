@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (apply_training_overrides, check_generation_args, resolve_device, run_dit_training,
-                                    save_generation, write_json)
+from moca3d.commands.common import (apply_training_overrides, check_generation_args, echo_categories, resolve_device,
+                                    run_dit_training, save_generation, write_json)
 from moca3d.defaults import SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError
 
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-scene and mean metrics to this JSON file ('-': print it alone)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category, per-scene and per-instance metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
@@ -82,6 +82,7 @@ def register(app: typer.Typer) -> None:
             return
         for key, value in result["mean"].items():
             typer.echo(f"{key:>22}: {value:.4f}")
+        echo_categories(result["by_category"], "fscore@0.1", "instances")
         typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
 
     @app.command("train-scene")
