@@ -133,11 +133,29 @@ def test_bad_scene_uploads_get_one_line_errors(generator, tmp_path):
     assert "--scene-model" in _scene_error_of(objects_only, SCENE, SCENE_MASKS)
 
 
-def test_scene_handler_writes_a_glb_with_named_instances(generator):
-    viewer, download, summary = generator.generate_scene(SCENE, SCENE_MASKS, seed=1, steps=STEPS)
+def test_scene_handler_writes_a_glb_with_named_instances(generator, tmp_path):
+    viewer, download, summary = generator.generate_scene(SCENE, [SCENE_MASKS], seed=1, steps=STEPS)
     assert viewer == download and Path(download).parent == generator.output_dir
     assert _nodes(download, "instance_") == {f"instance_{i:02d}" for i in range(SCENE_INSTANCES)}
     assert summary.startswith(f"{SCENE_INSTANCES} instances")
+    # the same instances as binary masks, one file each (uploaded out of order; read in file-name order): the same scene
+    labels = np.asarray(Image.open(SCENE_MASKS))
+    files = []
+    for i in reversed(range(1, SCENE_INSTANCES + 1)):
+        folder = tmp_path / f"upload{i}"  # gradio keeps each upload in its own folder
+        folder.mkdir()
+        Image.fromarray(((labels == i) * 255).astype(np.uint8)).save(folder / f"mask_{i}.png")
+        files.append(str(folder / f"mask_{i}.png"))
+    _, binary, _ = generator.generate_scene(SCENE, files, seed=1, steps=STEPS)
+    from_labels, from_binary = trimesh.load(download, file_type="glb").dump(), trimesh.load(binary, file_type="glb").dump()
+    assert len(from_labels) == len(from_binary) > 0
+    for a, b in zip(from_labels, from_binary):
+        np.testing.assert_array_equal(a.vertices, b.vertices)
+    assert not list(generator.output_dir.glob("masks-*"))  # the per-request folders of links are gone
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    Image.open(files[0]).save(twin / Path(files[1]).name)
+    assert "two masks are named mask_3.png" in _scene_error_of(generator, SCENE, [files[1], str(twin / "mask_3.png")])
 
 
 def test_models_go_to_the_right_tab(pipeline_dir, scene_pipeline_dir):

@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry, no version check
 
+import shutil
 import tempfile
 import time
 import uuid
@@ -32,10 +33,11 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
 ALLOWED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # PIL format name -> the name users read
 LABEL_MAP_FORMATS = {"PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF"}  # lossless only: a JPEG would smear the instance ids
-LABEL_MAP_EXTENSIONS = [".png", ".bmp", ".tif", ".tiff"]
+BINARY_MASK_FORMATS = {**LABEL_MAP_FORMATS, **ALLOWED_FORMATS}  # thresholded, so a lossy one is fine
+MASK_EXTENSIONS = [".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"]
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # in a source checkout; absent from a wheel
 OBJECT_EXAMPLES = ("chair.png", "airplane.png", "lamp.png")
-SCENE_EXAMPLES = (("scene4.png", "scene4_masks.png"), ("scene32.png", "scene32_masks.png"))
+SCENE_EXAMPLES = (("scene4.png", "scene4_masks.png"), ("scene32.png", "scene32_masks.png"))  # image, label map
 DEFAULT_PARTS = 4
 MAX_STEPS = 200
 MAX_GUIDANCE = 15.0
@@ -92,6 +94,24 @@ def check_upload(image_path: Union[str, Path, None], what: str = "an image", for
     return path
 
 
+def gather_masks(uploads, folder: Path) -> Path:
+    """The uploaded masks as generate_scene takes them: one file is a label map; several are binary masks, one per
+    instance in file-name order, linked into the new `folder`."""
+    files = [uploads] if isinstance(uploads, (str, Path)) else list(uploads or [])
+    if not files:
+        raise InputError("upload a label map (0 = background, one id per instance) or one binary mask per instance first")
+    if len(files) == 1:
+        return check_upload(files[0], "a label map", LABEL_MAP_FORMATS)
+    folder.mkdir(parents=True)
+    for file in files:
+        path = check_upload(file, "binary masks", BINARY_MASK_FORMATS)
+        link = folder / path.name
+        if link.exists():
+            raise InputError(f"two masks are named {path.name}: name each instance's mask differently (they are read in name order)")
+        link.symlink_to(path.resolve())
+    return folder
+
+
 class DemoGenerator:
     """The demo's event handlers: the loaded pipelines (object, optional scene), GLBs written to a temporary folder."""
 
@@ -125,18 +145,23 @@ class DemoGenerator:
             )
         return self._respond(run, "parts")
 
-    def generate_scene(self, image_path, masks_path, seed=DEFAULT_SEED, steps=STEPS, guidance=SCENE_GUIDANCE):
-        """Uploaded scene image and label map -> (GLB for the viewer, GLB for download, summary); gr.Error on bad input."""
+    def generate_scene(self, image_path, masks, seed=DEFAULT_SEED, steps=STEPS, guidance=SCENE_GUIDANCE):
+        """Uploaded scene image and masks (a label map, or several binary masks) -> (GLB for the viewer, GLB for
+        download, summary); gr.Error on bad input."""
+        folder = self.output_dir / f"masks-{uuid.uuid4().hex[:12]}"
+
         def run():
             if self.scene_pipeline is None:
                 raise InputError("this demo was started without a scene model (moca3d demo --scene-model PATH)")
             image = check_upload(image_path, "a scene image")
-            masks = check_upload(masks_path, "a label map (0 = background, one id per instance)", LABEL_MAP_FORMATS)
             return self.scene_pipeline.generate_scene(
-                image, masks, steps=int(steps), guidance=float(guidance), seed=int(seed), resolution=self.resolution,
-                show_progress=False,
+                image, gather_masks(masks, folder), steps=int(steps), guidance=float(guidance), seed=int(seed),
+                resolution=self.resolution, show_progress=False,
             )
-        return self._respond(run, "instances")
+        try:
+            return self._respond(run, "instances")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the links only
 
     def _respond(self, run, kind: str):
         """Run one generation and save its GLB: (viewer path, download path, summary); our errors become gr.Error."""
@@ -213,19 +238,23 @@ def build_app(
         if scene_pipeline is not None:
             with gr.Tab("Scene", id="scene", elem_id="scene-tab"):
                 gr.Markdown(
-                    "Upload a scene image and its **label map**: a PNG of the same size, 0 = background and one integer id per "
-                    f"instance (at most {scene_pipeline.transformer.max_components}). Each instance becomes a separate mesh, "
-                    "placed as in the image. The scene model is weak (procedural scenes only; README)."
+                    "Upload a scene image and its masks, the same size: either one **label map** (a PNG, BMP or TIFF with "
+                    "0 = background and one integer id per instance) or one **binary mask per instance** (several files, "
+                    f"read in file-name order; where they overlap the later one wins). At most "
+                    f"{scene_pipeline.transformer.max_components} instances. Each instance becomes a separate mesh, placed as "
+                    "in the image. The scene model is weak (procedural scenes only; README)."
                 )
                 with gr.Row():
                     with gr.Column():
                         scene_image = gr.Image(label="Scene image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                                elem_id="scene-image")
-                        masks = gr.File(label="Label map (PNG, BMP or TIFF)", file_types=LABEL_MAP_EXTENSIONS, elem_id="scene-masks")
+                        masks = gr.File(label="Label map, or one binary mask per instance", file_count="multiple", file_types=MASK_EXTENSIONS,
+                                        elem_id="scene-masks")
                         scene_settings = _settings(default_steps, SCENE_GUIDANCE, "scene-")
                         scene_button = gr.Button("Generate scene", variant="primary", elem_id="scene-generate-button")
                         if examples := _examples(SCENE_EXAMPLES):
-                            gr.Examples(examples, inputs=[scene_image, masks], label="Held-out examples")
+                            rows = [[image_file, [labels]] for image_file, labels in examples]  # the mask input takes a list
+                            gr.Examples(rows, inputs=[scene_image, masks], label="Held-out examples")
                     with gr.Column():
                         scene_outputs = _outputs("Generated instances", "instance", "scene-")
                 scene_button.click(handler.generate_scene, inputs=[scene_image, masks, *scene_settings], outputs=list(scene_outputs),
