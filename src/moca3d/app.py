@@ -1,7 +1,7 @@
 """`moca3d demo`: a gradio web page over MoCAPipeline, viewed and downloaded as GLBs.
 
 Two tabs: an object (image -> N coloured part meshes) and, when a scene model is available, a scene
-(image + label map -> one mesh per instance). Each pipeline is loaded once; a queue runs one
+(image + a label map or binary masks -> one mesh per instance). Each pipeline is loaded once; a queue runs one
 generation at a time. Generated GLBs go to a temporary folder. gradio is an optional dependency
 (`pip install 'moca3d[demo]'`).
 """
@@ -46,7 +46,7 @@ DEFAULT_SEED = 0
 MAX_SEED = 2**31 - 1
 QUEUE_SIZE = 16  # waiting requests beyond this are turned away
 QUEUE_ID = "generation"  # object and scene generations share one queue: one at a time in all
-TITLE = "moca3d: one image -> N part meshes"
+TITLE = "moca3d: one image -> N part (or instance) meshes"
 
 
 def resolve_model(model_path: Union[str, Path, None]) -> Path:
@@ -202,6 +202,52 @@ def _outputs(label: str, node: str, prefix: str) -> tuple:
     return viewer, download, summary
 
 
+def _object_tab(handler: DemoGenerator, default_steps: int) -> None:
+    """The Object tab: image, part count, settings, examples -> 3D viewer, GLB download, summary."""
+    gr.Markdown(
+        f"Upload an object image (PNG, JPEG or WebP, at most {MAX_UPLOAD_MB} MB, on a white or transparent background), "
+        "choose how many parts to generate, and press **Generate**. Each part is a separate mesh in its own colour."
+    )
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image")
+            parts = gr.Slider(
+                1, handler.max_parts, value=min(DEFAULT_PARTS, handler.max_parts), step=1,
+                label=f"Number of parts (this model: at most {handler.max_parts})", elem_id="num-parts",
+            )
+            settings = _settings(default_steps, GUIDANCE, "")
+            button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            if examples := _examples(OBJECT_EXAMPLES):
+                gr.Examples(examples, inputs=[image], label="Held-out examples")
+        with gr.Column():
+            outputs = _outputs("Generated parts", "part", "")
+    button.click(handler.generate, inputs=[image, parts, *settings], outputs=list(outputs), concurrency_id=QUEUE_ID)
+
+
+def _scene_tab(handler: DemoGenerator, default_steps: int) -> None:
+    """The Scene tab: scene image, masks, settings, examples -> 3D viewer, GLB download, summary."""
+    gr.Markdown(
+        "Upload a scene image and its masks, the same size: either one **label map** (a PNG, BMP or TIFF with "
+        "0 = background and one integer id per instance) or one **binary mask per instance** (several files, "
+        f"read in file-name order; where they overlap the later one wins). At most "
+        f"{handler.scene_pipeline.transformer.max_components} instances. Each instance becomes a separate mesh, placed as "
+        "in the image. The scene model is weak (procedural scenes only; README)."
+    )
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(label="Scene image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="scene-image")
+            masks = gr.File(label="Label map, or one binary mask per instance", file_count="multiple", file_types=MASK_EXTENSIONS,
+                            elem_id="scene-masks")
+            settings = _settings(default_steps, SCENE_GUIDANCE, "scene-")
+            button = gr.Button("Generate scene", variant="primary", elem_id="scene-generate-button")
+            if examples := _examples(SCENE_EXAMPLES):
+                rows = [[image_file, [labels]] for image_file, labels in examples]  # the mask input takes a list
+                gr.Examples(rows, inputs=[image, masks], label="Held-out examples")
+        with gr.Column():
+            outputs = _outputs("Generated instances", "instance", "scene-")
+    button.click(handler.generate_scene, inputs=[image, masks, *settings], outputs=list(outputs), concurrency_id=QUEUE_ID)
+
+
 def build_app(
     model_path: Union[str, Path, None] = None, device: str = "auto", resolution: int = DEFAULT_RESOLUTION,
     default_steps: int = STEPS, output_dir: Optional[Path] = None, scene_model_path: Union[str, Path, None] = None,
@@ -216,49 +262,10 @@ def build_app(
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"## {TITLE}")
         with gr.Tab("Object", id="object"):
-            gr.Markdown(
-                f"Upload an object image (PNG, JPEG or WebP, at most {MAX_UPLOAD_MB} MB, on a white or transparent background), "
-                "choose how many parts to generate, and press **Generate**. Each part is a separate mesh in its own colour."
-            )
-            with gr.Row():
-                with gr.Column():
-                    image = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image")
-                    parts = gr.Slider(
-                        1, handler.max_parts, value=min(DEFAULT_PARTS, handler.max_parts), step=1,
-                        label=f"Number of parts (this model: at most {handler.max_parts})", elem_id="num-parts",
-                    )
-                    seed, steps, guidance = _settings(default_steps, GUIDANCE, "")
-                    button = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                    if examples := _examples(OBJECT_EXAMPLES):
-                        gr.Examples(examples, inputs=[image], label="Held-out examples")
-                with gr.Column():
-                    viewer, download, summary = _outputs("Generated parts", "part", "")
-            button.click(handler.generate, inputs=[image, parts, seed, steps, guidance], outputs=[viewer, download, summary],
-                         concurrency_id=QUEUE_ID)
+            _object_tab(handler, default_steps)
         if scene_pipeline is not None:
             with gr.Tab("Scene", id="scene", elem_id="scene-tab"):
-                gr.Markdown(
-                    "Upload a scene image and its masks, the same size: either one **label map** (a PNG, BMP or TIFF with "
-                    "0 = background and one integer id per instance) or one **binary mask per instance** (several files, "
-                    f"read in file-name order; where they overlap the later one wins). At most "
-                    f"{scene_pipeline.transformer.max_components} instances. Each instance becomes a separate mesh, placed as "
-                    "in the image. The scene model is weak (procedural scenes only; README)."
-                )
-                with gr.Row():
-                    with gr.Column():
-                        scene_image = gr.Image(label="Scene image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                               elem_id="scene-image")
-                        masks = gr.File(label="Label map, or one binary mask per instance", file_count="multiple", file_types=MASK_EXTENSIONS,
-                                        elem_id="scene-masks")
-                        scene_settings = _settings(default_steps, SCENE_GUIDANCE, "scene-")
-                        scene_button = gr.Button("Generate scene", variant="primary", elem_id="scene-generate-button")
-                        if examples := _examples(SCENE_EXAMPLES):
-                            rows = [[image_file, [labels]] for image_file, labels in examples]  # the mask input takes a list
-                            gr.Examples(rows, inputs=[scene_image, masks], label="Held-out examples")
-                    with gr.Column():
-                        scene_outputs = _outputs("Generated instances", "instance", "scene-")
-                scene_button.click(handler.generate_scene, inputs=[scene_image, masks, *scene_settings], outputs=list(scene_outputs),
-                                   concurrency_id=QUEUE_ID)
+                _scene_tab(handler, default_steps)
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
 
