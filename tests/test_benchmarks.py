@@ -108,6 +108,24 @@ def test_variants_table_merges_reports_and_training_runs(tmp_path):
     assert json.loads(out.read_text())[0]["count"] == 3
 
 
+def test_instance_sizes_bins_every_report_by_the_first_ones_quantiles(tmp_path):
+    def report(path, scores):
+        rows = [{"mask_fraction": share, "fscore@0.1": f, "empty": f == 0.0} for share, f in scores]
+        path.write_text(json.dumps({"scenes": [{"instances": rows[:2]}, {"instances": rows[2:]}]}))
+        return str(path)
+
+    shares = [0.001, 0.002, 0.003, 0.004]
+    model = report(tmp_path / "model.json", zip(shares, [0.0, 0.2, 0.4, 0.6]))
+    ceiling = report(tmp_path / "ceiling.json", zip(shares, [0.5, 0.5, 0.7, 0.7]))
+    out = tmp_path / "sizes.json"
+    records = load("instance_sizes").main(["--eval", f"model={model}", "--eval", f"vae={ceiling}", "--bins", "2", "--json", str(out)])
+    by = {(r["name"], r["bin"]): r for r in records}
+    assert by["model", 0]["count"] == by["model", 1]["count"] == 2  # the median splits the four shares in two
+    assert by["model", 0]["fscore@0.1"] == pytest.approx(0.1) and by["model", 0]["empty"] == 1
+    assert by["vae", 0]["fscore@0.1"] == pytest.approx(0.5) and by["vae", 1]["fscore@0.1"] == pytest.approx(0.7)
+    assert json.loads(out.read_text()) == records
+
+
 def make_tiny_pipeline_and_data(tmp_path):
     """Two prepared procedural objects (train split) in tmp_path/data and a random tiny pipeline in tmp_path/pipe."""
     from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
