@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,6 +42,15 @@ def write_json(path: str, data) -> None:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def named_paths(values: Sequence[str]) -> Dict[str, List[str]]:
+    """['name=path', ...] (a repeated command-line option) -> {name: [path, ...]}, names and paths in order."""
+    out: Dict[str, List[str]] = {}
+    for value in values:
+        name, _, path = value.partition("=")
+        out.setdefault(name, []).append(path)
+    return out
 
 
 def print_table(records: Sequence[Dict], cols: Sequence[Tuple[str, str, str]]) -> None:

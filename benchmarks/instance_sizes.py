@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from benchkit import print_table, write_json  # benchmarks/benchkit.py
+from benchkit import named_paths, print_table, write_json  # benchmarks/benchkit.py
 
 
 def pooled_instances(paths: List[str]) -> List[Dict]:
@@ -62,11 +61,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--bins", type=int, default=4, help="Size bins (quantiles of the first name's mask shares).")
     parser.add_argument("--json", help="Write the records here.")
     args = parser.parse_args(argv)
-    paths: Dict[str, List[str]] = defaultdict(list)
-    for item in args.eval:
-        name, _, path = item.partition("=")
-        paths[name].append(path)
-    instances = {name: pooled_instances(files) for name, files in paths.items()}
+    instances = {name: pooled_instances(files) for name, files in named_paths(args.eval).items()}
     records = size_table(instances, args.bins)
     print_table(records, [("name", "name", "{}"), ("share from %", "share_from_pct", "{:.2f}"), ("to %", "share_to_pct", "{:.2f}"),
                           ("instances", "count", "{}"), ("F@0.1", "fscore@0.1", "{:.3f}"), ("empty", "empty", "{}")])

@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from benchkit import print_table, write_json  # benchmarks/benchkit.py
+from benchkit import named_paths, print_table, write_json  # benchmarks/benchkit.py
 
 METRICS = ["chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds"]
-
-
-def pairs(values: List[str]) -> Dict[str, List[str]]:
-    """['name=path', ...] -> {name: [path, ...]} in order."""
-    out: Dict[str, List[str]] = defaultdict(list)
-    for v in values:
-        name, _, path = v.partition("=")
-        out[name].append(path)
-    return out
 
 
 def training_summary(run: Path) -> Dict:
@@ -51,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--eval", action="append", default=[], help="NAME=EVAL_JSON (repeatable per name)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    runs, evals = pairs(args.run), pairs(args.eval)
+    runs, evals = named_paths(args.run), named_paths(args.eval)
     records = []
     for name, files in evals.items():
         assets = [a for f in files for a in json.loads(Path(f).read_text())["assets"]]

@@ -31,13 +31,14 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
         resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part."),
         scene_model: Optional[Path] = typer.Option(
-            None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map; a `train-scene` pipeline). Default: the built-in scene model."
+            None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model."
         ),
         scenes: bool = typer.Option(True, "--scenes/--no-scenes", help="Show the Scene tab (--no-scenes: objects only, one model loaded)."),
     ) -> None:
         """Start a local web page: upload an image, choose the number of parts, and view / download the GLB.
 
-        A second tab generates scenes: a scene image plus a label map (one id per instance) -> one mesh per instance.
+        A second tab generates scenes: a scene image plus a label map (one id per instance) or one binary mask per
+        instance -> one mesh per instance.
 
         Needs the optional web dependencies: pip install 'moca3d\\[demo]'. Example:
 
