@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
-from moca3d.data.scene import component_masks, load_masks, mask_layout, scene_conditions
+from moca3d.data.scene import ZOOM_MIN_SIDE, component_masks, load_masks, mask_layout, scene_conditions, zoom_conditions
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.inside import QueryConfig
 from moca3d.geometry.render import RenderConfig
@@ -18,6 +18,7 @@ from moca3d.geometry.sampling import SurfaceSamplingConfig
 from moca3d.models.image_encoder import (
     ImageEncoder,
     add_encoder_lora,
+    encode_views,
     first_projection_path,
     input_channels,
     is_lora_parameter,
@@ -118,6 +119,47 @@ def test_scene_conditions_crop_image_and_masks_together():
         assert inside.sum() >= 16 and mean[colour] > 0.75 and mean.min() < 0.2  # the mask lies on its colour
         torch.testing.assert_close(x[i, :3, inside], x[i, 3:6, inside])  # masked RGB = scene RGB inside
         assert (x[i, :3, x[i, 6] == 0] == 1).all()  # and white outside
+
+
+def test_zoomed_views_frame_each_instance():
+    """instance_views 2: the first 7 channels are the scene crop's stacks unchanged; the zoomed view of an instance is
+    the padded square around it alone (exactly the image there at scale 1), a one-pixel instance is zoomed to
+    ZOOM_MIN_SIDE px, and a hidden instance falls back to the scene crop."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    labels = np.zeros((64, 64), np.int64)
+    labels[20:30, 20:30], labels[50, 5] = 1, 2  # a 10 px square and a single pixel
+    masks = load_masks(labels)
+    x = scene_conditions(image, masks, size=16, padding=0.3, views=2)
+    assert x.shape == (2, 14, 16, 16)
+    torch.testing.assert_close(x[:, :7], scene_conditions(image, masks, size=16, padding=0.3), atol=0, rtol=0)
+    # the square's view: side 10 * 1.6 = 16 px from (17, 17), no resampling
+    rgb = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(x[0, 10:13], rgb[:, 17:33, 17:33], atol=1e-6, rtol=0)
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[3:13, 3:13] = True
+    assert torch.equal(x[0, 13] > 0.5, inside)
+    torch.testing.assert_close(x[0, 7:10, inside], x[0, 10:13, inside])  # instance on white = scene inside
+    assert (x[0, 7:10, x[0, 13] == 0] == 1).all()
+    # the pixel's view: an 8 px square scaled by 2, so the pixel covers about 2 x 2 of the 16 x 16 frame
+    assert ZOOM_MIN_SIDE == 8 and 3.0 < float(x[1, 13].sum()) < 5.0 and x[1, 6].sum() < 0.5
+    hidden = torch.from_numpy(np.stack([masks[0], np.zeros_like(masks[0])]))  # instance 2 occluded
+    z = zoom_conditions(rgb, hidden, 16, padding=0.3)
+    assert z[1, 6].abs().sum() == 0  # no mask
+    scene = scene_conditions(image, masks[:1], size=16, padding=0.3)[0, 3:6]  # the scene crop (bicubic)
+    assert (z[1, 3:6] - scene).abs().mean() < 0.06  # the same crop, resampled bilinearly
+
+
+def test_encode_views_encodes_each_view_alone():
+    encoder = _encoder()
+    stacks = torch.rand(3, 14, 32, 32)
+    widen_input_channels(encoder, 7)
+    with torch.no_grad():
+        tokens = encode_views(encoder, stacks)
+        torch.testing.assert_close(tokens, torch.cat([encoder(stacks[:, :7]), encoder(stacks[:, 7:])], dim=1), atol=1e-6, rtol=0)
+        assert torch.equal(encode_views(encoder, stacks[:, :7]), encoder(stacks[:, :7]))
+    with pytest.raises(InputError, match="multiple of 7 channels"):
+        encode_views(encoder, stacks[:, :10])
 
 
 # ----------------------------------------------------------------------------- widening and LoRA
@@ -526,3 +568,40 @@ def test_scene_finetune_with_a_mask_layout_embedding(scenes, tmp_path):
                             "--sdedit", "0.5", "--noise", "0", "--steps", "2", "--resolution", "16", "--metric-points", "500"])
     (loss,) = report["condition_use"]
     assert report["scene_model"] and all(np.isfinite(v) for v in loss.values())
+
+
+def test_scene_finetune_with_zoomed_instance_views(scenes, tmp_path):
+    """`transformer: {instance_views: 2}`: training builds each instance's stacks exactly as the pipeline does at
+    inference (zoomed views from the full-resolution render), a cache keeps what they need (`--instance-views 2`),
+    and the trained pipeline conditions every instance on both views."""
+    from moca3d.cli import app
+    from moca3d.data.scene import SceneLatentDataset
+
+    root, obj = scenes
+    size = TINY_ENCODER["image_size"]
+    data = SceneLatentDataset(root, "train", size, views=2)
+    folder, n = _visible_scene(root)
+    index = data.ids.index(folder.name)
+    masks = component_masks(folder / "mask.png", n)
+    expected = scene_conditions(folder / "render.png", masks, size, views=2)  # (N, 14, S, S): what inference builds
+    got = data.conditions(index)
+    torch.testing.assert_close(got[:, 7:], expected[:, 7:], atol=0, rtol=0)  # zoomed views: the same pixels
+    torch.testing.assert_close(got[:, :7], expected[:, :7], atol=0.5 / 255 + 1e-6, rtol=0)  # scene crop: stored in 8 bits
+
+    cache = tmp_path / "zoom.safetensors"
+    res = CliRunner().invoke(app, ["cache-latents", str(root), "-o", str(cache), "--image-size", str(size), "--instance-views", "2"])
+    assert res.exit_code == 0, res.output
+    back = SceneLatentDataset.from_cache(cache, views=2)
+    assert torch.equal(back.batch([0, 1])["images"], data.batch([0, 1])["images"])  # (B, N, 14, S, S)
+    plain = tmp_path / "plain.safetensors"
+    SceneLatentDataset(root, "train", size).save_cache(plain)
+    with pytest.raises(InputError, match="no full-resolution renders"):
+        SceneLatentDataset.from_cache(plain, views=2)
+
+    result = train(cache, tmp_path / "run", scene_recipe(obj, steps=2, transformer={"instance_views": 2}), device="cpu", progress=False)
+    pipe = MoCAPipeline.from_pretrained(result["pipeline"])
+    assert pipe.transformer.config.instance_views == 2
+    cond = pipe.encode_scene(folder / "render.png", folder / "mask.png")
+    assert cond.shape[:3] == (1, n, 2 * pipe.image_encoder(torch.rand(1, 7, size, size)).shape[1])
+    out = pipe.generate_scene(folder / "render.png", folder / "mask.png", steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
+    assert len(out.meshes) == n

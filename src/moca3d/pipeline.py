@@ -23,7 +23,8 @@ from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
-from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, ImageLike, input_channels, load_image, preprocess_image
+from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike, encode_views, input_channels, load_image,
+                                        preprocess_image)
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 
@@ -251,7 +252,7 @@ class MoCAPipeline:
 
     @torch.no_grad()
     def scene_condition(self, image: ImageLike, masks: MasksLike) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Scene image and instance masks -> per-instance condition tokens (1, N, M, D) and, for a transformer
+        """Scene image and instance masks -> per-instance condition tokens (1, N, views * M, D) and, for a transformer
         with `layout_features`, the masks' layout (1, N, 8) (else None).
 
         `masks`: a label map (path or (H, W) int array, 0 = background), a folder of binary masks,
@@ -261,9 +262,10 @@ class MoCAPipeline:
             raise InputError("this model has an object image encoder (3 channels): scenes need a scene model (recipe condition 'scene')")
         im = load_image(image)
         masks = load_masks(masks, image_size=im.size, max_instances=self.transformer.max_components)  # (N, H, W)
-        pixels = scene_conditions(im, masks, self.image_encoder.image_size).to(self.device)  # (N, 7, S, S)
+        views = self.transformer.config.instance_views
+        pixels = scene_conditions(im, masks, self.image_encoder.image_size, views=views).to(self.device)  # (N, 7 * views, S, S)
         layout = conditions_layout(pixels[None]) if self.transformer.config.layout_features else None  # (1, N, 8)
-        return self.image_encoder(pixels)[None], layout  # (1, N, M, D)
+        return encode_views(self.image_encoder, pixels)[None], layout  # (1, N, views * M, D)
 
     def encode_scene(self, image: ImageLike, masks: MasksLike) -> torch.Tensor:
         """Scene image and instance masks -> per-instance condition tokens (1, N, M, D) (see `scene_condition`)."""

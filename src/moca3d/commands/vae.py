@@ -152,6 +152,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("train", help="Split to cache: train, val or test."),
         image_size: int = typer.Option(128, "--image-size", help="The image encoder's input size (the recipe's image_encoder.image_size; a scene pipeline's image_encoder/config.json)."),
         max_parts: int = typer.Option(32, "--max-parts", help="Leave out assets with more parts."),
+        instance_views: int = typer.Option(1, "--instance-views", help="Scenes: 2 also keeps the full-resolution renders and label maps, for a transformer with instance_views 2 (zoomed instance views)."),
     ) -> None:
         """Pack a split's latents and preprocessed renders into one file: `moca3d train CACHE` starts in seconds."""
         from moca3d.data.dataset import read_manifest
@@ -163,7 +164,9 @@ def register(app: typer.Typer) -> None:
         if len(kinds) > 1:
             raise InputError(f"{data_dir}: split '{split}' mixes scenes and objects; a cache holds one kind (prepare them apart)")
         scenes = kinds == {True}
-        data = (SceneLatentDataset if scenes else LatentDataset)(data_dir, split, image_size, max_parts)
+        if instance_views != 1 and not scenes:
+            raise InputError("--instance-views is for scene caches; objects have one view")
+        data = SceneLatentDataset(data_dir, split, image_size, max_parts, views=instance_views) if scenes else LatentDataset(data_dir, split, image_size, max_parts)
         path = data.save_cache(output)
         noun = "scenes" if scenes else "assets"
         typer.echo(f"{path}: {len(data)} {noun}, {sum(z.shape[0] for z in data.latents)} parts, {image_size} px images")

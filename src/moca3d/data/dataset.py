@@ -14,7 +14,7 @@ from moca3d.errors import ConfigError, InputError
 SPLITS = ("train", "val", "test")
 OBJECT_CACHE, SCENE_CACHE = "moca3d-latent-cache", "moca3d-scene-latent-cache"  # a latent cache's metadata "kind"
 CACHE_HOLDS = {OBJECT_CACHE: "object", SCENE_CACHE: "scene"}  # kind -> the recipe "condition" that trains on it
-CACHE_PER_ASSET = ("counts", "images")  # a latent cache's tensors of one row per asset; every other one has a row per part
+CACHE_PER_ASSET = ("counts", "images", "renders", "labels")  # a latent cache's tensors of one row per asset; every other one has a row per part
 
 
 def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:

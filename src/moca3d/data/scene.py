@@ -12,6 +12,11 @@ geometry as `preprocess_image` with an explicit box), then per instance i the st
 Masks are resized by area averaging, so an instance smaller than a pixel keeps a soft trace.
 `mask_layout` sums each cropped mask up as 8 numbers (centroid, box, size) for a transformer with
 `layout_features`: where the instance sits in the image, handed to its tokens directly.
+
+A transformer with `instance_views` = 2 also sees each instance up close: a second 7-channel stack
+of the same kind, cropped from the full-resolution image around that instance alone (a padded
+square, as an object image is cropped), so a small instance fills the frame instead of a few
+pixels of it: (N, 14, S, S), each view encoded on its own and their tokens concatenated.
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  save_latent_cache)
-from moca3d.errors import InputError
-from moca3d.models.image_encoder import ImageLike, preprocess_image
+from moca3d.errors import ConfigError, InputError
+from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, preprocess_image, rgb_on_white
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
 MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
+INSTANCE_VIEWS = (1, 2)  # the scene crop alone, or with a crop zoomed on the instance
+ZOOM_MIN_SIDE = 8  # px of the full-resolution image: the smallest square a zoomed view crops
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 MasksLike = Union[str, Path, np.ndarray, Sequence[np.ndarray]]
@@ -165,10 +173,12 @@ def crop_masks(masks: np.ndarray, box: tuple[int, int, int, int], size: int, pad
 
 
 def stack_conditions(scene: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Scene (3, S, S) and soft masks (N, S, S) -> (N, 7, S, S): [instance on white, scene, mask]."""
+    """Scene (3, S, S), or one per instance (N, 3, S, S), and soft masks (N, S, S) -> (N, 7, S, S):
+    [instance on white, scene, mask]."""
+    scenes = scene if scene.dim() == 4 else scene[None].expand(len(masks), -1, -1, -1)  # (N, 3, S, S)
     m = masks[:, None]  # (N, 1, S, S)
-    instance = scene[None] * m + (1.0 - m)  # (N, 3, S, S): white outside the instance, as object renders
-    return torch.cat([instance, scene[None].expand(len(masks), -1, -1, -1), m], dim=1)  # (N, 7, S, S)
+    instance = scenes * m + (1.0 - m)  # (N, 3, S, S): white outside the instance, as object renders
+    return torch.cat([instance, scenes, m], dim=1)  # (N, 7, S, S)
 
 
 def scene_inputs(image: ImageLike, masks: np.ndarray, size: int, padding: float = SCENE_PADDING) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,9 +187,48 @@ def scene_inputs(image: ImageLike, masks: np.ndarray, size: int, padding: float 
     return preprocess_image(image, size, padding, box=box), crop_masks(masks, box, size, padding)
 
 
-def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: float = SCENE_PADDING) -> torch.Tensor:
-    """Scene image and (N, H, W) masks -> per-instance encoder inputs (N, 7, S, S) in [0, 1]."""
-    return stack_conditions(*scene_inputs(image, masks, size, padding))
+def _crop_square(x: torch.Tensor, square: tuple[int, int, int], size: int) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size): the square (left, top, side), zero outside the image, resized (antialiased)."""
+    left, top, side = square
+    H, W = x.shape[-2:]
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + side, W), min(top + side, H)
+    canvas = x.new_zeros(x.shape[0], side, side)
+    if x1 > x0 and y1 > y0:
+        canvas[:, y0 - top: y1 - top, x0 - left: x1 - left] = x[:, y0:y1, x0:x1]
+    return F.interpolate(canvas[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def zoom_conditions(image: torch.Tensor, masks: torch.Tensor, size: int, padding: float = SCENE_PADDING) -> torch.Tensor:
+    """Full-resolution image (3, H, W) in [0, 1] and (N, H, W) bool masks -> each instance's zoomed view
+    (N, 7, S, S): `stack_conditions` of a padded square around the instance alone (at least ZOOM_MIN_SIDE px);
+    an empty (occluded) instance gets the scene crop around all the masks."""
+    scene_square = square_crop(union_box(masks.cpu().numpy()), padding)
+    ink = torch.cat([1.0 - image.float(), torch.zeros_like(image[:1], dtype=torch.float32)])  # (4, H, W): white -> 0
+    views = []
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        square = scene_square
+        if len(xs):
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            left, top, side = square_crop(box, padding)
+            grow = max(ZOOM_MIN_SIDE - side, 0)
+            square = (left - grow // 2, top - grow // 2, side + grow)
+        ink[3] = m.float()
+        views.append(_crop_square(ink, square, size))
+    crops = torch.stack(views).clamp(0.0, 1.0)  # (N, 4, S, S)
+    return stack_conditions(1.0 - crops[:, :3], crops[:, 3])
+
+
+def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: float = SCENE_PADDING, views: int = 1) -> torch.Tensor:
+    """Scene image and (N, H, W) masks -> per-instance encoder inputs (N, 7 * views, S, S) in [0, 1]:
+    the scene crop's stacks, then (views = 2) the zoomed ones of `zoom_conditions`."""
+    if views not in INSTANCE_VIEWS:
+        raise ConfigError(f"instance views must be one of {INSTANCE_VIEWS}, got {views}")
+    stacks = stack_conditions(*scene_inputs(image, masks, size, padding))  # (N, 7, S, S)
+    if views == 1:
+        return stacks
+    rgb = torch.from_numpy(rgb_on_white(image)[0].copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    return torch.cat([stacks, zoom_conditions(rgb, torch.from_numpy(masks), size, padding)], dim=1)  # (N, 14, S, S)
 
 
 def mask_layout(masks: torch.Tensor) -> torch.Tensor:
@@ -208,8 +257,8 @@ def mask_layout(masks: torch.Tensor) -> torch.Tensor:
 
 
 def conditions_layout(stacks: torch.Tensor) -> torch.Tensor:
-    """7-channel stacks (..., 7, S, S) of `stack_conditions` -> `mask_layout` of their mask channel (..., 8)."""
-    return mask_layout(stacks[..., -1, :, :])
+    """Stacks (..., 7 * views, S, S) of `scene_conditions` -> `mask_layout` of the scene crop's mask channel (..., 8)."""
+    return mask_layout(stacks[..., SCENE_CHANNELS - 1, :, :])
 
 
 # ----------------------------------------------------------------------------- prepared scenes
@@ -218,6 +267,14 @@ def conditions_layout(stacks: torch.Tensor) -> torch.Tensor:
 def visible_instances(masks: torch.Tensor) -> torch.Tensor:
     """Indices of the instances whose (cropped, soft) mask in (N, S, S) keeps at least one non-zero pixel."""
     return torch.nonzero(masks.flatten(1).amax(1) > 0)[:, 0]
+
+
+def _labels_of(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool (disjoint) -> (H, W) uint8 label map, id i + 1 for instance i (the inverse of `component_masks`)."""
+    labels = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for i, m in enumerate(masks):
+        labels[m] = i + 1
+    return labels
 
 
 def component_masks(label_path: str | Path, num_components: int) -> np.ndarray:
@@ -231,16 +288,23 @@ class SceneLatentDataset:
 
     Each scene keeps its cropped render (3, S, S) and soft instance masks (N, S, S) as 8-bit tensors;
     `batch` builds the 7-channel stacks. An instance hidden in the render (an all-zero mask) stays in
-    the scene: its condition is the scene RGB alone.
+    the scene: its condition is the scene RGB alone. With `views` = 2 each scene also keeps its
+    full-resolution render (3, H, W) and label map (H, W) (8-bit), and the stacks get each instance's
+    zoomed view (`zoom_conditions`), built per batch.
     """
 
     def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32, padding: float = SCENE_PADDING,
-                 latents: bool = True):
+                 latents: bool = True, views: int = 1):
         """`latents=False`: the conditions alone (no cached latents needed, `self.latents` stays empty)."""
+        if views not in INSTANCE_VIEWS:
+            raise ConfigError(f"instance views must be one of {INSTANCE_VIEWS}, got {views}")
         self.root = Path(root)
+        self.padding, self.views = padding, views
         self.latents: list[torch.Tensor] = []
         self.scenes: list[torch.Tensor] = []  # (3, S, S) uint8
         self.masks: list[torch.Tensor] = []  # (N, S, S) uint8
+        self.renders: list[torch.Tensor] = []  # (3, H, W) uint8, views = 2 only
+        self.labels: list[torch.Tensor] = []  # (H, W) uint8: id i + 1 = instance i, views = 2 only
         self.ids: list[str] = []
         orders = set()
         for rec in read_manifest(root, split):
@@ -259,6 +323,9 @@ class SceneLatentDataset:
                 orders.add(order)
             self.scenes.append((scene * 255).round().to(torch.uint8))
             self.masks.append((soft * 255).round().to(torch.uint8))
+            if views == 2:
+                self.renders.append(torch.from_numpy(rgb_on_white(asset / "render.png")[0].copy()).permute(2, 0, 1))
+                self.labels.append(torch.from_numpy(_labels_of(masks)))
             self.ids.append(rec["id"])
         if not self.ids:
             raise InputError(f"{root}: no '{split}' scenes with cached latents (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)")
@@ -268,36 +335,50 @@ class SceneLatentDataset:
         return len(self.ids)
 
     def save_cache(self, path: str | Path) -> Path:
-        """One safetensors file of the split (`moca3d cache-latents`): latents, 8-bit scene crops and instance masks."""
+        """One safetensors file of the split (`moca3d cache-latents`): latents, 8-bit scene crops and instance masks
+        (and with `views` = 2 the full-resolution renders and label maps)."""
         if not self.latents:
             raise InputError(f"{self.root}: this dataset was read without latents, there is nothing to cache")
+        full = {"renders": torch.stack(self.renders), "labels": torch.stack(self.labels)} if self.views == 2 else {}
         return save_latent_cache(path, SCENE_CACHE, self.latents, self.ids, self.token_order,
-                                 images=torch.stack(self.scenes), masks=torch.cat(self.masks))  # (A, 3, S, S), (sum N, S, S)
+                                 images=torch.stack(self.scenes), masks=torch.cat(self.masks), **full)  # (A, 3, S, S), (sum N, S, S)
 
     @classmethod
-    def from_cache(cls, path: str | Path, max_components: int = 32, image_size: int | None = None) -> "SceneLatentDataset":
+    def from_cache(cls, path: str | Path, max_components: int = 32, image_size: int | None = None, views: int = 1,
+                   padding: float = SCENE_PADDING) -> "SceneLatentDataset":
         """A dataset from `save_cache`'s file (scenes with more than `max_components` instances left out)."""
         cache = load_latent_cache(path, SCENE_CACHE, max_components, image_size)
+        if views == 2 and "renders" not in cache:
+            raise InputError(f"{path}: this scene cache has no full-resolution renders for zoomed instance views:"
+                             " write it again with `moca3d cache-latents --instance-views 2`")
         self = cls.__new__(cls)
         self.root = Path(path).parent
+        self.padding, self.views = padding, views
         self.latents, self.scenes, self.masks = cache["latents"], cache["images"], cache["masks"]
+        self.renders, self.labels = (cache["renders"], cache["labels"]) if views == 2 else ([], [])
         self.ids, self.token_order = cache["ids"], cache["token_order"]
         return self
 
     def to(self, device) -> "SceneLatentDataset":
-        """Move every latent, scene crop and mask to `device` (batches are then assembled there)."""
-        self.latents = [z.to(device) for z in self.latents]
-        self.scenes = [im.to(device) for im in self.scenes]
-        self.masks = [m.to(device) for m in self.masks]
+        """Move every latent, scene crop, mask (and full-resolution render and label map) to `device`."""
+        for name in ("latents", "scenes", "masks", "renders", "labels"):
+            setattr(self, name, [x.to(device) for x in getattr(self, name)])
         return self
 
     def conditions(self, index: int, instances: Sequence[int] | None = None) -> torch.Tensor:
-        """The 7-channel stacks (K, 7, S, S) of scene `index`'s instances (default: all of them, K = N)."""
-        masks = self.masks[index] if instances is None else self.masks[index][list(instances)]
-        return stack_conditions(self.scenes[index].float() / 255.0, masks.float() / 255.0)
+        """The stacks (K, 7 * views, S, S) of scene `index`'s instances (default: all of them, K = N)."""
+        pick = slice(None) if instances is None else list(instances)
+        stacks = stack_conditions(self.scenes[index].float() / 255.0, self.masks[index][pick].float() / 255.0)
+        if self.views == 1:
+            return stacks
+        labels = self.labels[index]
+        ids = torch.arange(1, len(self.masks[index]) + 1, device=labels.device)
+        full = labels[None] == ids[:, None, None]  # (N, H, W)
+        zoom = zoom_conditions(self.renders[index].float() / 255.0, full, stacks.shape[-1], self.padding)
+        return torch.cat([stacks, zoom[pick]], dim=1)  # (K, 14, S, S)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Pad to the largest instance count: latents (B, N, L, C), component_mask (B, N), images (B, N, 7, S, S)."""
+        """Pad to the largest instance count: latents (B, N, L, C), component_mask (B, N), images (B, N, 7 * views, S, S)."""
         latents, mask = pad_components([self.latents[i] for i in indices])
-        images, _ = pad_components([self.conditions(i) for i in indices])  # (B, N, 7, S, S)
+        images, _ = pad_components([self.conditions(i) for i in indices])  # (B, N, 7 * views, S, S)
         return {"latents": latents, "component_mask": mask, "images": images}

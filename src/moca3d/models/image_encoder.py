@@ -79,19 +79,24 @@ def foreground_box(rgb: np.ndarray, alpha: np.ndarray | None, threshold: int = 2
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None) -> torch.Tensor:
-    """Image -> (3, size, size) float in [0, 1]: white background, square foreground crop, resize.
-
-    `box` (x0, y0, x1, y1) overrides the detected foreground (scenes crop all masks together).
-    """
+def rgb_on_white(image: ImageLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image -> (H, W, 3) uint8 RGB composited on white, and its (H, W) alpha if it has one (else None)."""
     im = load_image(image)
     rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
     has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
     alpha = rgba[..., 3:] / 255.0
     rgb = rgba[..., :3] * alpha + 255.0 * (1 - alpha)  # composite on white
-    rgb8 = rgb.round().clip(0, 255).astype(np.uint8)
+    return rgb.round().clip(0, 255).astype(np.uint8), rgba[..., 3] if has_alpha else None
+
+
+def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None) -> torch.Tensor:
+    """Image -> (3, size, size) float in [0, 1]: white background, square foreground crop, resize.
+
+    `box` (x0, y0, x1, y1) overrides the detected foreground (scenes crop all masks together).
+    """
+    rgb8, alpha = rgb_on_white(image)
     if box is None:
-        box = foreground_box(rgb8, rgba[..., 3] if has_alpha else None)
+        box = foreground_box(rgb8, alpha)
     if box is None:
         raise InputError("the image has no foreground (it is blank or all white)")
     x0, y0, x1, y1 = box
@@ -173,6 +178,17 @@ SCENE_CHANNELS = 7  # instance-masked RGB, scene RGB, instance mask
 FIRST_PROJECTION_NAMES = ("patch_embed", "embeddings.patch_embeddings.projection")
 WIDEN_INITS = ("zero", "clone")
 LORA_ADAPTER = "default"
+
+
+def encode_views(encoder: nn.Module, stacks: torch.Tensor) -> torch.Tensor:
+    """Per-instance stacks of V views (K, 7V, S, S) -> each instance's tokens of all its views, in view order
+    (K, V*M, D): every view is encoded on its own, by the same encoder (`moca3d.data.scene.scene_conditions`)."""
+    K, C = stacks.shape[:2]
+    if C % SCENE_CHANNELS:
+        raise InputError(f"scene conditions must have a multiple of {SCENE_CHANNELS} channels, got {C}")
+    views = C // SCENE_CHANNELS
+    tokens = encoder(stacks.reshape(K * views, SCENE_CHANNELS, *stacks.shape[2:]))  # (K*V, M, D)
+    return tokens.reshape(K, views * tokens.shape[1], tokens.shape[2])
 
 
 def first_projection_path(encoder: nn.Module) -> str:

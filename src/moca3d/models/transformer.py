@@ -224,6 +224,7 @@ class MoCATransformer(ModelMixin, ConfigMixin):
         time_sin_first: bool = False,
         token_positions: bool = False,
         layout_features: int = 0,
+        instance_views: int = 1,
     ):
         """`id_assignment`: "random" (distinct draws, DESIGN §3) or "sequential" (ids 0..N-1, PartCrafter).
 
@@ -233,6 +234,10 @@ class MoCATransformer(ModelMixin, ConfigMixin):
 
         `layout_features`: F > 0 adds a `LayoutEmbedding` of per-component features (B, N, F) to each
         component's tokens; scene models take F = 8, `moca3d.data.scene.mask_layout` of the instance masks.
+
+        `instance_views`: how a scene model's pipeline conditions each instance: 1, the scene crop; 2, also a
+        crop zoomed on the instance (`moca3d.data.scene.scene_conditions`), its tokens after the first view's.
+        The transformer itself takes any number of condition tokens; the pipeline and trainer read this.
 
         `time_*` shape the timestep MLP (defaults: 256 cos/sin features, SiLU, hidden = width); a converted
         TripoSG uses width features, [sin, cos], GELU and hidden = 4 * width (see moca3d.convert.triposg).
@@ -244,6 +249,8 @@ class MoCATransformer(ModelMixin, ConfigMixin):
             raise ConfigError(f"long skips need an odd number of layers (push, middle, pop), got {num_layers}")
         if timestep_mode not in ("add", "token"):
             raise ConfigError(f"timestep_mode must be 'add' or 'token', got {timestep_mode!r}")
+        if instance_views not in (1, 2):
+            raise ConfigError(f"instance_views must be 1 or 2, got {instance_views}")
         if id_assignment not in ("random", "sequential"):
             raise ConfigError(f"id_assignment must be 'random' or 'sequential', got {id_assignment!r}")
         self.num_compressed = num_latents // compression

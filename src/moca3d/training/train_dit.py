@@ -40,6 +40,7 @@ from moca3d.models.image_encoder import (
     WIDEN_INITS,
     ImageEncoder,
     add_encoder_lora,
+    encode_views,
     input_channels,
     merge_encoder_lora,
     preprocess_image,
@@ -235,9 +236,9 @@ class SceneGenerator(Generator):
     """The trained pair for scenes: each component is conditioned on its own 7-channel instance stack."""
 
     def forward(self, latents, timestep, images, component_mask, drop, ids, routing_seeds):
-        """Velocity prediction from images (B, N, 7, S, S); padded components are not encoded."""
+        """Velocity prediction from images (B, N, 7 * views, S, S); padded components are not encoded."""
         B, N = images.shape[:2]
-        tokens = self.image_encoder(images[component_mask])  # (K, M, D): the K real components
+        tokens = encode_views(self.image_encoder, images[component_mask])  # (K, views * M, D): the K real components
         cond = tokens.new_zeros(B, N, *tokens.shape[1:])
         cond[component_mask] = tokens  # (B, N, M, D)
         cond = cond * (~drop).view(-1, 1, 1, 1).to(cond.dtype)
@@ -317,6 +318,12 @@ def encoder_preprocess(encoder) -> Callable[[Path], torch.Tensor]:
 def scene_encoder_folder(cfg: DiTTrainConfig) -> Path:
     """The encoder a scene recipe fine-tunes: `image_encoder_from` (e.g. scene-pre-trained), else init_from's."""
     return pretrained_encoder_folder(cfg) if cfg.image_encoder_from else init_folder(cfg) / "image_encoder"
+
+
+def scene_instance_views(cfg: DiTTrainConfig) -> int:
+    """The views per instance a scene recipe trains with: its transformer override, else init_from's config."""
+    saved = MoCATransformer.load_config(init_folder(cfg) / "transformer")
+    return int(cfg.transformer.get("instance_views", saved.get("instance_views", 1)))
 
 
 def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> SceneGenerator:
@@ -443,10 +450,11 @@ def train(
 
         vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
         encoder_size = ImageEncoder.load_config(scene_encoder_folder(cfg))["image_size"]
+        views = scene_instance_views(cfg)
         if Path(data_dir).is_file():  # a scene latent cache (SceneLatentDataset.save_cache) of the training split
-            data = SceneLatentDataset.from_cache(data_dir, cfg.max_components, encoder_size)
+            data = SceneLatentDataset.from_cache(data_dir, cfg.max_components, encoder_size, views=views)
         else:
-            data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components)
+            data = SceneLatentDataset(data_dir, "train", encoder_size, cfg.max_components, views=views)
     else:
         encoder = None
         if cfg.init_from:
