@@ -268,7 +268,7 @@ class MoCAPipeline:
         return encode_views(self.image_encoder, pixels)[None], layout  # (1, N, views * M, D)
 
     def encode_scene(self, image: ImageLike, masks: MasksLike) -> torch.Tensor:
-        """Scene image and instance masks -> per-instance condition tokens (1, N, M, D) (see `scene_condition`)."""
+        """Scene image and instance masks -> per-instance condition tokens (1, N, views * M, D) (see `scene_condition`)."""
         return self.scene_condition(image, masks)[0]
 
     def generate_scene(

@@ -166,7 +166,10 @@ def register(app: typer.Typer) -> None:
         scenes = kinds == {True}
         if instance_views != 1 and not scenes:
             raise InputError("--instance-views is for scene caches; objects have one view")
-        data = SceneLatentDataset(data_dir, split, image_size, max_parts, views=instance_views) if scenes else LatentDataset(data_dir, split, image_size, max_parts)
+        if scenes:
+            data = SceneLatentDataset(data_dir, split, image_size, max_parts, views=instance_views)
+        else:
+            data = LatentDataset(data_dir, split, image_size, max_parts)
         path = data.save_cache(output)
         noun = "scenes" if scenes else "assets"
         typer.echo(f"{path}: {len(data)} {noun}, {sum(z.shape[0] for z in data.latents)} parts, {image_size} px images")

@@ -219,11 +219,16 @@ def zoom_conditions(image: torch.Tensor, masks: torch.Tensor, size: int, padding
     return stack_conditions(1.0 - crops[:, :3], crops[:, 3])
 
 
+def check_views(views: int) -> None:
+    """A one-line error unless `views` is a known number of views per instance."""
+    if views not in INSTANCE_VIEWS:
+        raise ConfigError(f"instance views must be one of {INSTANCE_VIEWS}, got {views}")
+
+
 def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: float = SCENE_PADDING, views: int = 1) -> torch.Tensor:
     """Scene image and (N, H, W) masks -> per-instance encoder inputs (N, 7 * views, S, S) in [0, 1]:
     the scene crop's stacks, then (views = 2) the zoomed ones of `zoom_conditions`."""
-    if views not in INSTANCE_VIEWS:
-        raise ConfigError(f"instance views must be one of {INSTANCE_VIEWS}, got {views}")
+    check_views(views)
     stacks = stack_conditions(*scene_inputs(image, masks, size, padding))  # (N, 7, S, S)
     if views == 1:
         return stacks
@@ -296,8 +301,7 @@ class SceneLatentDataset:
     def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32, padding: float = SCENE_PADDING,
                  latents: bool = True, views: int = 1):
         """`latents=False`: the conditions alone (no cached latents needed, `self.latents` stays empty)."""
-        if views not in INSTANCE_VIEWS:
-            raise ConfigError(f"instance views must be one of {INSTANCE_VIEWS}, got {views}")
+        check_views(views)
         self.root = Path(root)
         self.padding, self.views = padding, views
         self.latents: list[torch.Tensor] = []
