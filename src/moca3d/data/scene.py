@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  save_latent_cache)
 from moca3d.errors import ConfigError, InputError
-from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, preprocess_image, rgb_on_white
+from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, rgb_on_white
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
 MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
@@ -229,6 +229,7 @@ def scene_conditions(image: ImageLike, masks: np.ndarray, size: int, padding: fl
     """Scene image and (N, H, W) masks -> per-instance encoder inputs (N, 7 * views, S, S) in [0, 1]:
     the scene crop's stacks, then (views = 2) the zoomed ones of `zoom_conditions`."""
     check_views(views)
+    image = load_image(image)  # read once for both views
     stacks = stack_conditions(*scene_inputs(image, masks, size, padding))  # (N, 7, S, S)
     if views == 1:
         return stacks
