@@ -198,18 +198,31 @@ def _crop_square(x: torch.Tensor, square: tuple[int, int, int], size: int) -> to
     return F.interpolate(canvas[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+def _instance_boxes(masks: torch.Tensor) -> list:
+    """(N, H, W) bool -> each mask's (x0, y0, x1, y1), None for an empty one (one host transfer for all of them)."""
+    def extent(on: torch.Tensor) -> torch.Tensor:  # (N, K) bool -> (N, 2): first and one past the last True
+        k = torch.arange(on.shape[1], device=on.device)
+        return torch.stack([torch.where(on, k, on.shape[1]).amin(1), torch.where(on, k, -1).amax(1) + 1], dim=1)
+
+    xs, ys = extent(masks.any(dim=1)), extent(masks.any(dim=2))  # columns, rows
+    return [(x0, y0, x1, y1) if x1 > x0 else None for (x0, x1), (y0, y1) in zip(xs.tolist(), ys.tolist())]
+
+
 def zoom_conditions(image: torch.Tensor, masks: torch.Tensor, size: int, padding: float = SCENE_PADDING) -> torch.Tensor:
     """Full-resolution image (3, H, W) in [0, 1] and (N, H, W) bool masks -> each instance's zoomed view
     (N, 7, S, S): `stack_conditions` of a padded square around the instance alone (at least ZOOM_MIN_SIDE px);
     an empty (occluded) instance gets the scene crop around all the masks."""
-    scene_square = square_crop(union_box(masks.cpu().numpy()), padding)
+    boxes = _instance_boxes(masks)
+    shown = [b for b in boxes if b is not None]
+    if not shown:
+        raise InputError("the masks are all empty")
+    union = (min(b[0] for b in shown), min(b[1] for b in shown), max(b[2] for b in shown), max(b[3] for b in shown))
+    scene_square = square_crop(union, padding)  # the scene crop's square (`union_box` of the masks)
     ink = torch.cat([1.0 - image.float(), torch.zeros_like(image[:1], dtype=torch.float32)])  # (4, H, W): white -> 0
     views = []
-    for m in masks:
-        ys, xs = torch.nonzero(m, as_tuple=True)
+    for m, box in zip(masks, boxes):
         square = scene_square
-        if len(xs):
-            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        if box is not None:
             left, top, side = square_crop(box, padding)
             grow = max(ZOOM_MIN_SIDE - side, 0)
             square = (left - grow // 2, top - grow // 2, side + grow)
@@ -321,7 +334,8 @@ class SceneLatentDataset:
             masks = component_masks(asset / "mask.png", n)
             if not masks.any():
                 continue
-            scene, soft = scene_inputs(asset / "render.png", masks, image_size, padding)
+            render = load_image(asset / "render.png")  # read once for both views
+            scene, soft = scene_inputs(render, masks, image_size, padding)
             if latents:
                 z, order = load_cached_latents(path)
                 self.latents.append(z)
@@ -329,7 +343,7 @@ class SceneLatentDataset:
             self.scenes.append((scene * 255).round().to(torch.uint8))
             self.masks.append((soft * 255).round().to(torch.uint8))
             if views == 2:
-                self.renders.append(torch.from_numpy(rgb_on_white(asset / "render.png")[0].copy()).permute(2, 0, 1))
+                self.renders.append(torch.from_numpy(rgb_on_white(render)[0].copy()).permute(2, 0, 1))
                 self.labels.append(torch.from_numpy(_labels_of(masks)))
             self.ids.append(rec["id"])
         if not self.ids:
