@@ -104,6 +104,41 @@ def test_mask_errors_are_clear(tmp_path):
         load_masks(tmp_path / "missing.png")
 
 
+def test_masks_as_users_save_them(tmp_path):
+    """0/1 files and cut-outs (alpha) read as their masks; a JPEG label map and a blank scene are refused."""
+    on = np.zeros((16, 16), bool)
+    on[4:9, 3:12] = True
+    cutout = np.zeros((16, 16, 4), np.uint8)
+    cutout[..., :3] = np.random.default_rng(0).integers(0, 256, (16, 16, 3))  # colourful, as a photo cut-out
+    cutout[..., 3] = np.where(on, 255, 0)
+    black = np.zeros((16, 16, 4), np.uint8)
+    black[..., 3] = np.where(on, 200, 0)  # one colour, the instance only in the alpha channel
+    for name, array in (("zero_one", on.astype(np.uint8)), ("cutout", cutout), ("black", black)):
+        folder = tmp_path / name
+        folder.mkdir()
+        _save(array, folder / "m.png")
+        assert np.array_equal(load_masks(folder)[0], on), name
+    labels = np.zeros((16, 16, 4), np.uint8)
+    labels[..., :3] = np.where(on, 2, 1)[..., None]  # grey ids 1 and 2, the id-1 pixels transparent
+    labels[..., 3] = np.where(on | (np.arange(16) < 2)[None], 255, 0)
+    _save(labels, tmp_path / "labels.png")
+    masks = load_masks(tmp_path / "labels.png")
+    assert masks.shape == (2, 16, 16) and np.array_equal(masks[1], on) and masks[0].sum() == 2 * 16 - (on[:, :2].sum())
+    Image.fromarray(np.where(on, 255, 0).astype(np.uint8)).save(tmp_path / "labels.jpg", quality=95)
+    with pytest.raises(InputError, match="is a JPEG: lossy compression invents ids"):
+        load_masks(tmp_path / "labels.jpg")
+    folder = tmp_path / "jpeg"
+    folder.mkdir()
+    Image.fromarray(np.where(on, 255, 0).astype(np.uint8)).save(folder / "m.jpg", quality=95)
+    assert np.array_equal(load_masks(folder)[0], on)  # thresholded binary masks may be JPEGs
+    with pytest.raises(InputError, match="blank .* inside the box of its masks"):
+        scene_conditions(np.full((16, 16, 3), 255, np.uint8), load_masks(on.astype(np.int64)), size=8)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "m.png").write_text("not a picture")
+    with pytest.raises(InputError, match="not an image format"):
+        load_masks(tmp_path / "bad")
+
+
 def test_scene_conditions_crop_image_and_masks_together():
     image = np.full((120, 160, 3), 90, np.uint8)  # a grey floor everywhere (no white background)
     image[20:50, 20:50] = [220, 20, 20]  # red instance 1

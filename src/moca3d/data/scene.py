@@ -40,6 +40,7 @@ MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
 INSTANCE_VIEWS = (1, 2)  # the scene crop alone, or with a crop zoomed on the instance
 ZOOM_MIN_SIDE = 8  # px of the full-resolution image: the smallest square a zoomed view crops
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # fine for thresholded binary masks, not for label ids
 
 MasksLike = Union[str, Path, np.ndarray, Sequence[np.ndarray]]
 
@@ -53,18 +54,36 @@ def _natural_key(name: str) -> list:
 
 
 def _read_gray(path: Path) -> np.ndarray:
-    """(H, W) array of a single-channel image (label ids, palette indices or grey levels)."""
+    """(H, W) array of a single-channel image (label ids, palette indices or grey levels).
+
+    With transparency, transparent pixels read as 0; a cut-out (visible pixels of one colour, or in
+    colour) reads as 255 wherever it is opaque.
+    """
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("L", "P", "I", "I;16", "1"):
+            alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None
+            if alpha is None and im.mode in ("L", "P", "I", "I;16", "1"):
                 return np.asarray(im).astype(np.int64)
             rgb = np.asarray(im.convert("RGB")).astype(np.int64)  # (H, W, 3)
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"cannot read mask {path}: {err.__class__.__name__}") from None
-    if not ((rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])).all():
+    except UnidentifiedImageError:
+        raise InputError(f"cannot read mask {path}: not an image format PIL knows") from None
+    except OSError as err:
+        raise InputError(f"cannot read mask {path}: truncated or corrupt ({err})") from None
+    grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])  # (H, W)
+    if alpha is not None and alpha.min() < 255:
+        visible = alpha > MASK_THRESHOLD
+        if not grey[visible].all() or len(np.unique(rgb[visible][:, 0])) <= 1:
+            return np.where(visible, 255, 0)
+        return np.where(visible, rgb[..., 0], 0)
+    if not grey.all():
         raise InputError(f"mask {path} must be single-channel (grey or label ids), not colour")
     return rgb[..., 0]
+
+
+def _binary(gray: np.ndarray) -> np.ndarray:
+    """(H, W) grey levels -> bool mask: on above 0.5 for 0/1 images, above MASK_THRESHOLD for 0..255 ones."""
+    return gray > (0.5 if gray.max(initial=0) <= 1 else MASK_THRESHOLD)
 
 
 def label_map_to_masks(labels: np.ndarray) -> np.ndarray:
@@ -94,7 +113,7 @@ def _folder_masks(folder: Path) -> tuple[np.ndarray, list[str]]:
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise InputError(f"masks in {folder} differ in size: {', '.join(f'{w}x{h}' for h, w in sorted(shapes))}")
-    return np.stack([a > MASK_THRESHOLD for a in arrays]), [p.name for p in files]
+    return np.stack([_binary(a) for a in arrays]), [p.name for p in files]
 
 
 def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_instances: int | None = None) -> np.ndarray:
@@ -109,6 +128,8 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
         if path.is_dir():
             stack, names = _folder_masks(path)
         elif path.is_file():
+            if path.suffix.lower() in LOSSY_EXTENSIONS:
+                raise InputError(f"label map {path} is a JPEG: lossy compression invents ids at the edges; save it as PNG")
             stack = label_map_to_masks(_read_gray(path))
         else:
             raise InputError(f"masks not found: {path}")
@@ -120,7 +141,7 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
         arrays = [np.asarray(m) for m in masks]
         if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
             raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays")
-        stack = np.stack([a > (0.5 if a.max(initial=0) <= 1 else MASK_THRESHOLD) for a in arrays])  # 0/1 or 0/255
+        stack = np.stack([_binary(a) for a in arrays])  # 0/1 or 0/255
     return check_masks(stack, image_size, max_instances, names)
 
 

@@ -97,8 +97,12 @@ def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None
     rgb8, alpha = rgb_on_white(image)
     if box is None:
         box = foreground_box(rgb8, alpha)
-    if box is None:
-        raise InputError("the image has no foreground (it is blank or all white)")
+        if box is None:
+            raise InputError("the image has no foreground (it is blank or all white)")
+    else:
+        x0, y0, x1, y1 = box
+        if foreground_box(rgb8[y0:y1, x0:x1], None if alpha is None else alpha[y0:y1, x0:x1]) is None:
+            raise InputError("the image is blank (all white or transparent) inside the box of its masks")
     x0, y0, x1, y1 = box
     side = int(round(max(x1 - x0, y1 - y0) * (1 + 2 * padding)))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
