@@ -123,3 +123,49 @@ def test_dit_recipe_rejects_bad_timestep_settings():
         DiTTrainConfig(timestep_std=0.0).check()
     with pytest.raises(ConfigError, match="timestep_distribution"):
         DiTTrainConfig(timestep_distribution="beta").check()
+
+
+@pytest.mark.parametrize("recipe", [VAETrainConfig, DiTTrainConfig, EncoderPretrainConfig], ids=lambda c: c.__name__)
+def test_recipe_values_of_the_wrong_type_are_named(recipe, tmp_path):
+    from moca3d.errors import ConfigError
+
+    path = tmp_path / "recipe.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config must be a JSON object of keys and values, got list"):
+        recipe.from_json(path)
+    for bad, message in [({"steps": "ten"}, "key 'steps' must be an integer, got \"ten\""),
+                         ({"steps": 10.5}, "key 'steps' must be an integer, got 10.5"),
+                         ({"steps": True}, "key 'steps' must be an integer, got true"),
+                         ({"lr": "fast"}, "key 'lr' must be a number"),
+                         ({"init_from": 3}, "key 'init_from' must be a string or null, got 3")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=message):
+            recipe.from_json(path)
+    assert recipe.from_dict({"lr": 1, "init_from": None}).lr == 1  # an int is a number; null an absent option
+
+
+def test_recipe_lists_and_objects_are_checked_too():
+    from moca3d.errors import ConfigError
+
+    assert DiTTrainConfig.from_dict({"betas": [0.9, 1]}).betas == (0.9, 1)
+    for bad, message in [({"betas": 0.9}, "key 'betas' must be a list"), ({"betas": [0.9]}, "'betas' must be a list of 2 values"),
+                         ({"betas": [0.9, "x"]}, "'betas' must be a list of 2 values, each a number"),
+                         ({"transformer": [1]}, "key 'transformer' must be a JSON object"),
+                         ({"gradient_checkpointing": 1}, "key 'gradient_checkpointing' must be true or false"),
+                         ({"condition": 1}, "key 'condition' must be a string")]:
+        with pytest.raises(ConfigError, match=message):
+            DiTTrainConfig.from_dict(bad)
+
+
+def test_cli_train_reports_a_bad_recipe_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.errors import ConfigError
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "ten.json").write_text('{"steps": "ten"}')
+    for name, message in [("list.json", "must be a JSON object"), ("ten.json", "key 'steps' must be an integer")]:
+        result = CliRunner().invoke(app, ["train", str(tmp_path / "data"), "--config", str(tmp_path / name), "-o", str(tmp_path / "run")])
+        assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.output
+    assert not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ shares no code with moca3d:
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -351,6 +352,29 @@ def test_wrong_folder_errors(tmp_path):
     with pytest.raises(CheckpointError, match="subfolder 'transformer/'"):
         convert_triposg(tmp_path / "empty", tmp_path / "dst2")
     assert not (tmp_path / "dst2").exists()
+
+
+def test_corrupt_weight_and_index_files_are_named(tmp_path):
+    write_release(tmp_path / "src")
+    weights = tmp_path / "src" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted download
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: unreadable safetensors file, truncated or corrupt")):
+        load_triposg_transformer(weights.parent, num_latents=L, compression=4)
+    shard_index = weights.parent / "diffusion_pytorch_model.safetensors.index.json"
+    shard_index.write_text('{"weight_map": {"proj_in.weight": ')
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard_index}: not valid JSON")):
+        load_triposg_transformer(weights.parent, num_latents=L, compression=4)
+    shard_index.write_text('{"weight_map": ["a.safetensors"]}')
+    with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to shard file names"):
+        load_triposg_transformer(weights.parent, num_latents=L, compression=4)
+    model_index = tmp_path / "src" / "model_index.json"
+    model_index.write_text("{not json")
+    with pytest.raises(CheckpointError, match=re.escape(f"{model_index}: not valid JSON")):
+        convert_triposg(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4)
+    model_index.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=re.escape(f"{model_index}: expected a JSON object, got list")):
+        convert_triposg(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4)
+    assert not (tmp_path / "dst").exists()
 
 
 def test_finetune_moca_from_a_converted_triposg(tmp_path):

@@ -13,10 +13,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moca3d.cli import app
+from moca3d.commands.common import write_json
+from moca3d.defaults import check_resolution
 from moca3d.errors import CheckpointError, ConfigError, InputError
 from moca3d.geometry.mesh_io import save_glb
 from moca3d.models.image_encoder import load_image, preprocess_image
-from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
+from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAOutput, MoCAPipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -55,11 +57,17 @@ def test_unreadable_images_say_why(tmp_path):
     (["--output", "{tmp}/out.obj"], "--output must be a .glb file"),
     (["--output", "{tmp}/folder.glb"], "is a folder"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
-    (["--resolution", "100000"], "--resolution must be between 16 and 1024"),
+    (["--resolution", "100000"], "--resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got 100000"),
+    (["--resolution", "48"], "--resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got 48"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--guidance", "-5"], "--guidance must be >= 0 (1 = no guidance), got -5.0"),
+    (["--output", "{tmp}/file.glb/out.glb"], "file.glb is a file, not a folder"),
+    (["--device", "mps"], "device 'mps' requested but MPS (Apple GPU) is not available"),
 ])
-def test_generate_options_are_checked_before_loading(tmp_path, args, message):
+def test_generate_options_are_checked_before_loading(tmp_path, monkeypatch, args, message):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     (tmp_path / "folder.glb").mkdir()
+    (tmp_path / "file.glb").write_text("not a folder")
     args = [a.format(tmp=tmp_path) for a in args]
     res = CliRunner().invoke(app, ["generate", str(EXAMPLES / "chair.png"), "--model", str(tmp_path / "nowhere")] + args)
     assert isinstance(res.exception, ConfigError) and message in str(res.exception)
@@ -121,9 +129,137 @@ def test_failed_glb_write_leaves_no_temporary_file(tmp_path):
     target = tmp_path / "taken"
     target.mkdir()  # os.replace cannot put a file over a folder
     (target / "keep").write_text("x")
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="cannot write .*taken: Is a directory"):
         save_glb(target, [trimesh.creation.box()])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    output = MoCAOutput([trimesh.creation.box()], ["part_00"], torch.zeros(1, 1, 1), kind="part")
+    with pytest.raises(InputError, match="cannot write .*: Is a directory"):
+        output.save(target)
+    with pytest.raises(InputError, match="cannot write .*: File exists"):  # a parent that is a file
+        output.save(target / "keep" / "x.glb")
+    with pytest.raises(InputError, match="cannot write .*: File exists"):
+        write_json(target / "keep" / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+class _EmptyPipeline:
+    """Stands in for a loaded pipeline whose every component decodes empty."""
+
+    def __call__(self, image, num_parts=4, **kwargs):
+        return MoCAOutput([trimesh.Trimesh() for _ in range(num_parts)], [f"part_{i:02d}" for i in range(num_parts)],
+                          torch.zeros(num_parts, 1, 1), kind="part")
+
+    def generate_scene(self, image, masks, **kwargs):
+        return MoCAOutput([trimesh.Trimesh()] * 4, [f"instance_{i:02d}" for i in range(4)], torch.zeros(4, 1, 1), kind="instance")
+
+
+@pytest.mark.parametrize("verb, message", [
+    (["generate", str(EXAMPLES / "chair.png"), "--parts", "2"], "all 2 parts decoded empty: nothing to write (try more steps or another seed)"),
+    (["generate-scene", str(EXAMPLES / "scene4.png"), "--masks", str(EXAMPLES / "scene4_masks.png")], "all 4 instances decoded empty: nothing to write"),
+])
+def test_all_empty_generation_writes_no_file(tmp_path, monkeypatch, verb, message):
+    monkeypatch.setattr(MoCAPipeline, "from_pretrained", classmethod(lambda cls, *args, **kwargs: _EmptyPipeline()))
+    res = CliRunner().invoke(app, verb + ["--model", str(tmp_path), "--device", "cpu", "-o", str(tmp_path / "out.glb")])
+    assert isinstance(res.exception, InputError) and message in str(res.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["evaluate-model", "evaluate-scenes"])
+@pytest.mark.parametrize("args, error, message", [
+    (["--steps", "0"], ConfigError, "--steps must be >= 1"),
+    (["--guidance", "nan"], ConfigError, "--guidance must be a finite number"),
+    (["--guidance", "-1"], ConfigError, "--guidance must be >= 0"),
+    (["--resolution", "48"], ConfigError, "--resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got 48"),
+    (["--shift", "nan"], InputError, "the timestep shift must be positive and finite, got nan"),
+    (["--json", "{tmp}"], ConfigError, "is a folder: give a file path"),
+])
+def test_evaluate_options_are_checked_before_loading(tmp_path, verb, args, error, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    res = CliRunner().invoke(app, [verb, str(tmp_path / "data"), "--model", str(tmp_path / "nowhere")] + args)
+    assert isinstance(res.exception, error) and message in str(res.exception)
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_evaluate_count_below_one_is_refused(tmp_path, count):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "manifest.jsonl").write_text('{"id": "a", "split": "test", "num_components": 2}\n')
+    res = CliRunner().invoke(app, ["evaluate-model", str(root), "--model", str(DEFAULT_MODEL_DIR), "--count", count, "--device", "cpu"])
+    assert isinstance(res.exception, ConfigError) and f"--count must be >= 1 (the number of assets to evaluate), got {count}" in str(res.exception)
+
+
+@pytest.mark.parametrize("resolution", [16, 32, 64, 96, 100, 1024, 8, 48, 66, 1028, 2048])
+def test_resolution_rule_is_the_extraction_grid_rule(resolution):
+    """check_resolution accepts exactly the resolutions (up to 1024) that the pipeline's coarse grid reaches by doublings."""
+    config = MoCAPipeline.extract_config(resolution)
+    ratio = config.resolution / config.coarse_resolution
+    extractable = ratio == int(ratio) and int(ratio) & (int(ratio) - 1) == 0 and resolution <= 1024
+    if extractable:
+        check_resolution(resolution)
+    else:
+        with pytest.raises(ConfigError, match=f"--resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got {resolution}"):
+            check_resolution(resolution)
+
+
+@pytest.fixture(scope="module")
+def default_pipeline():
+    return MoCAPipeline.from_pretrained(DEFAULT_MODEL_DIR)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(steps=0), ConfigError, "^steps must be >= 1"),
+    (dict(steps=-1), ConfigError, "^steps must be >= 1"),
+    (dict(steps=2.5), ConfigError, "^steps must be >= 1 \\(a whole number\\)"),
+    (dict(guidance=float("nan")), ConfigError, "^guidance must be a finite number"),
+    (dict(guidance=-5.0), ConfigError, "^guidance must be >= 0"),
+    (dict(resolution=48), ConfigError, "^resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got 48"),
+    (dict(num_parts=2.5), InputError, "the number of parts must be a whole number >= 1, got 2.5"),
+    (dict(shift=0.0), InputError, "the timestep shift must be positive and finite"),
+    (dict(shift=float("inf")), InputError, "the timestep shift must be positive and finite"),
+])
+def test_pipeline_call_checks_its_arguments(default_pipeline, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        default_pipeline(EXAMPLES / "chair.png", **{"num_parts": 2, "steps": 1, "resolution": 16, "show_progress": False, **kwargs})
+
+
+def test_scene_generation_checks_its_arguments():
+    pipe = MoCAPipeline.from_pretrained(DEFAULT_SCENE_MODEL_DIR)
+    with pytest.raises(ConfigError, match="^guidance must be a finite number"):
+        pipe.generate_scene(EXAMPLES / "scene4.png", EXAMPLES / "scene4_masks.png", steps=1, guidance=float("nan"), show_progress=False)
+
+
+@pytest.mark.parametrize("shift", ["0", "NaN", "-2"])
+def test_a_scheduler_with_a_bad_shift_is_a_checkpoint_error(tmp_path, shift):
+    folder = _copy_model(tmp_path)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"shift": 1.0', f'"shift": {shift}'))
+    assert f'"shift": {shift}' in config.read_text()
+    with pytest.raises(CheckpointError, match="cannot load the scheduler \\(the timestep shift must be positive and finite"):
+        MoCAPipeline.from_pretrained(folder)
+
+
+def test_image_arrays_are_scaled_to_8_bit_or_refused():
+    eight = np.asarray(load_image(_grey_square(np.uint8, 255)[..., None].repeat(3, axis=2)))
+    floats = _grey_square(np.float32, 1.0)[..., None].repeat(3, axis=2)
+    assert np.array_equal(np.asarray(load_image(floats)), eight)
+    assert np.array_equal(np.asarray(load_image(_grey_square(np.uint16, 65535)[..., None].repeat(3, axis=2))), eight)
+    for bad in (floats * 255, np.full((16, 16, 3), np.nan, np.float32)):
+        with pytest.raises(InputError, match=r"a float image array must hold finite values in \[0, 1\]"):
+            load_image(bad)
+    with pytest.raises(InputError, match="image array must be uint8, uint16 or float in \\[0, 1\\], got int64"):
+        load_image(np.zeros((16, 16, 3), np.int64))
+
+
+def test_os_errors_are_one_line(monkeypatch, capsys):
+    from moca3d import cli
+
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied", "/root/x.glb")
+
+    monkeypatch.setattr(cli, "app", refuse)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == "error: Permission denied: /root/x.glb"
 
 
 def test_prepare_with_nothing_to_prepare_fails(tmp_path):

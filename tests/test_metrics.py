@@ -123,6 +123,29 @@ def test_bad_inputs_raise_input_error():
         evaluate_object([], [trimesh.creation.box()], FAST)
 
 
+def test_metric_settings_out_of_range_are_one_line_config_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.errors import ConfigError
+
+    for kwargs, message in [(dict(num_points=0), "num_points must be >= 1"), (dict(num_points=-5), "num_points must be >= 1"),
+                            (dict(iou_resolution=0), "iou_resolution must be between 8 and 256"),
+                            (dict(iou_resolution=-1), "iou_resolution must be between 8 and 256"),
+                            (dict(iou_resolution=100_000), "iou_resolution must be between 8 and 256"),
+                            (dict(taus=(0.1, 0.0)), "thresholds"), (dict(taus=(float("nan"),)), "thresholds")]:
+        with pytest.raises(ConfigError, match=message):
+            MetricsConfig(**kwargs)
+    with pytest.raises(ConfigError, match="resolution must be >= 1"):
+        voxelize_filled(trimesh.creation.box(), resolution=0)
+    glb = tmp_path / "box.glb"
+    trimesh.creation.box().export(glb)
+    for option, value, message in [("--num-points", "0", "--num-points must be >= 1"), ("--num-points", "-5", "--num-points must be >= 1"),
+                                   ("--iou-resolution", "0", "--iou-resolution must be between 8 and 256")]:
+        result = CliRunner().invoke(app, ["evaluate", str(glb), str(glb), option, value])
+        assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.output
+
+
 def test_scene_metrics_pair_prediction_i_with_instance_i_and_count_empty_ones():
     from moca3d.evaluation import scene_metrics
 

@@ -1,6 +1,7 @@
 """`moca3d prepare`: format, bad-input reporting, resume after interruption, parallel = serial."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +152,31 @@ def test_cli_prepare_and_evaluate(tmp_path):
     result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", str(tmp_path / "m" / "metrics.json"), "--num-points", "2000"])
     assert result.exit_code == 0, result.output
     assert "fscore@0.1" in result.output and json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
+
+
+def test_bad_prepare_settings_fail_before_any_work(tmp_path):
+    from moca3d.errors import ConfigError
+
+    bad = [
+        (dict(val_fraction=1.5), "--val-fraction must be between 0 and 1, got 1.5"),
+        (dict(val_fraction=0.6, test_fraction=0.6), "--val-fraction + --test-fraction must be at most 1"),
+        (dict(surface=SurfaceSamplingConfig(num_points=0)), "--num-surface must be >= 1, got 0"),
+        (dict(surface=SurfaceSamplingConfig(sharp_fraction=2.0)), "--sharp-fraction must be between 0 and 1, got 2.0"),
+        (dict(queries=QueryConfig(num_queries=-1)), "--num-queries must be >= 1, got -1"),
+        (dict(render=RenderConfig(size=0)), "--image-size must be at least 16 pixels, got 0"),
+        (dict(max_components=0), "--max-components must be >= 1, got 0"),
+        (dict(kind="room"), "--kind must be 'object' or 'scene'"),
+        (dict(scene_objects=(5, 2)), "scenes hold 2 to 32 objects, got 5 to 2 (--scene-objects MIN MAX)"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            prep.PrepareConfig(**kwargs)
+    runner = CliRunner()
+    for args, message in [(["--image-size", "0"], "--image-size must be at least 16"), (["--val-fraction", "1.5"], "--val-fraction")]:
+        result = runner.invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "-o", str(tmp_path / "ds"), *args])
+        assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.output
+    assert not (tmp_path / "ds").exists()  # nothing written, no per-asset skips reported
+    existing = tmp_path / "existing_file.glb"
+    existing.write_text("")
+    result = runner.invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "-o", str(existing)])
+    assert isinstance(result.exception, ConfigError) and f"output {existing} is a file" in str(result.exception)

@@ -57,3 +57,28 @@ def test_render_bad_inputs_are_one_line_errors(two_boxes, tmp_path):
     result = CliRunner().invoke(app, ["render", str(tmp_path / "missing.glb"), "-o", str(tmp_path / "y.png")])
     assert result.exit_code != 0
     assert not (tmp_path / "y.png").exists()
+
+
+def test_render_refuses_unrenderable_meshes_angles_and_outputs(two_boxes, tmp_path):
+    """A picture that would come out blank (NaN or zero-area mesh, NaN angle) or cannot be saved is a one-line error."""
+    box = trimesh.creation.box()
+    vertices = np.array(box.vertices)
+    vertices[0, 0] = np.nan
+    nan_mesh, flat_mesh = tmp_path / "nan.obj", tmp_path / "flat.obj"
+    trimesh.Trimesh(vertices, box.faces, process=False).export(nan_mesh)
+    trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]], process=False).export(flat_mesh)  # one degenerate face
+    cases = [
+        ([str(nan_mesh)], "non-finite (NaN/inf) vertices"),
+        ([str(flat_mesh)], "zero surface area"),
+        ([str(two_boxes), "--elevation", "nan"], "--elevation must be a finite number of degrees, got nan"),
+        ([str(two_boxes), "--azimuth", "inf"], "--azimuth must be a finite number of degrees, got inf"),
+    ]
+    out = tmp_path / "never.png"
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["render", *args, "-o", str(out), "--size", "16"])
+        assert isinstance(result.exception, InputError) and message in str(result.exception), result.output
+        assert not out.exists()
+    unwritable = tmp_path / "a_file.png"
+    unwritable.write_text("")
+    result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(unwritable / "r.png"), "--size", "16"])
+    assert isinstance(result.exception, InputError) and f"cannot write {unwritable / 'r.png'}" in str(result.exception)

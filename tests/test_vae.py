@@ -417,6 +417,27 @@ def test_config_rejects_unknown_keys():
         VAETrainConfig.from_dict({"steps": 0})
 
 
+def test_cli_bad_points_and_missing_data_are_one_line_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.geometry.mesh_io import save_glb
+
+    tiny_vae().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    save_glb(tmp_path / "in.glb", [trimesh.creation.box()], ["box"])
+    runner = CliRunner()
+    for points in ("0", "-1", "15"):  # fewer than the VAE's 16 latent tokens
+        result = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.glb"), "--model",
+                                     str(tmp_path / "vae"), "--points", points, "--device", "cpu"])
+        assert isinstance(result.exception, ConfigError), result.output
+        assert f"--points must be at least the VAE's 16 latent tokens, got {points}" in str(result.exception)
+    assert not (tmp_path / "out.glb").exists()
+    # a missing dataset is reported before the run folder is created
+    result = runner.invoke(app, ["train-vae", str(tmp_path / "nothere"), "-o", str(tmp_path / "run"), "--device", "cpu"])
+    assert isinstance(result.exception, InputError) and "no manifest.jsonl" in str(result.exception)
+    assert not (tmp_path / "run").exists()
+
+
 def test_posterior_starts_nearly_deterministic():
     """A std ~1 posterior at init drowns the small means and the decoder learns to ignore z (collapse)."""
     model = tiny_vae()

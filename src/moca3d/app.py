@@ -22,9 +22,9 @@ from typing import Optional, Union
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from moca3d.commands.common import check_resolution, resolve_device
+from moca3d.commands.common import resolve_device
 from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION
-from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
 from moca3d.errors import ConfigError, InputError, MoCA3DError
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 

@@ -67,3 +67,7 @@ def main() -> None:
     except MoCA3DError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as err:  # a failed read or write (permission, disk full): its reason and file, one line
+        where = f": {err.filename}" if err.filename else ""
+        typer.secho(f"error: {err.strerror or err}{where}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

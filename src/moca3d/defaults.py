@@ -1,5 +1,45 @@
-"""Default sampling settings shared by the pipeline, the CLI, the evaluation and the demo (measured: README)."""
+"""Default sampling settings shared by the pipeline, the CLI, the evaluation and the demo (measured: README),
+and the one-line checks of sampling options."""
+
+import math
+import numbers
+from typing import Optional
+
+from moca3d.errors import ConfigError, InputError
 
 STEPS = 50  # Euler steps; 100 scored the same on the built-in object model (README, Built-in model)
 GUIDANCE = 7.0  # classifier-free guidance for objects: the built-in model's best of 4, 7 and 10
 SCENE_GUIDANCE = 2.0  # for scenes: the built-in scene model's best of 1, 2, 3, 4, 7 and 10 (README, scene guidance)
+MIN_RESOLUTION = 16  # smallest marching-cubes grid a generation verb accepts
+MAX_RESOLUTION = 1024  # largest: a 1024^3 grid of float32 field values is already 4 GiB per component
+RESOLUTION_RULE = f"{MIN_RESOLUTION}, {2 * MIN_RESOLUTION} or a multiple of 4 from {4 * MIN_RESOLUTION} to {MAX_RESOLUTION}"
+
+
+def check_shift(shift: float) -> float:
+    """The timestep shift as a float: finite and > 0, else a one-line InputError (0 or NaN break the sampler's times)."""
+    value = float(shift)
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"the timestep shift must be positive and finite, got {shift}")
+    return value
+
+
+def check_resolution(resolution: int, name: str = "--resolution") -> None:
+    """The marching-cubes resolution meets RESOLUTION_RULE (one-line ConfigError)."""
+    # MoCAPipeline.extract_config refines a coarse grid of max(16, R // 4) cells by doublings up to R cells
+    valid = isinstance(resolution, numbers.Integral) and (
+        resolution in (MIN_RESOLUTION, 2 * MIN_RESOLUTION) or (4 * MIN_RESOLUTION <= resolution <= MAX_RESOLUTION and resolution % 4 == 0))
+    if not valid:
+        raise ConfigError(f"{name} must be {RESOLUTION_RULE}, got {resolution}")
+
+
+def check_sampling_args(steps: int, guidance: float, resolution: int, shift: Optional[float] = None, dash: str = "--") -> None:
+    """Sampling options of the CLI and the pipeline: steps, guidance, resolution, shift (one-line ConfigErrors, names after `dash`)."""
+    if not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ConfigError(f"{dash}steps must be >= 1 (a whole number), got {steps}")
+    if not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
+        raise ConfigError(f"{dash}guidance must be a finite number, got {guidance}")
+    if guidance < 0:
+        raise ConfigError(f"{dash}guidance must be >= 0 (1 = no guidance), got {guidance}")
+    check_resolution(resolution, f"{dash}resolution")
+    if shift is not None:
+        check_shift(shift)

@@ -10,16 +10,18 @@ import numpy as np
 
 from moca3d.data.dataset import read_manifest
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig, evaluate_object, instance_metrics
 
 
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
-    """The first `count` manifest records of `split` with low..high components (and of `kind`, if given)."""
+    """The first `count` (>= 1) manifest records of `split` with low..high components (and of `kind`, if given)."""
+    what = "scenes" if kind == "scene" else "assets"
+    if count is not None and count < 1:
+        raise ConfigError(f"--count must be >= 1 (the number of {what} to evaluate), got {count}")
     records = [r for r in read_manifest(root, split) if low <= r["num_components"] <= high and kind in (None, r.get("kind"))]
     if not records:
-        what = "scenes" if kind == "scene" else "assets"
         raise InputError(f"{root}: no {what} in the '{split}' split with {low}-{high} components")
     return records[:count] if count is not None else records
 

@@ -12,8 +12,7 @@ from typing import Callable, Optional
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from moca3d.defaults import GUIDANCE, STEPS
-from moca3d.errors import InputError
+from moca3d.defaults import GUIDANCE, STEPS, check_shift
 
 TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal")  # training-time samplers of sample_timesteps
 
@@ -58,15 +57,13 @@ def flow_loss(pred: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, compone
 
 def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
     """Euler flow-matching scheduler; shift > 1 spends more steps at high noise."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=check_shift(shift))
 
 
 def scheduler_with_shift(scheduler: FlowMatchEulerDiscreteScheduler, shift: Optional[float]) -> FlowMatchEulerDiscreteScheduler:
-    """`scheduler` itself when `shift` is None or already its own, else a copy with that shift."""
-    if shift is None or float(shift) == float(scheduler.config.shift):
+    """`scheduler` itself when `shift` is None or already its own, else a copy with that shift (checked)."""
+    if shift is None or check_shift(shift) == float(scheduler.config.shift):
         return scheduler
-    if shift <= 0:
-        raise InputError(f"the timestep shift must be positive, got {shift}")
     return type(scheduler).from_config(scheduler.config, shift=float(shift))
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ import trimesh
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.mesh_io import (
     CANONICAL_EXTENT,
     Normalization,
@@ -32,6 +33,21 @@ from moca3d.geometry.mesh_io import (
     transform_meshes,
 )
 from moca3d.geometry.sampling import sample_points
+
+MIN_IOU_RESOLUTION = 8  # coarser grids cannot tell parts apart
+MAX_IOU_RESOLUTION = 256  # self-IoU holds a float32 R^3 grid per component: 64 MiB each at 256
+
+
+def check_metric_settings(num_points: int, iou_resolution: int, taus: tuple[float, ...] = (),
+                          points_name: str = "num_points", resolution_name: str = "iou_resolution") -> None:
+    """ConfigError (one line, naming the setting as `*_name`) for a sample count, voxel grid or threshold out of range."""
+    if num_points < 1:
+        raise ConfigError(f"{points_name} must be >= 1 (points sampled per surface), got {num_points}")
+    if not MIN_IOU_RESOLUTION <= iou_resolution <= MAX_IOU_RESOLUTION:
+        raise ConfigError(f"{resolution_name} must be between {MIN_IOU_RESOLUTION} and {MAX_IOU_RESOLUTION} "
+                          f"voxels per side, got {iou_resolution}")
+    if not all(math.isfinite(t) and t > 0 for t in taus):
+        raise ConfigError(f"F-score thresholds (taus) must be finite and > 0, got {tuple(taus)}")
 
 
 @dataclass
@@ -44,6 +60,9 @@ class MetricsConfig:
     normalize: bool = True  # normalise prediction and ground truth independently first
     seed: int = 0
     workers: int = 1  # cKDTree query threads (-1 = all cores)
+
+    def __post_init__(self) -> None:
+        check_metric_settings(self.num_points, self.iou_resolution, self.taus)
 
 
 def _as_points(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -124,6 +143,8 @@ def voxelize_filled(mesh: trimesh.Trimesh, resolution: int = 64, extent: float =
     a shell that is 26-connected, so it seals the 6-connected background; the enclosed cavities are
     then filled. A surface with holes wider than a voxel keeps only its shell.
     """
+    if resolution < 1:
+        raise ConfigError(f"voxel resolution must be >= 1, got {resolution}")
     pitch = extent / resolution
     verts, faces = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
     verts, _ = trimesh.remesh.subdivide_to_size(verts, faces, max_edge=pitch / 2.0, max_iter=64)

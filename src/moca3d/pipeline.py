@@ -8,6 +8,7 @@ each model folder being `save_pretrained` output (config.json + safetensors).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import trimesh
 
 from moca3d import flow
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
-from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_sampling_args, check_shift
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
@@ -40,15 +41,18 @@ class MoCAOutput:
     meshes: List[trimesh.Trimesh]
     names: List[str]
     latents: torch.Tensor  # (N, L, C)
+    kind: str = "component"  # what one mesh is: "part" or "instance"
 
     @property
     def scene(self) -> trimesh.Scene:
         return components_scene(self.meshes, self.names)
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write a GLB with one named node per component (atomic)."""
+        """Write a GLB with one named node per component (atomic); InputError, and no file, when every mesh is empty."""
         from moca3d.geometry.mesh_io import save_glb
 
+        if not any(len(m.faces) for m in self.meshes):
+            raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
         return save_glb(path, self.meshes, self.names)
 
 
@@ -112,6 +116,7 @@ class MoCAPipeline:
         if (root / "scheduler").is_dir():
             try:
                 scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+                check_shift(scheduler.config.shift)
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
         return cls(scheduler=scheduler, **parts)
@@ -181,8 +186,8 @@ class MoCAPipeline:
         `layout` (1, N, F): per-component features for a transformer with `layout_features` (`scene_condition`'s).
         """
         cfg = self.transformer.config
-        if num_parts < 1:
-            raise InputError(f"the number of parts must be >= 1, got {num_parts}")
+        if not isinstance(num_parts, numbers.Integral) or num_parts < 1:
+            raise InputError(f"the number of parts must be a whole number >= 1, got {num_parts}")
         if num_parts > self.transformer.max_components:
             raise InputError(f"{num_parts} parts exceed the model's limit of {self.transformer.max_components}")
         g = torch.Generator().manual_seed(seed)
@@ -231,6 +236,7 @@ class MoCAPipeline:
         """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
         from rich.progress import Progress
 
+        check_sampling_args(steps, guidance, resolution, shift, dash="")
         with Progress(disable=not show_progress, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num
@@ -241,7 +247,7 @@ class MoCAPipeline:
             task = bar.add_task("decoding", total=num)
             meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
         names = [f"{prefix}_{i:02d}" for i in range(num)]
-        return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu())
+        return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu(), kind=prefix)
 
     # -- scenes (issue 7) --------------------------------------------------------------------------
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from moca3d.errors import ConfigError
-
-
-MIN_RESOLUTION = 16  # smallest marching-cubes grid a generation verb accepts
-MAX_RESOLUTION = 1024  # largest: a 1024^3 grid of float32 field values is already 4 GiB per component
+from moca3d.defaults import check_sampling_args
+from moca3d.errors import ConfigError, InputError
 
 
 def resolve_device(name: str) -> str:
@@ -24,30 +22,32 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS (Apple GPU) is not available")
     if name != "cpu" and not name.startswith("cuda") and name != "mps":
         raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N)")
     return name
 
 
-def check_resolution(resolution: int, name: str = "--resolution") -> None:
-    """The marching-cubes resolution is within [MIN_RESOLUTION, MAX_RESOLUTION] (one-line ConfigError)."""
-    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        raise ConfigError(f"{name} must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}")
+def check_output_path(path: Optional[Path], option: str = "--output") -> None:
+    """`path` can become a file: it is no folder and no parent of it is a file (None and '-' pass; one-line ConfigError)."""
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder: give a file path")
+    folder = next(p for p in path.absolute().parents if p.exists())  # the nearest existing ancestor (missing ones are created)
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: no permission to write in {folder}")
 
 
 def check_generation_args(steps: int, resolution: int, guidance: float, output: Path) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
-    import math
-
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
-    check_resolution(resolution)
-    if not math.isfinite(guidance):
-        raise ConfigError(f"--guidance must be a finite number, got {guidance}")
+    check_sampling_args(steps, guidance, resolution)
     if output.suffix.lower() != ".glb":
         raise ConfigError(f"--output must be a .glb file (one named node per component), got {output}")
-    if output.is_dir():
-        raise ConfigError(f"--output {output} is a folder: give a .glb file path")
+    check_output_path(output)
 
 
 def save_generation(result, output: Path, noun: str, started: float) -> None:
@@ -66,7 +66,10 @@ def write_json(path: Optional[Path], obj: Any) -> bool:
         typer.echo(json.dumps(obj, indent=2))
         return True
     if path is not None:
-        atomic_write_json(obj, path, sort_keys=False)
+        try:
+            atomic_write_json(obj, path, sort_keys=False)
+        except OSError as err:
+            raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     return False
 
 

@@ -39,8 +39,6 @@ def prepare_command(
 
     if (input is None) == (procedural is None):
         raise ConfigError("give either an INPUT folder or --procedural objects|scenes")
-    if kind not in ("object", "scene"):
-        raise ConfigError(f"--kind must be 'object' or 'scene', got '{kind}'")
     config = PrepareConfig(
         surface=SurfaceSamplingConfig(num_points=num_surface, sharp_fraction=sharp_fraction),
         queries=QueryConfig(num_queries=num_queries),
@@ -69,8 +67,9 @@ def evaluate_command(
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
     from moca3d.geometry.mesh_io import load_components
-    from moca3d.metrics import MetricsConfig, evaluate_object, evaluate_scene
+    from moca3d.metrics import MetricsConfig, check_metric_settings, evaluate_object, evaluate_scene
 
+    check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution")
     config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution)
     pred_meshes, _ = load_components(pred)
     gt_meshes, _ = load_components(gt)

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (apply_training_overrides, check_generation_args, echo_categories, resolve_device,
-                                    run_dit_training, save_generation, write_json)
-from moca3d.defaults import GUIDANCE, STEPS
+from moca3d.commands.common import (apply_training_overrides, check_generation_args, check_output_path,
+                                    echo_categories, resolve_device, run_dit_training, save_generation, write_json)
+from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale (1 = off)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
-        resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part."),
+        resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
     ) -> None:
@@ -80,7 +80,7 @@ def register_evaluation(app: typer.Typer) -> None:
         steps: int = typer.Option(STEPS, help="Sampling steps."),
         guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (default: the model's scheduler)."),
-        resolution: int = typer.Option(128, help="Marching-cubes resolution per part."),
+        resolution: int = typer.Option(128, help="Marching-cubes resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         min_parts: int = typer.Option(1, help="Skip assets with fewer parts."),
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
@@ -94,6 +94,8 @@ def register_evaluation(app: typer.Typer) -> None:
 
         if min_parts > max_parts:
             raise ConfigError(f"--min-parts {min_parts} is above --max-parts {max_parts}")
+        check_sampling_args(steps, guidance, resolution, shift)
+        check_output_path(json_out, "--json")
         pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts,
                                    reconstruct=reconstruct, shift=shift)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +23,17 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from moca3d.geometry.mesh_io import load_file, main_color, palette
+    from moca3d.geometry.mesh_io import load_file, main_color, palette, validate_components
     from moca3d.geometry.render import RenderConfig, orbit_camera, render
 
-    meshes, _ = load_file(mesh_path)
+    meshes, names = load_file(mesh_path)
     fallback = palette(len(meshes))
     drawn = [(m, c if (c := main_color(m)) is not None else fallback[i]) for i, m in enumerate(meshes) if len(m.faces)]
     if not drawn:
         raise InputError(f"{mesh_path.name}: every component is empty, nothing to render")
+    # NaN/inf vertices or zero-area parts would render as a blank picture: refuse them instead
+    validate_components([m for m in meshes if len(m.faces)], [n for m, n in zip(meshes, names) if len(m.faces)],
+                        label=mesh_path.name)
     config = RenderConfig(size=size, supersample=SUPERSAMPLE)
     parts = [m for m, _ in drawn]
     rgb, _ = render(parts, orbit_camera(parts, azimuth, elevation, config), np.stack([c for _, c in drawn]), config=config)
@@ -46,8 +50,11 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
         both.paste(left, (0, 0))
         both.paste(picture, (size, 0))
         picture = both
-    output.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(output)
+    except OSError as err:
+        raise InputError(f"cannot write {output}: {err.strerror or err}") from None
     return output, len(drawn)
 
 
@@ -64,6 +71,9 @@ def register(app: typer.Typer) -> None:
         beside: Optional[Path] = typer.Option(None, "--beside", help="Put this image (e.g. the generation's input) on the left."),
     ) -> None:
         """Render the parts of MESH, each in its own colour, to a PNG (headless CPU ray casting)."""
+        for option, degrees in (("--azimuth", azimuth), ("--elevation", elevation)):
+            if not math.isfinite(degrees):
+                raise InputError(f"{option} must be a finite number of degrees, got {degrees}")
         if size < 16:
             raise InputError(f"--size must be at least 16 pixels, got {size}")
         if output.suffix.lower() != ".png":

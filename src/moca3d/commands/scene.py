@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (apply_training_overrides, check_generation_args, echo_categories, resolve_device,
-                                    run_dit_training, save_generation, write_json)
-from moca3d.defaults import SCENE_GUIDANCE, STEPS
+from moca3d.commands.common import (apply_training_overrides, check_generation_args, check_output_path,
+                                    echo_categories, resolve_device, run_dit_training, save_generation, write_json)
+from moca3d.defaults import SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale (1 = off; scenes score best at low guidance: README)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
-        resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance."),
+        resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance (16, 32 or a multiple of 4 from 64 to 1024)."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
     ) -> None:
         """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB scene."""
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(STEPS, help="Sampling steps."),
         guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (default: the model's scheduler)."),
-        resolution: int = typer.Option(128, help="Marching-cubes resolution per instance."),
+        resolution: int = typer.Option(128, help="Marching-cubes resolution per instance (16, 32 or a multiple of 4 from 64 to 1024)."),
         min_instances: int = typer.Option(2, help="Skip scenes with fewer instances."),
         max_instances: int = typer.Option(32, help="Skip scenes with more instances."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
@@ -71,10 +71,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
         from moca3d.evaluation import evaluate_scenes as run
+        from moca3d.metrics import MetricsConfig, check_metric_settings
         from moca3d.pipeline import MoCAPipeline
 
         if min_instances > max_instances:
             raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
+        check_sampling_args(steps, guidance, resolution, shift)
+        check_output_path(json_out, "--json")
+        check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
                      reconstruct=reconstruct, shift=shift)

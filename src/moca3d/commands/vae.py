@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import resolve_device, write_json
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
 # (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
@@ -23,6 +23,13 @@ def load_vae(model_dir: Optional[Path], device: str = "cpu"):
     folder = Path(model_dir) if model_dir is not None else PACKAGED_VAE
     hint = "" if model_dir is not None else " (no packaged VAE weights; pass --model)"
     return load_vae_folder(folder, hint).to(device).eval()
+
+
+def check_points(points: int, vae) -> None:
+    """--points must cover the VAE's latent tokens: its encoder picks that many of them by farthest-point sampling."""
+    tokens = vae.config.num_latents
+    if points < tokens:
+        raise ConfigError(f"--points must be at least the VAE's {tokens} latent tokens, got {points}")
 
 
 def _weights_id(folder: Path) -> str:
@@ -88,6 +95,7 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_vae import VAETrainConfig, validate
 
         vae = load_vae(model, resolve_device(device))
+        check_points(points, vae)
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
         metrics = validate(vae, data_dir, cfg, split=split, progress=True, per_asset=True)
@@ -115,6 +123,7 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"{out}: output must be a .glb file")
         dev = resolve_device(device)
         vae = load_vae(model, dev)
+        check_points(points, vae)
         coarse = max(32, resolution // 4)
         extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=True)
         meshes, names = reconstruct_mesh_file(mesh, vae, points, extract)
@@ -142,6 +151,7 @@ def register(app: typer.Typer) -> None:
 
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
+        check_points(points, vae)
         counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, token_order=token_order)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")
 

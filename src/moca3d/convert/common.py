@@ -13,23 +13,29 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from moca3d.errors import CheckpointError
+from moca3d.errors import CheckpointError, one_line
 
 StateDict = Dict[str, torch.Tensor]
 Layout = Dict[str, Tuple[int, ...]]
 
 
 def read_config(folder: Path, name: str = "config.json") -> dict:
-    """The JSON config of a model folder; clear error when missing or unreadable."""
+    """The JSON object of a model folder's config file; clear error when missing or unreadable."""
     path = Path(folder) / name
     if not path.is_file():
         raise CheckpointError(f"{folder}: {name} missing")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err.msg})") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({one_line(err, 120)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def read_safetensors_folder(folder: Path) -> StateDict:
@@ -39,7 +45,9 @@ def read_safetensors_folder(folder: Path) -> StateDict:
         raise CheckpointError(f"{folder}: folder missing")
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
-        weight_map = json.loads(index[0].read_text()).get("weight_map", {})
+        weight_map = read_config(folder, index[0].name).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index[0]}: 'weight_map' must map tensor names to shard file names")
         files = sorted({folder / f for f in weight_map.values()})
     else:
         files = sorted(folder.glob("*.safetensors"))
@@ -51,7 +59,10 @@ def read_safetensors_folder(folder: Path) -> StateDict:
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{folder}: shard {path.name} named by the index is missing")
-        state.update(load_file(str(path)))
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({one_line(err, 120)})") from None
     return state
 
 

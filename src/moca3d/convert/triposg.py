@@ -312,9 +312,8 @@ def scheduler_from_triposg(folder: Union[str, Path]):
 
 def find_subfolder(root: Path, class_name: str, default: str) -> Path:
     """The subfolder model_index.json assigns to `class_name` (e.g. image_encoder_dinov2), else `default`."""
-    index = root / "model_index.json"
-    if index.is_file():
-        for name, value in json.loads(index.read_text()).items():
+    if (root / "model_index.json").is_file():
+        for name, value in read_config(root, "model_index.json").items():
             if isinstance(value, list) and len(value) == 2 and value[1] == class_name:
                 return root / name
     return root / default

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from moca3d.data.procedural import check_scene_objects
 from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
@@ -41,6 +42,7 @@ from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
 
 MANIFEST, REPORT, ASSETS, META = "manifest.jsonl", "report.jsonl", "assets", "meta.json"
 TMP_PREFIX = ".tmp-"
+MIN_IMAGE_SIZE = 16  # smallest render side (pixels) that still shows every component
 
 
 @dataclass
@@ -57,6 +59,26 @@ class PrepareConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """One-line ConfigError (named as the `prepare` option) for a setting out of range, before any asset is built."""
+        counts = {"--num-surface": self.surface.num_points, "--num-queries": self.queries.num_queries,
+                  "--max-components": self.max_components, "render supersample": self.render.supersample}
+        for name, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.render.size < MIN_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {self.render.size}")
+        fractions = {"--sharp-fraction": self.surface.sharp_fraction, "--val-fraction": self.val_fraction,
+                     "--test-fraction": self.test_fraction}
+        for name, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+        if self.val_fraction + self.test_fraction > 1.0:
+            raise ConfigError(f"--val-fraction + --test-fraction must be at most 1, got {self.val_fraction} + {self.test_fraction}")
+        if self.kind not in ("object", "scene"):
+            raise ConfigError(f"--kind must be 'object' or 'scene', got '{self.kind}'")
+        check_scene_objects(*self.scene_objects)
 
 
 @dataclass
@@ -279,7 +301,12 @@ def prepare(
     """Prepare every job not finished (or reported) yet into `root`, over `workers` processes."""
     config = config or PrepareConfig()
     root = Path(root)
-    (root / ASSETS).mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output {root} is a file, not a dataset folder: give a folder path")
+    try:
+        (root / ASSETS).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the dataset folder {root}: {err.strerror or err}") from None
     _clean_stale(root)
     if retry_failed and (root / REPORT).exists():
         (root / REPORT).unlink()

@@ -430,10 +430,15 @@ def _place_objects(rng: Rng, footprints: np.ndarray, gap: float = 0.05) -> np.nd
     return centres
 
 
+def check_scene_objects(min_objects: int, max_objects: int) -> None:
+    """A procedural scene's object-count range is within 2..MAX_PARTS (one-line ConfigError)."""
+    if not 2 <= min_objects <= max_objects <= MAX_PARTS:
+        raise ConfigError(f"scenes hold 2 to {MAX_PARTS} objects, got {min_objects} to {max_objects} (--scene-objects MIN MAX)")
+
+
 def generate_scene(seed: int, index: int, num_objects: int | None = None, max_objects: int = 16, min_objects: int = 2) -> ProceduralAsset:
     """Scene `index` of the stream `seed`: `min_objects`-`max_objects` objects (one component each) on a floor y = 0."""
-    if not 2 <= min_objects <= max_objects <= MAX_PARTS:
-        raise ConfigError(f"scenes hold 2 to {MAX_PARTS} objects, got min_objects={min_objects}, max_objects={max_objects}")
+    check_scene_objects(min_objects, max_objects)
     rng = np.random.default_rng([seed, index, 1])
     n = num_objects or int(rng.integers(min_objects, max_objects + 1))
     meshes, names, colors = [], [], []

@@ -299,11 +299,14 @@ def save_glb(
     names: list[str] | None = None,
     colors: np.ndarray | None = None,
 ) -> Path:
-    """Write a GLB scene, one named node per component with distinct colours (atomic)."""
+    """Write a GLB scene, one named node per component with distinct colours (atomic; InputError naming `path` if it fails)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = components_scene(meshes, names, colors).export(file_type="glb")
-    _atomic_write_bytes(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(path, data)
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     return path
 
 

@@ -42,7 +42,7 @@ def to_8bit(im: Image.Image) -> Image.Image:
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image from a path, a PIL image or an (H, W, 3|4) uint8 array; clear error otherwise."""
+    """A PIL image from a path, a PIL image or an (H, W, 3|4) uint8, uint16 or [0, 1] float array; clear error otherwise."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -60,7 +60,15 @@ def load_image(image: ImageLike) -> Image.Image:
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise InputError(f"image array must be (H, W, 3|4), got {image.shape}")
-        im = Image.fromarray(image.astype(np.uint8))
+        if image.dtype.kind == "f":  # [0, 1] floats, as from torchvision or matplotlib
+            if not np.isfinite(image).all() or image.min(initial=0.0) < 0.0 or image.max(initial=0.0) > 1.0:
+                raise InputError("a float image array must hold finite values in [0, 1]")
+            image = image.astype(np.float64) * 255.0
+        elif image.dtype == np.uint16:
+            image = image / 257.0
+        elif image.dtype != np.uint8:
+            raise InputError(f"image array must be uint8, uint16 or float in [0, 1], got {image.dtype}")
+        im = Image.fromarray(np.round(image).astype(np.uint8))
     elif isinstance(image, Image.Image):
         im = image
     else:

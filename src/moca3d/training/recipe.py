@@ -6,11 +6,50 @@ import json
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from moca3d.errors import ConfigError
 
 R = TypeVar("R", bound="Recipe")
+_NoneType = type(None)
+
+
+def _type_error(hint: Any, value: Any) -> str | None:
+    """What a JSON value of a field annotated `hint` should be, or None when it fits.
+
+    int, float (an int is accepted), bool, str, dict, list, tuple[...] (a JSON list) and Optional[...]
+    (null) are checked; a bool is not accepted as a number.
+    """
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        if value is None and _NoneType in args:
+            return None
+        kinds = [a for a in args if a is not _NoneType]
+        if any(_type_error(a, value) is None for a in kinds):
+            return None
+        return " or ".join(_type_error(a, value) for a in kinds) + (" or null" if _NoneType in args else "")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(items) != len(value):
+            return f"a list of {len(items)} values"
+        wrong = next((e for a, v in zip(items, value) if (e := _type_error(a, v)) is not None), None)
+        return None if wrong is None else f"a list of {len(items)} values, each {wrong}"
+    base = origin or hint
+    if base is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if base is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if base is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if base is str:
+        return None if isinstance(value, str) else "a string"
+    if base is dict:
+        return None if isinstance(value, dict) else "a JSON object"
+    if base is list:
+        return None if isinstance(value, list) else "a list"
+    return None  # Any and other annotations: not checked
 
 
 class Recipe:
@@ -20,11 +59,18 @@ class Recipe:
 
     @classmethod
     def from_dict(cls: type[R], d: dict[str, Any]) -> R:
-        """Build from a dict, rejecting unknown keys; JSON lists become tuples where the field is one."""
+        """Build from a dict, rejecting unknown keys and values of the wrong type; JSON lists become tuples where the field is one."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a {cls.recipe_name} config must be a JSON object of keys and values, got {type(d).__name__}")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ConfigError(f"unknown {cls.recipe_name} config keys: {', '.join(unknown)}")
+        hints = get_type_hints(cls)
+        for key, value in d.items():
+            expected = _type_error(hints[key], value)
+            if expected is not None:
+                raise ConfigError(f"{cls.recipe_name} config key '{key}' must be {expected}, got {json.dumps(value)[:60]}")
         d = {k: (tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else v) for k, v in d.items()}
         cfg = cls(**d)
         cfg.check()

@@ -414,7 +414,9 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
               device: str = "cpu", progress: bool = True, validate_at_end: bool = True) -> dict[str, Any]:
     """Train (or resume) a VAE; writes checkpoints, logs and OUT/vae (EMA weights, diffusers folder)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
+    has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
+    val_arrays = load_split(data_dir, "val") if has_val else None
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     dev = torch.device(device)
@@ -422,6 +424,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     model = build_vae(cfg).to(dev)
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, decay=cfg.ema_decay)
+    out_dir.mkdir(parents=True, exist_ok=True)
     start, elapsed = 0, 0.0
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
@@ -430,9 +433,6 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or use a new directory")
     atomic_write_json(cfg.to_dict(), out_dir / "train_config.json")
-    train = load_split(data_dir, "train")
-    has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
-    val_arrays = load_split(data_dir, "val") if has_val else None
     log_path = out_dir / "log.jsonl"
 
     bar = None
