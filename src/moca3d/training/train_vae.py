@@ -93,7 +93,8 @@ class VAETrainConfig(Recipe):
     def check(self) -> None:
         """Raise ConfigError for values out of range."""
         self.check_positive("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
-                            "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution")
+                            "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution",
+                            "metric_points")
         if (self.free_space_queries < 0 or self.free_space_candidates < 0 or self.free_space_bound <= 0
                 or self.free_space_margin < 0):
             raise ConfigError(f"bad free-space settings queries={self.free_space_queries} candidates="
