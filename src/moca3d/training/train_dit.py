@@ -34,6 +34,7 @@ from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_l
                                  require_token_order, save_latent_cache)
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError
+from moca3d.evaluation import evaluate_pipeline
 from moca3d.models.image_encoder import (
     load_image,
     SCENE_CHANNELS,
@@ -48,6 +49,7 @@ from moca3d.models.image_encoder import (
 )
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
+from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
 from moca3d.training.recipe import Recipe, lr_at
 from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
@@ -390,9 +392,6 @@ def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], 
 
 def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae: VecSetVAE) -> dict[str, float]:
     """Generate the first `val_assets` val objects with the EMA weights and return the mean metrics."""
-    from moca3d.evaluation import evaluate_pipeline
-    from moca3d.pipeline import MoCAPipeline
-
     shadow = copy.deepcopy(model)  # same structure (LoRA wrappers included), EMA weights
     ema.copy_to(shadow)
     pipe = MoCAPipeline(vae, shadow.transformer, shadow.image_encoder).to(next(model.parameters()).device)
@@ -421,8 +420,6 @@ def _any_process(accelerator, flag: bool) -> bool:
 
 def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE, str, Path]) -> Path:
     """Write a complete pipeline folder with `vae` (a loaded VAE, or its folder)."""
-    from moca3d.pipeline import MoCAPipeline
-
     vae = vae if isinstance(vae, VecSetVAE) else VecSetVAE.from_pretrained(vae)
     pipe = MoCAPipeline(vae, model.transformer, model.image_encoder)
     return pipe.save_pretrained(out_dir)
