@@ -17,6 +17,11 @@ class CheckpointError(MoCA3DError, ValueError):
     """A checkpoint is missing, mis-shaped, or contains non-finite values."""
 
 
+def cannot_write(path, err: OSError) -> InputError:
+    """The one-line error of a failed write to `path` (permission, a folder in the way, disk full)."""
+    return InputError(f"cannot write {path}: {err.strerror or err}")
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     """An exception as one short line: its first line of text, after its type unless it is one of ours."""
     lines = str(err).strip().splitlines()

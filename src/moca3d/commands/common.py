@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from moca3d.defaults import check_sampling_args
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, cannot_write
 
 
 def resolve_device(name: str) -> str:
@@ -69,7 +69,7 @@ def write_json(path: Optional[Path], obj: Any) -> bool:
         try:
             atomic_write_json(obj, path, sort_keys=False)
         except OSError as err:
-            raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+            raise cannot_write(path, err) from None
     return False
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.errors import InputError
+from moca3d.errors import InputError, cannot_write
 
 DEFAULT_AZIMUTH_DEG = 30.0
 DEFAULT_ELEVATION_DEG = 20.0
@@ -28,15 +28,15 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
 
     meshes, names = load_file(mesh_path)
     fallback = palette(len(meshes))
-    drawn = [(m, c if (c := main_color(m)) is not None else fallback[i]) for i, m in enumerate(meshes) if len(m.faces)]
-    if not drawn:
+    shown = [i for i, m in enumerate(meshes) if len(m.faces)]
+    if not shown:
         raise InputError(f"{mesh_path.name}: every component is empty, nothing to render")
+    parts = [meshes[i] for i in shown]
     # NaN/inf vertices or zero-area parts would render as a blank picture: refuse them instead
-    validate_components([m for m in meshes if len(m.faces)], [n for m, n in zip(meshes, names) if len(m.faces)],
-                        label=mesh_path.name)
+    validate_components(parts, [names[i] for i in shown], label=mesh_path.name)
+    colors = np.stack([c if (c := main_color(meshes[i])) is not None else fallback[i] for i in shown])
     config = RenderConfig(size=size, supersample=SUPERSAMPLE)
-    parts = [m for m, _ in drawn]
-    rgb, _ = render(parts, orbit_camera(parts, azimuth, elevation, config), np.stack([c for _, c in drawn]), config=config)
+    rgb, _ = render(parts, orbit_camera(parts, azimuth, elevation, config), colors, config=config)
     picture = Image.fromarray(rgb)
     if beside is not None:
         try:
@@ -54,8 +54,8 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
         output.parent.mkdir(parents=True, exist_ok=True)
         picture.save(output)
     except OSError as err:
-        raise InputError(f"cannot write {output}: {err.strerror or err}") from None
-    return output, len(drawn)
+        raise cannot_write(output, err) from None
+    return output, len(parts)
 
 
 def register(app: typer.Typer) -> None:

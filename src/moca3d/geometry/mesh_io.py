@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from moca3d.errors import InputError, one_line
+from moca3d.errors import InputError, cannot_write, one_line
 
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
@@ -306,7 +306,7 @@ def save_glb(
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(path, data)
     except OSError as err:
-        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+        raise cannot_write(path, err) from None
     return path
 
 
