@@ -236,6 +236,89 @@ def test_training_routing_samples_without_replacement_in_proportion_to_importanc
             assert abs(counts[a * 4 + b] - exact) < 5 * math.sqrt(exact * (1 - exact) / M), (a, b)
 
 
+@pytest.mark.parametrize("kw", [{}, {"router": "softmax"}, {"multihead_routing": False}])
+def test_router_importance_is_the_anchor_formula(kw):
+    """o_ij^h = sigmoid(q_i^h . k_j^h / sqrt(d_r)) from the anchors (softmax over real j != i), written out per entry.
+
+    Diagonal exactly 1, padded j exactly 0; tolerance 1e-6 (fp32, O(1) values)."""
+    m = make_module(**kw)
+    B, N = 2, 5
+    x = make_inputs(B=B, N=N)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 3:] = False
+    with torch.no_grad():
+        gate = m.route(x, mask).gate  # (B, Hr, N, N)
+        r = m.router
+        Hr = m.config.router_heads
+        dr = DIM // Hr
+        anchors = x[:, :, -1]  # the last token of each component
+        for b in range(B):
+            for h in range(Hr):
+                for i in range(N):
+                    logits = {}
+                    for j in range(N):
+                        if j == i or not mask[b, j]:
+                            continue
+                        qi = (r.to_q.weight @ anchors[b, i] + r.to_q.bias)[h * dr : (h + 1) * dr]
+                        kj = (r.to_k.weight @ anchors[b, j] + r.to_k.bias)[h * dr : (h + 1) * dr]
+                        logits[j] = float(qi @ kj) / math.sqrt(dr)
+                    if kw.get("router") == "softmax":
+                        z = sum(math.exp(v) for v in logits.values())
+                        expected = {j: math.exp(v) / z for j, v in logits.items()}
+                    else:
+                        expected = {j: 1 / (1 + math.exp(-v)) for j, v in logits.items()}
+                    for j in range(N):
+                        want = 1.0 if j == i else expected.get(j, 0.0)
+                        assert abs(float(gate[b, h, i, j]) - want) < 1e-6, (b, h, i, j)
+    assert gate.shape == (B, Hr, N, N)
+
+
+def test_routing_reads_only_the_anchor_tokens():
+    """Changing any token but the last of each component leaves the routing; changing an anchor changes it."""
+    m = make_module()
+    x = make_inputs(N=6)
+    with torch.no_grad():
+        base = m.route(x).gate
+        y = x.clone()
+        y[:, :, :-1] += torch.randn_like(y[:, :, :-1])
+        assert torch.equal(m.route(y).gate, base)
+        z = x.clone()
+        z[:, 2, -1] += 1.0
+        moved = m.route(z).gate
+    assert not torch.allclose(moved[:, :, 2], base[:, :, 2], atol=1e-3)  # row and column of component 2
+    assert not torch.allclose(moved[:, :, :, 2], base[:, :, :, 2], atol=1e-3)
+    others = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(moved[:, :, others][:, :, :, others], base[:, :, others][:, :, :, others], atol=0, rtol=0)
+
+
+def test_training_mode_samples_routing_unless_configured_top_k():
+    """In training the router samples (draws differ from the eval top-k); train_routing="topk" keeps top-k."""
+    x = make_inputs(B=2, N=12)
+    m = make_module()
+    with torch.no_grad():
+        top = m.route(x).order[..., :3]  # k = 3 of 12 at eval
+        m.train()
+        draws = [m.route(x, generator=torch.Generator().manual_seed(s)).order[..., :3] for s in range(8)]
+    assert any(not torch.equal(d.sort(-1).values, top.sort(-1).values) for d in draws)
+    assert not all(torch.equal(d, draws[0]) for d in draws[1:])  # the draw depends on the generator
+    fixed = make_module(train_routing="topk").train()
+    with torch.no_grad():
+        assert torch.equal(fixed.route(x, generator=torch.Generator().manual_seed(1)).order[..., :3], top)
+
+
+def test_per_sample_seeds_make_training_routing_independent_of_the_batch():
+    """With one seed per sample, a sample's draw is the same alone or beside others (any process split)."""
+    m = make_module().train()
+    x = make_inputs(B=3, N=10)
+    with torch.no_grad():
+        together = m.route(x, seeds=[11, 12, 13]).order
+        alone = [m.route(x[b : b + 1], seeds=[s]).order[0] for b, s in enumerate([11, 12, 13])]
+        other = m.route(x, seeds=[21, 22, 23]).order
+    for b in range(3):
+        assert torch.equal(together[b], alone[b])
+    assert not torch.equal(together, other)
+
+
 def test_number_of_routed_components():
     cfg = MoCAttentionConfig(dim=DIM, num_heads=HEADS)
     assert [cfg.num_routed(n) for n in (1, 2, 3, 4, 8, 16, 32, 64)] == [0, 1, 1, 1, 2, 4, 8, 16]

@@ -354,6 +354,30 @@ def test_group_by_parts_draws_batches_of_neighbouring_part_counts():
     assert step_draws(plain, 7, len(counts), 3, by_parts)["indices"] == step_draws(plain, 7, len(counts), 3)["indices"]
 
 
+def test_cfg_dropout_rate_and_dropped_rows_see_the_sampler_unconditional_input(dataset):
+    """step_draws drops the condition at the rate cfg_drop (within 5 binomial sigmas); a dropped row is the
+    transformer on an all-zero condition, the input the pipeline's unconditional pass gives (atol 1e-6)."""
+    cfg = tiny_recipe(cfg_drop=0.3)
+    drops = torch.cat([step_draws(cfg, step, 100, 8)["drop"] for step in range(500)]).float()
+    assert abs(float(drops.mean()) - 0.3) < 5 * (0.3 * 0.7 / drops.numel()) ** 0.5
+    root, _ = dataset
+    data = LatentDataset(root, "train", 32)
+    model = build_models(tiny_recipe(), tuple(data.latents[0].shape[1:])).eval()
+    torch.nn.init.normal_(model.transformer.proj_out.weight, std=0.1)  # the zero init would make every output 0
+    batch = data.batch([0, 1])
+    z, t = torch.randn_like(batch["latents"]), torch.tensor([0.7, 0.4])
+    mask = batch["component_mask"]
+    ids = model.transformer.sample_ids(2, z.shape[1], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred = model(z, t, batch["images"], mask, torch.tensor([True, False]), ids, None)
+        cond = model.image_encoder(batch["images"])
+        uncond = model.transformer(z, t, torch.zeros_like(cond), component_mask=mask, ids=ids)
+        conditional = model.transformer(z, t, cond, component_mask=mask, ids=ids)
+    torch.testing.assert_close(pred[0], uncond[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(pred[1], conditional[1], atol=1e-6, rtol=0)
+    assert (uncond[1] - conditional[1]).abs().max() > 1e-4  # the condition matters, so the check can fail
+
+
 @pytest.mark.parametrize("assignment", ["random", "sequential"])
 def test_training_follows_the_id_assignment(dataset, assignment):
     """Sequential ids: component i of every sample is id i in training, as in sampling; random: distinct draws."""

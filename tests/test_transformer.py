@@ -46,7 +46,8 @@ def test_shapes_and_padding(mode, timestep_mode):
     torch.testing.assert_close(y2[0, :3], alone[0], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [{}, {"long_skips": True, "num_layers": 5}, {"attention_mode": "dense"}])
+@pytest.mark.parametrize("kw", [{}, {"long_skips": True, "num_layers": 5}, {"attention_mode": "dense"}, {"timestep_mode": "token"},
+                                {"gate": "value", "router": "softmax"}, {"multihead_routing": False, "unselected": "drop"}])
 def test_permutation_equivariance_given_ids(kw):
     m = tiny_model(**kw)
     x, t, c = inputs(N=7)
@@ -115,6 +116,37 @@ def test_cfg_scale_one_is_the_conditional_prediction():
         v3 = flow.guided_velocity(m, x, t, c, torch.zeros_like(c), 3.0, ids=ids)
         vu = m(x, t, torch.zeros_like(c), ids=ids)
         torch.testing.assert_close(v3, vu + 3.0 * (m(x, t, c, ids=ids) - vu), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sampler_is_guided_euler_at_the_times_the_model_sees(shift):
+    """flow.sample == a hand-written loop: z <- z + (t_next - t) (v_u + s (v_c - v_u)), from N(0, I) at t = 1 down to t = 0.
+
+    The model is a fixed non-linear function of (z, t, cond), so a wrong time, sign, step size or guidance
+    formula changes the result; tolerance 1e-5 (fp32, O(1) values, 12 steps)."""
+    W = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    seen = []
+
+    def model(z, t, cond, ids=None):
+        seen.append(t.clone())
+        return torch.tanh(z @ W) * t.view(-1, 1, 1, 1) + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1) - ids.view(*ids.shape, 1, 1) * 0.1
+
+    cond = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[0, 3, 1], [2, 0, 4]])
+    steps, s = 12, 2.5
+    got = flow.sample(model, cond, (2, 3, 32, 8), uncond=torch.zeros_like(cond), steps=steps, guidance=s, shift=shift,
+                      generator=torch.Generator().manual_seed(7), ids=ids)
+    times = torch.stack([ts[0] for ts in seen])  # one batched (cond + uncond) call per step
+    assert len(seen) == steps and torch.all(times[1:] < times[:-1]) and abs(float(times[0]) - 1.0) < 1e-6
+    grid = torch.cat([times, torch.zeros(1)])
+    z = torch.randn(2, 3, 32, 8, generator=torch.Generator().manual_seed(7))
+    for k in range(steps):
+        t = grid[k].expand(2)
+        v_c, v_u = model(z, t, cond, ids=ids), model(z, t, torch.zeros_like(cond), ids=ids)
+        z = z + (grid[k + 1] - grid[k]) * (v_u + s * (v_c - v_u))
+    torch.testing.assert_close(got, z, atol=1e-5, rtol=0)
+    if shift > 1:  # a shift spends more of the steps at high noise: the middle step's time is above the plain schedule's
+        assert float(times[steps // 2]) > 1 - (steps // 2) / steps
 
 
 def test_flow_interpolation_and_loss():
