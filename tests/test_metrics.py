@@ -12,6 +12,7 @@ from moca3d.metrics import (
     evaluate_object,
     evaluate_scene,
     fscore,
+    instance_metrics,
     point_metrics,
     self_iou,
     voxelize_filled,
@@ -114,6 +115,28 @@ def test_scene_has_instance_metrics():
     assert out["per_instance"][0]["chamfer"] == pytest.approx(0.0, abs=1e-12)
     assert out["per_instance"][1]["chamfer"] > 0.1  # 0.2 in a 1-wide box is 0.4 in its own frame
     assert out["instance_chamfer"] == pytest.approx(out["per_instance"][1]["chamfer"] / 2)
+
+
+def _square(side: float, x: float = 0.0) -> trimesh.Trimesh:
+    """A flat side x side square in the z = 0 plane (two triangles), centred at (x, 0, 0)."""
+    h = side / 2
+    v = np.array([[-h, -h, 0], [h, -h, 0], [h, h, 0], [-h, h, 0]]) + [x, 0, 0]
+    return trimesh.Trimesh(v, [[0, 1, 2], [0, 2, 3]], process=False)
+
+
+def test_instance_metrics_are_measured_in_each_gt_instance_frame():
+    """A square shifted by d along its normal: the same seeded samples move by d, so every nearest neighbour is
+    exactly d away; in the GT instance's frame (largest side -> 2) the chamfer is 2 d (2 / side). rel 1e-9."""
+    gt = [_square(1.0), _square(4.0, x=10.0)]
+    pred = [gt[0].copy().apply_translation([0, 0, 0.02]), gt[1].copy().apply_translation([0, 0, 0.3])]
+    per = instance_metrics(pred, gt, FAST)
+    assert per[0]["chamfer"] == pytest.approx(2 * 0.02 * 2 / 1.0, rel=1e-9)  # 0.04 per side: inside tau 0.05
+    assert per[1]["chamfer"] == pytest.approx(2 * 0.3 * 2 / 4.0, rel=1e-9)  # 0.15 per side: outside tau 0.1
+    assert per[0]["fscore@0.1"] == per[0]["fscore@0.05"] == 1.0
+    assert per[1]["fscore@0.1"] == per[1]["fscore@0.05"] == 0.0
+    out = evaluate_scene(pred, gt, FAST)
+    assert out["instance_chamfer"] == pytest.approx((0.08 + 0.3) / 2, rel=1e-9)
+    assert out["instance_fscore@0.1"] == pytest.approx(0.5)
 
 
 def test_bad_inputs_raise_input_error():

@@ -66,7 +66,18 @@ def test_train_resume_export_and_generate(dataset, tmp_path):
 
     report = evaluate_pipeline(a, root, "train", count=2, steps=1, resolution=16, metric_points=2000, progress=False)
     assert report["count"] == 2 and set(report["mean"]) >= {"chamfer", "fscore@0.1", "fscore@0.05", "self_iou"}
-    assert all(0.0 <= r["fscore@0.1"] <= 1.0 for r in report["assets"])
+    # each row is the metric of that asset's own generation (same settings, same metric seed), the mean their mean
+    from moca3d.evaluation import object_metrics
+    from moca3d.geometry.mesh_io import load_components
+    from moca3d.metrics import MetricsConfig
+
+    row = report["assets"][1]
+    gt, _ = load_components(root / "assets" / row["id"] / "mesh.glb")
+    meshes = a(root / "assets" / row["id"] / "render.png", num_parts=len(gt), steps=1, seed=0, resolution=16, show_progress=False).meshes
+    expected = object_metrics(meshes, gt, MetricsConfig(num_points=2000, seed=0))
+    for key in ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+        assert report["mean"][key] == pytest.approx(np.mean([r[key] for r in report["assets"]]), rel=1e-12)
     # per category: the assets' count and their means (here recomputed from the rows)
     cats = {r["category"] for r in report["assets"]}
     assert set(report["by_category"]) == cats and sum(c["count"] for c in report["by_category"].values()) == 2

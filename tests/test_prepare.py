@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import moca3d.data.prepare as prep
 from moca3d.cli import app
 from moca3d.data.dataset import AssetDataset, ComponentDataset
+from moca3d.errors import InputError
 from moca3d.geometry.inside import QueryConfig
 from moca3d.geometry.mesh_io import load_components, save_glb, save_separate
 from moca3d.geometry.render import RenderConfig
@@ -71,6 +72,17 @@ def test_prepare_folder_writes_the_format_and_reports_bad_assets(tmp_path):
         assert np.abs(s["surface"][..., :3]).max() <= 1.0 + 1e-5  # normalised frame
     meshes, names = load_components(folder / "mesh.glb")
     assert names == ["box", "ball"]
+    with np.load(folder / "samples.npz") as s:  # each part's supervision belongs to that part (normalised frame)
+        for i, own in enumerate(meshes):
+            points, normals = s["surface"][i, :, :3].astype(np.float64), s["surface"][i, :, 3:].astype(np.float64)
+            _, on_own, _ = trimesh.proximity.closest_point(own, points)
+            _, on_other, _ = trimesh.proximity.closest_point(meshes[1 - i], points)
+            assert on_own.max() < 1e-5 and on_other.min() > 0.05, i  # float32 storage: 1e-5
+            assert np.allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-4)
+            assert np.all(np.einsum("pc,pc->p", normals, points - own.centroid) > 0), i  # convex parts: outward
+            exact = trimesh.proximity.signed_distance(own, s["query_points"][i].astype(np.float64))  # positive inside
+            np.testing.assert_allclose(s["query_sdf"][i], exact, atol=1e-5)
+            assert (s["query_sdf"][i] > 0).any() and (s["query_sdf"][i] < 0).any()
     verts = np.concatenate([m.vertices for m in meshes])
     assert np.isclose(np.ptp(verts, axis=0).max(), 2.0, atol=1e-5)
     norm = json.loads((folder / "normalization.json").read_text())
@@ -133,7 +145,7 @@ def test_parallel_prepare_matches_serial_and_datasets_read_it(tmp_path):
     one = parts[1]
     assert one["surface"].shape == (128, 6) and one["query_sdf"].shape == (96,)
     assert one["name"] == records[0]["names"][1]
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="no manifest.jsonl"):
         AssetDataset(tmp_path / "missing")
 
 

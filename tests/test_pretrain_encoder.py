@@ -35,7 +35,7 @@ def test_grid_cells_and_centres_agree():
     """The cell of each grid centre is that centre's own flat index; points land in the expected cell."""
     r = 5
     centres = grid_centres(r)  # (R^3, 3)
-    for i in torch.randint(0, r**3, (20,)).tolist():
+    for i in range(r**3):  # every cell
         grid = surface_grid(centres[i : i + 1], r)
         assert grid.sum() == 1 and grid.reshape(-1)[i]
     corner = surface_grid(torch.tensor([[-1.0, -1.0, 1.0]]), r)  # the boundary +1 belongs to the last cell
@@ -49,7 +49,7 @@ def test_dilation_grows_a_cell_to_a_cube_and_both_definitions_agree():
     point = torch.tensor([[0.01, -0.3, 0.5]])
     grown = surface_grid(point, 9, dilate=1)
     assert grown.sum() == 27
-    points = torch.rand(50, 3) * 2 - 1  # some land in boundary cells: the dilation must not wrap around
+    points = torch.rand(50, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1  # some land in boundary cells: the dilation must not wrap around
     plain = surface_grid(points, 7)
     for d in (1, 2):
         expected = torch.from_numpy(binary_dilation(plain.numpy(), structure=np.ones((3, 3, 3)), iterations=d))
@@ -58,7 +58,7 @@ def test_dilation_grows_a_cell_to_a_cube_and_both_definitions_agree():
 
 
 def test_query_draws_are_half_occupied_and_labelled_by_the_grid():
-    grids = torch.rand(3, 6, 6, 6) > 0.8
+    grids = torch.rand(3, 6, 6, 6, generator=torch.Generator().manual_seed(1)) > 0.8
     idx, labels = draw_queries(grids, 40, torch.Generator().manual_seed(0))
     assert idx.shape == labels.shape == (3, 40)
     assert torch.equal(labels, grids.reshape(3, -1).float().gather(1, idx))
@@ -66,10 +66,10 @@ def test_query_draws_are_half_occupied_and_labelled_by_the_grid():
 
 
 def test_grid_iou_limits():
-    a = torch.rand(2, 4, 4, 4) > 0.5
+    a = torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(2)) > 0.5
     assert torch.allclose(grid_iou(a, a), torch.ones(2))
     assert torch.allclose(grid_iou(a, ~a), torch.zeros(2))
-    b = torch.rand(2, 4, 4, 4) > 0.5  # independent halves: IoU about 1/3 (Dice would be about 1/2)
+    b = torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(3)) > 0.5  # independent halves: IoU about 1/3 (Dice would be about 1/2)
     expected = (a & b).flatten(1).sum(1).float() / (a | b).flatten(1).sum(1).float()
     torch.testing.assert_close(grid_iou(a, b), expected, atol=1e-7, rtol=0)
 

@@ -55,7 +55,7 @@ def test_render_bad_inputs_are_one_line_errors(two_boxes, tmp_path):
     result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(tmp_path / "x.png"), "--beside", str(text)])
     assert isinstance(result.exception, InputError) and "not a readable image" in str(result.exception)
     result = CliRunner().invoke(app, ["render", str(tmp_path / "missing.glb"), "-o", str(tmp_path / "y.png")])
-    assert result.exit_code != 0
+    assert isinstance(result.exception, InputError) and "mesh file not found" in str(result.exception)
     assert not (tmp_path / "y.png").exists()
 
 

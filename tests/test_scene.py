@@ -236,10 +236,13 @@ def test_zero_widening_keeps_rgb_output_and_clone_differs():
         widen_input_channels(encoder, 7, init="zero")
         assert encoder.config.in_channels == 7 and input_channels(encoder) == 7
         torch.testing.assert_close(encoder(torch.cat([rgb, extra], 1)), before, rtol=0, atol=0)
+        original = _encoder().patch_embed
         cloned = widen_input_channels(_encoder(), 7, init="clone")
         w = cloned.patch_embed.weight  # (D, 7, p, p)
-        torch.testing.assert_close(w[:, 3:6], w[:, :3])  # scene RGB starts from the RGB weights
-        torch.testing.assert_close(w[:, 6], w[:, :3].mean(dim=1))
+        torch.testing.assert_close(w[:, :3], original.weight, rtol=0, atol=0)  # the RGB weights kept
+        torch.testing.assert_close(w[:, 3:6], original.weight, rtol=0, atol=0)  # scene RGB starts from them
+        torch.testing.assert_close(w[:, 6], original.weight.mean(dim=1), rtol=0, atol=0)  # the mask: their mean
+        torch.testing.assert_close(cloned.patch_embed.bias, original.bias, rtol=0, atol=0)
         assert not torch.allclose(cloned(torch.cat([rgb, extra], 1)), before, atol=1e-4)
     with pytest.raises(ConfigError, match="init must be"):
         widen_input_channels(_encoder(), 7, init="random")
@@ -370,8 +373,19 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     assert report["count"] == 1 and not report["skipped"]
     row = report["scenes"][0]
     assert {"chamfer", "fscore@0.1", "instance_fscore@0.1", "instance_chamfer", "self_iou", "num_empty"} <= set(row)
-    assert 0.0 <= row["fscore@0.1"] <= 1.0 and 0.0 <= row["instance_fscore@0.1"] <= 1.0
     assert set(report["mean"]) >= {"fscore@0.1", "instance_fscore@0.1", "self_iou"}
+    # the row is the metric of the scene's own generation (same settings and metric seed)
+    from moca3d.evaluation import scene_metrics
+    from moca3d.geometry.mesh_io import load_components
+    from moca3d.metrics import MetricsConfig
+
+    scene_dir = root / "assets" / row["id"]
+    gt, _ = load_components(scene_dir / "mesh.glb")
+    masks = component_masks(scene_dir / "mask.png", len(gt))
+    meshes = pipe.generate_scene(scene_dir / "render.png", masks, steps=1, seed=0, resolution=16, show_progress=False).meshes
+    expected = scene_metrics(meshes, gt, MetricsConfig(num_points=500, seed=0))
+    for key in ("chamfer", "fscore@0.1", "instance_chamfer", "instance_fscore@0.1", "self_iou", "num_empty"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
     # each instance's scores, name and mask share; their mean is the scene's instance F-score
     instances = row["instances"]
     assert len(instances) == row["num_gt"] and all(0.0 < i["mask_fraction"] < 1.0 for i in instances)
@@ -384,6 +398,21 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     assert ceiling["reconstruct"] and ceiling["scenes"][0]["num_gt"] == row["num_gt"]
     assert ceiling["scenes"][0]["num_pred"] == row["num_gt"]
     assert 0.0 <= ceiling["mean"]["fscore@0.1"] <= 1.0 and set(ceiling["mean"]) == set(report["mean"])
+
+
+def test_scene_metrics_count_an_empty_instance_as_f_zero_and_leave_it_out_of_the_chamfer_mean():
+    from moca3d.evaluation import scene_metrics
+    from moca3d.metrics import MetricsConfig
+
+    gt = [trimesh.creation.box(extents=[1, 1, 1]), trimesh.creation.box(extents=[1, 1, 1]).apply_translation([3, 0, 0])]
+    row = scene_metrics([gt[0].copy(), trimesh.Trimesh()], gt, MetricsConfig(num_points=2000))
+    assert row["num_empty"] == 1 and row["num_pred"] == row["num_gt"] == 2
+    assert row["instance_fscore@0.1"] == pytest.approx(0.5)  # (1 + 0) / 2 instances
+    assert row["instance_chamfer"] == pytest.approx(0.0, abs=1e-12)  # the mean over the one non-empty instance
+    assert row["instances"][1] == {"empty": True, "chamfer": None, "fscore@0.1": 0.0, "fscore@0.05": 0.0}
+    assert 0.0 < row["fscore@0.1"] < 1.0  # the fused scene misses the second box
+    none = scene_metrics([trimesh.Trimesh(), trimesh.Trimesh()], gt, MetricsConfig(num_points=2000))
+    assert none["chamfer"] == float("inf") and none["fscore@0.1"] == 0.0 and none["num_empty"] == 2
 
 
 def test_evaluation_skips_scenes_with_hidden_instances(scenes, tmp_path):

@@ -505,6 +505,39 @@ def test_inside_weight_scales_only_the_inside_sign_terms(dataset):
         tiny_train_config(inside_weight=0.0)
 
 
+def test_vae_loss_terms_equal_their_formulas(dataset):
+    """With the decoder's logits fixed, each term is its per-query formula: mean |l - clamp(sdf / trunc, -1, 1)|,
+    mean of BCE(sharpness * l, sdf > 0) with inside queries weighted, and the posterior's KL; rel 1e-5."""
+    import math
+
+    from moca3d.training.train_vae import load_split, make_batch, vae_loss
+
+    model = tiny_vae()
+    cfg = tiny_train_config(inside_weight=2.0, sign_weight=0.5, sign_sharpness=10.0, kl_weight=0.01)
+    batch = make_batch(load_split(dataset, "train"), cfg, step=0)
+    sdf = batch["sdf"].double()
+    logits = torch.randn(sdf.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.7
+    model.query = lambda tokens, points: logits.to(tokens.dtype)
+    batch["generator"].manual_seed(0)
+    loss, stats = vae_loss(model, batch, cfg)
+    trunc = model.config.truncation
+    l1, bce, n = 0.0, 0.0, 0
+    for l, d in zip(logits.flatten().tolist(), sdf.flatten().tolist()):
+        l1 += abs(l - max(-1.0, min(1.0, d / trunc)))
+        x, inside = 10.0 * l, d > 0
+        bce += 2.0 * math.log1p(math.exp(-x)) if inside else math.log1p(math.exp(x))  # -log sigmoid(x) / -log(1 - sigmoid(x))
+        n += 1
+    assert (sdf > 0).any() and (sdf < 0).any()  # both sign branches are exercised
+    assert stats["sdf"] == pytest.approx(l1 / n, rel=1e-5)
+    assert stats["sign"] == pytest.approx(bce / n, rel=1e-5)
+    batch["generator"].manual_seed(0)  # the same FPS start as inside vae_loss
+    qidx = farthest_point_indices(batch["surface"][..., :3], model.config.num_latents, random_start=True, generator=batch["generator"])
+    with torch.no_grad():
+        kl = float(model.encode(batch["surface"], query_indices=qidx).kl().mean())
+    assert stats["kl"] == pytest.approx(kl, rel=1e-5)
+    assert float(loss) == pytest.approx(l1 / n + 0.5 * bce / n + 0.01 * kl, rel=1e-5)
+
+
 def test_free_space_queries_are_exactly_labelled_outside():
     """Kept free-space points lie outside the part, at least one truncation from its surface; near ones are masked."""
     from moca3d.geometry.inside import signed_distance
