@@ -156,3 +156,9 @@ def test_ema_average_and_warmup():
     target = nn.Linear(2, 1, bias=False)
     ema.copy_to(target)
     assert torch.allclose(target.weight, torch.full((1, 2), 0.1))
+    # the warm-up: decay (1 + n) / (warmup + n) after n updates, capped at `decay`
+    slow = ck.EMA(model, decay=0.99, warmup=10)
+    for n in range(6):
+        assert slow.current_decay() == pytest.approx(min(0.99, (1 + n) / (10 + n)), rel=1e-12)
+        slow.update(model)
+    assert slow.num_updates == 6

@@ -1,6 +1,7 @@
 """End to end on tiny models: prepare -> encode latents -> train the DiT (resume) -> export -> generate."""
 
 import json
+import math
 import os
 import socket
 import time
@@ -162,6 +163,18 @@ def test_time_limit_stops_checkpoints_and_exports(dataset, tmp_path):
     assert (run / "checkpoints" / "step_00000001").is_dir() and (run / "pipeline" / "model_index.json").is_file()
     # a later run without the limit resumes from that checkpoint
     assert train(root, run, tiny_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)["steps"] == 3
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_the_floor():
+    """lr(s) = lr (s + 1) / W during the warm-up, then lr (m + (1 - m) (1 + cos(pi p)) / 2), p = (s - W) / (S - W)."""
+    from moca3d.training.recipe import lr_at
+
+    cfg = tiny_recipe(steps=110, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3], rel=1e-12)
+    assert lr_at(10, cfg) == pytest.approx(1e-3, rel=1e-12)  # the peak, then down
+    assert lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5), rel=1e-12)  # half-way: the mean of peak and floor
+    assert lr_at(35, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25))), rel=1e-12)
+    assert lr_at(110, cfg) == lr_at(500, cfg) == pytest.approx(1e-4, rel=1e-12)  # the floor, held after the end
 
 
 def test_time_limited_schedule_ends_at_the_limit():

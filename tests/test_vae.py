@@ -101,6 +101,23 @@ def test_encode_decode_shapes():
     assert logits2.shape == (3, 7) and torch.isfinite(logits2).all()
 
 
+@pytest.mark.parametrize("include_pi", [False, True])
+def test_fourier_embedding_is_triposg_channel_order(include_pi):
+    """[x_d ; sin(f_k x_d) for d, k ; cos(f_k x_d) for d, k] with f_k = 2^k (times pi), d-major; exact to 1e-6."""
+    import math
+
+    from moca3d.models.vae import FourierEmbedder
+
+    F_, x = 4, torch.tensor([[0.3, -0.7, 0.05]])
+    emb = FourierEmbedder(F_, include_pi=include_pi)
+    got = emb(x)[0]
+    assert got.shape == (emb.out_dim,) == (3 * (2 * F_ + 1),)
+    scale = math.pi if include_pi else 1.0
+    angles = [2.0**k * scale * float(x[0, d]) for d in range(3) for k in range(F_)]
+    expected = x[0].tolist() + [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
 def test_kl_query_and_forward_match_their_definitions():
     model = tiny_vae()
     surface = torch.stack([sphere_surface(128, seed=i) for i in range(2)])  # (2, 128, 6)
