@@ -99,6 +99,12 @@ def test_encode_decode_shapes():
     assert logits.shape == (3, 50)
     logits2, post2 = model(surface, torch.rand(3, 7, 3), sample_posterior=False)
     assert logits2.shape == (3, 7) and torch.isfinite(logits2).all()
+    # sampling: reproducible from its generator, exactly mean + std * (that generator's N(0, I) draw)
+    with torch.no_grad():
+        z1, z2 = posterior.sample(torch.Generator().manual_seed(4)), posterior.sample(torch.Generator().manual_seed(4))
+        noise = ((z1 - posterior.mean) / posterior.std).flatten()
+    assert torch.equal(z1, z2) and not torch.equal(z1, posterior.sample(torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(noise, torch.randn(noise.shape, generator=torch.Generator().manual_seed(4)), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("include_pi", [False, True])
