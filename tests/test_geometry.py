@@ -11,6 +11,7 @@ from moca3d.geometry.render import RenderConfig, object_camera, render, scene_ca
 from moca3d.geometry.sampling import (
     SurfaceSamplingConfig,
     farthest_point_sample,
+    sample_points,
     sample_sharp,
     sample_surface,
     sharp_edges,
@@ -83,6 +84,17 @@ def test_surface_samples_lie_on_the_surface_with_outward_normals():
     radial = samples[:, :3] / np.linalg.norm(samples[:, :3], axis=1, keepdims=True)
     assert (np.sum(radial * samples[:, 3:], axis=1) > 0.95).all()
     assert np.array_equal(samples, sample_surface(mesh, SurfaceSamplingConfig(num_points=2000), seed=0))
+
+
+def test_points_are_shared_over_components_by_area():
+    """sample_points spreads its count over all components by area: a 1:3 area split takes 1/4 and 3/4 (5 sigma)."""
+    small = trimesh.creation.box(extents=[1, 1, 1])  # area 6
+    big = trimesh.creation.box(extents=[1, 1, 1]).apply_scale(np.sqrt(3)).apply_translation([5, 0, 0])  # area 18
+    n = 20000
+    points = sample_points([small, big], n, seed=3)
+    share = float((points[:, 0] < 2.5).mean())
+    assert abs(share - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n)
+    np.testing.assert_array_equal(points, sample_points([small, big], n, seed=3))  # seeded: the same points
 
 
 def test_sharp_samples_lie_on_box_edges_and_smooth_shapes_have_none():

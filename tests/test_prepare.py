@@ -149,6 +149,19 @@ def test_parallel_prepare_matches_serial_and_datasets_read_it(tmp_path):
         AssetDataset(tmp_path / "missing")
 
 
+def test_split_is_a_stable_hash_of_the_id_with_the_configured_shares():
+    ids = [f"object_{i:06d}" for i in range(20000)]
+    splits = [prep.split_of(i, 0.1, 0.05) for i in ids]
+    assert splits == [prep.split_of(i, 0.1, 0.05) for i in reversed(ids)][::-1]  # by id alone, in any order
+    n = len(ids)
+    for name, p in (("val", 0.1), ("test", 0.05), ("train", 0.85)):
+        share = splits.count(name) / n
+        assert abs(share - p) < 5 * (p * (1 - p) / n) ** 0.5, (name, share)
+    # growing the test share keeps every test asset in test (a held-out asset never leaks into training)
+    wider = [prep.split_of(i, 0.1, 0.1) for i in ids]
+    assert all(w == "test" for s, w in zip(splits, wider) if s == "test")
+
+
 def test_cli_prepare_and_evaluate(tmp_path):
     runner = CliRunner()
     root = tmp_path / "ds"

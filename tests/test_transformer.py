@@ -94,6 +94,24 @@ def test_without_global_attention_a_component_sees_only_its_own_condition():
             torch.testing.assert_close(m(x[:, i : i + 1], t, per[:, i], ids=ids[:, i : i + 1])[:, 0], y[:, i], atol=ATOL, rtol=0)
 
 
+def test_global_blocks_follow_their_setting():
+    """even / odd / all / none / a list choose which blocks run MoC (global) attention; the others are local."""
+    from moca3d.attention import LocalAttention, MoCAttention
+    from moca3d.models.transformer import global_block_indices
+
+    assert global_block_indices(5, "even") == [0, 2, 4] and global_block_indices(5, "odd") == [1, 3]
+    assert global_block_indices(3, "all") == [0, 1, 2] and global_block_indices(3, "none") == []
+    assert global_block_indices(6, [4, 1]) == [1, 4]
+    for bad in ("first", [0, 6], [-1]):
+        with pytest.raises(ConfigError):
+            global_block_indices(6, bad)
+    for setting, expected in (("even", [0, 2]), ("odd", [1, 3]), ([3], [3])):
+        m = tiny_model(global_blocks=setting)
+        kinds = [type(b.attn1) for b in m.blocks]
+        assert [i for i, k in enumerate(kinds) if k is MoCAttention] == expected
+        assert all(k is LocalAttention for i, k in enumerate(kinds) if i not in expected)
+
+
 def test_ids_are_distinct_and_component_limit_is_a_clear_error():
     m = tiny_model()
     ids = m.sample_ids(3, 50)
