@@ -51,6 +51,18 @@ def test_forward_benchmark_writes_required_keys(tmp_path):
         assert r["total_ms"] >= r["local_ms"] + r["global_ms"]
 
 
+def test_generate_time_benchmark_times_every_stage_of_both_built_in_models(tmp_path):
+    out = tmp_path / "generate_time.json"
+    load("generate_time").main(["--repeats", "1", "--steps", "2", "--resolution", "16", "--json", str(out)])
+    report = json.loads(out.read_text())
+    by_case = {r["case"]: r for r in report["median"]}
+    assert set(by_case) == {"object", "scene"} and by_case["object"]["components"] == 8
+    assert by_case["scene"]["components"] == 4  # examples/scene4_masks.png
+    for r in by_case.values():
+        stages = [r[s] for s in ("load", "encode", "sample", "extract", "save")]
+        assert all(s >= 0 for s in stages) and r["total"] >= sum(stages)
+
+
 def test_cpu_peak_memory_of_a_known_allocation():
     peak_mib = load("benchkit").peak_memory_mb(lambda: torch.ones(KNOWN_ALLOCATION_MIB * 2**18), torch.device("cpu"))  # float32: 4 bytes
     assert KNOWN_ALLOCATION_MIB * 0.95 <= peak_mib <= KNOWN_ALLOCATION_MIB * 1.1

@@ -63,6 +63,9 @@ def test_bad_meshes_raise_one_line_input_errors(tmp_path):
         load_components(tmp_path / "many.glb", max_components=2)
     with pytest.raises(InputError):
         load_components(tmp_path / "missing.glb")
+    with pytest.raises(InputError, match="no components to write"):
+        save_glb(tmp_path / "none.glb", [])
+    assert not (tmp_path / "none.glb").exists()
 
 
 def test_normalisation_fits_unit_cube_and_inverts():

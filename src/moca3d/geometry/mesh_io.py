@@ -301,6 +301,8 @@ def save_glb(
 ) -> Path:
     """Write a GLB scene, one named node per component with distinct colours (atomic; InputError naming `path` if it fails)."""
     path = Path(path)
+    if not meshes:
+        raise InputError(f"{path}: no components to write")
     data = components_scene(meshes, names, colors).export(file_type="glb")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

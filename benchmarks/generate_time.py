@@ -1,0 +1,87 @@
+"""Time of one generation with the built-in models, stage by stage: load, encode, sample, extract, save.
+
+    python benchmarks/generate_time.py --repeats 3 --json benchmarks/results/generate_time_cpu.json
+
+The object case is the README's `moca3d generate examples/chair.png --parts 8` (built-in object model);
+the scene case `moca3d generate-scene examples/scene4.png --masks examples/scene4_masks.png` (built-in
+scene model). Both at the CLI's defaults (50 steps, 128^3 per component). Each repeat loads the model
+again, as the command does; the table gives medians over the repeats (the machine is shared: read them
+as typical, not as bounds). Import time of torch and moca3d is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchkit import print_table, write_json  # benchmarks/benchkit.py
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("load", "encode", "sample", "extract", "save", "total")
+
+
+def time_case(kind: str, steps: int, resolution: int, out: Path) -> dict:
+    """One generation of `kind` ("object" or "scene"), each stage timed (seconds)."""
+    from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE
+    from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAOutput, MoCAPipeline
+
+    times = {}
+    t0 = time.perf_counter()
+    pipe = MoCAPipeline.from_pretrained(DEFAULT_MODEL_DIR if kind == "object" else DEFAULT_SCENE_MODEL_DIR, device="cpu")
+    times["load"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    if kind == "object":
+        cond, layout, num, guidance = pipe.encode_image(ROOT / "examples" / "chair.png"), None, 8, GUIDANCE
+    else:
+        cond, layout = pipe.scene_condition(ROOT / "examples" / "scene4.png", ROOT / "examples" / "scene4_masks.png")
+        num, guidance = cond.shape[1], SCENE_GUIDANCE
+    times["encode"] = time.perf_counter() - t
+    t = time.perf_counter()
+    latents = pipe.generate_latents(cond, num, steps=steps, guidance=guidance, layout=layout)[0]
+    times["sample"] = time.perf_counter() - t
+    t = time.perf_counter()
+    meshes = pipe.decode_latents(latents, resolution)
+    times["extract"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = MoCAOutput(meshes, [f"component_{i:02d}" for i in range(num)], latents.cpu())
+    if any(len(m.faces) for m in meshes):  # an all-empty generation writes nothing (tiny test settings)
+        result.save(out)
+    times["save"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t0
+    return {"components": num, "non_empty": sum(1 for m in meshes if len(m.faces)), **times}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--cases", nargs="+", default=["object", "scene"], choices=["object", "scene"])
+    parser.add_argument("--json", default=None, help="write the runs and medians here")
+    args = parser.parse_args(argv)
+
+    runs = {case: [] for case in args.cases}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):  # interleaved, so drifts of a shared machine hit both cases alike
+            for case in args.cases:
+                runs[case].append(time_case(case, args.steps, args.resolution, Path(tmp) / f"{case}.glb"))
+    records = []
+    for case, rows in runs.items():
+        med = {s: statistics.median(r[s] for r in rows) for s in STAGES}
+        records.append({"case": case, "components": rows[0]["components"], "non_empty": rows[0]["non_empty"], **med})
+    print_table(records, [("case", "case", "{}"), ("N", "components", "{}"), ("non-empty", "non_empty", "{}")]
+                + [(f"{s} s", s, "{:.2f}") for s in STAGES])
+    if args.json:
+        write_json(args.json, {
+            "env": f"torch {torch.__version__}, {torch.get_num_threads()} threads", "steps": args.steps,
+            "resolution": args.resolution, "repeats": args.repeats, "median": records, "runs": runs,
+        })
+
+
+if __name__ == "__main__":
+    main()
