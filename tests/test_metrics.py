@@ -117,17 +117,10 @@ def test_scene_has_instance_metrics():
     assert out["instance_chamfer"] == pytest.approx(out["per_instance"][1]["chamfer"] / 2)
 
 
-def _square(side: float, x: float = 0.0) -> trimesh.Trimesh:
-    """A flat side x side square in the z = 0 plane (two triangles), centred at (x, 0, 0)."""
-    h = side / 2
-    v = np.array([[-h, -h, 0], [h, -h, 0], [h, h, 0], [-h, h, 0]]) + [x, 0, 0]
-    return trimesh.Trimesh(v, [[0, 1, 2], [0, 2, 3]], process=False)
-
-
 def test_instance_metrics_are_measured_in_each_gt_instance_frame():
     """A square shifted by d along its normal: the same seeded samples move by d, so every nearest neighbour is
     exactly d away; in the GT instance's frame (largest side -> 2) the chamfer is 2 d (2 / side). rel 1e-9."""
-    gt = [_square(1.0), _square(4.0, x=10.0)]
+    gt = [_square(1.0), _square(4.0).apply_translation([10, 0, 0])]
     pred = [gt[0].copy().apply_translation([0, 0, 0.02]), gt[1].copy().apply_translation([0, 0, 0.3])]
     per = instance_metrics(pred, gt, FAST)
     assert per[0]["chamfer"] == pytest.approx(2 * 0.02 * 2 / 1.0, rel=1e-9)  # 0.04 per side: inside tau 0.05
