@@ -4,8 +4,8 @@
 
 The object case is the README's `moca3d generate examples/chair.png --parts 8` (built-in object model);
 the scene case `moca3d generate-scene examples/scene4.png --masks examples/scene4_masks.png` (built-in
-scene model). Both at the CLI's defaults (50 steps, 128^3 per component). Each repeat loads the model
-again, as the command does; the table gives medians over the repeats (the machine is shared: read them
+scene model); `--cases scene32` times the 32-instance example (examples/scene32.png). All at the CLI's
+defaults (50 steps, 128^3 per component). Each repeat loads the model again, as the command does; the table gives medians over the repeats (the machine is shared: read them
 as typical, not as bounds). Import time of torch and moca3d is not counted.
 """
 
@@ -23,10 +23,11 @@ from benchkit import print_table, write_json  # benchmarks/benchkit.py
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("load", "encode", "sample", "extract", "save", "total")
+SCENES = {"scene": "scene4", "scene32": "scene32"}  # case -> examples/<name>.png and <name>_masks.png
 
 
 def time_case(kind: str, steps: int, resolution: int, out: Path) -> dict:
-    """One generation of `kind` ("object" or "scene"), each stage timed (seconds)."""
+    """One generation of `kind` ("object", "scene" or "scene32"), each stage timed (seconds)."""
     from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE
     from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAOutput, MoCAPipeline
 
@@ -38,7 +39,8 @@ def time_case(kind: str, steps: int, resolution: int, out: Path) -> dict:
     if kind == "object":
         cond, layout, num, guidance = pipe.encode_image(ROOT / "examples" / "chair.png"), None, 8, GUIDANCE
     else:
-        cond, layout = pipe.scene_condition(ROOT / "examples" / "scene4.png", ROOT / "examples" / "scene4_masks.png")
+        name = SCENES[kind]
+        cond, layout = pipe.scene_condition(ROOT / "examples" / f"{name}.png", ROOT / "examples" / f"{name}_masks.png")
         num, guidance = cond.shape[1], SCENE_GUIDANCE
     times["encode"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--cases", nargs="+", default=["object", "scene"], choices=["object", "scene"])
+    parser.add_argument("--cases", nargs="+", default=["object", "scene"], choices=["object", *SCENES])
     parser.add_argument("--json", default=None, help="write the runs and medians here")
     args = parser.parse_args(argv)
 
