@@ -537,6 +537,7 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
     data = SceneLatentDataset(root, "train", 32, latents=False)
     samples = scene_samples(data)
     assert not data.latents and len(samples.keys) == sum(len(visible_instances(m)) for m in data.masks)
+    assert len(samples.keys) >= 2  # the loop below checks something
     for i, key in enumerate(samples.keys):
         scene_id, j = key.rsplit("#", 1)
         a = data.ids.index(scene_id)
