@@ -12,9 +12,12 @@ from typer.testing import CliRunner
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
 from moca3d.data.scene import ZOOM_MIN_SIDE, component_masks, load_masks, mask_layout, scene_conditions, zoom_conditions
 from moca3d.errors import ConfigError, InputError
+from moca3d.evaluation import scene_metrics
 from moca3d.geometry.inside import QueryConfig
+from moca3d.geometry.mesh_io import load_components
 from moca3d.geometry.render import RenderConfig
 from moca3d.geometry.sampling import SurfaceSamplingConfig
+from moca3d.metrics import MetricsConfig
 from moca3d.models.image_encoder import (
     ImageEncoder,
     add_encoder_lora,
@@ -375,10 +378,6 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     assert {"chamfer", "fscore@0.1", "instance_fscore@0.1", "instance_chamfer", "self_iou", "num_empty"} <= set(row)
     assert set(report["mean"]) >= {"fscore@0.1", "instance_fscore@0.1", "self_iou"}
     # the row is the metric of the scene's own generation (same settings and metric seed)
-    from moca3d.evaluation import scene_metrics
-    from moca3d.geometry.mesh_io import load_components
-    from moca3d.metrics import MetricsConfig
-
     scene_dir = root / "assets" / row["id"]
     gt, _ = load_components(scene_dir / "mesh.glb")
     masks = component_masks(scene_dir / "mask.png", len(gt))
@@ -401,9 +400,6 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
 
 
 def test_scene_metrics_count_an_empty_instance_as_f_zero_and_leave_it_out_of_the_chamfer_mean():
-    from moca3d.evaluation import scene_metrics
-    from moca3d.metrics import MetricsConfig
-
     gt = [trimesh.creation.box(extents=[1, 1, 1]), trimesh.creation.box(extents=[1, 1, 1]).apply_translation([3, 0, 0])]
     row = scene_metrics([gt[0].copy(), trimesh.Trimesh()], gt, MetricsConfig(num_points=2000))
     assert row["num_empty"] == 1 and row["num_pred"] == row["num_gt"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,6 @@ def test_encode_decode_shapes():
 @pytest.mark.parametrize("include_pi", [False, True])
 def test_fourier_embedding_is_triposg_channel_order(include_pi):
     """[x_d ; sin(f_k x_d) for d, k ; cos(f_k x_d) for d, k] with f_k = 2^k (times pi), d-major; exact to 1e-6."""
-    import math
-
     from moca3d.models.vae import FourierEmbedder
 
     F_, x = 4, torch.tensor([[0.3, -0.7, 0.05]])
@@ -531,8 +530,6 @@ def test_inside_weight_scales_only_the_inside_sign_terms(dataset):
 def test_vae_loss_terms_equal_their_formulas(dataset):
     """With the decoder's logits fixed, each term is its per-query formula: mean |l - clamp(sdf / trunc, -1, 1)|,
     mean of BCE(sharpness * l, sdf > 0) with inside queries weighted, and the posterior's KL; rel 1e-5."""
-    import math
-
     from moca3d.training.train_vae import load_split, make_batch, vae_loss
 
     model = tiny_vae()
@@ -544,12 +541,11 @@ def test_vae_loss_terms_equal_their_formulas(dataset):
     batch["generator"].manual_seed(0)
     loss, stats = vae_loss(model, batch, cfg)
     trunc = model.config.truncation
-    l1, bce, n = 0.0, 0.0, 0
+    l1, bce, n = 0.0, 0.0, logits.numel()
     for l, d in zip(logits.flatten().tolist(), sdf.flatten().tolist()):
         l1 += abs(l - max(-1.0, min(1.0, d / trunc)))
         x, inside = 10.0 * l, d > 0
         bce += 2.0 * math.log1p(math.exp(-x)) if inside else math.log1p(math.exp(x))  # -log sigmoid(x) / -log(1 - sigmoid(x))
-        n += 1
     assert (sdf > 0).any() and (sdf < 0).any()  # both sign branches are exercised
     assert stats["sdf"] == pytest.approx(l1 / n, rel=1e-5)
     assert stats["sign"] == pytest.approx(bce / n, rel=1e-5)
