@@ -5,8 +5,8 @@
 The object case is the README's `moca3d generate examples/chair.png --parts 8` (built-in object model);
 the scene case `moca3d generate-scene examples/scene4.png --masks examples/scene4_masks.png` (built-in
 scene model); `--cases scene32` times the 32-instance example (examples/scene32.png). All at the CLI's
-defaults (50 steps, 128^3 per component). Each repeat loads the model again, as the command does; the table gives medians over the repeats (the machine is shared: read them
-as typical, not as bounds). Import time of torch and moca3d is not counted.
+defaults (50 steps, 128^3 per component). Each repeat loads the model again, as the command does; the
+table gives medians over the repeats (the machine is shared: read them as typical, not as bounds). Import time of torch and moca3d is not counted.
 """
 
 from __future__ import annotations
