@@ -25,6 +25,7 @@ from moca3d.models.image_encoder import (
     first_projection_path,
     input_channels,
     is_lora_parameter,
+    load_image,
     merge_encoder_lora,
     widen_input_channels,
 )
@@ -140,6 +141,53 @@ def test_masks_as_users_save_them(tmp_path):
     (tmp_path / "bad" / "m.png").write_text("not a picture")
     with pytest.raises(InputError, match="not an image format"):
         load_masks(tmp_path / "bad")
+
+
+def test_label_maps_keep_their_ids_in_every_lossless_format(tmp_path):
+    """16-bit big-endian and float TIFFs keep ids above 255; lossy WebP and fractional ids are refused."""
+    labels = np.zeros((20, 30), np.int64)
+    labels[:5, :5], labels[6:10, 6:10], labels[12:, 12:] = 256, 300, 1000
+    Image.fromarray(labels.astype(">u2")).save(tmp_path / "big_endian.tif")  # mode I;16B
+    Image.fromarray(labels.astype(np.float32)).save(tmp_path / "float.tif")  # mode F
+    Image.fromarray((labels > 0).astype(np.uint8) * 7).save(tmp_path / "lossless.webp", lossless=True)
+    for name, count in (("big_endian.tif", 3), ("float.tif", 3), ("lossless.webp", 1)):
+        masks = load_masks(tmp_path / name)
+        assert masks.shape == (count, 20, 30), name
+        assert np.array_equal(masks.sum(axis=0), labels > 0), name
+    assert np.array_equal(load_masks(tmp_path / "big_endian.tif")[2], labels == 1000)
+    Image.fromarray((labels > 0).astype(np.uint8) * 7).save(tmp_path / "lossy.webp", lossless=False, quality=80)
+    with pytest.raises(InputError, match="is a lossy WebP: lossy compression invents ids"):
+        load_masks(tmp_path / "lossy.webp")
+    with pytest.raises(InputError, match="whole-number ids"):
+        load_masks(labels + 0.25)
+    many = np.zeros((20, 30), np.int64)
+    many[0, :6] = np.arange(1, 7)  # six one-pixel ids, as a smoothed edge leaves them
+    many[5:15, 5:15] = 7
+    with pytest.raises(InputError, match="7 masks exceed the model's limit of 4 instances .6 of them under 16 pixels: was"):
+        load_masks(many, max_instances=4)
+
+
+def test_mask_folders_read_alpha_and_skip_what_is_not_a_mask(tmp_path, monkeypatch):
+    """A grey cut-out's and a palette's transparency decide the mask; subfolders are skipped; huge images refused."""
+    on = np.zeros((16, 16), bool)
+    on[4:9, 3:12] = True
+    grey = np.zeros((16, 16, 2), np.uint8)
+    grey[..., 0] = np.random.default_rng(0).integers(0, 256, (16, 16))  # a dark-and-light grey object
+    grey[..., 1] = np.where(on, 255, 0)
+    palette = Image.fromarray(np.where(on, 5, 0).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0] * 5 + [40, 40, 40] + [0] * 750)  # index 5 is dark grey: only transparency tells
+    for name, save in (("grey", lambda f: Image.fromarray(grey, "LA").save(f)),
+                       ("palette", lambda f: palette.save(f, transparency=0))):
+        folder = tmp_path / name
+        folder.mkdir()
+        save(folder / "m.png")
+        (folder / "sub.png").mkdir()  # a folder with an image's name is not a mask
+        assert np.array_equal(load_masks(folder)[0], on), name
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images over twice this
+    with pytest.raises(InputError, match="cannot read mask .*m.png: too large"):
+        load_masks(tmp_path / "grey")
+    with pytest.raises(InputError, match="cannot read image .*m.png: too large"):
+        load_image(tmp_path / "grey" / "m.png")
 
 
 def test_scene_conditions_crop_image_and_masks_together():

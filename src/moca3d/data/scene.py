@@ -2,9 +2,12 @@
 
 Masks come as a label map (an image or (H, W) integer array: 0 = background, one id per instance,
 instances ordered by increasing id) or as a folder of binary masks (instances ordered by file name,
-numbers compared as numbers: mask_2 before mask_10). A folder's masks may overlap: a pixel belongs to
-the LAST mask that covers it (as when painting a label map in file order); an instance that loses
-all its pixels that way is reported as empty.
+numbers compared as numbers: mask_2 before mask_10). A label map must be lossless (not JPEG or lossy
+WebP) and its ids are taken as they are: 8/16/32-bit grey, palette indices (every non-zero index is
+an instance, so a VOC-style 255 'void' border must be set to 0 first) or whole-number floats. A mask
+with transparency (an alpha channel or a palette's transparent index) is its alpha. A folder's masks
+may overlap: a pixel belongs to the LAST mask that covers it (as when painting a label map in file
+order); an instance that loses all its pixels that way is reported as empty.
 
 Scene preprocessing: one square crop for the whole scene, around the union of the masks (the same
 geometry as `preprocess_image` with an explicit box), then per instance i the stack
@@ -40,7 +43,8 @@ MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
 INSTANCE_VIEWS = (1, 2)  # the scene crop alone, or with a crop zoomed on the instance
 ZOOM_MIN_SIDE = 8  # px of the full-resolution image: the smallest square a zoomed view crops
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # fine for thresholded binary masks, not for label ids
+RAW_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes whose values are the ids
+SLIVER_PIXELS = 16  # an instance this small in a label map with too many ids hints at smoothed edges
 
 MasksLike = Union[str, Path, np.ndarray, Sequence[np.ndarray]]
 
@@ -53,31 +57,56 @@ def _natural_key(name: str) -> list:
     return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
 
 
-def _read_gray(path: Path) -> np.ndarray:
-    """(H, W) array of a single-channel image (label ids, palette indices or grey levels).
+def _lossy_format(im: Image.Image, path: Path) -> str | None:
+    """'JPEG' or 'lossy WebP' when the file's compression is lossy (fine for binary masks, not label ids)."""
+    if im.format == "JPEG":
+        return "JPEG"
+    if im.format != "WEBP":
+        return None
+    with open(path, "rb") as f:  # RIFF chunks after the 12-byte header: 'VP8 ' is lossy, 'VP8L' lossless
+        f.seek(12)
+        while len(header := f.read(8)) == 8:
+            tag, size = header[:4], int.from_bytes(header[4:], "little")
+            if tag in (b"VP8 ", b"VP8L"):
+                return "lossy WebP" if tag == b"VP8 " else None
+            f.seek(size + (size & 1), 1)
+    return None
 
-    With transparency, transparent pixels read as 0; a cut-out (visible pixels of one colour, or in
-    colour) reads as 255 wherever it is opaque.
+
+def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
+    """(H, W) array of a single-channel image: label ids, palette indices or grey levels.
+
+    With transparency (alpha, or a palette's transparent index) a binary mask (`binary`) is its alpha:
+    255 where opaque. A label map's transparent pixels read as 0 and its visible ones as their ids,
+    or as 255 for a cut-out (visible pixels of one colour, or in colour).
     """
+    kind = "mask" if binary else "label map"
     try:
         with Image.open(path) as im:
             im.load()
+            if not binary and (lossy := _lossy_format(im, path)):
+                raise InputError(f"label map {path} is a {lossy}: lossy compression invents ids at the edges; save it as PNG")
+            if binary and im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")
             alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None
-            if alpha is None and im.mode in ("L", "P", "I", "I;16", "1"):
-                return np.asarray(im).astype(np.int64)
+            if alpha is None and im.mode in RAW_MODES:
+                values = np.asarray(im)
+                return values.astype(np.float64 if values.dtype.kind == "f" else np.int64)
             rgb = np.asarray(im.convert("RGB")).astype(np.int64)  # (H, W, 3)
     except UnidentifiedImageError:
-        raise InputError(f"cannot read mask {path}: not an image format PIL knows") from None
+        raise InputError(f"cannot read {kind} {path}: not an image format PIL knows") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"cannot read {kind} {path}: too large ({err})") from None
     except OSError as err:
-        raise InputError(f"cannot read mask {path}: truncated or corrupt ({err})") from None
+        raise InputError(f"cannot read {kind} {path}: truncated or corrupt ({err})") from None
     grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])  # (H, W)
     if alpha is not None and alpha.min() < 255:
         visible = alpha > MASK_THRESHOLD
-        if not grey[visible].all() or len(np.unique(rgb[visible][:, 0])) <= 1:
+        if binary or not grey[visible].all() or len(np.unique(rgb[visible][:, 0])) <= 1:
             return np.where(visible, 255, 0)
         return np.where(visible, rgb[..., 0], 0)
     if not grey.all():
-        raise InputError(f"mask {path} must be single-channel (grey or label ids), not colour")
+        raise InputError(f"{kind} {path} must be single-channel (grey or label ids), not colour")
     return rgb[..., 0]
 
 
@@ -86,12 +115,21 @@ def _binary(gray: np.ndarray) -> np.ndarray:
     return gray > (0.5 if gray.max(initial=0) <= 1 else MASK_THRESHOLD)
 
 
-def label_map_to_masks(labels: np.ndarray) -> np.ndarray:
+def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None) -> np.ndarray:
     """(H, W) label map -> (N, H, W) bool, one mask per non-zero id in increasing order."""
     if labels.ndim != 2:
         raise InputError(f"a label map must be (H, W), got {labels.shape}")
-    ids = np.unique(labels)
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+            raise InputError("a label map must hold whole-number ids, not fractions (was it resized or smoothed?)")
+        labels = labels.astype(np.int64)
+    ids, counts = np.unique(labels, return_counts=True)
+    counts = counts[ids != 0]
     ids = ids[ids != 0]
+    if max_instances is not None and len(ids) > max_instances:  # before an (N, H, W) stack of a depth map's size
+        slivers = int((counts < SLIVER_PIXELS).sum())
+        hint = f" ({slivers} of them under {SLIVER_PIXELS} pixels: was the label map smoothed or anti-aliased?)" if slivers else ""
+        _check_count(len(ids), max_instances, hint)
     return labels[None] == ids[:, None, None]  # (N, H, W)
 
 
@@ -105,11 +143,11 @@ def resolve_overlaps(masks: np.ndarray) -> np.ndarray:
 
 def _folder_masks(folder: Path) -> tuple[np.ndarray, list[str]]:
     """Binary masks of a folder, in natural file-name order: (N, H, W) bool and the file names."""
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in MASK_EXTENSIONS and not p.name.startswith(".")),
-                   key=lambda p: _natural_key(p.name))
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in MASK_EXTENSIONS and not p.name.startswith(".") and p.is_file()),
+                   key=lambda p: (_natural_key(p.name), p.name))
     if not files:
         raise InputError(f"mask folder {folder} holds no images ({', '.join(MASK_EXTENSIONS)})")
-    arrays = [_read_gray(p) for p in files]
+    arrays = [_read_gray(p, binary=True) for p in files]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise InputError(f"masks in {folder} differ in size: {', '.join(f'{w}x{h}' for h, w in sorted(shapes))}")
@@ -128,15 +166,13 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
         if path.is_dir():
             stack, names = _folder_masks(path)
         elif path.is_file():
-            if path.suffix.lower() in LOSSY_EXTENSIONS:
-                raise InputError(f"label map {path} is a JPEG: lossy compression invents ids at the edges; save it as PNG")
-            stack = label_map_to_masks(_read_gray(path))
+            stack = label_map_to_masks(_read_gray(path), max_instances)
         else:
             raise InputError(f"masks not found: {path}")
     elif isinstance(masks, np.ndarray) and masks.ndim == 2:
         if masks.dtype == bool:
             raise InputError("a single (H, W) bool mask is ambiguous: pass a list of masks or an integer label map")
-        stack = label_map_to_masks(masks.astype(np.int64))
+        stack = label_map_to_masks(masks if masks.dtype.kind == "f" else masks.astype(np.int64), max_instances)
     else:
         arrays = [np.asarray(m) for m in masks]
         if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
@@ -145,14 +181,20 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
     return check_masks(stack, image_size, max_instances, names)
 
 
+def _check_count(n: int, max_instances: int, hint: str = "") -> None:
+    """Refuse more instances than the model has ids for."""
+    if n > max_instances:
+        raise InputError(f"{n} masks exceed the model's limit of {max_instances} instances{hint}")
+
+
 def check_masks(masks: np.ndarray, image_size: tuple[int, int] | None = None, max_instances: int | None = None,
                 names: list[str] | None = None) -> np.ndarray:
     """Validate (N, H, W) bool masks (count, size, emptiness) after resolving overlaps; returns them."""
     n, h, w = masks.shape
     if n == 0:
         raise InputError("the masks hold no instance (a label map needs non-zero ids)")
-    if max_instances is not None and n > max_instances:
-        raise InputError(f"{n} masks exceed the model's limit of {max_instances} instances")
+    if max_instances is not None:
+        _check_count(n, max_instances)
     if image_size is not None and (w, h) != tuple(image_size):
         raise InputError(f"the masks are {w}x{h} but the image is {image_size[0]}x{image_size[1]}")
     for stage, note in ((masks, ""), (resolve_overlaps(masks), " (every pixel is covered by a later mask)")):

@@ -55,6 +55,8 @@ def load_image(image: ImageLike) -> Image.Image:
                 im = im.copy()
         except UnidentifiedImageError:
             raise InputError(f"cannot read image {path}: not an image format PIL knows (PNG, JPG, WebP, …)") from None
+        except Image.DecompressionBombError as err:
+            raise InputError(f"cannot read image {path}: too large ({err})") from None
         except OSError as err:
             raise InputError(f"cannot read image {path}: truncated or corrupt ({err})") from None
     elif isinstance(image, np.ndarray):
