@@ -48,6 +48,68 @@ def test_folder_of_files_and_connected_components(tmp_path):
     assert len(load_components(tmp_path / "fused.ply", connected=True)[0]) == 3
 
 
+def _write_glb(path, nodes):
+    """A minimal GLB: nodes = [(name or None, [box centres: one primitive each], translation)]."""
+    import json
+    import struct
+
+    blob, views, accessors, meshes, gltf_nodes = b"", [], [], [], []
+    for name, centres, translation in nodes:
+        primitives = []
+        for centre in centres:
+            box = trimesh.creation.box(extents=(1, 1, 1))
+            for array, target, kind in ((box.vertices.astype(np.float32) + np.float32(centre), 34962, "VEC3"),
+                                        (box.faces.astype(np.uint32).ravel(), 34963, "SCALAR")):
+                views.append({"buffer": 0, "byteOffset": len(blob), "byteLength": array.nbytes, "target": target})
+                accessor = {"bufferView": len(views) - 1, "count": len(array), "type": kind,
+                            "componentType": 5126 if kind == "VEC3" else 5125}
+                if kind == "VEC3":
+                    accessor.update(min=array.min(0).tolist(), max=array.max(0).tolist())
+                accessors.append(accessor)
+                blob += array.tobytes()
+            primitives.append({"attributes": {"POSITION": len(accessors) - 2}, "indices": len(accessors) - 1})
+        meshes.append({"primitives": primitives})
+        node = {"mesh": len(meshes) - 1, "translation": list(translation)}
+        if name is not None:
+            node["name"] = name
+        gltf_nodes.append(node)
+    doc = {"asset": {"version": "2.0"}, "scene": 0, "scenes": [{"nodes": list(range(len(gltf_nodes)))}],
+           "nodes": gltf_nodes, "meshes": meshes, "accessors": accessors, "bufferViews": views,
+           "buffers": [{"byteLength": len(blob)}]}
+    text = json.dumps(doc).encode()
+    text += b" " * (-len(text) % 4)
+    body = struct.pack("<II", len(text), 0x4E4F534A) + text + struct.pack("<II", len(blob), 0x004E4942) + blob
+    path.write_bytes(struct.pack("<III", 0x46546C67, 2, 12 + len(body)) + body)
+
+
+def test_components_keep_the_file_order_whatever_their_names(tmp_path):
+    """Unnamed and repeated glTF nodes keep file order; a mesh's primitives stay one part; OBJ objects split."""
+    _write_glb(tmp_path / "unnamed.glb", [(None, [(0, 0, 0)], (2.0 * i, 0, 0)) for i in range(4)])
+    _write_glb(tmp_path / "repeated.glb", [("leg", [(0, 0, 0)], (2.0 * i, 0, 0)) for i in range(3)])
+    _write_glb(tmp_path / "primitives.glb", [("seat", [(0, 0, 0), (0, 0, 1)], (0, 0, 0)), ("leg", [(0, 0, 0)], (3, 0, 0))])
+    for name, count, names in (("unnamed", 4, ["0", "1", "2", "3"]), ("repeated", 3, ["leg", "leg_1", "leg_2"]),
+                               ("primitives", 2, ["seat", "leg"])):
+        meshes, got = load_components(tmp_path / f"{name}.glb")
+        assert got == names, name
+        centres = [m.bounds.mean(axis=0)[0] for m in meshes]
+        assert centres == sorted(centres), name  # file order = left to right
+    seat = load_components(tmp_path / "primitives.glb")[0][0]
+    assert len(seat.faces) == 24 and np.allclose(seat.bounds, [[-0.5, -0.5, -0.5], [0.5, 0.5, 1.5]])
+    box = trimesh.creation.box(extents=(1, 1, 1))
+    for tag in ("o", "g"):
+        lines = []
+        for k, name in enumerate(("partB", "partA")):  # file order, not alphabetical
+            lines.append(f"{tag} {name}")
+            lines += [f"v {x + 3 * k} {y} {z}" for x, y, z in box.vertices]
+            lines += [f"f {a + 1 + 8 * k} {b + 1 + 8 * k} {c + 1 + 8 * k}" for a, b, c in box.faces]
+        (tmp_path / f"{tag}.obj").write_text("\n".join(lines) + "\n")
+        meshes, names = load_components(tmp_path / f"{tag}.obj")
+        assert names == ["partB", "partA"] and [len(m.faces) for m in meshes] == [12, 12], tag
+        assert meshes[0].bounds.mean(axis=0)[0] < meshes[1].bounds.mean(axis=0)[0], tag
+    box.export(tmp_path / "single.ply")
+    assert load_components(tmp_path / "single.ply")[1] == ["single"]
+
+
 def test_bad_meshes_raise_one_line_input_errors(tmp_path):
     (tmp_path / "junk.glb").write_bytes(b"not a mesh at all")
     with pytest.raises(InputError):

@@ -179,6 +179,42 @@ def test_cli_prepare_and_evaluate(tmp_path):
     assert "fscore@0.1" in result.output and json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
 
 
+def test_every_source_gets_its_own_asset_and_open_parts_are_reported(tmp_path):
+    """Names that clean to the same id (other scripts, spaces) stay separate assets; a part without volume is skipped."""
+    src = tmp_path / "src"
+    src.mkdir()
+    box = trimesh.creation.box()
+    names = ["椅子", "桌子", "ランプ", "a b", "a_b"]
+    for name in names:
+        box.export(src / f"{name}.obj")
+    plane = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], [[0, 1, 2], [0, 2, 3]], process=False)
+    save_glb(src / "open.glb", [box, plane.apply_translation([2, 0, 0])], ["box", "plane"])
+    jobs = prep.folder_jobs(src)
+    assert len({job.id for job in jobs}) == len(jobs) == 6
+    root = tmp_path / "ds"
+    summary = prep.prepare(jobs, root, TINY, progress=False)
+    assert (summary.processed, summary.skipped) == (5, 1)
+    assert sorted(record["id"] for record in _manifest(root)) == sorted(job.id for job in jobs if job.source.endswith(".obj"))
+    (report,) = _report(root)
+    assert report["source"].endswith("open.glb") and "component 'plane' encloses no volume" in report["reason"]
+    with pytest.raises(InputError, match="no such folder"):
+        prep.folder_jobs(tmp_path / "missing")
+
+
+def test_cli_evaluate_scene_pairs_by_name_and_refuses_mixed_units(tmp_path):
+    box, ball = trimesh.creation.box(), trimesh.creation.icosphere(2).apply_translation([3, 0, 0])
+    save_glb(tmp_path / "gt.glb", [box, ball], ["box", "ball"])
+    save_glb(tmp_path / "swapped.glb", [ball, box], ["ball", "box"])
+    save_glb(tmp_path / "centimetres.glb", [box.copy().apply_scale(100), ball.copy().apply_scale(100)], ["box", "ball"])
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "swapped.glb"), str(tmp_path / "gt.glb"), "--scene", "--json", "-",
+                                 "--num-points", "2000"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["instance_fscore@0.1"] == 1.0
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "centimetres.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
+    assert isinstance(result.exception, InputError) and "(100x); export both in one frame and unit" in str(result.exception)
+
+
 def test_bad_prepare_settings_fail_before_any_work(tmp_path):
     from moca3d.errors import ConfigError
 

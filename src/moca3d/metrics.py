@@ -28,6 +28,7 @@ from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.mesh_io import (
     CANONICAL_EXTENT,
     Normalization,
+    bounds_of,
     fit_normalization,
     normalize_meshes,
     transform_meshes,
@@ -36,6 +37,7 @@ from moca3d.geometry.sampling import sample_points
 
 MIN_IOU_RESOLUTION = 8  # coarser grids cannot tell parts apart
 MAX_IOU_RESOLUTION = 256  # self-IoU holds a float32 R^3 grid per component: 64 MiB each at 256
+FRAME_RATIO = 5.0  # scene sizes differing more than this: prediction and ground truth are in different units
 
 
 def check_metric_settings(num_points: int, iou_resolution: int, taus: tuple[float, ...] = (),
@@ -201,6 +203,19 @@ def instance_metrics(
             config.taus, config.workers,
         ))
     return results
+
+
+def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max_ratio: float = FRAME_RATIO) -> None:
+    """Refuse (InputError) a prediction and ground truth whose scenes differ in size by over `max_ratio`.
+
+    Per-instance metrics compare each component where it is placed, so the two files must share one
+    frame and unit; the fused-surface metrics normalise each side on its own and need no such check.
+    """
+    sizes = [float(np.linalg.norm(np.subtract(*bounds_of(meshes)[::-1]))) for meshes in (pred, gt)]  # box diagonals
+    ratio = max(sizes) / max(min(sizes), 1e-12)
+    if ratio > max_ratio:
+        raise InputError(f"per-instance metrics: the prediction's scene is {sizes[0]:.3g} across and the ground truth's "
+                         f"{sizes[1]:.3g} ({ratio:.0f}x); export both in one frame and unit")
 
 
 def evaluate_scene(

@@ -62,17 +62,23 @@ def evaluate_command(
     num_points: int = typer.Option(100_000, help="Points sampled on each fused surface."),
     seed: int = typer.Option(0, help="Sampling seed."),
     iou_resolution: int = typer.Option(64, help="Voxels per side for self-IoU."),
-    scene: bool = typer.Option(False, "--scene", help="Also report per-instance metrics (component i vs i)."),
+    scene: bool = typer.Option(False, "--scene", help="Also report per-instance metrics: component i vs i (paired by name instead when both files name the same components in another order), each where it is placed, so both files must share one frame and unit (the fused-surface metrics normalise each side on its own)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
     from moca3d.geometry.mesh_io import load_components
-    from moca3d.metrics import MetricsConfig, check_metric_settings, evaluate_object, evaluate_scene
+    from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_object, evaluate_scene
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution")
     config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution)
-    pred_meshes, _ = load_components(pred)
-    gt_meshes, _ = load_components(gt)
+    pred_meshes, pred_names = load_components(pred)
+    gt_meshes, gt_names = load_components(gt)
+    if scene:
+        check_same_frame(pred_meshes, gt_meshes)
+        if pred_names != gt_names and sorted(pred_names) == sorted(gt_names):
+            index = {name: i for i, name in enumerate(pred_names)}
+            pred_meshes = [pred_meshes[index[name]] for name in gt_names]
+            typer.echo("(components paired by name: the two files list them in different orders)", err=True)
     result = (evaluate_scene if scene else evaluate_object)(pred_meshes, gt_meshes, config)
     if write_json(json_out, result):
         return

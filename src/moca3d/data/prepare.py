@@ -104,13 +104,15 @@ class PrepareSummary:
 
 
 def _safe_id(name: str) -> str:
-    """A folder-safe asset id."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "asset"
+    """A folder-safe asset id (letters of any script, digits, '_', '.', '-')."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "asset"
 
 
 def folder_jobs(folder: str | Path) -> list[Job]:
     """One job per mesh file and per sub-folder (one file per component) of `folder`."""
     folder = Path(folder)
+    if not folder.exists():
+        raise InputError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of meshes")
     jobs, seen = [], set()
@@ -121,6 +123,10 @@ def folder_jobs(folder: str | Path) -> list[Job]:
             continue
         base = _safe_id(entry.stem if entry.is_file() else entry.name)
         asset_id = base if base not in seen else _safe_id(entry.name)
+        k = 1
+        while asset_id in seen:  # every source gets its own asset, whatever its name
+            k += 1
+            asset_id = f"{base}_{k}"
         seen.add(asset_id)
         jobs.append(Job(asset_id, str(entry)))
     if not jobs:
@@ -190,6 +196,10 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
     for key, value in arrays.items():
         if not np.isfinite(value).all():
             raise InputError(f"{job.id}: non-finite values in {key}")
+    for name, sdf in zip(names, query_sdf):
+        if not (sdf > 0).any():  # a part the VAE could only learn as nothing
+            raise InputError(f"{job.id}: component '{name}' encloses no volume (open or flat: none of its {len(sdf)} "
+                             "query points is inside); close it or leave it out")
 
     if kind == "scene":
         camera = scene_camera(meshes, config.render)

@@ -156,33 +156,59 @@ def _scene_components(scene: trimesh.Scene) -> tuple[list[trimesh.Trimesh], list
 
 
 def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
-    """Components of one mesh file: one per scene node (a single mesh gives one component)."""
+    """Components of one mesh file, in the file's order: one per scene node (a glTF mesh's
+    primitives, e.g. one per material, stay one component), an OBJ's `o` objects (or, with fewer
+    than two of those, its `g` groups); a single mesh gives one component named by the file's stem."""
     path = Path(path)
-    if path.suffix.lower() not in MESH_EXTENSIONS:
+    suffix = path.suffix.lower()
+    if suffix not in MESH_EXTENSIONS:
         raise InputError(f"{path.name}: unsupported mesh format (expected one of {', '.join(MESH_EXTENSIONS)})")
     if not path.is_file():
         raise InputError(f"mesh file not found: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"{path.name}: the file is empty")
+    order = _node_order(path)
+    options = {f"split_{order[0]}": True} if suffix == ".obj" and order else {}  # split_objects or split_groups
     try:
-        loaded = trimesh.load(str(path), force="scene", process=False)
+        loaded = trimesh.load(str(path), force="scene", process=False, **options)
     except Exception as err:  # trimesh raises many types on corrupt files
         raise InputError(f"{path.name}: unreadable mesh ({one_line(err, 120)})") from None
     meshes, names = _scene_components(loaded)
     if not meshes:
         raise InputError(f"{path.name}: contains no triangle mesh")
-    order = _gltf_node_order(path)
-    if order is not None:  # keep the file's node order: component i must stay component i
-        rank = {name: i for i, name in enumerate(order)}
+    if order and order[0] == "nodes":  # trimesh gives each primitive of a multi-primitive mesh a child node
+        known, parents = set(order[1]), loaded.graph.transforms.parents
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name if name in known else parents.get(name, name), []).append(i)
+        meshes = [fuse([meshes[i] for i in g]) for g in groups.values()]
+        names = list(groups)
+    if order:  # keep the file's order: component i must stay component i
+        rank = {name: i for i, name in enumerate(order[1])}
         perm = sorted(range(len(names)), key=lambda i: (rank.get(names[i], len(rank)), i))
         meshes, names = [meshes[i] for i in perm], [names[i] for i in perm]
+    if len(names) == 1 and names[0] == path.name:  # trimesh names a lone mesh after its file
+        names = [path.stem]
     return meshes, names
 
 
-def _gltf_node_order(path: Path) -> list[str] | None:
-    """Node names in the order of a .glb/.gltf file's JSON, or None for other formats."""
+def _node_order(path: Path) -> tuple[str, list[str]] | None:
+    """How a file's components are named, in file order: ("nodes", glTF node names as trimesh makes
+    them unique), ("objects" | "groups", an OBJ's names when it has two or more), or None."""
     suffix = path.suffix.lower()
     try:
+        if suffix == ".obj":
+            seen: dict[str, list[str]] = {"o": [], "g": []}
+            with open(path, "rb") as f:
+                for line in f:
+                    if line[:2] in (b"o ", b"g "):
+                        tag, name = line[:1].decode(), line[2:].decode("utf-8", "replace").strip()
+                        if name and name not in seen[tag]:
+                            seen[tag].append(name)
+            for tag, kind in (("o", "objects"), ("g", "groups")):
+                if len(seen[tag]) >= 2:
+                    return kind, seen[tag]
+            return None
         if suffix == ".gltf":
             doc = json.loads(path.read_text())
         elif suffix == ".glb":
@@ -194,7 +220,11 @@ def _gltf_node_order(path: Path) -> list[str] | None:
             return None
     except (OSError, ValueError):
         return None
-    return [str(node.get("name", "")) for node in doc.get("nodes", [])]
+    names: list[str] = []
+    counts: dict = {}
+    for i, node in enumerate(doc.get("nodes", [])):  # trimesh's naming: the name (or index), made unique
+        names.append(trimesh.util.unique_name(str(node.get("name", i)), names, counts=counts))
+    return "nodes", names
 
 
 def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
