@@ -75,10 +75,10 @@ def generator(pipeline_dir, scene_pipeline_dir, tmp_path_factory):
     return demo_app.DemoGenerator(pipe, resolution=RESOLUTION, output_dir=tmp_path_factory.mktemp("demo_out"), scene_pipeline=scene_pipe)
 
 
-def _error_of(generator, image, parts=PARTS) -> str:
+def _error_of(generator, image, parts=PARTS, seed=0) -> str:
     """The one-line gr.Error message the handler raises for this upload."""
     with pytest.raises(gr.Error) as info:
-        generator.generate(image, parts, steps=1)
+        generator.generate(image, parts, seed=seed, steps=1)
     message = info.value.message
     assert "\n" not in message and message
     return message
@@ -98,12 +98,16 @@ def test_bad_uploads_get_one_line_errors(generator, tmp_path, monkeypatch):
     assert f"the limit is {demo_app.MAX_UPLOAD_MB} MB" in _error_of(generator, big)
     monkeypatch.setattr(demo_app, "MAX_PIXELS", 100)
     assert "megapixels" in _error_of(generator, EXAMPLE)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL itself refuses to open it: still one line
+    assert "is too large: the limit is" in _error_of(generator, EXAMPLE)
     monkeypatch.undo()
     blank = tmp_path / "blank.png"
     Image.new("RGB", (32, 32), (255, 255, 255)).save(blank)
     assert "no foreground" in _error_of(generator, blank)  # the pipeline's own image error, passed through
     assert "upload an image first" in _error_of(generator, None)
-    assert "exceed the model's limit" in _error_of(generator, EXAMPLE, parts=MAX_PARTS + 1)
+    assert f"the number of parts must be a whole number from 1 to {MAX_PARTS}" in _error_of(generator, EXAMPLE, parts=MAX_PARTS + 1)
+    assert "the number of parts must be a whole number" in _error_of(generator, EXAMPLE, parts=float("nan"))
+    assert "the seed must be a whole number from 0 to" in _error_of(generator, EXAMPLE, seed=None)  # a cleared box
 
 
 def _scene_error_of(generator, image, masks) -> str:
@@ -156,6 +160,8 @@ def test_scene_handler_writes_a_glb_with_named_instances(generator, tmp_path):
     twin.mkdir()
     Image.open(files[0]).save(twin / Path(files[1]).name)
     assert "two masks are named mask_3.png" in _scene_error_of(generator, SCENE, [files[1], str(twin / "mask_3.png")])
+    Image.open(files[0]).resize((9, 9)).save(twin / "mask_9.png")
+    assert "the masks differ in size: mask_3.png is" in _scene_error_of(generator, SCENE, [files[1], str(twin / "mask_9.png")])
 
 
 def test_models_go_to_the_right_tab(pipeline_dir, scene_pipeline_dir):
@@ -166,9 +172,15 @@ def test_models_go_to_the_right_tab(pipeline_dir, scene_pipeline_dir):
         demo_app.DemoGenerator(pipe, resolution=RESOLUTION, scene_pipeline=pipe)
 
 
-def test_handler_writes_a_glb_with_named_parts(generator):
+def test_handler_writes_a_glb_with_named_parts(generator, tmp_path, monkeypatch):
+    generator = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION, output_dir=tmp_path)
+    for age, name in enumerate(("older.glb", "old.glb")):  # earlier results, beyond what the demo keeps
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (1000 + age, 1000 + age))
+    monkeypatch.setattr(demo_app, "KEPT_OUTPUTS", 2)
     viewer, download, summary = generator.generate(EXAMPLE, PARTS, seed=1, steps=STEPS)
     assert viewer == download and Path(download).parent == generator.output_dir
+    assert sorted(p.name for p in generator.output_dir.glob("*.glb")) == sorted(["old.glb", Path(download).name])
     assert _nodes(download, "part_") == {f"part_{i:02d}" for i in range(PARTS)}
     assert summary.startswith(f"{PARTS} parts")
 

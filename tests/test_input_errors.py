@@ -63,6 +63,8 @@ def test_unreadable_images_say_why(tmp_path):
     (["--guidance", "-5"], "--guidance must be >= 0 (1 = no guidance), got -5.0"),
     (["--output", "{tmp}/file.glb/out.glb"], "file.glb is a file, not a folder"),
     (["--device", "mps"], "device 'mps' requested but MPS (Apple GPU) is not available"),
+    (["--seed", "99999999999999999999999"], "--seed must be a whole number from 0 to 2^63 - 1"),
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 2^63 - 1, got -1"),
 ])
 def test_generate_options_are_checked_before_loading(tmp_path, monkeypatch, args, message):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -106,6 +108,22 @@ def test_corrupt_pipeline_folders_are_one_line_checkpoint_errors(tmp_path):
     (folder / "model_index.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="model_index.json: corrupt JSON"):
         MoCAPipeline.from_pretrained(folder)
+    for index in ("[]", "null"):
+        (folder / "model_index.json").write_text(index)
+        with pytest.raises(CheckpointError, match="model_index.json: not a pipeline index"):
+            MoCAPipeline.from_pretrained(folder)
+
+
+def test_weights_that_overflow_into_nan_latents_are_named(tmp_path):
+    """Finite weights whose activations overflow give NaN latents: a CheckpointError, not "all parts decoded empty"."""
+    folder = _copy_model(tmp_path)
+    path = next((folder / "transformer").glob("*.safetensors"))
+    tensors = load_file(path)
+    tensors = {k: v.clone().fill_(6e4) if v.is_floating_point() else v for k, v in tensors.items()}  # fp16's edge
+    save_file(tensors, path)
+    pipe = MoCAPipeline.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match="the model sampled NaN or Inf latents"):
+        pipe(EXAMPLES / "chair.png", num_parts=2, steps=2, resolution=16, show_progress=False)
 
 
 def test_nan_in_shipped_weights_is_named(tmp_path):
@@ -216,6 +234,7 @@ def default_pipeline():
     (dict(num_parts=2.5), InputError, "the number of parts must be a whole number >= 1, got 2.5"),
     (dict(shift=0.0), InputError, "the timestep shift must be positive and finite"),
     (dict(shift=float("inf")), InputError, "the timestep shift must be positive and finite"),
+    (dict(seed=2**64), ConfigError, "^seed must be a whole number from 0 to 2\\^63 - 1"),
 ])
 def test_pipeline_call_checks_its_arguments(default_pipeline, kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -298,3 +317,51 @@ def test_render_names_bad_paths(tmp_path):
     res = CliRunner().invoke(app, ["render", str(tmp_path / "missing.glb"), "-o", str(tmp_path / "p.png")])
     assert isinstance(res.exception, InputError) and "mesh file not found" in str(res.exception)
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_phone_photo_is_read_upright(tmp_path):
+    """A JPEG whose EXIF says "rotate 90" reads as the upright picture a viewer shows."""
+    upright = np.full((40, 60, 3), 255, np.uint8)
+    upright[5:15, 10:50] = (200, 30, 30)  # a wide red bar near the top
+    stored = Image.fromarray(np.rot90(upright, 1).copy())  # the pixels as the camera stored them
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    read = np.asarray(load_image(tmp_path / "photo.jpg").convert("RGB")).astype(int)
+    assert read.shape == upright.shape and np.abs(read - upright).mean() < 8
+
+
+def test_render_and_glb_writes_fail_whole(tmp_path, monkeypatch):
+    """A failed PNG write keeps the earlier picture; all-empty or mismatched components are refused in one line."""
+    save_glb(tmp_path / "box.glb", [trimesh.creation.box()])
+    (tmp_path / "p.png").write_bytes(b"the earlier picture")
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    res = CliRunner().invoke(app, ["render", str(tmp_path / "box.glb"), "-o", str(tmp_path / "p.png"), "--size", "32"])
+    monkeypatch.undo()
+    assert isinstance(res.exception, InputError) and "No space left on device" in str(res.exception)
+    assert (tmp_path / "p.png").read_bytes() == b"the earlier picture" and len(list(tmp_path.iterdir())) == 2
+    empty = trimesh.Trimesh()
+    with pytest.raises(InputError, match="all 2 components are empty"):
+        save_glb(tmp_path / "e.glb", [empty, empty])
+    with pytest.raises(InputError, match="2 components need as many names and colours, got 2 and 1"):
+        save_glb(tmp_path / "e.glb", [trimesh.creation.box()] * 2, colors=np.zeros((1, 4)))
+
+
+def test_demo_port_out_of_range_is_one_line():
+    res = CliRunner().invoke(app, ["demo", "--port", "99999"])
+    assert isinstance(res.exception, ConfigError) and "--port must be from 1 to 65535, got 99999" in str(res.exception)
+
+
+def test_one_pipeline_samples_from_threads(default_pipeline):
+    """Each sampling call has its own scheduler: concurrent calls give what one call alone gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cond = default_pipeline.encode_image(EXAMPLES / "chair.png")
+    alone = default_pipeline.generate_latents(cond, 2, steps=3, seed=4)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: default_pipeline.generate_latents(cond, 2, steps=3, seed=4), range(4)))
+    for latents in results:
+        torch.testing.assert_close(latents, alone, rtol=0, atol=0)

@@ -44,6 +44,7 @@ MAX_GUIDANCE = 15.0
 GUIDANCE_STEP = 0.5
 DEFAULT_SEED = 0
 MAX_SEED = 2**31 - 1
+KEPT_OUTPUTS = 64  # the demo's newest GLBs kept in its output folder; older ones are deleted
 QUEUE_SIZE = 16  # waiting requests beyond this are turned away
 QUEUE_ID = "generation"  # object and scene generations share one queue: one at a time in all
 TITLE = "moca3d: one image -> N part (or instance) meshes"
@@ -85,13 +86,22 @@ def check_upload(image_path: Union[str, Path, None], what: str = "an image", for
     try:
         with Image.open(path) as im:  # reads the header only
             image_format, (width, height) = im.format, im.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
+    except Image.DecompressionBombError:
+        raise InputError(f"{path.name} is too large: the limit is {MAX_PIXELS / 1e6:.0f} megapixels") from None
+    except (UnidentifiedImageError, OSError):
         image_format, width, height = None, 0, 0
     if image_format not in formats:
         raise InputError(f"{path.name} is not a {kinds} image")
     if width * height > MAX_PIXELS:
         raise InputError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
     return path
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """A form value (a number, or None when its box was cleared) as an int in [low, high]; InputError otherwise."""
+    if not isinstance(value, (int, float)) or not low <= value <= high or int(value) != value:  # None, NaN, inf, 2.5
+        raise InputError(f"{name} must be a whole number from {low} to {high}, got {value}")
+    return int(value)
 
 
 def gather_masks(uploads, folder: Path) -> Path:
@@ -102,9 +112,16 @@ def gather_masks(uploads, folder: Path) -> Path:
         raise InputError("upload a label map (0 = background, one id per instance) or one binary mask per instance first")
     if len(files) == 1:
         return check_upload(files[0], "a label map", LABEL_MAP_FORMATS)
+    paths = [check_upload(file, "binary masks", BINARY_MASK_FORMATS) for file in files]
+    sizes = {}
+    for path in paths:
+        with Image.open(path) as im:
+            sizes.setdefault(im.size, path.name)
+    if len(sizes) > 1:
+        (a, first), (b, second) = list(sizes.items())[:2]
+        raise InputError(f"the masks differ in size: {first} is {a[0]}x{a[1]}, {second} is {b[0]}x{b[1]}")
     folder.mkdir(parents=True)
-    for file in files:
-        path = check_upload(file, "binary masks", BINARY_MASK_FORMATS)
+    for path in paths:
         link = folder / path.name
         if link.exists():
             raise InputError(f"two masks are named {path.name}: name each instance's mask differently (they are read in name order)")
@@ -140,7 +157,9 @@ class DemoGenerator:
         def run():
             path = check_upload(image_path)
             return self.pipeline(
-                path, num_parts=int(num_parts), steps=int(steps), guidance=float(guidance), seed=int(seed),
+                path, num_parts=whole_number(num_parts, "the number of parts", 1, self.max_parts),
+                steps=whole_number(steps, "the number of steps", 1, MAX_STEPS), guidance=float(guidance),
+                seed=whole_number(seed, "the seed", 0, MAX_SEED),
                 resolution=self.resolution, show_progress=False,
             )
         return self._respond(run, "parts")
@@ -155,7 +174,8 @@ class DemoGenerator:
                 raise InputError("this demo was started without a scene model (moca3d demo --scene-model PATH)")
             image = check_upload(image_path, "a scene image")
             return self.scene_pipeline.generate_scene(
-                image, gather_masks(masks, folder), steps=int(steps), guidance=float(guidance), seed=int(seed),
+                image, gather_masks(masks, folder), steps=whole_number(steps, "the number of steps", 1, MAX_STEPS),
+                guidance=float(guidance), seed=whole_number(seed, "the seed", 0, MAX_SEED),
                 resolution=self.resolution, show_progress=False,
             )
         try:
@@ -171,6 +191,8 @@ class DemoGenerator:
             glb = result.save(self.output_dir / f"{kind}-{uuid.uuid4().hex[:12]}.glb")
         except MoCA3DError as err:
             raise gr.Error(str(err), print_exception=False) from None
+        for old in sorted(self.output_dir.glob("*.glb"), key=lambda p: p.stat().st_mtime)[:-KEPT_OUTPUTS]:
+            old.unlink(missing_ok=True)  # gradio serves its own copy of each result
         empty = sum(1 for mesh in result.meshes if len(mesh.faces) == 0)
         note = f" ({empty} empty)" if empty else ""
         summary = f"{len(result.meshes)} {kind}{note} in {time.time() - started:.1f} s: {', '.join(result.names)}"

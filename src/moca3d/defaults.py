@@ -12,6 +12,7 @@ GUIDANCE = 7.0  # classifier-free guidance for objects: the built-in model's bes
 SCENE_GUIDANCE = 2.0  # for scenes: the built-in scene model's best of 1, 2, 3, 4, 7 and 10 (README, scene guidance)
 MIN_RESOLUTION = 16  # smallest marching-cubes grid a generation verb accepts
 MAX_RESOLUTION = 1024  # largest: a 1024^3 grid of float32 field values is already 4 GiB per component
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
 RESOLUTION_RULE = f"{MIN_RESOLUTION}, {2 * MIN_RESOLUTION} or a multiple of 4 from {4 * MIN_RESOLUTION} to {MAX_RESOLUTION}"
 
 
@@ -32,8 +33,11 @@ def check_resolution(resolution: int, name: str = "--resolution") -> None:
         raise ConfigError(f"{name} must be {RESOLUTION_RULE}, got {resolution}")
 
 
-def check_sampling_args(steps: int, guidance: float, resolution: int, shift: Optional[float] = None, dash: str = "--") -> None:
-    """Sampling options of the CLI and the pipeline: steps, guidance, resolution, shift (one-line ConfigErrors, names after `dash`)."""
+def check_sampling_args(steps: int, guidance: float, resolution: int, shift: Optional[float] = None, dash: str = "--",
+                        seed: Optional[int] = None) -> None:
+    """Sampling options of the CLI and the pipeline: steps, guidance, resolution, shift, seed (one-line ConfigErrors, names after `dash`)."""
+    if seed is not None and (not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{dash}seed must be a whole number from 0 to 2^63 - 1, got {seed}")
     if not isinstance(steps, numbers.Integral) or steps < 1:
         raise ConfigError(f"{dash}steps must be >= 1 (a whole number), got {steps}")
     if not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):

@@ -61,10 +61,11 @@ def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
 
 
 def scheduler_with_shift(scheduler: FlowMatchEulerDiscreteScheduler, shift: Optional[float]) -> FlowMatchEulerDiscreteScheduler:
-    """`scheduler` itself when `shift` is None or already its own, else a copy with that shift (checked)."""
-    if shift is None or check_shift(shift) == float(scheduler.config.shift):
-        return scheduler
-    return type(scheduler).from_config(scheduler.config, shift=float(shift))
+    """A fresh copy of `scheduler`, with `shift` (checked) unless None: sampling sets the copy's timesteps, so
+    concurrent calls on one pipeline never share them."""
+    if shift is None:
+        return type(scheduler).from_config(scheduler.config)
+    return type(scheduler).from_config(scheduler.config, shift=check_shift(shift))
 
 
 def guided_velocity(

@@ -20,7 +20,7 @@ import trimesh
 
 from moca3d import flow
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
-from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_sampling_args, check_shift
+from moca3d.defaults import GUIDANCE, MIN_RESOLUTION, SCENE_GUIDANCE, STEPS, check_sampling_args, check_shift
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
@@ -92,6 +92,8 @@ class MoCAPipeline:
             index = json.loads((root / "model_index.json").read_text())
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{root / 'model_index.json'}: corrupt JSON ({err})") from None
+        if not isinstance(index, dict):
+            raise CheckpointError(f"{root / 'model_index.json'}: not a pipeline index (a JSON object of components)")
         parts = {}
         for name, klass in COMPONENTS.items():
             sub = root / name
@@ -100,7 +102,8 @@ class MoCAPipeline:
             if not any(sub.glob("*.safetensors")):
                 raise CheckpointError(f"{sub}: no weights (*.safetensors) in the component folder")
             try:
-                if name == "image_encoder" and index.get(name, [None])[0] == "transformers":
+                entry = index.get(name)
+                if name == "image_encoder" and isinstance(entry, list) and entry[:1] == ["transformers"]:
                     from moca3d.models.dino import DINOv2Encoder  # converted TripoSG / PartCrafter folders
 
                     model = DINOv2Encoder.from_pretrained(sub)
@@ -190,14 +193,18 @@ class MoCAPipeline:
             raise InputError(f"the number of parts must be a whole number >= 1, got {num_parts}")
         if num_parts > self.transformer.max_components:
             raise InputError(f"{num_parts} parts exceed the model's limit of {self.transformer.max_components}")
+        check_sampling_args(steps, guidance, MIN_RESOLUTION, shift, dash="", seed=seed)
         g = torch.Generator().manual_seed(seed)
         ids = self.transformer.sample_ids(1, num_parts, g, self.device)
         uncond = torch.zeros_like(cond)
         extra = {} if layout is None else {"layout": layout.to(self.device)}  # kept in the unconditional pass, as in training
-        return flow.sample(
+        latents = flow.sample(
             self.transformer, cond, (1, num_parts, cfg.num_latents, cfg.in_channels), uncond=uncond, steps=steps,
             guidance=guidance, shift=shift, generator=g, scheduler=self.scheduler, progress=progress, ids=ids, **extra,
         )
+        if not torch.isfinite(latents).all():
+            raise CheckpointError(f"the model sampled NaN or Inf latents (its weights overflow in {next(self.transformer.parameters()).dtype}?)")
+        return latents
 
     @staticmethod
     def extract_config(resolution: int = 128) -> ExtractConfig:
@@ -236,7 +243,7 @@ class MoCAPipeline:
         """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
         from rich.progress import Progress
 
-        check_sampling_args(steps, guidance, resolution, shift, dash="")
+        check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)
         with Progress(disable=not show_progress, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num

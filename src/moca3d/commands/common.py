@@ -42,9 +42,9 @@ def check_output_path(path: Optional[Path], option: str = "--output") -> None:
         raise ConfigError(f"{option} {path}: no permission to write in {folder}")
 
 
-def check_generation_args(steps: int, resolution: int, guidance: float, output: Path) -> None:
+def check_generation_args(steps: int, resolution: int, guidance: float, output: Path, seed: int = 0) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
-    check_sampling_args(steps, guidance, resolution)
+    check_sampling_args(steps, guidance, resolution, seed=seed)
     if output.suffix.lower() != ".glb":
         raise ConfigError(f"--output must be a .glb file (one named node per component), got {output}")
     check_output_path(output)

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         ),
         port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on; open http://HOST:PORT in a browser."),
         share: bool = typer.Option(False, "--share", help="Also publish a temporary public gradio.live link (needs internet; off by default)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
         resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part."),
         scene_model: Optional[Path] = typer.Option(
             None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model."
@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
 
         Stop it with Ctrl+C.
         """
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port must be from 1 to 65535, got {port}")
         try:
             import gradio  # noqa: F401
         except ImportError:

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
     ) -> None:
         """Generate PARTS part meshes from one IMAGE and write them as a GLB scene."""
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.pipeline import MoCAPipeline
 
-        check_generation_args(steps, resolution, guidance, output)
+        check_generation_args(steps, resolution, guidance, output, seed)
         dev = resolve_device(device)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev)

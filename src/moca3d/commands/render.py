@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Optional
@@ -23,7 +24,7 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from moca3d.geometry.mesh_io import load_file, main_color, palette, validate_components
+    from moca3d.geometry.mesh_io import atomic_write_bytes, load_file, main_color, palette, validate_components
     from moca3d.geometry.render import RenderConfig, orbit_camera, render
 
     meshes, names = load_file(mesh_path)
@@ -50,9 +51,11 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
         both.paste(left, (0, 0))
         both.paste(picture, (size, 0))
         picture = both
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(output)
+        atomic_write_bytes(output, buffer.getvalue())  # a failed write leaves any earlier picture whole
     except OSError as err:
         raise cannot_write(output, err) from None
     return output, len(parts)

@@ -38,14 +38,14 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance (16, 32 or a multiple of 4 from 64 to 1024)."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     ) -> None:
         """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB scene."""
         import time
 
         from moca3d.pipeline import MoCAPipeline
 
-        check_generation_args(steps, resolution, guidance, output)
+        check_generation_args(steps, resolution, guidance, output, seed)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         max_instances: int = typer.Option(32, help="Skip scenes with more instances."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category, per-scene and per-instance metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:

@@ -31,7 +31,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  save_latent_cache)
@@ -86,6 +86,7 @@ def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
             im.load()
             if not binary and (lossy := _lossy_format(im, path)):
                 raise InputError(f"label map {path} is a {lossy}: lossy compression invents ids at the edges; save it as PNG")
+            im = ImageOps.exif_transpose(im)  # upright, as the scene image is read
             if binary and im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
             alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None

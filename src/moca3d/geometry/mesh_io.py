@@ -304,6 +304,8 @@ def components_scene(
     """A scene with one named node per component, each in its own colour."""
     names = _unique_names(list(names) if names is not None else [f"component_{i}" for i in range(len(meshes))])
     colors = palette(len(meshes)) if colors is None else np.asarray(colors, dtype=np.uint8)
+    if len(names) != len(meshes) or len(colors) != len(meshes):
+        raise InputError(f"{len(meshes)} components need as many names and colours, got {len(names)} and {len(colors)}")
     scene = trimesh.Scene()
     for mesh, name, color in zip(meshes, names, colors):
         if len(mesh.faces) == 0:  # an empty component keeps its named node, without geometry
@@ -313,7 +315,7 @@ def components_scene(
     return scene
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, then rename over the target."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -333,10 +335,12 @@ def save_glb(
     path = Path(path)
     if not meshes:
         raise InputError(f"{path}: no components to write")
+    if all(len(mesh.faces) == 0 for mesh in meshes):
+        raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
     data = components_scene(meshes, names, colors).export(file_type="glb")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
     except OSError as err:
         raise cannot_write(path, err) from None
     return path
@@ -354,6 +358,6 @@ def save_separate(
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
         p = folder / f"{safe}.{ext}"
         data = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).export(file_type=ext)
-        _atomic_write_bytes(p, data.encode() if isinstance(data, str) else data)
+        atomic_write_bytes(p, data.encode() if isinstance(data, str) else data)
         paths.append(p)
     return paths

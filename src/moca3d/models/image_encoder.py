@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.vae import LayerNorm32, VecSetBlock
@@ -45,6 +45,8 @@ def load_image(image: ImageLike) -> Image.Image:
     """A PIL image from a path, a PIL image or an (H, W, 3|4) uint8, uint16 or [0, 1] float array; clear error otherwise."""
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder, not an image")
         if not path.is_file():
             raise InputError(f"image not found: {path}")
         if path.stat().st_size == 0:
@@ -52,7 +54,7 @@ def load_image(image: ImageLike) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
-                im = im.copy()
+                im = ImageOps.exif_transpose(im)  # a copy, upright as a viewer shows it (phones store rotated pixels)
         except UnidentifiedImageError:
             raise InputError(f"cannot read image {path}: not an image format PIL knows (PNG, JPG, WebP, …)") from None
         except Image.DecompressionBombError as err:
