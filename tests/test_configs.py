@@ -169,3 +169,13 @@ def test_cli_train_reports_a_bad_recipe_in_one_line(tmp_path):
         result = CliRunner().invoke(app, ["train", str(tmp_path / "data"), "--config", str(tmp_path / name), "-o", str(tmp_path / "run")])
         assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_recipes_find_the_shipped_models_from_any_folder(tmp_path, monkeypatch):
+    """"src/moca3d/weights/..." in a recipe means the package's copy when run outside the repository."""
+    monkeypatch.chdir(tmp_path)
+    for name, config in (("dit_scene_small_continue.json", DiTTrainConfig), ("vae_small_freespace.json", VAETrainConfig),
+                         ("encoder_pretrain_scene.json", EncoderPretrainConfig)):
+        init = Path(config.from_json(CONFIGS / name).init_from)
+        assert init.is_absolute() and init.is_dir() and any(init.glob("*.json")), name
+    assert DiTTrainConfig.from_dict({"init_from": "runs/mine/pipeline"}).init_from == "runs/mine/pipeline"  # users' paths as given

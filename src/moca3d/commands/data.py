@@ -54,6 +54,14 @@ def prepare_command(
     )
     if summary.processed == 0 and summary.already_done == 0:
         raise InputError(f"no asset could be prepared: all {summary.skipped} skipped (reasons in {out / 'report.jsonl'})")
+    from collections import Counter
+
+    from moca3d.data.dataset import read_manifest
+
+    splits = Counter(record["split"] for record in read_manifest(out))
+    empty = [name for name in ("val", "test") if not splits[name]]
+    hint = f" ({' and '.join(empty)} empty: raise --{empty[0]}-fraction for a held-out split)" if empty else ""
+    typer.echo(f"splits: {splits['train']} train, {splits['val']} val, {splits['test']} test{hint}")
 
 
 def evaluate_command(

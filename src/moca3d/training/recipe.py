@@ -11,6 +11,16 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 from moca3d.errors import ConfigError
 
 R = TypeVar("R", bound="Recipe")
+SHIPPED_PREFIX = "src/moca3d/weights/"  # how the recipes in configs/ name the package's shipped models
+PATH_KEYS = ("init_from", "image_encoder_from")  # recipe keys naming a model folder
+
+
+def shipped_path(value: Any) -> Any:
+    """A recipe's "src/moca3d/weights/..." path -> the installed package's copy when it is not there from the current
+    folder (a recipe run outside the repository, or with moca3d installed from a wheel); other values unchanged."""
+    if isinstance(value, str) and value.startswith(SHIPPED_PREFIX) and not Path(value).exists():
+        return str(Path(__file__).resolve().parents[1] / "weights" / value[len(SHIPPED_PREFIX):])
+    return value
 _NoneType = type(None)
 
 
@@ -71,7 +81,8 @@ class Recipe:
             expected = _type_error(hints[key], value)
             if expected is not None:
                 raise ConfigError(f"{cls.recipe_name} config key '{key}' must be {expected}, got {json.dumps(value)[:60]}")
-        d = {k: (tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else v) for k, v in d.items()}
+        d = {k: (tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else shipped_path(v) if k in PATH_KEYS else v)
+             for k, v in d.items()}
         cfg = cls(**d)
         cfg.check()
         return cfg
