@@ -165,6 +165,42 @@ def test_time_limit_stops_checkpoints_and_exports(dataset, tmp_path):
     assert train(root, run, tiny_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)["steps"] == 3
 
 
+def test_resume_refuses_another_recipe_keeps_its_clock_and_says_when_finished(dataset, tmp_path, capsys):
+    from moca3d.training.checkpoints import latest_checkpoint
+
+    root, vae_dir = dataset
+    run = tmp_path / "run"
+    train(root, run, tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
+    lr = json.loads((run / "train_config.json").read_text())["lr"]
+    with pytest.raises(ConfigError, match=rf"was started with another recipe \(lr {lr} -> 0.5\): resume with its own"):
+        train(root, run, tiny_recipe(steps=4, lr=0.5), vae_dir=vae_dir, device="cpu", progress=False)
+    capsys.readouterr()
+    result = train(root, run, tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)  # more steps: allowed
+    assert (result["steps"], result["trained_steps"]) == (4, 2) and "resuming with steps 2 -> 4" in capsys.readouterr().out
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 4
+    assert json.loads((latest_checkpoint(run) / "state.json").read_text())["extra"]["elapsed_s"] > 0  # the run's clock
+    result = train(root, run, tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)
+    assert (result["steps"], result["trained_steps"], result["final_loss"]) == (4, 0, None)
+    assert "finished: nothing to train" in capsys.readouterr().out
+    timed = tmp_path / "timed"
+    train(root, timed, tiny_recipe(steps=50, time_limit_s=1e-6), vae_dir=vae_dir, device="cpu", progress=False)
+    again = train(root, timed, tiny_recipe(steps=50, time_limit_s=1e-6), vae_dir=vae_dir, device="cpu", progress=False)
+    assert (again["steps"], again["trained_steps"]) == (1, 0), "a resumed run's time limit counts its earlier seconds"
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (dict(lr=-1.0), "lr must be positive, got -1.0"),
+    (dict(lr=float("nan")), "lr must be positive, got nan"),
+    (dict(warmup_steps=-2), "warmup_steps must be >= 0"),
+    (dict(min_lr_ratio=2.0), r"min_lr_ratio must be in \[0, 1\]"),
+    (dict(transformer=dict(widht=32)), "unknown transformer config keys: widht"),
+    (dict(image_encoder=dict(patch=8)), "unknown image_encoder config keys: patch"),
+])
+def test_recipe_values_are_checked_before_training(recipe, message):
+    with pytest.raises(ConfigError, match=message):
+        DiTTrainConfig.from_dict(recipe)
+
+
 def test_lr_schedule_is_linear_warmup_then_cosine_to_the_floor():
     """lr(s) = lr (s + 1) / W during the warm-up, then lr (m + (1 - m) (1 + cos(pi p)) / 2), p = (s - W) / (S - W)."""
     from moca3d.training.recipe import lr_at
@@ -188,7 +224,7 @@ def test_time_limited_schedule_ends_at_the_limit():
     assert lr_at(schedule_step(20, cfg, elapsed=100.0), cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
     assert schedule_step(600, cfg, elapsed=10.0) == 600, "a fast machine follows the steps"
     assert schedule_step(20, tiny_recipe(steps=1010, warmup_steps=10), elapsed=1e9) == 20, "no limit: the steps alone"
-    assert schedule_step(410, cfg, elapsed=50.0, start=410) == 710, "a resumed run spreads the remaining steps over its own time"
+    assert schedule_step(410, cfg, elapsed=50.0) == 510, "a resumed run keeps its clock: the time limit holds for the whole run"
 
 
 def test_training_backend_override_is_not_saved(dataset, tmp_path):

@@ -295,7 +295,14 @@ def test_resume_continues_from_the_same_step_with_identical_state(dataset, tmp_p
     assert ckpt.name == "step_00000002"
     with pytest.raises(ConfigError):
         train_vae(dataset, tmp_path / "resumed", cfg, progress=False)  # refuses to overwrite without --resume
+    with (tmp_path / "resumed" / "log.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')  # logged after the checkpoint, then killed mid-line
+    with pytest.raises(ConfigError, match=r"was started with another recipe \(lr "):
+        train_vae(dataset, tmp_path / "resumed", tiny_train_config(lr=0.5), resume=True, progress=False)
     train_vae(dataset, tmp_path / "resumed", cfg, resume=True, progress=False, validate_at_end=False)
+    steps = [[r["step"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines() if "loss" in (r := json.loads(line))]
+             for run in ("resumed", "straight")]
+    assert steps[0] == steps[1], "the resumed log holds each step once, as the uninterrupted one"
     a = latest_checkpoint(tmp_path / "straight")
     b = latest_checkpoint(tmp_path / "resumed")
     assert a.name == b.name == "step_00000004"

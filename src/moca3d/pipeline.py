@@ -128,6 +128,7 @@ class MoCAPipeline:
         """Write every component and model_index.json (the index last, so a folder with it is complete)."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
+        (root / "model_index.json").unlink(missing_ok=True)  # over an earlier export: incomplete until the end
         index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
         for name, klass in COMPONENTS.items():
             part = getattr(self, name)

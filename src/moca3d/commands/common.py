@@ -106,6 +106,7 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
     from moca3d.training.train_dit import DiTTrainConfig, train
 
     result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume)
-    typer.echo(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final loss {result['final_loss']}")
+    typer.echo(f"trained {result['trained_steps']} steps (to step {result['steps']}) in {result['seconds']:.0f} s; "
+               f"final loss {result['final_loss']}")
     if "pipeline" in result:
         typer.echo(f"pipeline: {result['pipeline']}")

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (configs/encoder_pretrain.json; default: its values without its 20-minute limit and 1-thread setting)."),
         cache: Optional[Path] = typer.Option(None, "--cache", help="Read the renders from this latent cache (moca3d cache-latents) of DATA_DIR's train split (objects only)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
-        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds (the LR schedule ends there)."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
     ) -> None:
         """Train the image encoder to predict each object's coarse 3D surface grid from its render.

@@ -437,10 +437,10 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     t0 = time.time()
     step, losses = start, []
     while step < cfg.steps:
-        elapsed = time.time() - t0  # this session's: a resumed run gets the limit again, as DiT training does
+        elapsed = elapsed0 + time.time() - t0  # the run's, resumes included: the limit holds for the whole run
         if cfg.time_limit_s and elapsed >= cfg.time_limit_s:
             break
-        sched = schedule_step(step, cfg, elapsed, start)
+        sched = schedule_step(step, cfg, elapsed)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(sched, cfg)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run draws the same

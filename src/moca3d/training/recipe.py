@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from moca3d.errors import ConfigError
 
@@ -106,10 +107,47 @@ class Recipe:
         """Raise ConfigError for values out of range (subclasses extend)."""
 
     def check_positive(self, *names: str) -> None:
-        """ConfigError unless every named field is > 0."""
+        """ConfigError unless every named field is > 0 (and finite)."""
         for name in names:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not value > 0 or value == math.inf:  # NaN fails `> 0`
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+    def check_schedule(self) -> None:
+        """The LR schedule's fields (lr_at): lr > 0, warmup_steps >= 0, min_lr_ratio in [0, 1] (ConfigError)."""
+        self.check_positive("lr")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def check_model_keys(self, name: str, model_class: type) -> None:
+        """ConfigError for keys of the nested model config `name` that `model_class` does not take."""
+        params = inspect.signature(model_class.__init__).parameters
+        unknown = sorted(set(getattr(self, name) or {}) - set(params) - {"_class_name", "_diffusers_version"})
+        if unknown:
+            raise ConfigError(f"unknown {name} config keys: {', '.join(unknown)}")
+
+
+RESUMABLE_KEYS = ("steps", "time_limit_s", "num_threads", "log_every", "checkpoint_every", "keep_checkpoints",
+                  "validate_every")  # a run may resume with these changed; any other change is refused
+
+
+def check_resume(config_path: Path, cfg: Recipe, say: Callable[[str], None]) -> None:
+    """Resuming the run of `config_path` (its recipe as started) with `cfg`: a change outside RESUMABLE_KEYS is a
+    ConfigError; changes of those are said and recorded."""
+    old, new = json.loads(config_path.read_text()), cfg.to_dict()
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    fixed = [k for k in changed if k not in RESUMABLE_KEYS]
+    if fixed:
+        diff = ", ".join(f"{k} {json.dumps(old.get(k))[:40]} -> {json.dumps(new.get(k))[:40]}" for k in fixed[:3])
+        raise ConfigError(f"{config_path.parent} was started with another recipe ({diff}): resume with its own "
+                          f"({config_path.name}), or train into a new output folder")
+    if changed:
+        say("resuming with " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed))
+        from moca3d.training.checkpoints import atomic_write_json
+
+        atomic_write_json(new, config_path)
 
 
 def lr_at(step: int, cfg) -> float:

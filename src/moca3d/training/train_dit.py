@@ -50,7 +50,8 @@ from moca3d.models.image_encoder import (
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
-from moca3d.training.recipe import Recipe, lr_at
+from moca3d.training.recipe import Recipe, check_resume, lr_at
+from moca3d.training.train_vae import load_vae_folder
 from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
 SEED_STRIDE = 1_000_003
@@ -116,6 +117,9 @@ class DiTTrainConfig(Recipe):
     def check(self) -> None:
         """Raise ConfigError for values out of range."""
         self.check_positive("steps", "batch_size", "log_every", "checkpoint_every", "max_components")
+        self.check_schedule()
+        self.check_model_keys("transformer", MoCATransformer)
+        self.check_model_keys("image_encoder", ImageEncoder)
         if self.group_by_parts < 0:
             raise ConfigError(f"group_by_parts must be >= 0, got {self.group_by_parts}")
         if not 0 <= self.cfg_drop < 1:
@@ -402,13 +406,13 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
     return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
 
 
-def schedule_step(step: int, cfg: DiTTrainConfig, elapsed: float, start: int = 0) -> int:
+def schedule_step(step: int, cfg: DiTTrainConfig, elapsed: float) -> int:
     """The step the LR schedule is at: with a time limit, the further of the step and the elapsed share
-    of the limit (so the cosine reaches its end at the limit whatever the speed of the machine)."""
+    of the limit (so the cosine reaches its end at the limit whatever the speed of the machine).
+    `elapsed` counts the whole run's training seconds, resumes included."""
     if cfg.time_limit_s <= 0 or step < cfg.warmup_steps:  # the warm-up counts steps
         return step
-    first = max(start, cfg.warmup_steps)
-    return max(step, first + int(elapsed / cfg.time_limit_s * (cfg.steps - first)))
+    return max(step, cfg.warmup_steps + int(elapsed / cfg.time_limit_s * (cfg.steps - cfg.warmup_steps)))
 
 
 def _any_process(accelerator, flag: bool) -> bool:
@@ -467,7 +471,7 @@ def train(
             data = LatentDataset.from_cache(data_dir, cfg.max_components, None if callable(preprocess) else preprocess)
         else:
             data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
-    vae = VecSetVAE.from_pretrained(vae_dir) if vae_dir is not None else None  # loaded once: validation, export
+    vae = load_vae_folder(Path(vae_dir)) if vae_dir is not None else None  # loaded once: validation, export
     if vae is not None:  # train on the unit-scale latents the pipeline samples
         data.latents = [vae.normalize_latents(z) for z in data.latents]
     torch.manual_seed(cfg.seed)
@@ -485,11 +489,16 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas
     )
     ema = EMA(model, decay=cfg.ema_decay)
-    start = 0
+    start, before, spent = 0, 0.0, False  # the step and training seconds the run resumes from; nothing left
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer, ema).step
-        accelerator.print(f"resumed from {ckpt} (step {start})")
+        state = load_checkpoint(ckpt, model, optimizer, ema)
+        start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
+        if (out / "train_config.json").is_file():
+            check_resume(out / "train_config.json", cfg, accelerator.print)
+        spent = start >= cfg.steps or 0 < cfg.time_limit_s <= before  # its steps or its time used up
+        finished = " (finished: nothing to train; its pipeline is exported again)" if spent else ""
+        accelerator.print(f"resumed from {ckpt} (step {start}){finished}")
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg.to_dict(), out / "train_config.json")
@@ -504,13 +513,13 @@ def train(
     model.train()
     log: list[dict[str, float]] = []
     loss_value = None
-    done = cfg.steps  # the last step run (less when the time limit stops the run)
+    done = start if spent else cfg.steps  # the last step run (less when the time limit stops the run)
     t0 = time.time()
     columns = [TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
-        for step in range(start, cfg.steps):
-            lr = lr_at(schedule_step(step, cfg, time.time() - t0, start), cfg)
+        for step in range(start, start if spent else cfg.steps):
+            lr = lr_at(schedule_step(step, cfg, before + time.time() - t0), cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             draws = step_draws(cfg, step, len(data), cfg.batch_size, by_parts)
@@ -525,14 +534,15 @@ def train(
             unwrapped = accelerator.unwrap_model(model)
             ema.update(unwrapped)
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, time.time() - t0 > cfg.time_limit_s)
+            out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, before + time.time() - t0 > cfg.time_limit_s)
             if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.steps or out_of_time:
                 log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "time": time.time() - t0})
             bar.update(task, completed=step + 1, info=f"loss {loss_value:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints)
+                    save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints,
+                                    extra={"elapsed_s": before + time.time() - t0})
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})
@@ -545,7 +555,8 @@ def train(
                 accelerator.print(f"time limit of {cfg.time_limit_s:.0f} s reached at step {done} of {cfg.steps}")
                 break
     accelerator.wait_for_everyone()
-    result = {"steps": done, "seconds": time.time() - t0, "final_loss": loss_value if done > start else None}
+    result = {"steps": done, "trained_steps": max(done - start, 0), "seconds": time.time() - t0,
+              "final_loss": loss_value if done > start else None}
     if accelerator.is_main_process and vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)

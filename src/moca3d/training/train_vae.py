@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
-from moca3d.training.recipe import Recipe, lr_at
+from moca3d.training.recipe import Recipe, check_resume, lr_at
 from moca3d.training.checkpoints import EMA, atomic_write_json, check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
@@ -103,8 +103,8 @@ class VAETrainConfig(Recipe):
             raise ConfigError(f"inside_weight must be positive, got {self.inside_weight}")
         if self.freeze_encoder and not self.init_from:
             raise ConfigError("freeze_encoder needs init_from (the VAE whose encoder is kept)")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"bad learning rate settings lr={self.lr} min_lr_ratio={self.min_lr_ratio}")
+        self.check_schedule()
+        self.check_model_keys("model", VecSetVAE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,13 +428,18 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     out_dir.mkdir(parents=True, exist_ok=True)
     start, elapsed = 0, 0.0
     ckpt = latest_checkpoint(out_dir) if resume else None
+    log_path = out_dir / "log.jsonl"
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema)
         start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
+        if (out_dir / "train_config.json").is_file():
+            check_resume(out_dir / "train_config.json", cfg, print)
+        print(f"resumed from {ckpt} (step {start})")
+        trim_log(log_path, start)  # lines logged after that checkpoint are logged again
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or use a new directory")
-    atomic_write_json(cfg.to_dict(), out_dir / "train_config.json")
-    log_path = out_dir / "log.jsonl"
+    else:
+        atomic_write_json(cfg.to_dict(), out_dir / "train_config.json")
 
     bar = None
     if progress:
@@ -497,6 +502,22 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         _append_jsonl(log_path, {"step": cfg.steps, "val": summary["val"], "final": True})
     atomic_write_json(summary, out_dir / "summary.json")
     return summary
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records of a JSON-lines log past `step` (and a line cut by a kill), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def load_vae_folder(folder: Path, hint: str = "") -> VecSetVAE:
