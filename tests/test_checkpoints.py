@@ -115,6 +115,11 @@ def test_interrupted_write_leaves_no_corrupt_file(tmp_path, monkeypatch):
     assert leftovers == ["step_00000001"]
     assert sorted(p.name for p in first.iterdir() if p.name.endswith(".tmp")) == []
     ck.load_checkpoint(first, make_model())  # the old file is intact and loads
+    killed = tmp_path / ck.CHECKPOINT_DIR / ".step_00000002.x1y2.tmp"
+    killed.mkdir()  # what a SIGKILL during a save leaves (no `finally` runs): swept by the next save
+    (killed / "model.safetensors").write_bytes(b"partial")
+    ck.save_checkpoint(tmp_path, 2, model)
+    assert sorted(p.name for p in (tmp_path / ck.CHECKPOINT_DIR).iterdir()) == ["step_00000001", "step_00000002"]
 
 
 def test_keep_last_and_missing_checkpoint(tmp_path):

@@ -365,3 +365,11 @@ def test_one_pipeline_samples_from_threads(default_pipeline):
         results = list(pool.map(lambda _: default_pipeline.generate_latents(cond, 2, steps=3, seed=4), range(4)))
     for latents in results:
         torch.testing.assert_close(latents, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("verb", [["prepare", "--procedural", "objects", "--count", "1"], ["train-vae", "{tmp}"],
+                                  ["train", "{tmp}", "--vae", "{tmp}"], ["pretrain-encoder", "{tmp}"]])
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path, verb):
+    (tmp_path / "taken").write_text("a file")
+    res = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in verb] + ["--output", str(tmp_path / "taken" / "run")])
+    assert isinstance(res.exception, ConfigError) and f"{tmp_path / 'taken'} is a file, not a folder" in str(res.exception)

@@ -42,6 +42,13 @@ def check_output_path(path: Optional[Path], option: str = "--output") -> None:
         raise ConfigError(f"{option} {path}: no permission to write in {folder}")
 
 
+def check_run_folder(path: Path, option: str = "--output") -> None:
+    """`path` can be (or become) a folder: neither it nor a parent of it is a file (one-line ConfigError)."""
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
+
+
 def check_generation_args(steps: int, resolution: int, guidance: float, output: Path, seed: int = 0) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
     check_sampling_args(steps, guidance, resolution, seed=seed)
@@ -105,6 +112,7 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
     """Build the recipe (overrides already applied), train, and print the outcome."""
     from moca3d.training.train_dit import DiTTrainConfig, train
 
+    check_run_folder(output)
     result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume)
     typer.echo(f"trained {result['trained_steps']} steps (to step {result['steps']}) in {result['seconds']:.0f} s; "
                f"final loss {result['final_loss']}")

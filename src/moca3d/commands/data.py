@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import write_json
+from moca3d.commands.common import check_run_folder, write_json
 
 
 def prepare_command(
@@ -39,6 +39,7 @@ def prepare_command(
 
     if (input is None) == (procedural is None):
         raise ConfigError("give either an INPUT folder or --procedural objects|scenes")
+    check_run_folder(out)
     config = PrepareConfig(
         surface=SurfaceSamplingConfig(num_points=num_surface, sharp_fraction=sharp_fraction),
         queries=QueryConfig(num_queries=num_queries),

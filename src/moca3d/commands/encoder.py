@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
         With a scene recipe (configs/encoder_pretrain_scene.json, "condition": "scene") each visible instance's 7-channel stack predicts that instance's grid in the scene frame, starting from an object encoder widened to 7 channels. The result, OUT/image_encoder, is what a DiT or scene recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints.
         """
-        from moca3d.commands.common import resolve_device
+        from moca3d.commands.common import check_run_folder, resolve_device
         from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
         cfg = EncoderPretrainConfig.from_json(config) if config else EncoderPretrainConfig.from_dict({})
@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         if time_limit is not None:
             cfg.time_limit_s = time_limit
         cfg.check()
+        check_run_folder(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "log.jsonl", "a") as log_file:
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import resolve_device, write_json
+from moca3d.commands.common import check_run_folder, resolve_device, write_json
 from moca3d.errors import ConfigError, InputError
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
@@ -75,6 +75,7 @@ def register(app: typer.Typer) -> None:
         if freeze_encoder:
             cfg.freeze_encoder = True
         cfg.check()
+        check_run_folder(out_dir)
         summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
         typer.echo(f"trained {summary['steps']} steps in {summary['train_time_s'] / 60:.1f} min; weights in {out_dir / 'vae'}")
         for k, v in summary.get("val", {}).items():

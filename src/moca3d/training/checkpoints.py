@@ -321,6 +321,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob(".step_*.tmp"):  # left by a run killed while saving (one process saves at a time)
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
