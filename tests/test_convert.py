@@ -344,6 +344,31 @@ def test_wrong_checkpoint_names_first_bad_key(tmp_path, damage, message):
         load_triposg_transformer(tmp_path / "transformer", num_latents=L, compression=4)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--compression", "0"], "--num-latents (2048) must be a positive multiple of --compression (0)"),
+    (["--num-latents", "100", "--compression", "8"], "--num-latents (100) must be a positive multiple of --compression (8)"),
+])
+def test_convert_options_are_checked_before_reading_weights(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+
+    for verb in ("triposg", "partcrafter"):
+        res = CliRunner().invoke(app, ["convert", verb, str(tmp_path / "nowhere"), str(tmp_path / "dst")] + args)
+        assert isinstance(res.exception, ConfigError) and message in str(res.exception), res.output
+    (tmp_path / "file").write_text("x")
+    res = CliRunner().invoke(app, ["convert", "triposg", str(tmp_path / "nowhere"), str(tmp_path / "file")])
+    assert isinstance(res.exception, ConfigError) and "is a file, not a folder" in str(res.exception)
+
+
+def test_partcrafter_block_range_must_be_a_pair():
+    from moca3d.convert.partcrafter import global_block_ids
+
+    assert global_block_ids({"global_attn_block_id_range": [2, 4]}) == [2, 3, 4]
+    with pytest.raises(CheckpointError, match="global_attn_block_id_range must be \\[first, last\\], got 5"):
+        global_block_ids({"global_attn_block_id_range": 5})
+
+
 def test_wrong_folder_errors(tmp_path):
     write_release(tmp_path / "src", partcrafter=True)
     with pytest.raises(CheckpointError, match="PartCrafter transformer"):
@@ -366,6 +391,9 @@ def test_corrupt_weight_and_index_files_are_named(tmp_path):
         load_triposg_transformer(weights.parent, num_latents=L, compression=4)
     shard_index.write_text('{"weight_map": ["a.safetensors"]}')
     with pytest.raises(CheckpointError, match="'weight_map' must map tensor names to shard file names"):
+        load_triposg_transformer(weights.parent, num_latents=L, compression=4)
+    shard_index.write_text('{"weight_map": {"proj_in.weight": "../../elsewhere.safetensors"}}')
+    with pytest.raises(CheckpointError, match="shard '../../elsewhere.safetensors' is outside the folder"):
         load_triposg_transformer(weights.parent, num_latents=L, compression=4)
     model_index = tmp_path / "src" / "model_index.json"
     model_index.write_text("{not json")

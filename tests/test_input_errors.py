@@ -373,3 +373,23 @@ def test_a_run_folder_that_is_a_file_is_one_line(tmp_path, verb):
     (tmp_path / "taken").write_text("a file")
     res = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in verb] + ["--output", str(tmp_path / "taken" / "run")])
     assert isinstance(res.exception, ConfigError) and f"{tmp_path / 'taken'} is a file, not a folder" in str(res.exception)
+
+
+def test_reports_are_standard_json_and_broken_data_files_are_named(tmp_path):
+    from moca3d.data.dataset import load_cached_latents
+    from moca3d.training.checkpoints import atomic_write_json
+    from moca3d.training.train_vae import load_samples
+
+    atomic_write_json({"chamfer": float("inf"), "rows": [float("nan"), 1.5]}, tmp_path / "report.json")
+    text = (tmp_path / "report.json").read_text()
+    assert json.loads(text) == {"chamfer": None, "rows": [None, 1.5]} and "Infinity" not in text and "NaN" not in text
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "latents.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage")
+    with pytest.raises(InputError, match="unreadable cached latents .*encode-dataset --overwrite"):
+        load_cached_latents(tmp_path / "latents.safetensors")
+    asset = tmp_path / "assets" / "a"
+    asset.mkdir(parents=True)
+    np.savez(asset / "samples.npz", surface=np.zeros((1, 4, 6)), query_points=np.zeros((1, 4, 3)), query_sdf=np.zeros((1, 4)))
+    (asset / "samples.npz").write_bytes((asset / "samples.npz").read_bytes()[:50])  # an interrupted copy
+    with pytest.raises(InputError, match="samples.npz: unreadable samples"):
+        load_samples(tmp_path, "a")

@@ -201,6 +201,19 @@ def test_recipe_values_are_checked_before_training(recipe, message):
         DiTTrainConfig.from_dict(recipe)
 
 
+def test_assets_without_latents_are_reported_not_silently_dropped(dataset, tmp_path):
+    import shutil
+
+    root, _ = dataset
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    first = LatentDataset(copy, "train", 32).ids[0]
+    (copy / "assets" / first / "latents.safetensors").unlink()
+    with pytest.warns(UserWarning, match=f"1 'train' assets have no cached latents and are left out .first: {first}."):
+        data = LatentDataset(copy, "train", 32)
+    assert first not in data.ids
+
+
 def test_lr_schedule_is_linear_warmup_then_cosine_to_the_floor():
     """lr(s) = lr (s + 1) / W during the warm-up, then lr (m + (1 - m) (1 + cos(pi p)) / 2), p = (s - W) / (S - W)."""
     from moca3d.training.recipe import lr_at

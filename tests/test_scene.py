@@ -473,8 +473,8 @@ def test_evaluation_skips_scenes_with_hidden_instances(scenes, tmp_path):
     labels = np.asarray(Image.open(folder / "mask.png")).copy()
     labels[labels == 1] = 0  # instance 0 hidden behind the others
     _save(labels, copy / "assets" / folder.name / "mask.png")
-    report = evaluate_scenes(MoCAPipeline.from_pretrained(obj), copy, "train", count=1, steps=1, progress=False)
-    assert report["count"] == 0 and report["skipped"][0]["id"] == folder.name and "hidden" in report["skipped"][0]["reason"]
+    with pytest.raises(InputError, match="none of the 1 selected 'train' scenes could be evaluated .every one has an instance hidden"):
+        evaluate_scenes(MoCAPipeline.from_pretrained(obj), copy, "train", count=1, steps=1, progress=False)
 
 
 def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):

@@ -67,10 +67,9 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
     """
     import torch
 
-    from moca3d.training.train_vae import encode_latents
+    from moca3d.training.train_vae import encode_latents, load_samples
 
-    with np.load(asset / "samples.npz") as npz:
-        surface = torch.from_numpy(npz["surface"]).float()  # (N, P, 6)
+    surface = torch.from_numpy(load_samples(asset.parent.parent, asset.name)["surface"]).float()  # (N, P, 6)
     latents = encode_latents(pipe.vae, surface.to(pipe.device), points, token_order=pipe.transformer.token_order)  # (N, L, C)
     return pipe.decode_latents(pipe.vae.normalize_latents(latents), resolution)
 
@@ -101,7 +100,7 @@ def evaluate_pipeline(
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
     mean = {k: float(np.mean([a[k] for a in per_asset])) for k in keys} if per_asset else {}
     return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
-            "mean": mean, "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
+            "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean, "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
 
 
 # -- scenes (issue 7): scene-level and per-instance metrics over a prepared split ---------------------
@@ -179,10 +178,14 @@ def evaluate_scenes(
         for inst, name, share in zip(row["instances"], names, shares):
             inst.update(name=name, category=category_of(name), mask_fraction=float(share))
         per_scene.append(row)
-    mean = {k: float(np.mean([s[k] for s in per_scene])) for k in SCENE_KEYS} if per_scene else {}
+    if not per_scene:
+        raise InputError(f"{root}: none of the {len(records)} selected '{split}' scenes could be evaluated "
+                         f"(every one has an instance hidden in its render)")
+    mean = {k: float(np.mean([s[k] for s in per_scene])) for k in SCENE_KEYS}
     return {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
-        "steps": steps, "guidance": guidance, "reconstruct": reconstruct, "mean": mean,
+        "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct, "resolution": resolution, "seed": seed,
+        "metric_points": metric_points, "mean": mean,
         "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
         "scenes": per_scene, "skipped": skipped,
     }

@@ -20,6 +20,15 @@ def _dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
+def check_conversion(dst: Path, num_latents: int, compression: int) -> None:
+    """The options of a conversion, before any weights are read (one-line ConfigErrors)."""
+    from moca3d.commands.common import check_run_folder
+
+    check_run_folder(dst, "DST")
+    if num_latents < 1 or compression < 1 or num_latents % compression:
+        raise ConfigError(f"--num-latents ({num_latents}) must be a positive multiple of --compression ({compression})")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `convert` sub-app to the CLI."""
     sub = typer.Typer(help="Convert released checkpoints (TripoSG, PartCrafter) to moca3d pipeline folders.",
@@ -37,6 +46,7 @@ def register(app: typer.Typer) -> None:
         """TripoSG -> MoCA transformer (N = 1 identical to TripoSG), VAE, scheduler, DINOv2."""
         from moca3d.convert import convert_triposg
 
+        check_conversion(dst, num_latents, compression)
         out = convert_triposg(src, dst, num_latents, compression, _dtype(dtype), global_blocks=global_blocks)
         typer.echo(f"wrote {out}")
 
@@ -51,6 +61,7 @@ def register(app: typer.Typer) -> None:
         """PartCrafter -> transformer in the dense-global mode with its part embedding as ID codebook."""
         from moca3d.convert import convert_partcrafter
 
+        check_conversion(dst, num_latents, compression)
         out = convert_partcrafter(src, dst, num_latents, compression, _dtype(dtype))
         typer.echo(f"wrote {out}")
 

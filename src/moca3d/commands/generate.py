@@ -84,21 +84,25 @@ def register_evaluation(app: typer.Typer) -> None:
         min_parts: int = typer.Option(1, help="Skip assets with fewer parts."),
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
+        metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category and per-asset metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""
         from moca3d.evaluation import evaluate_pipeline
+        from moca3d.metrics import MetricsConfig, check_metric_settings
         from moca3d.pipeline import MoCAPipeline
 
         if min_parts > max_parts:
             raise ConfigError(f"--min-parts {min_parts} is above --max-parts {max_parts}")
         check_sampling_args(steps, guidance, resolution, shift)
         check_output_path(json_out, "--json")
+        check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
         pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
-        result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts,
+        result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
                                    reconstruct=reconstruct, shift=shift)
+        result["model"] = str(model) if model is not None else "built-in"
         if write_json(json_out, result):
             return
         for key, value in result["mean"].items():

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Prepared scenes (moca3d prepare --procedural scenes)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (default: the built-in scene model)."),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
-        count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes."),
+        count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes of the split (those among them with an instance hidden in the render are skipped and listed)."),
         steps: int = typer.Option(STEPS, help="Sampling steps."),
         guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (default: the model's scheduler)."),
@@ -82,6 +82,7 @@ def register(app: typer.Typer) -> None:
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
                      reconstruct=reconstruct, shift=shift)
+        result["model"] = str(scene_model(model))
         if write_json(json_out, result):
             return
         for key, value in result["mean"].items():

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import check_run_folder, resolve_device, write_json
+from moca3d.commands.common import check_output_path, check_run_folder, resolve_device, write_json
 from moca3d.errors import ConfigError, InputError
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
@@ -95,15 +95,19 @@ def register(app: typer.Typer) -> None:
         """Reconstruct held-out assets part by part; print CD and F-scores (docs/DESIGN.md §6)."""
         from moca3d.training.train_vae import VAETrainConfig, validate
 
+        if assets < 1:
+            raise ConfigError(f"--assets must be >= 1, got {assets}")
+        check_output_path(json_out, "--json")
         vae = load_vae(model, resolve_device(device))
         check_points(points, vae)
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
         metrics = validate(vae, data_dir, cfg, split=split, progress=True, per_asset=True)
+        metrics["settings"] = {"model": str(model) if model else "packaged", "split": split, "resolution": resolution, "points": points}
         if write_json(json_out, metrics):
             return
         for k, v in metrics.items():
-            if k != "assets":  # each asset's scores go to the JSON only
+            if k not in ("assets", "settings"):  # each asset's scores go to the JSON only
                 typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
     @app.command("reconstruct")
@@ -168,8 +172,11 @@ def register(app: typer.Typer) -> None:
         """Pack a split's latents and preprocessed renders into one file: `moca3d train CACHE` starts in seconds."""
         from moca3d.data.dataset import read_manifest
         from moca3d.data.scene import SceneLatentDataset
+        from moca3d.models.image_encoder import MIN_IMAGE_SIDE
         from moca3d.training.train_dit import LatentDataset
 
+        if image_size < MIN_IMAGE_SIDE:
+            raise ConfigError(f"--image-size must be >= {MIN_IMAGE_SIDE}, got {image_size}")
         records = read_manifest(data_dir, split)
         kinds = {r.get("kind") == "scene" for r in records}
         if len(kinds) > 1:

@@ -48,6 +48,9 @@ def read_safetensors_folder(folder: Path) -> StateDict:
         weight_map = read_config(folder, index[0].name).get("weight_map", {})
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index[0]}: 'weight_map' must map tensor names to shard file names")
+        outside = next((f for f in weight_map.values() if Path(f).is_absolute() or ".." in Path(f).parts), None)
+        if outside is not None:
+            raise CheckpointError(f"{index[0]}: shard '{outside}' is outside the folder; shards must sit beside the index")
         files = sorted({folder / f for f in weight_map.values()})
     else:
         files = sorted(folder.glob("*.safetensors"))

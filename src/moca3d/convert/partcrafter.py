@@ -21,6 +21,7 @@ The packer tokens are initialised as for TripoSG; in dense mode no router exists
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -41,6 +42,8 @@ def global_block_ids(cfg: dict) -> List[int]:
     ids = cfg.get("global_attn_block_ids")
     if ids is None:
         rng = cfg.get("global_attn_block_id_range")
+        if rng is not None and not (isinstance(rng, list) and len(rng) == 2):
+            raise CheckpointError(f"global_attn_block_id_range must be [first, last], got {json.dumps(rng)}")
         ids = list(range(rng[0], rng[1] + 1)) if rng is not None else []
     return sorted(int(i) for i in ids)
 

@@ -326,6 +326,7 @@ def write_pipeline_folder(dst: Union[str, Path], transformer, vae, scheduler, im
 
     root = Path(dst)
     root.mkdir(parents=True, exist_ok=True)
+    (root / "model_index.json").unlink(missing_ok=True)  # over an earlier conversion: incomplete until the end
     transformer.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
     scheduler.save_config(root / "scheduler")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,12 +147,22 @@ def pad_components(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 def load_cached_latents(path: str | Path) -> tuple[torch.Tensor, str]:
     """An asset's cached latents (`moca3d encode-dataset`): (N, L, C) float32 and their token order."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        latents = f.get_tensor("latents").float()
-        order = (f.metadata() or {}).get("token_order", "fps")  # files written before token orders existed
+    try:
+        with safe_open(str(path), "pt") as f:
+            latents = f.get_tensor("latents").float()
+            order = (f.metadata() or {}).get("token_order", "fps")  # files written before token orders existed
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: unreadable cached latents ({err}); re-encode with `moca3d encode-dataset --overwrite`") from None
     return latents, order
+
+
+def report_missing_latents(missing: list[str], root: str | Path, split: str) -> None:
+    """Warn (one line) that assets of a split are left out for lack of cached latents."""
+    if missing:
+        warnings.warn(f"{root}: {len(missing)} '{split}' assets have no cached latents and are left out (first: {missing[0]}); "
+                      "`moca3d encode-dataset` includes them", stacklevel=2)
 
 
 def common_token_order(orders: set[str], root: str | Path) -> str:

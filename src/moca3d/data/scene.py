@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
-                                 save_latent_cache)
+                                 report_missing_latents, save_latent_cache)
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, rgb_on_white
 
@@ -388,12 +388,15 @@ class SceneLatentDataset:
         self.renders: list[torch.Tensor] = []  # (3, H, W) uint8, views = 2 only
         self.labels: list[torch.Tensor] = []  # (H, W) uint8: id i + 1 = instance i, views = 2 only
         self.ids: list[str] = []
-        orders = set()
+        orders, missing = set(), []
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
             n = rec["num_components"]
-            if rec.get("kind") != "scene" or (latents and not path.is_file()) or n > max_components:
+            if rec.get("kind") != "scene" or n > max_components:
+                continue
+            if latents and not path.is_file():
+                missing.append(rec["id"])
                 continue
             masks = component_masks(asset / "mask.png", n)
             if not masks.any():
@@ -412,6 +415,7 @@ class SceneLatentDataset:
             self.ids.append(rec["id"])
         if not self.ids:
             raise InputError(f"{root}: no '{split}' scenes with cached latents (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)")
+        report_missing_latents(missing, root, split)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ is written last and marks a complete checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -81,14 +82,26 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, meta
     _fsync_dir(path.parent)
 
 
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (JSON null): standard JSON, which any parser reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(obj: Any, path: str | Path, sort_keys: bool = True) -> None:
-    """Write JSON via a temporary file and `os.replace`."""
+    """Write standard JSON (NaN and infinities as null) via a temporary file and `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide reports and configs from other users
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=sort_keys)
+            json.dump(finite_json(obj), fh, indent=2, sort_keys=sort_keys, allow_nan=False)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -31,7 +31,7 @@ import torch.nn as nn
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
-                                 require_token_order, save_latent_cache)
+                                 report_missing_latents, require_token_order, save_latent_cache)
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError
 from moca3d.evaluation import evaluate_pipeline
@@ -157,11 +157,14 @@ class LatentDataset:
         self.latents: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
         self.ids: list[str] = []
-        orders = set()
+        orders, missing = set(), []
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
-            if not path.is_file() or rec["num_components"] > max_components:
+            if rec["num_components"] > max_components:
+                continue
+            if not path.is_file():
+                missing.append(rec["id"])
                 continue
             latents, order = load_cached_latents(path)
             self.latents.append(latents)
@@ -170,6 +173,7 @@ class LatentDataset:
             self.ids.append(rec["id"])
         if not self.ids:
             raise InputError(f"{root}: no '{split}' assets with cached latents (run `moca3d encode-dataset` first)")
+        report_missing_latents(missing, root, split)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 
     def __len__(self) -> int:

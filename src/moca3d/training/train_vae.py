@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, check_resume, lr_at
@@ -142,8 +143,11 @@ def load_samples(root: str | Path, asset_id: str) -> dict[str, np.ndarray]:
     path = Path(root) / "assets" / asset_id / "samples.npz"
     if not path.is_file():
         raise InputError(f"missing samples for asset {asset_id}: {path}")
-    with np.load(path) as npz:
-        return {k: npz[k] for k in ("surface", "query_points", "query_sdf")}
+    try:
+        with np.load(path) as npz:
+            return {k: npz[k] for k in ("surface", "query_points", "query_sdf")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: unreadable samples ({one_line(err)}); prepare the asset again") from None
 
 
 def load_split(root: str | Path, split: str, max_assets: Optional[int] = None) -> ComponentArrays:
