@@ -222,7 +222,9 @@ def test_sampler_shift_overrides_a_given_scheduler():
     expected = [3 * t / (1 + 2 * t) for t in plain]
     # diffusers shifts its 1000-step grid: equal to 2e-3 except at the last, near-zero time
     assert visited[:-1] == pytest.approx(expected[:-1], abs=2e-3) and visited[1] > plain[1] + 0.1
-    assert scheduler.config.shift == 1.0 and flow.scheduler_with_shift(scheduler, 1.0) is scheduler
+    assert scheduler.config.shift == 1.0 and len(scheduler.timesteps) == scheduler.config.num_train_timesteps  # never set
+    fresh = flow.scheduler_with_shift(scheduler, None)
+    assert fresh is not scheduler and fresh.config == scheduler.config  # each sampling call steps its own copy
     with pytest.raises(InputError, match="shift must be positive"):
         flow.scheduler_with_shift(scheduler, 0.0)
 

@@ -29,24 +29,30 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def check_output_path(path: Optional[Path], option: str = "--output") -> None:
-    """`path` can become a file: it is no folder and no parent of it is a file (None and '-' pass; one-line ConfigError)."""
-    if path is None or str(path) == "-":
-        return
-    if path.is_dir():
-        raise ConfigError(f"{option} {path} is a folder: give a file path")
-    folder = next(p for p in path.absolute().parents if p.exists())  # the nearest existing ancestor (missing ones are created)
+def _check_parents(path: Path, option: str) -> None:
+    """The nearest existing ancestor of `path` is a folder we may write in (missing ones are created)."""
+    folder = next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
         raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: no permission to write in {folder}")
 
 
+def check_output_path(path: Optional[Path], option: str = "--output") -> None:
+    """`path` can become a file: it is no folder and no parent of it is a file (None and '-' pass; one-line ConfigError)."""
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder: give a file path")
+    _check_parents(path, option)
+
+
 def check_run_folder(path: Path, option: str = "--output") -> None:
-    """`path` can be (or become) a folder: neither it nor a parent of it is a file (one-line ConfigError)."""
-    for folder in (path, *path.parents):
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
+    """`path` can be (or become) a folder: it is no file and no parent of it is a file (one-line ConfigError)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a folder")
+    if not path.exists():
+        _check_parents(path, option)
 
 
 def check_generation_args(steps: int, resolution: int, guidance: float, output: Path, seed: int = 0) -> None:
