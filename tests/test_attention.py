@@ -325,6 +325,8 @@ def test_number_of_routed_components():
     fixed = MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=6)
     assert [fixed.num_routed(n) for n in (1, 3, 8, 32)] == [0, 2, 6, 6]
     assert MoCAttentionConfig(dim=DIM, num_heads=HEADS, routing=False).num_routed(32) == 0
+    with pytest.raises(ConfigError, match="topk must be >= 1 .routing=False routes none"):
+        MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=0)  # it would be read as 1
 
 
 @pytest.mark.parametrize("N", [1, 2, 5, 12])

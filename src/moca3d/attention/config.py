@@ -49,8 +49,8 @@ class MoCAttentionConfig:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 0.0 < self.topk_ratio <= 1.0:
             raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
-        if self.topk is not None and self.topk < 0:
-            raise ConfigError(f"topk must be >= 0, got {self.topk}")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"topk must be >= 1 (routing=False routes none), got {self.topk}")
         if self.router not in ("sigmoid", "softmax"):
             raise ConfigError(f"router must be 'sigmoid' or 'softmax', got {self.router!r}")
         if self.unselected not in ("compressed", "drop"):
