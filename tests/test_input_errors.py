@@ -350,9 +350,13 @@ def test_render_and_glb_writes_fail_whole(tmp_path, monkeypatch):
         save_glb(tmp_path / "e.glb", [trimesh.creation.box()] * 2, colors=np.zeros((1, 4)))
 
 
-def test_demo_port_out_of_range_is_one_line():
+def test_demo_and_generate_options_out_of_range_are_one_line(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--port", "99999"])
     assert isinstance(res.exception, ConfigError) and "--port must be from 1 to 65535, got 99999" in str(res.exception)
+    res = CliRunner().invoke(app, ["demo", "--resolution", "50"])
+    assert isinstance(res.exception, ConfigError) and "--resolution must be 16, 32 or a multiple of 4" in str(res.exception)
+    res = CliRunner().invoke(app, ["generate", str(EXAMPLES / "chair.png"), "--parts", "0", "--model", str(tmp_path / "nowhere")])
+    assert isinstance(res.exception, ConfigError) and "--parts must be >= 1, got 0" in str(res.exception)
 
 
 def test_one_pipeline_samples_from_threads(default_pipeline):

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on; open http://HOST:PORT in a browser."),
         share: bool = typer.Option(False, "--share", help="Also publish a temporary public gradio.live link (needs internet; off by default)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-        resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part."),
+        resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         scene_model: Optional[Path] = typer.Option(
             None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model."
         ),
@@ -48,6 +48,9 @@ def register(app: typer.Typer) -> None:
         """
         if not 0 < port < 65536:
             raise ConfigError(f"--port must be from 1 to 65535, got {port}")
+        from moca3d.defaults import check_resolution
+
+        check_resolution(resolution)  # before any model is loaded
         try:
             import gradio  # noqa: F401
         except ImportError:

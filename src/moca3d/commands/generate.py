@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
         image: Path = typer.Argument(..., help="Input image (PNG, JPG or WebP; alpha or white background)."),
-        parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate."),
+        parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model)."),
         output: Path = typer.Option(Path("output.glb"), "--output", "--out", "-o", help="Output GLB, one named node per part."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         from moca3d.pipeline import MoCAPipeline
 
         check_generation_args(steps, resolution, guidance, output, seed)
+        if parts < 1:
+            raise ConfigError(f"--parts must be >= 1, got {parts}")
         dev = resolve_device(device)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev)
