@@ -110,7 +110,8 @@ class MoCAPipeline:
                 else:
                     model = klass.from_pretrained(sub)
             except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # corrupt config, weights or shapes
-                raise CheckpointError(f"{sub}: cannot load the {name} ({one_line(err)})") from None
+                reason = one_line(err).split(". If you want")[0]  # not diffusers' advice to load random weights instead
+                raise CheckpointError(f"{sub}: cannot load the {name} ({reason})") from None
             _check_finite(model, sub)
             parts[name] = model.to(device)
         from diffusers import FlowMatchEulerDiscreteScheduler
