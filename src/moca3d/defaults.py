@@ -33,11 +33,17 @@ def check_resolution(resolution: int, name: str = "--resolution") -> None:
         raise ConfigError(f"{name} must be {RESOLUTION_RULE}, got {resolution}")
 
 
+def check_seed(seed: int, dash: str = "--") -> None:
+    """A sampling seed torch.Generator takes: a whole number in [0, MAX_SEED] (one-line ConfigError)."""
+    if not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{dash}seed must be a whole number from 0 to 2^63 - 1, got {seed}")
+
+
 def check_sampling_args(steps: int, guidance: float, resolution: int, shift: Optional[float] = None, dash: str = "--",
                         seed: Optional[int] = None) -> None:
     """Sampling options of the CLI and the pipeline: steps, guidance, resolution, shift, seed (one-line ConfigErrors, names after `dash`)."""
-    if seed is not None and (not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED):
-        raise ConfigError(f"{dash}seed must be a whole number from 0 to 2^63 - 1, got {seed}")
+    if seed is not None:
+        check_seed(seed, dash)
     if not isinstance(steps, numbers.Integral) or steps < 1:
         raise ConfigError(f"{dash}steps must be >= 1 (a whole number), got {steps}")
     if not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):

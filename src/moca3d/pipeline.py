@@ -20,7 +20,7 @@ import trimesh
 
 from moca3d import flow
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
-from moca3d.defaults import GUIDANCE, MIN_RESOLUTION, SCENE_GUIDANCE, STEPS, check_sampling_args, check_shift
+from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_sampling_args, check_seed, check_shift
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
@@ -195,7 +195,7 @@ class MoCAPipeline:
             raise InputError(f"the number of parts must be a whole number >= 1, got {num_parts}")
         if num_parts > self.transformer.max_components:
             raise InputError(f"{num_parts} parts exceed the model's limit of {self.transformer.max_components}")
-        check_sampling_args(steps, guidance, MIN_RESOLUTION, shift, dash="", seed=seed)
+        check_seed(seed, dash="")
         g = torch.Generator().manual_seed(seed)
         ids = self.transformer.sample_ids(1, num_parts, g, self.device)
         uncond = torch.zeros_like(cond)
