@@ -113,13 +113,6 @@ def gather_masks(uploads, folder: Path) -> Path:
     if len(files) == 1:
         return check_upload(files[0], "a label map", LABEL_MAP_FORMATS)
     paths = [check_upload(file, "binary masks", BINARY_MASK_FORMATS) for file in files]
-    sizes = {}
-    for path in paths:
-        with Image.open(path) as im:
-            sizes.setdefault(im.size, path.name)
-    if len(sizes) > 1:
-        (a, first), (b, second) = list(sizes.items())[:2]
-        raise InputError(f"the masks differ in size: {first} is {a[0]}x{a[1]}, {second} is {b[0]}x{b[1]}")
     folder.mkdir(parents=True)
     for path in paths:
         link = folder / path.name

@@ -245,7 +245,7 @@ class MoCAPipeline:
         """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
         from rich.progress import Progress
 
-        check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)
+        check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)  # all before the image is encoded
         with Progress(disable=not show_progress, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num

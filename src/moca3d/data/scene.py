@@ -149,9 +149,10 @@ def _folder_masks(folder: Path) -> tuple[np.ndarray, list[str]]:
     if not files:
         raise InputError(f"mask folder {folder} holds no images ({', '.join(MASK_EXTENSIONS)})")
     arrays = [_read_gray(p, binary=True) for p in files]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise InputError(f"masks in {folder} differ in size: {', '.join(f'{w}x{h}' for h, w in sorted(shapes))}")
+    odd = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
+    if odd is not None:  # named by file: in the demo the folder is a temporary one
+        (h0, w0), (h1, w1) = arrays[0].shape, arrays[odd].shape
+        raise InputError(f"the masks differ in size: {files[0].name} is {w0}x{h0}, {files[odd].name} is {w1}x{h1}")
     return np.stack([_binary(a) for a in arrays]), [p.name for p in files]
 
 

@@ -12,16 +12,6 @@ from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type
 from moca3d.errors import ConfigError
 
 R = TypeVar("R", bound="Recipe")
-SHIPPED_PREFIX = "src/moca3d/weights/"  # how the recipes in configs/ name the package's shipped models
-PATH_KEYS = ("init_from", "image_encoder_from")  # recipe keys naming a model folder
-
-
-def shipped_path(value: Any) -> Any:
-    """A recipe's "src/moca3d/weights/..." path -> the installed package's copy when it is not there from the current
-    folder (a recipe run outside the repository, or with moca3d installed from a wheel); other values unchanged."""
-    if isinstance(value, str) and value.startswith(SHIPPED_PREFIX) and not Path(value).exists():
-        return str(Path(__file__).resolve().parents[1] / "weights" / value[len(SHIPPED_PREFIX):])
-    return value
 _NoneType = type(None)
 
 
@@ -61,6 +51,18 @@ def _type_error(hint: Any, value: Any) -> str | None:
     if base is list:
         return None if isinstance(value, list) else "a list"
     return None  # Any and other annotations: not checked
+
+
+SHIPPED_PREFIX = "src/moca3d/weights/"  # how the recipes in configs/ name the package's shipped models
+PATH_KEYS = ("init_from", "image_encoder_from")  # recipe keys naming a model folder
+
+
+def shipped_path(value: Any) -> Any:
+    """A recipe's "src/moca3d/weights/..." path -> the installed package's copy when it is not there from the current
+    folder (a recipe run outside the repository, or with moca3d installed from a wheel); other values unchanged."""
+    if isinstance(value, str) and value.startswith(SHIPPED_PREFIX) and not Path(value).exists():
+        return str(Path(__file__).resolve().parents[1] / "weights" / value[len(SHIPPED_PREFIX):])
+    return value
 
 
 class Recipe:
