@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from moca3d.attention import BACKENDS, MoCAttention, MoCAttentionConfig
+from moca3d.attention.backends.fused import interpreted
 from moca3d.attention.backends import dense_global_attention
 from moca3d.attention.backends.context import build_context
 
@@ -166,6 +167,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
+    if "fused" in args.backends and not (gpu or interpreted()):
+        p.error("the fused backend (Triton kernels) needs a CUDA device")
     args.L = args.L or (1024 if gpu else 256)
     args.dim = args.dim or (2048 if gpu else 512)
     args.heads = args.heads or (16 if gpu else 8)

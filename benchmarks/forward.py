@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from moca3d.attention import LocalAttention, MoCAttention, Router
+from moca3d.attention.config import BACKENDS
 from moca3d.models.transformer import MoCATransformer
 
 from benchkit import COND_TOKENS, load_config, write_json  # benchmarks/benchkit.py
@@ -104,11 +105,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--backend", default=None, choices=list(BACKENDS), help="MoC attention backend of the MoCA model (default: the config's, auto)")
     p.add_argument("--json", default=None, help="write the records to this JSON file")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.backend == "fused" and device.type != "cuda":
+        p.error("the fused backend (Triton kernels) needs a CUDA device")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     config = load_config(args.config)
+    if args.backend:
+        config["attention_backend"] = args.backend
     print(f"MoCA transformer forward vs dense global — {config} — {device.type} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     records = []
     for n in args.n:

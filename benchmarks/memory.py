@@ -53,6 +53,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moca3d.attention.config import BACKENDS
 from moca3d.flow import flow_loss, interpolate, sample_timesteps
 from moca3d.models.transformer import MoCATransformer
 
@@ -302,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--layers", type=int, default=None, help="blocks, global on even indices (overrides the config)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (overrides the config)")
     p.add_argument("--compression", type=int, default=None, help="compression ratio sigma (overrides the config)")
+    p.add_argument("--backend", default=None, choices=list(BACKENDS), help="MoC attention backend (default: the config's, auto)")
     p.add_argument("--k-fraction", type=float, default=None, help=f"routed fraction of the components (default {DEFAULT_K_FRACTION})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp32 CPU, bf16 GPU (weights cast too, unless --amp)")
@@ -326,11 +328,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.max_batch and args.budget_gib is None:
         p.error("--max-batch needs --budget-gib")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.backend == "fused" and device.type != "cuda":
+        p.error("the fused backend (Triton kernels) needs a CUDA device")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     threads = args.threads or torch.get_num_threads()
     config = load_config(args.config)
     overrides = {"num_latents": args.latents, "width": args.width, "num_layers": args.layers, "num_heads": args.heads,
-                 "compression": args.compression, "topk_ratio": args.k_fraction}
+                 "compression": args.compression, "topk_ratio": args.k_fraction, "attention_backend": args.backend}
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.setdefault("topk_ratio", DEFAULT_K_FRACTION)
     spec = {"config": config, "device": str(device), "dtype": dtype, "threads": threads, "warmup": args.warmup, "amp": args.amp,

@@ -16,6 +16,10 @@
 #   2. meanwhile, peak memory of one scene training step at 32 instances, MoCA vs dense at the same batch
 #      (per-instance conditions): the scene transformer's size at batch 8 and 64, then L = 1024, D = 2048 at batch 1, 2;
 #   3. as for objects (BENCH=memory leaves it out).
+# KIND=kernels (no training; inputs: the tree and .whl/; its timeouts add up to 500 s): the `fused` backend's Triton kernels against
+#   the others, first their peak memory of one training step at L = 1024, D = 2048 (auto = `reference`, then `fused`),
+#   then the attention benchmark (reference, matmul, fused; forward and forward+backward) and the whole forward
+#   with auto and with fused.
 # Inputs, carried next to the working tree: .whl/ (wheels of packages the GPU image lacks), CACHE
 # (scripts/gpu/transport.py pack of `moca3d cache-latents` of the training split: .gpu/cache.xz, .gpu/scene_cache.xz)
 # and INIT (a built-in pipeline with fp16 weights, scripts/gpu/assemble.py --export-init: .gpu/init, .gpu/scene_init;
@@ -59,8 +63,10 @@ elif [ "$KIND" = object ]; then
   TRAINS=${TRAINS:-"cont:configs/dit_small_7k_pretrained_gpu_continue.json:moc medium_moc:configs/dit_medium_pretrained.json:moc medium_dense:configs/dit_medium_pretrained.json:dense"}
   CACHE=${CACHE:-.gpu/cache.xz}
   INIT=${INIT:-.gpu/init}
+elif [ "$KIND" = kernels ]; then
+  TRAINS=${TRAINS:-}
 else
-  echo "KIND must be object or scene, got '$KIND'"; exit 2
+  echo "KIND must be object, scene or kernels, got '$KIND'"; exit 2
 fi
 DEVICE=${DEVICE:-cuda}
 BENCH=${BENCH:-1}                        # 1: the memory benchmark beside the trainings, then stage 3; memory: the first only; 0: none
@@ -80,8 +86,10 @@ fi
 python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', 'python', sys.version.split()[0])"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
-stamp "unpacking the latent cache"
-python3 scripts/gpu/transport.py unpack "$CACHE" -o "$WORK/cache.safetensors" || exit 1
+if [ -n "$TRAINS" ]; then
+  stamp "unpacking the latent cache"
+  python3 scripts/gpu/transport.py unpack "$CACHE" -o "$WORK/cache.safetensors" || exit 1
+fi
 
 # 1. the trainings at once (each under a hard wall-clock limit too, should one hang)
 pids=()
@@ -105,7 +113,10 @@ memory() {  # NAME SECONDS, then memory.py's arguments: one run under that limit
 paper_size=(--latents 1024 --width 2048 --heads 16 --layers 8)
 if [ "$BENCH" != 0 ] && [ "$DEVICE" = cuda ]; then
   stamp "memory benchmark (background)"
-  if [ "$KIND" = scene ]; then
+  if [ "$KIND" = kernels ]; then
+    { memory memory_cuda_auto 110 "${paper_size[@]}" --n 8 32 --batch 1 2
+      memory memory_cuda_fused 110 "${paper_size[@]}" --n 8 32 --batch 1 2 --backend fused; } &
+  elif [ "$KIND" = scene ]; then
     scene=(--config "$INIT/transformer/config.json" --scene --n 32)
     { memory memory_scene_cuda 150 "${scene[@]}" --batch 8 64 --sdpa auto math
       memory memory_scene_cuda_l1024 130 "${scene[@]}" "${paper_size[@]}" --batch 1 2; } &
@@ -138,10 +149,18 @@ save_results
 # 3. alone on the GPU: attention and forward timings
 if [ "$BENCH" = 1 ] && [ "$DEVICE" = cuda ]; then
   stamp "attention benchmark"
-  timeout 130 python3 benchmarks/attention.py --n 8 16 32 --backends reference chunked blocksparse matmul --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
+  backends="reference chunked blocksparse matmul"  # fused: compiled on first use, measured on its own in KIND=kernels
+  [ "$KIND" = kernels ] && backends="reference matmul fused"
+  timeout 130 python3 benchmarks/attention.py --n 8 16 32 --backends $backends --json "$WORK/results/attention_cuda.json" 2>&1 | tee "$WORK/results/attention_cuda.txt"
   save_results
   stamp "forward benchmark"
   timeout 80 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --json "$WORK/results/forward_cuda.json" 2>&1 | tee "$WORK/results/forward_cuda.txt"
+  if [ "$KIND" = kernels ]; then
+    save_results
+    stamp "forward benchmark, fused backend"
+    timeout 70 python3 benchmarks/forward.py --n 8 16 32 --config benchmarks/forward_gpu.json --backend fused \
+      --json "$WORK/results/forward_cuda_fused.json" 2>&1 | tee "$WORK/results/forward_cuda_fused.txt"
+  fi
 fi
 stamp "done"
 save_results

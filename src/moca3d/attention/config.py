@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from moca3d.errors import ConfigError
 
 MODES = ("moc", "dense", "none")
-BACKENDS = ("auto", "reference", "chunked", "blocksparse", "matmul")
+BACKENDS = ("auto", "reference", "chunked", "blocksparse", "matmul", "fused")
 
 
 @dataclass
@@ -36,9 +36,9 @@ class MoCAttentionConfig:
     qk_norm: bool = True
     qkv_bias: bool = False
     # Implementation.
-    backend: Literal["auto", "reference", "chunked", "blocksparse", "matmul"] = "auto"
+    backend: Literal["auto", "reference", "chunked", "blocksparse", "matmul", "fused"] = "auto"
     chunk_bytes: int = 32 * 2**20  # context bytes (K and V) built at once by "chunked"
-    block_size: Optional[int] = None  # flex_attention block; default: largest fitting L and L/sigma
+    block_size: Optional[int] = None  # tile of blocksparse (default: largest fitting L and L/sigma) and fused (64; 16 on CPU)
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.num_heads <= 0 or self.dim % self.num_heads:

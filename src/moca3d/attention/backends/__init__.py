@@ -11,6 +11,7 @@ import torch
 from moca3d.attention.backends.blocksparse import moc_attention_blocksparse
 from moca3d.attention.backends.chunked import moc_attention_chunked
 from moca3d.attention.backends.dense import dense_global_attention
+from moca3d.attention.backends.fused import moc_attention_fused
 from moca3d.attention.backends.matmul import moc_attention_matmul
 from moca3d.attention.backends.reference import moc_attention_reference
 from moca3d.attention.config import MoCAttentionConfig
@@ -20,6 +21,7 @@ BACKENDS = {
     "chunked": moc_attention_chunked,
     "blocksparse": moc_attention_blocksparse,
     "matmul": moc_attention_matmul,
+    "fused": moc_attention_fused,
 }
 
 
@@ -38,4 +40,4 @@ def select_backend(config: MoCAttentionConfig, device: torch.device, grad_enable
         return "reference"
     return "chunked"
 
-__all__ = ["BACKENDS", "select_backend", "dense_global_attention", "moc_attention_reference", "moc_attention_chunked", "moc_attention_blocksparse", "moc_attention_matmul"]
+__all__ = ["BACKENDS", "select_backend", "dense_global_attention", "moc_attention_reference", "moc_attention_chunked", "moc_attention_blocksparse", "moc_attention_matmul", "moc_attention_fused"]
