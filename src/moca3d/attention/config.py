@@ -38,7 +38,7 @@ class MoCAttentionConfig:
     # Implementation.
     backend: Literal["auto", "reference", "chunked", "blocksparse", "matmul", "fused"] = "auto"
     chunk_bytes: int = 32 * 2**20  # context bytes (K and V) built at once by "chunked"
-    block_size: Optional[int] = None  # tile of blocksparse (default: largest fitting L and L/sigma) and fused (64; 16 on CPU)
+    block_size: Optional[int] = None  # tile of blocksparse (default: largest fitting L and L/sigma) and of fused (default: fused.CUDA_TILES)
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.num_heads <= 0 or self.dim % self.num_heads:
