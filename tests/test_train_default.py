@@ -1,12 +1,16 @@
 """`moca3d train-default` runs every stage of a recipe end to end (the smoke recipe: seconds on a CPU)."""
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
+import moca3d.pipeline as pipeline_module
 from moca3d.cli import app
+from moca3d.errors import ConfigError
 from moca3d.models.image_encoder import ImageEncoder
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline
@@ -43,3 +47,162 @@ def test_smoke_recipe_runs_every_stage(tmp_path):
     assert "a new transformer on the image encoder" in result.output
     config = json.loads((work / "dit_continue2" / "train_config.json").read_text())
     assert config["image_encoder_from"] == str(work / "dit_continue" / "pipeline" / "image_encoder") and not config["init_from"]
+
+
+# a two-object recipe of tiny models (seconds): what a user whose run was killed runs again
+TINY_VAE = {"model": {"latent_channels": 4, "num_latents": 16, "num_attention_heads": 4, "width_encoder": 32, "width_decoder": 32,
+                      "num_layers_encoder": 1, "num_layers_decoder": 1, "embed_frequency": 4},
+            "steps": 2, "batch_size": 4, "warmup_steps": 1, "num_surface_points": 128, "num_query_points": 64,
+            "checkpoint_every": 1, "log_every": 1, "val_query_every": 1000, "validate_every": 1000}
+TINY_DIT = {"transformer": {"width": 32, "num_layers": 2, "num_heads": 2, "compression": 8},
+            "image_encoder": {"image_size": 32, "patch_size": 16, "width": 32, "num_layers": 1, "num_heads": 2},
+            "steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 1}
+
+
+def train_default(work: Path, recipe: Path, *more: str):
+    """`moca3d train-default` on the CPU, in this process."""
+    return CliRunner().invoke(app, ["train-default", "--work", str(work), "--recipe", str(recipe), "--workers", "1",
+                                    "--device", "cpu", *more])
+
+
+def tiny_recipe(folder: Path, **changes) -> Path:
+    """The tiny recipe (its stage configs beside it, named by absolute path), with `changes`."""
+    (folder / "vae.json").write_text(json.dumps(TINY_VAE))
+    (folder / "dit.json").write_text(json.dumps(TINY_DIT))
+    spec = {"objects": 2, "seed": 1, "num_surface": 256, "num_queries": 128, "val_fraction": 0.0, "test_fraction": 0.0,
+            "encoder_points": 128, "vae_config": str(folder / "vae.json"), "dit_config": str(folder / "dit.json"), **changes}
+    path = folder / "recipe.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished run of the tiny recipe: (recipe, work folder); tests work on copies of it."""
+    root = tmp_path_factory.mktemp("tiny")
+    recipe, work = tiny_recipe(root), root / "work"
+    result = train_default(work, recipe)
+    assert result.exit_code == 0, result.output
+    return recipe, work
+
+
+def copy_run(tiny_run, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the finished tiny run to break: (recipe, work folder)."""
+    recipe, work = tiny_run
+    shutil.copytree(work, tmp_path / "work")
+    return recipe, tmp_path / "work"
+
+
+def test_finished_run_again_skips_every_stage(tiny_run, tmp_path):
+    """Run again, a finished run says so and neither trains nor rewrites its models."""
+    recipe, work = copy_run(tiny_run, tmp_path)
+    index = work / "dit" / "pipeline" / "model_index.json"
+    before = index.stat().st_mtime_ns
+    result = train_default(work, recipe)
+    assert result.exit_code == 0, result.output
+    assert "[2/4] the VAE in" in result.output and "[4/4] the transformer in" in result.output
+    assert "skipped" in result.output and "exported again" not in result.output
+    assert index.stat().st_mtime_ns == before and f"pipeline: {work / 'dit' / 'pipeline'}" in result.output
+
+
+def test_vae_cut_while_exported_is_exported_again(tiny_run, tmp_path):
+    """A kill while the VAE folder was written (config.json first, then the weights) is no finished VAE."""
+    recipe, work = copy_run(tiny_run, tmp_path)
+    (work / "vae" / "summary.json").unlink()  # written last, after the VAE folder
+    for weights in (work / "vae" / "vae").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    result = train_default(work, recipe)
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and (work / "vae" / "summary.json").is_file()
+    VecSetVAE.from_pretrained(str(work / "vae" / "vae"))
+
+
+def test_another_recipe_in_the_same_work_folder_is_refused(tiny_run, tmp_path):
+    """A work folder holds one recipe's run: another recipe is a one-line error, before anything is mixed in."""
+    recipe, work = copy_run(tiny_run, tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(recipe.read_text()), "objects": 3}))
+    result = train_default(work, other)
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "another recipe" in str(result.exception) and "objects 2 -> 3" in str(result.exception)
+    assert len((work / "data" / "manifest.jsonl").read_text().splitlines()) == 2 and len(list((work / "data" / "assets").iterdir())) == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"objects": 2', "invalid JSON"),
+    ("[1, 2]", "a JSON object"),
+    ("missing:encoder_points", "missing recipe keys: encoder_points"),
+    ("change:objects=\"2\"", "'objects' must be an integer"),
+    ("change:epochs=3", "unknown recipe keys: epochs"),
+    ("change:dit_config=\"no_such.json\"", "config file not found"),
+    ("change:dit_continue_config=[\"no_such.json\"]", "config file not found"),
+])
+def test_bad_recipe_is_refused_before_any_work(tmp_path, text, message):
+    """A broken recipe is a one-line ConfigError before anything is prepared or trained (not a trace hours later)."""
+    recipe = tiny_recipe(tmp_path)
+    spec = json.loads(recipe.read_text())
+    if text.startswith("missing:"):
+        del spec[text.split(":")[1]]
+        text = json.dumps(spec)
+    elif text.startswith("change:"):
+        key, value = text.split(":", 1)[1].split("=", 1)
+        text = json.dumps({**spec, key: json.loads(value)})
+    recipe.write_text(text)
+    result = train_default(tmp_path / "work", recipe)
+    assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.output
+    assert not (tmp_path / "work").exists()
+
+
+def test_install_is_all_or_nothing(tiny_run, tmp_path, monkeypatch):
+    """--install cut by a failed copy (disk full) keeps the previous default model whole."""
+    recipe, work = copy_run(tiny_run, tmp_path)
+    default = tmp_path / "weights" / "default"
+    default.mkdir(parents=True)
+    (default / "model_index.json").write_text("the previous model")
+    monkeypatch.setattr(pipeline_module, "DEFAULT_MODEL_DIR", default)
+    copyfile, copies = shutil.copyfile, []
+
+    def full_disk(src, dst, **kwargs):
+        copies.append(src)
+        if len(copies) > 2:
+            raise OSError(28, "No space left on device")
+        return copyfile(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    result = train_default(work, recipe, "--install")
+    assert isinstance(result.exception, OSError), result.output
+    assert [p.name for p in default.parent.iterdir()] == ["default"]
+    assert [p.name for p in default.iterdir()] == ["model_index.json"] and (default / "model_index.json").read_text() == "the previous model"
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    result = train_default(work, recipe, "--install")
+    assert result.exit_code == 0, result.output
+    assert MoCAPipeline.from_pretrained(str(default)).transformer.config.width == 32
+
+
+def test_vae_cut_before_its_first_checkpoint_logs_each_step_once(tiny_run, tmp_path):
+    """A VAE run killed before its first checkpoint starts again from step 0, and so does its log."""
+    recipe, work = copy_run(tiny_run, tmp_path)
+    shutil.rmtree(work / "vae" / "checkpoints")  # what a kill before the first checkpoint leaves: the log (2 steps)
+    shutil.rmtree(work / "vae" / "vae")
+    (work / "vae" / "summary.json").unlink()
+    result = train_default(work, recipe)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (work / "vae" / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_more_continue_stages_extend_a_finished_run(tiny_run, tmp_path):
+    """A recipe that only adds continue stages (default.json to default_cpu.json's run) trains just those."""
+    recipe, work = copy_run(tiny_run, tmp_path)
+    spec = json.loads(recipe.read_text())
+    longer = tmp_path / "longer.json"
+    longer.write_text(json.dumps({**spec, "dit_continue_config": [spec["dit_config"]]}))
+    result = train_default(work, longer)
+    assert result.exit_code == 0, result.output
+    assert "[4/4] the transformer in" in result.output and "skipped" in result.output
+    assert f"pipeline: {work / 'dit_continue' / 'pipeline'}" in result.output
+    result = train_default(work, recipe)  # the shorter list again: every stage of it is done
+    assert result.exit_code == 0 and f"pipeline: {work / 'dit' / 'pipeline'}" in result.output, result.output
+    spec["dit_continue_config"] = [{"config": spec["dit_config"], "start": "encoder"}]
+    longer.write_text(json.dumps(spec))
+    result = train_default(work, longer)
+    assert isinstance(result.exception, ConfigError) and "dit_continue_config" in str(result.exception), result.output

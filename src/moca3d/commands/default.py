@@ -12,18 +12,30 @@ list) trains further, each stage from the previous stage's pipeline. A stage is 
 transformer and encoder continue) or `{"config": name, "start": "encoder"}`: a new transformer, built from
 the recipe's own `transformer` config, trained on the previous stage's image encoder (how the built-in model
 grew from a small transformer to a medium one).
+
+A work folder holds the run of one recipe (recorded in its recipe.json at the start): run again, it skips the
+finished stages and resumes the cut one; another recipe is refused, unless it only adds continue stages.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+RECIPE_KEYS: dict[str, Any] = {  # a recipe's keys and their JSON types (Any: checked by continue_stages)
+    "objects": int, "seed": int, "num_surface": int, "num_queries": int, "val_fraction": float, "test_fraction": float,
+    "encoder_points": int, "vae_config": str, "dit_config": str, "dit_extra_objects": int, "dit_extra_num_queries": int,
+    "vae_finetune_config": Optional[str], "encoder_pretrain_config": Optional[str], "dit_continue_config": Any,
+}
+REQUIRED_KEYS = ("objects", "seed", "num_surface", "num_queries", "val_fraction", "test_fraction", "encoder_points",
+                 "vae_config", "dit_config")
+RECORD = "recipe.json"  # in the work folder: the recipe it was started with
 
 
 STAGE_STARTS = ("pipeline", "encoder")  # continue the whole previous pipeline, or only its image encoder
@@ -59,6 +71,77 @@ def stage_config(name: str, start: str, previous: Path):
     return DiTTrainConfig.from_dict({**cfg.to_dict(), "init_from": str(previous), "image_encoder_from": None})
 
 
+def read_recipe(path: Path) -> dict:
+    """The recipe at `path`, checked before any work (keys, types, every stage config it names): one-line ConfigErrors."""
+    from moca3d.errors import ConfigError
+    from moca3d.training.pretrain_encoder import EncoderPretrainConfig
+    from moca3d.training.recipe import _type_error
+    from moca3d.training.train_dit import DiTTrainConfig
+    from moca3d.training.train_vae import VAETrainConfig
+
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path} (the recipes live in the repository's configs/ folder)")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a recipe must be a JSON object of keys and values")
+    unknown = sorted(set(spec) - set(RECIPE_KEYS))
+    missing = [k for k in REQUIRED_KEYS if k not in spec]
+    if spec.get("dit_extra_objects") and "dit_extra_num_queries" not in spec:
+        missing.append("dit_extra_num_queries")
+    problems = ([f"unknown recipe keys: {', '.join(unknown)}"] if unknown else []) + \
+        ([f"missing recipe keys: {', '.join(missing)}"] if missing else [])
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    for key, value in spec.items():
+        wrong = _type_error(RECIPE_KEYS[key], value)
+        if wrong is not None:
+            raise ConfigError(f"{path}: recipe key '{key}' must be {wrong}, got {json.dumps(value)[:60]}")
+    VAETrainConfig.from_json(CONFIGS / spec["vae_config"])
+    if spec.get("vae_finetune_config") and not VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"]).freeze_encoder:
+        raise ConfigError(f"{spec['vae_finetune_config']}: a recipe's VAE fine-tune must set freeze_encoder")
+    if spec.get("encoder_pretrain_config"):
+        EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"])
+    DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
+    for name, start in continue_stages(spec):
+        stage_config(name, start, Path("previous"))
+    return spec
+
+
+def check_same_recipe(work: Path, record: dict) -> None:
+    """Write `record` (the recipe and --data) into a new work folder; one-line ConfigError when it holds another one's run.
+
+    Only the continue stages may differ, one list extending the other (configs/default.json adds a stage to
+    default_cpu.json's): the run goes on to the longer list's last stage, or stops at the shorter one's.
+    """
+    from moca3d.errors import ConfigError
+    from moca3d.training.checkpoints import atomic_write_json
+
+    path = work / RECORD
+    if not path.is_file():
+        atomic_write_json(record, path)
+        return
+    old = json.loads(path.read_text())
+    changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k) and k != "dit_continue_config")
+    stages, before = continue_stages(record), continue_stages(old)
+    if stages[:len(before)] != before[:len(stages)]:  # neither list of continue stages extends the other
+        changed.append("dit_continue_config")
+    if changed:
+        diff = ", ".join(f"{k} {json.dumps(old.get(k))[:40]} -> {json.dumps(record.get(k))[:40]}" for k in changed[:3])
+        raise ConfigError(f"{work} holds the run of another recipe ({diff}; its own is recorded in {path}): run it with that one,"
+                          " or give a new --work folder")
+    if len(stages) > len(before):  # more stages: the run now goes on to them
+        atomic_write_json(record, path)
+
+
+def trained(run: Path, cfg) -> bool:
+    """A DiT stage is done: its pipeline is complete (model_index.json is written last) and its recipe is `cfg`."""
+    config = run / "train_config.json"
+    return (run / "pipeline" / "model_index.json").is_file() and config.is_file() and json.loads(config.read_text()) == cfg.to_dict()
+
+
 def register(app: typer.Typer) -> None:
     """Add `train-default`."""
 
@@ -83,14 +166,12 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_dit import DiTTrainConfig, train
         from moca3d.training.train_vae import VAETrainConfig, encode_dataset, train_vae
 
-        from moca3d.commands.common import resolve_device
-        from moca3d.errors import ConfigError
+        from moca3d.commands.common import check_run_folder, resolve_device
 
-        recipe = recipe if recipe is not None else CONFIGS / "default.json"
-        if not recipe.is_file():
-            raise ConfigError(f"recipe not found: {recipe} (the recipes live in the repository's configs/ folder)")
-        spec = json.loads(recipe.read_text())
+        spec = read_recipe(recipe if recipe is not None else CONFIGS / "default.json")
+        check_run_folder(work, "--work")
         dev = resolve_device(device)
+        check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None})
         root = data or work / "data"
 
         def prepare_objects(count: int, start: int, num_queries: int) -> None:
@@ -105,7 +186,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"[1/4] preparing {spec['objects']} procedural objects in {root}")
             prepare_objects(spec["objects"], 0, spec["num_queries"])
         vae_run = work / "vae"
-        if not (vae_run / "vae" / "config.json").is_file():
+        if (vae_run / "summary.json").is_file():  # written last: the VAE folder is complete
+            typer.echo(f"[2/4] the VAE in {vae_run} is trained: skipped")
+        else:
             typer.echo(f"[2/4] training the VAE in {vae_run}")
             train_vae(root, vae_run, VAETrainConfig.from_json(CONFIGS / spec["vae_config"]), resume=True, device=dev)
         extra = int(spec.get("dit_extra_objects", 0))
@@ -115,11 +198,11 @@ def register(app: typer.Typer) -> None:
         vae_dir = vae_run / "vae"
         if spec.get("vae_finetune_config"):  # decoder only: the latents below stay those of vae_run
             ft_run = work / "vae_finetune"
-            if not (ft_run / "vae" / "config.json").is_file():
+            if (ft_run / "summary.json").is_file():
+                typer.echo(f"[2c/4] the VAE decoder in {ft_run} is fine-tuned: skipped")
+            else:
                 typer.echo(f"[2c/4] fine-tuning the VAE decoder in {ft_run}")
                 ft_cfg = VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"])
-                if not ft_cfg.freeze_encoder:
-                    raise ConfigError(f"{spec['vae_finetune_config']}: a recipe's VAE fine-tune must set freeze_encoder")
                 ft_cfg.init_from = str(vae_dir)
                 train_vae(root, ft_run, ft_cfg, resume=True, device=dev)
             vae_dir = ft_run / "vae"
@@ -131,23 +214,36 @@ def register(app: typer.Typer) -> None:
             from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
             enc_run = work / "encoder"
-            if not (enc_run / "summary.json").is_file():  # written last: the encoder folder is complete
+            if (enc_run / "summary.json").is_file():  # written last: the encoder folder is complete
+                typer.echo(f"[3b/4] the image encoder in {enc_run} is pre-trained: skipped")
+            else:
                 typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
                 pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run, device=dev)
             dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
-        typer.echo(f"[4/4] training the transformer in {work / 'dit'}")
-        result = train(root, work / "dit", dit_cfg, vae_dir=vae_dir, device=dev)
+
+        def train_stage(label: str, what: str, folder: Path, cfg) -> Path:
+            """Train one DiT stage into `folder` (resuming), or skip it when done; its pipeline folder."""
+            if trained(folder, cfg):
+                typer.echo(f"{label} the transformer in {folder} is trained: skipped")
+                return folder / "pipeline"
+            typer.echo(f"{label} training {what} in {folder}")
+            return Path(train(root, folder, cfg, vae_dir=vae_dir, device=dev)["pipeline"])
+
+        pipeline = train_stage("[4/4]", "the transformer", work / "dit", dit_cfg)
         stages = continue_stages(spec)
         for i, (name, start) in enumerate(stages):  # more training, each stage from the last one's pipeline
             folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
             what = "a new transformer on the image encoder" if start == "encoder" else "the transformer further"
-            typer.echo(f"[4b/4] training {what} ({i + 1} of {len(stages)}, {name}) in {folder}")
-            more = stage_config(name, start, Path(result["pipeline"]))
-            result = train(root, folder, more, vae_dir=vae_dir, device=dev)
-        pipeline = Path(result["pipeline"])
+            pipeline = train_stage("[4b/4]", f"{what} ({i + 1} of {len(stages)}, {name})", folder, stage_config(name, start, pipeline))
         typer.echo(f"pipeline: {pipeline}")
-        if install:
-            if DEFAULT_MODEL_DIR.exists():
-                shutil.rmtree(DEFAULT_MODEL_DIR)
-            shutil.copytree(pipeline, DEFAULT_MODEL_DIR)
+        if install:  # copied beside it, then renamed into place: never a partial default model
+            tmp = DEFAULT_MODEL_DIR.with_name(f".{DEFAULT_MODEL_DIR.name}.tmp")
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(pipeline, tmp)
+                if DEFAULT_MODEL_DIR.exists():
+                    shutil.rmtree(DEFAULT_MODEL_DIR)
+                os.replace(tmp, DEFAULT_MODEL_DIR)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             typer.echo(f"installed as the default model: {DEFAULT_MODEL_DIR}")

@@ -444,6 +444,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or use a new directory")
     else:
         atomic_write_json(cfg.to_dict(), out_dir / "train_config.json")
+        trim_log(log_path, 0)  # a run cut before its first checkpoint starts again: so does its log
 
     bar = None
     if progress:
