@@ -10,6 +10,6 @@ if python3 -c "import sys; from moca3d.pipeline import DEFAULT_MODEL_DIR as d; s
   moca3d generate examples/chair.png --parts 8 -o outputs/chair.glb
 else
   echo "built-in weights not installed yet: training the smoke-scale model (configs/smoke.json) in outputs/smoke"
-  moca3d train-default --recipe configs/smoke.json --work outputs/smoke --workers 1
-  moca3d generate examples/chair.png --parts 8 -o outputs/chair.glb --model outputs/smoke/dit/pipeline --steps 20 --resolution 64
+  moca3d train-default --recipe configs/smoke.json --work outputs/smoke --workers 1  # its last stage: dit_continue2
+  moca3d generate examples/chair.png --parts 8 -o outputs/chair.glb --model outputs/smoke/dit_continue2/pipeline --steps 20 --resolution 64
 fi
