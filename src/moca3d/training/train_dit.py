@@ -84,8 +84,8 @@ class DiTTrainConfig(Recipe):
     group_by_parts: int = 0  # > 0: each batch comes from a window of this many assets of similar part count (less padding)
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on the CPU; or "no" / "bf16" / "fp16"
     gradient_checkpointing: bool = False
-    # the MoC backend while training (the saved model keeps its own, "auto"): on CUDA "reference" or
-    # "chunked" avoid a flex_attention recompile for every new (batch, part count) shape of small models
+    # the MoC backend while training (the saved model keeps its own, "auto"); e.g. "fused" on CUDA: Triton kernels
+    # with no gathered context, so less memory at many parts (not yet timed on a GPU; docs/RESULTS.md)
     attention_backend: Optional[str] = None
     # > 0: stop after this many seconds of training, checkpoint and export as at the end; the LR schedule
     # then follows the further of step / steps and elapsed / time_limit_s, so it ends at the limit
