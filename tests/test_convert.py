@@ -405,6 +405,53 @@ def test_corrupt_weight_and_index_files_are_named(tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
+class Killed(Exception):
+    """A conversion interrupted midway (as by a kill: nothing after the failing write runs)."""
+
+
+@pytest.mark.parametrize("write, call", [("weights", 1), ("weights", 2), ("copytree", 1)],
+                         ids=["transformer-weights", "vae-weights", "image-encoder-copy"])
+def test_interrupted_reconversion_never_leaves_a_complete_looking_folder(tmp_path, monkeypatch, write, call):
+    """Converting again into an earlier conversion's folder and dying midway: the folder must not load as a pipeline
+    (its model_index.json is gone until the end), its vae/ (loaded alone: `encode-dataset --model DST/vae`) is the
+    earlier VAE or the new one, never one's config with the other's weights; converting again completes it."""
+    import safetensors.torch
+
+    from moca3d.convert import triposg
+    from moca3d.pipeline import MoCAPipeline
+    from moca3d.training.train_vae import load_vae_folder
+
+    write_release(tmp_path / "a")
+    write_release(tmp_path / "b")  # another release: other VAE weights
+    save_file(random_state(triposg_vae_description(), seed=3), str(tmp_path / "b" / "vae" / "diffusion_pytorch_model.safetensors"))
+    dst = convert_triposg(tmp_path / "a", tmp_path / "dst", num_latents=L, compression=4)
+    vaes = {L: load_triposg_vae(tmp_path / "a" / "vae", L), 2 * L: load_triposg_vae(tmp_path / "b" / "vae", 2 * L)}
+
+    writes = {"weights": (safetensors.torch, "save_file"), "copytree": (triposg.shutil, "copytree")}
+    module, name = writes[write]
+    real, calls = getattr(module, name), []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, dies)
+    with pytest.raises(Killed):
+        convert_triposg(tmp_path / "b", dst, num_latents=2 * L, compression=8)
+    monkeypatch.setattr(module, name, real)
+    with pytest.raises(CheckpointError, match="model_index.json missing"):
+        MoCAPipeline.from_pretrained(dst)
+    vae = load_vae_folder(dst / "vae")
+    expected = vaes[vae.config.num_latents]
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), expected.state_dict().values()))
+    convert_triposg(tmp_path / "b", dst, num_latents=2 * L, compression=8)
+    pipe = MoCAPipeline.from_pretrained(dst)
+    assert pipe.vae.config.num_latents == 2 * L
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), vaes[2 * L].state_dict().values()))
+
+
 def test_finetune_moca_from_a_converted_triposg(tmp_path):
     """Object fine-tuning from a converted folder: DINOv2 stays frozen, the transformer trains, a pipeline comes out."""
     from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs

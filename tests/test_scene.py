@@ -1,12 +1,13 @@
 """Scenes (issue 7): mask parsing, 7-channel widening, encoder LoRA, scene fine-tuning and generation, tiny."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import trimesh
-from PIL import Image
+from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
@@ -39,6 +40,7 @@ TINY_ENCODER = dict(image_size=32, patch_size=8, width=32, num_layers=1, num_hea
 TINY_TRANSFORMER = dict(width=32, num_layers=2, num_heads=4, compression=4)
 SMALL_SCENES = (2, 6, 38)  # procedural scenes of stream 2 with 3, 3 and 4 objects
 SURFACE_POINTS = 256
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _save(array: np.ndarray, path) -> None:
@@ -165,6 +167,37 @@ def test_label_maps_keep_their_ids_in_every_lossless_format(tmp_path):
     many[5:15, 5:15] = 7
     with pytest.raises(InputError, match="7 masks exceed the model's limit of 4 instances .6 of them under 16 pixels: was"):
         load_masks(many, max_instances=4)
+
+
+def test_smoothed_label_maps_are_refused_and_small_instances_kept(tmp_path):
+    """A resized or anti-aliased label map invents thin ids along its edges: refused in one line, even under the
+    instance limit. Unsmoothed maps with small and thin instances load as they are: the examples and a procedural
+    32-object scene (scene 141 of stream 4: an instance of 3 px on the edge between the floor's 0 and id 20)."""
+    labels = np.zeros((24, 24), np.uint8)
+    labels[4:14, 3:12], labels[8:20, 12:21] = 2, 5
+    _save(np.asarray(Image.fromarray(labels).resize((36, 36), Image.BILINEAR)), tmp_path / "resized.png")  # ids 1, 3, 4 invented
+    with pytest.raises(InputError, match=r"resized.png looks resized or smoothed: ids such as 1 \(52 px; 3 in all\) .*Image.NEAREST"):
+        load_masks(tmp_path / "resized.png", max_instances=50)
+    assert len(load_masks(np.asarray(Image.fromarray(labels).resize((36, 36), Image.NEAREST)).astype(np.int64))) == 2
+    scene32 = np.asarray(Image.open(EXAMPLES / "scene32_masks.png"))
+    spread = Image.fromarray((scene32 * 7).astype(np.uint8))  # ids 7..224, so that interpolation has room
+    for smoothed in (spread.resize((384, 384), Image.BILINEAR), spread.filter(ImageFilter.GaussianBlur(1))):
+        with pytest.raises(InputError, match="looks resized or smoothed"):
+            load_masks(np.asarray(smoothed).astype(np.int64), max_instances=1000)
+
+    from moca3d.data.procedural import generate_scene
+    from moca3d.geometry.mesh_io import normalize_meshes
+    from moca3d.geometry.render import floor_plane, render, scene_camera
+
+    asset = generate_scene(4, 141, min_objects=17, max_objects=32)
+    meshes, _ = normalize_meshes(asset.meshes)
+    config = RenderConfig()  # `moca3d prepare`'s renders
+    _, rendered = render(meshes, scene_camera(meshes, config), asset.colors, [(floor_plane(meshes), config.floor_color)], config)
+    assert (rendered == 1).sum() == 3 and (scene32 == 29).sum() == 4  # scene32: 4 px along id 15's edge
+    for source, labels in ((EXAMPLES / "scene4_masks.png", np.asarray(Image.open(EXAMPLES / "scene4_masks.png"))),
+                           (EXAMPLES / "scene32_masks.png", scene32), (rendered.astype(np.int64), rendered)):
+        ids = np.unique(labels[labels > 0])
+        assert np.array_equal(load_masks(source, max_instances=50), labels[None] == ids[:, None, None])
 
 
 def test_mask_folders_read_alpha_and_skip_what_is_not_a_mask(tmp_path, monkeypatch):

@@ -213,6 +213,48 @@ def test_save_load_round_trip_bit_exact(tmp_path):
     assert torch.equal(model(surface, pts, sample_posterior=False)[0], loaded(surface, pts, sample_posterior=False)[0])
 
 
+class Killed(Exception):
+    """A save interrupted midway (as by a kill: nothing after the failing write runs)."""
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["before-weights", "half-written-weights"])
+def test_vae_folder_is_written_all_or_nothing(tmp_path, monkeypatch, partial):
+    """train-vae's vae/ (and every VAE save_pretrained) is loaded on its own: a save killed after config.json, or while
+    writing the weights, must leave the earlier VAE as it was or a folder without config.json (a one-line error),
+    never one that loads one VAE's config with another's weights (diffusers writes config.json first, in place)."""
+    import safetensors.torch
+
+    from moca3d.training.train_vae import load_vae_folder
+
+    real = safetensors.torch.save_file
+
+    def killed(tensors, filename, metadata=None):
+        if partial:
+            real(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(Path(filename).read_bytes()[:500])
+        raise Killed
+
+    earlier = tiny_vae(seed=1)
+    earlier.save_pretrained(tmp_path / "vae")
+    (tmp_path / "vae" / "notes.txt").write_text("kept")  # the folder's other files are left alone
+    later = tiny_vae(seed=2)
+    later.register_to_config(scaling_factor=3.0, shift_factor=0.5)  # as train-vae's fitted latent scale
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    for folder in (tmp_path / "vae", tmp_path / "first"):
+        with pytest.raises(Killed):
+            later.save_pretrained(folder)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    loaded = load_vae_folder(tmp_path / "vae")
+    assert (loaded.config.scaling_factor, loaded.config.shift_factor) == (1.0, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), earlier.state_dict().values()))
+    with pytest.raises(InputError, match="config.json missing"):  # an interrupted first save
+        load_vae_folder(tmp_path / "first")
+    (tmp_path / "vae" / ".saving.stale").mkdir()  # as a killed save leaves its temporary folder
+    later.save_pretrained(tmp_path / "vae")
+    assert load_vae_folder(tmp_path / "vae").config.scaling_factor == 3.0
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors", "notes.txt"]
+
+
 def test_triposg_naming_and_head_layout_conversion():
     """Names follow TripoSG; a per-head interleaved q|k|v layout converts to the same attention."""
     model = tiny_vae()
@@ -465,6 +507,51 @@ def test_cli_bad_points_and_missing_data_are_one_line_errors(tmp_path):
     result = runner.invoke(app, ["train-vae", str(tmp_path / "nothere"), "-o", str(tmp_path / "run"), "--device", "cpu"])
     assert isinstance(result.exception, InputError) and "no manifest.jsonl" in str(result.exception)
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_vae_verbs_check_their_options_first(tmp_path, monkeypatch):
+    """Bad options stop with one line naming the option before any model or data is read. They used to surface as a
+    bare ValueError (encode-dataset --batch-size 0), a message about an option the verb lacks (reconstruct --resolution 96:
+    'coarse_resolution 32'), a misleading hint (cache-latents --max-parts 0: 'run encode-dataset'), an odd error after
+    the whole reconstruction (an output under a file), or nothing (train-vae --threads -3)."""
+    from typer.testing import CliRunner
+
+    import moca3d.commands.vae as vae_cmd
+    from moca3d.cli import app
+    from moca3d.defaults import RESOLUTION_RULE
+    from moca3d.geometry.mesh_io import save_glb
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    save_glb(tmp_path / "in.glb", [trimesh.creation.box()], ["box"])
+    data, vae, mesh = str(tmp_path / "nothere"), str(tmp_path / "vae"), str(tmp_path / "in.glb")
+    cases = [
+        (["encode-dataset", data, "--model", vae, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["encode-dataset", data, "--model", vae, "--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+        (["reconstruct", mesh, "-o", str(tmp_path / "o.glb"), "--model", vae, "--resolution", "17"],
+         f"--resolution must be {RESOLUTION_RULE}, got 17"),
+        (["eval-vae", data, "--model", vae, "--resolution", "48"], f"--resolution must be {RESOLUTION_RULE}, got 48"),
+        (["reconstruct", mesh, "-o", f"{mesh}/o.glb", "--model", vae], f"{mesh} is a file, not a folder"),
+        (["cache-latents", data, "-o", str(tmp_path / "c.safetensors"), "--max-parts", "0"], "--max-parts must be >= 1, got 0"),
+        (["cache-latents", data, "-o", str(tmp_path)], "is a folder: give a file path"),
+        (["train-vae", data, "-o", str(tmp_path / "run"), "--threads", "-3"], "--threads must be >= 0 (0: torch's default), got -3"),
+    ]
+    runner = CliRunner()
+    for args, message in cases:
+        result = runner.invoke(app, args + (["--device", "cpu"] if args[0] != "cache-latents" else []))
+        assert isinstance(result.exception, ConfigError) and message in str(result.exception), (args, result.exception)
+    # every resolution of the rule reconstructs: a dense first grid of 32 cells where it allows, then doublings
+    grids = {}
+
+    def reconstruct(path, model, points, extract):
+        grids[extract.resolution] = extract.coarse_resolution
+        return [trimesh.creation.box()], ["box"]
+
+    monkeypatch.setattr("moca3d.training.train_vae.reconstruct_mesh_file", reconstruct)
+    for resolution in (16, 32, 64, 96, 256):
+        result = runner.invoke(app, ["reconstruct", mesh, "-o", str(tmp_path / "o.glb"), "--model", vae, "--resolution",
+                                     str(resolution), "--points", "64", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    assert grids == {16: 16, 32: 32, 64: 32, 96: 48, 256: 64}
 
 
 def test_posterior_starts_nearly_deterministic():

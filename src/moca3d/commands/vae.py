@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import check_output_path, check_run_folder, resolve_device, write_json
+from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
@@ -69,6 +70,8 @@ def register(app: typer.Typer) -> None:
         if batch_size is not None:
             cfg.batch_size = batch_size
         if threads is not None:
+            if threads < 0:
+                raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {threads}")
             cfg.num_threads = threads
         if init_from is not None:
             cfg.init_from = str(init_from)
@@ -87,7 +90,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         split: str = typer.Option("val", "--split", help="Split whose assets are reconstructed."),
         assets: int = typer.Option(12, "--assets", help="At most this many assets of the split."),
-        resolution: int = typer.Option(128, "--resolution", help="Finest grid cells per axis."),
+        resolution: int = typer.Option(128, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and each asset's) to this JSON file ('-': print it alone)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
@@ -97,6 +100,7 @@ def register(app: typer.Typer) -> None:
 
         if assets < 1:
             raise ConfigError(f"--assets must be >= 1, got {assets}")
+        check_resolution(resolution)
         check_output_path(json_out, "--json")
         vae = load_vae(model, resolve_device(device))
         check_points(points, vae)
@@ -115,7 +119,7 @@ def register(app: typer.Typer) -> None:
         mesh: Path = typer.Argument(..., help="Mesh file (one component per node) or folder (one per file)."),
         out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb, one node per component."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
-        resolution: int = typer.Option(256, "--resolution", help="Finest grid cells per axis."),
+        resolution: int = typer.Option(256, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
@@ -126,10 +130,13 @@ def register(app: typer.Typer) -> None:
 
         if out.suffix.lower() != ".glb":
             raise InputError(f"{out}: output must be a .glb file")
+        check_output_path(out)
+        check_resolution(resolution)
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)
-        coarse = max(32, resolution // 4)
+        # a dense first grid of 32 cells or more where the resolution allows (thin parts), refined by doublings
+        coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
         extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=True)
         meshes, names = reconstruct_mesh_file(mesh, vae, points, extract)
         empty = [n for n, m in zip(names, meshes) if len(m.faces) == 0]
@@ -154,6 +161,8 @@ def register(app: typer.Typer) -> None:
         """Cache per-asset latents (posterior means) as assets/<id>/latents.safetensors (resumable)."""
         from moca3d.training.train_vae import encode_dataset
 
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
         check_points(points, vae)
@@ -177,6 +186,9 @@ def register(app: typer.Typer) -> None:
 
         if image_size < MIN_IMAGE_SIDE:
             raise ConfigError(f"--image-size must be >= {MIN_IMAGE_SIDE}, got {image_size}")
+        if max_parts < 1:
+            raise ConfigError(f"--max-parts must be >= 1, got {max_parts}")
+        check_output_path(output)
         records = read_manifest(data_dir, split)
         kinds = {r.get("kind") == "scene" for r in records}
         if len(kinds) > 1:

@@ -4,7 +4,8 @@ Masks come as a label map (an image or (H, W) integer array: 0 = background, one
 instances ordered by increasing id) or as a folder of binary masks (instances ordered by file name,
 numbers compared as numbers: mask_2 before mask_10). A label map must be lossless (not JPEG or lossy
 WebP) and its ids are taken as they are: 8/16/32-bit grey, palette indices (every non-zero index is
-an instance, so a VOC-style 255 'void' border must be set to 0 first) or whole-number floats. A mask
+an instance, so a VOC-style 255 'void' border must be set to 0 first) or whole-number floats; one resized or
+smoothed by interpolation, whose edges then hold invented ids, is refused (`check_unsmoothed`). A mask
 with transparency (an alpha channel or a palette's transparent index) is its alpha. A folder's masks
 may overlap: a pixel belongs to the LAST mask that covers it (as when painting a label map in file
 order); an instance that loses all its pixels that way is reported as empty.
@@ -45,6 +46,9 @@ ZOOM_MIN_SIDE = 8  # px of the full-resolution image: the smallest square a zoom
 MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 RAW_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes whose values are the ids
 SLIVER_PIXELS = 16  # an instance this small in a label map with too many ids hints at smoothed edges
+# a label map looks resized or smoothed when this share of its edge pixels (at least SLIVER_PIXELS of them) hold an id
+# between a lower and a higher neighbour's, as interpolated edges do (unsmoothed procedural scenes: under 0.07 at 64 px)
+SMOOTHED_EDGE_SHARE = 0.1
 
 MasksLike = Union[str, Path, np.ndarray, Sequence[np.ndarray]]
 
@@ -116,8 +120,35 @@ def _binary(gray: np.ndarray) -> np.ndarray:
     return gray > (0.5 if gray.max(initial=0) <= 1 else MASK_THRESHOLD)
 
 
-def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None) -> np.ndarray:
-    """(H, W) label map -> (N, H, W) bool, one mask per non-zero id in increasing order."""
+def check_unsmoothed(labels: np.ndarray, name: str = "the label map") -> None:
+    """Refuse a label map whose resized or smoothed (anti-aliased) edges invented ids (one-line InputError).
+
+    Interpolation leaves, along the edges between instances, ids between theirs: thin slivers that would become
+    instances of their own. The map is refused when both show: at least SMOOTHED_EDGE_SHARE of its edge pixels hold an
+    id between a lower and a higher neighbour's, and some id has no pixel inside it (all its pixels on edges). Small
+    instances of an unsmoothed map pass: the share stays low (a thin instance among others is a few pixels of many).
+    """
+    padded = np.pad(labels, 1, mode="edge")
+
+    def window(reduce) -> np.ndarray:  # (H, W): `reduce` over each pixel's 3x3 neighbourhood, columns then rows
+        cols = reduce(reduce(padded[:-2], padded[1:-1]), padded[2:])  # (H, W + 2)
+        return reduce(reduce(cols[:, :-2], cols[:, 1:-1]), cols[:, 2:])
+
+    below, above = window(np.minimum) < labels, window(np.maximum) > labels  # a lower / higher id among the 8 neighbours
+    between, edge = int((below & above).sum()), below | above
+    if between < SLIVER_PIXELS or between < SMOOTHED_EDGE_SHARE * edge.sum():
+        return
+    thin = np.setdiff1d(np.unique(labels[edge & (labels != 0)]), np.unique(labels[~edge]))  # ids with no inner pixel
+    if len(thin):
+        size = int((labels == thin[0]).sum())
+        raise InputError(f"{name} looks resized or smoothed: ids such as {thin[0]} ({size} px; {len(thin)} in all) appear only "
+                         "along the edges between other ids, where interpolation invents them; resize label maps with "
+                         "nearest-neighbour (PIL Image.NEAREST) and save them unsmoothed (real instances that thin: "
+                         "pass binary masks in a folder)")
+
+
+def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None, name: str = "the label map") -> np.ndarray:
+    """(H, W) label map -> (N, H, W) bool, one mask per non-zero id in increasing order (checked: `check_unsmoothed`)."""
     if labels.ndim != 2:
         raise InputError(f"a label map must be (H, W), got {labels.shape}")
     if labels.dtype.kind == "f":
@@ -131,6 +162,7 @@ def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None) -> 
         slivers = int((counts < SLIVER_PIXELS).sum())
         hint = f" ({slivers} of them under {SLIVER_PIXELS} pixels: was the label map smoothed or anti-aliased?)" if slivers else ""
         _check_count(len(ids), max_instances, hint)
+    check_unsmoothed(labels, name)  # under the limit, smoothed edges would become instances of their own
     return labels[None] == ids[:, None, None]  # (N, H, W)
 
 
@@ -168,7 +200,7 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
         if path.is_dir():
             stack, names = _folder_masks(path)
         elif path.is_file():
-            stack = label_map_to_masks(_read_gray(path), max_instances)
+            stack = label_map_to_masks(_read_gray(path), max_instances, f"label map {path}")
         else:
             raise InputError(f"masks not found: {path}")
     elif isinstance(masks, np.ndarray) and masks.ndim == 2:
