@@ -285,6 +285,40 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(m2(x, t, c, ids=ids), m(x, t, c, ids=ids), atol=ATOL, rtol=0)
 
 
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("which", ["transformer", "image_encoder"])
+def test_a_killed_save_leaves_the_earlier_model(tmp_path, monkeypatch, which):
+    """Like the VAE (test_vae.py), the transformer and image encoder folders (an image_encoder_from is loaded on its
+    own) are written all or nothing: a save killed while writing the weights leaves the earlier model loadable."""
+    import safetensors.torch
+
+    from moca3d.models.image_encoder import ImageEncoder
+
+    def make(seed, heads):  # the head count changes the config, not the weights' shapes
+        torch.manual_seed(seed)
+        if which == "transformer":
+            return tiny_model(seed, num_heads=heads)
+        return ImageEncoder(image_size=32, patch_size=16, width=32, num_layers=1, num_heads=heads)
+
+    earlier, later = make(1, heads=4), make(2, heads=2)
+    klass = type(earlier)
+    earlier.save_pretrained(tmp_path)
+
+    def killed(tensors, filename, metadata=None):
+        raise Killed
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(Killed):
+        later.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    loaded = klass.from_pretrained(tmp_path)
+    assert loaded.config.num_heads == 4, "the later config beside the earlier weights"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), earlier.state_dict().values()))
+
+
 def test_tokens_are_exchangeable_without_token_positions_and_ordered_with_them():
     """Without token positions, permuting a component's tokens permutes the velocity (tolerance 1e-5); with
     them (canonically ordered latents) it does not, and the config round-trips."""

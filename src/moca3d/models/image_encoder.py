@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moca3d.errors import ConfigError, InputError
+from moca3d.models.modeling import AtomicSaveMixin
 from moca3d.models.vae import LayerNorm32, VecSetBlock
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -125,7 +126,7 @@ def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
 
 
-class ImageEncoder(ModelMixin, ConfigMixin):
+class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
     """A small ViT: (B, C_in, S, S) images in [0, 1] -> (B, 1 + (S/patch)^2, width) tokens."""
 
     @register_to_config

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moca3d.attention import LocalAttention, MoCAttention, MoCAttentionConfig
 from moca3d.errors import ConfigError, InputError
+from moca3d.models.modeling import AtomicSaveMixin
 from moca3d.models.vae import FeedForward, LayerNorm32
 
 
@@ -186,7 +187,7 @@ def global_block_indices(num_layers: int, global_blocks: Union[str, Sequence[int
     return idx
 
 
-class MoCATransformer(ModelMixin, ConfigMixin):
+class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
     """Compositional rectified-flow DiT with Mixture-of-Components attention."""
 
     _supports_gradient_checkpointing = True

@@ -10,11 +10,7 @@ sign of the output).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -25,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from moca3d.errors import ConfigError, InputError
+from moca3d.models.modeling import AtomicSaveMixin
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp of the posterior log-variance (numerical safety)
 LOGVAR_INIT = -8.0  # initial posterior log-variance (std ~0.02): z starts informative, which avoids collapse
@@ -294,7 +291,7 @@ def canonical_token_order(xyz: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-class VecSetVAE(ModelMixin, ConfigMixin):
+class VecSetVAE(AtomicSaveMixin, ModelMixin, ConfigMixin):
     """Surface points of one component (B, P, 6) <-> latents z (B, L, C) -> SDF-like logits.
 
     The decoder's output is positive inside and zero on the surface; with this project's
@@ -342,32 +339,6 @@ class VecSetVAE(ModelMixin, ConfigMixin):
         self.decoder = VecSetDecoder(self.embedder.out_dim, width_decoder, num_attention_heads,
                                      num_layers_decoder, mlp_ratio, norm_eps)
         self.reset_parameters()
-
-    # -- persistence ---------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """diffusers' `save_pretrained` with config.json as the mark of a complete folder (a VAE folder is loaded on its
-        own: `--model runs/vae/vae`). The files are written in a hidden folder inside it first; then config.json is
-        removed, the weights renamed into place, and config.json last: a save killed midway leaves the earlier VAE or a
-        folder without config.json, never config.json beside missing, partial or older weights."""
-        final = Path(save_directory)
-        if final.exists() and not final.is_dir():
-            raise InputError(f"cannot write the VAE folder {final}: a file is in the way")
-        final.mkdir(parents=True, exist_ok=True)
-        for stale in final.glob(".saving.*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".saving.", dir=final))
-        try:
-            super().save_pretrained(tmp, *args, **kwargs)
-            files = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name == self.config_name)  # config last
-            for path in files:  # on disk before any rename
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-            (final / self.config_name).unlink(missing_ok=True)  # incomplete from here until the new config.json is in
-            for path in files:
-                os.replace(path, final / path.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     # -- initialisation --------------------------------------------------------------------
 
