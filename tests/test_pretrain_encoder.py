@@ -130,6 +130,39 @@ def test_pretraining_resumes_and_writes_a_loadable_encoder(dataset, tmp_path):
     assert summary["step"] == 6 and 0 <= summary["grid_iou"] <= 1 and 0 <= summary["mean_grid_iou"] <= 1
 
 
+def test_pretraining_resumes_only_its_own_recipe(dataset, tmp_path):
+    """Run again into its folder, a pre-training run refuses another recipe in one line (its recipe and checkpoints
+    untouched), resumes with more steps or a time limit (recorded; the limit counts its earlier seconds) and says
+    when it is finished."""
+    run = tmp_path / "run"
+    pretrain_encoder(tiny_pretrain(steps=2, checkpoint_every=2), dataset, run, log=lambda r: None)
+    recorded = (run / "pretrain_config.json").read_text()
+    with pytest.raises(ConfigError, match=r"was started with another recipe \(head_width 32 -> 64\): resume with its own"):
+        pretrain_encoder(tiny_pretrain(steps=2, checkpoint_every=2, head_width=64), dataset, run, log=lambda r: None)
+    (tmp_path / "other.json").write_text(json.dumps(tiny_pretrain(lr=0.5).to_dict()))
+    bad = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(run), "--config", str(tmp_path / "other.json")])
+    assert isinstance(bad.exception, ConfigError) and "another recipe (lr 0.001 -> 0.5)" in str(bad.exception)
+    assert (run / "pretrain_config.json").read_text() == recorded
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
+    records = []
+    pretrain_encoder(tiny_pretrain(steps=4, checkpoint_every=2), dataset, run, log=records.append)  # more steps: allowed
+    assert records[0] == {"event": "resume", "step": 2, "note": "resuming with steps 2 -> 4"}
+    assert json.loads((run / "pretrain_config.json").read_text())["steps"] == 4
+    assert json.loads((run / "summary.json").read_text())["step"] == 4
+    final = run / "checkpoints" / "step_00000004" / "state.json"
+    elapsed, written = json.loads(final.read_text())["extra"]["elapsed_s"], final.stat().st_mtime_ns
+    assert elapsed > 0  # the run's clock
+    records = []
+    pretrain_encoder(tiny_pretrain(steps=4, checkpoint_every=2), dataset, run, log=records.append)
+    assert records[0]["step"] == 4 and "nothing to train" in records[0]["finished"] and "note" not in records[0]
+    assert not any("loss" in r for r in records) and final.stat().st_mtime_ns == written
+    assert (run / "image_encoder" / "config.json").is_file() and json.loads((run / "summary.json").read_text())["step"] == 4
+    records = []  # more steps, but a time limit its earlier seconds already used up: finished too
+    pretrain_encoder(tiny_pretrain(steps=8, checkpoint_every=2, time_limit_s=elapsed / 2), dataset, run, log=records.append)
+    assert records[0]["note"] == f"resuming with steps 4 -> 8, time_limit_s 0.0 -> {elapsed / 2}" and "finished" in records[0]
+    assert json.loads((run / "summary.json").read_text())["step"] == 4
+
+
 def test_pretraining_lowers_the_loss_on_a_fixed_set(dataset, tmp_path):
     """Many steps on six objects: the late logged loss is below the first (the predictor learns; the test does not
     separate what the encoder reads from the image from what the head learns about where cells lie)."""

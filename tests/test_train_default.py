@@ -206,3 +206,73 @@ def test_more_continue_stages_extend_a_finished_run(tiny_run, tmp_path):
     longer.write_text(json.dumps(spec))
     result = train_default(work, longer)
     assert isinstance(result.exception, ConfigError) and "dit_continue_config" in str(result.exception), result.output
+
+
+def test_a_moved_work_folder_resumes_its_cut_stage(tiny_run, tmp_path, monkeypatch):
+    """A work folder moved as a whole, then run again by a relative --work, resumes its cut transformer stage (whose
+    recipe named the previous stage's pipeline by its old path); run again absolute, every stage is done."""
+    recipe, work = copy_run(tiny_run, tmp_path)
+    spec = json.loads(recipe.read_text())
+    longer = tmp_path / "longer.json"
+    longer.write_text(json.dumps({**spec, "dit_continue_config": [spec["dit_config"]]}))
+    assert train_default(work, longer).exit_code == 0  # dit_continue starts from work/dit/pipeline
+    stage = work / "dit_continue"
+    assert json.loads((stage / "train_config.json").read_text())["init_from"] == str(work / "dit" / "pipeline")
+    shutil.rmtree(stage / "pipeline")  # cut after its first step's checkpoint
+    shutil.rmtree(stage / "checkpoints" / "step_00000002")
+    moved = tmp_path / "moved"
+    work.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    result = train_default(Path("moved"), longer)
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and "(step 1)" in result.output
+    assert f"resuming with init_from {work / 'dit' / 'pipeline'} -> moved/dit/pipeline" in result.output
+    assert json.loads((moved / "dit_continue" / "train_config.json").read_text())["init_from"] == "moved/dit/pipeline"
+    index = moved / "dit_continue" / "pipeline" / "model_index.json"
+    before = index.stat().st_mtime_ns
+    result = train_default(moved, longer)  # absolute now: the same folders
+    assert result.exit_code == 0, result.output
+    assert "[4b/4] the transformer in" in result.output and "training" not in result.output
+    assert index.stat().st_mtime_ns == before
+
+
+def test_a_run_recipe_path_is_the_same_spelled_or_moved_another_way_but_not_another_folder(tmp_path, monkeypatch):
+    """check_resume's paths: relative and absolute spellings of one folder are the same, and so is a folder inside the
+    run's work folder once that is moved; another folder is another recipe, and so is a moved run without its origin."""
+    from moca3d.training.recipe import check_resume, origin_path, record_run_config
+
+    monkeypatch.chdir(tmp_path)
+    config = Path("work") / "run" / "train_config.json"
+    config.parent.mkdir(parents=True)
+    record_run_config(config, {"init_from": "work/dit/pipeline", "image_encoder_from": None, "steps": 2})
+    said = []
+    check_resume(config, {"init_from": str(tmp_path / "work" / "dit" / "pipeline"), "image_encoder_from": None, "steps": 2},
+                 said.append)
+    assert said == [f"resuming with init_from work/dit/pipeline -> {tmp_path / 'work' / 'dit' / 'pipeline'}"]
+    (tmp_path / "work").rename(tmp_path / "moved")
+    config = tmp_path / "moved" / "run" / "train_config.json"
+    same = {"init_from": str(tmp_path / "moved" / "dit" / "pipeline"), "image_encoder_from": None, "steps": 3}
+    check_resume(config, same, said.append)
+    assert said[-1] == f"resuming with steps 2 -> 3, init_from {tmp_path / 'work' / 'dit' / 'pipeline'} -> {same['init_from']}"
+    for other in ("moved/dit_continue/pipeline", str(tmp_path / "work" / "dit" / "pipeline"), "elsewhere/dit/pipeline"):
+        with pytest.raises(ConfigError, match=r"another recipe \(init_from"):
+            check_resume(config, {**same, "init_from": other}, said.append)
+    with pytest.raises(ConfigError, match=r"another recipe \(image_encoder_from null -> \"moved/dit/pipeline"):
+        check_resume(config, {**same, "image_encoder_from": "moved/dit/pipeline"}, said.append)
+    origin_path(config).unlink()  # a run recorded before origins were: where it was is not known
+    (tmp_path / "moved").rename(tmp_path / "again")
+    with pytest.raises(ConfigError, match=r"another recipe \(init_from"):
+        check_resume(tmp_path / "again" / "run" / "train_config.json",
+                     {**same, "init_from": str(tmp_path / "again" / "dit" / "pipeline")}, said.append)
+
+
+def test_the_same_data_folder_spelled_another_way_is_the_same_recipe(tmp_path):
+    """--data through ".." (or a link) names the folder recorded in recipe.json: no refusal; another folder is one."""
+    from moca3d.commands.default import check_same_recipe
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "work").mkdir()
+    check_same_recipe(tmp_path / "work", {"objects": 2, "--data": str(tmp_path / "data")})
+    check_same_recipe(tmp_path / "work", {"objects": 2, "--data": str(tmp_path / "work" / ".." / "data")})
+    with pytest.raises(ConfigError, match="another recipe"):
+        check_same_recipe(tmp_path / "work", {"objects": 2, "--data": str(tmp_path / "work" / "data")})

@@ -124,6 +124,9 @@ def check_same_recipe(work: Path, record: dict) -> None:
         atomic_write_json(record, path)
         return
     old = json.loads(path.read_text())
+    if isinstance(old.get("--data"), str) and isinstance(record.get("--data"), str) \
+            and Path(old["--data"]).resolve() == Path(record["--data"]).resolve():
+        old["--data"] = record["--data"]  # the same dataset, spelled another way (a link, or "..")
     changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k) and k != "dit_continue_config")
     stages, before = continue_stages(record), continue_stages(old)
     if stages[:len(before)] != before[:len(stages)]:  # neither list of continue stages extends the other
@@ -137,9 +140,12 @@ def check_same_recipe(work: Path, record: dict) -> None:
 
 
 def trained(run: Path, cfg) -> bool:
-    """A DiT stage is done: its pipeline is complete (model_index.json is written last) and its recipe is `cfg`."""
+    """A DiT stage is done: its pipeline is complete (model_index.json is written last) and its recipe is `cfg` (its
+    paths may name the same folders another way: the work folder moved, or given relative instead of absolute)."""
+    from moca3d.training.recipe import recipe_changes
+
     config = run / "train_config.json"
-    return (run / "pipeline" / "model_index.json").is_file() and config.is_file() and json.loads(config.read_text()) == cfg.to_dict()
+    return (run / "pipeline" / "model_index.json").is_file() and config.is_file() and not recipe_changes(config, cfg.to_dict())
 
 
 def register(app: typer.Typer) -> None:

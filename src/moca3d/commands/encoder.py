@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train the image encoder to predict each object's coarse 3D surface grid from its render.
 
-        With a scene recipe (configs/encoder_pretrain_scene.json, "condition": "scene") each visible instance's 7-channel stack predicts that instance's grid in the scene frame, starting from an object encoder widened to 7 channels. The result, OUT/image_encoder, is what a DiT or scene recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints.
+        With a scene recipe (configs/encoder_pretrain_scene.json, "condition": "scene") each visible instance's 7-channel stack predicts that instance's grid in the scene frame, starting from an object encoder widened to 7 channels. The result, OUT/image_encoder, is what a DiT or scene recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints, with the recipe it was started with (OUT/pretrain_config.json): only --steps, --time-limit, num_threads, log_every and checkpoint_every may change; another recipe is refused.
         """
         from moca3d.commands.common import check_run_folder, resolve_device
         from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder

@@ -37,7 +37,7 @@ from moca3d.models.vae import FourierEmbedder, LayerNorm32, VecSetBlock
 from moca3d.training.checkpoints import (
     atomic_save_tensors, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
-from moca3d.training.recipe import Recipe, lr_at
+from moca3d.training.recipe import Recipe, check_resume, lr_at, record_run_config
 
 GRID_CACHE_KIND = "moca3d-surface-grids"
 CONDITIONS = ("object", "scene")
@@ -403,7 +403,18 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_predictor(cfg).to(device)
+    # the run folder describes itself, with the encoder's actual architecture (init_from's, widened): `load_run`
+    record = cfg.to_dict() | {"image_encoder": {k: v for k, v in model.image_encoder.config.items() if not k.startswith("_")}}
+    config_path = out_dir / "pretrain_config.json"
+    ckpt = latest_checkpoint(out_dir)
+    notes: list[str] = []
+    if ckpt is not None and config_path.is_file():  # before any work: another recipe's run is refused, not mixed in
+        check_resume(config_path, record, notes.append)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record_run_config(config_path, record)
     samples, asset_ids = load_samples(cfg, data_dir, cache)
     scene = cfg.condition == "scene"
     grids_path = Path(grids_path) if grids_path is not None else out_dir / f"grids{cfg.grid_resolution}.safetensors"
@@ -422,18 +433,14 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     train_rows = torch.tensor(train_idx, dtype=torch.long)
     centres = grid_centres(resolution)
 
-    torch.manual_seed(cfg.seed)
-    model = build_predictor(cfg).to(device)
-    # the run folder describes itself, with the encoder's actual architecture (init_from's, widened): `load_run`
-    record = cfg.to_dict() | {"image_encoder": {k: v for k, v in model.image_encoder.config.items() if not k.startswith("_")}}
-    atomic_write_json(record, out_dir / "pretrain_config.json")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     start, elapsed0 = 0, 0.0
-    ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start, elapsed0 = state.step, float(state.extra.get("elapsed_s", 0.0))
-        log({"event": "resume", "step": start})
+        spent = start >= cfg.steps or 0 < cfg.time_limit_s <= elapsed0  # its steps or its time used up
+        log({"event": "resume", "step": start, **({"note": notes[0]} if notes else {}),
+             **({"finished": "nothing to train; its encoder is evaluated and written again"} if spent else {})})
     t0 = time.time()
     step, losses = start, []
     while step < cfg.steps:
@@ -472,7 +479,8 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         else:  # the image-free reference: every held-out object predicted as the training grids' mean > 0.5
             mean = mean_grid(packed[train_rows], resolution, cfg.dilate)[None]
             metrics["mean_grid_iou"] = float(grid_iou(mean.expand_as(val_grids), val_grids).mean())
-    save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
+    if step > start or ckpt is None:  # a finished run's checkpoint is kept as it is
+        save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
     model.image_encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
     summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics}
     atomic_write_json(summary, out_dir / "summary.json")

@@ -135,21 +135,87 @@ RESUMABLE_KEYS = ("steps", "time_limit_s", "num_threads", "log_every", "checkpoi
                   "validate_every")  # a run may resume with these changed; any other change is refused
 
 
-def check_resume(config_path: Path, cfg: Recipe, say: Callable[[str], None]) -> None:
-    """Resuming the run of `config_path` (its recipe as started) with `cfg`: a change outside RESUMABLE_KEYS is a
-    ConfigError; changes of those are said and recorded."""
-    old, new = json.loads(config_path.read_text()), cfg.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+def _absolute(value: str | Path) -> str:
+    """A path as the current folder reads it: absolute, symbolic links resolved."""
+    return str(Path(value).expanduser().resolve())
+
+
+def origin_path(config_path: Path) -> Path:
+    """The file beside a run's recipe (`record_run_config`) saying where the run folder was when the recipe was recorded,
+    and where its paths (PATH_KEYS) then pointed: what lets a moved run folder, or a path spelled another way, resume."""
+    return config_path.with_name(config_path.stem + ".origin.json")
+
+
+def _origin(config_path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """What `origin_path` holds for `record` recorded now in `config_path`."""
+    return {"run_folder": _absolute(config_path.parent),
+            "paths": {k: [v, _absolute(v)] for k in PATH_KEYS if isinstance(v := record.get(k), str) and v}}
+
+
+def record_run_config(config_path: Path, record: dict[str, Any]) -> None:
+    """Write a run's recipe (`record`, JSON-ready) to `config_path`, and beside it where it was and what its paths meant."""
+    from moca3d.training.checkpoints import atomic_write_json
+
+    atomic_write_json(record, config_path)
+    atomic_write_json(_origin(config_path, record), origin_path(config_path))
+
+
+def _read_origin(config_path: Path) -> dict[str, Any]:
+    """`origin_path`'s contents, or {} for a run recorded without it (or an unreadable one)."""
+    try:
+        origin = json.loads(origin_path(config_path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return origin if isinstance(origin, dict) else {}
+
+
+def _same_path(key: str, old: Any, new: Any, origin: dict[str, Any], run_folder: Path) -> bool:
+    """Recorded path value `old` and `new` name the same folder: the same once made absolute (relative paths from the
+    current folder, or as the recipe's origin recorded them), or the same place inside the folder that holds the run
+    folder (a work folder of runs), where that folder was then and where it is now: a work folder moved as a whole."""
+    if old == new:
+        return True
+    if not (isinstance(old, str) and isinstance(new, str) and old and new):
+        return False
+    recorded = (origin.get("paths") or {}).get(key)
+    was = Path(recorded[1] if isinstance(recorded, list) and len(recorded) == 2 and recorded[0] == old else _absolute(old))
+    now = Path(_absolute(new))
+    if was == now:
+        return True
+    if not isinstance(origin.get("run_folder"), str):
+        return False  # where the run was is not known: a moved run folder cannot be told from another path
+    work_was, work_now = Path(origin["run_folder"]).parent, Path(_absolute(run_folder)).parent
+    return was.is_relative_to(work_was) and now.is_relative_to(work_now) \
+        and was.relative_to(work_was) == now.relative_to(work_now)
+
+
+def recipe_changes(config_path: Path, record: dict[str, Any]) -> list[str]:
+    """The keys in which `record` (a JSON-ready recipe) differs from the run's recipe at `config_path`, sorted; a path
+    (PATH_KEYS) that names the same folder (`_same_path`) is no change."""
+    old, origin = json.loads(config_path.read_text()), _read_origin(config_path)
+    return sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k)
+                  and not (k in PATH_KEYS and _same_path(k, old.get(k), record.get(k), origin, config_path.parent)))
+
+
+def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[[str], None]) -> None:
+    """Resuming the run of `config_path` (its recipe as started) with `cfg` (a recipe, or the JSON-ready record the run
+    writes): a change outside RESUMABLE_KEYS is a ConfigError; changes of those are said and recorded, and so are
+    paths that name the same folder another way (moved with the run's work folder, or relative instead of absolute)."""
+    old, new = json.loads(config_path.read_text()), cfg if isinstance(cfg, dict) else cfg.to_dict()
+    changed = recipe_changes(config_path, new)
     fixed = [k for k in changed if k not in RESUMABLE_KEYS]
     if fixed:
         diff = ", ".join(f"{k} {json.dumps(old.get(k))[:40]} -> {json.dumps(new.get(k))[:40]}" for k in fixed[:3])
         raise ConfigError(f"{config_path.parent} was started with another recipe ({diff}): resume with its own "
                           f"({config_path.name}), or train into a new output folder")
-    if changed:
-        say("resuming with " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed))
+    respelled = sorted(k for k in PATH_KEYS if old.get(k) != new.get(k) and k not in changed)
+    if changed or respelled:
+        say("resuming with " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed + respelled))
+        record_run_config(config_path, new)
+    elif _read_origin(config_path) != _origin(config_path, new):  # recorded without one, or the run folder moved
         from moca3d.training.checkpoints import atomic_write_json
 
-        atomic_write_json(new, config_path)
+        atomic_write_json(_origin(config_path, new), origin_path(config_path))
 
 
 def lr_at(step: int, cfg) -> float:

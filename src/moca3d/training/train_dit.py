@@ -50,9 +50,9 @@ from moca3d.models.image_encoder import (
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
-from moca3d.training.recipe import Recipe, check_resume, lr_at
+from moca3d.training.recipe import Recipe, check_resume, lr_at, record_run_config
 from moca3d.training.train_vae import load_vae_folder
-from moca3d.training.checkpoints import EMA, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
+from moca3d.training.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
 SEED_STRIDE = 1_000_003
 CONDITIONS = ("object", "scene")
@@ -505,7 +505,7 @@ def train(
         accelerator.print(f"resumed from {ckpt} (step {start}){finished}")
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg.to_dict(), out / "train_config.json")
+        record_run_config(out / "train_config.json", cfg.to_dict())
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.device.type == "cuda":
         data.to(accelerator.device)  # batches assembled on the GPU: no host-to-device copy of images per step

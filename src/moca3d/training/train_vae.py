@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
-from moca3d.training.recipe import Recipe, check_resume, lr_at
+from moca3d.training.recipe import Recipe, check_resume, lr_at, record_run_config
 from moca3d.training.checkpoints import EMA, atomic_write_json, check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
@@ -443,7 +443,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or use a new directory")
     else:
-        atomic_write_json(cfg.to_dict(), out_dir / "train_config.json")
+        record_run_config(out_dir / "train_config.json", cfg.to_dict())
         trim_log(log_path, 0)  # a run cut before its first checkpoint starts again: so does its log
 
     bar = None
