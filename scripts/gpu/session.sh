@@ -14,7 +14,8 @@
 #   1. two trainings side by side: the built-in scene model (.gpu/scene_init) trained further at batch 64
 #      (configs/dit_scene_small_gpu_continue.json), scene_moc with MoCA and scene_dense with dense-global attention;
 #   2. meanwhile, peak memory of one scene training step at 32 instances, MoCA vs dense at the same batch
-#      (per-instance conditions): the scene transformer's size at batch 8 and 64, then L = 1024, D = 2048 at batch 1, 2;
+#      (per-instance conditions): the scene transformer's size at batch 8 and 64, then L = 1024, D = 2048 at batch 1, 2
+#      (with auto, then with the fused backend);
 #   3. as for objects (BENCH=memory leaves it out).
 # KIND=kernels (no training; inputs: the tree and .whl/; its timeouts add up to 500 s): the `fused` backend's Triton kernels against
 #   the others, first their peak memory of one training step at L = 1024, D = 2048 (auto = `reference`, then `fused`),
@@ -119,7 +120,8 @@ if [ "$BENCH" != 0 ] && [ "$DEVICE" = cuda ]; then
   elif [ "$KIND" = scene ]; then
     scene=(--config "$INIT/transformer/config.json" --scene --n 32)
     { memory memory_scene_cuda 150 "${scene[@]}" --batch 8 64 --sdpa auto math
-      memory memory_scene_cuda_l1024 130 "${scene[@]}" "${paper_size[@]}" --batch 1 2; } &
+      memory memory_scene_cuda_l1024 130 "${scene[@]}" "${paper_size[@]}" --batch 1 2
+      memory memory_scene_cuda_l1024_fused 100 "${scene[@]}" "${paper_size[@]}" --batch 1 2 --backend fused; } &
   else
     memory memory_cuda 280 "${paper_size[@]}" --n 8 16 32 --batch 1 2 &
   fi
