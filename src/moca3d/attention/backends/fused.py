@@ -219,7 +219,12 @@ def _dkv_kernel(
 
 def interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before it was imported)."""
-    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "on")
+    if not HAS_TRITON:
+        return False
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 reads its settings there; older ones the variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @dataclass(frozen=True)
