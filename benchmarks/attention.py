@@ -28,7 +28,7 @@ from moca3d.attention.backends.fused import interpreted
 from moca3d.attention.backends import dense_global_attention
 from moca3d.attention.backends.context import build_context
 
-from benchkit import peak_memory_mb, print_table, write_json  # benchmarks/benchkit.py
+from benchkit import peak_memory_mb, positive_int, print_table, run_script, write_json  # benchmarks/benchkit.py
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
@@ -150,7 +150,7 @@ def print_records(records: List[Dict]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="component counts")
+    p.add_argument("--n", type=positive_int, nargs="+", default=[4, 8, 16, 32, 64], help="component counts")
     p.add_argument("--L", type=int, default=None, help="latent tokens per component (default 256 CPU, 1024 GPU)")
     p.add_argument("--dim", type=int, default=None, help="model width (default 512 CPU, 2048 GPU)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (default 8 CPU, 16 GPU)")
@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p.add_argument("--k-fraction", type=float, default=0.25, help="routed fraction of the components")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default fp32 CPU, bf16 GPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per measurement (median reported)")
     p.add_argument("--backends", nargs="+", default=["reference", "chunked", "blocksparse"], choices=list(BACKENDS))
     p.add_argument("--cpu-flex", action="store_true", help="also time compiled flex_attention on the CPU (slow to compile)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward timings")
@@ -169,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     gpu = device.type == "cuda"
     if "fused" in args.backends and not (gpu or interpreted()):
         p.error("the fused backend (Triton kernels) needs a CUDA device")
+    if not gpu and not args.cpu_flex and set(args.backends) == {"blocksparse"}:
+        p.error("the blocksparse backend is timed on the CPU only with --cpu-flex")
     args.L = args.L or (1024 if gpu else 256)
     args.dim = args.dim or (2048 if gpu else 512)
     args.heads = args.heads or (16 if gpu else 8)
@@ -180,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     records = []
     for n in args.n:
         rec = bench_n(args, n, device, dtype)
-        rec["env"] = env
+        rec.update(env=env, k_fraction=args.k_fraction, repeats=args.repeats)
         records.append(rec)
         print(f"  N={n}: dense {rec['dense_ms']:.1f} ms, MoC {rec['moc_ms']:.1f} ms ({rec['backend']}), routing {rec['routing_ms']:.2f} ms", flush=True)
     print_records(records)
@@ -190,4 +192,4 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

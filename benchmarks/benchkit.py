@@ -1,17 +1,21 @@
-"""Helpers shared by the benchmark scripts: default model shape, JSON output, tables, peak memory."""
+"""Helpers shared by the benchmark scripts: default model shape, JSON output, tables, peak memory, one-line errors."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
 import os
 import re
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from moca3d.errors import InputError, MoCA3DError
 
 # The mid-size CPU transformer of the whole-model benchmarks (forward.py, memory.py).
 DEFAULT_CONFIG = {"num_latents": 256, "in_channels": 64, "width": 256, "num_layers": 4, "num_heads": 4, "cond_dim": 256, "compression": 8, "id_codebook_size": 128}
@@ -30,17 +34,21 @@ def load_config(path: Optional[str]) -> dict:
     config = dict(DEFAULT_CONFIG)
     if path:
         with open(path) as f:
-            config.update({k: v for k, v in json.load(f).items() if not k.startswith("_")})
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise InputError(f"{path}: expected a JSON object of MoCATransformer arguments")
+        config.update({k: v for k, v in values.items() if not k.startswith("_")})
     return config
 
 
-def write_json(path: str, data) -> None:
-    """Write `data` as indented JSON, atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+def write_json(path, data) -> None:
+    """Write `data` as indented standard JSON (NaN and infinities as null), atomically (temporary file, then rename)."""
+    from moca3d.training.checkpoints import atomic_write_json
+
+    atomic_write_json(data, path, sort_keys=False)
     print(f"wrote {path}")
 
 
@@ -49,8 +57,32 @@ def named_paths(values: Sequence[str]) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     for value in values:
         name, _, path = value.partition("=")
+        if not name or not path:
+            raise InputError(f"expected NAME=PATH, got {value!r}")
         out.setdefault(name, []).append(path)
     return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse's one-line error otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A script's entry point: bad input (moca3d's errors) or a failed read or write ends with one line on stderr and
+    exit status 2, as the moca3d CLI, not a stack trace."""
+    try:
+        main()
+    except MoCA3DError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        sys.exit(2)
 
 
 def print_table(records: Sequence[Dict], cols: Sequence[Tuple[str, str, str]]) -> None:

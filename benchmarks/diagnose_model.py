@@ -20,14 +20,13 @@ instance conditioned on its own mask; its scores add the instance F-score@0.1 (p
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchkit import print_table, write_json
+from benchkit import print_table, run_script, write_json
 from moca3d.defaults import GUIDANCE, STEPS
 
 
@@ -206,4 +205,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    run_script(main)

@@ -13,7 +13,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ from moca3d.models.image_encoder import preprocess_image
 from moca3d.training.pretrain_encoder import (
     dilate_grids, grid_centres, grid_iou, load_grid_cache, load_run, load_surface_points, predict_grid, surface_grid,
 )
+
+from benchkit import run_script, write_json  # benchmarks/benchkit.py
 
 KEYS = ("iou", "mean_grid_iou", "f01", "f01_gt_cells", "f01_mean_grid")
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             "f01": fscore_of_cells(pred, centres, surface), "f01_gt_cells": fscore_of_cells(cells, centres, surface),
             "f01_mean_grid": fscore_of_cells(mean, centres, surface),
         })
+    if not rows:
+        raise SystemExit(f"error: {args.data}: no assets in the '{args.split}' split")
     summary = {k: float(np.mean([row[k] for row in rows])) for k in KEYS}
     print(f"{len(rows)} assets of '{args.split}', {r}^3 grid")
     print("                       | grid IoU | F@0.1 (data frame)")
@@ -77,10 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"image-free mean grid   |   {summary['mean_grid_iou']:.3f}  |   {summary['f01_mean_grid']:.3f}")
     print(f"GT cells (ceiling)     |   1.000  |   {summary['f01_gt_cells']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"split": args.split, "resolution": r, "count": len(rows), "mean": summary, "assets": rows}, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, {"data": str(args.data), "run": str(args.run), "config": str(args.config or args.run / "pretrain_config.json"),
+                               "train_grids": str(args.train_grids), "split": args.split, "points": args.points, "resolution": r,
+                               "count": len(rows), "mean": summary, "assets": rows})
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

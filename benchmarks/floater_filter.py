@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchkit import write_json
+from benchkit import run_script, write_json
 from moca3d.defaults import GUIDANCE, STEPS
 from moca3d.evaluation import object_metrics, select_records, with_progress
 from moca3d.geometry.extract import mesh_from_grid
@@ -115,4 +115,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,7 +21,7 @@ from moca3d.attention import LocalAttention, MoCAttention, Router
 from moca3d.attention.config import BACKENDS
 from moca3d.models.transformer import MoCATransformer
 
-from benchkit import COND_TOKENS, load_config, write_json  # benchmarks/benchkit.py
+from benchkit import COND_TOKENS, load_config, positive_int, run_script, write_json  # benchmarks/benchkit.py
 
 
 class SectionTimer:
@@ -100,11 +100,11 @@ def bench_pair(config: dict, n: int, device: torch.device, dtype: torch.dtype, r
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="component counts")
+    p.add_argument("--n", type=positive_int, nargs="+", default=[4, 8, 16, 32, 64], help="component counts")
     p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: a mid-size CPU config)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (median reported)")
     p.add_argument("--backend", default=None, choices=list(BACKENDS), help="MoC attention backend of the MoCA model (default: the config's, auto)")
     p.add_argument("--json", default=None, help="write the records to this JSON file")
     args = p.parse_args(argv)
@@ -115,7 +115,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     config = load_config(args.config)
     if args.backend:
         config["attention_backend"] = args.backend
-    print(f"MoCA transformer forward vs dense global — {config} — {device.type} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    env = f"torch {torch.__version__}, {device.type}, {torch.get_num_threads()} threads"
+    print(f"MoCA transformer forward vs dense global — {config} — {dtype}, {env}")
     records = []
     for n in args.n:
         pair = bench_pair(config, n, device, dtype, args.repeats)
@@ -127,9 +128,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['n']:>4} | {r['mode']:>6} | {r['local_ms']:>9.1f} | {r['routing_ms']:>10.2f} | {r['global_ms']:>9.1f} | {r['other_ms']:>9.1f} | {r['total_ms']:>9.1f} | {sp}")
     if args.json:
-        write_json(args.json, {"config": config, "records": records})
+        write_json(args.json, {"config": config, "repeats": args.repeats, "env": env, "records": records})
     return records
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

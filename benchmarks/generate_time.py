@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from benchkit import print_table, write_json  # benchmarks/benchkit.py
+from moca3d.defaults import check_resolution
+
+from benchkit import positive_int, print_table, run_script, write_json  # benchmarks/benchkit.py
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("load", "encode", "sample", "extract", "save", "total")
@@ -60,12 +62,14 @@ def time_case(kind: str, steps: int, resolution: int, out: Path) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--cases", nargs="+", default=["object", "scene"], choices=["object", *SCENES])
+    parser.add_argument("--repeats", type=positive_int, default=3, help="generations per case (medians reported)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="sampling steps (the CLI's default: 50)")
+    parser.add_argument("--resolution", type=int, default=128, help="marching-cubes resolution per component (the CLI's default: 128)")
+    parser.add_argument("--cases", nargs="+", default=["object", "scene"], choices=["object", *SCENES],
+                        help="object: examples/chair.png, 8 parts; scene: examples/scene4.png; scene32: examples/scene32.png")
     parser.add_argument("--json", default=None, help="write the runs and medians here")
     args = parser.parse_args(argv)
+    check_resolution(args.resolution)
 
     runs = {case: [] for case in args.cases}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,4 +90,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,7 +21,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from benchkit import named_paths, print_table, write_json  # benchmarks/benchkit.py
+from moca3d.errors import InputError
+
+from benchkit import named_paths, positive_int, print_table, run_script, write_json  # benchmarks/benchkit.py
 
 
 def pooled_instances(paths: List[str]) -> List[Dict]:
@@ -30,6 +32,8 @@ def pooled_instances(paths: List[str]) -> List[Dict]:
     for path in paths:
         with open(path) as f:
             report = json.load(f)
+        if not isinstance(report, dict) or "scenes" not in report:
+            raise InputError(f"{path}: not a `moca3d evaluate-scenes --json` report (no per-scene rows)")
         for scene in report["scenes"]:
             if "instances" not in scene:
                 sys.exit(f"{path}: no per-instance rows (re-run `moca3d evaluate-scenes --json` with moca3d >= this version)")
@@ -58,7 +62,7 @@ def size_table(instances: Dict[str, List[Dict]], bins: int = 4) -> List[Dict]:
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", action="append", required=True, help="NAME=REPORT.json (repeat; one name may take several)")
-    parser.add_argument("--bins", type=int, default=4, help="Size bins (quantiles of the first name's mask shares).")
+    parser.add_argument("--bins", type=positive_int, default=4, help="Size bins (quantiles of the first name's mask shares).")
     parser.add_argument("--json", help="Write the records here.")
     args = parser.parse_args(argv)
     instances = {name: pooled_instances(files) for name, files in named_paths(args.eval).items()}
@@ -71,4 +75,4 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -57,7 +57,7 @@ from moca3d.attention.config import BACKENDS
 from moca3d.flow import flow_loss, interpolate, sample_timesteps
 from moca3d.models.transformer import MoCATransformer
 
-from benchkit import COND_TOKENS, GIB, load_config, measure_peak, print_table, reset_peak_rss, rss_bytes, trim_heap, write_json  # benchmarks/benchkit.py
+from benchkit import COND_TOKENS, GIB, load_config, measure_peak, positive_int, print_table, reset_peak_rss, rss_bytes, run_script, trim_heap, write_json  # benchmarks/benchkit.py
 
 MODES = {"moc": "moca", "dense": "dense"}  # attention_mode -> name in the records, measured in this order
 SDPA_CHOICES = ("auto", "math")  # torch's fused kernels (no score matrix kept), or the math kernel (scores materialised)
@@ -295,8 +295,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--measure-one", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, nargs="+", default=DEFAULT_N, help="component counts")
-    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, each measured for every N and mode")
+    p.add_argument("--n", type=positive_int, nargs="+", default=DEFAULT_N, help="component counts")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes, each measured for every N and mode")
     p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: benchkit.DEFAULT_CONFIG, as forward.py)")
     p.add_argument("--latents", type=int, default=None, help="latent tokens per component L (overrides the config)")
     p.add_argument("--width", type=int, default=None, help="model width (overrides the config)")
@@ -316,7 +316,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--scene", action="store_true", help="condition tokens per component (B, N, T_c, cond_dim), as a scene training step")
     p.add_argument("--budget-gib", type=float, default=None, help="mark which steps fit in this many GiB (static + peak)")
     p.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits --budget-gib")
-    p.add_argument("--max-batch-cap", type=int, default=DEFAULT_MAX_BATCH_CAP, help="largest batch the search tries")
+    p.add_argument("--max-batch-cap", type=positive_int, default=DEFAULT_MAX_BATCH_CAP, help="largest batch the search tries")
     p.add_argument("--json", default=None, help="write the records to this JSON file")
     args = p.parse_args(argv)
     if args.serve:
@@ -342,6 +342,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     env = f"torch {torch.__version__}, {device.type}" + ("" if device.type == "cuda" else f", {threads} threads")  # no CUDA context here
     precision = f"{dtype} autocast, fp32 weights" if args.amp else dtype
     precision += ", per-instance conditions" if args.scene else ""
+    precision += ", gradient checkpointing" if args.grad_checkpointing else ""
     print(f"MoCA vs dense transformer, peak memory of one training step — {config} — {precision}, {env}", flush=True)
 
     records: List[Dict] = []
@@ -372,11 +373,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"largest batch within {args.budget_gib:g} GiB (static + peak; search capped at {args.max_batch_cap}):")
         print_table(searches, [("SDPA", "sdpa", "{:>4}"), ("N", "n", "{:>4}"), ("mode", "mode", "{:>6}"), ("max batch", "max_batch", "{:>9}"), ("peak GiB", "peak_gib", "{:>8.3f}")])
     print("method:", ", ".join(sorted({r["method"] for r in records if "method" in r})))
-    result = {"config": config, "device": device.type, "dtype": dtype, "amp": args.amp, "scene": args.scene, "env": env, "budget_gib": args.budget_gib, "records": records, "max_batch": searches}
+    result = {"config": config, "device": device.type, "dtype": dtype, "amp": args.amp, "scene": args.scene, "grad_checkpointing": args.grad_checkpointing,
+              "warmup": args.warmup, "threads": threads, "env": env, "budget_gib": args.budget_gib, "max_batch_cap": args.max_batch_cap,
+              "records": records, "max_batch": searches}
     if args.json:
         write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -14,7 +14,6 @@ split it was built from). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from moca3d.training.pretrain_encoder import (
     dilate_grids, dilated_chunks, grid_centres, grid_iou, load_component_points, load_run, predict_grid, read_grid_cache,
     surface_grid,
 )
+
+from benchkit import run_script, write_json  # benchmarks/benchkit.py
 
 
 def centroid(cells: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -80,18 +81,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "mean_centre_error": float((mean_centre - true_centre).norm()),
                 "predicted_cells": int((prob > 0.5).sum()),
             })
+    if not rows:
+        raise SystemExit(f"error: {args.data}: no scene with a visible instance in the '{args.split}' split")
     keys = ("iou", "placement_error", "mean_centre_error", "predicted_cells", "true_cells")
     summary = {k: float(np.median([row[k] for row in rows])) for k in keys}
     print(f"{len(rows)} instances of {len(records[: args.count or None])} scenes (medians)")
     print("| grid IoU | placement error | image-free error | cells p > 0.5 | true cells |")
     print("|---|---|---|---|---|")
     print("| " + " | ".join(f"{summary[k]:.3f}" for k in keys) + " |")
-    result = {"run": str(args.run), "split": args.split, "median": summary, "instances": rows}
+    result = {"data": str(args.data), "run": str(args.run), "split": args.split, "count": args.count, "median": summary, "instances": rows}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

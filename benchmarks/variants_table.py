@@ -20,9 +20,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from benchkit import named_paths, print_table, write_json  # benchmarks/benchkit.py
+from moca3d.errors import InputError
 
-METRICS = ["chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds"]
+from benchkit import named_paths, print_table, run_script, write_json  # benchmarks/benchkit.py
+
+METRICS = ["fscore@0.1", "fscore@0.05", "self_iou", "seconds"]  # means over every object; chamfer over those with a surface
 
 
 def training_summary(run: Path) -> Dict:
@@ -35,6 +37,14 @@ def training_summary(run: Path) -> Dict:
             "batch_size": config["batch_size"], "attention_mode": config["transformer"].get("attention_mode", "moc")}
 
 
+def read_assets(path: str) -> List[Dict]:
+    """The per-asset rows of an `evaluate-model --json` report."""
+    report = json.loads(Path(path).read_text())
+    if not isinstance(report, dict) or "assets" not in report:
+        raise InputError(f"{path}: not a `moca3d evaluate-model --json` report (no per-asset rows)")
+    return report["assets"]
+
+
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", default=[], help="NAME=RUN_FOLDER")
@@ -44,11 +54,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     runs, evals = named_paths(args.run), named_paths(args.eval)
     records = []
     for name, files in evals.items():
-        assets = [a for f in files for a in json.loads(Path(f).read_text())["assets"]]
-        rec = {"variant": name, "count": len(assets), **{k: float(np.mean([a[k] for a in assets])) for k in METRICS}}
-        # an all-empty prediction has no surface: F = 0 in the means, its infinite CD left out and counted
-        finite = [a["chamfer"] for a in assets if np.isfinite(a["chamfer"])]
-        rec["chamfer"] = float(np.mean(finite)) if finite else None
+        assets = [a for f in files for a in read_assets(f)]
+        # an all-empty prediction has no surface: F = 0 in the means, its infinite CD (null in evaluate-model's strict JSON)
+        # left out and counted
+        finite = [a["chamfer"] for a in assets if a["chamfer"] is not None and np.isfinite(a["chamfer"])]
+        rec = {"variant": name, "count": len(assets), "chamfer": float(np.mean(finite)) if finite else None,
+               **{k: float(np.mean([a[k] for a in assets])) for k in METRICS}}
         rec["empty"] = len(assets) - len(finite)
         rec["min_parts"], rec["max_parts"] = min(a["num_parts"] for a in assets), max(a["num_parts"] for a in assets)
         if name in runs:
@@ -65,4 +76,4 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

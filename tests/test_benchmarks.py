@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def test_attention_benchmark_writes_required_keys(tmp_path):
         assert required <= set(r)
         assert r["context_len"] == r["context_len_formula"]
         assert r["dense_ms"] > 0 and r["moc_ms"] > 0
+        assert r["repeats"] == 1 and r["k_fraction"] == 0.25  # the settings it ran with
 
 
 def test_forward_benchmark_writes_required_keys(tmp_path):
@@ -44,7 +47,9 @@ def test_forward_benchmark_writes_required_keys(tmp_path):
     config.write_text(json.dumps({"num_latents": 16, "in_channels": 4, "width": 32, "num_layers": 2, "num_heads": 2, "cond_dim": 16, "compression": 4,
                                   "layout_features": 8}))
     load("forward").main(["--n", "2", "3", "--config", str(config), "--repeats", "1", "--device", "cpu", "--json", str(out)])
-    records = json.loads(out.read_text())["records"]
+    result = json.loads(out.read_text())
+    assert result["repeats"] == 1 and "threads" in result["env"]  # the settings it ran with
+    records = result["records"]
     assert {(r["n"], r["mode"]) for r in records} == {(2, "moca"), (2, "dense"), (3, "moca"), (3, "dense")}
     for r in records:
         assert {"n", "mode", "local_ms", "routing_ms", "global_ms", "total_ms"} <= set(r)
@@ -76,6 +81,7 @@ def test_memory_benchmark_writes_required_keys(tmp_path):
     batches = [str(SMALL_BATCH), str(BIG_BATCH)]
     load("memory").main(["--n", "2", "--batch", *batches, "--config", str(config), "--threads", "1", "--device", "cpu", "--budget-gib", "1", "--json", str(out)])
     result = json.loads(out.read_text())
+    assert result["grad_checkpointing"] is False and result["warmup"] == 1 and result["threads"] == 1  # the settings it ran with
     records = result["records"]
     assert {(r["mode"], r["batch"]) for r in records} == {(m, b) for m in ("moca", "dense") for b in (SMALL_BATCH, BIG_BATCH)}
     peaks = {}
@@ -120,6 +126,54 @@ def test_variants_table_merges_reports_and_training_runs(tmp_path):
     assert json.loads(out.read_text())[0]["count"] == 3
 
 
+def test_variants_table_leaves_an_all_empty_object_written_as_null_out_of_the_mean_cd(tmp_path):
+    """evaluate-model writes strict JSON: an all-empty object's infinite Chamfer distance is null there."""
+    assets = [{"id": "a", "num_parts": 2, "chamfer": 0.2, "fscore@0.1": 0.6, "fscore@0.05": 0.4, "self_iou": 0.0, "seconds": 1.0},
+              {"id": "b", "num_parts": 3, "chamfer": None, "fscore@0.1": 0.0, "fscore@0.05": 0.0, "self_iou": 0.0, "seconds": 3.0}]
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"assets": assets}))
+    (rec,) = load("variants_table").main(["--eval", f"moca={report}"])
+    assert rec["chamfer"] == pytest.approx(0.2) and rec["empty"] == 1
+    assert rec["fscore@0.1"] == pytest.approx(0.3) and rec["seconds"] == pytest.approx(2.0)
+
+
+def test_benchmark_json_is_standard_json(tmp_path):
+    """An infinite mean (e.g. floater_filter's CD with an all-empty object) is written as null, not as Infinity."""
+    out = tmp_path / "out.json"
+    load("benchkit").write_json(str(out), {"chamfer": math.inf, "paired": math.nan, "f": 0.5})
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(out.read_text(), parse_constant=reject) == {"chamfer": None, "paired": None, "f": 0.5}
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("attention", ["--n", "2", "--L", "16", "--dim", "32", "--heads", "2", "--device", "cpu", "--no-backward", "--repeats", "0"]),
+    ("attention", ["--n", "2", "--L", "16", "--dim", "32", "--heads", "2", "--device", "cpu", "--no-backward", "--repeats", "1", "--backends", "blocksparse"]),
+    ("forward", ["--n", "0", "--repeats", "1"]),
+    ("instance_sizes", ["--eval", "model=report.json", "--bins", "0"]),
+])
+def test_bad_options_end_with_argparse_error(script, argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"scenes": [{"instances": [{"mask_fraction": 0.1, "fscore@0.1": 0.5, "empty": False}]}]}))
+    with pytest.raises(SystemExit) as exit_info:
+        load(script).main(argv)
+    assert exit_info.value.code == 2
+    assert "error: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("instance_sizes", ["--eval", "moca=missing.json"]),  # a failed read (OSError)
+    ("variants_table", ["--eval", "moca=report.json"]),  # not an evaluate-model report (moca3d's InputError)
+])
+def test_bad_inputs_end_with_one_line_not_a_stack_trace(script, argv, tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"scenes": []}))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *argv], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and ".json" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_instance_sizes_bins_every_report_by_the_first_ones_quantiles(tmp_path):
     def report(path, scores):
         rows = [{"mask_fraction": share, "fscore@0.1": f, "empty": f == 0.0} for share, f in scores]
@@ -138,12 +192,20 @@ def test_instance_sizes_bins_every_report_by_the_first_ones_quantiles(tmp_path):
     assert json.loads(out.read_text()) == records
 
 
-def make_tiny_pipeline_and_data(tmp_path):
-    """Two prepared procedural objects (train split) in tmp_path/data and a random tiny pipeline in tmp_path/pipe."""
+def prepare_tiny_objects(root, count=2):
+    """`count` prepared procedural objects (train split; 512 surface points, 64-pixel renders) in root."""
     from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
     from moca3d.geometry.inside import QueryConfig
     from moca3d.geometry.render import RenderConfig
     from moca3d.geometry.sampling import SurfaceSamplingConfig
+
+    cfg = PrepareConfig(surface=SurfaceSamplingConfig(num_points=512), queries=QueryConfig(num_queries=64),
+                        render=RenderConfig(size=64, supersample=1), val_fraction=0.0, test_fraction=0.0)
+    prepare(procedural_jobs("objects", count, seed=3), root, cfg, workers=1, progress=False)
+
+
+def make_tiny_pipeline_and_data(tmp_path):
+    """Two prepared procedural objects (train split) in tmp_path/data and a random tiny pipeline in tmp_path/pipe."""
     from moca3d.models.image_encoder import ImageEncoder
     from moca3d.models.transformer import MoCATransformer
     from moca3d.models.vae import VecSetVAE
@@ -151,9 +213,7 @@ def make_tiny_pipeline_and_data(tmp_path):
     from moca3d.training.train_vae import encode_dataset
 
     root = tmp_path / "data"
-    cfg = PrepareConfig(surface=SurfaceSamplingConfig(num_points=512), queries=QueryConfig(num_queries=64),
-                        render=RenderConfig(size=64, supersample=1), val_fraction=0.0, test_fraction=0.0)
-    prepare(procedural_jobs("objects", 2, seed=3), root, cfg, workers=1, progress=False)
+    prepare_tiny_objects(root)
     torch.manual_seed(0)
     vae = VecSetVAE(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4,
                     num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4).eval()
@@ -226,3 +286,44 @@ def test_floater_filter_reference_row_is_evaluate_pipeline(tmp_path):
         assert row["id"] == asset["id"]
         for key in ("fscore@0.1", "chamfer", "self_iou"):
             assert row["0.02"][key] == pytest.approx(asset[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.fixture(scope="module")
+def encoder_runs(tmp_path_factory):
+    """One prepared object (train split) and random pretrain-encoder runs of the smoke recipe (8^3 grids), object and scene."""
+    from moca3d.data.dataset import read_manifest
+    from moca3d.training.checkpoints import save_checkpoint
+    from moca3d.training.pretrain_encoder import EncoderPretrainConfig, build_grid_cache, build_predictor
+
+    root = tmp_path_factory.mktemp("encoder_runs")
+    prepare_tiny_objects(root / "data", count=1)
+    ids = [rec["id"] for rec in read_manifest(root / "data", "train")]
+    for condition in ("object", "scene"):
+        run = root / condition
+        run.mkdir()
+        recipe = {**json.loads((ROOT / "configs" / "encoder_pretrain_smoke.json").read_text()), "condition": condition}
+        (run / "pretrain_config.json").write_text(json.dumps(recipe))
+        torch.manual_seed(0)
+        save_checkpoint(run, 1, build_predictor(EncoderPretrainConfig.from_json(run / "pretrain_config.json")))
+        build_grid_cache(root / "data", ids, 8, run / "grids8.safetensors")
+    return root
+
+
+def test_encoder_grid_eval_writes_its_settings_and_refuses_an_empty_split(encoder_runs, tmp_path):
+    root = encoder_runs
+    out = tmp_path / "grid.json"
+    argv = [str(root / "data"), "--run", str(root / "object"), "--train-grids", str(root / "object" / "grids8.safetensors"), "--points", "256"]
+    summary = load("encoder_grid_eval").main([*argv, "--split", "train", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["mean"] == summary and report["count"] == 1 and report["resolution"] == 8
+    assert report["run"] == str(root / "object") and report["points"] == 256 and report["split"] == "train"
+    with pytest.raises(SystemExit, match="no assets in the 'val' split"):  # not a table of NaN
+        load("encoder_grid_eval").main([*argv, "--split", "val", "--json", str(tmp_path / "val.json")])
+    assert not (tmp_path / "val.json").exists()
+
+
+def test_scene_encoder_eval_refuses_a_split_without_scenes(encoder_runs, tmp_path):
+    root = encoder_runs
+    with pytest.raises(SystemExit, match="no scene with a visible instance"):  # not a table of NaN
+        load("scene_encoder_eval").main([str(root / "data"), "--run", str(root / "scene"), "--split", "train", "--json", str(tmp_path / "s.json")])
+    assert not (tmp_path / "s.json").exists()
