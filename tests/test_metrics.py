@@ -107,6 +107,28 @@ def test_voxelize_fills_the_volume():
     assert occ[32, 32, 32]  # the centre is filled, not only the shell
 
 
+def test_surface_lattice_covers_each_triangle_at_the_spacing():
+    """Every point lies on its triangle; every point of a triangle is within spacing / sqrt(3) of a lattice point
+    (the lattice's cells are triangles of side <= spacing), corners included; one point per lattice node."""
+    from scipy.spatial import cKDTree
+
+    from moca3d.metrics import surface_lattice
+
+    rng = np.random.default_rng(0)
+    verts = rng.uniform(-1, 1, (3, 3))
+    faces = np.array([[0, 1, 2]])
+    spacing = 0.05
+    points = surface_lattice(verts, faces, spacing)
+    n = int(np.ceil(max(np.linalg.norm(verts[i] - verts[(i + 1) % 3]) for i in range(3)) / spacing))
+    assert len(points) == 3 + (n + 1) * (n + 2) // 2  # the vertices, then the triangle's lattice
+    normal = np.cross(verts[1] - verts[0], verts[2] - verts[0])
+    assert np.abs((points - verts[0]) @ normal).max() < 1e-9 * np.linalg.norm(normal)  # in the triangle's plane
+    w = rng.dirichlet([1, 1, 1], 20000)  # random points of the triangle
+    dist, _ = cKDTree(points).query(w @ verts)
+    assert dist.max() <= spacing / np.sqrt(3) + 1e-9
+    assert surface_lattice(verts, np.zeros((0, 3), dtype=np.int64), spacing).shape == (3, 3)  # no faces: the vertices
+
+
 def test_scene_has_instance_metrics():
     gt = [trimesh.creation.box(extents=[1, 1, 1]), trimesh.creation.box(extents=[1, 1, 1]).apply_translation([3, 0, 0])]
     pred = [gt[0].copy(), gt[1].copy().apply_translation([0, 0.2, 0])]

@@ -138,20 +138,41 @@ def surface_metrics(
     return point_metrics(p, g, config.taus, config.workers)
 
 
+def surface_lattice(verts: np.ndarray, faces: np.ndarray, spacing: float, chunk: int = 1 << 22) -> np.ndarray:
+    """(P, 3) points on every triangle: a barycentric lattice whose neighbours are at most `spacing` apart.
+
+    A triangle whose longest edge is e gets ceil(e / spacing) steps per edge, (n + 1)(n + 2) / 2 points with its
+    corners and edges among them, so neighbouring lattice points (and those of two triangles along their shared
+    edge) are never further apart than `spacing`. Triangles of one step count are done at once, `chunk` points at a time.
+    """
+    tri = verts[faces]  # (F, 3, 3)
+    longest = np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=2).max(axis=1, initial=0.0)  # (F,)
+    steps = np.maximum(np.ceil(longest / spacing), 1).astype(np.int64)  # (F,)
+    points = [verts]
+    for n in np.unique(steps):
+        i, j = np.triu_indices(n + 1)  # i <= j: barycentric (1 - j/n, (j - i)/n, i/n), every point of the lattice once
+        weights = np.stack([n - j, j - i, i], axis=1) / n  # (Pn, 3)
+        group = tri[steps == n]  # (Fn, 3, 3)
+        per = max(1, chunk // len(weights))
+        for start in range(0, len(group), per):
+            points.append(np.einsum("pk,fkd->fpd", weights, group[start:start + per]).reshape(-1, 3))  # (Fn' * Pn, 3)
+    return np.concatenate(points)
+
+
 def voxelize_filled(mesh: trimesh.Trimesh, resolution: int = 64, extent: float = CANONICAL_EXTENT) -> np.ndarray:
     """Filled occupancy (R, R, R) bool of a mesh on the grid of [-extent/2, extent/2]^3.
 
-    The surface is subdivided until every edge is shorter than half a voxel and its vertices mark
-    a shell that is 26-connected, so it seals the 6-connected background; the enclosed cavities are
-    then filled. A surface with holes wider than a voxel keeps only its shell.
+    Points on the surface no more than half a voxel apart (`surface_lattice`) mark a shell that is
+    26-connected, so it seals the 6-connected background; the enclosed cavities are then filled.
+    A surface with holes wider than a voxel keeps only its shell.
     """
     if resolution < 1:
         raise ConfigError(f"voxel resolution must be >= 1, got {resolution}")
     pitch = extent / resolution
-    verts, faces = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
-    verts, _ = trimesh.remesh.subdivide_to_size(verts, faces, max_edge=pitch / 2.0, max_iter=64)
+    verts, faces = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64).reshape(-1, 3)
+    points = surface_lattice(verts, faces, pitch / 2.0)  # (P, 3)
     # Points on the far faces of the cube (and any slightly outside it) go to the border voxels.
-    ijk = np.floor((verts + extent / 2.0) / pitch).astype(np.int64).clip(0, resolution - 1)  # (V', 3)
+    ijk = np.floor((points + extent / 2.0) / pitch).astype(np.int64).clip(0, resolution - 1)  # (P, 3)
     grid = np.zeros((resolution,) * 3, dtype=bool)
     grid[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = True
     return ndimage.binary_fill_holes(grid)
