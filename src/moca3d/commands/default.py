@@ -75,7 +75,7 @@ def read_recipe(path: Path) -> dict:
     """The recipe at `path`, checked before any work (keys, types, every stage config it names): one-line ConfigErrors."""
     from moca3d.errors import ConfigError
     from moca3d.training.pretrain_encoder import EncoderPretrainConfig
-    from moca3d.training.recipe import _type_error
+    from moca3d.training.recipe import type_error
     from moca3d.training.train_dit import DiTTrainConfig
     from moca3d.training.train_vae import VAETrainConfig
 
@@ -96,7 +96,7 @@ def read_recipe(path: Path) -> dict:
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     for key, value in spec.items():
-        wrong = _type_error(RECIPE_KEYS[key], value)
+        wrong = type_error(RECIPE_KEYS[key], value)
         if wrong is not None:
             raise ConfigError(f"{path}: recipe key '{key}' must be {wrong}, got {json.dumps(value)[:60]}")
     VAETrainConfig.from_json(CONFIGS / spec["vae_config"])

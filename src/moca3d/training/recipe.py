@@ -15,7 +15,7 @@ R = TypeVar("R", bound="Recipe")
 _NoneType = type(None)
 
 
-def _type_error(hint: Any, value: Any) -> str | None:
+def type_error(hint: Any, value: Any) -> str | None:
     """What a JSON value of a field annotated `hint` should be, or None when it fits.
 
     int, float (an int is accepted), bool, str, dict, list, tuple[...] (a JSON list) and Optional[...]
@@ -26,16 +26,16 @@ def _type_error(hint: Any, value: Any) -> str | None:
         if value is None and _NoneType in args:
             return None
         kinds = [a for a in args if a is not _NoneType]
-        if any(_type_error(a, value) is None for a in kinds):
+        if any(type_error(a, value) is None for a in kinds):
             return None
-        return " or ".join(_type_error(a, value) for a in kinds) + (" or null" if _NoneType in args else "")
+        return " or ".join(type_error(a, value) for a in kinds) + (" or null" if _NoneType in args else "")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             return "a list"
         items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(items) != len(value):
             return f"a list of {len(items)} values"
-        wrong = next((e for a, v in zip(items, value) if (e := _type_error(a, v)) is not None), None)
+        wrong = next((e for a, v in zip(items, value) if (e := type_error(a, v)) is not None), None)
         return None if wrong is None else f"a list of {len(items)} values, each {wrong}"
     base = origin or hint
     if base is bool:
@@ -81,7 +81,7 @@ class Recipe:
             raise ConfigError(f"unknown {cls.recipe_name} config keys: {', '.join(unknown)}")
         hints = get_type_hints(cls)
         for key, value in d.items():
-            expected = _type_error(hints[key], value)
+            expected = type_error(hints[key], value)
             if expected is not None:
                 raise ConfigError(f"{cls.recipe_name} config key '{key}' must be {expected}, got {json.dumps(value)[:60]}")
         d = {k: (tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else shipped_path(v) if k in PATH_KEYS else v)

@@ -185,12 +185,12 @@ def _dkv_kernel(
     mask_d = offs_d < d
     mask_nd = mask_n[:, None] & mask_d[None, :]
     kv_rows = rk.to(tl.int64) * S * d + offs_n[:, None] * d + offs_d[None, :]
-    k = tl.load(K + kv_rows, mask=mask_nd, other=0.0)  # (N, D)
-    v = tl.load(V + kv_rows, mask=mask_nd, other=0.0)  # (N, D)
+    k = tl.load(K + kv_rows, mask=mask_nd, other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + kv_rows, mask=mask_nd, other=0.0)  # (BLOCK_N, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for i in range(0, N):
-        kind, c, start_i, length_i = _read_plan(Kinds, Gates, ((b * H + h) * N + i) * N + j, Lz, Np, sm_scale)
+        kind, c, _, _ = _read_plan(Kinds, Gates, ((b * H + h) * N + i) * N + j, Lz, Np, sm_scale)
         reads = tl.where(in_z, (kind == 1) | (kind == 2), kind == 3)
         rq = (b * N + i) * H + h
         for m0 in range(0, tl.where(reads, T, 0), BLOCK_M):
