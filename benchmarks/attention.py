@@ -137,7 +137,7 @@ def print_records(records: List[Dict]) -> None:
         ("FLOPx", "flop_ratio", "{:>6.2f}"), ("dense ms", "dense_ms", "{:>9.1f}"), ("MoC ms", "moc_ms", "{:>8.1f}"),
         ("backend", "backend", "{:>11}"), ("speedup", "speedup", "{:>7.2f}x"), ("route ms", "routing_ms", "{:>8.2f}"),
         ("route %", "routing_frac", "{:>7.1%}"), ("fb dense", "fwd_bwd_dense_ms", "{:>9.1f}"), ("fb MoC", "fwd_bwd_moc_ms", "{:>8.1f}"),
-        ("fb x", "fwd_bwd_speedup", "{:>5.2f}x"), ("mem dense MB", "peak_mem_dense_mb", "{:>12.0f}"), ("mem MoC MB", "peak_mem_moc_mb", "{:>10.0f}"),
+        ("fb x", "fwd_bwd_speedup", "{:>5.2f}x"), ("mem dense MiB", "peak_mem_dense_mb", "{:>13.0f}"), ("mem MoC MiB", "peak_mem_moc_mb", "{:>11.0f}"),
     ]
     print_table(records, cols)
     for r in records:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import inspect
 import json
 import os
 import re
@@ -41,6 +42,11 @@ def load_config(path: Optional[str]) -> dict:
         if not isinstance(values, dict):
             raise InputError(f"{path}: expected a JSON object of MoCATransformer arguments")
         config.update({k: v for k, v in values.items() if not k.startswith("_")})
+    from moca3d.models.transformer import MoCATransformer
+
+    unknown = sorted(set(config) - set(inspect.signature(MoCATransformer.__init__).parameters))
+    if unknown:
+        raise InputError(f"{path}: not MoCATransformer arguments: {', '.join(unknown)}")
     return config
 
 

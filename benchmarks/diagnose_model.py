@@ -3,7 +3,7 @@
 1. Condition use: the flow loss at fixed times t with the asset's own image, a zero condition (what CFG
    calls unconditional) and another asset's image. A model that reads its image has a clearly lower
    loss with the right one. For a scene model the wrong condition is the scene's own, with the instance
-   conditions shifted by one (instance i conditioned on mask i+1): does it read its masks?
+   conditions shifted by one (instance i conditioned on mask i-1): does it read its masks?
 2. SDEdit: the GT latents noised to t0 and integrated back to 0 with the model (guided Euler, the
    pipeline's step size), decoded and scored (F-score@0.1 on the fused surface, DESIGN §6). t0 = 0 is the
    VAE round trip; t0 = 1 is generation from pure noise. Where F falls tells which part of the trajectory

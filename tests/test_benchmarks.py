@@ -166,6 +166,7 @@ def test_bad_options_end_with_argparse_error(script, argv, capsys, tmp_path, mon
 @pytest.mark.parametrize("script, argv", [
     ("instance_sizes", ["--eval", "moca=missing.json"]),  # a failed read (OSError)
     ("variants_table", ["--eval", "moca=report.json"]),  # not an evaluate-model report (moca3d's InputError)
+    ("forward", ["--config", "report.json", "--n", "2"]),  # keys that are not MoCATransformer arguments
 ])
 def test_bad_inputs_end_with_one_line_not_a_stack_trace(script, argv, tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"scenes": []}))
