@@ -449,6 +449,9 @@ def train(
         precision = "no" if use_cpu else "bf16"
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
     out = Path(out_dir)
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None and (out / "train_config.json").is_file():  # before any data or model is loaded
+        check_resume(out / "train_config.json", cfg, accelerator.print)
     scene = cfg.condition == "scene"
     if scene:
         from moca3d.data.scene import SceneLatentDataset
@@ -494,12 +497,9 @@ def train(
     )
     ema = EMA(model, decay=cfg.ema_decay)
     start, before, spent = 0, 0.0, False  # the step and training seconds the run resumes from; nothing left
-    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
-        if (out / "train_config.json").is_file():
-            check_resume(out / "train_config.json", cfg, accelerator.print)
         spent = start >= cfg.steps or 0 < cfg.time_limit_s <= before  # its steps or its time used up
         finished = " (finished: nothing to train; its pipeline is exported again)" if spent else ""
         accelerator.print(f"resumed from {ckpt} (step {start}){finished}")
