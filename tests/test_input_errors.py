@@ -198,6 +198,18 @@ def test_evaluate_options_are_checked_before_loading(tmp_path, verb, args, error
     assert isinstance(res.exception, error) and message in str(res.exception)
 
 
+@pytest.mark.parametrize("verb", [["generate", str(EXAMPLES / "chair.png")],
+                                  ["generate-scene", str(EXAMPLES / "scene4.png"), "--masks", str(EXAMPLES / "scene4_masks.png")]])
+@pytest.mark.parametrize("shift", ["nan", "0", "-1"])
+def test_generation_shift_is_checked_before_loading(tmp_path, monkeypatch, verb, shift):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(MoCAPipeline, "from_pretrained", classmethod(never))
+    res = CliRunner().invoke(app, verb + ["--shift", shift, "--device", "cpu", "-o", str(tmp_path / "out.glb")])
+    assert isinstance(res.exception, InputError) and "the timestep shift must be positive and finite" in str(res.exception)
+
+
 @pytest.mark.parametrize("count", ["0", "-1"])
 def test_evaluate_count_below_one_is_refused(tmp_path, count):
     root = tmp_path / "ds"

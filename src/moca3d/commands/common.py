@@ -55,9 +55,10 @@ def check_run_folder(path: Path, option: str = "--output") -> None:
         _check_parents(path, option)
 
 
-def check_generation_args(steps: int, resolution: int, guidance: float, output: Path, seed: int = 0) -> None:
+def check_generation_args(steps: int, resolution: int, guidance: float, output: Path, seed: int = 0,
+                          shift: Optional[float] = None) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
-    check_sampling_args(steps, guidance, resolution, seed=seed)
+    check_sampling_args(steps, guidance, resolution, shift, seed=seed)
     if output.suffix.lower() != ".glb":
         raise ConfigError(f"--output must be a .glb file (one named node per component), got {output}")
     check_output_path(output)

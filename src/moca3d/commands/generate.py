@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.pipeline import MoCAPipeline
 
-        check_generation_args(steps, resolution, guidance, output, seed)
+        check_generation_args(steps, resolution, guidance, output, seed, shift)
         if parts < 1:
             raise ConfigError(f"--parts must be >= 1, got {parts}")
         dev = resolve_device(device)

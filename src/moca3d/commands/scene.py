@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.pipeline import MoCAPipeline
 
-        check_generation_args(steps, resolution, guidance, output, seed)
+        check_generation_args(steps, resolution, guidance, output, seed, shift)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
         result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
