@@ -1,6 +1,5 @@
 """The benchmark scripts run end to end at tiny sizes and write the documented JSON keys (no timing asserted)."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,20 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark as load
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = str(ROOT / "benchmarks")
 KNOWN_ALLOCATION_MIB = 64
 SMALL_BATCH, BIG_BATCH = 1, 8
 
-
-def load(name):
-    if BENCHMARKS not in sys.path:  # the scripts import their shared helpers (benchkit.py) as a sibling module
-        sys.path.insert(0, BENCHMARKS)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

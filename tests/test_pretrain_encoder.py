@@ -207,14 +207,11 @@ def test_pretrain_encoder_cli(dataset, tmp_path):
 
 def test_grid_eval_benchmark_reports_iou_against_references(dataset, tmp_path):
     """benchmarks/encoder_grid_eval.py on a tiny run: IoUs and F-scores in [0, 1], the GT-cell ceiling near 1."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
     run = tmp_path / "run"
     pretrain_encoder(tiny_pretrain(grid_resolution=32), dataset, run, log=lambda r: None)
-    spec = importlib.util.spec_from_file_location("encoder_grid_eval", Path(__file__).parents[1] / "benchmarks" / "encoder_grid_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("encoder_grid_eval")
     out = tmp_path / "grid.json"
     summary = module.main([str(dataset), "--run", str(run), "--train-grids", str(run / "grids32.safetensors"), "--split", "train",
                            "--points", "100000", "--json", str(out)])

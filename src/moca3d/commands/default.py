@@ -75,16 +75,11 @@ def read_recipe(path: Path) -> dict:
     """The recipe at `path`, checked before any work (keys, types, every stage config it names): one-line ConfigErrors."""
     from moca3d.errors import ConfigError
     from moca3d.training.pretrain_encoder import EncoderPretrainConfig
-    from moca3d.training.recipe import type_error
+    from moca3d.training.recipe import read_json, type_error
     from moca3d.training.train_dit import DiTTrainConfig
     from moca3d.training.train_vae import VAETrainConfig
 
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path} (the recipes live in the repository's configs/ folder)")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: invalid JSON ({err})") from None
+    spec = read_json(path, "recipe not found: {path} (the recipes live in the repository's configs/ folder)")
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a recipe must be a JSON object of keys and values")
     unknown = sorted(set(spec) - set(RECIPE_KEYS))

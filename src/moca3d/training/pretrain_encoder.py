@@ -438,7 +438,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start, elapsed0 = state.step, float(state.extra.get("elapsed_s", 0.0))
-        spent = start >= cfg.steps or 0 < cfg.time_limit_s <= elapsed0  # its steps or its time used up
+        spent = cfg.spent(start, elapsed0)
         log({"event": "resume", "step": start, **({"note": notes[0]} if notes else {}),
              **({"finished": "nothing to train; its encoder is evaluated and written again"} if spent else {})})
     t0 = time.time()

@@ -65,6 +65,17 @@ def shipped_path(value: Any) -> Any:
     return value
 
 
+def read_json(path: str | Path, missing: str = "config file not found: {path}") -> Any:
+    """The JSON value of a config file: a one-line ConfigError (`missing`, or invalid JSON) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(missing.format(path=path))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON ({err})") from None
+
+
 class Recipe:
     """Mixin for recipe dataclasses: `from_dict` / `from_json` reject unknown keys, then `check()`."""
 
@@ -93,17 +104,15 @@ class Recipe:
     @classmethod
     def from_json(cls: type[R], path: str | Path) -> R:
         """Read a JSON recipe."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid JSON ({err})") from None
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def spent(self, step: int, elapsed_s: float) -> bool:
+        """A run at `step` after `elapsed_s` training seconds has used up its steps or its time limit (if it has one)."""
+        return step >= self.steps or 0 < getattr(self, "time_limit_s", 0.0) <= elapsed_s
 
     def check(self) -> None:
         """Raise ConfigError for values out of range (subclasses extend)."""

@@ -500,7 +500,7 @@ def train(
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
-        spent = start >= cfg.steps or 0 < cfg.time_limit_s <= before  # its steps or its time used up
+        spent = cfg.spent(start, before)
         finished = " (finished: nothing to train; its pipeline is exported again)" if spent else ""
         accelerator.print(f"resumed from {ckpt} (step {start}){finished}")
     elif accelerator.is_main_process:
