@@ -7,7 +7,9 @@ fewer faces than that fraction of the part's largest piece are dropped; 0 keeps 
 every `rescue_vertices` asked (a part with no inside vertex is meshed at the level of its n-th largest
 value instead, if above `--rescue-floor`; 0 leaves it empty), and scored against the GT parts. The
 table gives the mean metrics per setting and the mean paired change against the first, with its
-standard error.
+standard error. As in `evaluate-model` reports (benchmarks/variants_table.py): an object whose every
+part came out empty scores F = 0 and self-IoU 0 in the means, and its infinite CD is left out of the
+mean CD (and of the paired CD change) and counted under "empty objects"; "empty parts" counts parts.
 
     python benchmarks/floater_filter.py data/test58 --fractions 0.02 0 0.1 0.25 0.5 --seed 0 \
         --json benchmarks/results/floater_filter_test_seed0.json
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchkit import run_script, write_json
+from benchkit import print_table, run_script, write_json
 from moca3d.defaults import GUIDANCE, STEPS
 from moca3d.evaluation import object_metrics, select_records, with_progress
 from moca3d.geometry.extract import mesh_from_grid
@@ -32,7 +34,58 @@ from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig
 from moca3d.pipeline import MoCAPipeline
 
-KEYS = ("fscore@0.1", "fscore@0.05", "chamfer", "self_iou", "num_empty")
+SCORES = ("fscore@0.1", "fscore@0.05", "self_iou")  # means over every object (an all-empty one scores 0)
+COLUMNS = [("fraction", "min_component_fraction", "{:>8}"), ("rescue", "rescue_vertices", "{:>6}"),
+           ("F@0.1", "fscore@0.1", "{:.3f}"), ("paired", "fscore@0.1_paired", "{:+.3f}"), ("SE", "fscore@0.1_paired_se", "{:.3f}"),
+           ("F@0.05", "fscore@0.05", "{:.3f}"), ("CD", "chamfer", "{:.3f}"), ("CD paired", "chamfer_paired", "{:+.3f}"),
+           ("self-IoU", "self_iou", "{:.3f}"), ("empty parts", "num_empty", "{}"), ("empty objects", "empty_objects", "{}")]
+
+
+def setting_key(fraction: float, rescue: int) -> str:
+    """Per-object result key of a setting ("0.02" without rescue, as in earlier reports)."""
+    return str(fraction) if rescue == 0 else f"{fraction}+rescue{rescue}"
+
+
+def _paired(entry: dict, name: str, diff: np.ndarray) -> None:
+    """Add the mean paired change `name`_paired and its standard error to `entry` (with at least 2 pairs)."""
+    if len(diff) > 1:
+        entry[f"{name}_paired"] = float(diff.mean())
+        entry[f"{name}_paired_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def summarize(rows: list[dict], settings: list[tuple[float, int]]) -> list[dict]:
+    """One table entry per (fraction, rescue) setting of the per-object `rows`, paired against the first setting.
+
+    CD is the mean over objects with a surface (None if none has one), its paired change over objects with a
+    surface under both settings; `empty_objects` counts the objects left out (infinite CD), `num_empty` empty parts.
+    """
+    ref = setting_key(*settings[0])
+    ref_cd = np.array([row[ref]["chamfer"] for row in rows], dtype=float)
+    table = []
+    for f, r in settings:
+        scores = [row[setting_key(f, r)] for row in rows]
+        entry = {"min_component_fraction": f, "rescue_vertices": r}
+        for k in SCORES:
+            values = np.array([s[k] for s in scores], dtype=float)
+            entry[k] = float(values.mean())
+            _paired(entry, k, values - np.array([row[ref][k] for row in rows], dtype=float))
+        cd = np.array([s["chamfer"] for s in scores], dtype=float)
+        surface = np.isfinite(cd)
+        entry["chamfer"] = float(cd[surface].mean()) if surface.any() else None
+        both = surface & np.isfinite(ref_cd)
+        _paired(entry, "chamfer", cd[both] - ref_cd[both])
+        entry["num_empty"] = int(sum(s["num_empty"] for s in scores))
+        entry["empty_objects"] = int((~surface).sum())
+        table.append(entry)
+    return table
+
+
+def print_summary(table: list[dict]) -> None:
+    """Print `summarize`'s table (a missing value as "-"), and why CD leaves objects out when it does."""
+    print_table(table, COLUMNS)
+    if any(e["empty_objects"] for e in table):
+        print("CD: mean over the objects with a surface; the empty objects (every part empty: infinite CD) are left "
+              "out of it and of its paired change")
 
 
 def main(argv=None) -> dict:
@@ -66,10 +119,6 @@ def main(argv=None) -> dict:
     records = select_records(args.data, args.split, args.count, 1, args.max_parts)
     settings = [(f, r) for f in args.fractions for r in args.rescue]  # the first is the paired reference
 
-    def key(f: float, r: int) -> str:
-        """Per-object result key of a setting ("0.02" without rescue, as in earlier reports)."""
-        return str(f) if r == 0 else f"{f}+rescue{r}"
-
     rows = []  # one per object: {"id", fraction -> metrics}
     for rec in with_progress(records, f"{args.split} objects", not args.quiet):
         asset = Path(args.data) / "assets" / rec["id"]
@@ -84,27 +133,13 @@ def main(argv=None) -> dict:
             setting = dataclasses.replace(config, min_component_fraction=f if f > 0 else None, rescue_vertices=r,
                                           rescue_floor=args.rescue_floor)
             meshes = [mesh_from_grid(g, setting) for g in grids]
-            row[key(f, r)] = object_metrics(meshes, gt, metrics)
+            row[setting_key(f, r)] = object_metrics(meshes, gt, metrics)
         rows.append(row)
 
-    ref = key(*settings[0])
-    table = []
-    for f, r in settings:
-        entry = {"min_component_fraction": f, "rescue_vertices": r}
-        for k in KEYS:
-            values = np.array([row[key(f, r)][k] for row in rows], dtype=float)
-            entry[k] = float(values.sum() if k == "num_empty" else values.mean())
-            if k != "num_empty" and len(rows) > 1:
-                diff = values - np.array([row[ref][k] for row in rows], dtype=float)
-                entry[f"{k}_paired"] = float(diff.mean())
-                entry[f"{k}_paired_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
-        table.append(entry)
-
-    print(f"{len(rows)} objects of {args.split!r}, seed {args.seed}, {args.steps} steps, {args.resolution}^3; paired vs {ref}")
-    print(f"{'fraction':>8} | {'rescue':>6} | {'F@0.1':>6} {'(paired ± SE)':>16} | {'F@0.05':>6} | {'CD':>6} {'(paired)':>9} | {'self-IoU':>8} | empty")
-    for e in table:
-        print(f"{e['min_component_fraction']:>8} | {e['rescue_vertices']:>6} | {e['fscore@0.1']:.3f} {e.get('fscore@0.1_paired', 0):+.3f} ± {e.get('fscore@0.1_paired_se', 0):.3f}"
-              f" | {e['fscore@0.05']:.3f} | {e['chamfer']:.3f} {e.get('chamfer_paired', 0):+9.3f} | {e['self_iou']:8.3f} | {int(e['num_empty'])}")
+    table = summarize(rows, settings)
+    print(f"{len(rows)} objects of {args.split!r}, seed {args.seed}, {args.steps} steps, {args.resolution}^3; "
+          f"paired vs {setting_key(*settings[0])}")
+    print_summary(table)
     report = {"model": args.model or "built-in", "split": args.split, "seed": args.seed, "steps": args.steps,
               "rescue_floor": args.rescue_floor,
               "guidance": args.guidance, "resolution": args.resolution, "metric_points": args.metric_points,

@@ -15,6 +15,13 @@ from moca3d.errors import ConfigError, InputError
 # (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
 # latents decode to more empty parts with this one). Same encoder, so the latents of both are identical.
 PACKAGED_VAE = Path(__file__).resolve().parent.parent / "weights" / "vae"
+# --points: 8x the 8192 surface samples `prepare` draws per component (the VAEs train on 512 of them); the encoder's
+# cross-attention holds about 2.3 KiB a point per component (packaged VAE), and reconstruct encodes 16 components
+# at once: about 2.3 GiB at this bound
+MAX_POINTS = 65_536
+# --image-size: 4x the built-in encoders' 128 px and twice prepare's default 256 px renders (larger only upsamples
+# them); the cache is built from float32 images, 3 MiB an asset at this size
+MAX_IMAGE_SIZE = 512
 
 
 def load_vae(model_dir: Optional[Path], device: str = "cpu"):
@@ -24,6 +31,12 @@ def load_vae(model_dir: Optional[Path], device: str = "cpu"):
     folder = Path(model_dir) if model_dir is not None else PACKAGED_VAE
     hint = "" if model_dir is not None else " (no packaged VAE weights; pass --model)"
     return load_vae_folder(folder, hint).to(device).eval()
+
+
+def check_max_points(points: int) -> None:
+    """--points at most MAX_POINTS, checked before any model loads (more points only cost memory)."""
+    if points > MAX_POINTS:
+        raise ConfigError(f"--points must be at most {MAX_POINTS} (surface points per component), got {points}")
 
 
 def check_points(points: int, vae) -> None:
@@ -101,6 +114,7 @@ def register(app: typer.Typer) -> None:
         if assets < 1:
             raise ConfigError(f"--assets must be >= 1, got {assets}")
         check_resolution(resolution)
+        check_max_points(points)
         check_output_path(json_out, "--json")
         vae = load_vae(model, resolve_device(device))
         check_points(points, vae)
@@ -132,6 +146,7 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"{out}: output must be a .glb file")
         check_output_path(out)
         check_resolution(resolution)
+        check_max_points(points)
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)
@@ -163,6 +178,7 @@ def register(app: typer.Typer) -> None:
 
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+        check_max_points(points)
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
         check_points(points, vae)
@@ -184,8 +200,8 @@ def register(app: typer.Typer) -> None:
         from moca3d.models.image_encoder import MIN_IMAGE_SIDE
         from moca3d.training.train_dit import LatentDataset
 
-        if image_size < MIN_IMAGE_SIDE:
-            raise ConfigError(f"--image-size must be >= {MIN_IMAGE_SIDE}, got {image_size}")
+        if not MIN_IMAGE_SIDE <= image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIZE} px (the image encoder's input size), got {image_size}")
         if max_parts < 1:
             raise ConfigError(f"--max-parts must be >= 1, got {max_parts}")
         check_output_path(output)
