@@ -25,11 +25,12 @@ from moca3d.models.image_encoder import (
     encode_views,
     first_projection_path,
     input_channels,
-    is_lora_parameter,
     load_image,
     merge_encoder_lora,
     widen_input_channels,
 )
+from moca3d.models.lora import is_lora_parameter, within
+from moca3d.models.transformer import PRIOR_FREE_MODULES
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline
 from moca3d.training.train_dit import DiTTrainConfig, build_models, export_pipeline, train
@@ -409,6 +410,19 @@ def scenes(tmp_path_factory):
 def scene_recipe(init_from, steps=2, **kw):
     recipe = dict(condition="scene", init_from=str(init_from), lora_rank=2, steps=steps, batch_size=2, warmup_steps=1, checkpoint_every=1, log_every=1)
     return DiTTrainConfig.from_dict({**recipe, **kw})
+
+
+def test_scene_finetune_with_transformer_lora_merges_both_adapters(scenes, tmp_path):
+    """Scene recipe + transformer LoRA: the encoder's and the transformer's adapters both fold into plain layers."""
+    root, obj = scenes
+    result = train(root, tmp_path / "run", scene_recipe(obj, steps=1, transformer_lora_rank=2, lr=1e-2), device="cpu", progress=False)
+    pipe, start = MoCAPipeline.from_pretrained(result["pipeline"]), MoCAPipeline.from_pretrained(obj)
+    for model in (pipe.transformer, pipe.image_encoder):
+        assert not any(is_lora_parameter(n) for n in model.state_dict())
+    after, before = pipe.transformer.state_dict(), start.transformer.state_dict()
+    assert set(after) == set(before) and not torch.equal(after["proj_out.weight"], before["proj_out.weight"])
+    frozen = [k for k in before if "norm" in k and not within(k, PRIOR_FREE_MODULES)]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen), "a frozen transformer tensor changed"
 
 
 def _visible_scene(root):

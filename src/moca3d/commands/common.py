@@ -98,7 +98,7 @@ def echo_categories(by_category: dict[str, dict[str, float]], key: str, what: st
 
 
 def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int],
-                             attention_mode: Optional[str], time_limit: Optional[float]) -> dict:
+                             attention_mode: Optional[str], time_limit: Optional[float], lora_rank: Optional[int] = None) -> dict:
     """Apply the command-line overrides of `train` / `train-scene` to a recipe dict (checked)."""
     from moca3d.attention.config import MODES
 
@@ -112,6 +112,8 @@ def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Opt
         recipe["transformer"] = {**recipe.get("transformer", {}), "attention_mode": attention_mode}
     if time_limit is not None:
         recipe["time_limit_s"] = time_limit
+    if lora_rank is not None:
+        recipe["transformer_lora_rank"] = lora_rank
     return recipe
 
 

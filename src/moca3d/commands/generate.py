@@ -53,20 +53,24 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json; default: the DiTTrainConfig defaults, a small from-scratch transformer)."),
         vae: Optional[Path] = typer.Option(None, "--vae", help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE)."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
         from moca3d.training.train_dit import DiTTrainConfig
 
         recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
+        if init_from is not None:
+            recipe["init_from"] = str(init_from)
         if vae is None and not recipe.get("init_from"):
-            raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless the recipe has init_from")
-        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit)
+            raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless it starts from a pipeline (--init-from or the recipe's init_from)")
+        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
         run_dit_training(data, output, recipe, vae, device, resume)
 
 
@@ -92,15 +96,17 @@ def register_evaluation(app: typer.Typer) -> None:
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
     ) -> None:
         """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""
-        from moca3d.evaluation import evaluate_pipeline
+        from moca3d.evaluation import evaluate_pipeline, select_records
         from moca3d.metrics import MetricsConfig, check_metric_settings
-        from moca3d.pipeline import MoCAPipeline
 
         if min_parts > max_parts:
             raise ConfigError(f"--min-parts {min_parts} is above --max-parts {max_parts}")
         check_sampling_args(steps, guidance, resolution, shift)
         check_output_path(json_out, "--json")
         check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
+        select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
+        from moca3d.pipeline import MoCAPipeline  # slow to import (seconds)
+
         pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
                                    reconstruct=reconstruct, shift=shift)

@@ -103,6 +103,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
     ) -> None:
         """Fine-tune an object pipeline on scenes: 7-channel per-instance conditions, LoRA on the encoder."""
         from moca3d.training.train_dit import DiTTrainConfig
@@ -111,5 +112,5 @@ def register(app: typer.Typer) -> None:
         recipe["condition"] = "scene"
         if init_from is not None:
             recipe["init_from"] = str(init_from)
-        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit)
+        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
         run_dit_training(data, output, recipe, vae, device, resume)

@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moca3d.errors import ConfigError, InputError
+from moca3d.models.lora import add_lora, merge_lora
 from moca3d.models.modeling import AtomicSaveMixin
 from moca3d.models.vae import LayerNorm32, VecSetBlock
 
@@ -194,7 +195,6 @@ class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
 SCENE_CHANNELS = 7  # instance-masked RGB, scene RGB, instance mask
 FIRST_PROJECTION_NAMES = ("patch_embed", "embeddings.patch_embeddings.projection")
 WIDEN_INITS = ("zero", "clone")
-LORA_ADAPTER = "default"
 
 
 def encode_views(encoder: nn.Module, stacks: torch.Tensor) -> torch.Tensor:
@@ -284,39 +284,10 @@ def add_encoder_lora(
     widened encoder start at zero (or as copies) and need full-rank updates to learn the mask and
     scene inputs. Every other base weight is frozen.
     """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if rank < 1:
-        raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
-    targets = target_modules or [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
-    if not targets:
-        raise ConfigError(f"{type(encoder).__name__} has no linear layers to adapt with LoRA")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout, target_modules=targets, bias="none")
-    inject_adapter_in_model(config, encoder, adapter_name=LORA_ADAPTER)
-    for name, param in encoder.named_parameters():
-        param.requires_grad_(is_lora_parameter(name))
-    if train_projection:
-        encoder.get_submodule(first_projection_path(encoder)).requires_grad_(True)
-    return encoder
-
-
-def is_lora_parameter(name: str) -> bool:
-    """True for the parameters peft's LoRA adds (lora_A / lora_B / lora_embedding_*)."""
-    return any(part.startswith("lora_") for part in name.split("."))
+    full = [first_projection_path(encoder)] if train_projection else []
+    return add_lora(encoder, rank, alpha, dropout, target_modules=target_modules, train_full=full)
 
 
 def merge_encoder_lora(encoder: nn.Module) -> int:
-    """Fold every LoRA adapter into its base layer and remove the wrappers, in place; returns how many.
-
-    The result has the plain layer names again, so it saves and loads as an ordinary encoder.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    wrapped = [name for name, m in encoder.named_modules() if isinstance(m, LoraLayer)]
-    for name in wrapped:
-        layer = encoder.get_submodule(name)
-        layer.merge(adapter_names=[LORA_ADAPTER])
-        parent_path, _, child = name.rpartition(".")
-        parent = encoder.get_submodule(parent_path) if parent_path else encoder
-        setattr(parent, child, layer.get_base_layer())
-    return len(wrapped)
+    """Fold the encoder's LoRA adapters into its layers (plain names again, so it saves as an ordinary encoder)."""
+    return merge_lora(encoder)

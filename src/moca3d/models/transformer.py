@@ -187,6 +187,11 @@ def global_block_indices(num_layers: int, global_blocks: Union[str, Sequence[int
     return idx
 
 
+# The parts of MoCA a TripoSG/PartCrafter prior lacks (moca3d.convert.triposg.init_new_parameters): a LoRA
+# fine-tune (moca3d.models.lora) trains them in full, the prior's layers through adapters.
+PRIOR_FREE_MODULES = ("packer", "id_embedding", "router", "token_embedding", "layout_embed")
+
+
 class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
     """Compositional rectified-flow DiT with Mixture-of-Components attention."""
 

@@ -152,9 +152,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters and buffers.
+    """Exponential moving average of a model's trainable floating-point parameters and its buffers.
 
-    decay_t = min(decay, (1 + t) / (warmup + t)), so early averages follow the model closely.
+    decay_t = min(decay, (1 + t) / (warmup + t)), so early averages follow the model closely. A frozen
+    parameter (a LoRA base layer, a frozen encoder) is its own average: it is not copied.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: int = 10):
@@ -163,7 +164,8 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point() and k not in frozen}
 
     def current_decay(self) -> float:
         """Decay used by the next update."""

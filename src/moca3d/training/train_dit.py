@@ -43,11 +43,11 @@ from moca3d.models.image_encoder import (
     add_encoder_lora,
     encode_views,
     input_channels,
-    merge_encoder_lora,
     preprocess_image,
     widen_input_channels,
 )
-from moca3d.models.transformer import MoCATransformer
+from moca3d.models.lora import add_lora, merge_lora, trainable_summary
+from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
 from moca3d.training.recipe import Recipe, check_resume, lr_at, record_run_config
@@ -113,6 +113,12 @@ class DiTTrainConfig(Recipe):
     lora_alpha: Optional[float] = None  # scene: LoRA scale numerator (default: the rank)
     lora_dropout: float = 0.0
     train_projection: bool = True  # scene: the widened first projection trains in full, next to the LoRA
+    # > 0: fine-tune init_from's transformer with LoRA of this rank (peft) instead of in full: its layers stay
+    # frozen (no gradients, no optimizer state; a large prior fits one GPU), the parts of MoCA a TripoSG prior
+    # lacks (packer, router, ID embedding) train in full; the exported transformer has the adapters merged
+    transformer_lora_rank: int = 0
+    transformer_lora_alpha: Optional[float] = None  # LoRA scale numerator (default: the rank)
+    transformer_lora_dropout: float = 0.0
 
     def check(self) -> None:
         """Raise ConfigError for values out of range."""
@@ -132,6 +138,14 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"widen_init must be one of {', '.join(WIDEN_INITS)}, got {self.widen_init!r}")
         if self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be positive, got {self.lora_rank}")
+        if self.transformer_lora_rank < 0:
+            raise ConfigError(f"transformer_lora_rank must be >= 0 (0: full fine-tuning), got {self.transformer_lora_rank}")
+        if self.transformer_lora_rank and not self.init_from:
+            raise ConfigError("transformer_lora_rank fine-tunes a trained transformer: give init_from (a pipeline folder)")
+        if self.transformer_lora_alpha is not None and self.transformer_lora_alpha <= 0:
+            raise ConfigError(f"transformer_lora_alpha must be positive, got {self.transformer_lora_alpha}")
+        if not 0 <= self.transformer_lora_dropout < 1:
+            raise ConfigError(f"transformer_lora_dropout must be in [0, 1), got {self.transformer_lora_dropout}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.time_limit_s < 0:
@@ -400,8 +414,9 @@ def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], 
 
 def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Path, vae: VecSetVAE) -> dict[str, float]:
     """Generate the first `val_assets` val objects with the EMA weights and return the mean metrics."""
-    shadow = copy.deepcopy(model)  # same structure (LoRA wrappers included), EMA weights
+    shadow = copy.deepcopy(model)  # same structure (LoRA wrappers included), then EMA weights
     ema.copy_to(shadow)
+    merge_lora(shadow)  # sampling through plain layers
     pipe = MoCAPipeline(vae, shadow.transformer, shadow.image_encoder).to(next(model.parameters()).device)
     report = evaluate_pipeline(
         pipe, data_dir, "val", count=cfg.val_assets, steps=cfg.val_steps, guidance=cfg.val_guidance,
@@ -486,6 +501,11 @@ def train(
     by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     require_token_order(model.transformer.token_order, data.token_order, str(data_dir))
+    if cfg.transformer_lora_rank:
+        add_lora(model.transformer, cfg.transformer_lora_rank, cfg.transformer_lora_alpha, cfg.transformer_lora_dropout,
+                 train_full=PRIOR_FREE_MODULES)
+    trained, total = trainable_summary(model)
+    accelerator.print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.1f}%)")
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.attention_backend is not None:  # every block shares this config; the saved model config is not touched
         model.transformer.attention_config.backend = cfg.attention_backend
@@ -564,7 +584,6 @@ def train(
     if accelerator.is_main_process and vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
-        if scene:
-            merge_encoder_lora(final.image_encoder)  # a plain 7-channel encoder in the pipeline folder
+        merge_lora(final)  # plain layers in the pipeline folder (a scene's 7-channel encoder, a LoRA-tuned transformer)
         result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae))
     return result

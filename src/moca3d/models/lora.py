@@ -1,0 +1,98 @@
+"""LoRA fine-tuning of any of our models (peft): inject low-rank adapters, train them, fold them back.
+
+One definition for the scene encoder (DESIGN.md §4: LoRA on the widened image encoder) and the MoCA
+transformer (fine-tuning a large prior such as TripoSG on one GPU: the base weights get no gradients
+and no optimizer state). After `add_lora` only the adapters and the modules named in `train_full`
+train; `merge_lora` folds the adapters into their base layers, so the model saves and loads as a
+plain one.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from torch import nn
+
+from moca3d.errors import ConfigError
+
+LORA_ADAPTER = "default"
+
+
+def within(path: str, names: Iterable[str]) -> bool:
+    """True when the module at `path` is, or is inside, a module named in `names`: a full attribute path
+    ("blocks.0.attn1") or the tail of one ("attn1.router", "router": every block's router)."""
+    parts = path.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p == n or p.endswith("." + n) for n in names for p in prefixes)
+
+
+def linear_layers(module: nn.Module, skip: Iterable[str] = ()) -> list[str]:
+    """Names of the module's nn.Linear layers, except those `within` a module named in `skip`."""
+    skip = list(skip)
+    return [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and not within(name, skip)]
+
+
+def add_lora(module: nn.Module, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
+             target_modules: Optional[list[str]] = None, train_full: Iterable[str] = ()) -> nn.Module:
+    """Inject LoRA adapters into `target_modules` (default: every nn.Linear outside `train_full`), in place.
+
+    Afterwards only the adapters (lora_A starts random, lora_B at zero: the output is unchanged) and
+    the parameters `within` the submodules named in `train_full` (e.g. "router": every block's
+    router) require gradients.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
+    if alpha is not None and alpha <= 0:
+        raise ConfigError(f"LoRA alpha must be positive, got {alpha}")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    full = list(train_full)
+    targets = target_modules or linear_layers(module, skip=full)
+    if not targets:
+        raise ConfigError(f"{type(module).__name__} has no linear layers to adapt with LoRA")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        target_modules=targets, bias="none")
+    inject_adapter_in_model(config, module, adapter_name=LORA_ADAPTER)
+    for name, param in module.named_parameters():
+        param.requires_grad_(is_lora_parameter(name))
+    for name, param in module.named_parameters():
+        if within(name, full):
+            param.requires_grad_(True)
+    return module
+
+
+def is_lora_parameter(name: str) -> bool:
+    """True for the parameters peft's LoRA adds (lora_A / lora_B / lora_embedding_*)."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def has_lora(module: nn.Module) -> bool:
+    """True when LoRA adapters are injected somewhere in `module`."""
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in module.modules())
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and remove the wrappers, in place; returns how many.
+
+    The result has the plain layer names again, so it saves and loads as an ordinary model.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = [name for name, m in module.named_modules() if isinstance(m, LoraLayer)]
+    for name in wrapped:
+        layer = module.get_submodule(name)
+        layer.merge(adapter_names=[LORA_ADAPTER])
+        parent_path, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        setattr(parent, child, layer.get_base_layer())
+    return len(wrapped)
+
+
+def trainable_summary(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
