@@ -96,6 +96,22 @@ def test_memory_benchmark_of_a_scene_step_feeds_per_instance_conditions(tmp_path
     assert all(r["peak_gib"] > 0 for r in result["records"]), result["records"]
 
 
+def test_finetune_memory_counts_the_prior_and_measures_full_against_lora(tmp_path):
+    out = tmp_path / "finetune.json"
+    load("finetune_memory").main(["--ranks", "4", "--width", "384", "--layers", "2", "--heads", "4", "--latents", "32",
+                                  "--n", "2", "--threads", "1", "--json", str(out)])
+    full, lora = json.loads(out.read_text())["records"]
+    assert (full["rank"], lora["rank"]) == (0, 4)
+    assert full["prior_trainable"] == full["prior_params"] > 10**9  # TripoSG's DiT: 1.5 B, all trained
+    assert 0 < lora["prior_trainable"] < full["prior_trainable"] / 10 and lora["prior_params"] > full["prior_params"]
+    for r in (full, lora):
+        assert r["prior_state_gib"] == pytest.approx(r["prior_trainable"] * 16 / 2**30)
+    assert lora["measured_trainable"] < full["measured_trainable"] / 5
+    # the full step's peak holds ~16 B per trained parameter more (gradient, AdamW, EMA): 4.6 M parameters, 70 MiB
+    state_mib = (full["measured_trainable"] - lora["measured_trainable"]) * 16 / 2**20
+    assert full["measured_peak_mib"] - lora["measured_peak_mib"] > 0.5 * state_mib
+
+
 def test_variants_table_merges_reports_and_training_runs(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000007").mkdir(parents=True)
