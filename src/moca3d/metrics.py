@@ -37,6 +37,7 @@ from moca3d.geometry.sampling import sample_points
 
 MIN_IOU_RESOLUTION = 8  # coarser grids cannot tell parts apart
 MAX_IOU_RESOLUTION = 256  # self-IoU holds a float32 R^3 grid per component: 64 MiB each at 256
+MAX_METRIC_POINTS = 10_000_000  # points per surface: about 3.5 GB of samples and KD-trees; more is killed for memory
 FRAME_RATIO = 5.0  # scene sizes differing more than this: prediction and ground truth are in different units
 
 
@@ -45,6 +46,8 @@ def check_metric_settings(num_points: int, iou_resolution: int, taus: tuple[floa
     """ConfigError (one line, naming the setting as `*_name`) for a sample count, voxel grid or threshold out of range."""
     if num_points < 1:
         raise ConfigError(f"{points_name} must be >= 1 (points sampled per surface), got {num_points}")
+    if num_points > MAX_METRIC_POINTS:
+        raise ConfigError(f"{points_name} must be at most {MAX_METRIC_POINTS} (points sampled per surface), got {num_points}")
     if not MIN_IOU_RESOLUTION <= iou_resolution <= MAX_IOU_RESOLUTION:
         raise ConfigError(f"{resolution_name} must be between {MIN_IOU_RESOLUTION} and {MAX_IOU_RESOLUTION} "
                           f"voxels per side, got {iou_resolution}")

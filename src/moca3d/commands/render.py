@@ -14,6 +14,7 @@ from moca3d.errors import InputError, cannot_write
 DEFAULT_AZIMUTH_DEG = 30.0
 DEFAULT_ELEVATION_DEG = 20.0
 DEFAULT_SIZE = 512
+MIN_SIZE, MAX_SIZE = 16, 4096  # pixels a side; the supersampled ray grid of a bigger picture does not fit in memory
 SUPERSAMPLE = 2  # rays per pixel side (anti-aliasing)
 
 
@@ -24,10 +25,11 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from moca3d.geometry.mesh_io import atomic_write_bytes, load_file, main_color, palette, validate_components
+    from moca3d.geometry.mesh_io import atomic_write_bytes, load_file, load_folder, main_color, palette, validate_components
     from moca3d.geometry.render import RenderConfig, orbit_camera, render
 
-    meshes, names = load_file(mesh_path)
+    mesh_path = Path(mesh_path)
+    meshes, names = load_folder(mesh_path) if mesh_path.is_dir() else load_file(mesh_path)  # a folder: one file per part
     fallback = palette(len(meshes))
     shown = [i for i, m in enumerate(meshes) if len(m.faces)]
     if not shown:
@@ -66,19 +68,19 @@ def register(app: typer.Typer) -> None:
 
     @app.command("render")
     def render_cmd(
-        mesh: Path = typer.Argument(..., help="A GLB/OBJ/PLY file, e.g. the output of `moca3d generate`."),
+        mesh: Path = typer.Argument(..., help="A GLB/OBJ/PLY file, e.g. the output of `moca3d generate`, or a folder of part files."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="PNG to write."),
         azimuth: float = typer.Option(DEFAULT_AZIMUTH_DEG, help="Camera azimuth in degrees (0 = looking from +z)."),
         elevation: float = typer.Option(DEFAULT_ELEVATION_DEG, help="Camera elevation in degrees above the horizon."),
-        size: int = typer.Option(DEFAULT_SIZE, help="Image side in pixels."),
+        size: int = typer.Option(DEFAULT_SIZE, help=f"Image side in pixels ({MIN_SIZE} to {MAX_SIZE})."),
         beside: Optional[Path] = typer.Option(None, "--beside", help="Put this image (e.g. the generation's input) on the left."),
     ) -> None:
         """Render the parts of MESH, each in its own colour, to a PNG (headless CPU ray casting)."""
         for option, degrees in (("--azimuth", azimuth), ("--elevation", elevation)):
             if not math.isfinite(degrees):
                 raise InputError(f"{option} must be a finite number of degrees, got {degrees}")
-        if size < 16:
-            raise InputError(f"--size must be at least 16 pixels, got {size}")
+        if not MIN_SIZE <= size <= MAX_SIZE:
+            raise InputError(f"--size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
         if output.suffix.lower() != ".png":
             raise InputError(f"--output must be a .png file, got {output}")
         path, count = render_components_png(mesh, output, azimuth, elevation, size, beside)

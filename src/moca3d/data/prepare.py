@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
 MANIFEST, REPORT, ASSETS, META = "manifest.jsonl", "report.jsonl", "assets", "meta.json"
 TMP_PREFIX = ".tmp-"
 MIN_IMAGE_SIZE = 16  # smallest render side (pixels) that still shows every component
+MAX_IMAGE_SIZE = 4096  # largest render side: the supersampled ray grid of a bigger one does not fit in memory
 
 
 @dataclass
@@ -69,6 +70,8 @@ class PrepareConfig:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.render.size < MIN_IMAGE_SIZE:
             raise ConfigError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {self.render.size}")
+        if self.render.size > MAX_IMAGE_SIZE:  # else every asset fails for memory, and is listed as skipped
+            raise ConfigError(f"--image-size must be at most {MAX_IMAGE_SIZE} pixels, got {self.render.size}")
         fractions = {"--sharp-fraction": self.surface.sharp_fraction, "--val-fraction": self.val_fraction,
                      "--test-fraction": self.test_fraction}
         for name, value in fractions.items():
@@ -79,6 +82,11 @@ class PrepareConfig:
         if self.kind not in ("object", "scene"):
             raise ConfigError(f"--kind must be 'object' or 'scene', got '{self.kind}'")
         check_scene_objects(*self.scene_objects)
+
+    def digest(self) -> str:
+        """A short fingerprint of the settings, stored with each skipped asset in report.jsonl."""
+        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -268,16 +276,19 @@ def finished_ids(root: Path) -> set[str]:
     return {d.name for d in assets.iterdir() if not d.name.startswith(".") and (d / META).is_file()}
 
 
-def reported_sources(root: Path) -> set[str]:
-    """Sources already skipped with a reason in report.jsonl."""
+def reported_sources(root: Path, settings: str | None = None) -> set[str]:
+    """Sources already skipped with a reason in report.jsonl (with `settings`, only those skipped under these
+    settings, `PrepareConfig.digest`: an asset refused for, say, --max-components is retried once that changes)."""
     path = root / REPORT
     if not path.is_file():
         return set()
     out = set()
     for line in path.read_text().splitlines():
         try:
-            out.add(json.loads(line)["source"])
-        except (json.JSONDecodeError, KeyError):
+            entry = json.loads(line)
+            if settings is None or entry.get("settings", settings) == settings:  # lines of older versions: no settings
+                out.add(entry["source"])
+        except (json.JSONDecodeError, KeyError, AttributeError):
             continue  # a line cut by an interruption
     return out
 
@@ -320,7 +331,8 @@ def prepare(
     _clean_stale(root)
     if retry_failed and (root / REPORT).exists():
         (root / REPORT).unlink()
-    done, reported = finished_ids(root), reported_sources(root)
+    settings = config.digest()
+    done, reported = finished_ids(root), reported_sources(root, settings)
     todo = [j for j in jobs if j.id not in done and j.source not in reported]
     summary = PrepareSummary(already_done=len(jobs) - len(todo), total=len(jobs))
 
@@ -335,7 +347,7 @@ def prepare(
                 else:
                     summary.skipped += 1
                     summary.reasons.append(f"{record['source']}: {record['reason']}")
-                    report.write(json.dumps({"source": record["source"], "reason": record["reason"]}) + "\n")
+                    report.write(json.dumps({"source": record["source"], "reason": record["reason"], "settings": settings}) + "\n")
                     report.flush()
                     bar.write(f"skipped {record['source']}: {record['reason']}")
                 bar.update(1)

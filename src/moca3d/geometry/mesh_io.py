@@ -168,7 +168,10 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     if path.stat().st_size == 0:
         raise InputError(f"{path.name}: the file is empty")
     order = _node_order(path)
-    options = {f"split_{order[0]}": True} if suffix == ".obj" and order else {}  # split_objects or split_groups
+    options = {}
+    if suffix == ".obj":  # one component per `o` object (or `g` group), or one for the whole file, whatever
+        # `usemtl` materials its faces use: trimesh would otherwise split each object by material (Blender's export)
+        options = {f"split_{order[0]}" if order else "split_objects": True, "group_material": False}
     try:
         loaded = trimesh.load(str(path), force="scene", process=False, **options)
     except Exception as err:  # trimesh raises many types on corrupt files

@@ -1,0 +1,123 @@
+"""A technical artist's own part meshes through prepare / render / evaluate / evaluate-model (defects found on that journey)."""
+
+import dataclasses
+import json
+
+import pytest
+import trimesh
+from typer.testing import CliRunner
+
+import moca3d.data.prepare as prep
+from moca3d.cli import app
+from moca3d.errors import ConfigError, InputError
+from moca3d.geometry.inside import QueryConfig
+from moca3d.geometry.mesh_io import load_components, save_glb, save_separate
+from moca3d.geometry.render import RenderConfig
+from moca3d.geometry.sampling import SurfaceSamplingConfig
+from moca3d.metrics import check_metric_settings
+
+TINY = prep.PrepareConfig(
+    surface=SurfaceSamplingConfig(num_points=128),
+    queries=QueryConfig(num_queries=96),
+    render=RenderConfig(size=48, supersample=1),
+    max_components=2,
+    val_fraction=0.0,
+    test_fraction=0.0,
+)
+
+
+def _write_obj(path, parts, mtllib=None):
+    """An OBJ as Blender writes it: `o NAME`, its vertices, then faces under `usemtl` switches.
+
+    parts: (object name or None, mesh, {face index: material switched to before it}).
+    """
+    lines = [f"mtllib {mtllib}"] if mtllib else []
+    offset = 0
+    for name, mesh, switches in parts:
+        if name:
+            lines.append(f"o {name}")
+        lines += [f"v {x} {y} {z}" for x, y, z in mesh.vertices]
+        for i, (a, b, c) in enumerate(mesh.faces):
+            if i in switches:
+                lines.append(f"usemtl {switches[i]}")
+            lines.append(f"f {a + 1 + offset} {b + 1 + offset} {c + 1 + offset}")
+        offset += len(mesh.vertices)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_obj_objects_with_several_materials_stay_one_component_each(tmp_path):
+    """Blender's OBJ export switches `usemtl` inside an object: trimesh split each object by material, so a seat
+    with a fabric top came out as two open halves 'Seat_Fabric' and 'Seat_Wood' (three parts for two objects)."""
+    (tmp_path / "chair.mtl").write_text("newmtl Wood\nKd 0.6 0.4 0.2\nnewmtl Fabric\nKd 0.8 0.1 0.1\n")
+    seat = trimesh.creation.box((1, 1, 0.2))
+    leg = trimesh.creation.box((0.1, 0.1, 1)).apply_translation((0.4, 0.4, -0.6))
+    _write_obj(tmp_path / "chair.obj", [("Seat", seat, {0: "Wood", 6: "Fabric"}), ("Leg", leg, {0: "Wood"})], "chair.mtl")
+    meshes, names = load_components(tmp_path / "chair.obj")
+    assert names == ["Seat", "Leg"]
+    assert [len(m.faces) for m in meshes] == [12, 12]
+    assert all(trimesh.Trimesh(m.vertices, m.faces).is_watertight for m in meshes)
+    # one object (no `o`), two materials: one component, named after the file
+    _write_obj(tmp_path / "stool.obj", [(None, seat, {0: "Wood", 6: "Fabric"})], "chair.mtl")
+    meshes, names = load_components(tmp_path / "stool.obj")
+    assert names == ["stool"] and [len(m.faces) for m in meshes] == [12]
+
+
+def test_a_skipped_asset_is_retried_when_the_settings_change(tmp_path):
+    """'40 components exceed the maximum of 32', then a rerun with --max-components 40 said '0 prepared, 1 already
+    done or reported' and left the asset out: report.jsonl hid it whatever the new settings."""
+    src = tmp_path / "src"
+    src.mkdir()
+    parts = [trimesh.creation.box().apply_translation([2 * i, 0, 0]) for i in range(3)]
+    save_glb(src / "three.glb", parts, ["a", "b", "c"])
+    jobs, root = prep.folder_jobs(src), tmp_path / "ds"
+    summary = prep.prepare(jobs, root, TINY, progress=False)
+    assert (summary.processed, summary.skipped) == (0, 1)
+    summary = prep.prepare(jobs, root, TINY, progress=False)  # same settings: still reported, not rebuilt
+    assert (summary.processed, summary.skipped, summary.already_done) == (0, 0, 1)
+    summary = prep.prepare(jobs, root, dataclasses.replace(TINY, max_components=3), progress=False)
+    assert (summary.processed, summary.skipped) == (1, 0)
+    assert [json.loads(line)["id"] for line in (root / "manifest.jsonl").read_text().splitlines()] == ["three"]
+
+
+def test_prepare_refuses_an_image_size_no_memory_holds(tmp_path):
+    """--image-size 60000 failed every asset with a MemoryError, each then listed as skipped in report.jsonl."""
+    with pytest.raises(ConfigError, match="--image-size must be at most 4096 pixels, got 60000"):
+        dataclasses.replace(TINY, render=RenderConfig(size=60000))
+    result = CliRunner().invoke(app, ["prepare", str(tmp_path), "-o", str(tmp_path / "ds"), "--image-size", "60000"])
+    assert isinstance(result.exception, ConfigError) and not (tmp_path / "ds" / "report.jsonl").exists()
+
+
+def test_render_size_bound_and_a_folder_of_part_files(tmp_path):
+    """`render --size 100000` died with a 298 GiB MemoryError traceback; a folder asset (one file per part, as
+    `prepare` reads it) was refused as 'unsupported mesh format'."""
+    folder = tmp_path / "lamp"
+    save_separate(folder, [trimesh.creation.box(), trimesh.creation.icosphere(1).apply_translation([0, 0, 2])], ["base", "shade"])
+    out = tmp_path / "lamp.png"
+    result = CliRunner().invoke(app, ["render", str(folder), "-o", str(out), "--size", "100000"])
+    assert isinstance(result.exception, InputError) and "--size must be from 16 to 4096 pixels, got 100000" in str(result.exception)
+    result = CliRunner().invoke(app, ["render", str(folder), "-o", str(out), "--size", "32"])
+    assert result.exit_code == 0, result.output
+    assert "2 components" in result.output and out.is_file()
+
+
+def test_metric_points_bound(tmp_path):
+    """`evaluate A A --num-points 2000000000` was killed for memory after minutes, with no message."""
+    with pytest.raises(ConfigError, match="num_points must be at most 10000000"):
+        check_metric_settings(2_000_000_000, 64)
+    glb = save_glb(tmp_path / "a.glb", [trimesh.creation.box()], ["box"])
+    result = CliRunner().invoke(app, ["evaluate", str(glb), str(glb), "--num-points", "2000000000"])
+    assert isinstance(result.exception, ConfigError) and "--num-points must be at most" in str(result.exception)
+
+
+def test_evaluate_model_refuses_an_empty_split_before_loading_the_model(tmp_path, monkeypatch):
+    """A dozen own meshes give no test split (5%): evaluate-model loaded the model (seconds) before saying so."""
+    import moca3d.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for an empty split")
+
+    monkeypatch.setattr(moca3d.pipeline.MoCAPipeline, "from_pretrained", no_load)
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "a", "split": "train", "num_components": 2}) + "\n")
+    result = CliRunner().invoke(app, ["evaluate-model", str(tmp_path), "--split", "test", "--device", "cpu"])
+    assert isinstance(result.exception, InputError), result.exception
+    assert "no assets in the 'test' split with 1-32 components" in str(result.exception)
