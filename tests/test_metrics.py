@@ -210,3 +210,21 @@ def test_categories_of_names_and_their_means():
     rows = [dict(category="b", f=1.0), dict(category="a", f=0.0), dict(category="b", f=0.5)]
     assert by_category(rows, ("f",)) == {"a": {"count": 1, "f": 0.0}, "b": {"count": 2, "f": 0.75}}
     assert list(by_category(rows, ("f",))) == ["a", "b"]
+
+
+def test_report_means_leave_all_empty_predictions_out_of_the_chamfer_and_count_them(capsys):
+    from moca3d.commands.common import echo_means
+    from moca3d.evaluation import by_category, means
+
+    rows = [{"category": "chair", "chamfer": 0.2, "fscore@0.1": 0.8},
+            {"category": "chair", "chamfer": float("inf"), "fscore@0.1": 0.0},  # every part empty
+            {"category": "lamp", "chamfer": 0.4, "fscore@0.1": 0.6}]
+    mean = means(rows, ("chamfer", "fscore@0.1"))
+    assert mean == {"chamfer": pytest.approx(0.3), "fscore@0.1": pytest.approx(1.4 / 3), "all_empty": 1}
+    cats = by_category(rows, ("chamfer", "fscore@0.1"))
+    assert cats["chair"] == {"count": 2, "chamfer": pytest.approx(0.2), "fscore@0.1": pytest.approx(0.4), "all_empty": 1}
+    assert means(rows[1:2], ("chamfer",)) == {"chamfer": None, "all_empty": 1}
+    echo_means(means(rows[1:2], ("chamfer", "fscore@0.1")), 10)
+    out = capsys.readouterr().out
+    assert "   chamfer: -" in out and "fscore@0.1: 0.0000" in out and "1 with every component empty" in out
+    assert "inf" not in out and "nan" not in out

@@ -168,7 +168,7 @@ def test_cli_prepare_and_evaluate(tmp_path):
     result = runner.invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "--out", str(root),
                                  "--num-surface", "64", "--num-queries", "64", "--image-size", "32"])
     assert result.exit_code == 0, result.output
-    assert "splits: 1 train, 0 val, 0 test (val and test empty: raise --val-fraction for a held-out split)" in result.output
+    assert "splits: 1 train, 0 val, 0 test (val and test empty: raise --val-fraction and --test-fraction for a held-out split)" in result.output
     (asset,) = _manifest(root)
     glb = root / "assets" / asset["id"] / "mesh.glb"
     result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", "-", "--num-points", "2000"])

@@ -121,3 +121,55 @@ def test_evaluate_model_refuses_an_empty_split_before_loading_the_model(tmp_path
     result = CliRunner().invoke(app, ["evaluate-model", str(tmp_path), "--split", "test", "--device", "cpu"])
     assert isinstance(result.exception, InputError), result.exception
     assert "no assets in the 'test' split with 1-32 components" in str(result.exception)
+
+
+def test_prepare_rerun_with_every_asset_reported_is_an_error_not_an_empty_dataset(tmp_path):
+    """A folder whose only asset was skipped: the rerun says so (and how to retry) instead of exiting 0 with no data."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    flat = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]])  # encloses no volume: skipped
+    save_glb(src / "a.glb", [flat, trimesh.creation.box()], ["sheet", "box"])
+    runner = CliRunner()
+    args = ["prepare", str(src), "-o", str(tmp_path / "data"), "--num-surface", "128", "--num-queries", "96", "--image-size", "48"]
+    first = runner.invoke(app, args)
+    assert isinstance(first.exception, InputError) and "no asset could be prepared" in str(first.exception)
+    again = runner.invoke(app, args)
+    assert isinstance(again.exception, InputError), again.output
+    assert "every one is listed as skipped" in str(again.exception) and "--retry-failed" in str(again.exception)
+
+
+def test_prepare_names_every_empty_held_out_split(tmp_path):
+    src = tmp_path / "meshes"
+    src.mkdir()
+    save_glb(src / "a.glb", [trimesh.creation.box(), trimesh.creation.icosphere()], ["box", "ball"])
+    result = CliRunner().invoke(app, ["prepare", str(src), "-o", str(tmp_path / "data"), "--num-surface", "128",
+                                      "--num-queries", "96", "--image-size", "48"])
+    assert result.exit_code == 0, result.output
+    assert "val and test empty: raise --val-fraction and --test-fraction" in result.output
+
+
+def test_an_open_part_is_prepared_and_said(tmp_path):
+    """A box with one face missing still encloses volume (winding number): kept, but named as open, not silently."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    box = trimesh.creation.box()
+    open_box = trimesh.Trimesh(box.vertices, box.faces[2:])  # one side (two triangles) missing
+    assert not open_box.is_watertight
+    save_glb(src / "a.glb", [open_box, trimesh.creation.icosphere()], ["lid_missing", "ball"])
+    result = CliRunner().invoke(app, ["prepare", str(src), "-o", str(tmp_path / "data"), "--num-surface", "128",
+                                      "--num-queries", "96", "--image-size", "48"])
+    assert result.exit_code == 0, result.output
+    assert "1 prepared with open components" in result.output
+    meta = json.loads((tmp_path / "data" / "assets" / "a" / "meta.json").read_text())
+    assert meta["open_components"] == ["lid_missing"]
+
+
+def test_a_model_path_that_does_not_exist_is_named_as_such(tmp_path):
+    from moca3d.errors import CheckpointError
+    from moca3d.pipeline import MoCAPipeline
+
+    with pytest.raises(CheckpointError, match=r"nope: no such pipeline folder$"):
+        MoCAPipeline.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a moca3d pipeline folder, model_index.json missing"):
+        MoCAPipeline.from_pretrained(tmp_path / "empty")

@@ -52,12 +52,27 @@ def category_of(name: str) -> str:
     return stem if stem and tail.isdigit() else name
 
 
-def by_category(rows: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Per category (each row's "category"): the row count and the mean of each key, categories in name order."""
+def finite_mean(rows: list[dict], key: str) -> Optional[float]:
+    """Mean of `key` over the rows where it is finite, None if none is: an all-empty prediction's chamfer (inf) is
+    left out of the mean CD (the rows' `all_empty` count says how many), its F-scores (0) stay in theirs."""
+    values = [r[key] for r in rows if r[key] is not None and np.isfinite(r[key])]
+    return float(np.mean(values)) if values else None
+
+
+def means(rows: list[dict], keys: tuple[str, ...]) -> dict[str, Optional[float]]:
+    """`finite_mean` of each key, and `all_empty`: the rows whose chamfer is infinite (nothing predicted at all)."""
+    out = {k: finite_mean(rows, k) for k in keys}
+    if "chamfer" in keys:
+        out["all_empty"] = sum(1 for r in rows if r["chamfer"] is not None and not np.isfinite(r["chamfer"]))
+    return out
+
+
+def by_category(rows: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, Optional[float]]]:
+    """Per category (each row's "category"): the row count and the `means` of the keys, categories in name order."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["category"], []).append(row)
-    return {cat: {"count": len(g), **{k: float(np.mean([r[k] for r in g])) for k in keys}} for cat, g in sorted(groups.items())}
+    return {cat: {"count": len(g), **means(g, keys)} for cat, g in sorted(groups.items())}
 
 
 def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
@@ -98,7 +113,7 @@ def evaluate_pipeline(
         row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
         per_asset.append({**row, **object_metrics(meshes, gt, config)})
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
-    mean = {k: float(np.mean([a[k] for a in per_asset])) for k in keys} if per_asset else {}
+    mean = means(per_asset, keys) if per_asset else {}
     return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
             "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean, "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
 
@@ -181,7 +196,7 @@ def evaluate_scenes(
     if not per_scene:
         raise InputError(f"{root}: none of the {len(records)} selected '{split}' scenes could be evaluated "
                          f"(every one has an instance hidden in its render)")
-    mean = {k: float(np.mean([s[k] for s in per_scene])) for k in SCENE_KEYS}
+    mean = means(per_scene, SCENE_KEYS)
     return {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
         "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct, "resolution": resolution, "seed": seed,

@@ -85,6 +85,8 @@ class MoCAPipeline:
     def from_pretrained(cls, path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu") -> "MoCAPipeline":
         """Load a pipeline folder; `None` loads the built-in default model shipped with the package."""
         root = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if path is not None and not root.exists():
+            raise CheckpointError(f"{root}: no such pipeline folder")
         if not (root / "model_index.json").is_file():
             hint = " (the built-in model is not installed)" if path is None else ""
             raise CheckpointError(f"{root}: not a moca3d pipeline folder, model_index.json missing{hint}")

@@ -87,6 +87,15 @@ def write_json(path: Optional[Path], obj: Any) -> bool:
     return False
 
 
+def echo_means(mean: dict[str, Optional[float]], width: int) -> None:
+    """The `mean` of an evaluation report, one key a line (no value: "-"), then how many predictions were all empty."""
+    for key, value in mean.items():
+        if key != "all_empty":
+            typer.echo(f"{key:>{width}}: {'-' if value is None else f'{value:.4f}'}")
+    if mean.get("all_empty"):
+        typer.echo(f"{mean['all_empty']} with every component empty: scored F = 0, left out of the mean chamfer")
+
+
 def echo_categories(by_category: dict[str, dict[str, float]], key: str, what: str) -> None:
     """One line per category of an evaluation report: its count and mean `key`, lowest first."""
     if not by_category:

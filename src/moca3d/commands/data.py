@@ -53,6 +53,9 @@ def prepare_command(
         f"{out}: {summary.processed} prepared, {summary.already_done} already done or reported, "
         f"{summary.skipped} skipped (see {out / 'report.jsonl'})"
     )
+    if summary.open_assets:
+        typer.echo(f"{summary.open_assets} prepared with open components (listed above, and as open_components in each "
+                   "asset's meta.json): close them for exact inside/outside labels")
     if summary.processed == 0 and summary.already_done == 0:
         raise InputError(f"no asset could be prepared: all {summary.skipped} skipped (reasons in {out / 'report.jsonl'})")
     from collections import Counter
@@ -60,8 +63,12 @@ def prepare_command(
     from moca3d.data.dataset import read_manifest
 
     splits = Counter(record["split"] for record in read_manifest(out))
+    if not splits:  # everything was reported skipped by an earlier run: say so instead of a silent empty dataset
+        raise InputError(f"{out}: no asset prepared; every one is listed as skipped in {out / 'report.jsonl'} "
+                         "(rerun with --retry-failed to try them again)")
     empty = [name for name in ("val", "test") if not splits[name]]
-    hint = f" ({' and '.join(empty)} empty: raise --{empty[0]}-fraction for a held-out split)" if empty else ""
+    raise_hint = " and ".join(f"--{name}-fraction" for name in empty)
+    hint = f" ({' and '.join(empty)} empty: raise {raise_hint} for a held-out split)" if empty else ""
     typer.echo(f"splits: {splits['train']} train, {splits['val']} val, {splits['test']} test{hint}")
 
 

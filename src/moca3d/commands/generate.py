@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import (apply_training_overrides, check_generation_args, check_output_path,
-                                    echo_categories, resolve_device, run_dit_training, save_generation, write_json)
+                                    echo_categories, echo_means, resolve_device, run_dit_training, save_generation, write_json)
 from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
 
@@ -113,7 +113,6 @@ def register_evaluation(app: typer.Typer) -> None:
         result["model"] = str(model) if model is not None else "built-in"
         if write_json(json_out, result):
             return
-        for key, value in result["mean"].items():
-            typer.echo(f"{key:>12}: {value:.4f}")
+        echo_means(result["mean"], 12)
         echo_categories(result["by_category"], "fscore@0.1", "assets")
         typer.echo(f"{result['count']} assets of '{split}'")

@@ -106,6 +106,7 @@ class PrepareSummary:
     already_done: int = 0
     total: int = 0
     reasons: list[str] = field(default_factory=list)
+    open_assets: int = 0  # prepared with a component that is not watertight (see build_asset)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -187,6 +188,8 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
 def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
     """Write every file of one asset into `out_dir`; returns its manifest record."""
     meshes, names, colors, kind, category = _load_job(job, config)
+    # kept, but said: an open part's inside/outside comes from its generalized winding number, a guess where it is open
+    open_names = [name for mesh, name in zip(meshes, names) if not mesh.is_watertight]
     meshes, norm = normalize_meshes(meshes)
     rng = np.random.default_rng(_asset_seed(job.id, config.seed))
 
@@ -230,6 +233,7 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
         "num_components": len(meshes),
         "names": list(names),
         "source": job.source,
+        "open_components": open_names,
     }
     (out_dir / META).write_text(json.dumps(record))
     return record
@@ -344,6 +348,10 @@ def prepare(
             for status, record in _results(todo, root, config, workers):
                 if status == "ok":
                     summary.processed += 1
+                    if record["open_components"]:
+                        summary.open_assets += 1
+                        bar.write(f"open (not watertight) in {record['source']}: {', '.join(record['open_components'])}; "
+                                  "inside/outside there follows the winding number")
                 else:
                     summary.skipped += 1
                     summary.reasons.append(f"{record['source']}: {record['reason']}")

@@ -570,7 +570,7 @@ def train(
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})
-                        accelerator.print(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                        accelerator.print(f"step {step + 1}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in metrics.items()))
                     with open(out / "train_log.jsonl", "a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in log)
                     log.clear()
