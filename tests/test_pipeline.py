@@ -121,6 +121,13 @@ def test_latent_cache_round_trip_and_training_from_it(dataset, tmp_path):
     a = train(root, tmp_path / "folder", tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
     b = train(cache, tmp_path / "cached", tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
+    # a run resumes on the cache of its own split (the same assets), not on other assets
+    assert train(cache, tmp_path / "folder", tiny_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)["steps"] == 3
+    data.latents, data.images, data.ids = data.latents[1:], data.images[1:], data.ids[1:]
+    other = data.save_cache(tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match=rf"folder was trained on other data \({len(back)} assets\) than .*other.safetensors "
+                                          rf"gives \({len(back) - 1} assets, other ids\): resume on its own data"):
+        train(other, tmp_path / "folder", tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)
 
 
 def test_token_positions_train_on_canonical_latents_only(dataset, tmp_path):
