@@ -14,7 +14,7 @@ from moca3d.training.pretrain_encoder import (
     EncoderPretrainConfig, build_grid_cache, dilate_grids, draw_queries, grid_centres, grid_iou, load_grid_cache,
     load_surface_points, pretrain_encoder, surface_grid,
 )
-from moca3d.training.train_dit import DiTTrainConfig, train
+from moca3d.training.train_dit import DiTTrainConfig, LatentDataset, train
 
 TINY_ENCODER = dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4)
 
@@ -144,6 +144,11 @@ def test_pretraining_resumes_only_its_own_recipe(dataset, tmp_path):
     assert isinstance(bad.exception, ConfigError) and "another recipe (lr 0.001 -> 0.5)" in str(bad.exception)
     assert (run / "pretrain_config.json").read_text() == recorded
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
+    few = LatentDataset(dataset, "train", 32)  # a cache of other assets (one left out): not this run's data
+    few.latents, few.images, few.ids = few.latents[1:], few.images[1:], few.ids[1:]
+    with pytest.raises(ConfigError, match=r"run was trained on other data \(6 assets\) than .* \(5 assets, other ids\)"):
+        pretrain_encoder(tiny_pretrain(steps=2, checkpoint_every=2), dataset, run, cache=few.save_cache(tmp_path / "few.safetensors"),
+                         log=lambda r: None)
     records = []
     pretrain_encoder(tiny_pretrain(steps=4, checkpoint_every=2), dataset, run, log=records.append)  # more steps: allowed
     assert records[0] == {"event": "resume", "step": 2, "note": "resuming with steps 2 -> 4"}

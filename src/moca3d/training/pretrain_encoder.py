@@ -37,7 +37,7 @@ from moca3d.models.vae import FourierEmbedder, LayerNorm32, VecSetBlock
 from moca3d.training.checkpoints import (
     atomic_save_tensors, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
-from moca3d.training.recipe import Recipe, check_resume, lr_at, record_run_config
+from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 
 GRID_CACHE_KIND = "moca3d-surface-grids"
 CONDITIONS = ("object", "scene")
@@ -438,6 +438,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start, elapsed0 = state.step, float(state.extra.get("elapsed_s", 0.0))
+        check_same_data(state.extra.get("data"), asset_ids, out_dir, data_dir)
         spent = cfg.spent(start, elapsed0)
         log({"event": "resume", "step": start, **({"note": notes[0]} if notes else {}),
              **({"finished": "nothing to train; its encoder is evaluated and written again"} if spent else {})})
@@ -468,7 +469,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
                  "elapsed_s": round(elapsed0 + time.time() - t0, 1)})
             losses = []
         if step % cfg.checkpoint_every == 0:
-            save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
+            save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
     metrics: dict[str, Any] = {}
     if val_idx:
         val_grids = dilate_grids(unpack_grids(packed[val_idx], resolution), cfg.dilate)
@@ -480,7 +481,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
             mean = mean_grid(packed[train_rows], resolution, cfg.dilate)[None]
             metrics["mean_grid_iou"] = float(grid_iou(mean.expand_as(val_grids), val_grids).mean())
     if step > start or ckpt is None:  # a finished run's checkpoint is kept as it is
-        save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0})
+        save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
     model.image_encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
     summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics}
     atomic_write_json(summary, out_dir / "summary.json")

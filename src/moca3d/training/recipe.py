@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from moca3d.errors import ConfigError
 
@@ -225,6 +226,25 @@ def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[
         from moca3d.training.checkpoints import atomic_write_json
 
         atomic_write_json(_origin(config_path, new), origin_path(config_path))
+
+
+def data_identity(ids: list[str]) -> dict[str, Any]:
+    """What a run trains on, recorded in its checkpoints: the asset count and a hash of the sorted asset ids (the same
+    for a split's folder and its latent cache)."""
+    return {"assets": len(ids), "ids_sha1": hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()}
+
+
+def check_same_data(recorded: Optional[dict[str, Any]], ids: list[str], run: Path, data_dir) -> None:
+    """ConfigError when a run resumes on other assets than its checkpoints recorded (`data_identity`; None: a checkpoint
+    written before the record existed, accepted)."""
+    current = data_identity(ids)
+    if recorded is None or recorded == current:
+        return
+    def assets(n: int) -> str:
+        return f"{n} asset{'' if n == 1 else 's'}"
+
+    raise ConfigError(f"{run} was trained on other data ({assets(recorded['assets'])}) than {data_dir} gives "
+                      f"({assets(current['assets'])}, other ids): resume on its own data, or start a new run from its weights")
 
 
 def lr_at(step: int, cfg) -> float:

@@ -19,7 +19,6 @@ The exported pipeline has the LoRA merged into a plain 7-channel encoder.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from moca3d.models.lora import add_lora, merge_lora, trainable_summary
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
-from moca3d.training.recipe import Recipe, check_resume, lr_at, record_run_config
+from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.train_vae import load_vae_folder
 from moca3d.training.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
@@ -426,23 +425,6 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
     return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
 
 
-def data_identity(data) -> dict[str, Any]:
-    """What a run trains on, recorded in its checkpoints: the asset count and a hash of the sorted asset ids (the same
-    for a split's folder and its latent cache)."""
-    digest = hashlib.sha1("\n".join(sorted(data.ids)).encode()).hexdigest()
-    return {"assets": len(data.ids), "ids_sha1": digest}
-
-
-def check_same_data(recorded: Optional[dict[str, Any]], current: dict[str, Any], run: Path, data_dir) -> None:
-    """ConfigError when a run resumes on other assets than its checkpoints were trained on (None: recorded before
-    this check existed, accepted)."""
-    if recorded is None or recorded == current:
-        return
-    raise ConfigError(f"{run} was trained on other data ({recorded['assets']} assets) than {data_dir} gives "
-                      f"({current['assets']} assets, other ids): resume on its own data, or train a new run from its "
-                      "pipeline (init_from)")
-
-
 def schedule_step(step: int, cfg: DiTTrainConfig, elapsed: float) -> int:
     """The step the LR schedule is at: with a time limit, the further of the step and the elapsed share
     of the limit (so the cosine reaches its end at the limit whatever the speed of the machine).
@@ -538,7 +520,7 @@ def train(
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
-        check_same_data(state.extra.get("data"), data_identity(data), out, data_dir)
+        check_same_data(state.extra.get("data"), data.ids, out, data_dir)
         spent = cfg.spent(start, before)
         finished = " (finished: nothing to train; its pipeline is exported again)" if spent else ""
         accelerator.print(f"resumed from {ckpt} (step {start}){finished}")
@@ -585,7 +567,7 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints,
-                                    extra={"elapsed_s": before + time.time() - t0, "data": data_identity(data)})
+                                    extra={"elapsed_s": before + time.time() - t0, "data": data_identity(data.ids)})
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})

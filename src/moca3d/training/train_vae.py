@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
-from moca3d.training.recipe import Recipe, check_resume, lr_at, record_run_config
+from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.checkpoints import EMA, atomic_write_json, check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
@@ -420,6 +420,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     """Train (or resume) a VAE; writes checkpoints, logs and OUT/vae (EMA weights, diffusers folder)."""
     out_dir = Path(out_dir)
     train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
+    assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
     has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
     val_arrays = load_split(data_dir, "val") if has_val else None
     if cfg.num_threads > 0:
@@ -436,6 +437,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema)
         start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
+        check_same_data(state.extra.get("data"), assets, out_dir, data_dir)
         if (out_dir / "train_config.json").is_file():
             check_resume(out_dir / "train_config.json", cfg, print)
         print(f"resumed from {ckpt} (step {start})")
@@ -481,7 +483,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
             _append_jsonl(log_path, record)
             running, running_steps = {}, 0
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0},
+            save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0, "data": data_identity(assets)},
                             keep_last=cfg.keep_checkpoints)
         if val_arrays is not None and (done % cfg.val_query_every == 0 or done == cfg.steps):
             metrics = query_metrics(ema_model(ema, cfg, dev), val_arrays, cfg)
