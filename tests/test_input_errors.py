@@ -54,7 +54,7 @@ def test_unreadable_images_say_why(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--output", "{tmp}/out.obj"], "--output must be a .glb file"),
+    (["--output", "{tmp}/out.ply"], "--output must be a .glb file (one named node per component) or .obj"),
     (["--output", "{tmp}/folder.glb"], "is a folder"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
     (["--resolution", "100000"], "--resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got 100000"),

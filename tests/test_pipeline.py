@@ -60,6 +60,13 @@ def test_train_resume_export_and_generate(dataset, tmp_path):
     glb = out.save(tmp_path / "parts.glb")
     scene = trimesh.load(glb, file_type="glb")
     assert {"part_00", "part_01", "part_02"} <= set(scene.graph.nodes)
+    from moca3d.geometry.mesh_io import load_components
+
+    parts, names = load_components(out.save(tmp_path / "parts.obj"))  # OBJ: one `o` object per part, read back as parts
+    assert names == ["part_00", "part_01", "part_02"]
+    for got, want in zip(parts, out.meshes):
+        np.testing.assert_allclose(got.vertices, want.vertices, atol=1e-6)
+        assert np.array_equal(got.faces, want.faces)
     again = a(image, num_parts=3, steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
     assert torch.equal(out.latents, again.latents), "the same seed must give the same latents"
 

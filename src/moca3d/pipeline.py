@@ -48,12 +48,13 @@ class MoCAOutput:
         return components_scene(self.meshes, self.names)
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write a GLB with one named node per component (atomic); InputError, and no file, when every mesh is empty."""
-        from moca3d.geometry.mesh_io import save_glb
+        """Write a GLB (one named node per component) or an OBJ (one `o` object per component), by the suffix (atomic);
+        InputError, and no file, when every mesh is empty."""
+        from moca3d.geometry.mesh_io import save_components
 
         if not any(len(m.faces) for m in self.meshes):
             raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
-        return save_glb(path, self.meshes, self.names)
+        return save_components(path, self.meshes, self.names)
 
 
 def _check_finite(model: torch.nn.Module, where: Path) -> None:

@@ -59,13 +59,15 @@ def check_generation_args(steps: int, resolution: int, guidance: float, output: 
                           shift: Optional[float] = None) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
     check_sampling_args(steps, guidance, resolution, shift, seed=seed)
-    if output.suffix.lower() != ".glb":
-        raise ConfigError(f"--output must be a .glb file (one named node per component), got {output}")
+    from moca3d.geometry.mesh_io import MESH_FORMATS
+
+    if output.suffix.lower() not in MESH_FORMATS:
+        raise ConfigError(f"--output must be a .glb file (one named node per component) or .obj (one object each), got {output}")
     check_output_path(output)
 
 
 def save_generation(result, output: Path, noun: str, started: float) -> None:
-    """Write a generation's GLB and print one line: path, component count, empty ones, time."""
+    """Write a generation's GLB or OBJ and print one line: path, component count, empty ones, time."""
     path = result.save(output)
     empty = sum(1 for m in result.meshes if len(m.faces) == 0)
     note = f" ({empty} empty)" if empty else ""

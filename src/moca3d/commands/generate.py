@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
     def generate(
         image: Path = typer.Argument(..., help="Input image (PNG, JPG or WebP; alpha or white background)."),
         parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model)."),
-        output: Path = typer.Option(Path("output.glb"), "--output", "--out", "-o", help="Output GLB, one named node per part."),
+        output: Path = typer.Option(Path("output.glb"), "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale (1 = off)."),

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     def generate_scene(
         image: Path = typer.Argument(..., help="Scene image (PNG, JPG or WebP)."),
         masks: Path = typer.Option(..., "--masks", "-m", help="Label map image, lossless (PNG, BMP, TIFF, lossless WebP; 8/16-bit or palette; 0 = background, every other id an instance, in increasing id order; resized only with nearest-neighbour: smoothed edges are refused), or a folder of binary masks (0/255, 0/1 or cut-outs whose alpha is the instance; JPEG is fine here; file-name order, mask_2 before mask_10; where masks overlap, the later file wins). At most the model's limit of instances (the built-in scene model: 50 ids, trained on up to 32)."),
-        output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output GLB, one named node per instance."),
+        output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output .glb (one named node per instance, in its colour) or .obj (one object per instance)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (trained with `train-scene`; default: the built-in scene model)."),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale (1 = off; scenes score best at low guidance: README)."),

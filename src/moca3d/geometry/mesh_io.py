@@ -349,6 +349,28 @@ def save_glb(
     return path
 
 
+MESH_FORMATS = (".glb", ".obj")  # what a generation is written as: one named node / one `o` object per component
+
+
+def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None) -> Path:
+    """Write the components by `path`'s suffix: GLB (`save_glb`: named nodes, distinct colours) or OBJ (one `o` object
+    per component, no materials; `load_file` reads the parts back); atomic, InputError naming `path` if it fails."""
+    path = Path(path)
+    if path.suffix.lower() not in MESH_FORMATS:
+        raise InputError(f"{path}: write a {' or '.join(MESH_FORMATS)} file")
+    if path.suffix.lower() == ".glb":
+        return save_glb(path, meshes, names)
+    if not any(len(mesh.faces) for mesh in meshes):
+        raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
+    text = components_scene(meshes, names, None).export(file_type="obj")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, text.encode())
+    except OSError as err:
+        raise cannot_write(path, err) from None
+    return path
+
+
 def save_separate(
     folder: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None, ext: str = "obj"
 ) -> list[Path]:
