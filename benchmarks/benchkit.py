@@ -25,6 +25,8 @@ MIB = 2**20
 GIB = 2**30
 RSS_SAMPLE_S = 0.002  # RSS sampling period where the peak cannot be reset
 CLEAR_REFS_RESET_PEAK = "5"  # /proc/<pid>/clear_refs: reset VmHWM to the current RSS
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # bytes: larger allocations are mmapped (return_freed_memory)
 
 
 def load_config(path: Optional[str]) -> dict:
@@ -125,6 +127,17 @@ def reset_peak_rss() -> bool:
     return _hwm_bytes() is not None
 
 
+def return_freed_memory() -> bool:
+    """Make glibc serve every allocation above MMAP_THRESHOLD with mmap, returned to the OS when freed, so that the
+    RSS follows the live tensors (False where glibc is absent). By default the threshold grows with the blocks freed,
+    and freed temporaries below it stay in the heap and in the RSS: a CPU step's peak then read up to 45% high
+    (memory.py, MoCA at N = 32 with the math kernel, 1.71 against 1.18 GiB)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def trim_heap() -> None:
     """Collect garbage and hand free heap pages back to the OS, so RSS tracks live allocations."""
     gc.collect()
@@ -159,7 +172,8 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> Tuple[int, i
 
     CUDA: allocated bytes before, and the allocator's peak during the call.
     CPU: RSS before (heap trimmed), and the kernel's peak RSS (VmHWM, reset just before the call),
-    or the RSS sampled every RSS_SAMPLE_S where the peak cannot be reset.
+    or the RSS sampled every RSS_SAMPLE_S where the peak cannot be reset; freed blocks leave the RSS
+    (return_freed_memory), so the peak is that of the live allocations.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,6 +184,7 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> Tuple[int, i
         torch.cuda.synchronize(device)
         del out
         return base, torch.cuda.max_memory_allocated(device)
+    return_freed_memory()
     trim_heap()
     base = rss_bytes()
     if not reset_peak_rss():

@@ -10,8 +10,9 @@ trainer's `transformer_lora_rank`, with the parts a prior lacks trained in full)
 * measured, at --width / --layers (CPU, fp32): one process per variant builds the transformer and one
   batch (B samples of N components), then the peak memory of two training steps (forward, flow loss,
   backward, clipping, AdamW, EMA update: the optimizer and EMA state are created inside, as the
-  trainer's first step does) over the memory once weights and batch exist (benchkit.measure_peak), with
-  glibc's mmap threshold fixed so that the resident set follows the live tensors.
+  trainer's first step does) over the memory once weights and batch exist (benchkit.measure_peak: the
+  resident set of the live allocations; without it peft's freed temporaries, three full-size tensors per
+  adapted layer, stayed in the heap and read LoRA's peak 0.9 GiB high).
 
     python benchmarks/finetune_memory.py --ranks 8 32 --json benchmarks/results/finetune_memory_cpu.json
 """
@@ -36,7 +37,6 @@ from benchkit import COND_TOKENS, GIB, MIB, measure_peak, positive_int, print_ta
 
 STATE_BYTES = 16  # per trainable parameter: fp32 gradient, AdamW exp_avg and exp_avg_sq, EMA copy
 PRIORS = ("triposg",)
-MMAP_THRESHOLD = 128 * 1024  # bytes: glibc serves larger allocations with mmap (see measure_in_child)
 
 
 def prior_config(name: str, num_latents: int) -> Dict:
@@ -98,11 +98,7 @@ def measure(spec: Dict) -> Dict:
 def measure_in_child(spec: Dict) -> Dict:
     """`measure(spec)` in a fresh interpreter (no allocator state shared between variants)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-one", json.dumps(spec)]
-    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, so the RSS peak would count
-    # freed temporaries (peft's LoRA forward makes three per layer: +0.9 GiB at the default size); with a
-    # fixed threshold every tensor of more than 128 KiB is returned to the system when freed
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
         return {"error": f"measurement process ended with status {done.returncode}"}

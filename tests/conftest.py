@@ -54,3 +54,22 @@ def object_dataset(tmp_path_factory):
     vae.save_pretrained(vae_dir)
     encode_dataset(root, vae, "test", num_points=512, progress=False)
     return root, vae_dir
+
+
+def tiny_dit_recipe(**kw):
+    """A tiny from-scratch DiT recipe (2 steps, checkpoints every step); `kw` overrides its keys."""
+    from moca3d.training.train_dit import DiTTrainConfig
+
+    base = dict(transformer=dict(width=32, num_layers=2, num_heads=4, compression=4),
+                image_encoder=dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4),
+                steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1, log_every=1, lr=3e-3)
+    return DiTTrainConfig.from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def object_pipeline(object_dataset, tmp_path_factory):
+    """A tiny object pipeline trained 2 steps on `object_dataset`: a prior to fine-tune."""
+    from moca3d.training.train_dit import train
+
+    root, vae_dir = object_dataset
+    return train(root, tmp_path_factory.mktemp("prior"), tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)["pipeline"]

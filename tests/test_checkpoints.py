@@ -148,6 +148,28 @@ def test_a_checkpoint_of_another_model_names_what_does_not_fit(tmp_path):
         "2 tensors missing (e.g. 'bias'); 6 tensors unexpected (e.g. '0.bias')"
 
 
+def test_ema_of_a_partly_frozen_model_copies_the_frozen_weights_into_a_fresh_one(tmp_path):
+    """Frozen parameters are neither averaged nor saved, yet copy_to fills a fresh model completely (a decoder fine-tune
+    exported into a new VAE kept a random encoder when they were left out)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    ema = ck.EMA(model, decay=0.5, warmup=1)
+    assert set(ema.state_dict()) == {"1.weight", "1.bias"}
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    model.to(torch.float64)  # the model moves (as onto a GPU): the frozen weights are read where they are now
+    ema.update(model)
+    fresh = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(torch.float64)
+    ema.copy_to(fresh)
+    assert torch.equal(fresh[0].weight, model[0].weight) and torch.equal(fresh[0].bias, model[0].bias)
+    torch.testing.assert_close(fresh[1].weight, model[1].weight - 0.5)
+    ck.save_checkpoint(tmp_path, 1, model, ema=ema)
+    again = ck.EMA(model, decay=0.5, warmup=1)
+    ck.load_checkpoint(ck.latest_checkpoint(tmp_path), model, ema=again)
+    assert again.state_dict().keys() == ema.state_dict().keys()
+
+
 def test_ema_average_and_warmup():
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():

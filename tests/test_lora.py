@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from conftest import tiny_dit_recipe
 
 from moca3d.errors import ConfigError
 from moca3d.models.lora import add_lora, has_lora, is_lora_parameter, merge_lora, trainable_summary, within
@@ -112,12 +113,11 @@ def test_ema_skips_frozen_parameters_and_copies_the_rest():
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert frozen and not frozen & set(ema.state_dict()) and trainable <= set(ema.state_dict())
-    target = add_lora(_model(seed=1), rank=2, train_full=PRIOR_FREE_MODULES)
-    kept = {n: p.clone() for n, p in target.named_parameters() if not p.requires_grad}
-    ema.copy_to(target)
+    target = add_lora(_model(seed=1), rank=2, train_full=PRIOR_FREE_MODULES)  # other weights everywhere
+    ema.copy_to(target)  # the averages (here still the model's) and the frozen prior weights as they are
     source = dict(model.named_parameters())
     for name, param in target.named_parameters():
-        assert torch.equal(param, source[name] if name in trainable else kept[name]), name
+        assert torch.equal(param, source[name]), name
 
 
 @pytest.mark.parametrize("recipe, message", [
@@ -131,37 +131,27 @@ def test_lora_recipe_values_are_checked(recipe, message):
         DiTTrainConfig.from_dict(recipe)
 
 
-def _recipe(**kw):
-    base = dict(transformer=dict(width=32, num_layers=2, num_heads=4, compression=4),
-                image_encoder=dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4),
-                steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1, log_every=1, lr=3e-3)
-    return DiTTrainConfig.from_dict({**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def prior(object_dataset, tmp_path_factory):
-    """A tiny trained object pipeline to fine-tune."""
-    root, vae_dir = object_dataset
-    return train(root, tmp_path_factory.mktemp("prior"), _recipe(), vae_dir=vae_dir, device="cpu", progress=False)["pipeline"]
 
 
-def test_lora_fine_tune_trains_resumes_and_exports_a_plain_pipeline(object_dataset, prior, tmp_path, capsys):
+def test_lora_fine_tune_trains_resumes_and_exports_a_plain_pipeline(object_dataset, object_pipeline, tmp_path, capsys):
     root, _ = object_dataset
-    lora = dict(init_from=prior, transformer_lora_rank=2, freeze_image_encoder=True, transformer={})
+    lora = dict(init_from=object_pipeline, transformer_lora_rank=2, freeze_image_encoder=True, transformer={})
     run = tmp_path / "lora"
     capsys.readouterr()
-    train(root, run, _recipe(steps=2, **lora), device="cpu", progress=False)
+    train(root, run, tiny_dit_recipe(steps=2, **lora), device="cpu", progress=False)
     said = capsys.readouterr().out
     assert "training " in said and "parameters (" in said
     with safe_open(str(latest_checkpoint(run) / "model.safetensors"), "pt") as f:  # the checkpoint keeps the adapters
         assert any(".lora_A." in k for k in f.keys())
     with safe_open(str(latest_checkpoint(run) / "ema.safetensors"), "pt") as f:  # and averages no frozen weight
         assert not any(k.endswith("attn1.to_q.base_layer.weight") for k in f.keys())
-    resumed = train(root, run, _recipe(steps=3, **lora), device="cpu", progress=False)
+    resumed = train(root, run, tiny_dit_recipe(steps=3, **lora), device="cpu", progress=False)
     assert resumed["trained_steps"] == 1
-    straight = train(root, tmp_path / "straight", _recipe(steps=3, **lora), device="cpu", progress=False)
+    straight = train(root, tmp_path / "straight", tiny_dit_recipe(steps=3, **lora), device="cpu", progress=False)
     a, b = MoCAPipeline.from_pretrained(resumed["pipeline"]), MoCAPipeline.from_pretrained(straight["pipeline"])
-    base = MoCAPipeline.from_pretrained(prior)
+    base = MoCAPipeline.from_pretrained(object_pipeline)
     assert not has_lora(a.transformer) and set(a.transformer.state_dict()) == set(base.transformer.state_dict())
     for (k, v), (_, w) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
         torch.testing.assert_close(v, w, atol=1e-6, rtol=1e-5, msg=f"resumed != straight at {k}")
@@ -176,7 +166,7 @@ def test_lora_fine_tune_trains_resumes_and_exports_a_plain_pipeline(object_datas
     assert len(out.meshes) == 2
 
 
-def test_train_cli_fine_tunes_with_lora_from_a_pipeline(object_dataset, prior, tmp_path):
+def test_train_cli_fine_tunes_with_lora_from_a_pipeline(object_dataset, object_pipeline, tmp_path):
     from typer.testing import CliRunner
 
     from moca3d.cli import app
@@ -184,7 +174,7 @@ def test_train_cli_fine_tunes_with_lora_from_a_pipeline(object_dataset, prior, t
     root, vae_dir = object_dataset
     runner = CliRunner()
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", str(root), "-o", str(run), "--init-from", prior, "--lora-rank", "2", "--steps", "1",
+    result = runner.invoke(app, ["train", str(root), "-o", str(run), "--init-from", object_pipeline, "--lora-rank", "2", "--steps", "1",
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "train_config.json").read_text())["transformer_lora_rank"] == 2

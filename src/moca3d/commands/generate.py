@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
-        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export) and keep the image encoder frozen; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
         from moca3d.training.train_dit import DiTTrainConfig
@@ -71,6 +71,8 @@ def register(app: typer.Typer) -> None:
         if vae is None and not recipe.get("init_from"):
             raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless it starts from a pipeline (--init-from or the recipe's init_from)")
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
+        if lora_rank:  # the memory-lean fine-tune: the encoder stays as it is too (as TripoSG keeps DINOv2)
+            recipe["freeze_image_encoder"] = True
         run_dit_training(data, output, recipe, vae, device, resume)
 
 

@@ -80,6 +80,8 @@ def merge_lora(module: nn.Module) -> int:
 
     The result has the plain layer names again, so it saves and loads as an ordinary model.
     """
+    if not any(is_lora_parameter(name) for name, _ in module.named_parameters()):
+        return 0  # nothing to fold, and no peft import (seconds) on every export of a full fine-tune
     from peft.tuners.lora import LoraLayer
 
     wrapped = [name for name, m in module.named_modules() if isinstance(m, LoraLayer)]

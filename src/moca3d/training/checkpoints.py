@@ -155,7 +155,8 @@ class EMA:
     """Exponential moving average of a model's trainable floating-point parameters and its buffers.
 
     decay_t = min(decay, (1 + t) / (warmup + t)), so early averages follow the model closely. A frozen
-    parameter (a LoRA base layer, a frozen encoder) is its own average: it is not copied.
+    parameter (a LoRA base layer, a frozen encoder) is its own average: it is not copied, nor saved with the
+    averages; `copy_to` takes it from the model (a reference to its Parameter, wherever the model moves).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: int = 10):
@@ -164,8 +165,8 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point() and k not in frozen}
+        self.frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point() and k not in self.frozen}
 
     def current_decay(self) -> float:
         """Decay used by the next update."""
@@ -185,8 +186,8 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model`."""
-        model.load_state_dict(self.shadow, strict=False)
+        """Load the averaged weights, and the frozen ones as they are, into `model` (e.g. a fresh one)."""
+        model.load_state_dict({**{k: p.detach() for k, p in self.frozen.items()}, **self.shadow}, strict=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged tensors (scalars live in `scalars`)."""

@@ -37,7 +37,7 @@ from moca3d.models.vae import FourierEmbedder, LayerNorm32, VecSetBlock
 from moca3d.training.checkpoints import (
     atomic_save_tensors, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
-from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
+from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, recipe_defaults, record_run_config
 
 GRID_CACHE_KIND = "moca3d-surface-grids"
 CONDITIONS = ("object", "scene")
@@ -411,7 +411,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     ckpt = latest_checkpoint(out_dir)
     notes: list[str] = []
     if ckpt is not None and config_path.is_file():  # before any work: another recipe's run is refused, not mixed in
-        check_resume(config_path, record, notes.append)
+        check_resume(config_path, record, notes.append, recipe_defaults(type(cfg)))
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         record_run_config(config_path, record)

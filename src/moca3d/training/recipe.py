@@ -6,7 +6,7 @@ import hashlib
 import inspect
 import json
 import math
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -199,20 +199,36 @@ def _same_path(key: str, old: Any, new: Any, origin: dict[str, Any], run_folder:
         and was.relative_to(work_was) == now.relative_to(work_now)
 
 
-def recipe_changes(config_path: Path, record: dict[str, Any]) -> list[str]:
+def recipe_defaults(cls: type) -> dict[str, Any]:
+    """A recipe class's field defaults, JSON-ready (tuples as lists), as `Recipe.to_dict` writes them."""
+    out = {}
+    for f in fields(cls):
+        value = f.default_factory() if f.default_factory is not MISSING else f.default
+        if value is not MISSING:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def recipe_changes(config_path: Path, record: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> list[str]:
     """The keys in which `record` (a JSON-ready recipe) differs from the run's recipe at `config_path`, sorted; a path
-    (PATH_KEYS) that names the same folder (`_same_path`) is no change."""
-    old, origin = json.loads(config_path.read_text()), _read_origin(config_path)
+    (PATH_KEYS) that names the same folder (`_same_path`) is no change, nor a key added to the recipe class after the run
+    was recorded whose value is its default (`defaults`, `recipe_defaults`)."""
+    old, origin = {**(defaults or {}), **json.loads(config_path.read_text())}, _read_origin(config_path)
     return sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k)
                   and not (k in PATH_KEYS and _same_path(k, old.get(k), record.get(k), origin, config_path.parent)))
 
 
-def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[[str], None]) -> None:
+def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[[str], None],
+                 defaults: Optional[dict[str, Any]] = None) -> None:
     """Resuming the run of `config_path` (its recipe as started) with `cfg` (a recipe, or the JSON-ready record the run
-    writes): a change outside RESUMABLE_KEYS is a ConfigError; changes of those are said and recorded, and so are
-    paths that name the same folder another way (moved with the run's work folder, or relative instead of absolute)."""
-    old, new = json.loads(config_path.read_text()), cfg if isinstance(cfg, dict) else cfg.to_dict()
-    changed = recipe_changes(config_path, new)
+    writes, then with its class's `recipe_defaults`): a change outside RESUMABLE_KEYS is a ConfigError; changes of
+    those are said and recorded, and so are paths that name the same folder another way (moved with the run's work
+    folder, or relative instead of absolute). A key the recipe class gained since the run was recorded, at its
+    default, is no change."""
+    if not isinstance(cfg, dict):
+        defaults, cfg = recipe_defaults(type(cfg)), cfg.to_dict()
+    old, new = {**(defaults or {}), **json.loads(config_path.read_text())}, cfg
+    changed = recipe_changes(config_path, new, defaults)
     fixed = [k for k in changed if k not in RESUMABLE_KEYS]
     if fixed:
         diff = ", ".join(f"{k} {json.dumps(old.get(k))[:40]} -> {json.dumps(new.get(k))[:40]}" for k in fixed[:3])
