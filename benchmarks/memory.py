@@ -12,10 +12,11 @@ attention kernels and cuBLAS workspaces exist before the baseline; on the CPU on
 most 4 components, which pages in torch's code (~20 MB of RSS that is not the step's). CUDA:
 torch.cuda.reset_peak_memory_stats, then max_memory_allocated - memory_allocated. CPU: torch's
 CPU allocations are not tracked by torch.cuda, so the kernel's peak resident set size is used:
-heap trimmed (malloc_trim), baseline = RSS, peak RSS reset by writing "5" to
-/proc/self/clear_refs, peak = VmHWM of /proc/self/status after the step (a polled RSS where the
-reset is not allowed; benchkit.measure_peak). Checked: doubling the batch doubles the delta
-(x1.85-2.06 on the CPU; README "Measured"), and a known allocation measures its size (tests).
+glibc's mmap threshold fixed (a freed tensor leaves the RSS), heap trimmed (malloc_trim), baseline =
+RSS, peak RSS reset by writing "5" to /proc/self/clear_refs, peak = VmHWM of /proc/self/status after
+the step (a polled RSS where the reset is not allowed; benchkit.measure_peak). Checked: doubling the
+batch doubles the delta (x1.98-2.00 on the CPU; docs/RESULTS.md), and a known allocation measures its
+size (tests).
 
 --sdpa math forces torch's math attention kernel in both modes (the score matrices are stored,
 as without a fused kernel); the default lets torch pick its fused kernels, which keep none.
