@@ -173,3 +173,20 @@ def test_a_model_path_that_does_not_exist_is_named_as_such(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a moca3d pipeline folder, model_index.json missing"):
         MoCAPipeline.from_pretrained(tmp_path / "empty")
+
+
+def test_a_rerun_with_other_shared_settings_is_refused_a_new_stream_is_not(tmp_path):
+    """One dataset folder, one set of samples/queries/renders/splits (prepare.json): a rerun with another
+    --num-surface would mix sample counts and is refused; the next part of a procedural stream (seed, start, scene
+    sizes, --max-components) is not."""
+    root, base = tmp_path / "data", dataclasses.replace(TINY, max_components=32)
+    prep.prepare(prep.procedural_jobs("objects", 1, seed=0), root, base, progress=False)
+    assert json.loads((root / "prepare.json").read_text())["surface.num_points"] == 128
+    other = dataclasses.replace(base, surface=SurfaceSamplingConfig(num_points=256))
+    with pytest.raises(ConfigError, match=r"data was prepared with other settings \(surface.num_points 128 -> 256\)"):
+        prep.prepare(prep.procedural_jobs("objects", 1, seed=0, start=1), root, other, progress=False)
+    more = dataclasses.replace(base, seed=3, max_components=16)
+    assert prep.prepare(prep.procedural_jobs("objects", 1, seed=3), root, more, progress=False).processed == 1
+    fewer = dataclasses.replace(base, queries=QueryConfig(num_queries=32))
+    assert prep.prepare(prep.procedural_jobs("objects", 1, seed=0, start=1), root, fewer, progress=False,
+                        vary=("queries.num_queries",)).processed == 1

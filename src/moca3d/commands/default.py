@@ -181,7 +181,9 @@ def register(app: typer.Typer) -> None:
                 surface=SurfaceSamplingConfig(num_points=spec["num_surface"]), queries=QueryConfig(num_queries=num_queries),
                 val_fraction=spec["val_fraction"], test_fraction=spec["test_fraction"], seed=spec["seed"],
             )
-            prepare(procedural_jobs("objects", count, seed=spec["seed"], start=start), root, cfg, workers=workers)
+            # the DiT-only objects have fewer SDF queries than the VAE's, on purpose
+            prepare(procedural_jobs("objects", count, seed=spec["seed"], start=start), root, cfg, workers=workers,
+                    vary=("queries.num_queries",))
 
         if data is None:
             typer.echo(f"[1/4] preparing {spec['objects']} procedural objects in {root}")

@@ -40,7 +40,10 @@ from moca3d.geometry.mesh_io import (
 from moca3d.geometry.render import RenderConfig, floor_plane, object_camera, render, save_render, scene_camera
 from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
 
-MANIFEST, REPORT, ASSETS, META = "manifest.jsonl", "report.jsonl", "assets", "meta.json"
+MANIFEST, REPORT, ASSETS, META, SETTINGS = "manifest.jsonl", "report.jsonl", "assets", "meta.json", "prepare.json"
+# the settings every asset of a dataset shares (`PrepareConfig.shared`); the others may change between runs into one
+# folder: the procedural stream and its scene sizes (seed, --start, --scene-objects) and --max-components
+PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components")
 TMP_PREFIX = ".tmp-"
 MIN_IMAGE_SIZE = 16  # smallest render side (pixels) that still shows every component
 MAX_IMAGE_SIZE = 4096  # largest render side: the supersampled ray grid of a bigger one does not fit in memory
@@ -82,6 +85,18 @@ class PrepareConfig:
         if self.kind not in ("object", "scene"):
             raise ConfigError(f"--kind must be 'object' or 'scene', got '{self.kind}'")
         check_scene_objects(*self.scene_objects)
+
+    def shared(self) -> dict:
+        """The settings every asset of one dataset folder must share (samples, queries, renders, splits), flat."""
+        flat = {}
+        for key, value in asdict(self).items():
+            if key in PER_RUN_SETTINGS:
+                continue
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return json.loads(json.dumps(flat, default=str))  # JSON-ready (tuples as lists), as read back
 
     def digest(self) -> str:
         """A short fingerprint of the settings, stored with each skipped asset in report.jsonl."""
@@ -272,6 +287,27 @@ def _run_job_star(args: tuple) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- dataset
 
 
+def check_settings(root: Path, config: PrepareConfig, vary: tuple[str, ...] = ()) -> None:
+    """Record the dataset's shared settings (prepare.json) on its first run; a later run into the same folder with
+    other ones (but those in `vary`) is a ConfigError: its assets would mix sample counts, renders or split fractions."""
+    path, shared = root / SETTINGS, config.shared()
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            recorded = None  # cut by a kill: written again below
+        if isinstance(recorded, dict):
+            changed = [k for k in sorted(set(recorded) | set(shared)) if recorded.get(k) != shared.get(k) and k not in vary]
+            if changed:
+                diff = ", ".join(f"{k} {recorded.get(k)} -> {shared.get(k)}" for k in changed[:3])
+                raise ConfigError(f"{root} was prepared with other settings ({diff}): its assets would mix them; "
+                                  "prepare into a new folder, or with its settings (prepare.json)")
+            return
+    tmp = root / f".{SETTINGS}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(shared, indent=1))
+    os.replace(tmp, path)
+
+
 def finished_ids(root: Path) -> set[str]:
     """Ids of complete assets (folders renamed into place, holding meta.json)."""
     assets = root / ASSETS
@@ -322,8 +358,10 @@ def prepare(
     workers: int = 1,
     retry_failed: bool = False,
     progress: bool = True,
+    vary: tuple[str, ...] = (),
 ) -> PrepareSummary:
-    """Prepare every job not finished (or reported) yet into `root`, over `workers` processes."""
+    """Prepare every job not finished (or reported) yet into `root`, over `workers` processes; `vary`: shared settings
+    (`PrepareConfig.shared` names) this run may set otherwise than the dataset's first (`check_settings`)."""
     config = config or PrepareConfig()
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -333,6 +371,7 @@ def prepare(
     except OSError as err:
         raise ConfigError(f"cannot create the dataset folder {root}: {err.strerror or err}") from None
     _clean_stale(root)
+    check_settings(root, config, vary)
     if retry_failed and (root / REPORT).exists():
         (root / REPORT).unlink()
     settings = config.digest()
