@@ -349,16 +349,15 @@ def save_glb(
     return path
 
 
-MESH_FORMATS = (".glb", ".obj")  # what a generation is written as: one named node / one `o` object per component
+MESH_FORMATS = (".glb", ".obj")  # what the CLI writes a generation as: one named node / one `o` object per component
 
 
 def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None) -> Path:
-    """Write the components by `path`'s suffix: GLB (`save_glb`: named nodes, distinct colours) or OBJ (one `o` object
-    per component, no materials; `load_file` reads the parts back); atomic, InputError naming `path` if it fails."""
+    """Write the components as OBJ when `path` ends in .obj (one `o` object per component, no materials; `load_file`
+    reads the parts back), else as GLB (`save_glb`: named nodes, distinct colours); atomic, InputError naming `path`
+    if it fails."""
     path = Path(path)
-    if path.suffix.lower() not in MESH_FORMATS:
-        raise InputError(f"{path}: write a {' or '.join(MESH_FORMATS)} file")
-    if path.suffix.lower() == ".glb":
+    if path.suffix.lower() != ".obj":
         return save_glb(path, meshes, names)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
