@@ -56,10 +56,7 @@ def add_lora(module: nn.Module, rank: int, alpha: Optional[float] = None, dropou
                         target_modules=targets, bias="none")
     inject_adapter_in_model(config, module, adapter_name=LORA_ADAPTER)
     for name, param in module.named_parameters():
-        param.requires_grad_(is_lora_parameter(name))
-    for name, param in module.named_parameters():
-        if within(name, full):
-            param.requires_grad_(True)
+        param.requires_grad_(is_lora_parameter(name) or within(name, full))
     return module
 
 

@@ -256,11 +256,9 @@ def check_same_data(recorded: Optional[dict[str, Any]], ids: list[str], run: Pat
     current = data_identity(ids)
     if recorded is None or recorded == current:
         return
-    def assets(n: int) -> str:
-        return f"{n} asset{'' if n == 1 else 's'}"
-
-    raise ConfigError(f"{run} was trained on other data ({assets(recorded['assets'])}) than {data_dir} gives "
-                      f"({assets(current['assets'])}, other ids): resume on its own data, or start a new run from its weights")
+    was, now = (f"{n} asset{'' if n == 1 else 's'}" for n in (recorded["assets"], current["assets"]))
+    raise ConfigError(f"{run} was trained on other data ({was}) than {data_dir} gives ({now}, other ids): resume on "
+                      "its own data, or start a new run from its weights")
 
 
 def lr_at(step: int, cfg) -> float:

@@ -499,6 +499,7 @@ def train(
     torch.manual_seed(cfg.seed)
     latent_shape = tuple(data.latents[0].shape[1:])
     by_parts = sorted(range(len(data)), key=lambda i: (data.latents[i].shape[0], i))  # for group_by_parts
+    identity = data_identity(data.ids)  # recorded in every checkpoint: a resume on other assets is refused
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     require_token_order(model.transformer.token_order, data.token_order, str(data_dir))
     if cfg.transformer_lora_rank:
@@ -567,7 +568,7 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints,
-                                    extra={"elapsed_s": before + time.time() - t0, "data": data_identity(data.ids)})
+                                    extra={"elapsed_s": before + time.time() - t0, "data": identity})
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})
