@@ -137,6 +137,29 @@ def test_latent_cache_round_trip_and_training_from_it(dataset, tmp_path):
         train(other, tmp_path / "folder", tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)
 
 
+def test_export_only_writes_the_newest_checkpoint_and_the_run_trains_on_after(dataset, tmp_path):
+    import shutil
+
+    from moca3d.cli import app
+
+    root, vae_dir = dataset
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="run: no checkpoint to export"):
+        train(root, run, tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False, export_only=True)
+    train(root, run, tiny_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
+    shutil.move(run / "pipeline", tmp_path / "at_step_2")
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(tiny_recipe(steps=4).to_dict()))
+    result = CliRunner().invoke(app, ["train", str(root), "-o", str(run), "--config", str(config), "--vae", str(vae_dir),
+                                      "--device", "cpu", "--export-only"])
+    assert result.exit_code == 0, result.output
+    assert "trained 0 steps (to step 2)" in result.output and "its pipeline exported, nothing trained" in result.output
+    a, b = MoCAPipeline.from_pretrained(run / "pipeline"), MoCAPipeline.from_pretrained(tmp_path / "at_step_2")
+    for (k, v), (_, w) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
+        assert torch.equal(v, w), k  # the step-2 checkpoint's EMA weights, as the run's own export at step 2
+    assert train(root, run, tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)["trained_steps"] == 2
+
+
 def test_token_positions_train_on_canonical_latents_only(dataset, tmp_path):
     """A transformer with token positions refuses FPS-ordered latents (one-line error) and trains on canonical
     ones, from the folder and from a latent cache, which keeps the order; mixed orders are refused."""

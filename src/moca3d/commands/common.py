@@ -108,6 +108,10 @@ def echo_categories(by_category: dict[str, dict[str, float]], key: str, what: st
         typer.echo(f"{cat:>22}: {summary[key]:.4f}  ({summary['count']} {what}{empty})")
 
 
+EXPORT_ONLY_HELP = ("Write OUTPUT/pipeline from the newest checkpoint (its EMA weights) and train nothing: try a "
+                    "long run part-way; run the same command without it to train on (the end overwrites that pipeline).")
+
+
 def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int],
                              attention_mode: Optional[str], time_limit: Optional[float], lora_rank: Optional[int] = None) -> dict:
     """Apply the command-line overrides of `train` / `train-scene` to a recipe dict (checked)."""
@@ -128,12 +132,14 @@ def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Opt
     return recipe
 
 
-def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path], device: Optional[str], resume: bool) -> None:
-    """Build the recipe (overrides already applied), train, and print the outcome."""
+def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path], device: Optional[str], resume: bool,
+                     export_only: bool = False) -> None:
+    """Build the recipe (overrides already applied), train (or only export), and print the outcome."""
     from moca3d.training.train_dit import DiTTrainConfig, train
 
     check_run_folder(output)
-    result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume)
+    result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
+                   export_only=export_only)
     typer.echo(f"trained {result['trained_steps']} steps (to step {result['steps']}) in {result['seconds']:.0f} s; "
                f"final loss {result['final_loss']}")
     if "pipeline" in result:

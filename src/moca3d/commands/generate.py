@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (apply_training_overrides, check_generation_args, check_output_path,
+from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, check_generation_args, check_output_path,
                                     echo_categories, echo_means, resolve_device, run_dit_training, save_generation, write_json)
 from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
+        export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
         lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export) and keep the image encoder frozen; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
         if lora_rank:  # the memory-lean fine-tune: the encoder stays as it is too (as TripoSG keeps DINOv2)
             recipe["freeze_image_encoder"] = True
-        run_dit_training(data, output, recipe, vae, device, resume)
+        run_dit_training(data, output, recipe, vae, device, resume, export_only)
 
 
 def register_evaluation(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (apply_training_overrides, check_generation_args, check_output_path,
+from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, check_generation_args, check_output_path,
                                     echo_categories, echo_means, resolve_device, run_dit_training, save_generation, write_json)
 from moca3d.defaults import SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
@@ -100,6 +100,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
+        export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
         lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
@@ -112,4 +113,4 @@ def register(app: typer.Typer) -> None:
         if init_from is not None:
             recipe["init_from"] = str(init_from)
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
-        run_dit_training(data, output, recipe, vae, device, resume)
+        run_dit_training(data, output, recipe, vae, device, resume, export_only)

@@ -450,9 +450,10 @@ def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE,
 
 def train(
     data_dir: str | Path, out_dir: str | Path, cfg: DiTTrainConfig, vae_dir: Optional[str | Path] = None,
-    device: Optional[str] = None, resume: bool = True, progress: bool = True,
+    device: Optional[str] = None, resume: bool = True, progress: bool = True, export_only: bool = False,
 ) -> dict[str, Any]:
-    """Train; checkpoints under OUT/checkpoints, the final (EMA) pipeline under OUT/pipeline."""
+    """Train; checkpoints under OUT/checkpoints, the final (EMA) pipeline under OUT/pipeline. `export_only`: write the
+    pipeline of the newest checkpoint (its EMA weights) and train nothing; the run resumes later as before."""
     from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -465,6 +466,8 @@ def train(
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
     out = Path(out_dir)
     ckpt = latest_checkpoint(out) if resume else None
+    if export_only and ckpt is None:
+        raise ConfigError(f"{out}: no checkpoint to export" + ("" if resume else " (export needs resume)"))
     if ckpt is not None and (out / "train_config.json").is_file():  # before any data or model is loaded
         check_resume(out / "train_config.json", cfg, accelerator.print)
     scene = cfg.condition == "scene"
@@ -522,8 +525,9 @@ def train(
         state = load_checkpoint(ckpt, model, optimizer, ema)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), data.ids, out, data_dir)
-        spent = cfg.spent(start, before)
+        spent = cfg.spent(start, before) or export_only
         finished = " (finished: nothing to train; its pipeline is exported again)" if spent else ""
+        finished = " (its pipeline exported, nothing trained)" if export_only else finished
         accelerator.print(f"resumed from {ckpt} (step {start}){finished}")
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
