@@ -294,6 +294,37 @@ def test_os_errors_are_one_line(monkeypatch, capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err.strip() == "error: Permission denied: /root/x.glb"
 
 
+@pytest.mark.parametrize("error, shown", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:119] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"), "DefaultCPUAllocator: can't allocate"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nmore lines"), "CUDA out of memory. Tried to allocate 20.00 GiB."),
+    (MemoryError(), "MemoryError"),
+])
+def test_out_of_memory_is_one_line(monkeypatch, capsys, error, shown):
+    from moca3d import cli
+
+    def fail(**kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "app", fail)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: out of memory (")
+    assert shown in err and err.endswith("lower the batch size, resolution or point count")
+
+
+def test_other_runtime_errors_still_raise(monkeypatch):
+    from moca3d import cli
+
+    def fail(**kwargs):
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(cli, "app", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main()
+
+
 def test_prepare_with_nothing_to_prepare_fails(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

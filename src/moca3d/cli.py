@@ -71,3 +71,16 @@ def main() -> None:
         where = f": {err.filename}" if err.filename else ""
         typer.secho(f"error: {err.strerror or err}{where}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as err:  # torch's OutOfMemoryError (CUDA) and CPU allocation failures among them
+        if not out_of_memory(err):
+            raise
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        typer.secho(f"error: out of memory ({detail}): lower the batch size, resolution or point count", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """True for an allocation failure: MemoryError, torch.OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    text = str(err)
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
