@@ -140,7 +140,10 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
     check_run_folder(output)
     result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
                    export_only=export_only)
-    typer.echo(f"trained {result['trained_steps']} steps (to step {result['steps']}) in {result['seconds']:.0f} s; "
-               f"final loss {result['final_loss']}")
+    if result["trained_steps"]:
+        typer.echo(f"trained {result['trained_steps']} steps (to step {result['steps']}) in {result['seconds']:.0f} s; "
+                   f"final loss {result['final_loss']}")
+    else:
+        typer.echo(f"trained nothing: the run is at step {result['steps']}")
     if "pipeline" in result:
         typer.echo(f"pipeline: {result['pipeline']}")
