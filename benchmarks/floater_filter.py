@@ -28,7 +28,7 @@ import torch
 
 from benchkit import print_table, run_script, write_json
 from moca3d.defaults import GUIDANCE, STEPS
-from moca3d.evaluation import object_metrics, select_records, with_progress
+from moca3d.evaluation import means, object_metrics, select_records, with_progress
 from moca3d.geometry.extract import mesh_from_grid
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig
@@ -69,13 +69,12 @@ def summarize(rows: list[dict], settings: list[tuple[float, int]]) -> list[dict]
             values = np.array([s[k] for s in scores], dtype=float)
             entry[k] = float(values.mean())
             _paired(entry, k, values - np.array([row[ref][k] for row in rows], dtype=float))
+        mean = means(scores, ("chamfer",))  # evaluate-model's rule: the mean over finite CDs, all-empty objects counted
+        entry["chamfer"], entry["empty_objects"] = mean["chamfer"], mean["all_empty"]
         cd = np.array([s["chamfer"] for s in scores], dtype=float)
-        surface = np.isfinite(cd)
-        entry["chamfer"] = float(cd[surface].mean()) if surface.any() else None
-        both = surface & np.isfinite(ref_cd)
+        both = np.isfinite(cd) & np.isfinite(ref_cd)
         _paired(entry, "chamfer", cd[both] - ref_cd[both])
         entry["num_empty"] = int(sum(s["num_empty"] for s in scores))
-        entry["empty_objects"] = int((~surface).sum())
         table.append(entry)
     return table
 

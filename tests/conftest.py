@@ -15,6 +15,10 @@ from moca3d.geometry.sampling import SurfaceSamplingConfig
 from moca3d.models.vae import VecSetVAE
 from moca3d.training.train_vae import encode_dataset
 
+# The smallest prepare settings the tests build assets with (samples, queries, a 48 px render; all in train).
+TINY_PREPARE = PrepareConfig(surface=SurfaceSamplingConfig(num_points=128), queries=QueryConfig(num_queries=96),
+                             render=RenderConfig(size=48, supersample=1), max_components=3, val_fraction=0.0, test_fraction=0.0)
+
 TINY_VAE = dict(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4,
                 num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
 

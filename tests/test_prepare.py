@@ -9,6 +9,7 @@ import trimesh
 from typer.testing import CliRunner
 
 import moca3d.data.prepare as prep
+from conftest import TINY_PREPARE
 from moca3d.cli import app
 from moca3d.data.dataset import AssetDataset, ComponentDataset
 from moca3d.errors import InputError
@@ -17,14 +18,7 @@ from moca3d.geometry.mesh_io import load_components, save_glb, save_separate
 from moca3d.geometry.render import RenderConfig
 from moca3d.geometry.sampling import SurfaceSamplingConfig
 
-TINY = prep.PrepareConfig(
-    surface=SurfaceSamplingConfig(num_points=128),
-    queries=QueryConfig(num_queries=96),
-    render=RenderConfig(size=48, supersample=1),
-    max_components=3,
-    val_fraction=0.0,
-    test_fraction=0.0,
-)
+TINY = TINY_PREPARE
 
 
 def _manifest(root):

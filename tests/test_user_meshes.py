@@ -8,6 +8,7 @@ import trimesh
 from typer.testing import CliRunner
 
 import moca3d.data.prepare as prep
+from conftest import TINY_PREPARE
 from moca3d.cli import app
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.inside import QueryConfig
@@ -16,14 +17,7 @@ from moca3d.geometry.render import RenderConfig
 from moca3d.geometry.sampling import SurfaceSamplingConfig
 from moca3d.metrics import check_metric_settings
 
-TINY = prep.PrepareConfig(
-    surface=SurfaceSamplingConfig(num_points=128),
-    queries=QueryConfig(num_queries=96),
-    render=RenderConfig(size=48, supersample=1),
-    max_components=2,
-    val_fraction=0.0,
-    test_fraction=0.0,
-)
+TINY = dataclasses.replace(TINY_PREPARE, max_components=2)
 
 
 def _write_obj(path, parts, mtllib=None):
