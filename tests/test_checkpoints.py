@@ -189,3 +189,55 @@ def test_ema_average_and_warmup():
         assert slow.current_decay() == pytest.approx(min(0.99, (1 + n) / (10 + n)), rel=1e-12)
         slow.update(model)
     assert slow.num_updates == 6
+
+
+def partly_frozen(seed=0):
+    """A model whose first layer is a frozen 'base' (as after LoRA injection or a frozen encoder)."""
+    model = make_model(seed)
+    model[0].requires_grad_(False)
+    return model
+
+
+def test_frozen_parameters_are_fingerprinted_not_stored_and_a_resume_restores_the_whole_model(tmp_path):
+    """With `frozen`, model.safetensors holds only what trains (and buffers); a resume onto a model rebuilt with the
+    same base restores every tensor exactly, and training continues as the original does."""
+    model = partly_frozen()
+    fingerprint = ck.frozen_fingerprint(model)
+    assert fingerprint["tensors"] == 2 and ck.frozen_fingerprint(make_model()) is None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ema = ck.EMA(model, decay=0.9)
+    train_steps(model, opt, ema, 3, seed=1)
+    path = ck.save_checkpoint(tmp_path, 3, model, opt, ema, frozen=fingerprint)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"1.weight", "1.bias", "2.weight", "2.bias"}
+    assert json.loads((path / "state.json").read_text())["frozen"] == fingerprint
+    train_steps(model, opt, ema, 2, seed=2)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    rebuilt = partly_frozen()  # the base comes back from its source (here: the same seed); the rest is overwritten
+    with torch.no_grad():
+        rebuilt[2].weight.mul_(-3.0)
+    opt2 = torch.optim.AdamW([p for p in rebuilt.parameters() if p.requires_grad], lr=1e-2)
+    ema2 = ck.EMA(rebuilt, decay=0.9)
+    ck.load_checkpoint(path, rebuilt, opt2, ema2)
+    train_steps(rebuilt, opt2, ema2, 2, seed=2)
+    for k, v in rebuilt.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_a_resume_onto_other_frozen_weights_is_refused(tmp_path):
+    """A checkpoint without its frozen tensors loads only into a model whose frozen weights are the run's, bit for bit."""
+    model = partly_frozen()
+    path = ck.save_checkpoint(tmp_path, 1, model, frozen=ck.frozen_fingerprint(model))
+    other_base = partly_frozen()
+    with torch.no_grad():
+        other_base[0].weight[0, 0] += 1e-6
+    with pytest.raises(CheckpointError, match="frozen weights differ"):
+        ck.load_checkpoint(path, other_base)
+    with pytest.raises(CheckpointError, match="no frozen tensors"):
+        ck.load_checkpoint(path, make_model())  # everything trains here: the base would stay whatever it was
+    ck.load_checkpoint(path, partly_frozen())
+    with pytest.raises(CheckpointError, match="frozen parameters"):  # a stale fingerprint is not written
+        ck.save_checkpoint(tmp_path, 2, make_model(), frozen=ck.frozen_fingerprint(model))

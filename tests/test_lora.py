@@ -144,7 +144,8 @@ def test_lora_fine_tune_trains_resumes_and_exports_a_plain_pipeline(object_datas
     said = capsys.readouterr().out
     assert "training " in said and "parameters (" in said
     with safe_open(str(latest_checkpoint(run) / "model.safetensors"), "pt") as f:  # the checkpoint keeps the adapters
-        assert any(".lora_A." in k for k in f.keys())
+        assert any(".lora_A." in k for k in f.keys())  # but not the frozen base: a resume reloads it from init_from
+        assert not any(k.endswith("base_layer.weight") or k.startswith("image_encoder.") for k in f.keys())
     with safe_open(str(latest_checkpoint(run) / "ema.safetensors"), "pt") as f:  # and averages no frozen weight
         assert not any(k.endswith("attn1.to_q.base_layer.weight") for k in f.keys())
     resumed = train(root, run, tiny_dit_recipe(steps=3, **lora), device="cpu", progress=False)

@@ -667,12 +667,9 @@ def test_scene_encoder_pretraining_feeds_scene_finetuning(scenes, tmp_path):
         pretrain_encoder(cfg, root, tmp_path / "enc2", cache=tmp_path / "any.safetensors")
 
     # benchmarks/scene_encoder_eval.py: one row per visible instance, the summary their medians
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("scene_encoder_eval", Path(__file__).parents[1] / "benchmarks" / "scene_encoder_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_encoder_eval")  # with benchkit importable, whichever tests ran before
     report = module.main([str(root), "--run", str(tmp_path / "enc"), "--split", "train", "--json", str(tmp_path / "eval.json")])
     data = SceneLatentDataset(root, "train", encoder.image_size, latents=False)
     samples = scene_samples(data)  # the pairs pre-training drew from: the benchmark sees the same instances

@@ -390,6 +390,17 @@ def test_decoder_finetune_keeps_the_encoder_and_latent_scale(dataset, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     surface = load_split(dataset, "train").surface
     torch.testing.assert_close(encode_latents(tuned.eval(), surface, 64), encode_latents(base.eval(), surface, 64), rtol=0, atol=0)
+    from safetensors import safe_open
+
+    from moca3d.training.checkpoints import latest_checkpoint
+
+    with safe_open(str(latest_checkpoint(tmp_path / "tuned") / "model.safetensors"), "pt") as f:  # the frozen encoder is
+        assert not any(k.startswith(("encoder.", "quant.")) for k in f.keys())  # init_from's: not stored again
+    resumed = train_vae(dataset, tmp_path / "tuned", tiny_train_config(model={}, init_from=str(tmp_path / "base" / "vae"),
+                        freeze_encoder=True, lr=3e-3, steps=6), resume=True, progress=False, validate_at_end=False)
+    assert resumed["steps"] == 6 and latest_checkpoint(tmp_path / "tuned").name == "step_00000006"
+    again = VecSetVAE.from_pretrained(str(tmp_path / "tuned" / "vae")).state_dict()
+    assert all(torch.equal(before[k], again[k]) for k in frozen)
 
 
 def test_load_split_mixes_assets_prepared_with_different_counts(tmp_path):

@@ -6,6 +6,11 @@ Layout of a run directory:
                                      optimizer.safetensors, rng.safetensors, state.json
     OUT/checkpoints/step_00002000/   ...
 
+A run that trains only part of its model (LoRA on a large prior, a frozen encoder) passes
+`frozen=frozen_fingerprint(model)`: its frozen parameters, rebuilt from the run's source weights on a
+resume, are then left out of model.safetensors (a LoRA checkpoint of TripoSG holds megabytes, not its
+6 GB base) and only their fingerprint is kept, so a resume onto other base weights is refused.
+
 A checkpoint directory is built under a temporary name and renamed into place with
 `os.replace`, so an interrupted write never leaves a half-written `step_*` directory; `state.json`
 is written last and marks a complete checkpoint.
@@ -13,6 +18,7 @@ is written last and marks a complete checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -271,6 +277,30 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Frozen parameters: fingerprinted, not stored
+# ----------------------------------------------------------------------------------------------
+
+
+def frozen_names(model: nn.Module) -> list[str]:
+    """Names of the model's parameters that get no gradient (a LoRA base layer, a frozen encoder)."""
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def frozen_fingerprint(model: nn.Module) -> Optional[dict[str, Any]]:
+    """{"tensors": count, "blake2b": hash of their names, shapes, dtypes and bytes}, or None when all train."""
+    params = dict(model.named_parameters())
+    names = frozen_names(model)
+    if not names:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for name in names:  # parameter order is the model's definition order: the same on every rebuild
+        tensor = params[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return {"tensors": len(names), "blake2b": digest.hexdigest()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
@@ -305,17 +335,26 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    ema: Optional[EMA] = None, extra: Optional[dict[str, Any]] = None, keep_last: int = 3) -> Path:
+                    ema: Optional[EMA] = None, extra: Optional[dict[str, Any]] = None, keep_last: int = 3,
+                    frozen: Optional[dict[str, Any]] = None) -> Path:
     """Write the checkpoint of `step` atomically and keep only the newest `keep_last` ones.
 
-    Refuses (CheckpointError) to write model, EMA or optimizer tensors containing NaN/Inf.
+    With `frozen` (the run's `frozen_fingerprint(model)`, computed once) the frozen parameters are left out and
+    the fingerprint recorded instead. Refuses (CheckpointError) to write tensors containing NaN/Inf.
     """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         state: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": int(step), "extra": extra or {}}
-        atomic_save_tensors(model.state_dict(), tmp / "model.safetensors")
+        weights = model.state_dict()
+        if frozen is not None:
+            left_out = set(frozen_names(model))
+            if len(left_out) != frozen["tensors"]:
+                raise CheckpointError(f"the model has {len(left_out)} frozen parameters, its fingerprint {frozen['tensors']}")
+            weights = {k: v for k, v in weights.items() if k not in left_out}
+            state["frozen"] = frozen
+        atomic_save_tensors(weights, tmp / "model.safetensors")
         if ema is not None:
             atomic_save_tensors(ema.state_dict(), tmp / "ema.safetensors")
             state["ema"] = ema.scalars()
@@ -354,6 +393,14 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
     weights = load_tensors(path / "model.safetensors")
+    if "frozen" in state:  # left out: the model must already hold the very frozen weights the run trained beside
+        mine = frozen_fingerprint(model)
+        if mine != state["frozen"]:
+            have = f"{mine['tensors']} frozen tensors" if mine else "no frozen tensors"
+            raise CheckpointError(f"{path}: saved without its {state['frozen']['tensors']} frozen tensors, and this model's"
+                                  f" frozen weights differ from the run's ({have}; was init_from or the base model changed?)")
+        frozen = set(frozen_names(model))
+        weights = {**{k: v for k, v in model.state_dict().items() if k in frozen}, **weights}
     problem = state_dict_mismatch(model, weights)
     if problem:
         raise CheckpointError(f"{path}: weights do not fit this model: {problem}")

@@ -52,7 +52,7 @@ from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.train_vae import load_vae_folder
-from moca3d.training.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
+from moca3d.training.checkpoints import EMA, frozen_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
 SEED_STRIDE = 1_000_003
 CONDITIONS = ("object", "scene")
@@ -510,6 +510,7 @@ def train(
                  train_full=PRIOR_FREE_MODULES)
     trained, total = trainable_summary(model)
     accelerator.print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.1f}%)")
+    frozen = frozen_fingerprint(model)  # checkpoints leave the frozen base out: a resume rebuilds it from its source
     model.transformer.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.attention_backend is not None:  # every block shares this config; the saved model config is not touched
         model.transformer.attention_config.backend = cfg.attention_backend
@@ -572,7 +573,7 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints,
-                                    extra={"elapsed_s": before + time.time() - t0, "data": identity})
+                                    extra={"elapsed_s": before + time.time() - t0, "data": identity}, frozen=frozen)
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})

@@ -30,7 +30,8 @@ from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
-from moca3d.training.checkpoints import EMA, atomic_write_json, check_finite, latest_checkpoint, load_checkpoint, save_checkpoint
+from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, frozen_fingerprint, latest_checkpoint, load_checkpoint,
+                                         save_checkpoint)
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
     "latent_channels": 8, "num_latents": 64, "num_attention_heads": 4, "width_encoder": 128, "width_decoder": 128,
@@ -427,7 +428,9 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         torch.set_num_threads(cfg.num_threads)
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model = build_vae(cfg).to(dev)
+    model = build_vae(cfg)
+    frozen = frozen_fingerprint(model)  # a frozen encoder stays out of the checkpoints: a resume reloads it from init_from
+    model = model.to(dev)
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, decay=cfg.ema_decay)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +487,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
             running, running_steps = {}, 0
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0, "data": data_identity(assets)},
-                            keep_last=cfg.keep_checkpoints)
+                            keep_last=cfg.keep_checkpoints, frozen=frozen)
         if val_arrays is not None and (done % cfg.val_query_every == 0 or done == cfg.steps):
             metrics = query_metrics(ema_model(ema, cfg, dev), val_arrays, cfg)
             _append_jsonl(log_path, {"step": done, "val_query": metrics})
