@@ -495,3 +495,126 @@ def test_latent_length_stage_change_keeps_weights(tmp_path):
     torch.testing.assert_close(longer.proj_in.weight, base.proj_in.weight)
     with pytest.raises(ConfigError, match=r"no longer loads: .* of another shape \(e.g. '"):  # one line naming a tensor
         load_transformer(pipe_dir, DiTTrainConfig(transformer={"width": 2 * base.config.width}), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Review: what a user converting a real release hits
+# ----------------------------------------------------------------------------------------------
+
+
+def poison(path, key, value=float("nan")):
+    """Rewrite one safetensors file with `key`'s first element set to `value`."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    state[key].view(-1)[0] = value
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize("sub, key", [("transformer", "blocks.2.norm1.weight"), ("vae", "decoder.proj_out.weight"),
+                                      ("image_encoder_dinov2", None)])
+def test_non_finite_source_is_refused_before_anything_is_written(tmp_path, sub, key):
+    """A NaN anywhere in the release stops the conversion naming file and tensor; no folder that later refuses to load."""
+    write_release(tmp_path / "src")
+    weights = next((tmp_path / "src" / sub).glob("*.safetensors"))
+    if key is None:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            key = next(k for k in f.keys() if f.get_slice(k).get_dtype().startswith("F"))
+    poison(weights, key)
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: tensor '{key}' contains NaN/Inf")):
+        convert_triposg(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_release_without_dino_weights_is_refused(tmp_path):
+    """An interrupted download of image_encoder_dinov2/ (config only) must not give a 'converted' folder that cannot load."""
+    write_release(tmp_path / "src")
+    for path in (tmp_path / "src" / "image_encoder_dinov2").glob("*.safetensors"):
+        path.unlink()
+    with pytest.raises(CheckpointError, match="image_encoder_dinov2: no .safetensors weights"):
+        convert_triposg(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_half_precision_source_without_dtype_gives_one_dtype(tmp_path):
+    """dtype=None keeps the source's dtype for every tensor, the fresh MoCA ones included: the model runs as loaded."""
+    state = {k: v.half() for k, v in random_state(triposg_dit_description(), seed=1).items()}
+    write_model(tmp_path / "transformer", state, triposg_config())
+    model = load_triposg_transformer(tmp_path / "transformer", num_latents=L, compression=4)
+    assert {p.dtype for p in model.state_dict().values()} == {torch.float16}
+    vae_state = {k: v.bfloat16() for k, v in random_state(triposg_vae_description(), seed=2).items()}
+    write_model(tmp_path / "vae", vae_state, VAE)
+    assert {p.dtype for p in load_triposg_vae(tmp_path / "vae", L).state_dict().values()} == {torch.bfloat16}
+    mixed = dict(state, **{"proj_in.weight": state["proj_in.weight"].float()})  # mixed source: float32 throughout
+    write_model(tmp_path / "mixed", mixed, triposg_config())
+    model = load_triposg_transformer(tmp_path / "mixed", num_latents=L, compression=4)
+    assert {p.dtype for p in model.state_dict().values()} == {torch.float32}
+
+
+def test_cast_that_overflows_float16_is_refused(tmp_path):
+    state = random_state(triposg_dit_description(), seed=1)
+    state["blocks.1.ff.net.2.weight"][0, 0] = 1e6  # finite in float32, inf in float16
+    write_model(tmp_path / "transformer", state, triposg_config())
+    with pytest.raises(CheckpointError, match="'blocks.1.ff.net.2.weight' overflows float16; convert to bf16 or fp32"):
+        load_triposg_transformer(tmp_path / "transformer", num_latents=L, compression=4, dtype=torch.float16)
+    model = load_triposg_transformer(tmp_path / "transformer", num_latents=L, compression=4, dtype=torch.bfloat16)
+    assert torch.isfinite(model.blocks[1].ff.net[2].weight).all()
+
+
+@pytest.mark.parametrize("dst", [".", "..", "../.."], ids=["dst-is-src", "src-is-dst-transformer", "src-inside-dst-vae"])
+def test_destination_that_would_overwrite_the_source_is_refused(tmp_path, dst):
+    """Converting into the release folder itself (or over it) would replace its transformer/ with MoCA weights."""
+    root = {".": tmp_path / "src", "..": tmp_path / "out" / "transformer", "../..": tmp_path / "out" / "vae" / "TripoSG"}[dst]
+    write_release(root)
+    before = (root / "transformer" / "config.json").read_text()
+    with pytest.raises(ConfigError, match="would overwrite SRC"):
+        convert_triposg(root, root / dst, num_latents=L, compression=4)
+    assert (root / "transformer" / "config.json").read_text() == before
+    assert (root / "model_index.json").is_file()
+    convert_triposg(root, root / "moca", num_latents=L, compression=4)  # a folder inside SRC is fine
+
+
+def test_global_blocks_are_checked_before_reading_weights(tmp_path):
+    """A typo in --global-blocks (or an index past the source's depth) fails before a 6 GB checkpoint is read."""
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+
+    write_model(tmp_path / "transformer", {"x": torch.zeros(1)}, triposg_config())  # weights that would fail to map
+    for blocks, message in (("evn", "got 'evn'"), ([0, LAYERS], f"out of range for {LAYERS} layers")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_triposg_transformer(tmp_path / "transformer", num_latents=L, compression=4, global_blocks=blocks)
+    res = CliRunner().invoke(app, ["convert", "triposg", str(tmp_path / "nowhere"), str(tmp_path / "dst"), "--global-blocks", "evn"])
+    assert isinstance(res.exception, ConfigError) and "--global-blocks must be one of even, odd, all, none, got 'evn'" in str(res.exception)
+
+
+def test_wrong_converter_names_the_right_verb(tmp_path):
+    write_model(tmp_path / "transformer", random_state(triposg_dit_description(), seed=1), triposg_config())
+    with pytest.raises(CheckpointError, match="this is a TripoSG transformer; use `moca3d convert triposg`"):
+        load_partcrafter_transformer(tmp_path / "transformer", num_latents=L, compression=4)
+    cfg = dict(partcrafter_config(), global_attn_block_id_range=[0, 2])
+    del cfg["global_attn_block_ids"], cfg["enable_part_embedding"], cfg["_class_name"]
+    write_model(tmp_path / "pc", random_state(triposg_dit_description(True), seed=1), cfg)
+    with pytest.raises(CheckpointError, match="this is a PartCrafter transformer"):
+        load_triposg_transformer(tmp_path / "pc", num_latents=L, compression=4)
+
+
+def test_sharded_transformer_loads_like_one_file(tmp_path):
+    """diffusers' sharded layout (*.safetensors.index.json + shards) gives the same model as the single file."""
+    state = random_state(triposg_dit_description(), seed=1)
+    write_model(tmp_path / "one", state, triposg_config())
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(triposg_config()))
+    keys = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(folder / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    one = load_triposg_transformer(tmp_path / "one", num_latents=L, compression=4).state_dict()
+    sharded = load_triposg_transformer(folder, num_latents=L, compression=4).state_dict()
+    assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)

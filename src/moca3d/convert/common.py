@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moca3d.errors import CheckpointError, one_line
+from moca3d.training.checkpoints import check_finite
 
 StateDict = Dict[str, torch.Tensor]
 Layout = Dict[str, Tuple[int, ...]]
@@ -63,10 +64,18 @@ def read_safetensors_folder(folder: Path) -> StateDict:
         if not path.is_file():
             raise CheckpointError(f"{folder}: shard {path.name} named by the index is missing")
         try:
-            state.update(load_file(str(path)))
+            tensors = load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({one_line(err, 120)})") from None
+        check_finite(tensors, str(path))  # a converted folder would be refused at load anyway
+        state.update(tensors)
     return state
+
+
+def source_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The one floating dtype of a source state dict (float32 when it mixes several): the dtype kept by `dtype=None`."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def check_layout(state: Mapping[str, torch.Tensor], layout: Layout, where: Union[str, Path],
@@ -122,7 +131,8 @@ def assemble(model_cls, config: dict, tensors: StateDict, dtype: Optional[torch.
     """Build `model_cls(**config)` on the meta device and load `tensors`, which must fill every parameter.
 
     Meta-device construction allocates no memory for the random init, so a 1.5B model costs one
-    copy of its weights (in `dtype` when given, e.g. torch.bfloat16).
+    copy of its weights (in `dtype` when given, e.g. torch.bfloat16; every tensor is cast, so the
+    model holds one dtype, and a cast that overflows, e.g. to float16, is refused).
     """
     from accelerate import init_empty_weights
 
@@ -138,5 +148,9 @@ def assemble(model_cls, config: dict, tensors: StateDict, dtype: Optional[torch.
     if extra:
         raise CheckpointError(f"{where}: conversion produced unknown target key '{extra[0]}'")
     cast: Callable[[torch.Tensor], torch.Tensor] = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-    model.load_state_dict({k: cast(v.contiguous()) for k, v in tensors.items()}, strict=True, assign=True)
+    tensors = {k: cast(v.contiguous()) for k, v in tensors.items()}
+    for key, tensor in tensors.items() if dtype is not None else ():  # the source was finite: only a cast overflows
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}: '{key}' overflows {str(dtype).replace('torch.', '')}; convert to bf16 or fp32")
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()

@@ -27,7 +27,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from moca3d.convert.common import assemble, read_config, read_safetensors_folder
+from moca3d.convert.common import assemble, read_config, read_safetensors_folder, source_dtype
 from moca3d.convert.triposg import (
     DEFAULT_COMPRESSION, DEFAULT_NUM_LATENTS, convert_release, dit_dims, init_new_parameters, map_triposg_dit,
     moca_config_from_triposg,
@@ -67,14 +67,17 @@ def load_partcrafter_transformer(folder: Union[str, Path], num_latents: int = DE
 
     folder = Path(folder)
     cfg = read_config(folder)
+    if cfg.get("_class_name") == "TripoSGDiTModel":
+        raise CheckpointError(f"{folder}: this is a TripoSG transformer; use `moca3d convert triposg`")
     config = moca_config_from_partcrafter(cfg, num_latents, compression, **overrides)
     extra_layout, extra_map = {}, {}
     if cfg.get("enable_part_embedding", True):
         extra_layout["part_embedding.weight"] = (config["id_codebook_size"], dit_dims(cfg)["width"])
         extra_map["id_embedding.weight"] = "part_embedding.weight"
-    tensors = map_triposg_dit(read_safetensors_folder(folder), cfg, folder, extra_layout, extra_map)
+    state = read_safetensors_folder(folder)
+    tensors = map_triposg_dit(state, cfg, folder, extra_layout, extra_map)
     tensors.update(init_new_parameters(config, tensors))
-    return assemble(MoCATransformer, config, tensors, dtype, folder)
+    return assemble(MoCATransformer, config, tensors, dtype if dtype is not None else source_dtype(state), folder)
 
 
 def convert_partcrafter(src: Union[str, Path], dst: Union[str, Path], num_latents: int = DEFAULT_NUM_LATENTS,

@@ -66,8 +66,10 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from moca3d.convert.common import Consumer, Layout, StateDict, assemble, check_layout, read_config, read_safetensors_folder, split_per_head
-from moca3d.errors import CheckpointError
+from moca3d.convert.common import (
+    Consumer, Layout, StateDict, assemble, check_layout, read_config, read_safetensors_folder, source_dtype, split_per_head,
+)
+from moca3d.errors import CheckpointError, ConfigError
 
 MLP_RATIO = 4  # TripoSG's FFN and timestep MLP widths are 4 D
 GATE_INIT_LOGIT = 3.0  # router logit at conversion: sigmoid(3) ~ 0.953
@@ -76,6 +78,8 @@ DEFAULT_NUM_LATENTS = 2048  # TripoSG's inference token count
 DEFAULT_COMPRESSION = 8  # sigma, DESIGN §3
 TRIPOSG_SUBFOLDERS = {"transformer": "transformer", "vae": "vae", "scheduler": "scheduler"}
 DINO_CLASS = "Dinov2Model"
+PIPELINE_SUBFOLDERS = ("transformer", "vae", "scheduler", "image_encoder")  # of the written moca3d folder
+PARTCRAFTER_CONFIG_KEYS = ("enable_part_embedding", "global_attn_block_ids", "global_attn_block_id_range", "max_num_parts")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +152,15 @@ def moca_config_from_triposg(cfg: dict, num_latents: int = DEFAULT_NUM_LATENTS, 
         time_freq_dim=g["width"], time_hidden_dim=MLP_RATIO * g["width"], time_act="gelu", time_sin_first=True,
     )
     config.update(overrides)
+    check_moca_config(config)
     return config
+
+
+def check_moca_config(config: dict) -> None:
+    """The MoCA options of a conversion (global blocks against the source's depth), before any weights are read."""
+    from moca3d.models.transformer import global_block_indices
+
+    global_block_indices(config["num_layers"], config.get("global_blocks", "even"))
 
 
 def map_triposg_dit(state: StateDict, cfg: dict, where: Union[str, Path] = "transformer",
@@ -237,12 +249,13 @@ def load_triposg_transformer(folder: Union[str, Path], num_latents: int = DEFAUL
 
     folder = Path(folder)
     cfg = read_config(folder)
-    if "enable_part_embedding" in cfg or "global_attn_block_ids" in cfg:
+    if cfg.get("_class_name") == "PartCrafterDiTModel" or any(k in cfg for k in PARTCRAFTER_CONFIG_KEYS):
         raise CheckpointError(f"{folder}: this is a PartCrafter transformer; use `moca3d convert partcrafter`")
     config = moca_config_from_triposg(cfg, num_latents, compression, **overrides)
-    tensors = map_triposg_dit(read_safetensors_folder(folder), cfg, folder)
+    state = read_safetensors_folder(folder)
+    tensors = map_triposg_dit(state, cfg, folder)
     tensors.update(init_new_parameters(config, tensors))
-    return assemble(MoCATransformer, config, tensors, dtype, folder)
+    return assemble(MoCATransformer, config, tensors, dtype if dtype is not None else source_dtype(state), folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +303,7 @@ def load_triposg_vae(folder: Union[str, Path], num_latents: int = DEFAULT_NUM_LA
             raise CheckpointError(f"{folder}: 'embedder.frequencies' are not 2^0..2^(F-1)")
         state = {k: v for k, v in state.items() if k != "embedder.frequencies"}
     tensors = convert_triposg_state_dict(state, config.get("num_attention_heads", 8))
-    return assemble(VecSetVAE, config, tensors, dtype, folder)
+    return assemble(VecSetVAE, config, tensors, dtype if dtype is not None else source_dtype(state), folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,18 +365,29 @@ def check_source_folder(src: Path) -> Dict[str, Path]:
         if not path.is_dir():
             raise CheckpointError(f"{src}: subfolder '{path.name}/' ({name}) missing")
     read_config(parts["image_encoder"])
+    # DINOv2 is copied as is: its weights are checked here (present, readable, finite), not by the pipeline's
+    # first load after a conversion that reported success
+    read_safetensors_folder(parts["image_encoder"])
     return parts
 
 
 def convert_triposg(src: Union[str, Path], dst: Union[str, Path], num_latents: int = DEFAULT_NUM_LATENTS,
                     compression: int = DEFAULT_COMPRESSION, dtype: Optional[torch.dtype] = None, **overrides) -> Path:
-    """TripoSG folder (transformer/, vae/, scheduler/, image_encoder_dinov2/) -> moca3d pipeline folder."""
+    """TripoSG folder (transformer/, vae/, scheduler/, image_encoder_dinov2/) -> moca3d pipeline folder.
+
+    `dtype` is written for the transformer and VAE (None: the source's dtype, float32 if it mixes several);
+    DINOv2 is copied as it is.
+    """
     return convert_release(src, dst, load_triposg_transformer, "TripoSG", num_latents, compression, dtype, **overrides)
 
 
 def convert_release(src, dst, load_transformer, name: str, num_latents: int, compression: int,
                     dtype: Optional[torch.dtype] = None, **overrides) -> Path:
     """A TripoSG-family release folder -> moca3d pipeline folder, its transformer read by `load_transformer`."""
+    src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
+    replaced = [dst_path / sub for sub in PIPELINE_SUBFOLDERS]  # what write_pipeline_folder overwrites
+    if src_path == dst_path or any(r == src_path or r in src_path.parents for r in replaced):
+        raise ConfigError(f"DST {dst} would overwrite SRC {src} (with its transformer/, vae/, ...); choose another folder")
     parts = check_source_folder(Path(src))
     transformer = load_transformer(parts["transformer"], num_latents, compression, dtype, **overrides)
     vae = load_triposg_vae(parts["vae"], num_latents, dtype)
