@@ -24,18 +24,22 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 from moca3d.flow import flow_loss, interpolate
-from moca3d.models.lora import add_lora, trainable_summary
+from moca3d.models.lora import add_lora, save_adapter, trainable_summary
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
-from moca3d.training.checkpoints import EMA
+from moca3d.training.checkpoints import EMA, frozen_fingerprint, save_checkpoint
 
 from benchkit import COND_TOKENS, GIB, MIB, measure_peak, positive_int, print_table, run_script, write_json  # benchmarks/benchkit.py
 
 STATE_BYTES = 16  # per trainable parameter: fp32 gradient, AdamW exp_avg and exp_avg_sq, EMA copy
+FP32_BYTES = 4
+CHECKPOINT_STATE_BYTES = 12  # per trainable parameter in a checkpoint beside its weight: EMA, AdamW's two moments
 PRIORS = ("triposg",)
 
 
@@ -58,9 +62,13 @@ def build(config: Dict, rank: int, device: str = "cpu") -> MoCATransformer:
 
 
 def count(config: Dict, rank: int) -> Dict:
-    """Trainable and total parameters, and the fp32 training state of the trainable ones."""
+    """Trainable and total parameters, the fp32 training state of the trainable ones, and what a checkpoint (weights
+    but the frozen ones, EMA, AdamW) and a LoRA adapter folder (the trained tensors) hold."""
     trained, total = trainable_summary(build(config, rank, "meta"))
-    return {"trainable": trained, "params": total, "state_gib": trained * STATE_BYTES / GIB}
+    stored = trained if rank else total  # checkpoints leave frozen weights out (their fingerprint stands in)
+    return {"trainable": trained, "params": total, "state_gib": trained * STATE_BYTES / GIB,
+            "checkpoint_gib": (stored * FP32_BYTES + trained * CHECKPOINT_STATE_BYTES) / GIB,
+            "adapter_gib": trained * FP32_BYTES / GIB if rank else None}
 
 
 def measure(spec: Dict) -> Dict:
@@ -92,7 +100,17 @@ def measure(spec: Dict) -> Dict:
 
     base, peak = measure_peak(steps, torch.device("cpu"))
     trained, total = trainable_summary(model)
-    return {"peak_mib": (peak - base) / MIB, "trainable": trained, "params": total}
+    optimizer, ema = steps()
+    with tempfile.TemporaryDirectory() as tmp:  # what the trainer writes: a checkpoint, and a LoRA run's adapter
+        saved = save_checkpoint(tmp, 1, model, optimizer, ema, frozen=frozen_fingerprint(model))
+        adapter = save_adapter(Path(tmp) / "lora", model, {}) if spec["rank"] else None
+        sizes = {"checkpoint_mib": folder_bytes(saved) / MIB, "adapter_mib": folder_bytes(adapter) / MIB if adapter else None}
+    return {"peak_mib": (peak - base) / MIB, "trainable": trained, "params": total, **sizes}
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files in `folder`."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
 
 
 def measure_in_child(spec: Dict) -> Dict:
@@ -137,9 +155,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         records.append(rec)
         print(f"{name} done", file=sys.stderr)
     cols = [("variant", "variant", "{}"), (f"{args.prior} trainable", "prior_trainable", "{:,}"),
-            ("of", "prior_params", "{:,}"), ("state GiB (16 B each)", "prior_state_gib", "{:.2f}")]
+            ("of", "prior_params", "{:,}"), ("state GiB (16 B each)", "prior_state_gib", "{:.2f}"),
+            ("checkpoint GiB", "prior_checkpoint_gib", "{:.2f}"), ("adapter GiB", "prior_adapter_gib", "{:.2f}")]
     if not args.no_measure:
-        cols += [("measured trainable", "measured_trainable", "{:,}"), ("step peak MiB", "measured_peak_mib", "{:.0f}")]
+        cols += [("measured trainable", "measured_trainable", "{:,}"), ("step peak MiB", "measured_peak_mib", "{:.0f}"),
+                 ("checkpoint MiB", "measured_checkpoint_mib", "{:.0f}"), ("adapter MiB", "measured_adapter_mib", "{:.1f}")]
     print_table(records, cols)
     report = {"settings": {**vars(args), "prior_config": prior, "measured_config": measured,
                            "torch": torch.__version__}, "records": records}

@@ -110,6 +110,14 @@ def test_finetune_memory_counts_the_prior_and_measures_full_against_lora(tmp_pat
     # the full step's peak holds ~16 B per trained parameter more (gradient, AdamW, EMA): 4.6 M parameters, 70 MiB
     state_mib = (full["measured_trainable"] - lora["measured_trainable"]) * 16 / 2**20
     assert full["measured_peak_mib"] - lora["measured_peak_mib"] > 0.5 * state_mib
+    # what a checkpoint holds, counted and written: all weights + 12 B per trained parameter (EMA, AdamW), but a LoRA
+    # checkpoint leaves the frozen base out; its adapter holds the trained tensors alone
+    assert full["prior_checkpoint_gib"] == pytest.approx(full["prior_params"] * 16 / 2**30)
+    assert lora["prior_checkpoint_gib"] == pytest.approx(lora["prior_trainable"] * 16 / 2**30)
+    assert lora["prior_adapter_gib"] == pytest.approx(lora["prior_trainable"] * 4 / 2**30) and full["prior_adapter_gib"] is None
+    for r in (full, lora):  # the files: within 2% (+ the RNG state, JSON, buffers, safetensors headers)
+        assert r["measured_checkpoint_mib"] == pytest.approx(r["measured_trainable"] * 16 / 2**20, rel=0.02)
+    assert lora["measured_adapter_mib"] == pytest.approx(lora["measured_trainable"] * 4 / 2**20, rel=0.02)
 
 
 def test_variants_table_merges_reports_and_training_runs(tmp_path):

@@ -1,13 +1,14 @@
 """LoRA fine-tuning of the MoCA transformer (moca3d.models.lora): identity at injection, exact merge, what trains."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from conftest import tiny_dit_recipe
 
-from moca3d.errors import ConfigError
+from moca3d.errors import CheckpointError, ConfigError
 from moca3d.models.lora import add_lora, has_lora, is_lora_parameter, merge_lora, trainable_summary, within
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.pipeline import MoCAPipeline
@@ -166,6 +167,20 @@ def test_lora_fine_tune_trains_resumes_and_exports_a_plain_pipeline(object_datas
     out = a(image, num_parts=2, steps=2, seed=0, resolution=16, show_progress=False)
     assert len(out.meshes) == 2
 
+    # OUT/lora: the adapter alone, folded into its base at load, is the exported pipeline
+    with safe_open(str(Path(resumed["lora"]) / "adapter_model.safetensors"), "pt") as f:
+        assert any(".lora_B." in k for k in f.keys()) and not any("base_layer" in k or k.startswith("image_encoder.") for k in f.keys())
+    applied = MoCAPipeline.from_pretrained(object_pipeline, lora=resumed["lora"])
+    for part in ("transformer", "image_encoder"):
+        mine, exported = getattr(applied, part).state_dict(), getattr(a, part).state_dict()
+        assert mine.keys() == exported.keys()
+        for k, v in mine.items():
+            torch.testing.assert_close(v, exported[k], atol=1e-6, rtol=1e-5, msg=f"adapter on its base != export at {k}")
+    with pytest.raises(CheckpointError, match="trained on other base weights"):
+        MoCAPipeline.from_pretrained(straight["pipeline"], lora=resumed["lora"])  # the same architecture, other weights
+    with pytest.raises(CheckpointError, match="not a LoRA adapter folder"):
+        MoCAPipeline.from_pretrained(object_pipeline, lora=resumed["pipeline"])
+
 
 def test_train_cli_fine_tunes_with_lora_from_a_pipeline(object_dataset, object_pipeline, tmp_path):
     from typer.testing import CliRunner
@@ -180,6 +195,11 @@ def test_train_cli_fine_tunes_with_lora_from_a_pipeline(object_dataset, object_p
     assert result.exit_code == 0, result.output
     assert json.loads((run / "train_config.json").read_text())["transformer_lora_rank"] == 2
     assert not has_lora(MoCAPipeline.from_pretrained(run / "pipeline").transformer)
+    image, glb = next((root / "assets").iterdir()) / "render.png", tmp_path / "parts.glb"
+    result = runner.invoke(app, ["generate", str(image), "--model", object_pipeline, "--lora", str(run / "lora"), "--parts", "2",
+                                 "--steps", "2", "--resolution", "16", "--device", "cpu", "-o", str(glb)])
+    assert result.exit_code == 0, result.output
+    assert glb.is_file()
     result = runner.invoke(app, ["train", str(root), "-o", str(tmp_path / "x"), "--vae", str(vae_dir), "--lora-rank", "2"])
     assert isinstance(result.exception, ConfigError)  # moca3d.cli.main prints it as one line
     assert "transformer_lora_rank fine-tunes a trained transformer: give init_from" in str(result.exception)

@@ -83,8 +83,13 @@ class MoCAPipeline:
     # -- persistence -----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu") -> "MoCAPipeline":
-        """Load a pipeline folder; `None` loads the built-in default model shipped with the package."""
+    def from_pretrained(cls, path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu",
+                        lora: Union[str, Path, None] = None) -> "MoCAPipeline":
+        """Load a pipeline folder; `None` loads the built-in default model shipped with the package.
+
+        `lora`: an adapter folder (OUT/lora of `moca3d train --lora-rank`) trained from this very pipeline,
+        folded into its weights.
+        """
         root = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if path is not None and not root.exists():
             raise CheckpointError(f"{root}: no such pipeline folder")
@@ -116,7 +121,10 @@ class MoCAPipeline:
                 reason = one_line(err).split(". If you want")[0]  # not diffusers' advice to load random weights instead
                 raise CheckpointError(f"{sub}: cannot load the {name} ({reason})") from None
             _check_finite(model, sub)
-            parts[name] = model.to(device)
+            parts[name] = model
+        if lora is not None:
+            parts["transformer"], parts["image_encoder"] = apply_lora(root, parts["transformer"], parts["image_encoder"], Path(lora))
+        parts = {name: model.to(device) for name, model in parts.items()}
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = None
@@ -295,6 +303,38 @@ class MoCAPipeline:
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""
         return self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)
+
+
+def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: Path) -> tuple[MoCATransformer, object]:
+    """The base pipeline `root`'s transformer and encoder with the adapter `folder` folded in (`models/lora.py`)."""
+    from moca3d.models.lora import add_lora, merge_lora, read_adapter
+    from moca3d.training.checkpoints import frozen_fingerprint, state_dict_mismatch
+    from moca3d.training.train_dit import DiTTrainConfig, Generator, load_transformer
+
+    config, tensors = read_adapter(folder)
+    if config.get("transformer_overrides"):  # the fine-tune's architecture changes (e.g. a longer latent set)
+        transformer = load_transformer(root, DiTTrainConfig(transformer=config["transformer_overrides"]), None)
+    model = Generator(transformer, image_encoder)  # the names and the order the fine-tune saved its tensors in
+    layers = dict(model.transformer.named_modules())
+    absent = [t for t in config["target_modules"] if not isinstance(layers.get(t), torch.nn.Linear)]
+    if absent:
+        raise CheckpointError(f"{folder}: this adapter was trained on another architecture than {root} (no linear layer '{absent[0]}')")
+    add_lora(model.transformer, config["rank"], config["alpha"], target_modules=config["target_modules"],
+             train_full=config["train_full"])
+    for name, param in model.image_encoder.named_parameters():
+        param.requires_grad_(f"image_encoder.{name}" in tensors)  # trained in full, or frozen with the base
+    if frozen_fingerprint(model) != config["base_fingerprint"]:
+        trained_on = config.get("base") or "another pipeline"
+        raise CheckpointError(f"{folder}: this adapter was trained on other base weights ({trained_on}), not on {root}")
+    missing = sorted({name for name, p in model.named_parameters() if p.requires_grad} - set(tensors))
+    problem = state_dict_mismatch(model, {**model.state_dict(), **tensors})
+    problem = problem or (f"{len(missing)} trained tensors missing (e.g. '{missing[0]}')" if missing else "")
+    if problem:
+        raise CheckpointError(f"{folder}: the adapter does not fit {root}: {problem}")
+    model.load_state_dict(tensors, strict=False)
+    merge_lora(model.transformer)
+    model.requires_grad_(True)  # as any loaded model
+    return model.transformer, model.image_encoder
 
 
 def _is_dino(encoder) -> bool:

@@ -12,6 +12,9 @@ from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, 
 from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
 
+LORA_HELP = ("A LoRA adapter folder (OUT/lora of `moca3d train --lora-rank`), folded into --model, the pipeline it was trained "
+             "from; the same as OUT/pipeline in megabytes instead of the whole model.")
+
 
 def register(app: typer.Typer) -> None:
     """Add the generation, evaluation and DiT-training verbs to the CLI."""
@@ -23,6 +26,7 @@ def register(app: typer.Typer) -> None:
         parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model)."),
         output: Path = typer.Option(Path("output.glb"), "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
+        lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale (1 = off)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
@@ -41,7 +45,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--parts must be >= 1, got {parts}")
         dev = resolve_device(device)
         t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev)
+        pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev, lora=lora)
         if offload:
             pipe.enable_sequential_cpu_offload(dev)
         result = pipe(image, num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
@@ -61,7 +65,7 @@ def register(app: typer.Typer) -> None:
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
-        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export) and keep the image encoder frozen; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the adapter alone, for --lora) and keep the image encoder frozen; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
         from moca3d.training.train_dit import DiTTrainConfig
@@ -84,6 +88,7 @@ def register_evaluation(app: typer.Typer) -> None:
     def evaluate_model(
         data: Path = typer.Argument(..., help="Prepared dataset (moca3d prepare)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
+        lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT assets."),
         steps: int = typer.Option(STEPS, help="Sampling steps."),
@@ -110,10 +115,12 @@ def register_evaluation(app: typer.Typer) -> None:
         select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
         from moca3d.pipeline import MoCAPipeline  # slow to import (seconds)
 
-        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device))
+        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device), lora=lora)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
                                    reconstruct=reconstruct, shift=shift)
         result["model"] = str(model) if model is not None else "built-in"
+        if lora is not None:
+            result["lora"] = str(lora)
         if write_json(json_out, result):
             return
         echo_means(result["mean"], 12)

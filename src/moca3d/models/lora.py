@@ -4,16 +4,19 @@ One definition for the scene encoder (DESIGN.md §4: LoRA on the widened image e
 transformer (fine-tuning a large prior such as TripoSG on one GPU: the base weights get no gradients
 and no optimizer state). After `add_lora` only the adapters and the modules named in `train_full`
 train; `merge_lora` folds the adapters into their base layers, so the model saves and loads as a
-plain one.
+plain one. `save_adapter` / `read_adapter` keep what a fine-tune changed apart from its base (megabytes
+beside TripoSG's 6 GB), for `MoCAPipeline.from_pretrained(base, lora=folder)`.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Optional
 
 from torch import nn
 
-from moca3d.errors import ConfigError
+from moca3d.errors import CheckpointError, ConfigError
 
 LORA_ADAPTER = "default"
 
@@ -95,3 +98,48 @@ def trainable_summary(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(module.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter folders: what a LoRA fine-tune changed, applied later to the base it was trained from
+# ----------------------------------------------------------------------------------------------
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_targets(module: nn.Module) -> list[str]:
+    """Names of the layers of `module` that carry LoRA adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, m in module.named_modules() if isinstance(m, LoraLayer)]
+
+
+def save_adapter(folder: Path, module: nn.Module, config: dict) -> Path:
+    """Write `module`'s trainable tensors (adapters and fully trained parts) and `config`; the config last, so a
+    folder with it is complete."""
+    from moca3d.training.checkpoints import atomic_save_tensors, atomic_write_json
+
+    folder = Path(folder)
+    (folder / ADAPTER_CONFIG).unlink(missing_ok=True)  # over an earlier export: incomplete until the end
+    tensors = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    atomic_save_tensors(tensors, folder / ADAPTER_WEIGHTS)
+    atomic_write_json(config, folder / ADAPTER_CONFIG)
+    return folder
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict]:
+    """(config, tensors) of an adapter folder written by `save_adapter`; CheckpointError when it is not one."""
+    from moca3d.training.checkpoints import load_tensors
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(f"{folder}: not a LoRA adapter folder ({ADAPTER_CONFIG} missing)")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: corrupt JSON ({err})") from None
+    missing = [k for k in ("rank", "alpha", "target_modules", "train_full", "base_fingerprint") if k not in config]
+    if missing:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not a moca3d LoRA adapter (no {', '.join(missing)})")
+    return config, load_tensors(folder / ADAPTER_WEIGHTS)

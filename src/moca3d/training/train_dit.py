@@ -46,7 +46,7 @@ from moca3d.models.image_encoder import (
     preprocess_image,
     widen_input_channels,
 )
-from moca3d.models.lora import add_lora, merge_lora, trainable_summary
+from moca3d.models.lora import add_lora, lora_targets, merge_lora, save_adapter, trainable_summary
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
@@ -441,6 +441,13 @@ def _any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0)
 
 
+def adapter_config(cfg: DiTTrainConfig, model: Generator, frozen: Optional[dict]) -> dict[str, Any]:
+    """The adapter folder's config: how to inject the adapters again, and the base they belong to."""
+    return {"format": "moca3d-lora", "rank": cfg.transformer_lora_rank, "alpha": cfg.transformer_lora_alpha or cfg.transformer_lora_rank,
+            "target_modules": lora_targets(model.transformer), "train_full": list(PRIOR_FREE_MODULES),
+            "transformer_overrides": cfg.transformer, "base": str(cfg.init_from), "base_fingerprint": frozen}
+
+
 def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE, str, Path]) -> Path:
     """Write a complete pipeline folder with `vae` (a loaded VAE, or its folder)."""
     vae = vae if isinstance(vae, VecSetVAE) else VecSetVAE.from_pretrained(vae)
@@ -591,6 +598,8 @@ def train(
     if accelerator.is_main_process and vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
+        if cfg.transformer_lora_rank and not scene:  # what the fine-tune changed, apart from its base: OUT/lora
+            result["lora"] = str(save_adapter(out / "lora", final, adapter_config(cfg, final, frozen)))
         merge_lora(final)  # plain layers in the pipeline folder (a scene's 7-channel encoder, a LoRA-tuned transformer)
         result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae))
     return result
