@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import gradio as gr
 import numpy as np
+from gradio.data_classes import ImageData
 import pytest
 import torch
 import trimesh
@@ -110,6 +111,65 @@ def test_bad_uploads_get_one_line_errors(generator, tmp_path, monkeypatch):
     assert "the seed must be a whole number from 0 to" in _error_of(generator, EXAMPLE, seed=None)  # a cleared box
 
 
+def test_truncated_upload_is_named_without_the_server_folders(generator, tmp_path):
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(EXAMPLE.read_bytes()[: EXAMPLE.stat().st_size // 2])  # a valid header, half the pixels
+    message = _error_of(generator, truncated)
+    assert message == "cut.png cannot be read: the file is truncated or corrupt"  # not /tmp/gradio/<hash>/cut.png
+    labels = tmp_path / "labels.png"
+    labels.write_bytes(SCENE_MASKS.read_bytes()[: SCENE_MASKS.stat().st_size // 2])
+    assert _scene_error_of(generator, SCENE, labels) == "labels.png cannot be read: the file is truncated or corrupt"
+
+
+def test_guidance_is_checked_like_the_other_settings(generator):
+    for guidance in (None, float("nan"), 1e9, 0.5, "3"):  # cleared, not finite, off the slider's range, not a number
+        with pytest.raises(gr.Error, match="the guidance scale must be a number from 1 to 15"):
+            generator.generate(EXAMPLE, PARTS, steps=1, guidance=guidance)
+    with pytest.raises(gr.Error, match="the guidance scale must be a number"):
+        generator.generate_scene(SCENE, SCENE_MASKS, steps=1, guidance=None)
+
+
+def test_uploads_pil_cannot_open_reach_the_handler(generator, tmp_path, monkeypatch):
+    """gr.Image opens every upload with PIL before the handler runs: a text file or a HEIC photo would end there
+    with a bare "Error" on the page. image_upload passes it on, and the handler names the problem."""
+    upload = demo_app.image_upload(type="filepath", image_mode=None)
+    assert upload.get_block_name() == "image"  # a plain gr.Image on the page
+    assert not Path(demo_app.__file__).with_suffix(".pyi").exists()  # no gradio stub written into the package
+    heic = tmp_path / "photo.heic"
+    heic.write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    path = upload.preprocess(ImageData(path=str(heic), orig_name=heic.name))
+    assert path == str(heic)
+    assert "photo.heic is not a PNG, JPEG or WebP image" in _error_of(generator, path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses to open it at all: a decompression bomb
+    path = upload.preprocess(ImageData(path=str(EXAMPLE), orig_name=EXAMPLE.name))
+    assert path == str(EXAMPLE) and "chair.png is too large" in _error_of(generator, path)
+    monkeypatch.undo()
+    assert upload.preprocess(ImageData(path=str(EXAMPLE), orig_name=EXAMPLE.name)) == str(EXAMPLE)
+    assert upload.preprocess(None) is None
+
+
+class _Exhausted:
+    """A stand-in pipeline whose generation fails as a GPU or CPU running out of memory does (or with `error`)."""
+
+    def __init__(self, pipeline, error):
+        self.transformer, self.error = pipeline.transformer, error
+
+    def __call__(self, *args, **kwargs):
+        raise self.error
+
+
+def test_out_of_memory_is_one_line(generator, tmp_path):
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")):
+        exhausted = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION, output_dir=tmp_path)
+        exhausted.pipeline = _Exhausted(generator.pipeline, error)
+        message = _error_of(exhausted, EXAMPLE)
+        assert message == f"out of memory: generate fewer parts, or restart the demo with a lower --resolution (now {RESOLUTION})"
+    exhausted.pipeline = _Exhausted(generator.pipeline, RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else is not dressed up as memory
+        exhausted.generate(EXAMPLE, PARTS, steps=1)
+
+
 def _scene_error_of(generator, image, masks) -> str:
     """The one-line gr.Error message the scene handler raises for these uploads."""
     with pytest.raises(gr.Error) as info:
@@ -183,6 +243,19 @@ def test_handler_writes_a_glb_with_named_parts(generator, tmp_path, monkeypatch)
     assert sorted(p.name for p in generator.output_dir.glob("*.glb")) == sorted(["old.glb", Path(download).name])
     assert _nodes(download, "part_") == {f"part_{i:02d}" for i in range(PARTS)}
     assert summary.startswith(f"{PARTS} parts")
+    assert generator.generate(EXAMPLE, 1, seed=1, steps=1)[2].startswith("1 part in")
+
+
+def test_demo_cleans_up_its_temporary_files(generator, pipeline_dir, tmp_path):
+    own = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION)  # no output folder given: a temporary one
+    assert own.output_dir.is_dir()
+    own.remove_output_dir()  # what happens when the demo stops
+    assert not own.output_dir.exists()
+    given = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION, output_dir=tmp_path / "mine")
+    assert not hasattr(given, "remove_output_dir")  # a folder the user named is theirs
+    # gradio keeps a copy of every upload and result; without delete_cache it never deletes one
+    demo = demo_app.build_app(pipeline_dir, device="cpu", resolution=RESOLUTION, output_dir=tmp_path, scenes=False)
+    assert demo.delete_cache == (demo_app.CACHE_CHECK_SECONDS, demo_app.CACHE_SECONDS)
 
 
 def _elem_ids(demo) -> set:
@@ -204,6 +277,10 @@ def test_scene_tab_defaults_to_the_scene_guidance(pipeline_dir, scene_pipeline_d
     blocks = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     assert {"scene-tab", "scene-masks", "scene-generate-button"} <= set(blocks)
     assert blocks["scene-guidance"].value == SCENE_GUIDANCE and blocks["guidance"].value == GUIDANCE
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    for name in ("input-image", "scene-image"):  # both tabs pass an unreadable upload on to their handler
+        assert blocks[name].preprocess(ImageData(path=str(text), orig_name=text.name)) == str(text)
 
 
 def test_missing_builtin_model_names_the_fix(tmp_path, monkeypatch):
@@ -215,8 +292,32 @@ def test_missing_builtin_model_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_app, "DEFAULT_SCENE_MODEL_DIR", tmp_path / "scene")
     assert demo_app.resolve_scene_model(None) is None  # no built-in scene model: no scene tab, no error
     assert demo_app.resolve_scene_model(tmp_path, enabled=False) is None
-    help_text = CliRunner().invoke(app, ["demo", "--help"]).output
+    help_text = CliRunner().invoke(app, ["demo", "--help"], env={"COLUMNS": "200"}).output
     assert all(flag in help_text for flag in ("--model", "--port", "127.0.0.1", "--scene-model", "--no-scenes"))
+    assert f"at most {demo_app.MAX_UPLOAD_MB} MB and {demo_app.MAX_PIXELS / 1e6:.1f} megapixels" in help_text
+    assert "one binary mask per instance -> one mesh per instance" in help_text  # one paragraph, not broken mid-sentence
+
+
+def test_busy_port_or_foreign_host_fails_before_loading(tmp_path):
+    from moca3d.cli import app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["demo", "--model", str(tmp_path / "absent"), "--port", str(port)])
+    assert isinstance(result.exception, ConfigError)  # not gradio's OSError about `server_port` and `launch()`
+    assert str(result.exception) == f"port {port} is in use (another demo running?): pass another --port"
+    result = CliRunner().invoke(app, ["demo", "--model", str(tmp_path / "absent"), "--host", "192.0.2.1", "--port", str(_free_port())])
+    assert isinstance(result.exception, ConfigError) and "cannot listen on 192.0.2.1" in str(result.exception)
+
+
+def test_the_printed_address_can_be_opened():
+    from moca3d.commands.demo import page_url
+
+    assert page_url("127.0.0.1", 7860) == "http://127.0.0.1:7860"
+    assert page_url("0.0.0.0", 7860).startswith("http://127.0.0.1:7860 ")  # every interface: browse to this computer
+    assert page_url("::1", 8000) == "http://[::1]:8000"
 
 
 def _free_port() -> int:

@@ -2,8 +2,9 @@
 
 Two tabs: an object (image -> N coloured part meshes) and, when a scene model is available, a scene
 (image + a label map or binary masks -> one mesh per instance). Each pipeline is loaded once; a queue runs one
-generation at a time. Generated GLBs go to a temporary folder. gradio is an optional dependency
-(`pip install 'moca3d[demo]'`).
+generation at a time. Generated GLBs go to a temporary folder that keeps the newest KEPT_OUTPUTS and is removed when
+the demo stops; gradio's own copies of uploads and results are deleted CACHE_SECONDS after they were made, and all
+of them when the server stops. gradio is an optional dependency (`pip install 'moca3d[demo]'`).
 """
 
 from __future__ import annotations
@@ -12,25 +13,26 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry, no version check
 
+import math
 import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Optional, Union
 
 import gradio as gr
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from moca3d.commands.common import resolve_device
-from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION
+from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
-from moca3d.errors import ConfigError, InputError, MoCA3DError
+from moca3d.errors import ConfigError, InputError, MoCA3DError, out_of_memory
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 
-MAX_UPLOAD_MB = 10
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
-MAX_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
 ALLOWED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # PIL format name -> the name users read
 LABEL_MAP_FORMATS = {"PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF"}  # lossless only: a JPEG would smear the instance ids
 BINARY_MASK_FORMATS = {**LABEL_MAP_FORMATS, **ALLOWED_FORMATS}  # thresholded, so a lossy one is fine
@@ -45,6 +47,8 @@ GUIDANCE_STEP = 0.5
 DEFAULT_SEED = 0
 MAX_SEED = 2**31 - 1
 KEPT_OUTPUTS = 64  # the demo's newest GLBs kept in its output folder; older ones are deleted
+CACHE_SECONDS = 3600  # gradio's copies of uploads and results are deleted this long after they were made
+CACHE_CHECK_SECONDS = 600  # how often gradio looks for such files (and it deletes them all when the server stops)
 QUEUE_SIZE = 16  # waiting requests beyond this are turned away
 QUEUE_ID = "generation"  # object and scene generations share one queue: one at a time in all
 TITLE = "moca3d: one image -> N part (or instance) meshes"
@@ -84,17 +88,39 @@ def check_upload(image_path: Union[str, Path, None], what: str = "an image", for
     if size > MAX_UPLOAD_BYTES:
         raise InputError(f"{path.name} is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB")
     try:
-        with Image.open(path) as im:  # reads the header only
+        with Image.open(path) as im:  # reads the header
             image_format, (width, height) = im.format, im.size
+            if image_format not in formats:
+                raise InputError(f"{path.name} is not a {kinds} image")
+            if width * height > MAX_PIXELS:
+                raise InputError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.1f} megapixels")
+            im.load()  # decodes the pixels: a truncated or corrupt file fails here, named without the server's folders
+    except InputError:
+        raise
     except Image.DecompressionBombError:
-        raise InputError(f"{path.name} is too large: the limit is {MAX_PIXELS / 1e6:.0f} megapixels") from None
-    except (UnidentifiedImageError, OSError):
-        image_format, width, height = None, 0, 0
-    if image_format not in formats:
-        raise InputError(f"{path.name} is not a {kinds} image")
-    if width * height > MAX_PIXELS:
-        raise InputError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels")
+        raise InputError(f"{path.name} is too large: the limit is {MAX_PIXELS / 1e6:.1f} megapixels") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path.name} is not a {kinds} image") from None
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for broken data (SyntaxError: some malformed headers)
+        raise InputError(f"{path.name} cannot be read: the file is truncated or corrupt") from None
     return path
+
+
+def image_upload(**options) -> gr.Image:
+    """A gr.Image that hands an upload PIL cannot open (a text file, HEIC, a decompression bomb) to the handler as its
+    path, so that check_upload names the problem in one line; a plain gr.Image fails before the handler, with a bare
+    "Error" on the page. (Not a gr.Image subclass: gradio writes a .pyi stub beside the module of every subclass.)"""
+    image = gr.Image(**options)
+    strict = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return strict(payload)
+        except (OSError, ValueError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+            return getattr(payload, "path", None)
+
+    image.preprocess = preprocess  # gradio calls the instance's preprocess on every event
+    return image
 
 
 def whole_number(value, name: str, low: int, high: int) -> int:
@@ -102,6 +128,13 @@ def whole_number(value, name: str, low: int, high: int) -> int:
     if not isinstance(value, (int, float)) or not low <= value <= high or int(value) != value:  # None, NaN, inf, 2.5
         raise InputError(f"{name} must be a whole number from {low} to {high}, got {value}")
     return int(value)
+
+
+def guidance_scale(value, low: float = 1.0, high: float = MAX_GUIDANCE) -> float:
+    """A form value as a guidance scale in [low, high] (the slider's range); InputError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise InputError(f"the guidance scale must be a number from {low:g} to {high:g}, got {value}")
+    return float(value)
 
 
 def gather_masks(uploads, folder: Path) -> Path:
@@ -137,8 +170,12 @@ class DemoGenerator:
         self.pipeline = pipeline
         self.scene_pipeline = scene_pipeline
         self.resolution = resolution
-        self.output_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="moca3d-demo-"))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if output_dir is None:  # our own temporary folder: removed when the demo stops
+            self.output_dir = Path(tempfile.mkdtemp(prefix="moca3d-demo-"))
+            self.remove_output_dir = weakref.finalize(self, shutil.rmtree, self.output_dir, ignore_errors=True)
+        else:
+            self.output_dir = Path(output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def max_parts(self) -> int:
@@ -151,7 +188,7 @@ class DemoGenerator:
             path = check_upload(image_path)
             return self.pipeline(
                 path, num_parts=whole_number(num_parts, "the number of parts", 1, self.max_parts),
-                steps=whole_number(steps, "the number of steps", 1, MAX_STEPS), guidance=float(guidance),
+                steps=whole_number(steps, "the number of steps", 1, MAX_STEPS), guidance=guidance_scale(guidance),
                 seed=whole_number(seed, "the seed", 0, MAX_SEED),
                 resolution=self.resolution, show_progress=False,
             )
@@ -168,7 +205,7 @@ class DemoGenerator:
             image = check_upload(image_path, "a scene image")
             return self.scene_pipeline.generate_scene(
                 image, gather_masks(masks, folder), steps=whole_number(steps, "the number of steps", 1, MAX_STEPS),
-                guidance=float(guidance), seed=whole_number(seed, "the seed", 0, MAX_SEED),
+                guidance=guidance_scale(guidance), seed=whole_number(seed, "the seed", 0, MAX_SEED),
                 resolution=self.resolution, show_progress=False,
             )
         try:
@@ -184,11 +221,21 @@ class DemoGenerator:
             glb = result.save(self.output_dir / f"{kind}-{uuid.uuid4().hex[:12]}.glb")
         except MoCA3DError as err:
             raise gr.Error(str(err), print_exception=False) from None
+        except (MemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # so that a smaller request can still run
+            raise gr.Error(
+                f"out of memory: generate fewer {kind}, or restart the demo with a lower --resolution (now {self.resolution})",
+                print_exception=False,
+            ) from None
         for old in sorted(self.output_dir.glob("*.glb"), key=lambda p: p.stat().st_mtime)[:-KEPT_OUTPUTS]:
             old.unlink(missing_ok=True)  # gradio serves its own copy of each result
         empty = sum(1 for mesh in result.meshes if len(mesh.faces) == 0)
         note = f" ({empty} empty)" if empty else ""
-        summary = f"{len(result.meshes)} {kind}{note} in {time.time() - started:.1f} s: {', '.join(result.names)}"
+        count = len(result.meshes)
+        summary = f"{count} {kind if count != 1 else kind[:-1]}{note} in {time.time() - started:.1f} s: {', '.join(result.names)}"
         return str(glb), str(glb), summary
 
 
@@ -225,7 +272,7 @@ def _object_tab(handler: DemoGenerator, default_steps: int) -> None:
     )
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image")
+            image = image_upload(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image")
             parts = gr.Slider(
                 1, handler.max_parts, value=min(DEFAULT_PARTS, handler.max_parts), step=1,
                 label=f"Number of parts (this model: at most {handler.max_parts})", elem_id="num-parts",
@@ -250,7 +297,7 @@ def _scene_tab(handler: DemoGenerator, default_steps: int) -> None:
     )
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Scene image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="scene-image")
+            image = image_upload(label="Scene image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="scene-image")
             masks = gr.File(label="Label map, or one binary mask per instance", file_count="multiple", file_types=MASK_EXTENSIONS,
                             elem_id="scene-masks")
             settings = _settings(default_steps, SCENE_GUIDANCE, "scene-")
@@ -274,7 +321,7 @@ def build_app(
     scene_dir = resolve_scene_model(scene_model_path, scenes)
     scene_pipeline = MoCAPipeline.from_pretrained(scene_dir, device=device) if scene_dir is not None else None
     handler = DemoGenerator(pipeline, resolution, output_dir, scene_pipeline)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(CACHE_CHECK_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown(f"## {TITLE}")
         with gr.Tab("Object", id="object"):
             _object_tab(handler, default_steps)

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from moca3d.errors import MoCA3DError
+from moca3d.errors import MoCA3DError, out_of_memory
 
 app = typer.Typer(
     name="moca3d",
@@ -77,10 +77,3 @@ def main() -> None:
         detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         typer.secho(f"error: out of memory ({detail}): lower the batch size, resolution or point count", fg=typer.colors.RED, err=True)
         sys.exit(2)
-
-
-def out_of_memory(err: BaseException) -> bool:
-    """True for an allocation failure: MemoryError, torch.OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    text = str(err)
-    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text \
-        or "out of memory" in text.lower()

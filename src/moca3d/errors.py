@@ -28,3 +28,10 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     text = lines[0].strip() if lines else ""
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return text if isinstance(err, MoCA3DError) else f"{type(err).__name__}: {text}"
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """True for an allocation failure: MemoryError, torch.OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    text = str(err)
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text \
+        or "out of memory" in text.lower()

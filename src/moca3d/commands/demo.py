@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +15,32 @@ from moca3d.errors import ConfigError
 DEFAULT_HOST = "127.0.0.1"  # this computer only, unless the user asks for another interface
 DEFAULT_PORT = 7860
 DEFAULT_RESOLUTION = 128  # marching-cubes grid per part
+MAX_UPLOAD_MB = 10  # the upload limits, named in the help below
+MAX_PIXELS = 4096 * 4096  # 16.8 megapixels; larger images are refused before they are decoded
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail in one line, before any model is loaded, if the page cannot be served on host:port (a port in use, an
+    address that is not this computer's); gradio's own message would name its Python API and come after the loading."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError(f"--host {host} is not a known address: use 127.0.0.1 (this computer only) or 0.0.0.0 (your network)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does: a just-closed port is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} is in use (another demo running?): pass another --port") from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}): check --host and --port") from None
+
+
+def page_url(host: str, port: int) -> str:
+    """The address to open in a browser: 0.0.0.0 or :: listen on every interface but are no address to browse to."""
+    if host in ("0.0.0.0", "::", ""):
+        return f"http://127.0.0.1:{port} (from other computers: http://THIS-COMPUTER'S-ADDRESS:{port})"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def register(app: typer.Typer) -> None:
@@ -37,20 +65,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Start a local web page: upload an image, choose the number of parts, and view / download the GLB.
 
-        A second tab generates scenes: a scene image plus a label map (one id per instance) or one binary mask per
-        instance -> one mesh per instance.
+        A second tab generates scenes: a scene image plus a label map (one id per instance) or one binary mask per instance -> one mesh per instance.
 
-        Needs the optional web dependencies: pip install 'moca3d\\[demo]'. Example:
+        Uploads: PNG, JPEG or WebP images of at most 10 MB and 16.8 megapixels (4096x4096). Needs the optional web dependencies: pip install 'moca3d\\[demo]'. Example:
 
-            moca3d demo --model runs/dit/pipeline      # then open http://127.0.0.1:7860
+            moca3d demo --model runs/dit/pipeline
 
-        Stop it with Ctrl+C.
+        then open http://127.0.0.1:7860 in a browser. Stop it with Ctrl+C.
         """
         if not 0 < port < 65536:
             raise ConfigError(f"--port must be from 1 to 65535, got {port}")
         from moca3d.defaults import check_resolution
 
         check_resolution(resolution)  # before any model is loaded
+        check_address(host, port)
         try:
             import gradio  # noqa: F401
         except ImportError:
@@ -58,6 +86,6 @@ def register(app: typer.Typer) -> None:
         from moca3d.app import launch, resolve_model
 
         resolve_model(model)  # a missing built-in model fails here, in one line
-        typer.echo(f"loading the model; the page will be at http://{host}:{port}")
+        typer.echo(f"loading the model; the page will be at {page_url(host, port)}")
         launch(model, host=host, port=port, share=share, device=device, resolution=resolution, scene_model_path=scene_model,
                scenes=scenes)
