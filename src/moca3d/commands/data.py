@@ -11,7 +11,7 @@ from moca3d.commands.common import check_run_folder, write_json
 
 
 def prepare_command(
-    input: Optional[Path] = typer.Argument(None, help="Folder of meshes: each file (components = scene nodes) or sub-folder (one file per component) is an asset."),
+    input: Optional[Path] = typer.Argument(None, help="Folder of meshes: each file (components = scene nodes) or sub-folder (one file per component, or a PartNet annotation folder: result.json + objs/) is an asset."),
     out: Path = typer.Option(..., "--output", "--out", "-o", help="Dataset root to create or resume."),
     procedural: Optional[str] = typer.Option(None, help="Generate 'objects' or 'scenes' instead of reading INPUT."),
     count: int = typer.Option(100, help="Number of procedural assets."),
@@ -25,6 +25,7 @@ def prepare_command(
     max_components: int = typer.Option(32, help="Assets with more components are skipped."),
     scene_objects: tuple[int, int] = typer.Option((2, 16), help="Procedural scenes: min and max objects per scene (up to 32)."),
     connected: bool = typer.Option(False, "--connected", help="Split file assets into connected components."),
+    partnet_level: int = typer.Option(1, "--partnet-level", help="PartNet folders (e.g. PartNet/data_v0): a part is a node this deep in result.json's hierarchy (1: the root's children, such as a chair's back, seat, base and arms; 0: the whole object)."),
     kind: str = typer.Option("object", help="For file assets: 'object' (random view) or 'scene' (isometric, floor)."),
     val_fraction: float = typer.Option(0.05, help="Share of assets in the val split."),
     test_fraction: float = typer.Option(0.05, help="Share of assets in the test split."),
@@ -44,7 +45,7 @@ def prepare_command(
         surface=SurfaceSamplingConfig(num_points=num_surface, sharp_fraction=sharp_fraction),
         queries=QueryConfig(num_queries=num_queries),
         render=RenderConfig(size=image_size),
-        max_components=max_components, connected=connected, kind=kind, scene_objects=tuple(scene_objects),
+        max_components=max_components, connected=connected, partnet_level=partnet_level, kind=kind, scene_objects=tuple(scene_objects),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from moca3d.data.partnet import MAX_LEVEL, is_partnet, load_partnet
+from moca3d.data.partnet import category as partnet_category
 from moca3d.data.procedural import check_scene_objects
 from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.inside import QueryConfig, sample_queries
@@ -59,6 +61,7 @@ class PrepareConfig:
     max_components: int = 32
     scene_objects: tuple[int, int] = (2, 16)  # procedural scenes: min and max objects per scene
     connected: bool = False  # split file assets into connected components
+    partnet_level: int = 1  # PartNet folders: the parts are the hierarchy's nodes this deep (moca3d.data.partnet)
     kind: str = "object"  # for file assets: "object" (random view) or "scene" (isometric, floor)
     val_fraction: float = 0.05
     test_fraction: float = 0.05
@@ -85,6 +88,8 @@ class PrepareConfig:
         if self.kind not in ("object", "scene"):
             raise ConfigError(f"--kind must be 'object' or 'scene', got '{self.kind}'")
         check_scene_objects(*self.scene_objects)
+        if not 0 <= self.partnet_level <= MAX_LEVEL:
+            raise ConfigError(f"--partnet-level must be between 0 and {MAX_LEVEL}, got {self.partnet_level}")
 
     def shared(self) -> dict:
         """The settings every asset of one dataset folder must share (samples, queries, renders, splits), flat."""
@@ -139,6 +144,8 @@ def folder_jobs(folder: str | Path) -> list[Job]:
         raise InputError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of meshes")
+    if is_partnet(folder):  # one PartNet annotation folder given itself, not its parent (data_v0)
+        return [Job(_safe_id(folder.name), str(folder))]
     jobs, seen = [], set()
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
@@ -194,10 +201,15 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
         asset = generate(kind, int(seed), int(index), **extra)
         validate_components(asset.meshes, asset.names, config.max_components, label=job.id)
         return asset.meshes, asset.names, asset.colors, asset.kind, asset.category
-    meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)
+    if is_partnet(job.source):  # a PartNet annotation folder: its hierarchy's parts, its category
+        meshes, names = load_partnet(job.source, config.partnet_level, config.connected, config.max_components)
+        label = partnet_category(job.source) or "mesh"
+    else:
+        meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)
+        label = "mesh"
     fallback = palette(len(meshes))
     colors = np.stack([c if (c := main_color(m)) is not None else fallback[i] for i, m in enumerate(meshes)])
-    return meshes, names, colors, config.kind, "mesh"
+    return meshes, names, colors, config.kind, label
 
 
 def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
@@ -297,7 +309,9 @@ def check_settings(root: Path, config: PrepareConfig, vary: tuple[str, ...] = ()
         except json.JSONDecodeError:
             recorded = None  # cut by a kill: written again below
         if isinstance(recorded, dict):
-            changed = [k for k in sorted(set(recorded) | set(shared)) if recorded.get(k) != shared.get(k) and k not in vary]
+            defaults = PrepareConfig().shared()  # a setting added after the dataset was made: recorded at its default
+            changed = [k for k in sorted(set(recorded) | set(shared))
+                       if recorded.get(k, defaults.get(k)) != shared.get(k) and k not in vary]
             if changed:
                 diff = ", ".join(f"{k} {recorded.get(k)} -> {shared.get(k)}" for k in changed[:3])
                 raise ConfigError(f"{root} was prepared with other settings ({diff}): its assets would mix them; "

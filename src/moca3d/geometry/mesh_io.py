@@ -287,10 +287,16 @@ def load_components(
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     meshes, names = load_folder(path) if path.is_dir() else load_file(path)
+    return finish_components(meshes, names, connected, max_components, label=path.name)
+
+
+def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected: bool = False, max_components: int | None = None,
+                      label: str = "asset") -> tuple[list[trimesh.Trimesh], list[str]]:
+    """An asset's loaded components, split into connected pieces if asked, uniquely named and validated."""
     if connected:
         meshes, names = split_connected(meshes, names)
     names = _unique_names(names)
-    validate_components(meshes, names, max_components, label=path.name)
+    validate_components(meshes, names, max_components, label=label)
     return meshes, names
 
 

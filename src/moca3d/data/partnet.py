@@ -1,0 +1,89 @@
+"""PartNet annotation folders as part assets: `moca3d prepare PartNet/data_v0 -o data/partnet`.
+
+One PartNet asset is a folder (data_v0/<anno_id>/) holding
+    result.json   the part hierarchy: a list of root nodes {"name", "text", "id", "children": [...]},
+                  a node's meshes in "objs" (names of objs/<name>.obj), at least at its leaves
+    objs/         one OBJ per annotated piece of geometry
+    meta.json     {"model_cat": "Chair", ...} (optional here)
+A part of the asset is a node of the hierarchy at depth `level` below the root (1: the root's children,
+e.g. a chair's back, seat, base and arms), with every mesh of its subtree; a branch that ends above that
+depth is one part. Depth 0 is the whole object as one part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trimesh
+
+from moca3d.errors import InputError
+from moca3d.geometry.mesh_io import finish_components, fuse, load_file
+
+RESULT, OBJS, META = "result.json", "objs", "meta.json"
+MAX_LEVEL = 16  # PartNet's hierarchies are at most a handful of levels deep
+
+
+def is_partnet(path: str | Path) -> bool:
+    """True for a PartNet annotation folder (result.json beside an objs/ folder)."""
+    path = Path(path)
+    return path.is_dir() and (path / RESULT).is_file() and (path / OBJS).is_dir()
+
+
+def read_tree(folder: Path) -> list[dict]:
+    """The root nodes of the folder's result.json; InputError when it is not a PartNet hierarchy."""
+    try:
+        tree = json.loads((folder / RESULT).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{folder.name}: unreadable {RESULT} ({err})") from None
+    tree = [tree] if isinstance(tree, dict) else tree
+    if not isinstance(tree, list) or not tree or not all(isinstance(node, dict) for node in tree):
+        raise InputError(f"{folder.name}: {RESULT} is not a PartNet hierarchy (a list of part nodes)")
+    return tree
+
+
+def node_objs(node: dict) -> list[str]:
+    """The mesh names of a node's whole subtree (its own "objs" and its descendants'), each once, in order."""
+    names = list(node.get("objs") or [])
+    for child in node.get("children") or []:
+        names += node_objs(child)
+    return list(dict.fromkeys(names))
+
+
+def parts_at(tree: list[dict], level: int) -> list[dict]:
+    """The nodes `level` steps below the roots, and the leaves of branches that end above that depth."""
+    nodes = list(tree)
+    for _ in range(level):
+        nodes = [child for node in nodes for child in (node.get("children") or [node])]
+    return nodes
+
+
+def category(folder: str | Path) -> str | None:
+    """The object's category from meta.json ("model_cat"), or None."""
+    try:
+        meta = json.loads((Path(folder) / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return str(meta["model_cat"]) if isinstance(meta, dict) and meta.get("model_cat") else None
+
+
+def load_partnet(folder: str | Path, level: int = 1, connected: bool = False,
+                 max_components: int | None = None) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """Components (one per part at `level`, its meshes fused) and their names, validated as any asset's."""
+    folder = Path(folder)
+    if not 0 <= level <= MAX_LEVEL:
+        raise InputError(f"PartNet level must be between 0 and {MAX_LEVEL}, got {level}")
+    meshes, names = [], []
+    for node in parts_at(read_tree(folder), level):
+        objs = node_objs(node)
+        if not objs:
+            raise InputError(f"{folder.name}: part '{node.get('name', '?')}' (id {node.get('id', '?')}) lists no meshes")
+        pieces = []
+        for obj in objs:
+            path = folder / OBJS / f"{obj}.obj"
+            if not path.is_file():
+                raise InputError(f"{folder.name}: {OBJS}/{obj}.obj, named by {RESULT}, is missing")
+            pieces += load_file(path)[0]
+        meshes.append(fuse(pieces))
+        names.append(str(node.get("name") or node.get("text") or f"part{node.get('id', len(names))}"))
+    return finish_components(meshes, names, connected, max_components, label=folder.name)
