@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this VAE folder (fine-tune)."),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only: latents cached with --init-from's VAE (and transformers trained on them) stay valid."),
     ) -> None:
-        """Train the vecset VAE on part meshes (SDF + KL loss, EMA, checkpoints, validation)."""
+        """Train the vecset VAE on part meshes (SDF + KL loss, EMA, checkpoints, validation; torchrun / accelerate launch: many GPUs)."""
         from moca3d.training.train_vae import VAETrainConfig, train_vae
 
         cfg = VAETrainConfig.from_json(config) if config is not None else VAETrainConfig()
@@ -93,6 +93,8 @@ def register(app: typer.Typer) -> None:
         cfg.check()
         check_run_folder(out_dir)
         summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
+        if summary.get("writer") is False:  # a further process of a multi-process launch: the first one reports
+            return
         typer.echo(f"trained {summary['steps']} steps in {summary['train_time_s'] / 60:.1f} min; weights in {out_dir / 'vae'}")
         for k, v in summary.get("val", {}).items():
             typer.echo(f"  val {k}: {v:.4f}")

@@ -16,6 +16,7 @@ exactly the run that was not interrupted.
 from __future__ import annotations
 
 import json
+import os
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small
     "init_std": 0.06,  # 0.02 (GPT-2's) is too small at width 128: attention stays uniform for hundreds of steps
 }
 SEED_STRIDE = 1_000_003  # mixes (seed, step) into one generator seed
+RANK_SEED_OFFSET = 7_919  # process r > 0 of a multi-process run draws its loss noise from seed + offset * (r + 1)
 VAL_SEED = 12345  # fixed seed of the deterministic surface subsets used to encode
 LATENT_STAT_COMPONENTS = 2048  # training parts whose latents set the shift/scaling factors
 
@@ -416,9 +418,49 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+class VAELoss(torch.nn.Module):
+    """`vae_loss` as a module's forward: what DistributedDataParallel wraps in a multi-process run."""
+
+    def __init__(self, vae: VecSetVAE, cfg: VAETrainConfig):
+        super().__init__()
+        self.vae = vae
+        self.cfg = cfg
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, stats) of one batch."""
+        return vae_loss(self.vae, batch, self.cfg)
+
+
+def launched_processes(device: str):
+    """(accelerate's PartialState, this process's device) when launched as several processes (`accelerate launch`,
+    torchrun: WORLD_SIZE > 1), else (None, `device`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, torch.device(device)
+    from accelerate import PartialState  # not an Accelerator: its mixed precision would bind the DiT run after this one
+
+    state = PartialState(cpu=torch.device(device).type == "cpu")
+    return state, state.device
+
+
+def process_rows(batch: dict[str, Any], cfg: VAETrainConfig, step: int, rank: int, world: int) -> dict[str, Any]:
+    """Process `rank`'s share of a global batch (rows rank*B/world ...), with its own generator for the loss's draws."""
+    if world == 1:
+        return batch
+    local = cfg.batch_size // world
+    rows = slice(rank * local, (rank + 1) * local)
+    share = {k: (v[rows] if torch.is_tensor(v) else tuple(t[rows] for t in v) if isinstance(v, tuple) else v)
+             for k, v in batch.items()}
+    share["generator"] = step_generator(cfg.seed + RANK_SEED_OFFSET * (rank + 1), step)
+    return share
+
+
 def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, resume: bool = False,
               device: str = "cpu", progress: bool = True, validate_at_end: bool = True) -> dict[str, Any]:
-    """Train (or resume) a VAE; writes checkpoints, logs and OUT/vae (EMA weights, diffusers folder)."""
+    """Train (or resume) a VAE; writes checkpoints, logs and OUT/vae (EMA weights, diffusers folder).
+
+    Launched as several processes (`accelerate launch`, torchrun) it trains data-parallel: each process takes its
+    share of every global batch, gradients are averaged, and the first process alone writes.
+    """
     out_dir = Path(out_dir)
     train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
     assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
@@ -426,14 +468,18 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     val_arrays = load_split(data_dir, "val") if has_val else None
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    dev = torch.device(device)
+    processes, dev = launched_processes(device)
+    world, rank = (processes.num_processes, processes.process_index) if processes else (1, 0)
+    main = rank == 0
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    say = print if main else (lambda *args: None)
     torch.manual_seed(cfg.seed)
     model = build_vae(cfg)
     frozen = frozen_fingerprint(model)  # a frozen encoder stays out of the checkpoints: a resume reloads it from init_from
     model = model.to(dev)
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, decay=cfg.ema_decay)
-    out_dir.mkdir(parents=True, exist_ok=True)
     start, elapsed = 0, 0.0
     ckpt = latest_checkpoint(out_dir) if resume else None
     log_path = out_dir / "log.jsonl"
@@ -442,17 +488,23 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), assets, out_dir, data_dir)
         if (out_dir / "train_config.json").is_file():
-            check_resume(out_dir / "train_config.json", cfg, print)
-        print(f"resumed from {ckpt} (step {start})")
-        trim_log(log_path, start)  # lines logged after that checkpoint are logged again
+            check_resume(out_dir / "train_config.json", cfg, say)
+        say(f"resumed from {ckpt} (step {start})")
+        if main:
+            trim_log(log_path, start)  # lines logged after that checkpoint are logged again
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or use a new directory")
-    else:
+    elif main:
+        out_dir.mkdir(parents=True, exist_ok=True)
         record_run_config(out_dir / "train_config.json", cfg.to_dict())
         trim_log(log_path, 0)  # a run cut before its first checkpoint starts again: so does its log
+    loss_fn = VAELoss(model, cfg)
+    if processes:  # gradients averaged over the processes during backward
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[dev.index] if dev.type == "cuda" else None)
+        processes.wait_for_everyone()  # no process reads the run folder before the first has set it up
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train-vae", dynamic_ncols=True)
@@ -463,9 +515,9 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = make_batch(train, cfg, step, model.config.truncation)
+        batch = process_rows(make_batch(train, cfg, step, model.config.truncation), cfg, step, rank, world)
         batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        loss, stats = vae_loss(model, batch, cfg)
+        loss, stats = loss_fn(batch)
         if not torch.isfinite(loss):
             raise ConfigError(f"non-finite loss at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -473,6 +525,10 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
         ema.update(model)
+        if processes:  # the processes' mean of each statistic
+            values = torch.tensor(list(stats.values()), device=dev)
+            torch.distributed.all_reduce(values)
+            stats = dict(zip(stats, (values / world).tolist()))
         done = step + 1
         for k, v in stats.items():
             running[k] = running.get(k, 0.0) + v
@@ -483,8 +539,11 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         if done % cfg.log_every == 0 or done == cfg.steps:
             record = {"step": done, "lr": lr_at(step, cfg), "elapsed_s": elapsed + time.time() - t0}
             record.update({k: v / running_steps for k, v in running.items()})
-            _append_jsonl(log_path, record)
+            if main:
+                _append_jsonl(log_path, record)
             running, running_steps = {}, 0
+        if not main:  # checkpoints, validation and logs are the first process's
+            continue
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0, "data": data_identity(assets)},
                             keep_last=cfg.keep_checkpoints, frozen=frozen)
@@ -502,11 +561,15 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         bar.close()
     train_time = elapsed + time.time() - t0
     final = VecSetVAE(**cfg.model)
-    ema.copy_to(final)
+    ema.copy_to(final)  # every process: the same weights (averaged gradients), written by the first
+    if processes:
+        processes.wait_for_everyone()
+    summary: dict[str, Any] = {"steps": cfg.steps, "train_time_s": train_time, "processes": world}
+    if not main:
+        return {**summary, "writer": False}  # the first process reports
     if not cfg.freeze_encoder:  # a frozen encoder keeps init_from's factors (in cfg.model)
         fit_latent_scale(final, train, cfg)
     final.save_pretrained(out_dir / "vae", safe_serialization=True)
-    summary: dict[str, Any] = {"steps": cfg.steps, "train_time_s": train_time}
     if has_val and validate_at_end:
         summary["val"] = validate(final.to(dev), data_dir, cfg)
         _append_jsonl(log_path, {"step": cfg.steps, "val": summary["val"], "final": True})

@@ -1,0 +1,55 @@
+"""train-vae launched as two processes (gloo on the CPU, as `accelerate launch` / torchrun would start it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from test_vae import make_dataset, tiny_train_config
+
+from moca3d.models.vae import VecSetVAE
+from moca3d.training.checkpoints import EMA, latest_checkpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, root, out, weights):
+    """One process of the launch: the environment a launcher sets, then the ordinary train_vae call."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from moca3d.training.train_vae import train_vae
+
+    copy_to = EMA.copy_to
+
+    def keep_final(self, model):  # each process's final (EMA) weights, for the test to compare
+        copy_to(self, model)
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, weights.format(rank=rank))
+
+    EMA.copy_to = keep_final
+    train_vae(root, out, tiny_train_config(steps=4, batch_size=4), progress=False, validate_at_end=False)
+
+
+def test_two_processes_train_one_model_on_their_shares_of_each_batch(tmp_path):
+    """Each process takes half of every global batch (other rows, other noise); averaged gradients keep both on the
+    same weights; only the first process writes checkpoints, logs and the VAE."""
+    root = make_dataset(tmp_path / "data", num_assets=4, points=128, queries=128)
+    out, weights = tmp_path / "run", str(tmp_path / "final{rank}.pt")
+    mp.spawn(_worker, args=(2, _free_port(), str(root), str(out), weights), nprocs=2, join=True)
+    first, second = torch.load(weights.format(rank=0)), torch.load(weights.format(rank=1))
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=1e-6, msg=f"the processes disagree on {name}")
+    exported = VecSetVAE.from_pretrained(str(out / "vae")).state_dict()
+    for name, value in first.items():  # the export holds those weights (its latent scale buffers fitted afterwards)
+        if not name.endswith(("shift_factor", "scaling_factor")):
+            torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)
+    assert latest_checkpoint(out).name == "step_00000004"
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # one line a step: the first process's alone
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
