@@ -241,3 +241,25 @@ def test_a_resume_onto_other_frozen_weights_is_refused(tmp_path):
     ck.load_checkpoint(path, partly_frozen())
     with pytest.raises(CheckpointError, match="frozen parameters"):  # a stale fingerprint is not written
         ck.save_checkpoint(tmp_path, 2, make_model(), frozen=ck.frozen_fingerprint(model))
+
+
+def test_a_tied_frozen_parameter_is_left_out_under_each_of_its_names(tmp_path):
+    """A frozen parameter shared by two layers (tied weights) is one tensor of the base: no name of it is stored,
+    and a resume fills both from the rebuilt model."""
+    def tied(seed=0):
+        model = partly_frozen(seed)
+        model.append(torch.nn.Linear(*reversed(model[0].weight.shape)))
+        model[3].weight = model[0].weight  # the same frozen Parameter under '0.weight' and '3.weight'
+        return model
+
+    model = tied()
+    path = ck.save_checkpoint(tmp_path, 1, model, frozen=ck.frozen_fingerprint(model))
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"1.weight", "1.bias", "2.weight", "2.bias", "3.bias"}
+    rebuilt = tied()
+    ck.load_checkpoint(path, rebuilt)
+    assert rebuilt[3].weight is rebuilt[0].weight
+    for k, v in rebuilt.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k

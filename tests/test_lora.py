@@ -203,3 +203,26 @@ def test_train_cli_fine_tunes_with_lora_from_a_pipeline(object_dataset, object_p
     result = runner.invoke(app, ["train", str(root), "-o", str(tmp_path / "x"), "--vae", str(vae_dir), "--lora-rank", "2"])
     assert isinstance(result.exception, ConfigError)  # moca3d.cli.main prints it as one line
     assert "transformer_lora_rank fine-tunes a trained transformer: give init_from" in str(result.exception)
+
+
+def test_a_wrong_adapter_folder_is_refused_before_the_base_model_loads(tmp_path, monkeypatch):
+    """--lora with a typo, a pipeline folder or a half-written adapter: one line, before gigabytes of base load."""
+    import moca3d.pipeline as pipeline_module
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the base pipeline was loaded before its adapter folder was checked")
+
+    monkeypatch.setattr(pipeline_module, "_check_finite", loaded)  # runs after each component of the base loads
+    with pytest.raises(CheckpointError, match="no such LoRA adapter folder"):
+        MoCAPipeline.from_pretrained(None, lora=tmp_path / "typo")
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=r"not a LoRA adapter folder \(adapter_config.json missing\)"):
+        MoCAPipeline.from_pretrained(None, lora=folder)
+    (folder / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        MoCAPipeline.from_pretrained(None, lora=folder)
+    config = {"rank": 2, "alpha": 2, "target_modules": [], "train_full": [], "base_fingerprint": None}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors missing beside adapter_config.json"):
+        MoCAPipeline.from_pretrained(None, lora=folder)

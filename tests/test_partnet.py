@@ -111,3 +111,33 @@ def test_the_level_is_a_shared_setting_checked_and_older_datasets_still_resume(t
     (out / SETTINGS).write_text(json.dumps(recorded))
     write_annotation(root / "2")
     assert prepare(folder_jobs(root), out, TINY).processed == 1
+
+
+def test_double_sided_and_inside_out_shapenet_pieces_still_enclose_their_volume(tmp_path):
+    """ShapeNet's pieces are often double-sided (each face twice, reversed) or wound inside out, as unwelded
+    triangle soups: their winding number is 0 or -1 everywhere, so without orienting them every part would
+    "enclose no volume" and the asset be skipped."""
+    folder = write_annotation(tmp_path / "data_v0" / "173")
+    for k, name in enumerate(BOXES):
+        box = trimesh.load(folder / "objs" / f"{name}.obj", force="mesh", process=False)
+        faces = np.vstack([box.faces, box.faces[:, ::-1]]) if k % 2 == 0 else box.faces[:, ::-1]  # double-sided / inverted
+        corners = box.vertices[faces].reshape(-1, 3)  # a soup: no vertex shared between triangles
+        trimesh.Trimesh(corners, np.arange(len(corners)).reshape(-1, 3), process=False).export(folder / "objs" / f"{name}.obj")
+    parts, names = load_partnet(folder, 1)
+    assert [len(p.faces) for p in parts] == [12, 24, 24]  # the reversed duplicates dropped
+    summary = prepare(folder_jobs(folder.parent), tmp_path / "ds", TINY)
+    assert summary.processed == 1 and summary.skipped == 0, summary.reasons
+    samples = np.load(tmp_path / "ds" / "assets" / "173" / "samples.npz")
+    assert (samples["query_sdf"] > 0).any(axis=1).all()
+
+
+def test_several_roots_are_one_part_at_level_0_and_mesh_names_stay_in_objs(tmp_path):
+    roots = [dict(TREE[0]["children"][0]), dict(TREE[0]["children"][2])]  # a merged hierarchy may keep several roots
+    folder = write_annotation(tmp_path / "7", tree=roots)
+    parts, names = load_partnet(folder, 0)
+    assert names == ["object"] and len(parts[0].faces) == 12 * 3
+    assert load_partnet(folder, 1)[1] == ["chair_back", "chair_base"]
+    (tmp_path / "secret.obj").write_text((folder / "objs" / "original-1.obj").read_text())
+    escaping = write_annotation(tmp_path / "8", tree=[{"name": "chair", "id": 0, "objs": ["../../secret"]}])
+    with pytest.raises(InputError, match=r"names the mesh '../../secret', not a file of objs/"):
+        load_partnet(escaping, 0)

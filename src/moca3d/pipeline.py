@@ -102,6 +102,10 @@ class MoCAPipeline:
             raise CheckpointError(f"{root / 'model_index.json'}: corrupt JSON ({err})") from None
         if not isinstance(index, dict):
             raise CheckpointError(f"{root / 'model_index.json'}: not a pipeline index (a JSON object of components)")
+        if lora is not None:  # a wrong adapter folder is refused before a (gigabytes) base model loads
+            from moca3d.models.lora import read_adapter_config
+
+            read_adapter_config(Path(lora))
         parts = {}
         for name, klass in COMPONENTS.items():
             sub = root / name

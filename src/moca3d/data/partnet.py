@@ -7,7 +7,14 @@ One PartNet asset is a folder (data_v0/<anno_id>/) holding
     meta.json     {"model_cat": "Chair", ...} (optional here)
 A part of the asset is a node of the hierarchy at depth `level` below the root (1: the root's children,
 e.g. a chair's back, seat, base and arms), with every mesh of its subtree; a branch that ends above that
-depth is one part. Depth 0 is the whole object as one part.
+depth is one part. Depth 0 is the whole object as one part (all its roots, when it has several).
+
+PartNet's meshes come from ShapeNet: many pieces are double-sided (each face twice, once reversed) or wound
+inside out, and their generalized winding number (how `prepare` tells inside from outside on an open mesh)
+is then 0 or -1 everywhere: every such part would "enclose no volume" and its asset be skipped. Each piece
+is therefore welded, its reversed duplicate faces dropped and its winding made consistent and outward
+(`orient_piece`) before the pieces of a part are fused. A single open sheet (a one-quad table top) still
+encloses nothing and its asset is still skipped, with that reason.
 """
 
 from __future__ import annotations
@@ -51,11 +58,35 @@ def node_objs(node: dict) -> list[str]:
 
 
 def parts_at(tree: list[dict], level: int) -> list[dict]:
-    """The nodes `level` steps below the roots, and the leaves of branches that end above that depth."""
+    """The nodes `level` steps below the roots, and the leaves of branches that end above that depth (level 0:
+    the one root, or one node holding all the roots of a hierarchy with several)."""
+    if level == 0 and len(tree) > 1:
+        return [{"name": "object", "children": list(tree)}]
     nodes = list(tree)
     for _ in range(level):
         nodes = [child for node in nodes for child in (node.get("children") or [node])]
     return nodes
+
+
+def orient_piece(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A copy of one mesh piece welded, without reversed duplicate faces (a double-sided surface is one side),
+    wound consistently and outwards (per closed body; an open piece by the sign of its volume)."""
+    mesh = mesh.copy()
+    mesh.merge_vertices(merge_tex=True, merge_norm=True)
+    mesh.update_faces(mesh.unique_faces())  # a face and its reverse have the same vertices: one is kept
+    mesh.remove_unreferenced_vertices()
+    trimesh.repair.fix_normals(mesh, multibody=True)
+    if not mesh.is_watertight and mesh.volume < 0:  # fix_normals leaves an open piece's orientation as it was
+        mesh.invert()
+    return mesh
+
+
+def mesh_path(folder: Path, obj: object) -> Path:
+    """objs/<obj>.obj of the folder; InputError for a name that is not a plain file name (a path out of objs/)."""
+    name = str(obj)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise InputError(f"{folder.name}: {RESULT} names the mesh {name!r}, not a file of {OBJS}/")
+    return folder / OBJS / f"{name}.obj"
 
 
 def category(folder: str | Path) -> str | None:
@@ -80,10 +111,10 @@ def load_partnet(folder: str | Path, level: int = 1, connected: bool = False,
             raise InputError(f"{folder.name}: part '{node.get('name', '?')}' (id {node.get('id', '?')}) lists no meshes")
         pieces = []
         for obj in objs:
-            path = folder / OBJS / f"{obj}.obj"
+            path = mesh_path(folder, obj)
             if not path.is_file():
                 raise InputError(f"{folder.name}: {OBJS}/{obj}.obj, named by {RESULT}, is missing")
-            pieces += load_file(path)[0]
+            pieces += [orient_piece(piece) for piece in load_file(path)[0]]
         meshes.append(fuse(pieces))
         names.append(str(node.get("name") or node.get("text") or f"part{node.get('id', len(names))}"))
     return finish_components(meshes, names, connected, max_components, label=folder.name)

@@ -132,14 +132,26 @@ def read_adapter(folder: Path) -> tuple[dict, dict]:
     """(config, tensors) of an adapter folder written by `save_adapter`; CheckpointError when it is not one."""
     from moca3d.training.checkpoints import load_tensors
 
+    config = read_adapter_config(folder)
+    return config, load_tensors(Path(folder) / ADAPTER_WEIGHTS)
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """The config of an adapter folder, checked (cheap: a wrong --lora is refused before its base model loads)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such LoRA adapter folder")
     if not (folder / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{folder}: not a LoRA adapter folder ({ADAPTER_CONFIG} missing)")
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: corrupt JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not a moca3d LoRA adapter (not a JSON object)")
     missing = [k for k in ("rank", "alpha", "target_modules", "train_full", "base_fingerprint") if k not in config]
     if missing:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not a moca3d LoRA adapter (no {', '.join(missing)})")
-    return config, load_tensors(folder / ADAPTER_WEIGHTS)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{folder}: {ADAPTER_WEIGHTS} missing beside {ADAPTER_CONFIG}")
+    return config

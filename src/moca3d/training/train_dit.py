@@ -530,7 +530,7 @@ def train(
     ema = EMA(model, decay=cfg.ema_decay)
     start, before, spent = 0, 0.0, False  # the step and training seconds the run resumes from; nothing left
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, ema)
+        state = load_checkpoint(ckpt, model, optimizer, ema, frozen=frozen)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), data.ids, out, data_dir)
         spent = cfg.spent(start, before) or export_only

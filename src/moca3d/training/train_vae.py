@@ -484,7 +484,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     ckpt = latest_checkpoint(out_dir) if resume else None
     log_path = out_dir / "log.jsonl"
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, ema)
+        state = load_checkpoint(ckpt, model, optimizer, ema, frozen=frozen)
         start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), assets, out_dir, data_dir)
         if (out_dir / "train_config.json").is_file():
