@@ -140,6 +140,8 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
     check_run_folder(output)
     result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
                    export_only=export_only)
+    if result.get("writer") is False:  # a further process of a multi-process launch: the first one reports
+        return
     if result["trained_steps"]:
         typer.echo(f"trained {result['trained_steps']} steps (to step {result['steps']}) in {result['seconds']:.0f} s; "
                    f"final loss {result['final_loss']}")

@@ -594,8 +594,10 @@ def train(
                 break
     accelerator.wait_for_everyone()
     result = {"steps": done, "trained_steps": max(done - start, 0), "seconds": time.time() - t0,
-              "final_loss": loss_value if done > start else None}
-    if accelerator.is_main_process and vae is not None:
+              "final_loss": loss_value if done > start else None, "processes": accelerator.num_processes}
+    if not accelerator.is_main_process:
+        return {**result, "writer": False}  # the first process exports and reports
+    if vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
         if cfg.transformer_lora_rank and not scene:  # what the fine-tune changed, apart from its base: OUT/lora

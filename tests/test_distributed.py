@@ -1,10 +1,11 @@
-"""train-vae launched as two processes (gloo on the CPU, as `accelerate launch` / torchrun would start it)."""
+"""Training launched as two processes (gloo on the CPU, as `accelerate launch` / torchrun would start them)."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -20,10 +21,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, root, out, weights):
-    """One process of the launch: the environment a launcher sets, then the ordinary train_vae call."""
+def _launched(rank, world, port):
+    """The environment a launcher sets for process `rank`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+
+
+def _worker(rank, world, port, root, out, weights):
+    """One process of a train_vae launch."""
+    _launched(rank, world, port)
     from moca3d.training.train_vae import train_vae
 
     copy_to = EMA.copy_to
@@ -53,3 +59,27 @@ def test_two_processes_train_one_model_on_their_shares_of_each_batch(tmp_path):
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # one line a step: the first process's alone
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
+
+
+def _dit_worker(rank, world, port, root, vae_dir, out, results):
+    """One process of a DiT training launch; its result dict saved for the test."""
+    _launched(rank, world, port)
+    from conftest import tiny_dit_recipe
+
+    from moca3d.training.train_dit import train
+
+    result = train(root, out, tiny_dit_recipe(steps=3, batch_size=4), vae_dir=vae_dir, device="cpu", progress=False)
+    (Path(results) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_two_processes_train_the_transformer_and_the_first_exports(object_dataset, tmp_path):
+    """The DiT trainer under a launcher: both processes train the 3 steps, only the first exports and reports."""
+    root, vae_dir = object_dataset
+    out = tmp_path / "run"
+    mp.spawn(_dit_worker, args=(2, _free_port(), str(root), str(vae_dir), str(out), str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert first["processes"] == second["processes"] == 2 and first["trained_steps"] == second["trained_steps"] == 3
+    assert first["final_loss"] == second["final_loss"]  # the processes' mean, on both
+    assert "writer" not in first and second["writer"] is False and "pipeline" not in second
+    assert Path(first["pipeline"]) == out / "pipeline" and (out / "pipeline" / "model_index.json").is_file()
+    assert latest_checkpoint(out).name == "step_00000003"
