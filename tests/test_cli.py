@@ -55,3 +55,35 @@ def test_sampling_defaults_have_one_definition():
                                ("evaluate-scenes", evaluate_scenes, defaults.SCENE_GUIDANCE)]:
         assert cli_default(verb, "guidance") == default(fn, "guidance") == guidance, verb
         assert cli_default(verb, "steps") == default(fn, "steps") == defaults.STEPS, verb
+
+
+def test_generate_takes_a_folder_of_images_one_glb_each_and_names_the_bad_ones(object_dataset, object_pipeline, tmp_path):
+    """The model loads once; each image writes <name>.glb into the output folder; an unreadable one is reported and
+    skipped, and the command then ends with one line naming it."""
+    import shutil
+
+    import trimesh
+
+    from moca3d.errors import InputError
+
+    root, _ = object_dataset
+    images = tmp_path / "images"
+    images.mkdir()
+    renders = sorted((root / "assets").iterdir())[:2]
+    for k, asset in enumerate(renders):
+        shutil.copy(asset / "render.png", images / f"view{k}.png")
+    (images / "notes.png").write_text("not an image")
+    (images / "readme.txt").write_text("ignored: not an image file name")
+    out = tmp_path / "out"
+    args = ["generate", str(images), "--model", object_pipeline, "--parts", "2", "--steps", "2", "--resolution", "16",
+            "--device", "cpu", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, InputError), result.output
+    assert "1 of 3 images could not be used (first: notes.png)" in str(result.exception)
+    assert "skipped notes.png" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["view0.glb", "view1.glb"]
+    assert len(trimesh.load(out / "view0.glb", force="scene").geometry) >= 1
+    (images / "notes.png").unlink()
+    (images / "view0.jpg").write_bytes((images / "view0.png").read_bytes())
+    clash = CliRunner().invoke(app, args)
+    assert isinstance(clash.exception, InputError) and "two images are named 'view0'" in str(clash.exception)

@@ -8,9 +8,26 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, check_generation_args, check_output_path,
-                                    echo_categories, echo_means, resolve_device, run_dit_training, save_generation, write_json)
+                                    check_run_folder, echo_categories, echo_means, resolve_device, run_dit_training,
+                                    save_generation, write_json)
 from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
-from moca3d.errors import ConfigError
+from moca3d.errors import ConfigError, InputError
+
+DEFAULT_OUTPUT = Path("output.glb")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder, by name; InputError when it holds none, or two with one name (a.png and a.jpg)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    stems = [p.stem for p in files]
+    clash = next((s for s in stems if stems.count(s) > 1), None)
+    if clash is not None:
+        raise InputError(f"{folder}: two images are named '{clash}': each writes {clash}.glb; rename one")
+    return files
+
 
 LORA_HELP = ("A LoRA adapter folder (OUT/lora of `moca3d train --lora-rank`), folded into --model, the pipeline it was trained "
              "from; the same as OUT/pipeline in megabytes instead of the whole model.")
@@ -22,9 +39,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("generate")
     def generate(
-        image: Path = typer.Argument(..., help="Input image (PNG, JPG or WebP; alpha or white background)."),
+        image: Path = typer.Argument(..., help="Input image (PNG, JPG or WebP; alpha or white background), or a folder of them: one output each, the model loaded once."),
         parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model)."),
-        output: Path = typer.Option(Path("output.glb"), "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part)."),
+        output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part); for a folder of images, the folder of <image name>.glb files (default: outputs/<folder name>)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
@@ -35,12 +52,18 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
     ) -> None:
-        """Generate PARTS part meshes from one IMAGE and write them as a GLB scene."""
+        """Generate PARTS part meshes from one IMAGE (or each image of a folder) and write them as a GLB scene."""
         import time
 
         from moca3d.pipeline import MoCAPipeline
 
-        check_generation_args(steps, resolution, guidance, output, seed, shift)
+        images = image_files(image) if image.is_dir() else None
+        if images is not None:  # one .glb per image in a folder
+            output = Path("outputs") / image.name if output == DEFAULT_OUTPUT else output
+            check_generation_args(steps, resolution, guidance, output / "x.glb", seed, shift)
+            check_run_folder(output)
+        else:
+            check_generation_args(steps, resolution, guidance, output, seed, shift)
         if parts < 1:
             raise ConfigError(f"--parts must be >= 1, got {parts}")
         dev = resolve_device(device)
@@ -48,8 +71,22 @@ def register(app: typer.Typer) -> None:
         pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev, lora=lora)
         if offload:
             pipe.enable_sequential_cpu_offload(dev)
-        result = pipe(image, num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
-        save_generation(result, output, "parts", t0)
+        settings = dict(num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
+        if images is None:
+            save_generation(pipe(image, **settings), output, "parts", t0)
+            return
+        failed = []
+        for path in images:  # a bad image is reported and skipped; the others are generated
+            started = time.time()
+            try:
+                result = pipe(path, **settings)
+            except InputError as err:
+                typer.echo(f"skipped {path.name}: {err}")
+                failed.append(path.name)
+                continue
+            save_generation(result, output / f"{path.stem}.glb", "parts", started)
+        if failed:
+            raise InputError(f"{len(failed)} of {len(images)} images could not be used (first: {failed[0]}); the others are in {output}")
 
     @app.command("train")
     def train(
