@@ -87,3 +87,41 @@ def test_generate_takes_a_folder_of_images_one_glb_each_and_names_the_bad_ones(o
     (images / "view0.jpg").write_bytes((images / "view0.png").read_bytes())
     clash = CliRunner().invoke(app, args)
     assert isinstance(clash.exception, InputError) and "two images are named 'view0'" in str(clash.exception)
+
+
+def test_evaluate_model_scores_a_folder_of_predictions_in_any_frame(object_dataset, tmp_path):
+    """Another method's outputs, <id>.glb per asset: the GT itself scores F = 1, also moved and scaled (each side is
+    normalised); an asset without a prediction scores as empty and is listed; no model is loaded."""
+    import json
+
+    import numpy as np
+
+    from moca3d.data.dataset import read_manifest
+    from moca3d.errors import ConfigError, InputError
+    from moca3d.geometry.mesh_io import load_components, save_components
+
+    root, _ = object_dataset
+    ids = [r["id"] for r in read_manifest(root, "train")]
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for k, asset in enumerate(ids[:2]):
+        meshes, names = load_components(root / "assets" / asset / "mesh.glb")
+        if k == 1:  # another frame: scaled by 3 and moved
+            meshes = [m.copy().apply_scale(3.0).apply_translation([5.0, -2.0, 1.0]) for m in meshes]
+        save_components(preds / f"{asset}.glb", meshes, names)
+    out = tmp_path / "scores.json"
+    base = ["evaluate-model", str(root), "--split", "train", "--metric-points", "4000", "--predictions", str(preds)]
+    result = CliRunner().invoke(app, base + ["--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    scores = {row["id"]: row for row in report["assets"]}
+    for asset in ids[:2]:
+        assert scores[asset]["fscore@0.1"] == 1.0 and scores[asset]["chamfer"] < 0.02
+    assert report["missing"] == ids[2:] and all(scores[a]["fscore@0.1"] == 0.0 for a in ids[2:])
+    assert report["mean"]["fscore@0.1"] == np.mean([scores[a]["fscore@0.1"] for a in ids]) and "model" not in report
+    wrong = CliRunner().invoke(app, base + ["--model", "somewhere"])
+    assert isinstance(wrong.exception, ConfigError) and "--model would not be used" in str(wrong.exception)
+    empty = tmp_path / "none"
+    empty.mkdir()
+    nothing = CliRunner().invoke(app, base[:-1] + [str(empty)])
+    assert isinstance(nothing.exception, InputError) and "no prediction for any of the" in str(nothing.exception)

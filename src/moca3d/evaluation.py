@@ -89,33 +89,60 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
     return pipe.decode_latents(pipe.vae.normalize_latents(latents), resolution)
 
 
+PREDICTION_FORMATS = (".glb", ".obj")
+
+
+def load_prediction(folder: Path, asset_id: str) -> Optional[list]:
+    """An asset's predicted components from a folder of predictions (<id>.glb, <id>.obj, or an <id>/ folder of part
+    files, e.g. another method's outputs), or None when there is none."""
+    for candidate in [folder / f"{asset_id}{suffix}" for suffix in PREDICTION_FORMATS] + [folder / asset_id]:
+        if candidate.exists():
+            return load_components(candidate)[0]
+    return None
+
+
 def evaluate_pipeline(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = GUIDANCE,
     resolution: int = 128, seed: int = 0, min_parts: int = 1, max_parts: int = 32, metric_points: int = 20000,
-    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None,
+    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Mean and per-asset metrics of `pipe` on up to `count` assets of `split` (the GT part count is used).
 
-    With `reconstruct`, each asset's GT parts go through the VAE instead (`round_trip`): the ceiling.
+    With `reconstruct`, each asset's GT parts go through the VAE instead (`round_trip`): the ceiling. With
+    `predictions` (a folder, `load_prediction`), those meshes are scored instead and `pipe` is not used; an asset
+    without one scores as an all-empty prediction and is listed under "missing".
     """
     records = select_records(root, split, count, min_parts, max_parts)
     config = MetricsConfig(num_points=metric_points, seed=seed)
-    per_asset = []
+    per_asset, missing = [], []
     for rec in with_progress(records, f"evaluate {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
         t0 = time.time()
-        if reconstruct:
+        if predictions is not None:
+            meshes = load_prediction(Path(predictions), rec["id"])
+            if meshes is None:
+                missing.append(rec["id"])
+                meshes = []
+        elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
             meshes = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
         seconds = time.time() - t0
         row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
         per_asset.append({**row, **object_metrics(meshes, gt, config)})
+    if predictions is not None and len(missing) == len(records):
+        raise InputError(f"{predictions}: no prediction for any of the {len(records)} assets (expected <id>.glb, <id>.obj or <id>/,"
+                         f" e.g. {records[0]['id']}.glb)")
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
     mean = means(per_asset, keys) if per_asset else {}
-    return {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
-            "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean, "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
+    result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
+              "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean,
+              "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
+    if predictions is not None:  # not generated here: the sampling settings do not apply
+        result = {k: v for k, v in result.items() if k not in ("steps", "guidance", "shift", "reconstruct", "resolution")}
+        result.update(predictions=str(predictions), missing=missing)
+    return result
 
 
 # -- scenes (issue 7): scene-level and per-instance metrics over a prepared split ---------------------

@@ -139,8 +139,9 @@ def register_evaluation(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category and per-asset metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
+        predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <asset id>.glb, .obj or an <asset id>/ folder of parts, in any frame: the metrics normalise each side); an asset without one scores as empty and is listed as missing."),
     ) -> None:
-        """Generate every asset of a split from its render and report CD, F-score@0.1/0.05 and self-IoU."""
+        """Generate every asset of a split from its render (or read --predictions) and report CD, F-score@0.1/0.05 and self-IoU."""
         from moca3d.evaluation import evaluate_pipeline, select_records
         from moca3d.metrics import MetricsConfig, check_metric_settings
 
@@ -150,12 +151,21 @@ def register_evaluation(app: typer.Typer) -> None:
         check_output_path(json_out, "--json")
         check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
         select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
-        from moca3d.pipeline import MoCAPipeline  # slow to import (seconds)
+        if predictions is not None:
+            given = [name for name, value in (("--model", model), ("--lora", lora), ("--reconstruct", reconstruct or None)) if value is not None]
+            if given:
+                raise ConfigError(f"--predictions scores existing meshes: {', '.join(given)} would not be used")
+            if not predictions.is_dir():
+                raise InputError(f"--predictions {predictions}: no such folder")
+            pipe = None
+        else:
+            from moca3d.pipeline import MoCAPipeline  # slow to import (seconds)
 
-        pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device), lora=lora)
+            pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device), lora=lora)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
-                                   reconstruct=reconstruct, shift=shift)
-        result["model"] = str(model) if model is not None else "built-in"
+                                   reconstruct=reconstruct, shift=shift, predictions=predictions)
+        if predictions is None:
+            result["model"] = str(model) if model is not None else "built-in"
         if lora is not None:
             result["lora"] = str(lora)
         if write_json(json_out, result):
@@ -163,3 +173,5 @@ def register_evaluation(app: typer.Typer) -> None:
         echo_means(result["mean"], 12)
         echo_categories(result["by_category"], "fscore@0.1", "assets")
         typer.echo(f"{result['count']} assets of '{split}'")
+        if result.get("missing"):
+            typer.echo(f"{len(result['missing'])} without a prediction (scored as empty), e.g. {result['missing'][0]}")
