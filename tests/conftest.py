@@ -77,3 +77,16 @@ def object_pipeline(object_dataset, tmp_path_factory):
 
     root, vae_dir = object_dataset
     return train(root, tmp_path_factory.mktemp("prior"), tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)["pipeline"]
+
+
+def cli_report(args: list, path: Path) -> dict:
+    """Run the CLI with `args --json path`; the report it wrote (after checking it exited cleanly)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    return json.loads(Path(path).read_text())

@@ -92,9 +92,8 @@ def test_generate_takes_a_folder_of_images_one_glb_each_and_names_the_bad_ones(o
 def test_evaluate_model_scores_a_folder_of_predictions_in_any_frame(object_dataset, tmp_path):
     """Another method's outputs, <id>.glb per asset: the GT itself scores F = 1, also moved and scaled (each side is
     normalised); an asset without a prediction scores as empty and is listed; no model is loaded."""
-    import json
-
     import numpy as np
+    from conftest import cli_report
 
     from moca3d.data.dataset import read_manifest
     from moca3d.errors import ConfigError, InputError
@@ -109,11 +108,8 @@ def test_evaluate_model_scores_a_folder_of_predictions_in_any_frame(object_datas
         if k == 1:  # another frame: scaled by 3 and moved
             meshes = [m.copy().apply_scale(3.0).apply_translation([5.0, -2.0, 1.0]) for m in meshes]
         save_components(preds / f"{asset}.glb", meshes, names)
-    out = tmp_path / "scores.json"
     base = ["evaluate-model", str(root), "--split", "train", "--metric-points", "4000", "--predictions", str(preds)]
-    result = CliRunner().invoke(app, base + ["--json", str(out)])
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = cli_report(base, tmp_path / "scores.json")
     scores = {row["id"]: row for row in report["assets"]}
     for asset in ids[:2]:
         assert scores[asset]["fscore@0.1"] == 1.0 and scores[asset]["chamfer"] < 0.02

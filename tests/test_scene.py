@@ -524,6 +524,40 @@ def test_evaluation_skips_scenes_with_hidden_instances(scenes, tmp_path):
         evaluate_scenes(MoCAPipeline.from_pretrained(obj), copy, "train", count=1, steps=1, progress=False)
 
 
+def test_evaluate_scenes_scores_a_folder_of_predictions(scenes, tmp_path):
+    """Another method's scene outputs, instance i for mask i in the scene's frame: the GT itself scores 1 at scene and
+    instance level; a scene without one is listed as missing; a wrong instance count is one line; no model loads."""
+    import shutil
+
+    from conftest import cli_report
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.geometry.mesh_io import load_components, save_components
+
+    root, _ = scenes
+    folder, n = _visible_scene(root)
+    data = tmp_path / "data"  # the visible scene and a second one, which gets no prediction
+    other = next(f for f in sorted((root / "assets").iterdir()) if f.is_dir() and f != folder)
+    for asset in (folder, other):
+        shutil.copytree(asset, data / "assets" / asset.name)
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    (data / "manifest.jsonl").write_text("\n".join(line for line in lines if folder.name in line or other.name in line) + "\n")
+    preds = tmp_path / "preds"
+    meshes, names = load_components(folder / "mesh.glb")
+    save_components(preds / f"{folder.name}.glb", meshes, names)
+    args = ["evaluate-scenes", str(data), "--split", "train", "--metric-points", "3000", "--predictions", str(preds)]
+    report = cli_report(args, tmp_path / "scores.json")
+    scored = {row["id"]: row for row in report["scenes"]}
+    hidden = [s["id"] for s in report["skipped"]]
+    assert folder.name in scored and scored[folder.name]["fscore@0.1"] == 1.0 and scored[folder.name]["instance_fscore@0.1"] == 1.0
+    assert report["missing"] == ([] if other.name in hidden else [other.name]) and "model" not in report
+    save_components(preds / f"{folder.name}.glb", meshes[:-1], names[:-1])
+    short = CliRunner().invoke(app, args)
+    assert isinstance(short.exception, InputError)
+    assert f"the prediction of {folder.name} has {n - 1} instances, its masks {n}" in str(short.exception)
+
+
 def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):
     from moca3d.cli import app
 

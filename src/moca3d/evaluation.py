@@ -139,10 +139,16 @@ def evaluate_pipeline(
     result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
               "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean,
               "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
-    if predictions is not None:  # not generated here: the sampling settings do not apply
-        result = {k: v for k, v in result.items() if k not in ("steps", "guidance", "shift", "reconstruct", "resolution")}
-        result.update(predictions=str(predictions), missing=missing)
-    return result
+    return with_predictions(result, predictions, missing)
+
+
+def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str]) -> dict[str, Any]:
+    """An evaluation's report; of read predictions, without the sampling settings (not generated here), with the
+    folder and the ids that had none."""
+    if predictions is None:
+        return result
+    result = {k: v for k, v in result.items() if k not in ("steps", "guidance", "shift", "reconstruct", "resolution")}
+    return {**result, "predictions": str(predictions), "missing": missing}
 
 
 # -- scenes (issue 7): scene-level and per-instance metrics over a prepared split ---------------------
@@ -180,11 +186,13 @@ def scene_metrics(pred, gt, config: MetricsConfig) -> dict:
 def evaluate_scenes(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = SCENE_GUIDANCE,
     resolution: int = 128, seed: int = 0, min_instances: int = 2, max_instances: int = 32, metric_points: int = 20000,
-    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None,
+    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Generate each prepared scene of `split` from render.png + mask.png and compare with its instances.
 
-    With `reconstruct`, the GT instances go through the VAE instead (`round_trip`): the ceiling.
+    With `reconstruct`, the GT instances go through the VAE instead (`round_trip`): the ceiling. With `predictions`
+    (a folder, `load_prediction`), those meshes are scored instead, instance i against GT instance i in the GT's
+    frame; a scene without one scores as empty and is listed under "missing".
 
     A scene with an instance hidden in the render (no pixel in mask.png) cannot be conditioned and
     is skipped (listed under "skipped"). On CUDA the peak memory of each generation is reported.
@@ -195,8 +203,8 @@ def evaluate_scenes(
 
     records = select_records(root, split, count, min_instances, max_instances, kind="scene")
     config = MetricsConfig(num_points=metric_points, seed=seed)
-    cuda = pipe.device.type == "cuda"
-    per_scene, skipped = [], []
+    cuda = pipe is not None and pipe.device.type == "cuda"
+    per_scene, skipped, missing = [], [], []
     for rec in with_progress(records, f"evaluate scenes {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
         gt, names = load_components(asset / "mesh.glb")
@@ -208,7 +216,14 @@ def evaluate_scenes(
         if cuda:
             torch.cuda.reset_peak_memory_stats(pipe.device)
         t0 = time.time()
-        if reconstruct:
+        if predictions is not None:
+            meshes = load_prediction(Path(predictions), rec["id"])
+            if meshes is None:
+                missing.append(rec["id"])
+                meshes = []
+            elif len(meshes) != len(gt):
+                raise InputError(f"{predictions}: the prediction of {rec['id']} has {len(meshes)} instances, its masks {len(gt)}")
+        elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
             meshes = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
@@ -223,11 +238,15 @@ def evaluate_scenes(
     if not per_scene:
         raise InputError(f"{root}: none of the {len(records)} selected '{split}' scenes could be evaluated "
                          f"(every one has an instance hidden in its render)")
+    if predictions is not None and len(missing) == len(per_scene):
+        raise InputError(f"{predictions}: no prediction for any of the {len(per_scene)} scenes (expected <id>.glb, <id>.obj or <id>/,"
+                         f" e.g. {per_scene[0]['id']}.glb)")
     mean = means(per_scene, SCENE_KEYS)
-    return {
+    result = {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
         "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct, "resolution": resolution, "seed": seed,
         "metric_points": metric_points, "mean": mean,
         "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
         "scenes": per_scene, "skipped": skipped,
     }
+    return with_predictions(result, predictions, missing)

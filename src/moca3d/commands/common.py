@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from moca3d.defaults import check_sampling_args
-from moca3d.errors import ConfigError, cannot_write
+from moca3d.errors import ConfigError, InputError, cannot_write
 
 
 def resolve_device(name: str) -> str:
@@ -149,3 +149,24 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
         typer.echo(f"trained nothing: the run is at step {result['steps']}")
     if "pipeline" in result:
         typer.echo(f"pipeline: {result['pipeline']}")
+
+
+def load_or_predictions(model: Optional[Path], lora: Optional[Path], reconstruct: bool, predictions: Optional[Path], device: str):
+    """The evaluation verbs' pipeline (`model`, the built-in one when None), or None when they score --predictions
+    (then a --model, --lora or --reconstruct would go unused: one-line ConfigError)."""
+    if predictions is None:
+        from moca3d.pipeline import MoCAPipeline  # slow to import (seconds)
+
+        return MoCAPipeline.from_pretrained(model, device=resolve_device(device), lora=lora)
+    given = [name for name, value in (("--model", model), ("--lora", lora), ("--reconstruct", reconstruct or None)) if value is not None]
+    if given:
+        raise ConfigError(f"--predictions scores existing meshes: {', '.join(given)} would not be used")
+    if not predictions.is_dir():
+        raise InputError(f"--predictions {predictions}: no such folder")
+    return None
+
+
+def echo_missing(result: dict) -> None:
+    """Say how many assets of a --predictions evaluation had none."""
+    if result.get("missing"):
+        typer.echo(f"{len(result['missing'])} without a prediction (scored as empty), e.g. {result['missing'][0]}")

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, check_generation_args, check_output_path,
-                                    check_run_folder, echo_categories, echo_means, resolve_device, run_dit_training,
-                                    save_generation, write_json)
+                                    check_run_folder, echo_categories, echo_means, echo_missing, load_or_predictions,
+                                    resolve_device, run_dit_training, save_generation, write_json)
 from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError, InputError
 
@@ -151,17 +151,7 @@ def register_evaluation(app: typer.Typer) -> None:
         check_output_path(json_out, "--json")
         check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
         select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
-        if predictions is not None:
-            given = [name for name, value in (("--model", model), ("--lora", lora), ("--reconstruct", reconstruct or None)) if value is not None]
-            if given:
-                raise ConfigError(f"--predictions scores existing meshes: {', '.join(given)} would not be used")
-            if not predictions.is_dir():
-                raise InputError(f"--predictions {predictions}: no such folder")
-            pipe = None
-        else:
-            from moca3d.pipeline import MoCAPipeline  # slow to import (seconds)
-
-            pipe = MoCAPipeline.from_pretrained(model, device=resolve_device(device), lora=lora)
+        pipe = load_or_predictions(model, lora, reconstruct, predictions, device)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
                                    reconstruct=reconstruct, shift=shift, predictions=predictions)
         if predictions is None:
@@ -173,5 +163,4 @@ def register_evaluation(app: typer.Typer) -> None:
         echo_means(result["mean"], 12)
         echo_categories(result["by_category"], "fscore@0.1", "assets")
         typer.echo(f"{result['count']} assets of '{split}'")
-        if result.get("missing"):
-            typer.echo(f"{len(result['missing'])} without a prediction (scored as empty), e.g. {result['missing'][0]}")
+        echo_missing(result)

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, check_generation_args, check_output_path,
-                                    echo_categories, echo_means, resolve_device, run_dit_training, save_generation, write_json)
+                                    echo_categories, echo_means, echo_missing, load_or_predictions, resolve_device,
+                                    run_dit_training, save_generation, write_json)
 from moca3d.defaults import SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
 
@@ -68,26 +69,27 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category, per-scene and per-instance metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
+        predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <scene id>.glb, .obj or an <scene id>/ folder, instance i for mask i, in the prepared scene's frame); a scene without one scores as empty and is listed as missing."),
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
         from moca3d.evaluation import evaluate_scenes as run
         from moca3d.metrics import MetricsConfig, check_metric_settings
-        from moca3d.pipeline import MoCAPipeline
-
         if min_instances > max_instances:
             raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
         check_sampling_args(steps, guidance, resolution, shift)
         check_output_path(json_out, "--json")
         check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
-        pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
+        pipe = load_or_predictions(scene_model(model) if predictions is None else model, None, reconstruct, predictions, device)
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
-                     reconstruct=reconstruct, shift=shift)
-        result["model"] = str(scene_model(model))
+                     reconstruct=reconstruct, shift=shift, predictions=predictions)
+        if predictions is None:
+            result["model"] = str(scene_model(model))
         if write_json(json_out, result):
             return
         echo_means(result["mean"], 22)
         echo_categories(result["by_category"], "fscore@0.1", "instances")
         typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
+        echo_missing(result)
 
     @app.command("train-scene")
     def train_scene(
