@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moca3d import app as demo_app
-from moca3d.errors import ConfigError
+from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import widen_input_channels
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline
@@ -184,7 +184,7 @@ def test_bad_scene_uploads_get_one_line_errors(generator, tmp_path):
     assert "upload a label map" in _scene_error_of(generator, SCENE, None)
     lossy = tmp_path / "labels.jpg"
     Image.open(SCENE_MASKS).convert("L").save(lossy)
-    assert "not a PNG, BMP or TIFF image" in _scene_error_of(generator, SCENE, lossy)
+    assert "not a PNG, BMP or TIFF image: one mask file is read as a label map" in _scene_error_of(generator, SCENE, lossy)
     small = tmp_path / "small.png"
     Image.open(SCENE_MASKS).resize((64, 64), Image.NEAREST).save(small)
     assert "the masks are 64x64 but the image is" in _scene_error_of(generator, SCENE, small)
@@ -195,6 +195,55 @@ def test_bad_scene_uploads_get_one_line_errors(generator, tmp_path):
     assert f"exceed the model's limit of {MAX_PARTS}" in _scene_error_of(generator, SCENE, many)
     objects_only = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION, output_dir=tmp_path)
     assert "--scene-model" in _scene_error_of(objects_only, SCENE, SCENE_MASKS)
+
+
+def _binary_masks(tmp_path, suffix=".png") -> list:
+    """Two 8x8 binary masks (left half, right half) saved as mask_1 and mask_2 with `suffix`."""
+    files = []
+    for i in (1, 2):
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:, (i - 1) * 4:i * 4] = 255
+        Image.fromarray(mask).save(tmp_path / f"mask_{i}{suffix}")
+        files.append(str(tmp_path / f"mask_{i}{suffix}"))
+    return files
+
+
+def test_masks_are_copied_where_links_fail(tmp_path, monkeypatch):
+    """On Windows without the symlink privilege os.symlink raises: the binary masks are copied into the folder."""
+    files = _binary_masks(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise OSError(1314, "A required privilege is not held by the client")
+
+    monkeypatch.setattr(os, "symlink", refuse)
+    folder = demo_app.gather_masks(files, tmp_path / "masks")
+    copies = sorted(folder.iterdir())
+    assert [p.name for p in copies] == ["mask_1.png", "mask_2.png"]
+    assert not any(p.is_symlink() for p in copies)
+    assert all(p.read_bytes() == Path(f).read_bytes() for p, f in zip(copies, files))
+
+
+def test_whole_numbers_refuse_booleans():
+    for value in (True, False):  # bool is an int subclass: True would pass as 1
+        with pytest.raises(InputError, match=f"the seed must be a whole number from 0 to 9, got {value}"):
+            demo_app.whole_number(value, "the seed", 0, 9)
+    assert demo_app.whole_number(1, "the seed", 0, 9) == 1 and demo_app.whole_number(2.0, "the seed", 0, 9) == 2
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_a_single_lossy_mask_says_why_it_is_refused(tmp_path, suffix):
+    """One mask file is read as a label map (lossless formats only); lossy binary masks are fine as several files."""
+    files = _binary_masks(tmp_path, suffix)
+    with pytest.raises(InputError) as info:
+        demo_app.gather_masks(files[0], tmp_path / "one")
+    message = str(info.value)
+    assert message.startswith(f"mask_1{suffix} is not a PNG, BMP or TIFF image: one mask file is read as a label map")
+    assert "lossless" in message and "several files, one per instance" in message and "\n" not in message
+    assert demo_app.gather_masks(files, tmp_path / "two") == tmp_path / "two"  # as binary masks: accepted
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")  # not an image at all: no talk of label maps
+    with pytest.raises(InputError, match=r"^notes.png is not a PNG, BMP or TIFF image$"):
+        demo_app.gather_masks(str(text), tmp_path / "three")
 
 
 def test_scene_handler_writes_a_glb_with_named_instances(generator, tmp_path):
@@ -310,6 +359,20 @@ def test_busy_port_or_foreign_host_fails_before_loading(tmp_path):
     assert str(result.exception) == f"port {port} is in use (another demo running?): pass another --port"
     result = CliRunner().invoke(app, ["demo", "--model", str(tmp_path / "absent"), "--host", "192.0.2.1", "--port", str(_free_port())])
     assert isinstance(result.exception, ConfigError) and "cannot listen on 192.0.2.1" in str(result.exception)
+
+
+def test_scene_model_with_no_scenes_fails_before_loading(tmp_path, monkeypatch):
+    from moca3d.cli import app
+
+    loaded = []
+    monkeypatch.setattr(demo_app, "launch", lambda *args, **kwargs: loaded.append(kwargs))
+    monkeypatch.setattr(demo_app, "resolve_model", lambda model: model)
+    result = CliRunner().invoke(app, ["demo", "--model", str(tmp_path), "--scene-model", str(tmp_path / "scene"),
+                                      "--no-scenes", "--port", str(_free_port())])
+    assert isinstance(result.exception, ConfigError) and not loaded
+    assert str(result.exception) == "--scene-model and --no-scenes contradict each other: drop one (--no-scenes shows objects only)"
+    result = CliRunner().invoke(app, ["demo", "--model", str(tmp_path), "--no-scenes", "--port", str(_free_port())])
+    assert result.exception is None and loaded[0]["scenes"] is False  # --no-scenes alone: objects only
 
 
 def test_the_printed_address_can_be_opened():

@@ -618,3 +618,20 @@ def test_sharded_transformer_loads_like_one_file(tmp_path):
     one = load_triposg_transformer(tmp_path / "one", num_latents=L, compression=4).state_dict()
     sharded = load_triposg_transformer(folder, num_latents=L, compression=4).state_dict()
     assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)
+
+
+def test_a_key_in_two_shards_is_refused(tmp_path):
+    """A shard that repeats another's tensor would silently replace it: the key and both shards are named instead."""
+    from moca3d.convert.common import read_safetensors_folder
+
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({"a.weight": torch.zeros(2), "b.weight": torch.zeros(3)}, str(tmp_path / first))
+    save_file({"b.weight": torch.ones(3), "c.weight": torch.ones(1)}, str(tmp_path / second))
+    index = {"weight_map": {"a.weight": first, "b.weight": second, "c.weight": second}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as info:
+        read_safetensors_folder(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: key 'b.weight' is in two shards, {first} and {second}; "
+                               "expected each tensor in one shard")
+    save_file({"c.weight": torch.ones(1)}, str(tmp_path / second))  # each tensor once: read as one state dict
+    assert sorted(read_safetensors_folder(tmp_path)) == ["a.weight", "b.weight", "c.weight"]

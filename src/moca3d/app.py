@@ -36,6 +36,8 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 ALLOWED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # PIL format name -> the name users read
 LABEL_MAP_FORMATS = {"PNG": "PNG", "BMP": "BMP", "TIFF": "TIFF"}  # lossless only: a JPEG would smear the instance ids
 BINARY_MASK_FORMATS = {**LABEL_MAP_FORMATS, **ALLOWED_FORMATS}  # thresholded, so a lossy one is fine
+LABEL_MAP_WHY = (": one mask file is read as a label map, which must be lossless (lossy compression invents ids at "
+                 "the edges); save it as PNG, or upload the binary masks as several files, one per instance")
 MASK_EXTENSIONS = [".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"]
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # in a source checkout; absent from a wheel
 OBJECT_EXAMPLES = ("chair.png", "airplane.png", "lamp.png")
@@ -75,8 +77,10 @@ def resolve_scene_model(scene_model_path: Union[str, Path, None], enabled: bool 
     return DEFAULT_SCENE_MODEL_DIR if (DEFAULT_SCENE_MODEL_DIR / "model_index.json").is_file() else None
 
 
-def check_upload(image_path: Union[str, Path, None], what: str = "an image", formats: dict[str, str] = ALLOWED_FORMATS) -> Path:
-    """The uploaded file if it is an image of one of `formats` within the size limits; InputError otherwise."""
+def check_upload(image_path: Union[str, Path, None], what: str = "an image", formats: dict[str, str] = ALLOWED_FORMATS,
+                 why: str = "") -> Path:
+    """The uploaded file if it is an image of one of `formats` within the size limits; InputError otherwise. `why`
+    follows the message that refuses an image of another format PIL reads (e.g. a JPEG where only lossless ones do)."""
     *first, last = formats.values()
     kinds = f"{', '.join(first)} or {last}"
     if image_path is None:
@@ -91,7 +95,7 @@ def check_upload(image_path: Union[str, Path, None], what: str = "an image", for
         with Image.open(path) as im:  # reads the header
             image_format, (width, height) = im.format, im.size
             if image_format not in formats:
-                raise InputError(f"{path.name} is not a {kinds} image")
+                raise InputError(f"{path.name} is not a {kinds} image{why}")
             if width * height > MAX_PIXELS:
                 raise InputError(f"{path.name} is {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.1f} megapixels")
             im.load()  # decodes the pixels: a truncated or corrupt file fails here, named without the server's folders
@@ -125,7 +129,8 @@ def image_upload(**options) -> gr.Image:
 
 def whole_number(value, name: str, low: int, high: int) -> int:
     """A form value (a number, or None when its box was cleared) as an int in [low, high]; InputError otherwise."""
-    if not isinstance(value, (int, float)) or not low <= value <= high or int(value) != value:  # None, NaN, inf, 2.5
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # not None (a cleared box), True or False
+    if not number or not low <= value <= high or int(value) != value:  # NaN, inf, 2.5
         raise InputError(f"{name} must be a whole number from {low} to {high}, got {value}")
     return int(value)
 
@@ -139,19 +144,22 @@ def guidance_scale(value, low: float = 1.0, high: float = MAX_GUIDANCE) -> float
 
 def gather_masks(uploads, folder: Path) -> Path:
     """The uploaded masks as generate_scene takes them: one file is a label map; several are binary masks, one per
-    instance in file-name order, linked into the new `folder`."""
+    instance in file-name order, linked (copied where links fail, as on Windows) into the new `folder`."""
     files = [uploads] if isinstance(uploads, (str, Path)) else list(uploads or [])
     if not files:
         raise InputError("upload a label map (0 = background, one id per instance) or one binary mask per instance first")
     if len(files) == 1:
-        return check_upload(files[0], "a label map", LABEL_MAP_FORMATS)
+        return check_upload(files[0], "a label map", LABEL_MAP_FORMATS, why=LABEL_MAP_WHY)
     paths = [check_upload(file, "binary masks", BINARY_MASK_FORMATS) for file in files]
     folder.mkdir(parents=True)
     for path in paths:
         link = folder / path.name
         if link.exists():
             raise InputError(f"two masks are named {path.name}: name each instance's mask differently (they are read in name order)")
-        link.symlink_to(path.resolve())
+        try:
+            link.symlink_to(path.resolve())
+        except OSError:  # no symlinks here (Windows without the privilege, some file systems): a copy reads the same
+            shutil.copyfile(path, link)
     return folder
 
 
@@ -211,7 +219,7 @@ class DemoGenerator:
         try:
             return self._respond(run, "instances")
         finally:
-            shutil.rmtree(folder, ignore_errors=True)  # the links only
+            shutil.rmtree(folder, ignore_errors=True)  # the links (or copies) only
 
     def _respond(self, run, kind: str):
         """Run one generation and save its GLB: (viewer path, download path, summary); our errors become gr.Error."""

@@ -75,6 +75,8 @@ def register(app: typer.Typer) -> None:
         """
         if not 0 < port < 65536:
             raise ConfigError(f"--port must be from 1 to 65535, got {port}")
+        if scene_model is not None and not scenes:
+            raise ConfigError("--scene-model and --no-scenes contradict each other: drop one (--no-scenes shows objects only)")
         from moca3d.defaults import check_resolution
 
         check_resolution(resolution)  # before any model is loaded

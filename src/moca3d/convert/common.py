@@ -60,6 +60,7 @@ def read_safetensors_folder(folder: Path) -> StateDict:
     if not files:
         raise CheckpointError(f"{folder}: no .safetensors weights (pickled checkpoints are not loaded)")
     state: StateDict = {}
+    shard_of: dict[str, str] = {}  # tensor name -> the shard it was read from
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{folder}: shard {path.name} named by the index is missing")
@@ -68,6 +69,11 @@ def read_safetensors_folder(folder: Path) -> StateDict:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({one_line(err, 120)})") from None
         check_finite(tensors, str(path))  # a converted folder would be refused at load anyway
+        twice = next((key for key in sorted(tensors) if key in shard_of), None)
+        if twice is not None:  # one would silently replace the other; a real index names each tensor once
+            raise CheckpointError(f"{folder}: key '{twice}' is in two shards, {shard_of[twice]} and {path.name}; "
+                                  "expected each tensor in one shard")
+        shard_of.update(dict.fromkeys(tensors, path.name))
         state.update(tensors)
     return state
 
