@@ -455,3 +455,34 @@ def test_browser_generates_and_downloads_parts_and_instances(pipeline_dir, scene
     assert _nodes(saved, "part_") == {f"part_{i:02d}" for i in range(PARTS)}
     assert _nodes(saved_scene, "instance_") == {f"instance_{i:02d}" for i in range(SCENE_INSTANCES)}
     assert not outside, f"the page tried to reach the network: {outside}"
+
+
+def test_demo_serves_a_lora_adapter_folded_into_its_base(pipeline_dir, tmp_path, monkeypatch):
+    """--lora reaches the app, whose object model is the base with the adapter merged (as `generate --lora` loads it)."""
+    from moca3d.cli import app
+    from moca3d.models.lora import add_lora, merge_lora, save_adapter
+    from moca3d.models.transformer import PRIOR_FREE_MODULES
+    from moca3d.training.checkpoints import frozen_fingerprint
+    from moca3d.training.train_dit import Generator, adapter_config
+
+    base = MoCAPipeline.from_pretrained(pipeline_dir)
+    tuned = Generator(base.transformer, base.image_encoder)
+    add_lora(tuned.transformer, 2, train_full=PRIOR_FREE_MODULES)
+    tuned.image_encoder.requires_grad_(False)
+    with torch.no_grad():  # a "trained" adapter: B away from its zero start
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    recipe = DiTTrainConfig.from_dict(dict(init_from=str(pipeline_dir), transformer_lora_rank=2, transformer={}))
+    folder = save_adapter(tmp_path / "lora", tuned, adapter_config(recipe, tuned, frozen_fingerprint(tuned)))
+    merge_lora(tuned.transformer)
+    handlers, make = [], demo_app.DemoGenerator
+    monkeypatch.setattr(demo_app, "DemoGenerator", lambda *args, **kwargs: handlers.append(make(*args, **kwargs)) or handlers[-1])
+    demo_app.build_app(pipeline_dir, device="cpu", scenes=False, lora=folder, output_dir=tmp_path / "out")
+    for name, value in tuned.transformer.state_dict().items():
+        torch.testing.assert_close(handlers[0].pipeline.transformer.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+    seen = []
+    monkeypatch.setattr(demo_app, "launch", lambda *args, **kwargs: seen.append(kwargs))
+    monkeypatch.setattr(demo_app, "resolve_model", lambda model: model)
+    result = CliRunner().invoke(app, ["demo", "--model", str(pipeline_dir), "--lora", str(folder), "--no-scenes", "--port", str(_free_port())])
+    assert result.exception is None and seen[0]["lora"] == folder

@@ -321,11 +321,12 @@ def _scene_tab(handler: DemoGenerator, default_steps: int) -> None:
 def build_app(
     model_path: Union[str, Path, None] = None, device: str = "auto", resolution: int = DEFAULT_RESOLUTION,
     default_steps: int = STEPS, output_dir: Optional[Path] = None, scene_model_path: Union[str, Path, None] = None,
-    scenes: bool = True,
+    scenes: bool = True, lora: Union[str, Path, None] = None,
 ) -> gr.Blocks:
-    """Load the pipelines once and lay out the page: an object tab and, with a scene model, a scene tab."""
+    """Load the pipelines once and lay out the page: an object tab (the model, with `lora` folded in if given) and,
+    with a scene model, a scene tab."""
     device = resolve_device(device)
-    pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=device)
+    pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=device, lora=lora)
     scene_dir = resolve_scene_model(scene_model_path, scenes)
     scene_pipeline = MoCAPipeline.from_pretrained(scene_dir, device=device) if scene_dir is not None else None
     handler = DemoGenerator(pipeline, resolution, output_dir, scene_pipeline)

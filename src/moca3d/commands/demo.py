@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
             None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model."
         ),
         scenes: bool = typer.Option(True, "--scenes/--no-scenes", help="Show the Scene tab (--no-scenes: objects only, one model loaded)."),
+        lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA adapter folder (OUT/lora of `moca3d train --lora-rank`) folded into --model, the pipeline it was trained from, for the Object tab."),
     ) -> None:
         """Start a local web page: upload an image, choose the number of parts, and view / download the GLB.
 
@@ -90,4 +91,4 @@ def register(app: typer.Typer) -> None:
         resolve_model(model)  # a missing built-in model fails here, in one line
         typer.echo(f"loading the model; the page will be at {page_url(host, port)}")
         launch(model, host=host, port=port, share=share, device=device, resolution=resolution, scene_model_path=scene_model,
-               scenes=scenes)
+               scenes=scenes, lora=lora)
