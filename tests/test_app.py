@@ -295,6 +295,22 @@ def test_handler_writes_a_glb_with_named_parts(generator, tmp_path, monkeypatch)
     assert generator.generate(EXAMPLE, 1, seed=1, steps=1)[2].startswith("1 part in")
 
 
+def test_a_coloured_background_is_generated_with_a_note(generator, tmp_path, monkeypatch):
+    """The background warning reaches the page (a gr.Warning notice and the summary), not only the server's console."""
+    from moca3d.models.image_encoder import BACKGROUND_WARNING
+
+    shown = []
+    monkeypatch.setattr(demo_app.gr, "Warning", lambda message, *args, **kwargs: shown.append(message))
+    image = Image.new("RGB", (64, 64), (40, 90, 200))
+    image.paste((200, 30, 30), (20, 20, 44, 44))
+    image.save(tmp_path / "photo.png")
+    handler = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION, output_dir=tmp_path / "out")
+    summary = handler.generate(str(tmp_path / "photo.png"), 1, seed=1, steps=1)[2]
+    assert shown == [BACKGROUND_WARNING] and summary.endswith(f"Note: {BACKGROUND_WARNING}")
+    shown.clear()
+    assert "Note:" not in handler.generate(EXAMPLE, 1, seed=1, steps=1)[2] and not shown
+
+
 def test_demo_cleans_up_its_temporary_files(generator, pipeline_dir, tmp_path):
     own = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION)  # no output folder given: a temporary one
     assert own.output_dir.is_dir()

@@ -441,3 +441,33 @@ def test_reports_are_standard_json_and_broken_data_files_are_named(tmp_path):
     (asset / "samples.npz").write_bytes((asset / "samples.npz").read_bytes()[:50])  # an interrupted copy
     with pytest.raises(InputError, match="samples.npz: unreadable samples"):
         load_samples(tmp_path, "a")
+
+
+def test_an_image_on_a_coloured_background_warns_once_in_one_line(tmp_path, capsys):
+    """No alpha and a mostly non-white border: the background would be read as part of the object. It is used, with
+    an InputWarning (the CLI prints it as one yellow line); white, transparent and edge-touching objects are not warned."""
+    import warnings
+
+    from PIL import Image
+
+    from moca3d.cli import show_warning
+    from moca3d.errors import InputWarning
+    from moca3d.models.image_encoder import BACKGROUND_WARNING, preprocess_image
+
+    def picture(background, mode="RGB", box=(24, 24, 40, 40)):
+        image = Image.new(mode, (64, 64), background)
+        image.paste((200, 30, 30, 255)[: len(mode)], box)
+        return image
+
+    with pytest.warns(InputWarning, match="most of its border is not white"):
+        preprocess_image(picture((40, 90, 200)), 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these warns
+        preprocess_image(picture((255, 255, 255)), 32)
+        preprocess_image(picture((40, 90, 200, 0), "RGBA"), 32)  # a coloured but transparent background
+        preprocess_image(picture((255, 255, 255), box=(24, 0, 40, 64)), 32)  # an object cut by the frame on two sides
+        noisy = np.asarray(picture((255, 255, 255))).astype(int) - np.random.default_rng(0).integers(0, 10, (64, 64, 3))
+        preprocess_image(Image.fromarray(noisy.clip(0, 255).astype(np.uint8)), 32)  # JPEG-like noise on white
+    show_warning(InputWarning(BACKGROUND_WARNING), InputWarning, "x.py", 1)
+    err = capsys.readouterr().err
+    assert err == f"warning: {BACKGROUND_WARNING}\n"

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 import weakref
 from pathlib import Path
 from typing import Optional, Union
@@ -29,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from moca3d.commands.common import resolve_device
 from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
-from moca3d.errors import ConfigError, InputError, MoCA3DError, out_of_memory
+from moca3d.errors import ConfigError, InputError, InputWarning, MoCA3DError, out_of_memory
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
@@ -225,7 +226,9 @@ class DemoGenerator:
         """Run one generation and save its GLB: (viewer path, download path, summary); our errors become gr.Error."""
         started = time.time()
         try:
-            result = run()
+            with warnings.catch_warnings(record=True) as caught:  # one generation at a time (the queue): not shared
+                warnings.simplefilter("always", InputWarning)
+                result = run()
             glb = result.save(self.output_dir / f"{kind}-{uuid.uuid4().hex[:12]}.glb")
         except MoCA3DError as err:
             raise gr.Error(str(err), print_exception=False) from None
@@ -244,6 +247,9 @@ class DemoGenerator:
         note = f" ({empty} empty)" if empty else ""
         count = len(result.meshes)
         summary = f"{count} {kind if count != 1 else kind[:-1]}{note} in {time.time() - started:.1f} s: {', '.join(result.names)}"
+        for warning in {str(w.message) for w in caught if issubclass(w.category, InputWarning)}:
+            gr.Warning(warning)  # a notice on the page, and in the summary below the viewer
+            summary += f"\n\nNote: {warning}"
         return str(glb), str(glb), summary
 
 

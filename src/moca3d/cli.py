@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import warnings
 
 import typer
 
-from moca3d.errors import MoCA3DError, out_of_memory
+from moca3d.errors import InputWarning, MoCA3DError, out_of_memory
 
 app = typer.Typer(
     name="moca3d",
@@ -60,8 +61,20 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our InputWarnings as one yellow line on stderr; any other warning as Python shows it."""
+    if issubclass(category, InputWarning):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+    else:
+        PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+PYTHON_SHOWWARNING = warnings.showwarning
+
+
 def main() -> None:
     """Console entry point: bad input ends with one clear line, not a stack trace."""
+    warnings.showwarning = show_warning
     try:
         app(standalone_mode=True)
     except MoCA3DError as err:

@@ -17,6 +17,10 @@ class CheckpointError(MoCA3DError, ValueError):
     """A checkpoint is missing, mis-shaped, or contains non-finite values."""
 
 
+class InputWarning(UserWarning):
+    """Input that is used but probably not what the model expects (the CLI prints it as one line)."""
+
+
 def cannot_write(path, err: OSError) -> InputError:
     """The one-line error of a failed write to `path` (permission, a folder in the way, disk full)."""
     return InputError(f"cannot write {path}: {err.strerror or err}")

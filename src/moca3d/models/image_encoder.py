@@ -8,6 +8,7 @@ inference: alpha -> white background, foreground crop with padding, square, resi
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -18,7 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.models.lora import add_lora, merge_lora
 from moca3d.models.modeling import AtomicSaveMixin
 from moca3d.models.vae import LayerNorm32, VecSetBlock
@@ -27,6 +28,11 @@ ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
 
 MIN_IMAGE_SIDE = 8  # px: below this there is no object to crop
+BORDER_WHITE = 240  # a border pixel with every channel at least this is background (JPEG noise stays above it)
+BORDER_SHARE = 0.5  # warn when more of an alpha-less object image's border than this is not white
+BACKGROUND_WARNING = ("the image has no transparency and most of its border is not white: the model expects one object on a "
+                      "white or transparent background (render or photo with the background removed, e.g. by rembg), so "
+                      "the background is read as part of the object")
 
 
 def to_8bit(im: Image.Image) -> Image.Image:
@@ -93,6 +99,15 @@ def foreground_box(rgb: np.ndarray, alpha: np.ndarray | None, threshold: int = 2
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def non_white_border(rgb: np.ndarray) -> float:
+    """The share of the pixels on an (H, W, 3) image's outer frame (1% of its side, at least 1 px) that are not white."""
+    h, w = rgb.shape[:2]
+    k = max(1, round(0.01 * min(h, w)))
+    frame = np.ones((h, w), dtype=bool)
+    frame[k:h - k, k:w - k] = False
+    return float((rgb[frame] < BORDER_WHITE).any(axis=-1).mean())
+
+
 def rgb_on_white(image: ImageLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Image -> (H, W, 3) uint8 RGB composited on white, and its (H, W) alpha if it has one (else None)."""
     im = load_image(image)
@@ -113,6 +128,8 @@ def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None
         box = foreground_box(rgb8, alpha)
         if box is None:
             raise InputError("the image has no foreground (it is blank or all white)")
+        if alpha is None and non_white_border(rgb8) > BORDER_SHARE:
+            warnings.warn(BACKGROUND_WARNING, InputWarning, stacklevel=2)
     else:
         x0, y0, x1, y1 = box
         if foreground_box(rgb8[y0:y1, x0:x1], None if alpha is None else alpha[y0:y1, x0:x1]) is None:
