@@ -43,7 +43,7 @@ def version() -> None:
 # The order `moca3d --help` lists the verbs in: use, evaluate, then the training workflow; others after.
 VERB_ORDER = ("generate", "generate-scene", "demo", "render", "evaluate", "evaluate-model", "evaluate-scenes",
               "prepare", "train-vae", "eval-vae", "reconstruct", "encode-dataset", "cache-latents",
-              "pretrain-encoder", "train", "train-scene", "train-default", "version")
+              "pretrain-encoder", "train", "train-scene", "train-default", "info", "version")
 
 
 def _register_commands() -> None:

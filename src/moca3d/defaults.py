@@ -3,6 +3,7 @@ and the one-line checks of sampling options."""
 
 import math
 import numbers
+from pathlib import Path
 from typing import Optional
 
 from moca3d.errors import ConfigError, InputError
@@ -13,6 +14,9 @@ SCENE_GUIDANCE = 2.0  # for scenes: the built-in scene model's best of 1, 2, 3, 
 MIN_RESOLUTION = 16  # smallest marching-cubes grid a generation verb accepts
 MAX_RESOLUTION = 1024  # largest: a 1024^3 grid of float32 field values is already 4 GiB per component
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
+DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"  # the built-in object model, shipped in the package
+DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # a LoRA adapter folder's files
 RESOLUTION_RULE = f"{MIN_RESOLUTION}, {2 * MIN_RESOLUTION} or a multiple of 4 from {4 * MIN_RESOLUTION} to {MAX_RESOLUTION}"
 
 

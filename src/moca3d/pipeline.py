@@ -20,7 +20,8 @@ import trimesh
 
 from moca3d import flow
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
-from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_sampling_args, check_seed, check_shift
+from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, SCENE_GUIDANCE, STEPS,  # noqa: F401
+                             check_sampling_args, check_seed, check_shift)
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
@@ -29,8 +30,6 @@ from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"
-DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
 COMPONENTS = {"vae": VecSetVAE, "transformer": MoCATransformer, "image_encoder": ImageEncoder}
 
 

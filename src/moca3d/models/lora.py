@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
+from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from moca3d.errors import CheckpointError, ConfigError
 
 LORA_ADAPTER = "default"
@@ -104,8 +105,6 @@ def trainable_summary(module: nn.Module) -> tuple[int, int]:
 # Adapter folders: what a LoRA fine-tune changed, applied later to the base it was trained from
 # ----------------------------------------------------------------------------------------------
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def lora_targets(module: nn.Module) -> list[str]:

@@ -1,0 +1,128 @@
+"""`moca3d info`: what a pipeline (or LoRA adapter) folder holds, read from its configs and weight headers."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR
+from moca3d.errors import CheckpointError
+
+DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
+# what a glance needs of each component's config
+SHOWN = {
+    "transformer": ("width", "num_layers", "num_heads", "attention_mode", "global_blocks", "topk_ratio", "compression",
+                    "num_latents", "in_channels", "id_codebook_size", "layout_features", "instance_views"),
+    "image_encoder": ("in_channels", "image_size", "patch_size", "width", "num_layers"),
+    "vae": ("num_latents", "latent_channels", "width_encoder", "width_decoder", "num_layers_decoder", "truncation"),
+}
+
+
+def tensor_headers(folder: Path) -> dict[str, tuple[str, int]]:
+    """{name: (dtype, element count)} of every tensor in a folder's .safetensors files, from their headers only."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+        except (OSError, struct.error, ValueError) as err:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for size in entry["shape"]:
+                    count *= size
+                tensors[name] = (entry["dtype"], count)
+    return tensors
+
+
+def weights_summary(folder: Path) -> dict:
+    """Parameter count, dtypes and bytes on disk of a component folder."""
+    tensors = tensor_headers(folder)
+    dtypes = sorted({DTYPE_NAMES.get(dtype, dtype.lower()) for dtype, _ in tensors.values()})
+    return {"parameters": sum(count for _, count in tensors.values()), "dtypes": dtypes,
+            "bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors"))}
+
+
+def read_json(path: Path) -> dict:
+    """A config file, CheckpointError when it is missing or not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable config ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return value
+
+
+def describe(path: Path) -> dict:
+    """What the folder is and holds: a pipeline's components (class, config essentials, weights) or an adapter's."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such folder")
+    if (path / ADAPTER_CONFIG).is_file():
+        config = read_json(path / ADAPTER_CONFIG)
+        keys = ("rank", "alpha", "base", "transformer_overrides")
+        return {"kind": "LoRA adapter", "path": str(path), **{k: config.get(k) for k in keys},
+                "adapted_layers": len(config.get("target_modules", [])), "trained_in_full": config.get("train_full"),
+                "weights": weights_summary(path) if (path / ADAPTER_WEIGHTS).is_file() else None}
+    if not (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json) nor a LoRA adapter ({ADAPTER_CONFIG})")
+    index = read_json(path / "model_index.json")
+    out = {"kind": "pipeline", "path": str(path), "saved_by": f"moca3d {index.get('_moca3d_version', '?')}", "components": {}}
+    for name in ("transformer", "image_encoder", "vae"):
+        config = read_json(path / name / "config.json")
+        entry = {"class": config.get("_class_name", "?"), **{k: config[k] for k in SHOWN[name] if k in config}}
+        if name == "image_encoder" and config.get("model_type") == "dinov2":  # a converted release's DINOv2
+            entry.update({"class": "DINOv2", "width": config.get("hidden_size"), "num_layers": config.get("num_hidden_layers")})
+        out["components"][name] = {**entry, **weights_summary(path / name)}
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        out["components"]["scheduler"] = {"class": read_json(scheduler).get("_class_name"), "shift": read_json(scheduler).get("shift")}
+    channels = out["components"]["image_encoder"].get("in_channels", 3)
+    out["task"] = "scenes (image + instance masks)" if channels == 7 else "objects (one image)"
+    out["max_components"] = out["components"]["transformer"].get("id_codebook_size")
+    return out
+
+
+def _size(count: int) -> str:
+    """1234567 -> '1.2M'."""
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
+
+
+def echo(report: dict) -> None:
+    """Print `describe`'s report for a reader."""
+    typer.echo(f"{report['path']}: {report['kind']}")
+    if report["kind"] == "LoRA adapter":
+        weights = report["weights"] or {}
+        typer.echo(f"  rank {report['rank']}, alpha {report['alpha']}, {report['adapted_layers']} adapted layers; "
+                   f"trained in full: {', '.join(report['trained_in_full'] or [])}")
+        typer.echo(f"  base: {report['base']}")
+        typer.echo(f"  weights: {_size(weights.get('parameters', 0))} parameters, {weights.get('bytes', 0) / 2**20:.1f} MiB")
+        return
+    typer.echo(f"  task: {report['task']}, up to {report['max_components']} components; saved by {report['saved_by']}")
+    for name, entry in report["components"].items():
+        settings = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("class", "parameters", "dtypes", "bytes"))
+        weights = f"{_size(entry['parameters'])} parameters ({'/'.join(entry['dtypes'])}, {entry['bytes'] / 2**20:.1f} MiB); " \
+            if "parameters" in entry else ""
+        typer.echo(f"  {name:<13} {entry['class']}: {weights}{settings}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `info`."""
+
+    @app.command("info")
+    def info(
+        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline) or a LoRA adapter folder (OUT/lora). Default: the built-in model."),
+        json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ) -> None:
+        """Show what a pipeline or LoRA adapter folder holds: task, component sizes, dtypes and key settings (no model is loaded)."""
+        report = describe(path if path is not None else DEFAULT_MODEL_DIR)
+        if json_out:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            echo(report)

@@ -1,0 +1,50 @@
+"""`moca3d info`: a pipeline's or adapter's contents from its configs and weight headers, without loading a model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moca3d.cli import app
+from moca3d.commands.info import describe
+from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR
+from moca3d.errors import CheckpointError
+
+
+def test_the_built_in_models_are_described_as_their_loaded_weights_count():
+    from moca3d.pipeline import MoCAPipeline
+
+    report = describe(DEFAULT_MODEL_DIR)
+    assert report["kind"] == "pipeline" and report["task"] == "objects (one image)" and report["max_components"] == 50
+    loaded = MoCAPipeline.from_pretrained()
+    for name in ("transformer", "image_encoder", "vae"):  # the headers' element counts are the loaded parameters and buffers
+        model = getattr(loaded, name)
+        tensors = sum(t.numel() for t in model.state_dict().values())
+        assert report["components"][name]["parameters"] == tensors, name
+    assert report["components"]["transformer"]["dtypes"] == ["fp16"] and report["components"]["transformer"]["width"] == 192
+    assert describe(DEFAULT_SCENE_MODEL_DIR)["task"] == "scenes (image + instance masks)"
+
+
+def test_an_adapter_folder_and_bad_folders(tmp_path):
+    from moca3d.models.lora import save_adapter
+
+    layer = torch.nn.Linear(4, 3)
+    layer.bias.requires_grad_(False)
+    folder = save_adapter(tmp_path / "lora", layer, {"rank": 2, "alpha": 4, "target_modules": ["a", "b"], "train_full": ["router"],
+                                                    "base": "runs/base", "base_fingerprint": None})
+    report = describe(folder)
+    assert report["kind"] == "LoRA adapter" and report["rank"] == 2 and report["adapted_layers"] == 2
+    assert report["weights"]["parameters"] == 12  # the trained weight alone (4 x 3); the frozen bias is the base's
+    for path, message in ((tmp_path / "none", "no such folder"), (tmp_path, "neither a pipeline folder")):
+        with pytest.raises(CheckpointError, match=message):
+            describe(path)
+
+
+def test_info_cli_prints_a_summary_or_json():
+    text = CliRunner().invoke(app, ["info"]).output
+    assert "task: objects (one image), up to 50 components" in text and "transformer   MoCATransformer: 5.4M parameters" in text
+    report = json.loads(CliRunner().invoke(app, ["info", str(DEFAULT_SCENE_MODEL_DIR), "--json"]).output)
+    assert report["components"]["image_encoder"]["in_channels"] == 7
