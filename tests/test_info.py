@@ -48,3 +48,24 @@ def test_info_cli_prints_a_summary_or_json():
     assert "task: objects (one image), up to 50 components" in text and "transformer   MoCATransformer: 5.4M parameters" in text
     report = json.loads(CliRunner().invoke(app, ["info", str(DEFAULT_SCENE_MODEL_DIR), "--json"]).output)
     assert report["components"]["image_encoder"]["in_channels"] == 7
+
+
+def test_a_generated_file_records_how_it_was_made(tmp_path):
+    """MoCAOutput.save writes the model, inputs and sampling settings into the GLB (scene extras) and the OBJ (first
+    comment); `info` reads them back, and the OBJ still reads as its parts."""
+    from moca3d.geometry.mesh_io import load_components, save_glb
+    from moca3d.pipeline import MoCAPipeline
+
+    out = MoCAPipeline.from_pretrained()("examples/chair.png", num_parts=2, steps=2, seed=3, resolution=32, show_progress=False)
+    expected = {"model": "built-in", "lora": None, "image": "chair.png", "parts": 2, "steps": 2, "seed": 3, "guidance": 7.0,
+                "resolution": 32, "shift": 1.0}
+    for name in ("parts.glb", "parts.obj"):
+        path = out.save(tmp_path / name)
+        report = describe(path)
+        assert report["kind"] == "generated file" and {k: report["settings"][k] for k in expected} == expected, name
+        assert [n for n in report["components"] if n.startswith("part_")] == ["part_00", "part_01"]
+    assert load_components(tmp_path / "parts.obj")[1] == ["part_00", "part_01"]
+    plain = save_glb(tmp_path / "plain.glb", [m for m in out.meshes if len(m.faces)], None)
+    assert describe(plain)["settings"] == {}
+    text = CliRunner().invoke(app, ["info", str(tmp_path / "parts.glb")]).output
+    assert "made with: model built-in" in text and "seed 3" in text

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
 
@@ -41,6 +41,7 @@ class MoCAOutput:
     names: List[str]
     latents: torch.Tensor  # (N, L, C)
     kind: str = "component"  # what one mesh is: "part" or "instance"
+    settings: dict = field(default_factory=dict)  # how it was made (model, seed, steps, ...): written into the file
 
     @property
     def scene(self) -> trimesh.Scene:
@@ -53,7 +54,7 @@ class MoCAOutput:
 
         if not any(len(m.faces) for m in self.meshes):
             raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
-        return save_components(path, self.meshes, self.names)
+        return save_components(path, self.meshes, self.names, metadata=self.settings)
 
 
 def _check_finite(model: torch.nn.Module, where: Path) -> None:
@@ -78,6 +79,7 @@ class MoCAPipeline:
         self.transformer = transformer.eval()
         self.image_encoder = image_encoder.eval()
         self.scheduler = scheduler or flow.make_scheduler()
+        self.source = {"model": None, "lora": None}  # where from_pretrained read it (recorded in generated files)
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -137,7 +139,9 @@ class MoCAPipeline:
                 check_shift(scheduler.config.shift)
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
-        return cls(scheduler=scheduler, **parts)
+        pipe = cls(scheduler=scheduler, **parts)
+        pipe.source = {"model": "built-in" if path is None else str(root), "lora": None if lora is None else str(lora)}
+        return pipe
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Write every component and model_index.json (the index last, so a folder with it is complete)."""
@@ -253,7 +257,8 @@ class MoCAPipeline:
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
-        return self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution, show_progress)
+        out = self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution, show_progress)
+        return _with_inputs(out, image=image)
 
     def _generate(self, encode, num: Optional[int], prefix: str, steps, guidance, seed, shift, resolution, show_progress) -> MoCAOutput:
         """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
@@ -270,7 +275,9 @@ class MoCAPipeline:
             task = bar.add_task("decoding", total=num)
             meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
         names = [f"{prefix}_{i:02d}" for i in range(num)]
-        return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu(), kind=prefix)
+        settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": steps, "guidance": guidance, "seed": seed,
+                    "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": resolution}
+        return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu(), kind=prefix, settings=settings)
 
     # -- scenes (issue 7) --------------------------------------------------------------------------
 
@@ -305,7 +312,14 @@ class MoCAPipeline:
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""
-        return self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)
+        out = self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)
+        return _with_inputs(out, image=image, masks=masks)
+
+
+def _with_inputs(out: MoCAOutput, **inputs) -> MoCAOutput:
+    """`out` with the file names of its inputs (those given as paths) in its settings."""
+    out.settings.update({k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))})
+    return out
 
 
 def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: Path) -> tuple[MoCATransformer, object]:

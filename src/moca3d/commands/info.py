@@ -1,4 +1,5 @@
-"""`moca3d info`: what a pipeline (or LoRA adapter) folder holds, read from its configs and weight headers."""
+"""`moca3d info`: what a pipeline (or LoRA adapter) folder holds, read from its configs and weight headers, or how a
+generated GLB / OBJ was made (the settings `MoCAOutput.save` writes into it)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,37 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def generation_record(path: Path) -> dict:
+    """A generated file's components and the settings it was made with (empty when it has none)."""
+    from moca3d.geometry.mesh_io import METADATA_KEY
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".obj":
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                first = fh.readline()
+                names = [line[2:].strip() for line in fh if line.startswith("o ")]
+            tag = f"# {METADATA_KEY}: "
+            settings = json.loads(first[len(tag):]) if first.startswith(tag) else {}
+        else:
+            with open(path, "rb") as fh:
+                header = fh.read(20)  # magic, version, length, then the JSON chunk's length and type
+                if header[:4] != b"glTF":
+                    raise ValueError("not a binary glTF")
+                doc = json.loads(fh.read(int.from_bytes(header[12:16], "little")))
+            names = [node.get("name", "") for node in doc.get("nodes", [])]
+            scenes = doc.get("scenes") or [{}]
+            settings = (scenes[0].get("extras") or {}).get(METADATA_KEY, {})
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable {suffix[1:].upper()} file ({err})") from None
+    return {"kind": "generated file", "path": str(path), "components": names, "settings": settings}
+
+
 def describe(path: Path) -> dict:
-    """What the folder is and holds: a pipeline's components (class, config essentials, weights) or an adapter's."""
+    """What the folder is and holds: a pipeline's components (class, config essentials, weights) or an adapter's; for
+    a .glb / .obj file, its components and how it was generated."""
+    if path.is_file() and path.suffix.lower() in (".glb", ".obj"):  # geometry.mesh_io.MESH_FORMATS (trimesh: seconds)
+        return generation_record(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder")
     if (path / ADAPTER_CONFIG).is_file():
@@ -97,6 +127,11 @@ def _size(count: int) -> str:
 def echo(report: dict) -> None:
     """Print `describe`'s report for a reader."""
     typer.echo(f"{report['path']}: {report['kind']}")
+    if report["kind"] == "generated file":
+        typer.echo(f"  {len(report['components'])} components: {', '.join(report['components'])}")
+        made = report["settings"]
+        typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else "no record (not written by moca3d)"))
+        return
     if report["kind"] == "LoRA adapter":
         weights = report["weights"] or {}
         typer.echo(f"  rank {report['rank']}, alpha {report['alpha']}, {report['adapted_layers']} adapted layers; "
@@ -117,10 +152,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
-        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline) or a LoRA adapter folder (OUT/lora). Default: the built-in model."),
+        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), or a generated .glb / .obj (how it was made). Default: the built-in model."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ) -> None:
-        """Show what a pipeline or LoRA adapter folder holds: task, component sizes, dtypes and key settings (no model is loaded)."""
+        """Show what a pipeline or LoRA adapter holds (task, sizes, dtypes, settings; no model is loaded), or how a generated GLB was made."""
         report = describe(path if path is not None else DEFAULT_MODEL_DIR)
         if json_out:
             typer.echo(json.dumps(report, indent=2))

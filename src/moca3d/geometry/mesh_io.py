@@ -339,14 +339,20 @@ def save_glb(
     meshes: list[trimesh.Trimesh],
     names: list[str] | None = None,
     colors: np.ndarray | None = None,
+    metadata: dict | None = None,
 ) -> Path:
-    """Write a GLB scene, one named node per component with distinct colours (atomic; InputError naming `path` if it fails)."""
+    """Write a GLB scene, one named node per component with distinct colours (atomic; InputError naming `path` if it fails).
+
+    `metadata` (JSON values, e.g. how a generation was made) goes into the scene's glTF extras under "moca3d"."""
     path = Path(path)
     if not meshes:
         raise InputError(f"{path}: no components to write")
     if all(len(mesh.faces) == 0 for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
-    data = components_scene(meshes, names, colors).export(file_type="glb")
+    scene = components_scene(meshes, names, colors)
+    if metadata:
+        scene.metadata[METADATA_KEY] = metadata
+    data = scene.export(file_type="glb")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
@@ -355,19 +361,23 @@ def save_glb(
     return path
 
 
+METADATA_KEY = "moca3d"  # a written file's record of how it was made (glTF scene extras, OBJ first comment)
 MESH_FORMATS = (".glb", ".obj")  # what the CLI writes a generation as: one named node / one `o` object per component
 
 
-def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None) -> Path:
+def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None,
+                    metadata: dict | None = None) -> Path:
     """Write the components as OBJ when `path` ends in .obj (one `o` object per component, no materials; `load_file`
-    reads the parts back), else as GLB (`save_glb`: named nodes, distinct colours); atomic, InputError naming `path`
-    if it fails."""
+    reads the parts back; `metadata` as a first comment line), else as GLB (`save_glb`: named nodes, distinct colours,
+    `metadata` in the glTF extras); atomic, InputError naming `path` if it fails."""
     path = Path(path)
     if path.suffix.lower() != ".obj":
-        return save_glb(path, meshes, names)
+        return save_glb(path, meshes, names, metadata=metadata)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
     text = components_scene(meshes, names, None).export(file_type="obj")
+    if metadata:
+        text = f"# {METADATA_KEY}: {json.dumps(metadata)}\n{text}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, text.encode())
