@@ -311,6 +311,24 @@ def test_a_coloured_background_is_generated_with_a_note(generator, tmp_path, mon
     assert "Note:" not in handler.generate(EXAMPLE, 1, seed=1, steps=1)[2] and not shown
 
 
+def test_other_warnings_of_a_generation_still_reach_the_console(generator, tmp_path, monkeypatch):
+    """Recording the InputWarnings for the page swallowed every other warning of the run (torch's, numpy's)."""
+    import warnings
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, *args, **kwargs: shown.append((str(message), category)))
+    handler = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION, output_dir=tmp_path / "out")
+    run = handler.pipeline.__call__
+
+    def noisy(*args, **kwargs):
+        warnings.warn("something the console should show", RuntimeWarning)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(type(handler.pipeline), "__call__", lambda self, *a, **k: noisy(*a, **k))
+    handler.generate(EXAMPLE, 1, seed=1, steps=1)
+    assert ("something the console should show", RuntimeWarning) in shown
+
+
 def test_demo_cleans_up_its_temporary_files(generator, pipeline_dir, tmp_path):
     own = demo_app.DemoGenerator(generator.pipeline, resolution=RESOLUTION)  # no output folder given: a temporary one
     assert own.output_dir.is_dir()

@@ -64,7 +64,7 @@ def test_generate_takes_a_folder_of_images_one_glb_each_and_names_the_bad_ones(o
 
     import trimesh
 
-    from moca3d.errors import InputError
+    from moca3d.errors import ConfigError, InputError
 
     root, _ = object_dataset
     images = tmp_path / "images"
@@ -83,6 +83,8 @@ def test_generate_takes_a_folder_of_images_one_glb_each_and_names_the_bad_ones(o
     assert "skipped notes.png" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["view0.glb", "view1.glb"]
     assert len(trimesh.load(out / "view0.glb", force="scene").geometry) >= 1
+    wrong = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "one.glb")])
+    assert isinstance(wrong.exception, ConfigError) and "-o names the folder" in str(wrong.exception)
     (images / "notes.png").unlink()
     (images / "view0.jpg").write_bytes((images / "view0.png").read_bytes())
     clash = CliRunner().invoke(app, args)
@@ -121,3 +123,56 @@ def test_evaluate_model_scores_a_folder_of_predictions_in_any_frame(object_datas
     empty.mkdir()
     nothing = CliRunner().invoke(app, base[:-1] + [str(empty)])
     assert isinstance(nothing.exception, InputError) and "no prediction for any of the" in str(nothing.exception)
+
+
+def test_predictions_found_in_any_mesh_format_and_a_one_file_folder_gives_its_parts(object_dataset, tmp_path):
+    """<id>.GLB, <id>.gltf and <id>/<any name>.glb are predictions too (they were listed as missing, or a folder's one
+    file fused into one part); a prediction's empty part is kept and counted as empty."""
+    import trimesh
+
+    from moca3d.data.dataset import read_manifest
+    from moca3d.evaluation import evaluate_pipeline
+    from moca3d.geometry.mesh_io import load_components, save_components
+
+    root, _ = object_dataset
+    ids = [r["id"] for r in read_manifest(root, "train")][:3]
+    preds = tmp_path / "preds"
+    parts = {}
+    for asset in ids:
+        parts[asset] = load_components(root / "assets" / asset / "mesh.glb")
+    save_components(preds / f"{ids[0]}.GLB", *parts[ids[0]])
+    trimesh.Scene(parts[ids[1]][0]).export(preds / f"{ids[1]}.gltf")
+    meshes, names = parts[ids[2]]
+    save_components(preds / ids[2] / "output.glb", [*meshes, trimesh.Trimesh()], [*names, "empty"])
+    report = evaluate_pipeline(None, root, "train", count=3, metric_points=2000, progress=False, predictions=preds)
+    assert report["missing"] == []
+    scores = {row["id"]: row for row in report["assets"]}
+    assert all(scores[a]["fscore@0.1"] == 1.0 for a in ids)
+    assert scores[ids[2]]["num_pred"] == len(meshes) and scores[ids[2]]["num_empty"] == 1
+
+
+def test_generate_folder_warns_about_each_image_on_a_coloured_background_by_name(object_pipeline, tmp_path):
+    """Python shows a warning once per place: the second image on a grey background went unwarned, and the one
+    warning did not say which image it was about."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from moca3d.errors import InputWarning
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, background in (("grey", 120), ("blue", 60), ("white", 255)):
+        pixels = np.full((48, 48, 3), background, dtype=np.uint8)
+        pixels[12:36, 12:36] = (200, 30, 30)
+        Image.fromarray(pixels).save(images / f"{name}.png")
+    args = ["generate", str(images), "--model", object_pipeline, "--parts", "1", "--steps", "1", "--resolution", "16",
+            "--device", "cpu", "-o", str(tmp_path / "out")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own filter for a UserWarning
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, InputWarning))
+    assert len(messages) == 2 and messages[0].startswith("blue.png: the image has no transparency")
+    assert messages[1].startswith("grey.png: ")

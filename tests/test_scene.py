@@ -558,6 +558,30 @@ def test_evaluate_scenes_scores_a_folder_of_predictions(scenes, tmp_path):
     assert f"the prediction of {folder.name} has {n - 1} instances, its masks {n}" in str(short.exception)
 
 
+def test_scene_predictions_keep_an_empty_instance_in_its_place(scenes, tmp_path):
+    """A generated scene GLB keeps an empty instance as a node without geometry: read as an empty mesh in its place
+    (not dropped, which shifted instance i and refused the count); a zero-area part scores as empty too."""
+    import shutil
+
+    from moca3d.evaluation import evaluate_scenes
+    from moca3d.geometry.mesh_io import load_components, save_components
+
+    root, _ = scenes
+    folder, n = _visible_scene(root)
+    data = tmp_path / "data"
+    shutil.copytree(folder, data / "assets" / folder.name)
+    line = next(x for x in (root / "manifest.jsonl").read_text().splitlines() if folder.name in x)
+    (data / "manifest.jsonl").write_text(line + "\n")
+    meshes, names = load_components(folder / "mesh.glb")
+    flat = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]])
+    for broken in (trimesh.Trimesh(), flat):  # instance 0: empty (as generate-scene writes it), then zero area
+        save_components(tmp_path / "preds" / f"{folder.name}.glb", [broken, *meshes[1:]], names)
+        report = evaluate_scenes(None, data, "train", metric_points=2000, progress=False, predictions=tmp_path / "preds")
+        instances = report["scenes"][0]["instances"]
+        assert len(instances) == n and report["missing"] == []
+        assert instances[0]["fscore@0.1"] == 0.0 and all(i["fscore@0.1"] == 1.0 for i in instances[1:])
+
+
 def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):
     from moca3d.cli import app
 

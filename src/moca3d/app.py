@@ -226,9 +226,15 @@ class DemoGenerator:
         """Run one generation and save its GLB: (viewer path, download path, summary); our errors become gr.Error."""
         started = time.time()
         try:
-            with warnings.catch_warnings(record=True) as caught:  # one generation at a time (the queue): not shared
-                warnings.simplefilter("always", InputWarning)
-                result = run()
+            caught: list = []
+            try:
+                with warnings.catch_warnings(record=True) as caught:  # one generation at a time (the queue): not shared
+                    warnings.simplefilter("always", InputWarning)
+                    result = run()
+            finally:
+                for w in caught:  # any other warning on the server's console, as before
+                    if not issubclass(w.category, InputWarning):
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             glb = result.save(self.output_dir / f"{kind}-{uuid.uuid4().hex[:12]}.glb")
         except MoCA3DError as err:
             raise gr.Error(str(err), print_exception=False) from None

@@ -89,16 +89,78 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
     return pipe.decode_latents(pipe.vae.normalize_latents(latents), resolution)
 
 
-PREDICTION_FORMATS = (".glb", ".obj")
+def prediction_path(folder: Path, asset_id: str) -> Optional[Path]:
+    """An asset's prediction in `folder`: <id>.glb, .obj or another mesh format (any case of the suffix), else an <id>/
+    folder; None when there is none."""
+    from moca3d.geometry.mesh_io import MESH_EXTENSIONS
+
+    for suffix in MESH_EXTENSIONS:  # the usual names first: no listing of the folder
+        if (folder / f"{asset_id}{suffix}").is_file():
+            return folder / f"{asset_id}{suffix}"
+    found = sorted((p for p in folder.iterdir() if p.is_file() and p.stem == asset_id and p.suffix.lower() in MESH_EXTENSIONS),
+                   key=lambda p: MESH_EXTENSIONS.index(p.suffix.lower()))  # e.g. <id>.GLB
+    if found:
+        return found[0]
+    return folder / asset_id if (folder / asset_id).is_dir() else None
+
+
+def _empty_nodes(path: Path) -> set[str]:
+    """Names (as load_file gives them) of a glTF file's leaf nodes without a mesh: the empty components a generation
+    keeps in their place (`save_glb`)."""
+    import json
+
+    from moca3d.geometry.mesh_io import _node_order
+
+    order = _node_order(path)
+    if order is None or order[0] != "nodes":
+        return set()
+    try:
+        if path.suffix.lower() == ".gltf":
+            doc = json.loads(path.read_text())
+        else:
+            with open(path, "rb") as f:
+                header = f.read(20)
+                doc = json.loads(f.read(int.from_bytes(header[12:16], "little")))
+    except (OSError, ValueError):
+        return set()
+    return {name for name, node in zip(order[1], doc.get("nodes", []))
+            if not any(key in node for key in ("mesh", "children", "camera", "extensions"))}
+
+
+def read_prediction(path: Path) -> list:
+    """The components of one prediction, in its order. A part with no surface (a GLB's empty node, no faces, zero
+    area, non-finite vertices) is kept as an empty mesh where it is: instance i stays instance i, and it scores as
+    empty instead of stopping the evaluation."""
+    import trimesh
+
+    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, _node_order, load_file, load_folder
+
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
+        if len(files) == 1:  # <id>/<any name>.glb: that file's parts (a lone part file gives the same one part)
+            path = files[0]
+    if path.is_dir():
+        meshes = load_folder(path)[0]
+    else:
+        meshes, names = load_file(path)
+        empty = _empty_nodes(path) - set(names)
+        if empty:
+            rank = {name: i for i, name in enumerate(_node_order(path)[1])}
+            rows = sorted([*zip(names, meshes), *((name, trimesh.Trimesh()) for name in empty)],
+                          key=lambda row: rank.get(row[0], len(rank)))
+            meshes = [mesh for _, mesh in rows]
+
+    def has_surface(mesh) -> bool:
+        return len(mesh.faces) > 0 and bool(np.isfinite(np.asarray(mesh.vertices)).all()) and mesh.area > 0
+
+    return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes]
 
 
 def load_prediction(folder: Path, asset_id: str) -> Optional[list]:
-    """An asset's predicted components from a folder of predictions (<id>.glb, <id>.obj, or an <id>/ folder of part
-    files, e.g. another method's outputs), or None when there is none."""
-    for candidate in [folder / f"{asset_id}{suffix}" for suffix in PREDICTION_FORMATS] + [folder / asset_id]:
-        if candidate.exists():
-            return load_components(candidate)[0]
-    return None
+    """An asset's predicted components from a folder of predictions (`prediction_path`: <id>.glb, <id>.obj, or an
+    <id>/ folder of part files, e.g. another method's outputs; `read_prediction`), or None when there is none."""
+    path = prediction_path(Path(folder), asset_id)
+    return None if path is None else read_prediction(path)
 
 
 def evaluate_pipeline(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, 
                                     check_run_folder, echo_categories, echo_means, echo_missing, load_or_predictions,
                                     resolve_device, run_dit_training, save_generation, write_json)
 from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, InputWarning
 
 DEFAULT_OUTPUT = Path("output.glb")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -60,6 +61,8 @@ def register(app: typer.Typer) -> None:
         images = image_files(image) if image.is_dir() else None
         if images is not None:  # one .glb per image in a folder
             output = Path("outputs") / image.name if output == DEFAULT_OUTPUT else output
+            if output.suffix.lower() in (".glb", ".obj"):
+                raise ConfigError(f"with a folder of images, -o names the folder of their .glb files, not a file: got {output}")
             check_generation_args(steps, resolution, guidance, output / "x.glb", seed, shift)
             check_run_folder(output)
         else:
@@ -79,11 +82,19 @@ def register(app: typer.Typer) -> None:
         for path in images:  # a bad image is reported and skipped; the others are generated
             started = time.time()
             try:
-                result = pipe(path, **settings)
+                with warnings.catch_warnings(record=True) as caught:  # Python shows a warning once per place: each
+                    warnings.simplefilter("always", InputWarning)  # image's own, named, or the next ones would be lost
+                    result = pipe(path, **settings)
             except InputError as err:
                 typer.echo(f"skipped {path.name}: {err}")
                 failed.append(path.name)
                 continue
+            finally:
+                for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, InputWarning)):
+                    warnings.warn(f"{path.name}: {message}", InputWarning, stacklevel=1)
+                for w in caught:  # any other warning as Python would have shown it
+                    if not issubclass(w.category, InputWarning):
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             save_generation(result, output / f"{path.stem}.glb", "parts", started)
         if failed:
             raise InputError(f"{len(failed)} of {len(images)} images could not be used (first: {failed[0]}); the others are in {output}")

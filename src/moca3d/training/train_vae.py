@@ -459,7 +459,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     """Train (or resume) a VAE; writes checkpoints, logs and OUT/vae (EMA weights, diffusers folder).
 
     Launched as several processes (`accelerate launch`, torchrun) it trains data-parallel: each process takes its
-    share of every global batch, gradients are averaged, and the first process alone writes.
+    share of every global batch, gradients are averaged, and the first process alone writes. A resume with the same
+    process count continues exactly; with another one it continues on the same batches with other loss noise.
     """
     out_dir = Path(out_dir)
     train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
