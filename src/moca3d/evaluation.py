@@ -107,20 +107,13 @@ def prediction_path(folder: Path, asset_id: str) -> Optional[Path]:
 def _empty_nodes(path: Path) -> set[str]:
     """Names (as load_file gives them) of a glTF file's leaf nodes without a mesh: the empty components a generation
     keeps in their place (`save_glb`)."""
-    import json
+    from moca3d.geometry.mesh_io import gltf_document, node_order
 
-    from moca3d.geometry.mesh_io import _node_order
-
-    order = _node_order(path)
+    order = node_order(path)
     if order is None or order[0] != "nodes":
         return set()
     try:
-        if path.suffix.lower() == ".gltf":
-            doc = json.loads(path.read_text())
-        else:
-            with open(path, "rb") as f:
-                header = f.read(20)
-                doc = json.loads(f.read(int.from_bytes(header[12:16], "little")))
+        doc = gltf_document(path) or {}
     except (OSError, ValueError):
         return set()
     return {name for name, node in zip(order[1], doc.get("nodes", []))
@@ -133,7 +126,7 @@ def read_prediction(path: Path) -> list:
     empty instead of stopping the evaluation."""
     import trimesh
 
-    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, _node_order, load_file, load_folder
+    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, load_file, load_folder, node_order
 
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
@@ -145,7 +138,7 @@ def read_prediction(path: Path) -> list:
         meshes, names = load_file(path)
         empty = _empty_nodes(path) - set(names)
         if empty:
-            rank = {name: i for i, name in enumerate(_node_order(path)[1])}
+            rank = {name: i for i, name in enumerate(node_order(path)[1])}
             rows = sorted([*zip(names, meshes), *((name, trimesh.Trimesh()) for name in empty)],
                           key=lambda row: rank.get(row[0], len(rank)))
             meshes = [mesh for _, mesh in rows]

@@ -63,7 +63,7 @@ def read_json(path: Path) -> dict:
 
 def generation_record(path: Path) -> dict:
     """A generated file's components and the settings it was made with (empty when it has none)."""
-    from moca3d.geometry.mesh_io import METADATA_KEY
+    from moca3d.geometry.mesh_io import METADATA_KEY, gltf_document
 
     suffix = path.suffix.lower()
     try:
@@ -74,11 +74,7 @@ def generation_record(path: Path) -> dict:
             tag = f"# {METADATA_KEY}: "
             settings = json.loads(first[len(tag):]) if first.startswith(tag) else {}
         else:
-            with open(path, "rb") as fh:
-                header = fh.read(20)  # magic, version, length, then the JSON chunk's length and type
-                if header[:4] != b"glTF":
-                    raise ValueError("not a binary glTF")
-                doc = json.loads(fh.read(int.from_bytes(header[12:16], "little")))
+            doc = gltf_document(path)
             names = [node.get("name", "") for node in doc.get("nodes", [])]
             scenes = doc.get("scenes") or [{}]
             settings = (scenes[0].get("extras") or {}).get(METADATA_KEY, {})

@@ -167,7 +167,7 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
         raise InputError(f"mesh file not found: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"{path.name}: the file is empty")
-    order = _node_order(path)
+    order = node_order(path)
     options = {}
     if suffix == ".obj":  # one component per `o` object (or `g` group), or one for the whole file, whatever
         # `usemtl` materials its faces use: trimesh would otherwise split each object by material (Blender's export)
@@ -195,7 +195,22 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     return meshes, names
 
 
-def _node_order(path: Path) -> tuple[str, list[str]] | None:
+def gltf_document(path: Path) -> dict | None:
+    """The JSON document of a .gltf or .glb file (a .glb's first chunk), None for other formats; OSError or
+    ValueError when it cannot be read."""
+    suffix = path.suffix.lower()
+    if suffix == ".gltf":
+        return json.loads(path.read_text())
+    if suffix != ".glb":
+        return None
+    with open(path, "rb") as f:
+        header = f.read(20)  # magic, version, length, then the JSON chunk's length and type
+        if header[:4] != b"glTF":
+            raise ValueError("not a binary glTF file")
+        return json.loads(f.read(int.from_bytes(header[12:16], "little")))
+
+
+def node_order(path: Path) -> tuple[str, list[str]] | None:
     """How a file's components are named, in file order: ("nodes", glTF node names as trimesh makes
     them unique), ("objects" | "groups", an OBJ's names when it has two or more), or None."""
     suffix = path.suffix.lower()
@@ -212,16 +227,10 @@ def _node_order(path: Path) -> tuple[str, list[str]] | None:
                 if len(seen[tag]) >= 2:
                     return kind, seen[tag]
             return None
-        if suffix == ".gltf":
-            doc = json.loads(path.read_text())
-        elif suffix == ".glb":
-            with open(path, "rb") as f:
-                header = f.read(20)  # magic, version, length, then the JSON chunk's length and type
-                json_len = int.from_bytes(header[12:16], "little")
-                doc = json.loads(f.read(json_len))
-        else:
-            return None
+        doc = gltf_document(path)
     except (OSError, ValueError):
+        return None
+    if doc is None:
         return None
     names: list[str] = []
     counts: dict = {}
