@@ -276,3 +276,11 @@ def test_the_same_data_folder_spelled_another_way_is_the_same_recipe(tmp_path):
     check_same_recipe(tmp_path / "work", {"objects": 2, "--data": str(tmp_path / "work" / ".." / "data")})
     with pytest.raises(ConfigError, match="another recipe"):
         check_same_recipe(tmp_path / "work", {"objects": 2, "--data": str(tmp_path / "work" / "data")})
+
+
+def test_a_multi_process_launch_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Under torchrun each process would prepare, encode and export the same folders: one line instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["train-default", "--work", str(tmp_path / "work")])
+    assert isinstance(result.exception, ConfigError) and "train-default runs in one process" in str(result.exception)
+    assert not (tmp_path / "work").exists()

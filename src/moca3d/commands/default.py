@@ -159,6 +159,13 @@ def register(app: typer.Typer) -> None:
 
         configs/default.json (the shipped model) ends with a GPU-sized stage, a medium transformer: 4 minutes on an H200, roughly 11 hours on one CPU core. --recipe configs/default_cpu.json stops before it: the previous, small built-in model, hours on a 2-core CPU.
         """
+        import os
+
+        from moca3d.errors import ConfigError
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its stages prepare, encode and export in one process
+            raise ConfigError("train-default runs in one process: under torchrun / accelerate launch, run its training stages"
+                              " (train-vae, train) with their configs instead")
         from moca3d.commands.vae import _weights_id, load_vae
         from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
         from moca3d.geometry.inside import QueryConfig
