@@ -104,20 +104,20 @@ def prediction_path(folder: Path, asset_id: str) -> Optional[Path]:
     return folder / asset_id if (folder / asset_id).is_dir() else None
 
 
-def _empty_nodes(path: Path) -> set[str]:
-    """Names (as load_file gives them) of a glTF file's leaf nodes without a mesh: the empty components a generation
-    keeps in their place (`save_glb`)."""
+def _empty_nodes(path: Path) -> tuple[list[str], set[str]]:
+    """A glTF file's node names in file order (as load_file gives them) and those of its leaf nodes without a mesh:
+    the empty components a generation keeps in their place (`save_glb`); nothing for other formats."""
     from moca3d.geometry.mesh_io import gltf_document, node_order
 
     order = node_order(path)
     if order is None or order[0] != "nodes":
-        return set()
+        return [], set()
     try:
         doc = gltf_document(path) or {}
     except (OSError, ValueError):
-        return set()
-    return {name for name, node in zip(order[1], doc.get("nodes", []))
-            if not any(key in node for key in ("mesh", "children", "camera", "extensions"))}
+        return [], set()
+    return order[1], {name for name, node in zip(order[1], doc.get("nodes", []))
+                      if not any(key in node for key in ("mesh", "children", "camera", "extensions"))}
 
 
 def read_prediction(path: Path) -> list:
@@ -126,7 +126,7 @@ def read_prediction(path: Path) -> list:
     empty instead of stopping the evaluation."""
     import trimesh
 
-    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, load_file, load_folder, node_order
+    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, load_file, load_folder
 
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
@@ -136,9 +136,10 @@ def read_prediction(path: Path) -> list:
         meshes = load_folder(path)[0]
     else:
         meshes, names = load_file(path)
-        empty = _empty_nodes(path) - set(names)
+        order, empty = _empty_nodes(path)
+        empty -= set(names)
         if empty:
-            rank = {name: i for i, name in enumerate(node_order(path)[1])}
+            rank = {name: i for i, name in enumerate(order)}
             rows = sorted([*zip(names, meshes), *((name, trimesh.Trimesh()) for name in empty)],
                           key=lambda row: rank.get(row[0], len(rank)))
             meshes = [mesh for _, mesh in rows]
@@ -149,11 +150,15 @@ def read_prediction(path: Path) -> list:
     return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes]
 
 
-def load_prediction(folder: Path, asset_id: str) -> Optional[list]:
+def load_prediction(folder: Path, asset_id: str, missing: list[str]) -> list:
     """An asset's predicted components from a folder of predictions (`prediction_path`: <id>.glb, <id>.obj, or an
-    <id>/ folder of part files, e.g. another method's outputs; `read_prediction`), or None when there is none."""
+    <id>/ folder of part files, e.g. another method's outputs; `read_prediction`); none (scored as empty) and its id
+    added to `missing` when the folder has no prediction of it."""
     path = prediction_path(Path(folder), asset_id)
-    return None if path is None else read_prediction(path)
+    if path is None:
+        missing.append(asset_id)
+        return []
+    return read_prediction(path)
 
 
 def evaluate_pipeline(
@@ -175,10 +180,7 @@ def evaluate_pipeline(
         gt, _ = load_components(asset / "mesh.glb")
         t0 = time.time()
         if predictions is not None:
-            meshes = load_prediction(Path(predictions), rec["id"])
-            if meshes is None:
-                missing.append(rec["id"])
-                meshes = []
+            meshes = load_prediction(Path(predictions), rec["id"], missing)
         elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
@@ -186,22 +188,22 @@ def evaluate_pipeline(
         seconds = time.time() - t0
         row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
         per_asset.append({**row, **object_metrics(meshes, gt, config)})
-    if predictions is not None and len(missing) == len(records):
-        raise InputError(f"{predictions}: no prediction for any of the {len(records)} assets (expected <id>.glb, <id>.obj or <id>/,"
-                         f" e.g. {records[0]['id']}.glb)")
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
     mean = means(per_asset, keys) if per_asset else {}
     result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
               "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean,
               "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
-    return with_predictions(result, predictions, missing)
+    return with_predictions(result, predictions, missing, "assets")
 
 
-def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str]) -> dict[str, Any]:
+def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str], what: str) -> dict[str, Any]:
     """An evaluation's report; of read predictions, without the sampling settings (not generated here), with the
-    folder and the ids that had none."""
+    folder and the ids that had none (InputError when none had one: the folder is not one of their predictions)."""
     if predictions is None:
         return result
+    if len(missing) == result["count"]:
+        raise InputError(f"{predictions}: no prediction for any of the {len(missing)} {what} (expected <id>.glb, <id>.obj or"
+                         f" <id>/, e.g. {missing[0]}.glb)")
     result = {k: v for k, v in result.items() if k not in ("steps", "guidance", "shift", "reconstruct", "resolution")}
     return {**result, "predictions": str(predictions), "missing": missing}
 
@@ -272,11 +274,8 @@ def evaluate_scenes(
             torch.cuda.reset_peak_memory_stats(pipe.device)
         t0 = time.time()
         if predictions is not None:
-            meshes = load_prediction(Path(predictions), rec["id"])
-            if meshes is None:
-                missing.append(rec["id"])
-                meshes = []
-            elif len(meshes) != len(gt):
+            meshes = load_prediction(Path(predictions), rec["id"], missing)
+            if meshes and len(meshes) != len(gt):
                 raise InputError(f"{predictions}: the prediction of {rec['id']} has {len(meshes)} instances, its masks {len(gt)}")
         elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
@@ -293,9 +292,6 @@ def evaluate_scenes(
     if not per_scene:
         raise InputError(f"{root}: none of the {len(records)} selected '{split}' scenes could be evaluated "
                          f"(every one has an instance hidden in its render)")
-    if predictions is not None and len(missing) == len(per_scene):
-        raise InputError(f"{predictions}: no prediction for any of the {len(per_scene)} scenes (expected <id>.glb, <id>.obj or <id>/,"
-                         f" e.g. {per_scene[0]['id']}.glb)")
     mean = means(per_scene, SCENE_KEYS)
     result = {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
@@ -304,4 +300,4 @@ def evaluate_scenes(
         "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
         "scenes": per_scene, "skipped": skipped,
     }
-    return with_predictions(result, predictions, missing)
+    return with_predictions(result, predictions, missing, "scenes")

@@ -257,11 +257,13 @@ class MoCAPipeline:
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
-        out = self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution, show_progress)
-        return _with_inputs(out, image=image)
+        return self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution,
+                              show_progress, {"image": image})
 
-    def _generate(self, encode, num: Optional[int], prefix: str, steps, guidance, seed, shift, resolution, show_progress) -> MoCAOutput:
-        """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None."""
+    def _generate(self, encode, num: Optional[int], prefix: str, steps, guidance, seed, shift, resolution, show_progress,
+                  inputs: dict) -> MoCAOutput:
+        """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None.
+        The output's settings record how it was made, with the file names of the `inputs` given as paths."""
         from rich.progress import Progress
 
         check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)  # all before the image is encoded
@@ -276,7 +278,8 @@ class MoCAPipeline:
             meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
         names = [f"{prefix}_{i:02d}" for i in range(num)]
         settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": steps, "guidance": guidance, "seed": seed,
-                    "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": resolution}
+                    "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": resolution,
+                    **{k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))}}
         return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu(), kind=prefix, settings=settings)
 
     # -- scenes (issue 7) --------------------------------------------------------------------------
@@ -312,14 +315,8 @@ class MoCAPipeline:
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""
-        out = self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution, show_progress)
-        return _with_inputs(out, image=image, masks=masks)
-
-
-def _with_inputs(out: MoCAOutput, **inputs) -> MoCAOutput:
-    """`out` with the file names of its inputs (those given as paths) in its settings."""
-    out.settings.update({k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))})
-    return out
+        return self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution,
+                              show_progress, {"image": image, "masks": masks})
 
 
 def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: Path) -> tuple[MoCATransformer, object]:
