@@ -59,6 +59,22 @@ def test_generate_time_benchmark_times_every_stage_of_both_built_in_models(tmp_p
         assert all(s >= 0 for s in stages) and r["total"] >= sum(stages)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_simplify_benchmark_decimates_each_generation_under_each_budget(tmp_path):
+    out = tmp_path / "simplify.json"
+    chair = ROOT / "examples" / "chair.png"
+    load("simplify").main(["--images", str(chair), "--parts", "2", "--steps", "2", "--resolution", "32", "--budgets", "400", "40",
+                           "--points", "2000", "--json", str(out)])
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    full, *budgets = report["table"]
+    assert full["budget"] == "full" and [b["budget"] for b in budgets] == [400, 40]
+    for b in budgets:
+        kept = row[str(b["budget"])]
+        assert kept["triangles"] <= min(b["budget"], row["triangles"]) and 0 <= kept["defective_parts"] <= row["parts"]
+        assert kept["chamfer"] >= 0 and 0 <= kept["fscore@0.02"] <= 1
+
+
 def test_cpu_peak_memory_of_a_known_allocation():
     peak_mib = load("benchkit").peak_memory_mb(lambda: torch.ones(KNOWN_ALLOCATION_MIB * 2**18), torch.device("cpu"))  # float32: 4 bytes
     assert KNOWN_ALLOCATION_MIB * 0.95 <= peak_mib <= KNOWN_ALLOCATION_MIB * 1.1

@@ -485,6 +485,18 @@ def test_cli_reconstruct_writes_one_node_per_component_in_the_input_frame(datase
         assert np.linalg.norm(part.vertices.mean(0) - (lo + hi) / 2) < 0.01 / scale
         radius = np.linalg.norm(part.vertices - (lo + hi) / 2, axis=1)
         assert abs(radius.mean() - 0.3 / scale) < 0.01 / scale and radius.std() < 0.01 / scale
+    # A triangle budget for all parts: each sphere decimated to its share, still closed and the same sphere.
+    budget = 60 * len(names)
+    assert sum(len(m.faces) for m in out) > 2 * budget
+    result = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "light.glb"), "--model",
+                                 str(tmp_path / "vae"), "--resolution", "32", "--points", "64", "--device", "cpu",
+                                 "--faces", str(budget)])
+    assert result.exit_code == 0, result.output
+    light, _ = load_file(tmp_path / "light.glb")
+    assert sum(len(m.faces) for m in light) <= budget and all(m.is_watertight for m in light)
+    for part in light:
+        radius = np.linalg.norm(part.vertices - (lo + hi) / 2, axis=1)
+        assert abs(radius.mean() - 0.3 / scale) < 0.02 / scale
     bad = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.obj"), "--model",
                               str(tmp_path / "vae")])
     assert isinstance(bad.exception, InputError)

@@ -25,6 +25,7 @@ from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANC
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
+from moca3d.geometry.simplify import check_faces, simplify_components
 from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike, encode_views, input_channels, load_image,
                                         preprocess_image)
 from moca3d.models.transformer import MoCATransformer
@@ -254,31 +255,36 @@ class MoCAPipeline:
 
     def __call__(
         self, image: ImageLike, num_parts: int = 4, steps: int = STEPS, guidance: float = GUIDANCE, seed: int = 0,
-        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
+        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None,
     ) -> MoCAOutput:
-        """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding."""
+        """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding; `faces`: a triangle
+        budget for all parts together (quadric decimation, `geometry/simplify.py`; None: marching cubes' full meshes)."""
         return self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution,
-                              show_progress, {"image": image})
+                              show_progress, {"image": image}, faces)
 
     def _generate(self, encode, num: Optional[int], prefix: str, steps, guidance, seed, shift, resolution, show_progress,
-                  inputs: dict) -> MoCAOutput:
+                  inputs: dict, faces: Optional[int] = None) -> MoCAOutput:
         """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None.
         The output's settings record how it was made, with the file names of the `inputs` given as paths."""
         from rich.progress import Progress
 
         check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)  # all before the image is encoded
+        check_faces(faces, num, dash="")
         with Progress(disable=not show_progress, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num
+            check_faces(faces, num, dash="")  # a scene's count is known once its masks are read
             task = bar.add_task("sampling", total=steps)
             latents = self.generate_latents(
                 cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i), layout=layout
             )[0]
             task = bar.add_task("decoding", total=num)
-            meshes = self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i))
+            meshes = simplify_components(self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i)),
+                                         faces)
         names = [f"{prefix}_{i:02d}" for i in range(num)]
         settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": steps, "guidance": guidance, "seed": seed,
                     "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": resolution,
+                    **({"faces": faces} if faces is not None else {}),
                     **{k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))}}
         return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu(), kind=prefix, settings=settings)
 
@@ -312,11 +318,12 @@ class MoCAPipeline:
 
     def generate_scene(
         self, image: ImageLike, masks: MasksLike, steps: int = STEPS, guidance: float = SCENE_GUIDANCE, seed: int = 0,
-        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True,
+        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None,
     ) -> MoCAOutput:
-        """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame."""
+        """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame; `faces`: a
+        triangle budget for all instances together (None: marching cubes' full meshes)."""
         return self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution,
-                              show_progress, {"image": image, "masks": masks})
+                              show_progress, {"image": image, "masks": masks}, faces)
 
 
 def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: Path) -> tuple[MoCATransformer, object]:

@@ -13,6 +13,10 @@ import typer
 from moca3d.defaults import check_sampling_args
 from moca3d.errors import ConfigError, InputError, cannot_write
 
+FACES_HELP = ("Triangle budget of the whole output: the components share it in proportion to their size (at least 20 each) "
+              "and are simplified by quadric decimation (fast-simplification); default: marching cubes' full meshes (thousands "
+              "to tens of thousands of triangles per component).")
+
 
 def resolve_device(name: str) -> str:
     """'auto' -> cuda when available, else cpu; other names are checked."""
@@ -67,11 +71,12 @@ def check_generation_args(steps: int, resolution: int, guidance: float, output: 
 
 
 def save_generation(result, output: Path, noun: str, started: float) -> None:
-    """Write a generation's GLB or OBJ and print one line: path, component count, empty ones, time."""
+    """Write a generation's GLB or OBJ and print one line: path, component count, empty ones, triangles, time."""
     path = result.save(output)
     empty = sum(1 for m in result.meshes if len(m.faces) == 0)
-    note = f" ({empty} empty)" if empty else ""
-    typer.echo(f"wrote {path}: {len(result.meshes)} {noun}{note} in {time.time() - started:.1f} s")
+    note = f", {empty} empty" if empty else ""
+    triangles = sum(len(m.faces) for m in result.meshes)
+    typer.echo(f"wrote {path}: {len(result.meshes)} {noun} ({triangles:,} triangles{note}) in {time.time() - started:.1f} s")
 
 
 def write_json(path: Optional[Path], obj: Any) -> bool:

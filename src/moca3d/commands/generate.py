@@ -8,11 +8,12 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, check_generation_args, check_output_path,
-                                    check_run_folder, echo_categories, echo_means, echo_missing, load_or_predictions,
-                                    resolve_device, run_dit_training, save_generation, write_json)
+from moca3d.commands.common import (EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides, check_generation_args,
+                                    check_output_path, check_run_folder, echo_categories, echo_means, echo_missing,
+                                    load_or_predictions, resolve_device, run_dit_training, save_generation, write_json)
 from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError, InputError, InputWarning
+from moca3d.geometry.simplify import check_faces
 
 DEFAULT_OUTPUT = Path("output.glb")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -50,6 +51,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
+        faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
     ) -> None:
@@ -69,12 +71,13 @@ def register(app: typer.Typer) -> None:
             check_generation_args(steps, resolution, guidance, output, seed, shift)
         if parts < 1:
             raise ConfigError(f"--parts must be >= 1, got {parts}")
+        check_faces(faces, parts)
         dev = resolve_device(device)
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev, lora=lora)
         if offload:
             pipe.enable_sequential_cpu_offload(dev)
-        settings = dict(num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
+        settings = dict(num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, faces=faces)
         if images is None:
             save_generation(pipe(image, **settings), output, "parts", t0)
             return

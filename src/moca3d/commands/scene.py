@@ -7,11 +7,12 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (EXPORT_ONLY_HELP, apply_training_overrides, check_generation_args, check_output_path,
-                                    echo_categories, echo_means, echo_missing, load_or_predictions, resolve_device,
-                                    run_dit_training, save_generation, write_json)
+from moca3d.commands.common import (EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides, check_generation_args,
+                                    check_output_path, echo_categories, echo_means, echo_missing, load_or_predictions,
+                                    resolve_device, run_dit_training, save_generation, write_json)
 from moca3d.defaults import SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
+from moca3d.geometry.simplify import check_faces
 
 
 def scene_model(model: Optional[Path]) -> Path:
@@ -39,6 +40,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance (16, 32 or a multiple of 4 from 64 to 1024)."),
+        faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     ) -> None:
         """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB scene."""
@@ -47,9 +49,11 @@ def register(app: typer.Typer) -> None:
         from moca3d.pipeline import MoCAPipeline
 
         check_generation_args(steps, resolution, guidance, output, seed, shift)
+        check_faces(faces)  # and against the number of masks, once they are read
         t0 = time.time()
         pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
-        result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution)
+        result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution,
+                                     faces=faces)
         save_generation(result, output, "instances", t0)
 
     @app.command("evaluate-scenes")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import check_output_path, check_run_folder, resolve_device, write_json
+from moca3d.commands.common import FACES_HELP, check_output_path, check_run_folder, resolve_device, write_json
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError
 
@@ -137,11 +137,13 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         resolution: int = typer.Option(256, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
+        faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
         """Encode every component of a mesh and decode it back (VAE round trip)."""
         from moca3d.geometry.extract import ExtractConfig
         from moca3d.geometry.mesh_io import save_glb
+        from moca3d.geometry.simplify import check_faces, simplify_components
         from moca3d.training.train_vae import reconstruct_mesh_file
 
         if out.suffix.lower() != ".glb":
@@ -149,6 +151,7 @@ def register(app: typer.Typer) -> None:
         check_output_path(out)
         check_resolution(resolution)
         check_max_points(points)
+        check_faces(faces)
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)
@@ -160,7 +163,7 @@ def register(app: typer.Typer) -> None:
         kept = [(m, n) for m, n in zip(meshes, names) if len(m.faces)]
         if not kept:
             raise InputError(f"{mesh}: no component decoded to a surface")
-        save_glb(out, [m for m, _ in kept], [n for _, n in kept])
+        save_glb(out, simplify_components([m for m, _ in kept], faces), [n for _, n in kept])
         typer.echo(f"wrote {out} ({len(kept)} components)")
         if empty:
             typer.echo(f"warning: {len(empty)} components decoded empty: {', '.join(empty)}", err=True)

@@ -1,0 +1,127 @@
+"""Triangle budgets (`--faces`): shares, decimation quality and topology, and the pipeline / CLI wiring."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from moca3d.errors import ConfigError
+from moca3d.geometry.extract import ExtractConfig, mesh_from_grid
+from moca3d.geometry.simplify import MIN_COMPONENT_FACES, check_faces, edge_defects, face_budgets, simplify_components, simplify_mesh
+from moca3d.metrics import chamfer, fscore
+
+
+def marching_cubes_torus(resolution: int = 96) -> trimesh.Trimesh:
+    """A closed marching-cubes surface, as the generator makes them: a torus (genus 1) of major 0.5, minor 0.2."""
+    axis = np.linspace(-1.0, 1.0, resolution + 1)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    inside = 0.2 - np.hypot(np.hypot(x, z) - 0.5, y)  # positive inside
+    return mesh_from_grid(inside.astype(np.float32), ExtractConfig(resolution=resolution, bounds=1.0))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_face_budgets_share_the_total_in_proportion_and_respect_the_floor(seed):
+    """Random counts (some empty, some tiny) and totals: the budgets sum to at most the total, none exceeds its own
+    count, each is at least min(count, MIN_COMPONENT_FACES), a larger count never gets a smaller budget, and counts
+    within the total are kept exactly."""
+    rng = np.random.default_rng(seed)
+    counts = [int(c) for c in rng.choice([0, 5, 30, 400, 5000, 40000], size=rng.integers(1, 12))]
+    nonempty = sum(1 for c in counts if c)
+    total = int(rng.integers(MIN_COMPONENT_FACES * max(nonempty, 1), 2 * sum(counts) + MIN_COMPONENT_FACES + 1))
+    budgets = face_budgets(counts, total)
+    assert sum(budgets) <= total
+    assert all(min(c, MIN_COMPONENT_FACES) <= b <= c for b, c in zip(budgets, counts))
+    order = np.argsort(counts, kind="stable")
+    assert all(budgets[i] <= budgets[j] for i, j in zip(order[:-1], order[1:]))
+    if sum(counts) <= total:
+        assert budgets == counts
+
+
+def test_face_budgets_are_proportional_when_no_floor_binds():
+    """Equal counts get equal shares; a count twice another gets twice its budget (to rounding)."""
+    assert face_budgets([1000, 1000, 2000], 400) == [100, 100, 200]
+    assert face_budgets([30, 10_000], 1000) == [MIN_COMPONENT_FACES, 980]  # the small one held at the floor
+
+
+def test_decimated_torus_keeps_its_shape_and_topology():
+    """A marching-cubes torus (tens of thousands of triangles) at 2 000 and 500: at most that many triangles, still
+    closed and manifold, the same genus, volume within 2% / 5%, its surface within 0.0025 of the sampling noise floor
+    (Chamfer) and F@0.02 above 0.99."""
+    torus = marching_cubes_torus()
+    assert edge_defects(torus) == 0 and len(torus.faces) > 20_000
+    points = torus.sample(20_000, seed=0)
+    floor = chamfer(torus.sample(20_000, seed=1), points)  # two samplings of the same surface: 0.014
+    for faces, volume_tol in ((2000, 0.02), (500, 0.05)):
+        small = simplify_mesh(torus, faces)
+        assert len(small.faces) <= faces
+        assert edge_defects(small) == 0 and small.is_winding_consistent
+        assert small.euler_number == torus.euler_number == 0  # genus 1 kept
+        assert abs(small.volume / torus.volume - 1) < volume_tol
+        assert chamfer(small.sample(20_000, seed=1), points) < floor + 0.0025  # measured: +0.0003 / +0.0017
+        assert fscore(small.sample(20_000, seed=1), points, tau=0.02) > 0.99
+
+
+def test_simplify_components_under_budget_and_empty_parts_are_kept():
+    """Within the budget nothing changes (the very same meshes); an empty component stays empty; over it, the total
+    comes under the budget."""
+    torus = marching_cubes_torus(48)
+    empty = trimesh.Trimesh(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64))
+    ball = trimesh.creation.icosphere(subdivisions=3)
+    meshes = [torus, empty, ball]
+    total = sum(len(m.faces) for m in meshes)
+    assert simplify_components(meshes, None) == meshes
+    assert all(a is b for a, b in zip(simplify_components(meshes, total), meshes))
+    out = simplify_components(meshes, 1000)
+    assert len(out[1].faces) == 0 and sum(len(m.faces) for m in out) <= 1000
+    assert (len(out[0].faces) < len(out[2].faces)) == (len(torus.faces) < len(ball.faces))  # shares follow the sizes
+    assert all(len(o.faces) < len(m.faces) for o, m in zip(out, meshes) if len(m.faces))
+
+
+@pytest.mark.parametrize("faces", [0, 19, -5, 2.5, True, "100"])
+def test_check_faces_refuses_what_is_not_a_budget(faces):
+    with pytest.raises(ConfigError, match="--faces must be a whole number >= 20"):
+        check_faces(faces)
+
+
+def test_check_faces_needs_the_floor_for_every_component():
+    check_faces(None, 50)
+    check_faces(160, 8)
+    with pytest.raises(ConfigError, match="--faces 100 is too few for 8 components: at least 20 each"):
+        check_faces(100, 8)
+
+
+def test_pipeline_and_cli_honour_the_budget_and_record_it(object_dataset, object_pipeline, tmp_path):
+    """The same seed with and without a budget: the same latents, the budgeted meshes under it and recorded in the
+    output's settings (and its file); the CLI refuses a budget below the floor before loading a model."""
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.geometry.mesh_io import gltf_document
+    from moca3d.pipeline import MoCAPipeline
+
+    root, _ = object_dataset
+    image = sorted((root / "assets").iterdir())[0] / "render.png"
+    pipe = MoCAPipeline.from_pretrained(object_pipeline, device="cpu")
+    settings = dict(num_parts=2, steps=2, resolution=32, seed=0, show_progress=False)
+    full = pipe(image, **settings)
+    count = sum(len(m.faces) for m in full.meshes)
+    assert count > 200, "the tiny model's parts are too small for this test"
+    budget = max(2 * MIN_COMPONENT_FACES, count // 4)
+    small = pipe(image, faces=budget, **settings)
+    assert torch.equal(small.latents, full.latents)
+    assert sum(len(m.faces) for m in small.meshes) <= budget < count
+    assert small.settings["faces"] == budget and "faces" not in full.settings
+    with pytest.raises(ConfigError, match="faces 30 is too few for 2 components"):
+        pipe(image, faces=30, **settings)
+
+    out = tmp_path / "small.glb"
+    args = ["generate", str(image), "--model", object_pipeline, "--parts", "2", "--steps", "2", "--resolution", "32",
+            "--device", "cpu", "-o", str(out)]
+    result = CliRunner().invoke(app, args + ["--faces", str(budget)])
+    assert result.exit_code == 0, result.output
+    assert "triangles" in result.output
+    scene = trimesh.load(out, force="scene")
+    assert sum(len(g.faces) for g in scene.geometry.values()) <= budget
+    assert gltf_document(out)["scenes"][0]["extras"]["moca3d"]["faces"] == budget
+    refused = CliRunner().invoke(app, args + ["--parts", "4", "--faces", "50"])
+    assert isinstance(refused.exception, ConfigError) and "--faces 50 is too few for 4 components" in str(refused.exception)
