@@ -69,10 +69,13 @@ def resolve_model(model_path: Union[str, Path, None]) -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def resolve_scene_model(scene_model_path: Union[str, Path, None], enabled: bool = True) -> Optional[Path]:
-    """The scene pipeline folder for the scene tab: the given one, the built-in scene model if installed, or None."""
+def resolve_scene_model(scene_model_path: Union[str, Path, None], enabled: bool = True, lora: Union[str, Path, None] = None) -> Optional[Path]:
+    """The scene pipeline folder for the scene tab: the given one, the built-in scene model if installed, or None; with a
+    scene adapter `lora`, the object pipeline it was fine-tuned from (the given one, or the built-in model)."""
     if not enabled:
         return None
+    if lora is not None:
+        return resolve_model(scene_model_path)
     if scene_model_path is not None:
         return Path(scene_model_path)
     return DEFAULT_SCENE_MODEL_DIR if (DEFAULT_SCENE_MODEL_DIR / "model_index.json").is_file() else None
@@ -333,14 +336,14 @@ def _scene_tab(handler: DemoGenerator, default_steps: int) -> None:
 def build_app(
     model_path: Union[str, Path, None] = None, device: str = "auto", resolution: int = DEFAULT_RESOLUTION,
     default_steps: int = STEPS, output_dir: Optional[Path] = None, scene_model_path: Union[str, Path, None] = None,
-    scenes: bool = True, lora: Union[str, Path, None] = None,
+    scenes: bool = True, lora: Union[str, Path, None] = None, scene_lora: Union[str, Path, None] = None,
 ) -> gr.Blocks:
     """Load the pipelines once and lay out the page: an object tab (the model, with `lora` folded in if given) and,
-    with a scene model, a scene tab."""
+    with a scene model (or an object one with the scene adapter `scene_lora` folded in), a scene tab."""
     device = resolve_device(device)
     pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=device, lora=lora)
-    scene_dir = resolve_scene_model(scene_model_path, scenes)
-    scene_pipeline = MoCAPipeline.from_pretrained(scene_dir, device=device) if scene_dir is not None else None
+    scene_dir = resolve_scene_model(scene_model_path, scenes, scene_lora)
+    scene_pipeline = MoCAPipeline.from_pretrained(scene_dir, device=device, lora=scene_lora) if scene_dir is not None else None
     handler = DemoGenerator(pipeline, resolution, output_dir, scene_pipeline)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(CACHE_CHECK_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown(f"## {TITLE}")

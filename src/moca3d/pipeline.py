@@ -89,8 +89,8 @@ class MoCAPipeline:
                         lora: Union[str, Path, None] = None) -> "MoCAPipeline":
         """Load a pipeline folder; `None` loads the built-in default model shipped with the package.
 
-        `lora`: an adapter folder (OUT/lora of `moca3d train --lora-rank`) trained from this very pipeline,
-        folded into its weights.
+        `lora`: an adapter folder (OUT/lora of `moca3d train --lora-rank`, or of `moca3d train-scene --lora-rank`: then
+        a scene pipeline) trained from this very pipeline, folded into its weights.
         """
         root = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if path is not None and not root.exists():
@@ -327,33 +327,47 @@ class MoCAPipeline:
 
 
 def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: Path) -> tuple[MoCATransformer, object]:
-    """The base pipeline `root`'s transformer and encoder with the adapter `folder` folded in (`models/lora.py`)."""
-    from moca3d.models.lora import add_lora, merge_lora, read_adapter
+    """The base pipeline `root`'s transformer and encoder with the adapter `folder` folded in (`models/lora.py`); a scene
+    adapter's encoder is widened to 7 channels and adapted as its `moca3d train-scene` run did: a scene pipeline."""
+    from moca3d.models.image_encoder import widen_input_channels
+    from moca3d.models.lora import LORA_SPEC, adapter_condition, add_lora, merge_lora, read_adapter
     from moca3d.training.checkpoints import frozen_fingerprint, state_dict_mismatch
     from moca3d.training.train_dit import DiTTrainConfig, Generator, load_transformer
 
     config, tensors = read_adapter(folder)
+    trained_on = config.get("base") or "another pipeline"
     if config.get("transformer_overrides"):  # the fine-tune's architecture changes (e.g. a longer latent set)
         transformer = load_transformer(root, DiTTrainConfig(transformer=config["transformer_overrides"]), None)
+    specs = {"transformer": config}  # each adapted module: how LoRA was injected into it (`lora_spec`)
+    if adapter_condition(config) == "scene":
+        spec = specs["image_encoder"] = config["image_encoder"]
+        if spec.get("config"):  # the run's encoder was not the base's (image_encoder_from): the adapter holds it whole
+            image_encoder = ImageEncoder.from_config(spec["config"])
+        elif input_channels(image_encoder) != (wanted := 3 if spec["widen_init"] else SCENE_CHANNELS):
+            raise CheckpointError(f"{folder}: this scene adapter was fine-tuned from a {wanted}-channel image encoder ({trained_on}), "
+                                  f"{root}'s takes {input_channels(image_encoder)} channels")
+        elif spec["widen_init"]:
+            widen_input_channels(image_encoder, SCENE_CHANNELS, spec["widen_init"])
     model = Generator(transformer, image_encoder)  # the names and the order the fine-tune saved its tensors in
-    layers = dict(model.transformer.named_modules())
-    absent = [t for t in config["target_modules"] if not isinstance(layers.get(t), torch.nn.Linear)]
-    if absent:
-        raise CheckpointError(f"{folder}: this adapter was trained on another architecture than {root} (no linear layer '{absent[0]}')")
-    add_lora(model.transformer, config["rank"], config["alpha"], target_modules=config["target_modules"],
-             train_full=config["train_full"])
-    for name, param in model.image_encoder.named_parameters():
-        param.requires_grad_(f"image_encoder.{name}" in tensors)  # trained in full, or frozen with the base
-    if frozen_fingerprint(model) != config["base_fingerprint"]:
-        trained_on = config.get("base") or "another pipeline"
-        raise CheckpointError(f"{folder}: this adapter was trained on other base weights ({trained_on}), not on {root}")
+    for part, spec in specs.items():
+        layers = dict(getattr(model, part).named_modules())
+        absent = [t for t in spec["target_modules"] if not isinstance(layers.get(t), torch.nn.Linear)]
+        if absent:
+            raise CheckpointError(f"{folder}: this adapter was trained on another architecture than {root} (no linear layer "
+                                  f"'{absent[0]}' in the {part})")
+        add_lora(getattr(model, part), **{k: spec[k] for k in LORA_SPEC})
+    if "image_encoder" not in specs:
+        for name, param in model.image_encoder.named_parameters():
+            param.requires_grad_(f"image_encoder.{name}" in tensors)  # trained in full, or frozen with the base
     missing = sorted({name for name, p in model.named_parameters() if p.requires_grad} - set(tensors))
     problem = state_dict_mismatch(model, {**model.state_dict(), **tensors})
     problem = problem or (f"{len(missing)} trained tensors missing (e.g. '{missing[0]}')" if missing else "")
     if problem:
         raise CheckpointError(f"{folder}: the adapter does not fit {root}: {problem}")
-    model.load_state_dict(tensors, strict=False)
-    merge_lora(model.transformer)
+    model.load_state_dict(tensors, strict=False)  # the trained tensors (and an encoder held whole): the frozen base stays
+    if frozen_fingerprint(model) != config["base_fingerprint"]:
+        raise CheckpointError(f"{folder}: this adapter was trained on other base weights ({trained_on}), not on {root}")
+    merge_lora(model)
     model.requires_grad_(True)  # as any loaded model
     return model.transformer, model.image_encoder
 

@@ -59,10 +59,11 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
         resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         scene_model: Optional[Path] = typer.Option(
-            None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model."
+            None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model. With --scene-lora: the object pipeline that adapter was fine-tuned from (default: the built-in model)."
         ),
         scenes: bool = typer.Option(True, "--scenes/--no-scenes", help="Show the Scene tab (--no-scenes: objects only, one model loaded)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA adapter folder (OUT/lora of `moca3d train --lora-rank`) folded into --model, the pipeline it was trained from, for the Object tab."),
+        scene_lora: Optional[Path] = typer.Option(None, "--scene-lora", help="A scene LoRA adapter folder (OUT/lora of `moca3d train-scene --lora-rank`) folded into --scene-model, the object pipeline it was fine-tuned from (default: the built-in model), for the Scene tab."),
     ) -> None:
         """Start a local web page: upload an image, choose the number of parts, and view / download the GLB.
 
@@ -78,6 +79,13 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--port must be from 1 to 65535, got {port}")
         if scene_model is not None and not scenes:
             raise ConfigError("--scene-model and --no-scenes contradict each other: drop one (--no-scenes shows objects only)")
+        if scene_lora is not None and not scenes:
+            raise ConfigError("--scene-lora and --no-scenes contradict each other: drop one (--no-scenes shows objects only)")
+        from moca3d.models.lora import read_adapter_config
+
+        for folder, condition in ((lora, "object"), (scene_lora, "scene")):  # an adapter of the wrong tab, before any model loads
+            if folder is not None:
+                read_adapter_config(folder, condition)
         from moca3d.defaults import check_resolution
 
         check_resolution(resolution)  # before any model is loaded
@@ -91,4 +99,4 @@ def register(app: typer.Typer) -> None:
         resolve_model(model)  # a missing built-in model fails here, in one line
         typer.echo(f"loading the model; the page will be at {page_url(host, port)}")
         launch(model, host=host, port=port, share=share, device=device, resolution=resolution, scene_model_path=scene_model,
-               scenes=scenes, lora=lora)
+               scenes=scenes, lora=lora, scene_lora=scene_lora)

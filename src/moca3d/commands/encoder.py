@@ -22,9 +22,11 @@ def register(app: typer.Typer) -> None:
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
     ) -> None:
-        """Train the image encoder to predict each object's coarse 3D surface grid from its render.
+        """Train the image encoder to predict each object's coarse 3D surface grid from its render (torchrun / accelerate launch: data-parallel over several processes).
 
         With a scene recipe (configs/encoder_pretrain_scene.json, "condition": "scene") each visible instance's 7-channel stack predicts that instance's grid in the scene frame, starting from an object encoder widened to 7 channels. The result, OUT/image_encoder, is what a DiT or scene recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints, with the recipe it was started with (OUT/pretrain_config.json): only --steps, --time-limit, num_threads, log_every and checkpoint_every may change; another recipe is refused.
+
+        Under `torchrun --nproc_per_node K -m moca3d pretrain-encoder ...` (or `accelerate launch -m moca3d ...`) each process encodes batch_size / K of every batch (batch_size must be divisible by K), gradients are averaged, and the first process alone logs and writes. The batches do not depend on K: a run resumes under another process count as the same run.
         """
         from moca3d.commands.common import check_run_folder, resolve_device
         from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
@@ -37,12 +39,14 @@ def register(app: typer.Typer) -> None:
         cfg.check()
         check_run_folder(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "log.jsonl", "a") as log_file:
+        log_path = out_dir / "log.jsonl"
 
-            def log(record: dict) -> None:
+        def log(record: dict) -> None:  # the first process's records alone (a multi-process launch's others log nothing)
+            with open(log_path, "a") as log_file:
                 log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
-            folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log, device=resolve_device(device))
+        folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log, device=resolve_device(device))
+        if folder is None:  # a further process of a multi-process launch: the first one reports
+            return
         typer.echo(f"image encoder: {folder}")

@@ -14,6 +14,7 @@ from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR
 from moca3d.errors import CheckpointError
 
 DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
+TASKS = {"object": "objects (one image)", "scene": "scenes (image + instance masks)"}  # what a pipeline (or adapter) generates
 # what a glance needs of each component's config
 SHOWN = {
     "transformer": ("width", "num_layers", "num_heads", "attention_mode", "global_blocks", "topk_ratio", "compression",
@@ -90,9 +91,16 @@ def describe(path: Path) -> dict:
     if (path / ADAPTER_CONFIG).is_file():
         config = read_json(path / ADAPTER_CONFIG)
         keys = ("rank", "alpha", "base", "transformer_overrides")
-        return {"kind": "LoRA adapter", "path": str(path), **{k: config.get(k) for k in keys},
-                "adapted_layers": len(config.get("target_modules", [])), "trained_in_full": config.get("train_full"),
-                "weights": weights_summary(path) if (path / ADAPTER_WEIGHTS).is_file() else None}
+        # models.lora.adapter_condition, without its torch import
+        report = {"kind": "LoRA adapter", "path": str(path), "task": TASKS.get(config.get("condition", "object"), "?"),
+                  **{k: config.get(k) for k in keys}, "adapted_layers": len(config.get("target_modules", [])),
+                  "trained_in_full": config.get("train_full"), "weights": weights_summary(path) if (path / ADAPTER_WEIGHTS).is_file() else None}
+        encoder = config.get("image_encoder")
+        if isinstance(encoder, dict):  # a scene adapter: the encoder's LoRA, and how it was widened to 7 channels
+            report["image_encoder"] = {"rank": encoder.get("rank"), "alpha": encoder.get("alpha"),
+                                       "adapted_layers": len(encoder.get("target_modules", [])), "trained_in_full": encoder.get("train_full"),
+                                       "widen_init": encoder.get("widen_init"), "held_whole_from": encoder.get("source")}
+        return report
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json) nor a LoRA adapter ({ADAPTER_CONFIG})")
     index = read_json(path / "model_index.json")
@@ -107,7 +115,7 @@ def describe(path: Path) -> dict:
     if scheduler.is_file():
         out["components"]["scheduler"] = {"class": read_json(scheduler).get("_class_name"), "shift": read_json(scheduler).get("shift")}
     channels = out["components"]["image_encoder"].get("in_channels", 3)
-    out["task"] = "scenes (image + instance masks)" if channels == 7 else "objects (one image)"
+    out["task"] = TASKS["scene" if channels == 7 else "object"]
     out["max_components"] = out["components"]["transformer"].get("id_codebook_size")
     return out
 
@@ -127,8 +135,15 @@ def echo(report: dict) -> None:
         return
     if report["kind"] == "LoRA adapter":
         weights = report["weights"] or {}
+        typer.echo(f"  task: {report['task']}")
         typer.echo(f"  rank {report['rank']}, alpha {report['alpha']}, {report['adapted_layers']} adapted layers; "
                    f"trained in full: {', '.join(report['trained_in_full'] or [])}")
+        if "image_encoder" in report:
+            encoder = report["image_encoder"]
+            widened = f"widened to 7 channels ({encoder['widen_init']})" if encoder["widen_init"] else "7 channels from the start"
+            whole = f"; held whole (from {encoder['held_whole_from']})" if encoder["held_whole_from"] else ""
+            typer.echo(f"  image encoder: LoRA rank {encoder['rank']}, alpha {encoder['alpha']}, {encoder['adapted_layers']} adapted "
+                       f"layers; trained in full: {', '.join(encoder['trained_in_full'] or []) or 'none'}; {widened}{whole}")
         typer.echo(f"  base: {report['base']}")
         typer.echo(f"  weights: {_size(weights.get('parameters', 0))} parameters, {weights.get('bytes', 0) / 2**20:.1f} MiB")
         return

@@ -15,10 +15,23 @@ from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
 
 
-def scene_model(model: Optional[Path]) -> Path:
-    """The pipeline folder to load: `model`, or the built-in scene model."""
+SCENE_LORA_HELP = ("A scene LoRA adapter folder (OUT/lora of `moca3d train-scene --lora-rank`), folded into --model, the object "
+                   "pipeline it was fine-tuned from (default: the built-in model); the same as OUT/pipeline in megabytes instead of "
+                   "the whole model.")
+SCENE_MODEL_HELP = ("Scene pipeline folder (trained with `train-scene`; default: the built-in scene model); with --lora, the object "
+                    "pipeline the adapter was fine-tuned from (default: the built-in model).")
+
+
+def scene_model(model: Optional[Path], lora: Optional[Path] = None) -> Optional[Path]:
+    """The pipeline folder to load: `model`, or the built-in scene model; with a scene adapter `lora` (checked here, before
+    any model loads), the object pipeline it was fine-tuned from: `model`, or None for the built-in model."""
     from moca3d.pipeline import DEFAULT_SCENE_MODEL_DIR
 
+    if lora is not None:
+        from moca3d.models.lora import read_adapter_config
+
+        read_adapter_config(lora, "scene")
+        return model
     if model is not None:
         return model
     if not (DEFAULT_SCENE_MODEL_DIR / "model_index.json").is_file():
@@ -34,7 +47,8 @@ def register(app: typer.Typer) -> None:
         image: Path = typer.Argument(..., help="Scene image (PNG, JPG or WebP)."),
         masks: Path = typer.Option(..., "--masks", "-m", help="Label map image, lossless (PNG, BMP, TIFF, lossless WebP; 8/16-bit or palette; 0 = background, every other id an instance, in increasing id order; resized only with nearest-neighbour: smoothed edges are refused), or a folder of binary masks (0/255, 0/1 or cut-outs whose alpha is the instance; JPEG is fine here; file-name order, mask_2 before mask_10; where masks overlap, the later file wins). At most the model's limit of instances (the built-in scene model: 50 ids, trained on up to 32)."),
         output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output .glb (one named node per instance, in its colour) or .obj (one object per instance)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (trained with `train-scene`; default: the built-in scene model)."),
+        model: Optional[Path] = typer.Option(None, "--model", help=SCENE_MODEL_HELP),
+        lora: Optional[Path] = typer.Option(None, "--lora", help=SCENE_LORA_HELP),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale (1 = off; scenes score best at low guidance: README)."),
         seed: int = typer.Option(0, help="Random seed: the same seed gives the same output."),
@@ -51,7 +65,7 @@ def register(app: typer.Typer) -> None:
         check_generation_args(steps, resolution, guidance, output, seed, shift)
         check_faces(faces)  # and against the number of masks, once they are read
         t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(scene_model(model), device=resolve_device(device))
+        pipe = MoCAPipeline.from_pretrained(scene_model(model, lora), device=resolve_device(device), lora=lora)
         result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution,
                                      faces=faces)
         save_generation(result, output, "instances", t0)
@@ -59,7 +73,8 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate-scenes")
     def evaluate_scenes(
         data: Path = typer.Argument(..., help="Prepared scenes (moca3d prepare --procedural scenes)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="Scene pipeline folder (default: the built-in scene model)."),
+        model: Optional[Path] = typer.Option(None, "--model", help=SCENE_MODEL_HELP),
+        lora: Optional[Path] = typer.Option(None, "--lora", help=SCENE_LORA_HELP),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes of the split (those among them with an instance hidden in the render are skipped and listed)."),
         steps: int = typer.Option(STEPS, help="Sampling steps."),
@@ -83,11 +98,13 @@ def register(app: typer.Typer) -> None:
         check_sampling_args(steps, guidance, resolution, shift)
         check_output_path(json_out, "--json")
         check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
-        pipe = load_or_predictions(scene_model(model) if predictions is None else model, None, reconstruct, predictions, device)
+        pipe = load_or_predictions(scene_model(model, lora) if predictions is None else model, lora, reconstruct, predictions, device)
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
                      reconstruct=reconstruct, shift=shift, predictions=predictions)
         if predictions is None:
-            result["model"] = str(scene_model(model))
+            result["model"] = pipe.source["model"]  # the folder, or "built-in" (a --lora's default base)
+        if lora is not None:
+            result["lora"] = str(lora)
         if write_json(json_out, result):
             return
         echo_means(result["mean"], 22)
@@ -109,7 +126,7 @@ def register(app: typer.Typer) -> None:
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
-        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the run's changes alone, the encoder's adapters and widened projection too, for generate-scene --lora), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
     ) -> None:
         """Fine-tune an object pipeline on scenes: 7-channel per-instance conditions, LoRA on the encoder."""
         from moca3d.training.train_dit import DiTTrainConfig

@@ -5,7 +5,8 @@ transformer (fine-tuning a large prior such as TripoSG on one GPU: the base weig
 and no optimizer state). After `add_lora` only the adapters and the modules named in `train_full`
 train; `merge_lora` folds the adapters into their base layers, so the model saves and loads as a
 plain one. `save_adapter` / `read_adapter` keep what a fine-tune changed apart from its base (megabytes
-beside TripoSG's 6 GB), for `MoCAPipeline.from_pretrained(base, lora=folder)`.
+beside TripoSG's 6 GB), for `MoCAPipeline.from_pretrained(base, lora=folder)`: an object fine-tune's transformer
+adapters, or a scene fine-tune's (`condition` "scene"), which also widen and adapt the base's encoder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from moca3d.errors import CheckpointError, ConfigError
 
 LORA_ADAPTER = "default"
+LORA_SPEC = ("rank", "alpha", "target_modules", "train_full")  # how LoRA was injected into a module: `add_lora`'s arguments
+# the adapter folders of each condition, and what writes them
+ADAPTER_SOURCES = {"object": "`moca3d train --lora-rank`", "scene": "`moca3d train-scene --lora-rank`"}
 
 
 def within(path: str, names: Iterable[str]) -> bool:
@@ -114,14 +118,20 @@ def lora_targets(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, LoraLayer)]
 
 
-def save_adapter(folder: Path, module: nn.Module, config: dict) -> Path:
-    """Write `module`'s trainable tensors (adapters and fully trained parts) and `config`; the config last, so a
-    folder with it is complete."""
+def lora_spec(module: nn.Module, rank: int, alpha: Optional[float], train_full: Iterable[str]) -> dict:
+    """How LoRA was injected into `module`, the `LORA_SPEC` of an adapter config: `add_lora(base, **spec)` repeats it."""
+    return dict(zip(LORA_SPEC, (rank, alpha or rank, lora_targets(module), list(train_full))))
+
+
+def save_adapter(folder: Path, module: nn.Module, config: dict, whole: Iterable[str] = ()) -> Path:
+    """Write `module`'s trainable tensors (adapters and fully trained parts), every tensor `within` the submodules
+    named in `whole` (a part the base lacks), and `config`; the config last, so a folder with it is complete."""
     from moca3d.training.checkpoints import atomic_save_tensors, atomic_write_json
 
     folder = Path(folder)
     (folder / ADAPTER_CONFIG).unlink(missing_ok=True)  # over an earlier export: incomplete until the end
-    tensors = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    whole = list(whole)
+    tensors = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad or within(name, whole)}
     atomic_save_tensors(tensors, folder / ADAPTER_WEIGHTS)
     atomic_write_json(config, folder / ADAPTER_CONFIG)
     return folder
@@ -135,8 +145,15 @@ def read_adapter(folder: Path) -> tuple[dict, dict]:
     return config, load_tensors(Path(folder) / ADAPTER_WEIGHTS)
 
 
-def read_adapter_config(folder: Path) -> dict:
-    """The config of an adapter folder, checked (cheap: a wrong --lora is refused before its base model loads)."""
+def adapter_condition(config: dict) -> str:
+    """What an adapter's fine-tune conditions on: "object" (`moca3d train`; adapters from before scene ones say
+    nothing) or "scene" (`moca3d train-scene`: the encoder widened to 7 channels and adapted too)."""
+    return config.get("condition", "object")
+
+
+def read_adapter_config(folder: Path, condition: Optional[str] = None) -> dict:
+    """The config of an adapter folder, checked (cheap: a wrong --lora is refused before its base model loads);
+    with `condition`, an adapter of the other kind is refused too."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such LoRA adapter folder")
@@ -148,9 +165,18 @@ def read_adapter_config(folder: Path) -> dict:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: corrupt JSON ({err})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not a moca3d LoRA adapter (not a JSON object)")
-    missing = [k for k in ("rank", "alpha", "target_modules", "train_full", "base_fingerprint") if k not in config]
+    missing = [k for k in (*LORA_SPEC, "base_fingerprint") if k not in config]
+    kind = adapter_condition(config)
+    if kind not in ADAPTER_SOURCES:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: adapter of an unknown condition {kind!r} (known: {', '.join(ADAPTER_SOURCES)})")
+    if kind == "scene":  # the encoder's LoRA and widening, beside the transformer's
+        encoder = config.get("image_encoder")
+        missing += [f"image_encoder.{k}" for k in (*LORA_SPEC, "widen_init") if not isinstance(encoder, dict) or k not in encoder]
     if missing:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not a moca3d LoRA adapter (no {', '.join(missing)})")
+    if condition is not None and kind != condition:
+        raise CheckpointError(f"{folder}: a LoRA adapter for {kind}s (OUT/lora of {ADAPTER_SOURCES[kind]}); this needs one for "
+                              f"{condition}s (OUT/lora of {ADAPTER_SOURCES[condition]})")
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{folder}: {ADAPTER_WEIGHTS} missing beside {ADAPTER_CONFIG}")
     return config

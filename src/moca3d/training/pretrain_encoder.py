@@ -37,6 +37,7 @@ from moca3d.models.vae import FourierEmbedder, LayerNorm32, VecSetBlock
 from moca3d.training.checkpoints import (
     atomic_save_tensors, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
+from moca3d.training.distributed import batch_rows, launched_processes, process_max, process_mean
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, recipe_defaults, record_run_config
 
 GRID_CACHE_KIND = "moca3d-surface-grids"
@@ -388,7 +389,7 @@ def holdout_split(assets: list[int], num_assets: int, val_assets: int) -> tuple[
 
 
 def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: str | Path, cache: Optional[str | Path] = None,
-                     grids_path: Optional[str | Path] = None, log: Callable[[dict], None] = print, device: str = "cpu") -> Path:
+                     grids_path: Optional[str | Path] = None, log: Callable[[dict], None] = print, device: str = "cpu") -> Optional[Path]:
     """Train encoder + grid head on the training split's renders; writes `out_dir/image_encoder` (resumes).
 
     The run folder also holds pretrain_config.json, checkpoints/ (encoder + head) and summary.json.
@@ -397,14 +398,27 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     `grids_path`: the surface-grid cache (default `out_dir/grids<R>.safetensors`, built when missing;
     one grid per object, or per scene instance).
     `device`: where the model trains (fp32); the data and the grids stay on the CPU and move a batch at a time.
+
+    Launched as several processes (`accelerate launch`, torchrun) it trains data-parallel: every process draws the
+    same global batch and its queries (seeded by (seed, step)) and encodes its rows of it (`batch_size` must divide
+    among the processes), DistributedDataParallel averages the gradients, and the first process alone builds the grid
+    cache, logs, writes checkpoints and the encoder, and returns its folder (the others return None). The global batch
+    does not depend on the process count: a run resumes under another count and goes on as the same run (up to float
+    rounding).
     """
     from moca3d.training.train_dit import schedule_step
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    processes, dev = launched_processes(device)
+    world, rank = (processes.num_processes, processes.process_index) if processes else (1, 0)
+    main = rank == 0
+    mine = batch_rows(cfg.batch_size, rank, world)  # a one-line ConfigError when the processes do not divide the batch
+    if not main:  # the first process logs and writes
+        log = lambda record: None  # noqa: E731
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    model = build_predictor(cfg).to(device)
+    model = build_predictor(cfg).to(dev)
     # the run folder describes itself, with the encoder's actual architecture (init_from's, widened): `load_run`
     record = cfg.to_dict() | {"image_encoder": {k: v for k, v in model.image_encoder.config.items() if not k.startswith("_")}}
     config_path = out_dir / "pretrain_config.json"
@@ -412,15 +426,17 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     notes: list[str] = []
     if ckpt is not None and config_path.is_file():  # before any work: another recipe's run is refused, not mixed in
         check_resume(config_path, record, notes.append, recipe_defaults(type(cfg)))
-    else:
+    elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         record_run_config(config_path, record)
     samples, asset_ids = load_samples(cfg, data_dir, cache)
     scene = cfg.condition == "scene"
     grids_path = Path(grids_path) if grids_path is not None else out_dir / f"grids{cfg.grid_resolution}.safetensors"
-    if not grids_path.is_file():
+    if main and not grids_path.is_file():
         log({"event": "building surface grids", "assets": len(asset_ids), "path": str(grids_path)})
         build_grid_cache(data_dir, asset_ids, cfg.grid_resolution, grids_path, per_component=scene)
+    if processes:
+        processes.wait_for_everyone()  # the others read the grids the first one built
     packed, grid_ids, resolution = read_grid_cache(grids_path)
     if resolution != cfg.grid_resolution:
         raise ConfigError(f"{grids_path}: grids are {resolution}^3, the recipe asks for {cfg.grid_resolution}^3")
@@ -442,22 +458,28 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         spent = cfg.spent(start, elapsed0)
         log({"event": "resume", "step": start, **({"note": notes[0]} if notes else {}),
              **({"finished": "nothing to train; its encoder is evaluated and written again"} if spent else {})})
+    net = model
+    if processes:  # gradients averaged over the processes during backward
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     t0 = time.time()
     step, losses = start, []
     while step < cfg.steps:
         elapsed = elapsed0 + time.time() - t0  # the run's, resumes included: the limit holds for the whole run
-        if cfg.time_limit_s and elapsed >= cfg.time_limit_s:
-            break
+        if cfg.time_limit_s:
+            elapsed = process_max(elapsed, processes, dev)  # one clock for all processes: the same stop, the same LR
+            if elapsed >= cfg.time_limit_s:
+                break
         sched = schedule_step(step, cfg, elapsed)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(sched, cfg)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run draws the same
         pick = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)
         grids = dilate_grids(unpack_grids(packed[train_rows[pick]], resolution), cfg.dilate)  # (B, R, R, R)
-        idx, labels = draw_queries(grids, cfg.queries_per_image, gen)
-        images = samples.inputs([train_idx[i] for i in pick.tolist()]).to(device)  # (B, C, S, S)
-        logits = model(images, centres[idx].to(device))  # (B, Q)
-        loss = F.binary_cross_entropy_with_logits(logits, labels.to(device))
+        idx, labels = draw_queries(grids, cfg.queries_per_image, gen)  # the global batch's: the same on every process
+        pick, idx, labels = pick[mine], idx[mine], labels[mine]  # this process's rows (all of them in one process)
+        images = samples.inputs([train_idx[i] for i in pick.tolist()]).to(dev)  # (b, C, S, S)
+        logits = net(images, centres[idx].to(dev))  # (b, Q)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(dev))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -465,15 +487,19 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         losses.append(loss.item())
         step += 1
         if step % cfg.log_every == 0:
-            log({"step": step, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                 "elapsed_s": round(elapsed0 + time.time() - t0, 1)})
+            loss_mean = process_mean({"loss": float(np.mean(losses))}, processes, dev)["loss"]  # the global batches' loss
+            log({"step": step, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed0 + time.time() - t0, 1)})
             losses = []
-        if step % cfg.checkpoint_every == 0:
+        if main and step % cfg.checkpoint_every == 0:
             save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
+    if processes:
+        processes.wait_for_everyone()
+    if not main:  # the same weights on every process (averaged gradients): the first evaluates, writes and reports
+        return None
     metrics: dict[str, Any] = {}
     if val_idx:
         val_grids = dilate_grids(unpack_grids(packed[val_idx], resolution), cfg.dilate)
-        metrics = evaluate_grids(model, lambda rows: samples.inputs([val_idx[i] for i in rows]).to(device), val_grids)
+        metrics = evaluate_grids(model, lambda rows: samples.inputs([val_idx[i] for i in rows]).to(dev), val_grids)
         metrics["val_assets"] = len({samples.assets[i] for i in val_idx})
         if scene:  # small instances anywhere in the scene: their mean grid is empty, no reference (benchmarks/scene_encoder_eval.py)
             metrics["val_instances"] = len(val_idx)
@@ -483,7 +509,7 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     if step > start or ckpt is None:  # a finished run's checkpoint is kept as it is
         save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
     model.image_encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
-    summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics}
+    summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics, **({"processes": world} if processes else {})}
     atomic_write_json(summary, out_dir / "summary.json")
     log({"event": "done", **summary})
     return out_dir / "image_encoder"

@@ -13,7 +13,8 @@ Scenes (`"condition": "scene"`, issue 7): fine-tune an object pipeline folder (`
 prepared scenes (render.png + mask.png label maps). The encoder's first projection is widened to
 7 channels (instance-masked RGB, scene RGB, mask; see moca3d.data.scene), LoRA is injected into
 its linear layers, and each component is conditioned on its own instance: cond (B, N, M, D).
-The exported pipeline has the LoRA merged into a plain 7-channel encoder.
+The exported pipeline has the LoRA merged into a plain 7-channel encoder; with transformer_lora_rank,
+OUT/lora also holds what the run changed, for `MoCAPipeline.from_pretrained(init_from, lora=OUT/lora)`.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ from moca3d.models.image_encoder import (
     ImageEncoder,
     add_encoder_lora,
     encode_views,
+    first_projection_path,
     input_channels,
     preprocess_image,
     widen_input_channels,
 )
-from moca3d.models.lora import add_lora, lora_targets, merge_lora, save_adapter, trainable_summary
+from moca3d.models.lora import add_lora, lora_spec, merge_lora, save_adapter, trainable_summary
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
+from moca3d.training.distributed import batch_rows
 from moca3d.training.train_vae import load_vae_folder
 from moca3d.training.checkpoints import EMA, frozen_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
@@ -442,10 +445,23 @@ def _any_process(accelerator, flag: bool) -> bool:
 
 
 def adapter_config(cfg: DiTTrainConfig, model: Generator, frozen: Optional[dict]) -> dict[str, Any]:
-    """The adapter folder's config: how to inject the adapters again, and the base they belong to."""
-    return {"format": "moca3d-lora", "rank": cfg.transformer_lora_rank, "alpha": cfg.transformer_lora_alpha or cfg.transformer_lora_rank,
-            "target_modules": lora_targets(model.transformer), "train_full": list(PRIOR_FREE_MODULES),
-            "transformer_overrides": cfg.transformer, "base": str(cfg.init_from), "base_fingerprint": frozen}
+    """The adapter folder's config: how to inject the adapters again (a scene run's: also how its encoder was
+    widened and adapted, under "image_encoder"), and the base they belong to."""
+    config = {"format": "moca3d-lora", **lora_spec(model.transformer, cfg.transformer_lora_rank, cfg.transformer_lora_alpha, PRIOR_FREE_MODULES),
+              "transformer_overrides": cfg.transformer, "base": str(cfg.init_from), "base_fingerprint": frozen}
+    if cfg.condition == "scene":
+        widened = ImageEncoder.load_config(scene_encoder_folder(cfg)).get("in_channels", 3) != SCENE_CHANNELS
+        full = [first_projection_path(model.image_encoder)] if cfg.train_projection else []
+        encoder = {**lora_spec(model.image_encoder, cfg.lora_rank, cfg.lora_alpha, full), "widen_init": cfg.widen_init if widened else None}
+        if cfg.image_encoder_from:  # not init_from's encoder: the adapter holds it whole, widened (`scene_adapter_parts`)
+            encoder.update(source=str(cfg.image_encoder_from), config={k: v for k, v in model.image_encoder.config.items() if not k.startswith("_")})
+        config.update(condition="scene", image_encoder=encoder)
+    return config
+
+
+def scene_adapter_parts(cfg: DiTTrainConfig) -> list[str]:
+    """The modules an adapter folder holds whole: a scene run's encoder when it is not init_from's (image_encoder_from)."""
+    return ["image_encoder"] if cfg.condition == "scene" and cfg.image_encoder_from else []
 
 
 def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE, str, Path]) -> Path:
@@ -544,10 +560,7 @@ def train(
     if accelerator.device.type == "cuda":
         data.to(accelerator.device)  # batches assembled on the GPU: no host-to-device copy of images per step
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    local = cfg.batch_size // world
-    rows = slice(rank * local, (rank + 1) * local)
+    rows = batch_rows(cfg.batch_size, rank, world)  # a one-line ConfigError when the processes do not divide the batch
     model.train()
     log: list[dict[str, float]] = []
     loss_value = None
@@ -600,8 +613,8 @@ def train(
     if vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
-        if cfg.transformer_lora_rank and not scene:  # what the fine-tune changed, apart from its base: OUT/lora
-            result["lora"] = str(save_adapter(out / "lora", final, adapter_config(cfg, final, frozen)))
+        if cfg.transformer_lora_rank:  # what the fine-tune changed, apart from its base: OUT/lora
+            result["lora"] = str(save_adapter(out / "lora", final, adapter_config(cfg, final, frozen), whole=scene_adapter_parts(cfg)))
         merge_lora(final)  # plain layers in the pipeline folder (a scene's 7-channel encoder, a LoRA-tuned transformer)
         result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae))
     return result

@@ -16,7 +16,6 @@ exactly the run that was not interrupted.
 from __future__ import annotations
 
 import json
-import os
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
+from moca3d.training.distributed import batch_rows, launched_processes, process_mean
 from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, frozen_fingerprint, latest_checkpoint, load_checkpoint,
                                          save_checkpoint)
 
@@ -431,23 +431,11 @@ class VAELoss(torch.nn.Module):
         return vae_loss(self.vae, batch, self.cfg)
 
 
-def launched_processes(device: str):
-    """(accelerate's PartialState, this process's device) when launched as several processes (`accelerate launch`,
-    torchrun: WORLD_SIZE > 1), else (None, `device`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, torch.device(device)
-    from accelerate import PartialState  # not an Accelerator: its mixed precision would bind the DiT run after this one
-
-    state = PartialState(cpu=torch.device(device).type == "cpu")
-    return state, state.device
-
-
 def process_rows(batch: dict[str, Any], cfg: VAETrainConfig, step: int, rank: int, world: int) -> dict[str, Any]:
     """Process `rank`'s share of a global batch (rows rank*B/world ...), with its own generator for the loss's draws."""
     if world == 1:
         return batch
-    local = cfg.batch_size // world
-    rows = slice(rank * local, (rank + 1) * local)
+    rows = batch_rows(cfg.batch_size, rank, world)
     share = {k: (v[rows] if torch.is_tensor(v) else tuple(t[rows] for t in v) if isinstance(v, tuple) else v)
              for k, v in batch.items()}
     share["generator"] = step_generator(cfg.seed + RANK_SEED_OFFSET * (rank + 1), step)
@@ -472,8 +460,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     processes, dev = launched_processes(device)
     world, rank = (processes.num_processes, processes.process_index) if processes else (1, 0)
     main = rank == 0
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    batch_rows(cfg.batch_size, rank, world)  # a one-line ConfigError when the processes do not divide the batch
     say = print if main else (lambda *args: None)
     torch.manual_seed(cfg.seed)
     model = build_vae(cfg)
@@ -526,10 +513,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
         ema.update(model)
-        if processes:  # the processes' mean of each statistic
-            values = torch.tensor(list(stats.values()), device=dev)
-            torch.distributed.all_reduce(values)
-            stats = dict(zip(stats, (values / world).tolist()))
+        stats = process_mean(stats, processes, dev)  # the processes' mean of each statistic
         done = step + 1
         for k, v in stats.items():
             running[k] = running.get(k, 0.0) + v
