@@ -7,7 +7,8 @@ import trimesh
 
 from moca3d.errors import ConfigError
 from moca3d.geometry.extract import ExtractConfig, mesh_from_grid
-from moca3d.geometry.simplify import MIN_COMPONENT_FACES, check_faces, edge_defects, face_budgets, simplify_components, simplify_mesh
+from moca3d.geometry.simplify import (MIN_COMPONENT_FACES, check_faces, edge_defects, face_budgets, make_manifold, simplify_components,
+                                      simplify_mesh)
 from moca3d.metrics import chamfer, fscore
 
 
@@ -125,3 +126,36 @@ def test_pipeline_and_cli_honour_the_budget_and_record_it(object_dataset, object
     assert gltf_document(out)["scenes"][0]["extras"]["moca3d"]["faces"] == budget
     refused = CliRunner().invoke(app, args + ["--parts", "4", "--faces", "50"])
     assert isinstance(refused.exception, ConfigError) and "--faces 50 is too few for 4 components" in str(refused.exception)
+
+
+def two_tetrahedra_sharing_an_edge() -> trimesh.Trimesh:
+    """Two closed tetrahedra pinched along the edge (0, 1): that edge is shared by four triangles."""
+    vertices = np.array([[0, 0, 0], [1, 0, 0], [0.5, 1, 0.3], [0.5, 0.2, 1], [0.5, -1, 0.3], [0.5, -0.2, -1]], float)
+    faces = []
+    for tet in ([0, 1, 2, 3], [0, 1, 4, 5]):
+        hull = trimesh.Trimesh(vertices[tet]).convex_hull  # outward wound
+        index = [tet[int(np.argmin(np.linalg.norm(vertices[tet] - p, axis=1)))] for p in hull.vertices]
+        faces.append(np.asarray(index)[hull.faces])
+    return trimesh.Trimesh(vertices, np.concatenate(faces), process=False)
+
+
+def test_make_manifold_splits_a_pinched_edge_and_drops_a_collapsed_fin():
+    """A pinched edge becomes two edges at the same place (two more vertices, the same triangles and volume); a
+    triangle present twice (a fin of no volume) goes with its twin; a closed manifold mesh comes back as it is."""
+    pinched = two_tetrahedra_sharing_an_edge()
+    assert edge_defects(pinched) == 1
+    split = make_manifold(pinched)
+    assert edge_defects(split) == 0 and split.is_winding_consistent
+    assert len(split.faces) == 8 and len(split.vertices) == 8 and np.isclose(split.volume, pinched.volume)
+    assert len(split.split(only_watertight=True)) == 2
+    box = trimesh.creation.box()
+    apex = len(box.vertices)
+    a, b = box.faces[0][:2]
+    fin = trimesh.Trimesh(np.vstack([box.vertices, [[3.0, 3.0, 3.0]]]),
+                          np.vstack([box.faces, [[a, b, apex], [b, a, apex]]]), process=False)
+    assert edge_defects(fin) == 1  # (a, b) holds four triangles; the fin's own edges two each
+    repaired = make_manifold(fin)
+    assert edge_defects(repaired) == 0 and len(repaired.faces) == len(box.faces)
+    assert np.isclose(repaired.volume, box.volume)
+    torus = marching_cubes_torus(32)
+    assert make_manifold(torus) is torus

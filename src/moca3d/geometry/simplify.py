@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 
 import fast_simplification
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 import trimesh
 
 from moca3d.errors import ConfigError
@@ -61,12 +63,51 @@ def edge_defects(mesh: trimesh.Trimesh) -> int:
     return int((counts != 2).sum())
 
 
+def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """`mesh` repaired where decimation folded it: a triangle present twice (a collapsed fin, no volume) is removed with
+    its twin, and each vertex is split into one copy per fan of triangles joined through manifold edges, so an edge
+    shared by four triangles (two sheets pinched together) becomes two edges at the same place, each shared by two.
+
+    The surface keeps its shape; only where sheets touch do vertices appear twice (as MeshLab's "split non-manifold
+    vertices"). A mesh without such places is returned as it is.
+    """
+    faces = np.asarray(mesh.faces)  # (F, 3)
+    _, twin_of, copies = np.unique(np.sort(faces, axis=1), axis=0, return_inverse=True, return_counts=True)
+    faces = faces[copies[twin_of.reshape(-1)] == 1]  # (F', 3): without triangles that appear more than once
+    F = len(faces)
+    corner_edges = np.stack([faces, np.roll(faces, -1, axis=1)], axis=-1).reshape(-1, 2)  # (3F, 2): corner k -> k+1
+    _, edge_of, counts = np.unique(np.sort(corner_edges, axis=1), axis=0, return_inverse=True, return_counts=True)
+    edge_of = edge_of.reshape(-1)
+    # Join the corners (face, vertex) of two triangles across each manifold edge, at both of its ends.
+    manifold = np.flatnonzero(counts[edge_of] == 2)  # half-edges (indices into corner_edges) of manifold edges
+    order = manifold[np.argsort(edge_of[manifold], kind="stable")]
+    first, second = order[0::2], order[1::2]  # the two half-edges of each manifold edge
+
+    def corner(half: np.ndarray, end: int) -> np.ndarray:
+        """The corner (3 * face + position) where half-edges start (end 0) or finish (end 1)."""
+        return (half // 3) * 3 + (half % 3 + end) % 3
+
+    a_first, b_first = corner(first, 0), corner(first, 1)
+    same = faces.reshape(-1)[a_first] == faces.reshape(-1)[corner(second, 0)]  # the other triangle's half-edge runs a->b
+    a_second = np.where(same, corner(second, 0), corner(second, 1))
+    b_second = np.where(same, corner(second, 1), corner(second, 0))
+    rows, cols = np.concatenate([a_first, b_first]), np.concatenate([a_second, b_second])
+    graph = scipy.sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(3 * F, 3 * F))
+    groups, label = scipy.sparse.csgraph.connected_components(graph, directed=False)  # (3F,): a fan per label
+    vertex_of_group = np.zeros(groups, dtype=np.int64)
+    vertex_of_group[label] = faces.reshape(-1)
+    if groups == len(np.unique(faces)) and F == len(mesh.faces):
+        return mesh  # one fan per vertex, no twins: already manifold
+    return trimesh.Trimesh(np.asarray(mesh.vertices)[vertex_of_group], label.reshape(F, 3), process=False)
+
+
 def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     """`mesh` decimated to at most `faces` triangles (unchanged when it has no more), closed and manifold where it can be.
 
     Quadric decimation collapses edges without checking the surface's topology: where two sheets of a thin part come
     close it can pinch them into an edge shared by four triangles. Gentler aggressions often avoid that; the first
-    attempt with no more defects than the input (else the one with the fewest) is kept.
+    attempt with no more defects than the input (else the one with the fewest) is kept, its pinches split apart where
+    that closes it (`make_manifold`); a few pinched edges may remain, the surface still closed and consistently wound.
     """
     if len(mesh.faces) <= faces:
         return mesh
@@ -75,7 +116,7 @@ def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     for aggression in AGGRESSIONS:
         vertices, triangles = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=faces, agg=aggression)
         attempt = trimesh.Trimesh(vertices, triangles, process=False)
-        if len(attempt.faces) > faces:  # gentle aggressions may stop above the target
+        if len(attempt.faces) > faces and best is not None:  # gentle aggressions may stop above the target
             continue
         defects = edge_defects(attempt)
         if best is None or defects < best_defects:
@@ -83,6 +124,10 @@ def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
         if defects <= allowed:
             break
     best.remove_unreferenced_vertices()
+    if best_defects > allowed:  # repaired only when that closes it: a pinch keeps a closed surface, a hole would not
+        repaired = make_manifold(best)
+        if edge_defects(repaired) <= allowed:
+            return repaired
     return best
 
 
