@@ -176,3 +176,33 @@ def test_generate_folder_warns_about_each_image_on_a_coloured_background_by_name
     messages = sorted(str(w.message) for w in caught if issubclass(w.category, InputWarning))
     assert len(messages) == 2 and messages[0].startswith("blue.png: the image has no transparency")
     assert messages[1].startswith("grey.png: ")
+
+
+def test_object_verbs_refuse_a_scene_adapter_before_loading_a_model(object_dataset, tmp_path, monkeypatch):
+    """`generate --lora` and `evaluate-model --lora` with a scene adapter (OUT/lora of train-scene) stop with one line
+    naming the kind, before any pipeline loads."""
+    import json
+
+    from moca3d.errors import CheckpointError
+    from moca3d.pipeline import MoCAPipeline
+
+    spec = {"rank": 4, "alpha": 4, "target_modules": ["blocks.0.attn.to_q"], "train_full": []}
+    adapter = tmp_path / "scene_lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "format": "moca3d-lora", **spec, "base_fingerprint": "0" * 64, "condition": "scene",
+        "image_encoder": {**spec, "widen_init": "zero"}}))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(MoCAPipeline, "from_pretrained", no_loading)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(image)
+    for args in (["generate", str(image), "--lora", str(adapter), "-o", str(tmp_path / "o.glb")],
+                 ["evaluate-model", str(object_dataset[0]), "--split", "train", "--lora", str(adapter)]):
+        result = CliRunner().invoke(app, args)
+        assert isinstance(result.exception, CheckpointError), result.output
+        assert "a LoRA adapter for scenes" in str(result.exception) and "this needs one for objects" in str(result.exception)

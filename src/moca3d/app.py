@@ -337,13 +337,16 @@ def build_app(
     model_path: Union[str, Path, None] = None, device: str = "auto", resolution: int = DEFAULT_RESOLUTION,
     default_steps: int = STEPS, output_dir: Optional[Path] = None, scene_model_path: Union[str, Path, None] = None,
     scenes: bool = True, lora: Union[str, Path, None] = None, scene_lora: Union[str, Path, None] = None,
+    torch_dtype: Union[torch.dtype, str, None] = "auto",
 ) -> gr.Blocks:
     """Load the pipelines once and lay out the page: an object tab (the model, with `lora` folded in if given) and,
-    with a scene model (or an object one with the scene adapter `scene_lora` folded in), a scene tab."""
+    with a scene model (or an object one with the scene adapter `scene_lora` folded in), a scene tab; both in
+    `torch_dtype` (`MoCAPipeline.from_pretrained`'s)."""
     device = resolve_device(device)
-    pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=device, lora=lora)
+    pipeline = MoCAPipeline.from_pretrained(resolve_model(model_path), device=device, lora=lora, torch_dtype=torch_dtype)
     scene_dir = resolve_scene_model(scene_model_path, scenes, scene_lora)
-    scene_pipeline = MoCAPipeline.from_pretrained(scene_dir, device=device, lora=scene_lora) if scene_dir is not None else None
+    scene_pipeline = (MoCAPipeline.from_pretrained(scene_dir, device=device, lora=scene_lora, torch_dtype=torch_dtype)
+                      if scene_dir is not None else None)
     handler = DemoGenerator(pipeline, resolution, output_dir, scene_pipeline)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(CACHE_CHECK_SECONDS, CACHE_SECONDS)) as demo:
         gr.Markdown(f"## {TITLE}")

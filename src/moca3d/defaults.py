@@ -17,6 +17,7 @@ MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"  # the built-in object model, shipped in the package
 DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # a LoRA adapter folder's files
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> torch attribute
 RESOLUTION_RULE = f"{MIN_RESOLUTION}, {2 * MIN_RESOLUTION} or a multiple of 4 from {4 * MIN_RESOLUTION} to {MAX_RESOLUTION}"
 
 
@@ -35,6 +36,23 @@ def check_resolution(resolution: int, name: str = "--resolution") -> None:
         resolution in (MIN_RESOLUTION, 2 * MIN_RESOLUTION) or (4 * MIN_RESOLUTION <= resolution <= MAX_RESOLUTION and resolution % 4 == 0))
     if not valid:
         raise ConfigError(f"{name} must be {RESOLUTION_RULE}, got {resolution}")
+
+
+def resolve_dtype(dtype, device="cpu"):
+    """A generation's dtype: a torch dtype, a DTYPES name or its torch name, or "auto" (bf16 on a GPU that has it,
+    else fp32: this project's CPUs run bf16 matmuls about 100x slower); a one-line ConfigError otherwise."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    elif dtype == "auto":
+        gpu = str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        name = "bfloat16" if gpu else "float32"
+    else:
+        name = DTYPES.get(dtype, dtype)
+    if name not in DTYPES.values():
+        raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)} (or float32, bfloat16, float16), got {dtype!r}")
+    return getattr(torch, name)
 
 
 def check_seed(seed: int, dash: str = "--") -> None:

@@ -74,10 +74,10 @@ def guided_velocity(
 ) -> torch.Tensor:
     """v = v_uncond + s (v_cond - v_uncond); one batched call; scale 1 is the conditional v."""
     if uncond is None or guidance == 1.0:
-        return model(z, t, cond, **kwargs)
+        return model(z, t, cond, **kwargs).float()
     B = z.shape[0]
     doubled = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    v = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond]), **doubled)
+    v = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond]), **doubled).float()  # fp32 of a bf16 model
     v_cond, v_uncond = v[:B], v[B:]
     return v_uncond + guidance * (v_cond - v_uncond)
 
@@ -103,7 +103,7 @@ def sample(
     device = cond.device
     scheduler = scheduler_with_shift(scheduler or make_scheduler(), shift)
     scheduler.set_timesteps(steps, device=device)
-    z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=cond.dtype)
+    z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)  # the state stays fp32 (a model casts)
     B = shape[0]
     for i, ts in enumerate(scheduler.timesteps):
         t = (ts / scheduler.config.num_train_timesteps).expand(B).to(device)

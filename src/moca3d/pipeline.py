@@ -21,7 +21,7 @@ import trimesh
 from moca3d import flow
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
 from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, SCENE_GUIDANCE, STEPS,  # noqa: F401
-                             check_sampling_args, check_seed, check_shift)
+                             check_sampling_args, check_seed, check_shift, resolve_dtype)
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
@@ -86,12 +86,15 @@ class MoCAPipeline:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu",
-                        lora: Union[str, Path, None] = None) -> "MoCAPipeline":
+                        lora: Union[str, Path, None] = None, torch_dtype: Union[torch.dtype, str, None] = None) -> "MoCAPipeline":
         """Load a pipeline folder; `None` loads the built-in default model shipped with the package.
 
         `lora`: an adapter folder (OUT/lora of `moca3d train --lora-rank`, or of `moca3d train-scene --lora-rank`: then
         a scene pipeline) trained from this very pipeline, folded into its weights.
+        `torch_dtype`: the transformer's and image encoder's dtype (torch.bfloat16, "bf16", "auto": bf16 on a GPU that
+        has it, else fp32; None: fp32); the VAE stays fp32, its field is meshed at 1/128 of a cell and more.
         """
+        dtype = None if torch_dtype is None else resolve_dtype(torch_dtype, device)
         root = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if path is not None and not root.exists():
             raise CheckpointError(f"{root}: no such pipeline folder")
@@ -130,7 +133,10 @@ class MoCAPipeline:
             parts[name] = model
         if lora is not None:
             parts["transformer"], parts["image_encoder"] = apply_lora(root, parts["transformer"], parts["image_encoder"], Path(lora))
-        parts = {name: model.to(device) for name, model in parts.items()}
+        for name, model in parts.items():
+            model.to(device)
+            if dtype is not None and name != "vae":  # (nn.Module's: diffusers' own `to` warns of fp32 modules none of ours has)
+                torch.nn.Module.to(model, dtype)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = None
@@ -284,6 +290,7 @@ class MoCAPipeline:
         names = [f"{prefix}_{i:02d}" for i in range(num)]
         settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": steps, "guidance": guidance, "seed": seed,
                     "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": resolution,
+                    "dtype": str(self.transformer.dtype).removeprefix("torch."),
                     **({"faces": faces} if faces is not None else {}),
                     **{k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))}}
         return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu(), kind=prefix, settings=settings)

@@ -13,6 +13,8 @@ import typer
 from moca3d.defaults import check_sampling_args
 from moca3d.errors import ConfigError, InputError, cannot_write
 
+DTYPE_HELP = ("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16: the transformer's and image encoder's "
+              "dtype (the VAE stays fp32); on a CPU keep fp32: bf16 matmuls there are far slower.")
 FACES_HELP = ("Triangle budget of the whole output: the components share it in proportion to their size (at least 20 each) "
               "and are simplified by quadric decimation (fast-simplification); default: marching cubes' full meshes (thousands "
               "to tens of thousands of triangles per component).")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
+from moca3d.defaults import DTYPES
 from moca3d.errors import ConfigError
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GLOBAL_BLOCKS = ("even", "odd", "all", "none")  # moca3d.models.transformer.global_block_indices
 DST_HELP = ("Output moca3d pipeline folder (created; an earlier conversion there is replaced, and it loads as a "
             "pipeline only once the conversion has completed). Must not be SRC.")

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from moca3d.commands.common import DTYPE_HELP, resolve_device
 from moca3d.errors import ConfigError
 
 # the web demo's defaults live here (moca3d.app imports them) so that `--help` does not import gradio
@@ -57,6 +58,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on; open http://HOST:PORT in a browser."),
         share: bool = typer.Option(False, "--share", help="Also publish a temporary public gradio.live link (needs internet; off by default)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+        dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
         resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         scene_model: Optional[Path] = typer.Option(
             None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model. With --scene-lora: the object pipeline that adapter was fine-tuned from (default: the built-in model)."
@@ -86,9 +88,10 @@ def register(app: typer.Typer) -> None:
         for folder, condition in ((lora, "object"), (scene_lora, "scene")):  # an adapter of the wrong tab, before any model loads
             if folder is not None:
                 read_adapter_config(folder, condition)
-        from moca3d.defaults import check_resolution
+        from moca3d.defaults import check_resolution, resolve_dtype
 
         check_resolution(resolution)  # before any model is loaded
+        torch_dtype = resolve_dtype(dtype, resolve_device(device))
         check_address(host, port)
         try:
             import gradio  # noqa: F401
@@ -99,4 +102,4 @@ def register(app: typer.Typer) -> None:
         resolve_model(model)  # a missing built-in model fails here, in one line
         typer.echo(f"loading the model; the page will be at {page_url(host, port)}")
         launch(model, host=host, port=port, share=share, device=device, resolution=resolution, scene_model_path=scene_model,
-               scenes=scenes, lora=lora, scene_lora=scene_lora)
+               scenes=scenes, lora=lora, scene_lora=scene_lora, torch_dtype=torch_dtype)

@@ -8,10 +8,11 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides, check_generation_args,
-                                    check_output_path, check_run_folder, echo_categories, echo_means, echo_missing,
-                                    load_or_predictions, resolve_device, run_dit_training, save_generation, write_json)
-from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args
+from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
+                                    check_generation_args, check_output_path, check_run_folder, echo_categories, echo_means,
+                                    echo_missing, load_or_predictions, resolve_device, run_dit_training, save_generation,
+                                    write_json)
+from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
 
@@ -35,6 +36,15 @@ LORA_HELP = ("A LoRA adapter folder (OUT/lora of `moca3d train --lora-rank`), fo
              "from; the same as OUT/pipeline in megabytes instead of the whole model.")
 
 
+def object_lora(lora: Optional[Path]) -> Optional[Path]:
+    """`lora`, checked to be an object adapter before any model loads (a scene adapter is refused with one line)."""
+    if lora is not None:
+        from moca3d.models.lora import read_adapter_config
+
+        read_adapter_config(lora, "object")
+    return lora
+
+
 def register(app: typer.Typer) -> None:
     """Add the generation, evaluation and DiT-training verbs to the CLI."""
     register_evaluation(app)
@@ -54,6 +64,7 @@ def register(app: typer.Typer) -> None:
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
+        dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     ) -> None:
         """Generate PARTS part meshes from one IMAGE (or each image of a folder) and write them as a GLB scene."""
         import time
@@ -73,8 +84,9 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--parts must be >= 1, got {parts}")
         check_faces(faces, parts)
         dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
         t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev, lora=lora)
+        pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev, lora=object_lora(lora), torch_dtype=torch_dtype)
         if offload:
             pipe.enable_sequential_cpu_offload(dev)
         settings = dict(num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, faces=faces)
@@ -165,7 +177,7 @@ def register_evaluation(app: typer.Typer) -> None:
         check_output_path(json_out, "--json")
         check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
         select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
-        pipe = load_or_predictions(model, lora, reconstruct, predictions, device)
+        pipe = load_or_predictions(model, object_lora(lora) if predictions is None else lora, reconstruct, predictions, device)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
                                    reconstruct=reconstruct, shift=shift, predictions=predictions)
         if predictions is None:

@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides, check_generation_args,
-                                    check_output_path, echo_categories, echo_means, echo_missing, load_or_predictions,
-                                    resolve_device, run_dit_training, save_generation, write_json)
-from moca3d.defaults import SCENE_GUIDANCE, STEPS, check_sampling_args
+from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
+                                    check_generation_args, check_output_path, echo_categories, echo_means, echo_missing,
+                                    load_or_predictions, resolve_device, run_dit_training, save_generation, write_json)
+from moca3d.defaults import SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
 
@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance (16, 32 or a multiple of 4 from 64 to 1024)."),
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+        dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     ) -> None:
         """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB scene."""
         import time
@@ -65,7 +66,8 @@ def register(app: typer.Typer) -> None:
         check_generation_args(steps, resolution, guidance, output, seed, shift)
         check_faces(faces)  # and against the number of masks, once they are read
         t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(scene_model(model, lora), device=resolve_device(device), lora=lora)
+        dev = resolve_device(device)
+        pipe = MoCAPipeline.from_pretrained(scene_model(model, lora), device=dev, lora=lora, torch_dtype=resolve_dtype(dtype, dev))
         result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution,
                                      faces=faces)
         save_generation(result, output, "instances", t0)

@@ -192,7 +192,7 @@ class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
             raise InputError(
                 f"images must be (B, {self.config.in_channels}, {self.image_size}, {self.image_size}), got {tuple(images.shape)}"
             )
-        x = self.patch_embed((images - 0.5) / 0.5)  # (B, D, S/p, S/p)
+        x = self.patch_embed(((images - 0.5) / 0.5).to(self.patch_embed.weight.dtype))  # (B, D, S/p, S/p)
         x = x.flatten(2).transpose(1, 2)  # (B, P, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
