@@ -1,5 +1,6 @@
 """`moca3d --help` and the verbs' shared conventions."""
 
+import pytest
 import typer.main
 from typer.testing import CliRunner
 
@@ -206,3 +207,20 @@ def test_object_verbs_refuse_a_scene_adapter_before_loading_a_model(object_datas
         result = CliRunner().invoke(app, args)
         assert isinstance(result.exception, CheckpointError), result.output
         assert "a LoRA adapter for scenes" in str(result.exception) and "this needs one for objects" in str(result.exception)
+
+
+def test_an_adapter_config_with_a_malformed_condition_is_one_line(tmp_path):
+    import json
+
+    from moca3d.errors import CheckpointError
+    from moca3d.models.lora import read_adapter_config
+
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "format": "moca3d-lora", "rank": 4, "alpha": 4, "target_modules": [], "train_full": [], "base_fingerprint": "0",
+        "condition": ["scene"]}))
+    with pytest.raises(CheckpointError, match="adapter of an unknown condition"):
+        read_adapter_config(adapter)
+    shown = CliRunner().invoke(app, ["info", str(adapter)])
+    assert shown.exit_code == 0 and "?" in shown.output, shown.output

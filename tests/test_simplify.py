@@ -78,6 +78,19 @@ def test_simplify_components_under_budget_and_empty_parts_are_kept():
     assert all(len(o.faces) < len(m.faces) for o, m in zip(out, meshes) if len(m.faces))
 
 
+@pytest.mark.parametrize("faces", [20, 60, 200])
+def test_a_part_of_several_islands_comes_under_a_small_budget(faces):
+    """Six separate balls (1 920 triangles): one decimation run stops above small targets (each island keeps a few
+    triangles), so further runs aim lower and, at the floor, the smallest islands go; never above the budget, every
+    island kept closed."""
+    balls = [trimesh.creation.icosphere(subdivisions=2, radius=0.1).apply_translation([0.3 * k, 0, 0]) for k in range(6)]
+    mesh = trimesh.util.concatenate(balls)
+    out = simplify_mesh(mesh, faces)
+    assert 0 < len(out.faces) <= faces
+    _, counts = np.unique(out.edges_sorted, axis=0, return_counts=True)
+    assert (counts % 2 == 0).all()  # closed: no open edge
+
+
 @pytest.mark.parametrize("faces", [0, 19, -5, 2.5, True, "100"])
 def test_check_faces_refuses_what_is_not_a_budget(faces):
     with pytest.raises(ConfigError, match="--faces must be a whole number >= 20"):
@@ -112,6 +125,10 @@ def test_pipeline_and_cli_honour_the_budget_and_record_it(object_dataset, object
     assert torch.equal(small.latents, full.latents)
     assert sum(len(m.faces) for m in small.meshes) <= budget < count
     assert small.settings["faces"] == budget and "faces" not in full.settings
+    floor = pipe(image, faces=np.int64(2 * MIN_COMPONENT_FACES), **settings)  # the smallest budget: 20 a part
+    assert sum(len(m.faces) for m in floor.meshes) <= 2 * MIN_COMPONENT_FACES
+    assert all(len(m.faces) for m in floor.meshes)  # none emptied by the budget
+    floor.save(tmp_path / "floor.obj")  # a numpy budget is recorded as a plain number (the OBJ's JSON comment)
     with pytest.raises(ConfigError, match="faces 30 is too few for 2 components"):
         pipe(image, faces=30, **settings)
 

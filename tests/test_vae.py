@@ -497,6 +497,9 @@ def test_cli_reconstruct_writes_one_node_per_component_in_the_input_frame(datase
     for part in light:
         radius = np.linalg.norm(part.vertices - (lo + hi) / 2, axis=1)
         assert abs(radius.mean() - 0.3 / scale) < 0.02 / scale
+    few = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "few.glb"), "--model",
+                              str(tmp_path / "nowhere"), "--faces", "20"])  # refused before any model loads
+    assert isinstance(few.exception, ConfigError) and f"--faces 20 is too few for {len(names)} components" in str(few.exception)
     bad = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.obj"), "--model",
                               str(tmp_path / "vae")])
     assert isinstance(bad.exception, InputError)

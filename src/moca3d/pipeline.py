@@ -288,10 +288,10 @@ class MoCAPipeline:
             meshes = simplify_components(self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i)),
                                          faces)
         names = [f"{prefix}_{i:02d}" for i in range(num)]
-        settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": steps, "guidance": guidance, "seed": seed,
-                    "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": resolution,
+        settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
+                    "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": int(resolution),
                     "dtype": str(self.transformer.dtype).removeprefix("torch."),
-                    **({"faces": faces} if faces is not None else {}),
+                    **({"faces": int(faces)} if faces is not None else {}),
                     **{k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))}}
         return MoCAOutput(meshes=meshes, names=names, latents=latents.cpu(), kind=prefix, settings=settings)
 

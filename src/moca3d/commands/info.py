@@ -92,7 +92,7 @@ def describe(path: Path) -> dict:
         config = read_json(path / ADAPTER_CONFIG)
         keys = ("rank", "alpha", "base", "transformer_overrides")
         # models.lora.adapter_condition, without its torch import
-        report = {"kind": "LoRA adapter", "path": str(path), "task": TASKS.get(config.get("condition", "object"), "?"),
+        report = {"kind": "LoRA adapter", "path": str(path), "task": TASKS.get(str(config.get("condition", "object")), "?"),
                   **{k: config.get(k) for k in keys}, "adapted_layers": len(config.get("target_modules", [])),
                   "trained_in_full": config.get("train_full"), "weights": weights_summary(path) if (path / ADAPTER_WEIGHTS).is_file() else None}
         encoder = config.get("image_encoder")

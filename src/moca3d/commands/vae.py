@@ -152,6 +152,10 @@ def register(app: typer.Typer) -> None:
         check_resolution(resolution)
         check_max_points(points)
         check_faces(faces)
+        if faces is not None:  # against the component count, before minutes of decoding
+            from moca3d.geometry.mesh_io import load_components
+
+            check_faces(faces, len(load_components(mesh)[0]))
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)

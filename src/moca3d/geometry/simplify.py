@@ -20,6 +20,7 @@ import trimesh
 from moca3d.errors import ConfigError
 
 MIN_COMPONENT_FACES = 20  # an icosahedron: below this a closed component is no longer its shape
+MAX_PASSES = 12  # further runs, each aiming 20% lower, when one stops above a small budget
 AGGRESSIONS = (7, 5, 3)  # fast-simplification's, tried in turn (7: its default, fastest and coarsest per pass)
 
 
@@ -101,30 +102,61 @@ def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return trimesh.Trimesh(np.asarray(mesh.vertices)[vertex_of_group], label.reshape(F, 3), process=False)
 
 
+def decimate(mesh: trimesh.Trimesh, faces: int, aggression: int) -> trimesh.Trimesh:
+    """One fast-simplification run towards `faces` triangles (it may stop above them)."""
+    vertices, triangles = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=faces, agg=aggression)
+    return trimesh.Trimesh(vertices, triangles, process=False)
+
+
+def coarse_hull(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+    """The convex hull of faces / 2 + 2 of the mesh's vertices, picked farthest-first: at most `faces` triangles (a
+    hull of k points has at most 2k - 4), the last resort for a budget decimation cannot reach."""
+    vertices = np.asarray(mesh.vertices)
+    picked = [int(np.argmax(np.linalg.norm(vertices - vertices.mean(0), axis=1)))]
+    distance = np.linalg.norm(vertices - vertices[picked[0]], axis=1)
+    while len(picked) < min(faces // 2 + 2, len(vertices)):
+        picked.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(vertices - vertices[picked[-1]], axis=1))
+    return trimesh.convex.convex_hull(vertices[picked])
+
+
 def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     """`mesh` decimated to at most `faces` triangles (unchanged when it has no more), closed and manifold where it can be.
 
     Quadric decimation collapses edges without checking the surface's topology: where two sheets of a thin part come
     close it can pinch them into an edge shared by four triangles. Gentler aggressions often avoid that; the first
-    attempt with no more defects than the input (else the one with the fewest) is kept, its pinches split apart where
-    that closes it (`make_manifold`); a few pinched edges may remain, the surface still closed and consistently wound.
+    attempt within the budget with no more defects than the input (else the best one) is kept, its pinches split apart
+    where that closes it (`make_manifold`); a few pinched edges may remain, the surface still closed and consistently
+    wound. A run that stops above a small budget is run again, aiming lower each time; where it stalls, the smallest
+    islands are dropped, and a single island over the budget becomes a coarse convex hull (`coarse_hull`).
     """
     if len(mesh.faces) <= faces:
         return mesh
     allowed = edge_defects(mesh)
-    best, best_defects = None, None
+    best, best_key = None, None
     for aggression in AGGRESSIONS:
-        vertices, triangles = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=faces, agg=aggression)
-        attempt = trimesh.Trimesh(vertices, triangles, process=False)
-        if len(attempt.faces) > faces and best is not None:  # gentle aggressions may stop above the target
-            continue
-        defects = edge_defects(attempt)
-        if best is None or defects < best_defects:
-            best, best_defects = attempt, defects
-        if defects <= allowed:
+        attempt = decimate(mesh, faces, aggression)
+        key = (len(attempt.faces) > faces, edge_defects(attempt))  # within the budget first, then the fewest defects
+        if best is None or key < best_key:
+            best, best_key = attempt, key
+        if key <= (False, allowed):
             break
+    target = faces
+    for _ in range(MAX_PASSES):
+        if len(best.faces) <= faces:
+            break
+        target = max(4, int(target * 0.8))
+        best = decimate(best, target, AGGRESSIONS[0])
+    if len(best.faces) > faces:  # stalled (each further collapse would fold it): the largest islands that fit
+        pieces = sorted(best.split(only_watertight=False), key=lambda p: -len(p.faces))
+        kept, total = [], 0
+        for piece in pieces:
+            if total + len(piece.faces) <= faces:
+                kept.append(piece)
+                total += len(piece.faces)
+        best = trimesh.util.concatenate(kept) if kept else coarse_hull(pieces[0], faces)
     best.remove_unreferenced_vertices()
-    if best_defects > allowed:  # repaired only when that closes it: a pinch keeps a closed surface, a hole would not
+    if edge_defects(best) > allowed:  # repaired only when that closes it: a pinch keeps a closed surface, a hole would not
         repaired = make_manifold(best)
         if edge_defects(repaired) <= allowed:
             return repaired

@@ -167,7 +167,7 @@ def read_adapter_config(folder: Path, condition: Optional[str] = None) -> dict:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: not a moca3d LoRA adapter (not a JSON object)")
     missing = [k for k in (*LORA_SPEC, "base_fingerprint") if k not in config]
     kind = adapter_condition(config)
-    if kind not in ADAPTER_SOURCES:
+    if not isinstance(kind, str) or kind not in ADAPTER_SOURCES:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: adapter of an unknown condition {kind!r} (known: {', '.join(ADAPTER_SOURCES)})")
     if kind == "scene":  # the encoder's LoRA and widening, beside the transformer's
         encoder = config.get("image_encoder")

@@ -53,7 +53,7 @@ from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
-from moca3d.training.distributed import batch_rows
+from moca3d.training.distributed import batch_rows, process_max
 from moca3d.training.train_vae import load_vae_folder
 from moca3d.training.checkpoints import EMA, frozen_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
@@ -570,7 +570,10 @@ def train(
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
         for step in range(start, start if spent else cfg.steps):
-            lr = lr_at(schedule_step(step, cfg, before + time.time() - t0), cfg)
+            elapsed = before + time.time() - t0
+            if cfg.time_limit_s > 0:  # one clock for all processes: the same LR everywhere, or DDP's replicas drift apart
+                elapsed = process_max(elapsed, accelerator if accelerator.num_processes > 1 else None, accelerator.device)
+            lr = lr_at(schedule_step(step, cfg, elapsed), cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             draws = step_draws(cfg, step, len(data), cfg.batch_size, by_parts)
