@@ -601,6 +601,13 @@ def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):
     assert res.exit_code == 0, res.output
     nodes = set(trimesh.load(tmp_path / "s.glb", file_type="glb").graph.nodes)
     assert {f"instance_{i:02d}" for i in range(n)} <= nodes
+    budget = 20 * n  # --faces at its floor, 20 an instance
+    res = runner.invoke(app, args[:-4] + ["--resolution", "32", "--device", "cpu", "--faces", str(budget)])
+    assert res.exit_code == 0, res.output
+    written = trimesh.load(tmp_path / "s.glb", force="scene")
+    assert 0 < sum(len(g.faces) for g in written.geometry.values()) <= budget
+    res = runner.invoke(app, args[:6] + ["--model", str(tmp_path / "nowhere"), "--faces", str(budget - 1)])
+    assert isinstance(res.exception, ConfigError) and f"--faces {budget - 1} is too few for {n} components" in str(res.exception)
     _save(np.zeros((32, 32)), masks / "instance_99.png")  # a mask of the wrong size
     res = runner.invoke(app, args)
     assert isinstance(res.exception, InputError) and "differ in size" in str(res.exception)

@@ -64,7 +64,11 @@ def register(app: typer.Typer) -> None:
         from moca3d.pipeline import MoCAPipeline
 
         check_generation_args(steps, resolution, guidance, output, seed, shift)
-        check_faces(faces)  # and against the number of masks, once they are read
+        if faces is not None:  # against the number of masks, before the model loads
+            from moca3d.data.scene import load_masks
+            from moca3d.models.image_encoder import load_image
+
+            check_faces(faces, len(load_masks(masks, image_size=load_image(image).size)))
         t0 = time.time()
         dev = resolve_device(device)
         pipe = MoCAPipeline.from_pretrained(scene_model(model, lora), device=dev, lora=lora, torch_dtype=resolve_dtype(dtype, dev))
