@@ -41,6 +41,7 @@ STEPS = 2
 RESOLUTION = 16
 PAGE_TIMEOUT_MS = 30_000
 GENERATION_TIMEOUT_MS = 60_000
+BROWSER_FACES = 20 * PARTS  # the Max triangles set in the browser: the least the parts may share
 TINY_VAE = dict(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4, num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
 TINY_RECIPE = dict(
     transformer=dict(width=32, num_layers=2, num_heads=4, compression=4, id_codebook_size=MAX_PARTS),
@@ -273,6 +274,47 @@ def test_scene_handler_writes_a_glb_with_named_instances(generator, tmp_path):
     assert "the masks differ in size: mask_3.png is" in _scene_error_of(generator, SCENE, [files[1], str(twin / "mask_9.png")])
 
 
+def _triangles(glb) -> int:
+    """The triangles of all meshes in a GLB."""
+    return sum(len(mesh.faces) for mesh in trimesh.load(glb, file_type="glb").dump())
+
+
+def _budget_error(handler, faces, *inputs) -> str:
+    """The one-line gr.Error message `handler` (generate or generate_scene) raises for the triangle budget `faces`."""
+    with pytest.raises(gr.Error) as info:
+        handler(*inputs, steps=1, faces=faces)
+    message = info.value.message
+    assert "\n" not in message and message
+    return message
+
+
+BAD_BUDGETS = (-5, 2.5, 40.5, float("nan"), float("inf"), True, False, "60", 19)  # negative, fractional, bool, text, below 20
+
+
+@pytest.mark.parametrize("scene", [False, True], ids=["object", "scene"])
+def test_triangle_budget_is_honoured_and_checked(generator, scene):
+    """Max triangles: the output has at most that many (shared by the parts or instances); empty or 0 is no limit;
+    a bad value, or one below 20 per part (instance), is a one-line error."""
+    handler, inputs, count, kind = ((generator.generate_scene, (SCENE, [SCENE_MASKS]), SCENE_INSTANCES, "instances") if scene
+                                    else (generator.generate, (EXAMPLE, PARTS), PARTS, "parts"))
+    floor = demo_app.MIN_COMPONENT_FACES * count
+    _, full, summary = handler(*inputs, seed=1, steps=1)
+    total = _triangles(full)
+    assert f", {total:,} triangles: " in summary and "at most" not in summary
+    budget = max(floor, total // 2)
+    assert budget < total  # the full meshes are over it: decimated
+    _, glb, summary = handler(*inputs, seed=1, steps=1, faces=float(budget))  # gradio's number box passes a float
+    assert _triangles(glb) <= budget and f"(at most {budget:,})" in summary and summary.startswith(f"{count} {kind}")
+    assert _nodes(glb, kind[:-1] + "_") == _nodes(full, kind[:-1] + "_")
+    for no_limit in (None, 0, 0.0):  # an empty box, or 0: the full meshes
+        assert _triangles(handler(*inputs, seed=1, steps=1, faces=no_limit)[1]) == total
+    for bad in BAD_BUDGETS:
+        assert _budget_error(handler, bad, *inputs) == (
+            f"max triangles must be empty or 0 (the full meshes) or a whole number of at least 20, got {bad}")
+    assert _budget_error(handler, floor - 1, *inputs) == (
+        f"max triangles {floor - 1} is too few for {count} {kind}: at least 20 each ({floor} in all)")
+
+
 def test_models_go_to_the_right_tab(pipeline_dir, scene_pipeline_dir):
     pipe, scene_pipe = MoCAPipeline.from_pretrained(pipeline_dir), MoCAPipeline.from_pretrained(scene_pipeline_dir)
     with pytest.raises(ConfigError, match="scene model .* --scene-model"):
@@ -360,6 +402,7 @@ def test_scene_tab_defaults_to_the_scene_guidance(pipeline_dir, scene_pipeline_d
     blocks = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
     assert {"scene-tab", "scene-masks", "scene-generate-button"} <= set(blocks)
     assert blocks["scene-guidance"].value == SCENE_GUIDANCE and blocks["guidance"].value == GUIDANCE
+    assert blocks["faces"].value is None and blocks["scene-faces"].value is None  # no triangle budget: the full meshes
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     for name in ("input-image", "scene-image"):  # both tabs pass an unreadable upload on to their handler
@@ -460,10 +503,13 @@ def test_browser_generates_and_downloads_parts_and_instances(pipeline_dir, scene
             parts.fill(str(PARTS))
             parts.press("Enter")
             expect(page.locator("#num-parts input[type='range']")).to_have_value(str(PARTS))
+            page.locator("#advanced button").first.click()  # the accordion with the triangle budget
+            page.locator("#faces input").fill(str(BROWSER_FACES))
             page.locator("#generate-button").click()
             link = page.locator("#glb-file a").first
             expect(link).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
             expect(page.locator("#summary")).to_contain_text(f"{PARTS} parts")
+            expect(page.locator("#summary")).to_contain_text(f"(at most {BROWSER_FACES})")
             expect(page.locator("#viewer canvas").first).to_be_attached()
             with page.expect_download() as download:
                 link.click()
@@ -487,6 +533,7 @@ def test_browser_generates_and_downloads_parts_and_instances(pipeline_dir, scene
     finally:
         demo.close()
     assert _nodes(saved, "part_") == {f"part_{i:02d}" for i in range(PARTS)}
+    assert _triangles(saved) <= BROWSER_FACES
     assert _nodes(saved_scene, "instance_") == {f"instance_{i:02d}" for i in range(SCENE_INSTANCES)}
     assert not outside, f"the page tried to reach the network: {outside}"
 

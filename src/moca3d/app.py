@@ -29,8 +29,10 @@ from PIL import Image, UnidentifiedImageError
 
 from moca3d.commands.common import resolve_device
 from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB
+from moca3d.data.scene import load_masks
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning, MoCA3DError, out_of_memory
+from moca3d.geometry.simplify import MIN_COMPONENT_FACES
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
@@ -146,6 +148,22 @@ def guidance_scale(value, low: float = 1.0, high: float = MAX_GUIDANCE) -> float
     return float(value)
 
 
+def triangle_budget(value, components: int = 1, kind: str = "parts") -> Optional[int]:
+    """A form value as a triangle budget for the whole output of `components` parts or instances (`kind`): None for
+    an empty box or 0 (marching cubes' full meshes), else a whole number of at least MIN_COMPONENT_FACES per component;
+    InputError otherwise."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # not True or False, not "60"
+    if value is None or (number and value == 0):
+        return None
+    if not number or not math.isfinite(value) or int(value) != value or value < MIN_COMPONENT_FACES:  # -5, 2.5, NaN
+        raise InputError(f"max triangles must be empty or 0 (the full meshes) or a whole number of at least "
+                         f"{MIN_COMPONENT_FACES}, got {value}")
+    if value < MIN_COMPONENT_FACES * components:
+        raise InputError(f"max triangles {int(value)} is too few for {components} {kind}: at least {MIN_COMPONENT_FACES} "
+                         f"each ({MIN_COMPONENT_FACES * components} in all)")
+    return int(value)
+
+
 def gather_masks(uploads, folder: Path) -> Path:
     """The uploaded masks as generate_scene takes them: one file is a label map; several are binary masks, one per
     instance in file-name order, linked (copied where links fail, as on Windows) into the new `folder`."""
@@ -194,30 +212,37 @@ class DemoGenerator:
         """The model's part limit (its ID codebook size), the slider's maximum."""
         return self.pipeline.transformer.max_components
 
-    def generate(self, image_path, num_parts, seed=DEFAULT_SEED, steps=STEPS, guidance=GUIDANCE):
-        """Uploaded image -> (GLB for the viewer, GLB for download, one-line summary); gr.Error on bad input."""
+    def generate(self, image_path, num_parts, seed=DEFAULT_SEED, steps=STEPS, guidance=GUIDANCE, faces=None):
+        """Uploaded image -> (GLB for the viewer, GLB for download, one-line summary); `faces`: the triangle budget
+        (None or 0: the full meshes); gr.Error on bad input."""
         def run():
             path = check_upload(image_path)
+            parts = whole_number(num_parts, "the number of parts", 1, self.max_parts)
             return self.pipeline(
-                path, num_parts=whole_number(num_parts, "the number of parts", 1, self.max_parts),
+                path, num_parts=parts,
                 steps=whole_number(steps, "the number of steps", 1, MAX_STEPS), guidance=guidance_scale(guidance),
-                seed=whole_number(seed, "the seed", 0, MAX_SEED),
+                seed=whole_number(seed, "the seed", 0, MAX_SEED), faces=triangle_budget(faces, parts, "parts"),
                 resolution=self.resolution, show_progress=False,
             )
         return self._respond(run, "parts")
 
-    def generate_scene(self, image_path, masks, seed=DEFAULT_SEED, steps=STEPS, guidance=SCENE_GUIDANCE):
+    def generate_scene(self, image_path, masks, seed=DEFAULT_SEED, steps=STEPS, guidance=SCENE_GUIDANCE, faces=None):
         """Uploaded scene image and masks (a label map, or several binary masks) -> (GLB for the viewer, GLB for
-        download, summary); gr.Error on bad input."""
+        download, summary); `faces`: the triangle budget (None or 0: the full meshes); gr.Error on bad input."""
         folder = self.output_dir / f"masks-{uuid.uuid4().hex[:12]}"
 
         def run():
             if self.scene_pipeline is None:
                 raise InputError("this demo was started without a scene model (moca3d demo --scene-model PATH)")
             image = check_upload(image_path, "a scene image")
+            mask_input = gather_masks(masks, folder)
+            budget = triangle_budget(faces)
+            if budget is not None:  # at least MIN_COMPONENT_FACES per instance: count the masks (read again by the pipeline)
+                count = len(load_masks(mask_input, max_instances=self.scene_pipeline.transformer.max_components))
+                budget = triangle_budget(budget, count, "instances")
             return self.scene_pipeline.generate_scene(
-                image, gather_masks(masks, folder), steps=whole_number(steps, "the number of steps", 1, MAX_STEPS),
-                guidance=guidance_scale(guidance), seed=whole_number(seed, "the seed", 0, MAX_SEED),
+                image, mask_input, steps=whole_number(steps, "the number of steps", 1, MAX_STEPS),
+                guidance=guidance_scale(guidance), seed=whole_number(seed, "the seed", 0, MAX_SEED), faces=budget,
                 resolution=self.resolution, show_progress=False,
             )
         try:
@@ -255,7 +280,11 @@ class DemoGenerator:
         empty = sum(1 for mesh in result.meshes if len(mesh.faces) == 0)
         note = f" ({empty} empty)" if empty else ""
         count = len(result.meshes)
-        summary = f"{count} {kind if count != 1 else kind[:-1]}{note} in {time.time() - started:.1f} s: {', '.join(result.names)}"
+        triangles = sum(len(mesh.faces) for mesh in result.meshes)
+        limit = result.settings.get("faces")
+        budget = f" (at most {limit:,})" if limit is not None else ""
+        summary = (f"{count} {kind if count != 1 else kind[:-1]}{note} in {time.time() - started:.1f} s, "
+                   f"{triangles:,} triangle{'s' if triangles != 1 else ''}{budget}: {', '.join(result.names)}")
         for warning in {str(w.message) for w in caught if issubclass(w.category, InputWarning)}:
             gr.Warning(warning)  # a notice on the page, and in the summary below the viewer
             summary += f"\n\nNote: {warning}"
@@ -268,15 +297,17 @@ def _examples(rows) -> list:
     return [row for row in found if all(Path(p).is_file() for p in row)]
 
 
-def _settings(default_steps: int, default_guidance: float, prefix: str) -> tuple:
-    """The "Advanced" accordion: seed, steps and guidance inputs."""
-    with gr.Accordion("Advanced", open=False):
+def _settings(default_steps: int, default_guidance: float, prefix: str, node: str) -> tuple:
+    """The "Advanced" accordion: seed, steps, guidance and triangle budget (per `node`: part or instance) inputs."""
+    with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}advanced"):
         seed = gr.Number(DEFAULT_SEED, label="Seed (the same seed gives the same result)", precision=0, minimum=0, maximum=MAX_SEED,
                          elem_id=f"{prefix}seed")
         steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Sampling steps", elem_id=f"{prefix}steps")
         guidance = gr.Slider(1.0, MAX_GUIDANCE, value=default_guidance, step=GUIDANCE_STEP, label="Guidance scale (1 = off)",
                              elem_id=f"{prefix}guidance")
-    return seed, steps, guidance
+        faces = gr.Number(None, label="Max triangles (the whole output; empty or 0: the full meshes)", precision=None, step=1,
+                          placeholder=f"empty: no limit (else at least {MIN_COMPONENT_FACES} per {node})", elem_id=f"{prefix}faces")
+    return seed, steps, guidance, faces
 
 
 def _outputs(label: str, node: str, prefix: str) -> tuple:
@@ -300,7 +331,7 @@ def _object_tab(handler: DemoGenerator, default_steps: int) -> None:
                 1, handler.max_parts, value=min(DEFAULT_PARTS, handler.max_parts), step=1,
                 label=f"Number of parts (this model: at most {handler.max_parts})", elem_id="num-parts",
             )
-            settings = _settings(default_steps, GUIDANCE, "")
+            settings = _settings(default_steps, GUIDANCE, "", "part")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
             if examples := _examples(OBJECT_EXAMPLES):
                 gr.Examples(examples, inputs=[image], label="Held-out examples")
@@ -323,7 +354,7 @@ def _scene_tab(handler: DemoGenerator, default_steps: int) -> None:
             image = image_upload(label="Scene image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="scene-image")
             masks = gr.File(label="Label map, or one binary mask per instance", file_count="multiple", file_types=MASK_EXTENSIONS,
                             elem_id="scene-masks")
-            settings = _settings(default_steps, SCENE_GUIDANCE, "scene-")
+            settings = _settings(default_steps, SCENE_GUIDANCE, "scene-", "instance")
             button = gr.Button("Generate scene", variant="primary", elem_id="scene-generate-button")
             if examples := _examples(SCENE_EXAMPLES):
                 rows = [[image_file, [labels]] for image_file, labels in examples]  # the mask input takes a list

@@ -64,14 +64,42 @@ def edge_defects(mesh: trimesh.Trimesh) -> int:
     return int((counts != 2).sum())
 
 
+def pinch_pairs(vertices: np.ndarray, faces: np.ndarray, halves: np.ndarray) -> list[tuple[int, int]]:
+    """Pair the triangles around one edge shared by 2k of them: each with its angular neighbour across the wedge
+    behind its normal (inside its solid), so every pair is one sheet; [] when the triangles do not alternate so."""
+    F3 = faces.reshape(-1)
+    a, b = F3[halves[0]], F3[(halves[0] // 3) * 3 + (halves[0] % 3 + 1) % 3]
+    d = vertices[b] - vertices[a]
+    d = d / np.linalg.norm(d)
+    tri = faces[halves // 3]  # (2k, 3)
+    third = vertices[tri.sum(axis=1) - a - b]  # each triangle's vertex off the edge
+    wing = (third - vertices[a]) - ((third - vertices[a]) @ d)[:, None] * d  # (2k, 3): towards it, across the edge
+    u = wing[0] / np.linalg.norm(wing[0])
+    angle = np.arctan2(wing @ np.cross(d, u), wing @ u)
+    corners = vertices[tri]
+    normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    inside_ahead = np.einsum("ij,ij->i", -normal, np.cross(d, wing)) > 0  # its solid lies counter-clockwise of it
+    order = np.argsort(angle)
+    pairs = []
+    for i, k in enumerate(order):
+        ahead = order[(i + 1) % len(order)]
+        if inside_ahead[k]:
+            if inside_ahead[ahead]:
+                return []  # two triangles in a row face the same way: not two touching sheets
+            pairs.append((int(halves[k]), int(halves[ahead])))
+    return pairs if 2 * len(pairs) == len(halves) else []
+
+
 def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     """`mesh` repaired where decimation folded it: a triangle present twice (a collapsed fin, no volume) is removed with
-    its twin, and each vertex is split into one copy per fan of triangles joined through manifold edges, so an edge
-    shared by four triangles (two sheets pinched together) becomes two edges at the same place, each shared by two.
+    its twin, and at an edge shared by four or more triangles (sheets pinched together) the triangles are paired into
+    sheets (`pinch_pairs`); each vertex is then split into one copy per fan of triangles joined through an edge, so
+    the pinched edge becomes one edge per sheet at the same place, each shared by two triangles.
 
     The surface keeps its shape; only where sheets touch do vertices appear twice (as MeshLab's "split non-manifold
     vertices"). A mesh without such places is returned as it is.
     """
+    vertices = np.asarray(mesh.vertices)
     faces = np.asarray(mesh.faces)  # (F, 3)
     _, twin_of, copies = np.unique(np.sort(faces, axis=1), axis=0, return_inverse=True, return_counts=True)
     faces = faces[copies[twin_of.reshape(-1)] == 1]  # (F', 3): without triangles that appear more than once
@@ -79,10 +107,17 @@ def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     corner_edges = np.stack([faces, np.roll(faces, -1, axis=1)], axis=-1).reshape(-1, 2)  # (3F, 2): corner k -> k+1
     _, edge_of, counts = np.unique(np.sort(corner_edges, axis=1), axis=0, return_inverse=True, return_counts=True)
     edge_of = edge_of.reshape(-1)
-    # Join the corners (face, vertex) of two triangles across each manifold edge, at both of its ends.
-    manifold = np.flatnonzero(counts[edge_of] == 2)  # half-edges (indices into corner_edges) of manifold edges
+    # The half-edges (indices into corner_edges) joined in pairs: both of a manifold edge, the sheets of a pinched one.
+    manifold = np.flatnonzero(counts[edge_of] == 2)
     order = manifold[np.argsort(edge_of[manifold], kind="stable")]
-    first, second = order[0::2], order[1::2]  # the two half-edges of each manifold edge
+    first, second = list(order[0::2]), list(order[1::2])
+    pinched = np.flatnonzero(counts[edge_of] > 2)
+    pinched = pinched[np.argsort(edge_of[pinched], kind="stable")]
+    for halves in np.split(pinched, np.flatnonzero(np.diff(edge_of[pinched])) + 1) if len(pinched) else []:
+        for one, other in pinch_pairs(vertices, faces, halves):
+            first.append(one)
+            second.append(other)
+    first, second = np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)
 
     def corner(half: np.ndarray, end: int) -> np.ndarray:
         """The corner (3 * face + position) where half-edges start (end 0) or finish (end 1)."""
@@ -99,7 +134,7 @@ def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     vertex_of_group[label] = faces.reshape(-1)
     if groups == len(np.unique(faces)) and F == len(mesh.faces):
         return mesh  # one fan per vertex, no twins: already manifold
-    return trimesh.Trimesh(np.asarray(mesh.vertices)[vertex_of_group], label.reshape(F, 3), process=False)
+    return trimesh.Trimesh(vertices[vertex_of_group], label.reshape(F, 3), process=False)
 
 
 def decimate(mesh: trimesh.Trimesh, faces: int, aggression: int) -> trimesh.Trimesh:
@@ -120,22 +155,31 @@ def coarse_hull(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     return trimesh.convex.convex_hull(vertices[picked])
 
 
+def repaired(mesh: trimesh.Trimesh, allowed: int) -> trimesh.Trimesh:
+    """`mesh`, or `make_manifold`'s repair of it when that leaves at most `allowed` defective edges (a pinch keeps
+    a closed surface; a repair that opened a hole would not)."""
+    if edge_defects(mesh) <= allowed:
+        return mesh
+    fixed = make_manifold(mesh)
+    return fixed if edge_defects(fixed) <= allowed else mesh
+
+
 def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
     """`mesh` decimated to at most `faces` triangles (unchanged when it has no more), closed and manifold where it can be.
 
     Quadric decimation collapses edges without checking the surface's topology: where two sheets of a thin part come
-    close it can pinch them into an edge shared by four triangles. Gentler aggressions often avoid that; the first
-    attempt within the budget with no more defects than the input (else the best one) is kept, its pinches split apart
-    where that closes it (`make_manifold`); a few pinched edges may remain, the surface still closed and consistently
-    wound. A run that stops above a small budget is run again, aiming lower each time; where it stalls, the smallest
-    islands are dropped, and a single island over the budget becomes a coarse convex hull (`coarse_hull`).
+    close it can pinch them into an edge shared by four triangles, or fold a fin into a triangle and its twin. Each
+    attempt (aggressions 7, 5, 3) is repaired where that closes it (`make_manifold`); the first within the budget with
+    no more defects than the input is kept, else the best one: a few pinched edges may remain, the surface still
+    closed and consistently wound. A run that stops above a small budget is run again, aiming lower each time; where
+    it stalls, the smallest islands are dropped, and a single island over the budget becomes a coarse convex hull.
     """
     if len(mesh.faces) <= faces:
         return mesh
     allowed = edge_defects(mesh)
     best, best_key = None, None
     for aggression in AGGRESSIONS:
-        attempt = decimate(mesh, faces, aggression)
+        attempt = repaired(decimate(mesh, faces, aggression), allowed)
         key = (len(attempt.faces) > faces, edge_defects(attempt))  # within the budget first, then the fewest defects
         if best is None or key < best_key:
             best, best_key = attempt, key
@@ -156,11 +200,7 @@ def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
                 total += len(piece.faces)
         best = trimesh.util.concatenate(kept) if kept else coarse_hull(pieces[0], faces)
     best.remove_unreferenced_vertices()
-    if edge_defects(best) > allowed:  # repaired only when that closes it: a pinch keeps a closed surface, a hole would not
-        repaired = make_manifold(best)
-        if edge_defects(repaired) <= allowed:
-            return repaired
-    return best
+    return repaired(best, allowed)
 
 
 def simplify_components(meshes: Sequence[trimesh.Trimesh], faces: Optional[int]) -> List[trimesh.Trimesh]:
