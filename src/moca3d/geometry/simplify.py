@@ -3,7 +3,8 @@
 A generation at 128³ gives tens of thousands of triangles per part; `--faces N` caps the whole output at N. The
 budget is shared in proportion to each component's triangle count (its size and detail), so small parts are not
 starved, with at least MIN_COMPONENT_FACES each; a component already under its share is kept as it is. Decimation is
-fast-simplification's quadric error metric (Fast-Quadric-Mesh-Simplification).
+fast-simplification's quadric error metric (Fast-Quadric-Mesh-Simplification), which does not check topology: what it
+pinches or folds is repaired where that closes the surface (`make_manifold`), and no component ends above its share.
 """
 
 from __future__ import annotations
@@ -70,10 +71,14 @@ def pinch_pairs(vertices: np.ndarray, faces: np.ndarray, halves: np.ndarray) -> 
     F3 = faces.reshape(-1)
     a, b = F3[halves[0]], F3[(halves[0] // 3) * 3 + (halves[0] % 3 + 1) % 3]
     d = vertices[b] - vertices[a]
-    d = d / np.linalg.norm(d)
     tri = faces[halves // 3]  # (2k, 3)
     third = vertices[tri.sum(axis=1) - a - b]  # each triangle's vertex off the edge
+    if np.linalg.norm(d) == 0:
+        return []  # a collapsed edge: no direction to turn around
+    d = d / np.linalg.norm(d)
     wing = (third - vertices[a]) - ((third - vertices[a]) @ d)[:, None] * d  # (2k, 3): towards it, across the edge
+    if (np.linalg.norm(wing, axis=1) == 0).any():
+        return []  # a flat triangle: no angle
     u = wing[0] / np.linalg.norm(wing[0])
     angle = np.arctan2(wing @ np.cross(d, u), wing @ u)
     corners = vertices[tri]
