@@ -259,3 +259,50 @@ def test_inside_is_right_where_closed_parts_overlap():
     assert inside_mask(fused, pts).tolist() == [True, True, True, False]
     assert (winding_number(fused, pts[:1]) > 1.5).all()
     assert signed_distance(fused, pts[:1])[0] > 0
+
+
+def test_inside_mask_counts_a_cavity_as_outside_and_an_inverted_piece_as_solid():
+    """A hollow ball (outer sphere outward, inner sphere inward: one closed part) is solid only in its shell; a
+    closed piece turned inside out that sits in no other still counts as solid; overlapping boxes are solid where
+    either is."""
+    from moca3d.geometry.inside import inside_mask
+
+    outer = trimesh.creation.icosphere(subdivisions=3, radius=1.0)
+    inner = trimesh.creation.icosphere(subdivisions=3, radius=0.7)
+    inner.invert()
+    hollow = trimesh.util.concatenate([outer, inner])
+    assert hollow.is_watertight and hollow.is_winding_consistent
+    points = np.array([[0.0, 0.0, 0.0], [0.3, 0.2, 0.1], [0.85, 0.0, 0.0], [0.0, -0.8, 0.3], [1.2, 0.0, 0.0]])
+    assert inside_mask(hollow, points).tolist() == [False, False, True, True, False]
+    flipped = trimesh.creation.box()
+    flipped.invert()
+    assert inside_mask(flipped, np.array([[0.0, 0.0, 0.0], [0.8, 0.0, 0.0]])).tolist() == [True, False]
+    boxes = trimesh.util.concatenate([trimesh.creation.box(), trimesh.creation.box().apply_translation([0.5, 0, 0])])
+    assert inside_mask(boxes, np.array([[-0.4, 0, 0], [0.25, 0, 0], [0.9, 0, 0], [1.1, 0, 0]])).tolist() == [True, True, True, False]
+
+
+def test_loaded_parts_are_welded_without_stray_vertices_and_points_are_named(tmp_path):
+    """An STL (a triangle soup on disk) loads watertight; a vertex no face uses does not widen the bounds; a point
+    cloud node is left out with a warning naming it."""
+    import warnings
+
+    from moca3d.errors import InputWarning
+    from moca3d.geometry.mesh_io import bounds_of, load_file
+
+    box = trimesh.creation.box()
+    box.export(tmp_path / "cube.stl")
+    (stl,), _ = load_file(tmp_path / "cube.stl")
+    assert stl.is_watertight and len(stl.vertices) == 8
+    stray = trimesh.Trimesh(np.vstack([box.vertices, [[3.0, 0.0, 0.0]]]), box.faces, process=False)
+    stray.export(tmp_path / "stray.ply")
+    meshes, _ = load_file(tmp_path / "stray.ply")
+    assert np.allclose(bounds_of(meshes), box.bounds)
+    scene = trimesh.Scene()
+    scene.add_geometry(box, node_name="body")
+    scene.add_geometry(trimesh.PointCloud(np.random.default_rng(0).normal(size=(20, 3))), node_name="cloud")
+    scene.export(tmp_path / "with_cloud.glb")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meshes, names = load_file(tmp_path / "with_cloud.glb")
+    assert names == ["body"]
+    assert any(issubclass(w.category, InputWarning) and "'cloud'" in str(w.message) for w in caught)

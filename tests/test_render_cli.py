@@ -82,3 +82,21 @@ def test_render_refuses_unrenderable_meshes_angles_and_outputs(two_boxes, tmp_pa
     unwritable.write_text("")
     result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(unwritable / "r.png"), "--size", "16"])
     assert isinstance(result.exception, InputError) and f"cannot write {unwritable / 'r.png'}" in str(result.exception)
+
+
+def test_render_far_from_the_origin_and_at_any_scale_is_the_same_picture(two_boxes, tmp_path):
+    """The preview does not depend on where the mesh sits or its units: the boxes moved 1e7 away and scaled 1e3 render
+    as they do at the origin (float32 rays far out would draw facets and gaps)."""
+    from moca3d.geometry.mesh_io import load_file
+
+    meshes, names = load_file(two_boxes)
+    far = tmp_path / "far.glb"
+    save_glb(far, [m.copy().apply_scale(1e3).apply_translation([1e7, -3e6, 2e6]) for m in meshes], names,
+             colors=np.array([RED, BLUE]))
+    pictures = []
+    for path in (two_boxes, far):
+        out = tmp_path / f"{path.stem}.png"
+        result = CliRunner().invoke(app, ["render", str(path), "-o", str(out), "--size", "64"])
+        assert result.exit_code == 0, result.output
+        pictures.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
+    assert np.abs(pictures[0] - pictures[1]).max() <= 8

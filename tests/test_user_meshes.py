@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import trimesh
@@ -184,3 +185,25 @@ def test_a_rerun_with_other_shared_settings_is_refused_a_new_stream_is_not(tmp_p
     fewer = dataclasses.replace(base, queries=QueryConfig(num_queries=32))
     assert prep.prepare(prep.procedural_jobs("objects", 1, seed=0, start=1), root, fewer, progress=False,
                         vary=("queries.num_queries",)).processed == 1
+
+
+def test_a_rerun_prepares_a_file_added_beside_a_namesake_once_and_nothing_twice(tmp_path):
+    """a.ply and b.ply prepared, then a.obj added: the rerun prepares a.obj (under a free id), and neither a.ply nor
+    b.ply again, although the folder's ids moved (a.obj now sorts first and would take "a")."""
+    src = tmp_path / "meshes"
+    src.mkdir()
+    two_boxes = trimesh.util.concatenate([trimesh.creation.box(), trimesh.creation.box().apply_translation([2, 0, 0])])
+    for name in ("a.ply", "b.ply"):
+        two_boxes.export(src / name)
+    args = ["prepare", str(src), "-o", str(tmp_path / "data"), "--num-surface", "128", "--num-queries", "96",
+            "--image-size", "48", "--val-fraction", "0", "--test-fraction", "0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    trimesh.creation.icosphere().export(src / "a.obj")
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    sources = {}
+    for meta in (tmp_path / "data" / "assets").glob("*/meta.json"):
+        record = json.loads(meta.read_text())
+        sources.setdefault(Path(record["source"]).name, []).append(record["id"])
+    assert sorted(sources) == ["a.obj", "a.ply", "b.ply"] and all(len(ids) == 1 for ids in sources.values()), sources

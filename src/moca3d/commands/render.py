@@ -25,7 +25,8 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from moca3d.geometry.mesh_io import atomic_write_bytes, load_file, load_folder, main_color, palette, validate_components
+    from moca3d.geometry.mesh_io import (atomic_write_bytes, load_file, load_folder, main_color, normalize_meshes, palette,
+                                         validate_components)
     from moca3d.geometry.render import RenderConfig, orbit_camera, render
 
     mesh_path = Path(mesh_path)
@@ -38,6 +39,7 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
     # NaN/inf vertices or zero-area parts would render as a blank picture: refuse them instead
     validate_components(parts, [names[i] for i in shown], label=mesh_path.name)
     colors = np.stack([c if (c := main_color(meshes[i])) is not None else fallback[i] for i in shown])
+    parts, _ = normalize_meshes(parts)  # a preview is the same at any scale; far from the origin float32 rays are not
     config = RenderConfig(size=size, supersample=SUPERSAMPLE)
     rgb, _ = render(parts, orbit_camera(parts, azimuth, elevation, config), colors, config=config)
     picture = Image.fromarray(rgb)

@@ -330,6 +330,32 @@ def finished_ids(root: Path) -> set[str]:
     return {d.name for d in assets.iterdir() if not d.name.startswith(".") and (d / META).is_file()}
 
 
+def resume_jobs(jobs: list[Job], root: Path) -> list[Job]:
+    """The jobs still to prepare into `root`: a job is done when an asset holds its source
+    (matched by file name, whatever the id it then got); a new source whose id an asset of another source holds
+    gets the next free `_k` id (a file added beside a namesake, a.obj beside a.ply, is not taken for it)."""
+    done: dict[str, str] = {}  # source file name -> id
+    for asset_id in finished_ids(root):
+        try:
+            source = json.loads((root / ASSETS / asset_id / META).read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        done[Path(str(source)).name if source else asset_id] = asset_id
+    taken = set(done.values()) | {j.id for j in jobs}
+    todo = []
+    for job in jobs:
+        if Path(job.source).name in done:
+            continue
+        if job.id in done.values():  # the id of an asset made from another file
+            k = 1
+            while f"{job.id}_{k}" in taken:
+                k += 1
+            job = Job(f"{job.id}_{k}", job.source)
+            taken.add(job.id)
+        todo.append(job)
+    return todo
+
+
 def reported_sources(root: Path, settings: str | None = None) -> set[str]:
     """Sources already skipped with a reason in report.jsonl (with `settings`, only those skipped under these
     settings, `PrepareConfig.digest`: an asset refused for, say, --max-components is retried once that changes)."""
@@ -389,8 +415,8 @@ def prepare(
     if retry_failed and (root / REPORT).exists():
         (root / REPORT).unlink()
     settings = config.digest()
-    done, reported = finished_ids(root), reported_sources(root, settings)
-    todo = [j for j in jobs if j.id not in done and j.source not in reported]
+    reported = reported_sources(root, settings)
+    todo = [j for j in resume_jobs(jobs, root) if j.source not in reported]
     summary = PrepareSummary(already_done=len(jobs) - len(todo), total=len(jobs))
 
     from tqdm import tqdm

@@ -160,16 +160,22 @@ def inside_mask(mesh: trimesh.Trimesh, points: np.ndarray) -> np.ndarray:
     """Boolean (Q,): points inside the mesh (ray parity if it is closed, else winding number > 1/2)."""
     points = np.asarray(points, dtype=np.float64)
     if mesh.is_watertight and mesh.is_winding_consistent:
-        # Ray parity is wrong where closed bodies overlap (a point inside two of them has even
-        # parity), so test each connected body on its own and take the union.
+        # Ray parity is wrong where closed bodies overlap (a point inside two of them has even parity), so each
+        # connected body is tested on its own and counted with its orientation: an inward-facing body inside an
+        # outward one is a cavity (a hollow part); one inside no other is a piece turned inside out, counted as solid.
         bodies = mesh.split(only_watertight=False)
         if all(b.is_watertight for b in bodies):
-            inside = np.zeros(len(points), dtype=bool)
-            for body in bodies:
+            solid = [b.volume > 0 for b in bodies]
+            for i, body in enumerate(bodies):
+                if not solid[i]:
+                    probe = np.asarray(body.vertices[:1])
+                    solid[i] = not any(s and other.contains(probe)[0] for s, other in zip(solid, bodies) if other is not body)
+            count = np.zeros(len(points), dtype=np.int64)
+            for body, is_solid in zip(bodies, solid):
                 lo, hi = body.bounds
-                near = ~inside & np.all((points >= lo) & (points <= hi), axis=1)
-                inside[near] = body.contains(points[near])
-            return inside
+                near = np.all((points >= lo) & (points <= hi), axis=1)
+                count[near] += np.where(body.contains(points[near]), 1 if is_solid else -1, 0)
+            return count > 0
     return winding_number(mesh, points) > 0.5
 
 

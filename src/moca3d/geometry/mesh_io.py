@@ -11,13 +11,14 @@ import colorsys
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import trimesh
 
-from moca3d.errors import InputError, cannot_write, one_line
+from moca3d.errors import InputError, InputWarning, cannot_write, one_line
 
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
@@ -140,18 +141,27 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _scene_components(scene: trimesh.Scene) -> tuple[list[trimesh.Trimesh], list[str]]:
-    """One component per scene node holding a triangle mesh, in the scene frame."""
-    meshes, names = [], []
+def _scene_components(scene: trimesh.Scene, source: str = "the file") -> tuple[list[trimesh.Trimesh], list[str]]:
+    """One component per scene node holding a triangle mesh, in the scene frame, welded (one vertex per position:
+    an STL's or a flat-shaded OBJ's closed surfaces are watertight) and without unused vertices (they would widen the
+    bounds). Nodes of points or lines are left out, with an InputWarning naming them."""
+    meshes, names, left_out = [], [], []
     for node in scene.graph.nodes_geometry:
         transform, geom_name = scene.graph[node]
         geom = scene.geometry[geom_name]
         if not isinstance(geom, trimesh.Trimesh):
-            continue  # points, paths: not surfaces
+            left_out.append(str(node))  # points, paths: not surfaces
+            continue
         mesh = geom.copy()
         mesh.apply_transform(transform)
+        if np.isfinite(mesh.vertices).all():  # (NaN / inf parts are refused later, by name)
+            mesh.merge_vertices(merge_tex=True, merge_norm=True)
+            mesh.remove_unreferenced_vertices()
         meshes.append(mesh)
         names.append(str(node))
+    if left_out and meshes:
+        warnings.warn(f"{source}: {len(left_out)} part(s) are points or lines, not surfaces, and are left out "
+                      f"(first: '{left_out[0]}')", InputWarning, stacklevel=3)
     return meshes, names
 
 
@@ -176,7 +186,7 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
         loaded = trimesh.load(str(path), force="scene", process=False, **options)
     except Exception as err:  # trimesh raises many types on corrupt files
         raise InputError(f"{path.name}: unreadable mesh ({one_line(err, 120)})") from None
-    meshes, names = _scene_components(loaded)
+    meshes, names = _scene_components(loaded, path.name)
     if not meshes:
         raise InputError(f"{path.name}: contains no triangle mesh")
     if order and order[0] == "nodes":  # trimesh gives each primitive of a multi-primitive mesh a child node
