@@ -125,6 +125,39 @@ def test_dit_recipe_rejects_bad_timestep_settings():
         DiTTrainConfig(timestep_distribution="beta").check()
 
 
+OPTIMIZER_CASES = [
+    ("grad_clip", 0.0, "grad_clip must be positive"),  # 0 zeroes the gradients, a negative value reverses them
+    ("grad_clip", -1.0, "grad_clip must be positive"),
+    ("weight_decay", float("nan"), "weight_decay must be >= 0"),
+    ("betas", (0.9, 1.5), "betas must be two numbers in"),
+    ("ema_decay", 1.0, "ema_decay must be in"),
+    ("keep_checkpoints", -1, "keep_checkpoints must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("recipe, key, value, words", [
+    (recipe, *case) for recipe in (VAETrainConfig, DiTTrainConfig, EncoderPretrainConfig) for case in OPTIMIZER_CASES
+    if hasattr(recipe(), case[0])], ids=lambda x: getattr(x, "__name__", None))
+def test_optimizer_settings_that_would_train_wrongly_are_refused(recipe, key, value, words):
+    """Values AdamW, clipping or the EMA would take without a word (or fail on deep inside): one line naming them."""
+    from moca3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        recipe(**{key: value}).check()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("mixed_precision", "fp8", "mixed_precision must be one of"), ("validate_every", -1, "validate_every must be >= 0"),
+    ("time_limit_s", float("nan"), "time_limit_s"), ("timestep_mean", float("nan"), "timestep_mean finite"),
+    ("transformer_lora_alpha", float("nan"), "transformer_lora_alpha must be positive"),
+])
+def test_dit_recipe_refuses_values_that_fail_later_or_silently(key, value, words):
+    from moca3d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        DiTTrainConfig(**{key: value}).check()
+
+
 @pytest.mark.parametrize("recipe", [VAETrainConfig, DiTTrainConfig, EncoderPretrainConfig], ids=lambda c: c.__name__)
 def test_recipe_values_of_the_wrong_type_are_named(recipe, tmp_path):
     from moca3d.errors import ConfigError
@@ -147,7 +180,7 @@ def test_recipe_values_of_the_wrong_type_are_named(recipe, tmp_path):
 def test_recipe_lists_and_objects_are_checked_too():
     from moca3d.errors import ConfigError
 
-    assert DiTTrainConfig.from_dict({"betas": [0.9, 1]}).betas == (0.9, 1)
+    assert DiTTrainConfig.from_dict({"betas": [0.9, 0.95]}).betas == (0.9, 0.95)
     for bad, message in [({"betas": 0.9}, "key 'betas' must be a list"), ({"betas": [0.9]}, "'betas' must be a list of 2 values"),
                          ({"betas": [0.9, "x"]}, "'betas' must be a list of 2 values, each a number"),
                          ({"transformer": [1]}, "key 'transformer' must be a JSON object"),

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, one_line
 
 SPLITS = ("train", "val", "test")
 OBJECT_CACHE, SCENE_CACHE = "moca3d-latent-cache", "moca3d-scene-latent-cache"  # a latent cache's metadata "kind"
@@ -155,6 +155,8 @@ def load_cached_latents(path: str | Path) -> tuple[torch.Tensor, str]:
             order = (f.metadata() or {}).get("token_order", "fps")  # files written before token orders existed
     except (SafetensorError, OSError) as err:
         raise InputError(f"{path}: unreadable cached latents ({err}); re-encode with `moca3d encode-dataset --overwrite`") from None
+    if not torch.isfinite(latents).all():
+        raise InputError(f"{path}: cached latents contain NaN or Inf; re-encode with `moca3d encode-dataset --overwrite`")
     return latents, order
 
 
@@ -195,18 +197,23 @@ def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, ima
     """A latent cache of `kind`, checked, per asset and without the assets of more than `max_components` parts:
     "ids", "token_order", "latents" [(N, L, C) float32], "images" [(3, S, S) uint8] and each per-part tensor
     (a scene cache's "masks" [(N, S, S) uint8])."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        found = meta.get("kind")
-        if found not in CACHE_HOLDS:
-            raise InputError(f"{path}: not a moca3d latent cache (write one with `moca3d cache-latents`)")
-        if found != kind:
-            raise InputError(f"{path}: a latent cache of {CACHE_HOLDS[found]}s, the recipe trains on {CACHE_HOLDS[kind]}s"
-                             f' ("condition": "{CACHE_HOLDS[kind]}")')
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            found = meta.get("kind")
+            if found not in CACHE_HOLDS:
+                raise InputError(f"{path}: not a moca3d latent cache (write one with `moca3d cache-latents`)")
+            if found != kind:
+                raise InputError(f"{path}: a latent cache of {CACHE_HOLDS[found]}s, the recipe trains on {CACHE_HOLDS[kind]}s"
+                                 f' ("condition": "{CACHE_HOLDS[kind]}")')
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: not a readable latent cache ({one_line(err)}); write one with `moca3d cache-latents`") from None
+    if not torch.isfinite(tensors["latents"]).all():
+        raise InputError(f"{path}: the cached latents contain NaN or Inf; write the cache again (`moca3d cache-latents`)")
     if image_size is not None and tensors["images"].shape[-1] != image_size:
         raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size}")
     counts = tensors.pop("counts").tolist()

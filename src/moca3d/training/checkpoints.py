@@ -81,6 +81,7 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, meta
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # readable as any written file (mkstemp's are the owner's alone)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -291,19 +292,23 @@ def frozen_keys(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
-def frozen_fingerprint(model: nn.Module) -> Optional[dict[str, Any]]:
-    """{"tensors": count, "sha256": hash of their names, shapes, dtypes and bytes}, or None when all train (about
-    1 s per GiB on a 2-core CPU: computed once per run, and passed to `load_checkpoint`)."""
-    params = dict(model.named_parameters())
-    names = frozen_names(model)
-    if not names:
-        return None
+def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """{"tensors": count, "sha256": hash of their names, shapes, dtypes and bytes, in the dict's order} (about 1 s
+    per GiB on a 2-core CPU)."""
     digest = hashlib.sha256()  # with the CPU's SHA instructions 2.5x faster than blake2b here
-    for name in names:  # parameter order is the model's definition order: the same on every rebuild
-        tensor = params[name].detach().cpu().contiguous()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
-    return {"tensors": len(names), "sha256": digest.hexdigest()}
+    return {"tensors": len(tensors), "sha256": digest.hexdigest()}
+
+
+def frozen_fingerprint(model: nn.Module) -> Optional[dict[str, Any]]:
+    """The `fingerprint` of the frozen parameters, or None when all train (computed once per run, and passed to
+    `load_checkpoint`)."""
+    params = dict(model.named_parameters())
+    names = frozen_names(model)  # parameter order is the model's definition order: the same on every rebuild
+    return fingerprint({name: params[name] for name in names}) if names else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +356,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o755)  # (mkdtemp's folders are the owner's alone)
     try:
         state: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": int(step), "extra": extra or {}}
         weights = model.state_dict()
@@ -403,7 +409,15 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
-    weights = load_tensors(path / "model.safetensors")
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        """One of the checkpoint's tensor files; a damaged one says how to resume from the checkpoint before."""
+        try:
+            return load_tensors(path / name)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; delete {path} to resume from the checkpoint before it") from None
+
+    weights = read("model.safetensors")
     if "frozen" in state:  # left out: the model must already hold the very frozen weights the run trained beside
         mine = frozen_fingerprint(model) if frozen == "compute" else frozen
         if mine != state["frozen"]:
@@ -419,11 +433,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     if ema is not None:
         if "ema" not in state:
             raise CheckpointError(f"{path}: no EMA state in this checkpoint")
-        ema.load(load_tensors(path / "ema.safetensors"), state["ema"])
+        ema.load(read("ema.safetensors"), state["ema"])
     if optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError(f"{path}: no optimizer state in this checkpoint")
-        optimizer_from_safetensors(optimizer, load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+        optimizer_from_safetensors(optimizer, read("optimizer.safetensors"), state["optimizer"])
     if restore_rng_state:
-        restore_rng(load_tensors(path / "rng.safetensors"), state["rng"])
+        restore_rng(read("rng.safetensors"), state["rng"])
     return Checkpoint(path=path, step=int(state["step"]), extra=state.get("extra", {}))

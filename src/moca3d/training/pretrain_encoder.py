@@ -81,6 +81,7 @@ class EncoderPretrainConfig(Recipe):
     def check(self) -> None:
         self.check_positive("grid_resolution", "queries_per_image", "head_width", "head_heads", "head_layers",
                             "num_freqs", "steps", "batch_size", "lr", "log_every", "checkpoint_every")
+        self.check_optimizer()
         if self.queries_per_image < 2:
             raise ConfigError(f"queries_per_image must be >= 2 (half occupied, half uniform), got {self.queries_per_image}")
         if self.dilate < 0:
@@ -424,8 +425,9 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     config_path = out_dir / "pretrain_config.json"
     ckpt = latest_checkpoint(out_dir)
     notes: list[str] = []
+    record_resume = None
     if ckpt is not None and config_path.is_file():  # before any work: another recipe's run is refused, not mixed in
-        check_resume(config_path, record, notes.append, recipe_defaults(type(cfg)))
+        record_resume = check_resume(config_path, record, notes.append, recipe_defaults(type(cfg)))
     elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         record_run_config(config_path, record)
@@ -455,6 +457,8 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         state = load_checkpoint(ckpt, model, optimizer)
         start, elapsed0 = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), asset_ids, out_dir, data_dir)
+        if record_resume is not None and main:  # the resume accepted: its changes recorded
+            record_resume()
         spent = cfg.spent(start, elapsed0)
         log({"event": "resume", "step": start, **({"note": notes[0]} if notes else {}),
              **({"finished": "nothing to train; its encoder is evaluated and written again"} if spent else {})})

@@ -133,6 +133,21 @@ class Recipe:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
+    def check_optimizer(self) -> None:
+        """The AdamW, clipping, EMA and checkpoint fields a recipe has (ConfigError; NaN fails every check): grad_clip > 0
+        (0 would zero the gradients, a negative one reverse them), weight_decay >= 0, betas and ema_decay in [0, 1),
+        keep_checkpoints >= 0 (0: every one)."""
+        self.check_positive("grad_clip")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        betas = getattr(self, "betas", (0.0, 0.0))
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not 0 <= getattr(self, "ema_decay", 0.0) < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not getattr(self, "keep_checkpoints", 0) >= 0:
+            raise ConfigError(f"keep_checkpoints must be >= 0 (0: keep every one), got {self.keep_checkpoints}")
+
     def check_model_keys(self, name: str, model_class: type) -> None:
         """ConfigError for keys of the nested model config `name` that `model_class` does not take."""
         params = inspect.signature(model_class.__init__).parameters
@@ -219,12 +234,13 @@ def recipe_changes(config_path: Path, record: dict[str, Any], defaults: Optional
 
 
 def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[[str], None],
-                 defaults: Optional[dict[str, Any]] = None) -> None:
+                 defaults: Optional[dict[str, Any]] = None) -> Callable[[], None]:
     """Resuming the run of `config_path` (its recipe as started) with `cfg` (a recipe, or the JSON-ready record the run
-    writes, then with its class's `recipe_defaults`): a change outside RESUMABLE_KEYS is a ConfigError; changes of
-    those are said and recorded, and so are paths that name the same folder another way (moved with the run's work
-    folder, or relative instead of absolute). A key the recipe class gained since the run was recorded, at its
-    default, is no change."""
+    writes, then with its class's `recipe_defaults`): a change outside RESUMABLE_KEYS is a ConfigError now; the
+    returned function says and records changes of those, and paths that name the same folder another way (moved with
+    the run's work folder, or relative instead of absolute): the caller calls it once the resume is accepted (its
+    checkpoint loaded, its data checked), so a refused resume leaves the record as it was. A key the recipe class
+    gained since the run was recorded, at its default, is no change."""
     if not isinstance(cfg, dict):
         defaults, cfg = recipe_defaults(type(cfg)), cfg.to_dict()
     old, new = {**(defaults or {}), **json.loads(config_path.read_text())}, cfg
@@ -235,13 +251,17 @@ def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[
         raise ConfigError(f"{config_path.parent} was started with another recipe ({diff}): resume with its own "
                           f"({config_path.name}), or train into a new output folder")
     respelled = sorted(k for k in PATH_KEYS if old.get(k) != new.get(k) and k not in changed)
-    if changed or respelled:
-        say("resuming with " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed + respelled))
-        record_run_config(config_path, new)
-    elif _read_origin(config_path) != _origin(config_path, new):  # recorded without one, or the run folder moved
-        from moca3d.training.checkpoints import atomic_write_json
 
-        atomic_write_json(_origin(config_path, new), origin_path(config_path))
+    def record() -> None:
+        if changed or respelled:
+            say("resuming with " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed + respelled))
+            record_run_config(config_path, new)
+        elif _read_origin(config_path) != _origin(config_path, new):  # recorded without one, or the run folder moved
+            from moca3d.training.checkpoints import atomic_write_json
+
+            atomic_write_json(_origin(config_path, new), origin_path(config_path))
+
+    return record
 
 
 def data_identity(ids: list[str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_l
                                  report_missing_latents, require_token_order, save_latent_cache)
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError
-from moca3d.evaluation import evaluate_pipeline
+from moca3d.evaluation import evaluate_pipeline, select_records
 from moca3d.models.image_encoder import (
     load_image,
     SCENE_CHANNELS,
@@ -55,10 +56,11 @@ from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and 
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, process_max
 from moca3d.training.train_vae import load_vae_folder
-from moca3d.training.checkpoints import EMA, frozen_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
+from moca3d.training.checkpoints import EMA, fingerprint, frozen_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
 
 SEED_STRIDE = 1_000_003
 CONDITIONS = ("object", "scene")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")  # accelerate's, "auto" resolved by the device
 
 
 @dataclass
@@ -85,7 +87,7 @@ class DiTTrainConfig(Recipe):
     timestep_std: float = 1.0
     max_components: int = 32  # assets with more parts are skipped
     group_by_parts: int = 0  # > 0: each batch comes from a window of this many assets of similar part count (less padding)
-    mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on the CPU; or "no" / "bf16" / "fp16"
+    mixed_precision: str = "auto"  # MIXED_PRECISIONS: "auto": bf16 on CUDA, fp32 on the CPU; or "no" / "bf16" / "fp16"
     gradient_checkpointing: bool = False
     # the MoC backend while training (the saved model keeps its own, "auto"); e.g. "fused" on CUDA: Triton kernels
     # with no gathered context, so less memory at many parts (not yet timed on a GPU; docs/RESULTS.md)
@@ -127,6 +129,11 @@ class DiTTrainConfig(Recipe):
         """Raise ConfigError for values out of range."""
         self.check_positive("steps", "batch_size", "log_every", "checkpoint_every", "max_components")
         self.check_schedule()
+        self.check_optimizer()
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+        if not self.validate_every >= 0:
+            raise ConfigError(f"validate_every must be >= 0 (0: off), got {self.validate_every}")
         self.check_model_keys("transformer", MoCATransformer)
         self.check_model_keys("image_encoder", ImageEncoder)
         if self.group_by_parts < 0:
@@ -145,18 +152,18 @@ class DiTTrainConfig(Recipe):
             raise ConfigError(f"transformer_lora_rank must be >= 0 (0: full fine-tuning), got {self.transformer_lora_rank}")
         if self.transformer_lora_rank and not self.init_from:
             raise ConfigError("transformer_lora_rank fine-tunes a trained transformer: give init_from (a pipeline folder)")
-        if self.transformer_lora_alpha is not None and self.transformer_lora_alpha <= 0:
+        if self.transformer_lora_alpha is not None and not self.transformer_lora_alpha > 0:
             raise ConfigError(f"transformer_lora_alpha must be positive, got {self.transformer_lora_alpha}")
         if not 0 <= self.transformer_lora_dropout < 1:
             raise ConfigError(f"transformer_lora_dropout must be in [0, 1), got {self.transformer_lora_dropout}")
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
-        if self.time_limit_s < 0:
+        if not 0 <= self.time_limit_s < math.inf:
             raise ConfigError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
         if self.timestep_distribution not in flow.TIMESTEP_DISTRIBUTIONS:
             raise ConfigError(f"timestep_distribution must be one of {', '.join(flow.TIMESTEP_DISTRIBUTIONS)}, got {self.timestep_distribution!r}")
-        if self.timestep_std <= 0:
-            raise ConfigError(f"timestep_std must be positive, got {self.timestep_std}")
+        if not self.timestep_std > 0 or not math.isfinite(self.timestep_mean):
+            raise ConfigError(f"timestep_std must be positive and timestep_mean finite, got {self.timestep_std}, {self.timestep_mean}")
         if self.image_encoder_from and (self.image_encoder or (self.init_from and self.condition != "scene")):
             raise ConfigError("image_encoder_from replaces both init_from's encoder and an image_encoder config: give one"
                               " (a scene recipe may name both: the transformer from init_from, the encoder from image_encoder_from)")
@@ -491,8 +498,9 @@ def train(
     ckpt = latest_checkpoint(out) if resume else None
     if export_only and ckpt is None:
         raise ConfigError(f"{out}: no checkpoint to export" + ("" if resume else " (export needs resume)"))
-    if ckpt is not None and (out / "train_config.json").is_file():  # before any data or model is loaded
-        check_resume(out / "train_config.json", cfg, accelerator.print)
+    record_resume = None  # another recipe is refused before any data or model is loaded; recorded once accepted
+    if ckpt is not None and (out / "train_config.json").is_file():
+        record_resume = check_resume(out / "train_config.json", cfg, accelerator.print)
     scene = cfg.condition == "scene"
     if scene:
         from moca3d.data.scene import SceneLatentDataset
@@ -520,6 +528,7 @@ def train(
         else:
             data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
     vae = load_vae_folder(Path(vae_dir)) if vae_dir is not None else None  # loaded once: validation, export
+    vae_id = fingerprint(vae.state_dict())["sha256"] if vae is not None else None  # a resume must bring the same one
     if vae is not None:  # train on the unit-scale latents the pipeline samples
         data.latents = [vae.normalize_latents(z) for z in data.latents]
     torch.manual_seed(cfg.seed)
@@ -528,6 +537,11 @@ def train(
     identity = data_identity(data.ids)  # recorded in every checkpoint: a resume on other assets is refused
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     require_token_order(model.transformer.token_order, data.token_order, str(data_dir))
+    if cfg.validate_every and vae is not None and not scene:  # what `validate` reads, checked now, not at a checkpoint
+        if Path(data_dir).is_file():
+            raise ConfigError(f"validate_every needs the dataset folder (its val split), not a latent cache ({data_dir}); "
+                              "set it to 0 to train from the cache")
+        select_records(data_dir, "val", cfg.val_assets, 1, 32)  # a one-line error when the split has none
     if cfg.transformer_lora_rank:
         add_lora(model.transformer, cfg.transformer_lora_rank, cfg.transformer_lora_alpha, cfg.transformer_lora_dropout,
                  train_full=PRIOR_FREE_MODULES)
@@ -549,6 +563,11 @@ def train(
         state = load_checkpoint(ckpt, model, optimizer, ema, frozen=frozen)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), data.ids, out, data_dir)
+        if state.extra.get("vae") not in (None, vae_id):  # (None: a checkpoint from before the record)
+            raise ConfigError(f"{out} was trained with another VAE than {vae_dir} (its latent scale and decoder differ): "
+                              "resume with the run's own --vae, or start a new run from its weights")
+        if record_resume is not None and accelerator.is_main_process:
+            record_resume()
         spent = cfg.spent(start, before) or export_only
         finished = " (finished: nothing to train; its pipeline is exported again)" if spent else ""
         finished = " (its pipeline exported, nothing trained)" if export_only else finished
@@ -580,7 +599,8 @@ def train(
             with accelerator.autocast():
                 loss = training_loss(model, data, draws, rows, accelerator.device)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint kept intact")
+                raise ConfigError(f"non-finite loss at step {step}; last checkpoint kept intact (lower the learning rate; the "
+                                  "data's latents were checked finite)")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -596,7 +616,7 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints,
-                                    extra={"elapsed_s": before + time.time() - t0, "data": identity}, frozen=frozen)
+                                    extra={"elapsed_s": before + time.time() - t0, "data": identity, "vae": vae_id}, frozen=frozen)
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})

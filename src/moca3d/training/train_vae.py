@@ -99,6 +99,7 @@ class VAETrainConfig(Recipe):
         self.check_positive("steps", "batch_size", "num_surface_points", "num_query_points", "log_every",
                             "checkpoint_every", "validate_every", "val_query_every", "val_resolution", "val_coarse_resolution",
                             "metric_points")
+        self.check_optimizer()
         if (self.free_space_queries < 0 or self.free_space_candidates < 0 or self.free_space_bound <= 0
                 or self.free_space_margin < 0):
             raise ConfigError(f"bad free-space settings queries={self.free_space_queries} candidates="
@@ -476,7 +477,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), assets, out_dir, data_dir)
         if (out_dir / "train_config.json").is_file():
-            check_resume(out_dir / "train_config.json", cfg, say)
+            check_resume(out_dir / "train_config.json", cfg, say)()  # after the checkpoint and its data: recorded now
         say(f"resumed from {ckpt} (step {start})")
         if main:
             trim_log(log_path, start)  # lines logged after that checkpoint are logged again

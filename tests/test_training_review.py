@@ -1,0 +1,68 @@
+"""Training inputs that used to train wrongly, fail late or fail with a stack trace (a review of the training paths)."""
+
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from conftest import tiny_dit_recipe
+
+from moca3d.errors import CheckpointError, ConfigError, InputError
+from moca3d.training.train_dit import train
+
+
+def test_nan_in_cached_latents_names_the_asset(object_dataset, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root, vae_dir = object_dataset
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    path = next(data.glob("assets/*/latents.safetensors"))
+    tensors = load_file(str(path))
+    tensors["latents"][0, 0, 0] = float("nan")
+    save_file(tensors, str(path), metadata={"token_order": "fps"})
+    with pytest.raises(InputError, match=f"{path.parent.name}.*NaN or Inf"):
+        train(data, tmp_path / "run", tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_a_corrupt_or_foreign_cache_file_is_one_line(object_dataset, tmp_path):
+    root, vae_dir = object_dataset
+    for name, data in (("cut.safetensors", b"\x40\x00\x00"), ("render.png", (root / "manifest.jsonl").read_bytes())):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(InputError, match="not a readable latent cache"):
+            train(bad, tmp_path / f"run_{name}", tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_validation_without_a_val_split_is_refused_before_training(object_dataset, tmp_path):
+    root, vae_dir = object_dataset  # every asset in train
+    with pytest.raises(InputError, match="'val' split"):
+        train(root, tmp_path / "run", tiny_dit_recipe(validate_every=1), vae_dir=vae_dir, device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_refuses_another_vae_and_a_refused_resume_records_nothing(object_dataset, tmp_path):
+    """Checkpoints record the VAE's fingerprint: another VAE (another latent scale) is refused; the refused resume
+    leaves train_config.json as it was. A damaged newest checkpoint says how to resume from the one before. Written
+    files are readable by others (0644), as every file the project writes."""
+    from moca3d.models.vae import VecSetVAE
+
+    root, vae_dir = object_dataset
+    run = tmp_path / "run"
+    train(root, run, tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)
+    recorded = (run / "train_config.json").read_text()
+    other = tmp_path / "other_vae"
+    vae = VecSetVAE.from_pretrained(vae_dir)
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.5)
+    vae.save_pretrained(other)
+    with pytest.raises(ConfigError, match="another VAE"):
+        train(root, run, tiny_dit_recipe(steps=3), vae_dir=other, device="cpu", progress=False)
+    assert (run / "train_config.json").read_text() == recorded  # steps 2 -> 3 not recorded by the refused resume
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    assert stat.S_IMODE(os.stat(newest / "model.safetensors").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(newest).st_mode) == 0o755
+    (newest / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match=f"delete {newest} to resume from the checkpoint before it"):
+        train(root, run, tiny_dit_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)
