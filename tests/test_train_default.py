@@ -136,6 +136,16 @@ def test_another_recipe_in_the_same_work_folder_is_refused(tiny_run, tmp_path):
     ("change:epochs=3", "unknown recipe keys: epochs"),
     ("change:dit_config=\"no_such.json\"", "config file not found"),
     ("change:dit_continue_config=[\"no_such.json\"]", "config file not found"),
+    # values out of range, named by their recipe key (not a `prepare` flag), before the recipe is recorded
+    ("change:objects=-1", "recipe key 'objects' must be >= 1, got -1"),
+    ("change:encoder_points=0", "recipe key 'encoder_points' must be >= 1"),
+    ("change:seed=-1", "recipe key 'seed' must be >= 0"),
+    ("change:dit_extra_objects=-2&dit_extra_num_queries=4", "recipe key 'dit_extra_objects' must be >= 0"),
+    ("change:dit_extra_num_queries=0", "recipe key 'dit_extra_num_queries' must be >= 1"),
+    ("change:num_surface=-5", "recipe key 'num_surface' must be >= 1, got -5"),
+    ("change:num_queries=0", "recipe key 'num_queries' must be >= 1"),
+    ("change:val_fraction=2.0", "recipe key 'val_fraction' must be between 0 and 1, got 2.0"),
+    ("change:test_fraction=-0.5", "recipe key 'test_fraction' must be between 0 and 1"),
 ])
 def test_bad_recipe_is_refused_before_any_work(tmp_path, text, message):
     """A broken recipe is a one-line ConfigError before anything is prepared or trained (not a trace hours later)."""
@@ -145,8 +155,8 @@ def test_bad_recipe_is_refused_before_any_work(tmp_path, text, message):
         del spec[text.split(":")[1]]
         text = json.dumps(spec)
     elif text.startswith("change:"):
-        key, value = text.split(":", 1)[1].split("=", 1)
-        text = json.dumps({**spec, key: json.loads(value)})
+        changes = [item.split("=", 1) for item in text.split(":", 1)[1].split("&")]  # key=value&key=value
+        text = json.dumps({**spec, **{key: json.loads(value) for key, value in changes}})
     recipe.write_text(text)
     result = train_default(tmp_path / "work", recipe)
     assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.output
@@ -247,12 +257,12 @@ def test_a_run_recipe_path_is_the_same_spelled_or_moved_another_way_but_not_anot
     record_run_config(config, {"init_from": "work/dit/pipeline", "image_encoder_from": None, "steps": 2})
     said = []
     check_resume(config, {"init_from": str(tmp_path / "work" / "dit" / "pipeline"), "image_encoder_from": None, "steps": 2},
-                 said.append)
+                 said.append)()  # (the returned function says and records, once the resume is accepted)
     assert said == [f"resuming with init_from work/dit/pipeline -> {tmp_path / 'work' / 'dit' / 'pipeline'}"]
     (tmp_path / "work").rename(tmp_path / "moved")
     config = tmp_path / "moved" / "run" / "train_config.json"
     same = {"init_from": str(tmp_path / "moved" / "dit" / "pipeline"), "image_encoder_from": None, "steps": 3}
-    check_resume(config, same, said.append)
+    check_resume(config, same, said.append)()
     assert said[-1] == f"resuming with steps 2 -> 3, init_from {tmp_path / 'work' / 'dit' / 'pipeline'} -> {same['init_from']}"
     for other in ("moved/dit_continue/pipeline", str(tmp_path / "work" / "dit" / "pipeline"), "elsewhere/dit/pipeline"):
         with pytest.raises(ConfigError, match=r"another recipe \(init_from"):
@@ -284,3 +294,25 @@ def test_a_multi_process_launch_is_refused_before_any_work(tmp_path, monkeypatch
     result = CliRunner().invoke(app, ["train-default", "--work", str(tmp_path / "work")])
     assert isinstance(result.exception, ConfigError) and "train-default runs in one process" in str(result.exception)
     assert not (tmp_path / "work").exists()
+
+
+def test_an_edited_stage_config_is_refused_not_skipped(tiny_run, tmp_path):
+    """recipe.json recorded the stage config names only: an edited VAE config was skipped as trained (summary.json).
+    Its content hash is recorded now: an edit is a one-line refusal naming the file; a run recorded without the hashes
+    is accepted and records them."""
+    from moca3d.commands.default import config_hashes
+
+    recipe, work = copy_run(tiny_run, tmp_path)
+    record = json.loads((work / "recipe.json").read_text())
+    assert record["config_hashes"] == config_hashes(json.loads(recipe.read_text())) and set(record["config_hashes"]) == {"vae_config"}
+    (work / "recipe.json").write_text(json.dumps({**record, "config_hashes": {"vae_config": "0" * 64}}))  # vae.json since edited
+    result = train_default(work, recipe)
+    assert isinstance(result.exception, ConfigError), result.output
+    message = str(result.exception)
+    assert "vae.json" in message and "changed since" in message and "--work" in message and "\n" not in message
+    assert "[2/4]" not in result.output
+    del record["config_hashes"]  # a run recorded before the hashes were
+    (work / "recipe.json").write_text(json.dumps(record))
+    result = train_default(work, recipe)
+    assert result.exit_code == 0, result.output
+    assert json.loads((work / "recipe.json").read_text())["config_hashes"] == config_hashes(json.loads(recipe.read_text()))

@@ -150,15 +150,30 @@ def read_prediction(path: Path) -> list:
     return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes]
 
 
-def load_prediction(folder: Path, asset_id: str, missing: list[str]) -> list:
+def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: Optional[list[dict]] = None) -> list:
     """An asset's predicted components from a folder of predictions (`prediction_path`: <id>.glb, <id>.obj, or an
     <id>/ folder of part files, e.g. another method's outputs; `read_prediction`); none (scored as empty) and its id
-    added to `missing` when the folder has no prediction of it."""
+    added to `missing` when the folder has no prediction of it. A prediction that cannot be read (an empty or corrupt
+    file, no triangle mesh) scores as empty too, with a warning naming its path, and {"id", "path", "reason"} added to
+    `unusable` (to `missing` when that is not given)."""
+    import warnings
+
+    from moca3d.errors import InputWarning
+
     path = prediction_path(Path(folder), asset_id)
     if path is None:
         missing.append(asset_id)
         return []
-    return read_prediction(path)
+    try:
+        return read_prediction(path)
+    except (InputError, OSError) as err:
+        reason = str(err) if isinstance(err, InputError) else f"cannot read it ({err.strerror or err})"
+        warnings.warn(f"{path}: unusable prediction of {asset_id} ({reason}): scored as all-empty", InputWarning, stacklevel=2)
+        if unusable is None:
+            missing.append(asset_id)
+        else:
+            unusable.append({"id": asset_id, "path": str(path), "reason": reason})
+        return []
 
 
 def evaluate_pipeline(
@@ -170,17 +185,18 @@ def evaluate_pipeline(
 
     With `reconstruct`, each asset's GT parts go through the VAE instead (`round_trip`): the ceiling. With
     `predictions` (a folder, `load_prediction`), those meshes are scored instead and `pipe` is not used; an asset
-    without one scores as an all-empty prediction and is listed under "missing".
+    without one scores as an all-empty prediction and is listed under "missing", one whose file cannot be read
+    likewise, under "unusable" (with the reason).
     """
     records = select_records(root, split, count, min_parts, max_parts)
     config = MetricsConfig(num_points=metric_points, seed=seed)
-    per_asset, missing = [], []
+    per_asset, missing, unusable = [], [], []
     for rec in with_progress(records, f"evaluate {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
         t0 = time.time()
         if predictions is not None:
-            meshes = load_prediction(Path(predictions), rec["id"], missing)
+            meshes = load_prediction(Path(predictions), rec["id"], missing, unusable)
         elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
@@ -193,19 +209,25 @@ def evaluate_pipeline(
     result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
               "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean,
               "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
-    return with_predictions(result, predictions, missing, "assets")
+    return with_predictions(result, predictions, missing, "assets", unusable)
 
 
-def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str], what: str) -> dict[str, Any]:
+def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str], what: str,
+                     unusable: Optional[list[dict]] = None) -> dict[str, Any]:
     """An evaluation's report; of read predictions, without the sampling settings (not generated here), with the
-    folder and the ids that had none (InputError when none had one: the folder is not one of their predictions)."""
+    folder, the ids that had none and the predictions that could not be read (`load_prediction`; InputError when
+    none had a usable one: the folder is not one of their predictions)."""
     if predictions is None:
         return result
+    unusable = unusable or []
     if len(missing) == result["count"]:
         raise InputError(f"{predictions}: no prediction for any of the {len(missing)} {what} (expected <id>.glb, <id>.obj or"
                          f" <id>/, e.g. {missing[0]}.glb)")
+    if unusable and len(missing) + len(unusable) == result["count"]:
+        raise InputError(f"{predictions}: no usable prediction for any of the {result['count']} {what} ({len(unusable)}"
+                         f" unreadable, e.g. {unusable[0]['path']}: {unusable[0]['reason']})")
     result = {k: v for k, v in result.items() if k not in ("steps", "guidance", "shift", "reconstruct", "resolution")}
-    return {**result, "predictions": str(predictions), "missing": missing}
+    return {**result, "predictions": str(predictions), "missing": missing, "unusable": unusable}
 
 
 # -- scenes (issue 7): scene-level and per-instance metrics over a prepared split ---------------------
@@ -249,7 +271,7 @@ def evaluate_scenes(
 
     With `reconstruct`, the GT instances go through the VAE instead (`round_trip`): the ceiling. With `predictions`
     (a folder, `load_prediction`), those meshes are scored instead, instance i against GT instance i in the GT's
-    frame; a scene without one scores as empty and is listed under "missing".
+    frame; a scene without one scores as empty and is listed under "missing" (one whose file cannot be read, under "unusable").
 
     A scene with an instance hidden in the render (no pixel in mask.png) cannot be conditioned and
     is skipped (listed under "skipped"). On CUDA the peak memory of each generation is reported.
@@ -261,7 +283,7 @@ def evaluate_scenes(
     records = select_records(root, split, count, min_instances, max_instances, kind="scene")
     config = MetricsConfig(num_points=metric_points, seed=seed)
     cuda = pipe is not None and pipe.device.type == "cuda"
-    per_scene, skipped, missing = [], [], []
+    per_scene, skipped, missing, unusable = [], [], [], []
     for rec in with_progress(records, f"evaluate scenes {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
         gt, names = load_components(asset / "mesh.glb")
@@ -274,7 +296,7 @@ def evaluate_scenes(
             torch.cuda.reset_peak_memory_stats(pipe.device)
         t0 = time.time()
         if predictions is not None:
-            meshes = load_prediction(Path(predictions), rec["id"], missing)
+            meshes = load_prediction(Path(predictions), rec["id"], missing, unusable)
             if meshes and len(meshes) != len(gt):
                 raise InputError(f"{predictions}: the prediction of {rec['id']} has {len(meshes)} instances, its masks {len(gt)}")
         elif reconstruct:
@@ -300,4 +322,4 @@ def evaluate_scenes(
         "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
         "scenes": per_scene, "skipped": skipped,
     }
-    return with_predictions(result, predictions, missing, "scenes")
+    return with_predictions(result, predictions, missing, "scenes", unusable)

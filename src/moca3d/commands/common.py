@@ -174,6 +174,9 @@ def load_or_predictions(model: Optional[Path], lora: Optional[Path], reconstruct
 
 
 def echo_missing(result: dict) -> None:
-    """Say how many assets of a --predictions evaluation had none."""
+    """Say how many assets of a --predictions evaluation had none, and how many had one that could not be read."""
     if result.get("missing"):
         typer.echo(f"{len(result['missing'])} without a prediction (scored as empty), e.g. {result['missing'][0]}")
+    if result.get("unusable"):
+        first = result["unusable"][0]
+        typer.echo(f"{len(result['unusable'])} with an unreadable prediction (scored as empty), e.g. {first['path']}: {first['reason']}")

@@ -14,7 +14,8 @@ the recipe's own `transformer` config, trained on the previous stage's image enc
 grew from a small transformer to a medium one).
 
 A work folder holds the run of one recipe (recorded in its recipe.json at the start): run again, it skips the
-finished stages and resumes the cut one; another recipe is refused, unless it only adds continue stages.
+finished stages and resumes the cut one; another recipe is refused, unless it only adds continue stages, and so is
+an edited VAE, VAE fine-tune or encoder pre-training config (their content hashes are recorded too).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ RECIPE_KEYS: dict[str, Any] = {  # a recipe's keys and their JSON types (Any: ch
 REQUIRED_KEYS = ("objects", "seed", "num_surface", "num_queries", "val_fraction", "test_fraction", "encoder_points",
                  "vae_config", "dit_config")
 RECORD = "recipe.json"  # in the work folder: the recipe it was started with
+HASHES = "config_hashes"  # in RECORD: `config_hashes` of the recipe
 
 
 STAGE_STARTS = ("pipeline", "encoder")  # continue the whole previous pipeline, or only its image encoder
@@ -94,6 +96,7 @@ def read_recipe(path: Path) -> dict:
         wrong = type_error(RECIPE_KEYS[key], value)
         if wrong is not None:
             raise ConfigError(f"{path}: recipe key '{key}' must be {wrong}, got {json.dumps(value)[:60]}")
+    check_ranges(path, spec)
     VAETrainConfig.from_json(CONFIGS / spec["vae_config"])
     if spec.get("vae_finetune_config") and not VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"]).freeze_encoder:
         raise ConfigError(f"{spec['vae_finetune_config']}: a recipe's VAE fine-tune must set freeze_encoder")
@@ -105,11 +108,56 @@ def read_recipe(path: Path) -> dict:
     return spec
 
 
+def check_ranges(path: Path, spec: dict) -> None:
+    """A ConfigError naming the recipe key of a value out of range: the configs the stages build (PrepareConfig, whose own
+    checks name `prepare`'s flags) are built here, before the recipe is recorded in a work folder."""
+    from moca3d.data.prepare import PrepareConfig
+    from moca3d.errors import ConfigError
+    from moca3d.geometry.inside import QueryConfig
+    from moca3d.geometry.sampling import SurfaceSamplingConfig
+
+    lowest = {"objects": 1, "encoder_points": 1, "seed": 0, "dit_extra_objects": 0, "dit_extra_num_queries": 1}
+    for key, low in lowest.items():
+        if key in spec and spec[key] < low:
+            raise ConfigError(f"{path}: recipe key '{key}' must be >= {low}, got {spec[key]}")
+    flags = {"--num-surface": "num_surface", "--val-fraction": "val_fraction", "--test-fraction": "test_fraction"}
+    for queries in ("num_queries", "dit_extra_num_queries"):
+        if queries not in spec:
+            continue
+        try:
+            PrepareConfig(surface=SurfaceSamplingConfig(num_points=spec["num_surface"]),
+                          queries=QueryConfig(num_queries=spec[queries]), val_fraction=spec["val_fraction"],
+                          test_fraction=spec["test_fraction"], seed=spec["seed"])
+        except ConfigError as err:
+            text = str(err)
+            for flag, key in {**flags, "--num-queries": queries}.items():
+                text = text.replace(flag, f"recipe key '{key}'")
+            raise ConfigError(f"{path}: {text}") from None
+
+
+HASHED = ("vae_config", "vae_finetune_config", "encoder_pretrain_config")  # stages skipped once their summary.json is written
+
+
+def config_hashes(spec: dict) -> dict[str, str]:
+    """The content (parsed JSON, so not its spacing) hash of each stage config the recipe names whose finished stage is
+    skipped without a look at its config (the DiT stages compare theirs: `trained`), by recipe key."""
+    import hashlib
+
+    out = {}
+    for key in HASHED:
+        if spec.get(key):
+            content = json.dumps(json.loads((CONFIGS / spec[key]).read_text()), sort_keys=True)
+            out[key] = hashlib.sha256(content.encode()).hexdigest()
+    return out
+
+
 def check_same_recipe(work: Path, record: dict) -> None:
     """Write `record` (the recipe and --data) into a new work folder; one-line ConfigError when it holds another one's run.
 
     Only the continue stages may differ, one list extending the other (configs/default.json adds a stage to
-    default_cpu.json's): the run goes on to the longer list's last stage, or stops at the shorter one's.
+    default_cpu.json's): the run goes on to the longer list's last stage, or stops at the shorter one's. A stage config
+    whose content hash (record[HASHES]) differs from the recorded one is refused too; a run recorded without the hashes
+    accepts them (and records them from now on).
     """
     from moca3d.errors import ConfigError
     from moca3d.training.checkpoints import atomic_write_json
@@ -122,8 +170,13 @@ def check_same_recipe(work: Path, record: dict) -> None:
     if isinstance(old.get("--data"), str) and isinstance(record.get("--data"), str) \
             and Path(old["--data"]).resolve() == Path(record["--data"]).resolve():
         old["--data"] = record["--data"]  # the same dataset, spelled another way (a link, or "..")
-    changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k) and k != "dit_continue_config")
+    changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k) and k not in ("dit_continue_config", HASHES))
     stages, before = continue_stages(record), continue_stages(old)
+    hashes, recorded = record.get(HASHES) or {}, old.get(HASHES) or {}  # none recorded (an older run): not known, accepted
+    edited = [k for k in HASHED if k in hashes and k in recorded and hashes[k] != recorded[k] and not changed]
+    if edited:
+        raise ConfigError(f"{CONFIGS / record[edited[0]]} (the recipe's {edited[0]}) changed since {work} started its run"
+                          f" (recorded in {path}): its finished stage would not be trained again; restore it, or give a new --work folder")
     if stages[:len(before)] != before[:len(stages)]:  # neither list of continue stages extends the other
         changed.append("dit_continue_config")
     if changed:
@@ -132,6 +185,8 @@ def check_same_recipe(work: Path, record: dict) -> None:
                           " or give a new --work folder")
     if len(stages) > len(before):  # more stages: the run now goes on to them
         atomic_write_json(record, path)
+    elif set(hashes) - set(recorded):  # a run recorded before the hashes were: from now on, its configs are known
+        atomic_write_json({**json.loads(path.read_text()), HASHES: {**hashes, **recorded}}, path)
 
 
 def trained(run: Path, cfg) -> bool:
@@ -179,7 +234,7 @@ def register(app: typer.Typer) -> None:
         spec = read_recipe(recipe if recipe is not None else CONFIGS / "default.json")
         check_run_folder(work, "--work")
         dev = resolve_device(device)
-        check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None})
+        check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None, HASHES: config_hashes(spec)})
         root = data or work / "data"
 
         def prepare_objects(count: int, start: int, num_queries: int) -> None:
