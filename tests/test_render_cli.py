@@ -100,3 +100,18 @@ def test_render_far_from_the_origin_and_at_any_scale_is_the_same_picture(two_box
         assert result.exit_code == 0, result.output
         pictures.append(np.asarray(Image.open(out).convert("RGB")).astype(int))
     assert np.abs(pictures[0] - pictures[1]).max() <= 8
+
+
+def test_render_takes_more_components_than_an_8_bit_mask_holds(tmp_path):
+    """300 parts (a scan's pieces, a big scene): the preview is drawn; the label mask is 16-bit, every part in it."""
+    from moca3d.geometry.render import RenderConfig, orbit_camera, render
+
+    cubes = [trimesh.creation.box(extents=[0.05] * 3).apply_translation([(i % 20) * 0.1 - 1, (i // 20) * 0.1 - 0.75, 0])
+             for i in range(300)]
+    config = RenderConfig(size=256, supersample=1)
+    _, mask = render(cubes, orbit_camera(cubes, 0.0, 89.0, config), config=config)
+    assert mask.dtype == np.uint16 and mask.max() > 254
+    path = tmp_path / "many.glb"
+    save_glb(path, cubes, [f"piece_{i}" for i in range(300)])
+    result = CliRunner().invoke(app, ["render", str(path), "-o", str(tmp_path / "many.png"), "--size", "64"])
+    assert result.exit_code == 0 and "300 components" in result.output, result.output

@@ -143,13 +143,14 @@ def render(
     backdrop: list[tuple[trimesh.Trimesh, tuple[int, int, int]]] | None = None,
     config: RenderConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """RGB (H, W, 3) uint8 on white and label mask (H, W) uint8 (0 = background, i + 1 = component i).
+    """RGB (H, W, 3) uint8 on white and label mask (H, W) (0 = background, i + 1 = component i): uint8, or uint16 beyond
+    254 components (a 16-bit label map, as `load_masks` reads).
 
     `backdrop` meshes (e.g. a floor) are drawn in their colour but labelled background.
     """
     config = config or RenderConfig()
-    if len(meshes) > 254:
-        raise InputError(f"render: {len(meshes)} components exceed the 254 labels of an 8-bit mask")
+    if len(meshes) > 65534:
+        raise InputError(f"render: {len(meshes)} components exceed the 65 534 labels of a 16-bit mask")
     colors = palette(len(meshes)) if colors is None else np.asarray(colors)
     backdrop = backdrop or []
     parts = list(meshes) + [m for m, _ in backdrop]
@@ -175,7 +176,7 @@ def render(
 
     rgb = np.tile(BACKGROUND, (len(hit), 1))  # (R, 3)
     rgb[found] = face_rgb[hit[found]] * shade[:, None]
-    label = np.zeros(len(hit), dtype=np.uint8)
+    label = np.zeros(len(hit), dtype=np.uint8 if len(meshes) <= 254 else np.uint16)
     label[found] = labels[hit[found]]
 
     h, w = camera.height, camera.width
@@ -195,7 +196,7 @@ def floor_plane(meshes: list[trimesh.Trimesh], pad: float = 0.3, thickness: floa
 
 
 def save_render(folder: str | Path, rgb: np.ndarray, mask: np.ndarray, camera: Camera) -> None:
-    """Write render.png, mask.png (8-bit labels) and camera.json into `folder`."""
+    """Write render.png, mask.png (8-bit labels, 16-bit beyond 254 components) and camera.json into `folder`."""
     from PIL import Image
 
     folder = Path(folder)
