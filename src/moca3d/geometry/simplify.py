@@ -12,7 +12,6 @@ from __future__ import annotations
 import numbers
 from typing import List, Optional, Sequence
 
-import fast_simplification
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
@@ -144,6 +143,8 @@ def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
 
 def decimate(mesh: trimesh.Trimesh, faces: int, aggression: int) -> trimesh.Trimesh:
     """One fast-simplification run towards `faces` triangles (it may stop above them)."""
+    import fast_simplification  # here, not at import: training (e.g. on a GPU image without it) never needs it
+
     vertices, triangles = fast_simplification.simplify(mesh.vertices, mesh.faces, target_count=faces, agg=aggression)
     return trimesh.Trimesh(vertices, triangles, process=False)
 
