@@ -70,13 +70,12 @@ METRIC_POINTS = 20000  # points per fused surface, as `moca3d evaluate-model`
 def fscore(pipe, latents: torch.Tensor, gt, resolution: int, points: int = METRIC_POINTS) -> dict:
     """Decoded unit-scale latents (N, L, C) against the GT: fused-surface F-score@0.1 (0 if all empty), empty parts,
     and for a scene model the instance F-score@0.1 (an empty instance scores 0)."""
-    from moca3d.evaluation import scene_metrics
-    from moca3d.metrics import MetricsConfig, surface_metrics
+    from moca3d.metrics import MetricsConfig, evaluate_scene, surface_metrics
 
     meshes = pipe.decode_latents(latents, resolution)
     config = MetricsConfig(num_points=points)
     if pipe.is_scene_model:
-        m = scene_metrics(meshes, gt, config)
+        m = evaluate_scene(meshes, gt, config)
         return {"fscore@0.1": m["fscore@0.1"], "empty": m["num_empty"], "instance_fscore@0.1": m["instance_fscore@0.1"]}
     parts = [m for m in meshes if len(m.faces)]
     f = surface_metrics(parts, gt, config)["fscore@0.1"] if parts else 0.0

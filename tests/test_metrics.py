@@ -133,10 +133,10 @@ def test_scene_has_instance_metrics():
     gt = [trimesh.creation.box(extents=[1, 1, 1]), trimesh.creation.box(extents=[1, 1, 1]).apply_translation([3, 0, 0])]
     pred = [gt[0].copy(), gt[1].copy().apply_translation([0, 0.2, 0])]
     out = evaluate_scene(pred, gt, FAST)
-    assert len(out["per_instance"]) == 2
-    assert out["per_instance"][0]["chamfer"] == pytest.approx(0.0, abs=1e-12)
-    assert out["per_instance"][1]["chamfer"] > 0.1  # 0.2 in a 1-wide box is 0.4 in its own frame
-    assert out["instance_chamfer"] == pytest.approx(out["per_instance"][1]["chamfer"] / 2)
+    assert len(out["instances"]) == 2
+    assert out["instances"][0]["chamfer"] == pytest.approx(0.0, abs=1e-12)
+    assert out["instances"][1]["chamfer"] > 0.1  # 0.2 in a 1-wide box is 0.4 in its own frame
+    assert out["instance_chamfer"] == pytest.approx(out["instances"][1]["chamfer"] / 2)
 
 
 def test_instance_metrics_are_measured_in_each_gt_instance_frame():
@@ -185,17 +185,16 @@ def test_metric_settings_out_of_range_are_one_line_config_errors(tmp_path):
 
 
 def test_scene_metrics_pair_prediction_i_with_instance_i_and_count_empty_ones():
-    from moca3d.evaluation import scene_metrics
 
     boxes = [trimesh.creation.box(extents=[0.4, 0.4, 0.4]).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
     config = MetricsConfig(num_points=2000)
-    out = scene_metrics([boxes[0], trimesh.Trimesh(), boxes[2]], boxes, config)
+    out = evaluate_scene([boxes[0], trimesh.Trimesh(), boxes[2]], boxes, config)
     assert out["num_empty"] == 1 and out["num_pred"] == out["num_gt"] == 3
     assert out["instance_fscore@0.1"] == pytest.approx(2 / 3)  # the empty one scores 0, counted in the mean
     assert out["instance_chamfer"] == pytest.approx(0.0, abs=1e-12)  # the empty one is left out of the CD mean
-    swapped = scene_metrics([boxes[2], trimesh.Trimesh(), boxes[0]], boxes, config)  # right shapes, wrong places
+    swapped = evaluate_scene([boxes[2], trimesh.Trimesh(), boxes[0]], boxes, config)  # right shapes, wrong places
     assert swapped["instance_fscore@0.1"] == 0.0 and swapped["fscore@0.1"] == out["fscore@0.1"]
-    nothing = scene_metrics([trimesh.Trimesh()] * 3, boxes, config)
+    nothing = evaluate_scene([trimesh.Trimesh()] * 3, boxes, config)
     assert nothing["fscore@0.1"] == 0.0 and nothing["chamfer"] == float("inf") and nothing["num_empty"] == 3
     # each instance's own scores, in instance order
     assert [i["empty"] for i in out["instances"]] == [False, True, False]

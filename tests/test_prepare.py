@@ -210,6 +210,23 @@ def test_cli_evaluate_scene_pairs_by_name_and_refuses_mixed_units(tmp_path):
     assert isinstance(result.exception, InputError) and "(100x); export both in one frame and unit" in str(result.exception)
 
 
+
+def test_cli_evaluate_scene_keeps_an_empty_generated_instance_in_its_place(tmp_path):
+    """A generation saves an empty component as an empty named node: instance i stays i, scored F = 0."""
+    boxes = [trimesh.creation.box(extents=[0.4] * 3).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
+    names = ["part_0", "part_1", "part_2"]
+    save_glb(tmp_path / "gt.glb", boxes, names)
+    save_glb(tmp_path / "pred.glb", [boxes[0], trimesh.Trimesh(), boxes[2]], names)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt.glb"), "--scene", "--json", "-",
+                                      "--num-points", "2000"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["num_pred"] == out["num_gt"] == 3 and out["num_empty"] == 1
+    assert [i["empty"] for i in out["instances"]] == [False, True, False]
+    assert out["instance_fscore@0.1"] == pytest.approx(2 / 3)  # the empty one scores 0
+    printed = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
+    assert printed.exit_code == 0 and "instance part_1: empty" in printed.output
+
 def test_bad_prepare_settings_fail_before_any_work(tmp_path):
     from moca3d.errors import ConfigError
 

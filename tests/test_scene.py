@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
 from moca3d.data.scene import ZOOM_MIN_SIDE, component_masks, load_masks, mask_layout, scene_conditions, zoom_conditions
 from moca3d.errors import ConfigError, InputError
-from moca3d.evaluation import scene_metrics
+from moca3d.metrics import evaluate_scene
 from moca3d.geometry.inside import QueryConfig
 from moca3d.geometry.mesh_io import load_components
 from moca3d.geometry.render import RenderConfig
@@ -477,7 +477,7 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     gt, _ = load_components(scene_dir / "mesh.glb")
     masks = component_masks(scene_dir / "mask.png", len(gt))
     meshes = pipe.generate_scene(scene_dir / "render.png", masks, steps=1, seed=0, resolution=16, show_progress=False).meshes
-    expected = scene_metrics(meshes, gt, MetricsConfig(num_points=500, seed=0))
+    expected = evaluate_scene(meshes, gt, MetricsConfig(num_points=500, seed=0))
     for key in ("chamfer", "fscore@0.1", "instance_chamfer", "instance_fscore@0.1", "self_iou", "num_empty"):
         assert row[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
     # each instance's scores, name and mask share; their mean is the scene's instance F-score
@@ -496,13 +496,13 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
 
 def test_scene_metrics_count_an_empty_instance_as_f_zero_and_leave_it_out_of_the_chamfer_mean():
     gt = [trimesh.creation.box(extents=[1, 1, 1]), trimesh.creation.box(extents=[1, 1, 1]).apply_translation([3, 0, 0])]
-    row = scene_metrics([gt[0].copy(), trimesh.Trimesh()], gt, MetricsConfig(num_points=2000))
+    row = evaluate_scene([gt[0].copy(), trimesh.Trimesh()], gt, MetricsConfig(num_points=2000))
     assert row["num_empty"] == 1 and row["num_pred"] == row["num_gt"] == 2
     assert row["instance_fscore@0.1"] == pytest.approx(0.5)  # (1 + 0) / 2 instances
     assert row["instance_chamfer"] == pytest.approx(0.0, abs=1e-12)  # the mean over the one non-empty instance
     assert row["instances"][1] == {"empty": True, "chamfer": None, "fscore@0.1": 0.0, "fscore@0.05": 0.0}
     assert 0.0 < row["fscore@0.1"] < 1.0  # the fused scene misses the second box
-    none = scene_metrics([trimesh.Trimesh(), trimesh.Trimesh()], gt, MetricsConfig(num_points=2000))
+    none = evaluate_scene([trimesh.Trimesh(), trimesh.Trimesh()], gt, MetricsConfig(num_points=2000))
     assert none["chamfer"] == float("inf") and none["fscore@0.1"] == 0.0 and none["num_empty"] == 2
 
 

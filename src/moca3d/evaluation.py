@@ -12,7 +12,7 @@ from moca3d.data.dataset import read_manifest
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.mesh_io import load_components
-from moca3d.metrics import MetricsConfig, evaluate_object, instance_metrics
+from moca3d.metrics import MetricsConfig, evaluate_object, evaluate_scene
 
 
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
@@ -120,20 +120,22 @@ def _empty_nodes(path: Path) -> tuple[list[str], set[str]]:
                       if not any(key in node for key in ("mesh", "children", "camera", "extensions"))}
 
 
-def read_prediction(path: Path) -> list:
-    """The components of one prediction, in its order. A part with no surface (a GLB's empty node, no faces, zero
-    area, non-finite vertices) is kept as an empty mesh where it is: instance i stays instance i, and it scores as
-    empty instead of stopping the evaluation."""
+def read_prediction(path: Path) -> tuple[list, list[str]]:
+    """The components of one prediction and their names, in its order. A part with no surface (a GLB's empty node, no
+    faces, zero area, non-finite vertices) is kept as an empty mesh where it is: instance i stays instance i, and it
+    scores as empty instead of stopping the evaluation."""
     import trimesh
 
     from moca3d.geometry.mesh_io import MESH_EXTENSIONS, load_file, load_folder
 
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
         if len(files) == 1:  # <id>/<any name>.glb: that file's parts (a lone part file gives the same one part)
             path = files[0]
     if path.is_dir():
-        meshes = load_folder(path)[0]
+        meshes, names = load_folder(path)
     else:
         meshes, names = load_file(path)
         order, empty = _empty_nodes(path)
@@ -142,12 +144,12 @@ def read_prediction(path: Path) -> list:
             rank = {name: i for i, name in enumerate(order)}
             rows = sorted([*zip(names, meshes), *((name, trimesh.Trimesh()) for name in empty)],
                           key=lambda row: rank.get(row[0], len(rank)))
-            meshes = [mesh for _, mesh in rows]
+            names, meshes = [name for name, _ in rows], [mesh for _, mesh in rows]
 
     def has_surface(mesh) -> bool:
         return len(mesh.faces) > 0 and bool(np.isfinite(np.asarray(mesh.vertices)).all()) and mesh.area > 0
 
-    return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes]
+    return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes], list(names)
 
 
 def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: Optional[list[dict]] = None) -> list:
@@ -165,7 +167,7 @@ def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: O
         missing.append(asset_id)
         return []
     try:
-        return read_prediction(path)
+        return read_prediction(path)[0]
     except (InputError, OSError) as err:
         reason = str(err) if isinstance(err, InputError) else f"cannot read it ({err.strerror or err})"
         warnings.warn(f"{path}: unusable prediction of {asset_id} ({reason}): scored as all-empty", InputWarning, stacklevel=2)
@@ -236,32 +238,6 @@ SCENE_KEYS = ("chamfer", "fscore@0.1", "fscore@0.05", "instance_chamfer", "insta
 INSTANCE_KEYS = ("fscore@0.1", "fscore@0.05", "empty")  # per category: mean F-scores (empty = 0) and the share left empty
 
 
-def scene_metrics(pred, gt, config: MetricsConfig) -> dict:
-    """Scene metrics (fused surfaces, self-IoU), instance means and each instance's scores, prediction i vs GT instance i.
-
-    An empty predicted instance scores F = 0 in the instance F-score means and is left out of the
-    instance chamfer mean (counted in num_empty; its own chamfer is None); an all-empty scene scores
-    F = 0 and chamfer inf.
-    """
-    kept = [i for i, m in enumerate(pred) if len(m.faces)]
-    out: dict = {}
-    fscores = [f"fscore@{t:g}" for t in config.taus]
-    instances = [{"empty": True, "chamfer": None, **{f: 0.0 for f in fscores}} for _ in gt]
-    if not kept:
-        out.update(chamfer=float("inf"), instance_chamfer=float("inf"), self_iou=0.0)
-        out.update({f"{prefix}{f}": 0.0 for f in fscores for prefix in ("", "instance_")})
-    else:
-        out.update(evaluate_object([pred[i] for i in kept], gt, config))
-        per = instance_metrics([pred[i] for i in kept], [gt[i] for i in kept], config)
-        for i, r in zip(kept, per):
-            instances[i] = {"empty": False, "chamfer": r["chamfer"], **{f: r[f] for f in fscores}}
-        out["instance_chamfer"] = float(np.mean([r["chamfer"] for r in per]))
-        for f in fscores:
-            out[f"instance_{f}"] = float(sum(r[f] for r in per) / len(gt))
-    out.update(num_pred=len(pred), num_gt=len(gt), num_empty=len(pred) - len(kept), instances=instances)
-    return out
-
-
 def evaluate_scenes(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = SCENE_GUIDANCE,
     resolution: int = 128, seed: int = 0, min_instances: int = 2, max_instances: int = 32, metric_points: int = 20000,
@@ -306,7 +282,7 @@ def evaluate_scenes(
         row = {"id": rec["id"], "num_instances": len(gt), "seconds": time.time() - t0}
         if cuda:
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
-        row.update(scene_metrics(meshes, gt, config))
+        row.update(evaluate_scene(meshes, gt, config))
         shares = masks.sum(axis=(1, 2)) / masks[0].size  # (N,) each instance's share of the image
         for inst, name, share in zip(row["instances"], names, shares):
             inst.update(name=name, category=category_of(name), mask_fraction=float(share))

@@ -245,12 +245,29 @@ def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max
 def evaluate_scene(
     pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None
 ) -> dict:
-    """Scene-level metrics plus instance means (instance_chamfer, instance_fscore@tau) and the list."""
+    """Scene metrics (fused surfaces, self-IoU), instance means and each instance's scores, prediction i vs GT instance i.
+
+    A predicted instance without faces (a generation's empty component, kept in its place) scores F = 0 in the
+    instance F-score means and is left out of the instance chamfer mean (counted in num_empty; its own chamfer is
+    None); an all-empty scene (or none at all: a missing prediction) scores F = 0 and chamfer inf. With another
+    count than the GT's there are no instance numbers (instance i has no partner).
+    """
     config = config or MetricsConfig()
-    out: dict = evaluate_object(pred, gt, config)
-    if len(pred) == len(gt):
-        per = instance_metrics(pred, gt, config)
-        for key in per[0]:
-            out[f"instance_{key}"] = float(np.mean([r[key] for r in per]))
-        out["per_instance"] = per
+    kept = [i for i, m in enumerate(pred) if len(m.faces)]
+    fscores = [f"fscore@{t:g}" for t in config.taus]
+    out: dict = {}
+    if not kept:
+        out.update(chamfer=float("inf"), self_iou=0.0, **{f: 0.0 for f in fscores})
+    else:
+        out.update(evaluate_object([pred[i] for i in kept], gt, config))
+    out.update(num_pred=len(pred), num_gt=len(gt), num_empty=len(pred) - len(kept))
+    if pred and len(pred) != len(gt):
+        return out
+    instances = [{"empty": True, "chamfer": None, **{f: 0.0 for f in fscores}} for _ in gt]
+    per = instance_metrics([pred[i] for i in kept], [gt[i] for i in kept], config) if kept else []
+    for i, r in zip(kept, per):
+        instances[i] = {"empty": False, "chamfer": r["chamfer"], **{f: r[f] for f in fscores}}
+    out["instance_chamfer"] = float(np.mean([r["chamfer"] for r in per])) if per else float("inf")
+    out.update({f"instance_{f}": float(sum(r[f] for r in per) / len(gt)) for f in fscores})
+    out["instances"] = instances
     return out

@@ -83,27 +83,36 @@ def evaluate_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
+    from moca3d.evaluation import read_prediction
     from moca3d.geometry.mesh_io import load_components
     from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_object, evaluate_scene
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution")
     config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution)
-    pred_meshes, pred_names = load_components(pred)
     gt_meshes, gt_names = load_components(gt)
-    if scene:
-        check_same_frame(pred_meshes, gt_meshes)
+    if scene:  # empty components (a generation keeps them as empty nodes) stay in place: instance i is still i
+        pred_meshes, pred_names = read_prediction(pred)
+        surfaces = [m for m in pred_meshes if len(m.faces)]
+        if surfaces:
+            check_same_frame(surfaces, gt_meshes)
         if pred_names != gt_names and sorted(pred_names) == sorted(gt_names):
             index = {name: i for i, name in enumerate(pred_names)}
-            pred_meshes = [pred_meshes[index[name]] for name in gt_names]
+            pred_meshes, pred_names = [pred_meshes[index[name]] for name in gt_names], list(gt_names)
             typer.echo("(components paired by name: the two files list them in different orders)", err=True)
-    result = (evaluate_scene if scene else evaluate_object)(pred_meshes, gt_meshes, config)
+        result = evaluate_scene(pred_meshes, gt_meshes, config)
+    else:
+        pred_meshes, pred_names = load_components(pred)
+        result = evaluate_object(pred_meshes, gt_meshes, config)
     if write_json(json_out, result):
         return
     for key, value in result.items():
-        if key != "per_instance":
+        if key != "instances":
             typer.echo(f"{key:>22}: {value:.6g}" if isinstance(value, float) else f"{key:>22}: {value}")
-    if scene and "per_instance" not in result:
-        typer.echo("(per-instance metrics need equal component counts)")
+    if scene and "instances" not in result:
+        typer.echo(f"(per-instance metrics need equal component counts: {len(pred_meshes)} predicted, {len(gt_meshes)} in the ground truth)")
+    for name, row in zip(gt_names, result.get("instances", [])):
+        scores = "empty" if row["empty"] else "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "empty")
+        typer.echo(f"{'instance ' + name:>22}: {scores}")
 
 
 def register(app: typer.Typer) -> None:
