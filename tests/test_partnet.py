@@ -97,6 +97,34 @@ def test_broken_annotations_are_skipped_with_a_reason_naming_the_problem(tmp_pat
         load_partnet(write_annotation(tmp_path / "whole"), 2, max_components=2)
 
 
+
+# PartNet's merged hierarchy of the same chair: seat and back merged into one label, the base's legs split
+MERGED = [{"text": "Chair", "name": "chair", "id": 0, "children": [
+    {"text": "Chair Body", "name": "chair_body", "id": 1, "objs": ["original-1", "original-2", "new-3"]},
+    {"text": "Leg", "name": "leg", "id": 2, "objs": ["original-4"]},
+    {"text": "Leg", "name": "leg", "id": 3, "objs": ["original-5"]}]}]
+
+
+def test_the_merged_hierarchy_is_read_from_result_after_merging(tmp_path):
+    root = tmp_path / "data_v0"
+    folder = write_annotation(root / "173")
+    write_annotation(root / "174")  # no result_after_merging.json: skipped with that reason
+    (folder / "result_after_merging.json").write_text(json.dumps(MERGED))
+    parts, names = load_partnet(folder, 1, hierarchy="merged")
+    assert names == ["chair_body", "leg", "leg_1"] and [len(p.faces) for p in parts] == [36, 12, 12]
+    assert load_partnet(folder, 1)[1] == ["chair_back", "chair_seat", "chair_base"]  # the original stays the default
+    with pytest.raises(InputError, match="174: no result_after_merging.json"):
+        load_partnet(root / "174", 1, hierarchy="merged")
+    with pytest.raises(ConfigError, match="--partnet-hierarchy must be one of original, merged, got 'flat'"):
+        PrepareConfig(partnet_hierarchy="flat")
+    out = tmp_path / "ds"
+    summary = prepare(folder_jobs(root), out, dataclasses.replace(TINY, partnet_hierarchy="merged"))
+    assert (summary.processed, summary.skipped) == (1, 1)
+    (record,) = map(json.loads, (out / "manifest.jsonl").read_text().splitlines())
+    assert record["id"] == "173" and record["num_components"] == 3
+    with pytest.raises(ConfigError, match="partnet_hierarchy merged -> original"):
+        prepare(folder_jobs(root), out, TINY)
+
 def test_the_level_is_a_shared_setting_checked_and_older_datasets_still_resume(tmp_path):
     with pytest.raises(ConfigError, match="--partnet-level must be between 0 and 16"):
         PrepareConfig(partnet_level=-1)

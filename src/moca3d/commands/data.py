@@ -26,6 +26,7 @@ def prepare_command(
     scene_objects: tuple[int, int] = typer.Option((2, 16), help="Procedural scenes: min and max objects per scene (up to 32)."),
     connected: bool = typer.Option(False, "--connected", help="Split file assets into connected components."),
     partnet_level: int = typer.Option(1, "--partnet-level", help="PartNet folders (e.g. PartNet/data_v0): a part is a node this deep in result.json's hierarchy (1: the root's children, such as a chair's back, seat, base and arms; 0: the whole object)."),
+    partnet_hierarchy: str = typer.Option("original", "--partnet-hierarchy", help="PartNet folders: 'original' (result.json, the annotators' parts) or 'merged' (result_after_merging.json, merged into PartNet's per-category labels, as its segmentation benchmark)."),
     kind: str = typer.Option("object", help="For file assets: 'object' (random view) or 'scene' (isometric, floor)."),
     val_fraction: float = typer.Option(0.05, help="Share of assets in the val split."),
     test_fraction: float = typer.Option(0.05, help="Share of assets in the test split."),
@@ -45,7 +46,8 @@ def prepare_command(
         surface=SurfaceSamplingConfig(num_points=num_surface, sharp_fraction=sharp_fraction),
         queries=QueryConfig(num_queries=num_queries),
         render=RenderConfig(size=image_size),
-        max_components=max_components, connected=connected, partnet_level=partnet_level, kind=kind, scene_objects=tuple(scene_objects),
+        max_components=max_components, connected=connected, partnet_level=partnet_level,
+        partnet_hierarchy=partnet_hierarchy, kind=kind, scene_objects=tuple(scene_objects),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input)

@@ -3,6 +3,9 @@
 One PartNet asset is a folder (data_v0/<anno_id>/) holding
     result.json   the part hierarchy: a list of root nodes {"name", "text", "id", "children": [...]},
                   a node's meshes in "objs" (names of objs/<name>.obj), at least at its leaves
+    result_after_merging.json
+                  the same in the same format, its nodes merged into PartNet's per-category label set (the
+                  hierarchy of its segmentation benchmark): `--partnet-hierarchy merged`
     objs/         one OBJ per annotated piece of geometry
     meta.json     {"model_cat": "Chair", ...} (optional here)
 A part of the asset is a node of the hierarchy at depth `level` below the root (1: the root's children,
@@ -28,6 +31,7 @@ from moca3d.errors import InputError
 from moca3d.geometry.mesh_io import finish_components, fuse, load_file
 
 RESULT, OBJS, META = "result.json", "objs", "meta.json"
+HIERARCHIES = {"original": RESULT, "merged": "result_after_merging.json"}  # which file holds the parts' hierarchy
 MAX_LEVEL = 16  # PartNet's hierarchies are at most a handful of levels deep
 
 
@@ -37,15 +41,18 @@ def is_partnet(path: str | Path) -> bool:
     return path.is_dir() and (path / RESULT).is_file() and (path / OBJS).is_dir()
 
 
-def read_tree(folder: Path) -> list[dict]:
-    """The root nodes of the folder's result.json; InputError when it is not a PartNet hierarchy."""
+def read_tree(folder: Path, hierarchy: str = "original") -> list[dict]:
+    """The root nodes of the folder's hierarchy file (HIERARCHIES); InputError when it is missing or not a PartNet hierarchy."""
+    name = HIERARCHIES[hierarchy]
     try:
-        tree = json.loads((folder / RESULT).read_text())
+        tree = json.loads((folder / name).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder.name}: no {name} (asked for the {hierarchy} hierarchy)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{folder.name}: unreadable {RESULT} ({err})") from None
+        raise InputError(f"{folder.name}: unreadable {name} ({err})") from None
     tree = [tree] if isinstance(tree, dict) else tree
     if not isinstance(tree, list) or not tree or not all(isinstance(node, dict) for node in tree):
-        raise InputError(f"{folder.name}: {RESULT} is not a PartNet hierarchy (a list of part nodes)")
+        raise InputError(f"{folder.name}: {name} is not a PartNet hierarchy (a list of part nodes)")
     return tree
 
 
@@ -81,11 +88,11 @@ def orient_piece(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     return mesh
 
 
-def mesh_path(folder: Path, obj: object) -> Path:
+def mesh_path(folder: Path, obj: object, source: str = RESULT) -> Path:
     """objs/<obj>.obj of the folder; InputError for a name that is not a plain file name (a path out of objs/)."""
     name = str(obj)
     if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise InputError(f"{folder.name}: {RESULT} names the mesh {name!r}, not a file of {OBJS}/")
+        raise InputError(f"{folder.name}: {source} names the mesh {name!r}, not a file of {OBJS}/")
     return folder / OBJS / f"{name}.obj"
 
 
@@ -98,22 +105,25 @@ def category(folder: str | Path) -> str | None:
     return str(meta["model_cat"]) if isinstance(meta, dict) and meta.get("model_cat") else None
 
 
-def load_partnet(folder: str | Path, level: int = 1, connected: bool = False,
-                 max_components: int | None = None) -> tuple[list[trimesh.Trimesh], list[str]]:
-    """Components (one per part at `level`, its meshes fused) and their names, validated as any asset's."""
+def load_partnet(folder: str | Path, level: int = 1, connected: bool = False, max_components: int | None = None,
+                 hierarchy: str = "original") -> tuple[list[trimesh.Trimesh], list[str]]:
+    """Components (one per part at `level` of the `hierarchy`, its meshes fused) and their names, validated as any asset's."""
     folder = Path(folder)
     if not 0 <= level <= MAX_LEVEL:
         raise InputError(f"PartNet level must be between 0 and {MAX_LEVEL}, got {level}")
+    if hierarchy not in HIERARCHIES:
+        raise InputError(f"PartNet hierarchy must be one of {', '.join(HIERARCHIES)}, got '{hierarchy}'")
+    source = HIERARCHIES[hierarchy]
     meshes, names = [], []
-    for node in parts_at(read_tree(folder), level):
+    for node in parts_at(read_tree(folder, hierarchy), level):
         objs = node_objs(node)
         if not objs:
             raise InputError(f"{folder.name}: part '{node.get('name', '?')}' (id {node.get('id', '?')}) lists no meshes")
         pieces = []
         for obj in objs:
-            path = mesh_path(folder, obj)
+            path = mesh_path(folder, obj, source)
             if not path.is_file():
-                raise InputError(f"{folder.name}: {OBJS}/{obj}.obj, named by {RESULT}, is missing")
+                raise InputError(f"{folder.name}: {OBJS}/{obj}.obj, named by {source}, is missing")
             pieces += [orient_piece(piece) for piece in load_file(path)[0]]
         meshes.append(fuse(pieces))
         names.append(str(node.get("name") or node.get("text") or f"part{node.get('id', len(names))}"))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from moca3d.data.partnet import MAX_LEVEL, is_partnet, load_partnet
+from moca3d.data.partnet import HIERARCHIES, MAX_LEVEL, is_partnet, load_partnet
 from moca3d.data.partnet import category as partnet_category
 from moca3d.data.procedural import check_scene_objects
 from moca3d.errors import ConfigError, InputError, one_line
@@ -62,6 +62,7 @@ class PrepareConfig:
     scene_objects: tuple[int, int] = (2, 16)  # procedural scenes: min and max objects per scene
     connected: bool = False  # split file assets into connected components
     partnet_level: int = 1  # PartNet folders: the parts are the hierarchy's nodes this deep (moca3d.data.partnet)
+    partnet_hierarchy: str = "original"  # PartNet folders: result.json ("original") or result_after_merging.json ("merged")
     kind: str = "object"  # for file assets: "object" (random view) or "scene" (isometric, floor)
     val_fraction: float = 0.05
     test_fraction: float = 0.05
@@ -90,6 +91,8 @@ class PrepareConfig:
         check_scene_objects(*self.scene_objects)
         if not 0 <= self.partnet_level <= MAX_LEVEL:
             raise ConfigError(f"--partnet-level must be between 0 and {MAX_LEVEL}, got {self.partnet_level}")
+        if self.partnet_hierarchy not in HIERARCHIES:
+            raise ConfigError(f"--partnet-hierarchy must be one of {', '.join(HIERARCHIES)}, got '{self.partnet_hierarchy}'")
 
     def shared(self) -> dict:
         """The settings every asset of one dataset folder must share (samples, queries, renders, splits), flat."""
@@ -202,7 +205,8 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
         validate_components(asset.meshes, asset.names, config.max_components, label=job.id)
         return asset.meshes, asset.names, asset.colors, asset.kind, asset.category
     if is_partnet(job.source):  # a PartNet annotation folder: its hierarchy's parts, its category
-        meshes, names = load_partnet(job.source, config.partnet_level, config.connected, config.max_components)
+        meshes, names = load_partnet(job.source, config.partnet_level, config.connected, config.max_components,
+                                     config.partnet_hierarchy)
         label = partnet_category(job.source) or "mesh"
     else:
         meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)
