@@ -83,3 +83,44 @@ def test_two_processes_train_the_transformer_and_the_first_exports(object_datase
     assert "writer" not in first and second["writer"] is False and "pipeline" not in second
     assert Path(first["pipeline"]) == out / "pipeline" and (out / "pipeline" / "model_index.json").is_file()
     assert latest_checkpoint(out).name == "step_00000003"
+
+
+def _timed_dit_worker(rank, world, port, root, vae_dir, out, weights):
+    """One process of a DiT launch under a time limit, on a trainer clock that ticks 3x faster on the second process."""
+    _launched(rank, world, port)
+    import itertools
+    import types
+
+    from conftest import tiny_dit_recipe
+
+    from moca3d.training import train_dit
+    from moca3d.training.checkpoints import EMA
+
+    ticks = itertools.count()
+    tick = 0.05 * (3 if rank == 1 else 1)  # seconds per reading: as many steps on any machine, the clocks 3x apart
+    train_dit.time = types.SimpleNamespace(time=lambda: tick * next(ticks))
+    update, trained = EMA.update, []
+
+    def keep_model(self, model):  # the live (unwrapped) model after each optimizer step
+        update(self, model)
+        trained[:] = [model]
+
+    EMA.update = keep_model
+    recipe = tiny_dit_recipe(steps=100_000, batch_size=2, warmup_steps=0, time_limit_s=3.0, checkpoint_every=100_000, log_every=100_000)
+    result = train_dit.train(root, out, recipe, vae_dir=vae_dir, device="cpu", progress=False)
+    torch.save({k: v.clone() for k, v in trained[0].state_dict().items()}, weights.format(rank=rank))
+    Path(weights.format(rank=rank)).with_suffix(".json").write_text(json.dumps(result["trained_steps"]))
+
+
+def test_two_processes_under_a_time_limit_share_one_clock(object_dataset, tmp_path):
+    """The LR follows the elapsed share of the time limit: read from one clock (the processes' latest), both replicas
+    take the same learning rates and stop at the same step, so they end on the same weights (1e-6) though one
+    process's clock runs 3x fast."""
+    root, vae_dir = object_dataset
+    weights = str(tmp_path / "final{rank}.pt")
+    mp.spawn(_timed_dit_worker, args=(2, _free_port(), str(root), str(vae_dir), str(tmp_path / "run"), weights), nprocs=2, join=True)
+    steps = [json.loads(Path(weights.format(rank=r)).with_suffix(".json").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1] > 1
+    first, second = torch.load(weights.format(rank=0)), torch.load(weights.format(rank=1))
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=1e-6, msg=f"the processes disagree on {name}")
