@@ -7,7 +7,8 @@ timed separately as whole layers):
   routing_ms the router alone (anchor projections, importance, ranking)
 and forward+backward for both, the context length measured vs L + kL + (N-k-1)L/sigma, the
 attention-FLOP ratio, and peak memory (CUDA allocator peak; on the CPU the rise of the kernel's
-peak RSS, reset before each call: benchkit.measure_peak). Prints a table and writes JSON (--json).
+peak RSS, reset before each call: benchkit.measure_peak). Prints a table and writes JSON (--json), rewritten
+(atomically) after each N, so a run stopped by a timeout keeps the Ns it measured.
 
     python benchmarks/attention.py --n 4 8 16 32 64 --L 256 --dim 512 --heads 8 --json out.json
 """
@@ -184,10 +185,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         rec = bench_n(args, n, device, dtype)
         rec.update(env=env, k_fraction=args.k_fraction, repeats=args.repeats)
         records.append(rec)
+        if args.json:
+            write_json(args.json, records, quiet=True)
         print(f"  N={n}: dense {rec['dense_ms']:.1f} ms, MoC {rec['moc_ms']:.1f} ms ({rec['backend']}), routing {rec['routing_ms']:.2f} ms", flush=True)
     print_records(records)
     if args.json:
-        write_json(args.json, records)
+        write_json(args.json, records)  # what the last one wrote, now announced
     return records
 
 

@@ -12,7 +12,7 @@ import re
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -29,13 +29,16 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD = 128 * 1024  # bytes: larger allocations are mmapped (return_freed_memory)
 
 
-def load_config(path: Optional[str]) -> dict:
-    """DEFAULT_CONFIG updated with the MoCATransformer arguments of a JSON file (if given).
+def load_config(paths: Union[str, Sequence[str], None] = None) -> dict:
+    """DEFAULT_CONFIG updated with the MoCATransformer arguments of each JSON file in turn (a path, a list, or None).
 
-    The file may be a model folder's config.json: diffusers' bookkeeping keys ("_class_name", ...) are dropped.
+    A file may be a model folder's config.json: diffusers' bookkeeping keys ("_class_name", ...) are dropped.
     """
+    from moca3d.models.transformer import MoCATransformer
+
+    known = set(inspect.signature(MoCATransformer.__init__).parameters)
     config = dict(DEFAULT_CONFIG)
-    if path:
+    for path in [paths] if isinstance(paths, str) else paths or []:
         with open(path) as f:
             try:
                 values = json.load(f)
@@ -43,21 +46,22 @@ def load_config(path: Optional[str]) -> dict:
                 raise InputError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise InputError(f"{path}: expected a JSON object of MoCATransformer arguments")
-        config.update({k: v for k, v in values.items() if not k.startswith("_")})
-    from moca3d.models.transformer import MoCATransformer
-
-    unknown = sorted(set(config) - set(inspect.signature(MoCATransformer.__init__).parameters))
-    if unknown:
-        raise InputError(f"{path}: not MoCATransformer arguments: {', '.join(unknown)}")
+        values = {k: v for k, v in values.items() if not k.startswith("_")}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{path}: not MoCATransformer arguments: {', '.join(unknown)}")
+        config.update(values)
     return config
 
 
-def write_json(path, data) -> None:
-    """Write `data` as indented standard JSON (NaN and infinities as null), atomically (temporary file, then rename)."""
+def write_json(path, data, quiet: bool = False) -> None:
+    """Write `data` as indented standard JSON (NaN and infinities as null), atomically (temporary file, then rename);
+    quiet: without the "wrote PATH" line (a script that rewrites its file after every record)."""
     from moca3d.training.checkpoints import atomic_write_json
 
     atomic_write_json(data, path, sort_keys=False)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def named_paths(values: Sequence[str]) -> Dict[str, List[str]]:

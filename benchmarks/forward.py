@@ -2,7 +2,8 @@
 
 For each N it times the full transformer (same size, same weights apart from the router) and
 splits the time into local attention, routing, global attention (routing excluded) and total,
-with module hooks (CUDA-synchronised on a GPU). The paper's Table 4, side by side in one run.
+with module hooks (CUDA-synchronised on a GPU). The paper's Table 4, side by side in one run. --json is rewritten
+(atomically) after each N, so a run stopped by a timeout keeps the Ns it measured.
 
     python benchmarks/forward.py --n 4 8 16 32 --config benchmarks/forward_l512.json --json out.json
 """
@@ -57,7 +58,8 @@ class SectionTimer:
 def build(config: dict, n: int, mode: str, device: torch.device, dtype: torch.dtype):
     """A transformer of `mode` ("moc" or "dense") with its inputs and section timer."""
     torch.manual_seed(0)
-    model = MoCATransformer(**{**config, "attention_mode": mode})
+    with torch.device(device):  # initialised where it runs (a CPU init of forward_gpu.json's model: 13 s on 2 cores)
+        model = MoCATransformer(**{**config, "attention_mode": mode})
     torch.nn.Module.to(model, device, dtype).eval()  # plain cast (diffusers warns on .to(dtype))
     L, C = config["num_latents"], config["in_channels"]
     g = torch.Generator().manual_seed(0)
@@ -73,6 +75,8 @@ def build(config: dict, n: int, mode: str, device: torch.device, dtype: torch.dt
 def bench_pair(config: dict, n: int, device: torch.device, dtype: torch.dtype, repeats: int) -> List[Dict]:
     """MoCA and dense forwards of the same size, timed in turn within each repeat (side by side)."""
     setups = {mode: build(config, n, mode, device, dtype) for mode in ("moc", "dense")}
+    moc, dense = setups["moc"][0], setups["dense"][0]
+    dense.load_state_dict({k: v for k, v in moc.state_dict().items() if ".router." not in k})  # the same seed gives the modes different weights
     runs: Dict[str, List[Dict]] = {mode: [] for mode in setups}
     with torch.no_grad():
         for model, args, kwargs, _ in setups.values():
@@ -118,17 +122,20 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     env = f"torch {torch.__version__}, {device.type}, {torch.get_num_threads()} threads"
     print(f"MoCA transformer forward vs dense global — {config} — {dtype}, {env}")
     records = []
+    result = {"config": config, "repeats": args.repeats, "env": env, "records": records}  # records fill as measured
     for n in args.n:
         pair = bench_pair(config, n, device, dtype, args.repeats)
         pair[0]["speedup"] = pair[1]["total_ms"] / pair[0]["total_ms"]
         records += pair
+        if args.json:
+            write_json(args.json, result, quiet=True)
         print(f"  N={n}: MoCA {pair[0]['total_ms']:.0f} ms, dense {pair[1]['total_ms']:.0f} ms ({pair[0]['speedup']:.2f}x)", flush=True)
     print(f"{'N':>4} | {'mode':>6} | {'local ms':>9} | {'routing ms':>10} | {'global ms':>9} | {'other ms':>9} | {'total ms':>9} | speedup")
     for r in records:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         print(f"{r['n']:>4} | {r['mode']:>6} | {r['local_ms']:>9.1f} | {r['routing_ms']:>10.2f} | {r['global_ms']:>9.1f} | {r['other_ms']:>9.1f} | {r['total_ms']:>9.1f} | {sp}")
     if args.json:
-        write_json(args.json, {"config": config, "repeats": args.repeats, "env": env, "records": records})
+        write_json(args.json, result)  # what the last one wrote, now announced
     return records
 
 

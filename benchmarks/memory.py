@@ -28,14 +28,18 @@ The processes are forked, one per measurement, from a server process that import
 moca3d but allocated no tensors and touched no GPU, so no allocator state leaks between
 measurements and the ~4 s import is paid once. --budget-gib X marks which steps fit in X GiB
 (static + peak); --max-batch also searches the largest batch that fits (doubling, then bisecting,
-one process per probe; a probe stops as soon as it passes the budget).
+one process per probe; a probe stops as soon as it passes the budget). --json is rewritten (atomically) after every
+record, so a run stopped by a timeout keeps what it measured.
 
     python benchmarks/memory.py --n 8 16 32 --batch 1 2 --threads 1 --json benchmarks/results/memory_cpu.json
     python benchmarks/memory.py --n 8 16 32 --batch 1 --sdpa math --threads 1 --json benchmarks/results/memory_cpu_math.json
-    python benchmarks/memory.py --device cuda --dtype bf16 --latents 1024 --width 2048 --heads 16 --layers 8 \\
+    python benchmarks/memory.py --device cuda --dtype bf16 --config benchmarks/forward_gpu.json \\
         --n 8 16 32 --batch 4 --budget-gib 80 --max-batch --json benchmarks/results/memory_cuda.json
     python benchmarks/memory.py --config src/moca3d/weights/scene/transformer/config.json --scene --device cuda --dtype bf16 \\
         --n 32 --batch 8 64 --sdpa auto math --json benchmarks/results/memory_scene_cuda.json
+    # the scene transformer at forward_gpu.json's size (L = 1024, C = 64, D = 2048, 16 heads, 8 blocks, cond_dim 1024):
+    python benchmarks/memory.py --config src/moca3d/weights/scene/transformer/config.json benchmarks/forward_gpu.json --scene \\
+        --device cuda --dtype bf16 --n 32 --batch 1 2 --json benchmarks/results/memory_scene_cuda_l1024.json
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def measure(spec: Dict) -> Dict:
     store = torch.float32 if spec["amp"] else dtype  # weights and inputs; --amp computes in `dtype` under autocast
     config, B, N = spec["config"], spec["batch"], spec["n"]
     torch.manual_seed(SEED)
-    model = MoCATransformer(**{**config, "attention_mode": spec["mode"]})
+    with torch.device(device):  # initialised where it runs: forward_gpu.json's 593M parameters take 13 s on 2 CPU cores
+        model = MoCATransformer(**{**config, "attention_mode": spec["mode"]})
     torch.nn.Module.to(model, device, store).train()  # plain cast (diffusers warns on .to(dtype)); training = sampled routing
     model.gradient_checkpointing = spec["grad_checkpointing"]
     L, C = config["num_latents"], config["in_channels"]
@@ -298,7 +303,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--measure-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=positive_int, nargs="+", default=DEFAULT_N, help="component counts")
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes, each measured for every N and mode")
-    p.add_argument("--config", default=None, help="JSON of MoCATransformer arguments (default: benchkit.DEFAULT_CONFIG, as forward.py)")
+    p.add_argument("--config", nargs="+", default=None,
+                   help="JSON files of MoCATransformer arguments, later ones overriding earlier (default: benchkit.DEFAULT_CONFIG, as forward.py)")
     p.add_argument("--latents", type=int, default=None, help="latent tokens per component L (overrides the config)")
     p.add_argument("--width", type=int, default=None, help="model width (overrides the config)")
     p.add_argument("--layers", type=int, default=None, help="blocks, global on even indices (overrides the config)")
@@ -348,6 +354,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     records: List[Dict] = []
     searches: List[Dict] = []
+    result = {"config": config, "device": device.type, "dtype": dtype, "amp": args.amp, "scene": args.scene, "grad_checkpointing": args.grad_checkpointing,
+              "warmup": args.warmup, "threads": threads, "env": env, "budget_gib": args.budget_gib, "max_batch_cap": args.max_batch_cap,
+              "records": records, "max_batch": searches}  # the lists fill as measured
+
+    def save() -> None:
+        """Rewrite --json with the records so far: a run killed by a timeout keeps what it measured."""
+        _add_ratios(records)
+        if args.json:
+            write_json(args.json, result, quiet=True)
+
     with Server(threads) as server:
         bench = Bench(server, spec, args.budget_gib)
         for sdpa in args.sdpa:
@@ -357,13 +373,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         t0 = time.perf_counter()
                         rec = bench.record(n, mode, batch, sdpa)
                         records.append(rec)
+                        save()
                         peak = f"{rec['peak_gib']:.3f} GiB" if "peak_gib" in rec else rec.get("error", "over the limit")
                         print(f"  SDPA {sdpa} N={n} B={batch} {MODES[mode]}: {peak} ({time.perf_counter() - t0:.0f} s)", flush=True)
             for n in args.n if args.max_batch else []:
                 for mode in MODES:
                     searches.append(bench.max_batch(n, mode, sdpa, args.max_batch_cap))
+                    save()
                     print(f"  SDPA {sdpa} N={n} {MODES[mode]}: max batch {searches[-1]['max_batch']} in {args.budget_gib:g} GiB", flush=True)
-    _add_ratios(records)
 
     cols = [("SDPA", "sdpa", "{:>4}"), ("N", "n", "{:>4}"), ("mode", "mode", "{:>6}"), ("batch", "batch", "{:>5}"), ("peak GiB", "peak_gib", "{:>8.3f}"),
             ("dense/MoCA", "dense_over_moca", "{:>9.2f}x"), ("static GiB", "static_gib", "{:>10.3f}")]
@@ -374,11 +391,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"largest batch within {args.budget_gib:g} GiB (static + peak; search capped at {args.max_batch_cap}):")
         print_table(searches, [("SDPA", "sdpa", "{:>4}"), ("N", "n", "{:>4}"), ("mode", "mode", "{:>6}"), ("max batch", "max_batch", "{:>9}"), ("peak GiB", "peak_gib", "{:>8.3f}")])
     print("method:", ", ".join(sorted({r["method"] for r in records if "method" in r})))
-    result = {"config": config, "device": device.type, "dtype": dtype, "amp": args.amp, "scene": args.scene, "grad_checkpointing": args.grad_checkpointing,
-              "warmup": args.warmup, "threads": threads, "env": env, "budget_gib": args.budget_gib, "max_batch_cap": args.max_batch_cap,
-              "records": records, "max_batch": searches}
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, result)  # what the last save() wrote, now announced
     return result
 
 

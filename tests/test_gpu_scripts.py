@@ -1,14 +1,21 @@
-"""scripts/gpu: the latent-cache transport round trip and the pipeline assembly from fp16 weights."""
+"""scripts/gpu: the latent-cache transport round trip, the pipeline assembly from fp16 weights, and what session.sh
+needs on the GPU image: a script that parses, imports without the packages the image lacks, and benchmarks that keep
+their records when a timeout stops them."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import load_benchmark
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+GPU_IMAGE_LACKS = ("mcubes", "fpsample", "fast_simplification", "embreex", "gradio")  # not in the image, no wheels
 
 
 def load(name):
@@ -109,3 +116,73 @@ def test_export_init_writes_an_fp16_pipeline_that_loads_back_within_fp16_roundin
     for k, v in pipe.transformer.state_dict().items():
         want = transformer.state_dict()[k]
         assert v.dtype == want.dtype and torch.allclose(v, want, rtol=1e-3, atol=1e-4), k
+
+
+def test_session_script_parses():
+    done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu" / "session.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_session_imports_without_the_packages_the_gpu_image_lacks():
+    """What session.sh runs there (python -m moca3d train, transport.py unpack, the fp16 export, the benchmarks) imports
+    with GPU_IMAGE_LACKS unimportable: a top-level import of one would end every GPU training at its start."""
+    code = f"""
+import runpy, sys
+for name in {GPU_IMAGE_LACKS!r}:
+    sys.modules[name] = None  # `import name` raises ImportError, as on the GPU image
+sys.path[:0] = ["benchmarks", "scripts/gpu"]  # as session.sh's PYTHONPATH, and transport.py's folder
+import moca3d.cli, moca3d.pipeline, moca3d.training.train_dit, moca3d.models.image_encoder, moca3d.models.transformer
+import memory, attention, forward, transport
+sys.argv = ["moca3d", "train", "--help"]
+try:
+    runpy.run_module("moca3d", run_name="__main__")  # python -m moca3d train: the verbs registered, the train verb parsed
+except SystemExit as done:
+    assert done.code == 0, done.code
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+class FakeServer:
+    """memory.Server without processes: every step peaks 1 MiB over a zero baseline."""
+
+    def __init__(self, threads: int):
+        pass
+
+    def __enter__(self) -> "FakeServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def run(self, spec: dict) -> dict:
+        return {"static_bytes": 0, "baseline_bytes": 0, "peak_bytes": 2**20, "params": 0, "method": "fake"}
+
+
+TINY = {"num_latents": 8, "in_channels": 4, "width": 16, "num_layers": 2, "num_heads": 2, "cond_dim": 8, "compression": 4, "id_codebook_size": 8}
+
+
+@pytest.mark.parametrize("script, argv, counts", [  # counts: the records in the file after each write
+    ("memory", ["--n", "2", "3", "--batch", "1", "--config", "CONFIG", "--device", "cpu"], [1, 2, 3, 4]),  # one per (N, mode)
+    ("attention", ["--n", "2", "3", "--L", "16", "--dim", "32", "--heads", "2", "--repeats", "1", "--backends", "reference",
+                   "--no-backward", "--device", "cpu"], [1, 2]),  # one per N
+    ("forward", ["--n", "2", "3", "--config", "CONFIG", "--repeats", "1", "--device", "cpu"], [2, 4]),  # an N's MoCA and dense
+])
+def test_session_benchmarks_rewrite_their_json_after_every_record(script, argv, counts, tmp_path, monkeypatch):
+    """memory.py, attention.py and forward.py rewrite --json quietly after each record (a `timeout` kill keeps those
+    done), then once more at the end with its "wrote" line."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    module = load_benchmark(script)
+    if script == "memory":
+        monkeypatch.setattr(module, "Server", FakeServer)
+    writes = []  # (records in the file just written, quiet)
+
+    def write_json(path, data, quiet=False, real=module.write_json):
+        real(path, data, quiet=quiet)
+        on_disk = json.loads(Path(path).read_text())
+        writes.append((len(on_disk if isinstance(on_disk, list) else on_disk["records"]), quiet))
+
+    monkeypatch.setattr(module, "write_json", write_json)
+    module.main([str(config) if a == "CONFIG" else a for a in argv] + ["--json", str(tmp_path / "out.json")])
+    assert writes == [(n, True) for n in counts] + [(counts[-1], False)]
