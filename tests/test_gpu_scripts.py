@@ -118,8 +118,9 @@ def test_export_init_writes_an_fp16_pipeline_that_loads_back_within_fp16_roundin
         assert v.dtype == want.dtype and torch.allclose(v, want, rtol=1e-3, atol=1e-4), k
 
 
-def test_session_script_parses():
-    done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu" / "session.sh")], capture_output=True, text=True)
+@pytest.mark.parametrize("script", ["session.sh", "make_inputs.sh"])
+def test_session_scripts_parse(script):
+    done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu" / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 

@@ -31,7 +31,8 @@
 # the recipes name it as their init_from / image_encoder_from, every run takes its VAE).
 # Everything comes back under $OUT (at most 8 files): <name>.tar, results.tar, session.log.
 #
-# Making the inputs here (both folders are git-ignored: /.whl/ and /.gpu/ in .gitignore). The upload limit is 64 MiB
+# Making the inputs here (both folders are git-ignored: /.whl/ and /.gpu/ in .gitignore): KIND=... bash
+# scripts/gpu/make_inputs.sh runs the commands below from a clean checkout (objects: about 50 min on 2 cores). The upload limit is 64 MiB
 # in all (MiB = 2^20 bytes), so move src/moca3d/weights and candidates/ out of the tree for the run (git checkout
 # brings them back; the session needs only INIT). Sizes, measured on 2026-12-03 unless said otherwise:
 #   the tree without them 6.8 MiB (git ls-files -co --exclude-standard; it grows with benchmarks/results/);
