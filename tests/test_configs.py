@@ -1,6 +1,7 @@
 """Every shipped recipe in configs/ parses strictly (unknown keys and bad values are errors) and builds its models."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,57 @@ def test_recipes_find_the_shipped_models_from_any_folder(tmp_path, monkeypatch):
         init = Path(config.from_json(CONFIGS / name).init_from)
         assert init.is_absolute() and init.is_dir() and any(init.glob("*.json")), name
     assert DiTTrainConfig.from_dict({"init_from": "runs/mine/pipeline"}).init_from == "runs/mine/pipeline"  # users' paths as given
+
+
+# configs/README.md: the catalogue a newcomer picks a recipe from. Each table row starts "| `NAME.json` | `VERB` |".
+CATALOGUE_ROW = re.compile(r"^\|\s*`([^`/]+\.json)`\s*\|\s*`([a-z-]+)`\s*\|")
+
+
+def catalogue() -> dict[str, tuple[str, str]]:
+    """configs/README.md's rows: recipe file name -> (verb, the whole row); a name listed twice is an error."""
+    rows: dict[str, tuple[str, str]] = {}
+    for line in (CONFIGS / "README.md").read_text().splitlines():
+        match = CATALOGUE_ROW.match(line)
+        if match:
+            name, verb = match.groups()
+            assert name not in rows, f"configs/README.md lists {name} twice"
+            rows[name] = (verb, line)
+    return rows
+
+
+def test_catalogue_lists_every_recipe():
+    """Every configs/*.json has a row in configs/README.md, and every row names a file that exists."""
+    listed, present = set(catalogue()), {p.name for p in CONFIGS.glob("*.json")}
+    assert not present - listed, f"recipes missing from configs/README.md: {sorted(present - listed)}"
+    assert not listed - present, f"configs/README.md lists recipes that do not exist: {sorted(listed - present)}"
+
+
+def test_catalogue_verbs_load_their_recipes():
+    """The verb the catalogue names for a recipe reads it (each loader is strict, so another verb's recipe fails on
+    its unknown keys), and a model path a fresh clone lacks (one not under src/moca3d/weights/) is named in its row."""
+    from moca3d.commands.default import read_recipe
+    from moca3d.training.recipe import PATH_KEYS, SHIPPED_PREFIX
+
+    def dit(condition):
+        def load(path):
+            cfg = DiTTrainConfig.from_json(path)
+            assert cfg.condition == condition, f"condition {cfg.condition!r}"
+        return load
+
+    loaders = {"train-default": read_recipe, "train-vae": VAETrainConfig.from_json,
+               "pretrain-encoder": EncoderPretrainConfig.from_json, "train": dit("object"), "train-scene": dit("scene")}
+    problems = []
+    for name, (verb, row) in sorted(catalogue().items()):
+        if verb not in loaders:
+            problems.append(f"{name}: unknown verb {verb!r}")
+            continue
+        try:
+            loaders[verb](CONFIGS / name)
+        except Exception as err:  # ConfigError, or the condition above (AssertionError)
+            problems.append(f"{name} does not load as `{verb}`: {err}")
+        spec = json.loads((CONFIGS / name).read_text())
+        for key in PATH_KEYS:
+            value = spec.get(key)
+            if value and not value.startswith(SHIPPED_PREFIX) and f"`{value}`" not in row:
+                problems.append(f"{name}: its {key} {value} is not in the repository; its row should say so")
+    assert not problems, "\n".join(problems)
