@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 from moca3d.cli import app
 from moca3d.commands.info import describe
 from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR
-from moca3d.errors import CheckpointError
+from moca3d.errors import CheckpointError, InputError
 
 
 def test_the_built_in_models_are_described_as_their_loaded_weights_count():
@@ -38,7 +39,7 @@ def test_an_adapter_folder_and_bad_folders(tmp_path):
     report = describe(folder)
     assert report["kind"] == "LoRA adapter" and report["rank"] == 2 and report["adapted_layers"] == 2
     assert report["weights"]["parameters"] == 12  # the trained weight alone (4 x 3); the frozen bias is the base's
-    for path, message in ((tmp_path / "none", "no such folder"), (tmp_path, "neither a pipeline folder")):
+    for path, message in ((tmp_path / "none", "no such file or folder"), (tmp_path, "neither a pipeline folder")):
         with pytest.raises(CheckpointError, match=message):
             describe(path)
 
@@ -67,5 +68,24 @@ def test_a_generated_file_records_how_it_was_made(tmp_path):
     assert load_components(tmp_path / "parts.obj")[1] == ["part_00", "part_01"]
     plain = save_glb(tmp_path / "plain.glb", [m for m in out.meshes if len(m.faces)], None)
     assert describe(plain)["settings"] == {}
+    text = CliRunner().invoke(app, ["info", str(plain)]).output  # moca3d wrote it, without a record: it said "not written by moca3d"
+    assert "made with: no record (moca3d's generate, generate-scene and reconstruct write one)" in text and "not written" not in text
     text = CliRunner().invoke(app, ["info", str(tmp_path / "parts.glb")]).output
     assert "made with: model built-in" in text and "seed 3" in text
+
+
+def test_a_vae_folder_is_described_and_a_file_info_cannot_read_is_named(tmp_path):
+    """The VAE folder `reconstruct` uses was "neither a pipeline folder nor a LoRA adapter"; an image was "no such folder"."""
+    from moca3d.commands.vae import PACKAGED_VAE, load_vae
+
+    report = describe(PACKAGED_VAE)
+    assert report["kind"] == "VAE" and report["model"]["class"] == "VecSetVAE"
+    assert (report["model"]["num_latents"], report["model"]["latent_channels"]) == (64, 8)
+    assert report["model"]["parameters"] == sum(t.numel() for t in load_vae(None).state_dict().values())
+    text = CliRunner().invoke(app, ["info", str(PACKAGED_VAE)]).output
+    assert "VecSetVAE: 1.2M parameters (fp32, 4.6 MiB); latents 64 x 8," in text and "used by: moca3d reconstruct" in text
+    with pytest.raises(InputError, match=r"chair.png: an image \(generate from it: moca3d generate .*\); info reads a generated .glb"):
+        describe(Path(__file__).resolve().parent.parent / "examples" / "chair.png")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="notes.txt: a .txt file; info reads"):
+        describe(tmp_path / "notes.txt")

@@ -500,12 +500,48 @@ def test_cli_reconstruct_writes_one_node_per_component_in_the_input_frame(datase
     few = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "few.glb"), "--model",
                               str(tmp_path / "nowhere"), "--faces", "20"])  # refused before any model loads
     assert isinstance(few.exception, ConfigError) and f"--faces 20 is too few for {len(names)} components" in str(few.exception)
-    bad = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.obj"), "--model",
+    bad = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.ply"), "--model",
                               str(tmp_path / "vae")])
-    assert isinstance(bad.exception, InputError)
+    assert isinstance(bad.exception, InputError) and "output must be a .glb or .obj file" in str(bad.exception)
     missing = runner.invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "o.glb"), "--model",
                                   str(tmp_path / "nowhere")])
     assert isinstance(missing.exception, InputError)
+
+
+@pytest.mark.parametrize("suffix", [".glb", ".obj"])
+def test_cli_reconstruct_keeps_empty_components_in_place_and_records_how_it_was_made(tmp_path, monkeypatch, suffix):
+    """The output left empty components out (the input's empty node, and a part decoded empty), warned about one of
+    the two, and held no record: `moca3d info` said it was not written by moca3d."""
+    from typer.testing import CliRunner
+
+    import moca3d.training.train_vae as train_vae
+    from moca3d.cli import app
+    from moca3d.commands.info import describe
+    from moca3d.evaluation import read_prediction
+    from moca3d.geometry.mesh_io import save_glb
+
+    SphereFieldVAE(**TINY).eval().save_pretrained(tmp_path / "vae", safe_serialization=True)
+    monkeypatch.setattr("moca3d.commands.vae.load_vae",
+                        lambda folder, device="cpu": SphereFieldVAE.from_pretrained(str(folder), local_files_only=True).eval())
+    real = train_vae.reconstruct_mesh_file
+
+    def decode_b_empty(*args, **kwargs):  # the VAE loses part "b"
+        meshes, names = real(*args, **kwargs)
+        return [trimesh.Trimesh() if name == "b" else mesh for mesh, name in zip(meshes, names)], names
+
+    monkeypatch.setattr(train_vae, "reconstruct_mesh_file", decode_b_empty)
+    parts = [trimesh.creation.icosphere(radius=0.4).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
+    save_glb(tmp_path / "in.glb", [parts[0], trimesh.Trimesh(), parts[1], parts[2]], ["a", "hole", "b", "c"])
+    out = tmp_path / f"out{suffix}"
+    result = CliRunner().invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(out), "--model", str(tmp_path / "vae"),
+                                      "--resolution", "32", "--points", "64", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 of 4 components have no surface, kept as empty: hole (empty in the input), b" in result.output
+    meshes, names = read_prediction(out)
+    assert names == ["a", "hole", "b", "c"] and [len(m.faces) > 0 for m in meshes] == [True, False, False, True]
+    settings = describe(out)["settings"]
+    assert {k: settings[k] for k in ("verb", "model", "mesh", "components", "resolution", "points")} == {
+        "verb": "reconstruct", "model": str(tmp_path / "vae"), "mesh": "in.glb", "components": 4, "resolution": 32, "points": 64}
 
 
 def test_config_rejects_unknown_keys():

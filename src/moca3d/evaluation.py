@@ -104,29 +104,13 @@ def prediction_path(folder: Path, asset_id: str) -> Optional[Path]:
     return folder / asset_id if (folder / asset_id).is_dir() else None
 
 
-def _empty_nodes(path: Path) -> tuple[list[str], set[str]]:
-    """A glTF file's node names in file order (as load_file gives them) and those of its leaf nodes without a mesh:
-    the empty components a generation keeps in their place (`save_glb`); nothing for other formats."""
-    from moca3d.geometry.mesh_io import gltf_document, node_order
-
-    order = node_order(path)
-    if order is None or order[0] != "nodes":
-        return [], set()
-    try:
-        doc = gltf_document(path) or {}
-    except (OSError, ValueError):
-        return [], set()
-    return order[1], {name for name, node in zip(order[1], doc.get("nodes", []))
-                      if not any(key in node for key in ("mesh", "children", "camera", "extensions"))}
-
-
 def read_prediction(path: Path) -> tuple[list, list[str]]:
-    """The components of one prediction and their names, in its order. A part with no surface (a GLB's empty node, no
-    faces, zero area, non-finite vertices) is kept as an empty mesh where it is: instance i stays instance i, and it
-    scores as empty instead of stopping the evaluation."""
+    """The components of one prediction and their names, in its order. A part with no surface (a GLB's empty node, an
+    OBJ's `o` object without faces, no faces, zero area, non-finite vertices) is kept as an empty mesh where it is:
+    instance i stays instance i, and it scores as empty instead of stopping the evaluation."""
     import trimesh
 
-    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, load_file, load_folder
+    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, keep_empty_components, load_file, load_folder
 
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -137,14 +121,7 @@ def read_prediction(path: Path) -> tuple[list, list[str]]:
     if path.is_dir():
         meshes, names = load_folder(path)
     else:
-        meshes, names = load_file(path)
-        order, empty = _empty_nodes(path)
-        empty -= set(names)
-        if empty:
-            rank = {name: i for i, name in enumerate(order)}
-            rows = sorted([*zip(names, meshes), *((name, trimesh.Trimesh()) for name in empty)],
-                          key=lambda row: rank.get(row[0], len(rank)))
-            names, meshes = [name for name, _ in rows], [mesh for _, mesh in rows]
+        meshes, names = keep_empty_components(path, *load_file(path))
 
     def has_surface(mesh) -> bool:
         return len(mesh.faces) > 0 and bool(np.isfinite(np.asarray(mesh.vertices)).all()) and mesh.area > 0

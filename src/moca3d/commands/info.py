@@ -1,5 +1,5 @@
-"""`moca3d info`: what a pipeline (or LoRA adapter) folder holds, read from its configs and weight headers, or how a
-generated GLB / OBJ was made (the settings `MoCAOutput.save` writes into it)."""
+"""`moca3d info`: what a pipeline, LoRA adapter or model (e.g. VAE) folder holds, read from its configs and weight headers,
+or how a generated GLB / OBJ was made (the settings `MoCAOutput.save` and `reconstruct` write into it)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR
-from moca3d.errors import CheckpointError
+from moca3d.errors import CheckpointError, InputError
 
 DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
 TASKS = {"object": "objects (one image)", "scene": "scenes (image + instance masks)"}  # what a pipeline (or adapter) generates
@@ -22,6 +22,9 @@ SHOWN = {
     "image_encoder": ("in_channels", "image_size", "patch_size", "width", "num_layers"),
     "vae": ("num_latents", "latent_channels", "width_encoder", "width_decoder", "num_layers_decoder", "truncation"),
 }
+COMPONENT_CLASSES = {"MoCATransformer": "transformer", "ImageEncoder": "image_encoder", "VecSetVAE": "vae"}  # a model folder's role
+MODEL_KINDS = {"transformer": "transformer", "image_encoder": "image encoder", "vae": "VAE"}
+USED_BY = {"vae": "moca3d reconstruct / eval-vae / encode-dataset --model"}  # the verbs a lone model folder is given to
 
 
 def tensor_headers(folder: Path) -> dict[str, tuple[str, int]]:
@@ -60,8 +63,9 @@ def read_json(path: Path) -> dict:
 
 
 def generation_record(path: Path) -> dict:
-    """A generated file's components and the settings it was made with (empty when it has none)."""
-    from moca3d.geometry.mesh_io import METADATA_KEY, gltf_document
+    """A generated file's components (and which are empty), the settings it was made with (empty when it has none) and
+    the program that wrote a glTF file."""
+    from moca3d.geometry.mesh_io import METADATA_KEY, empty_components, gltf_document
 
     suffix = path.suffix.lower()
     try:
@@ -71,23 +75,43 @@ def generation_record(path: Path) -> dict:
                 names = [line[2:].strip() for line in fh if line.startswith("o ")]
             tag = f"# {METADATA_KEY}: "
             settings = json.loads(first[len(tag):]) if first.startswith(tag) else {}
+            generator = None
         else:
             doc = gltf_document(path)
             names = [node.get("name", "") for node in doc.get("nodes", [])]
             scenes = doc.get("scenes") or [{}]
             settings = (scenes[0].get("extras") or {}).get(METADATA_KEY, {})
+            generator = (doc.get("asset") or {}).get("generator")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable {suffix[1:].upper()} file ({err})") from None
-    return {"kind": "generated file", "path": str(path), "components": names, "settings": settings}
+    empty = empty_components(path)[1]
+    return {"kind": "generated file", "path": str(path), "components": names, "empty": [n for n in names if n in empty],
+            "settings": settings, "generator": generator}
+
+
+def component_entry(folder: Path, name: str) -> dict:
+    """A model folder's class, config essentials (`SHOWN[name]`) and weights summary."""
+    config = read_json(folder / "config.json")
+    entry = {"class": config.get("_class_name", "?"), **{k: config[k] for k in SHOWN[name] if k in config}}
+    if name == "image_encoder" and config.get("model_type") == "dinov2":  # a converted release's DINOv2
+        entry.update({"class": "DINOv2", "width": config.get("hidden_size"), "num_layers": config.get("num_hidden_layers")})
+    return {**entry, **weights_summary(folder)}
 
 
 def describe(path: Path) -> dict:
-    """What the folder is and holds: a pipeline's components (class, config essentials, weights) or an adapter's; for
-    a .glb / .obj file, its components and how it was generated."""
+    """What the folder is and holds: a pipeline's components (class, config essentials, weights), an adapter's, or a
+    lone model's (e.g. a VAE); for a .glb / .obj file, its components and how it was generated."""
     if path.is_file() and path.suffix.lower() in (".glb", ".obj"):  # geometry.mesh_io.MESH_FORMATS (trimesh: seconds)
         return generation_record(path)
+    if path.is_file():
+        from moca3d.commands.generate import IMAGE_EXTENSIONS
+
+        what = f"an image (generate from it: moca3d generate {path})" if path.suffix.lower() in IMAGE_EXTENSIONS else \
+            f"a {path.suffix or 'suffix-less'} file"
+        raise InputError(f"{path}: {what}; info reads a generated .glb / .obj, or a pipeline, LoRA adapter or model "
+                         f"(e.g. VAE) folder")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such folder")
+        raise CheckpointError(f"{path}: no such file or folder")
     if (path / ADAPTER_CONFIG).is_file():
         config = read_json(path / ADAPTER_CONFIG)
         keys = ("rank", "alpha", "base", "transformer_overrides")
@@ -101,16 +125,19 @@ def describe(path: Path) -> dict:
                                        "adapted_layers": len(encoder.get("target_modules", [])), "trained_in_full": encoder.get("train_full"),
                                        "widen_init": encoder.get("widen_init"), "held_whole_from": encoder.get("source")}
         return report
+    if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+        config = read_json(path / "config.json")
+        name = "image_encoder" if config.get("model_type") == "dinov2" else COMPONENT_CLASSES.get(str(config.get("_class_name")))
+        if name is not None:
+            return {"kind": MODEL_KINDS[name], "path": str(path), "component": name, "used_by": USED_BY.get(name),
+                    "model": component_entry(path, name)}
     if not (path / "model_index.json").is_file():
-        raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json) nor a LoRA adapter ({ADAPTER_CONFIG})")
+        raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json), a LoRA adapter ({ADAPTER_CONFIG}) "
+                              f"nor a moca3d model folder (config.json of a {', '.join(COMPONENT_CLASSES)})")
     index = read_json(path / "model_index.json")
     out = {"kind": "pipeline", "path": str(path), "saved_by": f"moca3d {index.get('_moca3d_version', '?')}", "components": {}}
     for name in ("transformer", "image_encoder", "vae"):
-        config = read_json(path / name / "config.json")
-        entry = {"class": config.get("_class_name", "?"), **{k: config[k] for k in SHOWN[name] if k in config}}
-        if name == "image_encoder" and config.get("model_type") == "dinov2":  # a converted release's DINOv2
-            entry.update({"class": "DINOv2", "width": config.get("hidden_size"), "num_layers": config.get("num_hidden_layers")})
-        out["components"][name] = {**entry, **weights_summary(path / name)}
+        out["components"][name] = component_entry(path / name, name)
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         out["components"]["scheduler"] = {"class": read_json(scheduler).get("_class_name"), "shift": read_json(scheduler).get("shift")}
@@ -125,13 +152,32 @@ def _size(count: int) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
 
 
+def _component_line(entry: dict) -> str:
+    """A model's class, weights and config essentials (`component_entry`) on one line; a VAE's latents as L x C."""
+    if "num_latents" in entry and "latent_channels" in entry:
+        entry = {"latents": f"{entry['num_latents']} x {entry['latent_channels']}",
+                 **{k: v for k, v in entry.items() if k not in ("num_latents", "latent_channels")}}
+    settings = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("class", "parameters", "dtypes", "bytes"))
+    weights = f"{_size(entry['parameters'])} parameters ({'/'.join(entry['dtypes'])}, {entry['bytes'] / 2**20:.1f} MiB); " \
+        if "parameters" in entry else ""
+    return f"{entry['class']}: {weights}{settings}"
+
+
 def echo(report: dict) -> None:
     """Print `describe`'s report for a reader."""
     typer.echo(f"{report['path']}: {report['kind']}")
     if report["kind"] == "generated file":
-        typer.echo(f"  {len(report['components'])} components: {', '.join(report['components'])}")
-        made = report["settings"]
-        typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else "no record (not written by moca3d)"))
+        empty = f" ({len(report['empty'])} empty: {', '.join(report['empty'])})" if report["empty"] else ""
+        typer.echo(f"  {len(report['components'])} components{empty}: {', '.join(report['components'])}")
+        made, generator = report["settings"], report["generator"]
+        elsewhere = f"; written by {generator}" if generator and "trimesh" not in generator else ""  # moca3d writes with trimesh
+        typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else
+                                      f"no record (moca3d's generate, generate-scene and reconstruct write one){elsewhere}"))
+        return
+    if "component" in report:  # a lone model folder
+        typer.echo(f"  {_component_line(report['model'])}")
+        if report["used_by"]:
+            typer.echo(f"  used by: {report['used_by']}")
         return
     if report["kind"] == "LoRA adapter":
         weights = report["weights"] or {}
@@ -149,10 +195,7 @@ def echo(report: dict) -> None:
         return
     typer.echo(f"  task: {report['task']}, up to {report['max_components']} components; saved by {report['saved_by']}")
     for name, entry in report["components"].items():
-        settings = ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("class", "parameters", "dtypes", "bytes"))
-        weights = f"{_size(entry['parameters'])} parameters ({'/'.join(entry['dtypes'])}, {entry['bytes'] / 2**20:.1f} MiB); " \
-            if "parameters" in entry else ""
-        typer.echo(f"  {name:<13} {entry['class']}: {weights}{settings}")
+        typer.echo(f"  {name:<13} {_component_line(entry)}")
 
 
 def register(app: typer.Typer) -> None:
@@ -160,10 +203,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
-        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), or a generated .glb / .obj (how it was made). Default: the built-in model."),
+        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), a model folder (e.g. a VAE: src/moca3d/weights/vae), or a generated .glb / .obj (how it was made). Default: the built-in model."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ) -> None:
-        """Show what a pipeline or LoRA adapter holds (task, sizes, dtypes, settings; no model is loaded), or how a generated GLB was made."""
+        """Show what a pipeline, LoRA adapter or model folder holds (task, sizes, dtypes, settings; no model is loaded), or how a generated GLB / OBJ was made."""
         report = describe(path if path is not None else DEFAULT_MODEL_DIR)
         if json_out:
             typer.echo(json.dumps(report, indent=2))

@@ -133,21 +133,22 @@ def register(app: typer.Typer) -> None:
     @app.command("reconstruct")
     def reconstruct_cmd(
         mesh: Path = typer.Argument(..., help="Mesh file (one component per node) or folder (one per file)."),
-        out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb, one node per component."),
+        out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb (one named node per component) or .obj (one `o` object per component); an empty component keeps its place, without faces."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         resolution: int = typer.Option(256, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     ) -> None:
-        """Encode every component of a mesh and decode it back (VAE round trip)."""
+        """Encode every component of a mesh and decode it back (VAE round trip); the file records how (`moca3d info`)."""
+        from moca3d import __version__
         from moca3d.geometry.extract import ExtractConfig
-        from moca3d.geometry.mesh_io import save_glb
+        from moca3d.geometry.mesh_io import MESH_FORMATS, empty_components, keep_empty_components, save_components
         from moca3d.geometry.simplify import check_faces, simplify_components
         from moca3d.training.train_vae import reconstruct_mesh_file
 
-        if out.suffix.lower() != ".glb":
-            raise InputError(f"{out}: output must be a .glb file")
+        if out.suffix.lower() not in MESH_FORMATS:
+            raise InputError(f"{out}: output must be a {' or '.join(MESH_FORMATS)} file")
         check_output_path(out)
         check_resolution(resolution)
         check_max_points(points)
@@ -163,14 +164,21 @@ def register(app: typer.Typer) -> None:
         coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
         extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=True)
         meshes, names = reconstruct_mesh_file(mesh, vae, points, extract)
-        empty = [n for n, m in zip(names, meshes) if len(m.faces) == 0]
-        kept = [(m, n) for m, n in zip(meshes, names) if len(m.faces)]
-        if not kept:
+        meshes, names = keep_empty_components(mesh, meshes, names)  # the input's empty components (a generation's) stay
+        if not any(len(m.faces) for m in meshes):
             raise InputError(f"{mesh}: no component decoded to a surface")
-        save_glb(out, simplify_components([m for m, _ in kept], faces), [n for _, n in kept])
-        typer.echo(f"wrote {out} ({len(kept)} components)")
+        builtin = model is None or model.resolve() == PACKAGED_VAE  # recorded by name, never by its install path
+        settings = {"verb": "reconstruct", "model": "built-in" if builtin else str(model), "moca3d": __version__, "mesh": mesh.name,
+                    "components": len(meshes), "resolution": resolution, "points": points, **({"faces": faces} if faces is not None else {})}
+        meshes = simplify_components(meshes, faces)
+        save_components(out, meshes, names, metadata=settings)
+        empty_in = empty_components(mesh)[1]
+        empty = [f"{n} (empty in the input)" if n in empty_in else n for n, m in zip(names, meshes) if len(m.faces) == 0]
+        note = f", {len(empty)} empty" if empty else ""
+        typer.echo(f"wrote {out}: {len(meshes)} components ({sum(len(m.faces) for m in meshes):,} triangles{note})")
         if empty:
-            typer.echo(f"warning: {len(empty)} components decoded empty: {', '.join(empty)}", err=True)
+            typer.echo(f"warning: {len(empty)} of {len(meshes)} components have no surface, kept as empty: {', '.join(empty)}",
+                       err=True)
 
     @app.command("encode-dataset")
     def encode_dataset_cmd(

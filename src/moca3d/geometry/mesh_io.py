@@ -220,19 +220,39 @@ def gltf_document(path: Path) -> dict | None:
         return json.loads(f.read(int.from_bytes(header[12:16], "little")))
 
 
+def _obj_names(path: Path) -> tuple[dict[str, list[str]], set[str]]:
+    """An OBJ's `o` and `g` names in file order (each once), and the `o` names with at least one face."""
+    seen: dict[str, list[str]] = {"o": [], "g": []}
+    filled, current = set(), None
+    with open(path, "rb") as f:
+        for line in f:
+            if line[:2] in (b"o ", b"g "):
+                tag, name = line[:1].decode(), line[2:].decode("utf-8", "replace").strip()
+                if name and name not in seen[tag]:
+                    seen[tag].append(name)
+                if tag == "o":
+                    current = name
+            elif line[:2] == b"f " and current is not None:
+                filled.add(current)
+    return seen, filled
+
+
+def _gltf_node_names(doc: dict) -> list[str]:
+    """A glTF document's node names in file order, as trimesh names them: the name (or index), made unique."""
+    names: list[str] = []
+    counts: dict = {}
+    for i, node in enumerate(doc.get("nodes", [])):
+        names.append(trimesh.util.unique_name(str(node.get("name", i)), names, counts=counts))
+    return names
+
+
 def node_order(path: Path) -> tuple[str, list[str]] | None:
     """How a file's components are named, in file order: ("nodes", glTF node names as trimesh makes
     them unique), ("objects" | "groups", an OBJ's names when it has two or more), or None."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".obj":
-            seen: dict[str, list[str]] = {"o": [], "g": []}
-            with open(path, "rb") as f:
-                for line in f:
-                    if line[:2] in (b"o ", b"g "):
-                        tag, name = line[:1].decode(), line[2:].decode("utf-8", "replace").strip()
-                        if name and name not in seen[tag]:
-                            seen[tag].append(name)
+            seen = _obj_names(path)[0]
             for tag, kind in (("o", "objects"), ("g", "groups")):
                 if len(seen[tag]) >= 2:
                     return kind, seen[tag]
@@ -240,13 +260,40 @@ def node_order(path: Path) -> tuple[str, list[str]] | None:
         doc = gltf_document(path)
     except (OSError, ValueError):
         return None
+    return None if doc is None else ("nodes", _gltf_node_names(doc))
+
+
+def empty_components(path: Path) -> tuple[list[str], set[str]]:
+    """A file's component names in file order (glTF nodes, or an OBJ's two or more `o` objects, named as `load_file`
+    names them) and those of its empty components, which `load_file` leaves out: a glTF leaf node without a mesh, an
+    `o` object without faces (how `save_components` keeps an empty component in its place); nothing for other formats."""
+    try:
+        if path.suffix.lower() == ".obj":
+            seen, filled = _obj_names(path)
+            objects = seen["o"] if len(seen["o"]) >= 2 else []
+            return objects, set(objects) - filled
+        doc = gltf_document(path)
+    except (OSError, ValueError):
+        return [], set()
     if doc is None:
-        return None
-    names: list[str] = []
-    counts: dict = {}
-    for i, node in enumerate(doc.get("nodes", [])):  # trimesh's naming: the name (or index), made unique
-        names.append(trimesh.util.unique_name(str(node.get("name", i)), names, counts=counts))
-    return "nodes", names
+        return [], set()
+    names = _gltf_node_names(doc)
+    return names, {name for name, node in zip(names, doc.get("nodes", []))
+                   if not any(key in node for key in ("mesh", "children", "camera", "extensions"))}
+
+
+def keep_empty_components(path: Path, meshes: list[trimesh.Trimesh],
+                          names: list[str]) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """The components read from file `path` with its empty ones (`empty_components`) put back in file order, as empty
+    meshes: component i stays component i."""
+    order, empty = empty_components(path)
+    empty -= set(names)
+    if not empty:
+        return meshes, names
+    rank = {name: i for i, name in enumerate(order)}
+    rows = sorted([*zip(names, meshes), *((name, trimesh.Trimesh()) for name in empty)],
+                  key=lambda row: rank.get(row[0], len(rank)))
+    return [mesh for _, mesh in rows], [name for name, _ in rows]
 
 
 def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
@@ -319,28 +366,54 @@ def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected
     return meshes, names
 
 
-def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray) -> trimesh.Trimesh:
-    """A geometry-only copy with one face colour."""
+def _named_colors(meshes: list[trimesh.Trimesh], names: list[str] | None,
+                  colors: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+    """Unique names (default component_i) and RGBA uint8 colours (N, 4) (default `palette`), one per component."""
+    names = _unique_names(list(names) if names is not None else [f"component_{i}" for i in range(len(meshes))])
+    colors = palette(len(meshes)) if colors is None else np.asarray(colors, dtype=np.uint8)
+    if len(names) != len(meshes) or len(colors) != len(meshes):
+        raise InputError(f"{len(meshes)} components need as many names and colours, got {len(names)} and {len(colors)}")
+    return names, colors
+
+
+def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str) -> trimesh.Trimesh:
+    """A geometry-only copy coloured by a named PBR material (dielectric, base colour `color`): viewers and DCC tools
+    show a material's colour by default, not vertex colours (and glTF would multiply the two)."""
     out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
-    out.visual = trimesh.visual.ColorVisuals(out, face_colors=np.tile(color, (len(out.faces), 1)))
+    material = trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=color, metallicFactor=0.0, roughnessFactor=0.7)
+    out.visual = trimesh.visual.TextureVisuals(material=material)
     return out
 
 
 def components_scene(
     meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None
 ) -> trimesh.Scene:
-    """A scene with one named node per component, each in its own colour."""
-    names = _unique_names(list(names) if names is not None else [f"component_{i}" for i in range(len(meshes))])
-    colors = palette(len(meshes)) if colors is None else np.asarray(colors, dtype=np.uint8)
-    if len(names) != len(meshes) or len(colors) != len(meshes):
-        raise InputError(f"{len(meshes)} components need as many names and colours, got {len(names)} and {len(colors)}")
+    """A scene with one named node per component, each with its own coloured material."""
+    names, colors = _named_colors(meshes, names, colors)
     scene = trimesh.Scene()
     for mesh, name, color in zip(meshes, names, colors):
         if len(mesh.faces) == 0:  # an empty component keeps its named node, without geometry
             scene.graph.update(frame_to=name, frame_from=scene.graph.base_frame, matrix=np.eye(4))
         else:
-            scene.add_geometry(_colored_copy(mesh, color), node_name=name, geom_name=name)
+            scene.add_geometry(_colored_copy(mesh, color, name), node_name=name, geom_name=name)
     return scene
+
+
+def _obj_text(meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None) -> str:
+    """Wavefront OBJ text with one `o NAME` object per component, in order (an empty component: its `o` line alone),
+    each vertex followed by its component's RGB colour (0-1)."""
+    names, colors = _named_colors(meshes, names, colors)
+    lines, offset = [], 1  # OBJ indices count from 1 over the whole file
+    for mesh, name, color in zip(meshes, names, colors):
+        lines.append(f"o {name}")
+        if len(mesh.faces) == 0:
+            continue
+        vertices = np.asarray(mesh.vertices, dtype=np.float64)  # (V, 3)
+        rgb = np.broadcast_to(color[:3] / 255.0, vertices.shape)  # (V, 3)
+        lines.append("v " + trimesh.util.array_to_string(np.hstack([vertices, rgb]), col_delim=" ", row_delim="\nv ", digits=8))
+        lines.append("f " + trimesh.util.array_to_string(np.asarray(mesh.faces) + offset, col_delim=" ", row_delim="\nf "))
+        offset += len(vertices)
+    return "\n".join(lines) + "\n"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -360,7 +433,8 @@ def save_glb(
     colors: np.ndarray | None = None,
     metadata: dict | None = None,
 ) -> Path:
-    """Write a GLB scene, one named node per component with distinct colours (atomic; InputError naming `path` if it fails).
+    """Write a GLB scene, one named node per component (an empty one without a mesh), each with its own named colour
+    material and vertex normals (atomic; InputError naming `path` if it fails).
 
     `metadata` (JSON values, e.g. how a generation was made) goes into the scene's glTF extras under "moca3d"."""
     path = Path(path)
@@ -371,7 +445,7 @@ def save_glb(
     scene = components_scene(meshes, names, colors)
     if metadata:
         scene.metadata[METADATA_KEY] = metadata
-    data = scene.export(file_type="glb")
+    data = scene.export(file_type="glb", include_normals=True)  # vertex normals: smooth shading in every viewer
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
@@ -386,15 +460,16 @@ MESH_FORMATS = (".glb", ".obj")  # what the CLI writes a generation as: one name
 
 def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None,
                     metadata: dict | None = None) -> Path:
-    """Write the components as OBJ when `path` ends in .obj (one `o` object per component, no materials; `load_file`
-    reads the parts back; `metadata` as a first comment line), else as GLB (`save_glb`: named nodes, distinct colours,
+    """Write the components as OBJ when `path` ends in .obj (`_obj_text`: one `o` object per component, an empty one
+    without faces, no materials; `load_file` reads the parts back, `keep_empty_components` the empty ones; `metadata` as
+    a first comment line), else as GLB (`save_glb`: named nodes, an empty one without a mesh, distinct colours,
     `metadata` in the glTF extras); atomic, InputError naming `path` if it fails."""
     path = Path(path)
     if path.suffix.lower() != ".obj":
         return save_glb(path, meshes, names, metadata=metadata)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
-    text = components_scene(meshes, names, None).export(file_type="obj")
+    text = _obj_text(meshes, names)
     if metadata:
         text = f"# {METADATA_KEY}: {json.dumps(metadata)}\n{text}"
     try:

@@ -1,0 +1,70 @@
+"""What moca3d writes a generation as: an OBJ keeps every component (an empty one as an `o` object without faces), a
+GLB colours each part with a named material and carries vertex normals; both read back in place."""
+
+import numpy as np
+import pytest
+import trimesh
+from typer.testing import CliRunner
+
+from moca3d.cli import app
+from moca3d.commands.info import describe
+from moca3d.evaluation import read_prediction
+from moca3d.geometry.mesh_io import gltf_document, load_file, main_color, palette, save_components, save_glb
+
+NAMES = ["box", "hole", "ball", "gap"]
+
+
+@pytest.fixture
+def parts():
+    """Four components in one frame, the second and fourth empty (as a generation's empty parts)."""
+    box = trimesh.creation.box(extents=[0.6, 0.6, 0.6]).apply_translation([-0.6, 0, 0])
+    ball = trimesh.creation.icosphere(subdivisions=2, radius=0.3).apply_translation([0.6, 0, 0])
+    return [box, trimesh.Trimesh(), ball, trimesh.Trimesh()]
+
+
+@pytest.mark.parametrize("suffix", [".obj", ".glb"])
+def test_every_component_is_written_and_read_back_in_place(parts, tmp_path, suffix):
+    """The OBJ left its empty components out (trimesh skips nodes without geometry): 2 `o` objects for 4 instances."""
+    path = save_components(tmp_path / f"scene{suffix}", parts, NAMES, metadata={"instances": 4})
+    if suffix == ".obj":
+        assert [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("o ")] == NAMES
+    assert load_file(path)[1] == ["box", "ball"]  # the surfaces
+    meshes, names = read_prediction(path)  # evaluation: the empty ones stay where they are
+    assert names == NAMES and [len(m.faces) > 0 for m in meshes] == [True, False, True, False]
+    assert np.allclose(meshes[2].bounds, parts[2].bounds)
+    report = describe(path)
+    assert report["components"] == NAMES and report["empty"] == ["hole", "gap"] and report["settings"] == {"instances": 4}
+    text = CliRunner().invoke(app, ["info", str(path)]).output
+    assert "4 components (2 empty: hole, gap): box, hole, ball, gap" in text
+
+
+def test_evaluate_scene_pairs_an_obj_prediction_with_empty_instances(parts, tmp_path):
+    """`evaluate --scene` on an OBJ generation with empty instances could not pair them (2 predicted, 4 in the GT)."""
+    gt = [parts[0], trimesh.creation.box(extents=[0.2] * 3), parts[2], trimesh.creation.box(extents=[0.2] * 3).apply_translation([0, 0.5, 0])]
+    save_components(tmp_path / "gt.glb", gt, NAMES)
+    save_components(tmp_path / "pred.obj", parts, NAMES)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.obj"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
+    assert result.exit_code == 0, result.output
+    assert "per-instance metrics need equal component counts" not in result.output
+    assert "instance hole: empty" in result.output and "instance gap: empty" in result.output
+    assert "instance box: chamfer" in result.output
+
+
+def test_glb_parts_carry_a_named_material_of_their_colour_and_vertex_normals(parts, tmp_path):
+    """Viewers and Blender show a material's colour (vertex colours alone came out white) and shade smoothly with the
+    file's normals (none were written: faceted); the colours still read back as each part's colour."""
+    colors = palette(4, seed=3)
+    path = save_glb(tmp_path / "parts.glb", parts, NAMES, colors=colors)
+    doc = gltf_document(path)
+    meshes = {node["name"]: doc["meshes"][node["mesh"]] for node in doc["nodes"] if "mesh" in node}
+    assert sorted(meshes) == ["ball", "box"]
+    for name, k in (("box", 0), ("ball", 2)):
+        primitive = meshes[name]["primitives"][0]
+        assert "NORMAL" in primitive["attributes"] and "COLOR_0" not in primitive["attributes"]  # glTF multiplies the two
+        material = doc["materials"][primitive["material"]]
+        pbr = material["pbrMetallicRoughness"]
+        assert material["name"] == name and pbr["metallicFactor"] == 0.0
+        assert np.array_equal(np.round(np.asarray(pbr["baseColorFactor"]) * 255), colors[k])
+    loaded, names = load_file(path)
+    assert [main_color(m).tolist() for m in loaded] == [colors[0].tolist(), colors[2].tolist()]  # render's part colours
+    assert all(np.allclose(m.vertices, p.vertices, atol=1e-6) and np.array_equal(m.faces, p.faces) for m, p in zip(loaded, parts[::2]))
