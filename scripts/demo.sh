@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job: generate part meshes from an example image with the built-in model.
-# Until the built-in weights ship (src/moca3d/weights/default), it first runs the whole
-# recipe at smoke-test scale (8 procedural objects, tiny VAE and transformer, ~2 min on a
-# 2-core CPU) and generates with that model instead: every stage is real, quality is not.
+# The main job: generate part meshes from an example image with the built-in model, which ships
+# in the package (src/moca3d/weights/default). Only where it is missing (an install without the
+# weights) does it first run the whole recipe at smoke-test scale (8 procedural objects, tiny VAE
+# and transformer, ~2 min on a 2-core CPU) and generate with that model: every stage real, quality not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p outputs

@@ -567,3 +567,28 @@ def test_demo_serves_a_lora_adapter_folded_into_its_base(pipeline_dir, tmp_path,
     monkeypatch.setattr(demo_app, "resolve_model", lambda model: model)
     result = CliRunner().invoke(app, ["demo", "--model", str(pipeline_dir), "--lora", str(folder), "--no-scenes", "--port", str(_free_port())])
     assert result.exception is None and seen[0]["lora"] == folder
+
+
+def test_the_demo_names_its_share_switch_not_gradios_launch_argument(monkeypatch, capsys):
+    """gradio printed "To create a public link, set `share=True` in `launch()`": a CLI user's switch is --share."""
+    calls = []
+
+    class Page:
+        """Stands in for the built gr.Blocks: records how it is launched."""
+
+        def launch(self, **options):
+            calls.append(options)
+
+        def block_thread(self):
+            calls.append("blocked")
+
+    monkeypatch.setattr(demo_app, "build_app", lambda *args, **kwargs: Page())
+    demo_app.launch(port=7999)
+    options, blocked = calls
+    assert options["quiet"] and options["prevent_thread_lock"] and not options["share"] and blocked == "blocked"
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:7999" in out and "moca3d demo --share" in out and "share=True" not in out
+    calls.clear()
+    demo_app.launch(port=7999, share=True, prevent_thread_lock=True)  # gradio's own lines then: the public link's
+    (options,) = calls
+    assert options["share"] and not options["quiet"] and capsys.readouterr().out == ""

@@ -329,6 +329,14 @@ def test_number_of_routed_components():
         MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=0)  # it would be read as 1
 
 
+def test_a_backend_set_on_a_built_layer_is_checked_when_used():
+    """`attention_config.backend = "bogus"` on a loaded model (the dataclass checks only when made) was a bare KeyError."""
+    m = make_module()
+    m.config.backend = "bogus"
+    with pytest.raises(ConfigError, match="^attention backend must be one of auto, reference, chunked, blocksparse, matmul, fused, got 'bogus'$"):
+        m(make_inputs(), 4)
+
+
 @pytest.mark.parametrize("N", [1, 2, 5, 12])
 @pytest.mark.parametrize("kw", [{}, {"unselected": "drop"}, {"routing": False}])
 def test_context_length_matches_formula(N, kw):

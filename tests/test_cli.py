@@ -224,3 +224,46 @@ def test_an_adapter_config_with_a_malformed_condition_is_one_line(tmp_path):
         read_adapter_config(adapter)
     shown = CliRunner().invoke(app, ["info", str(adapter)])
     assert shown.exit_code == 0 and "?" in shown.output, shown.output
+
+
+def test_ctrl_c_during_generation_says_what_was_written_and_exits_130(tmp_path, monkeypatch):
+    """Ctrl+C exited with code 130 and no word; now one line on stderr names what was written by then."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    import trimesh
+
+    from moca3d.pipeline import MoCAOutput, MoCAPipeline
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+
+    class CutAfterOne:
+        """A loaded pipeline whose first generation ends and whose second one is cut by Ctrl+C."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, image, num_parts=1, **kwargs):
+            self.calls += 1
+            if self.calls > 1:
+                raise KeyboardInterrupt
+            return MoCAOutput([trimesh.creation.box()], ["part_00"], torch.zeros(1, 1, 1), kind="part")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MoCAPipeline, "from_pretrained", classmethod(interrupted))
+    for verb in (["generate", str(examples / "chair.png")],
+                 ["generate-scene", str(examples / "scene4.png"), "--masks", str(examples / "scene4_masks.png")]):
+        result = CliRunner().invoke(app, verb + ["--device", "cpu", "-o", str(tmp_path / "one.glb")])
+        assert result.exit_code == 130 and result.stderr == "interrupted: nothing written\n", result.output
+        assert not (tmp_path / "one.glb").exists()
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(examples / "chair.png", images / name)
+    monkeypatch.setattr(MoCAPipeline, "from_pretrained", classmethod(lambda cls, *args, **kwargs: CutAfterOne()))
+    result = CliRunner().invoke(app, ["generate", str(images), "--parts", "1", "--device", "cpu", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 130 and result.stderr == f"interrupted: 1 written, the last {tmp_path / 'out' / 'a.glb'}\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.glb"]

@@ -156,7 +156,7 @@ def test_failed_glb_write_leaves_no_temporary_file(tmp_path):
         output.save(target)
     with pytest.raises(InputError, match="cannot write .*: File exists"):  # a parent that is a file
         output.save(target / "keep" / "x.glb")
-    with pytest.raises(InputError, match="cannot write .*: File exists"):
+    with pytest.raises(ConfigError, match="keep is a file, not a folder"):  # named by the --json writer before it writes
         write_json(target / "keep" / "m.json", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
@@ -202,12 +202,48 @@ def test_evaluate_options_are_checked_before_loading(tmp_path, verb, args, error
                                   ["generate-scene", str(EXAMPLES / "scene4.png"), "--masks", str(EXAMPLES / "scene4_masks.png")]])
 @pytest.mark.parametrize("shift", ["nan", "0", "-1"])
 def test_generation_shift_is_checked_before_loading(tmp_path, monkeypatch, verb, shift):
-    def never(*args, **kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(MoCAPipeline, "from_pretrained", classmethod(never))
+    _never_load(monkeypatch)
     res = CliRunner().invoke(app, verb + ["--shift", shift, "--device", "cpu", "-o", str(tmp_path / "out.glb")])
     assert isinstance(res.exception, InputError) and "the timestep shift must be positive and finite" in str(res.exception)
+
+
+def _never_load(monkeypatch):
+    """Make loading a pipeline fail the test: what is checked must be checked before the (slow) model loading."""
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options and inputs were checked")
+
+    monkeypatch.setattr(MoCAPipeline, "from_pretrained", classmethod(never))
+
+
+def test_bad_images_masks_and_part_counts_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """The image and masks are read, and the part limit taken from the model folder's transformer/config.json, first."""
+    _never_load(monkeypatch)
+    own = tmp_path / "own"  # a pipeline folder whose limit is 3 components: only its config is read
+    (own / "transformer").mkdir(parents=True)
+    (own / "transformer" / "config.json").write_text(json.dumps({"id_codebook_size": 3}))
+    Image.fromarray(np.ones((10, 10), np.uint8)).save(tmp_path / "small.png")
+    many = np.zeros((256, 256), np.uint8)
+    many[:60] = np.arange(1, 61)[:, None]  # 60 instances, one row each
+    Image.fromarray(many).save(tmp_path / "many.png")
+    Image.open(EXAMPLES / "scene4_masks.png").save(tmp_path / "labels.jpg", quality=95)
+    (tmp_path / "no_masks").mkdir()
+    chair, scene = ["generate", str(EXAMPLES / "chair.png")], ["generate-scene", str(EXAMPLES / "scene4.png"), "--masks"]
+    cases = [
+        (["generate", str(tmp_path / "nonexistent.png")], InputError, "image not found"),
+        (chair + ["--parts", "1000"], ConfigError, "--parts 1000 is above the model's limit of 50 parts"),
+        (chair + ["--parts", "4", "--model", str(own)], ConfigError, "--parts 4 is above the model's limit of 3 parts"),
+        (["generate-scene", str(tmp_path / "nonexistent.png"), "--masks", str(EXAMPLES / "scene4_masks.png")], InputError,
+         "image not found"),
+        (scene + [str(tmp_path / "small.png")], InputError, "the masks are 10x10 but the image is 256x256"),
+        (scene + [str(tmp_path / "many.png")], InputError, "60 masks exceed the model's limit of 50 instances"),
+        (scene + [str(EXAMPLES / "scene4_masks.png"), "--model", str(own)], InputError, "4 masks exceed the model's limit of 3"),
+        (scene + [str(tmp_path / "labels.jpg")], InputError, "is a JPEG: lossy compression invents ids"),
+        (scene + [str(tmp_path / "no_masks")], InputError, "holds no images"),
+        (scene + [str(tmp_path / "missing.png")], InputError, "masks not found"),
+    ]
+    for args, error, message in cases:
+        res = CliRunner().invoke(app, args + ["--device", "cpu", "-o", str(tmp_path / "out.glb")])
+        assert isinstance(res.exception, error) and message in str(res.exception), (args, res.exception)
 
 
 @pytest.mark.parametrize("count", ["0", "-1"])

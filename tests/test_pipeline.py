@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -16,11 +17,14 @@ import trimesh
 from PIL import Image
 from typer.testing import CliRunner
 
+from moca3d.commands.info import describe
 from moca3d.errors import CheckpointError, ConfigError, InputError
 from moca3d.models.image_encoder import preprocess_image
-from moca3d.pipeline import MoCAPipeline
+from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 from moca3d.training.train_dit import DiTTrainConfig, LatentDataset, build_models, step_draws, train, training_loss
 
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def tiny_recipe(steps=4, **kw):
@@ -319,7 +323,9 @@ def test_generate_cli_and_clear_errors(dataset, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["generate", str(image), "--parts", "2", "-o", str(tmp_path / "o.glb"), "--model", str(model), "--steps", "1", "--resolution", "16"])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "o.glb").is_file()
+    assert res.output.startswith("wrote "), res.output  # no blank line first, left by a progress bar outside a terminal
+    record = describe(tmp_path / "o.glb")["settings"]  # the image, read before the model loads, still named
+    assert record["image"] == image.name and record["model"] == str(model) and record["parts"] == 2
     pipe = MoCAPipeline.from_pretrained(model)
     with pytest.raises(InputError, match="exceed the model's limit"):
         pipe(image, num_parts=51, steps=1, show_progress=False)
@@ -511,3 +517,30 @@ def test_training_follows_the_id_assignment(dataset, assignment):
         assert torch.equal(model.transformer.sample_ids(4, n), ids)
     else:
         assert all(len(set(row.tolist())) == n for row in ids) and not torch.equal(ids[0], torch.arange(n))
+
+
+def test_files_name_the_shipped_models_never_their_install_path(tmp_path):
+    """Scene GLBs recorded the built-in scene model's install path (generate-scene passes its folder); objects said built-in."""
+    assert MoCAPipeline.from_pretrained().source["model"] == "built-in"
+    assert MoCAPipeline.from_pretrained(DEFAULT_MODEL_DIR).source["model"] == "built-in"
+    assert MoCAPipeline.from_pretrained(DEFAULT_SCENE_MODEL_DIR).source["model"] == "built-in scene"
+    mine = shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "mine")  # a copy is a folder of the user's: named by its path
+    assert MoCAPipeline.from_pretrained(mine).source["model"] == str(mine)
+
+
+def test_progress_leaves_no_blank_line_where_stdout_is_not_a_terminal(capsys):
+    """The transient progress bar cleared itself with an empty line before every output not in a terminal."""
+    MoCAPipeline.from_pretrained()(EXAMPLES / "chair.png", num_parts=1, steps=1, resolution=16)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_device_torch_lacks_is_a_one_line_config_error(monkeypatch):
+    """The Python API raised torch's bare AssertionError ("Torch not compiled with CUDA enabled"); now the CLI's one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="^device 'cuda' requested but CUDA is not available$"):
+        MoCAPipeline.from_pretrained(device="cuda")
+    pipe = MoCAPipeline.from_pretrained(device="auto")
+    for move in (lambda: pipe.to("cuda:0"), lambda: pipe.enable_sequential_cpu_offload()):
+        with pytest.raises(ConfigError, match="^device 'cuda.*' requested but CUDA is not available$"):
+            move()
+    assert pipe.to(torch.device("cpu")).device.type == "cpu"

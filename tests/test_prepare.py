@@ -12,7 +12,7 @@ import moca3d.data.prepare as prep
 from conftest import TINY_PREPARE
 from moca3d.cli import app
 from moca3d.data.dataset import AssetDataset, ComponentDataset
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.inside import QueryConfig
 from moca3d.geometry.mesh_io import load_components, save_glb, save_separate
 from moca3d.geometry.render import RenderConfig
@@ -172,6 +172,17 @@ def test_cli_prepare_and_evaluate(tmp_path):
     result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", str(tmp_path / "m" / "metrics.json"), "--num-points", "2000"])
     assert result.exit_code == 0, result.output
     assert "fscore@0.1" in result.output and json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
+    result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", str(glb / "metrics.json"), "--num-points", "2000"])
+    assert isinstance(result.exception, ConfigError) and str(result.exception) == f"--json {glb / 'metrics.json'}: {glb} is a file, not a folder"
+
+
+def test_prepare_asks_to_raise_only_the_fractions_that_were_not_set_to_zero(tmp_path):
+    """--val-fraction 0 asks for no val split: the hint for an empty held-out split no longer says to raise it."""
+    result = CliRunner().invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "--out", str(tmp_path / "ds"),
+                                      "--num-surface", "64", "--num-queries", "64", "--image-size", "32", "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert "splits: 1 train, 0 val, 0 test (test empty: raise --test-fraction for a held-out split)" in result.output
+    assert "--val-fraction" not in result.output
 
 
 def test_every_source_gets_its_own_asset_and_open_parts_are_reported(tmp_path):

@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moca3d.cli import app
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.mesh_io import save_glb
 
 RED, BLUE = (220, 30, 30, 255), (30, 30, 220, 255)
@@ -81,7 +81,8 @@ def test_render_refuses_unrenderable_meshes_angles_and_outputs(two_boxes, tmp_pa
     unwritable = tmp_path / "a_file.png"
     unwritable.write_text("")
     result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(unwritable / "r.png"), "--size", "16"])
-    assert isinstance(result.exception, InputError) and f"cannot write {unwritable / 'r.png'}" in str(result.exception)
+    assert isinstance(result.exception, ConfigError), result.output  # it said "cannot write .../r.png: File exists"
+    assert str(result.exception) == f"--output {unwritable / 'r.png'}: {unwritable} is a file, not a folder"
 
 
 def test_render_far_from_the_origin_and_at_any_scale_is_the_same_picture(two_boxes, tmp_path):

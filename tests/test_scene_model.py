@@ -46,3 +46,22 @@ def test_builtin_scene_model_generates_held_out_scenes(held_out):
     assert all(s["num_empty"] == 0 for s in report["scenes"]), report["scenes"]
     assert report["mean"]["instance_fscore@0.1"] >= MIN_INSTANCE_FSCORE, report["scenes"]
     assert report["mean"]["fscore@0.1"] >= MIN_SCENE_FSCORE, report["scenes"]
+
+
+def test_generate_scene_names_the_built_in_scene_model_not_its_install_path(tmp_path):
+    """The record said `model /.../src/moca3d/weights/scene`; the inputs, read before the model loads, are still named."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.commands.info import describe
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    out = tmp_path / "scene.glb"
+    res = CliRunner().invoke(app, ["generate-scene", str(examples / "scene4.png"), "--masks", str(examples / "scene4_masks.png"),
+                                   "--steps", "5", "--resolution", "32", "--device", "cpu", "-o", str(out)])
+    assert res.exit_code == 0 and res.output.startswith("wrote "), res.output
+    settings = describe(out)["settings"]
+    assert (settings["model"], settings["image"], settings["masks"], settings["instances"]) == ("built-in scene", "scene4.png",
+                                                                                                "scene4_masks.png", 4)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from moca3d.commands.common import resolve_device
-from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB
+from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB, page_url
 from moca3d.data.scene import load_masks
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning, MoCA3DError, out_of_memory
@@ -395,8 +395,12 @@ def launch(
 ) -> gr.Blocks:
     """Build the app and serve it on host:port (blocks unless prevent_thread_lock); returns the running app."""
     demo = build_app(model_path, device=device, **app_options)
-    demo.launch(
-        server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+    demo.launch(  # quiet without `share`: gradio would say "set `share=True` in `launch()`", the CLI's switch being --share
+        server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=not share,
         max_file_size=MAX_UPLOAD_BYTES, ssr_mode=False,
     )
+    if not share:
+        print(f"* Running on local URL:  {page_url(host, port)}\n* To create a public link, run `moca3d demo --share`.")
+    if not prevent_thread_lock:
+        demo.block_thread()
     return demo

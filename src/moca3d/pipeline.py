@@ -89,11 +89,13 @@ class MoCAPipeline:
                         lora: Union[str, Path, None] = None, torch_dtype: Union[torch.dtype, str, None] = None) -> "MoCAPipeline":
         """Load a pipeline folder; `None` loads the built-in default model shipped with the package.
 
+        `device`: cpu, cuda, cuda:N, mps or "auto" (cuda when available); one torch lacks is a one-line ConfigError.
         `lora`: an adapter folder (OUT/lora of `moca3d train --lora-rank`, or of `moca3d train-scene --lora-rank`: then
         a scene pipeline) trained from this very pipeline, folded into its weights.
         `torch_dtype`: the transformer's and image encoder's dtype (torch.bfloat16, "bf16", "auto": bf16 on a GPU that
         has it, else fp32; None: fp32); the VAE stays fp32, its field is meshed at 1/128 of a cell and more.
         """
+        device = _checked_device(device)
         dtype = None if torch_dtype is None else resolve_dtype(torch_dtype, device)
         root = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if path is not None and not root.exists():
@@ -147,7 +149,7 @@ class MoCAPipeline:
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
         pipe = cls(scheduler=scheduler, **parts)
-        pipe.source = {"model": "built-in" if path is None else str(root), "lora": None if lora is None else str(lora)}
+        pipe.source = {"model": _model_name(root), "lora": None if lora is None else str(lora)}
         return pipe
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
@@ -172,6 +174,8 @@ class MoCAPipeline:
         return root
 
     def to(self, device: Union[str, torch.device]) -> "MoCAPipeline":
+        """Move every component to `device` (checked: a one-line ConfigError where torch has no such device)."""
+        device = _checked_device(device)
         for name in COMPONENTS:
             getattr(self, name).to(device)
         return self
@@ -183,7 +187,7 @@ class MoCAPipeline:
         """
         from accelerate import cpu_offload
 
-        device = torch.device(device)
+        device = torch.device(_checked_device(device))
         for name in COMPONENTS:
             cpu_offload(getattr(self, name), execution_device=device)
         self._execution_device = device
@@ -272,11 +276,14 @@ class MoCAPipeline:
                   inputs: dict, faces: Optional[int] = None) -> MoCAOutput:
         """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None.
         The output's settings record how it was made, with the file names of the `inputs` given as paths."""
+        from rich.console import Console
         from rich.progress import Progress
 
         check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)  # all before the image is encoded
         check_faces(faces, num, dash="")
-        with Progress(disable=not show_progress, transient=True) as bar:
+        console = Console()  # bars only where they redraw in place: elsewhere (a pipe, a log file) a transient one leaves a blank line
+        shown = show_progress and (console.is_terminal or console.is_jupyter)
+        with Progress(console=console, disable=not shown, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num
             check_faces(faces, num, dash="")  # a scene's count is known once its masks are read
@@ -377,6 +384,19 @@ def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: 
     merge_lora(model)
     model.requires_grad_(True)  # as any loaded model
     return model.transformer, model.image_encoder
+
+
+def _checked_device(device: Union[str, torch.device]) -> str:
+    """`device` checked as the CLI's --device (one-line ConfigError, not torch's AssertionError, for a missing CUDA or MPS)."""
+    from moca3d.commands.common import resolve_device
+
+    return resolve_device(str(device))
+
+
+def _model_name(root: Path) -> str:
+    """How generated files record pipeline folder `root`: its path, or the shipped model's name, never its install path."""
+    shipped = {DEFAULT_MODEL_DIR: "built-in", DEFAULT_SCENE_MODEL_DIR: "built-in scene"}
+    return next((name for folder, name in shipped.items() if root.resolve() == folder.resolve()), str(root))
 
 
 def _is_dino(encoder) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -21,7 +22,7 @@ FACES_HELP = ("Triangle budget of the whole output: the components share it in p
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> cuda when available, else cpu; other names are checked."""
+    """'auto' -> cuda when available, else cpu; other names are checked (one-line ConfigError), for the CLI and the pipeline."""
     import torch
 
     if name == "auto":
@@ -72,19 +73,41 @@ def check_generation_args(steps: int, resolution: int, guidance: float, output: 
     check_output_path(output)
 
 
-def save_generation(result, output: Path, noun: str, started: float) -> None:
+def model_limit(folder: Path) -> Optional[int]:
+    """Pipeline `folder`'s component limit from its transformer/config.json, no weights loaded; None if unreadable there."""
+    try:
+        limit = json.loads((Path(folder) / "transformer" / "config.json").read_text()).get("id_codebook_size")
+    except (OSError, ValueError, AttributeError):  # missing or unreadable file, bad JSON, not a JSON object
+        return None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+@contextmanager
+def interruptible(written: Optional[list] = None) -> Iterator[None]:
+    """Ctrl+C inside ends the verb with one line on stderr, saying what was `written` by then, and exit code 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = f"{len(written)} written, the last {written[-1]}" if written else "nothing written"
+        typer.echo(f"interrupted: {done}", err=True)
+        raise typer.Exit(130) from None
+
+
+def save_generation(result, output: Path, noun: str, started: float) -> Path:
     """Write a generation's GLB or OBJ and print one line: path, component count, empty ones, triangles, time."""
     path = result.save(output)
     empty = sum(1 for m in result.meshes if len(m.faces) == 0)
     note = f", {empty} empty" if empty else ""
     triangles = sum(len(m.faces) for m in result.meshes)
     typer.echo(f"wrote {path}: {len(result.meshes)} {noun} ({triangles:,} triangles{note}) in {time.time() - started:.1f} s")
+    return path
 
 
 def write_json(path: Optional[Path], obj: Any) -> bool:
-    """Write `obj` as indented JSON to `path` atomically (parents created), or print it for '-' (then True)."""
+    """Write `obj` as indented JSON to `path` atomically (checked as --json first; parents created), or print it for '-' (then True)."""
     from moca3d.training.checkpoints import atomic_write_json
 
+    check_output_path(path, "--json")
     if path is not None and str(path) == "-":
         typer.echo(json.dumps(obj, indent=2))
         return True

@@ -69,7 +69,8 @@ def prepare_command(
     if not splits:  # everything was reported skipped by an earlier run: say so instead of a silent empty dataset
         raise InputError(f"{out}: no asset prepared; every one is listed as skipped in {out / 'report.jsonl'} "
                          "(rerun with --retry-failed to try them again)")
-    empty = [name for name in ("val", "test") if not splits[name]]
+    fractions = {"val": val_fraction, "test": test_fraction}
+    empty = [name for name in ("val", "test") if not splits[name] and fractions[name] > 0]  # not one asked to be empty (0)
     raise_hint = " and ".join(f"--{name}-fraction" for name in empty)
     hint = f" ({' and '.join(empty)} empty: raise {raise_hint} for a held-out split)" if empty else ""
     typer.echo(f"splits: {splits['train']} train, {splits['val']} val, {splits['test']} test{hint}")

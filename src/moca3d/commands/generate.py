@@ -10,9 +10,9 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_run_folder, echo_categories, echo_means,
-                                    echo_missing, load_or_predictions, resolve_device, run_dit_training, save_generation,
-                                    write_json)
-from moca3d.defaults import GUIDANCE, STEPS, check_sampling_args, resolve_dtype
+                                    echo_missing, interruptible, load_or_predictions, model_limit, resolve_device,
+                                    run_dit_training, save_generation, write_json)
+from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
 
@@ -69,50 +69,61 @@ def register(app: typer.Typer) -> None:
         """Generate PARTS part meshes from one IMAGE (or each image of a folder) and write them as a GLB scene."""
         import time
 
-        from moca3d.pipeline import MoCAPipeline
+        written: list[Path] = []
+        with interruptible(written):
+            from moca3d.models.image_encoder import load_image
 
-        images = image_files(image) if image.is_dir() else None
-        if images is not None:  # one .glb per image in a folder
-            output = Path("outputs") / image.name if output == DEFAULT_OUTPUT else output
-            if output.suffix.lower() in (".glb", ".obj"):
-                raise ConfigError(f"with a folder of images, -o names the folder of their .glb files, not a file: got {output}")
-            check_generation_args(steps, resolution, guidance, output / "x.glb", seed, shift)
-            check_run_folder(output)
-        else:
-            check_generation_args(steps, resolution, guidance, output, seed, shift)
-        if parts < 1:
-            raise ConfigError(f"--parts must be >= 1, got {parts}")
-        check_faces(faces, parts)
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        t0 = time.time()
-        pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev, lora=object_lora(lora), torch_dtype=torch_dtype)
-        if offload:
-            pipe.enable_sequential_cpu_offload(dev)
-        settings = dict(num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, faces=faces)
-        if images is None:
-            save_generation(pipe(image, **settings), output, "parts", t0)
-            return
-        failed = []
-        for path in images:  # a bad image is reported and skipped; the others are generated
-            started = time.time()
-            try:
-                with warnings.catch_warnings(record=True) as caught:  # Python shows a warning once per place: each
-                    warnings.simplefilter("always", InputWarning)  # image's own, named, or the next ones would be lost
-                    result = pipe(path, **settings)
-            except InputError as err:
-                typer.echo(f"skipped {path.name}: {err}")
-                failed.append(path.name)
-                continue
-            finally:
-                for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, InputWarning)):
-                    warnings.warn(f"{path.name}: {message}", InputWarning, stacklevel=1)
-                for w in caught:  # any other warning as Python would have shown it
-                    if not issubclass(w.category, InputWarning):
-                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-            save_generation(result, output / f"{path.stem}.glb", "parts", started)
-        if failed:
-            raise InputError(f"{len(failed)} of {len(images)} images could not be used (first: {failed[0]}); the others are in {output}")
+            images = image_files(image) if image.is_dir() else None
+            if images is not None:  # one .glb per image in a folder
+                output = Path("outputs") / image.name if output == DEFAULT_OUTPUT else output
+                if output.suffix.lower() in (".glb", ".obj"):
+                    raise ConfigError(f"with a folder of images, -o names the folder of their .glb files, not a file: got {output}")
+                check_generation_args(steps, resolution, guidance, output / "x.glb", seed, shift)
+                check_run_folder(output)
+            else:
+                check_generation_args(steps, resolution, guidance, output, seed, shift)
+            if parts < 1:
+                raise ConfigError(f"--parts must be >= 1, got {parts}")
+            limit = model_limit(model or DEFAULT_MODEL_DIR)
+            if limit is not None and parts > limit:
+                raise ConfigError(f"--parts {parts} is above the model's limit of {limit} parts")
+            check_faces(faces, parts)
+            dev = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, dev)
+            adapter = object_lora(lora)
+            picture = load_image(image) if images is None else None  # a bad image is refused before the (slow) model loading
+            from moca3d.pipeline import MoCAPipeline  # slow to import (a second and more)
+
+            t0 = time.time()
+            pipe = MoCAPipeline.from_pretrained(model, device="cpu" if offload else dev, lora=adapter, torch_dtype=torch_dtype)
+            if offload:
+                pipe.enable_sequential_cpu_offload(dev)
+            settings = dict(num_parts=parts, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, faces=faces)
+            if images is None:
+                result = pipe(picture, **settings)
+                result.settings["image"] = image.name  # recorded as for an image given by its path
+                written.append(save_generation(result, output, "parts", t0))
+                return
+            failed = []
+            for path in images:  # a bad image is reported and skipped; the others are generated
+                started = time.time()
+                try:
+                    with warnings.catch_warnings(record=True) as caught:  # Python shows a warning once per place: each
+                        warnings.simplefilter("always", InputWarning)  # image's own, named, or the next ones would be lost
+                        result = pipe(path, **settings)
+                except InputError as err:
+                    typer.echo(f"skipped {path.name}: {err}")
+                    failed.append(path.name)
+                    continue
+                finally:
+                    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, InputWarning)):
+                        warnings.warn(f"{path.name}: {message}", InputWarning, stacklevel=1)
+                    for w in caught:  # any other warning as Python would have shown it
+                        if not issubclass(w.category, InputWarning):
+                            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                written.append(save_generation(result, output / f"{path.stem}.glb", "parts", started))
+            if failed:
+                raise InputError(f"{len(failed)} of {len(images)} images could not be used (first: {failed[0]}); the others are in {output}")
 
     @app.command("train")
     def train(
@@ -181,7 +192,7 @@ def register_evaluation(app: typer.Typer) -> None:
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
                                    reconstruct=reconstruct, shift=shift, predictions=predictions)
         if predictions is None:
-            result["model"] = str(model) if model is not None else "built-in"
+            result["model"] = pipe.source["model"]  # the folder, or "built-in" (never the shipped model's install path)
         if lora is not None:
             result["lora"] = str(lora)
         if write_json(json_out, result):

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from moca3d.commands.common import check_output_path
 from moca3d.errors import InputError, cannot_write
 
 DEFAULT_AZIMUTH_DEG = 30.0
@@ -85,5 +86,6 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
         if output.suffix.lower() != ".png":
             raise InputError(f"--output must be a .png file, got {output}")
+        check_output_path(output)
         path, count = render_components_png(mesh, output, azimuth, elevation, size, beside)
         typer.echo(f"wrote {path}: {count} components")

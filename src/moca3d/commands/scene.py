@@ -9,8 +9,9 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, echo_categories, echo_means, echo_missing,
-                                    load_or_predictions, resolve_device, run_dit_training, save_generation, write_json)
-from moca3d.defaults import SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
+                                    interruptible, load_or_predictions, model_limit, resolve_device, run_dit_training,
+                                    save_generation, write_json)
+from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
 
@@ -25,8 +26,6 @@ SCENE_MODEL_HELP = ("Scene pipeline folder (trained with `train-scene`; default:
 def scene_model(model: Optional[Path], lora: Optional[Path] = None) -> Optional[Path]:
     """The pipeline folder to load: `model`, or the built-in scene model; with a scene adapter `lora` (checked here, before
     any model loads), the object pipeline it was fine-tuned from: `model`, or None for the built-in model."""
-    from moca3d.pipeline import DEFAULT_SCENE_MODEL_DIR
-
     if lora is not None:
         from moca3d.models.lora import read_adapter_config
 
@@ -61,20 +60,26 @@ def register(app: typer.Typer) -> None:
         """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB scene."""
         import time
 
-        from moca3d.pipeline import MoCAPipeline
-
-        check_generation_args(steps, resolution, guidance, output, seed, shift)
-        if faces is not None:  # against the number of masks, before the model loads
+        with interruptible():
             from moca3d.data.scene import load_masks
             from moca3d.models.image_encoder import load_image
 
-            check_faces(faces, len(load_masks(masks, image_size=load_image(image).size)))
-        t0 = time.time()
-        dev = resolve_device(device)
-        pipe = MoCAPipeline.from_pretrained(scene_model(model, lora), device=dev, lora=lora, torch_dtype=resolve_dtype(dtype, dev))
-        result = pipe.generate_scene(image, masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution,
-                                     faces=faces)
-        save_generation(result, output, "instances", t0)
+            check_generation_args(steps, resolution, guidance, output, seed, shift)
+            dev = resolve_device(device)
+            torch_dtype = resolve_dtype(dtype, dev)
+            folder = scene_model(model, lora)  # None: the built-in object model, the base of a --lora
+            # the image and masks are read, and bad ones refused, before the (slow) model loading; the pipeline takes them read
+            picture = load_image(image)
+            instances = load_masks(masks, image_size=picture.size, max_instances=model_limit(folder or DEFAULT_MODEL_DIR))
+            check_faces(faces, len(instances))
+            from moca3d.pipeline import MoCAPipeline  # slow to import (a second and more)
+
+            t0 = time.time()
+            pipe = MoCAPipeline.from_pretrained(folder, device=dev, lora=lora, torch_dtype=torch_dtype)
+            result = pipe.generate_scene(picture, instances, steps=steps, guidance=guidance, seed=seed, shift=shift,
+                                         resolution=resolution, faces=faces)
+            result.settings.update(image=image.name, masks=masks.name)  # recorded as for inputs given by their paths
+            save_generation(result, output, "instances", t0)
 
     @app.command("evaluate-scenes")
     def evaluate_scenes(
@@ -108,7 +113,7 @@ def register(app: typer.Typer) -> None:
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
                      reconstruct=reconstruct, shift=shift, predictions=predictions)
         if predictions is None:
-            result["model"] = pipe.source["model"]  # the folder, or "built-in" (a --lora's default base)
+            result["model"] = pipe.source["model"]  # the folder, "built-in scene", or "built-in" (a --lora's default base)
         if lora is not None:
             result["lora"] = str(lora)
         if write_json(json_out, result):

@@ -14,7 +14,9 @@ from moca3d.attention.backends.dense import dense_global_attention
 from moca3d.attention.backends.fused import moc_attention_fused
 from moca3d.attention.backends.matmul import moc_attention_matmul
 from moca3d.attention.backends.reference import moc_attention_reference
+from moca3d.attention.config import BACKENDS as BACKEND_NAMES
 from moca3d.attention.config import MoCAttentionConfig
+from moca3d.errors import ConfigError
 
 BACKENDS = {
     "reference": moc_attention_reference,
@@ -34,6 +36,8 @@ def select_backend(config: MoCAttentionConfig, device: torch.device, grad_enable
     flex_attention has no backward and its compiled kernel is slower than cache-sized gathers
     + SDPA, so the CPU takes `chunked` for inference and training alike.
     """
+    if config.backend not in BACKEND_NAMES:  # set on a built model (`attention_config.backend = ...`): not checked then
+        raise ConfigError(f"attention backend must be one of {', '.join(BACKEND_NAMES)}, got {config.backend!r}")
     if config.backend != "auto":
         return config.backend
     if device.type == "cuda":
