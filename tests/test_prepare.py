@@ -238,6 +238,22 @@ def test_cli_evaluate_scene_keeps_an_empty_generated_instance_in_its_place(tmp_p
     printed = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
     assert printed.exit_code == 0 and "instance part_1: empty" in printed.output
 
+
+def test_cli_evaluate_counts_empty_parts_and_scores_the_others(tmp_path):
+    """Object mode reads a generation's empty part in place too: counted in num_empty, the fused surface of the rest
+    scored as if it were absent (same seed, exact)."""
+    boxes = [trimesh.creation.box(extents=[0.4] * 3).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
+    save_glb(tmp_path / "gt.glb", boxes, ["a", "b", "c"])
+    save_glb(tmp_path / "pred.glb", [boxes[0], trimesh.Trimesh(), boxes[2]], ["a", "b", "c"])
+    save_glb(tmp_path / "two.glb", [boxes[0], boxes[2]], ["a", "c"])
+    runner = CliRunner()
+    scores = [json.loads(runner.invoke(app, ["evaluate", str(tmp_path / name), str(tmp_path / "gt.glb"), "--json", "-",
+                                             "--num-points", "2000"]).stdout) for name in ("pred.glb", "two.glb")]
+    assert scores[0]["num_empty"] == 1 and scores[1]["num_empty"] == 0
+    assert scores[0]["fscore@0.1"] == scores[1]["fscore@0.1"] < 1.0
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt.glb"), "--json", str(tmp_path / "gt.glb" / "x.json")])
+    assert "is a file, not a folder" in str(result.exception), result.output
+
 def test_bad_prepare_settings_fail_before_any_work(tmp_path):
     from moca3d.errors import ConfigError
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import check_run_folder, write_json
+from moca3d.commands.common import check_output_path, check_run_folder, write_json
 
 
 def prepare_command(
@@ -86,15 +86,17 @@ def evaluate_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
-    from moca3d.evaluation import read_prediction
+    from moca3d.evaluation import object_metrics, read_prediction
     from moca3d.geometry.mesh_io import load_components
-    from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_object, evaluate_scene
+    from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution")
+    check_output_path(json_out, "--json")
     config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution)
     gt_meshes, gt_names = load_components(gt)
-    if scene:  # empty components (a generation keeps them as empty nodes) stay in place: instance i is still i
-        pred_meshes, pred_names = read_prediction(pred)
+    # a generation's empty components (kept as empty nodes / objects) are read in place: instance i is still i
+    pred_meshes, pred_names = read_prediction(pred)
+    if scene:
         surfaces = [m for m in pred_meshes if len(m.faces)]
         if surfaces:
             check_same_frame(surfaces, gt_meshes)
@@ -103,9 +105,8 @@ def evaluate_command(
             pred_meshes, pred_names = [pred_meshes[index[name]] for name in gt_names], list(gt_names)
             typer.echo("(components paired by name: the two files list them in different orders)", err=True)
         result = evaluate_scene(pred_meshes, gt_meshes, config)
-    else:
-        pred_meshes, pred_names = load_components(pred)
-        result = evaluate_object(pred_meshes, gt_meshes, config)
+    else:  # the fused surface of the non-empty parts (num_empty counts the others; none at all scores F = 0)
+        result = object_metrics(pred_meshes, gt_meshes, config)
     if write_json(json_out, result):
         return
     for key, value in result.items():
