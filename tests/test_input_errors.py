@@ -227,6 +227,7 @@ def test_bad_images_masks_and_part_counts_are_refused_before_the_model_loads(tmp
     Image.fromarray(many).save(tmp_path / "many.png")
     Image.open(EXAMPLES / "scene4_masks.png").save(tmp_path / "labels.jpg", quality=95)
     (tmp_path / "no_masks").mkdir()
+    Image.new("RGB", (256, 256), (255, 255, 255)).save(tmp_path / "blank.png")
     chair, scene = ["generate", str(EXAMPLES / "chair.png")], ["generate-scene", str(EXAMPLES / "scene4.png"), "--masks"]
     cases = [
         (["generate", str(tmp_path / "nonexistent.png")], InputError, "image not found"),
@@ -240,6 +241,9 @@ def test_bad_images_masks_and_part_counts_are_refused_before_the_model_loads(tmp
         (scene + [str(tmp_path / "labels.jpg")], InputError, "is a JPEG: lossy compression invents ids"),
         (scene + [str(tmp_path / "no_masks")], InputError, "holds no images"),
         (scene + [str(tmp_path / "missing.png")], InputError, "masks not found"),
+        (["generate", str(tmp_path / "blank.png")], InputError, "the image has no foreground"),
+        (["generate-scene", str(tmp_path / "blank.png"), "--masks", str(EXAMPLES / "scene4_masks.png")], InputError,
+         "the image is blank (all white or transparent) inside the box of its masks"),
     ]
     for args, error, message in cases:
         res = CliRunner().invoke(app, args + ["--device", "cpu", "-o", str(tmp_path / "out.glb")])

@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
 
         written: list[Path] = []
         with interruptible(written):
-            from moca3d.models.image_encoder import load_image
+            from moca3d.models.image_encoder import check_image, load_image
 
             images = image_files(image) if image.is_dir() else None
             if images is not None:  # one .glb per image in a folder
@@ -92,6 +92,8 @@ def register(app: typer.Typer) -> None:
             torch_dtype = resolve_dtype(dtype, dev)
             adapter = object_lora(lora)
             picture = load_image(image) if images is None else None  # a bad image is refused before the (slow) model loading
+            if picture is not None:
+                check_image(picture)  # e.g. blank: no foreground
             from moca3d.pipeline import MoCAPipeline  # slow to import (a second and more)
 
             t0 = time.time()

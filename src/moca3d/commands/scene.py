@@ -61,8 +61,8 @@ def register(app: typer.Typer) -> None:
         import time
 
         with interruptible():
-            from moca3d.data.scene import load_masks
-            from moca3d.models.image_encoder import load_image
+            from moca3d.data.scene import load_masks, union_box
+            from moca3d.models.image_encoder import check_image, load_image
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
             dev = resolve_device(device)
@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
             # the image and masks are read, and bad ones refused, before the (slow) model loading; the pipeline takes them read
             picture = load_image(image)
             instances = load_masks(masks, image_size=picture.size, max_instances=model_limit(folder or DEFAULT_MODEL_DIR))
+            check_image(picture, box=union_box(instances))  # e.g. blank where the masks are
             check_faces(faces, len(instances))
             from moca3d.pipeline import MoCAPipeline  # slow to import (a second and more)
 

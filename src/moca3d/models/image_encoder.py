@@ -144,6 +144,14 @@ def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
 
 
+
+def check_image(image: ImageLike, box=None) -> None:
+    """Refuse (InputError) what `preprocess_image` would refuse, quietly (its warnings come when it runs for real): a
+    check before the slow model loading."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)
+        preprocess_image(image, 8, box=box)
+
 class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
     """A small ViT: (B, C_in, S, S) images in [0, 1] -> (B, 1 + (S/patch)^2, width) tokens."""
 
