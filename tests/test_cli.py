@@ -144,7 +144,7 @@ def test_predictions_found_in_any_mesh_format_and_a_one_file_folder_gives_its_pa
     save_components(preds / f"{ids[0]}.GLB", *parts[ids[0]])
     trimesh.Scene(parts[ids[1]][0]).export(preds / f"{ids[1]}.gltf")
     meshes, names = parts[ids[2]]
-    save_components(preds / ids[2] / "output.glb", [*meshes, trimesh.Trimesh()], [*names, "empty"])
+    save_components(preds / ids[2] / "output.glb", [*meshes, trimesh.Trimesh()], [*names, "empty"], metadata={"verb": "generate"})
     report = evaluate_pipeline(None, root, "train", count=3, metric_points=2000, progress=False, predictions=preds)
     assert report["missing"] == []
     scores = {row["id"]: row for row in report["assets"]}

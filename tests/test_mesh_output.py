@@ -42,7 +42,7 @@ def test_evaluate_scene_pairs_an_obj_prediction_with_empty_instances(parts, tmp_
     """`evaluate --scene` on an OBJ generation with empty instances could not pair them (2 predicted, 4 in the GT)."""
     gt = [parts[0], trimesh.creation.box(extents=[0.2] * 3), parts[2], trimesh.creation.box(extents=[0.2] * 3).apply_translation([0, 0.5, 0])]
     save_components(tmp_path / "gt.glb", gt, NAMES)
-    save_components(tmp_path / "pred.obj", parts, NAMES)
+    save_components(tmp_path / "pred.obj", parts, NAMES, metadata={"verb": "generate-scene"})
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.obj"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
     assert result.exit_code == 0, result.output
     assert "per-instance metrics need equal component counts" not in result.output
@@ -68,3 +68,12 @@ def test_glb_parts_carry_a_named_material_of_their_colour_and_vertex_normals(par
     loaded, names = load_file(path)
     assert [main_color(m).tolist() for m in loaded] == [colors[0].tolist(), colors[2].tolist()]  # render's part colours
     assert all(np.allclose(m.vertices, p.vertices, atol=1e-6) and np.array_equal(m.faces, p.faces) for m, p in zip(loaded, parts[::2]))
+
+
+@pytest.mark.parametrize("suffix", [".obj", ".glb"])
+def test_another_tools_empty_objects_are_not_components(parts, tmp_path, suffix):
+    """Only a file with moca3d's record keeps empty components: another tool's Empty node or face-less object (a
+    helper line, a locator) is no part, or every per-instance pairing would be off by one."""
+    path = save_components(tmp_path / f"other{suffix}", parts, NAMES)  # no record: as another tool writes them
+    meshes, names = read_prediction(path)
+    assert names == ["box", "ball"] and all(len(m.faces) for m in meshes)

@@ -227,7 +227,7 @@ def test_cli_evaluate_scene_keeps_an_empty_generated_instance_in_its_place(tmp_p
     boxes = [trimesh.creation.box(extents=[0.4] * 3).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
     names = ["part_0", "part_1", "part_2"]
     save_glb(tmp_path / "gt.glb", boxes, names)
-    save_glb(tmp_path / "pred.glb", [boxes[0], trimesh.Trimesh(), boxes[2]], names)
+    save_glb(tmp_path / "pred.glb", [boxes[0], trimesh.Trimesh(), boxes[2]], names, metadata={"verb": "generate-scene"})
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt.glb"), "--scene", "--json", "-",
                                       "--num-points", "2000"])
     assert result.exit_code == 0, result.output
@@ -244,7 +244,7 @@ def test_cli_evaluate_counts_empty_parts_and_scores_the_others(tmp_path):
     scored as if it were absent (same seed, exact)."""
     boxes = [trimesh.creation.box(extents=[0.4] * 3).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
     save_glb(tmp_path / "gt.glb", boxes, ["a", "b", "c"])
-    save_glb(tmp_path / "pred.glb", [boxes[0], trimesh.Trimesh(), boxes[2]], ["a", "b", "c"])
+    save_glb(tmp_path / "pred.glb", [boxes[0], trimesh.Trimesh(), boxes[2]], ["a", "b", "c"], metadata={"verb": "generate"})
     save_glb(tmp_path / "two.glb", [boxes[0], boxes[2]], ["a", "c"])
     runner = CliRunner()
     scores = [json.loads(runner.invoke(app, ["evaluate", str(tmp_path / name), str(tmp_path / "gt.glb"), "--json", "-",

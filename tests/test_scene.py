@@ -575,7 +575,7 @@ def test_scene_predictions_keep_an_empty_instance_in_its_place(scenes, tmp_path)
     meshes, names = load_components(folder / "mesh.glb")
     flat = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]])
     for broken in (trimesh.Trimesh(), flat):  # instance 0: empty (as generate-scene writes it), then zero area
-        save_components(tmp_path / "preds" / f"{folder.name}.glb", [broken, *meshes[1:]], names)
+        save_components(tmp_path / "preds" / f"{folder.name}.glb", [broken, *meshes[1:]], names, metadata={"verb": "generate-scene"})
         report = evaluate_scenes(None, data, "train", metric_points=2000, progress=False, predictions=tmp_path / "preds")
         instances = report["scenes"][0]["instances"]
         assert len(instances) == n and report["missing"] == []

@@ -531,7 +531,8 @@ def test_cli_reconstruct_keeps_empty_components_in_place_and_records_how_it_was_
 
     monkeypatch.setattr(train_vae, "reconstruct_mesh_file", decode_b_empty)
     parts = [trimesh.creation.icosphere(radius=0.4).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
-    save_glb(tmp_path / "in.glb", [parts[0], trimesh.Trimesh(), parts[1], parts[2]], ["a", "hole", "b", "c"])
+    save_glb(tmp_path / "in.glb", [parts[0], trimesh.Trimesh(), parts[1], parts[2]], ["a", "hole", "b", "c"],
+             metadata={"verb": "generate"})  # a generation with an empty part
     out = tmp_path / f"out{suffix}"
     result = CliRunner().invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(out), "--model", str(tmp_path / "vae"),
                                       "--resolution", "32", "--points", "64", "--device", "cpu"])

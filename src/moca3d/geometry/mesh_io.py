@@ -266,16 +266,20 @@ def node_order(path: Path) -> tuple[str, list[str]] | None:
 def empty_components(path: Path) -> tuple[list[str], set[str]]:
     """A file's component names in file order (glTF nodes, or an OBJ's two or more `o` objects, named as `load_file`
     names them) and those of its empty components, which `load_file` leaves out: a glTF leaf node without a mesh, an
-    `o` object without faces (how `save_components` keeps an empty component in its place); nothing for other formats."""
+    `o` object without faces (how `save_components` keeps an empty component in its place); nothing for other formats,
+    nor for files without moca3d's record (another tool's Empty node or line object is no component)."""
     try:
         if path.suffix.lower() == ".obj":
+            with open(path, "rb") as f:
+                if not f.readline().startswith(f"# {METADATA_KEY}:".encode()):
+                    return [], set()
             seen, filled = _obj_names(path)
             objects = seen["o"] if len(seen["o"]) >= 2 else []
             return objects, set(objects) - filled
         doc = gltf_document(path)
     except (OSError, ValueError):
         return [], set()
-    if doc is None:
+    if doc is None or METADATA_KEY not in ((doc.get("scenes") or [{}])[0].get("extras") or {}):
         return [], set()
     names = _gltf_node_names(doc)
     return names, {name for name, node in zip(names, doc.get("nodes", []))
