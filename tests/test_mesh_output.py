@@ -77,3 +77,18 @@ def test_another_tools_empty_objects_are_not_components(parts, tmp_path, suffix)
     path = save_components(tmp_path / f"other{suffix}", parts, NAMES)  # no record: as another tool writes them
     meshes, names = read_prediction(path)
     assert names == ["box", "ball"] and all(len(m.faces) for m in meshes)
+
+
+def test_glb_normals_are_unit_even_on_a_two_sided_fin(tmp_path):
+    """Decimation can leave a fin (a triangle and its twin): its vertex normals cancel to zero, which glTF forbids
+    and viewers shade black; each such vertex takes one of its faces' normals (norms within 1e-5 of 1)."""
+    fin = trimesh.Trimesh([[2, 0, 0], [3, 0, 0], [2, 1, 0]], [[0, 1, 2], [0, 2, 1]], process=False)
+    path = save_glb(tmp_path / "fin.glb", [trimesh.creation.box(), fin], ["box", "fin"])
+    doc, data = gltf_document(path), path.read_bytes()
+    body = 20 + int.from_bytes(data[12:16], "little") + 8  # the BIN chunk's first byte
+    for mesh in doc["meshes"]:
+        accessor = doc["accessors"][mesh["primitives"][0]["attributes"]["NORMAL"]]
+        view = doc["bufferViews"][accessor["bufferView"]]
+        start = body + view.get("byteOffset", 0) + accessor.get("byteOffset", 0)
+        normals = np.frombuffer(data, np.float32, accessor["count"] * 3, start).reshape(-1, 3)  # (V, 3)
+        assert np.allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-5), mesh.get("name")

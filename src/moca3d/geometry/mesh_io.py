@@ -384,6 +384,13 @@ def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str) -> trimes
     """A geometry-only copy coloured by a named PBR material (dielectric, base colour `color`): viewers and DCC tools
     show a material's colour by default, not vertex colours (and glTF would multiply the two)."""
     out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
+    normals = np.array(out.vertex_normals, dtype=np.float64)  # (V, 3); zero where a two-sided fin's faces cancel
+    flat = np.linalg.norm(normals, axis=1) < 0.5
+    if flat.any():  # glTF wants unit normals: such a vertex takes one of its faces' normals (or +z if it has none)
+        first = np.full(len(normals), -1)
+        first[out.faces[::-1].ravel()] = np.repeat(np.arange(len(out.faces))[::-1], 3)  # a face of each vertex
+        normals[flat] = np.where(first[flat, None] >= 0, out.face_normals[np.maximum(first[flat], 0)], [0.0, 0.0, 1.0])
+        out.vertex_normals = normals
     material = trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=color, metallicFactor=0.0, roughnessFactor=0.7)
     out.visual = trimesh.visual.TextureVisuals(material=material)
     return out
