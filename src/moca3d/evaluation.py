@@ -12,7 +12,7 @@ from moca3d.data.dataset import read_manifest
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.mesh_io import load_components
-from moca3d.metrics import MetricsConfig, evaluate_object, evaluate_scene
+from moca3d.metrics import MetricsConfig, evaluate_scene, object_metrics  # object_metrics: re-exported
 
 
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
@@ -33,17 +33,6 @@ def with_progress(items: list, desc: str, show: bool):
     from tqdm import tqdm
 
     return tqdm(items, desc=desc)
-
-
-def object_metrics(pred, gt, config: MetricsConfig) -> dict[str, float]:
-    """evaluate_object over the non-empty predicted parts; an all-empty prediction scores F = 0."""
-    parts = [m for m in pred if len(m.faces)]
-    if not parts:
-        return {"chamfer": float("inf"), **{f"fscore@{t}": 0.0 for t in config.taus}, "self_iou": 0.0, "num_pred": 0, "num_gt": len(gt),
-                "num_empty": len(pred)}
-    out = evaluate_object(parts, gt, config)
-    out["num_empty"] = len(pred) - len(parts)
-    return out
 
 
 def category_of(name: str) -> str:

@@ -242,6 +242,17 @@ def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max
                          f"{sizes[1]:.3g} ({ratio:.0f}x); export both in one frame and unit")
 
 
+def object_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None) -> dict:
+    """`evaluate_object` over the predicted parts with faces (num_pred of them, num_empty the others); an all-empty
+    prediction scores F = 0 and chamfer inf."""
+    config = config or MetricsConfig()
+    parts = [m for m in pred if len(m.faces)]
+    if not parts:
+        return {"chamfer": float("inf"), **{f"fscore@{t:g}": 0.0 for t in config.taus}, "self_iou": 0.0, "num_pred": 0,
+                "num_gt": len(gt), "num_empty": len(pred)}
+    return {**evaluate_object(parts, gt, config), "num_empty": len(pred) - len(parts)}
+
+
 def evaluate_scene(
     pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None
 ) -> dict:
@@ -255,12 +266,7 @@ def evaluate_scene(
     config = config or MetricsConfig()
     kept = [i for i, m in enumerate(pred) if len(m.faces)]
     fscores = [f"fscore@{t:g}" for t in config.taus]
-    out: dict = {}
-    if not kept:
-        out.update(chamfer=float("inf"), self_iou=0.0, **{f: 0.0 for f in fscores})
-    else:
-        out.update(evaluate_object([pred[i] for i in kept], gt, config))
-    out.update(num_pred=len(pred), num_gt=len(gt), num_empty=len(pred) - len(kept))
+    out = {**object_metrics(pred, gt, config), "num_pred": len(pred)}  # here num_pred counts the empty instances too
     if pred and len(pred) != len(gt):
         return out
     instances = [{"empty": True, "chamfer": None, **{f: 0.0 for f in fscores}} for _ in gt]
