@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from moca3d.convert import convert_partcrafter, convert_triposg, load_partcrafter_transformer, load_triposg_transformer
 from moca3d.convert.triposg import GATE_INIT_LOGIT, load_triposg_vae
-from moca3d.errors import CheckpointError, ConfigError
+from moca3d.errors import CheckpointError, ConfigError, InputError
 
 D, H, LAYERS, C, DC = 16, 2, 5, 4, 8  # width, heads, blocks, latent channels, condition width
 L, M = 8, 5  # latent tokens, condition tokens
@@ -315,6 +315,8 @@ def test_convert_cli_writes_pipeline_folder(tmp_path):
     image.paste((200, 30, 30), (20, 10, 40, 40))
     cond = pipe.encode_image(image)
     assert cond.shape == (1, pipe.image_encoder.num_tokens, pipe.image_encoder.out_dim)
+    with pytest.raises(InputError, match="the image has no foreground"):  # as the built-in encoder and the CLI refuse it
+        pipe.encode_image(Image.new("RGB", (64, 48), (255, 255, 255)))
     out = pipe(image, num_parts=2, steps=1, resolution=16, show_progress=False)
     assert len(out.meshes) == 2 and out.latents.shape[0] == 2
     pipe.save_pretrained(tmp_path / "again")

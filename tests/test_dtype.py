@@ -38,6 +38,29 @@ def test_bf16_pipeline_casts_transformer_and_encoder_keeps_vae_and_the_sampling_
     assert a.settings["dtype"] == "float32" and b.settings["dtype"] == "bfloat16"
 
 
+def test_pipeline_to_takes_a_dtype_as_from_pretrained_does(object_pipeline):
+    """`pipe.to(torch.bfloat16)` and `pipe.to("cpu", "bf16")` cast what `torch_dtype` casts (the VAE stays fp32), the
+    same weights; an unknown dtype or device is a one-line ConfigError, not torch's."""
+    from moca3d.pipeline import MoCAPipeline
+
+    cast = MoCAPipeline.from_pretrained(object_pipeline, device="cpu", torch_dtype="bf16")
+    for moved in (MoCAPipeline.from_pretrained(object_pipeline).to(torch.bfloat16),
+                  MoCAPipeline.from_pretrained(object_pipeline).to("cpu", "bf16"),
+                  MoCAPipeline.from_pretrained(object_pipeline).to(dtype=torch.bfloat16)):
+        assert {p.dtype for p in moved.transformer.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in moved.image_encoder.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in moved.vae.parameters()} == {torch.float32}
+        for name in ("transformer", "image_encoder", "vae"):
+            ours, theirs = getattr(moved, name).state_dict(), getattr(cast, name).state_dict()
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    back = cast.to(torch.float32)
+    assert {p.dtype for p in back.transformer.parameters()} == {torch.float32} and back.device.type == "cpu"
+    with pytest.raises(ConfigError, match="dtype must be auto"):
+        cast.to(torch.float64)
+    with pytest.raises(ConfigError, match="unknown device 'tpu' .*mps"):
+        cast.to("tpu")
+
+
 def test_generate_dtype_option_is_recorded_and_a_wrong_one_refused_before_loading(object_dataset, object_pipeline, tmp_path):
     from moca3d.geometry.mesh_io import gltf_document
 

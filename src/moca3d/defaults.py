@@ -55,6 +55,15 @@ def resolve_dtype(dtype, device="cpu"):
     return getattr(torch, name)
 
 
+def check_component_count(count, limit: Optional[int] = None, noun: str = "parts") -> None:
+    """A number of components: a whole number >= 1 within the model's `limit` (one-line InputError, for the CLI and the
+    pipeline alike)."""
+    if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 1:
+        raise InputError(f"the number of {noun} must be a whole number >= 1, got {count}")
+    if limit is not None and count > limit:
+        raise InputError(f"{count} {noun} exceed the model's limit of {limit}")
+
+
 def check_seed(seed: int, dash: str = "--") -> None:
     """A sampling seed torch.Generator takes: a whole number in [0, MAX_SEED] (one-line ConfigError)."""
     if not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:

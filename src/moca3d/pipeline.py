@@ -8,7 +8,6 @@ each model folder being `save_pretrained` output (config.json + safetensors).
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,14 @@ import trimesh
 from moca3d import flow
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
 from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, SCENE_GUIDANCE, STEPS,  # noqa: F401
-                             check_sampling_args, check_seed, check_shift, resolve_dtype)
+                             check_component_count, check_sampling_args, check_seed, check_shift,
+                             resolve_dtype)
 from moca3d.errors import CheckpointError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
-from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike, encode_views, input_channels, load_image,
-                                        preprocess_image)
+from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike, check_image, encode_views, input_channels,
+                                        load_image, preprocess_image)
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 
@@ -135,10 +135,6 @@ class MoCAPipeline:
             parts[name] = model
         if lora is not None:
             parts["transformer"], parts["image_encoder"] = apply_lora(root, parts["transformer"], parts["image_encoder"], Path(lora))
-        for name, model in parts.items():
-            model.to(device)
-            if dtype is not None and name != "vae":  # (nn.Module's: diffusers' own `to` warns of fp32 modules none of ours has)
-                torch.nn.Module.to(model, dtype)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = None
@@ -148,7 +144,7 @@ class MoCAPipeline:
                 check_shift(scheduler.config.shift)
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
-        pipe = cls(scheduler=scheduler, **parts)
+        pipe = cls(scheduler=scheduler, **parts).to(device, dtype)
         pipe.source = {"model": _model_name(root), "lora": None if lora is None else str(lora)}
         return pipe
 
@@ -173,11 +169,25 @@ class MoCAPipeline:
         os.replace(tmp, root / "model_index.json")
         return root
 
-    def to(self, device: Union[str, torch.device]) -> "MoCAPipeline":
-        """Move every component to `device` (checked: a one-line ConfigError where torch has no such device)."""
-        device = _checked_device(device)
+    def to(self, device: Union[str, torch.device, torch.dtype, None] = None,
+           dtype: Union[torch.dtype, str, None] = None) -> "MoCAPipeline":
+        """Move every component to `device` and/or cast the transformer and image encoder to `dtype`, as
+        `from_pretrained(torch_dtype=)` does (the VAE stays fp32); `pipe.to(torch.bfloat16)` casts only.
+
+        A device torch lacks or an unknown dtype is a one-line ConfigError.
+        """
+        if isinstance(device, torch.dtype):  # nn.Module.to's positional dtype
+            device, dtype = dtype, device
+        if device is not None:
+            device = _checked_device(device)
+        if dtype is not None:
+            dtype = resolve_dtype(dtype, device or self.device)
         for name in COMPONENTS:
-            getattr(self, name).to(device)
+            model = getattr(self, name)
+            if device is not None:
+                model.to(device)
+            if dtype is not None and name != "vae":  # nn.Module's: diffusers' own `to` warns of fp32 modules none of ours has
+                torch.nn.Module.to(model, dtype)
         return self
 
     def enable_sequential_cpu_offload(self, device: Union[str, torch.device] = "cuda") -> "MoCAPipeline":
@@ -205,7 +215,9 @@ class MoCAPipeline:
         if self.is_scene_model:
             raise InputError("this is a scene model (7-channel image encoder): it needs instance masks (generate_scene, `moca3d generate-scene`)")
         if _is_dino(self.image_encoder):  # DINOv2: its own preprocessing (resize 256, crop 224, ImageNet norm)
-            return self.image_encoder.encode(load_image(image)).to(self.device)
+            picture = load_image(image)
+            check_image(picture)  # a blank image is refused by every pipeline (and by the CLI before loading)
+            return self.image_encoder.encode(picture).to(self.device)
         pixels = preprocess_image(image, self.image_encoder.image_size).to(self.device)
         return self.image_encoder(pixels[None])
 
@@ -220,10 +232,7 @@ class MoCAPipeline:
         `layout` (1, N, F): per-component features for a transformer with `layout_features` (`scene_condition`'s).
         """
         cfg = self.transformer.config
-        if not isinstance(num_parts, numbers.Integral) or num_parts < 1:
-            raise InputError(f"the number of parts must be a whole number >= 1, got {num_parts}")
-        if num_parts > self.transformer.max_components:
-            raise InputError(f"{num_parts} parts exceed the model's limit of {self.transformer.max_components}")
+        check_component_count(num_parts, self.transformer.max_components)
         check_seed(seed, dash="")
         g = torch.Generator().manual_seed(seed)
         ids = self.transformer.sample_ids(1, num_parts, g, self.device)

@@ -32,7 +32,7 @@ def resolve_device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' requested but MPS (Apple GPU) is not available")
     if name != "cpu" and not name.startswith("cuda") and name != "mps":
-        raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N)")
+        raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
     return name
 
 

@@ -12,7 +12,7 @@ from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, ap
                                     check_generation_args, check_output_path, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, load_or_predictions, model_limit, resolve_device,
                                     run_dit_training, save_generation, write_json)
-from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_sampling_args, resolve_dtype
+from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
 
@@ -82,11 +82,7 @@ def register(app: typer.Typer) -> None:
                 check_run_folder(output)
             else:
                 check_generation_args(steps, resolution, guidance, output, seed, shift)
-            if parts < 1:
-                raise ConfigError(f"--parts must be >= 1, got {parts}")
-            limit = model_limit(model or DEFAULT_MODEL_DIR)
-            if limit is not None and parts > limit:
-                raise ConfigError(f"--parts {parts} is above the model's limit of {limit} parts")
+            check_component_count(parts, model_limit(model or DEFAULT_MODEL_DIR))  # the pipeline's check, before loading
             check_faces(faces, parts)
             dev = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, dev)

@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
 from moca3d.attention import LocalAttention, MoCAttention, MoCAttentionConfig
+from moca3d.defaults import check_component_count
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.modeling import AtomicSaveMixin
 from moca3d.models.vae import FeedForward, LayerNorm32
@@ -318,8 +319,7 @@ class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
     def sample_ids(self, batch: int, num_components: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
         """(B, N) distinct random draws from the ID codebook per sample (0..N-1 when id_assignment is sequential)."""
         size = self.config.id_codebook_size
-        if num_components > size:
-            raise InputError(f"{num_components} components exceed the model's limit of {size} (ID codebook size)")
+        check_component_count(num_components, size, "components")  # the ID codebook's size
         if self.config.id_assignment == "sequential":
             return torch.arange(num_components, device=device or self.device).expand(batch, num_components)
         keys = torch.rand(batch, size, generator=generator)
