@@ -7,6 +7,7 @@ Image -> [optional background removal] -> RGB on white -> resize shortest side t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -52,9 +53,22 @@ def dino_preprocess(image: ImageLike, resize: int = RESIZE_SHORTEST, crop: int =
     left, top = (w - crop) // 2, (h - crop) // 2
     im = im.crop((left, top, left + crop, top + crop))
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, crop, crop)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return imagenet_normalize(x)
+
+
+def imagenet_normalize(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1], (..., 3, H, W) -> ImageNet mean/std normalised, as DINOv2 was trained."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (rgb - mean) / std
+
+
+def is_dino_folder(folder: Union[str, Path]) -> bool:
+    """True for a `transformers` DINOv2 folder (its config.json's model_type), as converted pipelines hold."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "dinov2"
+    except (OSError, ValueError, AttributeError):  # missing or unreadable file, bad JSON, not a JSON object
+        return False
 
 
 class DINOv2Encoder(nn.Module):
@@ -84,6 +98,11 @@ class DINOv2Encoder(nn.Module):
         return self.model.config.hidden_size
 
     @property
+    def image_size(self) -> int:
+        """The side of the pixels it takes: the centre crop (scene stacks are built at this size)."""
+        return self.crop
+
+    @property
     def num_tokens(self) -> int:
         """1 CLS + (crop / patch)^2 patch tokens (+ registers, if the model has them): 257 for DINOv2-large."""
         registers = getattr(self.model.config, "num_register_tokens", 0) or 0
@@ -95,10 +114,16 @@ class DINOv2Encoder(nn.Module):
             images = [images]
         return torch.stack([dino_preprocess(im, self.resize, self.crop, self.background_remover) for im in images])
 
+    def normalize_stacks(self, stacks: torch.Tensor) -> torch.Tensor:
+        """Scene stacks (K, 7, S, S) in [0, 1] -> what forward takes: both RGB groups ImageNet-normalised, the mask as is."""
+        instance, scene, mask = stacks[:, :3], stacks[:, 3:6], stacks[:, 6:]
+        return torch.cat([imagenet_normalize(instance), imagenet_normalize(scene), mask], dim=1)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, crop, crop) normalised pixels -> (B, M, hidden) last hidden states."""
-        if pixels.dim() != 4 or pixels.shape[1] != 3:
-            raise InputError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
+        """(B, C, crop, crop) normalised pixels (C = 3; 7 once widened for scenes) -> (B, M, hidden) last hidden states."""
+        channels = self.model.config.num_channels
+        if pixels.dim() != 4 or pixels.shape[1] != channels:
+            raise InputError(f"pixels must be (B, {channels}, H, W), got {tuple(pixels.shape)}")
         p = next(self.model.parameters())
         return self.model(pixel_values=pixels.to(device=p.device, dtype=p.dtype)).last_hidden_state
 

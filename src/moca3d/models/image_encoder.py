@@ -229,7 +229,10 @@ def encode_views(encoder: nn.Module, stacks: torch.Tensor) -> torch.Tensor:
     if C % SCENE_CHANNELS:
         raise InputError(f"scene conditions must have a multiple of {SCENE_CHANNELS} channels, got {C}")
     views = C // SCENE_CHANNELS
-    tokens = encoder(stacks.reshape(K * views, SCENE_CHANNELS, *stacks.shape[2:]))  # (K*V, M, D)
+    pixels = stacks.reshape(K * views, SCENE_CHANNELS, *stacks.shape[2:])  # (K*V, 7, S, S)
+    if hasattr(encoder, "normalize_stacks"):  # DINOv2 takes ImageNet-normalised RGB (models/dino.py)
+        pixels = encoder.normalize_stacks(pixels)
+    tokens = encoder(pixels)  # (K*V, M, D)
     return tokens.reshape(K, views * tokens.shape[1], tokens.shape[2])
 
 

@@ -37,6 +37,7 @@ from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_l
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError
 from moca3d.evaluation import evaluate_pipeline, select_records
+from moca3d.models.dino import CROP_SIZE, DINOv2Encoder, is_dino_folder
 from moca3d.models.image_encoder import (
     load_image,
     SCENE_CHANNELS,
@@ -334,12 +335,20 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
 
 def load_encoder(root: Path):
     """The image encoder of pipeline `root`: the small ViT, or DINOv2 for converted real-weight pipelines."""
-    index = json.loads((root / "model_index.json").read_text())
-    if index.get("image_encoder", [None])[0] == "transformers":
-        from moca3d.models.dino import DINOv2Encoder
+    return load_encoder_folder(root / "image_encoder")
 
-        return DINOv2Encoder.from_pretrained(root / "image_encoder")
-    return ImageEncoder.from_pretrained(root / "image_encoder")
+
+def load_encoder_folder(folder: Path):
+    """An image encoder folder: the small ViT, or DINOv2 (a `transformers` folder, as converted pipelines hold)."""
+    return DINOv2Encoder.from_pretrained(folder) if is_dino_folder(folder) else ImageEncoder.from_pretrained(folder)
+
+
+def encoder_folder_input(folder: Path) -> tuple[int, int]:
+    """An image encoder folder's input channels and pixel side, from its config alone (no weights loaded)."""
+    if is_dino_folder(folder):
+        return json.loads((folder / "config.json").read_text()).get("num_channels", 3), CROP_SIZE
+    config = ImageEncoder.load_config(folder)
+    return config.get("in_channels", 3), config["image_size"]
 
 
 def encoder_preprocess(encoder) -> Callable[[Path], torch.Tensor]:
@@ -370,7 +379,7 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
     root = init_folder(cfg)
     transformer = load_transformer(root, cfg, latent_shape)
     folder = scene_encoder_folder(cfg)
-    encoder = ImageEncoder.from_pretrained(folder)
+    encoder = load_encoder_folder(folder)
     if encoder.out_dim != transformer.config.cond_dim:
         raise ConfigError(f"{folder} gives {encoder.out_dim}-wide tokens, {root}'s transformer takes {transformer.config.cond_dim}")
     if input_channels(encoder) != SCENE_CHANNELS:  # an object encoder; a scene one is fine-tuned as it is
@@ -457,7 +466,7 @@ def adapter_config(cfg: DiTTrainConfig, model: Generator, frozen: Optional[dict]
     config = {"format": "moca3d-lora", **lora_spec(model.transformer, cfg.transformer_lora_rank, cfg.transformer_lora_alpha, PRIOR_FREE_MODULES),
               "transformer_overrides": cfg.transformer, "base": str(cfg.init_from), "base_fingerprint": frozen}
     if cfg.condition == "scene":
-        widened = ImageEncoder.load_config(scene_encoder_folder(cfg)).get("in_channels", 3) != SCENE_CHANNELS
+        widened = encoder_folder_input(scene_encoder_folder(cfg))[0] != SCENE_CHANNELS
         full = [first_projection_path(model.image_encoder)] if cfg.train_projection else []
         encoder = {**lora_spec(model.image_encoder, cfg.lora_rank, cfg.lora_alpha, full), "widen_init": cfg.widen_init if widened else None}
         if cfg.image_encoder_from:  # not init_from's encoder: the adapter holds it whole, widened (`scene_adapter_parts`)
@@ -506,7 +515,7 @@ def train(
         from moca3d.data.scene import SceneLatentDataset
 
         vae_dir = vae_dir if vae_dir is not None else init_folder(cfg) / "vae"
-        encoder_size = ImageEncoder.load_config(scene_encoder_folder(cfg))["image_size"]
+        encoder_size = encoder_folder_input(scene_encoder_folder(cfg))[1]
         views = scene_instance_views(cfg)
         if Path(data_dir).is_file():  # a scene latent cache (SceneLatentDataset.save_cache) of the training split
             data = SceneLatentDataset.from_cache(data_dir, cfg.max_components, encoder_size, views=views)
