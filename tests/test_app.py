@@ -1,11 +1,14 @@
 """The web demo (`moca3d demo`): upload checks, the part limit, and an object and a scene generation clicked through in
 headless Chromium."""
 
+import json
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no network calls
 
 import socket
+import threading
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -41,6 +44,7 @@ STEPS = 2
 RESOLUTION = 16
 PAGE_TIMEOUT_MS = 30_000
 GENERATION_TIMEOUT_MS = 60_000
+LAUNCH_TIMEOUT_S = 60
 BROWSER_FACES = 20 * PARTS  # the Max triangles set in the browser: the least the parts may share
 TINY_VAE = dict(num_latents=16, latent_channels=4, width_encoder=32, width_decoder=32, num_attention_heads=4, num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
 TINY_RECIPE = dict(
@@ -274,6 +278,46 @@ def test_scene_handler_writes_a_glb_with_named_instances(generator, tmp_path):
     assert "the masks differ in size: mask_3.png is" in _scene_error_of(generator, SCENE, [files[1], str(twin / "mask_9.png")])
 
 
+
+@pytest.mark.parametrize("labels", [True, False], ids=["label-map", "binary-masks"])
+def test_scene_masks_are_read_once_with_a_triangle_budget(generator, tmp_path, monkeypatch, labels):
+    """Max triangles needs the instance count: the handler counted the masks by reading them, and the pipeline read
+    them all again. Now they are read once and the pipeline takes them read; the GLB still records a label map's name."""
+    from moca3d.commands.info import generation_record
+    from moca3d.data import scene
+
+    if labels:
+        masks = [str(SCENE_MASKS)]
+    else:
+        ids = np.asarray(Image.open(SCENE_MASKS))
+        masks = []
+        for i in range(1, SCENE_INSTANCES + 1):
+            Image.fromarray(((ids == i) * 255).astype(np.uint8)).save(tmp_path / f"mask_{i}.png")
+            masks.append(str(tmp_path / f"mask_{i}.png"))
+    reads, read = [], scene._read_gray
+    monkeypatch.setattr(scene, "_read_gray", lambda path, *args, **kwargs: reads.append(Path(path).name) or read(path, *args, **kwargs))
+    budget = demo_app.MIN_COMPONENT_FACES * SCENE_INSTANCES
+    _, glb, summary = generator.generate_scene(SCENE, masks, seed=1, steps=1, faces=budget)
+    assert sorted(reads) == sorted(Path(m).name for m in masks)  # each mask file decoded once
+    assert summary.startswith(f"{SCENE_INSTANCES} instances") and _triangles(glb) <= budget
+    settings = generation_record(Path(glb))["settings"]
+    assert settings["image"] == SCENE.name and settings.get("masks") == (SCENE_MASKS.name if labels else None)
+
+
+def test_mask_errors_name_the_files_without_the_server_folders(generator, tmp_path):
+    """The masks' own checks (in moca3d.data.scene) named the file by its path: gradio's upload folder, or the demo's."""
+    width, height = Image.open(SCENE).size
+    colour = np.zeros((height, width, 3), np.uint8)
+    colour[:, : width // 2] = (255, 0, 0)
+    upload = tmp_path / "0123abcd" / "labels.png"  # gradio keeps each upload in a folder named by its hash
+    upload.parent.mkdir()
+    Image.fromarray(colour).save(upload)
+    assert _scene_error_of(generator, SCENE, [str(upload)]) == "label map labels.png must be single-channel (grey or label ids), not colour"
+    Image.fromarray(colour).save(tmp_path / "mask_2.png")
+    message = _scene_error_of(generator, SCENE, [str(SCENE_MASKS), str(tmp_path / "mask_2.png")])  # binary masks: linked into a folder
+    assert message == "mask mask_2.png must be single-channel (grey or label ids), not colour"
+
+
 def _triangles(glb) -> int:
     """The triangles of all meshes in a GLB."""
     return sum(len(mesh.faces) for mesh in trimesh.load(glb, file_type="glb").dump())
@@ -450,6 +494,7 @@ def test_scene_model_with_no_scenes_fails_before_loading(tmp_path, monkeypatch):
     assert str(result.exception) == "--scene-model and --no-scenes contradict each other: drop one (--no-scenes shows objects only)"
     result = CliRunner().invoke(app, ["demo", "--model", str(tmp_path), "--no-scenes", "--port", str(_free_port())])
     assert result.exception is None and loaded[0]["scenes"] is False  # --no-scenes alone: objects only
+    assert not loaded[0].get("prevent_thread_lock")  # the CLI serves until Ctrl+C
 
 
 def test_the_printed_address_can_be_opened():
@@ -464,6 +509,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+
+def test_launch_can_return_at_once_for_a_repl_or_notebook(pipeline_dir, tmp_path, monkeypatch):
+    """launch(prevent_thread_lock=True) returns the app with its server running on 127.0.0.1:PORT; .close() stops it."""
+    built, build = [], demo_app.build_app
+    monkeypatch.setattr(demo_app, "build_app", lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1])
+    port, returned = _free_port(), []
+    options = dict(port=port, device="cpu", prevent_thread_lock=True, resolution=RESOLUTION, output_dir=tmp_path, scenes=False)
+    caller = threading.Thread(target=lambda: returned.append(demo_app.launch(pipeline_dir, **options)), daemon=True)
+    caller.start()
+    caller.join(LAUNCH_TIMEOUT_S)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no http_proxy between the test and the server
+    try:
+        assert not caller.is_alive(), "launch(prevent_thread_lock=True) did not return"
+        assert returned == built and returned[0].server_name == "127.0.0.1" and returned[0].server_port == port
+        with direct.open(f"http://127.0.0.1:{port}/config", timeout=30) as page:  # the page's layout, as the browser reads it
+            assert page.status == 200 and json.load(page)["title"] == demo_app.TITLE
+    finally:
+        for app in built:
+            app.close()
+    with pytest.raises(OSError):  # closed: nothing listens there any more
+        direct.open(f"http://127.0.0.1:{port}/", timeout=5)
 
 
 def _nodes(glb: Path, prefix: str) -> set:

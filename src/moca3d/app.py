@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import gradio as gr
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -185,6 +186,15 @@ def gather_masks(uploads, folder: Path) -> Path:
     return folder
 
 
+def read_masks(mask_input: Path, max_instances: int) -> np.ndarray:
+    """gather_masks' label map or folder read as (N, H, W) bool masks; errors name the files without the server's folders."""
+    try:
+        return load_masks(mask_input, max_instances=max_instances)
+    except InputError as err:  # e.g. "label map /tmp/gradio/<hash>/labels.png must be single-channel"
+        folder = mask_input if mask_input.is_dir() else mask_input.parent
+        raise InputError(str(err).replace(f"{folder}{os.sep}", "")) from None
+
+
 class DemoGenerator:
     """The demo's event handlers: the loaded pipelines (object, optional scene), GLBs written to a temporary folder."""
 
@@ -237,14 +247,16 @@ class DemoGenerator:
             image = check_upload(image_path, "a scene image")
             mask_input = gather_masks(masks, folder)
             budget = triangle_budget(faces)
-            if budget is not None:  # at least MIN_COMPONENT_FACES per instance: count the masks (read again by the pipeline)
-                count = len(load_masks(mask_input, max_instances=self.scene_pipeline.transformer.max_components))
-                budget = triangle_budget(budget, count, "instances")
-            return self.scene_pipeline.generate_scene(
-                image, mask_input, steps=whole_number(steps, "the number of steps", 1, MAX_STEPS),
-                guidance=guidance_scale(guidance), seed=whole_number(seed, "the seed", 0, MAX_SEED), faces=budget,
+            settings = dict(steps=whole_number(steps, "the number of steps", 1, MAX_STEPS), guidance=guidance_scale(guidance),
+                            seed=whole_number(seed, "the seed", 0, MAX_SEED))
+            instances = read_masks(mask_input, self.scene_pipeline.transformer.max_components)  # once: the pipeline takes them read
+            result = self.scene_pipeline.generate_scene(  # the budget: at least MIN_COMPONENT_FACES per instance
+                image, instances, **settings, faces=triangle_budget(budget, len(instances), "instances"),
                 resolution=self.resolution, show_progress=False,
             )
+            if mask_input.is_file():  # recorded as for masks given by their path (a folder of binary masks is a temporary one)
+                result.settings["masks"] = mask_input.name
+            return result
         try:
             return self._respond(run, "instances")
         finally:
@@ -393,7 +405,8 @@ def launch(
     model_path: Union[str, Path, None] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = False,
     device: str = "auto", prevent_thread_lock: bool = False, **app_options,
 ) -> gr.Blocks:
-    """Build the app and serve it on host:port (blocks unless prevent_thread_lock); returns the running app."""
+    """Build the app and serve it on host:port: block until Ctrl+C (as `moca3d demo` does) or, with prevent_thread_lock
+    (a REPL or notebook), return at once with the server running; returns the app, whose .close() stops the server."""
     demo = build_app(model_path, device=device, **app_options)
     demo.launch(  # quiet without `share`: gradio would say "set `share=True` in `launch()`", the CLI's switch being --share
         server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=not share,
