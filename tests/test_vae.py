@@ -523,13 +523,13 @@ def test_cli_reconstruct_keeps_empty_components_in_place_and_records_how_it_was_
     SphereFieldVAE(**TINY).eval().save_pretrained(tmp_path / "vae", safe_serialization=True)
     monkeypatch.setattr("moca3d.commands.vae.load_vae",
                         lambda folder, device="cpu": SphereFieldVAE.from_pretrained(str(folder), local_files_only=True).eval())
-    real = train_vae.reconstruct_mesh_file
+    real = train_vae.reconstruct_components
 
-    def decode_b_empty(*args, **kwargs):  # the VAE loses part "b"
-        meshes, names = real(*args, **kwargs)
-        return [trimesh.Trimesh() if name == "b" else mesh for mesh, name in zip(meshes, names)], names
+    def decode_b_empty(parts, names, *args, **kwargs):  # the VAE loses part "b"
+        meshes = real(parts, names, *args, **kwargs)
+        return [trimesh.Trimesh() if name == "b" else mesh for mesh, name in zip(meshes, names)]
 
-    monkeypatch.setattr(train_vae, "reconstruct_mesh_file", decode_b_empty)
+    monkeypatch.setattr(train_vae, "reconstruct_components", decode_b_empty)
     parts = [trimesh.creation.icosphere(radius=0.4).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
     save_glb(tmp_path / "in.glb", [parts[0], trimesh.Trimesh(), parts[1], parts[2]], ["a", "hole", "b", "c"],
              metadata={"verb": "generate"})  # a generation with an empty part
@@ -582,7 +582,6 @@ def test_cli_vae_verbs_check_their_options_first(tmp_path, monkeypatch):
     the whole reconstruction (an output under a file), or nothing (train-vae --threads -3)."""
     from typer.testing import CliRunner
 
-    import moca3d.commands.vae as vae_cmd
     from moca3d.cli import app
     from moca3d.defaults import RESOLUTION_RULE
     from moca3d.geometry.mesh_io import save_glb
@@ -608,11 +607,11 @@ def test_cli_vae_verbs_check_their_options_first(tmp_path, monkeypatch):
     # every resolution of the rule reconstructs: a dense first grid of 32 cells where it allows, then doublings
     grids = {}
 
-    def reconstruct(path, model, points, extract):
+    def reconstruct(parts, names, model, points, extract, **kwargs):
         grids[extract.resolution] = extract.coarse_resolution
-        return [trimesh.creation.box()], ["box"]
+        return [trimesh.creation.box() for _ in parts]
 
-    monkeypatch.setattr("moca3d.training.train_vae.reconstruct_mesh_file", reconstruct)
+    monkeypatch.setattr("moca3d.training.train_vae.reconstruct_components", reconstruct)
     for resolution in (16, 32, 64, 96, 256):
         result = runner.invoke(app, ["reconstruct", mesh, "-o", str(tmp_path / "o.glb"), "--model", vae, "--resolution",
                                      str(resolution), "--points", "64", "--device", "cpu"])

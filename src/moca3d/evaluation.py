@@ -94,28 +94,31 @@ def prediction_path(folder: Path, asset_id: str) -> Optional[Path]:
 
 
 def read_prediction(path: Path) -> tuple[list, list[str]]:
-    """The components of one prediction and their names, in its order. A part with no surface (a GLB's empty node, an
-    OBJ's `o` object without faces, no faces, zero area, non-finite vertices) is kept as an empty mesh where it is:
-    instance i stays instance i, and it scores as empty instead of stopping the evaluation."""
+    """The components of one prediction and their names, in its order (`read_components`: a file, or a folder of part
+    files). A part with no surface (a GLB's empty node, an OBJ's `o` object without faces, no faces, zero area,
+    non-finite vertices) is kept as an empty mesh where it is: instance i stays instance i, and it scores as empty
+    instead of stopping the evaluation."""
     import trimesh
 
-    from moca3d.geometry.mesh_io import MESH_EXTENSIONS, keep_empty_components, load_file, load_folder
+    from moca3d.geometry.mesh_io import read_components
 
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
-        if len(files) == 1:  # <id>/<any name>.glb: that file's parts (a lone part file gives the same one part)
-            path = files[0]
-    if path.is_dir():
-        meshes, names = load_folder(path)
-    else:
-        meshes, names = keep_empty_components(path, *load_file(path))
+    meshes, names = read_components(path)
 
     def has_surface(mesh) -> bool:
         return len(mesh.faces) > 0 and bool(np.isfinite(np.asarray(mesh.vertices)).all()) and mesh.area > 0
 
-    return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes], list(names)
+    return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes], names
+
+
+def read_ground_truth(path: Path) -> tuple[list, list[str]]:
+    """The GT components `evaluate` scores a prediction against, read as `read_prediction` reads that (`read_components`:
+    the same layouts give the same components), each a valid surface (`validate_components`: InputError naming the
+    first that is not, an empty one included)."""
+    from moca3d.geometry.mesh_io import read_components, validate_components
+
+    meshes, names = read_components(path)
+    validate_components(meshes, names, label=Path(path).name)
+    return meshes, names
 
 
 def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: Optional[list[dict]] = None) -> list:

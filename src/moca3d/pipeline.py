@@ -30,6 +30,7 @@ from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike
                                         load_image, preprocess_image)
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
+from moca3d.progress import on_terminal
 
 COMPONENTS = {"vae": VecSetVAE, "transformer": MoCATransformer, "image_encoder": ImageEncoder}
 
@@ -285,14 +286,12 @@ class MoCAPipeline:
                   inputs: dict, faces: Optional[int] = None) -> MoCAOutput:
         """Condition and layout (from `encode()`) -> sampled latents -> meshes named `{prefix}_XX`; N from the condition if None.
         The output's settings record how it was made, with the file names of the `inputs` given as paths."""
-        from rich.console import Console
         from rich.progress import Progress
 
         check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)  # all before the image is encoded
         check_faces(faces, num, dash="")
-        console = Console()  # bars only where they redraw in place: elsewhere (a pipe, a log file) a transient one leaves a blank line
-        shown = show_progress and (console.is_terminal or console.is_jupyter)
-        with Progress(console=console, disable=not shown, transient=True) as bar:
+        shown = show_progress and on_terminal()  # elsewhere (a pipe, a log file) a transient bar leaves a blank line
+        with Progress(disable=not shown, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num
             check_faces(faces, num, dash="")  # a scene's count is known once its masks are read

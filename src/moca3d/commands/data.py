@@ -77,8 +77,8 @@ def prepare_command(
 
 
 def evaluate_command(
-    pred: Path = typer.Argument(..., help="Predicted components (GLB scene, or folder of meshes)."),
-    gt: Path = typer.Argument(..., help="Ground-truth components (GLB scene, or folder of meshes)."),
+    pred: Path = typer.Argument(..., help="Predicted components: a mesh file (one per node or OBJ `o` object; a generation's empty ones stay in place) or a folder (one per mesh file; a folder of a single file: that file's components)."),
+    gt: Path = typer.Argument(..., help="Ground-truth components, read as PRED is (the same layout gives the same components); none may be empty."),
     num_points: int = typer.Option(100_000, help="Points sampled on each fused surface."),
     seed: int = typer.Option(0, help="Sampling seed."),
     iou_resolution: int = typer.Option(64, help="Voxels per side for self-IoU."),
@@ -86,14 +86,13 @@ def evaluate_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
-    from moca3d.evaluation import object_metrics, read_prediction
-    from moca3d.geometry.mesh_io import load_components
+    from moca3d.evaluation import object_metrics, read_ground_truth, read_prediction
     from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution")
     check_output_path(json_out, "--json")
     config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution)
-    gt_meshes, gt_names = load_components(gt)
+    gt_meshes, gt_names = read_ground_truth(gt)  # both sides read alike: the same layout gives the same components
     # a generation's empty components (kept as empty nodes / objects) are read in place: instance i is still i
     pred_meshes, pred_names = read_prediction(pred)
     if scene:

@@ -63,30 +63,28 @@ def read_json(path: Path) -> dict:
 
 
 def generation_record(path: Path) -> dict:
-    """A generated file's components (and which are empty), the settings it was made with (empty when it has none) and
-    the program that wrote a glTF file."""
-    from moca3d.geometry.mesh_io import METADATA_KEY, empty_components, gltf_document
+    """A generated file's components as every reader names them (`read_components`) and which are empty, the settings
+    it was made with (empty when it has none) and the program that wrote a glTF file."""
+    from moca3d.geometry.mesh_io import METADATA_KEY, gltf_document, read_components
 
     suffix = path.suffix.lower()
     try:
         if suffix == ".obj":
             with open(path, encoding="utf-8", errors="replace") as fh:
                 first = fh.readline()
-                names = [line[2:].strip() for line in fh if line.startswith("o ")]
             tag = f"# {METADATA_KEY}: "
             settings = json.loads(first[len(tag):]) if first.startswith(tag) else {}
             generator = None
         else:
             doc = gltf_document(path)
-            names = [node.get("name", "") for node in doc.get("nodes", [])]
             scenes = doc.get("scenes") or [{}]
             settings = (scenes[0].get("extras") or {}).get(METADATA_KEY, {})
             generator = (doc.get("asset") or {}).get("generator")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable {suffix[1:].upper()} file ({err})") from None
-    empty = empty_components(path)[1]
-    return {"kind": "generated file", "path": str(path), "components": names, "empty": [n for n in names if n in empty],
-            "settings": settings, "generator": generator}
+    meshes, names = read_components(path)
+    return {"kind": "generated file", "path": str(path), "components": names,
+            "empty": [name for name, mesh in zip(names, meshes) if len(mesh.faces) == 0], "settings": settings, "generator": generator}
 
 
 def component_entry(folder: Path, name: str) -> dict:

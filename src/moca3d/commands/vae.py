@@ -10,6 +10,7 @@ import typer
 from moca3d.commands.common import FACES_HELP, check_output_path, check_run_folder, resolve_device, write_json
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError
+from moca3d.progress import on_terminal
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
 # (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
@@ -122,7 +123,7 @@ def register(app: typer.Typer) -> None:
         check_points(points, vae)
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
-        metrics = validate(vae, data_dir, cfg, split=split, progress=True, per_asset=True)
+        metrics = validate(vae, data_dir, cfg, split=split, progress=on_terminal(), per_asset=True)
         metrics["settings"] = {"model": str(model) if model else "packaged", "split": split, "resolution": resolution, "points": points}
         if write_json(json_out, metrics):
             return
@@ -143,9 +144,9 @@ def register(app: typer.Typer) -> None:
         """Encode every component of a mesh and decode it back (VAE round trip); the file records how (`moca3d info`)."""
         from moca3d import __version__
         from moca3d.geometry.extract import ExtractConfig
-        from moca3d.geometry.mesh_io import MESH_FORMATS, empty_components, keep_empty_components, save_components
+        from moca3d.geometry.mesh_io import MESH_FORMATS, read_components, save_components
         from moca3d.geometry.simplify import check_faces, simplify_components
-        from moca3d.training.train_vae import reconstruct_mesh_file
+        from moca3d.training.train_vae import reconstruct_components
 
         if out.suffix.lower() not in MESH_FORMATS:
             raise InputError(f"{out}: output must be a {' or '.join(MESH_FORMATS)} file")
@@ -153,18 +154,16 @@ def register(app: typer.Typer) -> None:
         check_resolution(resolution)
         check_max_points(points)
         check_faces(faces)
-        if faces is not None:  # against the component count, before minutes of decoding
-            from moca3d.geometry.mesh_io import load_components
-
-            check_faces(faces, len(load_components(mesh)[0]))
+        parts, names = read_components(mesh)  # read once; a generation's empty components keep their place
+        check_faces(faces, len(parts))  # against the component count, before minutes of decoding
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)
         # a dense first grid of 32 cells or more where the resolution allows (thin parts), refined by doublings
         coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
-        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=True)
-        meshes, names = reconstruct_mesh_file(mesh, vae, points, extract)
-        meshes, names = keep_empty_components(mesh, meshes, names)  # the input's empty components (a generation's) stay
+        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=on_terminal())
+        meshes = reconstruct_components(parts, names, vae, points, extract, label=mesh.name)
+        empty_in = {name for name, part in zip(names, parts) if len(part.faces) == 0}
         if not any(len(m.faces) for m in meshes):
             raise InputError(f"{mesh}: no component decoded to a surface")
         builtin = model is None or model.resolve() == PACKAGED_VAE  # recorded by name, never by its install path
@@ -172,7 +171,6 @@ def register(app: typer.Typer) -> None:
                     "components": len(meshes), "resolution": resolution, "points": points, **({"faces": faces} if faces is not None else {})}
         meshes = simplify_components(meshes, faces)
         save_components(out, meshes, names, metadata=settings)
-        empty_in = empty_components(mesh)[1]
         empty = [f"{n} (empty in the input)" if n in empty_in else n for n, m in zip(names, meshes) if len(m.faces) == 0]
         note = f", {len(empty)} empty" if empty else ""
         typer.echo(f"wrote {out}: {len(meshes)} components ({sum(len(m.faces) for m in meshes):,} triangles{note})")

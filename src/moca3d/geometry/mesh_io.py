@@ -127,6 +127,12 @@ def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
     return None
 
 
+def clean_name(name: str) -> str:
+    """A component name on one line: control characters and runs of whitespace (line breaks included) become one
+    space, none at either end (an OBJ `o` line ends at a line break: a name holding one would inject lines)."""
+    return " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(name)).split())
+
+
 def _unique_names(names: list[str]) -> list[str]:
     """Names made unique (and non-empty) by suffixing repeats with _1, _2, ..."""
     seen: dict[str, int] = {}
@@ -288,8 +294,8 @@ def empty_components(path: Path) -> tuple[list[str], set[str]]:
 
 def keep_empty_components(path: Path, meshes: list[trimesh.Trimesh],
                           names: list[str]) -> tuple[list[trimesh.Trimesh], list[str]]:
-    """The components read from file `path` with its empty ones (`empty_components`) put back in file order, as empty
-    meshes: component i stays component i."""
+    """The components `load_file` read from file `path` (its names, before any renaming) with its empty ones
+    (`empty_components`) put back in file order, as empty meshes: component i stays component i."""
     order, empty = empty_components(path)
     empty -= set(names)
     if not empty:
@@ -312,6 +318,21 @@ def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
         meshes.append(fuse(parts))
         names.append(f.stem)
     return meshes, names
+
+
+def read_components(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
+    """Every component of a mesh file or folder, in its order and uniquely named, as `evaluate` (both sides), `info`
+    and `reconstruct` read one: a file's (`load_file`) with its empty ones in place (`keep_empty_components`), a
+    folder's one per mesh file (`load_folder`) or, when it holds a single mesh file, that file's. Not validated."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
+        if len(files) == 1:  # <folder>/<any name>.glb: that file's parts (a lone part file gives the same one part)
+            path = files[0]
+    meshes, names = load_folder(path) if path.is_dir() else keep_empty_components(path, *load_file(path))
+    return meshes, _unique_names(names)
 
 
 def split_connected(meshes: list[trimesh.Trimesh], names: list[str]) -> tuple[list[trimesh.Trimesh], list[str]]:
@@ -372,8 +393,9 @@ def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected
 
 def _named_colors(meshes: list[trimesh.Trimesh], names: list[str] | None,
                   colors: np.ndarray | None) -> tuple[list[str], np.ndarray]:
-    """Unique names (default component_i) and RGBA uint8 colours (N, 4) (default `palette`), one per component."""
-    names = _unique_names(list(names) if names is not None else [f"component_{i}" for i in range(len(meshes))])
+    """Unique one-line names (`clean_name`; default component_i) and RGBA uint8 colours (N, 4) (default `palette`),
+    one per component: what both writers write, and what every reader reads back."""
+    names = _unique_names([clean_name(n) for n in names] if names is not None else [f"component_{i}" for i in range(len(meshes))])
     colors = palette(len(meshes)) if colors is None else np.asarray(colors, dtype=np.uint8)
     if len(names) != len(meshes) or len(colors) != len(meshes):
         raise InputError(f"{len(meshes)} components need as many names and colours, got {len(names)} and {len(colors)}")
@@ -411,8 +433,8 @@ def components_scene(
 
 
 def _obj_text(meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None) -> str:
-    """Wavefront OBJ text with one `o NAME` object per component, in order (an empty component: its `o` line alone),
-    each vertex followed by its component's RGB colour (0-1)."""
+    """Wavefront OBJ text with one `o NAME` object per component, in order (an empty component: its `o` line alone;
+    NAME on one line, `_named_colors`), each vertex followed by its component's RGB colour (0-1)."""
     names, colors = _named_colors(meshes, names, colors)
     lines, offset = [], 1  # OBJ indices count from 1 over the whole file
     for mesh, name, color in zip(meshes, names, colors):

@@ -663,21 +663,24 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
     return {"encoded": done, "skipped": skipped}
 
 
-def reconstruct_mesh_file(path: str | Path, model: VecSetVAE, num_points: int, extract: ExtractConfig,
-                          seed: int = 0) -> tuple[list, list[str]]:
-    """Encode every component of a mesh file (or folder) and decode it back, in the input's frame."""
-    from moca3d.geometry.mesh_io import fit_normalization, load_components, transform_meshes
+def reconstruct_components(parts: list, names: list[str], model: VecSetVAE, num_points: int, extract: ExtractConfig,
+                           seed: int = 0, label: str = "asset") -> list:
+    """Encode every component with faces (`mesh_io.read_components`' parts, validated) and decode it back in the input's
+    frame; an empty one (a generation's) stays empty, in its place."""
+    from moca3d.geometry.mesh_io import fit_normalization, transform_meshes, validate_components
     from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
 
-    meshes, names = load_components(path)
+    solid = [i for i, part in enumerate(parts) if len(part.faces)]
+    meshes = [parts[i] for i in solid]
+    validate_components(meshes, [names[i] for i in solid], label=label)
     norm = fit_normalization(meshes)
     canonical = transform_meshes(meshes, norm)
     scfg = SurfaceSamplingConfig(num_points=max(num_points, SurfaceSamplingConfig().num_points))
     surface = torch.from_numpy(np.stack([sample_surface(m, scfg, seed + i) for i, m in enumerate(canonical)]))
     latents = encode_latents(model, surface, num_points)
-    out = []
-    for mesh in decode_meshes(model, latents, extract):
+    out = list(parts)
+    for i, mesh in zip(solid, decode_meshes(model, latents, extract)):
         if len(mesh.vertices):
             mesh.vertices = norm.invert(mesh.vertices)
-        out.append(mesh)
-    return out, names
+        out[i] = mesh
+    return out
