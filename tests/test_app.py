@@ -534,6 +534,16 @@ def test_launch_can_return_at_once_for_a_repl_or_notebook(pipeline_dir, tmp_path
         direct.open(f"http://127.0.0.1:{port}/", timeout=5)
 
 
+def test_launch_refuses_a_port_in_use_before_loading_a_model(monkeypatch):
+    """From Python, a busy port surfaced as gradio's OSError after the models had loaded (the CLI checked it first)."""
+    monkeypatch.setattr(demo_app, "build_app", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} is in use"):
+            demo_app.launch(port=port, prevent_thread_lock=True)
+
 def _nodes(glb: Path, prefix: str) -> set:
     """The GLB's node names that start with `prefix` (part_ or instance_)."""
     scene = trimesh.load(glb, file_type="glb")
@@ -651,12 +661,13 @@ def test_the_demo_names_its_share_switch_not_gradios_launch_argument(monkeypatch
             calls.append("blocked")
 
     monkeypatch.setattr(demo_app, "build_app", lambda *args, **kwargs: Page())
-    demo_app.launch(port=7999)
+    port = _free_port()
+    demo_app.launch(port=port)
     options, blocked = calls
     assert options["quiet"] and options["prevent_thread_lock"] and not options["share"] and blocked == "blocked"
     out = capsys.readouterr().out
-    assert "http://127.0.0.1:7999" in out and "moca3d demo --share" in out and "share=True" not in out
+    assert f"http://127.0.0.1:{port}" in out and "moca3d demo --share" in out and "share=True" not in out
     calls.clear()
-    demo_app.launch(port=7999, share=True, prevent_thread_lock=True)  # gradio's own lines then: the public link's
+    demo_app.launch(port=port, share=True, prevent_thread_lock=True)  # gradio's own lines then: the public link's
     (options,) = calls
     assert options["share"] and not options["quiet"] and capsys.readouterr().out == ""

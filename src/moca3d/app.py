@@ -29,7 +29,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from moca3d.commands.common import resolve_device
-from moca3d.commands.demo import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB, page_url
+from moca3d.commands.demo import (DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB, check_address,
+                                  page_url)
 from moca3d.data.scene import load_masks
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning, MoCA3DError, out_of_memory
@@ -406,7 +407,9 @@ def launch(
     device: str = "auto", prevent_thread_lock: bool = False, **app_options,
 ) -> gr.Blocks:
     """Build the app and serve it on host:port: block until Ctrl+C (as `moca3d demo` does) or, with prevent_thread_lock
-    (a REPL or notebook), return at once with the server running; returns the app, whose .close() stops the server."""
+    (a REPL or notebook), return at once with the server running; returns the app, whose .close() stops the server.
+    A port in use or an address not this computer's is a one-line ConfigError before any model loads."""
+    check_address(host, port)
     demo = build_app(model_path, device=device, **app_options)
     demo.launch(  # quiet without `share`: gradio would say "set `share=True` in `launch()`", the CLI's switch being --share
         server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=not share,
