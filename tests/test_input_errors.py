@@ -231,8 +231,8 @@ def test_bad_images_masks_and_part_counts_are_refused_before_the_model_loads(tmp
     chair, scene = ["generate", str(EXAMPLES / "chair.png")], ["generate-scene", str(EXAMPLES / "scene4.png"), "--masks"]
     cases = [
         (["generate", str(tmp_path / "nonexistent.png")], InputError, "image not found"),
-        (chair + ["--parts", "1000"], InputError, "1000 parts exceed the model's limit of 50"),
-        (chair + ["--parts", "4", "--model", str(own)], InputError, "4 parts exceed the model's limit of 3"),
+        (chair + ["--parts", "1000"], InputError, "--parts: 1000 parts exceed the model's limit of 50"),
+        (chair + ["--parts", "4", "--model", str(own)], InputError, "--parts: 4 parts exceed the model's limit of 3"),
         (["generate-scene", str(tmp_path / "nonexistent.png"), "--masks", str(EXAMPLES / "scene4_masks.png")], InputError,
          "image not found"),
         (scene + [str(tmp_path / "small.png")], InputError, "the masks are 10x10 but the image is 256x256"),
@@ -440,7 +440,7 @@ def test_demo_and_generate_options_out_of_range_are_one_line(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--resolution", "50"])
     assert isinstance(res.exception, ConfigError) and "--resolution must be 16, 32 or a multiple of 4" in str(res.exception)
     res = CliRunner().invoke(app, ["generate", str(EXAMPLES / "chair.png"), "--parts", "0", "--model", str(tmp_path / "nowhere")])
-    assert isinstance(res.exception, InputError) and "the number of parts must be a whole number >= 1, got 0" in str(res.exception)
+    assert isinstance(res.exception, InputError) and "--parts must be a whole number >= 1, got 0" in str(res.exception)
 
 
 def test_one_pipeline_samples_from_threads(default_pipeline):

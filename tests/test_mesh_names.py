@@ -1,8 +1,10 @@
 """Every reader names and orders a file's components alike (`mesh_io.read_components`): `evaluate` on both sides,
 `info`, `reconstruct`; what the writers write reads back as written, however odd the names."""
 
+import io
 import json
 import struct
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -148,12 +150,42 @@ def test_reconstruct_keeps_the_input_order_when_names_are_made_unique_around_an_
 
 
 def test_reconstruct_shows_its_progress_bar_only_on_a_terminal(identity_vae, tmp_path, monkeypatch):
-    """The decoding bar was drawn into pipes and log files, where the other verbs show none."""
+    """The decoding bar was drawn into pipes and log files, where the other verbs show none; it is tqdm's, on stderr,
+    so stderr is the stream that decides (stdout was checked: `reconstruct ... 2> log` filled the log with it)."""
+    import moca3d.commands.vae as vae_cmd
+    from moca3d.progress import on_terminal
+
     save_components(tmp_path / "in.glb", boxes(2), ["a", "b"])
-    assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0  # CliRunner: stdout is no terminal
-    monkeypatch.setattr("rich.console.Console.is_terminal", property(lambda self: True))
-    assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0
+    assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0  # CliRunner: no terminal
+    with monkeypatch.context() as patch:
+        patch.setattr("rich.console.Console.is_terminal", property(lambda self: True))
+        assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0
     assert [extract.progress for extract in identity_vae] == [False, True]
+    checked = []
+    monkeypatch.setattr(vae_cmd, "on_terminal", lambda stream=None: checked.append(stream is sys.stderr) or on_terminal(stream))
+    assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0
+    assert checked == [True]
+
+
+def test_on_terminal_asks_the_stream_it_is_given():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    from moca3d.progress import on_terminal
+
+    assert on_terminal(Terminal()) and not on_terminal(io.StringIO())
+
+
+def test_reconstruct_faces_budget_counts_only_the_parts_it_decodes(identity_vae, tmp_path):
+    """A generation's empty part counted against --faces (40 for parts a, hole, b was refused: 'at least 20 each, 60 in
+    all'), though only the two solid parts are decoded and simplified."""
+    parts = boxes(2)
+    save_components(tmp_path / "in.glb", [parts[0], trimesh.Trimesh(), parts[1]], ["a", "hole", "b"], metadata={"verb": "generate"})
+    result = CliRunner().invoke(app, ["reconstruct", str(tmp_path / "in.glb"), "-o", str(tmp_path / "out.glb"), "--resolution",
+                                      "32", "--device", "cpu", "--faces", "40"])
+    assert result.exit_code == 0, result.output
+    assert sum(len(m.faces) for m in read_prediction(tmp_path / "out.glb")[0]) <= 40
 
 
 # -- writers: odd names stay on their line -------------------------------------------------------------------------

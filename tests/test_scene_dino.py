@@ -2,6 +2,7 @@
 for generation, as the built-in encoder is (issue 7: "works for the small built-in encoder and for DINOv2 alike")."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from typer.testing import CliRunner
 
 import test_convert as tc
 from moca3d.cli import app
+from moca3d.commands.info import TASKS, describe
+from moca3d.errors import ConfigError
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
 from moca3d.geometry.inside import QueryConfig
 from moca3d.geometry.render import RenderConfig
@@ -58,6 +61,11 @@ def test_zero_widened_dinov2_reads_a_scene_stack_as_its_masked_render(converted)
     torch.testing.assert_close(tokens, expected.reshape(2, -1, expected.shape[-1]), atol=1e-5, rtol=0)
     with pytest.raises(Exception, match=r"pixels must be \(B, 7, H, W\)"):
         widened(torch.rand(1, 3, CROP_SIZE, CROP_SIZE))
+    # the groups the zero channels hide at initialisation: the scene RGB normalised as the instance's, the mask as is
+    flat = stacks.reshape(4, 7, CROP_SIZE, CROP_SIZE)
+    normalized = widened.normalize_stacks(flat)
+    torch.testing.assert_close(normalized[:, 3:6], imagenet_normalize(flat[:, 3:6]), atol=0, rtol=0)
+    torch.testing.assert_close(normalized[:, 6], flat[:, 6], atol=0, rtol=0)
 
 
 def test_scene_finetune_of_a_converted_pipeline_generates_and_its_adapter_matches_its_export(converted, tmp_path):
@@ -75,6 +83,11 @@ def test_scene_finetune_of_a_converted_pipeline_generates_and_its_adapter_matche
                            base["embeddings.patch_embeddings.projection.weight"])  # the projection trains in full
     assert all(torch.equal(tuned[k], base[k]) for k in base if "norm" in k)  # frozen under LoRA
 
+    report = describe(Path(result["pipeline"]))
+    assert report["task"] == TASKS["scene"]  # it read DINOv2's channels under the small encoder's key: "objects"
+    assert report["components"]["image_encoder"]["in_channels"] == 7
+    assert report["components"]["image_encoder"]["image_size"] == CROP_SIZE  # not its config's pre-training size
+
     folder, n = _visible_scene(root)
     settings = dict(steps=2, resolution=16, seed=3, show_progress=False)
     out = exported.generate_scene(folder / "render.png", folder / "mask.png", **settings)
@@ -83,3 +96,12 @@ def test_scene_finetune_of_a_converted_pipeline_generates_and_its_adapter_matche
     assert adapted.is_scene_model
     torch.testing.assert_close(adapted.generate_scene(folder / "render.png", folder / "mask.png", **settings).latents, out.latents,
                                atol=1e-5, rtol=0)
+
+
+def test_a_dinov2_folder_as_image_encoder_from_is_refused_before_training(converted, tmp_path):
+    """It trained to the end, then could not save its adapter (DINOv2 has no moca3d config to hold it whole)."""
+    pipeline, root = converted
+    with pytest.raises(ConfigError, match="image_encoder_from .*: a DINOv2 folder"):
+        train(root, tmp_path / "run", recipe(pipeline, image_encoder_from=str(pipeline / "image_encoder"), transformer_lora_rank=2),
+              device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

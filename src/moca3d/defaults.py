@@ -55,13 +55,13 @@ def resolve_dtype(dtype, device="cpu"):
     return getattr(torch, name)
 
 
-def check_component_count(count, limit: Optional[int] = None, noun: str = "parts") -> None:
+def check_component_count(count, limit: Optional[int] = None, noun: str = "parts", option: Optional[str] = None) -> None:
     """A number of components: a whole number >= 1 within the model's `limit` (one-line InputError, for the CLI and the
-    pipeline alike)."""
+    pipeline alike; `option`, e.g. "--parts", names the CLI's)."""
     if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 1:
-        raise InputError(f"the number of {noun} must be a whole number >= 1, got {count}")
+        raise InputError(f"{option or f'the number of {noun}'} must be a whole number >= 1, got {count}")
     if limit is not None and count > limit:
-        raise InputError(f"{count} {noun} exceed the model's limit of {limit}")
+        raise InputError(f"{option + ': ' if option else ''}{count} {noun} exceed the model's limit of {limit}")
 
 
 def check_seed(seed: int, dash: str = "--") -> None:

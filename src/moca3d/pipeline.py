@@ -28,6 +28,7 @@ from moca3d.geometry.mesh_io import components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
 from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike, check_image, encode_views, input_channels,
                                         load_image, preprocess_image)
+from moca3d.models.dino import is_dino
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.progress import on_terminal
@@ -157,7 +158,7 @@ class MoCAPipeline:
         index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
         for name, klass in COMPONENTS.items():
             part = getattr(self, name)
-            if _is_dino(part):
+            if is_dino(part):
                 part.model.save_pretrained(root / name)
                 index[name] = ["transformers", type(part.model).__name__]
             else:
@@ -215,7 +216,7 @@ class MoCAPipeline:
         """Image -> condition tokens (1, M, D)."""
         if self.is_scene_model:
             raise InputError("this is a scene model (7-channel image encoder): it needs instance masks (generate_scene, `moca3d generate-scene`)")
-        if _is_dino(self.image_encoder):  # DINOv2: its own preprocessing (resize 256, crop 224, ImageNet norm)
+        if is_dino(self.image_encoder):  # DINOv2: its own preprocessing (resize 256, crop 224, ImageNet norm)
             picture = load_image(image)
             check_image(picture)  # a blank image is refused by every pipeline (and by the CLI before loading)
             return self.image_encoder.encode(picture).to(self.device)
@@ -405,11 +406,6 @@ def _model_name(root: Path) -> str:
     """How generated files record pipeline folder `root`: its path, or the shipped model's name, never its install path."""
     shipped = {DEFAULT_MODEL_DIR: "built-in", DEFAULT_SCENE_MODEL_DIR: "built-in scene"}
     return next((name for folder, name in shipped.items() if root.resolve() == folder.resolve()), str(root))
-
-
-def _is_dino(encoder) -> bool:
-    """True for the DINOv2 wrapper of converted real-weight pipelines."""
-    return hasattr(encoder, "preprocess") and hasattr(encoder, "model")
 
 
 def _version() -> str:

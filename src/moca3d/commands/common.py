@@ -19,6 +19,8 @@ DTYPE_HELP = ("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16: 
 FACES_HELP = ("Triangle budget of the whole output: the components share it in proportion to their size (at least 20 each) "
               "and are simplified by quadric decimation (fast-simplification); default: marching cubes' full meshes (thousands "
               "to tens of thousands of triangles per component).")
+COMPONENTS_HELP = ("a mesh file (one per node or OBJ `o` object; a generation's empty ones stay in place) or a folder "
+                   "(one per mesh file; a folder of a single file: that file's components)")  # mesh_io.read_components
 
 
 def resolve_device(name: str) -> str:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import check_output_path, check_run_folder, write_json
+from moca3d.commands.common import COMPONENTS_HELP, check_output_path, check_run_folder, write_json
 
 
 def prepare_command(
@@ -77,7 +77,7 @@ def prepare_command(
 
 
 def evaluate_command(
-    pred: Path = typer.Argument(..., help="Predicted components: a mesh file (one per node or OBJ `o` object; a generation's empty ones stay in place) or a folder (one per mesh file; a folder of a single file: that file's components)."),
+    pred: Path = typer.Argument(..., help=f"Predicted components: {COMPONENTS_HELP}."),
     gt: Path = typer.Argument(..., help="Ground-truth components, read as PRED is (the same layout gives the same components); none may be empty."),
     num_points: int = typer.Option(100_000, help="Points sampled on each fused surface."),
     seed: int = typer.Option(0, help="Sampling seed."),

@@ -214,8 +214,6 @@ def register(app: typer.Typer) -> None:
 
         configs/default.json (the shipped model) ends with a GPU-sized stage, a medium transformer: 4 minutes on an H200, roughly 11 hours on one CPU core. --recipe configs/default_cpu.json stops before it: the previous, small built-in model, hours on a 2-core CPU.
         """
-        import os
-
         from moca3d.errors import ConfigError
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its stages prepare, encode and export in one process

@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
                 check_run_folder(output)
             else:
                 check_generation_args(steps, resolution, guidance, output, seed, shift)
-            check_component_count(parts, model_limit(model or DEFAULT_MODEL_DIR))  # the pipeline's check, before loading
+            check_component_count(parts, model_limit(model or DEFAULT_MODEL_DIR), option="--parts")  # the pipeline's check, before loading
             check_faces(faces, parts)
             dev = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, dev)

@@ -92,7 +92,10 @@ def component_entry(folder: Path, name: str) -> dict:
     config = read_json(folder / "config.json")
     entry = {"class": config.get("_class_name", "?"), **{k: config[k] for k in SHOWN[name] if k in config}}
     if name == "image_encoder" and config.get("model_type") == "dinov2":  # a converted release's DINOv2
-        entry.update({"class": "DINOv2", "width": config.get("hidden_size"), "num_layers": config.get("num_hidden_layers")})
+        from moca3d.models.dino import CROP_SIZE
+
+        entry.update({"class": "DINOv2", "width": config.get("hidden_size"), "num_layers": config.get("num_hidden_layers"),
+                      "in_channels": config.get("num_channels", 3), "image_size": CROP_SIZE})  # the pixels it is given
     return {**entry, **weights_summary(folder)}
 
 

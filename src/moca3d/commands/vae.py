@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from moca3d.commands.common import FACES_HELP, check_output_path, check_run_folder, resolve_device, write_json
+from moca3d.commands.common import COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, resolve_device, write_json
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError
 from moca3d.progress import on_terminal
@@ -123,7 +124,7 @@ def register(app: typer.Typer) -> None:
         check_points(points, vae)
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
-        metrics = validate(vae, data_dir, cfg, split=split, progress=on_terminal(), per_asset=True)
+        metrics = validate(vae, data_dir, cfg, split=split, progress=on_terminal(sys.stderr), per_asset=True)  # tqdm's stream
         metrics["settings"] = {"model": str(model) if model else "packaged", "split": split, "resolution": resolution, "points": points}
         if write_json(json_out, metrics):
             return
@@ -133,7 +134,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("reconstruct")
     def reconstruct_cmd(
-        mesh: Path = typer.Argument(..., help="Mesh file (one component per node) or folder (one per file)."),
+        mesh: Path = typer.Argument(..., help=f"The components to round-trip: {COMPONENTS_HELP}."),
         out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb (one named node per component) or .obj (one `o` object per component); an empty component keeps its place, without faces."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         resolution: int = typer.Option(256, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
@@ -155,13 +156,14 @@ def register(app: typer.Typer) -> None:
         check_max_points(points)
         check_faces(faces)
         parts, names = read_components(mesh)  # read once; a generation's empty components keep their place
-        check_faces(faces, len(parts))  # against the component count, before minutes of decoding
+        check_faces(faces, sum(1 for part in parts if len(part.faces)))  # what is decoded (and simplified), before minutes of it
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)
         # a dense first grid of 32 cells or more where the resolution allows (thin parts), refined by doublings
         coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
-        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, progress=on_terminal())
+        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5,
+                                progress=on_terminal(sys.stderr))  # tqdm's stream
         meshes = reconstruct_components(parts, names, vae, points, extract, label=mesh.name)
         empty_in = {name for name, part in zip(names, parts) if len(part.faces) == 0}
         if not any(len(m.faces) for m in meshes):
@@ -205,7 +207,7 @@ def register(app: typer.Typer) -> None:
         data_dir: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d encode-dataset): objects, or scenes (every asset of the split a scene: cached with their instance masks, for a scene recipe)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="The cache file to write (.safetensors)."),
         split: str = typer.Option("train", help="Split to cache: train, val or test."),
-        image_size: int = typer.Option(128, "--image-size", help="The image encoder's input size (the recipe's image_encoder.image_size; a scene pipeline's image_encoder/config.json)."),
+        image_size: int = typer.Option(128, "--image-size", help="The image encoder's input size (the recipe's image_encoder.image_size; a scene pipeline's: `moca3d info` shows it, 224 for a converted pipeline's DINOv2)."),
         max_parts: int = typer.Option(32, "--max-parts", help="Leave out assets with more parts."),
         instance_views: int = typer.Option(1, "--instance-views", help="Scenes: 2 also keeps the full-resolution renders and label maps, for a transformer with instance_views 2 (zoomed instance views)."),
     ) -> None:

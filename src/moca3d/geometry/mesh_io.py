@@ -324,15 +324,22 @@ def read_components(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]
     """Every component of a mesh file or folder, in its order and uniquely named, as `evaluate` (both sides), `info`
     and `reconstruct` read one: a file's (`load_file`) with its empty ones in place (`keep_empty_components`), a
     folder's one per mesh file (`load_folder`) or, when it holds a single mesh file, that file's. Not validated."""
+    path = component_source(path)
+    meshes, names = load_folder(path) if path.is_dir() else keep_empty_components(path, *load_file(path))
+    return meshes, _unique_names(names)
+
+
+def component_source(path: str | Path) -> Path:
+    """Where an asset's components are read from: `path` (checked to exist), or the one mesh file of a folder that holds
+    a single one (its components: a lone part file gives the same one part)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
-        if len(files) == 1:  # <folder>/<any name>.glb: that file's parts (a lone part file gives the same one part)
-            path = files[0]
-    meshes, names = load_folder(path) if path.is_dir() else keep_empty_components(path, *load_file(path))
-    return meshes, _unique_names(names)
+        if len(files) == 1:
+            return files[0]
+    return path
 
 
 def split_connected(meshes: list[trimesh.Trimesh], names: list[str]) -> tuple[list[trimesh.Trimesh], list[str]]:
@@ -373,12 +380,10 @@ def validate_components(
 def load_components(
     path: str | Path, connected: bool = False, max_components: int | None = None
 ) -> tuple[list[trimesh.Trimesh], list[str]]:
-    """Read an asset (a mesh file, or a folder with one file per component) and validate it."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    meshes, names = load_folder(path) if path.is_dir() else load_file(path)
-    return finish_components(meshes, names, connected, max_components, label=path.name)
+    """Read an asset (a mesh file, or a folder with one file per component: `component_source`) and validate it."""
+    source = component_source(path)
+    meshes, names = load_folder(source) if source.is_dir() else load_file(source)
+    return finish_components(meshes, names, connected, max_components, label=Path(path).name)
 
 
 def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected: bool = False, max_components: int | None = None,

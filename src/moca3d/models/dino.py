@@ -71,6 +71,11 @@ def is_dino_folder(folder: Union[str, Path]) -> bool:
         return False
 
 
+def is_dino(encoder: nn.Module) -> bool:
+    """True for the DINOv2 wrapper of converted real-weight pipelines (not the small built-in encoder)."""
+    return isinstance(encoder, DINOv2Encoder)
+
+
 class DINOv2Encoder(nn.Module):
     """A local `transformers.Dinov2Model`: images -> condition tokens (B, 1 + patches, hidden)."""
 

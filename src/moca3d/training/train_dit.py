@@ -37,7 +37,7 @@ from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_l
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError
 from moca3d.evaluation import evaluate_pipeline, select_records
-from moca3d.models.dino import CROP_SIZE, DINOv2Encoder, is_dino_folder
+from moca3d.models.dino import CROP_SIZE, DINOv2Encoder, is_dino, is_dino_folder
 from moca3d.models.image_encoder import (
     load_image,
     SCENE_CHANNELS,
@@ -288,6 +288,9 @@ def pretrained_encoder_folder(cfg: DiTTrainConfig) -> Path:
     root = Path(cfg.image_encoder_from or "")
     if not (root / "config.json").is_file():
         raise ConfigError(f"image_encoder_from {root}: not an image encoder folder (config.json missing)")
+    if is_dino_folder(root):
+        raise ConfigError(f"image_encoder_from {root}: a DINOv2 folder; it takes a moca3d image encoder (`pretrain-encoder`'s), "
+                          "and a converted pipeline's DINOv2 comes with it (init_from)")
     return root
 
 
@@ -353,7 +356,7 @@ def encoder_folder_input(folder: Path) -> tuple[int, int]:
 
 def encoder_preprocess(encoder) -> Callable[[Path], torch.Tensor]:
     """path -> (3, S, S) pixels the way `encoder` expects them."""
-    if hasattr(encoder, "preprocess"):  # DINOv2: resize 256, centre crop 224, ImageNet normalisation
+    if is_dino(encoder):  # DINOv2: resize 256, centre crop 224, ImageNet normalisation
         return lambda path: encoder.preprocess(load_image(path))[0]
     return lambda path: preprocess_image(path, encoder.image_size)
 
