@@ -324,6 +324,31 @@ def test_convert_cli_writes_pipeline_folder(tmp_path):
     MoCAPipeline.from_pretrained(tmp_path / "again")
 
 
+def test_converted_pipeline_runs_offloaded_and_loads_without_transformers_bars(tmp_path, capfd):
+    """--offload crashed on a converted pipeline ("Cannot copy out of meta tensor": DINOv2's pixels were sent to its
+    offloaded, meta weights' device); loading and saving printed transformers' own "Loading weights" bars."""
+    from PIL import Image
+
+    from moca3d.pipeline import MoCAPipeline
+
+    from moca3d.convert.triposg import convert_triposg
+
+    write_release(tmp_path / "src")
+    convert_triposg(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4)
+    capfd.readouterr()
+    plain = MoCAPipeline.from_pretrained(tmp_path / "dst")
+    plain.save_pretrained(tmp_path / "again")
+    quiet = capfd.readouterr()
+    assert "Loading weights" not in quiet.err + quiet.out and "Writing model shards" not in quiet.err + quiet.out
+    image = Image.new("RGB", (64, 48), (255, 255, 255))
+    image.paste((200, 30, 30), (20, 10, 40, 40))
+    settings = dict(num_parts=2, steps=1, resolution=16, seed=0, show_progress=False)
+    expected = plain(image, **settings).latents
+    offloaded = MoCAPipeline.from_pretrained(tmp_path / "dst").enable_sequential_cpu_offload("cpu")
+    assert next(offloaded.image_encoder.parameters()).device.type == "meta"
+    torch.testing.assert_close(offloaded(image, **settings).latents, expected, atol=1e-5, rtol=0)
+
+
 def test_convert_partcrafter_bf16(tmp_path):
     write_release(tmp_path / "src", partcrafter=True)
     dst = convert_partcrafter(tmp_path / "src", tmp_path / "dst", num_latents=L, compression=4, dtype=torch.bfloat16)

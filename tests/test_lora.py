@@ -176,8 +176,9 @@ def test_lora_fine_tune_trains_resumes_and_exports_a_plain_pipeline(object_datas
         assert mine.keys() == exported.keys()
         for k, v in mine.items():
             torch.testing.assert_close(v, exported[k], atol=1e-6, rtol=1e-5, msg=f"adapter on its base != export at {k}")
-    with pytest.raises(CheckpointError, match="trained on other base weights"):
+    with pytest.raises(CheckpointError, match="trained on other base weights") as refused:
         MoCAPipeline.from_pretrained(straight["pipeline"], lora=resumed["lora"])  # the same architecture, other weights
+    assert f"this adapter was trained from {object_pipeline}: pass that pipeline, --model {object_pipeline}" in str(refused.value)
     with pytest.raises(CheckpointError, match="not a LoRA adapter folder"):
         MoCAPipeline.from_pretrained(object_pipeline, lora=resumed["pipeline"])
 

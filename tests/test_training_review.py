@@ -36,10 +36,32 @@ def test_a_corrupt_or_foreign_cache_file_is_one_line(object_dataset, tmp_path):
 
 
 def test_validation_without_a_val_split_is_refused_before_training(object_dataset, tmp_path):
+    """Refused before training, with the way out; a run too short to reach its first validation needs no val split
+    (a 2-step trial of a LoRA recipe, validate_every 5000, was refused)."""
     root, vae_dir = object_dataset  # every asset in train
-    with pytest.raises(InputError, match="'val' split"):
+    with pytest.raises(InputError, match="'val' split.*validate_every 1 validates on them .set it to 0 to train without"):
         train(root, tmp_path / "run", tiny_dit_recipe(validate_every=1), vae_dir=vae_dir, device="cpu", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    result = train(root, tmp_path / "short", tiny_dit_recipe(validate_every=5000), vae_dir=vae_dir, device="cpu", progress=False)
+    assert result["steps"] == 2
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(object_dataset, tmp_path):
+    """--steps 200 under a recipe's warmup_steps 500 trained at a fraction of lr throughout, silently."""
+    from moca3d.errors import InputWarning
+
+    root, vae_dir = object_dataset
+    with pytest.warns(InputWarning, match="warmup_steps 5 >= steps 2: the learning rate never reaches lr 0.003"):
+        train(root, tmp_path / "run", tiny_dit_recipe(warmup_steps=5), vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_a_latent_length_set_by_the_recipe_is_named_as_the_cause(object_dataset, object_pipeline, tmp_path):
+    """'encode the data with its VAE' sent a user whose data was encoded with that VAE round in a loop: the recipe's
+    transformer num_latents asked for another length."""
+    root, _ = object_dataset
+    recipe = tiny_dit_recipe(init_from=str(object_pipeline), transformer={"num_latents": 32})
+    with pytest.raises(ConfigError, match="the recipe's transformer num_latents 32 asks for another latent set"):
+        train(root, tmp_path / "run", recipe, device="cpu", progress=False)
 
 
 def test_resume_refuses_another_vae_and_a_refused_resume_records_nothing(object_dataset, tmp_path):

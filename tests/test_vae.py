@@ -439,6 +439,11 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     assert encode_dataset(dataset, model, "tiny", num_points=64, progress=False) == {"encoded": 0, "skipped": len(entries)}
     # Another model id re-encodes.
     assert encode_dataset(dataset, model, "other", num_points=64, progress=False)["encoded"] == len(entries)
+    # So does the same model at another latent count (a converted VAE's weights are the same at every --num-latents)
+    longer = VecSetVAE(**{**TINY, "num_latents": 2 * TINY["num_latents"]}).eval()
+    longer.load_state_dict(model.state_dict())
+    assert encode_dataset(dataset, longer, "other", num_points=64, progress=False)["encoded"] == len(entries)
+    assert load_file(str(path))["latents"].shape[1] == 2 * TINY["num_latents"]
 
 
 class SphereFieldVAE(VecSetVAE):

@@ -22,7 +22,7 @@ from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_co
 from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, SCENE_GUIDANCE, STEPS,  # noqa: F401
                              check_component_count, check_sampling_args, check_seed, check_shift,
                              resolve_dtype)
-from moca3d.errors import CheckpointError, InputError, one_line
+from moca3d.errors import CheckpointError, ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
@@ -114,7 +114,7 @@ class MoCAPipeline:
         if lora is not None:  # a wrong adapter folder is refused before a (gigabytes) base model loads
             from moca3d.models.lora import read_adapter_config
 
-            read_adapter_config(Path(lora))
+            adapter = read_adapter_config(Path(lora))
         parts = {}
         for name, klass in COMPONENTS.items():
             sub = root / name
@@ -136,7 +136,13 @@ class MoCAPipeline:
             _check_finite(model, sub)
             parts[name] = model
         if lora is not None:
-            parts["transformer"], parts["image_encoder"] = apply_lora(root, parts["transformer"], parts["image_encoder"], Path(lora))
+            try:
+                parts["transformer"], parts["image_encoder"] = apply_lora(root, parts["transformer"], parts["image_encoder"], Path(lora))
+            except (CheckpointError, ConfigError) as err:  # most often: the adapter given with another base than its own
+                base = adapter.get("base")
+                if not base or Path(base).resolve() == root.resolve():
+                    raise
+                raise CheckpointError(f"{one_line(err)} (this adapter was trained from {base}: pass that pipeline, --model {base})") from None
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = None
@@ -158,12 +164,8 @@ class MoCAPipeline:
         index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
         for name, klass in COMPONENTS.items():
             part = getattr(self, name)
-            if is_dino(part):
-                part.model.save_pretrained(root / name)
-                index[name] = ["transformers", type(part.model).__name__]
-            else:
-                part.save_pretrained(root / name)
-                index[name] = ["moca3d", klass.__name__]
+            part.save_pretrained(root / name)
+            index[name] = ["transformers", type(part.model).__name__] if is_dino(part) else ["moca3d", klass.__name__]
         self.scheduler.save_config(root / "scheduler")
         index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
         tmp = root / "model_index.json.tmp"

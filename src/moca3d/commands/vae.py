@@ -199,7 +199,8 @@ def register(app: typer.Typer) -> None:
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
         check_points(points, vae)
-        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, token_order=token_order)
+        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, progress=on_terminal(sys.stderr),
+                                token_order=token_order)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")
 
     @app.command("cache-latents")

@@ -8,8 +8,9 @@ Image -> [optional background removal] -> RGB on white -> resize shortest side t
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,6 +72,20 @@ def is_dino_folder(folder: Union[str, Path]) -> bool:
         return False
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside, as they were after."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
 def is_dino(encoder: nn.Module) -> bool:
     """True for the DINOv2 wrapper of converted real-weight pipelines (not the small built-in encoder)."""
     return isinstance(encoder, DINOv2Encoder)
@@ -95,8 +110,14 @@ class DINOv2Encoder(nn.Module):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{folder}: not a DINOv2 folder, config.json missing")
-        model = Dinov2Model.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        with quiet_transformers():
+            model = Dinov2Model.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
         return cls(model.eval(), background_remover, **kwargs)
+
+    def save_pretrained(self, folder: Union[str, Path]) -> None:
+        """Write the DINOv2 model as a `transformers` folder (what `from_pretrained` reads)."""
+        with quiet_transformers():
+            self.model.save_pretrained(folder)
 
     @property
     def out_dim(self) -> int:
@@ -130,7 +151,8 @@ class DINOv2Encoder(nn.Module):
         if pixels.dim() != 4 or pixels.shape[1] != channels:
             raise InputError(f"pixels must be (B, {channels}, H, W), got {tuple(pixels.shape)}")
         p = next(self.model.parameters())
-        return self.model(pixel_values=pixels.to(device=p.device, dtype=p.dtype)).last_hidden_state
+        device = pixels.device if p.device.type == "meta" else p.device  # offloaded weights: accelerate's hook placed the pixels
+        return self.model(pixel_values=pixels.to(device=device, dtype=p.dtype)).last_hidden_state
 
     @torch.no_grad()
     def encode(self, images: Union[ImageLike, Sequence[ImageLike]]) -> torch.Tensor:

@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -35,7 +36,7 @@ from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, require_token_order, save_latent_cache)
 from moca3d.data.scene import conditions_layout
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.evaluation import evaluate_pipeline, select_records
 from moca3d.models.dino import CROP_SIZE, DINOv2Encoder, is_dino, is_dino_folder
 from moca3d.models.image_encoder import (
@@ -329,9 +330,13 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
             raise ConfigError(f"the transformer overrides change its weights, {root} no longer loads: {problem}")
         transformer.load_state_dict(state)
     if latent_shape is not None and (transformer.config.num_latents, transformer.config.in_channels) != tuple(latent_shape):
+        overridden = "num_latents" in cfg.transformer and transformer.config.num_latents != latent_shape[0]
+        fix = (f"the recipe's transformer num_latents {cfg.transformer['num_latents']} asks for another latent set: encode the "
+               f"data with a VAE of that many latents (`convert --num-latents`), or drop the override") if overridden else \
+            "encode the data with its VAE (encode-dataset --model its vae/, --overwrite over other latents)"
         raise ConfigError(
-            f"the data's latents are (L={latent_shape[0]}, C={latent_shape[1]}) but {root} expects "
-            f"(L={transformer.config.num_latents}, C={transformer.config.in_channels}): encode the data with its VAE"
+            f"the data's latents are (L={latent_shape[0]}, C={latent_shape[1]}) but {root} with the recipe expects "
+            f"(L={transformer.config.num_latents}, C={transformer.config.in_channels}): {fix}"
         )
     return transformer
 
@@ -513,6 +518,9 @@ def train(
     record_resume = None  # another recipe is refused before any data or model is loaded; recorded once accepted
     if ckpt is not None and (out / "train_config.json").is_file():
         record_resume = check_resume(out / "train_config.json", cfg, accelerator.print)
+    if 1 < cfg.steps <= cfg.warmup_steps and accelerator.is_main_process:  # e.g. a short trial run with --steps
+        warnings.warn(f"warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches lr {cfg.lr:g} "
+                      "(lower warmup_steps in the recipe)", InputWarning, stacklevel=2)
     scene = cfg.condition == "scene"
     if scene:
         from moca3d.data.scene import SceneLatentDataset
@@ -549,11 +557,14 @@ def train(
     identity = data_identity(data.ids)  # recorded in every checkpoint: a resume on other assets is refused
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     require_token_order(model.transformer.token_order, data.token_order, str(data_dir))
-    if cfg.validate_every and vae is not None and not scene:  # what `validate` reads, checked now, not at a checkpoint
+    if 0 < cfg.validate_every <= cfg.steps and vae is not None and not scene:  # what `validate` reads, checked now
         if Path(data_dir).is_file():
             raise ConfigError(f"validate_every needs the dataset folder (its val split), not a latent cache ({data_dir}); "
                               "set it to 0 to train from the cache")
-        select_records(data_dir, "val", cfg.val_assets, 1, 32)  # a one-line error when the split has none
+        try:
+            select_records(data_dir, "val", cfg.val_assets, 1, 32)
+        except InputError as err:  # a small dataset's 5% val split is often empty
+            raise InputError(f"{err}: validate_every {cfg.validate_every} validates on them (set it to 0 to train without)") from None
     if cfg.transformer_lora_rank:
         add_lora(model.transformer, cfg.transformer_lora_rank, cfg.transformer_lora_alpha, cfg.transformer_lora_dropout,
                  train_full=PRIOR_FREE_MODULES)

@@ -629,7 +629,8 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
                    overwrite: bool = False, progress: bool = True, token_order: str = "fps") -> dict[str, int]:
     """Write ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C) posterior means) per asset.
 
-    Resumable: an asset whose file already carries the same model id, point count and token order is skipped.
+    Resumable: an asset whose file already carries the same model id, latent count, point count and token order is
+    skipped (a converted VAE's weights are the same at every `--num-latents`).
     """
     from moca3d.training.checkpoints import atomic_save_tensors, read_metadata
 
@@ -650,7 +651,8 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
                 meta = read_metadata(path)
             except Exception:
                 meta = {}
-            if (meta.get("model"), meta.get("num_points"), meta.get("token_order", "fps")) == (model_id, str(num_points), token_order):
+            wanted = (model_id, str(model.config.num_latents), str(num_points), token_order)
+            if (meta.get("model"), meta.get("num_latents"), meta.get("num_points"), meta.get("token_order", "fps")) == wanted:
                 skipped += 1
                 continue
         surface = torch.from_numpy(load_samples(data_dir, e["id"])["surface"]).float()
