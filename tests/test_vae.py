@@ -443,7 +443,13 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     longer = VecSetVAE(**{**TINY, "num_latents": 2 * TINY["num_latents"]}).eval()
     longer.load_state_dict(model.state_dict())
     assert encode_dataset(dataset, longer, "other", num_points=64, progress=False)["encoded"] == len(entries)
-    assert load_file(str(path))["latents"].shape[1] == 2 * TINY["num_latents"]
+    by_config = load_file(str(path))["latents"]
+    assert by_config.shape[1] == 2 * TINY["num_latents"]
+    # ... or asked for one (encode-dataset --num-latents): the same latents as the VAE configured for it
+    assert encode_dataset(dataset, model, "other", num_points=64, progress=False)["encoded"] == len(entries)
+    assert encode_dataset(dataset, model, "other", num_points=64, progress=False, num_latents=2 * TINY["num_latents"]) == {
+        "encoded": len(entries), "skipped": 0}
+    torch.testing.assert_close(load_file(str(path))["latents"], by_config, rtol=0, atol=0)
 
 
 class SphereFieldVAE(VecSetVAE):

@@ -41,11 +41,13 @@ def check_max_points(points: int) -> None:
         raise ConfigError(f"--points must be at most {MAX_POINTS} (surface points per component), got {points}")
 
 
-def check_points(points: int, vae) -> None:
-    """--points must cover the VAE's latent tokens: its encoder picks that many of them by farthest-point sampling."""
-    tokens = vae.config.num_latents
+def check_points(points: int, vae, num_latents: Optional[int] = None) -> None:
+    """--points must cover the latent tokens (`num_latents`, default the VAE's): its encoder picks that many of them by
+    farthest-point sampling."""
+    tokens = num_latents or vae.config.num_latents
     if points < tokens:
-        raise ConfigError(f"--points must be at least the VAE's {tokens} latent tokens, got {points}")
+        whose = "--num-latents" if num_latents else "the VAE's"
+        raise ConfigError(f"--points must be at least {whose} {tokens} latent tokens, got {points}")
 
 
 def _weights_id(folder: Path) -> str:
@@ -189,18 +191,21 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         token_order: str = typer.Option("fps", "--token-order", help="fps (farthest-point order, any transformer) or canonical (for a transformer with token_positions)."),
+        num_latents: Optional[int] = typer.Option(None, "--num-latents", help="Latent tokens per component (default: the VAE's num_latents), e.g. 1024 for a fine-tune whose recipe sets the transformer's num_latents (configs/finetune_triposg_l1024.json); --points must be at least as many."),
     ) -> None:
         """Cache per-asset latents (posterior means) as assets/<id>/latents.safetensors (resumable)."""
         from moca3d.training.train_vae import encode_dataset
 
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+        if num_latents is not None and num_latents < 1:
+            raise ConfigError(f"--num-latents must be >= 1, got {num_latents}")
         check_max_points(points)
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
-        check_points(points, vae)
+        check_points(points, vae, num_latents)
         counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, progress=on_terminal(sys.stderr),
-                                token_order=token_order)
+                                token_order=token_order, num_latents=num_latents)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")
 
     @app.command("cache-latents")

@@ -298,11 +298,12 @@ def make_optimizer(model: torch.nn.Module, cfg: VAETrainConfig) -> torch.optim.A
 
 @torch.no_grad()
 def encode_latents(model: VecSetVAE, surface: torch.Tensor, num_points: int, batch_size: int = 16,
-                   token_order: str = "fps") -> torch.Tensor:
-    """Posterior means (N, L, C) float32 of components' surfaces (N, P, 6), deterministic."""
+                   token_order: str = "fps", num_latents: Optional[int] = None) -> torch.Tensor:
+    """Posterior means (N, L, C) float32 of components' surfaces (N, P, 6), deterministic; L = `num_latents`, default
+    the VAE's."""
     device = next(model.parameters()).device
     surface = deterministic_surface(surface, num_points)
-    out = [model.encode(surface[i:i + batch_size].to(device), token_order=token_order).mode().float().cpu()
+    out = [model.encode(surface[i:i + batch_size].to(device), token_order=token_order, num_latents=num_latents).mode().float().cpu()
            for i in range(0, len(surface), batch_size)]
     return torch.cat(out)
 
@@ -626,11 +627,12 @@ def ema_model(ema: EMA, cfg: VAETrainConfig, device: torch.device) -> VecSetVAE:
 
 
 def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_points: int, batch_size: int = 16,
-                   overwrite: bool = False, progress: bool = True, token_order: str = "fps") -> dict[str, int]:
+                   overwrite: bool = False, progress: bool = True, token_order: str = "fps",
+                   num_latents: Optional[int] = None) -> dict[str, int]:
     """Write ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C) posterior means) per asset.
 
     Resumable: an asset whose file already carries the same model id, latent count, point count and token order is
-    skipped (a converted VAE's weights are the same at every `--num-latents`).
+    skipped (a converted VAE's weights are the same at every `--num-latents`). `num_latents`: L, default the VAE's.
     """
     from moca3d.training.checkpoints import atomic_save_tensors, read_metadata
 
@@ -651,12 +653,12 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
                 meta = read_metadata(path)
             except Exception:
                 meta = {}
-            wanted = (model_id, str(model.config.num_latents), str(num_points), token_order)
+            wanted = (model_id, str(num_latents or model.config.num_latents), str(num_points), token_order)
             if (meta.get("model"), meta.get("num_latents"), meta.get("num_points"), meta.get("token_order", "fps")) == wanted:
                 skipped += 1
                 continue
         surface = torch.from_numpy(load_samples(data_dir, e["id"])["surface"]).float()
-        latents = encode_latents(model, surface, num_points, batch_size, token_order)  # (N, L, C)
+        latents = encode_latents(model, surface, num_points, batch_size, token_order, num_latents)  # (N, L, C)
         meta = {"token_order": token_order, "asset_id": e["id"], "num_components": str(latents.shape[0]), "names": json.dumps(e.get("names", [])),
                 "num_latents": str(latents.shape[1]), "latent_channels": str(latents.shape[2]),
                 "model": model_id, "num_points": str(num_points), "kind": "posterior_mean"}
