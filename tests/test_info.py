@@ -89,3 +89,37 @@ def test_a_vae_folder_is_described_and_a_file_info_cannot_read_is_named(tmp_path
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="notes.txt: a .txt file; info reads"):
         describe(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("partcrafter", [False, True])
+def test_a_release_folder_is_named_with_its_conversion(tmp_path, partcrafter):
+    """A TripoSG / PartCrafter release (transformer/, vae/, image_encoder_dinov2/, ...) was "image_encoder/config.json:
+    unreadable config"."""
+    from test_convert import write_release
+
+    write_release(tmp_path, partcrafter=partcrafter)
+    name = "PartCrafter" if partcrafter else "TripoSG"
+    result = CliRunner().invoke(app, ["info", str(tmp_path)])
+    assert isinstance(result.exception, InputError)
+    assert str(result.exception) == (f"{tmp_path}: a {name} release, not a moca3d pipeline: convert it first "
+                                     f"(moca3d convert {name.lower()} {tmp_path} DST), then run info on DST")
+
+
+def test_a_training_run_and_its_checkpoints_point_to_what_it_exported(object_pipeline):
+    """A run folder (OUT of `moca3d train`) and a checkpoint in it were "neither a pipeline folder ... nor ..."."""
+    pipeline = Path(object_pipeline)
+    run = pipeline.parent
+    report = describe(run)
+    assert report["kind"] == "training run" and (report["step"], report["steps"], report["init_from"]) == (2, 2, None)
+    assert report["exports"] == {"pipeline": str(pipeline)} and report["last_logged"]["step"] == 2
+    loss = report["last_logged"]["loss"]
+    text = CliRunner().invoke(app, ["info", str(run)]).output
+    assert text.startswith(f"{run}: training run\n  trained to step 2 of 2 (newest checkpoint); last logged loss {loss:.4f} (step 2)\n")
+    assert "started from: scratch (no init_from); task: objects (one image)" in text
+    assert f"  pipeline: {pipeline} (moca3d info {pipeline})\n" in text
+    checkpoint = run / "checkpoints" / "step_00000001"
+    report = describe(checkpoint)
+    assert report["kind"] == "training checkpoint" and report["step"] == 1 and report["run"] == describe(run)
+    text = CliRunner().invoke(app, ["info", str(checkpoint)]).output
+    assert text.startswith(f"{checkpoint}: training checkpoint (step 1) of the run {run}\n  trained to step 2 of 2")
+    assert f"  pipeline: {pipeline} (moca3d info {pipeline})\n" in text

@@ -362,7 +362,7 @@ def test_train_cli_cache_attention_mode_and_time_limit(dataset, tmp_path):
     assert not (tmp_path / "novae").exists()
     res = runner.invoke(app, base + ["--out", str(tmp_path / "none"), "--attention-mode", "none", "--time-limit", "1e-6"])
     assert res.exit_code == 0, res.output
-    assert "trained 1 steps" in res.output
+    assert "trained 1 step " in res.output
     pipe = MoCAPipeline.from_pretrained(tmp_path / "none" / "pipeline")
     assert pipe.transformer.config.attention_mode == "none"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 
 from moca3d.defaults import check_sampling_args
 from moca3d.errors import ConfigError, InputError, cannot_write
+from moca3d.progress import on_terminal
 
 DTYPE_HELP = ("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16: the transformer's and image encoder's "
               "dtype (the VAE stays fp32); on a CPU keep fp32: bf16 matmuls there are far slower.")
@@ -21,6 +23,16 @@ FACES_HELP = ("Triangle budget of the whole output: the components share it in p
               "to tens of thousands of triangles per component).")
 COMPONENTS_HELP = ("a mesh file (one per node or OBJ `o` object; a generation's empty ones stay in place) or a folder "
                    "(one per mesh file; a folder of a single file: that file's components)")  # mesh_io.read_components
+
+
+def plural(count: int, noun: str) -> str:
+    """`count` and `noun` (singular), an s added but for one: '1 step', '2 steps'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def tqdm_progress() -> bool:
+    """Whether a verb shows its tqdm bar: where it redraws in place (tqdm draws on stderr: not a file or a pipe)."""
+    return on_terminal(sys.stderr)
 
 
 def resolve_device(name: str) -> str:
@@ -96,12 +108,13 @@ def interruptible(written: Optional[list] = None) -> Iterator[None]:
 
 
 def save_generation(result, output: Path, noun: str, started: float) -> Path:
-    """Write a generation's GLB or OBJ and print one line: path, component count, empty ones, triangles, time."""
+    """Write a generation's GLB or OBJ and print one line: path, component count (of `noun`, singular), empty ones,
+    triangles, time."""
     path = result.save(output)
     empty = sum(1 for m in result.meshes if len(m.faces) == 0)
     note = f", {empty} empty" if empty else ""
     triangles = sum(len(m.faces) for m in result.meshes)
-    typer.echo(f"wrote {path}: {len(result.meshes)} {noun} ({triangles:,} triangles{note}) in {time.time() - started:.1f} s")
+    typer.echo(f"wrote {path}: {plural(len(result.meshes), noun)} ({triangles:,} triangles{note}) in {time.time() - started:.1f} s")
     return path
 
 
@@ -121,23 +134,27 @@ def write_json(path: Optional[Path], obj: Any) -> bool:
     return False
 
 
-def echo_means(mean: dict[str, Optional[float]], width: int) -> None:
-    """The `mean` of an evaluation report, one key a line (no value: "-"), then how many predictions were all empty."""
-    for key, value in mean.items():
-        if key != "all_empty":
-            typer.echo(f"{key:>{width}}: {'-' if value is None else f'{value:.4f}'}")
+def echo_means(mean: dict[str, Optional[float]], width: int, per: str = "item") -> None:
+    """The `mean` of an evaluation report, one key a line (no value: "-"; seconds as seconds per `per`, e.g. scene),
+    then how many predictions were all empty."""
+    labels = {key: f"seconds per {per}" if key == "seconds" else key for key in mean if key != "all_empty"}
+    width = max([width, *map(len, labels.values())])
+    for key, label in labels.items():
+        value = mean[key]
+        text = "-" if value is None else f"{value:.2f}" if key == "seconds" else f"{value:.4f}"
+        typer.echo(f"{label:>{width}}: {text}")
     if mean.get("all_empty"):
         typer.echo(f"{mean['all_empty']} with every component empty: scored F = 0, left out of the mean chamfer")
 
 
 def echo_categories(by_category: dict[str, dict[str, float]], key: str, what: str) -> None:
-    """One line per category of an evaluation report: its count and mean `key`, lowest first."""
+    """One line per category of an evaluation report: its count (of `what`, singular) and mean `key`, lowest first."""
     if not by_category:
         return
-    typer.echo(f"{key} by category ({what}):")
+    typer.echo(f"{key} by category ({what}s):")
     for cat, summary in sorted(by_category.items(), key=lambda item: item[1][key]):
         empty = f", {summary['empty']:.0%} empty" if "empty" in summary else ""
-        typer.echo(f"{cat:>22}: {summary[key]:.4f}  ({summary['count']} {what}{empty})")
+        typer.echo(f"{cat:>22}: {summary[key]:.4f}  ({plural(summary['count'], what)}{empty})")
 
 
 EXPORT_ONLY_HELP = ("Write OUTPUT/pipeline from the newest checkpoint (its EMA weights) and train nothing: try a "
@@ -175,8 +192,8 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
     if result.get("writer") is False:  # a further process of a multi-process launch: the first one reports
         return
     if result["trained_steps"]:
-        typer.echo(f"trained {result['trained_steps']} steps (to step {result['steps']}) in {result['seconds']:.0f} s; "
-                   f"final loss {result['final_loss']}")
+        typer.echo(f"trained {plural(result['trained_steps'], 'step')} (to step {result['steps']}) in {result['seconds']:.0f} s; "
+                   f"final loss {result['final_loss']:.4f}")
     else:
         typer.echo(f"trained nothing: the run is at step {result['steps']}")
     if "pipeline" in result:

@@ -7,7 +7,15 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import COMPONENTS_HELP, check_output_path, check_run_folder, write_json
+from moca3d.commands.common import COMPONENTS_HELP, check_output_path, check_run_folder, tqdm_progress, write_json
+
+SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split is drawn from a hash of its id (stable "
+              "across resumes), so a small dataset may get more, fewer or none.")
+# `evaluate`'s printed names of its counts (the JSON keeps metrics.py's keys): in object mode num_pred counts the
+# non-empty predicted parts (those scored), with --scene every predicted instance, the empty ones too
+COUNT_LABELS = {False: {"num_pred": "non-empty predicted parts", "num_gt": "ground-truth parts", "num_empty": "empty predicted parts"},
+                True: {"num_pred": "predicted instances (all)", "num_gt": "ground-truth instances",
+                       "num_empty": "empty predicted instances"}}
 
 
 def prepare_command(
@@ -28,8 +36,8 @@ def prepare_command(
     partnet_level: int = typer.Option(1, "--partnet-level", help="PartNet folders (e.g. PartNet/data_v0): a part is a node this deep in result.json's hierarchy (1: the root's children, such as a chair's back, seat, base and arms; 0: the whole object)."),
     partnet_hierarchy: str = typer.Option("original", "--partnet-hierarchy", help="PartNet folders: 'original' (result.json, the annotators' parts) or 'merged' (result_after_merging.json, merged into PartNet's per-category labels, as its segmentation benchmark)."),
     kind: str = typer.Option("object", help="For file assets: 'object' (random view) or 'scene' (isometric, floor)."),
-    val_fraction: float = typer.Option(0.05, help="Share of assets in the val split."),
-    test_fraction: float = typer.Option(0.05, help="Share of assets in the test split."),
+    val_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("val")),
+    test_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("test")),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry assets listed in report.jsonl."),
 ) -> None:
     """Turn meshes (or procedural assets) into a dataset: samples, SDF queries, renders, masks, manifest."""
@@ -51,7 +59,7 @@ def prepare_command(
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input)
-    summary = prepare(jobs, out, config, workers=workers, retry_failed=retry_failed)
+    summary = prepare(jobs, out, config, workers=workers, retry_failed=retry_failed, progress=tqdm_progress())
     typer.echo(
         f"{out}: {summary.processed} prepared, {summary.already_done} already done or reported, "
         f"{summary.skipped} skipped (see {out / 'report.jsonl'})"
@@ -108,14 +116,16 @@ def evaluate_command(
         result = object_metrics(pred_meshes, gt_meshes, config)
     if write_json(json_out, result):
         return
-    for key, value in result.items():
-        if key != "instances":
-            typer.echo(f"{key:>22}: {value:.6g}" if isinstance(value, float) else f"{key:>22}: {value}")
+    labels = {key: COUNT_LABELS[scene].get(key, key) for key in result if key != "instances"}
+    width = max([22, *map(len, labels.values())])
+    for key, label in labels.items():
+        value = result[key]
+        typer.echo(f"{label:>{width}}: {value:.6g}" if isinstance(value, float) else f"{label:>{width}}: {value}")
     if scene and "instances" not in result:
         typer.echo(f"(per-instance metrics need equal component counts: {len(pred_meshes)} predicted, {len(gt_meshes)} in the ground truth)")
     for name, row in zip(gt_names, result.get("instances", [])):
         scores = "empty" if row["empty"] else "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "empty")
-        typer.echo(f"{'instance ' + name:>22}: {scores}")
+        typer.echo(f"{'instance ' + name:>{width}}: {scores}")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,8 +10,8 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_run_folder, echo_categories, echo_means,
-                                    echo_missing, interruptible, load_or_predictions, model_limit, resolve_device,
-                                    run_dit_training, save_generation, write_json)
+                                    echo_missing, interruptible, load_or_predictions, model_limit, plural, resolve_device,
+                                    run_dit_training, save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
             if images is None:
                 result = pipe(picture, **settings)
                 result.settings["image"] = image.name  # recorded as for an image given by its path
-                written.append(save_generation(result, output, "parts", t0))
+                written.append(save_generation(result, output, "part", t0))
                 return
             failed = []
             for path in images:  # a bad image is reported and skipped; the others are generated
@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
                     for w in caught:  # any other warning as Python would have shown it
                         if not issubclass(w.category, InputWarning):
                             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                written.append(save_generation(result, output / f"{path.stem}.glb", "parts", started))
+                written.append(save_generation(result, output / f"{path.stem}.glb", "part", started))
             if failed:
                 raise InputError(f"{len(failed)} of {len(images)} images could not be used (first: {failed[0]}); the others are in {output}")
 
@@ -188,14 +188,14 @@ def register_evaluation(app: typer.Typer) -> None:
         select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
         pipe = load_or_predictions(model, object_lora(lora) if predictions is None else lora, reconstruct, predictions, device)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
-                                   reconstruct=reconstruct, shift=shift, predictions=predictions)
+                                   reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress())
         if predictions is None:
             result["model"] = pipe.source["model"]  # the folder, or "built-in" (never the shipped model's install path)
         if lora is not None:
             result["lora"] = str(lora)
         if write_json(json_out, result):
             return
-        echo_means(result["mean"], 12)
-        echo_categories(result["by_category"], "fscore@0.1", "assets")
-        typer.echo(f"{result['count']} assets of '{split}'")
+        echo_means(result["mean"], 12, "asset")
+        echo_categories(result["by_category"], "fscore@0.1", "asset")
+        typer.echo(f"{plural(result['count'], 'asset')} of '{split}'")
         echo_missing(result)

@@ -1,5 +1,6 @@
 """`moca3d info`: what a pipeline, LoRA adapter or model (e.g. VAE) folder holds, read from its configs and weight headers,
-or how a generated GLB / OBJ was made (the settings `MoCAOutput.save` and `reconstruct` write into it)."""
+how a generated GLB / OBJ was made (the settings `MoCAOutput.save` and `reconstruct` write into it), or where a training
+run (or one of its checkpoints) stands and what it exported."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from moca3d.commands.common import plural
 from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR
 from moca3d.errors import CheckpointError, InputError
 
@@ -25,6 +27,11 @@ SHOWN = {
 COMPONENT_CLASSES = {"MoCATransformer": "transformer", "ImageEncoder": "image_encoder", "VecSetVAE": "vae"}  # a model folder's role
 MODEL_KINDS = {"transformer": "transformer", "image_encoder": "image encoder", "vae": "VAE"}
 USED_BY = {"vae": "moca3d reconstruct / eval-vae / encode-dataset --model"}  # the verbs a lone model folder is given to
+# a release's DiT class (transformer/config.json) -> its name; the `moca3d convert` verb is that name in lower case
+RELEASE_TRANSFORMERS = {"TripoSGDiTModel": "TripoSG", "PartCrafterDiTModel": "PartCrafter"}
+RUN_RECIPES = ("train_config.json", "pretrain_config.json")  # the recipe a training run records in its folder
+RUN_LOGS = ("train_log.jsonl", "log.jsonl")  # train / train-scene's log, train-vae's
+RUN_EXPORTS = {"pipeline": "pipeline", "lora": "LoRA adapter", "vae": "VAE", "image_encoder": "image encoder"}  # written at its end
 
 
 def tensor_headers(folder: Path) -> dict[str, tuple[str, int]]:
@@ -99,9 +106,66 @@ def component_entry(folder: Path, name: str) -> dict:
     return {**entry, **weights_summary(folder)}
 
 
+def release_name(path: Path) -> Optional[str]:
+    """'TripoSG' or 'PartCrafter' for a folder as those projects release it (`moca3d convert`'s SRC: their DiT in
+    transformer/, DINOv2 in the folder model_index.json names for a Dinov2Model, e.g. image_encoder_dinov2/), else None."""
+    def config(name: str) -> dict:
+        try:
+            value = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    dit = config("transformer/config.json")
+    kind = dit.get("_class_name")
+    dino = any(isinstance(v, list) and v[-1:] == ["Dinov2Model"] and k != "image_encoder"  # convert.triposg.DINO_CLASS
+               for k, v in config("model_index.json").items())
+    if kind not in RELEASE_TRANSFORMERS and not (dino and kind not in (None, "MoCATransformer")):  # not of that family
+        return None
+    return RELEASE_TRANSFORMERS.get(kind) or ("PartCrafter" if "max_num_parts" in dit else "TripoSG")
+
+
+def last_logged(run: Path) -> Optional[dict]:
+    """The last record with a loss in a run's log (`RUN_LOGS`), None without one (a line cut by a kill is passed over)."""
+    for name in RUN_LOGS:
+        if not (run / name).is_file():
+            continue
+        for line in reversed((run / name).read_text(errors="replace").splitlines()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("loss"), (int, float)):
+                return record
+    return None
+
+
+def run_report(path: Path) -> Optional[dict]:
+    """A training run folder (`train`, `train-scene`, `train-vae`, `pretrain-encoder`: a recorded recipe or checkpoints/):
+    the step of its newest checkpoint, the recipe's start and target, the last logged loss, the model folders it
+    exported; for one of its checkpoints (checkpoints/step_XXXXXXXX), that step and its run's report; else None."""
+    from moca3d.training.checkpoints import CHECKPOINT_DIR, STEP_PATTERN, latest_checkpoint
+
+    checkpoint = STEP_PATTERN.match(path.name) if path.parent.name == CHECKPOINT_DIR else None
+    if checkpoint:
+        return {"kind": "training checkpoint", "path": str(path), "step": int(checkpoint.group(1)), "run": run_report(path.parent.parent)}
+    recipes = [path / name for name in RUN_RECIPES if (path / name).is_file()]
+    if not recipes and not (path / CHECKPOINT_DIR).is_dir():
+        return None
+    recipe = read_json(recipes[0]) if recipes else {}
+    newest = latest_checkpoint(path)
+    report = {"kind": "training run", "path": str(path), "step": int(STEP_PATTERN.match(newest.name).group(1)) if newest else None,
+              "steps": recipe.get("steps"), "init_from": recipe.get("init_from"), "last_logged": last_logged(path),
+              "exports": {name: str(path / name) for name in RUN_EXPORTS if (path / name).is_dir()}}
+    if "condition" in recipe:
+        report["task"] = TASKS.get(str(recipe["condition"]), "?")
+    return report
+
+
 def describe(path: Path) -> dict:
     """What the folder is and holds: a pipeline's components (class, config essentials, weights), an adapter's, or a
-    lone model's (e.g. a VAE); for a .glb / .obj file, its components and how it was generated."""
+    lone model's (e.g. a VAE), a training run's or checkpoint's (`run_report`); for a .glb / .obj file, its components
+    and how it was generated. A TripoSG / PartCrafter release is refused with the conversion to run (one line)."""
     if path.is_file() and path.suffix.lower() in (".glb", ".obj"):  # geometry.mesh_io.MESH_FORMATS (trimesh: seconds)
         return generation_record(path)
     if path.is_file():
@@ -132,7 +196,14 @@ def describe(path: Path) -> dict:
         if name is not None:
             return {"kind": MODEL_KINDS[name], "path": str(path), "component": name, "used_by": USED_BY.get(name),
                     "model": component_entry(path, name)}
+    release = release_name(path)
+    if release is not None:
+        raise InputError(f"{path}: a {release} release, not a moca3d pipeline: convert it first "
+                         f"(moca3d convert {release.lower()} {path} DST), then run info on DST")
     if not (path / "model_index.json").is_file():
+        run = run_report(path)
+        if run is not None:
+            return run
         raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json), a LoRA adapter ({ADAPTER_CONFIG}) "
                               f"nor a moca3d model folder (config.json of a {', '.join(COMPONENT_CLASSES)})")
     index = read_json(path / "model_index.json")
@@ -164,12 +235,33 @@ def _component_line(entry: dict) -> str:
     return f"{entry['class']}: {weights}{settings}"
 
 
+def _echo_run(report: dict) -> None:
+    """A training run's newest step, last logged loss, start, and the model folders to use (`run_report`)."""
+    of = f" of {report['steps']}" if report["steps"] else ""
+    step = f"trained to step {report['step']}{of} (newest checkpoint)" if report["step"] is not None else "no checkpoint yet"
+    logged = report["last_logged"]
+    loss = f"; last logged loss {logged['loss']:.4f} (step {logged.get('step', '?')})" if logged else ""
+    typer.echo(f"  {step}{loss}")
+    task = f"; task: {report['task']}" if "task" in report else ""
+    typer.echo(f"  started from: {report['init_from'] or 'scratch (no init_from)'}{task}")
+    for name, folder in report["exports"].items():
+        typer.echo(f"  {RUN_EXPORTS[name]}: {folder} (moca3d info {folder})")
+    if not report["exports"]:
+        typer.echo("  nothing exported yet: the run writes its model folders (pipeline/, ...) at its end; train / train-scene "
+                   "--export-only writes pipeline/ from the newest checkpoint")
+
+
 def echo(report: dict) -> None:
     """Print `describe`'s report for a reader."""
+    if report["kind"] == "training checkpoint":  # the models to use are its run's (exported from the newest checkpoint)
+        typer.echo(f"{report['path']}: training checkpoint (step {report['step']}) of the run {report['run']['path']}")
+        return _echo_run(report["run"])
     typer.echo(f"{report['path']}: {report['kind']}")
+    if report["kind"] == "training run":
+        return _echo_run(report)
     if report["kind"] == "generated file":
         empty = f" ({len(report['empty'])} empty: {', '.join(report['empty'])})" if report["empty"] else ""
-        typer.echo(f"  {len(report['components'])} components{empty}: {', '.join(report['components'])}")
+        typer.echo(f"  {plural(len(report['components']), 'component')}{empty}: {', '.join(report['components'])}")
         made, generator = report["settings"], report["generator"]
         elsewhere = f"; written by {generator}" if generator and "trimesh" not in generator else ""  # moca3d writes with trimesh
         typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else
@@ -183,14 +275,15 @@ def echo(report: dict) -> None:
     if report["kind"] == "LoRA adapter":
         weights = report["weights"] or {}
         typer.echo(f"  task: {report['task']}")
-        typer.echo(f"  rank {report['rank']}, alpha {report['alpha']}, {report['adapted_layers']} adapted layers; "
+        typer.echo(f"  rank {report['rank']}, alpha {report['alpha']}, {plural(report['adapted_layers'], 'adapted layer')}; "
                    f"trained in full: {', '.join(report['trained_in_full'] or [])}")
         if "image_encoder" in report:
             encoder = report["image_encoder"]
             widened = f"widened to 7 channels ({encoder['widen_init']})" if encoder["widen_init"] else "7 channels from the start"
             whole = f"; held whole (from {encoder['held_whole_from']})" if encoder["held_whole_from"] else ""
-            typer.echo(f"  image encoder: LoRA rank {encoder['rank']}, alpha {encoder['alpha']}, {encoder['adapted_layers']} adapted "
-                       f"layers; trained in full: {', '.join(encoder['trained_in_full'] or []) or 'none'}; {widened}{whole}")
+            full = ", ".join(encoder["trained_in_full"] or []) or "none"
+            typer.echo(f"  image encoder: LoRA rank {encoder['rank']}, alpha {encoder['alpha']}, "
+                       f"{plural(encoder['adapted_layers'], 'adapted layer')}; trained in full: {full}; {widened}{whole}")
         typer.echo(f"  base: {report['base']}")
         typer.echo(f"  weights: {_size(weights.get('parameters', 0))} parameters, {weights.get('bytes', 0) / 2**20:.1f} MiB")
         return
@@ -204,10 +297,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
-        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), a model folder (e.g. a VAE: src/moca3d/weights/vae), or a generated .glb / .obj (how it was made). Default: the built-in model."),
+        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), a model folder (e.g. a VAE: src/moca3d/weights/vae), a training run folder or one of its checkpoints (where it stands, what it exported), or a generated .glb / .obj (how it was made). Default: the built-in model."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ) -> None:
-        """Show what a pipeline, LoRA adapter or model folder holds (task, sizes, dtypes, settings; no model is loaded), or how a generated GLB / OBJ was made."""
+        """Show what a pipeline, LoRA adapter or model folder holds (task, sizes, dtypes, settings; no model is loaded), where a training run stands, or how a generated GLB / OBJ was made."""
         report = describe(path if path is not None else DEFAULT_MODEL_DIR)
         if json_out:
             typer.echo(json.dumps(report, indent=2))

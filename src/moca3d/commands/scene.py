@@ -9,8 +9,8 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, echo_categories, echo_means, echo_missing,
-                                    interruptible, load_or_predictions, model_limit, resolve_device, run_dit_training,
-                                    save_generation, write_json)
+                                    interruptible, load_or_predictions, model_limit, plural, resolve_device, run_dit_training,
+                                    save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
             result = pipe.generate_scene(picture, instances, steps=steps, guidance=guidance, seed=seed, shift=shift,
                                          resolution=resolution, faces=faces)
             result.settings.update(image=image.name, masks=masks.name)  # recorded as for inputs given by their paths
-            save_generation(result, output, "instances", t0)
+            save_generation(result, output, "instance", t0)
 
     @app.command("evaluate-scenes")
     def evaluate_scenes(
@@ -112,16 +112,17 @@ def register(app: typer.Typer) -> None:
         check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
         pipe = load_or_predictions(scene_model(model, lora) if predictions is None else model, lora, reconstruct, predictions, device)
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
-                     reconstruct=reconstruct, shift=shift, predictions=predictions)
+                     reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress())
         if predictions is None:
             result["model"] = pipe.source["model"]  # the folder, "built-in scene", or "built-in" (a --lora's default base)
         if lora is not None:
             result["lora"] = str(lora)
         if write_json(json_out, result):
             return
-        echo_means(result["mean"], 22)
-        echo_categories(result["by_category"], "fscore@0.1", "instances")
-        typer.echo(f"{result['count']} scenes of '{split}' with {min_instances}-{max_instances} instances; {len(result['skipped'])} skipped (hidden instances)")
+        echo_means(result["mean"], 22, "scene")
+        echo_categories(result["by_category"], "fscore@0.1", "instance")
+        typer.echo(f"{plural(result['count'], 'scene')} of '{split}' with {min_instances}-{max_instances} instances; "
+                   f"{len(result['skipped'])} skipped (hidden instances)")
         echo_missing(result)
 
     @app.command("train-scene")
