@@ -14,13 +14,14 @@ class Reached(Exception):
 
 @pytest.fixture
 def no_loads(monkeypatch):
-    """load_vae and read_manifest stand-ins that stop the verb where it would first read a model or data."""
+    """load_vae, read_manifest and read_components stand-ins that stop the verb where it would first read a model or data."""
 
     def stop(*args, **kwargs):
         raise Reached()
 
     monkeypatch.setattr(vae_cmd, "load_vae", stop)
     monkeypatch.setattr("moca3d.data.dataset.read_manifest", stop)
+    monkeypatch.setattr("moca3d.geometry.mesh_io.read_components", stop)  # reconstruct reads its mesh before the VAE
 
 
 def _points_args(verb, value, tmp_path):
