@@ -511,3 +511,13 @@ def test_an_image_on_a_coloured_background_warns_once_in_one_line(tmp_path, caps
     show_warning(InputWarning(BACKGROUND_WARNING), InputWarning, "x.py", 1)
     err = capsys.readouterr().err
     assert err == f"warning: {BACKGROUND_WARNING}\n"
+
+
+def test_offload_on_the_cpu_is_warned_about(tmp_path):
+    """--offload on a CPU-only machine was accepted silently: it keeps weights in RAM for a GPU run."""
+    from moca3d.errors import InputWarning
+
+    with pytest.warns(InputWarning, match="--offload .* on the CPU it changes nothing"):
+        res = CliRunner().invoke(app, ["generate", str(EXAMPLES / "chair.png"), "--offload", "--device", "cpu", "--model",
+                                       str(tmp_path / "nowhere")])
+    assert isinstance(res.exception, CheckpointError)  # then the (missing) model: nothing else changed

@@ -188,7 +188,7 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
 
     check_run_folder(output)
     result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
-                   export_only=export_only)
+                   export_only=export_only, progress=on_terminal())  # rich's bar, on stdout; a log has train_log.jsonl
     if result.get("writer") is False:  # a further process of a multi-process launch: the first one reports
         return
     if result["trained_steps"]:

@@ -85,6 +85,9 @@ def register(app: typer.Typer) -> None:
             check_component_count(parts, model_limit(model or DEFAULT_MODEL_DIR), option="--parts")  # the pipeline's check, before loading
             check_faces(faces, parts)
             dev = resolve_device(device)
+            if offload and dev == "cpu":
+                warnings.warn("--offload moves weights to a GPU module by module; on the CPU it changes nothing (is --device "
+                              "cuda meant?)", InputWarning, stacklevel=2)
             torch_dtype = resolve_dtype(dtype, dev)
             adapter = object_lora(lora)
             picture = load_image(image) if images is None else None  # a bad image is refused before the (slow) model loading

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from moca3d.commands.common import COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, resolve_device, write_json
+from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, resolve_device,
+                                   tqdm_progress, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError
-from moca3d.progress import on_terminal
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
 # (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
@@ -126,7 +125,7 @@ def register(app: typer.Typer) -> None:
         check_points(points, vae)
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
-        metrics = validate(vae, data_dir, cfg, split=split, progress=on_terminal(sys.stderr), per_asset=True)  # tqdm's stream
+        metrics = validate(vae, data_dir, cfg, split=split, progress=tqdm_progress(), per_asset=True)
         metrics["settings"] = {"model": str(model) if model else "packaged", "split": split, "resolution": resolution, "points": points}
         if write_json(json_out, metrics):
             return
@@ -165,7 +164,7 @@ def register(app: typer.Typer) -> None:
         # a dense first grid of 32 cells or more where the resolution allows (thin parts), refined by doublings
         coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
         extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5,
-                                progress=on_terminal(sys.stderr))  # tqdm's stream
+                                progress=tqdm_progress())
         meshes = reconstruct_components(parts, names, vae, points, extract, label=mesh.name)
         empty_in = {name for name, part in zip(names, parts) if len(part.faces) == 0}
         if not any(len(m.faces) for m in meshes):
@@ -204,7 +203,7 @@ def register(app: typer.Typer) -> None:
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
         check_points(points, vae, num_latents)
-        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, progress=on_terminal(sys.stderr),
+        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, progress=tqdm_progress(),
                                 token_order=token_order, num_latents=num_latents)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")
 
