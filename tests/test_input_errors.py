@@ -521,3 +521,19 @@ def test_offload_on_the_cpu_is_warned_about(tmp_path):
         res = CliRunner().invoke(app, ["generate", str(EXAMPLES / "chair.png"), "--offload", "--device", "cpu", "--model",
                                        str(tmp_path / "nowhere")])
     assert isinstance(res.exception, CheckpointError)  # then the (missing) model: nothing else changed
+
+
+def test_a_run_or_pipeline_folder_given_whole_points_to_its_model(object_pipeline, tmp_path):
+    """`generate --model runs/dit` (the run) and `eval-vae --model runs/dit/pipeline` only said what was missing."""
+    import shutil
+
+    from moca3d.pipeline import MoCAPipeline
+    from moca3d.training.train_vae import load_vae_folder
+
+    run = tmp_path / "run"
+    shutil.copytree(object_pipeline, run / "pipeline")
+    with pytest.raises(CheckpointError, match=f"model_index.json missing .a training run: its pipeline is {run / 'pipeline'}"):
+        MoCAPipeline.from_pretrained(run)
+    for folder in (run / "pipeline", run):
+        with pytest.raises(InputError, match=f"not a VAE folder, config.json missing .its VAE is {run / 'pipeline' / 'vae'}"):
+            load_vae_folder(folder)

@@ -88,3 +88,16 @@ def test_resume_refuses_another_vae_and_a_refused_resume_records_nothing(object_
     (newest / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(CheckpointError, match=f"delete {newest} to resume from the checkpoint before it"):
         train(root, run, tiny_dit_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_assets_over_max_components_are_named_not_silently_dropped(object_dataset, tmp_path):
+    """An asset of 40 parts under max_components 32 was dropped without a word, and when it was the only one the error
+    said to run encode-dataset (its latents existed). The six assets have 3 to 10 parts."""
+    from moca3d.errors import InputWarning
+
+    root, vae_dir = object_dataset
+    with pytest.raises(InputError, match=r"no 'train' assets with cached latents; 6 'train' assets have more than max_components 2 "
+                                         r"parts .*raise the recipe's max_components"):
+        train(root, tmp_path / "none", tiny_dit_recipe(max_components=2), vae_dir=vae_dir, device="cpu", progress=False)
+    with pytest.warns(InputWarning, match="2 'train' assets have more than max_components 8 parts .*; they are left out"):
+        train(root, tmp_path / "some", tiny_dit_recipe(max_components=8, steps=1), vae_dir=vae_dir, device="cpu", progress=False)

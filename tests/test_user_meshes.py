@@ -207,3 +207,32 @@ def test_a_rerun_prepares_a_file_added_beside_a_namesake_once_and_nothing_twice(
         record = json.loads(meta.read_text())
         sources.setdefault(Path(record["source"]).name, []).append(record["id"])
     assert sorted(sources) == ["a.obj", "a.ply", "b.ply"] and all(len(ids) == 1 for ids in sources.values()), sources
+
+
+def test_obj_objects_of_one_name_stay_separate_components(tmp_path):
+    """Two `o leg` objects were merged by trimesh's OBJ loader into one part spanning both legs (prepare, info,
+    reconstruct and evaluate all saw 2 parts of 3): each `o` line starts a component, a repeated name made unique."""
+    from moca3d.geometry.mesh_io import load_file, read_components
+
+    legs = [trimesh.creation.box(extents=(0.2, 1, 0.2)).apply_translation([x, 0, 0]) for x in (-1.0, 1.0)]
+    top = trimesh.creation.box(extents=(2.4, 0.2, 1)).apply_translation([0, 0.6, 0])
+    path = tmp_path / "table.obj"
+    _write_obj(path, [("leg", legs[0], {}), ("leg", legs[1], {}), ("top", top, {})])
+    meshes, names = load_file(path)
+    assert names == ["leg", "leg_1", "top"] and read_components(path)[1] == names
+    assert [round(float(m.bounds.mean(axis=0)[0]), 3) for m in meshes] == [-1.0, 1.0, 0.0]  # each leg where it is
+    assert len(load_components(path)[0]) == 3
+
+
+def test_a_closed_part_wound_inside_out_is_turned_outward(tmp_path):
+    """An inside-out part's sampled normals all pointed inwards (the VAE reads them): its reconstruction was worse than
+    the same part's wound outward (CD 0.067 against 0.049)."""
+    inside_out = trimesh.creation.box().apply_translation([2, 0, 0])
+    inside_out.invert()
+    assert inside_out.volume < 0
+    save_glb(tmp_path / "parts.glb", [trimesh.creation.box(), inside_out], ["ok", "flipped"])
+    meshes, names = load_components(tmp_path / "parts.glb")
+    assert names == ["ok", "flipped"] and all(m.volume > 0 for m in meshes)
+    centre = meshes[1].bounds.mean(axis=0)
+    outward = ((meshes[1].triangles_center - centre) * meshes[1].face_normals).sum(axis=1)
+    assert (outward > 0).all()

@@ -104,6 +104,8 @@ class MoCAPipeline:
             raise CheckpointError(f"{root}: no such pipeline folder")
         if not (root / "model_index.json").is_file():
             hint = " (the built-in model is not installed)" if path is None else ""
+            if (root / "pipeline" / "model_index.json").is_file():  # a training run's folder
+                hint = f" (a training run: its pipeline is {root / 'pipeline'})"
             raise CheckpointError(f"{root}: not a moca3d pipeline folder, model_index.json missing{hint}")
         try:
             index = json.loads((root / "model_index.json").read_text())

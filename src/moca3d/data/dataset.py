@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moca3d.errors import ConfigError, InputError, one_line
+from moca3d.errors import ConfigError, InputError, InputWarning, one_line
 
 SPLITS = ("train", "val", "test")
 OBJECT_CACHE, SCENE_CACHE = "moca3d-latent-cache", "moca3d-scene-latent-cache"  # a latent cache's metadata "kind"
@@ -165,6 +165,18 @@ def report_missing_latents(missing: list[str], root: str | Path, split: str) -> 
     if missing:
         warnings.warn(f"{root}: {len(missing)} '{split}' assets have no cached latents and are left out (first: {missing[0]}); "
                       "`moca3d encode-dataset` includes them", stacklevel=2)
+
+
+def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, split: str, max_components: int) -> str:
+    """Warn (one line) that assets of a split with more than `max_components` parts are left out; the phrase to add to
+    the error when none is kept ("" when none was left out)."""
+    if not too_many:
+        return ""
+    hint = f"{len(too_many)} '{split}' assets have more than max_components {max_components} parts (first: {too_many[0]}): " \
+           "raise the recipe's max_components to train on them"
+    if kept:
+        warnings.warn(f"{root}: {hint}; they are left out", InputWarning, stacklevel=2)
+    return f"; {hint}"
 
 
 def common_token_order(orders: set[str], root: str | Path) -> str:

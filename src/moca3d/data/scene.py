@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
-                                 report_missing_latents, save_latent_cache)
+                                 report_missing_latents, report_too_many_parts, save_latent_cache)
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, rgb_on_white
 
@@ -421,12 +421,15 @@ class SceneLatentDataset:
         self.renders: list[torch.Tensor] = []  # (3, H, W) uint8, views = 2 only
         self.labels: list[torch.Tensor] = []  # (H, W) uint8: id i + 1 = instance i, views = 2 only
         self.ids: list[str] = []
-        orders, missing = set(), []
+        orders, missing, too_many = set(), [], []
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
             n = rec["num_components"]
-            if rec.get("kind") != "scene" or n > max_components:
+            if rec.get("kind") != "scene":
+                continue
+            if n > max_components:
+                too_many.append(rec["id"])
                 continue
             if latents and not path.is_file():
                 missing.append(rec["id"])
@@ -446,8 +449,10 @@ class SceneLatentDataset:
                 self.renders.append(torch.from_numpy(rgb_on_white(render)[0].copy()).permute(2, 0, 1))
                 self.labels.append(torch.from_numpy(_labels_of(masks)))
             self.ids.append(rec["id"])
+        too_many_note = report_too_many_parts(too_many, len(self.ids), root, split, max_components)
         if not self.ids:
-            raise InputError(f"{root}: no '{split}' scenes with cached latents (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)")
+            raise InputError(f"{root}: no '{split}' scenes with cached latents" + (too_many_note if too_many else
+                             " (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)"))
         report_missing_latents(missing, root, split)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 

@@ -8,6 +8,7 @@ nodes of a scene file, from the files of a folder, or from connected components 
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import os
 import re
@@ -149,8 +150,9 @@ def _unique_names(names: list[str]) -> list[str]:
 
 def _scene_components(scene: trimesh.Scene, source: str = "the file") -> tuple[list[trimesh.Trimesh], list[str]]:
     """One component per scene node holding a triangle mesh, in the scene frame, welded (one vertex per position:
-    an STL's or a flat-shaded OBJ's closed surfaces are watertight) and without unused vertices (they would widen the
-    bounds). Nodes of points or lines are left out, with an InputWarning naming them."""
+    an STL's or a flat-shaded OBJ's closed surfaces are watertight), without unused vertices (they would widen the
+    bounds) and, when closed but wound inside out (negative volume), turned outward (its normals feed the VAE). Nodes of
+    points or lines are left out, with an InputWarning naming them."""
     meshes, names, left_out = [], [], []
     for node in scene.graph.nodes_geometry:
         transform, geom_name = scene.graph[node]
@@ -163,6 +165,8 @@ def _scene_components(scene: trimesh.Scene, source: str = "the file") -> tuple[l
         if np.isfinite(mesh.vertices).all():  # (NaN / inf parts are refused later, by name)
             mesh.merge_vertices(merge_tex=True, merge_norm=True)
             mesh.remove_unreferenced_vertices()
+            if mesh.is_watertight and mesh.volume < 0:
+                mesh.invert()
         meshes.append(mesh)
         names.append(str(node))
     if left_out and meshes:
@@ -188,8 +192,12 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     if suffix == ".obj":  # one component per `o` object (or `g` group), or one for the whole file, whatever
         # `usemtl` materials its faces use: trimesh would otherwise split each object by material (Blender's export)
         options = {f"split_{order[0]}" if order else "split_objects": True, "group_material": False}
+    source = {"file_obj": str(path)}
+    if suffix == ".obj" and order and order[0] == "objects" and _obj_names(path)[2]:  # two `o` objects of one name
+        source = {"file_obj": _obj_with_unique_objects(path, order[1]), "file_type": "obj",
+                  "resolver": trimesh.resolvers.FilePathResolver(str(path))}  # its mtllib, beside it
     try:
-        loaded = trimesh.load(str(path), force="scene", process=False, **options)
+        loaded = trimesh.load(**source, force="scene", process=False, **options)
     except Exception as err:  # trimesh raises many types on corrupt files
         raise InputError(f"{path.name}: unreadable mesh ({one_line(err, 120)})") from None
     meshes, names = _scene_components(loaded, path.name)
@@ -226,21 +234,37 @@ def gltf_document(path: Path) -> dict | None:
         return json.loads(f.read(int.from_bytes(header[12:16], "little")))
 
 
-def _obj_names(path: Path) -> tuple[dict[str, list[str]], set[str]]:
-    """An OBJ's `o` and `g` names in file order (each once), and the `o` names with at least one face."""
+def _obj_names(path: Path) -> tuple[dict[str, list[str]], set[str], bool]:
+    """An OBJ's `o` names in file order, one per `o` line, a repeated one made unique (leg, leg_1: each `o` line starts
+    an object); its `g` names (each once: exporters repeat a group's `g` line); the `o` names with at least one face;
+    and whether any `o` name was repeated."""
     seen: dict[str, list[str]] = {"o": [], "g": []}
-    filled, current = set(), None
+    objects, counts, filled, current, repeated = set(), {}, set(), None, False
     with open(path, "rb") as f:
         for line in f:
             if line[:2] in (b"o ", b"g "):
                 tag, name = line[:1].decode(), line[2:].decode("utf-8", "replace").strip()
-                if name and name not in seen[tag]:
+                if tag == "o" and name:
+                    repeated |= name in objects
+                    name = trimesh.util.unique_name(name, objects, counts=counts)
+                    objects.add(name)
+                    seen["o"].append(name)
+                elif name and name not in seen[tag]:
                     seen[tag].append(name)
                 if tag == "o":
                     current = name
             elif line[:2] == b"f " and current is not None:
                 filled.add(current)
-    return seen, filled
+    return seen, filled, repeated
+
+
+def _obj_with_unique_objects(path: Path, names: list[str]) -> io.BytesIO:
+    """The OBJ's text with its `o` lines renamed to `names` (`_obj_names`' unique ones, in order): trimesh would merge
+    two objects of one name into one component."""
+    renamed = iter(names)
+    with open(path, "rb") as f:
+        lines = [f"o {next(renamed)}\n".encode() if line[:2] == b"o " and line[2:].strip() else line for line in f]
+    return io.BytesIO(b"".join(lines))
 
 
 def _gltf_node_names(doc: dict) -> list[str]:
@@ -279,7 +303,7 @@ def empty_components(path: Path) -> tuple[list[str], set[str]]:
             with open(path, "rb") as f:
                 if not f.readline().startswith(f"# {METADATA_KEY}:".encode()):
                     return [], set()
-            seen, filled = _obj_names(path)
+            seen, filled, _ = _obj_names(path)
             objects = seen["o"] if len(seen["o"]) >= 2 else []
             return objects, set(objects) - filled
         doc = gltf_document(path)

@@ -34,7 +34,7 @@ import torch.nn as nn
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
-                                 report_missing_latents, require_token_order, save_latent_cache)
+                                 report_missing_latents, report_too_many_parts, require_token_order, save_latent_cache)
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.evaluation import evaluate_pipeline, select_records
@@ -183,11 +183,12 @@ class LatentDataset:
         self.latents: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
         self.ids: list[str] = []
-        orders, missing = set(), []
+        orders, missing, too_many = set(), [], []
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
             if rec["num_components"] > max_components:
+                too_many.append(rec["id"])
                 continue
             if not path.is_file():
                 missing.append(rec["id"])
@@ -197,8 +198,10 @@ class LatentDataset:
             orders.add(order)
             self.images.append(preprocess(asset / "render.png"))
             self.ids.append(rec["id"])
+        too_many_note = report_too_many_parts(too_many, len(self.ids), root, split, max_components)
         if not self.ids:
-            raise InputError(f"{root}: no '{split}' assets with cached latents (run `moca3d encode-dataset` first)")
+            raise InputError(f"{root}: no '{split}' assets with cached latents"
+                             + (too_many_note if too_many else " (run `moca3d encode-dataset` first)"))
         report_missing_latents(missing, root, split)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 

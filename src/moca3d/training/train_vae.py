@@ -583,6 +583,8 @@ def trim_log(path: Path, step: int) -> None:
 def load_vae_folder(folder: Path, hint: str = "") -> VecSetVAE:
     """A VecSetVAE from a diffusers-style folder (config.json + safetensors), checked for NaN/inf."""
     if not (folder / "config.json").is_file():
+        inside = next((sub for sub in (folder / "vae", folder / "pipeline" / "vae") if (sub / "config.json").is_file()), None)
+        hint = hint or (f" (its VAE is {inside})" if inside else "")  # a pipeline or a training run given whole
         raise InputError(f"{folder}: not a VAE folder, config.json missing{hint}")
     if not any(folder.glob("*.safetensors")):
         raise InputError(f"{folder}: no .safetensors weights")
