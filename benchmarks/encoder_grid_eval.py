@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from moca3d.data.dataset import read_manifest
+from moca3d.data.images import preprocess_image
 from moca3d.metrics import point_metrics
-from moca3d.models.image_encoder import preprocess_image
 from moca3d.training.pretrain_encoder import (
     dilate_grids, grid_centres, grid_iou, load_grid_cache, load_run, load_surface_points, predict_grid, surface_grid,
 )

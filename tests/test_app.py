@@ -383,7 +383,7 @@ def test_handler_writes_a_glb_with_named_parts(generator, tmp_path, monkeypatch)
 
 def test_a_coloured_background_is_generated_with_a_note(generator, tmp_path, monkeypatch):
     """The background warning reaches the page (a gr.Warning notice and the summary), not only the server's console."""
-    from moca3d.models.image_encoder import BACKGROUND_WARNING
+    from moca3d.data.images import BACKGROUND_WARNING
 
     shown = []
     monkeypatch.setattr(demo_app.gr, "Warning", lambda message, *args, **kwargs: shown.append(message))

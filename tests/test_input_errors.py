@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from moca3d.cli import app
 from moca3d.commands.common import write_json
+from moca3d.data.images import load_image, preprocess_image
 from moca3d.defaults import check_resolution
 from moca3d.errors import CheckpointError, ConfigError, InputError
 from moca3d.geometry.mesh_io import save_glb
-from moca3d.models.image_encoder import load_image, preprocess_image
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAOutput, MoCAPipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -492,7 +492,7 @@ def test_an_image_on_a_coloured_background_warns_once_in_one_line(tmp_path, caps
 
     from moca3d.cli import show_warning
     from moca3d.errors import InputWarning
-    from moca3d.models.image_encoder import BACKGROUND_WARNING, preprocess_image
+    from moca3d.data.images import BACKGROUND_WARNING, preprocess_image
 
     def picture(background, mode="RGB", box=(24, 24, 40, 40)):
         image = Image.new(mode, (64, 64), background)
@@ -537,3 +537,15 @@ def test_a_run_or_pipeline_folder_given_whole_points_to_its_model(object_pipelin
     for folder in (run / "pipeline", run):
         with pytest.raises(InputError, match=f"not a VAE folder, config.json missing .its VAE is {run / 'pipeline' / 'vae'}"):
             load_vae_folder(folder)
+
+
+@pytest.mark.parametrize("args", [["generate", "nope.png"], ["generate-scene", "nope.png", "--masks", "nope_masks.png"]])
+def test_a_missing_image_is_reported_before_the_model_libraries_load(args):
+    """`moca3d generate nope.png` took 10 s to say "image not found": checking the image imported diffusers (7 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from moca3d.cli import app; "
+            f"r = CliRunner().invoke(app, {args!r}); print(type(r.exception).__name__, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["InputError", "False"]

@@ -18,8 +18,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moca3d.commands.info import describe
+from moca3d.data.images import preprocess_image
 from moca3d.errors import CheckpointError, ConfigError, InputError
-from moca3d.models.image_encoder import preprocess_image
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
 from moca3d.training.train_dit import DiTTrainConfig, LatentDataset, build_models, step_draws, train, training_loss
 

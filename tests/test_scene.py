@@ -10,6 +10,7 @@ import trimesh
 from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
+from moca3d.data.images import load_image
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
 from moca3d.data.scene import ZOOM_MIN_SIDE, component_masks, load_masks, mask_layout, scene_conditions, zoom_conditions
 from moca3d.errors import ConfigError, InputError
@@ -20,14 +21,7 @@ from moca3d.geometry.render import RenderConfig
 from moca3d.geometry.sampling import SurfaceSamplingConfig
 from moca3d.metrics import MetricsConfig
 from moca3d.models.image_encoder import (
-    ImageEncoder,
-    add_encoder_lora,
-    encode_views,
-    first_projection_path,
-    input_channels,
-    load_image,
-    merge_encoder_lora,
-    widen_input_channels,
+    ImageEncoder, add_encoder_lora, encode_views, first_projection_path, input_channels, merge_encoder_lora, widen_input_channels,
 )
 from moca3d.models.lora import is_lora_parameter, within
 from moca3d.models.transformer import PRIOR_FREE_MODULES
@@ -509,7 +503,7 @@ def test_scene_metrics_count_an_empty_instance_as_f_zero_and_leave_it_out_of_the
 def test_evaluation_skips_scenes_with_hidden_instances(scenes, tmp_path):
     import shutil
 
-    from moca3d.evaluation import category_of, evaluate_scenes
+    from moca3d.evaluation import evaluate_scenes
 
     root, obj = scenes
     folder, _ = _visible_scene(root)

@@ -18,6 +18,7 @@ import torch
 import trimesh
 
 from moca3d import flow
+from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
 from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
 from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, SCENE_GUIDANCE, STEPS,  # noqa: F401
                              check_component_count, check_sampling_args, check_seed, check_shift,
@@ -26,8 +27,7 @@ from moca3d.errors import CheckpointError, ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
-from moca3d.models.image_encoder import (SCENE_CHANNELS, ImageEncoder, ImageLike, check_image, encode_views, input_channels,
-                                        load_image, preprocess_image)
+from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, encode_views, input_channels
 from moca3d.models.dino import is_dino
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE

@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
 
         written: list[Path] = []
         with interruptible(written):
-            from moca3d.models.image_encoder import check_image, load_image
+            from moca3d.data.images import check_image, load_image
 
             images = image_files(image) if image.is_dir() else None
             if images is not None:  # one .glb per image in a folder

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
 
         with interruptible():
             from moca3d.data.scene import load_masks, union_box
-            from moca3d.models.image_encoder import check_image, load_image
+            from moca3d.data.images import check_image, load_image
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
             dev = resolve_device(device)

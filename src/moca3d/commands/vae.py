@@ -219,7 +219,7 @@ def register(app: typer.Typer) -> None:
         """Pack a split's latents and preprocessed renders into one file: `moca3d train CACHE` starts in seconds."""
         from moca3d.data.dataset import read_manifest
         from moca3d.data.scene import SceneLatentDataset
-        from moca3d.models.image_encoder import MIN_IMAGE_SIDE
+        from moca3d.data.images import MIN_IMAGE_SIDE
         from moca3d.training.train_dit import LatentDataset
 
         if not MIN_IMAGE_SIDE <= image_size <= MAX_IMAGE_SIZE:

@@ -36,8 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, save_latent_cache)
+from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, rgb_on_white
 from moca3d.errors import ConfigError, InputError
-from moca3d.models.image_encoder import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, rgb_on_white
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
 MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from moca3d.data.images import ImageLike, load_image
 from moca3d.errors import CheckpointError, InputError
-from moca3d.models.image_encoder import ImageLike, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,156 +1,22 @@
 """Image conditioning (DESIGN.md §4): image -> condition tokens for cross-attention.
 
 `ImageEncoder` is a small ViT trained from scratch with the built-in model; real-world weights
-use DINOv2 (issue 8). Both take images in [0, 1] and return (B, M, D) tokens.
-`preprocess_image` is the one definition of the image preparation shared by training and
-inference: alpha -> white background, foreground crop with padding, square, resize.
+use DINOv2 (issue 8). Both take images in [0, 1] and return (B, M, D) tokens; `moca3d.data.images`
+prepares them.
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-from typing import Union
-
-import numpy as np
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from moca3d.errors import ConfigError, InputError, InputWarning
+from moca3d.data.images import SCENE_CHANNELS
+from moca3d.errors import ConfigError, InputError
 from moca3d.models.lora import add_lora, merge_lora
 from moca3d.models.modeling import AtomicSaveMixin
 from moca3d.models.vae import LayerNorm32, VecSetBlock
-
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
-
-
-MIN_IMAGE_SIDE = 8  # px: below this there is no object to crop
-BORDER_WHITE = 240  # a border pixel with every channel at least this is background (JPEG noise stays above it)
-BORDER_SHARE = 0.5  # warn when more of an alpha-less object image's border than this is not white
-BACKGROUND_WARNING = ("the image has no transparency and most of its border is not white: the model expects one object on a "
-                      "white or transparent background (render or photo with the background removed, e.g. by rembg), so "
-                      "the background is read as part of the object")
-
-
-def to_8bit(im: Image.Image) -> Image.Image:
-    """16/32-bit integer and float greyscale images -> 8-bit 'L' (PIL would clip them to white); others as they are."""
-    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return im
-    values = np.asarray(im, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    top = finite.max() if finite.size else 0.0
-    if im.mode == "F":
-        scale = 1.0 if top <= 1.0 else 255.0  # floats in [0, 1], or already in [0, 255]
-    else:
-        scale = 65535.0 if top > 255 else 255.0  # 16-bit data (PIL opens 16-bit PNGs as 'I' or 'I;16')
-    return Image.fromarray((np.nan_to_num(values) / scale * 255.0).round().clip(0, 255).astype(np.uint8), "L")
-
-
-def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image from a path, a PIL image or an (H, W, 3|4) uint8, uint16 or [0, 1] float array; clear error otherwise."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if path.is_dir():
-            raise InputError(f"{path} is a folder, not an image")
-        if not path.is_file():
-            raise InputError(f"image not found: {path}")
-        if path.stat().st_size == 0:
-            raise InputError(f"cannot read image {path}: the file is empty")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)  # a copy, upright as a viewer shows it (phones store rotated pixels)
-        except UnidentifiedImageError:
-            raise InputError(f"cannot read image {path}: not an image format PIL knows (PNG, JPG, WebP, …)") from None
-        except Image.DecompressionBombError as err:
-            raise InputError(f"cannot read image {path}: too large ({err})") from None
-        except OSError as err:
-            raise InputError(f"cannot read image {path}: truncated or corrupt ({err})") from None
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise InputError(f"image array must be (H, W, 3|4), got {image.shape}")
-        if image.dtype.kind == "f":  # [0, 1] floats, as from torchvision or matplotlib
-            if not np.isfinite(image).all() or image.min(initial=0.0) < 0.0 or image.max(initial=0.0) > 1.0:
-                raise InputError("a float image array must hold finite values in [0, 1]")
-            image = image.astype(np.float64) * 255.0
-        elif image.dtype == np.uint16:
-            image = image / 257.0
-        elif image.dtype != np.uint8:
-            raise InputError(f"image array must be uint8, uint16 or float in [0, 1], got {image.dtype}")
-        im = Image.fromarray(np.round(image).astype(np.uint8))
-    elif isinstance(image, Image.Image):
-        im = image
-    else:
-        raise InputError(f"unsupported image type {type(image).__name__}")
-    if min(im.size) < MIN_IMAGE_SIDE:
-        raise InputError(f"image is {im.size[0]}x{im.size[1]} px: at least {MIN_IMAGE_SIDE} px a side is needed")
-    return to_8bit(im)
-
-
-def foreground_box(rgb: np.ndarray, alpha: np.ndarray | None, threshold: int = 250) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of pixels that are opaque (alpha) or not near-white; None if empty."""
-    fg = alpha > 127 if alpha is not None else (rgb < threshold).any(axis=2)
-    ys, xs = np.nonzero(fg)
-    if len(xs) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-def non_white_border(rgb: np.ndarray) -> float:
-    """The share of the pixels on an (H, W, 3) image's outer frame (1% of its side, at least 1 px) that are not white."""
-    h, w = rgb.shape[:2]
-    k = max(1, round(0.01 * min(h, w)))
-    frame = np.ones((h, w), dtype=bool)
-    frame[k:h - k, k:w - k] = False
-    return float((rgb[frame] < BORDER_WHITE).any(axis=-1).mean())
-
-
-def rgb_on_white(image: ImageLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image -> (H, W, 3) uint8 RGB composited on white, and its (H, W) alpha if it has one (else None)."""
-    im = load_image(image)
-    rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
-    has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
-    alpha = rgba[..., 3:] / 255.0
-    rgb = rgba[..., :3] * alpha + 255.0 * (1 - alpha)  # composite on white
-    return rgb.round().clip(0, 255).astype(np.uint8), rgba[..., 3] if has_alpha else None
-
-
-def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None) -> torch.Tensor:
-    """Image -> (3, size, size) float in [0, 1]: white background, square foreground crop, resize.
-
-    `box` (x0, y0, x1, y1) overrides the detected foreground (scenes crop all masks together).
-    """
-    rgb8, alpha = rgb_on_white(image)
-    if box is None:
-        box = foreground_box(rgb8, alpha)
-        if box is None:
-            raise InputError("the image has no foreground (it is blank or all white)")
-        if alpha is None and non_white_border(rgb8) > BORDER_SHARE:
-            warnings.warn(BACKGROUND_WARNING, InputWarning, stacklevel=2)
-    else:
-        x0, y0, x1, y1 = box
-        if foreground_box(rgb8[y0:y1, x0:x1], None if alpha is None else alpha[y0:y1, x0:x1]) is None:
-            raise InputError("the image is blank (all white or transparent) inside the box of its masks")
-    x0, y0, x1, y1 = box
-    side = int(round(max(x1 - x0, y1 - y0) * (1 + 2 * padding)))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    canvas.paste(Image.fromarray(rgb8), (-left, -top))
-    canvas = canvas.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
-
-
-
-def check_image(image: ImageLike, box=None) -> None:
-    """Refuse (InputError) what `preprocess_image` would refuse, quietly (its warnings come when it runs for real): a
-    check before the slow model loading."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InputWarning)
-        preprocess_image(image, 8, box=box)
 
 class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
     """A small ViT: (B, C_in, S, S) images in [0, 1] -> (B, 1 + (S/patch)^2, width) tokens."""
@@ -217,7 +83,6 @@ class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
 # (`patch_embed`) and a transformers `Dinov2Model` (`embeddings.patch_embeddings.projection`) alike,
 # bare or inside a wrapper module.
 
-SCENE_CHANNELS = 7  # instance-masked RGB, scene RGB, instance mask
 FIRST_PROJECTION_NAMES = ("patch_embed", "embeddings.patch_embeddings.projection")
 WIDEN_INITS = ("zero", "clone")
 

@@ -35,22 +35,13 @@ from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, require_token_order, save_latent_cache)
+from moca3d.data.images import load_image, preprocess_image
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.evaluation import evaluate_pipeline, select_records
 from moca3d.models.dino import CROP_SIZE, DINOv2Encoder, is_dino, is_dino_folder
-from moca3d.models.image_encoder import (
-    load_image,
-    SCENE_CHANNELS,
-    WIDEN_INITS,
-    ImageEncoder,
-    add_encoder_lora,
-    encode_views,
-    first_projection_path,
-    input_channels,
-    preprocess_image,
-    widen_input_channels,
-)
+from moca3d.models.image_encoder import (SCENE_CHANNELS, WIDEN_INITS, ImageEncoder, add_encoder_lora, encode_views,
+                                        first_projection_path, input_channels, widen_input_channels)
 from moca3d.models.lora import add_lora, lora_spec, merge_lora, save_adapter, trainable_summary
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
