@@ -7,8 +7,9 @@ Light to import (no diffusers), so the CLI checks an image in a second, before a
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -42,6 +43,19 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray((np.nan_to_num(values) / scale * 255.0).round().clip(0, 255).astype(np.uint8), "L")
 
 
+@contextmanager
+def readable(path: Path, what: str = "image") -> Iterator[None]:
+    """PIL's errors inside, reading `path`, as one-line InputErrors naming it as `what` (image, mask, label map)."""
+    try:
+        yield
+    except UnidentifiedImageError:
+        raise InputError(f"cannot read {what} {path}: not an image format PIL knows (PNG, JPG, WebP, …)") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"cannot read {what} {path}: too large ({err})") from None
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: truncated or corrupt ({err})") from None
+
+
 def load_image(image: ImageLike) -> Image.Image:
     """A PIL image from a path, a PIL image or an (H, W, 3|4) uint8, uint16 or [0, 1] float array; clear error otherwise."""
     if isinstance(image, (str, Path)):
@@ -52,16 +66,10 @@ def load_image(image: ImageLike) -> Image.Image:
             raise InputError(f"image not found: {path}")
         if path.stat().st_size == 0:
             raise InputError(f"cannot read image {path}: the file is empty")
-        try:
+        with readable(path):
             with Image.open(path) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im)  # a copy, upright as a viewer shows it (phones store rotated pixels)
-        except UnidentifiedImageError:
-            raise InputError(f"cannot read image {path}: not an image format PIL knows (PNG, JPG, WebP, …)") from None
-        except Image.DecompressionBombError as err:
-            raise InputError(f"cannot read image {path}: too large ({err})") from None
-        except OSError as err:
-            raise InputError(f"cannot read image {path}: truncated or corrupt ({err})") from None
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise InputError(f"image array must be (H, W, 3|4), got {image.shape}")

@@ -32,11 +32,11 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, save_latent_cache)
-from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, rgb_on_white
+from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, readable, rgb_on_white
 from moca3d.errors import ConfigError, InputError
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
@@ -85,7 +85,7 @@ def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
     or as 255 for a cut-out (visible pixels of one colour, or in colour).
     """
     kind = "mask" if binary else "label map"
-    try:
+    with readable(path, kind):
         with Image.open(path) as im:
             im.load()
             if not binary and (lossy := _lossy_format(im, path)):
@@ -98,12 +98,6 @@ def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
                 values = np.asarray(im)
                 return values.astype(np.float64 if values.dtype.kind == "f" else np.int64)
             rgb = np.asarray(im.convert("RGB")).astype(np.int64)  # (H, W, 3)
-    except UnidentifiedImageError:
-        raise InputError(f"cannot read {kind} {path}: not an image format PIL knows") from None
-    except Image.DecompressionBombError as err:
-        raise InputError(f"cannot read {kind} {path}: too large ({err})") from None
-    except OSError as err:
-        raise InputError(f"cannot read {kind} {path}: truncated or corrupt ({err})") from None
     grey = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])  # (H, W)
     if alpha is not None and alpha.min() < 255:
         visible = alpha > MASK_THRESHOLD
