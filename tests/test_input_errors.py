@@ -549,3 +549,9 @@ def test_a_missing_image_is_reported_before_the_model_libraries_load(args):
             f"r = CliRunner().invoke(app, {args!r}); print(type(r.exception).__name__, 'diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["InputError", "False"]
+
+
+def test_prepare_refuses_no_workers(tmp_path):
+    res = CliRunner().invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "-o", str(tmp_path / "d"), "--workers", "0"])
+    assert isinstance(res.exception, ConfigError) and "--workers must be >= 1" in str(res.exception)
+    assert not (tmp_path / "d").exists()

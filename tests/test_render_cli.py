@@ -53,9 +53,9 @@ def test_render_bad_inputs_are_one_line_errors(two_boxes, tmp_path):
     text = tmp_path / "not_an_image.png"
     text.write_text("hello")
     result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(tmp_path / "x.png"), "--beside", str(text)])
-    assert isinstance(result.exception, InputError) and "not a readable image" in str(result.exception)
+    assert isinstance(result.exception, InputError) and "cannot read image" in str(result.exception)
     result = CliRunner().invoke(app, ["render", str(tmp_path / "missing.glb"), "-o", str(tmp_path / "y.png")])
-    assert isinstance(result.exception, InputError) and "mesh file not found" in str(result.exception)
+    assert isinstance(result.exception, InputError) and "missing.glb: no such file or folder" in str(result.exception)
     assert not (tmp_path / "y.png").exists()
 
 
@@ -116,3 +116,16 @@ def test_render_takes_more_components_than_an_8_bit_mask_holds(tmp_path):
     save_glb(path, cubes, [f"piece_{i}" for i in range(300)])
     result = CliRunner().invoke(app, ["render", str(path), "-o", str(tmp_path / "many.png"), "--size", "64"])
     assert result.exit_code == 0 and "300 components" in result.output, result.output
+
+
+def test_a_stray_degenerate_part_is_left_out_of_the_picture_not_fatal(tmp_path):
+    """One collapsed node (zero area) of an otherwise fine export made render refuse the whole file."""
+    from moca3d.errors import InputWarning
+    from moca3d.geometry.mesh_io import save_glb
+
+    stray = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]], process=False)
+    save_glb(tmp_path / "export.glb", [trimesh.creation.box(), stray], ["body", "stray"])
+    out = tmp_path / "export.png"
+    with pytest.warns(InputWarning, match="1 component.s. with zero area or non-finite vertices left out of the picture: stray"):
+        result = CliRunner().invoke(app, ["render", str(tmp_path / "export.glb"), "-o", str(out), "--size", "16"])
+    assert result.exit_code == 0 and out.is_file(), result.output

@@ -439,6 +439,9 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     assert encode_dataset(dataset, model, "tiny", num_points=64, progress=False) == {"encoded": 0, "skipped": len(entries)}
     # Another model id re-encodes.
     assert encode_dataset(dataset, model, "other", num_points=64, progress=False)["encoded"] == len(entries)
+    # More points than prepared were used silently (as many as there were)
+    with pytest.raises(InputError, match=r"100000 surface points asked \(--points\), the data has \d+ per part"):
+        encode_dataset(dataset, model, "more", num_points=100_000, progress=False)
     # So does the same model at another latent count (a converted VAE's weights are the same at every --num-latents)
     longer = VecSetVAE(**{**TINY, "num_latents": 2 * TINY["num_latents"]}).eval()
     longer.load_state_dict(model.state_dict())

@@ -49,6 +49,8 @@ def prepare_command(
 
     if (input is None) == (procedural is None):
         raise ConfigError("give either an INPUT folder or --procedural objects|scenes")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1 (processes preparing assets), got {workers}")
     check_run_folder(out)
     config = PrepareConfig(
         surface=SurfaceSamplingConfig(num_points=num_surface, sharp_fraction=sharp_fraction),

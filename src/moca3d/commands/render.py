@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from moca3d.commands.common import check_output_path
-from moca3d.errors import InputError, cannot_write
+from moca3d.errors import InputError, InputWarning, cannot_write
 
 DEFAULT_AZIMUTH_DEG = 30.0
 DEFAULT_ELEVATION_DEG = 20.0
@@ -19,37 +20,50 @@ MIN_SIZE, MAX_SIZE = 16, 4096  # pixels a side; the supersampled ray grid of a b
 SUPERSAMPLE = 2  # rays per pixel side (anti-aliasing)
 
 
+def drawable(mesh, name: str) -> bool:
+    """Whether a part draws: finite vertices, some area (`validate_components` on it alone)."""
+    from moca3d.geometry.mesh_io import validate_components
+
+    try:
+        validate_components([mesh], [name])
+    except InputError:
+        return False
+    return True
+
+
 def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAULT_AZIMUTH_DEG,
                           elevation: float = DEFAULT_ELEVATION_DEG, size: int = DEFAULT_SIZE,
                           beside: Optional[Path] = None) -> tuple[Path, int]:
     """Render the non-empty components of `mesh_path` to `output` (PNG); returns (path, number of components drawn)."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from moca3d.geometry.mesh_io import (atomic_write_bytes, load_file, load_folder, main_color, normalize_meshes, palette,
+    from moca3d.data.images import load_image
+    from moca3d.geometry.mesh_io import (atomic_write_bytes, main_color, normalize_meshes, palette, read_components,
                                          validate_components)
     from moca3d.geometry.render import RenderConfig, orbit_camera, render
 
     mesh_path = Path(mesh_path)
-    meshes, names = load_folder(mesh_path) if mesh_path.is_dir() else load_file(mesh_path)  # a folder: one file per part
+    meshes, names = read_components(mesh_path)
     fallback = palette(len(meshes))
-    shown = [i for i, m in enumerate(meshes) if len(m.faces)]
-    if not shown:
+    solid = [i for i, m in enumerate(meshes) if len(m.faces)]
+    if not solid:
         raise InputError(f"{mesh_path.name}: every component is empty, nothing to render")
+    shown = [i for i in solid if drawable(meshes[i], names[i])]
+    if not shown:  # NaN/inf vertices or zero-area parts only: a blank picture; the first one's problem is the error
+        validate_components([meshes[i] for i in solid], [names[i] for i in solid], label=mesh_path.name)
+    left_out = [names[i] for i in solid if i not in shown]
+    if left_out:  # e.g. a stray collapsed node of a DCC export: the preview shows the rest
+        warnings.warn(f"{mesh_path.name}: {len(left_out)} component(s) with zero area or non-finite vertices left out of the "
+                      f"picture: {', '.join(left_out)}", InputWarning, stacklevel=2)
     parts = [meshes[i] for i in shown]
-    # NaN/inf vertices or zero-area parts would render as a blank picture: refuse them instead
-    validate_components(parts, [names[i] for i in shown], label=mesh_path.name)
     colors = np.stack([c if (c := main_color(meshes[i])) is not None else fallback[i] for i in shown])
     parts, _ = normalize_meshes(parts)  # a preview is the same at any scale; far from the origin float32 rays are not
     config = RenderConfig(size=size, supersample=SUPERSAMPLE)
     rgb, _ = render(parts, orbit_camera(parts, azimuth, elevation, config), colors, config=config)
     picture = Image.fromarray(rgb)
     if beside is not None:
-        try:
-            with Image.open(beside) as im:
-                left = im.convert("RGBA")
-        except (FileNotFoundError, UnidentifiedImageError, OSError):
-            raise InputError(f"{beside}: not a readable image") from None
+        left = load_image(beside).convert("RGBA")  # a one-line InputError for a missing or unreadable file
         white = Image.new("RGBA", left.size, (255, 255, 255, 255))
         left = Image.alpha_composite(white, left).convert("RGB").resize((size, size))
         both = Image.new("RGB", (2 * size, size), (255, 255, 255))

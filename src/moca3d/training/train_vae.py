@@ -242,7 +242,11 @@ def hardest_free_space(model: VecSetVAE, tokens: torch.Tensor, free: tuple[torch
 
 
 def deterministic_surface(surface: torch.Tensor, count: int) -> torch.Tensor:
-    """The fixed subset of `count` surface points used to encode at evaluation: (N, P, 6) -> (N, count, 6)."""
+    """The fixed subset of `count` surface points used to encode at evaluation: (N, P, 6) -> (N, count, 6); fewer than
+    `count` prepared is an InputError (they were used silently)."""
+    if surface.shape[1] < count:
+        raise InputError(f"{count} surface points asked (--points), the data has {surface.shape[1]} per part: lower --points "
+                         f"or prepare with --num-surface {count} or more")
     return random_subset(surface, count, torch.Generator().manual_seed(VAL_SEED))
 
 
