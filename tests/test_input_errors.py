@@ -399,7 +399,7 @@ def test_render_names_bad_paths(tmp_path):
     res = CliRunner().invoke(app, ["render", str(tmp_path / "empty.glb"), "-o", str(tmp_path / "p.png")])
     assert isinstance(res.exception, InputError) and "the file is empty" in str(res.exception)
     res = CliRunner().invoke(app, ["render", str(tmp_path / "missing.glb"), "-o", str(tmp_path / "p.png")])
-    assert isinstance(res.exception, InputError) and "mesh file not found" in str(res.exception)
+    assert isinstance(res.exception, InputError) and "missing.glb: no such file or folder" in str(res.exception)
     assert not (tmp_path / "p.png").exists()
 
 
