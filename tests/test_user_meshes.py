@@ -236,3 +236,18 @@ def test_a_closed_part_wound_inside_out_is_turned_outward(tmp_path):
     centre = meshes[1].bounds.mean(axis=0)
     outward = ((meshes[1].triangles_center - centre) * meshes[1].face_normals).sum(axis=1)
     assert (outward > 0).all()
+
+
+def test_prepare_category_labels_file_assets_and_keeps_same_named_files_apart(tmp_path):
+    """Every file asset was category "mesh" (evaluate-model's by-category table said only that); one run per category
+    into the same dataset labels a mixed one, and chairs/a.glb beside tables/a.glb stay two assets."""
+    for category, part in (("chair", trimesh.creation.box()), ("table", trimesh.creation.icosphere())):
+        (tmp_path / category).mkdir()
+        save_glb(tmp_path / category / "a.glb", [part, part.copy().apply_translation([2, 0, 0])], ["p", "q"])
+        result = CliRunner().invoke(app, ["prepare", str(tmp_path / category), "-o", str(tmp_path / "data"), "--category", category,
+                                          "--num-surface", "128", "--num-queries", "96", "--image-size", "48"])
+        assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["category"]) for r in records) == [("chair_a", "chair"), ("table_a", "table")]
+    bad = CliRunner().invoke(app, ["prepare", str(tmp_path / "chair"), "-o", str(tmp_path / "other"), "--category", " "])
+    assert isinstance(bad.exception, ConfigError) and "--category must be a printable, non-empty label" in str(bad.exception)

@@ -36,6 +36,7 @@ def prepare_command(
     partnet_level: int = typer.Option(1, "--partnet-level", help="PartNet folders (e.g. PartNet/data_v0): a part is a node this deep in result.json's hierarchy (1: the root's children, such as a chair's back, seat, base and arms; 0: the whole object)."),
     partnet_hierarchy: str = typer.Option("original", "--partnet-hierarchy", help="PartNet folders: 'original' (result.json, the annotators' parts) or 'merged' (result_after_merging.json, merged into PartNet's per-category labels, as its segmentation benchmark)."),
     kind: str = typer.Option("object", help="For file assets: 'object' (random view) or 'scene' (isometric, floor)."),
+    category: str = typer.Option("mesh", "--category", help="For file assets: their category, which evaluate-model groups its scores by (PartNet folders read theirs from meta.json); prepare a folder per category into the same --output to label a mixed dataset."),
     val_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("val")),
     test_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("test")),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry assets listed in report.jsonl."),
@@ -60,7 +61,7 @@ def prepare_command(
         partnet_hierarchy=partnet_hierarchy, kind=kind, scene_objects=tuple(scene_objects),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
     )
-    jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input)
+    jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input, category)
     summary = prepare(jobs, out, config, workers=workers, retry_failed=retry_failed, progress=tqdm_progress())
     typer.echo(
         f"{out}: {summary.processed} prepared, {summary.already_done} already done or reported, "

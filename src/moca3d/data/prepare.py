@@ -118,6 +118,7 @@ class Job:
 
     id: str
     source: str  # a path, or "procedural:<kind>:<seed>:<index>"
+    category: str = "mesh"  # of a file asset (PartNet's and procedural ones carry their own)
 
 
 @dataclass
@@ -140,15 +141,18 @@ def _safe_id(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("._") or "asset"
 
 
-def folder_jobs(folder: str | Path) -> list[Job]:
-    """One job per mesh file and per sub-folder (one file per component) of `folder`."""
+def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
+    """One job per mesh file and per sub-folder (one file per component) of `folder`, of `category` (a label the
+    evaluation groups its scores by)."""
+    if not category.strip() or any(not c.isprintable() for c in category):
+        raise ConfigError(f"--category must be a printable, non-empty label, got {category!r}")
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of meshes")
     if is_partnet(folder):  # one PartNet annotation folder given itself, not its parent (data_v0)
-        return [Job(_safe_id(folder.name), str(folder))]
+        return [Job(_safe_id(folder.name), str(folder), category)]
     jobs, seen = [], set()
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
@@ -156,13 +160,14 @@ def folder_jobs(folder: str | Path) -> list[Job]:
         if entry.is_file() and entry.suffix.lower() not in MESH_EXTENSIONS:
             continue
         base = _safe_id(entry.stem if entry.is_file() else entry.name)
+        base = base if category == "mesh" else _safe_id(f"{category}_{base}")  # chairs/a.glb and tables/a.glb: two assets
         asset_id = base if base not in seen else _safe_id(entry.name)
         k = 1
         while asset_id in seen:  # every source gets its own asset, whatever its name
             k += 1
             asset_id = f"{base}_{k}"
         seen.add(asset_id)
-        jobs.append(Job(asset_id, str(entry)))
+        jobs.append(Job(asset_id, str(entry), category))
     if not jobs:
         raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it")
     return jobs
@@ -207,10 +212,10 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
     if is_partnet(job.source):  # a PartNet annotation folder: its hierarchy's parts, its category
         meshes, names = load_partnet(job.source, config.partnet_level, config.connected, config.max_components,
                                      config.partnet_hierarchy)
-        label = partnet_category(job.source) or "mesh"
+        label = partnet_category(job.source) or job.category
     else:
         meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)
-        label = "mesh"
+        label = job.category
     fallback = palette(len(meshes))
     colors = np.stack([c if (c := main_color(m)) is not None else fallback[i] for i, m in enumerate(meshes)])
     return meshes, names, colors, config.kind, label
@@ -336,25 +341,31 @@ def finished_ids(root: Path) -> set[str]:
 
 def resume_jobs(jobs: list[Job], root: Path) -> list[Job]:
     """The jobs still to prepare into `root`: a job is done when an asset holds its source
-    (matched by file name, whatever the id it then got); a new source whose id an asset of another source holds
-    gets the next free `_k` id (a file added beside a namesake, a.obj beside a.ply, is not taken for it)."""
+    (matched by file name, whatever the id it then got; and by category, for a job given one: chairs/a.glb is not
+    tables/a.glb); a new source whose id an asset of another source holds gets the next free `_k` id (a file added
+    beside a namesake, a.obj beside a.ply, is not taken for it)."""
     done: dict[str, str] = {}  # source file name -> id
+    done_in: set[tuple[str, str]] = set()  # (category, source file name)
     for asset_id in finished_ids(root):
         try:
-            source = json.loads((root / ASSETS / asset_id / META).read_text()).get("source")
+            meta = json.loads((root / ASSETS / asset_id / META).read_text())
+            source, category = meta.get("source"), meta.get("category")
         except (OSError, ValueError, AttributeError):
-            source = None
-        done[Path(str(source)).name if source else asset_id] = asset_id
+            source = category = None
+        name = Path(str(source)).name if source else asset_id
+        done[name] = asset_id
+        done_in.add((str(category), name))
     taken = set(done.values()) | {j.id for j in jobs}
     todo = []
     for job in jobs:
-        if Path(job.source).name in done:
+        name = Path(job.source).name
+        if (name in done) if job.category == "mesh" else ((job.category, name) in done_in):
             continue
         if job.id in done.values():  # the id of an asset made from another file
             k = 1
             while f"{job.id}_{k}" in taken:
                 k += 1
-            job = Job(f"{job.id}_{k}", job.source)
+            job = Job(f"{job.id}_{k}", job.source, job.category)
             taken.add(job.id)
         todo.append(job)
     return todo
