@@ -51,7 +51,7 @@ def test_a_warm_up_longer_than_the_run_is_warned_about(object_dataset, tmp_path)
     from moca3d.errors import InputWarning
 
     root, vae_dir = object_dataset
-    with pytest.warns(InputWarning, match="warmup_steps 5 >= steps 2: the learning rate never reaches lr 0.003"):
+    with pytest.warns(InputWarning, match="warmup_steps 5 > steps 2: the learning rate never reaches lr 0.003"):
         train(root, tmp_path / "run", tiny_dit_recipe(warmup_steps=5), vae_dir=vae_dir, device="cpu", progress=False)
 
 
@@ -101,3 +101,40 @@ def test_assets_over_max_components_are_named_not_silently_dropped(object_datase
         train(root, tmp_path / "none", tiny_dit_recipe(max_components=2), vae_dir=vae_dir, device="cpu", progress=False)
     with pytest.warns(InputWarning, match="2 'train' assets have more than max_components 8 parts .*; they are left out"):
         train(root, tmp_path / "some", tiny_dit_recipe(max_components=8, steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_mixed_latent_lengths_are_one_line(object_dataset, tmp_path):
+    """An interrupted re-encode at another --num-latents left latents of two lengths: a raw torch error mid-training."""
+    from safetensors.torch import load_file, save_file
+
+    root, vae_dir = object_dataset
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    path = sorted(data.glob("assets/*/latents.safetensors"))[0]
+    tensors = load_file(str(path))
+    tensors["latents"] = torch.cat([tensors["latents"], tensors["latents"]], dim=1)  # twice the tokens
+    save_file(tensors, str(path), metadata={"token_order": "fps"})
+    with pytest.raises(InputError, match=r"cached latents of \d+ and \d+ tokens are mixed .*encode-dataset --overwrite"):
+        train(data, tmp_path / "run", tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_missing_latents_and_too_many_parts_are_both_named(object_dataset, tmp_path):
+    root, vae_dir = object_dataset
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    for path in data.glob("assets/*/latents.safetensors"):
+        path.unlink()
+    with pytest.raises(InputError, match=r"run `moca3d encode-dataset` first.; 2 'train' assets have more than max_components 8"):
+        train(data, tmp_path / "run", tiny_dit_recipe(max_components=8), vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_a_latent_cache_names_its_assets_over_max_components(object_dataset, tmp_path):
+    from moca3d.errors import InputWarning
+    from moca3d.training.train_dit import LatentDataset
+
+    root, _ = object_dataset
+    cache = LatentDataset(root, "train", 32).save_cache(tmp_path / "cache.safetensors")
+    with pytest.warns(InputWarning, match="2 cached assets have more than max_components 8 parts .*; they are left out"):
+        assert len(LatentDataset.from_cache(cache, max_components=8, image_size=32)) == 4
+    with pytest.raises(InputError, match="no assets with at most 2 parts; 6 cached assets have more than max_components 2"):
+        LatentDataset.from_cache(cache, max_components=2, image_size=32)

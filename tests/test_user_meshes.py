@@ -251,3 +251,27 @@ def test_prepare_category_labels_file_assets_and_keeps_same_named_files_apart(tm
     assert sorted((r["id"], r["category"]) for r in records) == [("chair_a", "chair"), ("table_a", "table")]
     bad = CliRunner().invoke(app, ["prepare", str(tmp_path / "chair"), "-o", str(tmp_path / "other"), "--category", " "])
     assert isinstance(bad.exception, ConfigError) and "--category must be a printable, non-empty label" in str(bad.exception)
+
+
+def test_obj_object_names_of_unicode_spaces_are_told_alike(tmp_path):
+    """An `o` line holding only a no-break space made the renaming of repeated names run out (a raw StopIteration)."""
+    from moca3d.geometry.mesh_io import load_file
+
+    path = tmp_path / "odd.obj"
+    tri = "v {x} 0 0\nv {y} 0 0\nv {x} 1 0\n"
+    path.write_text("o leg\n" + tri.format(x=0, y=1) + "f 1 2 3\no \u00a0\n" + tri.format(x=3, y=4) + "f 4 5 6\no leg\n"
+                    + tri.format(x=6, y=7) + "f 7 8 9\n", encoding="utf-8")
+    names = load_file(path)[1]
+    assert names[:2] == ["leg", "leg_1"] and len(names) == 3
+
+
+def test_a_part_of_two_closed_bodies_is_turned_outward_body_by_body(tmp_path):
+    """Inverting the whole part turned a big inside-out body outward and its small outward one inward."""
+    big = trimesh.creation.box(extents=(2, 2, 2))
+    big.invert()
+    small = trimesh.creation.box(extents=(0.2, 0.2, 0.2)).apply_translation([3, 0, 0])
+    save_glb(tmp_path / "two.glb", [trimesh.util.concatenate([big, small])], ["p"])
+    part = load_components(tmp_path / "two.glb")[0][0]
+    for body in part.split(only_watertight=False):
+        centre = body.bounds.mean(axis=0)
+        assert (((body.triangles_center - centre) * body.face_normals).sum(axis=1) > 0).all()

@@ -440,7 +440,7 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     # Another model id re-encodes.
     assert encode_dataset(dataset, model, "other", num_points=64, progress=False)["encoded"] == len(entries)
     # More points than prepared were used silently (as many as there were)
-    with pytest.raises(InputError, match=r"100000 surface points asked \(--points\), the data has \d+ per part"):
+    with pytest.raises(InputError, match=r": 100000 surface points asked \(--points\), the data has \d+ per part"):
         encode_dataset(dataset, model, "more", num_points=100_000, progress=False)
     # So does the same model at another latent count (a converted VAE's weights are the same at every --num-latents)
     longer = VecSetVAE(**{**TINY, "num_latents": 2 * TINY["num_latents"]}).eval()
@@ -909,3 +909,12 @@ def test_encode_dataset_records_the_token_order(dataset, tmp_path):
     torch.testing.assert_close(canonical.sort(dim=1).values, fps.sort(dim=1).values, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="token_order"):
         encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="morton")
+
+
+def test_training_with_more_surface_points_than_prepared_exports(dataset, tmp_path):
+    """A recipe asking more surface points than prepared trains on what there is and still writes vae/ (a check on
+    --points once refused it after the last step, at the latent scale fit)."""
+    from moca3d.training.train_vae import train_vae
+
+    train_vae(dataset, tmp_path / "run", tiny_train_config(steps=2, num_surface_points=1024), progress=False)
+    assert (tmp_path / "run" / "vae" / "config.json").is_file()

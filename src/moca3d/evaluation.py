@@ -74,7 +74,6 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
     from moca3d.training.train_vae import encode_latents, load_samples
 
     surface = torch.from_numpy(load_samples(asset.parent.parent, asset.name)["surface"]).float()  # (N, P, 6)
-    points = min(points, surface.shape[1])  # a dataset prepared with fewer: all of them
     latents = encode_latents(pipe.vae, surface.to(pipe.device), points, token_order=pipe.transformer.token_order)  # (N, L, C)
     return pipe.decode_latents(pipe.vae.normalize_latents(latents), resolution)
 

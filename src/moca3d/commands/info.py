@@ -146,6 +146,7 @@ def run_report(path: Path) -> Optional[dict]:
     exported; for one of its checkpoints (checkpoints/step_XXXXXXXX), that step and its run's report; else None."""
     from moca3d.training.checkpoints import CHECKPOINT_DIR, STEP_PATTERN, latest_checkpoint
 
+    path = path.absolute()  # `info .` inside a checkpoint, `info step_00000005` inside checkpoints/
     checkpoint = STEP_PATTERN.match(path.name) if path.parent.name == CHECKPOINT_DIR else None
     if checkpoint:
         return {"kind": "training checkpoint", "path": str(path), "step": int(checkpoint.group(1)), "run": run_report(path.parent.parent)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ import typer
 from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, resolve_device,
                                    tqdm_progress, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, InputWarning
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
 # (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
@@ -146,7 +147,7 @@ def register(app: typer.Typer) -> None:
         """Encode every component of a mesh and decode it back (VAE round trip); the file records how (`moca3d info`)."""
         from moca3d import __version__
         from moca3d.geometry.extract import ExtractConfig
-        from moca3d.geometry.mesh_io import MESH_FORMATS, read_components, save_components
+        from moca3d.geometry.mesh_io import MESH_FORMATS, open_components, read_components, save_components
         from moca3d.geometry.simplify import check_faces, simplify_components
         from moca3d.training.train_vae import reconstruct_components
 
@@ -158,6 +159,10 @@ def register(app: typer.Typer) -> None:
         check_faces(faces)
         parts, names = read_components(mesh)  # read once; a generation's empty components keep their place
         check_faces(faces, sum(1 for part in parts if len(part.faces)))  # what is decoded (and simplified), before minutes of it
+        opened = open_components(parts, names)
+        if opened:  # as prepare says: the VAE reads a closed surface's samples
+            warnings.warn(f"{mesh.name}: open (not watertight) components {', '.join(opened)}: they may come back hollow or "
+                          "ragged (the VAE learned closed surfaces)", InputWarning, stacklevel=2)
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)

@@ -167,16 +167,24 @@ def report_missing_latents(missing: list[str], root: str | Path, split: str) -> 
                       "`moca3d encode-dataset` includes them", stacklevel=2)
 
 
-def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, split: str, max_components: int) -> str:
-    """Warn (one line) that assets of a split with more than `max_components` parts are left out; the phrase to add to
-    the error when none is kept ("" when none was left out)."""
+def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, what: str, max_components: int) -> str:
+    """Warn (one line) that assets (`what`: "'train' assets", "cached assets") with more than `max_components` parts are
+    left out; the phrase to add to the error when none is kept ("" when none was left out)."""
     if not too_many:
         return ""
-    hint = f"{len(too_many)} '{split}' assets have more than max_components {max_components} parts (first: {too_many[0]}): " \
+    hint = f"{len(too_many)} {what} have more than max_components {max_components} parts (first: {too_many[0]}): " \
            "raise the recipe's max_components to train on them"
     if kept:
         warnings.warn(f"{root}: {hint}; they are left out", InputWarning, stacklevel=2)
     return f"; {hint}"
+
+
+def check_latent_lengths(latents: list, root: str | Path) -> None:
+    """One latent length L over a dataset's (N, L, C) latents (an interrupted re-encode at another --num-latents mixes two)."""
+    lengths = sorted({z.shape[1] for z in latents})
+    if len(lengths) > 1:
+        raise InputError(f"{root}: cached latents of {' and '.join(map(str, lengths))} tokens are mixed (an interrupted re-encode?): "
+                         "run `moca3d encode-dataset --overwrite` with the VAE and --num-latents the recipe trains on")
 
 
 def common_token_order(orders: set[str], root: str | Path) -> str:
@@ -231,9 +239,11 @@ def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, ima
     counts = tensors.pop("counts").tolist()
     assets = {k: v if k in CACHE_PER_ASSET else torch.split(v, counts) for k, v in tensors.items()}
     keep = [i for i, n in enumerate(counts) if n <= max_components]
-    if not keep:
-        raise InputError(f"{path}: no assets with at most {max_components} parts")
     ids = json.loads(meta["ids"])
+    note = report_too_many_parts([ids[i] for i, n in enumerate(counts) if n > max_components], len(keep), path, "cached assets",
+                                 max_components)
+    if not keep:
+        raise InputError(f"{path}: no assets with at most {max_components} parts{note}")
     kept = {k: [v[i] for i in keep] for k, v in assets.items()}
     kept["latents"] = [z.float() for z in kept["latents"]]  # only the kept assets' latents
     return {"ids": [ids[i] for i in keep], "token_order": meta.get("token_order", "fps"), **kept}

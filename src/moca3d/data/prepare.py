@@ -35,6 +35,7 @@ from moca3d.geometry.mesh_io import (
     load_components,
     main_color,
     normalize_meshes,
+    open_components,
     palette,
     save_glb,
     validate_components,
@@ -225,7 +226,7 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
     """Write every file of one asset into `out_dir`; returns its manifest record."""
     meshes, names, colors, kind, category = _load_job(job, config)
     # kept, but said: an open part's inside/outside comes from its generalized winding number, a guess where it is open
-    open_names = [name for mesh, name in zip(meshes, names) if not mesh.is_watertight]
+    open_names = open_components(meshes, names)
     meshes, norm = normalize_meshes(meshes)
     rng = np.random.default_rng(_asset_seed(job.id, config.seed))
 

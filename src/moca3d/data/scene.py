@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from moca3d.data.dataset import (SCENE_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
+from moca3d.data.dataset import (SCENE_CACHE, check_latent_lengths, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, save_latent_cache)
 from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, readable, rgb_on_white
 from moca3d.errors import ConfigError, InputError
@@ -443,11 +443,12 @@ class SceneLatentDataset:
                 self.renders.append(torch.from_numpy(rgb_on_white(render)[0].copy()).permute(2, 0, 1))
                 self.labels.append(torch.from_numpy(_labels_of(masks)))
             self.ids.append(rec["id"])
-        too_many_note = report_too_many_parts(too_many, len(self.ids), root, split, max_components)
+        too_many_note = report_too_many_parts(too_many, len(self.ids), root, f"'{split}' scenes", max_components)
         if not self.ids:
-            raise InputError(f"{root}: no '{split}' scenes with cached latents" + (too_many_note if too_many else
-                             " (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)"))
+            hint = " (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)" if missing or not too_many else ""
+            raise InputError(f"{root}: no '{split}' scenes with cached latents{hint}{too_many_note}")
         report_missing_latents(missing, root, split)
+        check_latent_lengths(self.latents, root)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 
     def __len__(self) -> int:

@@ -151,8 +151,8 @@ def _unique_names(names: list[str]) -> list[str]:
 def _scene_components(scene: trimesh.Scene, source: str = "the file") -> tuple[list[trimesh.Trimesh], list[str]]:
     """One component per scene node holding a triangle mesh, in the scene frame, welded (one vertex per position:
     an STL's or a flat-shaded OBJ's closed surfaces are watertight), without unused vertices (they would widen the
-    bounds) and, when closed but wound inside out (negative volume), turned outward (its normals feed the VAE). Nodes of
-    points or lines are left out, with an InputWarning naming them."""
+    bounds) and, when closed but wound inside out (negative volume) or inconsistently, wound outward per closed body (its
+    normals feed the VAE). Nodes of points or lines are left out, with an InputWarning naming them."""
     meshes, names, left_out = [], [], []
     for node in scene.graph.nodes_geometry:
         transform, geom_name = scene.graph[node]
@@ -165,8 +165,8 @@ def _scene_components(scene: trimesh.Scene, source: str = "the file") -> tuple[l
         if np.isfinite(mesh.vertices).all():  # (NaN / inf parts are refused later, by name)
             mesh.merge_vertices(merge_tex=True, merge_norm=True)
             mesh.remove_unreferenced_vertices()
-            if mesh.is_watertight and mesh.volume < 0:
-                mesh.invert()
+            if mesh.is_watertight and (mesh.volume < 0 or not mesh.is_winding_consistent):  # inside out, or partly
+                trimesh.repair.fix_normals(mesh, multibody=True)  # consistent, and outward per closed body
         meshes.append(mesh)
         names.append(str(node))
     if left_out and meshes:
@@ -263,7 +263,8 @@ def _obj_with_unique_objects(path: Path, names: list[str]) -> io.BytesIO:
     two objects of one name into one component."""
     renamed = iter(names)
     with open(path, "rb") as f:
-        lines = [f"o {next(renamed)}\n".encode() if line[:2] == b"o " and line[2:].strip() else line for line in f]
+        lines = [f"o {next(renamed)}\n".encode() if line[:2] == b"o " and line[2:].decode("utf-8", "replace").strip() else line
+                 for line in f]  # named as `_obj_names` tells a name
     return io.BytesIO(b"".join(lines))
 
 
@@ -364,6 +365,11 @@ def component_source(path: str | Path) -> Path:
         if len(files) == 1:
             return files[0]
     return path
+
+
+def open_components(meshes: list[trimesh.Trimesh], names: list[str]) -> list[str]:
+    """The names of the parts with faces that are not closed (watertight): prepare names them, reconstruct warns."""
+    return [name for mesh, name in zip(meshes, names) if len(mesh.faces) and not mesh.is_watertight]
 
 
 def split_connected(meshes: list[trimesh.Trimesh], names: list[str]) -> tuple[list[trimesh.Trimesh], list[str]]:

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
-from moca3d.data.dataset import (OBJECT_CACHE, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
+from moca3d.data.dataset import (OBJECT_CACHE, check_latent_lengths, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, require_token_order, save_latent_cache)
 from moca3d.data.images import load_image, preprocess_image
 from moca3d.data.scene import conditions_layout
@@ -189,11 +189,12 @@ class LatentDataset:
             orders.add(order)
             self.images.append(preprocess(asset / "render.png"))
             self.ids.append(rec["id"])
-        too_many_note = report_too_many_parts(too_many, len(self.ids), root, split, max_components)
+        too_many_note = report_too_many_parts(too_many, len(self.ids), root, f"'{split}' assets", max_components)
         if not self.ids:
             raise InputError(f"{root}: no '{split}' assets with cached latents"
-                             + (too_many_note if too_many else " (run `moca3d encode-dataset` first)"))
+                             + (" (run `moca3d encode-dataset` first)" if missing else "") + too_many_note)
         report_missing_latents(missing, root, split)
+        check_latent_lengths(self.latents, root)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
 
     def __len__(self) -> int:
@@ -326,7 +327,8 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
     if latent_shape is not None and (transformer.config.num_latents, transformer.config.in_channels) != tuple(latent_shape):
         overridden = "num_latents" in cfg.transformer and transformer.config.num_latents != latent_shape[0]
         fix = (f"the recipe's transformer num_latents {cfg.transformer['num_latents']} asks for another latent set: encode the "
-               f"data with a VAE of that many latents (`convert --num-latents`), or drop the override") if overridden else \
+               f"data with that many (`encode-dataset DATA --model VAE --num-latents {cfg.transformer['num_latents']} --overwrite`), "
+               "or drop the override") if overridden else \
             "encode the data with its VAE (encode-dataset --model its vae/, --overwrite over other latents)"
         raise ConfigError(
             f"the data's latents are (L={latent_shape[0]}, C={latent_shape[1]}) but {root} with the recipe expects "
@@ -512,8 +514,8 @@ def train(
     record_resume = None  # another recipe is refused before any data or model is loaded; recorded once accepted
     if ckpt is not None and (out / "train_config.json").is_file():
         record_resume = check_resume(out / "train_config.json", cfg, accelerator.print)
-    if 1 < cfg.steps <= cfg.warmup_steps and accelerator.is_main_process:  # e.g. a short trial run with --steps
-        warnings.warn(f"warmup_steps {cfg.warmup_steps} >= steps {cfg.steps}: the learning rate never reaches lr {cfg.lr:g} "
+    if cfg.steps < cfg.warmup_steps and not export_only and accelerator.is_main_process:  # e.g. a trial run with --steps
+        warnings.warn(f"warmup_steps {cfg.warmup_steps} > steps {cfg.steps}: the learning rate never reaches lr {cfg.lr:g} "
                       "(lower warmup_steps in the recipe)", InputWarning, stacklevel=2)
     scene = cfg.condition == "scene"
     if scene:

@@ -242,11 +242,7 @@ def hardest_free_space(model: VecSetVAE, tokens: torch.Tensor, free: tuple[torch
 
 
 def deterministic_surface(surface: torch.Tensor, count: int) -> torch.Tensor:
-    """The fixed subset of `count` surface points used to encode at evaluation: (N, P, 6) -> (N, count, 6); fewer than
-    `count` prepared is an InputError (they were used silently)."""
-    if surface.shape[1] < count:
-        raise InputError(f"{count} surface points asked (--points), the data has {surface.shape[1]} per part: lower --points "
-                         f"or prepare with --num-surface {count} or more")
+    """The fixed subset of `count` surface points used to encode at evaluation: (N, P, 6) -> (N, min(count, P), 6)."""
     return random_subset(surface, count, torch.Generator().manual_seed(VAL_SEED))
 
 
@@ -664,6 +660,9 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
                 skipped += 1
                 continue
         surface = torch.from_numpy(load_samples(data_dir, e["id"])["surface"]).float()
+        if surface.shape[1] < num_points:  # they were used silently: latents of another point count than asked
+            raise InputError(f"{e['id']}: {num_points} surface points asked (--points), the data has {surface.shape[1]} per part: "
+                             f"lower --points or prepare with --num-surface {num_points} or more")
         latents = encode_latents(model, surface, num_points, batch_size, token_order, num_latents)  # (N, L, C)
         meta = {"token_order": token_order, "asset_id": e["id"], "num_components": str(latents.shape[0]), "names": json.dumps(e.get("names", [])),
                 "num_latents": str(latents.shape[1]), "latent_channels": str(latents.shape[2]),
