@@ -208,3 +208,14 @@ def test_names_with_line_breaks_and_control_characters_are_written_on_one_line(t
     assert names == read_prediction(path)[1] == describe(path)["components"] == written
     assert all(np.allclose(m.bounds, p.bounds) for m, p in zip(meshes, parts))  # the geometry is intact
     assert f"4 components: {', '.join(written)}\n" in CliRunner().invoke(app, ["info", str(path)]).output
+
+
+def test_reconstruct_warns_of_open_components(identity_vae, tmp_path):
+    """prepare named an open part; reconstruct returned it hollow and ragged without a word."""
+    from moca3d.errors import InputWarning
+
+    opened = trimesh.creation.box()
+    opened.update_faces(np.arange(len(opened.faces)) >= 2)  # one side of the box missing
+    save_components(tmp_path / "in.glb", [boxes(1)[0], opened.apply_translation([3, 0, 0])], ["closed", "lidless"])
+    with pytest.warns(InputWarning, match="in.glb: open .not watertight. components lidless"):
+        assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0
