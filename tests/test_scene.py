@@ -174,6 +174,14 @@ def test_smoothed_label_maps_are_refused_and_small_instances_kept(tmp_path):
     with pytest.raises(InputError, match=r"resized.png looks resized or smoothed: ids such as 1 \(52 px; 3 in all\) .*Image.NEAREST"):
         load_masks(tmp_path / "resized.png", max_instances=50)
     assert len(load_masks(np.asarray(Image.fromarray(labels).resize((36, 36), Image.NEAREST)).astype(np.int64))) == 2
+    # ids 1..3, each an instance: upscaled with PIL's default filter, the edge 0|3 gets rings of 1 and 2, which are real
+    # ids with pixels inside (no id is edge-only): they were added to instances 1 and 2 silently
+    three = np.zeros((48, 64), np.uint8)
+    three[8:40, 4:18], three[8:40, 24:38], three[8:40, 44:60] = 1, 2, 3
+    upscaled = np.asarray(Image.fromarray(three).resize((128, 96)))
+    assert set(np.unique(upscaled)) == {0, 1, 2, 3}
+    with pytest.raises(InputError, match=r"looks resized or smoothed: \d+ of its \d+ edge pixels hold an id between"):
+        load_masks(upscaled.astype(np.int64))
     scene32 = np.asarray(Image.open(EXAMPLES / "scene32_masks.png"))
     spread = Image.fromarray((scene32 * 7).astype(np.uint8))  # ids 7..224, so that interpolation has room
     for smoothed in (spread.resize((384, 384), Image.BILINEAR), spread.filter(ImageFilter.GaussianBlur(1))):
