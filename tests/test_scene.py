@@ -825,3 +825,18 @@ def test_scene_finetune_with_zoomed_instance_views(scenes, tmp_path):
     assert cond.shape[:3] == (1, n, 2 * pipe.image_encoder(torch.rand(1, 7, size, size)).shape[1])
     out = pipe.generate_scene(folder / "render.png", folder / "mask.png", steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
     assert len(out.meshes) == n
+
+
+def test_masks_as_pil_images_or_file_lists_load_like_their_files(tmp_path):
+    """A PIL label map raised a raw TypeError; a list of mask files said 'must be a list of arrays'."""
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:9, 3:12], labels[10:18, 14:28] = 1, 2
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    for k in (1, 2):
+        Image.fromarray(((labels == k) * 255).astype(np.uint8)).save(tmp_path / f"m{k}.png")
+    expected = load_masks(tmp_path / "labels.png")
+    assert np.array_equal(load_masks(Image.open(tmp_path / "labels.png")), expected)
+    assert np.array_equal(load_masks([tmp_path / "m1.png", str(tmp_path / "m2.png")]), expected)
+    assert np.array_equal(load_masks([Image.open(tmp_path / "m1.png"), Image.open(tmp_path / "m2.png")]), expected)
+    with pytest.raises(InputError, match="mask not found: .*m3.png"):
+        load_masks([tmp_path / "m1.png", tmp_path / "m3.png"])

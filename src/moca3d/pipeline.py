@@ -331,7 +331,8 @@ class MoCAPipeline:
         or a list / (N, H, W) stack of binary masks; see moca3d.data.scene for order and overlaps.
         """
         if not self.is_scene_model:
-            raise InputError("this model has an object image encoder (3 channels): scenes need a scene model (recipe condition 'scene')")
+            raise InputError("this model has an object image encoder (3 channels): scenes need a scene model (recipe condition "
+                             "'scene'; the built-in one: MoCAPipeline.from_pretrained(moca3d.defaults.DEFAULT_SCENE_MODEL_DIR))")
         im = load_image(image)
         masks = load_masks(masks, image_size=im.size, max_instances=self.transformer.max_components)  # (N, H, W)
         views = self.transformer.config.instance_views

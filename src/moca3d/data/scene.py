@@ -50,7 +50,7 @@ SLIVER_PIXELS = 16  # an instance this small in a label map with too many ids hi
 # between a lower and a higher neighbour's, as interpolated edges do (unsmoothed procedural scenes: under 0.07 at 64 px)
 SMOOTHED_EDGE_SHARE = 0.1
 
-MasksLike = Union[str, Path, np.ndarray, Sequence[np.ndarray]]
+MasksLike = Union[str, Path, Image.Image, np.ndarray, Sequence[Union[np.ndarray, Image.Image, str, Path]]]
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -184,12 +184,20 @@ def _folder_masks(folder: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_instances: int | None = None) -> np.ndarray:
-    """Masks -> (N, H, W) bool, checked: a label-map path or (H, W) int array, a folder, or binary masks.
+    """Masks -> (N, H, W) bool, checked: a label map (path, PIL image or (H, W) int array), a folder, or binary masks.
 
-    Binary masks ((N, H, W) bool array, a list of (H, W) arrays, or a folder) overlap-resolve with
+    Binary masks ((N, H, W) bool array, a list of (H, W) arrays, PIL images or paths, or a folder) overlap-resolve with
     the later mask winning. `image_size` (W, H) must match; N must be 1..max_instances; no mask may be empty.
     """
     names: list[str] | None = None
+    if isinstance(masks, Image.Image):  # a label map read by the caller
+        masks = np.asarray(masks if masks.mode in RAW_MODES else masks.convert("L"))
+    elif isinstance(masks, (list, tuple)) and masks and all(isinstance(m, (str, Path)) for m in masks):  # binary mask files
+        missing = next((m for m in masks if not Path(m).is_file()), None)
+        if missing is not None:
+            raise InputError(f"mask not found: {missing}")
+        names = [Path(m).name for m in masks]
+        masks = [_read_gray(Path(m), binary=True) for m in masks]
     if isinstance(masks, (str, Path)):
         path = Path(masks)
         if path.is_dir():
@@ -205,7 +213,8 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
     else:
         arrays = [np.asarray(m) for m in masks]
         if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
-            raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays")
+            raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays, images or files; "
+                             f"got {type(masks).__name__}")
         stack = np.stack([_binary(a) for a in arrays])  # 0/1 or 0/255
     return check_masks(stack, image_size, max_instances, names)
 
