@@ -840,3 +840,17 @@ def test_masks_as_pil_images_or_file_lists_load_like_their_files(tmp_path):
     assert np.array_equal(load_masks([Image.open(tmp_path / "m1.png"), Image.open(tmp_path / "m2.png")]), expected)
     with pytest.raises(InputError, match="mask not found: .*m3.png"):
         load_masks([tmp_path / "m1.png", tmp_path / "m3.png"])
+
+
+def test_binary_masks_of_0_1_saved_as_jpeg_and_low_contrast_ones_load(tmp_path):
+    """JPEG noise lifted a 0/1 mask's maximum to 2, which switched the threshold to 127: 'mask is empty'; a 0/100 mask
+    was empty too."""
+    labels = np.zeros((32, 48), np.uint8)
+    labels[4:14, 4:20], labels[16:30, 24:44] = 1, 2
+    for folder, scale, ext in (("jpeg01", 1, ".jpg"), ("low", 100, ".png")):
+        (tmp_path / folder).mkdir()
+        for k in (1, 2):
+            Image.fromarray(((labels == k) * scale).astype(np.uint8)).save(tmp_path / folder / f"m{k}{ext}", quality=75)
+        masks = load_masks(tmp_path / folder)
+        agree = (masks == np.stack([labels == 1, labels == 2])).mean()
+        assert masks.shape == (2, 32, 48) and agree > (0.9 if ext == ".jpg" else 0.999), (folder, agree)  # JPEG: lossy at 0/1

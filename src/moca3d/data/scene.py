@@ -40,6 +40,7 @@ from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess
 from moca3d.errors import ConfigError, InputError
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
+LOW_RANGE_MAX = 8  # a binary mask whose levels stay at or below this is a 0/1 one (JPEG noise adds a few)
 MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
 INSTANCE_VIEWS = (1, 2)  # the scene crop alone, or with a crop zoomed on the instance
 ZOOM_MIN_SIDE = 8  # px of the full-resolution image: the smallest square a zoomed view crops
@@ -110,8 +111,10 @@ def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
 
 
 def _binary(gray: np.ndarray) -> np.ndarray:
-    """(H, W) grey levels -> bool mask: on above 0.5 for 0/1 images, above MASK_THRESHOLD for 0..255 ones."""
-    return gray > (0.5 if gray.max(initial=0) <= 1 else MASK_THRESHOLD)
+    """(H, W) grey levels -> bool mask: on above 0.5 for 0/1 images (up to LOW_RANGE_MAX: a 0/1 JPEG's noise), else above
+    MASK_THRESHOLD or half the brightest level, whichever is lower (a low-contrast 0/100 mask)."""
+    top = float(gray.max(initial=0))
+    return gray > (0.5 if top <= LOW_RANGE_MAX else min(MASK_THRESHOLD, top / 2))
 
 
 def check_unsmoothed(labels: np.ndarray, name: str = "the label map") -> None:
