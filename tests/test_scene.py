@@ -854,3 +854,16 @@ def test_binary_masks_of_0_1_saved_as_jpeg_and_low_contrast_ones_load(tmp_path):
         masks = load_masks(tmp_path / folder)
         agree = (masks == np.stack([labels == 1, labels == 2])).mean()
         assert masks.shape == (2, 32, 48) and agree > (0.9 if ext == ".jpg" else 0.999), (folder, agree)  # JPEG: lossy at 0/1
+
+
+def test_masks_mostly_hidden_by_later_ones_warn_and_swapped_sides_are_explained():
+    """A cup mask 80% covered by a later table mask passed silently; an EXIF-rotated photo gave a bare size error."""
+    from moca3d.errors import InputWarning
+
+    cup, table = np.zeros((20, 30), bool), np.zeros((20, 30), bool)
+    cup[2:12, 2:12], table[4:20, 0:30] = True, True  # the table covers 80 of the cup's 100 pixels
+    with pytest.warns(InputWarning, match="mask 0 keeps 20% of its pixels: later masks cover the rest"):
+        masks = load_masks([cup, table])
+    assert masks[0].sum() == 20
+    with pytest.raises(InputError, match=r"the masks are 30x20 but the image is 20x30 \(sides swapped: .*EXIF orientation"):
+        load_masks([cup, table], image_size=(20, 30))

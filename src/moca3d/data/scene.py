@@ -26,6 +26,7 @@ pixels of it: (N, 14, S, S), each view encoded on its own and their tokens conca
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -37,9 +38,10 @@ from PIL import Image, ImageOps
 from moca3d.data.dataset import (SCENE_CACHE, check_latent_lengths, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, save_latent_cache)
 from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, readable, rgb_on_white
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, InputWarning
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
+MAX_HIDDEN_SHARE = 0.5  # warn when later masks cover more than this share of a mask
 LOW_RANGE_MAX = 8  # a binary mask whose levels stay at or below this is a 0/1 one (JPEG noise adds a few)
 MASK_THRESHOLD = 127  # a binary mask pixel is on above this grey level
 INSTANCE_VIEWS = (1, 2)  # the scene crop alone, or with a crop zoomed on the instance
@@ -237,12 +239,23 @@ def check_masks(masks: np.ndarray, image_size: tuple[int, int] | None = None, ma
     if max_instances is not None:
         _check_count(n, max_instances)
     if image_size is not None and (w, h) != tuple(image_size):
-        raise InputError(f"the masks are {w}x{h} but the image is {image_size[0]}x{image_size[1]}")
+        turned = (" (sides swapped: an image with an EXIF orientation is read turned, as viewers show it; turn the masks "
+                  "alike)") if (h, w) == tuple(image_size) else ""
+        raise InputError(f"the masks are {w}x{h} but the image is {image_size[0]}x{image_size[1]}{turned}")
+
+    def label(i: int) -> str:
+        return f"'{names[i]}'" if names else f"{i}"
+
     for stage, note in ((masks, ""), (resolve_overlaps(masks), " (every pixel is covered by a later mask)")):
         empty = np.flatnonzero(~stage.any(axis=(1, 2)))
         if len(empty):
-            label = f"'{names[empty[0]]}'" if names else f"{empty[0]}"
-            raise InputError(f"mask {label} is empty{note}")
+            raise InputError(f"mask {label(empty[0])} is empty{note}")
+    kept = stage.sum(axis=(1, 2)) / masks.sum(axis=(1, 2))  # (N,) share of each mask its instance keeps
+    hidden = np.flatnonzero(kept < 1 - MAX_HIDDEN_SHARE)
+    if len(hidden):  # later masks win overlaps (documented); most of one lost is likely a mistake in the masks
+        i = hidden[0]
+        warnings.warn(f"mask {label(i)} keeps {kept[i]:.0%} of its pixels: later masks cover the rest (overlaps go to the later "
+                      f"mask; {len(hidden)} mask(s) keep under {1 - MAX_HIDDEN_SHARE:.0%})", InputWarning, stacklevel=3)
     return stage
 
 
