@@ -28,7 +28,7 @@ from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, encode_views, input_channels
-from moca3d.models.dino import is_dino
+from moca3d.models.dino import is_dino, load_image_encoder
 from moca3d.models.transformer import MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.progress import on_terminal
@@ -125,13 +125,7 @@ class MoCAPipeline:
             if not any(sub.glob("*.safetensors")):
                 raise CheckpointError(f"{sub}: no weights (*.safetensors) in the component folder")
             try:
-                entry = index.get(name)
-                if name == "image_encoder" and isinstance(entry, list) and entry[:1] == ["transformers"]:
-                    from moca3d.models.dino import DINOv2Encoder  # converted TripoSG / PartCrafter folders
-
-                    model = DINOv2Encoder.from_pretrained(sub)
-                else:
-                    model = klass.from_pretrained(sub)
+                model = load_image_encoder(sub) if name == "image_encoder" else klass.from_pretrained(sub)
             except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # corrupt config, weights or shapes
                 reason = one_line(err).split(". If you want")[0]  # not diffusers' advice to load random weights instead
                 raise CheckpointError(f"{sub}: cannot load the {name} ({reason})") from None

@@ -187,13 +187,13 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
         raise InputError(f"mesh file not found: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"{path.name}: the file is empty")
-    order = node_order(path)
+    order, repeated = _obj_order(path) if suffix == ".obj" else (node_order(path), False)  # the OBJ scanned once
     options = {}
     if suffix == ".obj":  # one component per `o` object (or `g` group), or one for the whole file, whatever
         # `usemtl` materials its faces use: trimesh would otherwise split each object by material (Blender's export)
         options = {f"split_{order[0]}" if order else "split_objects": True, "group_material": False}
     source = {"file_obj": str(path)}
-    if suffix == ".obj" and order and order[0] == "objects" and _obj_names(path)[2]:  # two `o` objects of one name
+    if repeated:  # two `o` objects of one name
         source = {"file_obj": _obj_with_unique_objects(path, order[1]), "file_type": "obj",
                   "resolver": trimesh.resolvers.FilePathResolver(str(path))}  # its mtllib, beside it
     try:
@@ -243,7 +243,7 @@ def _obj_names(path: Path) -> tuple[dict[str, list[str]], set[str], bool]:
     with open(path, "rb") as f:
         for line in f:
             if line[:2] in (b"o ", b"g "):
-                tag, name = line[:1].decode(), line[2:].decode("utf-8", "replace").strip()
+                tag, name = line[:1].decode(), _obj_line_name(line)
                 if tag == "o" and name:
                     repeated |= name in objects
                     name = trimesh.util.unique_name(name, objects, counts=counts)
@@ -263,9 +263,25 @@ def _obj_with_unique_objects(path: Path, names: list[str]) -> io.BytesIO:
     two objects of one name into one component."""
     renamed = iter(names)
     with open(path, "rb") as f:
-        lines = [f"o {next(renamed)}\n".encode() if line[:2] == b"o " and line[2:].decode("utf-8", "replace").strip() else line
-                 for line in f]  # named as `_obj_names` tells a name
+        lines = [f"o {next(renamed)}\n".encode() if line[:2] == b"o " and _obj_line_name(line) else line for line in f]
     return io.BytesIO(b"".join(lines))
+
+
+def _obj_line_name(line: bytes) -> str:
+    """The name an OBJ `o` or `g` line gives ("" for none)."""
+    return line[2:].decode("utf-8", "replace").strip()
+
+
+def _obj_order(path: Path) -> tuple[tuple[str, list[str]] | None, bool]:
+    """An OBJ's `node_order` and whether two of its `o` objects share a name (then renamed apart in that order)."""
+    try:
+        seen, _, repeated = _obj_names(path)
+    except OSError:
+        return None, False
+    for tag, kind in (("o", "objects"), ("g", "groups")):
+        if len(seen[tag]) >= 2:
+            return (kind, seen[tag]), repeated and tag == "o"
+    return None, False
 
 
 def _gltf_node_names(doc: dict) -> list[str]:
@@ -283,11 +299,7 @@ def node_order(path: Path) -> tuple[str, list[str]] | None:
     suffix = path.suffix.lower()
     try:
         if suffix == ".obj":
-            seen = _obj_names(path)[0]
-            for tag, kind in (("o", "objects"), ("g", "groups")):
-                if len(seen[tag]) >= 2:
-                    return kind, seen[tag]
-            return None
+            return _obj_order(path)[0]
         doc = gltf_document(path)
     except (OSError, ValueError):
         return None

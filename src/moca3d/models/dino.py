@@ -86,6 +86,14 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def load_image_encoder(folder: Union[str, Path]) -> nn.Module:
+    """An image encoder folder: DINOv2 for a `transformers` one (`is_dino_folder`, as converted pipelines hold), else the
+    small ViT."""
+    from moca3d.models.image_encoder import ImageEncoder
+
+    return DINOv2Encoder.from_pretrained(folder) if is_dino_folder(folder) else ImageEncoder.from_pretrained(folder)
+
+
 def is_dino(encoder: nn.Module) -> bool:
     """True for the DINOv2 wrapper of converted real-weight pipelines (not the small built-in encoder)."""
     return isinstance(encoder, DINOv2Encoder)

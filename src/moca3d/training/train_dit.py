@@ -39,7 +39,7 @@ from moca3d.data.images import load_image, preprocess_image
 from moca3d.data.scene import conditions_layout
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.evaluation import evaluate_pipeline, select_records
-from moca3d.models.dino import CROP_SIZE, DINOv2Encoder, is_dino, is_dino_folder
+from moca3d.models.dino import CROP_SIZE, is_dino, is_dino_folder, load_image_encoder
 from moca3d.models.image_encoder import (SCENE_CHANNELS, WIDEN_INITS, ImageEncoder, add_encoder_lora, encode_views,
                                         first_projection_path, input_channels, widen_input_channels)
 from moca3d.models.lora import add_lora, lora_spec, merge_lora, save_adapter, trainable_summary
@@ -339,12 +339,7 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
 
 def load_encoder(root: Path):
     """The image encoder of pipeline `root`: the small ViT, or DINOv2 for converted real-weight pipelines."""
-    return load_encoder_folder(root / "image_encoder")
-
-
-def load_encoder_folder(folder: Path):
-    """An image encoder folder: the small ViT, or DINOv2 (a `transformers` folder, as converted pipelines hold)."""
-    return DINOv2Encoder.from_pretrained(folder) if is_dino_folder(folder) else ImageEncoder.from_pretrained(folder)
+    return load_image_encoder(root / "image_encoder")
 
 
 def encoder_folder_input(folder: Path) -> tuple[int, int]:
@@ -383,7 +378,7 @@ def build_scene_models(cfg: DiTTrainConfig, latent_shape: tuple[int, int]) -> Sc
     root = init_folder(cfg)
     transformer = load_transformer(root, cfg, latent_shape)
     folder = scene_encoder_folder(cfg)
-    encoder = load_encoder_folder(folder)
+    encoder = load_image_encoder(folder)
     if encoder.out_dim != transformer.config.cond_dim:
         raise ConfigError(f"{folder} gives {encoder.out_dim}-wide tokens, {root}'s transformer takes {transformer.config.cond_dim}")
     if input_channels(encoder) != SCENE_CHANNELS:  # an object encoder; a scene one is fine-tuned as it is
