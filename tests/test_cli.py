@@ -117,6 +117,11 @@ def test_evaluate_model_scores_a_folder_of_predictions_in_any_frame(object_datas
     for asset in ids[:2]:
         assert scores[asset]["fscore@0.1"] == 1.0 and scores[asset]["chamfer"] < 0.02
     assert report["missing"] == ids[2:] and all(scores[a]["fscore@0.1"] == 0.0 for a in ids[2:])
+    in_gt_frame = {row["id"]: row for row in cli_report(base + ["--frame", "gt"], tmp_path / "gt.json")["assets"]}
+    assert in_gt_frame[ids[0]]["fscore@0.1"] == 1.0 and in_gt_frame[ids[1]]["fscore@0.1"] < 0.2  # the moved one: off
+    assert isinstance(CliRunner().invoke(app, base + ["--frame", "partcrafter"]).exception, ConfigError)
+    both = CliRunner().invoke(app, base + ["--save", str(tmp_path / "saved")])
+    assert isinstance(both.exception, ConfigError) and "give one of them" in str(both.exception)
     assert report["mean"]["fscore@0.1"] == np.mean([scores[a]["fscore@0.1"] for a in ids]) and "model" not in report
     wrong = CliRunner().invoke(app, base + ["--model", "somewhere"])
     assert isinstance(wrong.exception, ConfigError) and "--model would not be used" in str(wrong.exception)
@@ -124,6 +129,27 @@ def test_evaluate_model_scores_a_folder_of_predictions_in_any_frame(object_datas
     empty.mkdir()
     nothing = CliRunner().invoke(app, base[:-1] + [str(empty)])
     assert isinstance(nothing.exception, InputError) and "no prediction for any of the" in str(nothing.exception)
+
+
+def test_saved_generations_score_as_they_did_when_read_back(object_dataset, object_pipeline, tmp_path):
+    """evaluate-model --save writes each generation as <id>.glb; --predictions on that folder gives the same scores,
+    in either frame (a model's outputs are in the prepared assets' frame)."""
+    from moca3d.evaluation import evaluate_pipeline
+    from moca3d.pipeline import MoCAPipeline
+
+    root, _ = object_dataset
+    pipe = MoCAPipeline.from_pretrained(object_pipeline)
+    kw = dict(count=2, steps=2, resolution=16, metric_points=2000, progress=False)
+    generated = evaluate_pipeline(pipe, root, "train", save=tmp_path / "saved", **kw)
+    saved = {p.stem for p in (tmp_path / "saved").iterdir()}
+    kept = {row["id"] for row in generated["assets"] if row["num_pred"]}  # an all-empty generation has no file
+    assert saved == kept
+    read = evaluate_pipeline(None, root, "train", predictions=tmp_path / "saved", **kw)
+    for a, b in zip(generated["assets"], read["assets"]):
+        assert (a["id"], a["fscore@0.1"], a["num_pred"], a["num_empty"]) == (b["id"], b["fscore@0.1"], b["num_pred"], b["num_empty"])
+        assert a["chamfer"] == pytest.approx(b["chamfer"], rel=1e-6)  # GLB stores float32 vertices
+    assert generated["frame"] == "each" and evaluate_pipeline(None, root, "train", predictions=tmp_path / "saved", frame="gt",
+                                                                 **kw)["frame"] == "gt"
 
 
 def test_predictions_found_in_any_mesh_format_and_a_one_file_folder_gives_its_parts(object_dataset, tmp_path):

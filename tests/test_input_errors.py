@@ -145,12 +145,12 @@ def test_object_generation_with_a_scene_model_asks_for_masks():
 
 
 def test_failed_glb_write_leaves_no_temporary_file(tmp_path):
-    target = tmp_path / "taken"
+    target = tmp_path / "taken.glb"
     target.mkdir()  # os.replace cannot put a file over a folder
     (target / "keep").write_text("x")
-    with pytest.raises(InputError, match="cannot write .*taken: Is a directory"):
+    with pytest.raises(InputError, match="cannot write .*taken.glb: Is a directory"):
         save_glb(target, [trimesh.creation.box()])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.glb"]
     output = MoCAOutput([trimesh.creation.box()], ["part_00"], torch.zeros(1, 1, 1), kind="part")
     with pytest.raises(InputError, match="cannot write .*: Is a directory"):
         output.save(target)
@@ -158,7 +158,7 @@ def test_failed_glb_write_leaves_no_temporary_file(tmp_path):
         output.save(target / "keep" / "x.glb")
     with pytest.raises(ConfigError, match="keep is a file, not a folder"):  # named by the --json writer before it writes
         write_json(target / "keep" / "m.json", {"a": 1})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.glb"]
 
 
 class _EmptyPipeline:

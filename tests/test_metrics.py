@@ -5,7 +5,7 @@ import pytest
 import torch
 import trimesh
 
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 from moca3d.metrics import (
     MetricsConfig,
     chamfer,
@@ -39,10 +39,29 @@ def test_shift_along_normal_gives_twice_the_shift():
     gt = [_square()]
     for d in (1.0, 0.03):
         pred = [_square().apply_translation([0, 0, d])]
-        out = evaluate_object(pred, gt, MetricsConfig(num_points=4000, normalize=False))
+        out = evaluate_object(pred, gt, MetricsConfig(num_points=4000, frame="none"))
         # Same samples moved by d along the normal: every nearest neighbour is exactly d away.
         assert out["chamfer"] == pytest.approx(2 * d, rel=1e-9)
         assert out["fscore@0.1"] == (1.0 if d < 0.05 else 0.0)
+
+
+def test_frames_each_side_alone_or_both_by_the_ground_truth():
+    """"each" is blind to a prediction's scale and place (a far-off fragment shrinks the rest); "gt" (PartCrafter's)
+    applies the GT's normalisation to both, so the same prediction moved off scores low and the fragment costs little."""
+    box = trimesh.creation.box(extents=[1, 1, 1])
+    half = box.copy().apply_scale(0.5)
+    fragment = trimesh.creation.icosphere(0, radius=0.01).apply_translation([2.0, 0.5, 0.5])
+    each, gt = MetricsConfig(num_points=20_000), MetricsConfig(num_points=20_000, frame="gt")
+    assert evaluate_object([half], [box], each)["fscore@0.1"] == 1.0  # the same shape at another scale
+    assert evaluate_object([half], [box], gt)["fscore@0.1"] < 0.2
+    assert evaluate_object([box, fragment], [box], each)["fscore@0.1"] < 0.3  # the box shrunk to a third of the frame
+    assert evaluate_object([box, fragment], [box], gt)["fscore@0.1"] > 0.99
+    shifted = box.copy().apply_translation([0.025, 0, 0])  # 0.05 in the GT's frame (its side scaled to 2)
+    assert evaluate_object([shifted], [box], each)["chamfer"] == pytest.approx(0.0, abs=1e-9)  # the same samples
+    # in the GT's frame a third of each surface (the faces normal to x) lies 0.05 from the other: about 2 * 0.05 / 3
+    assert 0.02 < evaluate_object([shifted], [box], gt)["chamfer"] < 0.06
+    with pytest.raises(ConfigError, match="frame must be one of each, gt, none"):
+        MetricsConfig(frame="partcrafter")
 
 
 def test_point_metrics_known_values_and_symmetry():

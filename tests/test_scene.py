@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from moca3d.data.images import load_image
 from moca3d.data.prepare import PrepareConfig, prepare, procedural_jobs
-from moca3d.data.scene import ZOOM_MIN_SIDE, component_masks, load_masks, mask_layout, scene_conditions, zoom_conditions
+from moca3d.data.scene import ZOOM_MIN_SIDE, component_masks, load_masks, mask_layout, read_masks, scene_conditions, zoom_conditions
 from moca3d.errors import ConfigError, InputError
 from moca3d.metrics import evaluate_scene
 from moca3d.geometry.inside import QueryConfig
@@ -55,6 +55,9 @@ def test_label_map_gives_one_mask_per_id_in_order(tmp_path):
         assert masks.shape == (2, 20, 30)
         assert masks[0].sum() == 25 and masks[0][12, 22]  # id 3 comes first
         assert masks[1].sum() == 24 and masks[1][3, 4]
+        assert read_masks(source)[1] == ["id 3", "id 7"]  # what a generated scene records of each instance
+    assert read_masks(Image.fromarray(labels))[1] == ["id 3", "id 7"]
+    assert read_masks([labels == 7, labels == 3])[1] is None  # arrays: their order is all there is
 
 
 def test_folder_masks_natural_order_and_later_mask_wins(tmp_path):
@@ -460,6 +463,8 @@ def test_scene_finetune_generate_and_evaluate(scenes, tmp_path):
     assert names <= set(glb.graph.nodes) and not {f"instance_{n:02d}"} & set(glb.graph.nodes)
     again = pipe.generate_scene(folder / "render.png", folder / "mask.png", steps=2, guidance=2.0, seed=1, resolution=16, show_progress=False)
     assert torch.equal(out.latents, again.latents)
+    ids = np.unique(np.asarray(Image.open(folder / "mask.png")))
+    assert out.settings["instance_masks"] == [f"id {i}" for i in ids[ids != 0]]  # each instance's label id, in the file
 
     with pytest.raises(InputError, match="object image encoder"):
         start.generate_scene(folder / "render.png", folder / "mask.png", steps=1, show_progress=False)
@@ -603,6 +608,8 @@ def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):
     assert res.exit_code == 0, res.output
     nodes = set(trimesh.load(tmp_path / "s.glb", file_type="glb").graph.nodes)
     assert {f"instance_{i:02d}" for i in range(n)} <= nodes
+    shown = runner.invoke(app, ["info", str(tmp_path / "s.glb")]).output  # which mask file each instance came from
+    assert "masks: " + ", ".join(f"instance_{i:02d} instance_{i}.png" for i in range(n)) in shown
     budget = 20 * n  # --faces at its floor, 20 an instance
     res = runner.invoke(app, args[:-4] + ["--resolution", "32", "--device", "cpu", "--faces", str(budget)])
     assert res.exit_code == 0, res.output

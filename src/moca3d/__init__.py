@@ -23,3 +23,8 @@ def __getattr__(name):
 
 
 __all__ = ["__version__", *_LAZY]
+
+
+def __dir__():
+    """The module's names with the lazily imported classes among them (for tab completion and `dir`)."""
+    return sorted({*globals(), *_LAZY})

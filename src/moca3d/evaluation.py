@@ -151,16 +151,18 @@ def evaluate_pipeline(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = GUIDANCE,
     resolution: int = 128, seed: int = 0, min_parts: int = 1, max_parts: int = 32, metric_points: int = 20000,
     progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
+    frame: str = "each", save: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Mean and per-asset metrics of `pipe` on up to `count` assets of `split` (the GT part count is used).
 
     With `reconstruct`, each asset's GT parts go through the VAE instead (`round_trip`): the ceiling. With
     `predictions` (a folder, `load_prediction`), those meshes are scored instead and `pipe` is not used; an asset
     without one scores as an all-empty prediction and is listed under "missing", one whose file cannot be read
-    likewise, under "unusable" (with the reason).
+    likewise, under "unusable" (with the reason). `frame`: `MetricsConfig.frame`. `save`: a folder where each
+    generation (or round trip) is written as <asset id>.glb, which `predictions` reads back.
     """
     records = select_records(root, split, count, min_parts, max_parts)
-    config = MetricsConfig(num_points=metric_points, seed=seed)
+    config = MetricsConfig(num_points=metric_points, seed=seed, frame=frame)
     per_asset, missing, unusable = [], [], []
     for rec in with_progress(records, f"evaluate {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
@@ -173,14 +175,26 @@ def evaluate_pipeline(
         else:
             meshes = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
         seconds = time.time() - t0
+        if predictions is None:
+            save_prediction(save, rec["id"], meshes, "part")
         row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
         per_asset.append({**row, **object_metrics(meshes, gt, config)})
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
     mean = means(per_asset, keys) if per_asset else {}
     result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
-              "resolution": resolution, "seed": seed, "metric_points": metric_points, "mean": mean,
+              "resolution": resolution, "seed": seed, "metric_points": metric_points, "frame": frame, "mean": mean,
               "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
     return with_predictions(result, predictions, missing, "assets", unusable)
+
+
+def save_prediction(folder: Optional[Path], asset_id: str, meshes: list, kind: str) -> None:
+    """Write one evaluated generation as `folder`/<asset id>.glb (`{kind}_XX` nodes, empty ones kept in place), as
+    `load_prediction` reads it back; nothing when `folder` is None or every component is empty (scored as missing)."""
+    from moca3d.geometry.mesh_io import save_components
+
+    if folder is not None and any(len(m.faces) for m in meshes):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_components(Path(folder) / f"{asset_id}.glb", meshes, [f"{kind}_{i:02d}" for i in range(len(meshes))])
 
 
 def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str], what: str,
@@ -211,8 +225,10 @@ def evaluate_scenes(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = SCENE_GUIDANCE,
     resolution: int = 128, seed: int = 0, min_instances: int = 2, max_instances: int = 32, metric_points: int = 20000,
     progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
+    frame: str = "each", save: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Generate each prepared scene of `split` from render.png + mask.png and compare with its instances.
+    """Generate each prepared scene of `split` from render.png + mask.png and compare with its instances (`frame` and
+    `save` as in `evaluate_pipeline`: the scene-level metrics' frame, a folder for the generations).
 
     With `reconstruct`, the GT instances go through the VAE instead (`round_trip`): the ceiling. With `predictions`
     (a folder, `load_prediction`), those meshes are scored instead, instance i against GT instance i in the GT's
@@ -226,7 +242,7 @@ def evaluate_scenes(
     from moca3d.data.scene import component_masks
 
     records = select_records(root, split, count, min_instances, max_instances, kind="scene")
-    config = MetricsConfig(num_points=metric_points, seed=seed)
+    config = MetricsConfig(num_points=metric_points, seed=seed, frame=frame)
     cuda = pipe is not None and pipe.device.type == "cuda"
     per_scene, skipped, missing, unusable = [], [], [], []
     for rec in with_progress(records, f"evaluate scenes {split}", progress):
@@ -249,6 +265,8 @@ def evaluate_scenes(
         else:
             meshes = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
         row = {"id": rec["id"], "num_instances": len(gt), "seconds": time.time() - t0}
+        if predictions is None:
+            save_prediction(save, rec["id"], meshes, "instance")
         if cuda:
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
         row.update(evaluate_scene(meshes, gt, config))
@@ -263,7 +281,7 @@ def evaluate_scenes(
     result = {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
         "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct, "resolution": resolution, "seed": seed,
-        "metric_points": metric_points, "mean": mean,
+        "metric_points": metric_points, "frame": frame, "mean": mean,
         "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
         "scenes": per_scene, "skipped": skipped,
     }

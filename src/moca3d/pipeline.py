@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
@@ -19,8 +20,8 @@ import trimesh
 
 from moca3d import flow
 from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
-from moca3d.data.scene import MasksLike, conditions_layout, load_masks, scene_conditions
-from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, SCENE_GUIDANCE, STEPS,  # noqa: F401
+from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions
+from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS,  # noqa: F401
                              check_component_count, check_sampling_args, check_seed, check_shift,
                              resolve_dtype)
 from moca3d.errors import CheckpointError, ConfigError, InputError, one_line
@@ -48,13 +49,29 @@ class MoCAOutput:
 
     @property
     def scene(self) -> trimesh.Scene:
+        """The components as one trimesh.Scene: a named node each, in distinct colours (what `save` writes as GLB)."""
         return components_scene(self.meshes, self.names)
+
+    def __len__(self) -> int:
+        return len(self.meshes)
+
+    def __iter__(self) -> Iterator[trimesh.Trimesh]:
+        return iter(self.meshes)
+
+    def __getitem__(self, index: int) -> trimesh.Trimesh:
+        return self.meshes[index]
+
+    def __repr__(self) -> str:
+        empty = sum(1 for m in self.meshes if len(m.faces) == 0)
+        return (f"MoCAOutput({len(self.meshes)} {self.kind}s, {empty} empty, "
+                f"{sum(len(m.faces) for m in self.meshes):,} triangles, seed {self.settings.get('seed')})")
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write a GLB (one named node per component) or an OBJ (one `o` object per component), by the suffix (atomic);
-        InputError, and no file, when every mesh is empty."""
-        from moca3d.geometry.mesh_io import save_components
+        InputError, and no file, for another suffix or when every mesh is empty."""
+        from moca3d.geometry.mesh_io import check_mesh_format, save_components
 
+        check_mesh_format(path)
         if not any(len(m.faces) for m in self.meshes):
             raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
         return save_components(path, self.meshes, self.names, metadata=self.settings)
@@ -205,7 +222,18 @@ class MoCAPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where generation runs (the execution device under CPU offload)."""
         return getattr(self, "_execution_device", None) or next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's and image encoder's dtype (the VAE stays float32)."""
+        return self.transformer.dtype
+
+    def __repr__(self) -> str:
+        task = "scene" if self.is_scene_model else "object"
+        return (f"MoCAPipeline(model={self.source.get('model')!r}, task={task}, up to {self.transformer.max_components} components, "
+                f"device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})")
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -273,11 +301,20 @@ class MoCAPipeline:
         return meshes
 
     def __call__(
-        self, image: ImageLike, num_parts: int = 4, steps: int = STEPS, guidance: float = GUIDANCE, seed: int = 0,
+        self, image: ImageLike, num_parts: int = 4, steps: int = STEPS, guidance: float = GUIDANCE, seed: Optional[int] = 0,
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None,
     ) -> MoCAOutput:
-        """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding; `faces`: a triangle
-        budget for all parts together (quadric decimation, `geometry/simplify.py`; None: marching cubes' full meshes)."""
+        """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding.
+
+        `image`: a path, PIL image, (H, W[, 3 or 4]) uint8 or 0..1 float array or (3|4, H, W) tensor; an object on a
+        white or transparent background. `steps`: Euler steps of the flow sampler. `guidance`: classifier-free guidance
+        scale (1: the conditional prediction alone; 0: the unconditional one). `seed`: the same seed gives the same
+        output (None: a random one, recorded in the output's settings). `shift`: the sampler's timestep shift (None:
+        the scheduler's). `resolution`: marching-cubes grid per part. `faces`: a triangle budget for all parts together
+        (quadric decimation, `geometry/simplify.py`; None: marching cubes' full meshes).
+        """
+        if num_parts is None:  # None means "one per condition" inside: the count of image tokens, not parts
+            check_component_count(num_parts)
         return self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution,
                               show_progress, {"image": image}, faces)
 
@@ -287,7 +324,9 @@ class MoCAPipeline:
         The output's settings record how it was made, with the file names of the `inputs` given as paths."""
         from rich.progress import Progress
 
+        seed = random.SystemRandom().randrange(MAX_SEED + 1) if seed is None else seed
         check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)  # all before the image is encoded
+        seed = int(seed)  # e.g. numpy's integers, which torch.Generator refuses
         check_faces(faces, num, dash="")
         shown = show_progress and on_terminal()  # elsewhere (a pipe, a log file) a transient bar leaves a blank line
         with Progress(disable=not shown, transient=True) as bar:
@@ -324,28 +363,43 @@ class MoCAPipeline:
         `masks`: a label map (path or (H, W) int array, 0 = background), a folder of binary masks,
         or a list / (N, H, W) stack of binary masks; see moca3d.data.scene for order and overlaps.
         """
+        return self._scene_condition(image, masks)[:2]
+
+    def _scene_condition(self, image: ImageLike, masks: MasksLike) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[list]]:
+        """`scene_condition`, with each instance's mask source (`read_masks`)."""
         if not self.is_scene_model:
             raise InputError("this model has an object image encoder (3 channels): scenes need a scene model (recipe condition "
                              "'scene'; the built-in one: MoCAPipeline.from_pretrained(moca3d.defaults.DEFAULT_SCENE_MODEL_DIR))")
         im = load_image(image)
-        masks = load_masks(masks, image_size=im.size, max_instances=self.transformer.max_components)  # (N, H, W)
+        masks, sources = read_masks(masks, image_size=im.size, max_instances=self.transformer.max_components)  # (N, H, W)
         views = self.transformer.config.instance_views
         pixels = scene_conditions(im, masks, self.image_encoder.image_size, views=views).to(self.device)  # (N, 7 * views, S, S)
         layout = conditions_layout(pixels[None]) if self.transformer.config.layout_features else None  # (1, N, 8)
-        return encode_views(self.image_encoder, pixels)[None], layout  # (1, N, views * M, D)
+        return encode_views(self.image_encoder, pixels)[None], layout, sources  # (1, N, views * M, D)
 
     def encode_scene(self, image: ImageLike, masks: MasksLike) -> torch.Tensor:
         """Scene image and instance masks -> per-instance condition tokens (1, N, views * M, D) (see `scene_condition`)."""
         return self.scene_condition(image, masks)[0]
 
     def generate_scene(
-        self, image: ImageLike, masks: MasksLike, steps: int = STEPS, guidance: float = SCENE_GUIDANCE, seed: int = 0,
+        self, image: ImageLike, masks: MasksLike, steps: int = STEPS, guidance: float = SCENE_GUIDANCE, seed: Optional[int] = 0,
         shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame; `faces`: a
-        triangle budget for all instances together (None: marching cubes' full meshes)."""
-        return self._generate(lambda: self.scene_condition(image, masks), None, "instance", steps, guidance, seed, shift, resolution,
-                              show_progress, {"image": image, "masks": masks}, faces)
+        triangle budget for all instances together (None: marching cubes' full meshes). The output's settings record
+        each instance's mask ("instance_masks": its label id or file name) when the masks say it."""
+        sources = []
+
+        def encode():
+            cond, layout, named = self._scene_condition(image, masks)
+            sources.extend(named or [])
+            return cond, layout
+
+        out = self._generate(encode, None, "instance", steps, guidance, seed, shift, resolution, show_progress,
+                             {"image": image, "masks": masks}, faces)
+        if sources:
+            out.settings[INSTANCE_MASKS] = sources
+        return out
 
 
 def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: Path) -> tuple[MoCATransformer, object]:

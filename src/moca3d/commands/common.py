@@ -21,6 +21,11 @@ DTYPE_HELP = ("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16: 
 FACES_HELP = ("Triangle budget of the whole output: the components share it in proportion to their size (at least 20 each) "
               "and are simplified by quadric decimation (fast-simplification); default: marching cubes' full meshes (thousands "
               "to tens of thousands of triangles per component).")
+FRAME_HELP = ("The frame of the fused-surface metrics and self-IoU: each (prediction and ground truth each centred and "
+              "scaled to their own box, largest side 2: blind to a prediction's position and scale, but one fragment far "
+              "from the rest shrinks the rest), gt (the ground truth's normalisation applied to both: PartCrafter's, for a "
+              "prediction in the ground truth's frame, as moca3d's own are) or none (both as given).")
+SAVE_HELP = "Also write each generation to this folder as <id>.glb (read back by --predictions, e.g. to score it in another --frame)."
 COMPONENTS_HELP = ("a mesh file (one per node or OBJ `o` object; a generation's empty ones stay in place) or a folder "
                    "(one per mesh file; a folder of a single file: that file's components)")  # mesh_io.read_components
 
@@ -66,6 +71,15 @@ def check_output_path(path: Optional[Path], option: str = "--output") -> None:
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder: give a file path")
     _check_parents(path, option)
+
+
+def check_save_folder(save: Optional[Path], predictions: Optional[Path]) -> None:
+    """An evaluation's --save: a folder (or none yet), and not beside --predictions (nothing is generated then)."""
+    if save is None:
+        return
+    if predictions is not None:
+        raise ConfigError("--save writes generations, and --predictions scores read ones: give one of them")
+    check_run_folder(save, "--save")
 
 
 def check_run_folder(path: Path, option: str = "--output") -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import COMPONENTS_HELP, check_output_path, check_run_folder, tqdm_progress, write_json
+from moca3d.commands.common import COMPONENTS_HELP, FRAME_HELP, check_output_path, check_run_folder, tqdm_progress, write_json
 
 SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split is drawn from a hash of its id (stable "
               "across resumes), so a small dataset may get more, fewer or none.")
@@ -93,16 +93,18 @@ def evaluate_command(
     num_points: int = typer.Option(100_000, help="Points sampled on each fused surface."),
     seed: int = typer.Option(0, help="Sampling seed."),
     iou_resolution: int = typer.Option(64, help="Voxels per side for self-IoU."),
-    scene: bool = typer.Option(False, "--scene", help="Also report per-instance metrics: component i vs i (paired by name instead when both files name the same components in another order), each where it is placed, so both files must share one frame and unit (the fused-surface metrics normalise each side on its own)."),
+    scene: bool = typer.Option(False, "--scene", help="Also report per-instance metrics: component i vs i (paired by name instead when both files name the same components in another order), each where it is placed, so both files must share one frame and unit (the fused-surface metrics follow --frame)."),
+    frame: str = typer.Option("each", "--frame", help=FRAME_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
-    """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (PartCrafter/MIDI protocol)."""
+    """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (after PartCrafter/MIDI; --frame: how the two are aligned)."""
     from moca3d.evaluation import object_metrics, read_ground_truth, read_prediction
     from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene
 
-    check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution")
+    check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution",
+                          frame=frame, frame_name="--frame")
     check_output_path(json_out, "--json")
-    config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution)
+    config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution, frame=frame)
     gt_meshes, gt_names = read_ground_truth(gt)  # both sides read alike: the same layout gives the same components
     # a generation's empty components (kept as empty nodes / objects) are read in place: instance i is still i
     pred_meshes, pred_names = read_prediction(pred)

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
-                                    check_generation_args, check_output_path, check_run_folder, echo_categories, echo_means,
+from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+                                    check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, load_or_predictions, model_limit, plural, resolve_device,
                                     run_dit_training, save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args, resolve_dtype
@@ -177,7 +177,9 @@ def register_evaluation(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category and per-asset metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
-        predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <asset id>.glb, .obj or an <asset id>/ folder of parts, in any frame: the metrics normalise each side); an asset without one scores as empty and is listed as missing."),
+        predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <asset id>.glb, .obj or an <asset id>/ folder of parts; in any frame with --frame each, in the prepared asset's with gt); an asset without one scores as empty and is listed as missing."),
+        frame: str = typer.Option("each", "--frame", help=FRAME_HELP),
+        save: Optional[Path] = typer.Option(None, "--save", help=SAVE_HELP),
     ) -> None:
         """Generate every asset of a split from its render (or read --predictions) and report CD, F-score@0.1/0.05 and self-IoU."""
         from moca3d.evaluation import evaluate_pipeline, select_records
@@ -187,11 +189,13 @@ def register_evaluation(app: typer.Typer) -> None:
             raise ConfigError(f"--min-parts {min_parts} is above --max-parts {max_parts}")
         check_sampling_args(steps, guidance, resolution, shift)
         check_output_path(json_out, "--json")
-        check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
+        check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points", frame=frame, frame_name="--frame")
+        check_save_folder(save, predictions)
         select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
         pipe = load_or_predictions(model, object_lora(lora) if predictions is None else lora, reconstruct, predictions, device)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
-                                   reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress())
+                                   reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress(),
+                                   frame=frame, save=save)
         if predictions is None:
             result["model"] = pipe.source["model"]  # the folder, or "built-in" (never the shipped model's install path)
         if lora is not None:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import plural
-from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR
+from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS
 from moca3d.errors import CheckpointError, InputError
 
 DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
@@ -263,10 +263,13 @@ def echo(report: dict) -> None:
     if report["kind"] == "generated file":
         empty = f" ({len(report['empty'])} empty: {', '.join(report['empty'])})" if report["empty"] else ""
         typer.echo(f"  {plural(len(report['components']), 'component')}{empty}: {', '.join(report['components'])}")
-        made, generator = report["settings"], report["generator"]
+        made, generator = dict(report["settings"]), report["generator"]
+        sources = made.pop(INSTANCE_MASKS, None)
         elsewhere = f"; written by {generator}" if generator and "trimesh" not in generator else ""  # moca3d writes with trimesh
         typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else
                                       f"no record (moca3d's generate, generate-scene and reconstruct write one){elsewhere}"))
+        if isinstance(sources, list) and len(sources) == len(report["components"]):
+            typer.echo("  masks: " + ", ".join(f"{name} {source}" for name, source in zip(report["components"], sources)))
         return
     if "component" in report:  # a lone model folder
         typer.echo(f"  {_component_line(report['model'])}")

@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, apply_training_overrides,
-                                    check_generation_args, check_output_path, echo_categories, echo_means, echo_missing,
+from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+                                    check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
                                     interruptible, load_or_predictions, model_limit, plural, resolve_device, run_dit_training,
                                     save_generation, tqdm_progress, write_json)
-from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
+from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
 
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         import time
 
         with interruptible():
-            from moca3d.data.scene import load_masks, union_box
+            from moca3d.data.scene import read_masks, union_box
             from moca3d.data.images import check_image, load_image
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
             folder = scene_model(model, lora)  # None: the built-in object model, the base of a --lora
             # the image and masks are read, and bad ones refused, before the (slow) model loading; the pipeline takes them read
             picture = load_image(image)
-            instances = load_masks(masks, image_size=picture.size, max_instances=model_limit(folder or DEFAULT_MODEL_DIR))
+            instances, sources = read_masks(masks, image_size=picture.size, max_instances=model_limit(folder or DEFAULT_MODEL_DIR))
             check_image(picture, box=union_box(instances))  # e.g. blank where the masks are
             check_faces(faces, len(instances))
             from moca3d.pipeline import MoCAPipeline  # slow to import (a second and more)
@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
             pipe = MoCAPipeline.from_pretrained(folder, device=dev, lora=lora, torch_dtype=torch_dtype)
             result = pipe.generate_scene(picture, instances, steps=steps, guidance=guidance, seed=seed, shift=shift,
                                          resolution=resolution, faces=faces)
-            result.settings.update(image=image.name, masks=masks.name)  # recorded as for inputs given by their paths
+            result.settings.update(image=image.name, masks=masks.name, **{INSTANCE_MASKS: sources})  # as for paths given
             save_generation(result, output, "instance", t0)
 
     @app.command("evaluate-scenes")
@@ -101,6 +101,8 @@ def register(app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category, per-scene and per-instance metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
         predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <scene id>.glb, .obj or an <scene id>/ folder, instance i for mask i, in the prepared scene's frame); a scene without one scores as empty and is listed as missing."),
+        frame: str = typer.Option("each", "--frame", help=FRAME_HELP + " Instance metrics always use each GT instance's own box."),
+        save: Optional[Path] = typer.Option(None, "--save", help=SAVE_HELP),
     ) -> None:
         """Report scene-level and per-instance CD and F-score@0.1/0.05 and self-IoU over a prepared split."""
         from moca3d.evaluation import evaluate_scenes as run
@@ -109,10 +111,11 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--min-instances {min_instances} is above --max-instances {max_instances}")
         check_sampling_args(steps, guidance, resolution, shift)
         check_output_path(json_out, "--json")
-        check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points")
+        check_metric_settings(metric_points, MetricsConfig.iou_resolution, points_name="--metric-points", frame=frame, frame_name="--frame")
+        check_save_folder(save, predictions)
         pipe = load_or_predictions(scene_model(model, lora) if predictions is None else model, lora, reconstruct, predictions, device)
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
-                     reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress())
+                     reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress(), frame=frame, save=save)
         if predictions is None:
             result["model"] = pipe.source["model"]  # the folder, "built-in scene", or "built-in" (a --lora's default base)
         if lora is not None:

@@ -57,7 +57,17 @@ def readable(path: Path, what: str = "image") -> Iterator[None]:
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image from a path, a PIL image or an (H, W, 3|4) uint8, uint16 or [0, 1] float array; clear error otherwise."""
+    """A PIL image from a path, a PIL image, an (H, W[, 3|4]) uint8, uint16 or [0, 1] float array, or a torch tensor
+    laid out as torch's images are, ([1,] 1|3|4, H, W); clear error otherwise."""
+    if type(image).__module__.startswith("torch"):  # without importing torch here: a tensor, channels first
+        array = image.detach().float().cpu().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]  # a batch of one
+        if array.ndim != 3 or array.shape[0] not in (1, 3, 4):
+            raise InputError(f"an image tensor must be (1|3|4, H, W) (channels first), got {tuple(image.shape)}")
+        image = np.moveaxis(array, 0, -1)  # (H, W, C)
+    if isinstance(image, np.ndarray) and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)):
+        image = np.repeat(image.reshape(image.shape[:2])[..., None], 3, axis=2)  # grey -> (H, W, 3)
     if isinstance(image, (str, Path)):
         path = Path(image)
         if path.is_dir():
@@ -72,7 +82,7 @@ def load_image(image: ImageLike) -> Image.Image:
                 im = ImageOps.exif_transpose(im)  # a copy, upright as a viewer shows it (phones store rotated pixels)
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise InputError(f"image array must be (H, W, 3|4), got {image.shape}")
+            raise InputError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {image.shape}")
         if image.dtype.kind == "f":  # [0, 1] floats, as from torchvision or matplotlib
             if not np.isfinite(image).all() or image.min(initial=0.0) < 0.0 or image.max(initial=0.0) > 1.0:
                 raise InputError("a float image array must hold finite values in [0, 1]")

@@ -149,6 +149,11 @@ def check_unsmoothed(labels: np.ndarray, name: str = "the label map") -> None:
 
 def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None, name: str = "the label map") -> np.ndarray:
     """(H, W) label map -> (N, H, W) bool, one mask per non-zero id in increasing order (checked: `check_unsmoothed`)."""
+    return _label_map(labels, max_instances, name)[0]
+
+
+def _label_map(labels: np.ndarray, max_instances: int | None, name: str = "the label map") -> tuple[np.ndarray, list[str]]:
+    """`label_map_to_masks`, with each instance's id ("id 7")."""
     if labels.ndim != 2:
         raise InputError(f"a label map must be (H, W), got {labels.shape}")
     if labels.dtype.kind == "f":
@@ -156,6 +161,8 @@ def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None, nam
             raise InputError("a label map must hold whole-number ids, not fractions (was it resized or smoothed?)")
         labels = labels.astype(np.int64)
     ids, counts = np.unique(labels, return_counts=True)
+    if ids[0] < 0:
+        raise InputError(f"{name} holds negative ids (e.g. {ids[0]:g}): 0 is the background and each instance a positive id")
     counts = counts[ids != 0]
     ids = ids[ids != 0]
     if max_instances is not None and len(ids) > max_instances:  # before an (N, H, W) stack of a depth map's size
@@ -163,7 +170,7 @@ def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None, nam
         hint = f" ({slivers} of them under {SLIVER_PIXELS} pixels: was the label map smoothed or anti-aliased?)" if slivers else ""
         _check_count(len(ids), max_instances, hint)
     check_unsmoothed(labels, name)  # under the limit, smoothed edges would become instances of their own
-    return labels[None] == ids[:, None, None]  # (N, H, W)
+    return labels[None] == ids[:, None, None], [f"id {i:g}" for i in ids]  # (N, H, W)
 
 
 def resolve_overlaps(masks: np.ndarray) -> np.ndarray:
@@ -194,7 +201,18 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
     Binary masks ((N, H, W) bool array, a list of (H, W) arrays, PIL images or paths, or a folder) overlap-resolve with
     the later mask winning. `image_size` (W, H) must match; N must be 1..max_instances; no mask may be empty.
     """
+    return read_masks(masks, image_size, max_instances)[0]
+
+
+def read_masks(masks: MasksLike, image_size: tuple[int, int] | None = None,
+               max_instances: int | None = None) -> tuple[np.ndarray, list[str] | None]:
+    """`load_masks`, with where each instance's mask came from: its label id ("id 7") or its file's name; None for
+    binary masks given as arrays or images (their order is their list's)."""
     names: list[str] | None = None
+    if masks is None:
+        raise InputError("no masks given: a label map, a folder of binary masks or a list of them")
+    if type(masks).__module__.startswith("torch"):  # a tensor: a label map (H, W) or binary masks (N, H, W)
+        masks = masks.detach().cpu().numpy()
     if isinstance(masks, Image.Image):  # a label map read by the caller
         masks = np.asarray(masks if masks.mode in RAW_MODES else masks.convert("L"))
     elif isinstance(masks, (list, tuple)) and masks and all(isinstance(m, (str, Path)) for m in masks):  # binary mask files
@@ -208,20 +226,20 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
         if path.is_dir():
             stack, names = _folder_masks(path)
         elif path.is_file():
-            stack = label_map_to_masks(_read_gray(path), max_instances, f"label map {path}")
+            stack, names = _label_map(_read_gray(path), max_instances, f"label map {path}")
         else:
             raise InputError(f"masks not found: {path}")
     elif isinstance(masks, np.ndarray) and masks.ndim == 2:
         if masks.dtype == bool:
             raise InputError("a single (H, W) bool mask is ambiguous: pass a list of masks or an integer label map")
-        stack = label_map_to_masks(masks if masks.dtype.kind == "f" else masks.astype(np.int64), max_instances)
+        stack, names = _label_map(masks if masks.dtype.kind == "f" else masks.astype(np.int64), max_instances)
     else:
         arrays = [np.asarray(m) for m in masks]
         if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
             raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays, images or files; "
                              f"got {type(masks).__name__}")
         stack = np.stack([_binary(a) for a in arrays])  # 0/1 or 0/255
-    return check_masks(stack, image_size, max_instances, names)
+    return check_masks(stack, image_size, max_instances, names), names
 
 
 def _check_count(n: int, max_instances: int, hint: str = "") -> None:

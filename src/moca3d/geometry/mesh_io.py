@@ -538,14 +538,23 @@ METADATA_KEY = "moca3d"  # a written file's record of how it was made (glTF scen
 MESH_FORMATS = (".glb", ".obj")  # what the CLI writes a generation as: one named node / one `o` object per component
 
 
+def check_mesh_format(path: str | Path) -> Path:
+    """`path` as a Path, if its suffix is one components are written as (MESH_FORMATS); InputError otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in MESH_FORMATS:
+        raise InputError(f"{path}: components are written as .glb (one named node each) or .obj (one object each), "
+                         f"not '{path.suffix or 'no suffix'}'")
+    return path
+
+
 def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None,
                     metadata: dict | None = None) -> Path:
     """Write the components as OBJ when `path` ends in .obj (`_obj_text`: one `o` object per component, an empty one
     without faces, no materials; `load_file` reads the parts back, `keep_empty_components` the empty ones; `metadata` as
-    a first comment line), else as GLB (`save_glb`: named nodes, an empty one without a mesh, distinct colours,
-    `metadata` in the glTF extras); atomic, InputError naming `path` if it fails."""
-    path = Path(path)
-    if path.suffix.lower() != ".obj":
+    a first comment line), as GLB when it ends in .glb (`save_glb`: named nodes, an empty one without a mesh, distinct
+    colours, `metadata` in the glTF extras); atomic, InputError naming `path` if it fails or has another suffix."""
+    path = check_mesh_format(path)
+    if path.suffix.lower() == ".glb":
         return save_glb(path, meshes, names, metadata=metadata)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")

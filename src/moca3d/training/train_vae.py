@@ -362,8 +362,8 @@ def reconstruction_metrics(pred: list, gt: list, metric_points: int, seed: int =
     """
     from moca3d.metrics import MetricsConfig, surface_metrics
 
-    shared = MetricsConfig(num_points=metric_points, seed=seed, normalize=False)
-    alone = MetricsConfig(num_points=metric_points, seed=seed, normalize=True)
+    shared = MetricsConfig(num_points=metric_points, seed=seed, frame="none")
+    alone = MetricsConfig(num_points=metric_points, seed=seed, frame="each")
     zero = {"chamfer": float("nan"), "fscore@0.1": 0.0, "fscore@0.05": 0.0}
     parts = [surface_metrics([p], [g], shared) if len(p.faces) else dict(zero) for p, g in zip(pred, gt)]
     parts_norm = [surface_metrics([p], [g], alone) if len(p.faces) else dict(zero) for p, g in zip(pred, gt)]

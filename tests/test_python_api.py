@@ -1,0 +1,87 @@
+"""The Python API as a researcher scripts it: input types, seeds, outputs and their formats, diffusers-like niceties."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+import moca3d
+from moca3d.data.scene import read_masks
+from moca3d.errors import InputError, InputWarning
+from moca3d.metrics import MetricsConfig, evaluate_object, object_metrics, self_iou
+from moca3d.pipeline import MoCAPipeline
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+FAST = dict(steps=1, resolution=16, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return MoCAPipeline.from_pretrained()
+
+
+def test_images_as_tensors_and_grey_arrays_condition_as_their_rgb_array(pipe):
+    """A channels-first tensor (batched or not, 0..1 floats or uint8) and a grey (H, W) array are images too (they were
+    refused as "unsupported image type" / "must be (H, W, 3|4)")."""
+    rgb = np.array(Image.open(EXAMPLES / "chair.png").convert("RGB"))  # (H, W, 3) uint8
+    expected = pipe.encode_image(rgb)
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
+    for tensor in (chw, chw[None], chw.float() / 255):
+        assert torch.allclose(pipe.encode_image(tensor), expected, atol=1e-6)
+    grey = rgb.mean(axis=2).round().astype(np.uint8)  # (H, W)
+    assert torch.equal(pipe.encode_image(grey), pipe.encode_image(np.repeat(grey[..., None], 3, axis=2)))
+    with pytest.raises(InputError, match="channels first"):
+        pipe.encode_image(torch.zeros(2, 3, 64, 64))
+
+
+def test_seeds_numpy_integers_and_none(pipe):
+    """numpy's integers seed as Python's (torch.Generator refused them); None draws a seed and records it."""
+    image = EXAMPLES / "chair.png"
+    a = pipe(image, num_parts=2, seed=np.int64(3), **FAST)
+    b = pipe(image, num_parts=2, seed=3, **FAST)
+    assert torch.equal(a.latents, b.latents) and a.settings["seed"] == 3
+    drawn = pipe(image, num_parts=2, seed=None, **FAST)
+    again = pipe(image, num_parts=2, seed=drawn.settings["seed"], **FAST)  # the recorded seed reproduces it
+    assert torch.equal(drawn.latents, again.latents)
+    with pytest.raises(InputError, match="number of parts must be a whole number >= 1, got None"):
+        pipe(image, num_parts=None, **FAST)  # it took the image's token count (65) as the part count
+
+
+def test_output_is_a_sequence_of_meshes_and_saves_only_what_it_names(pipe, tmp_path):
+    out = pipe(EXAMPLES / "chair.png", num_parts=3, **FAST)
+    assert len(out) == 3 and list(out) == out.meshes and out[1] is out.meshes[1]
+    assert repr(out).startswith("MoCAOutput(3 parts") and "seed 0" in repr(out)
+    for suffix in (".ply", ".stl", ".gltf", ""):  # each was written as a GLB under that name
+        with pytest.raises(InputError, match=".glb .* or .obj"):
+            out.save(tmp_path / f"chair{suffix}")
+        assert not (tmp_path / f"chair{suffix}").exists()
+    assert "object" in repr(pipe) and pipe.dtype == torch.float32
+    assert "MoCAPipeline" in dir(moca3d)  # imported lazily, listed all the same
+
+
+def test_label_maps_refuse_negative_ids_and_take_tensors():
+    labels = np.zeros((20, 30), np.int64)
+    labels[2:6, 3:9], labels[10:15, 20:25] = 2, 1
+    with pytest.raises(InputError, match="negative ids"):
+        read_masks(labels - 1)  # the background would have become an instance, and id 0 dropped
+    masks, sources = read_masks(torch.from_numpy(labels))
+    assert masks.shape == (2, 20, 30) and sources == ["id 1", "id 2"]
+    with pytest.raises(InputError, match="no masks given"):
+        read_masks(None)
+
+
+def test_metrics_take_one_mesh_or_a_scene_and_warn_where_self_iou_clips():
+    box = trimesh.creation.box()
+    few = MetricsConfig(num_points=2000)
+    assert evaluate_object(box, trimesh.Scene([box]), few)["fscore@0.1"] == 1.0
+    assert object_metrics(trimesh.Scene([box, box.copy().apply_translation([2, 0, 0])]), [box], few)["num_pred"] == 2
+    big = [box.copy().apply_scale(4), box.copy().apply_scale(4).apply_translation([2, 0, 0])]  # IoU 1/3, not in [-1, 1]^3
+    with pytest.warns(InputWarning, match="outside the voxel grid"):
+        self_iou(big, resolution=32, normalize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert self_iou(big, resolution=32) == pytest.approx(1 / 3, abs=0.05)  # normalised: inside the grid, no warning
