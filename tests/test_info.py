@@ -70,6 +70,10 @@ def test_a_generated_file_records_how_it_was_made(tmp_path):
     assert describe(plain)["settings"] == {}
     text = CliRunner().invoke(app, ["info", str(plain)]).output  # moca3d wrote it, without a record: it said "not written by moca3d"
     assert "made with: no record (moca3d's generate, generate-scene and reconstruct write one)" in text and "not written" not in text
+    assert "plain.glb: mesh file" in text  # not "generated file": nothing says how it was made
+    stl = tmp_path / "part.stl"
+    out.meshes[0].export(stl)  # formats render and evaluate read: info reads them too (it refused them)
+    assert describe(stl)["kind"] == "mesh file" and len(describe(stl)["components"]) == 1
     text = CliRunner().invoke(app, ["info", str(tmp_path / "parts.glb")]).output
     assert "made with: model built-in" in text and "seed 3" in text
 
@@ -84,7 +88,7 @@ def test_a_vae_folder_is_described_and_a_file_info_cannot_read_is_named(tmp_path
     assert report["model"]["parameters"] == sum(t.numel() for t in load_vae(None).state_dict().values())
     text = CliRunner().invoke(app, ["info", str(PACKAGED_VAE)]).output
     assert "VecSetVAE: 1.2M parameters (fp32, 4.6 MiB); latents 64 x 8," in text and "used by: moca3d reconstruct" in text
-    with pytest.raises(InputError, match=r"chair.png: an image \(generate from it: moca3d generate .*\); info reads a generated .glb"):
+    with pytest.raises(InputError, match=r"chair.png: an image \(generate from it: moca3d generate .*\); info reads a mesh file"):
         describe(Path(__file__).resolve().parent.parent / "examples" / "chair.png")
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="notes.txt: a .txt file; info reads"):

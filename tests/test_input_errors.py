@@ -16,7 +16,7 @@ from moca3d.cli import app
 from moca3d.commands.common import write_json
 from moca3d.data.images import load_image, preprocess_image
 from moca3d.defaults import check_resolution
-from moca3d.errors import CheckpointError, ConfigError, InputError
+from moca3d.errors import CheckpointError, ConfigError, InputError, InputWarning
 from moca3d.geometry.mesh_io import save_glb
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAOutput, MoCAPipeline
 
@@ -555,3 +555,26 @@ def test_prepare_refuses_no_workers(tmp_path):
     res = CliRunner().invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "-o", str(tmp_path / "d"), "--workers", "0"])
     assert isinstance(res.exception, ConfigError) and "--workers must be >= 1" in str(res.exception)
     assert not (tmp_path / "d").exists()
+
+
+def test_generate_folders_take_every_image_format_and_name_what_they_leave_out(tmp_path):
+    """A folder's BMP, GIF and TIFF images were silently left out (a single one was generated); what is not an image is
+    now named; half precision on the CPU is warned about; an unwritable --output is refused before the model loads."""
+    images = tmp_path / "in"
+    images.mkdir()
+    picture = Image.open(EXAMPLES / "chair.png").convert("RGB")
+    for name in ("a.bmp", "b.gif", "c.tiff"):
+        picture.save(images / name)
+    (images / "notes.txt").write_text("not an image")
+    (images / "sub").mkdir()
+    args = ["generate", str(images), "--parts", "2", "--steps", "1", "--resolution", "16", "-o", str(tmp_path / "out")]
+    with pytest.warns(InputWarning, match="--dtype bf16 on the CPU is slower than fp32"):
+        res = CliRunner().invoke(app, args + ["--dtype", "bf16", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "left out, not images" in res.stderr and "notes.txt, sub/" in res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.glb", "b.glb", "c.glb"]
+    single = ["generate", str(EXAMPLES / "chair.png"), "--steps", "1"]
+    for output, message in ((tmp_path / "out", "is a folder: give a file path"),  # was: "must be a .glb file"
+                            (Path("/proc/x.glb"), "cannot write in /proc")):  # was refused only after the generation
+        res = CliRunner().invoke(app, single + ["-o", str(output)])
+        assert isinstance(res.exception, ConfigError) and message in str(res.exception), res.output

@@ -1,5 +1,8 @@
 """What moca3d writes a generation as: an OBJ keeps every component (an empty one as an `o` object without faces), a
-GLB colours each part with a named material and carries vertex normals; both read back in place."""
+GLB colours each part with a named material and carries vertex normals, and so does an OBJ (its .mtl beside it); both
+read back in place."""
+
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ from typer.testing import CliRunner
 
 from moca3d.cli import app
 from moca3d.commands.info import describe
+from moca3d.errors import InputError
 from moca3d.evaluation import read_prediction
 from moca3d.geometry.mesh_io import gltf_document, load_file, main_color, palette, save_components, save_glb
 
@@ -92,3 +96,64 @@ def test_glb_normals_are_unit_even_on_a_two_sided_fin(tmp_path):
         start = body + view.get("byteOffset", 0) + accessor.get("byteOffset", 0)
         normals = np.frombuffer(data, np.float32, accessor["count"] * 3, start).reshape(-1, 3)  # (V, 3)
         assert np.allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-5), mesh.get("name")
+
+
+def test_obj_parts_come_out_as_named_coloured_meshes_with_normals(parts, tmp_path):
+    """trimesh (force='scene') gave ONE mesh 'box' holding every part (it merges objects that share no material), and
+    without `mtllib` / `usemtl` and `vn` other importers showed no part colours and shaded flat."""
+    colors = palette(4)
+    path = save_components(tmp_path / "chair.obj", parts, NAMES, metadata={"image": "mtllib.png"})
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# moca3d: ") and lines[1] == "mtllib chair.mtl"  # the record stays first
+    mtl = (tmp_path / "chair.mtl").read_text().splitlines()
+    assert [line[7:] for line in mtl if line.startswith("newmtl ")] == NAMES  # one material per part
+    kd = {line[3:] for line in mtl if line.startswith("Kd ")}
+    assert kd == {" ".join(f"{c / 255:.6f}" for c in color[:3]) for color in colors}
+    scene = trimesh.load(path, force="scene")
+    assert sorted(scene.geometry) == ["ball", "box"]  # one per part with faces, by its name
+    for name, k in (("box", 0), ("ball", 2)):
+        geom = scene.geometry[name]
+        assert geom.visual.material.name == name and np.array_equal(geom.visual.material.main_color, colors[k])
+        assert np.allclose(geom.bounds, parts[k].bounds) and len(geom.faces) == len(parts[k].faces)
+    assert [line[7:] for line in lines if line.startswith("usemtl ")] == ["box", "ball"]
+    # normals: one unit `vn` per vertex, pointing outward, each face corner naming its vertex's
+    v = np.array([line.split()[1:4] for line in lines if line.startswith("v ")], dtype=float)  # (V, 3)
+    vn = np.array([line.split()[1:] for line in lines if line.startswith("vn ")], dtype=float)  # (V, 3)
+    assert vn.shape == v.shape and np.allclose(np.linalg.norm(vn, axis=1), 1.0, atol=1e-5)
+    box = slice(0, len(parts[0].vertices))
+    assert (np.einsum("ij,ij->i", vn[box], v[box] - parts[0].centroid) > 0).all()
+    faces = [line for line in lines if line.startswith("f ")]
+    assert len(faces) == 12 + 320 and all(re.fullmatch(r"f (\d+)//\1 (\d+)//\2 (\d+)//\3", f) for f in faces)
+    assert describe(path)["settings"] == {"image": "mtllib.png"}  # escaped, so trimesh finds the real mtllib line
+
+
+def test_obj_reads_back_in_place_with_or_without_its_mtl(parts, tmp_path):
+    """moca3d's readers (evaluate, info, render) keep the parts by name and in order, the empty ones in place, and the
+    colours; an OBJ whose `mtllib` names a missing file still loads (its vertex colours then give the colours)."""
+    colors = palette(4)
+    path = save_components(tmp_path / "chair.obj", parts, NAMES, metadata={"verb": "generate"})
+    for step in ("with", "without"):
+        if step == "without":
+            (tmp_path / "chair.mtl").unlink()
+        assert load_file(path)[1] == ["box", "ball"]
+        meshes, names = read_prediction(path)
+        assert names == NAMES and [len(m.faces) > 0 for m in meshes] == [True, False, True, False], step
+        assert [main_color(meshes[k]).tolist() for k in (0, 2)] == [colors[0].tolist(), colors[2].tolist()], step
+        assert all(np.allclose(meshes[k].bounds, parts[k].bounds) for k in (0, 2))
+        assert describe(path)["empty"] == ["hole", "gap"]
+        result = CliRunner().invoke(app, ["render", str(path), "-o", str(tmp_path / f"{step}.png"), "--size", "32"])
+        assert result.exit_code == 0, result.output
+
+
+def test_a_failed_obj_write_leaves_no_mtl_behind(parts, tmp_path):
+    """The .obj and its .mtl are staged, then the .obj put in place before the .mtl: a folder where the .obj goes leaves
+    no .mtl (nor temporary file) behind; one where the .mtl goes is named, and the .obj still reads."""
+    (tmp_path / "chair.obj").mkdir()
+    with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'chair.obj'}")):
+        save_components(tmp_path / "chair.obj", parts, NAMES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.obj"]
+    (tmp_path / "desk.mtl").mkdir()
+    with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'desk.mtl'}")):
+        save_components(tmp_path / "desk.obj", parts, NAMES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.obj", "desk.mtl", "desk.obj"]
+    assert load_file(tmp_path / "desk.obj")[1] == ["box", "ball"]

@@ -85,3 +85,31 @@ def test_metrics_take_one_mesh_or_a_scene_and_warn_where_self_iou_clips():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert self_iou(big, resolution=32) == pytest.approx(1 / 3, abs=0.05)  # normalised: inside the grid, no warning
+
+
+def test_an_all_opaque_alpha_is_no_alpha():
+    """An RGBA image whose alpha is 255 everywhere (as many exports are) crops and warns as its RGB pixels do: its alpha
+    made the whole frame foreground (no crop) and silenced the coloured-background warning."""
+    from moca3d.data.images import preprocess_image
+
+    rgb = np.full((100, 80, 3), 255, np.uint8)
+    rgb[10:30, 5:25] = [200, 10, 10]  # an object off-centre on white
+    opaque = np.concatenate([rgb, np.full((100, 80, 1), 255, np.uint8)], axis=2)
+    assert torch.equal(preprocess_image(opaque, 32), preprocess_image(rgb, 32))
+    grey = opaque.copy()
+    grey[..., :3][(rgb == 255).all(axis=2)] = [120, 140, 160]  # a grey background, still opaque
+    with pytest.warns(InputWarning, match="has no transparency and most of its border is not white"):
+        preprocess_image(grey, 32)
+
+
+def test_tiny_objects_and_animations_are_warned_about(tmp_path):
+    from moca3d.data.images import load_image, preprocess_image
+
+    tiny = np.full((12, 12, 3), 255, np.uint8)
+    tiny[3:9, 3:9] = 0
+    with pytest.warns(InputWarning, match="the object spans only 6 px"):
+        preprocess_image(tiny, 64)
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(InputWarning, match="anim.gif holds 2 frames: the first one is used"):
+        load_image(tmp_path / "anim.gif")

@@ -24,10 +24,18 @@ def two_boxes(tmp_path):
     return path
 
 
+def test_render_counts_what_it_drew_of_the_file(tmp_path):
+    """One box and an empty node: "1 component drawn of 2" (it said "1 components", while info said 2 components)."""
+    path = save_glb(tmp_path / "one.glb", [trimesh.creation.box(), trimesh.Trimesh()], ["box", "empty"], metadata={"seed": 0})
+    result = CliRunner().invoke(app, ["render", str(path), "-o", str(tmp_path / "one.png"), "--size", "32"])
+    assert result.exit_code == 0 and "1 component drawn of 2 (the others empty or degenerate)" in result.output
+
+
 def test_render_draws_every_component_in_its_colour(two_boxes, tmp_path):
     out = tmp_path / "preview.png"
     result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(out), "--size", "64", "--azimuth", "0"])
     assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 2 components drawn\n" in result.output
     rgb = np.asarray(Image.open(out).convert("RGB")).astype(int)  # (64, 64, 3)
     assert rgb.shape == (64, 64, 3)
     reddish = (rgb[..., 0] > rgb[..., 2] + 60).sum()

@@ -102,6 +102,8 @@ def test_check_faces_needs_the_floor_for_every_component():
     check_faces(160, 8)
     with pytest.raises(ConfigError, match="--faces 100 is too few for 8 components: at least 20 each"):
         check_faces(100, 8)
+    with pytest.raises(ConfigError, match="--faces 10 is too few for 4 components: at least 20 each"):
+        check_faces(10, 4)  # one message for one rule (it said "a whole number >= 20" under 20, "too few" above)
 
 
 def test_pipeline_and_cli_honour_the_budget_and_record_it(object_dataset, object_pipeline, tmp_path):

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import DTYPE_HELP, resolve_device
+from moca3d.commands.common import DTYPE_HELP, generation_dtype, resolve_device
 from moca3d.errors import ConfigError
 
 # the web demo's defaults live here (moca3d.app imports them) so that `--help` does not import gradio
@@ -88,10 +88,10 @@ def register(app: typer.Typer) -> None:
         for folder, condition in ((lora, "object"), (scene_lora, "scene")):  # an adapter of the wrong tab, before any model loads
             if folder is not None:
                 read_adapter_config(folder, condition)
-        from moca3d.defaults import check_resolution, resolve_dtype
+        from moca3d.defaults import check_resolution
 
         check_resolution(resolution)  # before any model is loaded
-        torch_dtype = resolve_dtype(dtype, resolve_device(device))
+        torch_dtype = generation_dtype(dtype, resolve_device(device))
         check_address(host, port)
         try:
             import gradio  # noqa: F401

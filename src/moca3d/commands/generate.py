@@ -8,23 +8,29 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, load_or_predictions, model_limit, plural, resolve_device,
                                     run_dit_training, save_generation, tqdm_progress, write_json)
-from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args, resolve_dtype
+from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
 
 DEFAULT_OUTPUT = Path("output.glb")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what PIL reads and `generate` takes
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The images of a folder, by name; InputError when it holds none, or two with one name (a.png and a.jpg)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    """The images of a folder, by name (what else it holds is named on stderr, left out); InputError when it holds
+    none, or two with one name (a.png and a.jpg)."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        typer.echo(f"left out, not images ({' '.join(IMAGE_EXTENSIONS)}): {shown}", err=True)
     stems = [p.stem for p in files]
     clash = next((s for s in stems if stems.count(s) > 1), None)
     if clash is not None:
@@ -51,9 +57,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("generate")
     def generate(
-        image: Path = typer.Argument(..., help="Input image (PNG, JPG or WebP; alpha or white background), or a folder of them: one output each, the model loaded once."),
+        image: Path = typer.Argument(..., help="Input image (PNG, JPG, WebP, BMP, GIF (its first frame) or TIFF; alpha or white background), or a folder of them: one output each, the model loaded once."),
         parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model)."),
-        output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part); for a folder of images, the folder of <image name>.glb files (default: outputs/<folder name>)."),
+        output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part, its colour material in a .mtl beside it); for a folder of images, the folder of <image name>.glb files (default: outputs/<folder name>)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
@@ -88,7 +94,7 @@ def register(app: typer.Typer) -> None:
             if offload and dev == "cpu":
                 warnings.warn("--offload moves weights to a GPU module by module; on the CPU it changes nothing (is --device "
                               "cuda meant?)", InputWarning, stacklevel=2)
-            torch_dtype = resolve_dtype(dtype, dev)
+            torch_dtype = generation_dtype(dtype, dev)
             adapter = object_lora(lora)
             picture = load_image(image) if images is None else None  # a bad image is refused before the (slow) model loading
             if picture is not None:

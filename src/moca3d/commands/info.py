@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import plural
-from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS
+from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS, MESH_EXTENSIONS
 from moca3d.errors import CheckpointError, InputError
 
 DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
@@ -75,6 +75,7 @@ def generation_record(path: Path) -> dict:
     from moca3d.geometry.mesh_io import METADATA_KEY, gltf_document, read_components
 
     suffix = path.suffix.lower()
+    settings, generator = {}, None  # formats moca3d does not write (STL, PLY, OFF) hold no record
     try:
         if suffix == ".obj":
             with open(path, encoding="utf-8", errors="replace") as fh:
@@ -82,7 +83,7 @@ def generation_record(path: Path) -> dict:
             tag = f"# {METADATA_KEY}: "
             settings = json.loads(first[len(tag):]) if first.startswith(tag) else {}
             generator = None
-        else:
+        elif suffix in (".glb", ".gltf"):
             doc = gltf_document(path)
             scenes = doc.get("scenes") or [{}]
             settings = (scenes[0].get("extras") or {}).get(METADATA_KEY, {})
@@ -90,7 +91,8 @@ def generation_record(path: Path) -> dict:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable {suffix[1:].upper()} file ({err})") from None
     meshes, names = read_components(path)
-    return {"kind": "generated file", "path": str(path), "components": names,
+    kind = "generated file" if settings else "mesh file"  # one without moca3d's record: another tool's, or a plain save
+    return {"kind": kind, "path": str(path), "components": names,
             "empty": [name for name, mesh in zip(names, meshes) if len(mesh.faces) == 0], "settings": settings, "generator": generator}
 
 
@@ -167,14 +169,14 @@ def describe(path: Path) -> dict:
     """What the folder is and holds: a pipeline's components (class, config essentials, weights), an adapter's, or a
     lone model's (e.g. a VAE), a training run's or checkpoint's (`run_report`); for a .glb / .obj file, its components
     and how it was generated. A TripoSG / PartCrafter release is refused with the conversion to run (one line)."""
-    if path.is_file() and path.suffix.lower() in (".glb", ".obj"):  # geometry.mesh_io.MESH_FORMATS (trimesh: seconds)
+    if path.is_file() and path.suffix.lower() in MESH_EXTENSIONS:
         return generation_record(path)
     if path.is_file():
         from moca3d.commands.generate import IMAGE_EXTENSIONS
 
         what = f"an image (generate from it: moca3d generate {path})" if path.suffix.lower() in IMAGE_EXTENSIONS else \
             f"a {path.suffix or 'suffix-less'} file"
-        raise InputError(f"{path}: {what}; info reads a generated .glb / .obj, or a pipeline, LoRA adapter or model "
+        raise InputError(f"{path}: {what}; info reads a mesh file ({' '.join(MESH_EXTENSIONS)}), or a pipeline, LoRA adapter or model "
                          f"(e.g. VAE) folder")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -260,7 +262,7 @@ def echo(report: dict) -> None:
     typer.echo(f"{report['path']}: {report['kind']}")
     if report["kind"] == "training run":
         return _echo_run(report)
-    if report["kind"] == "generated file":
+    if report["kind"] in ("generated file", "mesh file"):
         empty = f" ({len(report['empty'])} empty: {', '.join(report['empty'])})" if report["empty"] else ""
         typer.echo(f"  {plural(len(report['components']), 'component')}{empty}: {', '.join(report['components'])}")
         made, generator = dict(report["settings"]), report["generator"]

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import check_output_path
+from moca3d.commands.common import check_output_path, plural
 from moca3d.errors import InputError, InputWarning, cannot_write
 
 DEFAULT_AZIMUTH_DEG = 30.0
@@ -33,8 +33,9 @@ def drawable(mesh, name: str) -> bool:
 
 def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAULT_AZIMUTH_DEG,
                           elevation: float = DEFAULT_ELEVATION_DEG, size: int = DEFAULT_SIZE,
-                          beside: Optional[Path] = None) -> tuple[Path, int]:
-    """Render the non-empty components of `mesh_path` to `output` (PNG); returns (path, number of components drawn)."""
+                          beside: Optional[Path] = None) -> tuple[Path, int, int]:
+    """Render the non-empty components of `mesh_path` to `output` (PNG); returns (path, components drawn, components in
+    the file, empty ones included)."""
     import numpy as np
     from PIL import Image
 
@@ -77,7 +78,7 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
         atomic_write_bytes(output, buffer.getvalue())  # a failed write leaves any earlier picture whole
     except OSError as err:
         raise cannot_write(output, err) from None
-    return output, len(parts)
+    return output, len(parts), len(meshes)
 
 
 def register(app: typer.Typer) -> None:
@@ -101,5 +102,6 @@ def register(app: typer.Typer) -> None:
         if output.suffix.lower() != ".png":
             raise InputError(f"--output must be a .png file, got {output}")
         check_output_path(output)
-        path, count = render_components_png(mesh, output, azimuth, elevation, size, beside)
-        typer.echo(f"wrote {path}: {count} components")
+        path, drawn, total = render_components_png(mesh, output, azimuth, elevation, size, beside)
+        rest = f" of {total} (the others empty or degenerate)" if total > drawn else ""
+        typer.echo(f"wrote {path}: {plural(drawn, 'component')} drawn{rest}")

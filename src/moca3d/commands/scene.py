@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
                                     interruptible, load_or_predictions, model_limit, plural, resolve_device, run_dit_training,
                                     save_generation, tqdm_progress, write_json)
-from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
+from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
 
@@ -43,9 +43,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("generate-scene")
     def generate_scene(
-        image: Path = typer.Argument(..., help="Scene image (PNG, JPG or WebP)."),
+        image: Path = typer.Argument(..., help="Scene image (PNG, JPG, WebP, BMP, GIF or TIFF)."),
         masks: Path = typer.Option(..., "--masks", "-m", help="Label map image, lossless (PNG, BMP, TIFF, lossless WebP; 8/16-bit or palette; 0 = background, every other id an instance, in increasing id order; resized only with nearest-neighbour: smoothed edges are refused), or a folder of binary masks (0/255, 0/1 or cut-outs whose alpha is the instance; JPEG is fine here; file-name order, mask_2 before mask_10; where masks overlap, the later file wins). At most the model's limit of instances (the built-in scene model: 50 ids, trained on up to 32)."),
-        output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output .glb (one named node per instance, in its colour) or .obj (one object per instance)."),
+        output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output .glb (one named node per instance, in its colour) or .obj (one object per instance, its colour material in a .mtl beside it)."),
         model: Optional[Path] = typer.Option(None, "--model", help=SCENE_MODEL_HELP),
         lora: Optional[Path] = typer.Option(None, "--lora", help=SCENE_LORA_HELP),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
             dev = resolve_device(device)
-            torch_dtype = resolve_dtype(dtype, dev)
+            torch_dtype = generation_dtype(dtype, dev)
             folder = scene_model(model, lora)  # None: the built-in object model, the base of a --lora
             # the image and masks are read, and bad ones refused, before the (slow) model loading; the pipeline takes them read
             picture = load_image(image)

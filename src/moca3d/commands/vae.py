@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
     @app.command("reconstruct")
     def reconstruct_cmd(
         mesh: Path = typer.Argument(..., help=f"The components to round-trip: {COMPONENTS_HELP}."),
-        out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb (one named node per component) or .obj (one `o` object per component); an empty component keeps its place, without faces."),
+        out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb (one named node per component) or .obj (one `o` object per component, a .mtl beside it); an empty component keeps its place, without faces."),
         model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         resolution: int = typer.Option(256, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),

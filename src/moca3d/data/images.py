@@ -22,6 +22,7 @@ ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
 SCENE_CHANNELS = 7  # a scene condition's stack: instance-masked RGB, scene RGB, instance mask
 MIN_IMAGE_SIDE = 8  # px: below this there is no object to crop
+MAX_ENLARGEMENT = 4  # an object's crop enlarged more than this to the encoder's size is warned about (a blur)
 BORDER_WHITE = 240  # a border pixel with every channel at least this is background (JPEG noise stays above it)
 BORDER_SHARE = 0.5  # warn when more of an alpha-less object image's border than this is not white
 BACKGROUND_WARNING = ("the image has no transparency and most of its border is not white: the model expects one object on a "
@@ -79,6 +80,8 @@ def load_image(image: ImageLike) -> Image.Image:
         with readable(path):
             with Image.open(path) as im:
                 im.load()
+                if getattr(im, "n_frames", 1) > 1:  # an animation: its first frame is the picture
+                    warnings.warn(f"{path.name} holds {im.n_frames} frames: the first one is used", InputWarning, stacklevel=2)
                 im = ImageOps.exif_transpose(im)  # a copy, upright as a viewer shows it (phones store rotated pixels)
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
@@ -120,10 +123,12 @@ def non_white_border(rgb: np.ndarray) -> float:
 
 
 def rgb_on_white(image: ImageLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image -> (H, W, 3) uint8 RGB composited on white, and its (H, W) alpha if it has one (else None)."""
+    """Image -> (H, W, 3) uint8 RGB composited on white, and its (H, W) alpha if it has one that is not opaque
+    everywhere (else None: an all-opaque alpha, as many exports carry, says nothing of where the object is)."""
     im = load_image(image)
     rgba = np.asarray(im.convert("RGBA")).astype(np.float32)
     has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+    has_alpha = has_alpha and bool((rgba[..., 3] < 255).any())
     alpha = rgba[..., 3:] / 255.0
     rgb = rgba[..., :3] * alpha + 255.0 * (1 - alpha)  # composite on white
     return rgb.round().clip(0, 255).astype(np.uint8), rgba[..., 3] if has_alpha else None
@@ -141,6 +146,10 @@ def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None
             raise InputError("the image has no foreground (it is blank or all white)")
         if alpha is None and non_white_border(rgb8) > BORDER_SHARE:
             warnings.warn(BACKGROUND_WARNING, InputWarning, stacklevel=2)
+        span = max(box[2] - box[0], box[3] - box[1])
+        if span * (1 + 2 * padding) * MAX_ENLARGEMENT < size:
+            warnings.warn(f"the object spans only {span} px: the model sees it enlarged to {size} px, a blur; a larger "
+                          "picture of it does better", InputWarning, stacklevel=2)
     else:
         x0, y0, x1, y1 = box
         if foreground_box(rgb8[y0:y1, x0:x1], None if alpha is None else alpha[y0:y1, x0:x1]) is None:

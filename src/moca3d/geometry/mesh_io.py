@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from moca3d.defaults import MESH_EXTENSIONS  # noqa: F401  (the formats read here; defaults: without trimesh's import)
 from moca3d.errors import InputError, InputWarning, cannot_write, one_line
 
-MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
 MIN_COMPONENT_AREA = 1e-12  # relative to the squared asset extent; below this a component is empty
 
@@ -449,17 +449,23 @@ def _named_colors(meshes: list[trimesh.Trimesh], names: list[str] | None,
     return names, colors
 
 
+def _unit_vertex_normals(mesh: trimesh.Trimesh) -> np.ndarray:
+    """A mesh's vertex normals (V, 3), each of unit length: glTF wants them so (viewers shade a zero one black), and a
+    vertex whose faces' normals cancel (a two-sided fin) takes one of its faces' normals (or +z if it has none)."""
+    normals = np.array(mesh.vertex_normals, dtype=np.float64)  # (V, 3); zero where a two-sided fin's faces cancel
+    flat = np.linalg.norm(normals, axis=1) < 0.5
+    if flat.any():
+        first = np.full(len(normals), -1)
+        first[mesh.faces[::-1].ravel()] = np.repeat(np.arange(len(mesh.faces))[::-1], 3)  # a face of each vertex
+        normals[flat] = np.where(first[flat, None] >= 0, mesh.face_normals[np.maximum(first[flat], 0)], [0.0, 0.0, 1.0])
+    return normals
+
+
 def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str) -> trimesh.Trimesh:
     """A geometry-only copy coloured by a named PBR material (dielectric, base colour `color`): viewers and DCC tools
     show a material's colour by default, not vertex colours (and glTF would multiply the two)."""
     out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
-    normals = np.array(out.vertex_normals, dtype=np.float64)  # (V, 3); zero where a two-sided fin's faces cancel
-    flat = np.linalg.norm(normals, axis=1) < 0.5
-    if flat.any():  # glTF wants unit normals: such a vertex takes one of its faces' normals (or +z if it has none)
-        first = np.full(len(normals), -1)
-        first[out.faces[::-1].ravel()] = np.repeat(np.arange(len(out.faces))[::-1], 3)  # a face of each vertex
-        normals[flat] = np.where(first[flat, None] >= 0, out.face_normals[np.maximum(first[flat], 0)], [0.0, 0.0, 1.0])
-        out.vertex_normals = normals
+    out.vertex_normals = _unit_vertex_normals(out)  # (V, 3)
     material = trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=color, metallicFactor=0.0, roughnessFactor=0.7)
     out.visual = trimesh.visual.TextureVisuals(material=material)
     return out
@@ -479,21 +485,37 @@ def components_scene(
     return scene
 
 
-def _obj_text(meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None) -> str:
+def _obj_text(meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None,
+              mtllib: str | None = None) -> str:
     """Wavefront OBJ text with one `o NAME` object per component, in order (an empty component: its `o` line alone;
-    NAME on one line, `_named_colors`), each vertex followed by its component's RGB colour (0-1)."""
+    NAME on one line, `_named_colors`): `usemtl NAME` (its material in `mtllib`, `_mtl_text`), its vertices each followed
+    by the component's RGB colour (0-1, for readers without the .mtl), its unit vertex normals (`vn`, as the GLB's), and
+    faces `f v//vn`."""
     names, colors = _named_colors(meshes, names, colors)
-    lines, offset = [], 1  # OBJ indices count from 1 over the whole file
+    lines, offset = [f"mtllib {mtllib}"] if mtllib else [], 1  # OBJ indices count from 1 over the whole file
     for mesh, name, color in zip(meshes, names, colors):
         lines.append(f"o {name}")
         if len(mesh.faces) == 0:
             continue
-        vertices = np.asarray(mesh.vertices, dtype=np.float64)  # (V, 3)
+        mesh = trimesh.Trimesh(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), process=False)
+        vertices = np.asarray(mesh.vertices)  # (V, 3)
         rgb = np.broadcast_to(color[:3] / 255.0, vertices.shape)  # (V, 3)
+        corners = np.repeat(np.asarray(mesh.faces, dtype=np.int64) + offset, 2, axis=1)  # (F, 6): v, vn of each corner
+        lines.append(f"usemtl {name}")
         lines.append("v " + trimesh.util.array_to_string(np.hstack([vertices, rgb]), col_delim=" ", row_delim="\nv ", digits=8))
-        lines.append("f " + trimesh.util.array_to_string(np.asarray(mesh.faces) + offset, col_delim=" ", row_delim="\nf "))
+        lines.append("vn " + trimesh.util.array_to_string(_unit_vertex_normals(mesh), col_delim=" ", row_delim="\nvn ", digits=6))
+        lines.append(("f %d//%d %d//%d %d//%d\n" * len(corners) % tuple(corners.ravel().tolist())).rstrip("\n"))
         offset += len(vertices)
     return "\n".join(lines) + "\n"
+
+
+def _mtl_text(names: list[str], colors: np.ndarray) -> str:
+    """Wavefront MTL text with one material per component, named as it (`_named_colors`): `Kd` its colour, otherwise as
+    the GLB's material (no ambient: metallic 0; Blender's default white specular 0.5; `Ns` 90: Blender's roughness
+    1 - sqrt(Ns / 1000) = 0.7), opaque."""
+    blocks = [f"newmtl {name}\nKa 0 0 0\nKd {r / 255:.6f} {g / 255:.6f} {b / 255:.6f}\nKs 0.5 0.5 0.5\nNs 90\nd 1\nillum 2\n"
+              for name, (r, g, b) in zip(names, np.asarray(colors, dtype=np.int64)[:, :3].tolist())]
+    return "\n".join(blocks)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -550,23 +572,49 @@ def check_mesh_format(path: str | Path) -> Path:
 def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None,
                     metadata: dict | None = None) -> Path:
     """Write the components as OBJ when `path` ends in .obj (`_obj_text`: one `o` object per component, an empty one
-    without faces, no materials; `load_file` reads the parts back, `keep_empty_components` the empty ones; `metadata` as
-    a first comment line), as GLB when it ends in .glb (`save_glb`: named nodes, an empty one without a mesh, distinct
-    colours, `metadata` in the glTF extras); atomic, InputError naming `path` if it fails or has another suffix."""
+    without faces, each other with its material, vertex normals and colours; `metadata` as a first comment line; their
+    materials in a sidecar <stem>.mtl, `_mtl_text`; `load_file` reads the parts back, `keep_empty_components` the empty
+    ones), as GLB when it ends in .glb (`save_glb`: named nodes, an empty one without a mesh, distinct colours, `metadata`
+    in the glTF extras); atomic, InputError naming the path that fails, or `path` if it has another suffix."""
     path = check_mesh_format(path)
     if path.suffix.lower() == ".glb":
         return save_glb(path, meshes, names, metadata=metadata)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
-    text = _obj_text(meshes, names)
-    if metadata:
-        text = f"# {METADATA_KEY}: {json.dumps(metadata)}\n{text}"
+    mtl = path.with_name(f"{path.stem}.mtl")
+    names, colors = _named_colors(meshes, names, None)
+    text = _obj_text(meshes, names, colors, mtllib=mtl.name)
+    if metadata:  # "mtllib" escaped in its JSON strings: trimesh reads the material file's name after the first "mtllib"
+        record = json.dumps(metadata).replace("mtllib", "mtl\\u006cib")
+        text = f"# {METADATA_KEY}: {record}\n{text}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, text.encode())
     except OSError as err:
         raise cannot_write(path, err) from None
+    _write_obj_and_mtl(path, text.encode(), mtl, _mtl_text(names, colors).encode())
     return path
+
+
+def _write_obj_and_mtl(path: Path, obj: bytes, mtl: Path, materials: bytes) -> None:
+    """Write an OBJ and its .mtl, each atomically: both into temporary siblings first (a failure there, e.g. a full disk,
+    changes neither target), then the .obj renamed over its target, then the .mtl (a failed .obj, e.g. a folder in its
+    place, leaves no new .mtl behind, nor takes an older .obj's .mtl away); InputError naming the path that failed."""
+    staged = []  # (target, temporary sibling)
+    try:
+        for target, data in ((path, obj), (mtl, materials)):
+            staged.append((target, target.with_name(f".{target.name}.tmp{os.getpid()}")))
+            try:
+                staged[-1][1].write_bytes(data)
+            except OSError as err:
+                raise cannot_write(target, err) from None
+        for target, tmp in staged:
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                raise cannot_write(target, err) from None
+    finally:  # no temporary file is left behind
+        for _, tmp in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def save_separate(

@@ -28,9 +28,10 @@ def check_faces(faces: Optional[int], components: Optional[int] = None, dash: st
     """A triangle budget: None (no limit) or a whole number of at least MIN_COMPONENT_FACES per component (ConfigError)."""
     if faces is None:
         return
-    if isinstance(faces, bool) or not isinstance(faces, numbers.Integral) or faces < MIN_COMPONENT_FACES:
+    whole = not isinstance(faces, bool) and isinstance(faces, numbers.Integral)
+    if not whole or (components is None and faces < MIN_COMPONENT_FACES):
         raise ConfigError(f"{dash}faces must be a whole number >= {MIN_COMPONENT_FACES}, got {faces}")
-    if components is not None and faces < MIN_COMPONENT_FACES * components:
+    if components is not None and faces < MIN_COMPONENT_FACES * max(components, 1):  # one rule, one message
         raise ConfigError(f"{dash}faces {faces} is too few for {components} components: at least {MIN_COMPONENT_FACES} each "
                           f"({MIN_COMPONENT_FACES * components} in all)")
 
