@@ -5,7 +5,7 @@ import pytest
 import torch
 import trimesh
 
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.metrics import (
     MetricsConfig,
     chamfer,
@@ -55,13 +55,16 @@ def test_frames_each_side_alone_or_both_by_the_ground_truth():
     assert evaluate_object([half], [box], each)["fscore@0.1"] == 1.0  # the same shape at another scale
     assert evaluate_object([half], [box], gt)["fscore@0.1"] < 0.2
     assert evaluate_object([box, fragment], [box], each)["fscore@0.1"] < 0.3  # the box shrunk to a third of the frame
-    assert evaluate_object([box, fragment], [box], gt)["fscore@0.1"] > 0.99
+    with pytest.warns(InputWarning, match="outside the voxel grid"):  # self-IoU clips the far fragment to the grid's border
+        assert evaluate_object([box, fragment], [box], gt)["fscore@0.1"] > 0.99
     shifted = box.copy().apply_translation([0.025, 0, 0])  # 0.05 in the GT's frame (its side scaled to 2)
     assert evaluate_object([shifted], [box], each)["chamfer"] == pytest.approx(0.0, abs=1e-9)  # the same samples
     # in the GT's frame a third of each surface (the faces normal to x) lies 0.05 from the other: about 2 * 0.05 / 3
     assert 0.02 < evaluate_object([shifted], [box], gt)["chamfer"] < 0.06
     with pytest.raises(ConfigError, match="frame must be one of each, gt, none"):
         MetricsConfig(frame="partcrafter")
+    with pytest.raises(ConfigError, match="threshold must be finite and > 0, got 0"):
+        fscore(np.zeros((1, 3)), np.zeros((1, 3)), tau=0)  # it scored 0 (nothing is closer than 0)
 
 
 def test_point_metrics_known_values_and_symmetry():

@@ -113,3 +113,15 @@ def test_tiny_objects_and_animations_are_warned_about(tmp_path):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     with pytest.warns(InputWarning, match="anim.gif holds 2 frames: the first one is used"):
         load_image(tmp_path / "anim.gif")
+
+
+def test_from_and_save_pretrained_paths(pipe, tmp_path):
+    from moca3d.errors import CheckpointError, ConfigError
+
+    folder = pipe.save_pretrained(tmp_path / "copy")
+    assert MoCAPipeline.from_pretrained(folder / "model_index.json").source["model"] == str(folder)  # the index names its folder
+    with pytest.raises(CheckpointError, match="an empty path"):
+        MoCAPipeline.from_pretrained("")  # it read the current folder
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ConfigError, match="taken is a file: save_pretrained writes a folder"):
+        pipe.save_pretrained(tmp_path / "taken")  # a raw FileExistsError

@@ -103,7 +103,9 @@ def nn_distances(a: np.ndarray, b: np.ndarray, workers: int = 1) -> tuple[np.nda
 
 
 def _fscore_from(d_pred_gt: np.ndarray, d_gt_pred: np.ndarray, tau: float) -> float:
-    """F-score from the two directed distance arrays."""
+    """F-score from the two directed distance arrays (a point counts when its distance is below `tau`, which must be > 0)."""
+    if not (math.isfinite(tau) and tau > 0):
+        raise ConfigError(f"an F-score threshold must be finite and > 0, got {tau}")
     precision = float((d_pred_gt < tau).mean())
     recall = float((d_gt_pred < tau).mean())
     if precision + recall == 0:

@@ -116,7 +116,11 @@ class MoCAPipeline:
         """
         device = _checked_device(device)
         dtype = None if torch_dtype is None else resolve_dtype(torch_dtype, device)
-        root = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if path is not None and not str(path).strip():
+            raise CheckpointError("an empty path: give a pipeline folder, or None for the built-in model")
+        root = Path(path).expanduser() if path is not None else DEFAULT_MODEL_DIR
+        if root.name == "model_index.json" and root.is_file():  # the index file itself: its folder is the pipeline
+            root = root.parent
         if path is not None and not root.exists():
             raise CheckpointError(f"{root}: no such pipeline folder")
         if not (root / "model_index.json").is_file():
@@ -171,8 +175,13 @@ class MoCAPipeline:
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
         """Write every component and model_index.json (the index last, so a folder with it is complete)."""
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
+        root = Path(path).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"{root} is a file: save_pretrained writes a folder")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot make the folder {root} ({err.strerror or err})") from None
         (root / "model_index.json").unlink(missing_ok=True)  # over an earlier export: incomplete until the end
         index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
         for name, klass in COMPONENTS.items():
