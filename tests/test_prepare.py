@@ -203,7 +203,7 @@ def test_every_source_gets_its_own_asset_and_open_parts_are_reported(tmp_path):
     assert sorted(record["id"] for record in _manifest(root)) == sorted(job.id for job in jobs if job.source.endswith(".obj"))
     (report,) = _report(root)
     assert report["source"].endswith("open.glb") and "component 'plane' encloses no volume" in report["reason"]
-    with pytest.raises(InputError, match="no such folder"):
+    with pytest.raises(InputError, match="no such file or folder"):
         prep.folder_jobs(tmp_path / "missing")
 
 

@@ -275,3 +275,29 @@ def test_a_part_of_two_closed_bodies_is_turned_outward_body_by_body(tmp_path):
     for body in part.split(only_watertight=False):
         centre = body.bounds.mean(axis=0)
         assert (((body.triangles_center - centre) * body.face_normals).sum(axis=1) > 0).all()
+
+
+def test_a_single_file_is_prepared_and_a_z_up_one_stands_up(tmp_path):
+    """`prepare FILE` was refused ("not a folder of meshes"); --up-axis z turns a Z-up file to moca3d's Y up: its
+    samples come out as the same object saved Y up."""
+    import numpy as np
+
+    from moca3d.training.train_vae import load_samples
+
+    tall = trimesh.creation.box(extents=(0.4, 0.4, 2.0))  # tall along Z, a second part on top
+    cap = trimesh.creation.box(extents=(0.6, 0.6, 0.2)).apply_translation([0, 0, 1.1])
+    turn = np.eye(4)
+    turn[:3, :3] = prep.UP_ROTATIONS["z"]
+    for name, parts in (("z_up", [tall, cap]), ("y_up", [m.copy().apply_transform(turn) for m in (tall, cap)])):
+        (tmp_path / name).mkdir()
+        save_glb(tmp_path / name / "lamp.glb", parts, ["post", "cap"])  # one asset id: the same sampling seed
+    args = ["--num-surface", "128", "--num-queries", "96", "--image-size", "48", "--test-fraction", "0", "--val-fraction", "0"]
+    for name, extra in (("z_up", ["--up-axis", "z"]), ("y_up", [])):
+        result = CliRunner().invoke(app, ["prepare", str(tmp_path / name / "lamp.glb"), "-o", str(tmp_path / f"{name}_data"),
+                                          *args, *extra])
+        assert result.exit_code == 0, result.output
+    stood, upright = (load_samples(tmp_path / f"{name}_data", "lamp")["surface"][..., :3] for name in ("z_up", "y_up"))  # (2, P, 3)
+    assert np.allclose(stood, upright, atol=1e-5)  # the same samples: the same seed, the same geometry
+    assert np.ptp(upright[0], axis=0).argmax() == 1  # the post stands along Y
+    bad = CliRunner().invoke(app, ["prepare", str(tmp_path / "z_up"), "-o", str(tmp_path / "bad"), "--up-axis", "w"])
+    assert isinstance(bad.exception, ConfigError) and "--up-axis must be one of y, z, -z, x, -y" in str(bad.exception)

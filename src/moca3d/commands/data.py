@@ -19,7 +19,7 @@ COUNT_LABELS = {False: {"num_pred": "non-empty predicted parts", "num_gt": "grou
 
 
 def prepare_command(
-    input: Optional[Path] = typer.Argument(None, help="Folder of meshes: each file (components = scene nodes) or sub-folder (one file per component, or a PartNet annotation folder: result.json + objs/) is an asset."),
+    input: Optional[Path] = typer.Argument(None, help="Folder of meshes: each file (components = scene nodes) or sub-folder (one file per component, or a PartNet annotation folder: result.json + objs/) is an asset; or one mesh file, one asset."),
     out: Path = typer.Option(..., "--output", "--out", "-o", help="Dataset root to create or resume."),
     procedural: Optional[str] = typer.Option(None, help="Generate 'objects' or 'scenes' instead of reading INPUT."),
     count: int = typer.Option(100, help="Number of procedural assets."),
@@ -36,6 +36,7 @@ def prepare_command(
     partnet_level: int = typer.Option(1, "--partnet-level", help="PartNet folders (e.g. PartNet/data_v0): a part is a node this deep in result.json's hierarchy (1: the root's children, such as a chair's back, seat, base and arms; 0: the whole object)."),
     partnet_hierarchy: str = typer.Option("original", "--partnet-hierarchy", help="PartNet folders: 'original' (result.json, the annotators' parts) or 'merged' (result_after_merging.json, merged into PartNet's per-category labels, as its segmentation benchmark)."),
     kind: str = typer.Option("object", help="For file assets: 'object' (random view) or 'scene' (isometric, floor)."),
+    up_axis: str = typer.Option("y", "--up-axis", help="For file assets: the axis that points up in them, turned to moca3d's Y up (glTF's): y, z (CAD, STL, 3ds Max, Z-up exports), -z, x or -y. Renders and generations stand on it."),
     category: str = typer.Option("mesh", "--category", help="For file assets: their category, which evaluate-model groups its scores by (PartNet folders read theirs from meta.json); prepare a folder per category into the same --output to label a mixed dataset."),
     val_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("val")),
     test_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("test")),
@@ -58,7 +59,7 @@ def prepare_command(
         queries=QueryConfig(num_queries=num_queries),
         render=RenderConfig(size=image_size),
         max_components=max_components, connected=connected, partnet_level=partnet_level,
-        partnet_hierarchy=partnet_hierarchy, kind=kind, scene_objects=tuple(scene_objects),
+        partnet_hierarchy=partnet_hierarchy, kind=kind, up_axis=up_axis, scene_objects=tuple(scene_objects),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input, category)

@@ -46,7 +46,15 @@ from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
 MANIFEST, REPORT, ASSETS, META, SETTINGS = "manifest.jsonl", "report.jsonl", "assets", "meta.json", "prepare.json"
 # the settings every asset of a dataset shares (`PrepareConfig.shared`); the others may change between runs into one
 # folder: the procedural stream and its scene sizes (seed, --start, --scene-objects) and --max-components
-PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components")
+PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components", "up_axis")
+# a file's up axis -> the rotation that stands it up in moca3d's frame (Y up, as glTF; renders look down on -Y's plane)
+UP_ROTATIONS = {
+    "y": np.eye(3),
+    "z": np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]),  # (x, y, z) -> (x, z, -y): Z up (CAD, STL, 3ds Max) becomes Y up
+    "-z": np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]]),  # (x, y, z) -> (x, -z, y)
+    "x": np.array([[0, -1.0, 0], [1, 0, 0], [0, 0, 1]]),  # (x, y, z) -> (-y, x, z)
+    "-y": np.diag([1.0, -1, -1]),  # upside down: (x, y, z) -> (x, -y, -z)
+}
 TMP_PREFIX = ".tmp-"
 MIN_IMAGE_SIZE = 16  # smallest render side (pixels) that still shows every component
 MAX_IMAGE_SIZE = 4096  # largest render side: the supersampled ray grid of a bigger one does not fit in memory
@@ -65,6 +73,7 @@ class PrepareConfig:
     partnet_level: int = 1  # PartNet folders: the parts are the hierarchy's nodes this deep (moca3d.data.partnet)
     partnet_hierarchy: str = "original"  # PartNet folders: result.json ("original") or result_after_merging.json ("merged")
     kind: str = "object"  # for file assets: "object" (random view) or "scene" (isometric, floor)
+    up_axis: str = "y"  # for file assets: their up axis (UP_ROTATIONS), turned to moca3d's Y up
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     seed: int = 0
@@ -89,6 +98,8 @@ class PrepareConfig:
             raise ConfigError(f"--val-fraction + --test-fraction must be at most 1, got {self.val_fraction} + {self.test_fraction}")
         if self.kind not in ("object", "scene"):
             raise ConfigError(f"--kind must be 'object' or 'scene', got '{self.kind}'")
+        if self.up_axis not in UP_ROTATIONS:
+            raise ConfigError(f"--up-axis must be one of {', '.join(UP_ROTATIONS)}, got '{self.up_axis}'")
         check_scene_objects(*self.scene_objects)
         if not 0 <= self.partnet_level <= MAX_LEVEL:
             raise ConfigError(f"--partnet-level must be between 0 and {MAX_LEVEL}, got {self.partnet_level}")
@@ -144,14 +155,17 @@ def _safe_id(name: str) -> str:
 
 def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
     """One job per mesh file and per sub-folder (one file per component) of `folder`, of `category` (a label the
-    evaluation groups its scores by)."""
+    evaluation groups its scores by); a mesh file given itself is one job."""
     if not category.strip() or any(not c.isprintable() for c in category):
         raise ConfigError(f"--category must be a printable, non-empty label, got {category!r}")
     folder = Path(folder)
     if not folder.exists():
-        raise InputError(f"{folder}: no such folder")
+        raise InputError(f"{folder}: no such file or folder")
+    if folder.is_file() and folder.suffix.lower() in MESH_EXTENSIONS:  # one asset
+        base = _safe_id(folder.stem)
+        return [Job(base if category == "mesh" else _safe_id(f"{category}_{base}"), str(folder), category)]
     if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder of meshes")
+        raise InputError(f"{folder}: neither a mesh file ({', '.join(MESH_EXTENSIONS)}) nor a folder of meshes")
     if is_partnet(folder):  # one PartNet annotation folder given itself, not its parent (data_v0)
         return [Job(_safe_id(folder.name), str(folder), category)]
     jobs, seen = [], set()
@@ -217,6 +231,10 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
     else:
         meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)
         label = job.category
+    if config.up_axis != "y":  # stood up in moca3d's frame (Y up), before renders and samples
+        turn = np.eye(4)
+        turn[:3, :3] = UP_ROTATIONS[config.up_axis]
+        meshes = [m.copy().apply_transform(turn) for m in meshes]
     fallback = palette(len(meshes))
     colors = np.stack([c if (c := main_color(m)) is not None else fallback[i] for i, m in enumerate(meshes)])
     return meshes, names, colors, config.kind, label
