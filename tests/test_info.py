@@ -46,7 +46,7 @@ def test_an_adapter_folder_and_bad_folders(tmp_path):
 
 def test_info_cli_prints_a_summary_or_json():
     text = CliRunner().invoke(app, ["info"]).output
-    assert "task: objects (one image), up to 50 components" in text and "transformer   MoCATransformer: 5.4M parameters" in text
+    assert "task: objects (one image), up to 50 components (trained on up to 27)" in text and "transformer   MoCATransformer: 5.4M parameters" in text
     report = json.loads(CliRunner().invoke(app, ["info", str(DEFAULT_SCENE_MODEL_DIR), "--json"]).output)
     assert report["components"]["image_encoder"]["in_channels"] == 7
 

@@ -125,3 +125,21 @@ def test_from_and_save_pretrained_paths(pipe, tmp_path):
     (tmp_path / "taken").write_text("x")
     with pytest.raises(ConfigError, match="taken is a file: save_pretrained writes a folder"):
         pipe.save_pretrained(tmp_path / "taken")  # a raw FileExistsError
+
+
+def test_an_export_records_how_many_components_it_was_trained_on(object_dataset, object_pipeline, tmp_path):
+    """Asking for more parts than any training example held is allowed (up to max_components) and warned about."""
+    import json
+
+    from moca3d.data.dataset import read_manifest
+
+    root, _ = object_dataset
+    most = max(r["num_components"] for r in read_manifest(root, "train"))
+    tiny = MoCAPipeline.from_pretrained(object_pipeline)
+    assert tiny.trained_components == most
+    assert json.loads(tiny.save_pretrained(tmp_path / "copy").joinpath("model_index.json").read_text())["_trained_components"] == most
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        tiny(EXAMPLES / "chair.png", num_parts=most, **FAST)
+    with pytest.warns(InputWarning, match=f"{most + 1} parts: this model was trained on at most {most}"):
+        tiny(EXAMPLES / "chair.png", num_parts=most + 1, **FAST)

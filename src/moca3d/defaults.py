@@ -17,6 +17,7 @@ MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"  # the built-in object model, shipped in the package
 DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # the mesh formats read (geometry.mesh_io)
+TRAINED_KEY = "_trained_components"  # model_index.json / adapter_config.json: the most components a training example held
 INSTANCE_MASKS = "instance_masks"  # a generated scene's record of each instance's mask: its label id or file name
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # a LoRA adapter folder's files
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> torch attribute

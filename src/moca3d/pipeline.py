@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
@@ -21,10 +22,10 @@ import trimesh
 from moca3d import flow
 from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
 from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions
-from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS,  # noqa: F401
+from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
                              check_component_count, check_sampling_args, check_seed, check_shift,
                              resolve_dtype)
-from moca3d.errors import CheckpointError, ConfigError, InputError, one_line
+from moca3d.errors import CheckpointError, ConfigError, InputError, InputWarning, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
@@ -100,6 +101,9 @@ class MoCAPipeline:
         self.image_encoder = image_encoder.eval()
         self.scheduler = scheduler or flow.make_scheduler()
         self.source = {"model": None, "lora": None}  # where from_pretrained read it (recorded in generated files)
+        # the most components a training example of the transformer held (model_index.json's TRAINED_KEY; None: unknown):
+        # more can be asked, up to max_components, and get a warning
+        self.trained_components: Optional[int] = None
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -171,6 +175,8 @@ class MoCAPipeline:
                 raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
         pipe = cls(scheduler=scheduler, **parts).to(device, dtype)
         pipe.source = {"model": _model_name(root), "lora": None if lora is None else str(lora)}
+        trained = adapter.get(TRAINED_KEY) if lora is not None else index.get(TRAINED_KEY)  # an adapter: its own run's data
+        pipe.trained_components = trained if isinstance(trained, int) and not isinstance(trained, bool) else None
         return pipe
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:
@@ -184,6 +190,8 @@ class MoCAPipeline:
             raise ConfigError(f"cannot make the folder {root} ({err.strerror or err})") from None
         (root / "model_index.json").unlink(missing_ok=True)  # over an earlier export: incomplete until the end
         index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
+        if self.trained_components is not None:
+            index[TRAINED_KEY] = int(self.trained_components)
         for name, klass in COMPONENTS.items():
             part = getattr(self, name)
             part.save_pretrained(root / name)
@@ -342,6 +350,10 @@ class MoCAPipeline:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num
             check_faces(faces, num, dash="")  # a scene's count is known once its masks are read
+            if self.trained_components is not None and num > self.trained_components:
+                warnings.warn(f"{num} {prefix}s: this model was trained on at most {self.trained_components}; beyond that its "
+                              f"{prefix}s may come out worse (up to {self.transformer.max_components} are allowed)",
+                              InputWarning, stacklevel=3)
             task = bar.add_task("sampling", total=steps)
             latents = self.generate_latents(
                 cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i), layout=layout

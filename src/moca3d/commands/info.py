@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import plural
-from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS, MESH_EXTENSIONS
+from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS, MESH_EXTENSIONS, TRAINED_KEY
 from moca3d.errors import CheckpointError, InputError
 
 DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
@@ -219,6 +219,7 @@ def describe(path: Path) -> dict:
     channels = out["components"]["image_encoder"].get("in_channels", 3)
     out["task"] = TASKS["scene" if channels == 7 else "object"]
     out["max_components"] = out["components"]["transformer"].get("id_codebook_size")
+    out["trained_components"] = index.get(TRAINED_KEY)  # None: not recorded (exported before moca3d recorded it)
     return out
 
 
@@ -293,7 +294,8 @@ def echo(report: dict) -> None:
         typer.echo(f"  base: {report['base']}")
         typer.echo(f"  weights: {_size(weights.get('parameters', 0))} parameters, {weights.get('bytes', 0) / 2**20:.1f} MiB")
         return
-    typer.echo(f"  task: {report['task']}, up to {report['max_components']} components; saved by {report['saved_by']}")
+    trained = f" (trained on up to {report['trained_components']})" if report.get("trained_components") else ""
+    typer.echo(f"  task: {report['task']}, up to {report['max_components']} components{trained}; saved by {report['saved_by']}")
     for name, entry in report["components"].items():
         typer.echo(f"  {name:<13} {_component_line(entry)}")
 

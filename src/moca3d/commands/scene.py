@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate-scene")
     def generate_scene(
         image: Path = typer.Argument(..., help="Scene image (PNG, JPG, WebP, BMP, GIF or TIFF)."),
-        masks: Path = typer.Option(..., "--masks", "-m", help="Label map image, lossless (PNG, BMP, TIFF, lossless WebP; 8/16-bit or palette; 0 = background, every other id an instance, in increasing id order; resized only with nearest-neighbour: smoothed edges are refused), or a folder of binary masks (0/255, 0/1 or cut-outs whose alpha is the instance; JPEG is fine here; file-name order, mask_2 before mask_10; where masks overlap, the later file wins). At most the model's limit of instances (the built-in scene model: 50 ids, trained on up to 32)."),
+        masks: Path = typer.Option(..., "--masks", "-m", help="Label map image, lossless (PNG, BMP, TIFF, lossless WebP; 8/16-bit or palette; 0 = background, every other id an instance, in increasing id order; resized only with nearest-neighbour: smoothed edges are refused), or a folder of binary masks (0/255, 0/1 or cut-outs whose alpha is the instance; JPEG is fine here; file-name order, mask_2 before mask_10; where masks overlap, the later file wins). At most the model's limit of instances (the built-in scene model: 50 ids, trained on up to 32: more are warned about)."),
         output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output .glb (one named node per instance, in its colour) or .obj (one object per instance, its colour material in a .mtl beside it)."),
         model: Optional[Path] = typer.Option(None, "--model", help=SCENE_MODEL_HELP),
         lora: Optional[Path] = typer.Option(None, "--lora", help=SCENE_LORA_HELP),

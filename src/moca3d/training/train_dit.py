@@ -37,6 +37,7 @@ from moca3d.data.dataset import (OBJECT_CACHE, check_latent_lengths, common_toke
                                  report_missing_latents, report_too_many_parts, require_token_order, save_latent_cache)
 from moca3d.data.images import load_image, preprocess_image
 from moca3d.data.scene import conditions_layout
+from moca3d.defaults import TRAINED_KEY
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.evaluation import evaluate_pipeline, select_records
 from moca3d.models.dino import CROP_SIZE, is_dino, is_dino_folder, load_image_encoder
@@ -479,10 +480,13 @@ def scene_adapter_parts(cfg: DiTTrainConfig) -> list[str]:
     return ["image_encoder"] if cfg.condition == "scene" and cfg.image_encoder_from else []
 
 
-def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE, str, Path]) -> Path:
-    """Write a complete pipeline folder with `vae` (a loaded VAE, or its folder)."""
+def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE, str, Path],
+                    trained_components: Optional[int] = None) -> Path:
+    """Write a complete pipeline folder with `vae` (a loaded VAE, or its folder); `trained_components`: the most components
+    a training example held (recorded: generating more is warned about)."""
     vae = vae if isinstance(vae, VecSetVAE) else VecSetVAE.from_pretrained(vae)
     pipe = MoCAPipeline(vae, model.transformer, model.image_encoder)
+    pipe.trained_components = trained_components
     return pipe.save_pretrained(out_dir)
 
 
@@ -650,8 +654,10 @@ def train(
     if vae is not None:
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
+        trained = max(z.shape[0] for z in data.latents)  # (N, L, C) each: the most components an example held
         if cfg.transformer_lora_rank:  # what the fine-tune changed, apart from its base: OUT/lora
-            result["lora"] = str(save_adapter(out / "lora", final, adapter_config(cfg, final, frozen), whole=scene_adapter_parts(cfg)))
+            config = {**adapter_config(cfg, final, frozen), TRAINED_KEY: trained}
+            result["lora"] = str(save_adapter(out / "lora", final, config, whole=scene_adapter_parts(cfg)))
         merge_lora(final)  # plain layers in the pipeline folder (a scene's 7-channel encoder, a LoRA-tuned transformer)
-        result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae))
+        result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae, trained))
     return result
