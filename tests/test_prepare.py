@@ -219,6 +219,11 @@ def test_cli_evaluate_scene_pairs_by_name_and_refuses_mixed_units(tmp_path):
     assert json.loads(result.stdout)["instance_fscore@0.1"] == 1.0
     result = runner.invoke(app, ["evaluate", str(tmp_path / "centimetres.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
     assert isinstance(result.exception, InputError) and "(100x); export both in one frame and unit" in str(result.exception)
+    assert "came out empty" not in str(result.exception)  # the prediction is the bigger one: units, not emptiness
+    crumb = trimesh.creation.icosphere(1, radius=0.02)  # a generation whose instances came out as two crumbs
+    save_glb(tmp_path / "crumbs.glb", [crumb, crumb.copy().apply_translation([0.05, 0, 0])], ["box", "ball"])
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "crumbs.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
+    assert isinstance(result.exception, InputError) and "or most of the prediction came out empty" in str(result.exception)
 
 
 

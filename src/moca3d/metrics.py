@@ -288,8 +288,9 @@ def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max
     sizes = [float(np.linalg.norm(np.subtract(*bounds_of(meshes)[::-1]))) for meshes in (pred, gt)]  # box diagonals
     ratio = max(sizes) / max(min(sizes), 1e-12)
     if ratio > max_ratio:
+        tiny = " (or most of the prediction came out empty: score it without --scene)" if sizes[0] < sizes[1] else ""
         raise InputError(f"per-instance metrics: the prediction's scene is {sizes[0]:.3g} across and the ground truth's "
-                         f"{sizes[1]:.3g} ({ratio:.0f}x); export both in one frame and unit")
+                         f"{sizes[1]:.3g} ({ratio:.0f}x); export both in one frame and unit{tiny}")
 
 
 def object_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None) -> dict:
