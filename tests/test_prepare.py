@@ -51,11 +51,12 @@ def _mesh_folder(tmp_path):
 def test_prepare_folder_writes_the_format_and_reports_bad_assets(tmp_path):
     root = tmp_path / "ds"
     summary = prep.prepare(prep.folder_jobs(_mesh_folder(tmp_path)), root, TINY, progress=False)
-    assert (summary.processed, summary.skipped) == (2, 5)
-    assert [r["id"] for r in _manifest(root)] == ["folder_asset", "good"]
+    assert (summary.processed, summary.skipped) == (3, 4)
+    assert [r["id"] for r in _manifest(root)] == ["folder_asset", "good", "zero_area"]  # its flat part left out, said
+    assert json.loads((root / "assets" / "zero_area" / "meta.json").read_text())["dropped_components"] == ["flat"]
     reasons = {r["source"].split("/")[-1]: r["reason"] for r in _report(root)}
-    assert set(reasons) == {"junk.glb", "empty.obj", "nan.glb", "zero_area.glb", "too_many.glb"}
-    assert "non-finite" in reasons["nan.glb"] and "zero surface area" in reasons["zero_area.glb"]
+    assert set(reasons) == {"junk.glb", "empty.obj", "nan.glb", "too_many.glb"}
+    assert "non-finite" in reasons["nan.glb"]  # a corrupt file is refused, not trimmed
     assert "exceed" in reasons["too_many.glb"]
     assert all("\n" not in r for r in reasons.values())
 

@@ -301,3 +301,19 @@ def test_a_single_file_is_prepared_and_a_z_up_one_stands_up(tmp_path):
     assert np.ptp(upright[0], axis=0).argmax() == 1  # the post stands along Y
     bad = CliRunner().invoke(app, ["prepare", str(tmp_path / "z_up"), "-o", str(tmp_path / "bad"), "--up-axis", "w"])
     assert isinstance(bad.exception, ConfigError) and "--up-axis must be one of y, z, -z, x, -y" in str(bad.exception)
+
+
+def test_a_part_without_surface_is_left_out_not_the_asset(tmp_path):
+    """A stray node collapsed to a line (zero area, as DCC exports carry) skipped its whole asset; now the asset is
+    prepared without it, and the part is named (on the terminal and in meta.json); all parts degenerate still skips."""
+    import numpy as np
+
+    box = trimesh.creation.box()
+    line = trimesh.Trimesh(np.array([[0.0, 0, 0], [1, 0, 0], [2, 0, 0]]), [[0, 1, 2]], process=False)  # zero area
+    save_glb(tmp_path / "lamp.glb", [box, box.copy().apply_translation([2, 0, 0]), line], ["base", "shade", "decal"])
+    result = CliRunner().invoke(app, ["prepare", str(tmp_path / "lamp.glb"), "-o", str(tmp_path / "data"),
+                                      "--num-surface", "128", "--num-queries", "96", "--image-size", "48"])
+    assert result.exit_code == 0, result.output
+    assert "left out of" in result.output and "decal" in result.output and "1 prepared without components" in result.output
+    meta = json.loads((tmp_path / "data" / "assets" / "lamp" / "meta.json").read_text())
+    assert meta["names"] == ["base", "shade"] and meta["dropped_components"] == ["decal"] and meta["num_components"] == 2

@@ -68,6 +68,9 @@ def prepare_command(
         f"{out}: {summary.processed} prepared, {summary.already_done} already done or reported, "
         f"{summary.skipped} skipped (see {out / 'report.jsonl'})"
     )
+    if summary.dropped_assets:
+        typer.echo(f"{summary.dropped_assets} prepared without components that had no surface (listed above, and as "
+                   "dropped_components in each asset's meta.json)")
     if summary.open_assets:
         typer.echo(f"{summary.open_assets} prepared with open components (listed above, and as open_components in each "
                    "asset's meta.json): close them for exact inside/outside labels")

@@ -32,7 +32,7 @@ from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
     MESH_EXTENSIONS,
-    load_components,
+    load_asset,
     main_color,
     normalize_meshes,
     open_components,
@@ -143,6 +143,7 @@ class PrepareSummary:
     total: int = 0
     reasons: list[str] = field(default_factory=list)
     open_assets: int = 0  # prepared with a component that is not watertight (see build_asset)
+    dropped_assets: int = 0  # prepared without a component that had no surface (`load_asset`)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -214,8 +215,9 @@ def _asset_seed(asset_id: str, seed: int) -> list[int]:
 # ----------------------------------------------------------------------------- one asset
 
 
-def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], list[str], np.ndarray, str, str]:
-    """Components, names, colours (N, 4), kind and category of a job."""
+def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], list[str], np.ndarray, str, str, list[str]]:
+    """Components, names, colours (N, 4), kind and category of a job, and the names of a file's components left out for
+    having no surface (`load_asset`)."""
     if job.source.startswith("procedural:"):
         from moca3d.data.procedural import generate
 
@@ -223,13 +225,14 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
         extra = {"min_objects": config.scene_objects[0], "max_objects": config.scene_objects[1]} if kind.startswith("scene") else {}
         asset = generate(kind, int(seed), int(index), **extra)
         validate_components(asset.meshes, asset.names, config.max_components, label=job.id)
-        return asset.meshes, asset.names, asset.colors, asset.kind, asset.category
+        return asset.meshes, asset.names, asset.colors, asset.kind, asset.category, []
+    dropped = []
     if is_partnet(job.source):  # a PartNet annotation folder: its hierarchy's parts, its category
         meshes, names = load_partnet(job.source, config.partnet_level, config.connected, config.max_components,
                                      config.partnet_hierarchy)
         label = partnet_category(job.source) or job.category
     else:
-        meshes, names = load_components(job.source, connected=config.connected, max_components=config.max_components)
+        meshes, names, dropped = load_asset(job.source, config.connected, config.max_components, drop_degenerate=True)
         label = job.category
     if config.up_axis != "y":  # stood up in moca3d's frame (Y up), before renders and samples
         turn = np.eye(4)
@@ -237,12 +240,12 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
         meshes = [m.copy().apply_transform(turn) for m in meshes]
     fallback = palette(len(meshes))
     colors = np.stack([c if (c := main_color(m)) is not None else fallback[i] for i, m in enumerate(meshes)])
-    return meshes, names, colors, config.kind, label
+    return meshes, names, colors, config.kind, label, dropped
 
 
 def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
     """Write every file of one asset into `out_dir`; returns its manifest record."""
-    meshes, names, colors, kind, category = _load_job(job, config)
+    meshes, names, colors, kind, category, dropped = _load_job(job, config)
     # kept, but said: an open part's inside/outside comes from its generalized winding number, a guess where it is open
     open_names = open_components(meshes, names)
     meshes, norm = normalize_meshes(meshes)
@@ -289,6 +292,7 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
         "names": list(names),
         "source": job.source,
         "open_components": open_names,
+        "dropped_components": dropped,
     }
     (out_dir / META).write_text(json.dumps(record))
     return record
@@ -461,6 +465,10 @@ def prepare(
             for status, record in _results(todo, root, config, workers):
                 if status == "ok":
                     summary.processed += 1
+                    if record.get("dropped_components"):
+                        summary.dropped_assets += 1
+                        bar.write(f"left out of {record['source']} (no surface: empty, flat to a point or line, or not "
+                                  f"finite): {', '.join(record['dropped_components'])}")
                     if record["open_components"]:
                         summary.open_assets += 1
                         bar.write(f"open (not watertight) in {record['source']}: {', '.join(record['open_components'])}; "

@@ -423,9 +423,37 @@ def load_components(
     path: str | Path, connected: bool = False, max_components: int | None = None
 ) -> tuple[list[trimesh.Trimesh], list[str]]:
     """Read an asset (a mesh file, or a folder with one file per component: `component_source`) and validate it."""
+    return load_asset(path, connected, max_components)[:2]
+
+
+def degenerate_components(meshes: list[trimesh.Trimesh]) -> list[int]:
+    """Indices of the components with no surface: no faces, or zero area (as `validate_components` measures it, against
+    the extent of the asset). Non-finite vertices are not among them: a corrupt file is refused, not trimmed."""
+    if not all(np.isfinite(np.asarray(m.vertices)).all() for m in meshes):
+        return []
+    bad = [i for i, m in enumerate(meshes) if len(m.faces) == 0]
+    rest = [m for i, m in enumerate(meshes) if i not in bad]
+    if not rest:
+        return bad
+    lo, hi = bounds_of(rest)
+    size = float((hi - lo).max())
+    return sorted(bad + [i for i, m in enumerate(meshes) if i not in bad and m.area <= MIN_COMPONENT_AREA * size * size])
+
+
+def load_asset(path: str | Path, connected: bool = False, max_components: int | None = None,
+               drop_degenerate: bool = False) -> tuple[list[trimesh.Trimesh], list[str], list[str]]:
+    """`load_components`, and with `drop_degenerate` the components without a surface (`degenerate_components`, e.g. a
+    stray node collapsed to a line) left out instead of refusing the asset; returns the kept ones, their names and the names left
+    out."""
     source = component_source(path)
     meshes, names = load_folder(source) if source.is_dir() else load_file(source)
-    return finish_components(meshes, names, connected, max_components, label=Path(path).name)
+    dropped = []
+    if drop_degenerate:
+        bad = degenerate_components(meshes)
+        if len(bad) < len(meshes):  # all of them: the asset is refused as before, naming the first
+            dropped = [names[i] for i in bad]
+            meshes, names = [m for i, m in enumerate(meshes) if i not in bad], [n for i, n in enumerate(names) if i not in bad]
+    return (*finish_components(meshes, names, connected, max_components, label=Path(path).name), dropped)
 
 
 def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected: bool = False, max_components: int | None = None,
