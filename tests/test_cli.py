@@ -150,6 +150,14 @@ def test_saved_generations_score_as_they_did_when_read_back(object_dataset, obje
         assert a["chamfer"] == pytest.approx(b["chamfer"], rel=1e-6)  # GLB stores float32 vertices
     assert generated["frame"] == "each" and evaluate_pipeline(None, root, "train", predictions=tmp_path / "saved", frame="gt",
                                                                  **kw)["frame"] == "gt"
+    import trimesh
+
+    from moca3d.evaluation import load_prediction, save_prediction
+
+    box = trimesh.creation.box()
+    save_prediction(tmp_path / "saved", "holed", [box, trimesh.Trimesh(), box.copy().apply_translation([2, 0, 0])], "part")
+    back = load_prediction(tmp_path / "saved", "holed", [])  # the empty part in its place (it was dropped: 2 parts)
+    assert [len(m.faces) for m in back] == [12, 0, 12]
 
 
 def test_predictions_found_in_any_mesh_format_and_a_one_file_folder_gives_its_parts(object_dataset, tmp_path):

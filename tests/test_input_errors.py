@@ -574,7 +574,9 @@ def test_generate_folders_take_every_image_format_and_name_what_they_leave_out(t
     assert "left out, not images" in res.stderr and "notes.txt, sub/" in res.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.glb", "b.glb", "c.glb"]
     single = ["generate", str(EXAMPLES / "chair.png"), "--steps", "1"]
+    (tmp_path / "chair.mtl").mkdir()  # where an OBJ's materials would go
     for output, message in ((tmp_path / "out", "is a folder: give a file path"),  # was: "must be a .glb file"
+                            (tmp_path / "chair.obj", "chair.mtl is a folder"),  # found after the generation, the .obj replaced
                             (Path("/proc/x.glb"), "cannot write in /proc")):  # was refused only after the generation
         res = CliRunner().invoke(app, single + ["-o", str(output)])
         assert isinstance(res.exception, ConfigError) and message in str(res.exception), res.output

@@ -1,5 +1,6 @@
 """The Python API as a researcher scripts it: input types, seeds, outputs and their formats, diffusers-like niceties."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_images_as_tensors_and_grey_arrays_condition_as_their_rgb_array(pipe):
         assert torch.allclose(pipe.encode_image(tensor), expected, atol=1e-6)
     grey = rgb.mean(axis=2).round().astype(np.uint8)  # (H, W)
     assert torch.equal(pipe.encode_image(grey), pipe.encode_image(np.repeat(grey[..., None], 3, axis=2)))
+    assert torch.equal(pipe.encode_image(torch.from_numpy(grey)), pipe.encode_image(grey))  # a grey tensor too
     with pytest.raises(InputError, match="channels first"):
         pipe.encode_image(torch.zeros(2, 3, 64, 64))
 
@@ -41,9 +43,10 @@ def test_images_as_tensors_and_grey_arrays_condition_as_their_rgb_array(pipe):
 def test_seeds_numpy_integers_and_none(pipe):
     """numpy's integers seed as Python's (torch.Generator refused them); None draws a seed and records it."""
     image = EXAMPLES / "chair.png"
-    a = pipe(image, num_parts=2, seed=np.int64(3), **FAST)
+    a = pipe(image, num_parts=np.int64(2), seed=np.int64(3), shift=np.float32(1.0), **FAST)
     b = pipe(image, num_parts=2, seed=3, **FAST)
     assert torch.equal(a.latents, b.latents) and a.settings["seed"] == 3
+    json.dumps(a.settings)  # what an OBJ's first line holds: numpy's numbers were not JSON
     drawn = pipe(image, num_parts=2, seed=None, **FAST)
     again = pipe(image, num_parts=2, seed=drawn.settings["seed"], **FAST)  # the recorded seed reproduces it
     assert torch.equal(drawn.latents, again.latents)
@@ -70,6 +73,7 @@ def test_label_maps_refuse_negative_ids_and_take_tensors():
         read_masks(labels - 1)  # the background would have become an instance, and id 0 dropped
     masks, sources = read_masks(torch.from_numpy(labels))
     assert masks.shape == (2, 20, 30) and sources == ["id 1", "id 2"]
+    assert read_masks(labels * 1_000_000)[1] == ["id 1000000", "id 2000000"]  # panoptic-sized ids, not "id 1e+06"
     with pytest.raises(InputError, match="no masks given"):
         read_masks(None)
 
@@ -80,8 +84,10 @@ def test_metrics_take_one_mesh_or_a_scene_and_warn_where_self_iou_clips():
     assert evaluate_object(box, trimesh.Scene([box]), few)["fscore@0.1"] == 1.0
     assert object_metrics(trimesh.Scene([box, box.copy().apply_translation([2, 0, 0])]), [box], few)["num_pred"] == 2
     big = [box.copy().apply_scale(4), box.copy().apply_scale(4).apply_translation([2, 0, 0])]  # IoU 1/3, not in [-1, 1]^3
-    with pytest.warns(InputWarning, match="outside the voxel grid"):
-        self_iou(big, resolution=32, normalize=False)
+    with pytest.warns(InputWarning, match="outside the voxel grid"):  # measured in their own box (the grid clipped them,
+        assert self_iou(big, resolution=32, normalize=False) == pytest.approx(1 / 3, abs=0.05)  # and 16x took 1.2 GB)
+    nothing = object_metrics([trimesh.Trimesh()], trimesh.Scene([box]), few)  # an all-empty prediction, a Scene as GT
+    assert nothing["num_gt"] == 1 and nothing["fscore@0.1"] == 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert self_iou(big, resolution=32) == pytest.approx(1 / 3, abs=0.05)  # normalised: inside the grid, no warning

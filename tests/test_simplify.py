@@ -104,6 +104,7 @@ def test_check_faces_needs_the_floor_for_every_component():
         check_faces(100, 8)
     with pytest.raises(ConfigError, match="--faces 10 is too few for 4 components: at least 20 each"):
         check_faces(10, 4)  # one message for one rule (it said "a whole number >= 20" under 20, "too few" above)
+    check_faces(100, 0)  # no component with faces: no floor to keep
 
 
 def test_pipeline_and_cli_honour_the_budget_and_record_it(object_dataset, object_pipeline, tmp_path):

@@ -100,14 +100,11 @@ def read_prediction(path: Path) -> tuple[list, list[str]]:
     instead of stopping the evaluation."""
     import trimesh
 
-    from moca3d.geometry.mesh_io import read_components
+    from moca3d.geometry.mesh_io import has_surface, read_components
 
     meshes, names = read_components(path)
-
-    def has_surface(mesh) -> bool:
-        return len(mesh.faces) > 0 and bool(np.isfinite(np.asarray(mesh.vertices)).all()) and mesh.area > 0
-
-    return [mesh if has_surface(mesh) else trimesh.Trimesh() for mesh in meshes], names
+    usable = [bool(np.isfinite(np.asarray(mesh.vertices)).all()) and has_surface(mesh) for mesh in meshes]
+    return [mesh if ok else trimesh.Trimesh() for mesh, ok in zip(meshes, usable)], names
 
 
 def read_ground_truth(path: Path) -> tuple[list, list[str]]:
@@ -194,7 +191,8 @@ def save_prediction(folder: Optional[Path], asset_id: str, meshes: list, kind: s
 
     if folder is not None and any(len(m.faces) for m in meshes):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        save_components(Path(folder) / f"{asset_id}.glb", meshes, [f"{kind}_{i:02d}" for i in range(len(meshes))])
+        save_components(Path(folder) / f"{asset_id}.glb", meshes, [f"{kind}_{i:02d}" for i in range(len(meshes))],
+                        metadata={"saved_by": "evaluation", "id": asset_id})  # a record: its empty nodes read back in place
 
 
 def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str], what: str,

@@ -49,6 +49,9 @@ MIN_IOU_RESOLUTION = 8  # coarser grids cannot tell parts apart
 MAX_IOU_RESOLUTION = 256  # self-IoU holds a float32 R^3 grid per component: 64 MiB each at 256
 MAX_METRIC_POINTS = 10_000_000  # points per surface: about 3.5 GB of samples and KD-trees; more is killed for memory
 FRAME_RATIO = 5.0  # scene sizes differing more than this: prediction and ground truth are in different units
+# self-IoU's grid covers [-1, 1]^3; components reaching beyond this multiple of it (a generation reaches 1.05, the
+# extraction grid's bound) are measured normalised to their own box instead, those within it clipped to the border
+SELF_IOU_REACH = 1.25
 FRAMES = ("each", "gt", "none")  # `MetricsConfig.frame`: each side normalised alone, both by the GT's, as given
 
 
@@ -229,14 +232,17 @@ def self_iou(
     meshes: list[trimesh.Trimesh], resolution: int = 64, normalize: bool = True
 ) -> float:
     """Mean pairwise IoU of the components' filled voxel volumes on the grid of [-1, 1]^3 (0 for a single component;
-    without `normalize`, what lies outside the grid is clipped to its border, with a warning)."""
+    without `normalize`, components reaching far outside the grid (SELF_IOU_REACH) are normalised to their own box
+    first, with a warning; those just outside are clipped to its border)."""
     meshes = _prepare(meshes, normalize)
     if len(meshes) < 2:
         return 0.0
     reach = max(float(np.abs(m.vertices).max()) for m in meshes)
-    if reach > (CANONICAL_EXTENT / 2) * (1 + 2 / resolution):  # more than a voxel out
-        warnings.warn(f"self-IoU: the components reach {reach:.3g} from the origin, outside the voxel grid of [-1, 1]^3: "
-                      "clipped to its border (normalise them, or use the metric frame 'each')", InputWarning, stacklevel=2)
+    if reach > (CANONICAL_EXTENT / 2) * SELF_IOU_REACH:  # far out: the grid would clip them (and a surface far bigger
+        # than the grid would need a lattice of millions of points): their own frame instead
+        warnings.warn("self-IoU: components reach outside the voxel grid of [-1, 1]^3: measured with them normalised to "
+                      "their own box instead", InputWarning, stacklevel=2)
+        meshes = normalize_meshes(meshes)[0]
     occ = np.stack([voxelize_filled(m, resolution).ravel() for m in meshes]).astype(np.float32)  # (N, R^3)
     occ_t = torch.from_numpy(occ)
     inter = occ_t @ occ_t.T  # (N, N) shared voxels
@@ -297,7 +303,7 @@ def object_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], confi
     """`evaluate_object` over the predicted parts with faces (num_pred of them, num_empty the others); an all-empty
     prediction scores F = 0 and chamfer inf."""
     config = config or MetricsConfig()
-    pred = as_components(pred)
+    pred, gt = as_components(pred), as_components(gt)  # a Scene's empty nodes are not among its meshes
     parts = [m for m in pred if len(m.faces)]
     if not parts:
         return {"chamfer": float("inf"), **{f"fscore@{t:g}": 0.0 for t in config.taus}, "self_iou": 0.0, "num_pred": 0,

@@ -8,6 +8,7 @@ each model folder being `save_pretrained` output (config.json + safetensors).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import random
 import warnings
@@ -141,7 +142,8 @@ class MoCAPipeline:
         if lora is not None:  # a wrong adapter folder is refused before a (gigabytes) base model loads
             from moca3d.models.lora import read_adapter_config
 
-            adapter = read_adapter_config(Path(lora))
+            lora = Path(lora).expanduser()
+            adapter = read_adapter_config(lora)
         parts = {}
         for name, klass in COMPONENTS.items():
             sub = root / name
@@ -349,6 +351,7 @@ class MoCAPipeline:
         with Progress(disable=not shown, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
             num = cond.shape[1] if num is None else num
+            num = int(num) if isinstance(num, numbers.Integral) and not isinstance(num, bool) else num  # numpy's: JSON
             check_faces(faces, num, dash="")  # a scene's count is known once its masks are read
             if self.trained_components is not None and num > self.trained_components:
                 warnings.warn(f"{num} {prefix}s: this model was trained on at most {self.trained_components}; beyond that its "
@@ -363,7 +366,7 @@ class MoCAPipeline:
                                          faces)
         names = [f"{prefix}_{i:02d}" for i in range(num)]
         settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
-                    "shift": shift if shift is not None else self.scheduler.config.shift, "resolution": int(resolution),
+                    "shift": float(shift if shift is not None else self.scheduler.config.shift), "resolution": int(resolution),
                     "dtype": str(self.transformer.dtype).removeprefix("torch."),
                     **({"faces": int(faces)} if faces is not None else {}),
                     **{k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))}}

@@ -118,6 +118,8 @@ def check_generation_args(steps: int, resolution: int, guidance: float, output: 
     check_output_path(output)  # first: an existing folder is named as one
     if output.suffix.lower() not in MESH_FORMATS:
         raise ConfigError(f"--output must be a .glb file (one named node per component) or .obj (one object each), got {output}")
+    if output.suffix.lower() == ".obj":  # its materials go beside it (replacing a .mtl of that name)
+        check_output_path(output.with_suffix(".mtl"))
 
 
 def model_limit(folder: Path) -> Optional[int]:

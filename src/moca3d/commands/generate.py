@@ -27,7 +27,8 @@ def image_files(folder: Path) -> list[Path]:
     files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
-    others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
+    chosen = set(files)
+    others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in chosen]
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         typer.echo(f"left out, not images ({' '.join(IMAGE_EXTENSIONS)}): {shown}", err=True)

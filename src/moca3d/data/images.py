@@ -59,11 +59,13 @@ def readable(path: Path, what: str = "image") -> Iterator[None]:
 
 def load_image(image: ImageLike) -> Image.Image:
     """A PIL image from a path, a PIL image, an (H, W[, 3|4]) uint8, uint16 or [0, 1] float array, or a torch tensor
-    laid out as torch's images are, ([1,] 1|3|4, H, W); clear error otherwise."""
+    laid out as torch's images are, ([1,] 1|3|4, H, W) or (H, W); clear error otherwise."""
     if type(image).__module__.startswith("torch"):  # without importing torch here: a tensor, channels first
         array = image.detach().float().cpu().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
         if array.ndim == 4 and array.shape[0] == 1:
             array = array[0]  # a batch of one
+        if array.ndim == 2:
+            array = array[None]  # grey (H, W), as a 2-D array is
         if array.ndim != 3 or array.shape[0] not in (1, 3, 4):
             raise InputError(f"an image tensor must be (1|3|4, H, W) (channels first), got {tuple(image.shape)}")
         image = np.moveaxis(array, 0, -1)  # (H, W, C)
@@ -80,7 +82,7 @@ def load_image(image: ImageLike) -> Image.Image:
         with readable(path):
             with Image.open(path) as im:
                 im.load()
-                if getattr(im, "n_frames", 1) > 1:  # an animation: its first frame is the picture
+                if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":  # an animation (a phone's MPO JPEG: a preview)
                     warnings.warn(f"{path.name} holds {im.n_frames} frames: the first one is used", InputWarning, stacklevel=2)
                 im = ImageOps.exif_transpose(im)  # a copy, upright as a viewer shows it (phones store rotated pixels)
     elif isinstance(image, np.ndarray):

@@ -293,6 +293,7 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
         "source": job.source,
         "open_components": open_names,
         "dropped_components": dropped,
+        **({"up_axis": config.up_axis} if not job.source.startswith("procedural:") else {}),  # how a file was stood up
     }
     (out_dir / META).write_text(json.dumps(record))
     return record
@@ -467,8 +468,8 @@ def prepare(
                     summary.processed += 1
                     if record.get("dropped_components"):
                         summary.dropped_assets += 1
-                        bar.write(f"left out of {record['source']} (no surface: empty, flat to a point or line, or not "
-                                  f"finite): {', '.join(record['dropped_components'])}")
+                        bar.write(f"left out of {record['source']} (no surface: no faces, or collapsed to a point or "
+                                  f"line): {', '.join(record['dropped_components'])}")
                     if record["open_components"]:
                         summary.open_assets += 1
                         bar.write(f"open (not watertight) in {record['source']}: {', '.join(record['open_components'])}; "

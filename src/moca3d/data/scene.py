@@ -162,7 +162,7 @@ def _label_map(labels: np.ndarray, max_instances: int | None, name: str = "the l
         labels = labels.astype(np.int64)
     ids, counts = np.unique(labels, return_counts=True)
     if ids[0] < 0:
-        raise InputError(f"{name} holds negative ids (e.g. {ids[0]:g}): 0 is the background and each instance a positive id")
+        raise InputError(f"{name} holds negative ids (e.g. {int(ids[0])}): 0 is the background and each instance a positive id")
     counts = counts[ids != 0]
     ids = ids[ids != 0]
     if max_instances is not None and len(ids) > max_instances:  # before an (N, H, W) stack of a depth map's size
@@ -170,7 +170,7 @@ def _label_map(labels: np.ndarray, max_instances: int | None, name: str = "the l
         hint = f" ({slivers} of them under {SLIVER_PIXELS} pixels: was the label map smoothed or anti-aliased?)" if slivers else ""
         _check_count(len(ids), max_instances, hint)
     check_unsmoothed(labels, name)  # under the limit, smoothed edges would become instances of their own
-    return labels[None] == ids[:, None, None], [f"id {i:g}" for i in ids]  # (N, H, W)
+    return labels[None] == ids[:, None, None], [f"id {int(i)}" for i in ids]  # (N, H, W)
 
 
 def resolve_overlaps(masks: np.ndarray) -> np.ndarray:

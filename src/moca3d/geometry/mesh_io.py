@@ -415,8 +415,13 @@ def validate_components(
     if size <= 0:
         raise InputError(f"{label}: all vertices coincide")
     for mesh, name in zip(meshes, names):
-        if mesh.area <= MIN_COMPONENT_AREA * size * size:
+        if not has_surface(mesh, size):
             raise InputError(f"{label}: component '{name}' has zero surface area")
+
+
+def has_surface(mesh: trimesh.Trimesh, extent: float | None = None) -> bool:
+    """Faces with some area: over MIN_COMPONENT_AREA of `extent` squared (the asset's size), or over 0 without one."""
+    return len(mesh.faces) > 0 and mesh.area > (MIN_COMPONENT_AREA * extent * extent if extent is not None else 0.0)
 
 
 def load_components(
@@ -431,13 +436,12 @@ def degenerate_components(meshes: list[trimesh.Trimesh]) -> list[int]:
     the extent of the asset). Non-finite vertices are not among them: a corrupt file is refused, not trimmed."""
     if not all(np.isfinite(np.asarray(m.vertices)).all() for m in meshes):
         return []
-    bad = [i for i, m in enumerate(meshes) if len(m.faces) == 0]
-    rest = [m for i, m in enumerate(meshes) if i not in bad]
-    if not rest:
-        return bad
-    lo, hi = bounds_of(rest)
+    faced = [m for m in meshes if len(m.faces)]
+    if not faced:
+        return list(range(len(meshes)))
+    lo, hi = bounds_of(faced)
     size = float((hi - lo).max())
-    return sorted(bad + [i for i, m in enumerate(meshes) if i not in bad and m.area <= MIN_COMPONENT_AREA * size * size])
+    return [i for i, m in enumerate(meshes) if not has_surface(m, size)]
 
 
 def load_asset(path: str | Path, connected: bool = False, max_components: int | None = None,
@@ -447,13 +451,15 @@ def load_asset(path: str | Path, connected: bool = False, max_components: int | 
     out."""
     source = component_source(path)
     meshes, names = load_folder(source) if source.is_dir() else load_file(source)
+    if connected:  # the pieces first: a piece without surface is left out as a part would be
+        meshes, names = split_connected(meshes, names)
     dropped = []
     if drop_degenerate:
         bad = degenerate_components(meshes)
         if len(bad) < len(meshes):  # all of them: the asset is refused as before, naming the first
             dropped = [names[i] for i in bad]
             meshes, names = [m for i, m in enumerate(meshes) if i not in bad], [n for i, n in enumerate(names) if i not in bad]
-    return (*finish_components(meshes, names, connected, max_components, label=Path(path).name), dropped)
+    return (*finish_components(meshes, names, False, max_components, label=Path(path).name), dropped)
 
 
 def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected: bool = False, max_components: int | None = None,

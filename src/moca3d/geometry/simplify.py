@@ -29,9 +29,9 @@ def check_faces(faces: Optional[int], components: Optional[int] = None, dash: st
     if faces is None:
         return
     whole = not isinstance(faces, bool) and isinstance(faces, numbers.Integral)
-    if not whole or (components is None and faces < MIN_COMPONENT_FACES):
+    if not whole or (not components and faces < MIN_COMPONENT_FACES):
         raise ConfigError(f"{dash}faces must be a whole number >= {MIN_COMPONENT_FACES}, got {faces}")
-    if components is not None and faces < MIN_COMPONENT_FACES * max(components, 1):  # one rule, one message
+    if components and faces < MIN_COMPONENT_FACES * components:  # one rule, one message (no component: no floor)
         raise ConfigError(f"{dash}faces {faces} is too few for {components} components: at least {MIN_COMPONENT_FACES} each "
                           f"({MIN_COMPONENT_FACES * components} in all)")
 
