@@ -138,3 +138,82 @@ def test_a_latent_cache_names_its_assets_over_max_components(object_dataset, tmp
         assert len(LatentDataset.from_cache(cache, max_components=8, image_size=32)) == 4
     with pytest.raises(InputError, match="no assets with at most 2 parts; 6 cached assets have more than max_components 2"):
         LatentDataset.from_cache(cache, max_components=2, image_size=32)
+
+
+def test_sigterm_checkpoints_its_step_and_the_run_resumes_with_one_log(object_dataset, tmp_path, monkeypatch):
+    """A preempted job (SIGTERM) or a Ctrl+C ended training at once, saving nothing since the last checkpoint; now the
+    current step is checkpointed and the same call resumes from it; the log keeps each step once; a fresh run
+    (resume=False) over checkpoints is refused (it deleted them as it checkpointed)."""
+    import json
+    import signal
+
+    import moca3d.training.train_dit as train_dit
+    from moca3d.training.stop import TrainingStopped
+
+    root, vae_dir = object_dataset
+    recipe = tiny_dit_recipe(steps=6, checkpoint_every=100)  # no checkpoint but the last one, unless stopped
+    real, calls = train_dit.training_loss, []
+
+    def preempted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of this step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_dit, "training_loss", preempted)
+    with pytest.raises(TrainingStopped, match=r"stopped at step 3 of 6 \(SIGTERM\): checkpoint saved"):
+        train(root, tmp_path / "run", recipe, vae_dir=vae_dir, device="cpu", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000003"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(root, tmp_path / "run", recipe, vae_dir=vae_dir, device="cpu", progress=False, resume=False)
+    result = train(root, tmp_path / "run", recipe, vae_dir=vae_dir, device="cpu", progress=False)
+    assert result["trained_steps"] == 3 and len(calls) == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # each step once, across the stop
+
+
+def test_a_damaged_state_file_says_the_way_out_and_a_missing_one_is_named(object_dataset, tmp_path):
+    import warnings
+
+    from moca3d.errors import InputWarning
+    from moca3d.training.checkpoints import latest_checkpoint
+
+    root, vae_dir = object_dataset
+    train(root, tmp_path / "run", tiny_dit_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
+    newest = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (newest / "state.json").write_text('{"step": 2, "ext')  # cut short
+    with pytest.raises(CheckpointError, match="corrupt JSON .*delete .*step_00000002 to resume from the checkpoint before it"):
+        train(root, tmp_path / "run", tiny_dit_recipe(steps=3), vae_dir=vae_dir, device="cpu", progress=False)
+    (newest / "state.json").unlink()  # skipped silently before
+    with pytest.warns(InputWarning, match="step_00000002 left out .*resuming from step_00000001"):
+        assert latest_checkpoint(tmp_path / "run").name == "step_00000001"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        shutil.rmtree(newest)
+        latest_checkpoint(tmp_path / "run")
+
+
+def test_a_run_folder_trained_by_another_live_process_is_refused(object_dataset, tmp_path):
+    """Two jobs in one run folder (a requeued job beside the preempted one still running) overwrote each other's
+    checkpoints; a record of a live process of this machine now refuses the second, a dead one's is taken over."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from moca3d.training.checkpoints import RUN_LOCK
+
+    root, vae_dir = object_dataset
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / RUN_LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(ConfigError, match=f"being trained by process {other.pid} on this machine"):
+            train(root, run, tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)
+    finally:
+        other.kill()
+        other.wait()
+    train(root, run, tiny_dit_recipe(), vae_dir=vae_dir, device="cpu", progress=False)  # its process is gone: taken over
+    assert not (run / RUN_LOCK).exists()  # released at the end

@@ -221,9 +221,18 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
     """Build the recipe (overrides already applied), train (or only export), and print the outcome."""
     from moca3d.training.train_dit import DiTTrainConfig, train
 
+    from moca3d.training.stop import TrainingStopped
+
     check_run_folder(output)
-    result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
-                   export_only=export_only, progress=on_terminal())  # rich's bar, on stdout; a log has train_log.jsonl
+    try:
+        result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
+                       export_only=export_only, progress=on_terminal())  # rich's bar, on stdout; a log has train_log.jsonl
+    except TrainingStopped as stop:  # SIGTERM or a first Ctrl+C: the step's checkpoint is written
+        typer.echo(f"interrupted: {stop}", err=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # a second Ctrl+C: the newest checkpoint is the last one written
+        typer.echo(f"interrupted: {output}'s newest checkpoint is the last one written; the same command resumes", err=True)
+        raise typer.Exit(130) from None
     if result.get("writer") is False:  # a further process of a multi-process launch: the first one reports
         return
     if result["trained_steps"]:

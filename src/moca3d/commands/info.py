@@ -251,8 +251,8 @@ def _echo_run(report: dict) -> None:
     for name, folder in report["exports"].items():
         typer.echo(f"  {RUN_EXPORTS[name]}: {folder} (moca3d info {folder})")
     if not report["exports"]:
-        typer.echo("  nothing exported yet: the run writes its model folders (pipeline/, ...) at its end; train / train-scene "
-                   "--export-only writes pipeline/ from the newest checkpoint")
+        typer.echo("  nothing exported yet: the run writes its model folders (pipeline/, vae/, ...) at its end; of a train / "
+                   "train-scene run, --export-only writes pipeline/ from the newest checkpoint")
 
 
 def echo(report: dict) -> None:

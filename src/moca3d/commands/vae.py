@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, resolve_device,
+from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, plural, resolve_device,
                                    tqdm_progress, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning
@@ -99,7 +99,8 @@ def register(app: typer.Typer) -> None:
         summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
         if summary.get("writer") is False:  # a further process of a multi-process launch: the first one reports
             return
-        typer.echo(f"trained {summary['steps']} steps in {summary['train_time_s'] / 60:.1f} min; weights in {out_dir / 'vae'}")
+        typer.echo(f"trained {plural(summary['trained_steps'], 'step')} (to step {summary['steps']}) in "
+                   f"{summary['train_time_s'] / 60:.1f} min of training; weights in {out_dir / 'vae'}")
         for k, v in summary.get("val", {}).items():
             typer.echo(f"  val {k}: {v:.4f}")
 

@@ -164,7 +164,7 @@ def report_missing_latents(missing: list[str], root: str | Path, split: str) -> 
     """Warn (one line) that assets of a split are left out for lack of cached latents."""
     if missing:
         warnings.warn(f"{root}: {len(missing)} '{split}' assets have no cached latents and are left out (first: {missing[0]}); "
-                      "`moca3d encode-dataset` includes them", stacklevel=2)
+                      "`moca3d encode-dataset` includes them", InputWarning, stacklevel=2)
 
 
 def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, what: str, max_components: int) -> str:
@@ -235,7 +235,8 @@ def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, ima
     if not torch.isfinite(tensors["latents"]).all():
         raise InputError(f"{path}: the cached latents contain NaN or Inf; write the cache again (`moca3d cache-latents`)")
     if image_size is not None and tensors["images"].shape[-1] != image_size:
-        raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size}")
+        raise ConfigError(f"{path}: cached images are {tensors['images'].shape[-1]} px, the encoder takes {image_size} "
+                          f"(`moca3d cache-latents --image-size {image_size}` writes a cache for it)")
     counts = tensors.pop("counts").tolist()
     assets = {k: v if k in CACHE_PER_ASSET else torch.split(v, counts) for k, v in tensors.items()}
     keep = [i for i, n in enumerate(counts) if n <= max_components]

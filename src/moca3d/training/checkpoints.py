@@ -25,7 +25,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -36,7 +38,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moca3d.errors import CheckpointError
+from moca3d.errors import CheckpointError, ConfigError, InputWarning
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -339,9 +341,56 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
 
 
+RUN_LOCK = ".training"  # a run folder's record of the process training in it: {"host", "pid"}
+
+
+def claim_run(run_dir: str | Path) -> None:
+    """Record this process as the one training in `run_dir` (RUN_LOCK); ConfigError when a live process of this host
+    holds it (two jobs writing one run overwrite each other's checkpoints). A record of a process that is gone, of this
+    process, or of another host (a requeued job's old node cannot be asked) is taken over."""
+    lock = Path(run_dir) / RUN_LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        holder = json.loads(lock.read_text())
+        pid = int(holder["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        holder, pid = None, None
+    if holder and holder.get("host") == me["host"] and pid != me["pid"]:
+        try:
+            os.kill(pid, 0)  # no signal: only whether it exists
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # another user's
+            alive = True
+        if alive:
+            raise ConfigError(f"{run_dir} is being trained by process {pid} on this machine: wait for it or stop it "
+                              f"(a stale record? delete {lock})")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(me, lock)
+
+
+def release_run(run_dir: str | Path) -> None:
+    """Remove this process's RUN_LOCK record of `run_dir` (another process's is left)."""
+    lock = Path(run_dir) / RUN_LOCK
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """Most recent complete checkpoint of a run, or None."""
+    """Most recent complete checkpoint of a run, or None; a newer step folder without its state.json is warned about
+    (a kill cannot leave one: checkpoints are renamed into place whole)."""
     found = list_checkpoints(run_dir)
+    newest = int(STEP_PATTERN.match(found[-1].name).group(1)) if found else -1
+    root = Path(run_dir) / CHECKPOINT_DIR
+    broken = sorted(p.name for p in root.iterdir() if (m := STEP_PATTERN.match(p.name)) and int(m.group(1)) > newest
+                    and not (p / "state.json").is_file()) if root.is_dir() else []
+    if broken:
+        warnings.warn(f"{root}: {', '.join(broken)} left out (no state.json: incomplete or damaged); "
+                      f"{'resuming from ' + found[-1].name if found else 'no complete checkpoint'}", InputWarning, stacklevel=2)
     return found[-1] if found else None
 
 
@@ -408,7 +457,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     try:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
+        raise CheckpointError(f"{state_file}: corrupt JSON ({err}); delete {path} to resume from the checkpoint before it") from err
 
     def read(name: str) -> dict[str, torch.Tensor]:
         """One of the checkpoint's tensor files; a damaged one says how to resume from the checkpoint before."""

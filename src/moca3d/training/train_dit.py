@@ -47,10 +47,12 @@ from moca3d.models.lora import add_lora, lora_spec, merge_lora, save_adapter, tr
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
+from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, process_max
-from moca3d.training.train_vae import load_vae_folder
-from moca3d.training.checkpoints import EMA, fingerprint, frozen_fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint, state_dict_mismatch
+from moca3d.training.train_vae import load_vae_folder, trim_log
+from moca3d.training.checkpoints import (EMA, claim_run, fingerprint, frozen_fingerprint, latest_checkpoint, load_checkpoint,
+                                         release_run, save_checkpoint, state_dict_mismatch)
 
 SEED_STRIDE = 1_000_003
 CONDITIONS = ("object", "scene")
@@ -510,6 +512,8 @@ def train(
     ckpt = latest_checkpoint(out) if resume else None
     if export_only and ckpt is None:
         raise ConfigError(f"{out}: no checkpoint to export" + ("" if resume else " (export needs resume)"))
+    if not resume and latest_checkpoint(out) is not None:  # a fresh run there would delete them as it checkpoints
+        raise ConfigError(f"{out} already holds checkpoints; resume it (the default) or use a new directory")
     record_resume = None  # another recipe is refused before any data or model is loaded; recorded once accepted
     if ckpt is not None and (out / "train_config.json").is_file():
         record_resume = check_resume(out / "train_config.json", cfg, accelerator.print)
@@ -584,15 +588,20 @@ def train(
         if state.extra.get("vae") not in (None, vae_id):  # (None: a checkpoint from before the record)
             raise ConfigError(f"{out} was trained with another VAE than {vae_dir} (its latent scale and decoder differ): "
                               "resume with the run's own --vae, or start a new run from its weights")
-        if record_resume is not None and accelerator.is_main_process:
+        if record_resume is not None and accelerator.is_main_process and not export_only:  # an export changes no setting
             record_resume()
         spent = cfg.spent(start, before) or export_only
         finished = " (finished: nothing to train; its pipeline is exported again)" if spent else ""
         finished = " (its pipeline exported, nothing trained)" if export_only else finished
         accelerator.print(f"resumed from {ckpt} (step {start}){finished}")
+        if accelerator.is_main_process and not export_only:
+            trim_log(out / "train_log.jsonl", start)  # the steps logged after that checkpoint are run (and logged) again
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         record_run_config(out / "train_config.json", cfg.to_dict())
+        trim_log(out / "train_log.jsonl", 0)  # a run cut before its first checkpoint starts again: so does its log
+    if accelerator.is_main_process:
+        claim_run(out)  # a second job in this folder is refused, not left to overwrite this one's checkpoints
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.device.type == "cuda":
         data.to(accelerator.device)  # batches assembled on the GPU: no host-to-device copy of images per step
@@ -604,7 +613,7 @@ def train(
     done = start if spent else cfg.steps  # the last step run (less when the time limit stops the run)
     t0 = time.time()
     columns = [TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
+    with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar, stop_requests() as stop:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
         for step in range(start, start if spent else cfg.steps):
             elapsed = before + time.time() - t0
@@ -627,8 +636,11 @@ def train(
             ema.update(unwrapped)
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, before + time.time() - t0 > cfg.time_limit_s)
+            stopped = _any_process(accelerator, bool(stop))  # SIGTERM / Ctrl+C: this step's checkpoint, then out
+            out_of_time = out_of_time or stopped
             if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.steps or out_of_time:
-                log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr, "time": time.time() - t0})
+                log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr,
+                            "time": before + time.time() - t0})  # the run's training seconds, across resumes
             bar.update(task, completed=step + 1, info=f"loss {loss_value:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
                 accelerator.wait_for_everyone()
@@ -642,6 +654,9 @@ def train(
                     with open(out / "train_log.jsonl", "a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in log)
                     log.clear()
+            if stopped:
+                raise TrainingStopped(f"stopped at step {step + 1} of {cfg.steps} ({stop.reason}): checkpoint saved, the same "
+                                      "command resumes")
             if out_of_time:
                 done = step + 1
                 accelerator.print(f"time limit of {cfg.time_limit_s:.0f} s reached at step {done} of {cfg.steps}")
@@ -660,4 +675,5 @@ def train(
             result["lora"] = str(save_adapter(out / "lora", final, config, whole=scene_adapter_parts(cfg)))
         merge_lora(final)  # plain layers in the pipeline folder (a scene's 7-channel encoder, a LoRA-tuned transformer)
         result["pipeline"] = str(export_pipeline(out / "pipeline", final, vae, trained))
+    release_run(out)
     return result

@@ -31,8 +31,8 @@ from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, launched_processes, process_mean
-from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, frozen_fingerprint, latest_checkpoint, load_checkpoint,
-                                         save_checkpoint)
+from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, claim_run, frozen_fingerprint, latest_checkpoint,
+                                         load_checkpoint, release_run, save_checkpoint)
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
     "latent_channels": 8, "num_latents": 64, "num_attention_heads": 4, "width_encoder": 128, "width_decoder": 128,
@@ -488,6 +488,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         out_dir.mkdir(parents=True, exist_ok=True)
         record_run_config(out_dir / "train_config.json", cfg.to_dict())
         trim_log(log_path, 0)  # a run cut before its first checkpoint starts again: so does its log
+    if main:
+        claim_run(out_dir)  # a second job in this folder is refused, not left to overwrite this one's checkpoints
     loss_fn = VAELoss(model, cfg)
     if processes:  # gradients averaged over the processes during backward
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -551,7 +553,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     ema.copy_to(final)  # every process: the same weights (averaged gradients), written by the first
     if processes:
         processes.wait_for_everyone()
-    summary: dict[str, Any] = {"steps": cfg.steps, "train_time_s": train_time, "processes": world}
+    summary: dict[str, Any] = {"steps": cfg.steps, "trained_steps": max(cfg.steps - start, 0), "train_time_s": train_time,
+                               "processes": world}
     if not main:
         return {**summary, "writer": False}  # the first process reports
     if not cfg.freeze_encoder:  # a frozen encoder keeps init_from's factors (in cfg.model)
@@ -561,6 +564,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         summary["val"] = validate(final.to(dev), data_dir, cfg)
         _append_jsonl(log_path, {"step": cfg.steps, "val": summary["val"], "final": True})
     atomic_write_json(summary, out_dir / "summary.json")
+    release_run(out_dir)
     return summary
 
 
