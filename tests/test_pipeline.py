@@ -217,7 +217,8 @@ def test_resume_refuses_another_recipe_keeps_its_clock_and_says_when_finished(da
         train(root, run, tiny_recipe(steps=4, lr=0.5), vae_dir=vae_dir, device="cpu", progress=False)
     wider = {**json.loads((run / "train_config.json").read_text())["transformer"]}
     wider["width"] *= 2  # another model size: refused by the recipe check, not by a checkpoint that will not load
-    with pytest.raises(ConfigError, match=r"was started with another recipe \(transformer"):
+    width = wider["width"] // 2
+    with pytest.raises(ConfigError, match=rf"was started with another recipe \(transformer.width {width} -> {2 * width}\)"):
         train(root, run, tiny_recipe(steps=4, transformer=wider), vae_dir=vae_dir, device="cpu", progress=False)
     capsys.readouterr()
     result = train(root, run, tiny_recipe(steps=4), vae_dir=vae_dir, device="cpu", progress=False)  # more steps: allowed

@@ -206,6 +206,13 @@ def test_pretrain_encoder_cli(dataset, tmp_path):
     assert (tmp_path / "run" / "image_encoder" / "config.json").is_file()
     lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert lines[-1]["event"] == "done" and lines[-1]["step"] == 2
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:  # a kill after logging step 3, before its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    result = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(tmp_path / "run"),
+                                      "--config", str(tmp_path / "recipe.json"), "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"step": 3, "loss": 1.0} not in records and records[-1]["event"] == "done"  # trimmed to the resumed checkpoint
     bad = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(tmp_path / "x"), "--config", str(tmp_path / "nope.json")])
     assert isinstance(bad.exception, ConfigError) and "config file not found" in str(bad.exception)
 

@@ -42,6 +42,10 @@ def register(app: typer.Typer) -> None:
         log_path = out_dir / "log.jsonl"
 
         def log(record: dict) -> None:  # the first process's records alone (a multi-process launch's others log nothing)
+            if record.get("event") == "resume":  # the steps logged after its checkpoint are run (and logged) again
+                from moca3d.training.train_vae import trim_log
+
+                trim_log(log_path, record["step"])
             with open(log_path, "a") as log_file:
                 log_file.write(json.dumps(record) + "\n")
             typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

@@ -247,7 +247,8 @@ def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[
     changed = recipe_changes(config_path, new, defaults)
     fixed = [k for k in changed if k not in RESUMABLE_KEYS]
     if fixed:
-        diff = ", ".join(f"{k} {json.dumps(old.get(k))[:40]} -> {json.dumps(new.get(k))[:40]}" for k in fixed[:3])
+        pairs = [pair for k in fixed for pair in _leaf_changes(k, old.get(k), new.get(k))]
+        diff = ", ".join(f"{k} {json.dumps(a)[:40]} -> {json.dumps(b)[:40]}" for k, a, b in pairs[:3])
         raise ConfigError(f"{config_path.parent} was started with another recipe ({diff}): resume with its own "
                           f"({config_path.name}), or train into a new output folder")
     respelled = sorted(k for k in PATH_KEYS if old.get(k) != new.get(k) and k not in changed)
@@ -262,6 +263,14 @@ def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[
             atomic_write_json(_origin(config_path, new), origin_path(config_path))
 
     return record
+
+
+def _leaf_changes(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of each value that differs, inside nested dicts ("transformer.width 64 -> 32", not two
+    cut-off JSON objects)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [pair for k in sorted(set(old) | set(new)) for pair in _leaf_changes(f"{key}.{k}", old.get(k), new.get(k))]
+    return [(key, old, new)] if old != new else []
 
 
 def data_identity(ids: list[str]) -> dict[str, Any]:
