@@ -127,3 +127,14 @@ def test_a_training_run_and_its_checkpoints_point_to_what_it_exported(object_pip
     text = CliRunner().invoke(app, ["info", str(checkpoint)]).output
     assert text.startswith(f"{checkpoint}: training checkpoint (step 1) of the run {run}\n  trained to step 2 of 2")
     assert f"  pipeline: {pipeline} (moca3d info {pipeline})\n" in text
+
+
+def test_an_export_cut_off_by_a_kill_is_called_incomplete(object_pipeline, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(object_pipeline).parent, run)
+    (run / "pipeline" / "model_index.json").unlink()  # written last: a kill during the export leaves none
+    text = CliRunner().invoke(app, ["info", str(run)]).output
+    assert f"pipeline: {run / 'pipeline'} is incomplete (cut off while written)" in text
+    assert describe(run)["incomplete"] == ["pipeline"]

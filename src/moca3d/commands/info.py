@@ -32,6 +32,13 @@ RELEASE_TRANSFORMERS = {"TripoSGDiTModel": "TripoSG", "PartCrafterDiTModel": "Pa
 RUN_RECIPES = ("train_config.json", "pretrain_config.json")  # the recipe a training run records in its folder
 RUN_LOGS = ("train_log.jsonl", "log.jsonl")  # train / train-scene's log, train-vae's
 RUN_EXPORTS = {"pipeline": "pipeline", "lora": "LoRA adapter", "vae": "VAE", "image_encoder": "image encoder"}  # written at its end
+EXPORT_MARKS = {"pipeline": "model_index.json", "lora": ADAPTER_CONFIG}  # written last: present, the folder is whole
+
+
+def export_complete(folder: Path, name: str) -> bool:
+    """Whether a run's export folder `name` was written whole (a kill during the export leaves it without its mark)."""
+    mark = EXPORT_MARKS.get(name, "config.json")
+    return (folder / mark).is_file() and (name not in ("vae", "image_encoder") or any(folder.glob("*.safetensors")))
 
 
 def tensor_headers(folder: Path) -> dict[str, tuple[str, int]]:
@@ -159,7 +166,8 @@ def run_report(path: Path) -> Optional[dict]:
     newest = latest_checkpoint(path)
     report = {"kind": "training run", "path": str(path), "step": int(STEP_PATTERN.match(newest.name).group(1)) if newest else None,
               "steps": recipe.get("steps"), "init_from": recipe.get("init_from"), "last_logged": last_logged(path),
-              "exports": {name: str(path / name) for name in RUN_EXPORTS if (path / name).is_dir()}}
+              "exports": {name: str(path / name) for name in RUN_EXPORTS if (path / name).is_dir()},
+              "incomplete": [name for name in RUN_EXPORTS if (path / name).is_dir() and not export_complete(path / name, name)]}
     if "condition" in recipe:
         report["task"] = TASKS.get(str(recipe["condition"]), "?")
     return report
@@ -249,7 +257,10 @@ def _echo_run(report: dict) -> None:
     task = f"; task: {report['task']}" if "task" in report else ""
     typer.echo(f"  started from: {report['init_from'] or 'scratch (no init_from)'}{task}")
     for name, folder in report["exports"].items():
-        typer.echo(f"  {RUN_EXPORTS[name]}: {folder} (moca3d info {folder})")
+        if name in report.get("incomplete", []):
+            typer.echo(f"  {RUN_EXPORTS[name]}: {folder} is incomplete (cut off while written): the same command writes it again")
+        else:
+            typer.echo(f"  {RUN_EXPORTS[name]}: {folder} (moca3d info {folder})")
     if not report["exports"]:
         typer.echo("  nothing exported yet: the run writes its model folders (pipeline/, vae/, ...) at its end; of a train / "
                    "train-scene run, --export-only writes pipeline/ from the newest checkpoint")
