@@ -580,3 +580,11 @@ def test_generate_folders_take_every_image_format_and_name_what_they_leave_out(t
                             (Path("/proc/x.glb"), "cannot write in /proc")):  # was refused only after the generation
         res = CliRunner().invoke(app, single + ["-o", str(output)])
         assert isinstance(res.exception, ConfigError) and message in str(res.exception), res.output
+
+
+def test_an_existing_output_folder_that_takes_no_file_is_refused_up_front():
+    """`train -o` an existing read-only folder failed after the data and model had loaded."""
+    from moca3d.commands.common import check_run_folder
+
+    with pytest.raises(ConfigError, match="cannot write in /proc"):
+        check_run_folder(Path("/proc"))  # a virtual file system: no file can be made there, even by root

@@ -76,6 +76,11 @@ def _check_parents(path: Path, option: str) -> None:
     folder = next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
         raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
+    _check_writable(folder, path, option)
+
+
+def _check_writable(folder: Path, path: Path, option: str) -> None:
+    """ConfigError unless a file can be made in `folder` (for `option` `path`)."""
     try:  # a trial file: permissions, a read-only or virtual file system (/sys, /proc) all show here, not after the work
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".moca3d-write-test-"):
             pass
@@ -107,6 +112,8 @@ def check_run_folder(path: Path, option: str = "--output") -> None:
         raise ConfigError(f"{option} {path} is a file, not a folder")
     if not path.exists():
         _check_parents(path, option)
+    else:  # e.g. a read-only mount: found before the data and the model load
+        _check_writable(path, path, option)
 
 
 def check_generation_args(steps: int, resolution: int, guidance: float, output: Path, seed: int = 0,
