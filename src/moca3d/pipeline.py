@@ -353,7 +353,7 @@ class MoCAPipeline:
             num = cond.shape[1] if num is None else num
             num = int(num) if isinstance(num, numbers.Integral) and not isinstance(num, bool) else num  # numpy's: JSON
             check_faces(faces, num, dash="")  # a scene's count is known once its masks are read
-            if self.trained_components is not None and num > self.trained_components:
+            if self.trained_components is not None and self.trained_components < num <= self.transformer.max_components:
                 warnings.warn(f"{num} {prefix}s: this model was trained on at most {self.trained_components}; beyond that its "
                               f"{prefix}s may come out worse (up to {self.transformer.max_components} are allowed)",
                               InputWarning, stacklevel=3)
