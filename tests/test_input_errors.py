@@ -576,7 +576,7 @@ def test_generate_folders_take_every_image_format_and_name_what_they_leave_out(t
     single = ["generate", str(EXAMPLES / "chair.png"), "--steps", "1"]
     (tmp_path / "chair.mtl").mkdir()  # where an OBJ's materials would go
     for output, message in ((tmp_path / "out", "is a folder: give a file path"),  # was: "must be a .glb file"
-                            (tmp_path / "chair.obj", "chair.mtl is a folder"),  # found after the generation, the .obj replaced
+                            (tmp_path / "chair.obj", "chair.mtl, which is a folder"),  # found after the generation, the .obj replaced
                             (Path("/proc/x.glb"), "cannot write in /proc")):  # was refused only after the generation
         res = CliRunner().invoke(app, single + ["-o", str(output)])
         assert isinstance(res.exception, ConfigError) and message in str(res.exception), res.output

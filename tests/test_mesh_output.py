@@ -157,3 +157,12 @@ def test_a_failed_obj_write_leaves_no_mtl_behind(parts, tmp_path):
         save_components(tmp_path / "desk.obj", parts, NAMES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chair.obj", "desk.mtl", "desk.obj"]
     assert load_file(tmp_path / "desk.obj")[1] == ["box", "ball"]
+
+
+def test_an_obj_named_with_spaces_points_to_a_mtl_without_them(tmp_path):
+    """`mtllib` takes a list of names: "my chair.mtl" read as two files by strict readers."""
+    from moca3d.geometry.mesh_io import save_components
+
+    path = save_components(tmp_path / "my chair ü.obj", [trimesh.creation.box()], ["seat"])
+    assert (tmp_path / "my_chair_ü.mtl").is_file()
+    assert "mtllib my_chair_ü.mtl" in path.read_text(encoding="utf-8")

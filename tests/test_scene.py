@@ -57,7 +57,7 @@ def test_label_map_gives_one_mask_per_id_in_order(tmp_path):
         assert masks[1].sum() == 24 and masks[1][3, 4]
         assert read_masks(source)[1] == ["id 3", "id 7"]  # what a generated scene records of each instance
     assert read_masks(Image.fromarray(labels))[1] == ["id 3", "id 7"]
-    assert read_masks([labels == 7, labels == 3])[1] is None  # arrays: their order is all there is
+    assert read_masks([labels == 7, labels == 3])[1] == ["mask 0", "mask 1"]  # arrays: their places in the list
 
 
 def test_folder_masks_natural_order_and_later_mask_wins(tmp_path):

@@ -164,6 +164,7 @@ def test_sigterm_checkpoints_its_step_and_the_run_resumes_with_one_log(object_da
     with pytest.raises(TrainingStopped, match=r"stopped at step 3 of 6 \(SIGTERM\): checkpoint saved"):
         train(root, tmp_path / "run", recipe, vae_dir=vae_dir, device="cpu", progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000003"]
+    assert not (tmp_path / "run" / ".training").exists()  # its record released: a reused process id cannot block a resume
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are given back
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(root, tmp_path / "run", recipe, vae_dir=vae_dir, device="cpu", progress=False, resume=False)

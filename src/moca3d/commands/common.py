@@ -120,13 +120,13 @@ def check_generation_args(steps: int, resolution: int, guidance: float, output: 
                           shift: Optional[float] = None) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
     check_sampling_args(steps, guidance, resolution, shift, seed=seed)
-    from moca3d.geometry.mesh_io import MESH_FORMATS
+    from moca3d.geometry.mesh_io import MESH_FORMATS, mtl_path
 
     check_output_path(output)  # first: an existing folder is named as one
     if output.suffix.lower() not in MESH_FORMATS:
         raise ConfigError(f"--output must be a .glb file (one named node per component) or .obj (one object each), got {output}")
-    if output.suffix.lower() == ".obj":  # its materials go beside it (replacing a .mtl of that name)
-        check_output_path(output.with_suffix(".mtl"))
+    if output.suffix.lower() == ".obj" and mtl_path(output).is_dir():  # its materials go beside it (a .mtl replaced)
+        raise ConfigError(f"--output {output}: its materials go to {mtl_path(output)}, which is a folder")
 
 
 def model_limit(folder: Path) -> Optional[int]:
@@ -236,7 +236,7 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
                        export_only=export_only, progress=on_terminal())  # rich's bar, on stdout; a log has train_log.jsonl
     except TrainingStopped as stop:  # SIGTERM or a first Ctrl+C: the step's checkpoint is written
         typer.echo(f"interrupted: {stop}", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + int(stop.signum)) from None  # 143 for SIGTERM, 130 for Ctrl+C
     except KeyboardInterrupt:  # a second Ctrl+C: the newest checkpoint is the last one written
         typer.echo(f"interrupted: {output}'s newest checkpoint is the last one written; the same command resumes", err=True)
         raise typer.Exit(130) from None

@@ -123,7 +123,7 @@ def evaluate_command(
         result = evaluate_scene(pred_meshes, gt_meshes, config)
     else:  # the fused surface of the non-empty parts (num_empty counts the others; none at all scores F = 0)
         result = object_metrics(pred_meshes, gt_meshes, config)
-    if write_json(json_out, result):
+    if write_json(json_out, {**result, "frame": frame, "num_points": num_points}):
         return
     labels = {key: COUNT_LABELS[scene].get(key, key) for key in result if key != "instances"}
     width = max([22, *map(len, labels.values())])

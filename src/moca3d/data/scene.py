@@ -206,8 +206,8 @@ def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_
 
 def read_masks(masks: MasksLike, image_size: tuple[int, int] | None = None,
                max_instances: int | None = None) -> tuple[np.ndarray, list[str] | None]:
-    """`load_masks`, with where each instance's mask came from: its label id ("id 7") or its file's name; None for
-    binary masks given as arrays or images (their order is their list's)."""
+    """`load_masks`, with where each instance's mask came from: its label id ("id 7"), its file's name, or its place
+    in a list or stack of binary masks given as arrays or images ("mask 0")."""
     names: list[str] | None = None
     if masks is None:
         raise InputError("no masks given: a label map, a folder of binary masks or a list of them")
@@ -239,6 +239,7 @@ def read_masks(masks: MasksLike, image_size: tuple[int, int] | None = None,
             raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays, images or files; "
                              f"got {type(masks).__name__}")
         stack = np.stack([_binary(a) for a in arrays])  # 0/1 or 0/255
+        names = [f"mask {i}" for i in range(len(arrays))]  # their places in the list
     return check_masks(stack, image_size, max_instances, names), names
 
 
@@ -261,8 +262,10 @@ def check_masks(masks: np.ndarray, image_size: tuple[int, int] | None = None, ma
                   "alike)") if (h, w) == tuple(image_size) else ""
         raise InputError(f"the masks are {w}x{h} but the image is {image_size[0]}x{image_size[1]}{turned}")
 
-    def label(i: int) -> str:
-        return f"'{names[i]}'" if names else f"{i}"
+    def label(i: int) -> str:  # "mask 3", "mask id 7" or "mask 'chair.png'"
+        if not names or names[i] == f"mask {i}":
+            return f"{i}"
+        return names[i] if names[i].startswith("id ") else f"'{names[i]}'"
 
     for stage, note in ((masks, ""), (resolve_overlaps(masks), " (every pixel is covered by a later mask)")):
         empty = np.flatnonzero(~stage.any(axis=(1, 2)))

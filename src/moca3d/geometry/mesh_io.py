@@ -594,6 +594,11 @@ METADATA_KEY = "moca3d"  # a written file's record of how it was made (glTF scen
 MESH_FORMATS = (".glb", ".obj")  # what the CLI writes a generation as: one named node / one `o` object per component
 
 
+def mtl_path(obj: Path) -> Path:
+    """Where an OBJ's materials go: beside it, its name's spaces as underscores (`mtllib` takes a list of names)."""
+    return obj.with_name(re.sub(r"\s+", "_", obj.stem) + ".mtl")
+
+
 def check_mesh_format(path: str | Path) -> Path:
     """`path` as a Path, if its suffix is one components are written as (MESH_FORMATS); InputError otherwise."""
     path = Path(path)
@@ -615,7 +620,7 @@ def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list
         return save_glb(path, meshes, names, metadata=metadata)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
-    mtl = path.with_name(f"{path.stem}.mtl")
+    mtl = mtl_path(path)
     names, colors = _named_colors(meshes, names, None)
     text = _obj_text(meshes, names, colors, mtllib=mtl.name)
     if metadata:  # "mtllib" escaped in its JSON strings: trimesh reads the material file's name after the first "mtllib"

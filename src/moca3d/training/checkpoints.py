@@ -344,10 +344,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 RUN_LOCK = ".training"  # a run folder's record of the process training in it: {"host", "pid"}
 
 
-def claim_run(run_dir: str | Path) -> None:
+def claim_run(run_dir: str | Path, record: bool = True) -> None:
     """Record this process as the one training in `run_dir` (RUN_LOCK); ConfigError when a live process of this host
     holds it (two jobs writing one run overwrite each other's checkpoints). A record of a process that is gone, of this
-    process, or of another host (a requeued job's old node cannot be asked) is taken over."""
+    process, or of another host (a requeued job's old node cannot be asked) is taken over. `record=False`: the check
+    alone (before any loading; nothing written)."""
     lock = Path(run_dir) / RUN_LOCK
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     try:
@@ -366,8 +367,9 @@ def claim_run(run_dir: str | Path) -> None:
         if alive:
             raise ConfigError(f"{run_dir} is being trained by process {pid} on this machine: wait for it or stop it "
                               f"(a stale record? delete {lock})")
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(me, lock)
+    if record:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(me, lock)
 
 
 def release_run(run_dir: str | Path) -> None:

@@ -10,17 +10,23 @@ from typing import Iterator
 
 
 class StopRequest:
-    """True once a stop was asked for; which signal asked (its name) in `reason`."""
+    """True once a stop was asked for; which signal asked in `signum`, its name in `reason`."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.signum: int | None = None
 
     def __bool__(self) -> bool:
         return self.reason is not None
 
 
 class TrainingStopped(KeyboardInterrupt):
-    """A run ended early on a stop request, its last step checkpointed: the same command resumes it."""
+    """A run ended early on a stop request, its last step checkpointed: the same command resumes it. `signum`: the
+    signal that asked (a CLI exits with 128 + it, as the signal's default would)."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum if signum is not None else signal.SIGINT
 
 
 @contextmanager
@@ -35,7 +41,7 @@ def stop_requests() -> Iterator[StopRequest]:
     def handle(signum, frame) -> None:
         if request and signum == signal.SIGINT:  # asked twice: now
             raise KeyboardInterrupt
-        request.reason = signal.Signals(signum).name
+        request.reason, request.signum = signal.Signals(signum).name, signum
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

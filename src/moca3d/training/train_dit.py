@@ -514,6 +514,8 @@ def train(
         raise ConfigError(f"{out}: no checkpoint to export" + ("" if resume else " (export needs resume)"))
     if not resume and latest_checkpoint(out) is not None:  # a fresh run there would delete them as it checkpoints
         raise ConfigError(f"{out} already holds checkpoints; resume it (the default) or use a new directory")
+    if accelerator.is_main_process:
+        claim_run(out, record=False)  # another job training there: refused before anything loads
     record_resume = None  # another recipe is refused before any data or model is loaded; recorded once accepted
     if ckpt is not None and (out / "train_config.json").is_file():
         record_resume = check_resume(out / "train_config.json", cfg, accelerator.print)
@@ -655,8 +657,9 @@ def train(
                         f.writelines(json.dumps(r) + "\n" for r in log)
                     log.clear()
             if stopped:
+                release_run(out)
                 raise TrainingStopped(f"stopped at step {step + 1} of {cfg.steps} ({stop.reason}): checkpoint saved, the same "
-                                      "command resumes")
+                                      "command resumes", signum=stop.signum)
             if out_of_time:
                 done = step + 1
                 accelerator.print(f"time limit of {cfg.time_limit_s:.0f} s reached at step {done} of {cfg.steps}")
