@@ -223,23 +223,30 @@ def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Opt
     return recipe
 
 
+@contextmanager
+def training_stops(output: Path) -> Iterator[None]:
+    """A training verb stopped by SIGTERM or Ctrl+C: one line on stderr, exit code 128 + the signal (143, 130)."""
+    from moca3d.training.stop import TrainingStopped
+
+    try:
+        yield
+    except TrainingStopped as stop:  # the step's checkpoint is written
+        typer.echo(f"interrupted: {stop}", err=True)
+        raise typer.Exit(128 + int(stop.signum)) from None
+    except KeyboardInterrupt:  # a second Ctrl+C: at once
+        typer.echo(f"interrupted: {output}'s newest checkpoint is the last one written; the same command resumes", err=True)
+        raise typer.Exit(130) from None
+
+
 def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path], device: Optional[str], resume: bool,
                      export_only: bool = False) -> None:
     """Build the recipe (overrides already applied), train (or only export), and print the outcome."""
     from moca3d.training.train_dit import DiTTrainConfig, train
 
-    from moca3d.training.stop import TrainingStopped
-
     check_run_folder(output)
-    try:
+    with training_stops(output):
         result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
                        export_only=export_only, progress=on_terminal())  # rich's bar, on stdout; a log has train_log.jsonl
-    except TrainingStopped as stop:  # SIGTERM or a first Ctrl+C: the step's checkpoint is written
-        typer.echo(f"interrupted: {stop}", err=True)
-        raise typer.Exit(128 + int(stop.signum)) from None  # 143 for SIGTERM, 130 for Ctrl+C
-    except KeyboardInterrupt:  # a second Ctrl+C: the newest checkpoint is the last one written
-        typer.echo(f"interrupted: {output}'s newest checkpoint is the last one written; the same command resumes", err=True)
-        raise typer.Exit(130) from None
     if result.get("writer") is False:  # a further process of a multi-process launch: the first one reports
         return
     if result["trained_steps"]:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, plural, resolve_device,
-                                   tqdm_progress, write_json)
+                                   tqdm_progress, training_stops, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning
 
@@ -96,7 +96,8 @@ def register(app: typer.Typer) -> None:
             cfg.freeze_encoder = True
         cfg.check()
         check_run_folder(out_dir)
-        summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
+        with training_stops(out_dir):
+            summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
         if summary.get("writer") is False:  # a further process of a multi-process launch: the first one reports
             return
         typer.echo(f"trained {plural(summary['trained_steps'], 'step')} (to step {summary['steps']}) in "

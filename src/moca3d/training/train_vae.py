@@ -31,6 +31,7 @@ from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, launched_processes, process_mean
+from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, claim_run, frozen_fingerprint, latest_checkpoint,
                                          load_checkpoint, release_run, save_checkpoint)
 
@@ -504,48 +505,58 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     t0 = time.time()
     running: dict[str, float] = {}
     running_steps = 0
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = process_rows(make_batch(train, cfg, step, model.config.truncation), cfg, step, rank, world)
-        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        loss, stats = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"non-finite loss at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        optimizer.step()
-        ema.update(model)
-        stats = process_mean(stats, processes, dev)  # the processes' mean of each statistic
-        done = step + 1
-        for k, v in stats.items():
-            running[k] = running.get(k, 0.0) + v
-        running_steps += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['sign_acc']:.3f}")
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            record = {"step": done, "lr": lr_at(step, cfg), "elapsed_s": elapsed + time.time() - t0}
-            record.update({k: v / running_steps for k, v in running.items()})
-            if main:
-                _append_jsonl(log_path, record)
-            running, running_steps = {}, 0
-        if not main:  # checkpoints, validation and logs are the first process's
-            continue
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0, "data": data_identity(assets)},
-                            keep_last=cfg.keep_checkpoints, frozen=frozen)
-        if val_arrays is not None and (done % cfg.val_query_every == 0 or done == cfg.steps):
-            metrics = query_metrics(ema_model(ema, cfg, dev), val_arrays, cfg)
-            _append_jsonl(log_path, {"step": done, "val_query": metrics})
+    with stop_requests() as stop:  # SIGTERM or a first Ctrl+C: the step's checkpoint, then out
+        for step in range(start, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            batch = process_rows(make_batch(train, cfg, step, model.config.truncation), cfg, step, rank, world)
+            batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            loss, stats = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise ConfigError(f"non-finite loss at step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+            ema.update(model)
+            stats = process_mean(stats, processes, dev)  # the processes' mean of each statistic
+            done = step + 1
+            for k, v in stats.items():
+                running[k] = running.get(k, 0.0) + v
+            running_steps += 1
             if bar is not None:
-                bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
-        if has_val and done % cfg.validate_every == 0 and done != cfg.steps:
-            metrics = validate(ema_model(ema, cfg, dev), data_dir, cfg)
-            _append_jsonl(log_path, {"step": done, "val": metrics})
-            if bar is not None:
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['sign_acc']:.3f}")
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                record = {"step": done, "lr": lr_at(step, cfg), "elapsed_s": elapsed + time.time() - t0}
+                record.update({k: v / running_steps for k, v in running.items()})
+                if main:
+                    _append_jsonl(log_path, record)
+                running, running_steps = {}, 0
+            stopped = process_mean({"stop": float(bool(stop))}, processes, dev)["stop"] > 0  # SIGTERM / Ctrl+C on any process
+            if not main:  # checkpoints, validation and logs are the first process's
+                if stopped:
+                    raise TrainingStopped(f"stopped at step {done}", signum=stop.signum)
+                continue
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped:
+                save_checkpoint(out_dir, done, model, optimizer, ema, extra={"elapsed_s": elapsed + time.time() - t0, "data": data_identity(assets)},
+                                keep_last=cfg.keep_checkpoints, frozen=frozen)
+            if stopped:
+                release_run(out_dir)
+                if bar is not None:
+                    bar.close()
+                raise TrainingStopped(f"stopped at step {done} of {cfg.steps} ({stop.reason}): checkpoint saved, the same command "
+                                      "with --resume resumes", signum=stop.signum)
+            if val_arrays is not None and (done % cfg.val_query_every == 0 or done == cfg.steps):
+                metrics = query_metrics(ema_model(ema, cfg, dev), val_arrays, cfg)
+                _append_jsonl(log_path, {"step": done, "val_query": metrics})
+                if bar is not None:
+                    bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
+            if has_val and done % cfg.validate_every == 0 and done != cfg.steps:
+                metrics = validate(ema_model(ema, cfg, dev), data_dir, cfg)
+                _append_jsonl(log_path, {"step": done, "val": metrics})
+                if bar is not None:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if bar is not None:
         bar.close()
     train_time = elapsed + time.time() - t0
