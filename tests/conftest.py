@@ -90,3 +90,19 @@ def cli_report(args: list, path: Path) -> dict:
     result = CliRunner().invoke(app, [*args, "--json", str(path)])
     assert result.exit_code == 0, result.output
     return json.loads(Path(path).read_text())
+
+
+def preempt_on_call(real, call: int, calls: list):
+    """`real`, wrapped to count its calls in `calls` and send this process SIGTERM during call number `call` (a
+    scheduler preempting a training job: the loop ends after that step)."""
+    import os
+    import signal
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    return wrapped
+

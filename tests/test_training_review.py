@@ -6,7 +6,7 @@ import stat
 
 import pytest
 import torch
-from conftest import tiny_dit_recipe
+from conftest import preempt_on_call, tiny_dit_recipe
 
 from moca3d.errors import CheckpointError, ConfigError, InputError
 from moca3d.training.train_dit import train
@@ -152,15 +152,8 @@ def test_sigterm_checkpoints_its_step_and_the_run_resumes_with_one_log(object_da
 
     root, vae_dir = object_dataset
     recipe = tiny_dit_recipe(steps=6, checkpoint_every=100)  # no checkpoint but the last one, unless stopped
-    real, calls = train_dit.training_loss, []
-
-    def preempted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of this step
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_dit, "training_loss", preempted)
+    calls = []
+    monkeypatch.setattr(train_dit, "training_loss", preempt_on_call(train_dit.training_loss, 3, calls))  # SIGTERM in step 3
     with pytest.raises(TrainingStopped, match=r"stopped at step 3 of 6 \(SIGTERM\): checkpoint saved"):
         train(root, tmp_path / "run", recipe, vae_dir=vae_dir, device="cpu", progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000003"]

@@ -922,22 +922,16 @@ def test_training_with_more_surface_points_than_prepared_exports(dataset, tmp_pa
 
 def test_sigterm_checkpoints_the_vae_step_and_resume_goes_on(dataset, tmp_path, monkeypatch):
     """train-vae died on SIGTERM with nothing saved since its last checkpoint; now the step is checkpointed."""
-    import os
     import signal
 
     import moca3d.training.train_vae as train_vae_module
     from moca3d.training.checkpoints import latest_checkpoint
     from moca3d.training.stop import TrainingStopped
 
-    real, calls = train_vae_module.make_batch, []
+    from conftest import preempt_on_call
 
-    def preempted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of this step
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_vae_module, "make_batch", preempted)
+    calls = []
+    monkeypatch.setattr(train_vae_module, "make_batch", preempt_on_call(train_vae_module.make_batch, 2, calls))  # in step 2
     cfg = tiny_train_config(steps=4, checkpoint_every=100)
     with pytest.raises(TrainingStopped, match=r"stopped at step 2 of 4 \(SIGTERM\): checkpoint saved"):
         train_vae_module.train_vae(dataset, tmp_path / "run", cfg, progress=False, validate_at_end=False)
