@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         def log(record: dict) -> None:  # the first process's records alone (a multi-process launch's others log nothing)
             if record.get("event") == "resume":  # the steps logged after its checkpoint are run (and logged) again
-                from moca3d.training.train_vae import trim_log
+                from moca3d.training.checkpoints import trim_log
 
                 trim_log(log_path, record["step"])
             with open(log_path, "a") as log_file:

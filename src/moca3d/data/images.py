@@ -60,7 +60,7 @@ def readable(path: Path, what: str = "image") -> Iterator[None]:
 def load_image(image: ImageLike) -> Image.Image:
     """A PIL image from a path, a PIL image, an (H, W[, 3|4]) uint8, uint16 or [0, 1] float array, or a torch tensor
     laid out as torch's images are, ([1,] 1|3|4, H, W) or (H, W); clear error otherwise."""
-    if type(image).__module__.startswith("torch"):  # without importing torch here: a tensor, channels first
+    if isinstance(image, torch.Tensor):  # channels first
         array = image.detach().float().cpu().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
         if array.ndim == 4 and array.shape[0] == 1:
             array = array[0]  # a batch of one

@@ -211,7 +211,7 @@ def read_masks(masks: MasksLike, image_size: tuple[int, int] | None = None,
     names: list[str] | None = None
     if masks is None:
         raise InputError("no masks given: a label map, a folder of binary masks or a list of them")
-    if type(masks).__module__.startswith("torch"):  # a tensor: a label map (H, W) or binary masks (N, H, W)
+    if isinstance(masks, torch.Tensor):  # a label map (H, W) or binary masks (N, H, W)
         masks = masks.detach().cpu().numpy()
     if isinstance(masks, Image.Image):  # a label map read by the caller
         masks = np.asarray(masks if masks.mode in RAW_MODES else masks.convert("L"))

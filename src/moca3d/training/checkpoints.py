@@ -341,6 +341,22 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records of a JSON-lines log past `step` (and a line cut by a kill), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 RUN_LOCK = ".training"  # a run folder's record of the process training in it: {"host", "pid"}
 
 

@@ -50,9 +50,9 @@ from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and 
 from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, process_max
-from moca3d.training.train_vae import load_vae_folder, trim_log
+from moca3d.training.train_vae import load_vae_folder
 from moca3d.training.checkpoints import (EMA, claim_run, fingerprint, frozen_fingerprint, latest_checkpoint, load_checkpoint,
-                                         release_run, save_checkpoint, state_dict_mismatch)
+                                         release_run, save_checkpoint, state_dict_mismatch, trim_log)
 
 SEED_STRIDE = 1_000_003
 CONDITIONS = ("object", "scene")
@@ -455,11 +455,12 @@ def schedule_step(step: int, cfg: DiTTrainConfig, elapsed: float) -> int:
     return max(step, cfg.warmup_steps + int(elapsed / cfg.time_limit_s * (cfg.steps - cfg.warmup_steps)))
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    """True when `flag` holds on any process (one decision for all of them)."""
+def _any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, True when it holds on any process (one decision for all of them, one collective for all flags)."""
     if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0)
+        return tuple(bool(f) for f in flags)
+    summed = accelerator.reduce(torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum")
+    return tuple(bool(v > 0) for v in summed.tolist())
 
 
 def adapter_config(cfg: DiTTrainConfig, model: Generator, frozen: Optional[dict]) -> dict[str, Any]:
@@ -637,9 +638,9 @@ def train(
             unwrapped = accelerator.unwrap_model(model)
             ema.update(unwrapped)
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            out_of_time = cfg.time_limit_s > 0 and _any_process(accelerator, before + time.time() - t0 > cfg.time_limit_s)
-            stopped = _any_process(accelerator, bool(stop))  # SIGTERM / Ctrl+C: this step's checkpoint, then out
-            out_of_time = out_of_time or stopped
+            over = cfg.time_limit_s > 0 and before + time.time() - t0 > cfg.time_limit_s
+            over, stopped = _any_process(accelerator, over, bool(stop))  # SIGTERM / Ctrl+C: this step's checkpoint, then out
+            out_of_time = over or stopped
             if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.steps or out_of_time:
                 log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr,
                             "time": before + time.time() - t0})  # the run's training seconds, across resumes

@@ -33,7 +33,7 @@ from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_i
 from moca3d.training.distributed import batch_rows, launched_processes, process_mean
 from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, claim_run, frozen_fingerprint, latest_checkpoint,
-                                         load_checkpoint, release_run, save_checkpoint)
+                                         load_checkpoint, release_run, save_checkpoint, trim_log)
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
     "latent_channels": 8, "num_latents": 64, "num_attention_heads": 4, "width_encoder": 128, "width_decoder": 128,
@@ -519,7 +519,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
             ema.update(model)
-            stats = process_mean(stats, processes, dev)  # the processes' mean of each statistic
+            stats = process_mean({**stats, "stop": float(bool(stop))}, processes, dev)  # the processes' means, one collective
+            stopped = stats.pop("stop") > 0  # SIGTERM / Ctrl+C on any process
             done = step + 1
             for k, v in stats.items():
                 running[k] = running.get(k, 0.0) + v
@@ -533,7 +534,6 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
                 if main:
                     _append_jsonl(log_path, record)
                 running, running_steps = {}, 0
-            stopped = process_mean({"stop": float(bool(stop))}, processes, dev)["stop"] > 0  # SIGTERM / Ctrl+C on any process
             if not main:  # checkpoints, validation and logs are the first process's
                 if stopped:
                     raise TrainingStopped(f"stopped at step {done}", signum=stop.signum)
@@ -579,20 +579,6 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     return summary
 
 
-def trim_log(path: Path, step: int) -> None:
-    """Drop the records of a JSON-lines log past `step` (and a line cut by a kill), atomically."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
-        except json.JSONDecodeError:
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
 
 
 def load_vae_folder(folder: Path, hint: str = "") -> VecSetVAE:
