@@ -223,6 +223,39 @@ def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Opt
     return recipe
 
 
+RUN_LENGTH_FLAGS = {"steps": "--steps", "time_limit_s": "--time-limit"}  # recipe keys a resumed run keeps unless given
+
+
+def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, record_name: str,
+                  resume: bool = True) -> tuple[dict, Optional[dict]]:
+    """A training verb's starting recipe, JSON-ready: --config's (checked by `recipe_class`); or, resuming a run (OUTPUT holds checkpoints and the
+    recipe it recorded, `record_name`) without --config, the run's own; {} (the recipe class's defaults) otherwise. And
+    the run's recorded recipe when it resumes, else None."""
+    from moca3d.training.checkpoints import latest_checkpoint
+
+    recorded = None
+    if resume and (output / record_name).is_file() and latest_checkpoint(output) is not None:
+        try:
+            recorded = json.loads((output / record_name).read_text())
+        except (OSError, ValueError):
+            recorded = None  # the trainer names the damaged file
+    recorded = recorded if isinstance(recorded, dict) else None
+    if config is not None:
+        return recipe_class.from_json(config).to_dict(), recorded
+    return dict(recorded or {}), recorded
+
+
+def keep_run_length(recipe: dict, recorded: Optional[dict], **given: Any) -> None:
+    """A resumed run keeps its recorded steps and time limit unless the command line gives them again (`given`: the
+    flags' values by recipe key, None when not given): a requeued command that leaves out --time-limit would otherwise
+    drop the limit and restart the LR schedule's tail over all its steps."""
+    for key, flag in RUN_LENGTH_FLAGS.items():
+        if recorded is None or given.get(key) is not None or key not in recorded or recipe.get(key) == recorded[key]:
+            continue
+        typer.echo(f"keeping the run's {key} {recorded[key]} (the recipe's is {recipe.get(key)}; {flag} changes it)")
+        recipe[key] = recorded[key]
+
+
 @contextmanager
 def training_stops(output: Path) -> Iterator[None]:
     """A training verb stopped by SIGTERM or Ctrl+C: one line on stderr, exit code 128 + the signal (143, 130)."""

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     def pretrain_encoder_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/ with samples.npz): objects, or scenes with a scene recipe."),
         out_dir: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, log.jsonl, summary.json, image_encoder/."),
-        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (configs/encoder_pretrain.json; default: its values without its 20-minute limit and 1-thread setting)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (configs/encoder_pretrain.json; default: a resumed run's own recipe, else its values without its 20-minute limit and 1-thread setting)."),
         cache: Optional[Path] = typer.Option(None, "--cache", help="Read the renders from this latent cache (moca3d cache-latents) of DATA_DIR's train split (objects only)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there)."),
@@ -24,19 +24,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train the image encoder to predict each object's coarse 3D surface grid from its render (torchrun / accelerate launch: data-parallel over several processes).
 
-        With a scene recipe (configs/encoder_pretrain_scene.json, "condition": "scene") each visible instance's 7-channel stack predicts that instance's grid in the scene frame, starting from an object encoder widened to 7 channels. The result, OUT/image_encoder, is what a DiT or scene recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints, with the recipe it was started with (OUT/pretrain_config.json): only --steps, --time-limit, num_threads, log_every and checkpoint_every may change; another recipe is refused.
+        With a scene recipe (configs/encoder_pretrain_scene.json, "condition": "scene") each visible instance's 7-channel stack predicts that instance's grid in the scene frame, starting from an object encoder widened to 7 channels. The result, OUT/image_encoder, is what a DiT or scene recipe's `image_encoder_from` loads. Resumes from OUT's checkpoints, with the recipe it was started with (OUT/pretrain_config.json, used when --config is left out): only --steps, --time-limit (each kept until given again), num_threads, log_every and checkpoint_every may change; another recipe is refused.
 
         Under `torchrun --nproc_per_node K -m moca3d pretrain-encoder ...` (or `accelerate launch -m moca3d ...`) each process encodes batch_size / K of every batch (batch_size must be divisible by K), gradients are averaged, and the first process alone logs and writes. The batches do not depend on K: a run resumes under another process count as the same run.
         """
-        from moca3d.commands.common import check_run_folder, resolve_device
+        from moca3d.commands.common import check_run_folder, keep_run_length, resolve_device, resume_recipe
         from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
-        cfg = EncoderPretrainConfig.from_json(config) if config else EncoderPretrainConfig.from_dict({})
+        recipe, recorded = resume_recipe(EncoderPretrainConfig, config, out_dir, "pretrain_config.json")
         if steps is not None:
-            cfg.steps = steps
+            recipe["steps"] = steps
         if time_limit is not None:
-            cfg.time_limit_s = time_limit
-        cfg.check()
+            recipe["time_limit_s"] = time_limit
+        keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
+        cfg = EncoderPretrainConfig.from_dict(recipe)  # checked
         check_run_folder(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path = out_dir / "log.jsonl"

@@ -10,8 +10,8 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
-                                    echo_missing, interruptible, load_or_predictions, model_limit, plural, resolve_device,
-                                    run_dit_training, save_generation, tqdm_progress, write_json)
+                                    echo_missing, interruptible, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
+                                    resume_recipe, run_dit_training, save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
@@ -137,27 +137,28 @@ def register(app: typer.Typer) -> None:
     def train(
         data: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d prepare + encode-dataset), or a cache file (moca3d cache-latents)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
-        config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json; default: the DiTTrainConfig defaults, a small from-scratch transformer)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json; default: a resumed run's own recipe, else the DiTTrainConfig defaults, a small from-scratch transformer)."),
         vae: Optional[Path] = typer.Option(None, "--vae", help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE)."),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used)."),
-        steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
+        steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
-        time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
+        time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there; a resumed run keeps its own until given again), then export."),
         lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the adapter alone, for --lora) and keep the image encoder frozen; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
         from moca3d.training.train_dit import DiTTrainConfig
 
-        recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
+        recipe, recorded = resume_recipe(DiTTrainConfig, config, output, "train_config.json", resume)
         if init_from is not None:
             recipe["init_from"] = str(init_from)
         if vae is None and not recipe.get("init_from"):
             raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless it starts from a pipeline (--init-from or the recipe's init_from)")
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
+        keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
         if lora_rank:  # the memory-lean fine-tune: the encoder stays as it is too (as TripoSG keeps DINOv2)
             recipe["freeze_image_encoder"] = True
         run_dit_training(data, output, recipe, vae, device, resume, export_only)

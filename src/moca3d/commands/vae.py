@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, plural, resolve_device,
-                                   tqdm_progress, training_stops, write_json)
+from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
+                                   resume_recipe, tqdm_progress, training_stops, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning
 
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
     def train_vae_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
         out_dir: Path = typer.Option(..., "--output", "--out", "-o", help="Run directory: checkpoints, logs, vae/."),
-        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (default: the built-in small recipe, as configs/vae_small.json)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="JSON recipe (default: a resumed run's own recipe, else the built-in small recipe, as configs/vae_small.json)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the batch size (components)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT_DIR."),
@@ -81,20 +81,21 @@ def register(app: typer.Typer) -> None:
         """Train the vecset VAE on part meshes (SDF + KL loss, EMA, checkpoints, validation; torchrun / accelerate launch: many GPUs)."""
         from moca3d.training.train_vae import VAETrainConfig, train_vae
 
-        cfg = VAETrainConfig.from_json(config) if config is not None else VAETrainConfig()
+        recipe, recorded = resume_recipe(VAETrainConfig, config, out_dir, "train_config.json", resume)
         if steps is not None:
-            cfg.steps = steps
+            recipe["steps"] = steps
         if batch_size is not None:
-            cfg.batch_size = batch_size
+            recipe["batch_size"] = batch_size
         if threads is not None:
             if threads < 0:
                 raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {threads}")
-            cfg.num_threads = threads
+            recipe["num_threads"] = threads
         if init_from is not None:
-            cfg.init_from = str(init_from)
+            recipe["init_from"] = str(init_from)
         if freeze_encoder:
-            cfg.freeze_encoder = True
-        cfg.check()
+            recipe["freeze_encoder"] = True
+        keep_run_length(recipe, recorded, steps=steps)
+        cfg = VAETrainConfig.from_dict(recipe)  # checked
         check_run_folder(out_dir)
         with training_stops(out_dir):
             summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))

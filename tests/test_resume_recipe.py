@@ -1,0 +1,91 @@
+"""Which recipe a resumed training command runs: without --config the run's own; its steps and time limit kept unless
+given again (a requeued command that forgot --time-limit dropped the limit and raised the LR again)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from conftest import TINY_VAE, tiny_dit_recipe
+from moca3d.cli import app
+from moca3d.training.checkpoints import latest_checkpoint
+
+
+def invoke(*args):
+    """Run the CLI; its result (exit code checked by the caller)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_a_dit_run_resumes_without_its_config_and_keeps_its_length(object_dataset, tmp_path):
+    root, vae_dir = object_dataset
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(tiny_dit_recipe(checkpoint_every=2).to_dict()))  # steps 2, no time limit
+    run = tmp_path / "run"
+    first = invoke("train", root, "-o", run, "--config", config, "--vae", vae_dir, "--steps", 2, "--time-limit", 1000)
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert (recorded["steps"], recorded["time_limit_s"]) == (2, 1000)
+
+    again = invoke("train", root, "-o", run, "--vae", vae_dir)  # no --config: the run's own recipe, not the defaults
+    assert again.exit_code == 0, again.output
+    assert "trained nothing: the run is at step 2" in again.output and "keeping" not in again.output
+
+    requeued = invoke("train", root, "-o", run, "--config", config, "--vae", vae_dir, "--steps", 3)  # --time-limit left out
+    assert requeued.exit_code == 0, requeued.output
+    assert "keeping the run's time_limit_s 1000.0 (the recipe's is 0.0; --time-limit changes it)" in requeued.output
+    assert "resuming with steps 2 -> 3" in requeued.output and "trained 1 step (to step 3)" in requeued.output
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert (recorded["steps"], recorded["time_limit_s"]) == (3, 1000)
+
+    changed = invoke("train", root, "-o", run, "--vae", vae_dir, "--time-limit", 0)  # given again: changed, and said
+    assert changed.exit_code == 0, changed.output
+    assert "resuming with time_limit_s 1000.0 -> 0.0" in changed.output
+    assert json.loads((run / "train_config.json").read_text())["time_limit_s"] == 0
+
+
+def test_a_fresh_run_takes_its_config_and_a_new_folder_the_defaults(object_dataset, tmp_path):
+    """No checkpoint yet: --config's values as given (nothing kept from a recorded recipe of a run cut before its
+    first checkpoint)."""
+    root, vae_dir = object_dataset
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps(tiny_dit_recipe(steps=7, time_limit_s=5.0).to_dict()))
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(tiny_dit_recipe(steps=1).to_dict()))
+    result = invoke("train", root, "-o", run, "--config", config, "--vae", vae_dir)
+    assert result.exit_code == 0, result.output
+    assert "keeping" not in result.output and "trained 1 step (to step 1)" in result.output
+    assert json.loads((run / "train_config.json").read_text())["time_limit_s"] == 0
+
+
+def test_a_vae_run_resumes_without_its_config_and_keeps_its_steps(object_dataset, tmp_path):
+    root, _ = object_dataset
+    config = tmp_path / "vae.json"
+    config.write_text(json.dumps(dict(model=TINY_VAE, steps=4, batch_size=2, num_surface_points=64, num_query_points=64,
+                                      log_every=1, checkpoint_every=1, validate_every=1000, val_assets=1, val_resolution=16,
+                                      val_coarse_resolution=8, metric_points=500, warmup_steps=1, num_threads=1)))
+    run = tmp_path / "vae"
+    first = invoke("train-vae", root, "-o", run, "--config", config, "--steps", 2)
+    assert first.exit_code == 0, first.output
+    again = invoke("train-vae", root, "-o", run, "--resume")  # no --config: the run's recipe, so nothing to train
+    assert again.exit_code == 0, again.output
+    assert "trained 0 steps (to step 2)" in again.output
+    requeued = invoke("train-vae", root, "-o", run, "--config", config, "--resume")  # the file says 4; the run was 2
+    assert requeued.exit_code == 0, requeued.output
+    assert "keeping the run's steps 2 (the recipe's is 4; --steps changes it)" in requeued.output
+    assert latest_checkpoint(run).name == "step_00000002"
+
+
+def test_a_pretraining_run_resumes_without_its_config(object_dataset, tmp_path):
+    root, _ = object_dataset
+    config = tmp_path / "pretrain.json"
+    config.write_text(json.dumps(dict(image_encoder=dict(image_size=32, patch_size=8, width=32, num_layers=1, num_heads=4),
+                                      grid_resolution=8, dilate=0, queries_per_image=64, head_width=32, head_heads=4,
+                                      steps=6, batch_size=2, warmup_steps=1, val_assets=1, log_every=1, checkpoint_every=1)))
+    run = tmp_path / "enc"
+    first = invoke("pretrain-encoder", root, "-o", run, "--config", config, "--steps", 1, "--time-limit", 500)
+    assert first.exit_code == 0, first.output
+    again = invoke("pretrain-encoder", root, "-o", run, "--steps", 2)
+    assert again.exit_code == 0, again.output
+    assert "resuming with steps 1 -> 2" in again.output and "keeping" not in again.output
+    recorded = json.loads((run / "pretrain_config.json").read_text())
+    assert (recorded["steps"], recorded["time_limit_s"], recorded["head_width"]) == (2, 500, 32)
