@@ -1,6 +1,7 @@
 """Image-encoder pre-training on coarse surface grids, and DiT training from the pre-trained encoder."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -243,3 +244,36 @@ def test_holdout_split_keeps_every_asset_on_one_side():
     train, val = holdout_split(assets, 10, val_assets=2)  # assets 8, 9 have no pairs: nothing held out
     assert val == [] and train == list(range(10))
     assert not set(train) & set(val)
+
+
+def test_sigterm_checkpoints_the_last_step_and_the_run_resumes(dataset, tmp_path, monkeypatch):
+    """A preempted pre-training (SIGTERM) died, losing every step since its last checkpoint; now it stops after the
+    step, checkpointed (the CLI exits 143), the handlers and the run's record are given back, and the same command
+    resumes to the same encoder as an uninterrupted run. A second job in a run folder being trained is refused."""
+    import signal
+    import socket
+
+    import moca3d.training.pretrain_encoder as module
+    from conftest import preempt_on_call
+    from moca3d.training.checkpoints import RUN_LOCK
+
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(tiny_pretrain(checkpoint_every=100).to_dict()))  # no checkpoint but the last, unless stopped
+    calls = []
+    monkeypatch.setattr(module, "draw_queries", preempt_on_call(module.draw_queries, 3, calls))  # SIGTERM in step 3
+    stopped = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(tmp_path / "run"), "--config", str(config)])
+    assert stopped.exit_code == 143, stopped.output
+    assert "interrupted: stopped at step 3 of 6 (SIGTERM): checkpoint saved" in stopped.output
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000003"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not (tmp_path / "run" / RUN_LOCK).exists()
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(tmp_path / "run")])
+    assert resumed.exit_code == 0, resumed.output
+    pretrain_encoder(tiny_pretrain(checkpoint_every=100), dataset, tmp_path / "straight", log=lambda r: None)
+    a = ImageEncoder.from_pretrained(tmp_path / "run" / "image_encoder").state_dict()
+    b = ImageEncoder.from_pretrained(tmp_path / "straight" / "image_encoder").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    (tmp_path / "run" / RUN_LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))  # alive
+    with pytest.raises(ConfigError, match=f"is being trained by process {os.getppid()} on this machine"):
+        pretrain_encoder(tiny_pretrain(steps=8), dataset, tmp_path / "run", log=lambda r: None)

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
         Under `torchrun --nproc_per_node K -m moca3d pretrain-encoder ...` (or `accelerate launch -m moca3d ...`) each process encodes batch_size / K of every batch (batch_size must be divisible by K), gradients are averaged, and the first process alone logs and writes. The batches do not depend on K: a run resumes under another process count as the same run.
         """
-        from moca3d.commands.common import check_run_folder, keep_run_length, resolve_device, resume_recipe
+        from moca3d.commands.common import check_run_folder, keep_run_length, resolve_device, resume_recipe, training_stops
         from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
         recipe, recorded = resume_recipe(EncoderPretrainConfig, config, out_dir, "pretrain_config.json")
@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
                 log_file.write(json.dumps(record) + "\n")
             typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
-        folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log, device=resolve_device(device))
+        with training_stops(out_dir):
+            folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log, device=resolve_device(device))
         if folder is None:  # a further process of a multi-process launch: the first one reports
             return
         typer.echo(f"image encoder: {folder}")

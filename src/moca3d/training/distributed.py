@@ -45,8 +45,13 @@ def process_mean(stats: dict[str, float], processes, device: torch.device) -> di
 def process_max(value: float, processes, device: torch.device) -> float:
     """The largest of the processes' `value`s (`value` itself without a launcher): one number they all act on,
     e.g. the elapsed seconds a time limit and its LR schedule read; a collective: every process calls it."""
+    return process_maxima([value], processes, device)[0]
+
+
+def process_maxima(values: list[float], processes, device: torch.device) -> list[float]:
+    """`process_max` of several numbers in one collective (`values` themselves without a launcher)."""
     if not processes:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()

@@ -35,9 +35,10 @@ from moca3d.errors import ConfigError, InputError
 from moca3d.models.image_encoder import SCENE_CHANNELS, WIDEN_INITS, ImageEncoder, input_channels, widen_input_channels
 from moca3d.models.vae import FourierEmbedder, LayerNorm32, VecSetBlock
 from moca3d.training.checkpoints import (
-    atomic_save_tensors, atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint,
+    atomic_save_tensors, atomic_write_json, claim_run, latest_checkpoint, load_checkpoint, release_run, save_checkpoint,
 )
-from moca3d.training.distributed import batch_rows, launched_processes, process_max, process_mean
+from moca3d.training.distributed import batch_rows, launched_processes, process_maxima, process_mean
+from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, recipe_defaults, record_run_config
 
 GRID_CACHE_KIND = "moca3d-surface-grids"
@@ -424,6 +425,8 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     record = cfg.to_dict() | {"image_encoder": {k: v for k, v in model.image_encoder.config.items() if not k.startswith("_")}}
     config_path = out_dir / "pretrain_config.json"
     ckpt = latest_checkpoint(out_dir)
+    if main:
+        claim_run(out_dir, record=False)  # another job training there: refused before anything loads
     notes: list[str] = []
     record_resume = None
     if ckpt is not None and config_path.is_file():  # before any work: another recipe's run is refused, not mixed in
@@ -465,37 +468,47 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     net = model
     if processes:  # gradients averaged over the processes during backward
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if main:
+        claim_run(out_dir)  # a second job in this folder is refused, not left to overwrite this one's checkpoints
     t0 = time.time()
     step, losses = start, []
-    while step < cfg.steps:
-        elapsed = elapsed0 + time.time() - t0  # the run's, resumes included: the limit holds for the whole run
-        if cfg.time_limit_s:
-            elapsed = process_max(elapsed, processes, dev)  # one clock for all processes: the same stop, the same LR
-            if elapsed >= cfg.time_limit_s:
+    with stop_requests() as stop:  # SIGTERM or a first Ctrl+C: a checkpoint of the last step, then out
+        while step < cfg.steps:
+            elapsed = elapsed0 + time.time() - t0  # the run's, resumes included: the limit holds for the whole run
+            # one clock and one stop for all processes (the same LR; none left waiting in a collective): one collective
+            elapsed, stopped = process_maxima([elapsed, float(bool(stop))], processes, dev)
+            if stopped:
+                if main and step > start and step % cfg.checkpoint_every:  # the last step's checkpoint, unless written
+                    save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
+                if main:
+                    release_run(out_dir)
+                raise TrainingStopped(f"stopped at step {step} of {cfg.steps} ({stop.reason or 'another process'}): "
+                                      "checkpoint saved, the same command resumes", signum=stop.signum)
+            if cfg.time_limit_s and elapsed >= cfg.time_limit_s:
                 break
-        sched = schedule_step(step, cfg, elapsed)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(sched, cfg)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run draws the same
-        pick = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)
-        grids = dilate_grids(unpack_grids(packed[train_rows[pick]], resolution), cfg.dilate)  # (B, R, R, R)
-        idx, labels = draw_queries(grids, cfg.queries_per_image, gen)  # the global batch's: the same on every process
-        pick, idx, labels = pick[mine], idx[mine], labels[mine]  # this process's rows (all of them in one process)
-        images = samples.inputs([train_idx[i] for i in pick.tolist()]).to(dev)  # (b, C, S, S)
-        logits = net(images, centres[idx].to(dev))  # (b, Q)
-        loss = F.binary_cross_entropy_with_logits(logits, labels.to(dev))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        step += 1
-        if step % cfg.log_every == 0:
-            loss_mean = process_mean({"loss": float(np.mean(losses))}, processes, dev)["loss"]  # the global batches' loss
-            log({"step": step, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed0 + time.time() - t0, 1)})
-            losses = []
-        if main and step % cfg.checkpoint_every == 0:
-            save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
+            sched = schedule_step(step, cfg, elapsed)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(sched, cfg)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # per-step draws: a resumed run draws the same
+            pick = torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)
+            grids = dilate_grids(unpack_grids(packed[train_rows[pick]], resolution), cfg.dilate)  # (B, R, R, R)
+            idx, labels = draw_queries(grids, cfg.queries_per_image, gen)  # the global batch's: the same on every process
+            pick, idx, labels = pick[mine], idx[mine], labels[mine]  # this process's rows (all of them in one process)
+            images = samples.inputs([train_idx[i] for i in pick.tolist()]).to(dev)  # (b, C, S, S)
+            logits = net(images, centres[idx].to(dev))  # (b, Q)
+            loss = F.binary_cross_entropy_with_logits(logits, labels.to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if step % cfg.log_every == 0:
+                loss_mean = process_mean({"loss": float(np.mean(losses))}, processes, dev)["loss"]  # the global batches' loss
+                log({"step": step, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed0 + time.time() - t0, 1)})
+                losses = []
+            if main and step % cfg.checkpoint_every == 0:
+                save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
     if processes:
         processes.wait_for_everyone()
     if not main:  # the same weights on every process (averaged gradients): the first evaluates, writes and reports
@@ -516,5 +529,6 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     summary = {"step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), **metrics, **({"processes": world} if processes else {})}
     atomic_write_json(summary, out_dir / "summary.json")
     log({"event": "done", **summary})
+    release_run(out_dir)
     return out_dir / "image_encoder"
 
