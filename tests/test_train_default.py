@@ -316,3 +316,24 @@ def test_an_edited_stage_config_is_refused_not_skipped(tiny_run, tmp_path):
     result = train_default(work, recipe)
     assert result.exit_code == 0, result.output
     assert json.loads((work / "recipe.json").read_text())["config_hashes"] == config_hashes(json.loads(recipe.read_text()))
+
+
+def test_sigterm_in_a_stage_exits_143_and_the_same_command_goes_on(tiny_run, tmp_path, monkeypatch):
+    """A preempted train-default (SIGTERM in its transformer stage) said "Aborted!" and exited 1, as if nothing were
+    saved; now the stage stops after its step, checkpointed, the command exits 143 naming the checkpoint, and run
+    again it resumes that stage."""
+    import moca3d.training.train_dit as train_dit
+    from conftest import preempt_on_call
+
+    recipe, work = copy_run(tiny_run, tmp_path)
+    shutil.rmtree(work / "dit")  # the transformer stage, to be run again
+    calls = []
+    monkeypatch.setattr(train_dit, "training_loss", preempt_on_call(train_dit.training_loss, 1, calls))  # in step 1
+    result = train_default(work, recipe)
+    assert result.exit_code == 143, result.output
+    assert "interrupted: stopped at step 1 of 2 (SIGTERM): checkpoint saved" in result.output
+    assert [p.name for p in (work / "dit" / "checkpoints").iterdir()] == ["step_00000001"]
+    monkeypatch.undo()
+    result = train_default(work, recipe)
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and (work / "dit" / "pipeline" / "model_index.json").is_file()

@@ -227,86 +227,87 @@ def register(app: typer.Typer) -> None:
         from moca3d.training.train_dit import DiTTrainConfig, train
         from moca3d.training.train_vae import VAETrainConfig, encode_dataset, train_vae
 
-        from moca3d.commands.common import check_run_folder, resolve_device
+        from moca3d.commands.common import check_run_folder, resolve_device, training_stops
 
         spec = read_recipe(recipe if recipe is not None else CONFIGS / "default.json")
         check_run_folder(work, "--work")
         dev = resolve_device(device)
         check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None, HASHES: config_hashes(spec)})
         root = data or work / "data"
+        with training_stops(work):  # SIGTERM / Ctrl+C: the stage running stops after its step, checkpointed
 
-        def prepare_objects(count: int, start: int, num_queries: int) -> None:
-            """Objects start..start+count-1 of the recipe's stream into `root`, with `num_queries` SDF queries each."""
-            cfg = PrepareConfig(
-                surface=SurfaceSamplingConfig(num_points=spec["num_surface"]), queries=QueryConfig(num_queries=num_queries),
-                val_fraction=spec["val_fraction"], test_fraction=spec["test_fraction"], seed=spec["seed"],
-            )
-            # the DiT-only objects have fewer SDF queries than the VAE's, on purpose
-            prepare(procedural_jobs("objects", count, seed=spec["seed"], start=start), root, cfg, workers=workers,
-                    vary=("queries.num_queries",))
+            def prepare_objects(count: int, start: int, num_queries: int) -> None:
+                """Objects start..start+count-1 of the recipe's stream into `root`, with `num_queries` SDF queries each."""
+                cfg = PrepareConfig(
+                    surface=SurfaceSamplingConfig(num_points=spec["num_surface"]), queries=QueryConfig(num_queries=num_queries),
+                    val_fraction=spec["val_fraction"], test_fraction=spec["test_fraction"], seed=spec["seed"],
+                )
+                # the DiT-only objects have fewer SDF queries than the VAE's, on purpose
+                prepare(procedural_jobs("objects", count, seed=spec["seed"], start=start), root, cfg, workers=workers,
+                        vary=("queries.num_queries",))
 
-        if data is None:
-            typer.echo(f"[1/4] preparing {spec['objects']} procedural objects in {root}")
-            prepare_objects(spec["objects"], 0, spec["num_queries"])
-        vae_run = work / "vae"
-        if (vae_run / "summary.json").is_file():  # written last: the VAE folder is complete
-            typer.echo(f"[2/4] the VAE in {vae_run} is trained: skipped")
-        else:
-            typer.echo(f"[2/4] training the VAE in {vae_run}")
-            train_vae(root, vae_run, VAETrainConfig.from_json(CONFIGS / spec["vae_config"]), resume=True, device=dev)
-        extra = int(spec.get("dit_extra_objects", 0))
-        if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
-            typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
-            prepare_objects(extra, spec["objects"], spec["dit_extra_num_queries"])
-        vae_dir = vae_run / "vae"
-        if spec.get("vae_finetune_config"):  # decoder only: the latents below stay those of vae_run
-            ft_run = work / "vae_finetune"
-            if (ft_run / "summary.json").is_file():
-                typer.echo(f"[2c/4] the VAE decoder in {ft_run} is fine-tuned: skipped")
+            if data is None:
+                typer.echo(f"[1/4] preparing {spec['objects']} procedural objects in {root}")
+                prepare_objects(spec["objects"], 0, spec["num_queries"])
+            vae_run = work / "vae"
+            if (vae_run / "summary.json").is_file():  # written last: the VAE folder is complete
+                typer.echo(f"[2/4] the VAE in {vae_run} is trained: skipped")
             else:
-                typer.echo(f"[2c/4] fine-tuning the VAE decoder in {ft_run}")
-                ft_cfg = VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"])
-                ft_cfg.init_from = str(vae_dir)
-                train_vae(root, ft_run, ft_cfg, resume=True, device=dev)
-            vae_dir = ft_run / "vae"
-        typer.echo("[3/4] caching latents")
-        vae = load_vae(vae_dir, dev)
-        encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"])
-        dit_cfg = DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
-        if spec.get("encoder_pretrain_config"):  # the image encoder learns a 3D prior first (then frozen or not)
-            from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
+                typer.echo(f"[2/4] training the VAE in {vae_run}")
+                train_vae(root, vae_run, VAETrainConfig.from_json(CONFIGS / spec["vae_config"]), resume=True, device=dev)
+            extra = int(spec.get("dit_extra_objects", 0))
+            if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
+                typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
+                prepare_objects(extra, spec["objects"], spec["dit_extra_num_queries"])
+            vae_dir = vae_run / "vae"
+            if spec.get("vae_finetune_config"):  # decoder only: the latents below stay those of vae_run
+                ft_run = work / "vae_finetune"
+                if (ft_run / "summary.json").is_file():
+                    typer.echo(f"[2c/4] the VAE decoder in {ft_run} is fine-tuned: skipped")
+                else:
+                    typer.echo(f"[2c/4] fine-tuning the VAE decoder in {ft_run}")
+                    ft_cfg = VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"])
+                    ft_cfg.init_from = str(vae_dir)
+                    train_vae(root, ft_run, ft_cfg, resume=True, device=dev)
+                vae_dir = ft_run / "vae"
+            typer.echo("[3/4] caching latents")
+            vae = load_vae(vae_dir, dev)
+            encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"])
+            dit_cfg = DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
+            if spec.get("encoder_pretrain_config"):  # the image encoder learns a 3D prior first (then frozen or not)
+                from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
-            enc_run = work / "encoder"
-            if (enc_run / "summary.json").is_file():  # written last: the encoder folder is complete
-                typer.echo(f"[3b/4] the image encoder in {enc_run} is pre-trained: skipped")
-            else:
-                typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
-                pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run, device=dev)
-            dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
+                enc_run = work / "encoder"
+                if (enc_run / "summary.json").is_file():  # written last: the encoder folder is complete
+                    typer.echo(f"[3b/4] the image encoder in {enc_run} is pre-trained: skipped")
+                else:
+                    typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
+                    pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run, device=dev)
+                dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
 
-        def train_stage(label: str, what: str, folder: Path, cfg) -> Path:
-            """Train one DiT stage into `folder` (resuming), or skip it when done; its pipeline folder."""
-            if trained(folder, cfg):
-                typer.echo(f"{label} the transformer in {folder} is trained: skipped")
-                return folder / "pipeline"
-            typer.echo(f"{label} training {what} in {folder}")
-            return Path(train(root, folder, cfg, vae_dir=vae_dir, device=dev)["pipeline"])
+            def train_stage(label: str, what: str, folder: Path, cfg) -> Path:
+                """Train one DiT stage into `folder` (resuming), or skip it when done; its pipeline folder."""
+                if trained(folder, cfg):
+                    typer.echo(f"{label} the transformer in {folder} is trained: skipped")
+                    return folder / "pipeline"
+                typer.echo(f"{label} training {what} in {folder}")
+                return Path(train(root, folder, cfg, vae_dir=vae_dir, device=dev)["pipeline"])
 
-        pipeline = train_stage("[4/4]", "the transformer", work / "dit", dit_cfg)
-        stages = continue_stages(spec)
-        for i, (name, start) in enumerate(stages):  # more training, each stage from the last one's pipeline
-            folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
-            what = "a new transformer on the image encoder" if start == "encoder" else "the transformer further"
-            pipeline = train_stage("[4b/4]", f"{what} ({i + 1} of {len(stages)}, {name})", folder, stage_config(name, start, pipeline))
-        typer.echo(f"pipeline: {pipeline}")
-        if install:  # copied beside it, then renamed into place: never a partial default model
-            tmp = DEFAULT_MODEL_DIR.with_name(f".{DEFAULT_MODEL_DIR.name}.tmp")
-            try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(pipeline, tmp)
-                if DEFAULT_MODEL_DIR.exists():
-                    shutil.rmtree(DEFAULT_MODEL_DIR)
-                os.replace(tmp, DEFAULT_MODEL_DIR)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            typer.echo(f"installed as the default model: {DEFAULT_MODEL_DIR}")
+            pipeline = train_stage("[4/4]", "the transformer", work / "dit", dit_cfg)
+            stages = continue_stages(spec)
+            for i, (name, start) in enumerate(stages):  # more training, each stage from the last one's pipeline
+                folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
+                what = "a new transformer on the image encoder" if start == "encoder" else "the transformer further"
+                pipeline = train_stage("[4b/4]", f"{what} ({i + 1} of {len(stages)}, {name})", folder, stage_config(name, start, pipeline))
+            typer.echo(f"pipeline: {pipeline}")
+            if install:  # copied beside it, then renamed into place: never a partial default model
+                tmp = DEFAULT_MODEL_DIR.with_name(f".{DEFAULT_MODEL_DIR.name}.tmp")
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(pipeline, tmp)
+                    if DEFAULT_MODEL_DIR.exists():
+                        shutil.rmtree(DEFAULT_MODEL_DIR)
+                    os.replace(tmp, DEFAULT_MODEL_DIR)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                typer.echo(f"installed as the default model: {DEFAULT_MODEL_DIR}")
