@@ -120,13 +120,15 @@ def check_generation_args(steps: int, resolution: int, guidance: float, output: 
                           shift: Optional[float] = None) -> None:
     """The generation verbs' option checks, before any model is loaded: one-line ConfigErrors."""
     check_sampling_args(steps, guidance, resolution, shift, seed=seed)
-    from moca3d.geometry.mesh_io import MESH_FORMATS, mtl_path
+    from moca3d.geometry.mesh_io import MESH_FORMATS, mtl_path, mtl_target
 
     check_output_path(output)  # first: an existing folder is named as one
     if output.suffix.lower() not in MESH_FORMATS:
         raise ConfigError(f"--output must be a .glb file (one named node per component) or .obj (one object each), got {output}")
-    if output.suffix.lower() == ".obj" and mtl_path(output).is_dir():  # its materials go beside it (a .mtl replaced)
-        raise ConfigError(f"--output {output}: its materials go to {mtl_path(output)}, which is a folder")
+    if output.suffix.lower() == ".obj":  # its materials go beside it, replacing only a .mtl moca3d wrote
+        if mtl_path(output).is_dir():
+            raise ConfigError(f"--output {output}: its materials go to {mtl_path(output)}, which is a folder")
+        mtl_target(output)  # someone else's material file: refused before the generation, not after
 
 
 def model_limit(folder: Path) -> Optional[int]:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,13 @@ def clean_name(name: str) -> str:
     return " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(name)).split())
 
 
+def obj_name(name: str) -> str:
+    """A component name as an OBJ `o` / `usemtl` line and a .mtl `newmtl` line hold it: `clean_name`'s, with "usemtl "
+    in it as "usemtl_" (trimesh starts a material at every "usemtl ", not only at a line's start) and a last backslash
+    as "_" (it would continue the line onto the next)."""
+    return re.sub(r"\\$", "_", clean_name(name).replace("usemtl ", "usemtl_"))
+
+
 def _unique_names(names: list[str]) -> list[str]:
     """Names made unique (and non-empty) by suffixing repeats with _1, _2, ..."""
     seen: dict[str, int] = {}
@@ -178,7 +186,8 @@ def _scene_components(scene: trimesh.Scene, source: str = "the file") -> tuple[l
 def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     """Components of one mesh file, in the file's order: one per scene node (a glTF mesh's
     primitives, e.g. one per material, stay one component), an OBJ's `o` objects (or, with fewer
-    than two of those, its `g` groups); a single mesh gives one component named by the file's stem."""
+    than two of those, its `g` groups; faces before the first of those lines are one more, named after
+    the file, first); a single mesh gives one component named by the file's stem."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MESH_EXTENSIONS:
@@ -187,14 +196,14 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
         raise InputError(f"mesh file not found: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"{path.name}: the file is empty")
-    order, repeated = _obj_order(path) if suffix == ".obj" else (node_order(path), False)  # the OBJ scanned once
+    order, renamed = _obj_order(path) if suffix == ".obj" else (node_order(path), None)  # the OBJ scanned once
     options = {}
     if suffix == ".obj":  # one component per `o` object (or `g` group), or one for the whole file, whatever
         # `usemtl` materials its faces use: trimesh would otherwise split each object by material (Blender's export)
         options = {f"split_{order[0]}" if order else "split_objects": True, "group_material": False}
     source = {"file_obj": str(path)}
-    if repeated:  # two `o` objects of one name
-        source = {"file_obj": _obj_with_unique_objects(path, order[1]), "file_type": "obj",
+    if renamed:  # two `o` objects of one name
+        source = {"file_obj": _obj_with_unique_objects(path, renamed), "file_type": "obj",
                   "resolver": trimesh.resolvers.FilePathResolver(str(path))}  # its mtllib, beside it
     try:
         loaded = trimesh.load(**source, force="scene", process=False, **options)
@@ -234,12 +243,14 @@ def gltf_document(path: Path) -> dict | None:
         return json.loads(f.read(int.from_bytes(header[12:16], "little")))
 
 
-def _obj_names(path: Path) -> tuple[dict[str, list[str]], set[str], bool]:
-    """An OBJ's `o` names in file order, one per `o` line, a repeated one made unique (leg, leg_1: each `o` line starts
-    an object); its `g` names (each once: exporters repeat a group's `g` line); the `o` names with at least one face;
-    and whether any `o` name was repeated."""
+def _obj_names(path: Path) -> tuple[dict[str, list[str]], set[str], list[str] | None]:
+    """An OBJ's objects and its groups, each in file order and named as trimesh names them: first the faces before the
+    first `o` (`g`) line, if any, after the file (the group's after the object it is in, if one is open); then one `o`
+    name per `o` line, a repeated one made unique (leg, leg_1: each `o` line starts an object), and each `g` name once
+    (exporters repeat a group's `g` line). Also the objects with at least one face, and, when an `o` name repeats, the
+    unique names of the `o` lines (None otherwise)."""
     seen: dict[str, list[str]] = {"o": [], "g": []}
-    objects, counts, filled, current, repeated = set(), {}, set(), None, False
+    renamed, objects, counts, filled, current, group, repeated = [], set(), {}, set(), None, None, False
     with open(path, "rb") as f:
         for line in f:
             if line[:2] in (b"o ", b"g "):
@@ -248,19 +259,25 @@ def _obj_names(path: Path) -> tuple[dict[str, list[str]], set[str], bool]:
                     repeated |= name in objects
                     name = trimesh.util.unique_name(name, objects, counts=counts)
                     objects.add(name)
+                    renamed.append(name)
                     seen["o"].append(name)
                 elif name and name not in seen[tag]:
                     seen[tag].append(name)
-                if tag == "o":
-                    current = name
-            elif line[:2] == b"f " and current is not None:
+                current, group = (name, group) if tag == "o" else (current, name)
+            elif line[:2] == b"f ":
+                if current is None:  # faces outside any object: trimesh names them after the file
+                    current = path.name
+                    seen["o"].append(current)
+                if group is None:  # outside any group: after their object
+                    group = current
+                    seen["g"].append(group)
                 filled.add(current)
-    return seen, filled, repeated
+    return seen, filled, renamed if repeated else None
 
 
 def _obj_with_unique_objects(path: Path, names: list[str]) -> io.BytesIO:
-    """The OBJ's text with its `o` lines renamed to `names` (`_obj_names`' unique ones, in order): trimesh would merge
-    two objects of one name into one component."""
+    """The OBJ's text with its `o` lines renamed to `names` (`_obj_names`' unique ones, one per line): trimesh would
+    merge two objects of one name into one component."""
     renamed = iter(names)
     with open(path, "rb") as f:
         lines = [f"o {next(renamed)}\n".encode() if line[:2] == b"o " and _obj_line_name(line) else line for line in f]
@@ -272,16 +289,17 @@ def _obj_line_name(line: bytes) -> str:
     return line[2:].decode("utf-8", "replace").strip()
 
 
-def _obj_order(path: Path) -> tuple[tuple[str, list[str]] | None, bool]:
-    """An OBJ's `node_order` and whether two of its `o` objects share a name (then renamed apart in that order)."""
+def _obj_order(path: Path) -> tuple[tuple[str, list[str]] | None, list[str] | None]:
+    """An OBJ's `node_order` and, when two of its `o` objects share a name, the unique names its `o` lines are renamed
+    to (`_obj_names`; None otherwise)."""
     try:
-        seen, _, repeated = _obj_names(path)
+        seen, _, renamed = _obj_names(path)
     except OSError:
-        return None, False
+        return None, None
     for tag, kind in (("o", "objects"), ("g", "groups")):
         if len(seen[tag]) >= 2:
-            return (kind, seen[tag]), repeated and tag == "o"
-    return None, False
+            return (kind, seen[tag]), renamed if tag == "o" else None
+    return None, None
 
 
 def _gltf_node_names(doc: dict) -> list[str]:
@@ -472,11 +490,12 @@ def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected
     return meshes, names
 
 
-def _named_colors(meshes: list[trimesh.Trimesh], names: list[str] | None,
-                  colors: np.ndarray | None) -> tuple[list[str], np.ndarray]:
-    """Unique one-line names (`clean_name`; default component_i) and RGBA uint8 colours (N, 4) (default `palette`),
-    one per component: what both writers write, and what every reader reads back."""
-    names = _unique_names([clean_name(n) for n in names] if names is not None else [f"component_{i}" for i in range(len(meshes))])
+def _named_colors(meshes: list[trimesh.Trimesh], names: list[str] | None, colors: np.ndarray | None,
+                  clean: Callable[[str], str] = clean_name) -> tuple[list[str], np.ndarray]:
+    """Unique names, each made one line by `clean` (`clean_name`; an OBJ's `obj_name`; default component_i) and RGBA
+    uint8 colours (N, 4) (default `palette`), one per component: what both writers write, and what every reader reads
+    back."""
+    names = _unique_names([clean(n) for n in names] if names is not None else [f"component_{i}" for i in range(len(meshes))])
     colors = palette(len(meshes)) if colors is None else np.asarray(colors, dtype=np.uint8)
     if len(names) != len(meshes) or len(colors) != len(meshes):
         raise InputError(f"{len(meshes)} components need as many names and colours, got {len(names)} and {len(colors)}")
@@ -522,10 +541,10 @@ def components_scene(
 def _obj_text(meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None,
               mtllib: str | None = None) -> str:
     """Wavefront OBJ text with one `o NAME` object per component, in order (an empty component: its `o` line alone;
-    NAME on one line, `_named_colors`): `usemtl NAME` (its material in `mtllib`, `_mtl_text`), its vertices each followed
+    NAME on one line, `obj_name`): `usemtl NAME` (its material in `mtllib`, `_mtl_text`), its vertices each followed
     by the component's RGB colour (0-1, for readers without the .mtl), its unit vertex normals (`vn`, as the GLB's), and
     faces `f v//vn`."""
-    names, colors = _named_colors(meshes, names, colors)
+    names, colors = _named_colors(meshes, names, colors, obj_name)
     lines, offset = [f"mtllib {mtllib}"] if mtllib else [], 1  # OBJ indices count from 1 over the whole file
     for mesh, name, color in zip(meshes, names, colors):
         lines.append(f"o {name}")
@@ -544,12 +563,12 @@ def _obj_text(meshes: list[trimesh.Trimesh], names: list[str] | None = None, col
 
 
 def _mtl_text(names: list[str], colors: np.ndarray) -> str:
-    """Wavefront MTL text with one material per component, named as it (`_named_colors`): `Kd` its colour, otherwise as
-    the GLB's material (no ambient: metallic 0; Blender's default white specular 0.5; `Ns` 90: Blender's roughness
-    1 - sqrt(Ns / 1000) = 0.7), opaque."""
+    """Wavefront MTL text, first `MTL_HEADER` (`mtl_target` knows the file by it), then one material per component,
+    named as it (`_named_colors`): `Kd` its colour, otherwise as the GLB's material (no ambient: metallic 0; Blender's
+    default white specular 0.5; `Ns` 90: Blender's roughness 1 - sqrt(Ns / 1000) = 0.7), opaque."""
     blocks = [f"newmtl {name}\nKa 0 0 0\nKd {r / 255:.6f} {g / 255:.6f} {b / 255:.6f}\nKs 0.5 0.5 0.5\nNs 90\nd 1\nillum 2\n"
               for name, (r, g, b) in zip(names, np.asarray(colors, dtype=np.int64)[:, :3].tolist())]
-    return "\n".join(blocks)
+    return "\n".join([MTL_HEADER + "\n", *blocks])
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -591,12 +610,30 @@ def save_glb(
 
 
 METADATA_KEY = "moca3d"  # a written file's record of how it was made (glTF scene extras, OBJ first comment)
+MTL_HEADER = f"# {METADATA_KEY} materials, one per component"  # the first line of a .mtl moca3d wrote
 MESH_FORMATS = (".glb", ".obj")  # what the CLI writes a generation as: one named node / one `o` object per component
 
 
 def mtl_path(obj: Path) -> Path:
     """Where an OBJ's materials go: beside it, its name's spaces as underscores (`mtllib` takes a list of names)."""
     return obj.with_name(re.sub(r"\s+", "_", obj.stem) + ".mtl")
+
+
+def mtl_target(path: Path) -> Path:
+    """Where an OBJ at `path` writes its materials (`mtl_path`), checked free: InputError when a file there is not one
+    moca3d wrote (its first line not `MTL_HEADER`: e.g. the user's own material library, or unreadable), which the
+    write would replace. Anything else there (a folder) is left to the write to refuse."""
+    mtl = mtl_path(path)
+    if mtl.is_file():
+        try:
+            with open(mtl, "rb") as f:
+                ours = f.readline(len(MTL_HEADER) + 2).rstrip(b"\r\n") == MTL_HEADER.encode()
+        except OSError:
+            ours = False
+        if not ours:
+            raise InputError(f"{mtl} is not a material file moca3d wrote: {path.name}'s materials would replace it "
+                             "(move it, or choose another name for the .obj)")
+    return mtl
 
 
 def check_mesh_format(path: str | Path) -> Path:
@@ -612,16 +649,17 @@ def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list
                     metadata: dict | None = None) -> Path:
     """Write the components as OBJ when `path` ends in .obj (`_obj_text`: one `o` object per component, an empty one
     without faces, each other with its material, vertex normals and colours; `metadata` as a first comment line; their
-    materials in a sidecar <stem>.mtl, `_mtl_text`; `load_file` reads the parts back, `keep_empty_components` the empty
-    ones), as GLB when it ends in .glb (`save_glb`: named nodes, an empty one without a mesh, distinct colours, `metadata`
-    in the glTF extras); atomic, InputError naming the path that fails, or `path` if it has another suffix."""
+    materials in a sidecar <stem>.mtl, `_mtl_text`, replacing only one moca3d wrote, `mtl_target`; `load_file` reads
+    the parts back, `keep_empty_components` the empty ones), as GLB when it ends in .glb (`save_glb`: named nodes, an
+    empty one without a mesh, distinct colours, `metadata` in the glTF extras); atomic, InputError naming the path that
+    fails, or `path` if it has another suffix."""
     path = check_mesh_format(path)
     if path.suffix.lower() == ".glb":
         return save_glb(path, meshes, names, metadata=metadata)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
-    mtl = mtl_path(path)
-    names, colors = _named_colors(meshes, names, None)
+    mtl = mtl_target(path)
+    names, colors = _named_colors(meshes, names, None, obj_name)
     text = _obj_text(meshes, names, colors, mtllib=mtl.name)
     if metadata:  # "mtllib" escaped in its JSON strings: trimesh reads the material file's name after the first "mtllib"
         record = json.dumps(metadata).replace("mtllib", "mtl\\u006cib")
