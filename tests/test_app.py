@@ -671,3 +671,15 @@ def test_the_demo_names_its_share_switch_not_gradios_launch_argument(monkeypatch
     demo_app.launch(port=port, share=True, prevent_thread_lock=True)  # gradio's own lines then: the public link's
     (options,) = calls
     assert options["share"] and not options["quiet"] and capsys.readouterr().out == ""
+
+
+def test_a_speck_of_a_label_id_is_one_note_naming_its_id(generator, tmp_path):
+    """A stray 1-pixel id in an uploaded label map: one note, by its id (the pipeline checks the read masks again, as
+    a positional stack, and warned a second time as "mask 3")."""
+    labels = np.asarray(Image.open(SCENE_MASKS)).copy()
+    stray = SCENE_INSTANCES + 1
+    labels[0, 0] = stray  # a corner pixel: background in the example
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    _, _, summary = generator.generate_scene(SCENE, [str(tmp_path / "labels.png")], seed=1, steps=1)
+    notes = [line for line in summary.split("\n\n")[1:]]
+    assert len(notes) == 1 and f"mask id {stray} (instance_{stray - 1:02d}) covers only 1 pixel" in notes[0], summary

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from moca3d.commands.common import resolve_device
 from moca3d.commands.demo import (DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB, check_address,
                                   page_url)
-from moca3d.data.scene import load_masks
+from moca3d.data.scene import load_masks, tiny_masks_quiet
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning, MoCA3DError, out_of_memory
 from moca3d.geometry.simplify import MIN_COMPONENT_FACES
@@ -251,10 +251,11 @@ class DemoGenerator:
             settings = dict(steps=whole_number(steps, "the number of steps", 1, MAX_STEPS), guidance=guidance_scale(guidance),
                             seed=whole_number(seed, "the seed", 0, MAX_SEED))
             instances = read_masks(mask_input, self.scene_pipeline.transformer.max_components)  # once: the pipeline takes them read
-            result = self.scene_pipeline.generate_scene(  # the budget: at least MIN_COMPONENT_FACES per instance
-                image, instances, **settings, faces=triangle_budget(budget, len(instances), "instances"),
-                resolution=self.resolution, show_progress=False,
-            )
+            with tiny_masks_quiet():  # warned of by their ids or file names as they were read
+                result = self.scene_pipeline.generate_scene(  # the budget: at least MIN_COMPONENT_FACES per instance
+                    image, instances, **settings, faces=triangle_budget(budget, len(instances), "instances"),
+                    resolution=self.resolution, show_progress=False,
+                )
             if mask_input.is_file():  # recorded as for masks given by their path (a folder of binary masks is a temporary one)
                 result.settings["masks"] = mask_input.name
             return result

@@ -9,7 +9,7 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
-                                    interruptible, load_or_predictions, model_limit, plural, resolve_device, run_dit_training,
+                                    interruptible, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training,
                                     save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         import time
 
         with interruptible():
-            from moca3d.data.scene import read_masks, union_box
+            from moca3d.data.scene import read_masks, tiny_masks_quiet, union_box
             from moca3d.data.images import check_image, load_image
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
@@ -77,8 +77,9 @@ def register(app: typer.Typer) -> None:
 
             t0 = time.time()
             pipe = MoCAPipeline.from_pretrained(folder, device=dev, lora=lora, torch_dtype=torch_dtype)
-            result = pipe.generate_scene(picture, instances, steps=steps, guidance=guidance, seed=seed, shift=shift,
-                                         resolution=resolution, faces=faces)
+            with tiny_masks_quiet():  # warned of above, by their ids or file names
+                result = pipe.generate_scene(picture, instances, steps=steps, guidance=guidance, seed=seed, shift=shift,
+                                             resolution=resolution, faces=faces)
             result.settings.update(image=image.name, masks=masks.name, **{INSTANCE_MASKS: sources})  # as for paths given
             save_generation(result, output, "instance", t0)
 
@@ -133,23 +134,24 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Prepared scenes with cached latents (moca3d prepare --procedural scenes + encode-dataset), or a scene cache file (moca3d cache-latents)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Object pipeline folder to fine-tune (overrides the recipe's init_from)."),
-        config: Optional[Path] = typer.Option(None, "--config", help="Scene recipe JSON (configs/dit_scene_*.json)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Scene recipe JSON (configs/dit_scene_*.json; default: a resumed run's own recipe)."),
         vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder for the exported pipeline (default: the init pipeline's)."),
-        steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
+        steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),
-        time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there), then export."),
+        time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there; a resumed run keeps its own until given again), then export."),
         lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the run's changes alone, the encoder's adapters and widened projection too, for generate-scene --lora), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
     ) -> None:
         """Fine-tune an object pipeline on scenes: 7-channel per-instance conditions, LoRA on the encoder."""
         from moca3d.training.train_dit import DiTTrainConfig
 
-        recipe = DiTTrainConfig.from_json(config).to_dict() if config else {}
+        recipe, recorded = resume_recipe(DiTTrainConfig, config, output, "train_config.json", resume)
         recipe["condition"] = "scene"
         if init_from is not None:
             recipe["init_from"] = str(init_from)
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
+        keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
         run_dit_training(data, output, recipe, vae, device, resume, export_only)

@@ -25,6 +25,7 @@ MIN_IMAGE_SIDE = 8  # px: below this there is no object to crop
 MAX_ENLARGEMENT = 4  # an object's crop enlarged more than this to the encoder's size is warned about (a blur)
 BORDER_WHITE = 240  # a border pixel with every channel at least this is background (JPEG noise stays above it)
 BORDER_SHARE = 0.5  # warn when more of an alpha-less object image's border than this is not white
+FLAT_SPREAD = 5  # grey levels: an image whose every channel spans no more is one flat colour (as near-white is 250-255)
 BACKGROUND_WARNING = ("the image has no transparency and most of its border is not white: the model expects one object on a "
                       "white or transparent background (render or photo with the background removed, e.g. by rembg), so "
                       "the background is read as part of the object")
@@ -124,6 +125,15 @@ def non_white_border(rgb: np.ndarray) -> float:
     return float((rgb[frame] < BORDER_WHITE).any(axis=-1).mean())
 
 
+def flat_colour(rgb: np.ndarray) -> tuple[int, int, int] | None:
+    """The colour of an (H, W, 3) image whose every channel spans at most FLAT_SPREAD levels (blank: all black, all
+    grey, ...; a solid colour's JPEG reads back exact), else None."""
+    low, high = rgb.min(axis=(0, 1)), rgb.max(axis=(0, 1))
+    if (high.astype(np.int16) - low > FLAT_SPREAD).any():
+        return None
+    return tuple(int(c) for c in (low.astype(np.int16) + high) // 2)
+
+
 def rgb_on_white(image: ImageLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Image -> (H, W, 3) uint8 RGB composited on white, and its (H, W) alpha if it has one that is not opaque
     everywhere (else None: an all-opaque alpha, as many exports carry, says nothing of where the object is)."""
@@ -139,7 +149,8 @@ def rgb_on_white(image: ImageLike) -> tuple[np.ndarray, np.ndarray | None]:
 def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None) -> torch.Tensor:
     """Image -> (3, size, size) float in [0, 1]: white background, square foreground crop, resize.
 
-    `box` (x0, y0, x1, y1) overrides the detected foreground (scenes crop all masks together).
+    `box` (x0, y0, x1, y1) overrides the detected foreground (scenes crop all masks together); an image blank inside
+    it, or one flat colour throughout (`flat_colour`), is refused.
     """
     rgb8, alpha = rgb_on_white(image)
     if box is None:
@@ -156,6 +167,9 @@ def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None
         x0, y0, x1, y1 = box
         if foreground_box(rgb8[y0:y1, x0:x1], None if alpha is None else alpha[y0:y1, x0:x1]) is None:
             raise InputError("the image is blank (all white or transparent) inside the box of its masks")
+        if (colour := flat_colour(rgb8)) is not None:  # the whole image: a tight box may hold one flat-shaded instance
+            raise InputError(f"the image is blank (one flat colour, RGB {colour[0]}, {colour[1]}, {colour[2]}): it shows "
+                             "nothing of its instances to condition on")
     x0, y0, x1, y1 = box
     side = int(round(max(x1 - x0, y1 - y0) * (1 + 2 * padding)))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
