@@ -3,6 +3,8 @@ given again (a requeued command that forgot --time-limit dropped the limit and r
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from conftest import TINY_VAE, tiny_dit_recipe
@@ -89,3 +91,19 @@ def test_a_pretraining_run_resumes_without_its_config(object_dataset, tmp_path):
     assert "resuming with steps 1 -> 2" in again.output and "keeping" not in again.output
     recorded = json.loads((run / "pretrain_config.json").read_text())
     assert (recorded["steps"], recorded["time_limit_s"], recorded["head_width"]) == (2, 500, 32)
+
+
+def test_a_vae_resume_with_another_model_names_the_recipe_key(object_dataset, tmp_path):
+    """It named a tensor shape ('post_quant.weight': (32, 4), the model has (64, 4)): the checkpoint was loaded before
+    the recipe was compared."""
+    from moca3d.errors import ConfigError
+    from moca3d.training.train_vae import VAETrainConfig, train_vae
+
+    root, _ = object_dataset
+    recipe = dict(model=TINY_VAE, steps=1, batch_size=2, num_surface_points=64, num_query_points=64, log_every=1,
+                  checkpoint_every=1, validate_every=1000, val_assets=1, val_resolution=16, val_coarse_resolution=8,
+                  metric_points=500, warmup_steps=1)
+    train_vae(root, tmp_path / "vae", VAETrainConfig.from_dict(recipe), progress=False, validate_at_end=False)
+    wider = VAETrainConfig.from_dict({**recipe, "model": {**TINY_VAE, "width_decoder": 64}})
+    with pytest.raises(ConfigError, match=r"started with another recipe \(model.width_decoder 32 -> 64\)"):
+        train_vae(root, tmp_path / "vae", wider, resume=True, progress=False)

@@ -454,6 +454,10 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     process count continues exactly; with another one it continues on the same batches with other loss noise.
     """
     out_dir = Path(out_dir)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    record_resume = None  # another recipe is refused before any data or model is loaded; recorded once accepted
+    if ckpt is not None and (out_dir / "train_config.json").is_file():
+        record_resume = check_resume(out_dir / "train_config.json", cfg, print)
     train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
     assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
     has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
@@ -472,14 +476,13 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     optimizer = make_optimizer(model, cfg)
     ema = EMA(model, decay=cfg.ema_decay)
     start, elapsed = 0, 0.0
-    ckpt = latest_checkpoint(out_dir) if resume else None
     log_path = out_dir / "log.jsonl"
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema, frozen=frozen)
         start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), assets, out_dir, data_dir)
-        if (out_dir / "train_config.json").is_file():
-            check_resume(out_dir / "train_config.json", cfg, say)()  # after the checkpoint and its data: recorded now
+        if record_resume is not None and main:  # after the checkpoint and its data: recorded now
+            record_resume()
         say(f"resumed from {ckpt} (step {start})")
         if main:
             trim_log(log_path, start)  # lines logged after that checkpoint are logged again
