@@ -75,7 +75,7 @@ def test_a_generated_file_records_how_it_was_made(tmp_path):
     out.meshes[0].export(stl)  # formats render and evaluate read: info reads them too (it refused them)
     assert describe(stl)["kind"] == "mesh file" and len(describe(stl)["components"]) == 1
     text = CliRunner().invoke(app, ["info", str(tmp_path / "parts.glb")]).output
-    assert "made with: model built-in" in text and "seed 3" in text
+    assert "made with: model built-in, " in text and "seed 3" in text and "lora" not in text  # no "lora None"
 
 
 def test_a_vae_folder_is_described_and_a_file_info_cannot_read_is_named(tmp_path):
@@ -118,7 +118,7 @@ def test_a_training_run_and_its_checkpoints_point_to_what_it_exported(object_pip
     assert report["exports"] == {"pipeline": str(pipeline)} and report["last_logged"]["step"] == 2
     loss = report["last_logged"]["loss"]
     text = CliRunner().invoke(app, ["info", str(run)]).output
-    assert text.startswith(f"{run}: training run\n  trained to step 2 of 2 (newest checkpoint); last logged loss {loss:.4f} (step 2)\n")
+    assert text.startswith(f"{run}: training run\n  trained to step 2 of 2 (newest checkpoint): finished; last logged loss {loss:.4f} (step 2)\n")
     assert "started from: scratch (no init_from); task: objects (one image)" in text
     assert f"  pipeline: {pipeline} (moca3d info {pipeline})\n" in text
     checkpoint = run / "checkpoints" / "step_00000001"
@@ -138,3 +138,26 @@ def test_an_export_cut_off_by_a_kill_is_called_incomplete(object_pipeline, tmp_p
     text = CliRunner().invoke(app, ["info", str(run)]).output
     assert f"pipeline: {run / 'pipeline'} is incomplete (cut off while written)" in text
     assert describe(run)["incomplete"] == ["pipeline"]
+
+
+def test_a_run_says_when_its_time_limit_or_fewer_steps_finished_it(object_dataset, tmp_path):
+    """A run stopped by its time limit read "trained to step 1 of 50", as if it had more to do; one resumed with fewer
+    --steps than it had run read "trained to step 2 of 1"."""
+    import shutil
+
+    from conftest import tiny_dit_recipe
+    from moca3d.training.train_dit import train
+
+    root, vae_dir = object_dataset
+    train(root, tmp_path / "timed", tiny_dit_recipe(steps=50, time_limit_s=1e-6), vae_dir=vae_dir, device="cpu", progress=False)
+    text = CliRunner().invoke(app, ["info", str(tmp_path / "timed")]).output
+    assert "trained to step 1 of 50 (newest checkpoint): finished, its time limit of 0 s reached" in text
+    train(root, tmp_path / "run", tiny_dit_recipe(steps=2), vae_dir=vae_dir, device="cpu", progress=False)
+    train(root, tmp_path / "run", tiny_dit_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    text = CliRunner().invoke(app, ["info", str(tmp_path / "run")]).output
+    assert "trained to step 2 (newest checkpoint): finished (its recipe now asks for 1)" in text
+    train(root, tmp_path / "long", tiny_dit_recipe(steps=3, checkpoint_every=1, time_limit_s=3600), vae_dir=vae_dir,
+          device="cpu", progress=False)
+    shutil.rmtree(tmp_path / "long" / "checkpoints" / "step_00000003")  # cut after step 2: under way
+    text = CliRunner().invoke(app, ["info", str(tmp_path / "long")]).output
+    assert "trained to step 2 of 3 (newest checkpoint, 0.0 of its 60.0 min)" in text

@@ -107,3 +107,31 @@ def test_a_vae_resume_with_another_model_names_the_recipe_key(object_dataset, tm
     wider = VAETrainConfig.from_dict({**recipe, "model": {**TINY_VAE, "width_decoder": 64}})
     with pytest.raises(ConfigError, match=r"started with another recipe \(model.width_decoder 32 -> 64\)"):
         train_vae(root, tmp_path / "vae", wider, resume=True, progress=False)
+
+
+def test_a_run_started_with_a_relative_init_from_resumes_from_another_folder(object_dataset, object_pipeline, tmp_path,
+                                                                              monkeypatch):
+    """Resumed without --config from another folder, the recorded relative init_from named nothing there."""
+    import shutil
+
+    root, _ = object_dataset
+    shutil.copytree(object_pipeline, tmp_path / "work" / "prior")
+    monkeypatch.chdir(tmp_path / "work")
+    first = invoke("train", root, "-o", "run", "--init-from", "prior", "--steps", 1)
+    assert first.exit_code == 0, first.output
+    monkeypatch.chdir(tmp_path)
+    again = invoke("train", root, "-o", "work/run", "--steps", 2)
+    assert again.exit_code == 0, again.output
+    assert "trained 1 step (to step 2)" in again.output
+
+
+def test_a_refused_resume_says_how_many_changes_it_left_unnamed(object_dataset, tmp_path):
+    """It named the first three changes only, as if they were all."""
+    from moca3d.errors import ConfigError
+    from moca3d.training.train_dit import train
+
+    root, vae_dir = object_dataset
+    train(root, tmp_path / "run", tiny_dit_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    other = tiny_dit_recipe(steps=1, lr=0.5, warmup_steps=0, batch_size=4, seed=3, ema_decay=0.5)
+    with pytest.raises(ConfigError, match=r"another recipe \(batch_size 2 -> 4, ema_decay .* -> 0.5, lr .* -> 0.5 and 2 more\)"):
+        train(root, tmp_path / "run", other, vae_dir=vae_dir, device="cpu", progress=False)

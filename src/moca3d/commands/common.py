@@ -230,9 +230,9 @@ RUN_LENGTH_FLAGS = {"steps": "--steps", "time_limit_s": "--time-limit"}  # recip
 
 def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, record_name: str,
                   resume: bool = True) -> tuple[dict, Optional[dict]]:
-    """A training verb's starting recipe, JSON-ready: --config's (checked by `recipe_class`); or, resuming a run (OUTPUT holds checkpoints and the
-    recipe it recorded, `record_name`) without --config, the run's own; {} (the recipe class's defaults) otherwise. And
-    the run's recorded recipe when it resumes, else None."""
+    """A training verb's starting recipe, JSON-ready: --config's (checked by `recipe_class`); or, resuming a run (OUTPUT
+    holds checkpoints and the recipe it recorded, `record_name`) without --config, the run's own (`recorded_recipe`:
+    its relative paths as they were meant); {} (the recipe class's defaults) otherwise. And the run's recorded recipe when it resumes, else None."""
     from moca3d.training.checkpoints import latest_checkpoint
 
     recorded = None
@@ -244,7 +244,11 @@ def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, reco
     recorded = recorded if isinstance(recorded, dict) else None
     if config is not None:
         return recipe_class.from_json(config).to_dict(), recorded
-    return dict(recorded or {}), recorded
+    if recorded is None:
+        return {}, None
+    from moca3d.training.recipe import recorded_recipe
+
+    return recorded_recipe(output / record_name, recorded), recorded
 
 
 def keep_run_length(recipe: dict, recorded: Optional[dict], **given: Any) -> None:

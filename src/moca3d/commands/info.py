@@ -164,8 +164,13 @@ def run_report(path: Path) -> Optional[dict]:
         return None
     recipe = read_json(recipes[0]) if recipes else {}
     newest = latest_checkpoint(path)
+    try:  # the run's training seconds at that checkpoint, what a time limit counts
+        elapsed = float(read_json(newest / "state.json").get("extra", {}).get("elapsed_s")) if newest else None
+    except (InputError, CheckpointError, TypeError, ValueError):
+        elapsed = None
     report = {"kind": "training run", "path": str(path), "step": int(STEP_PATTERN.match(newest.name).group(1)) if newest else None,
-              "steps": recipe.get("steps"), "init_from": recipe.get("init_from"), "last_logged": last_logged(path),
+              "steps": recipe.get("steps"), "time_limit_s": recipe.get("time_limit_s") or None, "elapsed_s": elapsed,
+              "init_from": recipe.get("init_from"), "last_logged": last_logged(path),
               "exports": {name: str(path / name) for name in RUN_EXPORTS if (path / name).is_dir()},
               "incomplete": [name for name in RUN_EXPORTS if (path / name).is_dir() and not export_complete(path / name, name)]}
     if "condition" in recipe:
@@ -249,8 +254,18 @@ def _component_line(entry: dict) -> str:
 
 def _echo_run(report: dict) -> None:
     """A training run's newest step, last logged loss, start, and the model folders to use (`run_report`)."""
-    of = f" of {report['steps']}" if report["steps"] else ""
-    step = f"trained to step {report['step']}{of} (newest checkpoint)" if report["step"] is not None else "no checkpoint yet"
+    step, steps, limit, elapsed = report["step"], report["steps"], report.get("time_limit_s"), report.get("elapsed_s")
+    if step is None:
+        step = "no checkpoint yet"
+    elif steps and step > steps:  # resumed with fewer --steps than it had run
+        step = f"trained to step {step} (newest checkpoint): finished (its recipe now asks for {steps})"
+    elif steps and step == steps:
+        step = f"trained to step {step} of {steps} (newest checkpoint): finished"
+    elif limit and elapsed is not None and elapsed >= limit:
+        step = f"trained to step {step}{f' of {steps}' if steps else ''} (newest checkpoint): finished, its time limit of {limit:.0f} s reached"
+    else:
+        time = f", {elapsed / 60:.1f} of its {limit / 60:.1f} min" if limit and elapsed is not None else ""
+        step = f"trained to step {step}{f' of {steps}' if steps else ''} (newest checkpoint{time})"
     logged = report["last_logged"]
     loss = f"; last logged loss {logged['loss']:.4f} (step {logged.get('step', '?')})" if logged else ""
     typer.echo(f"  {step}{loss}")
@@ -280,6 +295,7 @@ def echo(report: dict) -> None:
         made, generator = dict(report["settings"]), report["generator"]
         sources = made.pop(INSTANCE_MASKS, None)
         elsewhere = f"; written by {generator}" if generator and "trimesh" not in generator else ""  # moca3d writes with trimesh
+        made = {k: v for k, v in made.items() if v is not None}  # e.g. lora None: generated without an adapter
         typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else
                                       f"no record (moca3d's generate, generate-scene and reconstruct write one){elsewhere}"))
         if isinstance(sources, list) and len(sources) == len(report["components"]):

@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this VAE folder (fine-tune)."),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only: latents cached with --init-from's VAE (and transformers trained on them) stay valid."),
+        validate: bool = typer.Option(True, "--validate/--no-validate", help="Reconstruct the val split's assets at the end (CD, F-score; minutes at the recipe's val_resolution); --no-validate for a quick trial run (eval-vae scores it later)."),
     ) -> None:
         """Train the vecset VAE on part meshes (SDF + KL loss, EMA, checkpoints, validation; torchrun / accelerate launch: many GPUs)."""
         from moca3d.training.train_vae import VAETrainConfig, train_vae
@@ -98,7 +99,8 @@ def register(app: typer.Typer) -> None:
         cfg = VAETrainConfig.from_dict(recipe)  # checked
         check_run_folder(out_dir)
         with training_stops(out_dir):
-            summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device))
+            summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device), progress=tqdm_progress(),
+                                validate_at_end=validate)
         if summary.get("writer") is False:  # a further process of a multi-process launch: the first one reports
             return
         typer.echo(f"trained {plural(summary['trained_steps'], 'step')} (to step {summary['steps']}) in "

@@ -194,6 +194,18 @@ def _read_origin(config_path: Path) -> dict[str, Any]:
     return origin if isinstance(origin, dict) else {}
 
 
+def recorded_recipe(config_path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded recipe `record` as a resume from the current folder reads it: a relative path (PATH_KEYS) that
+    does not exist from here, but did from where the run was recorded (`origin_path`), made that absolute path."""
+    recipe, paths = dict(record), _read_origin(config_path).get("paths") or {}
+    for key, value in recipe.items():
+        spelled = paths.get(key)
+        if key in PATH_KEYS and isinstance(value, str) and value and not Path(value).expanduser().exists() \
+                and isinstance(spelled, list) and len(spelled) == 2 and spelled[0] == value and Path(spelled[1]).exists():
+            recipe[key] = spelled[1]
+    return recipe
+
+
 def _same_path(key: str, old: Any, new: Any, origin: dict[str, Any], run_folder: Path) -> bool:
     """Recorded path value `old` and `new` name the same folder: the same once made absolute (relative paths from the
     current folder, or as the recipe's origin recorded them), or the same place inside the folder that holds the run
@@ -249,6 +261,7 @@ def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[
     if fixed:
         pairs = [pair for k in fixed for pair in _leaf_changes(k, old.get(k), new.get(k))]
         diff = ", ".join(f"{k} {json.dumps(a)[:40]} -> {json.dumps(b)[:40]}" for k, a, b in pairs[:3])
+        diff += f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""  # (all of them: diff the two recipe files)
         raise ConfigError(f"{config_path.parent} was started with another recipe ({diff}): resume with its own "
                           f"({config_path.name}), or train into a new output folder")
     respelled = sorted(k for k in PATH_KEYS if old.get(k) != new.get(k) and k not in changed)
