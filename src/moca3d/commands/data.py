@@ -71,6 +71,12 @@ def prepare_command(
     if summary.dropped_assets:
         typer.echo(f"{summary.dropped_assets} prepared without components that had no surface (listed above, and as "
                    "dropped_components in each asset's meta.json)")
+    if summary.small_assets:
+        typer.echo(f"{summary.small_assets} prepared without components too small for the query sampling (listed above, "
+                   "and as small_components in each asset's meta.json)")
+    if summary.renamed:
+        typer.echo(f"{summary.renamed} given an id with a _k suffix: their file's name was taken by an asset of another "
+                   "source (listed above)")
     if summary.open_assets:
         typer.echo(f"{summary.open_assets} prepared with open components (listed above, and as open_components in each "
                    "asset's meta.json): close them for exact inside/outside labels")

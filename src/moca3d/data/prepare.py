@@ -8,8 +8,9 @@ Layout of ROOT (the contract read by the VAE and DiT training):
   assets/<id>/render.png, mask.png, camera.json, normalization.json, meta.json (its manifest line)
 
 Each asset is built in a hidden temporary folder and renamed into place, so a folder under
-assets/ is always complete; a restart skips finished and reported assets, and the manifest is
-rebuilt from the meta.json files, so an interruption at any moment loses nothing.
+assets/ is always complete; a restart skips finished and reported assets (a finished one by its
+source: the same path, or the same content moved; another file of the same name gets its own id),
+and the manifest is rebuilt from the meta.json files, so an interruption at any moment loses nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,10 +31,11 @@ import trimesh
 from moca3d.data.partnet import HIERARCHIES, MAX_LEVEL, is_partnet, load_partnet
 from moca3d.data.partnet import category as partnet_category
 from moca3d.data.procedural import check_scene_objects
-from moca3d.errors import ConfigError, InputError, one_line
+from moca3d.errors import ConfigError, InputError, InputWarning, one_line
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
     MESH_EXTENSIONS,
+    bounds_of,
     load_asset,
     main_color,
     normalize_meshes,
@@ -58,6 +62,12 @@ UP_ROTATIONS = {
 TMP_PREFIX = ".tmp-"
 MIN_IMAGE_SIZE = 16  # smallest render side (pixels) that still shows every component
 MAX_IMAGE_SIZE = 4096  # largest render side: the supersampled ray grid of a bigger one does not fit in memory
+# a closed component none of whose query points falls inside, and whose largest side is under this share of the asset's,
+# is a speck too small for the query sampling: left out (named), as a part without surface is; a bigger one is refused
+SPECK_FRACTION = 0.01
+FLAT_FRACTION = 1e-9  # a closed component's volume over its largest side cubed, at or below which it is flat
+DUPLICATE_QUANTUM = 1e-6  # canonical-frame grid on which two components' vertices must agree to be duplicates
+DIGEST_CHUNK = 1 << 20  # bytes read at a time when fingerprinting a source
 
 
 @dataclass
@@ -144,6 +154,8 @@ class PrepareSummary:
     reasons: list[str] = field(default_factory=list)
     open_assets: int = 0  # prepared with a component that is not watertight (see build_asset)
     dropped_assets: int = 0  # prepared without a component that had no surface (`load_asset`)
+    small_assets: int = 0  # prepared without a component too small for the query sampling (`SPECK_FRACTION`)
+    renamed: int = 0  # given a `_k` id: their id was taken by an asset of another source (`resume_jobs`)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -187,6 +199,27 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
     if not jobs:
         raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it")
     return jobs
+
+
+def source_digest(source: str | Path) -> str:
+    """A fingerprint (sha1) of a source's content: a file's bytes, or a folder's files (their relative paths and bytes,
+    hidden ones left out), whatever its path; resume tells a moved source from another file of the same name by it."""
+    source, digest = Path(source), hashlib.sha1()
+    if source.is_dir():
+        files = []
+        for parent, dirs, names in os.walk(source):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [Path(parent) / name for name in names if not name.startswith(".")]
+        files = sorted(files, key=lambda f: f.relative_to(source).as_posix())
+    else:
+        files = [source]
+    for path in files:
+        if source.is_dir():
+            digest.update(path.relative_to(source).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(DIGEST_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def procedural_jobs(kind: str, count: int, seed: int = 0, start: int = 0) -> list[Job]:
@@ -243,32 +276,100 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
     return meshes, names, colors, config.kind, label, dropped
 
 
-def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
-    """Write every file of one asset into `out_dir`; returns its manifest record."""
-    meshes, names, colors, kind, category, dropped = _load_job(job, config)
-    # kept, but said: an open part's inside/outside comes from its generalized winding number, a guess where it is open
-    open_names = open_components(meshes, names)
-    meshes, norm = normalize_meshes(meshes)
-    rng = np.random.default_rng(_asset_seed(job.id, config.seed))
+def _input_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The texts of the InputWarnings among `caught` (recorded while loading an asset: the asset keeps them in its
+    meta.json, prepare prints them, from any worker); any other warning is shown as it would have been."""
+    texts = []
+    for w in caught:
+        if issubclass(w.category, InputWarning):
+            texts.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return texts
 
+
+def _samples(meshes: list[trimesh.Trimesh], config: PrepareConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Surface samples (N, P, 6), query points (N, Q, 3) and their signed distances (N, Q) of normalised components."""
     surface, query_points, query_sdf = [], [], []
     for mesh in meshes:
         surface.append(sample_surface(mesh, config.surface, rng))  # (P, 6)
         points, sdf = sample_queries(mesh, config.queries, rng)  # (Q, 3), (Q,)
         query_points.append(points)
         query_sdf.append(sdf)
-    arrays = {
+    return {
         "surface": np.stack(surface),  # (N, P, 6)
         "query_points": np.stack(query_points),  # (N, Q, 3)
         "query_sdf": np.stack(query_sdf),  # (N, Q)
     }
-    for key, value in arrays.items():
-        if not np.isfinite(value).all():
-            raise InputError(f"{job.id}: non-finite values in {key}")
-    for name, sdf in zip(names, query_sdf):
-        if not (sdf > 0).any():  # a part the VAE could only learn as nothing
-            raise InputError(f"{job.id}: component '{name}' encloses no volume (open or flat: none of its {len(sdf)} "
+
+
+def _specks(label: str, meshes: list[trimesh.Trimesh], names: list[str], query_sdf: np.ndarray) -> list[int]:
+    """Indices of the normalised components none of whose queries falls inside that are closed specks (under
+    SPECK_FRACTION of the asset's size): too small for the query sampling, to be left out. Any other such component
+    is an InputError: open or flat (it encloses no volume), or closed but too thin."""
+    asset_size = float(np.ptp(bounds_of(meshes), axis=0).max())
+    specks = []
+    for i, (mesh, name, sdf) in enumerate(zip(meshes, names, query_sdf)):
+        if (sdf > 0).any():
+            continue
+        size = float(np.ptp(mesh.bounds, axis=0).max())
+        if not (mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > FLAT_FRACTION * size**3):
+            raise InputError(f"{label}: component '{name}' encloses no volume (open or flat: none of its {len(sdf)} "
                              "query points is inside); close it or leave it out")
+        if size >= SPECK_FRACTION * asset_size:
+            raise InputError(f"{label}: component '{name}' is closed but too thin for the query sampling (none of its "
+                             f"{len(sdf)} query points is inside); thicken it or leave it out")
+        specks.append(i)
+    return specks
+
+
+def duplicate_components(meshes: list[trimesh.Trimesh], names: list[str]) -> list[list[str]]:
+    """[first, copy] name pairs of components with the same surface in the same place (the same triangles, in any order,
+    on a DUPLICATE_QUANTUM grid of the canonical frame): a stray copy, or one part exported twice."""
+    first: dict[bytes, str] = {}
+    pairs = []
+    for mesh, name in zip(meshes, names):
+        grid = np.round(np.asarray(mesh.vertices, dtype=np.float64) / DUPLICATE_QUANTUM).astype(np.int64)  # (V, 3)
+        points, index = np.unique(grid, axis=0, return_inverse=True)  # sorted: one id per position, in any file's order
+        faces = np.unique(np.sort(index.reshape(-1)[np.asarray(mesh.faces)], axis=1), axis=0)  # (F, 3), any order
+        key = hashlib.sha1(points.tobytes() + b"|" + faces.astype(np.int64).tobytes()).digest()
+        if key in first:
+            pairs.append([first[key], name])
+        else:
+            first[key] = name
+    return pairs
+
+
+def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
+    """Write every file of one asset into `out_dir`; returns its manifest record. A closed component too small for the
+    query sampling (`_specks`) is left out, and the others normalised and sampled again without it."""
+    with warnings.catch_warnings(record=True) as caught:  # a loader's warnings: kept with the asset, printed by prepare
+        warnings.simplefilter("always", InputWarning)
+        meshes, names, colors, kind, category, dropped = _load_job(job, config)
+    notes = _input_warnings(caught)
+    small = []
+    while True:
+        normalized, norm = normalize_meshes(meshes)
+        rng = np.random.default_rng(_asset_seed(job.id, config.seed))
+        arrays = _samples(normalized, config, rng)
+        for key, value in arrays.items():
+            if not np.isfinite(value).all():
+                raise InputError(f"{job.id}: non-finite values in {key}")
+        specks = _specks(job.id, normalized, names, arrays["query_sdf"])
+        if not specks:
+            break
+        if len(specks) == len(meshes):
+            raise InputError(f"{job.id}: every component is too small for the query sampling (none has a query point "
+                             "inside)")
+        small += [names[i] for i in specks]
+        kept = [i for i in range(len(meshes)) if i not in specks]
+        meshes, names, colors = [meshes[i] for i in kept], [names[i] for i in kept], colors[kept]
+    # kept, but said: an open part's inside/outside comes from its generalized winding number, a guess where it is open
+    open_names = open_components(meshes, names)
+    meshes = normalized  # the kept components in the canonical frame, as sampled
+    duplicates = [] if job.source.startswith("procedural:") else duplicate_components(meshes, names)
+    notes += [f"{Path(job.source).name}: component '{copy}' duplicates '{orig}' (the same surface in the same place): "
+              "a stray copy, or a part exported twice?" for orig, copy in duplicates]
 
     if kind == "scene":
         camera = scene_camera(meshes, config.render)
@@ -292,8 +393,13 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
         "names": list(names),
         "source": job.source,
         "open_components": open_names,
-        "dropped_components": dropped,
-        **({"up_axis": config.up_axis} if not job.source.startswith("procedural:") else {}),  # how a file was stood up
+        "dropped_components": dropped + small,
+        "small_components": small,
+        "duplicate_components": duplicates,
+        "warnings": notes,
+        # a file's: how it was stood up, and its content's fingerprint (a rerun tells it from a namesake by it)
+        **({"up_axis": config.up_axis, "source_sha1": source_digest(job.source)}
+           if not job.source.startswith("procedural:") else {}),
     }
     (out_dir / META).write_text(json.dumps(record))
     return record
@@ -363,32 +469,75 @@ def finished_ids(root: Path) -> set[str]:
     return {d.name for d in assets.iterdir() if not d.name.startswith(".") and (d / META).is_file()}
 
 
-def resume_jobs(jobs: list[Job], root: Path) -> list[Job]:
-    """The jobs still to prepare into `root`: a job is done when an asset holds its source
-    (matched by file name, whatever the id it then got; and by category, for a job given one: chairs/a.glb is not
-    tables/a.glb); a new source whose id an asset of another source holds gets the next free `_k` id (a file added
-    beside a namesake, a.obj beside a.ply, is not taken for it)."""
-    done: dict[str, str] = {}  # source file name -> id
-    done_in: set[tuple[str, str]] = set()  # (category, source file name)
+def _finished_sources(root: Path) -> list[dict]:
+    """Each finished asset's id, source, category and source fingerprint (`source_digest`; None before it was
+    recorded), from its meta.json (None where unreadable)."""
+    out = []
     for asset_id in finished_ids(root):
         try:
             meta = json.loads((root / ASSETS / asset_id / META).read_text())
-            source, category = meta.get("source"), meta.get("category")
+            row = {key: meta.get(key) for key in ("source", "category", "source_sha1")}
         except (OSError, ValueError, AttributeError):
-            source = category = None
-        name = Path(str(source)).name if source else asset_id
-        done[name] = asset_id
-        done_in.add((str(category), name))
-    taken = set(done.values()) | {j.id for j in jobs}
+            row = {"source": None, "category": None, "source_sha1": None}
+        out.append({"id": asset_id, **row})
+    return out
+
+
+def _same_content(source: str, asset: dict, digest: Callable[[str], str | None]) -> bool:
+    """Whether `asset` (`_finished_sources`: a namesake of `source` at another path) holds `source` moved or copied:
+    the same content (`digest`: a cached `source_digest`). An asset without a recorded fingerprint (an earlier
+    version's) is compared with its source file where that still exists, and taken for `source` where it does not (a
+    moved folder), as one whose meta.json names no source."""
+    recorded = asset["source"]
+    if not recorded:
+        return True
+    if asset["source_sha1"]:
+        return digest(source) == asset["source_sha1"]
+    if not Path(recorded).exists():
+        return True
+    return digest(recorded) is not None and digest(recorded) == digest(source)
+
+
+def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None) -> list[Job]:
+    """The jobs still to prepare into `root`: a job is done when an asset holds its source, whatever the id it then got:
+    one prepared from the same path, or a namesake (by file name) with the same content (`_same_content`: moved); and of
+    the same category, for a job given one (chairs/a.glb is not tables/a.glb). A new source whose id an asset of another
+    source holds (a.obj added beside a.ply, another folder's chair.glb) gets the next free `_k` id, said in `notes` (by
+    source)."""
+    finished = _finished_sources(root)
+    namesakes: dict[str, list[dict]] = {}  # source file name -> the assets prepared from a file of that name
+    at_path: dict[str, list[dict]] = {}  # a recorded source's real path -> the assets prepared from it
+    for asset in finished:
+        namesakes.setdefault(Path(str(asset["source"])).name if asset["source"] else asset["id"], []).append(asset)
+        if asset["source"]:
+            at_path.setdefault(os.path.realpath(asset["source"]), []).append(asset)
+    holders = {asset["id"]: asset for asset in finished}
+    taken = set(holders) | {j.id for j in jobs}
+    digests: dict[str, str | None] = {}
+
+    def digest(path: str) -> str | None:
+        if path not in digests:  # each file read once, and only for a namesake at another path
+            try:
+                digests[path] = source_digest(path)
+            except OSError:
+                digests[path] = None
+        return digests[path]
+
     todo = []
     for job in jobs:
-        name = Path(job.source).name
-        if (name in done) if job.category == "mesh" else ((job.category, name) in done_in):
+        def fits(asset: dict) -> bool:
+            return job.category == "mesh" or str(asset["category"]) == job.category
+
+        if any(fits(a) for a in at_path.get(os.path.realpath(job.source), [])) or any(
+                fits(a) and _same_content(job.source, a, digest) for a in namesakes.get(Path(job.source).name, [])):
             continue
-        if job.id in done.values():  # the id of an asset made from another file
+        if job.id in holders:  # the id of an asset made from another source
             k = 1
             while f"{job.id}_{k}" in taken:
                 k += 1
+            if notes is not None:
+                notes[job.source] = (f"{job.source} gets the id '{job.id}_{k}': asset '{job.id}' holds another "
+                                     f"source ({holders[job.id]['source']})")
             job = Job(f"{job.id}_{k}", job.source, job.category)
             taken.add(job.id)
         todo.append(job)
@@ -455,21 +604,33 @@ def prepare(
         (root / REPORT).unlink()
     settings = config.digest()
     reported = reported_sources(root, settings)
-    todo = [j for j in resume_jobs(jobs, root) if j.source not in reported]
-    summary = PrepareSummary(already_done=len(jobs) - len(todo), total=len(jobs))
+    renames: dict[str, str] = {}
+    todo = [j for j in resume_jobs(jobs, root, renames) if j.source not in reported]
+    renames = {job.source: renames[job.source] for job in todo if job.source in renames}
+    summary = PrepareSummary(already_done=len(jobs) - len(todo), total=len(jobs), renamed=len(renames))
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc="prepare", unit="asset", disable=not progress, dynamic_ncols=True)
+    for note in renames.values():
+        bar.write(note)
     try:
         with open(root / REPORT, "a") as report:
             for status, record in _results(todo, root, config, workers):
                 if status == "ok":
                     summary.processed += 1
-                    if record.get("dropped_components"):
+                    for note in record.get("warnings", []):
+                        bar.write(f"warning: {note}")
+                    small, dropped = record.get("small_components", []), record.get("dropped_components", [])
+                    if no_surface := dropped[: len(dropped) - len(small)]:  # (the small ones are listed last)
                         summary.dropped_assets += 1
                         bar.write(f"left out of {record['source']} (no surface: no faces, or collapsed to a point or "
-                                  f"line): {', '.join(record['dropped_components'])}")
+                                  f"line): {', '.join(no_surface)}")
+                    if small:
+                        summary.small_assets += 1
+                        bar.write(f"left out of {record['source']} (closed, but under {SPECK_FRACTION:.0%} of the asset's "
+                                  f"size: too small for the query sampling, none of its query points inside): "
+                                  f"{', '.join(small)}")
                     if record["open_components"]:
                         summary.open_assets += 1
                         bar.write(f"open (not watertight) in {record['source']}: {', '.join(record['open_components'])}; "

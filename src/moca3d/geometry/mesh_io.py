@@ -25,6 +25,7 @@ from moca3d.errors import InputError, InputWarning, cannot_write, one_line
 
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
 MIN_COMPONENT_AREA = 1e-12  # relative to the squared asset extent; below this a component is empty
+NAMED_FILES = 3  # files a warning about a folder names, before "..."
 
 
 @dataclass
@@ -361,12 +362,34 @@ def keep_empty_components(path: Path, meshes: list[trimesh.Trimesh],
     return [mesh for _, mesh in rows], [name for name, _ in rows]
 
 
+def _part_files(folder: Path) -> list[Path]:
+    """The mesh files directly in `folder`, sorted by name: a folder asset's parts (hidden files, such as macOS's
+    `._name.obj`, are none, as `prepare` lists a folder)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in MESH_EXTENSIONS)
+
+
+def nested_mesh_files(folder: str | Path) -> list[str]:
+    """The mesh files in `folder`'s (non-hidden) sub-folders, as paths relative to it, sorted: no part of a folder asset,
+    which reads only the files directly in it."""
+    folder = Path(folder)
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if Path(parent) != folder:
+            found += [(Path(parent) / f).relative_to(folder).as_posix() for f in files
+                      if not f.startswith(".") and Path(f).suffix.lower() in MESH_EXTENSIONS]
+    return sorted(found)
+
+
 def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     """Components from the mesh files of a folder, one per file (sorted by name, named by stem)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in MESH_EXTENSIONS)
+    files = _part_files(folder)
     if not files:
-        raise InputError(f"{folder.name}: folder holds no mesh files")
+        nested = nested_mesh_files(folder)
+        where = f" (only its sub-folders do, e.g. {nested[0]}: a part is a file directly in it)" if nested else ""
+        raise InputError(f"{folder.name}: folder holds no mesh files{where}")
     meshes, names = [], []
     for f in files:
         parts, _ = load_file(f)
@@ -386,12 +409,20 @@ def read_components(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]
 
 def component_source(path: str | Path) -> Path:
     """Where an asset's components are read from: `path` (checked to exist), or the one mesh file of a folder that holds
-    a single one (its components: a lone part file gives the same one part)."""
+    a single one (its components: a lone part file gives the same one part). A folder's mesh files in sub-folders are
+    not read: an InputWarning names them."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
+        files = _part_files(path)
+        nested = nested_mesh_files(path) if files else []  # (without files, load_folder's error names them)
+        if nested:
+            files_are = "1 mesh file in its sub-folders is" if len(nested) == 1 else \
+                f"{len(nested)} mesh files in its sub-folders are"
+            warnings.warn(f"{path.name}: {files_are} not read, the parts are the files directly in it (move them up to "
+                          f"keep them): {', '.join(nested[:NAMED_FILES])}{', ...' if len(nested) > NAMED_FILES else ''}",
+                          InputWarning, stacklevel=3)
         if len(files) == 1:
             return files[0]
     return path
