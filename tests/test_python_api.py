@@ -149,3 +149,18 @@ def test_an_export_records_how_many_components_it_was_trained_on(object_dataset,
         tiny(EXAMPLES / "chair.png", num_parts=most, **FAST)
     with pytest.warns(InputWarning, match=f"{most + 1} parts: this model was trained on at most {most}"):
         tiny(EXAMPLES / "chair.png", num_parts=most + 1, **FAST)
+
+
+def test_a_fine_tune_keeps_its_base_models_component_range(object_dataset, object_pipeline, tmp_path):
+    """Fine-tuned on examples of at most 4 parts, a model trained on up to 10 recorded 4 (and warned at 5)."""
+    import json
+
+    from conftest import tiny_dit_recipe
+    from moca3d.training.train_dit import train
+
+    root, _ = object_dataset
+    base = json.loads((Path(object_pipeline) / "model_index.json").read_text())["_trained_components"]
+    few = tiny_dit_recipe(steps=1, init_from=str(object_pipeline), max_components=4, transformer={}, image_encoder={})
+    with pytest.warns(InputWarning, match="more than max_components 4 parts"):
+        result = train(root, tmp_path / "tune", few, device="cpu", progress=False)
+    assert base > 4 and MoCAPipeline.from_pretrained(result["pipeline"]).trained_components == base

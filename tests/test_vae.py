@@ -892,20 +892,20 @@ def test_encode_dataset_records_the_token_order(dataset, tmp_path):
     import shutil
 
     from moca3d.data.dataset import load_cached_latents
-    from moca3d.training.train_vae import encode_dataset, read_manifest
+    from moca3d.training.train_vae import encode_dataset, encoder_id, read_manifest
 
     dataset = Path(shutil.copytree(dataset, tmp_path / "data"))  # the module's dataset keeps its FPS latents
     model = tiny_vae()
     entries = read_manifest(dataset)
     encode_dataset(dataset, model, "tiny", num_points=64, progress=False, overwrite=True)
     path = dataset / "assets" / entries[0]["id"] / "latents.safetensors"
-    fps, order = load_cached_latents(path)
-    assert order == "fps"
+    fps, made = load_cached_latents(path)
+    assert made == {"token_order": "fps", "encoder": encoder_id(model)}
     # same model and points, another order: re-encoded, not skipped
     counts = encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="canonical")
     assert counts == {"encoded": len(entries), "skipped": 0}
-    canonical, order = load_cached_latents(path)
-    assert order == "canonical" and not torch.equal(canonical, fps)
+    canonical, made = load_cached_latents(path)
+    assert made["token_order"] == "canonical" and not torch.equal(canonical, fps)
     torch.testing.assert_close(canonical.sort(dim=1).values, fps.sort(dim=1).values, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="token_order"):
         encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="morton")
@@ -939,3 +939,24 @@ def test_sigterm_checkpoints_the_vae_step_and_resume_goes_on(dataset, tmp_path, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     summary = train_vae_module.train_vae(dataset, tmp_path / "run", cfg, resume=True, progress=False, validate_at_end=False)
     assert summary["trained_steps"] == 2 and len(calls) == 4
+
+
+def test_train_vae_no_validate_skips_the_final_reconstruction(dataset, tmp_path, monkeypatch):
+    """A trial run of a few seconds spent minutes reconstructing its val assets, and nothing on the CLI skipped it."""
+    import json as json_module
+
+    from typer.testing import CliRunner
+
+    import moca3d.training.train_vae as train_vae_module
+    from moca3d.cli import app
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("validated")
+
+    monkeypatch.setattr(train_vae_module, "validate", no_validation)
+    (tmp_path / "recipe.json").write_text(json_module.dumps(tiny_train_config(steps=2).to_dict()))
+    result = CliRunner().invoke(app, ["train-vae", str(dataset), "-o", str(tmp_path / "run"), "--config",
+                                      str(tmp_path / "recipe.json"), "--no-validate", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output and "val " not in result.output and "train-vae:" not in result.output
+    assert (tmp_path / "run" / "vae" / "config.json").is_file()

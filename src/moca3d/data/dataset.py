@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -145,19 +146,22 @@ def pad_components(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return padded, mask
 
 
-def load_cached_latents(path: str | Path) -> tuple[torch.Tensor, str]:
-    """An asset's cached latents (`moca3d encode-dataset`): (N, L, C) float32 and their token order."""
+def load_cached_latents(path: str | Path) -> tuple[torch.Tensor, dict[str, Optional[str]]]:
+    """An asset's cached latents (`moca3d encode-dataset`): (N, L, C) float32, and how they were made: "token_order"
+    and "encoder" (the VAE encoder's id, `train_vae.encoder_id`; None in files written before it was recorded)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
             latents = f.get_tensor("latents").float()
-            order = (f.metadata() or {}).get("token_order", "fps")  # files written before token orders existed
+            meta = f.metadata() or {}
+            made = {"token_order": meta.get("token_order", "fps"),  # files written before token orders existed
+                    "encoder": meta.get("encoder")}
     except (SafetensorError, OSError) as err:
         raise InputError(f"{path}: unreadable cached latents ({err}); re-encode with `moca3d encode-dataset --overwrite`") from None
     if not torch.isfinite(latents).all():
         raise InputError(f"{path}: cached latents contain NaN or Inf; re-encode with `moca3d encode-dataset --overwrite`")
-    return latents, order
+    return latents, made
 
 
 def report_missing_latents(missing: list[str], root: str | Path, split: str) -> None:
@@ -194,6 +198,24 @@ def common_token_order(orders: set[str], root: str | Path) -> str:
     return next(iter(orders), "fps")
 
 
+def common_encoder(encoders: set[Optional[str]], root: str | Path) -> Optional[str]:
+    """The one VAE encoder id of a dataset's cached latents (None: not recorded); an error if they were encoded by
+    different encoders (a re-encode with another VAE, cut short)."""
+    known = sorted(e for e in encoders if e)
+    if len(known) > 1:
+        raise InputError(f"{root}: cached latents of {len(known)} different VAE encoders are mixed (an interrupted re-encode "
+                         "with another VAE?): run `moca3d encode-dataset --overwrite` with the VAE the transformer trains on")
+    return known[0] if known else None
+
+
+def check_latent_encoder(encoder: Optional[str], vae_encoder: str, where: str, vae: str | Path) -> None:
+    """A one-line error when the cached latents (encoder id `encoder`; None: not recorded, not checked) were encoded
+    by another VAE encoder than the VAE (`vae_encoder`) a transformer is about to train with."""
+    if encoder is not None and encoder != vae_encoder:
+        raise ConfigError(f"{where}: its latents were encoded by another VAE encoder ({encoder}) than {vae}'s ({vae_encoder}): "
+                          f"train with the VAE that encoded them, or re-encode (`moca3d encode-dataset --model {vae} --overwrite`)")
+
+
 def require_token_order(needed: str, found: str, where: str) -> None:
     """A one-line error when a transformer with token positions ("canonical") meets latents in another order."""
     if needed == "canonical" and found != "canonical":  # a model without positions takes any order
@@ -202,20 +224,21 @@ def require_token_order(needed: str, found: str, where: str) -> None:
 
 
 def save_latent_cache(path: str | Path, kind: str, latents: list[torch.Tensor], ids: list[str], token_order: str,
-                      **tensors: torch.Tensor) -> Path:
+                      encoder: Optional[str] = None, **tensors: torch.Tensor) -> Path:
     """Write a latent cache (`moca3d cache-latents`): latents (sum N, L, C), counts (A,), `tensors` as given
-    (images (A, 3, S, S) uint8; a scene cache's masks (sum N, S, S) uint8), ids and token order as metadata."""
+    (images (A, 3, S, S) uint8; a scene cache's masks (sum N, S, S) uint8), ids, token order and the VAE encoder's id
+    (when known) as metadata."""
     from moca3d.training.checkpoints import atomic_save_tensors
 
     counts = torch.tensor([z.shape[0] for z in latents], dtype=torch.long)  # (A,)
-    meta = {"ids": json.dumps(ids), "kind": kind, "token_order": token_order}
+    meta = {"ids": json.dumps(ids), "kind": kind, "token_order": token_order, **({"encoder": encoder} if encoder else {})}
     atomic_save_tensors({"latents": torch.cat(latents), "counts": counts, **tensors}, Path(path), metadata=meta)
     return Path(path)
 
 
 def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, image_size: int | None = None) -> dict:
     """A latent cache of `kind`, checked, per asset and without the assets of more than `max_components` parts:
-    "ids", "token_order", "latents" [(N, L, C) float32], "images" [(3, S, S) uint8] and each per-part tensor
+    "ids", "token_order", "encoder" (None when not recorded), "latents" [(N, L, C) float32], "images" [(3, S, S) uint8] and each per-part tensor
     (a scene cache's "masks" [(N, S, S) uint8])."""
     from safetensors import SafetensorError, safe_open
 
@@ -247,4 +270,4 @@ def load_latent_cache(path: str | Path, kind: str, max_components: int = 32, ima
         raise InputError(f"{path}: no assets with at most {max_components} parts{note}")
     kept = {k: [v[i] for i in keep] for k, v in assets.items()}
     kept["latents"] = [z.float() for z in kept["latents"]]  # only the kept assets' latents
-    return {"ids": [ids[i] for i in keep], "token_order": meta.get("token_order", "fps"), **kept}
+    return {"ids": [ids[i] for i in keep], "token_order": meta.get("token_order", "fps"), "encoder": meta.get("encoder"), **kept}

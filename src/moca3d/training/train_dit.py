@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
-from moca3d.data.dataset import (OBJECT_CACHE, check_latent_lengths, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
+from moca3d.data.dataset import (OBJECT_CACHE, check_latent_encoder, check_latent_lengths, common_encoder, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, require_token_order, save_latent_cache)
 from moca3d.data.images import load_image, preprocess_image
 from moca3d.data.scene import conditions_layout
@@ -50,7 +50,7 @@ from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and 
 from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, process_max
-from moca3d.training.train_vae import load_vae_folder
+from moca3d.training.train_vae import encoder_id, load_vae_folder
 from moca3d.training.checkpoints import (EMA, claim_run, fingerprint, frozen_fingerprint, latest_checkpoint, load_checkpoint,
                                          release_run, save_checkpoint, state_dict_mismatch, trim_log)
 
@@ -177,7 +177,7 @@ class LatentDataset:
         self.latents: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
         self.ids: list[str] = []
-        orders, missing, too_many = set(), [], []
+        orders, encoders, missing, too_many = set(), set(), [], []
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
@@ -187,9 +187,10 @@ class LatentDataset:
             if not path.is_file():
                 missing.append(rec["id"])
                 continue
-            latents, order = load_cached_latents(path)
+            latents, made = load_cached_latents(path)
             self.latents.append(latents)
-            orders.add(order)
+            orders.add(made["token_order"])
+            encoders.add(made["encoder"])
             self.images.append(preprocess(asset / "render.png"))
             self.ids.append(rec["id"])
         too_many_note = report_too_many_parts(too_many, len(self.ids), root, f"'{split}' assets", max_components)
@@ -199,6 +200,7 @@ class LatentDataset:
         report_missing_latents(missing, root, split)
         check_latent_lengths(self.latents, root)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
+        self.encoder = common_encoder(encoders, root)  # the VAE encoder's id (None: not recorded)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -209,7 +211,7 @@ class LatentDataset:
         pixels = (images * 255).round()
         if not torch.equal(pixels / 255, images):
             raise ConfigError("a latent cache holds 8-bit images: this encoder's preprocessing gives other values")
-        return save_latent_cache(path, OBJECT_CACHE, self.latents, self.ids, self.token_order, images=pixels.to(torch.uint8))
+        return save_latent_cache(path, OBJECT_CACHE, self.latents, self.ids, self.token_order, self.encoder, images=pixels.to(torch.uint8))
 
     @classmethod
     def from_cache(cls, path: str | Path, max_components: int = 32, image_size: Optional[int] = None) -> "LatentDataset":
@@ -217,7 +219,7 @@ class LatentDataset:
         cache = load_latent_cache(path, OBJECT_CACHE, max_components, image_size)
         self = cls.__new__(cls)
         self.root = Path(path).parent
-        self.latents, self.ids, self.token_order = cache["latents"], cache["ids"], cache["token_order"]
+        self.latents, self.ids, self.token_order, self.encoder = cache["latents"], cache["ids"], cache["token_order"], cache["encoder"]
         self.images = [im.float() / 255 for im in cache["images"]]
         return self
 
@@ -551,6 +553,8 @@ def train(
             data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
     vae = load_vae_folder(Path(vae_dir)) if vae_dir is not None else None  # loaded once: validation, export
     vae_id = fingerprint(vae.state_dict())["sha256"] if vae is not None else None  # a resume must bring the same one
+    if vae is not None:  # latents of another encoder would train a transformer its pipeline's VAE cannot decode
+        check_latent_encoder(data.encoder, encoder_id(vae), str(data_dir), vae_dir)
     if vae is not None:  # train on the unit-scale latents the pipeline samples
         data.latents = [vae.normalize_latents(z) for z in data.latents]
     torch.manual_seed(cfg.seed)
@@ -674,6 +678,9 @@ def train(
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
         trained = max(z.shape[0] for z in data.latents)  # (N, L, C) each: the most components an example held
+        if cfg.init_from:  # a fine-tune keeps the range its base was trained on
+            base = json.loads((init_folder(cfg) / "model_index.json").read_text()).get(TRAINED_KEY)
+            trained = max(trained, base) if isinstance(base, int) and not isinstance(base, bool) else trained
         if cfg.transformer_lora_rank:  # what the fine-tune changed, apart from its base: OUT/lora
             config = {**adapter_config(cfg, final, frozen), TRAINED_KEY: trained}
             result["lora"] = str(save_adapter(out / "lora", final, config, whole=scene_adapter_parts(cfg)))

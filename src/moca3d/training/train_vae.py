@@ -32,7 +32,7 @@ from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, launched_processes, process_mean
 from moca3d.training.stop import TrainingStopped, stop_requests
-from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, claim_run, frozen_fingerprint, latest_checkpoint,
+from moca3d.training.checkpoints import (EMA, atomic_write_json, check_finite, claim_run, fingerprint, frozen_fingerprint, latest_checkpoint,
                                          load_checkpoint, release_run, save_checkpoint, trim_log)
 
 SMALL_MODEL: dict[str, Any] = {  # the built-in CPU-sized VAE (configs/vae_small.json)
@@ -455,9 +455,6 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     """
     out_dir = Path(out_dir)
     ckpt = latest_checkpoint(out_dir) if resume else None
-    record_resume = None  # another recipe is refused before any data or model is loaded; recorded once accepted
-    if ckpt is not None and (out_dir / "train_config.json").is_file():
-        record_resume = check_resume(out_dir / "train_config.json", cfg, print)
     train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
     assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
     has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
@@ -470,7 +467,10 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     batch_rows(cfg.batch_size, rank, world)  # a one-line ConfigError when the processes do not divide the batch
     say = print if main else (lambda *args: None)
     torch.manual_seed(cfg.seed)
-    model = build_vae(cfg)
+    model = build_vae(cfg)  # (with init_from, cfg.model becomes its config: as the run recorded it)
+    record_resume = None  # another recipe is refused before the checkpoint loads; recorded once accepted
+    if ckpt is not None and (out_dir / "train_config.json").is_file():
+        record_resume = check_resume(out_dir / "train_config.json", cfg, say)
     frozen = frozen_fingerprint(model)  # a frozen encoder stays out of the checkpoints: a resume reloads it from init_from
     model = model.to(dev)
     optimizer = make_optimizer(model, cfg)
@@ -597,6 +597,16 @@ def load_vae_folder(folder: Path, hint: str = "") -> VecSetVAE:
     return model
 
 
+LATENT_MODULES = ("encoder", "quant")  # the posterior, points -> (mean, log-variance): all a VAE's latents depend on
+
+
+def encoder_id(model: torch.nn.Module) -> str:
+    """The fingerprint of a VAE's LATENT_MODULES, recorded with the latents it caches: a transformer trained on them
+    must be paired with a VAE of the same encoder (a decoder fine-tune keeps it)."""
+    state = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in LATENT_MODULES}
+    return "sha256:" + fingerprint(state)["sha256"][:16]
+
+
 def build_vae(cfg: VAETrainConfig) -> VecSetVAE:
     """A fresh VAE of `cfg.model`, or `cfg.init_from`'s weights (then `cfg.model` becomes its config)."""
     if not cfg.init_from:
@@ -604,8 +614,8 @@ def build_vae(cfg: VAETrainConfig) -> VecSetVAE:
     model = load_vae_folder(Path(cfg.init_from))
     cfg.model = {k: v for k, v in model.config.items() if not k.startswith("_")}
     if cfg.freeze_encoder:
-        for module in (model.encoder, model.quant):  # the posterior: points -> (mean, log-variance)
-            module.requires_grad_(False)
+        for name in LATENT_MODULES:  # the cached latents (and transformers trained on them) stay valid
+            getattr(model, name).requires_grad_(False)
     return model
 
 
@@ -670,7 +680,7 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
         latents = encode_latents(model, surface, num_points, batch_size, token_order, num_latents)  # (N, L, C)
         meta = {"token_order": token_order, "asset_id": e["id"], "num_components": str(latents.shape[0]), "names": json.dumps(e.get("names", [])),
                 "num_latents": str(latents.shape[1]), "latent_channels": str(latents.shape[2]),
-                "model": model_id, "num_points": str(num_points), "kind": "posterior_mean"}
+                "model": model_id, "encoder": encoder_id(model), "num_points": str(num_points), "kind": "posterior_mean"}
         atomic_save_tensors({"latents": latents.contiguous()}, path, metadata=meta)
         done += 1
     return {"encoded": done, "skipped": skipped}
