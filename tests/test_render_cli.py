@@ -137,3 +137,17 @@ def test_a_stray_degenerate_part_is_left_out_of_the_picture_not_fatal(tmp_path):
     with pytest.warns(InputWarning, match="1 component.s. with zero area or non-finite vertices left out of the picture: stray"):
         result = CliRunner().invoke(app, ["render", str(tmp_path / "export.glb"), "-o", str(out), "--size", "16"])
     assert result.exit_code == 0 and out.is_file(), result.output
+
+
+def test_a_wide_image_beside_keeps_its_aspect(two_boxes, tmp_path):
+    """A 3:1 photo was squeezed into the square: now fitted, centred, on white."""
+    wide = np.full((20, 60, 3), 255, np.uint8)
+    wide[:, 20:40] = (0, 0, 0)  # a black square in the middle third
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    result = CliRunner().invoke(app, ["render", str(two_boxes), "-o", str(tmp_path / "out.png"), "--size", "60",
+                                      "--beside", str(tmp_path / "wide.png")])
+    assert result.exit_code == 0, result.output
+    left = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))[:, :60]
+    dark = np.argwhere(left.max(axis=2) < 128)  # the black square: 20 x 20, in the middle of the panel
+    assert dark[:, 0].min() == 20 and dark[:, 0].max() == 39 and dark[:, 1].min() == 20 and dark[:, 1].max() == 39
+    assert (left[:20] == 255).all() and (left[40:] == 255).all()  # white above and below

@@ -22,7 +22,7 @@ import trimesh
 
 from moca3d import flow
 from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
-from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions
+from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions, warn_exif_turn
 from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
                              check_component_count, check_sampling_args, check_seed, check_shift,
                              resolve_dtype)
@@ -332,8 +332,8 @@ class MoCAPipeline:
         the scheduler's). `resolution`: marching-cubes grid per part. `faces`: a triangle budget for all parts together
         (quadric decimation, `geometry/simplify.py`; None: marching cubes' full meshes).
         """
-        if num_parts is None:  # None means "one per condition" inside: the count of image tokens, not parts
-            check_component_count(num_parts)
+        # before the image is encoded (None would mean "one per condition" inside: the count of image tokens, not parts)
+        check_component_count(num_parts, self.transformer.max_components)
         return self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution,
                               show_progress, {"image": image}, faces)
 
@@ -393,7 +393,9 @@ class MoCAPipeline:
         """`scene_condition`, with each instance's mask source (`read_masks`)."""
         if not self.is_scene_model:
             raise InputError("this model has an object image encoder (3 channels): scenes need a scene model (recipe condition "
-                             "'scene'; the built-in one: MoCAPipeline.from_pretrained(moca3d.defaults.DEFAULT_SCENE_MODEL_DIR))")
+                             "'scene'); the built-in one: omit --model (Python: "
+                             "MoCAPipeline.from_pretrained(moca3d.defaults.DEFAULT_SCENE_MODEL_DIR))")
+        warn_exif_turn(image)  # a square photo turned upright by its EXIF tag: its masks may fit its stored pixels
         im = load_image(image)
         masks, sources = read_masks(masks, image_size=im.size, max_instances=self.transformer.max_components)  # (N, H, W)
         views = self.transformer.config.instance_views

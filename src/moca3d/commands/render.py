@@ -37,7 +37,7 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
     """Render the non-empty components of `mesh_path` to `output` (PNG); returns (path, components drawn, components in
     the file, empty ones included)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from moca3d.data.images import load_image
     from moca3d.geometry.mesh_io import (atomic_write_bytes, main_color, normalize_meshes, palette, read_components,
@@ -66,9 +66,9 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
     if beside is not None:
         left = load_image(beside).convert("RGBA")  # a one-line InputError for a missing or unreadable file
         white = Image.new("RGBA", left.size, (255, 255, 255, 255))
-        left = Image.alpha_composite(white, left).convert("RGB").resize((size, size))
+        left = ImageOps.contain(Image.alpha_composite(white, left).convert("RGB"), (size, size))  # its aspect kept
         both = Image.new("RGB", (2 * size, size), (255, 255, 255))
-        both.paste(left, (0, 0))
+        both.paste(left, ((size - left.width) // 2, (size - left.height) // 2))  # centred on white
         both.paste(picture, (size, 0))
         picture = both
     buffer = io.BytesIO()

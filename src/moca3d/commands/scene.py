@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         import time
 
         with interruptible():
-            from moca3d.data.scene import read_masks, tiny_masks_quiet, union_box
+            from moca3d.data.scene import read_masks, tiny_masks_quiet, union_box, warn_exif_turn
             from moca3d.data.images import check_image, load_image
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
@@ -69,6 +69,7 @@ def register(app: typer.Typer) -> None:
             torch_dtype = generation_dtype(dtype, dev)
             folder = scene_model(model, lora)  # None: the built-in object model, the base of a --lora
             # the image and masks are read, and bad ones refused, before the (slow) model loading; the pipeline takes them read
+            warn_exif_turn(image)  # the picture goes to the pipeline read: warned once, here
             picture = load_image(image)
             instances, sources = read_masks(masks, image_size=picture.size, max_instances=model_limit(folder or DEFAULT_MODEL_DIR))
             check_image(picture, box=union_box(instances))  # e.g. blank where the masks are

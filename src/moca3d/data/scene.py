@@ -9,7 +9,9 @@ smoothed by interpolation, whose edges then hold invented ids, is refused (`chec
 with transparency (an alpha channel or a palette's transparent index) is its alpha. A folder's masks
 may overlap: a pixel belongs to the LAST mask that covers it (as when painting a label map in file
 order); an instance that loses all its pixels that way is reported as empty. An instance of fewer than
-TINY_MASK_PIXELS pixels is kept, with a warning (a stray id of anti-aliasing, or a near-empty mask?).
+TINY_MASK_PIXELS pixels is kept, with a warning (a stray id of anti-aliasing, or a near-empty mask?). A binary mask
+holding a label map's levels (plateaus of several greys) is refused rather than thresholded into one instance
+(`check_binary_levels`).
 
 Scene preprocessing: one square crop for the whole scene, around the union of the masks (the same
 geometry as `preprocess_image` with an explicit box), then per instance i the stack
@@ -35,9 +37,9 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
-from moca3d.data.dataset import (SCENE_CACHE, check_latent_lengths, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
+from moca3d.data.dataset import (SCENE_CACHE, check_latent_lengths, common_encoder, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, save_latent_cache)
 from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, readable, rgb_on_white
 from moca3d.errors import ConfigError, InputError, InputWarning
@@ -58,6 +60,19 @@ TINY_MASK_WARNING = r"mask .* covers only"  # the start of its warning (`tiny_ma
 # a label map looks resized or smoothed when this share of its edge pixels (at least SLIVER_PIXELS of them) hold an id
 # between a lower and a higher neighbour's, as interpolated edges do (unsmoothed procedural scenes: under 0.07 at 64 px)
 SMOOTHED_EDGE_SHARE = 0.1
+# a binary mask is refused as a label map (`check_binary_levels`) when it holds at most LABEL_MAP_MAX_LEVELS grey levels (one
+# per instance; soft, anti-aliased or JPEG masks hold ~70-256) and at least three plateaus: levels whose flat pixels (3x3 of
+# that level alone: not an edge) cover LEVEL_PLATEAU_SHARE of the image, one of them farther than LEVEL_NOISE of the
+# plateaus' range from the darkest and the brightest (JPEG leaves plateaus at 1 and 254 of a 0/255 mask). 17 of
+# examples/scene32's 32 ids keep over 0.1% flat (one is enough); a wide blur (radius 15% of the side) keeps plateaus too,
+# but holds over 200 levels
+LABEL_MAP_MAX_LEVELS = 64
+LEVEL_PLATEAU_SHARE = 0.001
+LEVEL_NOISE = 0.1
+# EXIF orientations (`load_image` turns an image file upright by them) and what each does; 2-4 keep the sides as they are
+EXIF_TURNS = {2: "mirrored", 3: "turned 180°", 4: "flipped upside down", 5: "mirrored and turned 90°",
+              6: "turned 90° clockwise", 7: "mirrored and turned 90°", 8: "turned 90° anticlockwise"}
+SIDE_KEEPING_TURNS = (2, 3, 4)
 
 MasksLike = Union[str, Path, Image.Image, np.ndarray, Sequence[Union[np.ndarray, Image.Image, str, Path]]]
 
@@ -84,6 +99,22 @@ def _lossy_format(im: Image.Image, path: Path) -> str | None:
                 return "lossy WebP" if tag == b"VP8 " else None
             f.seek(size + (size & 1), 1)
     return None
+
+
+def warn_exif_turn(image: ImageLike) -> None:
+    """Warn (InputWarning, one line) when a scene image file is read turned by an EXIF orientation that keeps its sides
+    (any turn of a square image; 180° or a mirror of any image): masks drawn on its stored pixels then fit its size and
+    silently misalign (a turn that swaps the sides is caught by `check_masks`' size check)."""
+    if not isinstance(image, (str, Path)):
+        return  # `load_image` turns files only: an image or array given is taken as it is
+    path = Path(image)
+    with readable(path):
+        with Image.open(path) as im:
+            orientation, (w, h) = im.getexif().get(ExifTags.Base.Orientation, 1), im.size
+    if orientation not in EXIF_TURNS or (orientation not in SIDE_KEEPING_TURNS and w != h):
+        return
+    warnings.warn(f"scene image {path.name} is read {EXIF_TURNS[orientation]} by its EXIF orientation (as viewers show it): "
+                  "its masks must match the turned image, not its stored pixels", InputWarning, stacklevel=2)
 
 
 def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
@@ -118,11 +149,59 @@ def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
     return rgb[..., 0]
 
 
-def _binary(gray: np.ndarray) -> np.ndarray:
-    """(H, W) grey levels -> bool mask: on above 0.5 for 0/1 images (up to LOW_RANGE_MAX: a 0/1 JPEG's noise), else above
-    MASK_THRESHOLD or half the brightest level, whichever is lower (a low-contrast 0/100 mask)."""
+def _binary(gray: np.ndarray, name: str) -> np.ndarray:
+    """(H, W) grey levels of mask `name` -> bool mask (`check_binary_levels` first): on above 0.5 for 0/1 images (up to
+    LOW_RANGE_MAX: a 0/1 JPEG's noise), else above MASK_THRESHOLD or half the brightest level, whichever is lower (a
+    low-contrast 0/100 mask)."""
+    check_binary_levels(gray, name)
     top = float(gray.max(initial=0))
     return gray > (0.5 if top <= LOW_RANGE_MAX else min(MASK_THRESHOLD, top / 2))
+
+
+def _neighbourhood(values: np.ndarray, reduce) -> np.ndarray:
+    """(H, W): `reduce` (np.minimum or np.maximum) over each pixel's 3x3 neighbourhood (edges repeated), columns then rows."""
+    padded = np.pad(values, 1, mode="edge")
+    cols = reduce(reduce(padded[:-2], padded[1:-1]), padded[2:])  # (H, W + 2)
+    return reduce(reduce(cols[:, :-2], cols[:, 1:-1]), cols[:, 2:])
+
+
+def _grey_levels(gray: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(H, W) grey levels -> their distinct values (L,), ascending, and, when L <= `most` (at most 256), each pixel's
+    index among them (H, W) uint8 (else None): compact for 3x3 windows. 8/16-bit ones by histogram, quicker than sorting."""
+    if gray.dtype.kind in "iu" and gray.size and gray.min() >= 0 and gray.max() < 2 ** 16:
+        levels = np.flatnonzero(np.bincount(gray.ravel()))
+        if len(levels) > most:
+            return levels, None
+        lookup = np.zeros(int(levels[-1]) + 1, np.uint8)
+        lookup[levels] = np.arange(len(levels))
+        return levels, lookup[gray]
+    levels, index = np.unique(gray, return_inverse=True)
+    return levels, index.reshape(gray.shape).astype(np.uint8) if len(levels) <= most else None
+
+
+def check_binary_levels(gray: np.ndarray, name: str) -> None:
+    """Refuse (one-line InputError) a binary mask that looks like a label map: few grey levels (at most
+    LABEL_MAP_MAX_LEVELS), three or more of them plateaus, one between the darkest and the brightest beyond JPEG noise.
+
+    Thresholded, such a map would silently become one instance. Anti-aliased edges and JPEG ringing hold their
+    in-between levels along edges (no plateau); a soft or blurred mask holds too many levels. See LEVEL_PLATEAU_SHARE.
+    """
+    if gray.dtype == bool:
+        return
+    levels, index = _grey_levels(gray, LABEL_MAP_MAX_LEVELS)
+    if index is None or len(levels) <= 2:
+        return
+    flat = _neighbourhood(index, np.minimum) == _neighbourhood(index, np.maximum)  # (H, W): inside a plateau
+    counts = np.bincount(index[flat], minlength=len(levels))  # (L,) flat pixels of each level
+    plateaus = levels[counts >= max(LEVEL_PLATEAU_SHARE * gray.size, SLIVER_PIXELS)]
+    if len(plateaus) < 3:
+        return
+    noise = LEVEL_NOISE * (plateaus[-1] - plateaus[0])
+    if not ((plateaus > plateaus[0] + noise) & (plateaus < plateaus[-1] - noise)).any():
+        return
+    shown = ", ".join(f"{v:g}" for v in levels[:5]) + (", ..." if len(levels) > 5 else "")
+    raise InputError(f"mask {name} holds {len(levels)} grey levels ({shown}), not a binary mask's two: a label map? pass "
+                     "it alone as the masks (--masks FILE), not among binary masks")
 
 
 def check_unsmoothed(labels: np.ndarray, name: str = "the label map") -> None:
@@ -134,13 +213,8 @@ def check_unsmoothed(labels: np.ndarray, name: str = "the label map") -> None:
     neighbour's. Small instances of an unsmoothed map pass: the share stays low (a thin instance among others is a few
     pixels of many: 0.013 for examples/scene32_masks.png; smoothed or resized maps measured 0.15-0.32).
     """
-    padded = np.pad(labels, 1, mode="edge")
-
-    def window(reduce) -> np.ndarray:  # (H, W): `reduce` over each pixel's 3x3 neighbourhood, columns then rows
-        cols = reduce(reduce(padded[:-2], padded[1:-1]), padded[2:])  # (H, W + 2)
-        return reduce(reduce(cols[:, :-2], cols[:, 1:-1]), cols[:, 2:])
-
-    below, above = window(np.minimum) < labels, window(np.maximum) > labels  # a lower / higher id among the 8 neighbours
+    below = _neighbourhood(labels, np.minimum) < labels  # a lower id among the 8 neighbours
+    above = _neighbourhood(labels, np.maximum) > labels  # a higher one
     between, edge = int((below & above).sum()), below | above
     if between < SLIVER_PIXELS or between < SMOOTHED_EDGE_SHARE * edge.sum():
         return
@@ -198,7 +272,7 @@ def _folder_masks(folder: Path) -> tuple[np.ndarray, list[str]]:
     if odd is not None:  # named by file: in the demo the folder is a temporary one
         (h0, w0), (h1, w1) = arrays[0].shape, arrays[odd].shape
         raise InputError(f"the masks differ in size: {files[0].name} is {w0}x{h0}, {files[odd].name} is {w1}x{h1}")
-    return np.stack([_binary(a) for a in arrays]), [p.name for p in files]
+    return np.stack([_binary(a, f"'{p.name}'") for p, a in zip(files, arrays)]), [p.name for p in files]
 
 
 def load_masks(masks: MasksLike, image_size: tuple[int, int] | None = None, max_instances: int | None = None) -> np.ndarray:
@@ -244,8 +318,9 @@ def read_masks(masks: MasksLike, image_size: tuple[int, int] | None = None,
         if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) > 1:
             raise InputError("binary masks must be a non-empty list (or stack) of equally sized (H, W) arrays, images or files; "
                              f"got {type(masks).__name__}")
-        stack = np.stack([_binary(a) for a in arrays])  # 0/1 or 0/255
-        names = [f"mask {i}" for i in range(len(arrays))]  # their places in the list
+        files = names is not None  # read from their files above: named by them, else by their places in the list
+        names = names or [f"mask {i}" for i in range(len(arrays))]
+        stack = np.stack([_binary(a, f"'{n}'" if files else f"{i}") for i, (a, n) in enumerate(zip(arrays, names))])
     return check_masks(stack, image_size, max_instances, names), names
 
 
@@ -485,7 +560,7 @@ class SceneLatentDataset:
         self.renders: list[torch.Tensor] = []  # (3, H, W) uint8, views = 2 only
         self.labels: list[torch.Tensor] = []  # (H, W) uint8: id i + 1 = instance i, views = 2 only
         self.ids: list[str] = []
-        orders, missing, too_many = set(), [], []
+        orders, encoders, missing, too_many = set(), set(), [], []
         for rec in read_manifest(root, split):
             asset = self.root / "assets" / rec["id"]
             path = asset / "latents.safetensors"
@@ -504,9 +579,10 @@ class SceneLatentDataset:
             render = load_image(asset / "render.png")  # read once for both views
             scene, soft = scene_inputs(render, masks, image_size, padding)
             if latents:
-                z, order = load_cached_latents(path)
+                z, made = load_cached_latents(path)
                 self.latents.append(z)
-                orders.add(order)
+                orders.add(made["token_order"])
+                encoders.add(made["encoder"])
             self.scenes.append((scene * 255).round().to(torch.uint8))
             self.masks.append((soft * 255).round().to(torch.uint8))
             if views == 2:
@@ -520,6 +596,7 @@ class SceneLatentDataset:
         report_missing_latents(missing, root, split)
         check_latent_lengths(self.latents, root)
         self.token_order = common_token_order(orders, root)  # VecSetVAE.encode's token_order
+        self.encoder = common_encoder(encoders, root)  # the VAE encoder's id (None: not recorded)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -530,7 +607,7 @@ class SceneLatentDataset:
         if not self.latents:
             raise InputError(f"{self.root}: this dataset was read without latents, there is nothing to cache")
         full = {"renders": torch.stack(self.renders), "labels": torch.stack(self.labels)} if self.views == 2 else {}
-        return save_latent_cache(path, SCENE_CACHE, self.latents, self.ids, self.token_order,
+        return save_latent_cache(path, SCENE_CACHE, self.latents, self.ids, self.token_order, self.encoder,
                                  images=torch.stack(self.scenes), masks=torch.cat(self.masks), **full)  # (A, 3, S, S), (sum N, S, S)
 
     @classmethod
@@ -546,7 +623,7 @@ class SceneLatentDataset:
         self.padding, self.views = padding, views
         self.latents, self.scenes, self.masks = cache["latents"], cache["images"], cache["masks"]
         self.renders, self.labels = (cache["renders"], cache["labels"]) if views == 2 else ([], [])
-        self.ids, self.token_order = cache["ids"], cache["token_order"]
+        self.ids, self.token_order, self.encoder = cache["ids"], cache["token_order"], cache["encoder"]
         return self
 
     def to(self, device) -> "SceneLatentDataset":
