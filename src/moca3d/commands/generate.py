@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
 
         written: list[Path] = []
         with interruptible(written):
-            from moca3d.data.images import check_image, load_image
+            from moca3d.data.images import MAX_WORKING_SIDE, check_image, load_image
 
             images = image_files(image) if image.is_dir() else None
             if images is not None:  # one .glb per image in a folder
@@ -97,7 +97,8 @@ def register(app: typer.Typer) -> None:
                               "cuda meant?)", InputWarning, stacklevel=2)
             torch_dtype = generation_dtype(dtype, dev)
             adapter = object_lora(lora)
-            picture = load_image(image) if images is None else None  # a bad image is refused before the (slow) model loading
+            # a bad image is refused before the (slow) model loading; a huge one decoded at a reduced scale (as the pipeline would)
+            picture = load_image(image, MAX_WORKING_SIDE) if images is None else None
             if picture is not None:
                 check_image(picture)  # e.g. blank: no foreground
             from moca3d.pipeline import MoCAPipeline  # slow to import (a second and more)

@@ -108,6 +108,8 @@ def warn_exif_turn(image: ImageLike) -> None:
     if not isinstance(image, (str, Path)):
         return  # `load_image` turns files only: an image or array given is taken as it is
     path = Path(image)
+    if not path.is_file():
+        return  # `load_image` names a missing file
     with readable(path):
         with Image.open(path) as im:
             orientation, (w, h) = im.getexif().get(ExifTags.Base.Orientation, 1), im.size
