@@ -45,8 +45,8 @@ def load_assets(pipe, root: Path, split: str, count: int, max_parts: int = 32):
     for rec in read_manifest(root, split):
         asset = root / "assets" / rec["id"]
         if rec["num_components"] <= max_parts and (asset / "latents.safetensors").is_file():
-            z, order = load_cached_latents(asset / "latents.safetensors")
-            require_token_order(pipe.transformer.token_order, order, str(asset))
+            z, made = load_cached_latents(asset / "latents.safetensors")
+            require_token_order(pipe.transformer.token_order, made["token_order"], str(asset))
             z = pipe.vae.normalize_latents(z)
             gt = load_components(asset / "mesh.glb")[0]
             if pipe.is_scene_model:

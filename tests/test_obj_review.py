@@ -133,3 +133,17 @@ def test_faces_before_the_first_object_are_the_first_part(tmp_path, body, names)
     meshes, read = load_file(path)
     assert read == read_components(path)[1] == names
     assert starts(meshes) == [2 * k for k in range(len(names))]
+
+
+def test_a_material_library_of_an_earlier_moca3d_is_still_replaced(tmp_path):
+    """A .mtl written before the header line (its blocks alone) was refused as someone else's: regenerating over
+    yesterday's chair.obj failed. One with anything added to those blocks is still kept."""
+    from moca3d.geometry.mesh_io import _mtl_text
+
+    earlier = _mtl_text(["seat", "leg"], palette(2)).replace(MTL_HEADER + "\n\n", "")
+    (tmp_path / "chair.mtl").write_text(earlier)
+    save_components(tmp_path / "chair.obj", boxes(2), ["seat", "leg"])
+    assert (tmp_path / "chair.mtl").read_text().startswith(MTL_HEADER)
+    (tmp_path / "chair.mtl").write_text(earlier + "map_Kd oak.png\n")  # edited by hand since: the user's now
+    with pytest.raises(InputError, match="is not a material file moca3d wrote"):
+        save_components(tmp_path / "chair.obj", boxes(2), ["seat", "leg"])

@@ -135,3 +135,19 @@ def test_a_refused_resume_says_how_many_changes_it_left_unnamed(object_dataset, 
     other = tiny_dit_recipe(steps=1, lr=0.5, warmup_steps=0, batch_size=4, seed=3, ema_decay=0.5)
     with pytest.raises(ConfigError, match=r"another recipe \(batch_size 2 -> 4, ema_decay .* -> 0.5, lr .* -> 0.5 and 2 more\)"):
         train(root, tmp_path / "run", other, vae_dir=vae_dir, device="cpu", progress=False)
+
+
+def test_a_run_cut_before_its_first_checkpoint_restarts_with_its_own_recipe(object_dataset, tmp_path):
+    """No checkpoint yet, run again without --config: it trained the defaults (a bigger model) and recorded them over
+    the run's recipe."""
+    import json as json_module
+
+    root, vae_dir = object_dataset
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json_module.dumps(tiny_dit_recipe(steps=1).to_dict()))  # killed while loading
+    result = invoke("train", root, "-o", run, "--vae", vae_dir)
+    assert result.exit_code == 0, result.output
+    assert f"recipe: {run / 'train_config.json'} (the run's own)" in result.output and "trained 1 step" in result.output
+    config = json_module.loads((run / "pipeline" / "transformer" / "config.json").read_text())
+    assert config["width"] == 32  # tiny_dit_recipe's, not the defaults'

@@ -102,7 +102,8 @@ class MoCAPipeline:
         self.image_encoder = image_encoder.eval()
         self.scheduler = scheduler or flow.make_scheduler()
         self.source = {"model": None, "lora": None}  # where from_pretrained read it (recorded in generated files)
-        # the most components a training example of the transformer held (model_index.json's TRAINED_KEY; None: unknown):
+        # the most components a training example of the transformer (or of its base, for a fine-tune) held (model_index.json's
+        # TRAINED_KEY; None: unknown):
         # more can be asked, up to max_components, and get a warning
         self.trained_components: Optional[int] = None
 
@@ -177,7 +178,7 @@ class MoCAPipeline:
                 raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
         pipe = cls(scheduler=scheduler, **parts).to(device, dtype)
         pipe.source = {"model": _model_name(root), "lora": None if lora is None else str(lora)}
-        trained = adapter.get(TRAINED_KEY) if lora is not None else index.get(TRAINED_KEY)  # an adapter: its own run's data
+        trained = adapter.get(TRAINED_KEY) if lora is not None else index.get(TRAINED_KEY)  # an adapter: its run's (base included)
         pipe.trained_components = trained if isinstance(trained, int) and not isinstance(trained, bool) else None
         return pipe
 

@@ -231,24 +231,27 @@ RUN_LENGTH_FLAGS = {"steps": "--steps", "time_limit_s": "--time-limit"}  # recip
 def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, record_name: str,
                   resume: bool = True) -> tuple[dict, Optional[dict]]:
     """A training verb's starting recipe, JSON-ready: --config's (checked by `recipe_class`); or, resuming a run (OUTPUT
-    holds checkpoints and the recipe it recorded, `record_name`) without --config, the run's own (`recorded_recipe`:
-    its relative paths as they were meant); {} (the recipe class's defaults) otherwise. And the run's recorded recipe when it resumes, else None."""
-    from moca3d.training.checkpoints import latest_checkpoint
+    holds the recipe it recorded, `record_name`: also one cut before its first checkpoint) without --config, the run's
+    own (`recorded_recipe`: its relative paths as they were meant); {} (the recipe class's defaults) otherwise. And the
+    run's recorded recipe when it resumes (holds checkpoints), else None."""
+    from moca3d.training.checkpoints import list_checkpoints  # (the trainer warns of a damaged newest one)
 
-    recorded = None
-    if resume and (output / record_name).is_file() and latest_checkpoint(output) is not None:
+    record = None
+    if resume and (output / record_name).is_file():
         try:
-            recorded = json.loads((output / record_name).read_text())
+            record = json.loads((output / record_name).read_text())
         except (OSError, ValueError):
-            recorded = None  # the trainer names the damaged file
-    recorded = recorded if isinstance(recorded, dict) else None
+            record = None  # the trainer names the damaged file
+    record = record if isinstance(record, dict) else None
+    recorded = record if record is not None and list_checkpoints(output) else None  # the run resumes
     if config is not None:
         return recipe_class.from_json(config).to_dict(), recorded
-    if recorded is None:
+    if record is None:
         return {}, None
     from moca3d.training.recipe import recorded_recipe
 
-    return recorded_recipe(output / record_name, recorded), recorded
+    typer.echo(f"recipe: {output / record_name} (the run's own)")  # also a run cut before its first checkpoint
+    return recorded_recipe(output / record_name, record), recorded
 
 
 def keep_run_length(recipe: dict, recorded: Optional[dict], **given: Any) -> None:

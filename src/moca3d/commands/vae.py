@@ -51,7 +51,8 @@ def check_points(points: int, vae, num_latents: Optional[int] = None) -> None:
 
 
 def _weights_id(folder: Path) -> str:
-    """Content hash of a model folder's safetensors files (identifies the encoder of cached latents)."""
+    """Content hash of a model folder's safetensors files: encode-dataset re-encodes latents another VAE folder made
+    (the latents' "encoder" record, `train_vae.encoder_id`, is what training checks)."""
     import hashlib
 
     digest = hashlib.sha256()

@@ -172,7 +172,7 @@ def _grey_levels(gray: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray | 
     index among them (H, W) uint8 (else None): compact for 3x3 windows. 8/16-bit ones by histogram, quicker than sorting."""
     if gray.dtype.kind in "iu" and gray.size and gray.min() >= 0 and gray.max() < 2 ** 16:
         levels = np.flatnonzero(np.bincount(gray.ravel()))
-        if len(levels) > most:
+        if len(levels) > most or len(levels) <= 2:  # (two levels: a plain binary mask, no index needed)
             return levels, None
         lookup = np.zeros(int(levels[-1]) + 1, np.uint8)
         lookup[levels] = np.arange(len(levels))
@@ -203,7 +203,8 @@ def check_binary_levels(gray: np.ndarray, name: str) -> None:
         return
     shown = ", ".join(f"{v:g}" for v in levels[:5]) + (", ..." if len(levels) > 5 else "")
     raise InputError(f"mask {name} holds {len(levels)} grey levels ({shown}), not a binary mask's two: a label map? pass "
-                     "it alone as the masks (--masks FILE), not among binary masks")
+                     "it alone as the masks (--masks FILE), not among binary masks (a trimap or a half-transparent "
+                     "region: save it as 0/255)")
 
 
 def check_unsmoothed(labels: np.ndarray, name: str = "the label map") -> None:

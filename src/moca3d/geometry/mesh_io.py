@@ -642,6 +642,9 @@ def save_glb(
 
 METADATA_KEY = "moca3d"  # a written file's record of how it was made (glTF scene extras, OBJ first comment)
 MTL_HEADER = f"# {METADATA_KEY} materials, one per component"  # the first line of a .mtl moca3d wrote
+# a .mtl moca3d wrote before the header (its blocks alone, as `_mtl_text` writes them), read up to MTL_SNIFF_BYTES
+OLD_MTL = re.compile(rb"(newmtl [^\n]*\nKa 0 0 0\nKd [0-9. ]+\nKs 0.5 0.5 0.5\nNs 90\nd 1\nillum 2\n\n?)+")
+MTL_SNIFF_BYTES = 1 << 20
 MESH_FORMATS = (".glb", ".obj")  # what the CLI writes a generation as: one named node / one `o` object per component
 
 
@@ -652,13 +655,14 @@ def mtl_path(obj: Path) -> Path:
 
 def mtl_target(path: Path) -> Path:
     """Where an OBJ at `path` writes its materials (`mtl_path`), checked free: InputError when a file there is not one
-    moca3d wrote (its first line not `MTL_HEADER`: e.g. the user's own material library, or unreadable), which the
-    write would replace. Anything else there (a folder) is left to the write to refuse."""
+    moca3d wrote (its first line not `MTL_HEADER`, nor an earlier version's blocks alone, OLD_MTL: e.g. the user's own
+    material library, or unreadable), which the write would replace. Anything else there (a folder) is left to the write to refuse."""
     mtl = mtl_path(path)
     if mtl.is_file():
         try:
             with open(mtl, "rb") as f:
-                ours = f.readline(len(MTL_HEADER) + 2).rstrip(b"\r\n") == MTL_HEADER.encode()
+                head = f.read(MTL_SNIFF_BYTES)
+            ours = head.split(b"\n", 1)[0].rstrip(b"\r") == MTL_HEADER.encode() or OLD_MTL.fullmatch(head) is not None
         except OSError:
             ours = False
         if not ours:

@@ -482,8 +482,9 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
                     save_checkpoint(out_dir, step, model, optimizer, extra={"elapsed_s": elapsed0 + time.time() - t0, "data": data_identity(asset_ids)})
                 if main:
                     release_run(out_dir)
+                saved = "checkpoint saved, " if step > start or ckpt is not None else ""  # (a fresh run stopped at once: none)
                 raise TrainingStopped(f"stopped at step {step} of {cfg.steps} ({stop.reason or 'another process'}): "
-                                      "checkpoint saved, the same command resumes", signum=stop.signum)
+                                      f"{saved}the same command resumes", signum=stop.signum)
             if cfg.time_limit_s and elapsed >= cfg.time_limit_s:
                 break
             sched = schedule_step(step, cfg, elapsed)

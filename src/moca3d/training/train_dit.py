@@ -678,8 +678,11 @@ def train(
         final = copy.deepcopy(accelerator.unwrap_model(model))
         ema.copy_to(final)
         trained = max(z.shape[0] for z in data.latents)  # (N, L, C) each: the most components an example held
-        if cfg.init_from:  # a fine-tune keeps the range its base was trained on
-            base = json.loads((init_folder(cfg) / "model_index.json").read_text()).get(TRAINED_KEY)
+        if cfg.init_from:  # a fine-tune keeps the range its base was trained on (if its record is still there)
+            try:
+                base = json.loads((init_folder(cfg) / "model_index.json").read_text()).get(TRAINED_KEY)
+            except (OSError, ValueError, AttributeError, ConfigError):
+                base = None
             trained = max(trained, base) if isinstance(base, int) and not isinstance(base, bool) else trained
         if cfg.transformer_lora_rank:  # what the fine-tune changed, apart from its base: OUT/lora
             config = {**adapter_config(cfg, final, frozen), TRAINED_KEY: trained}

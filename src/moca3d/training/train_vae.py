@@ -549,7 +549,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
                 if bar is not None:
                     bar.close()
                 raise TrainingStopped(f"stopped at step {done} of {cfg.steps} ({stop.reason}): checkpoint saved, the same command "
-                                      "with --resume resumes", signum=stop.signum)
+                                      "resumes (train-vae: with --resume)", signum=stop.signum)
             if val_arrays is not None and (done % cfg.val_query_every == 0 or done == cfg.steps):
                 metrics = query_metrics(ema_model(ema, cfg, dev), val_arrays, cfg)
                 _append_jsonl(log_path, {"step": done, "val_query": metrics})
@@ -662,6 +662,7 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
 
         iterator = tqdm(entries, desc="encode", unit="asset")
     model.eval()
+    encoder = encoder_id(model)  # recorded with every asset's latents
     for e in iterator:
         path = Path(data_dir) / "assets" / e["id"] / "latents.safetensors"
         if path.is_file() and not overwrite:
@@ -680,7 +681,7 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
         latents = encode_latents(model, surface, num_points, batch_size, token_order, num_latents)  # (N, L, C)
         meta = {"token_order": token_order, "asset_id": e["id"], "num_components": str(latents.shape[0]), "names": json.dumps(e.get("names", [])),
                 "num_latents": str(latents.shape[1]), "latent_channels": str(latents.shape[2]),
-                "model": model_id, "encoder": encoder_id(model), "num_points": str(num_points), "kind": "posterior_mean"}
+                "model": model_id, "encoder": encoder, "num_points": str(num_points), "kind": "posterior_mean"}
         atomic_save_tensors({"latents": latents.contiguous()}, path, metadata=meta)
         done += 1
     return {"encoded": done, "skipped": skipped}
