@@ -151,3 +151,14 @@ def test_a_run_cut_before_its_first_checkpoint_restarts_with_its_own_recipe(obje
     assert f"recipe: {run / 'train_config.json'} (the run's own)" in result.output and "trained 1 step" in result.output
     config = json_module.loads((run / "pipeline" / "transformer" / "config.json").read_text())
     assert config["width"] == 32  # tiny_dit_recipe's, not the defaults'
+
+
+def test_the_recipe_notes_are_said_by_the_first_process_alone(tmp_path, monkeypatch, capsys):
+    """Under torchrun every process printed "keeping the run's ..." and "recipe: ..."."""
+    from moca3d.commands.common import keep_run_length
+
+    for rank, said in (("1", ""), ("0", "keeping the run's steps 5")):
+        monkeypatch.setenv("RANK", rank)
+        recipe = {"steps": 9}
+        keep_run_length(recipe, {"steps": 5})
+        assert recipe["steps"] == 5 and capsys.readouterr().out.startswith(said)

@@ -228,6 +228,14 @@ def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Opt
 RUN_LENGTH_FLAGS = {"steps": "--steps", "time_limit_s": "--time-limit"}  # recipe keys a resumed run keeps unless given
 
 
+def say_once(message: str) -> None:
+    """Echo `message` from the first process alone of a launch (torchrun, accelerate launch: RANK), or from this one."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(message)
+
+
 def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, record_name: str,
                   resume: bool = True) -> tuple[dict, Optional[dict]]:
     """A training verb's starting recipe, JSON-ready: --config's (checked by `recipe_class`); or, resuming a run (OUTPUT
@@ -250,7 +258,7 @@ def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, reco
         return {}, None
     from moca3d.training.recipe import recorded_recipe
 
-    typer.echo(f"recipe: {output / record_name} (the run's own)")  # also a run cut before its first checkpoint
+    say_once(f"recipe: {output / record_name} (the run's own)")  # also a run cut before its first checkpoint
     return recorded_recipe(output / record_name, record), recorded
 
 
@@ -261,7 +269,7 @@ def keep_run_length(recipe: dict, recorded: Optional[dict], **given: Any) -> Non
     for key, flag in RUN_LENGTH_FLAGS.items():
         if recorded is None or given.get(key) is not None or key not in recorded or recipe.get(key) == recorded[key]:
             continue
-        typer.echo(f"keeping the run's {key} {recorded[key]} (the recipe's is {recipe.get(key)}; {flag} changes it)")
+        say_once(f"keeping the run's {key} {recorded[key]} (the recipe's is {recipe.get(key)}; {flag} changes it)")
         recipe[key] = recorded[key]
 
 
