@@ -55,3 +55,11 @@ def test_latents_of_two_encoders_are_refused_and_unrecorded_ones_are_not_checked
     assert LatentDataset(data, "train", 32).encoder is None
     other = changed_vae(vae_dir, tmp_path / "other", "encoder")
     assert train(data, tmp_path / "run", tiny_dit_recipe(steps=1), vae_dir=other, device="cpu", progress=False)["steps"] == 1
+
+
+def test_a_refused_cache_says_to_write_the_cache_again(object_dataset, tmp_path):
+    root, vae_dir = object_dataset
+    cache = LatentDataset(root, "train", 32).save_cache(tmp_path / "cache.safetensors")
+    other = changed_vae(vae_dir, tmp_path / "other", "encoder")
+    with pytest.raises(ConfigError, match=r"re-encode its dataset .* and write the cache again \(`moca3d cache-latents`\)"):
+        train(cache, tmp_path / "run", tiny_dit_recipe(steps=1), vae_dir=other, device="cpu", progress=False)

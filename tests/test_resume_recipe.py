@@ -162,3 +162,15 @@ def test_the_recipe_notes_are_said_by_the_first_process_alone(tmp_path, monkeypa
         recipe = {"steps": 9}
         keep_run_length(recipe, {"steps": 5})
         assert recipe["steps"] == 5 and capsys.readouterr().out.startswith(said)
+
+
+def test_train_vae_resume_of_an_empty_folder_says_it_starts_a_new_run(object_dataset, tmp_path, capsys):
+    """A mistyped -o with --resume started a 10 000-step run without a word."""
+    from moca3d.training.train_vae import VAETrainConfig, train_vae
+
+    root, _ = object_dataset
+    recipe = dict(model=TINY_VAE, steps=1, batch_size=2, num_surface_points=64, num_query_points=64, log_every=1,
+                  checkpoint_every=1, validate_every=1000, val_assets=1, warmup_steps=1)
+    train_vae(root, tmp_path / "typo", VAETrainConfig.from_dict(recipe), resume=True, progress=False, validate_at_end=False)
+    assert f"{tmp_path / 'typo'}: no checkpoint to resume from: a new run of 1 steps" in capsys.readouterr().out
+    assert (tmp_path / "typo" / "train_config.json").is_file()

@@ -489,6 +489,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or use a new directory")
     elif main:
+        if resume:  # e.g. a mistyped -o: said, not hours of a new run in silence
+            say(f"{out_dir}: no checkpoint to resume from: a new run of {cfg.steps} steps")
         out_dir.mkdir(parents=True, exist_ok=True)
         record_run_config(out_dir / "train_config.json", cfg.to_dict())
         trim_log(log_path, 0)  # a run cut before its first checkpoint starts again: so does its log
