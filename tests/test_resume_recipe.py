@@ -174,3 +174,17 @@ def test_train_vae_resume_of_an_empty_folder_says_it_starts_a_new_run(object_dat
     train_vae(root, tmp_path / "typo", VAETrainConfig.from_dict(recipe), resume=True, progress=False, validate_at_end=False)
     assert f"{tmp_path / 'typo'}: no checkpoint to resume from: a new run of 1 steps" in capsys.readouterr().out
     assert (tmp_path / "typo" / "train_config.json").is_file()
+
+
+def test_a_missing_init_from_is_named_missing_not_a_recipe_change(object_dataset, object_pipeline, tmp_path, monkeypatch):
+    """From another folder, a relative --init-from that names nothing there read as "started with another recipe
+    (init_from "/abs/prior" -> "prior")"."""
+    import shutil
+
+    root, _ = object_dataset
+    shutil.copytree(object_pipeline, tmp_path / "work" / "prior")
+    monkeypatch.chdir(tmp_path / "work")
+    assert invoke("train", root, "-o", "run", "--init-from", "prior", "--steps", 1).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", root, "-o", "work/run", "--init-from", "prior", "--steps", 2)
+    assert str(result.exception) == f"--init-from prior: no such folder (from {tmp_path})"

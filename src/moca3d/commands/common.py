@@ -262,6 +262,12 @@ def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, reco
     return recorded_recipe(output / record_name, record), recorded
 
 
+def check_init_from(init_from: Optional[Path]) -> None:
+    """--init-from names a folder that exists (from here): one line, before a resume could call another path a recipe change."""
+    if init_from is not None and not init_from.expanduser().is_dir():
+        raise ConfigError(f"--init-from {init_from}: no such folder (from {Path.cwd()})")
+
+
 def keep_run_length(recipe: dict, recorded: Optional[dict], **given: Any) -> None:
     """A resumed run keeps its recorded steps and time limit unless the command line gives them again (`given`: the
     flags' values by recipe key, None when not given): a requeued command that leaves out --time-limit would otherwise

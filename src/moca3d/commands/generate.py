@@ -10,7 +10,7 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
-                                    echo_missing, interruptible, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
+                                    echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
                                     resume_recipe, run_dit_training, save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
 from moca3d.errors import ConfigError, InputError, InputWarning
@@ -153,6 +153,7 @@ def register(app: typer.Typer) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
         from moca3d.training.train_dit import DiTTrainConfig
 
+        check_init_from(init_from)
         recipe, recorded = resume_recipe(DiTTrainConfig, config, output, "train_config.json", resume)
         if init_from is not None:
             recipe["init_from"] = str(init_from)
