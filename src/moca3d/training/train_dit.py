@@ -49,7 +49,7 @@ from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
 from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
-from moca3d.training.distributed import batch_rows, process_max
+from moca3d.training.distributed import batch_rows, process_max, process_maxima
 from moca3d.training.train_vae import encoder_id, load_vae_folder
 from moca3d.training.checkpoints import (EMA, claim_run, fingerprint, frozen_fingerprint, latest_checkpoint, load_checkpoint,
                                          release_run, save_checkpoint, state_dict_mismatch, trim_log)
@@ -457,14 +457,6 @@ def schedule_step(step: int, cfg: DiTTrainConfig, elapsed: float) -> int:
     return max(step, cfg.warmup_steps + int(elapsed / cfg.time_limit_s * (cfg.steps - cfg.warmup_steps)))
 
 
-def _any_process(accelerator, *flags: bool) -> tuple[bool, ...]:
-    """Each flag, True when it holds on any process (one decision for all of them, one collective for all flags)."""
-    if accelerator.num_processes == 1:
-        return tuple(bool(f) for f in flags)
-    summed = accelerator.reduce(torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum")
-    return tuple(bool(v > 0) for v in summed.tolist())
-
-
 def adapter_config(cfg: DiTTrainConfig, model: Generator, frozen: Optional[dict]) -> dict[str, Any]:
     """The adapter folder's config: how to inject the adapters again (a scene run's: also how its encoder was
     widened and adapted, under "image_encoder"), and the base they belong to."""
@@ -620,12 +612,13 @@ def train(
     done = start if spent else cfg.steps  # the last step run (less when the time limit stops the run)
     t0 = time.time()
     columns = [TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"), TimeRemainingColumn()]
+    processes = accelerator if accelerator.num_processes > 1 else None  # (None: no collective)
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar, stop_requests() as stop:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
         for step in range(start, start if spent else cfg.steps):
             elapsed = before + time.time() - t0
             if cfg.time_limit_s > 0:  # one clock for all processes: the same LR everywhere, or DDP's replicas drift apart
-                elapsed = process_max(elapsed, accelerator if accelerator.num_processes > 1 else None, accelerator.device)
+                elapsed = process_max(elapsed, processes, accelerator.device)
             lr = lr_at(schedule_step(step, cfg, elapsed), cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -643,7 +636,8 @@ def train(
             ema.update(unwrapped)
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             over = cfg.time_limit_s > 0 and before + time.time() - t0 > cfg.time_limit_s
-            over, stopped = _any_process(accelerator, over, bool(stop))  # SIGTERM / Ctrl+C: this step's checkpoint, then out
+            # one decision for all processes, one collective: SIGTERM / Ctrl+C on any of them, this step's checkpoint, then out
+            over, stopped = (v > 0 for v in process_maxima([float(over), float(bool(stop))], processes, accelerator.device))
             out_of_time = over or stopped
             if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.steps or out_of_time:
                 log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr,
