@@ -337,3 +337,44 @@ def test_sigterm_in_a_stage_exits_143_and_the_same_command_goes_on(tiny_run, tmp
     result = train_default(work, recipe)
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output and (work / "dit" / "pipeline" / "model_index.json").is_file()
+
+
+def test_stage_configs_are_read_beside_the_recipe_first(tmp_path):
+    """A recipe copied into a folder with its own edited stage configs trained the repository's configs/ ones of the
+    same names; now a name is read beside the recipe, and only the ones missing there from configs/ (said)."""
+    from moca3d.commands.default import CONFIGS, borrowed_configs, config_hashes, read_recipe, stage_config
+
+    spec = json.loads(SMOKE.read_text())
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(json.dumps(spec))
+    mine = {**json.loads((CONFIGS / "dit_smoke_continue.json").read_text()), "steps": 7, "lr": 3e-5}
+    (tmp_path / "dit_smoke_continue.json").write_text(json.dumps(mine))
+    (tmp_path / "vae_smoke.json").write_text(json.dumps({**json.loads((CONFIGS / "vae_smoke.json").read_text()), "steps": 5}))
+    assert read_recipe(recipe) == spec
+    cfg = stage_config("dit_smoke_continue.json", "pipeline", tmp_path / "previous", tmp_path)
+    assert (cfg.steps, cfg.lr) == (7, 3e-5)  # the edited one, not the repository's
+    assert stage_config("dit_smoke_continue.json", "pipeline", tmp_path / "previous").steps != 7
+    assert config_hashes(spec, tmp_path)["vae_config"] != config_hashes(spec)["vae_config"]
+    borrowed = borrowed_configs(tmp_path, spec)
+    assert "vae_smoke.json" not in borrowed and "dit_smoke_continue.json" not in borrowed and "dit_smoke.json" in borrowed
+    assert borrowed_configs(CONFIGS, spec) == []
+    (tmp_path / "dit_smoke.json").write_text("{not json")  # a broken one beside the recipe is its own, refused before any work
+    with pytest.raises(ConfigError, match=str(tmp_path / "dit_smoke.json")):
+        read_recipe(recipe)
+    result = CliRunner().invoke(app, ["train-default", "--work", str(tmp_path / "work"), "--recipe", str(recipe)])
+    assert isinstance(result.exception, ConfigError) and not (tmp_path / "work").exists()
+
+
+def test_a_recipe_elsewhere_says_which_stage_configs_come_from_the_repository(tmp_path):
+    """The message names the borrowed stage configs once, before any work (here: a --work that is a file, refused)."""
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(SMOKE.read_text())
+    (tmp_path / "vae_smoke.json").write_text((SMOKE.parent / "vae_smoke.json").read_text())
+    (tmp_path / "work").write_text("a file")
+    result = CliRunner().invoke(app, ["train-default", "--work", str(tmp_path / "work"), "--recipe", str(recipe)])
+    assert isinstance(result.exception, ConfigError), result.output
+    said = [line for line in result.output.splitlines() if "read from" in line]
+    assert len(said) == 1 and "dit_smoke.json" in said[0] and "encoder_pretrain_smoke.json" in said[0]
+    assert "vae_smoke.json" not in said[0]
+    result = CliRunner().invoke(app, ["train-default", "--work", str(tmp_path / "work"), "--recipe", str(SMOKE)])
+    assert isinstance(result.exception, ConfigError) and "read from" not in result.output

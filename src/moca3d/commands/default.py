@@ -40,6 +40,19 @@ RECORD = "recipe.json"  # in the work folder: the recipe it was started with
 HASHES = "config_hashes"  # in RECORD: `config_hashes` of the recipe
 
 
+def stage_file(folder: Path, name: str) -> Path:
+    """A stage config a recipe in `folder` names: beside the recipe (or a path), else the repository's configs/ one."""
+    beside = folder / name
+    return beside if beside.is_file() or not (CONFIGS / name).is_file() else CONFIGS / name
+
+
+def borrowed_configs(folder: Path, spec: dict) -> list[str]:
+    """The stage configs a recipe in `folder` names that are read from the repository's configs/, none beside it."""
+    names = [spec[k] for k in ("vae_config", "vae_finetune_config", "encoder_pretrain_config", "dit_config") if spec.get(k)]
+    names += [name for name, _ in continue_stages(spec)]
+    return [n for n in dict.fromkeys(names) if stage_file(folder, n) != folder / n]
+
+
 STAGE_STARTS = ("pipeline", "encoder")  # continue the whole previous pipeline, or only its image encoder
 
 
@@ -62,11 +75,11 @@ def continue_stages(spec: dict) -> list[tuple[str, str]]:
     return stages
 
 
-def stage_config(name: str, start: str, previous: Path):
-    """The DiT recipe `name` pointed at the previous stage's pipeline (or only at its image encoder)."""
+def stage_config(name: str, start: str, previous: Path, folder: Path = CONFIGS):
+    """The DiT recipe `name` (of a recipe in `folder`) pointed at the previous stage's pipeline (or only at its image encoder)."""
     from moca3d.training.train_dit import DiTTrainConfig
 
-    cfg = DiTTrainConfig.from_json(CONFIGS / name)
+    cfg = DiTTrainConfig.from_json(stage_file(folder, name))
     if start == "encoder":
         return DiTTrainConfig.from_dict({**cfg.to_dict(), "init_from": None, "image_encoder": {},
                                          "image_encoder_from": str(previous / "image_encoder")})
@@ -97,14 +110,15 @@ def read_recipe(path: Path) -> dict:
         if wrong is not None:
             raise ConfigError(f"{path}: recipe key '{key}' must be {wrong}, got {json.dumps(value)[:60]}")
     check_ranges(path, spec)
-    VAETrainConfig.from_json(CONFIGS / spec["vae_config"])
-    if spec.get("vae_finetune_config") and not VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"]).freeze_encoder:
+    folder = path.parent
+    VAETrainConfig.from_json(stage_file(folder, spec["vae_config"]))
+    if spec.get("vae_finetune_config") and not VAETrainConfig.from_json(stage_file(folder, spec["vae_finetune_config"])).freeze_encoder:
         raise ConfigError(f"{spec['vae_finetune_config']}: a recipe's VAE fine-tune must set freeze_encoder")
     if spec.get("encoder_pretrain_config"):
-        EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"])
-    DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
+        EncoderPretrainConfig.from_json(stage_file(folder, spec["encoder_pretrain_config"]))
+    DiTTrainConfig.from_json(stage_file(folder, spec["dit_config"]))
     for name, start in continue_stages(spec):
-        stage_config(name, start, Path("previous"))
+        stage_config(name, start, Path("previous"), folder)
     return spec
 
 
@@ -138,20 +152,20 @@ def check_ranges(path: Path, spec: dict) -> None:
 HASHED = ("vae_config", "vae_finetune_config", "encoder_pretrain_config")  # stages skipped once their summary.json is written
 
 
-def config_hashes(spec: dict) -> dict[str, str]:
-    """The content (parsed JSON, so not its spacing) hash of each stage config the recipe names whose finished stage is
-    skipped without a look at its config (the DiT stages compare theirs: `trained`), by recipe key."""
+def config_hashes(spec: dict, folder: Path = CONFIGS) -> dict[str, str]:
+    """The content (parsed JSON, so not its spacing) hash of each stage config the recipe (in `folder`) names whose
+    finished stage is skipped without a look at its config (the DiT stages compare theirs: `trained`), by recipe key."""
     import hashlib
 
     out = {}
     for key in HASHED:
         if spec.get(key):
-            content = json.dumps(json.loads((CONFIGS / spec[key]).read_text()), sort_keys=True)
+            content = json.dumps(json.loads(stage_file(folder, spec[key]).read_text()), sort_keys=True)
             out[key] = hashlib.sha256(content.encode()).hexdigest()
     return out
 
 
-def check_same_recipe(work: Path, record: dict) -> None:
+def check_same_recipe(work: Path, record: dict, folder: Path = CONFIGS) -> None:
     """Write `record` (the recipe and --data) into a new work folder; one-line ConfigError when it holds another one's run.
 
     Only the continue stages may differ, one list extending the other (configs/default.json adds a stage to
@@ -175,7 +189,7 @@ def check_same_recipe(work: Path, record: dict) -> None:
     hashes, recorded = record.get(HASHES) or {}, old.get(HASHES) or {}  # none recorded (an older run): not known, accepted
     edited = [k for k in HASHED if k in hashes and k in recorded and hashes[k] != recorded[k] and not changed]
     if edited:
-        raise ConfigError(f"{CONFIGS / record[edited[0]]} (the recipe's {edited[0]}) changed since {work} started its run"
+        raise ConfigError(f"{stage_file(folder, record[edited[0]])} (the recipe's {edited[0]}) changed since {work} started its run"
                           f" (recorded in {path}): its finished stage would not be trained again; restore it, or give a new --work folder")
     if stages[:len(before)] != before[:len(stages)]:  # neither list of continue stages extends the other
         changed.append("dit_continue_config")
@@ -192,10 +206,11 @@ def check_same_recipe(work: Path, record: dict) -> None:
 def trained(run: Path, cfg) -> bool:
     """A DiT stage is done: its pipeline is complete (model_index.json is written last) and its recipe is `cfg` (its
     paths may name the same folders another way: the work folder moved, or given relative instead of absolute)."""
-    from moca3d.training.recipe import recipe_changes, recipe_defaults
+    from moca3d.training.recipe import model_defaults, recipe_changes, recipe_defaults
 
     config = run / "train_config.json"
-    return (run / "pipeline" / "model_index.json").is_file() and config.is_file() and not recipe_changes(config, cfg.to_dict(), recipe_defaults(type(cfg)))
+    return (run / "pipeline" / "model_index.json").is_file() and config.is_file() and \
+        not recipe_changes(config, cfg.to_dict(), recipe_defaults(type(cfg)), model_defaults(type(cfg)))
 
 
 def register(app: typer.Typer) -> None:
@@ -204,7 +219,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train-default")
     def train_default(
         work: Path = typer.Option(Path("runs/default"), "--work", help="Working folder: data/, vae/, dit/ (resumable)."),
-        recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe JSON: dataset size and each training stage's config (default: the repository's configs/default.json)."),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe JSON: dataset size and each training stage's config, named by file beside the recipe (else the repository's configs/ one) or by path (default: the repository's configs/default.json)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         workers: int = typer.Option(2, "--workers", help="Processes for data preparation."),
         install: bool = typer.Option(False, "--install", help="Copy the trained pipeline into the package as the default model."),
@@ -229,10 +244,14 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.commands.common import check_run_folder, resolve_device, training_stops
 
-        spec = read_recipe(recipe if recipe is not None else CONFIGS / "default.json")
+        recipe = recipe if recipe is not None else CONFIGS / "default.json"
+        spec, folder = read_recipe(recipe), recipe.parent
+        borrowed = borrowed_configs(folder, spec)
+        if borrowed:
+            typer.echo(f"stage configs not beside {recipe}, read from {CONFIGS}: {', '.join(borrowed)}")
         check_run_folder(work, "--work")
         dev = resolve_device(device)
-        check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None, HASHES: config_hashes(spec)})
+        check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None, HASHES: config_hashes(spec, folder)}, folder)
         root = data or work / "data"
         with training_stops(work):  # SIGTERM / Ctrl+C: the stage running stops after its step, checkpointed
 
@@ -254,7 +273,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"[2/4] the VAE in {vae_run} is trained: skipped")
             else:
                 typer.echo(f"[2/4] training the VAE in {vae_run}")
-                train_vae(root, vae_run, VAETrainConfig.from_json(CONFIGS / spec["vae_config"]), resume=True, device=dev)
+                train_vae(root, vae_run, VAETrainConfig.from_json(stage_file(folder, spec["vae_config"])), resume=True, device=dev)
             extra = int(spec.get("dit_extra_objects", 0))
             if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
                 typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
@@ -266,14 +285,14 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"[2c/4] the VAE decoder in {ft_run} is fine-tuned: skipped")
                 else:
                     typer.echo(f"[2c/4] fine-tuning the VAE decoder in {ft_run}")
-                    ft_cfg = VAETrainConfig.from_json(CONFIGS / spec["vae_finetune_config"])
+                    ft_cfg = VAETrainConfig.from_json(stage_file(folder, spec["vae_finetune_config"]))
                     ft_cfg.init_from = str(vae_dir)
                     train_vae(root, ft_run, ft_cfg, resume=True, device=dev)
                 vae_dir = ft_run / "vae"
             typer.echo("[3/4] caching latents")
             vae = load_vae(vae_dir, dev)
             encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"])
-            dit_cfg = DiTTrainConfig.from_json(CONFIGS / spec["dit_config"])
+            dit_cfg = DiTTrainConfig.from_json(stage_file(folder, spec["dit_config"]))
             if spec.get("encoder_pretrain_config"):  # the image encoder learns a 3D prior first (then frozen or not)
                 from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
@@ -282,7 +301,7 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"[3b/4] the image encoder in {enc_run} is pre-trained: skipped")
                 else:
                     typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
-                    pretrain_encoder(EncoderPretrainConfig.from_json(CONFIGS / spec["encoder_pretrain_config"]), root, enc_run, device=dev)
+                    pretrain_encoder(EncoderPretrainConfig.from_json(stage_file(folder, spec["encoder_pretrain_config"])), root, enc_run, device=dev)
                 dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
 
             def train_stage(label: str, what: str, folder: Path, cfg) -> Path:
@@ -298,7 +317,7 @@ def register(app: typer.Typer) -> None:
             for i, (name, start) in enumerate(stages):  # more training, each stage from the last one's pipeline
                 folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
                 what = "a new transformer on the image encoder" if start == "encoder" else "the transformer further"
-                pipeline = train_stage("[4b/4]", f"{what} ({i + 1} of {len(stages)}, {name})", folder, stage_config(name, start, pipeline))
+                pipeline = train_stage("[4b/4]", f"{what} ({i + 1} of {len(stages)}, {name})", folder, stage_config(name, start, pipeline, folder))
             typer.echo(f"pipeline: {pipeline}")
             if install:  # copied beside it, then renamed into place: never a partial default model
                 tmp = DEFAULT_MODEL_DIR.with_name(f".{DEFAULT_MODEL_DIR.name}.tmp")
