@@ -107,6 +107,18 @@ def test_a_vae_resume_with_another_model_names_the_recipe_key(object_dataset, tm
     wider = VAETrainConfig.from_dict({**recipe, "model": {**TINY_VAE, "width_decoder": 64}})
     with pytest.raises(ConfigError, match=r"started with another recipe \(model.width_decoder 32 -> 64\)"):
         train_vae(root, tmp_path / "vae", wider, resume=True, progress=False)
+    # the model's own default spelled out (or left out) is the same model: resumed, not "another recipe"
+    from moca3d.models.vae import VecSetVAE
+    import inspect
+
+    default_in = inspect.signature(VecSetVAE.__init__).parameters["in_channels"].default
+    assert "in_channels" not in TINY_VAE
+    spelled = VAETrainConfig.from_dict({**recipe, "steps": 2, "model": {**TINY_VAE, "in_channels": default_in}})
+    train_vae(root, tmp_path / "vae", spelled, resume=True, progress=False, validate_at_end=False)
+    assert latest_checkpoint(tmp_path / "vae").name == "step_00000002"
+    other = VAETrainConfig.from_dict({**recipe, "steps": 3, "model": {**TINY_VAE, "in_channels": default_in + 3}})
+    with pytest.raises(ConfigError, match=rf"another recipe \(model.in_channels {default_in} -> {default_in + 3}\)"):
+        train_vae(root, tmp_path / "vae", other, resume=True, progress=False)
 
 
 def test_a_run_started_with_a_relative_init_from_resumes_from_another_folder(object_dataset, object_pipeline, tmp_path,

@@ -81,6 +81,7 @@ class Recipe:
     """Mixin for recipe dataclasses: `from_dict` / `from_json` reject unknown keys, then `check()`."""
 
     recipe_name = "training"
+    nested_models: dict[str, str] = {}  # a nested model config's key -> its model class, "module:Class" (check_model_keys)
 
     @classmethod
     def from_dict(cls: type[R], d: dict[str, Any]) -> R:
@@ -236,11 +237,33 @@ def recipe_defaults(cls: type) -> dict[str, Any]:
     return out
 
 
-def recipe_changes(config_path: Path, record: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> list[str]:
+def model_defaults(cls: type) -> dict[str, dict[str, Any]]:
+    """The keyword defaults of each nested model config of a recipe class (`nested_models`), JSON-ready, by recipe key:
+    what a model config that leaves a key out builds with."""
+    import importlib
+
+    out = {}
+    for key, where in getattr(cls, "nested_models", {}).items():
+        module, name = where.split(":")
+        params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters.values()
+        out[key] = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+                    for p in params if p.default is not inspect.Parameter.empty}
+    return out
+
+
+def _filled(record: dict[str, Any], nested: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`record` with each nested model config completed by its model's defaults (`model_defaults`)."""
+    return {k: {**nested[k], **v} if k in nested and isinstance(v, dict) else v for k, v in record.items()}
+
+
+def recipe_changes(config_path: Path, record: dict[str, Any], defaults: Optional[dict[str, Any]] = None,
+                   nested: Optional[dict[str, dict[str, Any]]] = None) -> list[str]:
     """The keys in which `record` (a JSON-ready recipe) differs from the run's recipe at `config_path`, sorted; a path
     (PATH_KEYS) that names the same folder (`_same_path`) is no change, nor a key added to the recipe class after the run
-    was recorded whose value is its default (`defaults`, `recipe_defaults`)."""
+    was recorded whose value is its default (`defaults`, `recipe_defaults`), nor a nested model config key left out on
+    one side and given its model's default on the other (`nested`, `model_defaults`)."""
     old, origin = {**(defaults or {}), **json.loads(config_path.read_text())}, _read_origin(config_path)
+    old, record = _filled(old, nested or {}), _filled(record, nested or {})
     return sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k)
                   and not (k in PATH_KEYS and _same_path(k, old.get(k), record.get(k), origin, config_path.parent)))
 
@@ -253,13 +276,15 @@ def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[
     the run's work folder, or relative instead of absolute): the caller calls it once the resume is accepted (its
     checkpoint loaded, its data checked), so a refused resume leaves the record as it was. A key the recipe class
     gained since the run was recorded, at its default, is no change."""
+    nested = {}
     if not isinstance(cfg, dict):
-        defaults, cfg = recipe_defaults(type(cfg)), cfg.to_dict()
+        defaults, nested, cfg = recipe_defaults(type(cfg)), model_defaults(type(cfg)), cfg.to_dict()
     old, new = {**(defaults or {}), **json.loads(config_path.read_text())}, cfg
-    changed = recipe_changes(config_path, new, defaults)
+    changed = recipe_changes(config_path, new, defaults, nested)
     fixed = [k for k in changed if k not in RESUMABLE_KEYS]
     if fixed:
-        pairs = [pair for k in fixed for pair in _leaf_changes(k, old.get(k), new.get(k))]
+        full_old, full_new = _filled(old, nested), _filled(new, nested)
+        pairs = [pair for k in fixed for pair in _leaf_changes(k, full_old.get(k), full_new.get(k))]
         diff = ", ".join(f"{k} {json.dumps(a)[:40]} -> {json.dumps(b)[:40]}" for k, a, b in pairs[:3])
         diff += f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""  # (all of them: diff the two recipe files)
         raise ConfigError(f"{config_path.parent} was started with another recipe ({diff}): resume with its own "

@@ -64,6 +64,8 @@ class DiTTrainConfig(Recipe):
     """A DiT training recipe (JSON: these fields; model configs under "transformer" and "image_encoder")."""
 
     recipe_name = "DiT training"
+    nested_models = {"transformer": "moca3d.models.transformer:MoCATransformer",
+                     "image_encoder": "moca3d.models.image_encoder:ImageEncoder"}
 
     transformer: dict[str, Any] = field(default_factory=dict)
     image_encoder: dict[str, Any] = field(default_factory=dict)
