@@ -165,3 +165,24 @@ def test_the_command_counts_renamed_assets_in_its_summary(tmp_path):
         result = CliRunner().invoke(app, ["prepare", str(source), "-o", str(tmp_path / "ds"), *small])
         assert result.exit_code == 0, result.output
     assert "1 given an id with a _k suffix: their file's name was taken by an asset of another source" in result.output
+
+
+def test_one_name_in_two_formats_is_warned_as_two_assets(tmp_path):
+    """thing.glb and thing.obj in one folder became the assets 'thing' and 'thing.obj' silently: one asset trained on
+    twice, or held out while its copy is trained on. Both still become assets, named in one warning."""
+    src = tmp_path / "meshes"
+    _chair(src / "thing.glb", 1.0)
+    trimesh.creation.box().export(src / "thing.obj")
+    trimesh.creation.box().export(src / "other.obj")
+    with pytest.warns(InputWarning) as caught:
+        jobs = prep.folder_jobs(src)
+    assert [job.id for job in jobs] == ["other", "thing", "thing.obj"]
+    message = [str(w.message) for w in caught if "share the name" in str(w.message)]
+    assert len(message) == 1 and "thing.glb (id 'thing'), thing.obj (id 'thing.obj')" in message[0]
+    assert "\n" not in message[0] and "other" not in message[0].split(":", 1)[1]
+    (src / "thing.obj").unlink()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        assert [job.id for job in prep.folder_jobs(src)] == ["other", "thing"]

@@ -181,12 +181,13 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
         raise InputError(f"{folder}: neither a mesh file ({', '.join(MESH_EXTENSIONS)}) nor a folder of meshes")
     if is_partnet(folder):  # one PartNet annotation folder given itself, not its parent (data_v0)
         return [Job(_safe_id(folder.name), str(folder), category)]
-    jobs, seen = [], set()
+    jobs, seen, by_stem = [], set(), {}
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_file() and entry.suffix.lower() not in MESH_EXTENSIONS:
             continue
+        by_stem.setdefault(entry.stem if entry.is_file() else entry.name, []).append(len(jobs))
         base = _safe_id(entry.stem if entry.is_file() else entry.name)
         base = base if category == "mesh" else _safe_id(f"{category}_{base}")  # chairs/a.glb and tables/a.glb: two assets
         asset_id = base if base not in seen else _safe_id(entry.name)
@@ -198,6 +199,11 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
         jobs.append(Job(asset_id, str(entry), category))
     if not jobs:
         raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it")
+    for stem, indices in by_stem.items():  # thing.glb and thing.obj: one asset in two formats, trained on (or held out) twice?
+        if len(indices) > 1:
+            named = ", ".join(f"{Path(jobs[i].source).name} (id '{jobs[i].id}')" for i in indices)
+            warnings.warn(f"{folder}: {named} share the name '{stem}' and become {len(indices)} assets; if they are one "
+                          "asset in several formats, keep one file", InputWarning, stacklevel=2)
     return jobs
 
 
