@@ -119,7 +119,7 @@ def test_self_iou_disjoint_nested_and_half_overlap():
     assert self_iou([unit, inner], normalize=False) == pytest.approx(0.125, abs=0.02)
     shifted = trimesh.creation.box(extents=[1, 1, 1]).apply_translation([0.5, 0, 0])
     assert self_iou([unit, shifted], normalize=False) == pytest.approx(1 / 3, abs=0.03)
-    assert self_iou([unit]) == 0.0
+    assert self_iou([unit]) is None  # no pair: undefined, left out of means (not a perfect 0)
 
 
 def test_voxelize_fills_the_volume():
@@ -249,3 +249,62 @@ def test_report_means_leave_all_empty_predictions_out_of_the_chamfer_and_count_t
     out = capsys.readouterr().out
     assert "   chamfer: -" in out and "fscore@0.1: 0.0000" in out and "1 with every component empty" in out
     assert "inf" not in out and "nan" not in out
+
+
+def test_balanced_scene_scores_weigh_each_instance_alike():
+    """A large table and a small box moved off its place: by area the scene still scores F@0.1 near 1 (the box's
+    points are a sliver of the samples), balanced (num_points / N on each instance) P = R = 1/2, so F = 1/2 (abs 0.02)."""
+    table = trimesh.creation.box(extents=[1.6, 0.1, 1.6])
+    small = trimesh.creation.box(extents=[0.1, 0.1, 0.1]).apply_translation([0.5, 0.5, 0.5])
+    moved = small.copy().apply_translation([-1.0, 0.0, -1.0])
+    out = evaluate_scene([table.copy(), moved], [table, small], MetricsConfig(num_points=4000, frame="gt"))
+    assert out["fscore@0.1"] > 0.95
+    assert out["balanced_fscore@0.1"] == pytest.approx(0.5, abs=0.02)
+    assert out["balanced_chamfer"] > 5 * out["chamfer"]
+    same = evaluate_scene([table.copy(), small.copy()], [table, small], MetricsConfig(num_points=4000))
+    assert same["balanced_chamfer"] == pytest.approx(0.0, abs=1e-12) and same["balanced_fscore@0.05"] == 1.0
+    # an empty instance adds no points: its GT points find only the table's (recall 1/2, precision 1)
+    half = evaluate_scene([table.copy(), trimesh.Trimesh()], [table, small], MetricsConfig(num_points=4000, frame="gt"))
+    assert half["balanced_fscore@0.1"] == pytest.approx(2 * 0.5 / 1.5, abs=0.02)
+    nothing = evaluate_scene([trimesh.Trimesh()] * 2, [table, small], FAST)
+    assert nothing["balanced_fscore@0.1"] == 0.0 and nothing["balanced_chamfer"] == float("inf")
+
+
+def test_a_zero_area_placeholder_is_an_empty_part_and_self_iou_needs_two():
+    """PartCrafter's dummy part (one degenerate triangle) made evaluate_scene raise 'cannot sample a surface with zero
+    area' and counted as a part; a prediction with under two non-empty parts scored self-IoU 0.0, the best value, for a
+    failure: now None, left out of the report means."""
+    from moca3d.evaluation import means
+    from moca3d.metrics import object_metrics
+
+    boxes = [trimesh.creation.box(extents=[0.4] * 3).apply_translation([x, 0, 0]) for x in (-1.0, 1.0)]
+    dummy = trimesh.Trimesh([[0, 0, 0]], [[0, 0, 0]], process=False)
+    scene = evaluate_scene([boxes[0], dummy], boxes, FAST)
+    assert scene["num_empty"] == 1 and scene["instances"][1]["empty"] and scene["self_iou"] is None
+    one = object_metrics([boxes[0], dummy], boxes, FAST)
+    assert (one["num_pred"], one["num_empty"], one["self_iou"]) == (1, 1, None)
+    assert object_metrics([dummy], boxes, FAST)["self_iou"] is None
+    two = object_metrics(boxes, boxes, FAST)
+    assert two["self_iou"] == 0.0
+    assert means([one, two], ("self_iou",))["self_iou"] == 0.0  # the mean of the one defined value
+
+
+def test_evaluate_json_names_its_protocol(tmp_path):
+    """Numbers without their convention cannot be compared with a paper's: the JSON says how they were measured."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+
+    glb = tmp_path / "box.glb"
+    trimesh.creation.box().export(glb)
+    result = CliRunner().invoke(app, ["evaluate", str(glb), str(glb), "--num-points", "500", "--seed", "3", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    proto = report["protocol"]
+    assert (proto["num_points"], proto["seed"], proto["taus"]) == (500, 3, [0.1, 0.05])
+    assert "not squared" in proto["chamfer"] and proto["frame"].startswith("each:") and "64^3" in proto["self_iou"]
+    assert report["self_iou"] is None  # one component
+    text = CliRunner().invoke(app, ["evaluate", str(glb), str(glb), "--num-points", "500"])
+    assert "self_iou: n/a" in text.output

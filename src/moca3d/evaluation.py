@@ -12,7 +12,7 @@ from moca3d.data.dataset import read_manifest
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.mesh_io import load_components
-from moca3d.metrics import MetricsConfig, evaluate_scene, object_metrics  # object_metrics: re-exported
+from moca3d.metrics import MetricsConfig, evaluate_scene, object_metrics, protocol  # object_metrics: re-exported
 
 
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
@@ -179,7 +179,8 @@ def evaluate_pipeline(
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
     mean = means(per_asset, keys) if per_asset else {}
     result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
-              "resolution": resolution, "seed": seed, "metric_points": metric_points, "frame": frame, "mean": mean,
+              "resolution": resolution, "seed": seed, "metric_points": metric_points, "frame": frame,
+              "protocol": protocol(config), "mean": mean,
               "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
     return with_predictions(result, predictions, missing, "assets", unusable)
 
@@ -215,7 +216,8 @@ def with_predictions(result: dict[str, Any], predictions: Optional[Path], missin
 
 # -- scenes (issue 7): scene-level and per-instance metrics over a prepared split ---------------------
 
-SCENE_KEYS = ("chamfer", "fscore@0.1", "fscore@0.05", "instance_chamfer", "instance_fscore@0.1", "instance_fscore@0.05", "self_iou", "seconds")
+SCENE_KEYS = ("chamfer", "fscore@0.1", "fscore@0.05", "balanced_chamfer", "balanced_fscore@0.1", "balanced_fscore@0.05",
+              "instance_chamfer", "instance_fscore@0.1", "instance_fscore@0.05", "self_iou", "seconds")
 INSTANCE_KEYS = ("fscore@0.1", "fscore@0.05", "empty")  # per category: mean F-scores (empty = 0) and the share left empty
 
 
@@ -281,7 +283,7 @@ def evaluate_scenes(
     result = {
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
         "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct, "resolution": resolution, "seed": seed,
-        "metric_points": metric_points, "frame": frame, "mean": mean,
+        "metric_points": metric_points, "frame": frame, "protocol": protocol(config, scene=True), "mean": mean,
         "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
         "scenes": per_scene, "skipped": skipped,
     }

@@ -11,8 +11,11 @@
 - F-score at tau: harmonic mean of precision (share of predicted points within tau of the ground
   truth) and recall (share of ground-truth points within tau of the prediction).
 - Self-IoU: mean over component pairs of the IoU of their filled voxel volumes on a 64^3 grid over
-  [-1, 1]^3 (pitch 2/64); overlap between generated parts, lower is better.
-- Scenes: the scene-level numbers above, plus per-instance numbers where prediction i is compared
+  [-1, 1]^3 (pitch 2/64); overlap between generated parts, lower is better. None (left out of means, as
+  PartCrafter leaves it out) for a prediction with fewer than two non-empty parts: no pair to overlap.
+- Scenes: the scene-level numbers above (points by area: a large instance outweighs a small one), the same with
+  each instance weighted alike ("balanced_": num_points / N points on each predicted and each GT instance,
+  concatenated, as MIDI samples a fixed count per instance), plus per-instance numbers where prediction i is compared
   with ground-truth instance i, each pair mapped by the normalisation of the ground-truth instance's own box:
   shape and placement at the instance's scale (an instance off by its own size scores low; no ICP or
   separate normalisation as MIDI's object scores have).
@@ -40,6 +43,7 @@ from moca3d.geometry.mesh_io import (
     Normalization,
     bounds_of,
     fit_normalization,
+    has_surface,
     normalize_meshes,
     transform_meshes,
 )
@@ -86,6 +90,30 @@ class MetricsConfig:
 
     def __post_init__(self) -> None:
         check_metric_settings(self.num_points, self.iou_resolution, self.taus, frame=self.frame)
+
+
+FRAME_WORDS = {
+    "each": "each side's components centred on their bounding box, largest side scaled to 2, alone",
+    "gt": "both sides by the ground truth's normalisation (its box centred, largest side 2)",
+    "none": "as given",
+}
+
+
+def protocol(config: MetricsConfig, scene: bool = False) -> dict:
+    """How the numbers beside it were measured, in words and settings: what another table must match to compare."""
+    out = {
+        "chamfer": "Euclidean (not squared) nearest-neighbour distance, mean prediction->GT plus mean GT->prediction",
+        "fscore": "harmonic mean of precision and recall, the shares of points closer than tau (strict) each way",
+        "frame": f"{config.frame}: {FRAME_WORDS[config.frame]}",
+        "sampling": "uniform by area on the fused surface of the non-empty components, the same seed on both sides",
+        "num_points": config.num_points, "seed": config.seed, "taus": list(config.taus),
+        "self_iou": f"mean over pairs of non-empty components of the IoU of their filled voxels, {config.iou_resolution}^3 "
+                    "over [-1, 1]^3 of the frame; None under two components",
+    }
+    if scene:
+        out["balanced"] = "the scene chamfer / F-scores with num_points / N points on each instance (MIDI-like weighting)"
+        out["instances"] = "prediction i vs GT instance i (the masks' order), both in the GT instance's box (largest side 2)"
+    return out
 
 
 def _as_points(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -154,7 +182,7 @@ def _prepare(meshes: list[trimesh.Trimesh], normalize: bool) -> list[trimesh.Tri
     if not meshes:
         raise InputError("metrics: a prediction or ground truth has no components")
     for m in meshes:
-        if len(m.faces) == 0 or not np.isfinite(np.asarray(m.vertices)).all():
+        if not np.isfinite(np.asarray(m.vertices)).all() or not has_surface(m):
             raise InputError("metrics: a component is empty or has non-finite vertices (object_metrics and evaluate_scene "
                              "score a prediction with empty parts)")
     return normalize_meshes(meshes)[0] if normalize else meshes
@@ -230,13 +258,13 @@ def voxelize_filled(mesh: trimesh.Trimesh, resolution: int = 64, extent: float =
 
 def self_iou(
     meshes: list[trimesh.Trimesh], resolution: int = 64, normalize: bool = True
-) -> float:
-    """Mean pairwise IoU of the components' filled voxel volumes on the grid of [-1, 1]^3 (0 for a single component;
-    without `normalize`, components reaching far outside the grid (SELF_IOU_REACH) are normalised to their own box
-    first, with a warning; those just outside are clipped to its border)."""
+) -> float | None:
+    """Mean pairwise IoU of the components' filled voxel volumes on the grid of [-1, 1]^3 (None for a single component:
+    no pair; without `normalize`, components reaching far outside the grid (SELF_IOU_REACH) are normalised to their own
+    box first, with a warning; those just outside are clipped to its border)."""
     meshes = _prepare(meshes, normalize)
     if len(meshes) < 2:
-        return 0.0
+        return None
     reach = max(float(np.abs(m.vertices).max()) for m in meshes)
     if reach > (CANONICAL_EXTENT / 2) * SELF_IOU_REACH:  # far out: the grid would clip them (and a surface far bigger
         # than the grid would need a lattice of millions of points): their own frame instead
@@ -285,6 +313,20 @@ def instance_metrics(
     return results
 
 
+def balanced_scene_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], kept: list[int],
+                           config: MetricsConfig) -> dict[str, float]:
+    """Scene chamfer / F-scores with each instance weighted alike: num_points / N points sampled on each predicted
+    instance (`pred`, those of the GT instances `kept`) and on each of the N GT instances, concatenated, in the scene
+    frame (`config.frame`). An empty instance adds no points (its GT points find only the others); none: F 0, chamfer inf."""
+    if not pred:
+        return {"chamfer": float("inf"), **{f"fscore@{t:g}": 0.0 for t in config.taus}}
+    pred, gt = in_frame(pred, gt, config.frame)
+    per = max(1, -(-config.num_points // len(gt)))  # ceil: at least num_points on the GT side
+    p = np.concatenate([sample_points([m], per, [config.seed, k]) for k, m in zip(kept, pred)])  # (len(pred) * per, 3)
+    g = np.concatenate([sample_points([m], per, [config.seed, k]) for k, m in enumerate(gt)])  # (N * per, 3)
+    return point_metrics(p, g, config.taus, config.workers)
+
+
 def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max_ratio: float = FRAME_RATIO) -> None:
     """Refuse (InputError) a prediction and ground truth whose scenes differ in size by over `max_ratio`.
 
@@ -300,13 +342,13 @@ def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max
 
 
 def object_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None) -> dict:
-    """`evaluate_object` over the predicted parts with faces (num_pred of them, num_empty the others); an all-empty
-    prediction scores F = 0 and chamfer inf."""
+    """`evaluate_object` over the predicted parts with a surface (num_pred of them, num_empty the others: no faces, or
+    a zero-area placeholder); an all-empty prediction scores F = 0, chamfer inf and no self-IoU."""
     config = config or MetricsConfig()
     pred, gt = as_components(pred), as_components(gt)  # a Scene's empty nodes are not among its meshes
-    parts = [m for m in pred if len(m.faces)]
+    parts = [m for m in pred if has_surface(m)]
     if not parts:
-        return {"chamfer": float("inf"), **{f"fscore@{t:g}": 0.0 for t in config.taus}, "self_iou": 0.0, "num_pred": 0,
+        return {"chamfer": float("inf"), **{f"fscore@{t:g}": 0.0 for t in config.taus}, "self_iou": None, "num_pred": 0,
                 "num_gt": len(gt), "num_empty": len(pred)}
     return {**evaluate_object(parts, gt, config), "num_empty": len(pred) - len(parts)}
 
@@ -323,11 +365,12 @@ def evaluate_scene(
     """
     config = config or MetricsConfig()
     pred, gt = as_components(pred), as_components(gt)
-    kept = [i for i, m in enumerate(pred) if len(m.faces)]
+    kept = [i for i, m in enumerate(pred) if has_surface(m)]
     fscores = [f"fscore@{t:g}" for t in config.taus]
     out = {**object_metrics(pred, gt, config), "num_pred": len(pred)}  # here num_pred counts the empty instances too
     if pred and len(pred) != len(gt):
         return out
+    out.update({f"balanced_{k}": v for k, v in balanced_scene_metrics([pred[i] for i in kept], gt, kept, config).items()})
     instances = [{"empty": True, "chamfer": None, **{f: 0.0 for f in fscores}} for _ in gt]
     per = instance_metrics([pred[i] for i in kept], [gt[i] for i in kept], config) if kept else []
     for i, r in zip(kept, per):

@@ -109,7 +109,7 @@ def evaluate_command(
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (after PartCrafter/MIDI; --frame: how the two are aligned)."""
     from moca3d.evaluation import object_metrics, read_ground_truth, read_prediction
-    from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene
+    from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene, protocol
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution",
                           frame=frame, frame_name="--frame")
@@ -129,13 +129,14 @@ def evaluate_command(
         result = evaluate_scene(pred_meshes, gt_meshes, config)
     else:  # the fused surface of the non-empty parts (num_empty counts the others; none at all scores F = 0)
         result = object_metrics(pred_meshes, gt_meshes, config)
-    if write_json(json_out, {**result, "frame": frame, "num_points": num_points}):
+    if write_json(json_out, {**result, "frame": frame, "num_points": num_points, "protocol": protocol(config, scene)}):
         return
     labels = {key: COUNT_LABELS[scene].get(key, key) for key in result if key != "instances"}
     width = max([22, *map(len, labels.values())])
     for key, label in labels.items():
         value = result[key]
-        typer.echo(f"{label:>{width}}: {value:.6g}" if isinstance(value, float) else f"{label:>{width}}: {value}")
+        text = f"{value:.6g}" if isinstance(value, float) else "n/a (under two non-empty components)" if value is None else value
+        typer.echo(f"{label:>{width}}: {text}")
     if scene and "instances" not in result:
         typer.echo(f"(per-instance metrics need equal component counts: {len(pred_meshes)} predicted, {len(gt_meshes)} in the ground truth)")
     for name, row in zip(gt_names, result.get("instances", [])):
