@@ -664,6 +664,9 @@ def test_cli_eval_vae_reports_fscores(dataset, tmp_path, monkeypatch):
     (asset,) = metrics["assets"]  # each asset's scores; their mean is the asset mean
     assert asset["num_parts"] == 2 and asset["fscore@0.1"] == pytest.approx(metrics["asset_fscore@0.1"])
     assert not any(line.startswith("assets:") for line in result.output.splitlines())
+    settings = metrics["settings"]  # the metric points (not the encoder's --points) and the frames, named
+    assert settings["points"] == 64 and settings["metric_points"] == settings["protocol"]["num_points"] > 64
+    assert "parts_normalized" in settings["protocol"]["frame"] and "not squared" in settings["protocol"]["chamfer"]
     printed = CliRunner().invoke(app, ["eval-vae", str(dataset), "--model", str(tmp_path / "vae"), "--assets", "1",
                                        "--resolution", "32", "--points", "64", "--device", "cpu", "--json", "-"])
     assert printed.exit_code == 0, printed.output

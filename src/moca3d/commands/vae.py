@@ -133,7 +133,13 @@ def register(app: typer.Typer) -> None:
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
         metrics = validate(vae, data_dir, cfg, split=split, progress=tqdm_progress(), per_asset=True)
-        metrics["settings"] = {"model": str(model) if model else "packaged", "split": split, "resolution": resolution, "points": points}
+        from moca3d.metrics import MetricsConfig, protocol
+
+        frames = ("asset: the fused parts, each side normalised alone; parts: each part in the prepared asset's frame, as "
+                  "given; parts_normalized: each part normalised alone")
+        metrics["settings"] = {"model": str(model) if model else "packaged", "split": split, "resolution": resolution,
+                               "points": points, "metric_points": cfg.metric_points,
+                               "protocol": {**protocol(MetricsConfig(num_points=cfg.metric_points)), "frame": frames}}
         if write_json(json_out, metrics):
             return
         for k, v in metrics.items():
