@@ -200,3 +200,28 @@ def test_a_missing_init_from_is_named_missing_not_a_recipe_change(object_dataset
     monkeypatch.chdir(tmp_path)
     result = invoke("train", root, "-o", "work/run", "--init-from", "prior", "--steps", 2)
     assert str(result.exception) == f"--init-from prior: no such folder (from {tmp_path})"
+
+
+def test_a_dit_run_resumes_without_its_vae_and_a_gone_one_is_named(object_dataset, tmp_path):
+    """`train DATA -o RUN` (resume, no --config) still said "train needs --vae": the run's checkpoints record the VAE
+    folder they were trained with, and a resume loads it (said); one moved away is named in one line."""
+    import shutil
+
+    root, vae_dir = object_dataset
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps(tiny_dit_recipe(checkpoint_every=1).to_dict()))
+    moved = tmp_path / "vae_copy"
+    shutil.copytree(vae_dir, moved)
+    run = tmp_path / "run"
+    first = invoke("train", root, "-o", run, "--config", config, "--vae", moved, "--steps", 1)
+    assert first.exit_code == 0, first.output
+    again = invoke("train", root, "-o", run, "--steps", 2)
+    assert again.exit_code == 0, again.output
+    assert f"vae: {moved.resolve()} (the run's own)" in again.output and "trained 1 step (to step 2)" in again.output
+    shutil.rmtree(moved)
+    gone = invoke("train", root, "-o", run, "--steps", 3)
+    assert gone.exit_code != 0 and "which is gone: resume with --vae" in str(gone.exception), gone.output
+    given = invoke("train", root, "-o", run, "--vae", vae_dir, "--steps", 3)  # the same VAE from elsewhere: accepted
+    assert given.exit_code == 0, given.output
+    fresh = invoke("train", root, "-o", tmp_path / "new", "--config", config)  # a new run still needs it
+    assert fresh.exit_code != 0 and "train needs --vae" in str(fresh.exception)

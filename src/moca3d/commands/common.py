@@ -262,6 +262,27 @@ def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, reco
     return recorded_recipe(output / record_name, record), recorded
 
 
+def run_vae(output: Path, vae: Optional[Path], resume: bool = True) -> Optional[Path]:
+    """`vae` (--vae) when given; else, resuming the run in OUTPUT, the VAE folder its newest checkpoint records (said);
+    else None. A recorded folder that is gone is a one-line ConfigError (the run needs that VAE: its latent scale)."""
+    from moca3d.training.checkpoints import latest_checkpoint
+
+    ckpt = latest_checkpoint(output) if vae is None and resume else None
+    if ckpt is None:
+        return vae
+    try:
+        recorded = json.loads((ckpt / "state.json").read_text()).get("extra", {}).get("vae_dir")
+    except (OSError, ValueError, AttributeError):
+        return None  # the trainer names a damaged checkpoint
+    if not recorded:  # a checkpoint from before the record, or a run without a VAE
+        return None
+    if not Path(recorded).is_dir():
+        raise ConfigError(f"{output} was trained with the VAE {recorded}, which is gone: resume with --vae (that VAE, "
+                          "moved), or train into a new output folder")
+    say_once(f"vae: {recorded} (the run's own)")
+    return Path(recorded)
+
+
 def check_init_from(init_from: Optional[Path]) -> None:
     """--init-from names a folder that exists (from here): one line, before a resume could call another path a recipe change."""
     if init_from is not None and not init_from.expanduser().is_dir():

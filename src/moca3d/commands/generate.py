@@ -11,7 +11,7 @@ import typer
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
-                                    resume_recipe, run_dit_training, save_generation, tqdm_progress, write_json)
+                                    resume_recipe, run_dit_training, run_vae, save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d prepare + encode-dataset), or a cache file (moca3d cache-latents)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json; default: a resumed run's own recipe, else the DiTTrainConfig defaults, a small from-scratch transformer)."),
-        vae: Optional[Path] = typer.Option(None, "--vae", help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE)."),
+        vae: Optional[Path] = typer.Option(None, "--vae", help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE) or the run resumed recorded it (then: the run's own)."),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
@@ -157,6 +157,7 @@ def register(app: typer.Typer) -> None:
         recipe, recorded = resume_recipe(DiTTrainConfig, config, output, "train_config.json", resume)
         if init_from is not None:
             recipe["init_from"] = str(init_from)
+        vae = run_vae(output, vae, resume)
         if vae is None and not recipe.get("init_from"):
             raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless it starts from a pipeline (--init-from or the recipe's init_from)")
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)

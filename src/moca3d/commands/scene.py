@@ -9,7 +9,7 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
-                                    interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training,
+                                    interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae,
                                     save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="Object pipeline folder to fine-tune (overrides the recipe's init_from)."),
         config: Optional[Path] = typer.Option(None, "--config", help="Scene recipe JSON (configs/dit_scene_*.json; default: a resumed run's own recipe)."),
-        vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder for the exported pipeline (default: the init pipeline's)."),
+        vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder for the exported pipeline (default: a resumed run's own, else the init pipeline's)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
@@ -156,4 +156,4 @@ def register(app: typer.Typer) -> None:
             recipe["init_from"] = str(init_from)
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
         keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
-        run_dit_training(data, output, recipe, vae, device, resume, export_only)
+        run_dit_training(data, output, recipe, run_vae(output, vae, resume), device, resume, export_only)

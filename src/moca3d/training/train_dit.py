@@ -547,6 +547,7 @@ def train(
             data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
     vae = load_vae_folder(Path(vae_dir)) if vae_dir is not None else None  # loaded once: validation, export
     vae_id = fingerprint(vae.state_dict())["sha256"] if vae is not None else None  # a resume must bring the same one
+    vae_path = str(Path(vae_dir).resolve()) if vae is not None else None  # what a resume without --vae loads
     if vae is not None:  # latents of another encoder would train a transformer its pipeline's VAE cannot decode
         check_latent_encoder(data.encoder, encoder_id(vae), str(data_dir), vae_dir)
     if vae is not None:  # train on the unit-scale latents the pipeline samples
@@ -649,7 +650,8 @@ def train(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints,
-                                    extra={"elapsed_s": before + time.time() - t0, "data": identity, "vae": vae_id}, frozen=frozen)
+                                    extra={"elapsed_s": before + time.time() - t0, "data": identity, "vae": vae_id,
+                                           "vae_dir": vae_path}, frozen=frozen)
                     if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})
