@@ -26,6 +26,19 @@ def select_records(root, split: str, count: Optional[int], low: int, high: int, 
     return records[:count] if count is not None else records
 
 
+def check_model_fits(pipe, records: list[dict], root, flag: str) -> None:
+    """ConfigError, before any generation, when a selected record has more components than the pipeline's transformer
+    has IDs (it failed at that record, the finished ones lost); `flag` is the option that lowers the range."""
+    if pipe is None:
+        return
+    limit = pipe.transformer.max_components
+    over = [r for r in records if r["num_components"] > limit]
+    if over:
+        most = max(over, key=lambda r: r["num_components"])
+        raise ConfigError(f"{root}: {len(over)} of the {len(records)} selected records have more components than the model's "
+                          f"limit of {limit} (the most: {most['id']}, {most['num_components']}): lower {flag} to {limit}")
+
+
 def with_progress(items: list, desc: str, show: bool):
     """`items`, wrapped in a tqdm bar when `show`."""
     if not show:
@@ -159,6 +172,7 @@ def evaluate_pipeline(
     generation (or round trip) is written as <asset id>.glb, which `predictions` reads back.
     """
     records = select_records(root, split, count, min_parts, max_parts)
+    check_model_fits(None if reconstruct or predictions is not None else pipe, records, root, "--max-parts (max_parts)")
     config = MetricsConfig(num_points=metric_points, seed=seed, frame=frame)
     per_asset, missing, unusable = [], [], []
     for rec in with_progress(records, f"evaluate {split}", progress):
@@ -242,6 +256,7 @@ def evaluate_scenes(
     from moca3d.data.scene import component_masks, tiny_masks_quiet
 
     records = select_records(root, split, count, min_instances, max_instances, kind="scene")
+    check_model_fits(None if reconstruct or predictions is not None else pipe, records, root, "--max-instances (max_instances)")
     config = MetricsConfig(num_points=metric_points, seed=seed, frame=frame)
     cuda = pipe is not None and pipe.device.type == "cuda"
     per_scene, skipped, missing, unusable = [], [], [], []

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate(
         image: Path = typer.Argument(..., help="Input image (PNG, JPG, WebP, BMP, GIF (its first frame) or TIFF; alpha or white background), or a folder of them: one output each, the model loaded once."),
-        parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model)."),
+        parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model, trained on up to 27: more are warned about; `moca3d info MODEL` shows a model's)."),
         output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part, its colour material in a .mtl beside it); for a folder of images, the folder of <image name>.glb files (default: outputs/<folder name>)."),
         model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),

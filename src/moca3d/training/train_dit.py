@@ -446,6 +446,7 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
     report = evaluate_pipeline(
         pipe, data_dir, "val", count=cfg.val_assets, steps=cfg.val_steps, guidance=cfg.val_guidance,
         resolution=cfg.val_resolution, seed=cfg.seed, metric_points=10000, progress=False,
+        max_parts=shadow.transformer.max_components,
     )
     return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
 
@@ -558,12 +559,17 @@ def train(
     identity = data_identity(data.ids)  # recorded in every checkpoint: a resume on other assets is refused
     model = build_scene_models(cfg, latent_shape) if scene else build_models(cfg, latent_shape, encoder)
     require_token_order(model.transformer.token_order, data.token_order, str(data_dir))
+    limit, largest = model.transformer.max_components, by_parts[-1]
+    if data.latents[largest].shape[0] > limit:  # it failed at the first batch drawing that asset, hours in perhaps
+        raise ConfigError(f"{data_dir}: {data.ids[largest]} has {data.latents[largest].shape[0]} components, more than the "
+                          f"transformer's {limit} IDs: lower max_components to {limit} (such assets are left out), or raise "
+                          "transformer.id_codebook_size (a new transformer)")
     if 0 < cfg.validate_every <= cfg.steps and vae is not None and not scene:  # what `validate` reads, checked now
         if Path(data_dir).is_file():
             raise ConfigError(f"validate_every needs the dataset folder (its val split), not a latent cache ({data_dir}); "
                               "set it to 0 to train from the cache")
         try:
-            select_records(data_dir, "val", cfg.val_assets, 1, 32)
+            select_records(data_dir, "val", cfg.val_assets, 1, limit)
         except InputError as err:  # a small dataset's 5% val split is often empty
             raise InputError(f"{err}: validate_every {cfg.validate_every} validates on them (set it to 0 to train without)") from None
     if cfg.transformer_lora_rank:

@@ -1,0 +1,64 @@
+"""Component counts beyond a model's ID codebook are refused before any work, not at the batch or asset that has them."""
+
+from types import SimpleNamespace
+
+import pytest
+
+import moca3d.training.train_dit as train_dit
+from conftest import tiny_dit_recipe
+from moca3d.data.dataset import read_manifest
+from moca3d.errors import ConfigError
+from moca3d.evaluation import check_model_fits, evaluate_pipeline
+from moca3d.training.checkpoints import latest_checkpoint
+
+
+def _most_parts(root) -> int:
+    return max(r["num_components"] for r in read_manifest(root, "train"))
+
+
+def test_training_data_with_more_parts_than_ids_is_refused_before_the_first_step(object_dataset, tmp_path):
+    """max_components above id_codebook_size trained until a batch drew such an asset ("60 components exceed the
+    model's limit of 50", no checkpoint, the asset unnamed; a resume drew the same batch): one line before step 1."""
+    root, vae_dir = object_dataset
+    counts = [r["num_components"] for r in read_manifest(root, "train")]
+    most, least = max(counts), min(counts)
+    assert most > least
+    net = dict(width=32, num_layers=2, num_heads=4, compression=4, id_codebook_size=least)
+    with pytest.raises(ConfigError, match=rf"has {most} components, more than the transformer's {least} IDs: lower max_components to {least}"):
+        train_dit.train(root, tmp_path / "run", tiny_dit_recipe(transformer=net), vae_dir=vae_dir, device="cpu", progress=False)
+    assert latest_checkpoint(tmp_path / "run") is None
+    fits = tiny_dit_recipe(max_components=least, steps=1, transformer=net)  # the larger assets left out: it trains
+    train_dit.train(root, tmp_path / "run2", fits, vae_dir=vae_dir, device="cpu", progress=False)
+    assert latest_checkpoint(tmp_path / "run2") is not None
+
+
+def test_validation_reads_val_assets_up_to_the_model_limit_not_32(object_dataset, tmp_path, monkeypatch):
+    """The val split was read with 1-32 components whatever the model took: 40-part val assets were 'no assets'."""
+    root, vae_dir = object_dataset
+    seen = []
+
+    def stop(data_dir, split, count, low, high, kind=None):
+        seen.append((split, low, high))
+        raise KeyboardInterrupt  # enough: the range is what is checked
+
+    monkeypatch.setattr(train_dit, "select_records", stop)
+    cfg = tiny_dit_recipe(validate_every=1, transformer=dict(width=32, num_layers=2, num_heads=4, compression=4, id_codebook_size=64))
+    with pytest.raises(KeyboardInterrupt):
+        train_dit.train(root, tmp_path / "run", cfg, vae_dir=vae_dir, device="cpu", progress=False)
+    assert seen == [("val", 1, 64)]
+
+
+def test_evaluation_refuses_records_beyond_the_model_before_generating(object_dataset):
+    """evaluate-model --max-parts 64 with a 50-ID model generated the smaller assets, then failed at the first larger
+    one: nothing printed, nothing written. Now one line first, naming the largest and the flag."""
+    root, _ = object_dataset
+    most = _most_parts(root)
+    calls = []
+    pipe = SimpleNamespace(transformer=SimpleNamespace(max_components=2), __call__=lambda *a, **k: calls.append(a))
+    with pytest.raises(ConfigError, match=rf"more components than the model's limit of 2 \(the most: .+, {most}\): lower --max-parts"):
+        evaluate_pipeline(pipe, root, "train", progress=False)
+    assert not calls
+    records = [{"id": "s1", "num_components": 40}, {"id": "s2", "num_components": 8}]
+    with pytest.raises(ConfigError, match=r"1 of the 2 selected records .+ \(the most: s1, 40\): lower --max-instances to 32"):
+        check_model_fits(SimpleNamespace(transformer=SimpleNamespace(max_components=32)), records, "scenes", "--max-instances")
+    check_model_fits(None, records, "scenes", "--max-instances")  # no transformer (a round trip, read predictions): no limit
