@@ -198,6 +198,7 @@ def serve() -> None:
         spec = json.loads(line)
         run = _run_spawned if spec["device"].startswith("cuda") else _run_forked
         print(json.dumps(run(spec)), flush=True)
+    gc.unfreeze()  # collectable again at exit: frozen, triton's nanobind objects were reported as leaked (~30 lines)
 
 
 class Server:

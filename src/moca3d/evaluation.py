@@ -202,11 +202,11 @@ def evaluate_pipeline(
 def save_prediction(folder: Optional[Path], asset_id: str, meshes: list, kind: str) -> None:
     """Write one evaluated generation as `folder`/<asset id>.glb (`{kind}_XX` nodes, empty ones kept in place), as
     `load_prediction` reads it back; nothing when `folder` is None or every component is empty (scored as missing)."""
-    from moca3d.geometry.mesh_io import save_components
+    from moca3d.geometry.mesh_io import component_names, save_components
 
     if folder is not None and any(len(m.faces) for m in meshes):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        save_components(Path(folder) / f"{asset_id}.glb", meshes, [f"{kind}_{i:02d}" for i in range(len(meshes))],
+        save_components(Path(folder) / f"{asset_id}.glb", meshes, component_names(kind, len(meshes)),
                         metadata={"saved_by": "evaluation", "id": asset_id})  # a record: its empty nodes read back in place
 
 

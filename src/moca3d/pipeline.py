@@ -28,7 +28,7 @@ from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANC
                              resolve_dtype)
 from moca3d.errors import CheckpointError, ConfigError, InputError, InputWarning, one_line
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
-from moca3d.geometry.mesh_io import components_scene
+from moca3d.geometry.mesh_io import component_names, components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, encode_views, input_channels
 from moca3d.models.dino import is_dino, load_image_encoder
@@ -365,7 +365,7 @@ class MoCAPipeline:
             task = bar.add_task("decoding", total=num)
             meshes = simplify_components(self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i)),
                                          faces)
-        names = [f"{prefix}_{i:02d}" for i in range(num)]
+        names = component_names(prefix, num)
         settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
                     "shift": float(shift if shift is not None else self.scheduler.config.shift), "resolution": int(resolution),
                     "dtype": str(self.transformer.dtype).removeprefix("torch."),

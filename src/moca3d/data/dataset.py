@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -171,13 +173,29 @@ def report_missing_latents(missing: list[str], root: str | Path, split: str) -> 
                       "`moca3d encode-dataset` includes them", InputWarning, stacklevel=2)
 
 
+PARTS_OPTION = ("max_components", "raise the recipe's max_components to train on them")  # report_too_many_parts' default
+_parts_option: ContextVar[tuple[str, str]] = ContextVar("parts_option", default=PARTS_OPTION)
+
+
+@contextmanager
+def parts_option(option: str, remedy: str) -> Iterator[None]:
+    """Within it, report_too_many_parts names `option` (e.g. "--max-parts") and `remedy` ("raise --max-parts to cache
+    them"), not the recipe's max_components: for a command whose datasets leave out assets of too many parts."""
+    token = _parts_option.set((option, remedy))
+    try:
+        yield
+    finally:
+        _parts_option.reset(token)
+
+
 def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, what: str, max_components: int) -> str:
     """Warn (one line) that assets (`what`: "'train' assets", "cached assets") with more than `max_components` parts are
-    left out; the phrase to add to the error when none is kept ("" when none was left out)."""
+    left out; the phrase to add to the error when none is kept ("" when none was left out). The option it names is the
+    recipe's max_components, or the caller's (`parts_option`)."""
     if not too_many:
         return ""
-    hint = f"{len(too_many)} {what} have more than max_components {max_components} parts (first: {too_many[0]}): " \
-           "raise the recipe's max_components to train on them"
+    option, remedy = _parts_option.get()
+    hint = f"{len(too_many)} {what} have more than {option} {max_components} parts (first: {too_many[0]}): {remedy}"
     if kept:
         warnings.warn(f"{root}: {hint}; they are left out", InputWarning, stacklevel=2)
     return f"; {hint}"

@@ -35,6 +35,7 @@ from moca3d.errors import ConfigError, InputError, InputWarning, one_line
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
     MESH_EXTENSIONS,
+    TooManyComponentsError,
     bounds_of,
     load_asset,
     main_color,
@@ -421,7 +422,8 @@ def run_job(job: Job, root: Path, config: PrepareConfig) -> tuple[str, dict]:
         record = build_asset(job, tmp, config)
     except Exception as err:  # report any per-asset failure and carry on with the others
         shutil.rmtree(tmp, ignore_errors=True)
-        return "skip", {"id": job.id, "source": job.source, "reason": one_line(err)}
+        raise_it = f": --max-components {err.count} prepares it" if isinstance(err, TooManyComponentsError) else ""
+        return "skip", {"id": job.id, "source": job.source, "reason": one_line(err) + raise_it}
     if final.exists():  # a previous run finished it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -8,6 +8,7 @@ nodes of a scene file, from the files of a folder, or from connected components 
 from __future__ import annotations
 
 import colorsys
+import functools
 import io
 import json
 import os
@@ -105,12 +106,50 @@ def normalize_meshes(
     return transform_meshes(meshes, norm), norm
 
 
+def _cielab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB colours in [0, 1]: (K, 3) -> (K, 3), L in 0..100 (a perceptual distance: 1 is barely seen)."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])  # relative to the white point
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz * 841 / 108 + 4 / 29)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
+
+
+PALETTE_GOLDEN = 8  # palette's first colours, golden-ratio spaced in hue (as they always were); the next farthest-point
+PALETTE_SIZE = 256  # the colours palette makes: component i >= PALETTE_SIZE takes colour i % PALETTE_SIZE
+
+
+@functools.lru_cache(maxsize=8)
+def _palette_rgb(seed: int) -> np.ndarray:
+    """palette's PALETTE_SIZE colours (float RGB in [0, 1], (PALETTE_SIZE, 3)) for `seed`: PALETTE_GOLDEN golden-ratio
+    spaced hues, then each the candidate (48 hues x 4 saturations x 5 values) farthest from those chosen, by the smaller
+    of its CIELAB distance and 0.4 x its RGB distance (0..255): apart to the eye and in RGB (any two of the first 64
+    over 45/255 apart; golden-ratio hues alone come back to a near colour every 21 and 34)."""
+    start, golden = seed * 0.137, 0.618033988749895
+    i = np.arange(PALETTE_GOLDEN)
+    first = np.stack([(start + golden * i) % 1.0, np.full(PALETTE_GOLDEN, 0.65), 0.9 - 0.25 * (i % 3) / 2], axis=1)
+    hue, sat, val = np.meshgrid((start + np.arange(48) / 48) % 1.0, [0.3, 0.5, 0.7, 0.9], [0.5, 0.625, 0.75, 0.875, 1.0],
+                                indexing="ij")
+    hsv = np.concatenate([first, np.stack([hue.ravel(), sat.ravel(), val.ravel()], axis=1)])  # (K, 3)
+    rgb = np.array([colorsys.hsv_to_rgb(*c) for c in hsv])  # (K, 3)
+    lab = _cielab(rgb)
+
+    def apart(k: int) -> np.ndarray:  # (K,) every candidate's distance to candidate k
+        return np.minimum(np.linalg.norm(lab - lab[k], axis=1), 0.4 * 255 * np.linalg.norm(rgb - rgb[k], axis=1))
+
+    chosen = list(range(PALETTE_GOLDEN))
+    nearest = np.min([apart(k) for k in chosen], axis=0)  # (K,) distance to the closest chosen colour
+    while len(chosen) < PALETTE_SIZE:
+        k = int(np.argmax(nearest))
+        chosen.append(k)
+        nearest = np.minimum(nearest, apart(k))
+    return rgb[chosen]
+
+
 def palette(n: int, seed: int = 0) -> np.ndarray:
-    """`n` distinct, saturated RGBA colours (uint8, (n, 4)), golden-ratio spaced in hue."""
-    golden = 0.618033988749895
-    hues = (seed * 0.137 + golden * np.arange(n)) % 1.0
-    rgb = [colorsys.hsv_to_rgb(h, 0.65, 0.9 - 0.25 * (i % 3) / 2) for i, h in enumerate(hues)]
-    rgba = np.concatenate([np.asarray(rgb), np.ones((n, 1))], axis=1)
+    """`n` distinct, saturated RGBA colours (uint8, (n, 4)): golden-ratio hues, then farthest-point (`_palette_rgb`)."""
+    rgb = _palette_rgb(int(seed))[np.arange(n) % PALETTE_SIZE]  # (n, 3)
+    rgba = np.concatenate([rgb, np.ones((n, 1))], axis=1)
     return (rgba * 255).round().astype(np.uint8)
 
 
@@ -128,6 +167,12 @@ def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
     except (AttributeError, ValueError, IndexError):
         return None
     return None
+
+
+def component_names(prefix: str, n: int) -> list[str]:
+    """The node names of `n` generated components, `prefix`_00 on, zero-padded so they sort in order (part_000 at 100+)."""
+    width = max(2, len(str(n - 1)))
+    return [f"{prefix}_{i:0{width}d}" for i in range(n)]
 
 
 def clean_name(name: str) -> str:
@@ -446,14 +491,27 @@ def split_connected(meshes: list[trimesh.Trimesh], names: list[str]) -> tuple[li
     return out_meshes, out_names
 
 
+class TooManyComponentsError(InputError):
+    """An asset of more components (`count`) than the maximum its caller allows (`validate_components`): the caller
+    names the option that raises it."""
+
+    def __init__(self, message: str, count: int):
+        super().__init__(message)
+        self.count = count
+
+    def __reduce__(self):
+        """Pickled with its count (a prepare worker's error)."""
+        return type(self), (str(self), self.count)
+
+
 def validate_components(
     meshes: list[trimesh.Trimesh], names: list[str], max_components: int | None = None, label: str = "asset"
 ) -> None:
-    """Raise InputError (one line) for an empty asset, NaN vertices, zero-area parts, too many parts."""
+    """Raise InputError (one line) for an empty asset, NaN vertices, zero-area parts, too many parts (TooManyComponentsError)."""
     if not meshes:
         raise InputError(f"{label}: no components")
     if max_components is not None and len(meshes) > max_components:
-        raise InputError(f"{label}: {len(meshes)} components exceed the maximum of {max_components}")
+        raise TooManyComponentsError(f"{label}: {len(meshes)} components exceed the maximum of {max_components}", len(meshes))
     for mesh, name in zip(meshes, names):
         if len(mesh.faces) == 0 or len(mesh.vertices) == 0:
             raise InputError(f"{label}: component '{name}' is empty (no faces)")
