@@ -19,11 +19,24 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.json"
 
 
 def test_smoke_recipe_runs_every_stage(tmp_path):
-    """prepare -> VAE -> decoder fine-tune -> latents -> DiT -> continued DiT -> a new DiT on that encoder."""
-    work = tmp_path / "work"
-    result = CliRunner().invoke(app, ["train-default", "--work", str(work), "--recipe", str(SMOKE),
+    """prepare -> VAE -> decoder fine-tune -> latents -> DiT -> continued DiT -> a new DiT on that encoder; the recipe
+    copied elsewhere with its stage configs (one edited) beside it, as a user without the repository runs it: each
+    stage reads its config from there (a continue stage looked for it in its own work folder: "config file not found")."""
+    work, recipes = tmp_path / "work", tmp_path / "recipes"
+    recipes.mkdir()
+    spec = json.loads(SMOKE.read_text())
+    names = [spec[k] for k in ("vae_config", "dit_config", "vae_finetune_config", "encoder_pretrain_config")]
+    names += [e if isinstance(e, str) else e["config"] for e in spec["dit_continue_config"]]
+    for name in names:
+        shutil.copy(SMOKE.parent / name, recipes / name)
+    edited = {**json.loads((recipes / "dit_smoke_continue.json").read_text()), "steps": 3}
+    (recipes / "dit_smoke_continue.json").write_text(json.dumps(edited))
+    shutil.copy(SMOKE, recipes / "smoke.json")
+    result = CliRunner().invoke(app, ["train-default", "--work", str(work), "--recipe", str(recipes / "smoke.json"),
                                       "--workers", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    assert "read from" not in result.output  # every stage config beside the recipe
+    assert json.loads((work / "dit_continue" / "train_config.json").read_text())["steps"] == 3  # the edited one
     for stage in ("[1/4]", "[2/4]", "[2c/4]", "[3/4]", "[3b/4]", "[4/4]", "[4b/4]"):
         assert stage in result.output
     # the DiT started from the pre-trained encoder: its width (48) is not the DiT recipe's own (64)
@@ -378,3 +391,13 @@ def test_a_recipe_elsewhere_says_which_stage_configs_come_from_the_repository(tm
     assert "vae_smoke.json" not in said[0]
     result = CliRunner().invoke(app, ["train-default", "--work", str(tmp_path / "work"), "--recipe", str(SMOKE)])
     assert isinstance(result.exception, ConfigError) and "read from" not in result.output
+
+
+def test_without_the_repository_train_default_asks_for_a_recipe(tmp_path, monkeypatch):
+    """Installed from a wheel there is no configs/: it said "recipe not found: .../lib/python3.11/configs/default.json"."""
+    import moca3d.commands.default as default
+
+    monkeypatch.setattr(default, "CONFIGS", tmp_path / "no_configs")
+    result = CliRunner().invoke(app, ["train-default", "--work", str(tmp_path / "work")])
+    assert isinstance(result.exception, ConfigError) and "give --recipe PATH" in str(result.exception)
+    assert not (tmp_path / "work").exists()

@@ -244,14 +244,17 @@ def register(app: typer.Typer) -> None:
 
         from moca3d.commands.common import check_run_folder, resolve_device, training_stops
 
+        if recipe is None and not (CONFIGS / "default.json").is_file():  # moca3d installed from a wheel: no configs/
+            raise ConfigError("train-default's recipes come with moca3d's source repository (its configs/ folder), not the "
+                              "installed package: give --recipe PATH, with the stage configs it names beside it")
         recipe = recipe if recipe is not None else CONFIGS / "default.json"
-        spec, folder = read_recipe(recipe), recipe.parent
-        borrowed = borrowed_configs(folder, spec)
+        spec, beside = read_recipe(recipe), recipe.parent
+        borrowed = borrowed_configs(beside, spec)
         if borrowed:
             typer.echo(f"stage configs not beside {recipe}, read from {CONFIGS}: {', '.join(borrowed)}")
         check_run_folder(work, "--work")
         dev = resolve_device(device)
-        check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None, HASHES: config_hashes(spec, folder)}, folder)
+        check_same_recipe(work, {**spec, "--data": str(data.absolute()) if data else None, HASHES: config_hashes(spec, beside)}, beside)
         root = data or work / "data"
         with training_stops(work):  # SIGTERM / Ctrl+C: the stage running stops after its step, checkpointed
 
@@ -273,7 +276,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"[2/4] the VAE in {vae_run} is trained: skipped")
             else:
                 typer.echo(f"[2/4] training the VAE in {vae_run}")
-                train_vae(root, vae_run, VAETrainConfig.from_json(stage_file(folder, spec["vae_config"])), resume=True, device=dev)
+                train_vae(root, vae_run, VAETrainConfig.from_json(stage_file(beside, spec["vae_config"])), resume=True, device=dev)
             extra = int(spec.get("dit_extra_objects", 0))
             if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
                 typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
@@ -285,14 +288,14 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"[2c/4] the VAE decoder in {ft_run} is fine-tuned: skipped")
                 else:
                     typer.echo(f"[2c/4] fine-tuning the VAE decoder in {ft_run}")
-                    ft_cfg = VAETrainConfig.from_json(stage_file(folder, spec["vae_finetune_config"]))
+                    ft_cfg = VAETrainConfig.from_json(stage_file(beside, spec["vae_finetune_config"]))
                     ft_cfg.init_from = str(vae_dir)
                     train_vae(root, ft_run, ft_cfg, resume=True, device=dev)
                 vae_dir = ft_run / "vae"
             typer.echo("[3/4] caching latents")
             vae = load_vae(vae_dir, dev)
             encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"])
-            dit_cfg = DiTTrainConfig.from_json(stage_file(folder, spec["dit_config"]))
+            dit_cfg = DiTTrainConfig.from_json(stage_file(beside, spec["dit_config"]))
             if spec.get("encoder_pretrain_config"):  # the image encoder learns a 3D prior first (then frozen or not)
                 from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
 
@@ -301,7 +304,7 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"[3b/4] the image encoder in {enc_run} is pre-trained: skipped")
                 else:
                     typer.echo(f"[3b/4] pre-training the image encoder in {enc_run}")
-                    pretrain_encoder(EncoderPretrainConfig.from_json(stage_file(folder, spec["encoder_pretrain_config"])), root, enc_run, device=dev)
+                    pretrain_encoder(EncoderPretrainConfig.from_json(stage_file(beside, spec["encoder_pretrain_config"])), root, enc_run, device=dev)
                 dit_cfg = DiTTrainConfig.from_dict({**dit_cfg.to_dict(), "image_encoder": {}, "image_encoder_from": str(enc_run / "image_encoder")})
 
             def train_stage(label: str, what: str, folder: Path, cfg) -> Path:
@@ -315,9 +318,9 @@ def register(app: typer.Typer) -> None:
             pipeline = train_stage("[4/4]", "the transformer", work / "dit", dit_cfg)
             stages = continue_stages(spec)
             for i, (name, start) in enumerate(stages):  # more training, each stage from the last one's pipeline
-                folder = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
+                stage_dir = work / ("dit_continue" if i == 0 else f"dit_continue{i + 1}")
                 what = "a new transformer on the image encoder" if start == "encoder" else "the transformer further"
-                pipeline = train_stage("[4b/4]", f"{what} ({i + 1} of {len(stages)}, {name})", folder, stage_config(name, start, pipeline, folder))
+                pipeline = train_stage("[4b/4]", f"{what} ({i + 1} of {len(stages)}, {name})", stage_dir, stage_config(name, start, pipeline, beside))
             typer.echo(f"pipeline: {pipeline}")
             if install:  # copied beside it, then renamed into place: never a partial default model
                 tmp = DEFAULT_MODEL_DIR.with_name(f".{DEFAULT_MODEL_DIR.name}.tmp")
