@@ -262,6 +262,14 @@ def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, reco
     return recorded_recipe(output / record_name, record), recorded
 
 
+def shipped(path: Optional[Path]) -> Optional[Path]:
+    """A model path option as the README writes it, "src/moca3d/weights/...": the installed package's copy when the
+    path is not there from the current folder (moca3d installed from a wheel, or run outside the repository)."""
+    from moca3d.training.recipe import shipped_path
+
+    return None if path is None else Path(shipped_path(str(path)))
+
+
 def run_vae(output: Path, vae: Optional[Path], resume: bool = True) -> Optional[Path]:
     """`vae` (--vae) when given; else, resuming the run in OUTPUT, the VAE folder its newest checkpoint records (said);
     else None. A recorded folder that is gone is a one-line ConfigError (the run needs that VAE: its latent scale)."""

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import DTYPE_HELP, generation_dtype, resolve_device
+from moca3d.commands.common import DTYPE_HELP, generation_dtype, resolve_device, shipped
 from moca3d.errors import ConfigError
 
 # the web demo's defaults live here (moca3d.app imports them) so that `--help` does not import gradio
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         model: Optional[Path] = typer.Option(
-            None, "--model", help="Pipeline folder to serve (e.g. runs/dit/pipeline). Default: the built-in model."
+            None, "--model", callback=shipped, help="Pipeline folder to serve (e.g. runs/dit/pipeline). Default: the built-in model."
         ),
         host: str = typer.Option(
             DEFAULT_HOST, "--host", help="Interface to listen on. 127.0.0.1 = this computer only; 0.0.0.0 = your whole network."
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
         resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         scene_model: Optional[Path] = typer.Option(
-            None, "--scene-model", help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model. With --scene-lora: the object pipeline that adapter was fine-tuned from (default: the built-in model)."
+            None, "--scene-model", callback=shipped, help="Scene pipeline for the Scene tab (image + label map or binary masks; a `train-scene` pipeline). Default: the built-in scene model. With --scene-lora: the object pipeline that adapter was fine-tuned from (default: the built-in model)."
         ),
         scenes: bool = typer.Option(True, "--scenes/--no-scenes", help="Show the Scene tab (--no-scenes: objects only, one model loaded)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA adapter folder (OUT/lora of `moca3d train --lora-rank`) folded into --model, the pipeline it was trained from, for the Object tab."),

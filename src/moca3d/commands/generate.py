@@ -11,7 +11,7 @@ import typer
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
-                                    resume_recipe, run_dit_training, run_vae, save_generation, tqdm_progress, write_json)
+                                    resume_recipe, run_dit_training, run_vae, save_generation, shipped, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.simplify import check_faces
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         image: Path = typer.Argument(..., help="Input image (PNG, JPG, WebP, BMP, GIF (its first frame) or TIFF; alpha or white background), or a folder of them: one output each, the model loaded once."),
         parts: int = typer.Option(4, "--parts", "-n", help="Number of part meshes to generate (at most the model's limit: 50 for the built-in model, trained on up to 27: more are warned about; `moca3d info MODEL` shows a model's)."),
         output: Path = typer.Option(DEFAULT_OUTPUT, "--output", "--out", "-o", help="Output .glb (one named node per part, in its colour) or .obj (one object per part, its colour material in a .mtl beside it); for a folder of images, the folder of <image name>.glb files (default: outputs/<folder name>)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
+        model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help="Pipeline folder (default: the built-in model)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale (1 = off)."),
@@ -139,8 +139,8 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d prepare + encode-dataset), or a cache file (moca3d cache-latents)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json; default: a resumed run's own recipe, else the DiTTrainConfig defaults, a small from-scratch transformer)."),
-        vae: Optional[Path] = typer.Option(None, "--vae", help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE) or the run resumed recorded it (then: the run's own)."),
-        init_from: Optional[Path] = typer.Option(None, "--init-from", help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used)."),
+        vae: Optional[Path] = typer.Option(None, "--vae", callback=shipped, help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE) or the run resumed recorded it (then: the run's own)."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
@@ -173,7 +173,7 @@ def register_evaluation(app: typer.Typer) -> None:
     @app.command("evaluate-model")
     def evaluate_model(
         data: Path = typer.Argument(..., help="Prepared dataset (moca3d prepare)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="Pipeline folder (default: the built-in model)."),
+        model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help="Pipeline folder (default: the built-in model)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT assets."),

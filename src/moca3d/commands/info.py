@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import plural
+from moca3d.commands.common import plural, shipped
 from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS, MESH_EXTENSIONS, TRAINED_KEY
 from moca3d.errors import CheckpointError, InputError
 
@@ -332,7 +332,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
-        path: Optional[Path] = typer.Argument(None, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), a model folder (e.g. a VAE: src/moca3d/weights/vae), a training run folder or one of its checkpoints (where it stands, what it exported), or a generated .glb / .obj (how it was made). Default: the built-in model."),
+        path: Optional[Path] = typer.Argument(None, callback=shipped, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), a model folder (e.g. a VAE: src/moca3d/weights/vae), a training run folder or one of its checkpoints (where it stands, what it exported), or a generated .glb / .obj (how it was made). Default: the built-in model."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ) -> None:
         """Show what a pipeline, LoRA adapter or model folder holds (task, sizes, dtypes, settings; no model is loaded), where a training run stands, or how a generated GLB / OBJ was made."""

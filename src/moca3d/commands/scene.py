@@ -9,7 +9,7 @@ import typer
 
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
-                                    interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae,
+                                    interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae, shipped,
                                     save_generation, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         image: Path = typer.Argument(..., help="Scene image (PNG, JPG, WebP, BMP, GIF or TIFF)."),
         masks: Path = typer.Option(..., "--masks", "-m", help="Label map image, lossless (PNG, BMP, TIFF, lossless WebP; 8/16-bit or palette; 0 = background, every other id an instance, in increasing id order; resized only with nearest-neighbour: smoothed edges are refused), or a folder of binary masks (0/255, 0/1 or cut-outs whose alpha is the instance; JPEG is fine here; file-name order, mask_2 before mask_10; where masks overlap, the later file wins). At most the model's limit of instances (the built-in scene model: 50 ids, trained on up to 32: more are warned about)."),
         output: Path = typer.Option(Path("scene.glb"), "--output", "--out", "-o", help="Output .glb (one named node per instance, in its colour) or .obj (one object per instance, its colour material in a .mtl beside it)."),
-        model: Optional[Path] = typer.Option(None, "--model", help=SCENE_MODEL_HELP),
+        model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help=SCENE_MODEL_HELP),
         lora: Optional[Path] = typer.Option(None, "--lora", help=SCENE_LORA_HELP),
         steps: int = typer.Option(STEPS, help="Sampling steps (Euler)."),
         guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale (1 = off; scenes score best at low guidance: README)."),
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate-scenes")
     def evaluate_scenes(
         data: Path = typer.Argument(..., help="Prepared scenes (moca3d prepare --procedural scenes)."),
-        model: Optional[Path] = typer.Option(None, "--model", help=SCENE_MODEL_HELP),
+        model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help=SCENE_MODEL_HELP),
         lora: Optional[Path] = typer.Option(None, "--lora", help=SCENE_LORA_HELP),
         split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes of the split (those among them with an instance hidden in the render are skipped and listed)."),
@@ -134,9 +134,9 @@ def register(app: typer.Typer) -> None:
     def train_scene(
         data: Path = typer.Argument(..., help="Prepared scenes with cached latents (moca3d prepare --procedural scenes + encode-dataset), or a scene cache file (moca3d cache-latents)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
-        init_from: Optional[Path] = typer.Option(None, "--init-from", help="Object pipeline folder to fine-tune (overrides the recipe's init_from)."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Object pipeline folder to fine-tune (overrides the recipe's init_from)."),
         config: Optional[Path] = typer.Option(None, "--config", help="Scene recipe JSON (configs/dit_scene_*.json; default: a resumed run's own recipe)."),
-        vae: Optional[Path] = typer.Option(None, "--vae", help="VAE folder for the exported pipeline (default: a resumed run's own, else the init pipeline's)."),
+        vae: Optional[Path] = typer.Option(None, "--vae", callback=shipped, help="VAE folder for the exported pipeline (default: a resumed run's own, else the init pipeline's)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
         device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),

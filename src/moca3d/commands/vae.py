@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
+from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, shipped, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
                                    resume_recipe, tqdm_progress, training_stops, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT_DIR."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
-        init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this VAE folder (fine-tune)."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Start from this VAE folder (fine-tune)."),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only: latents cached with --init-from's VAE (and transformers trained on them) stay valid."),
         validate: bool = typer.Option(True, "--validate/--no-validate", help="Reconstruct the val split's assets at the end (CD, F-score; minutes at the recipe's val_resolution); --no-validate for a quick trial run (eval-vae scores it later)."),
     ) -> None:
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval-vae")
     def eval_vae_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
+        model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         split: str = typer.Option("val", "--split", help="Split whose assets are reconstructed."),
         assets: int = typer.Option(12, "--assets", help="At most this many assets of the split."),
         resolution: int = typer.Option(128, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
     def reconstruct_cmd(
         mesh: Path = typer.Argument(..., help=f"The components to round-trip: {COMPONENTS_HELP}."),
         out: Path = typer.Option(..., "--output", "--out", "-o", help="Output .glb (one named node per component) or .obj (one `o` object per component, a .mtl beside it); an empty component keeps its place, without faces."),
-        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
+        model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         resolution: int = typer.Option(256, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
@@ -201,7 +201,7 @@ def register(app: typer.Typer) -> None:
     @app.command("encode-dataset")
     def encode_dataset_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset (manifest.jsonl + assets/)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
+        model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
