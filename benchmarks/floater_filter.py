@@ -8,7 +8,8 @@ every `rescue_vertices` asked (a part with no inside vertex is meshed at the lev
 value instead, if above `--rescue-floor`; 0 leaves it empty), and scored against the GT parts. The
 table gives the mean metrics per setting and the mean paired change against the first, with its
 standard error. As in `evaluate-model` reports (benchmarks/variants_table.py): an object whose every
-part came out empty scores F = 0 and self-IoU 0 in the means, and its infinite CD is left out of the
+part came out empty scores F = 0 in the means (self-IoU: over the objects with two non-empty parts or more, paired
+over those with it under both settings), and its infinite CD is left out of the
 mean CD (and of the paired CD change) and counted under "empty objects"; "empty parts" counts parts.
 
     python benchmarks/floater_filter.py data/test58 --fractions 0.02 0 0.1 0.25 0.5 --seed 0 \
@@ -34,7 +35,7 @@ from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig
 from moca3d.pipeline import MoCAPipeline
 
-SCORES = ("fscore@0.1", "fscore@0.05", "self_iou")  # means over every object (an all-empty one scores 0)
+SCORES = ("fscore@0.1", "fscore@0.05", "self_iou")  # means over the objects that have each (self-IoU: None under two parts)
 COLUMNS = [("fraction", "min_component_fraction", "{:>8}"), ("rescue", "rescue_vertices", "{:>6}"),
            ("F@0.1", "fscore@0.1", "{:.3f}"), ("paired", "fscore@0.1_paired", "{:+.3f}"), ("SE", "fscore@0.1_paired_se", "{:.3f}"),
            ("F@0.05", "fscore@0.05", "{:.3f}"), ("CD", "chamfer", "{:.3f}"), ("CD paired", "chamfer_paired", "{:+.3f}"),
@@ -65,10 +66,12 @@ def summarize(rows: list[dict], settings: list[tuple[float, int]]) -> list[dict]
     for f, r in settings:
         scores = [row[setting_key(f, r)] for row in rows]
         entry = {"min_component_fraction": f, "rescue_vertices": r}
-        for k in SCORES:
-            values = np.array([s[k] for s in scores], dtype=float)
-            entry[k] = float(values.mean())
-            _paired(entry, k, values - np.array([row[ref][k] for row in rows], dtype=float))
+        for k in SCORES:  # None (no self-IoU) -> NaN: left out of the mean, and of the pairs
+            values = np.array([np.nan if s[k] is None else s[k] for s in scores], dtype=float)
+            before = np.array([np.nan if row[ref][k] is None else row[ref][k] for row in rows], dtype=float)
+            entry[k] = float(np.nanmean(values)) if np.isfinite(values).any() else None
+            both = np.isfinite(values) & np.isfinite(before)
+            _paired(entry, k, values[both] - before[both])
         mean = means(scores, ("chamfer",))  # evaluate-model's rule: the mean over finite CDs, all-empty objects counted
         entry["chamfer"], entry["empty_objects"] = mean["chamfer"], mean["all_empty"]
         cd = np.array([s["chamfer"] for s in scores], dtype=float)

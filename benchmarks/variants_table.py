@@ -8,7 +8,8 @@ analogue on the procedural domain), from `moca3d evaluate-model --json` reports 
 
 Several --eval files of one variant (e.g. part-count ranges run in parallel) are merged asset by asset.
 An object whose every generated part came out empty scores F = 0 and is counted under "empty"; its
-(infinite) Chamfer distance is left out of the mean CD.
+(infinite) Chamfer distance is left out of the mean CD. Self-IoU is averaged over the objects that have one (two
+non-empty parts or more; reports from 2026-12-03 on say null for the others, earlier ones 0).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from moca3d.errors import InputError
+from moca3d.evaluation import finite_mean
 
 from benchkit import named_paths, print_table, run_script, write_json  # benchmarks/benchkit.py
 
-METRICS = ["fscore@0.1", "fscore@0.05", "self_iou", "seconds"]  # means over every object; chamfer over those with a surface
+METRICS = ["fscore@0.1", "fscore@0.05", "self_iou", "seconds"]  # means over the objects that have each (`finite_mean`)
 
 
 def training_summary(run: Path) -> Dict:
@@ -59,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         # left out and counted
         finite = [a["chamfer"] for a in assets if a["chamfer"] is not None and np.isfinite(a["chamfer"])]
         rec = {"variant": name, "count": len(assets), "chamfer": float(np.mean(finite)) if finite else None,
-               **{k: float(np.mean([a[k] for a in assets])) for k in METRICS}}
+               **{k: finite_mean(assets, k) for k in METRICS}}
         rec["empty"] = len(assets) - len(finite)
         rec["min_parts"], rec["max_parts"] = min(a["num_parts"] for a in assets), max(a["num_parts"] for a in assets)
         if name in runs:

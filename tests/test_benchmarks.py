@@ -159,13 +159,14 @@ def test_variants_table_merges_reports_and_training_runs(tmp_path):
 
 def test_variants_table_leaves_an_all_empty_object_written_as_null_out_of_the_mean_cd(tmp_path):
     """evaluate-model writes strict JSON: an all-empty object's infinite Chamfer distance is null there."""
-    assets = [{"id": "a", "num_parts": 2, "chamfer": 0.2, "fscore@0.1": 0.6, "fscore@0.05": 0.4, "self_iou": 0.0, "seconds": 1.0},
-              {"id": "b", "num_parts": 3, "chamfer": None, "fscore@0.1": 0.0, "fscore@0.05": 0.0, "self_iou": 0.0, "seconds": 3.0}]
+    assets = [{"id": "a", "num_parts": 2, "chamfer": 0.2, "fscore@0.1": 0.6, "fscore@0.05": 0.4, "self_iou": 0.04, "seconds": 1.0},
+              {"id": "b", "num_parts": 3, "chamfer": None, "fscore@0.1": 0.0, "fscore@0.05": 0.0, "self_iou": None, "seconds": 3.0}]
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"assets": assets}))
     (rec,) = load("variants_table").main(["--eval", f"moca={report}"])
     assert rec["chamfer"] == pytest.approx(0.2) and rec["empty"] == 1
     assert rec["fscore@0.1"] == pytest.approx(0.3) and rec["seconds"] == pytest.approx(2.0)
+    assert rec["self_iou"] == pytest.approx(0.04)  # b has none (no surface): left out, not a TypeError
 
 
 def test_benchmark_json_is_standard_json(tmp_path):

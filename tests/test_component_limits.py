@@ -33,7 +33,7 @@ def test_training_data_with_more_parts_than_ids_is_refused_before_the_first_step
 
 
 def test_validation_reads_val_assets_up_to_the_model_limit_not_32(object_dataset, tmp_path, monkeypatch):
-    """The val split was read with 1-32 components whatever the model took: 40-part val assets were 'no assets'."""
+    """The val split was read with 1-32 components whatever the recipe and model took: 40-part val assets were 'no assets'."""
     root, vae_dir = object_dataset
     seen = []
 
@@ -42,10 +42,12 @@ def test_validation_reads_val_assets_up_to_the_model_limit_not_32(object_dataset
         raise KeyboardInterrupt  # enough: the range is what is checked
 
     monkeypatch.setattr(train_dit, "select_records", stop)
-    cfg = tiny_dit_recipe(validate_every=1, transformer=dict(width=32, num_layers=2, num_heads=4, compression=4, id_codebook_size=64))
-    with pytest.raises(KeyboardInterrupt):
-        train_dit.train(root, tmp_path / "run", cfg, vae_dir=vae_dir, device="cpu", progress=False)
-    assert seen == [("val", 1, 64)]
+    for codebook, max_components, high in ((64, 40, 40), (36, 40, 36)):  # the recipe's range, within the model's IDs
+        net = dict(width=32, num_layers=2, num_heads=4, compression=4, id_codebook_size=codebook)
+        cfg = tiny_dit_recipe(validate_every=1, max_components=max_components, transformer=net)
+        with pytest.raises(KeyboardInterrupt):
+            train_dit.train(root, tmp_path / f"run{codebook}", cfg, vae_dir=vae_dir, device="cpu", progress=False)
+        assert seen.pop() == ("val", 1, high)
 
 
 def test_evaluation_refuses_records_beyond_the_model_before_generating(object_dataset):
@@ -54,7 +56,14 @@ def test_evaluation_refuses_records_beyond_the_model_before_generating(object_da
     root, _ = object_dataset
     most = _most_parts(root)
     calls = []
-    pipe = SimpleNamespace(transformer=SimpleNamespace(max_components=2), __call__=lambda *a, **k: calls.append(a))
+
+    class Pipe:  # a pipeline of 2 IDs that records any generation asked of it
+        transformer = SimpleNamespace(max_components=2)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(args)
+
+    pipe = Pipe()
     with pytest.raises(ConfigError, match=rf"more components than the model's limit of 2 \(the most: .+, {most}\): lower --max-parts"):
         evaluate_pipeline(pipe, root, "train", progress=False)
     assert not calls

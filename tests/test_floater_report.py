@@ -9,8 +9,8 @@ from conftest import load_benchmark
 SETTINGS = [(0.02, 0), (0.5, 0), (0.9, 0)]
 
 
-def _scores(chamfer, fscore, num_empty, self_iou=0.0):
-    """One object's `object_metrics` under one setting (an all-empty prediction: CD inf, F = 0)."""
+def _scores(chamfer, fscore, num_empty, self_iou=None):
+    """One object's `object_metrics` under one setting (an all-empty prediction: CD inf, F = 0, no self-IoU)."""
     return {"chamfer": chamfer, "fscore@0.1": fscore, "fscore@0.05": fscore / 2, "self_iou": self_iou, "num_empty": num_empty}
 
 
@@ -34,7 +34,9 @@ def test_summary_leaves_all_empty_objects_out_of_the_mean_cd_and_counts_them():
     assert some["chamfer"] == pytest.approx(0.25) and some["empty_objects"] == 1 and some["num_empty"] == 3
     assert some["chamfer_paired"] == pytest.approx(0.05) and some["chamfer_paired_se"] == pytest.approx(0.05)
     assert some["fscore@0.1"] == pytest.approx(1.1 / 3) and some["fscore@0.1_paired"] == pytest.approx(-0.7 / 3)
-    assert some["self_iou"] == pytest.approx(0.1)
+    # self-IoU: c has none at 0.5 (all empty): the mean of a and b, and the pairs of a and b (it was NaN throughout)
+    assert some["self_iou"] == pytest.approx(0.15) and some["self_iou_paired"] == pytest.approx(-0.05)
+    assert none["self_iou"] is None and "self_iou_paired" not in none
     # 0.9: no object has a surface, so there is no mean CD and no paired CD change
     assert none["chamfer"] is None and "chamfer_paired" not in none and none["empty_objects"] == 3 and none["num_empty"] == 6
     assert none["fscore@0.1"] == 0.0

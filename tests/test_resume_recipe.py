@@ -135,6 +135,11 @@ def test_a_run_started_with_a_relative_init_from_resumes_from_another_folder(obj
     again = invoke("train", root, "-o", "work/run", "--steps", 2)
     assert again.exit_code == 0, again.output
     assert "trained 1 step (to step 2)" in again.output
+    # the work folder moved, prior with it: the checkpoint's recorded VAE (work/prior/vae) is gone, the pipeline's is taken
+    shutil.move(tmp_path / "work", tmp_path / "work2")
+    moved = invoke("train", root, "-o", "work2/run", "--init-from", "work2/prior", "--steps", 3)
+    assert moved.exit_code == 0, moved.output
+    assert "trained 1 step (to step 3)" in moved.output and "which is gone" not in moved.output
 
 
 def test_a_refused_resume_says_how_many_changes_it_left_unnamed(object_dataset, tmp_path):

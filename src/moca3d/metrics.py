@@ -342,8 +342,9 @@ def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max
 
 
 def object_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None) -> dict:
-    """`evaluate_object` over the predicted parts with a surface (num_pred of them, num_empty the others: no faces, or
-    a zero-area placeholder); an all-empty prediction scores F = 0, chamfer inf and no self-IoU."""
+    """`evaluate_object` over the predicted parts with a surface (num_pred of them, num_empty the others: no faces, a
+    zero-area placeholder, or non-finite vertices, as `read_prediction` reads them); an all-empty prediction scores
+    F = 0, chamfer inf and no self-IoU."""
     config = config or MetricsConfig()
     pred, gt = as_components(pred), as_components(gt)  # a Scene's empty nodes are not among its meshes
     parts = [m for m in pred if has_surface(m)]

@@ -270,9 +270,10 @@ def shipped(path: Optional[Path]) -> Optional[Path]:
     return None if path is None else Path(shipped_path(str(path)))
 
 
-def run_vae(output: Path, vae: Optional[Path], resume: bool = True) -> Optional[Path]:
+def run_vae(output: Path, vae: Optional[Path], resume: bool = True, init_from: Optional[str] = None) -> Optional[Path]:
     """`vae` (--vae) when given; else, resuming the run in OUTPUT, the VAE folder its newest checkpoint records (said);
-    else None. A recorded folder that is gone is a one-line ConfigError (the run needs that VAE: its latent scale)."""
+    else None. A recorded folder that is gone is a one-line ConfigError (the run needs that VAE: its latent scale),
+    unless the run starts from a pipeline (`init_from`, perhaps moved with the run): None, its VAE then."""
     from moca3d.training.checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(output) if vae is None and resume else None
@@ -285,6 +286,8 @@ def run_vae(output: Path, vae: Optional[Path], resume: bool = True) -> Optional[
     if not recorded:  # a checkpoint from before the record, or a run without a VAE
         return None
     if not Path(recorded).is_dir():
+        if init_from:  # the trainer takes the pipeline's VAE and checks it is the run's
+            return None
         raise ConfigError(f"{output} was trained with the VAE {recorded}, which is gone: resume with --vae (that VAE, "
                           "moved), or train into a new output folder")
     say_once(f"vae: {recorded} (the run's own)")

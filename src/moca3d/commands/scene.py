@@ -156,4 +156,4 @@ def register(app: typer.Typer) -> None:
             recipe["init_from"] = str(init_from)
         apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
         keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
-        run_dit_training(data, output, recipe, run_vae(output, vae, resume), device, resume, export_only)
+        run_dit_training(data, output, recipe, run_vae(output, vae, resume, recipe.get("init_from")), device, resume, export_only)

@@ -139,7 +139,9 @@ def register(app: typer.Typer) -> None:
                   "given; parts_normalized: each part normalised alone")
         metrics["settings"] = {"model": str(model) if model else "packaged", "split": split, "resolution": resolution,
                                "points": points, "metric_points": cfg.metric_points,
-                               "protocol": {**protocol(MetricsConfig(num_points=cfg.metric_points)), "frame": frames}}
+                               "protocol": {**{k: v for k, v in protocol(MetricsConfig(num_points=cfg.metric_points)).items()
+                                               if k != "self_iou"}, "frame": frames,  # (no self-IoU here)
+                                            "sampling": "uniform by area on each compared surface, the same seed on both sides"}}
         if write_json(json_out, metrics):
             return
         for k, v in metrics.items():

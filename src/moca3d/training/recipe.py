@@ -81,7 +81,9 @@ class Recipe:
     """Mixin for recipe dataclasses: `from_dict` / `from_json` reject unknown keys, then `check()`."""
 
     recipe_name = "training"
-    nested_models: dict[str, str] = {}  # a nested model config's key -> its model class, "module:Class" (check_model_keys)
+    # a nested model config's key -> its model class, "module:Class", whose defaults fill a key left out (a VAE's
+    # "model"; not the DiT's: its transformer and image encoder configs lay over an init pipeline's or the data's)
+    nested_models: dict[str, str] = {}
 
     @classmethod
     def from_dict(cls: type[R], d: dict[str, Any]) -> R:

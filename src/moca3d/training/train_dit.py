@@ -64,8 +64,6 @@ class DiTTrainConfig(Recipe):
     """A DiT training recipe (JSON: these fields; model configs under "transformer" and "image_encoder")."""
 
     recipe_name = "DiT training"
-    nested_models = {"transformer": "moca3d.models.transformer:MoCATransformer",
-                     "image_encoder": "moca3d.models.image_encoder:ImageEncoder"}
 
     transformer: dict[str, Any] = field(default_factory=dict)
     image_encoder: dict[str, Any] = field(default_factory=dict)
@@ -446,7 +444,7 @@ def validate(model: nn.Module, ema: EMA, cfg: DiTTrainConfig, data_dir: str | Pa
     report = evaluate_pipeline(
         pipe, data_dir, "val", count=cfg.val_assets, steps=cfg.val_steps, guidance=cfg.val_guidance,
         resolution=cfg.val_resolution, seed=cfg.seed, metric_points=10000, progress=False,
-        max_parts=shadow.transformer.max_components,
+        max_parts=min(cfg.max_components, shadow.transformer.max_components),
     )
     return {f"val_{k}": v for k, v in report["mean"].items()} | {"val_count": report["count"]}
 
@@ -569,7 +567,7 @@ def train(
             raise ConfigError(f"validate_every needs the dataset folder (its val split), not a latent cache ({data_dir}); "
                               "set it to 0 to train from the cache")
         try:
-            select_records(data_dir, "val", cfg.val_assets, 1, limit)
+            select_records(data_dir, "val", cfg.val_assets, 1, min(cfg.max_components, limit))
         except InputError as err:  # a small dataset's 5% val split is often empty
             raise InputError(f"{err}: validate_every {cfg.validate_every} validates on them (set it to 0 to train without)") from None
     if cfg.transformer_lora_rank:

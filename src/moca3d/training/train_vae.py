@@ -362,14 +362,15 @@ def reconstruction_metrics(pred: list, gt: list, metric_points: int, seed: int =
     "parts": each component in the shared asset frame (no re-normalisation);
     "parts_normalized": each component normalised alone (strict: tiny parts are magnified).
     """
+    from moca3d.geometry.mesh_io import has_surface
     from moca3d.metrics import MetricsConfig, surface_metrics
 
     shared = MetricsConfig(num_points=metric_points, seed=seed, frame="none")
     alone = MetricsConfig(num_points=metric_points, seed=seed, frame="each")
     zero = {"chamfer": float("nan"), "fscore@0.1": 0.0, "fscore@0.05": 0.0}
-    parts = [surface_metrics([p], [g], shared) if len(p.faces) else dict(zero) for p, g in zip(pred, gt)]
-    parts_norm = [surface_metrics([p], [g], alone) if len(p.faces) else dict(zero) for p, g in zip(pred, gt)]
-    kept = [p for p in pred if len(p.faces)]
+    parts = [surface_metrics([p], [g], shared) if has_surface(p) else dict(zero) for p, g in zip(pred, gt)]
+    parts_norm = [surface_metrics([p], [g], alone) if has_surface(p) else dict(zero) for p, g in zip(pred, gt)]
+    kept = [p for p in pred if has_surface(p)]
     fused = surface_metrics(kept, gt, alone) if kept else dict(zero)
     return {"parts": parts, "parts_normalized": parts_norm, "asset": fused}
 
