@@ -19,7 +19,8 @@ app = typer.Typer(
     name="moca3d",
     help="Compositional 3D generation with Mixture-of-Components (MoC) attention: "
     "one image -> N part (or instance) meshes in one frame.",
-    epilog="Start here: moca3d generate examples/chair.png --parts 8 -o chair.glb (the built-in model), then "
+    epilog="Start here: moca3d generate examples/chair.png --parts 8 -o chair.glb (the built-in model; examples/ is in the "
+    "source repository, and any render of one object on a plain background will do), then "
     "moca3d render chair.glb -o chair.png. Every verb has --help; the README shows the whole workflow.",
     no_args_is_help=True,
     add_completion=False,

@@ -222,7 +222,7 @@ def register(app: typer.Typer) -> None:
         recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe JSON: dataset size and each training stage's config, named by file beside the recipe (else the repository's configs/ one) or by path (default: the repository's configs/default.json)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         workers: int = typer.Option(2, "--workers", help="Processes for data preparation."),
-        install: bool = typer.Option(False, "--install", help="Copy the trained pipeline into the package as the default model."),
+        install: bool = typer.Option(False, "--install", help="Copy the trained pipeline into the package as the default model (the installed package's folder: it needs write access there; a wheel install's record of its files no longer matches)."),
         data: Optional[Path] = typer.Option(None, "--data", help="Use this prepared dataset instead of preparing one."),
     ) -> None:
         """Train the built-in model from scratch on procedural objects, every stage resumable.
