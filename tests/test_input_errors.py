@@ -285,7 +285,7 @@ def default_pipeline():
     (dict(guidance=-5.0), ConfigError, "^guidance must be >= 0"),
     (dict(resolution=48), ConfigError, "^resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got 48"),
     (dict(num_parts=2.5), InputError, "the number of parts must be a whole number >= 1, got 2.5"),
-    (dict(num_parts="3"), InputError, "the number of parts must be a whole number >= 1, got 3"),  # a raw TypeError
+    (dict(num_parts="3"), InputError, "the number of parts must be a whole number >= 1, got '3'"),  # a raw TypeError
     (dict(num_parts=999), InputError, "999 parts exceed the model's limit of"),
     (dict(shift=0.0), InputError, "the timestep shift must be positive and finite"),
     (dict(shift=float("inf")), InputError, "the timestep shift must be positive and finite"),

@@ -189,7 +189,7 @@ def test_metric_settings_out_of_range_are_one_line_config_errors(tmp_path):
     from moca3d.cli import app
     from moca3d.errors import ConfigError
 
-    for kwargs, message in [(dict(num_points=0), "num_points must be >= 1"), (dict(num_points=-5), "num_points must be >= 1"),
+    for kwargs, message in [(dict(num_points=0), "num_points must be a whole number >= 1"), (dict(num_points=-5), "num_points must be a whole number >= 1"),
                             (dict(iou_resolution=0), "iou_resolution must be between 8 and 256"),
                             (dict(iou_resolution=-1), "iou_resolution must be between 8 and 256"),
                             (dict(iou_resolution=100_000), "iou_resolution must be between 8 and 256"),
@@ -200,7 +200,7 @@ def test_metric_settings_out_of_range_are_one_line_config_errors(tmp_path):
         voxelize_filled(trimesh.creation.box(), resolution=0)
     glb = tmp_path / "box.glb"
     trimesh.creation.box().export(glb)
-    for option, value, message in [("--num-points", "0", "--num-points must be >= 1"), ("--num-points", "-5", "--num-points must be >= 1"),
+    for option, value, message in [("--num-points", "0", "--num-points must be a whole number >= 1"), ("--num-points", "-5", "--num-points must be a whole number >= 1"),
                                    ("--iou-resolution", "0", "--iou-resolution must be between 8 and 256")]:
         result = CliRunner().invoke(app, ["evaluate", str(glb), str(glb), option, value])
         assert isinstance(result.exception, ConfigError) and message in str(result.exception), result.output
@@ -308,3 +308,31 @@ def test_evaluate_json_names_its_protocol(tmp_path):
     assert report["self_iou"] is None  # one component
     text = CliRunner().invoke(app, ["evaluate", str(glb), str(glb), "--num-points", "500"])
     assert "self_iou: n/a" in text.output
+
+
+def test_a_loaded_scene_file_is_scored_in_its_own_order_and_a_trimesh_scene_refused(tmp_path):
+    """evaluate_scene(trimesh.load('scene.glb'), meshes) paired instance i with the wrong GT instance (trimesh lists a
+    GLB's nodes in reverse) and dropped its empty nodes: instance F 0 for a file scored against its own meshes. A path is
+    read in the file's order with its empty parts in place; a trimesh.Scene is refused in one line."""
+    from moca3d.geometry.mesh_io import save_components
+    from moca3d.metrics import MetricsConfig, object_metrics
+
+    boxes = [trimesh.creation.box(extents=[0.5] * 3).apply_translation([2.0 * i, 0, 0]) for i in range(4)]
+    made = [boxes[0], boxes[1], trimesh.Trimesh(), boxes[3]]
+    path = tmp_path / "scene.glb"
+    save_components(path, made, [f"instance_{i:02d}" for i in range(4)], metadata={"saved_by": "test"})  # as a generation
+    config = MetricsConfig(num_points=2000)
+    out = evaluate_scene(path, boxes, config)
+    assert [i["empty"] for i in out["instances"]] == [False, False, True, False]
+    assert out["instance_fscore@0.1"] == pytest.approx(0.75)
+    assert object_metrics(str(path), boxes, config)["num_empty"] == 1
+    with pytest.raises(InputError, match="pass the file's path"):
+        evaluate_scene(trimesh.load(path), boxes, config)
+    with pytest.raises(InputError, match="got a list holding a ndarray"):
+        object_metrics([np.zeros((4, 3))], boxes, config)
+
+
+def test_metrics_config_takes_one_threshold_and_refuses_fractional_points():
+    assert MetricsConfig(taus=0.1, num_points=100).taus == (0.1,)
+    with pytest.raises(ConfigError, match="whole number"):
+        MetricsConfig(num_points=1000.5)

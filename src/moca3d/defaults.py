@@ -62,7 +62,7 @@ def check_component_count(count, limit: Optional[int] = None, noun: str = "parts
     """A number of components: a whole number >= 1 within the model's `limit` (one-line InputError, for the CLI and the
     pipeline alike; `option`, e.g. "--parts", names the CLI's)."""
     if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 1:
-        raise InputError(f"{option or f'the number of {noun}'} must be a whole number >= 1, got {count}")
+        raise InputError(f"{option or f'the number of {noun}'} must be a whole number >= 1, got {count!r}")
     if limit is not None and count > limit:
         raise InputError(f"{option + ': ' if option else ''}{count} {noun} exceed the model's limit of {limit}")
 
@@ -70,7 +70,7 @@ def check_component_count(count, limit: Optional[int] = None, noun: str = "parts
 def check_seed(seed: int, dash: str = "--") -> None:
     """A sampling seed torch.Generator takes: a whole number in [0, MAX_SEED] (one-line ConfigError)."""
     if not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{dash}seed must be a whole number from 0 to 2^63 - 1, got {seed}")
+        raise ConfigError(f"{dash}seed must be a whole number from 0 to 2^63 - 1, got {seed!r}")
 
 
 def check_sampling_args(steps: int, guidance: float, resolution: int, shift: Optional[float] = None, dash: str = "--",

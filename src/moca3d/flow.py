@@ -98,11 +98,15 @@ def sample(
 ) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0): returns Z_0 of `shape` (B, N, L, C).
 
-    `shift` None keeps the scheduler's own (1 for a new one); a value overrides it on a copy.
+    `shift` None keeps the scheduler's own (1 for a new one); a value overrides it on a copy. A model with component
+    IDs (`sample_ids`) given none in `model_kwargs` gets one draw from `generator`, for every step and both guidance
+    halves (the model would draw new ones each call), before the noise: as `MoCAPipeline.generate_latents` draws them.
     """
     device = cond.device
     scheduler = scheduler_with_shift(scheduler or make_scheduler(), shift)
     scheduler.set_timesteps(steps, device=device)
+    if "ids" not in model_kwargs and hasattr(model, "sample_ids"):
+        model_kwargs["ids"] = model.sample_ids(shape[0], shape[1], generator, device)  # (B, N)
     z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)  # the state stays fp32 (a model casts)
     B = shape[0]
     for i, ts in enumerate(scheduler.timesteps):

@@ -28,8 +28,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,8 +68,8 @@ def check_metric_settings(num_points: int, iou_resolution: int, taus: tuple[floa
     of range."""
     if frame not in FRAMES:
         raise ConfigError(f"{frame_name} must be one of {', '.join(FRAMES)}, got {frame!r}")
-    if num_points < 1:
-        raise ConfigError(f"{points_name} must be >= 1 (points sampled per surface), got {num_points}")
+    if not isinstance(num_points, numbers.Integral) or isinstance(num_points, bool) or num_points < 1:
+        raise ConfigError(f"{points_name} must be a whole number >= 1 (points sampled per surface), got {num_points!r}")
     if num_points > MAX_METRIC_POINTS:
         raise ConfigError(f"{points_name} must be at most {MAX_METRIC_POINTS} (points sampled per surface), got {num_points}")
     if not MIN_IOU_RESOLUTION <= iou_resolution <= MAX_IOU_RESOLUTION:
@@ -89,6 +91,8 @@ class MetricsConfig:
     workers: int = -1  # cKDTree query threads (-1: all cores; the distances are exact either way)
 
     def __post_init__(self) -> None:
+        if isinstance(self.taus, numbers.Real):  # one threshold given as a number
+            self.taus = (float(self.taus),)
         check_metric_settings(self.num_points, self.iou_resolution, self.taus, frame=self.frame)
 
 
@@ -167,13 +171,23 @@ def point_metrics(
     return out
 
 
-def as_components(meshes: list[trimesh.Trimesh] | trimesh.Trimesh | trimesh.Scene) -> list[trimesh.Trimesh]:
-    """A component list from a list, one mesh (one component) or a trimesh.Scene (its meshes, placed)."""
+def as_components(meshes: list[trimesh.Trimesh] | trimesh.Trimesh | trimesh.Scene | str | Path) -> list[trimesh.Trimesh]:
+    """A component list from a list, one mesh (one component), a mesh file or folder (read as `moca3d evaluate` reads
+    it: in its order, empty parts in place) or a trimesh.Scene (its meshes, placed; in no reliable order, its empty
+    nodes dropped: `evaluate_scene` refuses one)."""
+    if isinstance(meshes, (str, Path)):
+        from moca3d.geometry.mesh_io import read_components
+
+        return read_components(meshes)[0]
     if isinstance(meshes, trimesh.Trimesh):
         return [meshes]
     if isinstance(meshes, trimesh.Scene):
         return [g for g in meshes.dump() if isinstance(g, trimesh.Trimesh)]
-    return list(meshes)
+    meshes = list(meshes)
+    wrong = next((type(m).__name__ for m in meshes if not isinstance(m, trimesh.Trimesh)), None)
+    if wrong is not None:
+        raise InputError(f"metrics take trimesh meshes (a list, one mesh, a mesh file or folder), got a list holding a {wrong}")
+    return meshes
 
 
 def _prepare(meshes: list[trimesh.Trimesh], normalize: bool) -> list[trimesh.Trimesh]:
@@ -359,12 +373,18 @@ def evaluate_scene(
 ) -> dict:
     """Scene metrics (fused surfaces, self-IoU), instance means and each instance's scores, prediction i vs GT instance i.
 
+    The instance scores compare each pair where it is placed: prediction and ground truth must share one frame and unit
+    (`check_same_frame` refuses scenes of very different sizes; a generation is in its prepared scene's frame).
+
     A predicted instance without faces (a generation's empty component, kept in its place) scores F = 0 in the
     instance F-score means and is left out of the instance chamfer mean (counted in num_empty; its own chamfer is
     None); an all-empty scene (or none at all: a missing prediction) scores F = 0 and chamfer inf. With another
     count than the GT's there are no instance numbers (instance i has no partner).
     """
     config = config or MetricsConfig()
+    if isinstance(pred, trimesh.Scene) or isinstance(gt, trimesh.Scene):  # trimesh lists a GLB's nodes in reverse
+        raise InputError("evaluate_scene pairs instance i with GT instance i: a trimesh.Scene keeps neither its nodes' order "
+                         "nor its empty ones; pass the file's path (read in its order) or a list of meshes")
     pred, gt = as_components(pred), as_components(gt)
     kept = [i for i, m in enumerate(pred) if has_surface(m)]
     fscores = [f"fscore@{t:g}" for t in config.taus]

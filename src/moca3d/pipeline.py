@@ -300,20 +300,29 @@ class MoCAPipeline:
         # the VAE's logits are SDF / truncation clamped to [-1, 1]: refine where |logit| < 0.95
         return ExtractConfig(resolution=resolution, coarse_resolution=max(16, resolution // 4), band=0.95, band_decay=0.5, chunk_size=32768)
 
+    @staticmethod
+    def component_latents(latents: torch.Tensor) -> torch.Tensor:
+        """(N, L, C) latents, or `generate_latents`' (1, N, L, C) -> (N, L, C); one-line InputError for other shapes."""
+        if latents.dim() == 4 and latents.shape[0] == 1:
+            return latents[0]
+        if latents.dim() != 3:
+            raise InputError(f"latents must be (N, L, C) or (1, N, L, C) (one object's components), got {tuple(latents.shape)}")
+        return latents
+
     @torch.no_grad()
     def latent_grids(self, latents: torch.Tensor, resolution: int = 128) -> Iterator[np.ndarray]:
-        """(N, L, C) sampled latents -> each component's VAE field on the extraction grid, one at a time."""
+        """(N, L, C) (or (1, N, L, C)) sampled latents -> each component's VAE field on the extraction grid, one at a time."""
         config = self.extract_config(resolution)
-        for z in latents:
+        for z in self.component_latents(latents):
             z = self.vae.denormalize_latents(z[None].to(self.device))  # sampled (unit-scale) -> VAE latents
             yield evaluate_grid(self.vae.field(z), config, device=self.device)
 
     def decode_latents(
         self, latents: torch.Tensor, resolution: int = 128, progress: Optional[Callable[[int, int], None]] = None
     ) -> List[trimesh.Trimesh]:
-        """(N, L, C) latents -> one mesh per component (marching cubes on the VAE field)."""
+        """(N, L, C) (or `generate_latents`' (1, N, L, C)) latents -> one mesh per component (marching cubes on the VAE field)."""
         config = self.extract_config(resolution)
-        meshes = []
+        latents, meshes = self.component_latents(latents), []
         for i, grid in enumerate(self.latent_grids(latents, resolution)):
             meshes.append(mesh_from_grid(grid, config))
             if progress is not None:

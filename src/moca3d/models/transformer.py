@@ -322,7 +322,7 @@ class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
         check_component_count(num_components, size, "components")  # the ID codebook's size
         if self.config.id_assignment == "sequential":
             return torch.arange(num_components, device=device or self.device).expand(batch, num_components)
-        keys = torch.rand(batch, size, generator=generator)
+        keys = torch.rand(batch, size, generator=generator, dtype=torch.float32)  # the same draws whatever the default dtype
         return keys.argsort(dim=1)[:, :num_components].to(device or self.device)
 
     def forward(

@@ -380,11 +380,15 @@ class VecSetVAE(AtomicSaveMixin, ModelMixin, ConfigMixin):
                generator: Optional[torch.Generator] = None, token_order: str = "fps") -> DiagonalGaussian:
         """Surface samples (B, P, 6) xyz+normal -> posterior over z (B, L, C).
 
-        The L query points are a farthest-point subset of the input (deterministic unless
+        The xyz are in the frame the VAE was trained in: the asset's components normalised together, centred with the
+        largest side 2 (`geometry.mesh_io.fit_normalization`, `geometry.sampling.sample_surface`; a part far outside
+        [-1, 1]^3 encodes poorly). The L query points are a farthest-point subset of the input (deterministic unless
         `random_start`), or `query_indices` (B, L) when given. `token_order` "canonical" reorders
         them by `canonical_token_order` (the tokens are permuted, their values unchanged).
         """
         expected = self.config.in_channels + self.config.point_feature_channels
+        if not isinstance(surface, torch.Tensor):
+            raise InputError(f"surface must be a torch tensor (B, P, {expected}), got {type(surface).__name__}")
         if surface.ndim != 3 or surface.shape[-1] != expected:
             raise InputError(f"surface must be (B, P, {expected}), got {tuple(surface.shape)}")
         if token_order not in TOKEN_ORDERS:

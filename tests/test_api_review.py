@@ -1,0 +1,57 @@
+"""The lower-level API a researcher scripts against: flow.sample seeded like the pipeline, decode_latents taking what
+generate_latents returns, one-line errors that quote what they were given."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moca3d import MoCAPipeline, flow
+from moca3d.errors import ConfigError, InputError
+
+CHAIR = Path(__file__).resolve().parents[1] / "examples" / "chair.png"
+
+
+@pytest.fixture(scope="module")
+def pipe(object_pipeline):
+    return MoCAPipeline.from_pretrained(str(object_pipeline))
+
+
+def test_flow_sample_with_a_seeded_generator_is_reproducible_and_matches_the_pipeline(pipe):
+    """Without `ids`, the transformer drew new component IDs from the global RNG at every call (each step, each
+    guidance half): two runs from one seed differed (max 2.18). One draw from the generator now, as the pipeline's."""
+    cond = pipe.encode_image(CHAIR)  # (1, M, D)
+    cfg = pipe.transformer.config
+    shape = (1, 3, cfg.num_latents, cfg.in_channels)
+    runs = [flow.sample(pipe.transformer, cond, shape, uncond=torch.zeros_like(cond), steps=3, guidance=3.0,
+                        generator=torch.Generator().manual_seed(5), scheduler=pipe.scheduler) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = flow.sample(pipe.transformer, cond, shape, uncond=torch.zeros_like(cond), steps=3, guidance=3.0,
+                        generator=torch.Generator().manual_seed(5), scheduler=pipe.scheduler)
+    assert torch.equal(runs[0], again)
+    piped = pipe.generate_latents(cond, 3, steps=3, guidance=3.0, seed=5)
+    assert torch.equal(piped, runs[0])  # the pipeline's own draws, in its order
+
+
+def test_decode_latents_takes_generate_latents_output(pipe):
+    cfg = pipe.transformer.config
+    latents = torch.randn(1, 2, cfg.num_latents, cfg.in_channels)
+    assert len(pipe.decode_latents(latents, resolution=16)) == 2  # it raised "too many values to unpack"
+    assert len(pipe.decode_latents(latents[0], resolution=16)) == 2
+    with pytest.raises(InputError, match=r"latents must be \(N, L, C\) or \(1, N, L, C\)"):
+        pipe.decode_latents(latents.repeat(2, 1, 1, 1), resolution=16)
+
+
+def test_errors_quote_a_string_given_for_a_number(pipe):
+    with pytest.raises(InputError, match="got '2'"):
+        pipe(CHAIR, num_parts="2", steps=1)
+    with pytest.raises(ConfigError, match="got '3'"):
+        pipe(CHAIR, num_parts=2, steps=1, seed="3")
+
+
+def test_vae_encode_of_a_numpy_array_is_one_line(pipe):
+    import numpy as np
+
+    with pytest.raises(InputError, match="surface must be a torch tensor"):
+        pipe.vae.encode(np.zeros((1, 64, 6), dtype=np.float32))  # AttributeError: 'str' object has no attribute 'type'
