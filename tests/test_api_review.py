@@ -55,3 +55,18 @@ def test_vae_encode_of_a_numpy_array_is_one_line(pipe):
 
     with pytest.raises(InputError, match="surface must be a torch tensor"):
         pipe.vae.encode(np.zeros((1, 64, 6), dtype=np.float32))  # AttributeError: 'str' object has no attribute 'type'
+
+
+def test_transformer_and_pipeline_inputs_are_checked_in_one_line(pipe):
+    """Raw torch errors ("shape '[2, 65, 6, 32]' is invalid", "'float' object has no attribute 'to'") before."""
+    T, c = pipe.transformer, pipe.transformer.config
+    z = torch.randn(1, 2, c.num_latents, c.in_channels)
+    cond = torch.randn(1, 5, c.cond_dim)
+    assert T(z, torch.tensor([0.5]), cond).shape == z.shape
+    for args, message in [((z, 0.5, cond), "timestep must be a tensor"), ((z, torch.tensor([.5, .1, .2]), cond), "timestep must be"),
+                          ((z, torch.tensor([.5]), torch.randn(1, 4, 7)), f"cond must be \\(B, M, {c.cond_dim}\\)"),
+                          ((z.repeat(2, 1, 1, 1), torch.tensor([.5, .5]), cond), "with B=2, N=2, got \\(1, 5")]:
+        with pytest.raises(InputError, match=message):
+            T(*args)
+    with pytest.raises(InputError, match="one image per call, got a list of 2"):
+        pipe([CHAIR, CHAIR], num_parts=2, steps=1)

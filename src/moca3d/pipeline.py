@@ -336,7 +336,7 @@ class MoCAPipeline:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding.
 
         `image`: a path, PIL image, (H, W[, 3 or 4]) uint8 or 0..1 float array or (3|4, H, W) tensor; an object on a
-        white or transparent background. `steps`: Euler steps of the flow sampler. `guidance`: classifier-free guidance
+        white or transparent background; one image per call (one object: loop for several). `steps`: Euler steps of the flow sampler. `guidance`: classifier-free guidance
         scale (1: the conditional prediction alone; 0: the unconditional one). `seed`: the same seed gives the same
         output (None: a random one, recorded in the output's settings). `shift`: the sampler's timestep shift (None:
         the scheduler's). `resolution`: marching-cubes grid per part. `faces`: a triangle budget for all parts together

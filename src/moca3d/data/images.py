@@ -109,7 +109,7 @@ def load_image(image: ImageLike, max_side: int | None = None) -> Image.Image:
         if array.ndim == 2:
             array = array[None]  # grey (H, W), as a 2-D array is
         if array.ndim != 3 or array.shape[0] not in (1, 3, 4):
-            raise InputError(f"an image tensor must be (1|3|4, H, W) (channels first), got {tuple(image.shape)}")
+            raise InputError(f"an image tensor must be (1|3|4, H, W) (channels first; one image per call), got {tuple(image.shape)}")
         image = np.moveaxis(array, 0, -1)  # (H, W, C)
     if isinstance(image, np.ndarray) and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)):
         image = np.repeat(image.reshape(image.shape[:2])[..., None], 3, axis=2)  # grey -> (H, W, 3)
@@ -145,6 +145,9 @@ def load_image(image: ImageLike, max_side: int | None = None) -> Image.Image:
         im = Image.fromarray(np.round(image).astype(np.uint8))
     elif isinstance(image, Image.Image):
         im = image
+    elif isinstance(image, (list, tuple)):
+        raise InputError(f"one image per call, got a {type(image).__name__} of {len(image)}: call the pipeline once per image "
+                         "(`moca3d generate FOLDER` loads the model once for a folder of them)")
     else:
         raise InputError(f"unsupported image type {type(image).__name__}")
     if min(im.size) < MIN_IMAGE_SIDE:

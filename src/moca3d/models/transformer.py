@@ -351,6 +351,14 @@ class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
             raise InputError("this model takes no layout features (its layout_features is 0)")
         if self.layout_embed is not None and (layout is None or tuple(layout.shape) != wanted):
             raise InputError(f"the model takes layout features of shape {wanted}, got {None if layout is None else tuple(layout.shape)}")
+        width = self.config.cond_dim
+        if not isinstance(cond, torch.Tensor) or cond.dim() not in (3, 4) or cond.shape[0] != B or cond.shape[-1] != width \
+                or (cond.dim() == 4 and cond.shape[1] != N):
+            got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise InputError(f"cond must be (B, M, {width}) or (B, N, M, {width}) with B={B}, N={N}, got {got}")
+        if not isinstance(timestep, torch.Tensor) or timestep.numel() not in (1, B):
+            got = tuple(timestep.shape) if isinstance(timestep, torch.Tensor) else type(timestep).__name__
+            raise InputError(f"timestep must be a tensor of shape (B,) = ({B},) or one value, got {got}")
         if ids is None:
             ids = self.sample_ids(B, N, generator, latents.device)
         dtype = self.proj_in.weight.dtype  # (not ModelMixin.dtype: it walks every parameter, 0.6 ms a call)
