@@ -70,3 +70,14 @@ def test_transformer_and_pipeline_inputs_are_checked_in_one_line(pipe):
             T(*args)
     with pytest.raises(InputError, match="one image per call, got a list of 2"):
         pipe([CHAIR, CHAIR], num_parts=2, steps=1)
+
+
+def test_procedural_generators_check_their_counts():
+    from moca3d.data.procedural import generate_object, generate_scene
+
+    for count in (1, 100):
+        with pytest.raises(ConfigError, match="scenes hold 2 to 32 objects"):
+            generate_scene(0, 0, num_objects=count)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        generate_object(-1, 0)  # numpy's "expected non-negative integer" before
+    assert len(generate_scene(0, 0, num_objects=3).meshes) == 3

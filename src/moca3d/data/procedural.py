@@ -398,7 +398,9 @@ def _material_colors(rng: Rng, materials: list[str]) -> dict[str, np.ndarray]:
 
 
 def generate_object(seed: int, index: int, category: str | None = None) -> ProceduralAsset:
-    """Object `index` of the stream `seed`: a random (or the given) category, 2-32 named parts."""
+    """Object `index` of the stream `seed` (both >= 0): a random (or the given) category, 2-32 named parts."""
+    if seed < 0 or index < 0:
+        raise ConfigError(f"procedural seed and index must be >= 0, got seed {seed}, index {index}")
     rng = np.random.default_rng([seed, index, 0])
     names = sorted(CATEGORIES)
     category = category or names[int(rng.integers(len(names)))]
@@ -439,6 +441,8 @@ def check_scene_objects(min_objects: int, max_objects: int) -> None:
 def generate_scene(seed: int, index: int, num_objects: int | None = None, max_objects: int = 16, min_objects: int = 2) -> ProceduralAsset:
     """Scene `index` of the stream `seed`: `min_objects`-`max_objects` objects (one component each) on a floor y = 0."""
     check_scene_objects(min_objects, max_objects)
+    if num_objects is not None:  # (0 and 1 took the random count, 100 built a scene no model here takes)
+        check_scene_objects(num_objects, num_objects)
     rng = np.random.default_rng([seed, index, 1])
     n = num_objects or int(rng.integers(min_objects, max_objects + 1))
     meshes, names, colors = [], [], []
