@@ -81,3 +81,17 @@ def test_procedural_generators_check_their_counts():
     with pytest.raises(ConfigError, match="must be >= 0"):
         generate_object(-1, 0)  # numpy's "expected non-negative integer" before
     assert len(generate_scene(0, 0, num_objects=3).meshes) == 3
+
+
+def test_input_warnings_are_said_by_the_first_process_alone(monkeypatch, capsys):
+    """Under torchrun every process read the same data and said each warning once per process."""
+    from moca3d.cli import show_warning
+    from moca3d.errors import InputWarning
+
+    for rank, said in (("1", ""), ("3", ""), ("0", "warning: five assets left out\n"), ("", "warning: five assets left out\n")):
+        monkeypatch.setenv("RANK", rank)
+        show_warning(InputWarning("five assets left out"), InputWarning, "x.py", 1)
+        assert capsys.readouterr().err == said, rank
+    monkeypatch.delenv("RANK")
+    show_warning(InputWarning("five assets left out"), InputWarning, "x.py", 1)
+    assert capsys.readouterr().err == "warning: five assets left out\n"

@@ -7,6 +7,7 @@ inside the command functions so that `moca3d --help` is instant.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -63,8 +64,11 @@ _register_commands()
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our InputWarnings as one yellow line on stderr; any other warning as Python shows it."""
+    """Our InputWarnings as one yellow line on stderr, said by the first process of a multi-process launch alone (each
+    reads the same data: torchrun's 8 processes said each line 8 times); any other warning as Python shows it."""
     if issubclass(category, InputWarning):
+        if os.environ.get("RANK", "0").strip() not in ("", "0"):
+            return
         typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
     else:
         PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
