@@ -47,6 +47,7 @@ from moca3d.geometry.mesh_io import (
     fit_normalization,
     has_surface,
     normalize_meshes,
+    read_components,
     transform_meshes,
 )
 from moca3d.geometry.sampling import sample_points
@@ -176,8 +177,6 @@ def as_components(meshes: list[trimesh.Trimesh] | trimesh.Trimesh | trimesh.Scen
     it: in its order, empty parts in place) or a trimesh.Scene (its meshes, placed; in no reliable order, its empty
     nodes dropped: `evaluate_scene` refuses one)."""
     if isinstance(meshes, (str, Path)):
-        from moca3d.geometry.mesh_io import read_components
-
         return read_components(meshes)[0]
     if isinstance(meshes, trimesh.Trimesh):
         return [meshes]

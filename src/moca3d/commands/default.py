@@ -206,11 +206,10 @@ def check_same_recipe(work: Path, record: dict, folder: Path = CONFIGS) -> None:
 def trained(run: Path, cfg) -> bool:
     """A DiT stage is done: its pipeline is complete (model_index.json is written last) and its recipe is `cfg` (its
     paths may name the same folders another way: the work folder moved, or given relative instead of absolute)."""
-    from moca3d.training.recipe import model_defaults, recipe_changes, recipe_defaults
+    from moca3d.training.recipe import recipe_changes, recipe_defaults
 
     config = run / "train_config.json"
-    return (run / "pipeline" / "model_index.json").is_file() and config.is_file() and \
-        not recipe_changes(config, cfg.to_dict(), recipe_defaults(type(cfg)), model_defaults(type(cfg)))
+    return (run / "pipeline" / "model_index.json").is_file() and config.is_file() and not recipe_changes(config, cfg.to_dict(), recipe_defaults(type(cfg)))
 
 
 def register(app: typer.Typer) -> None:

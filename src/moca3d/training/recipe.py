@@ -81,9 +81,9 @@ class Recipe:
     """Mixin for recipe dataclasses: `from_dict` / `from_json` reject unknown keys, then `check()`."""
 
     recipe_name = "training"
-    # a nested model config's key -> its model class, "module:Class", whose defaults fill a key left out (a VAE's
-    # "model"; not the DiT's: its transformer and image encoder configs lay over an init pipeline's or the data's)
-    nested_models: dict[str, str] = {}
+    # a nested model config's key -> its model class, whose defaults fill a key left out (a VAE's "model"; not the
+    # DiT's: its transformer and image encoder configs lay over an init pipeline's or the data's)
+    nested_models: dict[str, type] = {}
 
     @classmethod
     def from_dict(cls: type[R], d: dict[str, Any]) -> R:
@@ -242,15 +242,9 @@ def recipe_defaults(cls: type) -> dict[str, Any]:
 def model_defaults(cls: type) -> dict[str, dict[str, Any]]:
     """The keyword defaults of each nested model config of a recipe class (`nested_models`), JSON-ready, by recipe key:
     what a model config that leaves a key out builds with."""
-    import importlib
-
-    out = {}
-    for key, where in getattr(cls, "nested_models", {}).items():
-        module, name = where.split(":")
-        params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters.values()
-        out[key] = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default
-                    for p in params if p.default is not inspect.Parameter.empty}
-    return out
+    return {key: {p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+                  for p in inspect.signature(model.__init__).parameters.values() if p.default is not inspect.Parameter.empty}
+            for key, model in getattr(cls, "nested_models", {}).items()}
 
 
 def _filled(record: dict[str, Any], nested: dict[str, dict[str, Any]]) -> dict[str, Any]:

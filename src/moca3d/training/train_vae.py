@@ -51,7 +51,7 @@ class VAETrainConfig(Recipe):
     """A VAE training recipe (JSON: these fields, the model's config under "model")."""
 
     recipe_name = "VAE training"
-    nested_models = {"model": "moca3d.models.vae:VecSetVAE"}
+    nested_models = {"model": VecSetVAE}
 
     model: dict[str, Any] = field(default_factory=lambda: dict(SMALL_MODEL))
     steps: int = 10000
