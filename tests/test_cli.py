@@ -301,3 +301,17 @@ def test_ctrl_c_during_generation_says_what_was_written_and_exits_130(tmp_path, 
     result = CliRunner().invoke(app, ["generate", str(images), "--parts", "1", "--device", "cpu", "-o", str(tmp_path / "out")])
     assert result.exit_code == 130 and result.stderr == f"interrupted: 1 written, the last {tmp_path / 'out' / 'a.glb'}\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.glb"]
+
+
+def test_prepare_interrupted_says_what_is_kept(tmp_path, monkeypatch):
+    """Ctrl+C during prepare: one line saying the prepared assets stay and the same command resumes, exit code 130."""
+    import moca3d.data.prepare as prepare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "prepare", interrupted)
+    out = tmp_path / "data"
+    result = CliRunner().invoke(app, ["prepare", "--procedural", "objects", "--count", "2", "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    assert result.stderr == f"interrupted: the assets prepared in {out} are kept (manifest written); the same command resumes\n"

@@ -287,3 +287,19 @@ def test_bad_prepare_settings_fail_before_any_work(tmp_path):
     existing.write_text("")
     result = runner.invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "-o", str(existing)])
     assert isinstance(result.exception, ConfigError) and f"output {existing} is a file" in str(result.exception)
+
+
+def test_prepare_workers_leave_ctrl_c_to_the_parent():
+    """Workers start with SIGINT ignored (a Ctrl+C reaches the whole process group: each worker printed a traceback),
+    and the parent's own handler is back once they have started."""
+    import multiprocessing as mp
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with prep._workers_ignore_sigint():
+        quiet = mp.get_context("spawn").Pool(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    loud = mp.get_context("spawn").Pool(1)  # the same pool started plainly: Python's KeyboardInterrupt handler
+    with quiet, loud:
+        assert quiet.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+        assert loud.apply(signal.getsignal, (signal.SIGINT,)) != signal.SIG_IGN

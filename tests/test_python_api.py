@@ -164,3 +164,27 @@ def test_a_fine_tune_keeps_its_base_models_component_range(object_dataset, objec
     with pytest.warns(InputWarning, match="more than max_components 4 parts"):
         result = train(root, tmp_path / "tune", few, device="cpu", progress=False)
     assert base > 4 and MoCAPipeline.from_pretrained(result["pipeline"]).trained_components == base
+
+
+def test_input_warnings_point_at_the_callers_line():
+    """An InputWarning raised deep inside moca3d is attributed to the caller's line outside the package (warn_input),
+    whatever the depth: a script sees its own line, not one of ours."""
+    import warnings
+
+    import numpy as np
+
+    from moca3d.data.images import preprocess_image
+    from moca3d.data.scene import load_masks
+    from moca3d.errors import InputWarning
+
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    grey[20:40, 20:40] = 0  # an object on a grey background: the background warning
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:32], labels[40, 40] = 1, 2  # instance 2 is one pixel: the tiny-mask warning, three calls deep
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preprocess_image(grey, 32)
+        load_masks(labels)  # load_masks -> read_masks -> check_masks
+    ours = [w for w in caught if issubclass(w.category, InputWarning)]
+    assert len(ours) == 2, [str(w.message) for w in caught]
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]

@@ -1,5 +1,9 @@
 """User-facing errors: one clear line, no deep stack trace from the CLI."""
 
+import os
+import sys
+import warnings
+
 
 class MoCA3DError(Exception):
     """Base class of errors caused by bad input or configuration (shown as one line)."""
@@ -19,6 +23,17 @@ class CheckpointError(MoCA3DError, ValueError):
 
 class InputWarning(UserWarning):
     """Input that is used but probably not what the model expects (the CLI prints it as one line)."""
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_input(message: str) -> None:
+    """An InputWarning attributed to the first caller outside moca3d: a script's own line, not one of ours."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn_input's caller
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, InputWarning, stacklevel=level)
 
 
 def cannot_write(path, err: OSError) -> InputError:

@@ -10,7 +10,7 @@ import numpy as np
 
 from moca3d.data.dataset import read_manifest
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig, evaluate_scene, object_metrics, protocol  # object_metrics: re-exported
 
@@ -137,10 +137,6 @@ def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: O
     added to `missing` when the folder has no prediction of it. A prediction that cannot be read (an empty or corrupt
     file, no triangle mesh) scores as empty too, with a warning naming its path, and {"id", "path", "reason"} added to
     `unusable` (to `missing` when that is not given)."""
-    import warnings
-
-    from moca3d.errors import InputWarning
-
     path = prediction_path(Path(folder), asset_id)
     if path is None:
         missing.append(asset_id)
@@ -149,7 +145,7 @@ def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: O
         return read_prediction(path)[0]
     except (InputError, OSError) as err:
         reason = str(err) if isinstance(err, InputError) else f"cannot read it ({err.strerror or err})"
-        warnings.warn(f"{path}: unusable prediction of {asset_id} ({reason}): scored as all-empty", InputWarning, stacklevel=2)
+        warn_input(f"{path}: unusable prediction of {asset_id} ({reason}): scored as all-empty")
         if unusable is None:
             missing.append(asset_id)
         else:

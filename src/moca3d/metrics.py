@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import trimesh
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from moca3d.errors import ConfigError, InputError, InputWarning
+from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.geometry.mesh_io import (
     CANONICAL_EXTENT,
     Normalization,
@@ -281,8 +280,8 @@ def self_iou(
     reach = max(float(np.abs(m.vertices).max()) for m in meshes)
     if reach > (CANONICAL_EXTENT / 2) * SELF_IOU_REACH:  # far out: the grid would clip them (and a surface far bigger
         # than the grid would need a lattice of millions of points): their own frame instead
-        warnings.warn("self-IoU: components reach outside the voxel grid of [-1, 1]^3: measured with them normalised to "
-                      "their own box instead", InputWarning, stacklevel=2)
+        warn_input("self-IoU: components reach outside the voxel grid of [-1, 1]^3: measured with them normalised to "
+                   "their own box instead")
         meshes = normalize_meshes(meshes)[0]
     occ = np.stack([voxelize_filled(m, resolution).ravel() for m in meshes]).astype(np.float32)  # (N, R^3)
     occ_t = torch.from_numpy(occ)

@@ -11,7 +11,6 @@ import json
 import numbers
 import os
 import random
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
@@ -26,7 +25,7 @@ from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_co
 from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
                              check_component_count, check_sampling_args, check_seed, check_shift,
                              resolve_dtype)
-from moca3d.errors import CheckpointError, ConfigError, InputError, InputWarning, one_line
+from moca3d.errors import CheckpointError, ConfigError, InputError, one_line, warn_input
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import component_names, components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
@@ -387,9 +386,8 @@ class MoCAPipeline:
             num = int(num) if isinstance(num, numbers.Integral) and not isinstance(num, bool) else num  # numpy's: JSON
             check_faces(faces, num, dash="")  # a scene's count is known once its masks are read
             if self.trained_components is not None and self.trained_components < num <= self.transformer.max_components:
-                warnings.warn(f"{num} {prefix}s: this model was trained on at most {self.trained_components}; beyond that its "
-                              f"{prefix}s may come out worse (up to {self.transformer.max_components} are allowed)",
-                              InputWarning, stacklevel=3)
+                warn_input(f"{num} {prefix}s: this model was trained on at most {self.trained_components}; beyond that its "
+                           f"{prefix}s may come out worse (up to {self.transformer.max_components} are allowed)")
             task = bar.add_task("sampling", total=steps)
             latents = self.generate_latents(
                 cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i), layout=layout

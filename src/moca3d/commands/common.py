@@ -6,7 +6,6 @@ import json
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -14,7 +13,7 @@ from typing import Any, Iterator, Optional
 import typer
 
 from moca3d.defaults import check_sampling_args
-from moca3d.errors import ConfigError, InputError, InputWarning, cannot_write
+from moca3d.errors import ConfigError, InputError, cannot_write, warn_input
 from moca3d.progress import on_terminal
 
 DTYPE_HELP = ("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16: the transformer's and image encoder's "
@@ -66,8 +65,8 @@ def generation_dtype(dtype: str, device: str):
 
     torch_dtype = resolve_dtype(dtype, device)
     if device == "cpu" and torch_dtype != torch.float32:
-        warnings.warn(f"--dtype {dtype} on the CPU is slower than fp32 there and its meshes are no smaller: keep fp32 "
-                      "(--dtype auto) on a CPU", InputWarning, stacklevel=2)
+        warn_input(f"--dtype {dtype} on the CPU is slower than fp32 there and its meshes are no smaller: keep fp32 "
+                   "(--dtype auto) on a CPU")
     return torch_dtype
 
 

@@ -63,7 +63,11 @@ def prepare_command(
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input, category)
-    summary = prepare(jobs, out, config, workers=workers, retry_failed=retry_failed, progress=tqdm_progress())
+    try:
+        summary = prepare(jobs, out, config, workers=workers, retry_failed=retry_failed, progress=tqdm_progress())
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the assets prepared in {out} are kept (manifest written); the same command resumes", err=True)
+        raise typer.Exit(130) from None
     typer.echo(
         f"{out}: {summary.processed} prepared, {summary.already_done} already done or reported, "
         f"{summary.skipped} skipped (see {out / 'report.jsonl'})"

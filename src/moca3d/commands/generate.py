@@ -13,7 +13,7 @@ from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HE
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
                                     resume_recipe, run_dit_training, run_vae, save_generation, shipped, tqdm_progress, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
-from moca3d.errors import ConfigError, InputError, InputWarning
+from moca3d.errors import ConfigError, InputError, InputWarning, warn_input
 from moca3d.geometry.simplify import check_faces
 
 DEFAULT_OUTPUT = Path("output.glb")
@@ -93,8 +93,8 @@ def register(app: typer.Typer) -> None:
             check_faces(faces, parts)
             dev = resolve_device(device)
             if offload and dev == "cpu":
-                warnings.warn("--offload moves weights to a GPU module by module; on the CPU it changes nothing (is --device "
-                              "cuda meant?)", InputWarning, stacklevel=2)
+                warn_input("--offload moves weights to a GPU module by module; on the CPU it changes nothing (is --device "
+                           "cuda meant?)")
             torch_dtype = generation_dtype(dtype, dev)
             adapter = object_lora(lora)
             # a bad image is refused before the (slow) model loading; a huge one decoded at a reduced scale (as the pipeline would)
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
                     continue
                 finally:
                     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, InputWarning)):
-                        warnings.warn(f"{path.name}: {message}", InputWarning, stacklevel=1)
+                        warn_input(f"{path.name}: {message}")
                     for w in caught:  # any other warning as Python would have shown it
                         if not issubclass(w.category, InputWarning):
                             warnings.showwarning(w.message, w.category, w.filename, w.lineno)

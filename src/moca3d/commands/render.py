@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from moca3d.commands.common import check_output_path, plural
-from moca3d.errors import InputError, InputWarning, cannot_write
+from moca3d.errors import InputError, cannot_write, warn_input
 
 DEFAULT_AZIMUTH_DEG = 30.0
 DEFAULT_ELEVATION_DEG = 20.0
@@ -55,8 +54,8 @@ def render_components_png(mesh_path: Path, output: Path, azimuth: float = DEFAUL
         validate_components([meshes[i] for i in solid], [names[i] for i in solid], label=mesh_path.name)
     left_out = [names[i] for i in solid if i not in shown]
     if left_out:  # e.g. a stray collapsed node of a DCC export: the preview shows the rest
-        warnings.warn(f"{mesh_path.name}: {len(left_out)} component(s) with zero area or non-finite vertices left out of the "
-                      f"picture: {', '.join(left_out)}", InputWarning, stacklevel=2)
+        warn_input(f"{mesh_path.name}: {len(left_out)} component(s) with zero area or non-finite vertices left out of the "
+                   f"picture: {', '.join(left_out)}")
     parts = [meshes[i] for i in shown]
     colors = np.stack([c if (c := main_color(meshes[i])) is not None else fallback[i] for i in shown])
     parts, _ = normalize_meshes(parts)  # a preview is the same at any scale; far from the origin float32 rays are not

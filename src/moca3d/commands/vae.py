@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ import typer
 from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, shipped, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
                                    resume_recipe, tqdm_progress, training_stops, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
-from moca3d.errors import ConfigError, InputError, InputWarning
+from moca3d.errors import ConfigError, InputError, warn_input
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
 # (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
@@ -175,8 +174,8 @@ def register(app: typer.Typer) -> None:
         check_faces(faces, sum(1 for part in parts if len(part.faces)))  # what is decoded (and simplified), before minutes of it
         opened = open_components(parts, names)
         if opened:  # as prepare says: the VAE reads a closed surface's samples
-            warnings.warn(f"{mesh.name}: open (not watertight) components {', '.join(opened)}: they may come back hollow or "
-                          "ragged (the VAE learned closed surfaces)", InputWarning, stacklevel=2)
+            warn_input(f"{mesh.name}: open (not watertight) components {', '.join(opened)}: they may come back hollow or "
+                       "ragged (the VAE learned closed surfaces)")
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)

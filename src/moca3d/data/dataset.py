@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moca3d.errors import ConfigError, InputError, InputWarning, one_line
+from moca3d.errors import ConfigError, InputError, one_line, warn_input
 
 SPLITS = ("train", "val", "test")
 OBJECT_CACHE, SCENE_CACHE = "moca3d-latent-cache", "moca3d-scene-latent-cache"  # a latent cache's metadata "kind"
@@ -169,8 +168,8 @@ def load_cached_latents(path: str | Path) -> tuple[torch.Tensor, dict[str, Optio
 def report_missing_latents(missing: list[str], root: str | Path, split: str) -> None:
     """Warn (one line) that assets of a split are left out for lack of cached latents."""
     if missing:
-        warnings.warn(f"{root}: {len(missing)} '{split}' assets have no cached latents and are left out (first: {missing[0]}); "
-                      "`moca3d encode-dataset` includes them", InputWarning, stacklevel=2)
+        warn_input(f"{root}: {len(missing)} '{split}' assets have no cached latents and are left out (first: {missing[0]}); "
+                   "`moca3d encode-dataset` includes them")
 
 
 PARTS_OPTION = ("max_components", "raise the recipe's max_components to train on them")  # report_too_many_parts' default
@@ -197,7 +196,7 @@ def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, what
     option, remedy = _parts_option.get()
     hint = f"{len(too_many)} {what} have more than {option} {max_components} parts (first: {too_many[0]}): {remedy}"
     if kept:
-        warnings.warn(f"{root}: {hint}; they are left out", InputWarning, stacklevel=2)
+        warn_input(f"{root}: {hint}; they are left out")
     return f"; {hint}"
 
 

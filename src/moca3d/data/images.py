@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
-from moca3d.errors import InputError, InputWarning
+from moca3d.errors import InputError, InputWarning, warn_input
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -129,7 +129,7 @@ def load_image(image: ImageLike, max_side: int | None = None) -> Image.Image:
                     im.draft(im.mode, (math.ceil(im.size[0] * ratio), math.ceil(im.size[1] * ratio)))
                 im.load()
                 if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":  # an animation (a phone's MPO JPEG: a preview)
-                    warnings.warn(f"{path.name} holds {im.n_frames} frames: the first one is used", InputWarning, stacklevel=2)
+                    warn_input(f"{path.name} holds {im.n_frames} frames: the first one is used")
                 im = ImageOps.exif_transpose(im)  # a copy, upright as a viewer shows it (phones store rotated pixels)
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
@@ -268,11 +268,11 @@ def preprocess_image(image: ImageLike, size: int, padding: float = 0.1, box=None
         refuse_flat(rgb8, "no object")
         rgb8 = picture
         if alpha is None and background is None:
-            warnings.warn(BACKGROUND_WARNING, InputWarning, stacklevel=2)
+            warn_input(BACKGROUND_WARNING)
         span = max(box[2] - box[0], box[3] - box[1])
         if span * (1 + 2 * padding) * MAX_ENLARGEMENT < size:
-            warnings.warn(f"the object spans only {span} px: the model sees it enlarged to {size} px, a blur; a larger "
-                          "picture of it does better", InputWarning, stacklevel=2)
+            warn_input(f"the object spans only {span} px: the model sees it enlarged to {size} px, a blur; a larger "
+                       "picture of it does better")
     else:
         x0, y0, x1, y1 = box
         if foreground_box(rgb8[y0:y1, x0:x1], None if alpha is None else alpha[y0:y1, x0:x1]) is None:

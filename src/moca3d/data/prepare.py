@@ -20,8 +20,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +34,7 @@ import trimesh
 from moca3d.data.partnet import HIERARCHIES, MAX_LEVEL, is_partnet, load_partnet
 from moca3d.data.partnet import category as partnet_category
 from moca3d.data.procedural import check_scene_objects
-from moca3d.errors import ConfigError, InputError, InputWarning, one_line
+from moca3d.errors import ConfigError, InputError, InputWarning, one_line, warn_input
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
     MESH_EXTENSIONS,
@@ -203,8 +206,8 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
     for stem, indices in by_stem.items():  # thing.glb and thing.obj: one asset in two formats, trained on (or held out) twice?
         if len(indices) > 1:
             named = ", ".join(f"{Path(jobs[i].source).name} (id '{jobs[i].id}')" for i in indices)
-            warnings.warn(f"{folder}: {named} share the name '{stem}' and become {len(indices)} assets; if they are one "
-                          "asset in several formats, keep one file", InputWarning, stacklevel=2)
+            warn_input(f"{folder}: {named} share the name '{stem}' and become {len(indices)} assets; if they are one "
+                       "asset in several formats, keep one file")
     return jobs
 
 
@@ -664,5 +667,21 @@ def _results(todo: list[Job], root: Path, config: PrepareConfig, workers: int):
         return
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+    with _workers_ignore_sigint():  # Ctrl+C reaches the whole process group: the parent alone answers it
+        pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+    with pool:
         yield from pool.imap_unordered(_run_job_star, [(job, root, config) for job in todo], chunksize=1)
+
+
+@contextmanager
+def _workers_ignore_sigint():
+    """SIGINT ignored while worker processes start, so they inherit that (an ignored signal stays ignored across
+    exec): a Ctrl+C then ends the parent, which terminates them, instead of a traceback from every worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

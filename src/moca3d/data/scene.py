@@ -42,7 +42,8 @@ from PIL import ExifTags, Image, ImageOps
 from moca3d.data.dataset import (SCENE_CACHE, check_latent_lengths, common_encoder, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
                                  report_missing_latents, report_too_many_parts, save_latent_cache)
 from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, readable, rgb_on_white
-from moca3d.errors import ConfigError, InputError, InputWarning
+from moca3d.errors import ConfigError, InputError, InputWarning, warn_input
+from moca3d.geometry.mesh_io import component_names
 
 SCENE_PADDING = 0.1  # crop margin around the union of the masks, as a fraction of its size
 MAX_HIDDEN_SHARE = 0.5  # warn when later masks cover more than this share of a mask
@@ -115,8 +116,8 @@ def warn_exif_turn(image: ImageLike) -> None:
             orientation, (w, h) = im.getexif().get(ExifTags.Base.Orientation, 1), im.size
     if orientation not in EXIF_TURNS or (orientation not in SIDE_KEEPING_TURNS and w != h):
         return
-    warnings.warn(f"scene image {path.name} is read {EXIF_TURNS[orientation]} by its EXIF orientation (as viewers show it): "
-                  "its masks must match the turned image, not its stored pixels", InputWarning, stacklevel=2)
+    warn_input(f"scene image {path.name} is read {EXIF_TURNS[orientation]} by its EXIF orientation (as viewers show it): "
+               "its masks must match the turned image, not its stored pixels")
 
 
 def _read_gray(path: Path, binary: bool = False) -> np.ndarray:
@@ -369,15 +370,15 @@ def check_masks(masks: np.ndarray, image_size: tuple[int, int] | None = None, ma
     hidden = np.flatnonzero(kept < 1 - MAX_HIDDEN_SHARE)
     if len(hidden):  # later masks win overlaps (documented); most of one lost is likely a mistake in the masks
         i = hidden[0]
-        warnings.warn(f"mask {label(i)} keeps {kept[i]:.0%} of its pixels: later masks cover the rest (overlaps go to the later "
-                      f"mask; {len(hidden)} mask(s) keep under {1 - MAX_HIDDEN_SHARE:.0%})", InputWarning, stacklevel=3)
+        warn_input(f"mask {label(i)} keeps {kept[i]:.0%} of its pixels: later masks cover the rest (overlaps go to the later "
+                   f"mask; {len(hidden)} mask(s) keep under {1 - MAX_HIDDEN_SHARE:.0%})")
     pixels = stage.sum(axis=(1, 2))  # (N,) what each instance keeps
     tiny = np.flatnonzero(pixels < TINY_MASK_PIXELS)
     if len(tiny):  # used as it is (an occluded instance gets that small), but its mesh rests on a speck
         i, count = tiny[0], int(pixels[tiny[0]])
-        warnings.warn(f"mask {label(i)} (instance_{i:02d}) covers only {count} pixel{'s' * (count != 1)}: a stray id left by "
-                      f"anti-aliasing or a near-empty mask? remove it if it is no instance ({len(tiny)} mask(s) under "
-                      f"{TINY_MASK_PIXELS} pixels)", InputWarning, stacklevel=3)
+        warn_input(f"mask {label(i)} ({component_names('instance', n)[i]}) covers only {count} pixel{'s' * (count != 1)}: a stray id left by "
+                   f"anti-aliasing or a near-empty mask? remove it if it is no instance ({len(tiny)} mask(s) under "
+                   f"{TINY_MASK_PIXELS} pixels)")
     return stage
 
 

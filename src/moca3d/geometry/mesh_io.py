@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import trimesh
 
 from moca3d.defaults import MESH_EXTENSIONS  # noqa: F401  (the formats read here; defaults: without trimesh's import)
-from moca3d.errors import InputError, InputWarning, cannot_write, one_line
+from moca3d.errors import InputError, cannot_write, one_line, warn_input
 
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
 MIN_COMPONENT_AREA = 1e-12  # relative to the squared asset extent; below this a component is empty
@@ -224,8 +223,8 @@ def _scene_components(scene: trimesh.Scene, source: str = "the file") -> tuple[l
         meshes.append(mesh)
         names.append(str(node))
     if left_out and meshes:
-        warnings.warn(f"{source}: {len(left_out)} part(s) are points or lines, not surfaces, and are left out "
-                      f"(first: '{left_out[0]}')", InputWarning, stacklevel=3)
+        warn_input(f"{source}: {len(left_out)} part(s) are points or lines, not surfaces, and are left out "
+                   f"(first: '{left_out[0]}')")
     return meshes, names
 
 
@@ -465,9 +464,8 @@ def component_source(path: str | Path) -> Path:
         if nested:
             files_are = "1 mesh file in its sub-folders is" if len(nested) == 1 else \
                 f"{len(nested)} mesh files in its sub-folders are"
-            warnings.warn(f"{path.name}: {files_are} not read, the parts are the files directly in it (move them up to "
-                          f"keep them): {', '.join(nested[:NAMED_FILES])}{', ...' if len(nested) > NAMED_FILES else ''}",
-                          InputWarning, stacklevel=3)
+            warn_input(f"{path.name}: {files_are} not read, the parts are the files directly in it (move them up to "
+                       f"keep them): {', '.join(nested[:NAMED_FILES])}{', ...' if len(nested) > NAMED_FILES else ''}")
         if len(files) == 1:
             return files[0]
     return path

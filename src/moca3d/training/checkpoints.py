@@ -27,7 +27,6 @@ import re
 import shutil
 import socket
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -38,7 +37,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moca3d.errors import CheckpointError, ConfigError, InputWarning
+from moca3d.errors import CheckpointError, ConfigError, warn_input
 
 CHECKPOINT_DIR = "checkpoints"
 STEP_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -407,8 +406,8 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     broken = sorted(p.name for p in root.iterdir() if (m := STEP_PATTERN.match(p.name)) and int(m.group(1)) > newest
                     and not (p / "state.json").is_file()) if root.is_dir() else []
     if broken:
-        warnings.warn(f"{root}: {', '.join(broken)} left out (no state.json: incomplete or damaged); "
-                      f"{'resuming from ' + found[-1].name if found else 'no complete checkpoint'}", InputWarning, stacklevel=2)
+        warn_input(f"{root}: {', '.join(broken)} left out (no state.json: incomplete or damaged); "
+                   f"{'resuming from ' + found[-1].name if found else 'no complete checkpoint'}")
     return found[-1] if found else None
 
 

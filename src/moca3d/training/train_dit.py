@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -38,7 +37,7 @@ from moca3d.data.dataset import (OBJECT_CACHE, check_latent_encoder, check_laten
 from moca3d.data.images import load_image, preprocess_image
 from moca3d.data.scene import conditions_layout
 from moca3d.defaults import TRAINED_KEY
-from moca3d.errors import ConfigError, InputError, InputWarning
+from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.evaluation import evaluate_pipeline, select_records
 from moca3d.models.dino import CROP_SIZE, is_dino, is_dino_folder, load_image_encoder
 from moca3d.models.image_encoder import (SCENE_CHANNELS, WIDEN_INITS, ImageEncoder, add_encoder_lora, encode_views,
@@ -516,8 +515,8 @@ def train(
     if ckpt is not None and (out / "train_config.json").is_file():
         record_resume = check_resume(out / "train_config.json", cfg, accelerator.print)
     if cfg.steps < cfg.warmup_steps and not export_only and accelerator.is_main_process:  # e.g. a trial run with --steps
-        warnings.warn(f"warmup_steps {cfg.warmup_steps} > steps {cfg.steps}: the learning rate never reaches lr {cfg.lr:g} "
-                      "(lower warmup_steps in the recipe)", InputWarning, stacklevel=2)
+        warn_input(f"warmup_steps {cfg.warmup_steps} > steps {cfg.steps}: the learning rate never reaches lr {cfg.lr:g} "
+                   "(lower warmup_steps in the recipe)")
     scene = cfg.condition == "scene"
     if scene:
         from moca3d.data.scene import SceneLatentDataset
