@@ -380,6 +380,20 @@ def test_blocksparse_with_unaligned_lengths_and_small_blocks():
         torch.testing.assert_close(m(x, 5, routing=routing), expected, atol=ATOL, rtol=0)
 
 
+def test_blocksparse_on_cpu_says_nothing_of_compiling(monkeypatch):
+    """Eager flex_attention is the CPU's path on purpose: torch's multi-line advice to compile it is not shown."""
+    import warnings
+
+    import torch.nn.attention.flex_attention as flex
+
+    monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set(), raising=False)  # torch says it once a process
+    m = make_module(backend="blocksparse")
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        m(make_inputs(), 4)
+    assert not [str(w.message) for w in caught if "flex_attention" in str(w.message)]
+
+
 def test_blocksparse_refuses_cpu_backward_with_clear_error():
     m = make_module(backend="blocksparse").train()
     x = make_inputs(requires_grad=True)

@@ -14,6 +14,7 @@ Anchor query blocks hold up to `bs` components and are evaluated with the exact 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -43,9 +44,17 @@ def default_block_size(latent_len: int, num_compressed: int, device: torch.devic
     return bs
 
 
+def _eager_flex(*args, **kwargs) -> torch.Tensor:
+    """flex_attention unfused (differentiable on the CPU; chosen on purpose), without torch's multi-line advice to compile."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
+        return flex_attention(*args, **kwargs)
+
+
 def _flex(compiled: bool):
+    """flex_attention, compiled once (CUDA) or eager."""
     if not compiled:
-        return flex_attention
+        return _eager_flex
     if "fn" not in _COMPILED:
         _COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["fn"]
