@@ -6,13 +6,17 @@ The object case is the README's `moca3d generate examples/chair.png --parts 8` (
 the scene case `moca3d generate-scene examples/scene4.png --masks examples/scene4_masks.png` (built-in
 scene model); `--cases scene32` times the 32-instance example (examples/scene32.png). All at the CLI's
 defaults (50 steps, 128^3 per component). Each repeat loads the model again, as the command does; the
-table gives medians over the repeats (the machine is shared: read them as typical, not as bounds). Import time of torch and moca3d is not counted.
+table gives medians over the repeats (the machine is shared: read them as typical, not as bounds). Import time of torch
+and moca3d is not counted in the stages; `--command` also times the whole command in a new process each repeat (its
+wall time, Python start-up and imports included: what a user waits for), as the `command` column.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +64,20 @@ def time_case(kind: str, steps: int, resolution: int, out: Path) -> dict:
     return {"components": num, "non_empty": non_empty, **times}
 
 
+def time_command(kind: str, steps: int, resolution: int, out: Path) -> float:
+    """Wall seconds of the CLI command of `kind` in a new Python process, start-up and imports included."""
+    if kind == "object":
+        args = ["generate", str(ROOT / "examples" / "chair.png"), "--parts", "8"]
+    else:
+        name = SCENES[kind]
+        args = ["generate-scene", str(ROOT / "examples" / f"{name}.png"), "--masks", str(ROOT / "examples" / f"{name}_masks.png")]
+    command = [sys.executable, "-m", "moca3d", *args, "--steps", str(steps), "--resolution", str(resolution),
+               "--device", "cpu", "-o", str(out)]
+    t = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=positive_int, default=3, help="generations per case (medians reported)")
@@ -67,6 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--resolution", type=int, default=128, help="marching-cubes resolution per component (the CLI's default: 128)")
     parser.add_argument("--cases", nargs="+", default=["object", "scene"], choices=["object", *SCENES],
                         help="object: examples/chair.png, 8 parts; scene: examples/scene4.png; scene32: examples/scene32.png")
+    parser.add_argument("--command", action="store_true", help="also time the whole CLI command in a new process (wall time)")
     parser.add_argument("--json", default=None, help="write the runs and medians here")
     args = parser.parse_args(argv)
     check_resolution(args.resolution)
@@ -76,12 +95,15 @@ def main(argv=None) -> None:
         for r in range(args.repeats):  # interleaved, so drifts of a shared machine hit both cases alike
             for case in args.cases:
                 runs[case].append(time_case(case, args.steps, args.resolution, Path(tmp) / f"{case}.glb"))
+                if args.command:
+                    runs[case][-1]["command"] = time_command(case, args.steps, args.resolution, Path(tmp) / f"{case}_cli.glb")
+    stages = STAGES + (("command",) if args.command else ())
     records = []
     for case, rows in runs.items():
-        med = {s: statistics.median(r[s] for r in rows) for s in STAGES}
+        med = {s: statistics.median(r[s] for r in rows) for s in stages}
         records.append({"case": case, "components": rows[0]["components"], "non_empty": rows[0]["non_empty"], **med})
     print_table(records, [("case", "case", "{}"), ("N", "components", "{}"), ("non-empty", "non_empty", "{}")]
-                + [(f"{s} s", s, "{:.2f}") for s in STAGES])
+                + [(f"{s} s", s, "{:.2f}") for s in stages])
     if args.json:
         write_json(args.json, {
             "env": f"torch {torch.__version__}, {torch.get_num_threads()} threads", "steps": args.steps,

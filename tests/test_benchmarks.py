@@ -59,6 +59,16 @@ def test_generate_time_benchmark_times_every_stage_of_both_built_in_models(tmp_p
         assert all(s >= 0 for s in stages) and r["total"] >= sum(stages)
 
 
+def test_generate_time_benchmark_times_the_whole_command_too(tmp_path):
+    """--command: the CLI command in a new process each repeat, its wall time (start-up and imports included) beside
+    the in-process stages, which it exceeds."""
+    out = tmp_path / "generate_time.json"
+    load("generate_time").main(["--repeats", "1", "--steps", "2", "--resolution", "16", "--cases", "object", "--command",
+                                "--json", str(out)])
+    (row,) = json.loads(out.read_text())["median"]
+    assert row["command"] > row["sample"] + row["extract"]
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_simplify_benchmark_decimates_each_generation_under_each_budget(tmp_path):
     out = tmp_path / "simplify.json"

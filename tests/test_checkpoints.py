@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,36 @@ def test_keep_last_and_missing_checkpoint(tmp_path):
         ck.load_checkpoint(tmp_path / "nowhere", model)
     with pytest.raises(CheckpointError):
         ck.load_checkpoint(ck.latest_checkpoint(tmp_path), nn.Linear(3, 3))
+
+
+def test_a_removal_cut_by_a_kill_is_cleared_by_the_next_save(tmp_path, monkeypatch):
+    """Old checkpoints are removed file by file: a kill midway left a step folder without state.json, which no later
+    save removed (it is no complete checkpoint), gigabytes each. Such older debris goes at the next save, and a removal
+    renames the folder out of the step names first."""
+    model = make_model()
+    for step in (1, 2):
+        ck.save_checkpoint(tmp_path, step, model, keep_last=1)
+    debris = ck.checkpoint_dir(tmp_path, 1)  # as a kill during its removal left it
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"partial")
+    removed = []
+    monkeypatch.setattr(ck.shutil, "rmtree", lambda path, ignore_errors=False: removed.append(Path(path).name))
+    ck.save_checkpoint(tmp_path, 3, model, keep_last=1)
+    assert ".step_00000001.tmp" in removed and ".step_00000002.tmp" in removed  # renamed first, then deleted
+    monkeypatch.undo()
+    ck.save_checkpoint(tmp_path, 4, model, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / ck.CHECKPOINT_DIR).iterdir()) == ["step_00000004"]
+
+
+def test_saved_model_weights_are_readable_by_others(tmp_path):
+    """diffusers wrote diffusion_pytorch_model.safetensors 0600 (a temporary file's mode) beside a 0644 config.json."""
+    import os
+
+    from moca3d.models.vae import VecSetVAE
+
+    VecSetVAE().save_pretrained(tmp_path / "vae")  # the defaults: small
+    assert {p.name: oct(os.stat(p).st_mode & 0o777) for p in (tmp_path / "vae").iterdir()} == {
+        "config.json": "0o644", "diffusion_pytorch_model.safetensors": "0o644"}
 
 
 def test_a_checkpoint_of_another_model_names_what_does_not_fit(tmp_path):

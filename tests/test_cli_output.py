@@ -46,7 +46,7 @@ def test_tqdm_bars_are_left_out_where_stderr_is_no_terminal(tmp_path, monkeypatc
     assert result.stderr == "", result.stderr
     assert re.search(r"seconds per scene: \d+\.\d\d\n", result.stdout) and "1 scene of 'test' with 2-32 instances" in result.stdout
     assert "(1 instance, 0% empty)" in result.stdout  # the scene's two objects, of two categories
-    monkeypatch.setattr("moca3d.commands.common.on_terminal", lambda stream=None: True)  # a terminal: the bar is drawn
+    monkeypatch.setattr("moca3d.progress.on_terminal", lambda stream=None: True)  # a terminal: the bar is drawn
     assert "evaluate test" in runner.invoke(app, ["evaluate-model", *base]).stderr
 
 

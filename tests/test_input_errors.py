@@ -539,6 +539,12 @@ def test_a_run_or_pipeline_folder_given_whole_points_to_its_model(object_pipelin
     for folder in (run / "pipeline", run):
         with pytest.raises(InputError, match=f"not a VAE folder, config.json missing .its VAE is {run / 'pipeline' / 'vae'}"):
             load_vae_folder(folder)
+    from moca3d.defaults import ADAPTER_CONFIG
+
+    (tmp_path / "lora").mkdir()  # an adapter folder given as the model
+    (tmp_path / "lora" / ADAPTER_CONFIG).write_text("{}")
+    with pytest.raises(CheckpointError, match="model_index.json missing .a LoRA adapter: give it as the adapter, --lora or lora="):
+        MoCAPipeline.from_pretrained(tmp_path / "lora")
 
 
 @pytest.mark.parametrize("args", [["generate", "nope.png"], ["generate-scene", "nope.png", "--masks", "nope_masks.png"]])

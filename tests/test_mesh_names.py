@@ -152,7 +152,7 @@ def test_reconstruct_keeps_the_input_order_when_names_are_made_unique_around_an_
 def test_reconstruct_shows_its_progress_bar_only_on_a_terminal(identity_vae, tmp_path, monkeypatch):
     """The decoding bar was drawn into pipes and log files, where the other verbs show none; it is tqdm's, on stderr,
     so stderr is the stream that decides (stdout was checked: `reconstruct ... 2> log` filled the log with it)."""
-    import moca3d.commands.common as common
+    import moca3d.progress as progress
     from moca3d.progress import on_terminal
 
     save_components(tmp_path / "in.glb", boxes(2), ["a", "b"])
@@ -162,7 +162,7 @@ def test_reconstruct_shows_its_progress_bar_only_on_a_terminal(identity_vae, tmp
         assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0
     assert [extract.progress for extract in identity_vae] == [False, True]
     checked = []
-    monkeypatch.setattr(common, "on_terminal", lambda stream=None: checked.append(stream is sys.stderr) or on_terminal(stream))
+    monkeypatch.setattr(progress, "on_terminal", lambda stream=None: checked.append(stream is sys.stderr) or on_terminal(stream))
     assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0
     assert checked == [True]
 

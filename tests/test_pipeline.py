@@ -1,6 +1,7 @@
 """End to end on tiny models: prepare -> encode latents -> train the DiT (resume) -> export -> generate."""
 
 import json
+import re
 import math
 import os
 import shutil
@@ -366,6 +367,81 @@ def test_train_cli_cache_attention_mode_and_time_limit(dataset, tmp_path):
     assert "trained 1 step " in res.output
     pipe = MoCAPipeline.from_pretrained(tmp_path / "none" / "pipeline")
     assert pipe.transformer.config.attention_mode == "none"
+
+
+def test_training_from_a_cache_leaves_validation_out_with_a_warning(dataset, tmp_path):
+    """A recipe that validates (configs/dit_small.json: every 1 000 steps) trains from a latent cache, which holds no val
+    split, without validation and says so (it was refused: the README's dense-baseline command failed as written)."""
+    from moca3d.errors import InputWarning
+
+    root, vae_dir = dataset
+    cache = LatentDataset(root, "train", 32).save_cache(tmp_path / "cache.safetensors")
+    with pytest.warns(InputWarning, match=r"^validate_every 1: validation reads the dataset folder's val split, which a latent cache"):
+        result = train(cache, tmp_path / "run", tiny_recipe(steps=2, validate_every=1), vae_dir=vae_dir, device="cpu",
+                       progress=False)
+    assert result["steps"] == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log and all("loss" in row for row in log)  # no validation rows
+
+
+def test_train_cli_in_a_log_file_prints_progress_lines(dataset, tmp_path, monkeypatch):
+    """Off a terminal (a log file, a pipe: CliRunner's streams) `moca3d train` prints plain progress lines on stderr (it
+    printed nothing until the end: hours of silence in a job's log), and no bar."""
+    from moca3d import progress
+    from moca3d.cli import app
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    root, vae_dir = dataset
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe(steps=2).to_dict()))
+    res = CliRunner().invoke(app, ["train", str(root), "--config", str(recipe), "--vae", str(vae_dir), "--device", "cpu",
+                                   "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stderr.splitlines() if line.startswith("train: ")]
+    assert [line.split(",")[0] for line in lines] == ["train: 1/2 steps", "train: 2/2 steps"], res.stderr
+    assert "━" not in res.output  # no rich bar
+
+
+def test_fine_tuning_from_a_cache_of_another_image_size_is_refused_with_the_remedy(dataset, tmp_path):
+    """A cache written at 48 px for a pipeline whose encoder takes 32 px (init_from): refused before training with the
+    cache-latents command that fits (it failed at the first batch: "images must be (B, 3, 32, 32), got (2, 3, 48, 48)")."""
+    root, vae_dir = dataset
+    train(root, tmp_path / "base", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    cache = LatentDataset(root, "train", 48).save_cache(tmp_path / "cache48.safetensors")
+    with pytest.raises(ConfigError, match=r"cached images are 48 px, the encoder takes 32 \(`moca3d cache-latents --image-size 32`"):
+        train(cache, tmp_path / "ft", tiny_recipe(steps=1, init_from=str(tmp_path / "base" / "pipeline")), device="cpu",
+              progress=False)
+
+
+def test_training_on_cuda_without_it_is_refused():
+    """device="cuda" on a machine without CUDA trained on the CPU in bf16 (a torch dtype warning, 20x slower steps)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=r"^device 'cuda' requested but CUDA is not available$"):
+        train("unused", "unused", tiny_recipe(steps=1), device="cuda", progress=False)
+
+
+def test_weights_missing_a_tensor_or_stored_as_integers_are_refused(dataset, tmp_path):
+    """A transformer file missing one tensor died in a torch traceback ("Tensor.item() cannot be called on meta
+    tensors"); one stored as int32 (its values truncated) loaded silently. Both are one-line CheckpointErrors now."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, vae_dir = dataset
+    train(root, tmp_path / "run", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    good = tmp_path / "run" / "pipeline"
+    (weights,) = (good / "transformer").glob("*.safetensors")
+    tensors = load_file(weights)
+    name = sorted(k for k in tensors if k.endswith("to_k.weight"))[0]
+    for case, changed in (("missing", {k: v for k, v in tensors.items() if k != name}),
+                          ("integers", {**tensors, name: tensors[name].to(torch.int32)})):
+        bad = tmp_path / case
+        shutil.copytree(good, bad)
+        save_file(changed, str(bad / "transformer" / weights.name))
+        message = f"tensor '{name}' is missing from the weights" if case == "missing" else f"tensor '{name}' is stored as I32, not floating point"
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            MoCAPipeline.from_pretrained(bad)
 
 
 def test_nan_weights_are_refused(dataset, tmp_path):

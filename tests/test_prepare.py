@@ -192,8 +192,8 @@ def test_every_source_gets_its_own_asset_and_open_parts_are_reported(tmp_path):
     src.mkdir()
     box = trimesh.creation.box()
     names = ["椅子", "桌子", "ランプ", "a b", "a_b"]
-    for name in names:
-        box.export(src / f"{name}.obj")
+    for i, name in enumerate(names):  # each its own shape: a copy of another file is left out (`resume_jobs`)
+        box.copy().apply_scale(1 + 0.1 * i).export(src / f"{name}.obj")
     plane = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], [[0, 1, 2], [0, 2, 3]], process=False)
     save_glb(src / "open.glb", [box, plane.apply_translation([2, 0, 0])], ["box", "plane"])
     jobs = prep.folder_jobs(src)

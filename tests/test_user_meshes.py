@@ -193,8 +193,8 @@ def test_a_rerun_prepares_a_file_added_beside_a_namesake_once_and_nothing_twice(
     src = tmp_path / "meshes"
     src.mkdir()
     two_boxes = trimesh.util.concatenate([trimesh.creation.box(), trimesh.creation.box().apply_translation([2, 0, 0])])
-    for name in ("a.ply", "b.ply"):
-        two_boxes.export(src / name)
+    for scale, name in ((1.0, "a.ply"), (1.5, "b.ply")):  # two shapes: a copy of a file is left out (`resume_jobs`)
+        two_boxes.copy().apply_scale(scale).export(src / name)
     args = ["prepare", str(src), "-o", str(tmp_path / "data"), "--num-surface", "128", "--num-queries", "96",
             "--image-size", "48", "--val-fraction", "0", "--test-fraction", "0"]
     first = CliRunner().invoke(app, args)
@@ -251,6 +251,29 @@ def test_prepare_category_labels_file_assets_and_keeps_same_named_files_apart(tm
     assert sorted((r["id"], r["category"]) for r in records) == [("chair_a", "chair"), ("table_a", "table")]
     bad = CliRunner().invoke(app, ["prepare", str(tmp_path / "chair"), "-o", str(tmp_path / "other"), "--category", " "])
     assert isinstance(bad.exception, ConfigError) and "--category must be a printable, non-empty label" in str(bad.exception)
+
+
+def test_prepare_leaves_out_copies_of_prepared_assets(tmp_path):
+    """The same folder prepared again under another --category (or a copy of a file under another name) made a second
+    asset of the same mesh, which could land in train while its twin sat in test; both are left out now, and said."""
+    (tmp_path / "chairs").mkdir()
+    box = trimesh.creation.box()
+    save_glb(tmp_path / "chairs" / "a.glb", [box, box.copy().apply_translation([2, 0, 0])], ["p", "q"])
+    sphere = trimesh.creation.icosphere()
+    save_glb(tmp_path / "chairs" / "b.glb", [sphere, sphere.copy().apply_translation([2, 0, 0])], ["p", "q"])
+    options = ["-o", str(tmp_path / "data"), "--num-surface", "128", "--num-queries", "96", "--image-size", "48"]
+    first = CliRunner().invoke(app, ["prepare", str(tmp_path / "chairs"), "--category", "chair", *options])
+    assert first.exit_code == 0 and "2 prepared" in first.output, first.output
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "copy_of_a.glb").write_bytes((tmp_path / "chairs" / "a.glb").read_bytes())
+    again = CliRunner().invoke(app, ["prepare", str(tmp_path / "chairs"), "--category", "seating", *options])
+    assert again.exit_code == 0, again.output
+    assert f"left out {tmp_path / 'chairs' / 'a.glb'}: already prepared as asset 'chair_a' (category 'chair')" in again.output
+    assert "0 prepared, 0 already done or reported" in again.output and "2 left out as copies of assets" in again.output
+    copy = CliRunner().invoke(app, ["prepare", str(tmp_path / "more"), "--category", "chair", *options])
+    assert "the same content as asset 'chair_a'" in copy.output and "1 left out as copies" in copy.output
+    records = [json.loads(line) for line in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["chair_a", "chair_b"]
 
 
 def test_obj_object_names_of_unicode_spaces_are_told_alike(tmp_path):

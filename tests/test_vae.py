@@ -961,5 +961,32 @@ def test_train_vae_no_validate_skips_the_final_reconstruction(dataset, tmp_path,
     result = CliRunner().invoke(app, ["train-vae", str(dataset), "-o", str(tmp_path / "run"), "--config",
                                       str(tmp_path / "recipe.json"), "--no-validate", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "trained 2 steps" in result.output and "val " not in result.output and "train-vae:" not in result.output
+    assert "trained 2 steps" in result.output and "  val " not in result.output  # the final reconstruction's lines
+    assert "train-vae:" not in result.stderr  # no progress line in 2 quick steps
     assert (tmp_path / "run" / "vae" / "config.json").is_file()
+
+
+def test_train_vae_refuses_a_live_run_before_touching_its_files(dataset, tmp_path):
+    """A second train-vae in a folder another live process trains loaded its checkpoint and cut the live run's log
+    back to that checkpoint (steps lost from log.jsonl) before refusing; now it refuses first, as train does."""
+    import socket
+    import subprocess
+    import sys
+
+    from moca3d.training.checkpoints import RUN_LOCK
+    from moca3d.training.train_vae import train_vae
+
+    run = tmp_path / "run"
+    train_vae(dataset, run, tiny_train_config(steps=2), device="cpu", progress=False, validate_at_end=False)
+    with open(run / "log.jsonl", "a") as log:  # the live job's steps after its newest checkpoint
+        log.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    before = (run / "log.jsonl").read_bytes()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / RUN_LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(ConfigError, match=f"being trained by process {other.pid} on this machine"):
+            train_vae(dataset, run, tiny_train_config(steps=4), resume=True, device="cpu", progress=False)
+    finally:
+        other.kill()
+        other.wait()
+    assert (run / "log.jsonl").read_bytes() == before

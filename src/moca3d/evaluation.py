@@ -13,6 +13,7 @@ from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.geometry.mesh_io import load_components
 from moca3d.metrics import MetricsConfig, evaluate_scene, object_metrics, protocol  # object_metrics: re-exported
+from moca3d.progress import Show, progress_bar
 
 
 def select_records(root, split: str, count: Optional[int], low: int, high: int, kind: Optional[str] = None) -> list[dict]:
@@ -39,13 +40,9 @@ def check_model_fits(pipe, records: list[dict], root, flag: str) -> None:
                           f"limit of {limit} (the most: {most['id']}, {most['num_components']}): lower {flag} to {limit}")
 
 
-def with_progress(items: list, desc: str, show: bool):
-    """`items`, wrapped in a tqdm bar when `show`."""
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc)
+def with_progress(items: list, desc: str, show: Show):
+    """`items`, wrapped in a bar or progress lines (`show`: moca3d.progress)."""
+    return progress_bar(items, show=show, desc=desc) if show else items
 
 
 def category_of(name: str) -> str:
@@ -156,7 +153,7 @@ def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: O
 def evaluate_pipeline(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = GUIDANCE,
     resolution: int = 128, seed: int = 0, min_parts: int = 1, max_parts: int = 32, metric_points: int = 20000,
-    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
+    progress: Show = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
     frame: str = "each", save: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Mean and per-asset metrics of `pipe` on up to `count` assets of `split` (the GT part count is used).
@@ -234,7 +231,7 @@ INSTANCE_KEYS = ("fscore@0.1", "fscore@0.05", "empty")  # per category: mean F-s
 def evaluate_scenes(
     pipe, root: str | Path, split: str = "test", count: Optional[int] = None, steps: int = STEPS, guidance: float = SCENE_GUIDANCE,
     resolution: int = 128, seed: int = 0, min_instances: int = 2, max_instances: int = 32, metric_points: int = 20000,
-    progress: bool = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
+    progress: Show = True, reconstruct: bool = False, shift: Optional[float] = None, predictions: Optional[Path] = None,
     frame: str = "each", save: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Generate each prepared scene of `split` from render.png + mask.png and compare with its instances (`frame` and

@@ -22,7 +22,7 @@ import trimesh
 from moca3d import flow
 from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
 from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions, warn_exif_turn
-from moca3d.defaults import (DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
+from moca3d.defaults import (ADAPTER_CONFIG, DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
                              check_component_count, check_sampling_args, check_seed, check_shift,
                              resolve_dtype)
 from moca3d.errors import CheckpointError, ConfigError, InputError, one_line, warn_input
@@ -79,7 +79,21 @@ class MoCAOutput:
 
 
 def _check_finite(model: torch.nn.Module, where: Path) -> None:
-    for name, tensor in model.state_dict().items():
+    """Every weight of `model` (loaded from the folder `where`) present, stored as floating point and finite; a one-line
+    CheckpointError naming the first that is not."""
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_meta:  # diffusers leaves a tensor missing from the file uninitialised, on the meta device
+            raise CheckpointError(f"{where}: tensor '{name}' is missing from the weights")
+    from safetensors import safe_open
+
+    for file in sorted(Path(where).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as stored:
+            for name in stored.keys():
+                kind = stored.get_slice(name).get_dtype()  # "F32", "BF16", "I32", ...
+                if name in state and state[name].is_floating_point() and not kind.startswith(("F", "BF")):
+                    raise CheckpointError(f"{file}: tensor '{name}' is stored as {kind}, not floating point")
+    for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{where}: tensor '{name}' contains NaN or Inf")
 
@@ -132,6 +146,8 @@ class MoCAPipeline:
             hint = " (the built-in model is not installed)" if path is None else ""
             if (root / "pipeline" / "model_index.json").is_file():  # a training run's folder
                 hint = f" (a training run: its pipeline is {root / 'pipeline'})"
+            elif (root / ADAPTER_CONFIG).is_file():
+                hint = " (a LoRA adapter: give it as the adapter, --lora or lora=, beside the pipeline it was trained from)"
             raise CheckpointError(f"{root}: not a moca3d pipeline folder, model_index.json missing{hint}")
         try:
             index = json.loads((root / "model_index.json").read_text())

@@ -14,7 +14,7 @@ import typer
 
 from moca3d.defaults import check_sampling_args
 from moca3d.errors import ConfigError, InputError, cannot_write, warn_input
-from moca3d.progress import on_terminal
+from moca3d.progress import cli_progress
 
 DTYPE_HELP = ("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16: the transformer's and image encoder's "
               "dtype (the VAE stays fp32); on a CPU keep fp32: bf16 matmuls there are far slower.")
@@ -34,11 +34,6 @@ COMPONENTS_HELP = ("a mesh file (one per node or OBJ `o` object; a generation's 
 def plural(count: int, noun: str) -> str:
     """`count` and `noun` (singular), an s added but for one: '1 step', '2 steps'."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def tqdm_progress() -> bool:
-    """Whether a verb shows its tqdm bar: where it redraws in place (tqdm draws on stderr: not a file or a pipe)."""
-    return on_terminal(sys.stderr)
 
 
 def resolve_device(name: str) -> str:
@@ -325,15 +320,16 @@ def training_stops(output: Path) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path], device: Optional[str], resume: bool,
+def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path], device: str, resume: bool,
                      export_only: bool = False) -> None:
     """Build the recipe (overrides already applied), train (or only export), and print the outcome."""
     from moca3d.training.train_dit import DiTTrainConfig, train
 
     check_run_folder(output)
+    device = resolve_device(device)  # cuda asked on a machine without it: refused, not trained on the CPU in bf16
     with training_stops(output):
         result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
-                       export_only=export_only, progress=on_terminal())  # rich's bar, on stdout; a log has train_log.jsonl
+                       export_only=export_only, progress=cli_progress(sys.stdout))  # rich's bar on stdout, else lines
     if result.get("writer") is False:  # a further process of a multi-process launch: the first one reports
         return
     if result["trained_steps"]:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import COMPONENTS_HELP, FRAME_HELP, check_output_path, check_run_folder, tqdm_progress, write_json
+from moca3d.commands.common import COMPONENTS_HELP, FRAME_HELP, check_output_path, check_run_folder, write_json
+from moca3d.progress import cli_progress
 
 SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split is drawn from a hash of its id (stable "
               "across resumes), so a small dataset may get more, fewer or none.")
@@ -64,7 +65,7 @@ def prepare_command(
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input, category)
     try:
-        summary = prepare(jobs, out, config, workers=workers, retry_failed=retry_failed, progress=tqdm_progress())
+        summary = prepare(jobs, out, config, workers=workers, retry_failed=retry_failed, progress=cli_progress())
     except KeyboardInterrupt:
         typer.echo(f"interrupted: the assets prepared in {out} are kept (manifest written); the same command resumes", err=True)
         raise typer.Exit(130) from None
@@ -78,13 +79,16 @@ def prepare_command(
     if summary.small_assets:
         typer.echo(f"{summary.small_assets} prepared without components too small for the query sampling (listed above, "
                    "and as small_components in each asset's meta.json)")
+    if summary.duplicates:
+        typer.echo(f"{summary.duplicates} left out as copies of assets (listed above): delete an asset's folder under "
+                   f"{out / 'assets'} to prepare its file again, e.g. under another --category")
     if summary.renamed:
         typer.echo(f"{summary.renamed} given an id with a _k suffix: their file's name was taken by an asset of another "
                    "source (listed above)")
     if summary.open_assets:
         typer.echo(f"{summary.open_assets} prepared with open components (listed above, and as open_components in each "
                    "asset's meta.json): close them for exact inside/outside labels")
-    if summary.processed == 0 and summary.already_done == 0:
+    if summary.processed == 0 and summary.already_done == 0 and summary.duplicates == 0:
         raise InputError(f"no asset could be prepared: all {summary.skipped} skipped (reasons in {out / 'report.jsonl'})")
     from collections import Counter
 

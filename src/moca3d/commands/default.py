@@ -23,10 +23,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from moca3d.progress import cli_progress
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 RECIPE_KEYS: dict[str, Any] = {  # a recipe's keys and their JSON types (Any: checked by continue_stages)
@@ -265,7 +268,7 @@ def register(app: typer.Typer) -> None:
                 )
                 # the DiT-only objects have fewer SDF queries than the VAE's, on purpose
                 prepare(procedural_jobs("objects", count, seed=spec["seed"], start=start), root, cfg, workers=workers,
-                        vary=("queries.num_queries",))
+                        vary=("queries.num_queries",), progress=cli_progress())
 
             if data is None:
                 typer.echo(f"[1/4] preparing {spec['objects']} procedural objects in {root}")
@@ -275,7 +278,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"[2/4] the VAE in {vae_run} is trained: skipped")
             else:
                 typer.echo(f"[2/4] training the VAE in {vae_run}")
-                train_vae(root, vae_run, VAETrainConfig.from_json(stage_file(beside, spec["vae_config"])), resume=True, device=dev)
+                train_vae(root, vae_run, VAETrainConfig.from_json(stage_file(beside, spec["vae_config"])), resume=True, device=dev,
+                          progress=cli_progress())
             extra = int(spec.get("dit_extra_objects", 0))
             if extra and data is None:  # DiT-only objects: surface samples for the latents, few SDF queries
                 typer.echo(f"[2b/4] preparing {extra} more procedural objects for the transformer in {root}")
@@ -289,11 +293,11 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"[2c/4] fine-tuning the VAE decoder in {ft_run}")
                     ft_cfg = VAETrainConfig.from_json(stage_file(beside, spec["vae_finetune_config"]))
                     ft_cfg.init_from = str(vae_dir)
-                    train_vae(root, ft_run, ft_cfg, resume=True, device=dev)
+                    train_vae(root, ft_run, ft_cfg, resume=True, device=dev, progress=cli_progress())
                 vae_dir = ft_run / "vae"
             typer.echo("[3/4] caching latents")
             vae = load_vae(vae_dir, dev)
-            encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"])
+            encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"], progress=cli_progress())
             dit_cfg = DiTTrainConfig.from_json(stage_file(beside, spec["dit_config"]))
             if spec.get("encoder_pretrain_config"):  # the image encoder learns a 3D prior first (then frozen or not)
                 from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder
@@ -312,7 +316,7 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"{label} the transformer in {folder} is trained: skipped")
                     return folder / "pipeline"
                 typer.echo(f"{label} training {what} in {folder}")
-                return Path(train(root, folder, cfg, vae_dir=vae_dir, device=dev)["pipeline"])
+                return Path(train(root, folder, cfg, vae_dir=vae_dir, device=dev, progress=cli_progress(sys.stdout))["pipeline"])
 
             pipeline = train_stage("[4/4]", "the transformer", work / "dit", dit_cfg)
             stages = continue_stages(spec)

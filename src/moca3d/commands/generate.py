@@ -11,10 +11,11 @@ import typer
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
-                                    resume_recipe, run_dit_training, run_vae, save_generation, shipped, tqdm_progress, write_json)
+                                    resume_recipe, run_dit_training, run_vae, save_generation, shipped, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
 from moca3d.errors import ConfigError, InputError, InputWarning, warn_input
 from moca3d.geometry.simplify import check_faces
+from moca3d.progress import cli_progress
 
 DEFAULT_OUTPUT = Path("output.glb")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what PIL reads and `generate` takes
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     ) -> None:
-        """Generate PARTS part meshes from one IMAGE (or each image of a folder) and write them as a GLB scene."""
+        """Generate PARTS part meshes from one IMAGE (or each image of a folder) and write them as a GLB (or OBJ) file."""
         import time
 
         written: list[Path] = []
@@ -140,10 +141,10 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "--output", "--out", "-o", help="Run folder: checkpoints, logs, final pipeline/."),
         config: Optional[Path] = typer.Option(None, "--config", help="Training recipe JSON (configs/dit_*.json; default: a resumed run's own recipe, else the DiTTrainConfig defaults, a small from-scratch transformer)."),
         vae: Optional[Path] = typer.Option(None, "--vae", callback=shipped, help="The VAE folder that encoded DATA's latents: they are trained at its latent scale and it is bundled into the exported pipeline. Required unless the recipe has init_from (then: that pipeline's VAE) or the run resumed recorded it (then: the run's own)."),
-        init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used)."),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used unless --vae is given)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
-        device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
@@ -175,7 +176,7 @@ def register_evaluation(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Prepared dataset (moca3d prepare)."),
         model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help="Pipeline folder (default: the built-in model)."),
         lora: Optional[Path] = typer.Option(None, "--lora", help=LORA_HELP),
-        split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
+        split: str = typer.Option("test", help="Split to evaluate: train, val, test or all."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT assets."),
         steps: int = typer.Option(STEPS, help="Sampling steps."),
         guidance: float = typer.Option(GUIDANCE, help="Classifier-free guidance scale."),
@@ -205,7 +206,7 @@ def register_evaluation(app: typer.Typer) -> None:
         select_records(data, split, count, min_parts, max_parts)  # an empty split: refused before the model loads
         pipe = load_or_predictions(model, object_lora(lora) if predictions is None else lora, reconstruct, predictions, device)
         result = evaluate_pipeline(pipe, data, split, count, steps, guidance, resolution, seed, min_parts, max_parts, metric_points,
-                                   reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress(),
+                                   reconstruct=reconstruct, shift=shift, predictions=predictions, progress=cli_progress(),
                                    frame=frame, save=save)
         if predictions is None:
             result["model"] = pipe.source["model"]  # the folder, or "built-in" (never the shipped model's install path)

@@ -10,10 +10,11 @@ import typer
 from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
                                     interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae, shipped,
-                                    save_generation, tqdm_progress, write_json)
+                                    save_generation, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args
 from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
+from moca3d.progress import cli_progress
 
 
 SCENE_LORA_HELP = ("A scene LoRA adapter folder (OUT/lora of `moca3d train-scene --lora-rank`), folded into --model, the object "
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     ) -> None:
-        """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB scene."""
+        """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB (or OBJ) file."""
         import time
 
         with interruptible():
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Prepared scenes (moca3d prepare --procedural scenes)."),
         model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help=SCENE_MODEL_HELP),
         lora: Optional[Path] = typer.Option(None, "--lora", help=SCENE_LORA_HELP),
-        split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
+        split: str = typer.Option("test", help="Split to evaluate: train, val, test or all."),
         count: Optional[int] = typer.Option(None, help="Evaluate only the first COUNT scenes of the split (those among them with an instance hidden in the render are skipped and listed)."),
         steps: int = typer.Option(STEPS, help="Sampling steps."),
         guidance: float = typer.Option(SCENE_GUIDANCE, help="Classifier-free guidance scale."),
@@ -117,7 +118,7 @@ def register(app: typer.Typer) -> None:
         check_save_folder(save, predictions)
         pipe = load_or_predictions(scene_model(model, lora) if predictions is None else model, lora, reconstruct, predictions, device)
         result = run(pipe, data, split, count, steps, guidance, resolution, seed, min_instances, max_instances, metric_points,
-                     reconstruct=reconstruct, shift=shift, predictions=predictions, progress=tqdm_progress(), frame=frame, save=save)
+                     reconstruct=reconstruct, shift=shift, predictions=predictions, progress=cli_progress(), frame=frame, save=save)
         if predictions is None:
             result["model"] = pipe.source["model"]  # the folder, "built-in scene", or "built-in" (a --lora's default base)
         if lora is not None:
@@ -139,7 +140,7 @@ def register(app: typer.Typer) -> None:
         vae: Optional[Path] = typer.Option(None, "--vae", callback=shipped, help="VAE folder for the exported pipeline (default: a resumed run's own, else the init pipeline's)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
-        device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),

@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, shipped, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
-                                   resume_recipe, tqdm_progress, training_stops, write_json)
+                                   resume_recipe, training_stops, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError, warn_input
+from moca3d.progress import cli_progress
 
 # the packaged reconstruction VAE: the built-in model's encoder, its decoder fine-tuned with free-space queries
 # (configs/vae_small_freespace.json); the generation pipelines keep the first decoder (README: their generated
@@ -99,7 +100,7 @@ def register(app: typer.Typer) -> None:
         cfg = VAETrainConfig.from_dict(recipe)  # checked
         check_run_folder(out_dir)
         with training_stops(out_dir):
-            summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device), progress=tqdm_progress(),
+            summary = train_vae(data_dir, out_dir, cfg, resume=resume, device=resolve_device(device), progress=cli_progress(),
                                 validate_at_end=validate)
         if summary.get("writer") is False:  # a further process of a multi-process launch: the first one reports
             return
@@ -131,7 +132,7 @@ def register(app: typer.Typer) -> None:
         check_points(points, vae)
         cfg = VAETrainConfig(model={}, num_surface_points=points, val_resolution=resolution,
                              val_coarse_resolution=max(16, resolution // 4), val_assets=assets)
-        metrics = validate(vae, data_dir, cfg, split=split, progress=tqdm_progress(), per_asset=True)
+        metrics = validate(vae, data_dir, cfg, split=split, progress=cli_progress(), per_asset=True)
         from moca3d.metrics import MetricsConfig, protocol
 
         frames = ("asset: the fused parts, each side normalised alone; parts: each part in the prepared asset's frame, as "
@@ -182,7 +183,7 @@ def register(app: typer.Typer) -> None:
         # a dense first grid of 32 cells or more where the resolution allows (thin parts), refined by doublings
         coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
         extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5,
-                                progress=tqdm_progress())
+                                progress=cli_progress() is True)  # a bar over field points: none in a log
         meshes = reconstruct_components(parts, names, vae, points, extract, label=mesh.name)
         empty_in = {name for name, part in zip(names, parts) if len(part.faces) == 0}
         if not any(len(m.faces) for m in meshes):
@@ -221,7 +222,7 @@ def register(app: typer.Typer) -> None:
         folder = Path(model) if model is not None else PACKAGED_VAE
         vae = load_vae(folder, resolve_device(device))
         check_points(points, vae, num_latents)
-        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, progress=tqdm_progress(),
+        counts = encode_dataset(data_dir, vae, _weights_id(folder), points, batch_size, overwrite, progress=cli_progress(),
                                 token_order=token_order, num_latents=num_latents)
         typer.echo(f"encoded {counts['encoded']} assets, skipped {counts['skipped']} already done")
 

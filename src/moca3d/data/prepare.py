@@ -50,6 +50,7 @@ from moca3d.geometry.mesh_io import (
 )
 from moca3d.geometry.render import RenderConfig, floor_plane, object_camera, render, save_render, scene_camera
 from moca3d.geometry.sampling import SurfaceSamplingConfig, sample_surface
+from moca3d.progress import Show, progress_bar
 
 MANIFEST, REPORT, ASSETS, META, SETTINGS = "manifest.jsonl", "report.jsonl", "assets", "meta.json", "prepare.json"
 # the settings every asset of a dataset shares (`PrepareConfig.shared`); the others may change between runs into one
@@ -160,6 +161,7 @@ class PrepareSummary:
     dropped_assets: int = 0  # prepared without a component that had no surface (`load_asset`)
     small_assets: int = 0  # prepared without a component too small for the query sampling (`SPECK_FRACTION`)
     renamed: int = 0  # given a `_k` id: their id was taken by an asset of another source (`resume_jobs`)
+    duplicates: int = 0  # not prepared: the same content as an asset (or an earlier job), which could land in another split
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -509,12 +511,14 @@ def _same_content(source: str, asset: dict, digest: Callable[[str], str | None])
     return digest(recorded) is not None and digest(recorded) == digest(source)
 
 
-def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None) -> list[Job]:
+def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None,
+                duplicates: dict[str, str] | None = None) -> list[Job]:
     """The jobs still to prepare into `root`: a job is done when an asset holds its source, whatever the id it then got:
     one prepared from the same path, or a namesake (by file name) with the same content (`_same_content`: moved); and of
     the same category, for a job given one (chairs/a.glb is not tables/a.glb). A new source whose id an asset of another
     source holds (a.obj added beside a.ply, another folder's chair.glb) gets the next free `_k` id, said in `notes` (by
-    source)."""
+    source). A source with the content of an asset or of an earlier job (the same file under another --category, a copy
+    under another name) is left out, said in `duplicates` (by source): two copies could land in train and test."""
     finished = _finished_sources(root)
     namesakes: dict[str, list[dict]] = {}  # source file name -> the assets prepared from a file of that name
     at_path: dict[str, list[dict]] = {}  # a recorded source's real path -> the assets prepared from it
@@ -523,6 +527,7 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
         if asset["source"]:
             at_path.setdefault(os.path.realpath(asset["source"]), []).append(asset)
     holders = {asset["id"]: asset for asset in finished}
+    by_content = {asset["source_sha1"]: asset for asset in finished if asset["source_sha1"]}
     taken = set(holders) | {j.id for j in jobs}
     digests: dict[str, str | None] = {}
 
@@ -542,6 +547,15 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
         if any(fits(a) for a in at_path.get(os.path.realpath(job.source), [])) or any(
                 fits(a) and _same_content(job.source, a, digest) for a in namesakes.get(Path(job.source).name, [])):
             continue
+        content = digest(job.source) if Path(job.source).exists() else None  # (procedural jobs have no file)
+        twin = by_content.get(content) if content else None
+        if twin is not None:
+            if duplicates is not None:
+                same = twin["source"] and os.path.realpath(twin["source"]) == os.path.realpath(job.source)
+                what = (f"already prepared as asset '{twin['id']}' (category '{twin['category']}')" if same else
+                        f"the same content as asset '{twin['id']}' (from {twin['source']})")
+                duplicates[job.source] = f"left out {job.source}: {what}; one asset per file keeps a copy out of another split"
+            continue
         if job.id in holders:  # the id of an asset made from another source
             k = 1
             while f"{job.id}_{k}" in taken:
@@ -551,6 +565,8 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
                                      f"source ({holders[job.id]['source']})")
             job = Job(f"{job.id}_{k}", job.source, job.category)
             taken.add(job.id)
+        if content:
+            by_content[content] = {"id": job.id, "source": job.source, "category": job.category}
         todo.append(job)
     return todo
 
@@ -596,7 +612,7 @@ def prepare(
     config: PrepareConfig | None = None,
     workers: int = 1,
     retry_failed: bool = False,
-    progress: bool = True,
+    progress: Show = True,
     vary: tuple[str, ...] = (),
 ) -> PrepareSummary:
     """Prepare every job not finished (or reported) yet into `root`, over `workers` processes; `vary`: shared settings
@@ -616,14 +632,14 @@ def prepare(
     settings = config.digest()
     reported = reported_sources(root, settings)
     renames: dict[str, str] = {}
-    todo = [j for j in resume_jobs(jobs, root, renames) if j.source not in reported]
+    duplicates: dict[str, str] = {}
+    todo = [j for j in resume_jobs(jobs, root, renames, duplicates) if j.source not in reported]
     renames = {job.source: renames[job.source] for job in todo if job.source in renames}
-    summary = PrepareSummary(already_done=len(jobs) - len(todo), total=len(jobs), renamed=len(renames))
+    summary = PrepareSummary(already_done=len(jobs) - len(todo) - len(duplicates), total=len(jobs), renamed=len(renames),
+                             duplicates=len(duplicates))
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="prepare", unit="asset", disable=not progress, dynamic_ncols=True)
-    for note in renames.values():
+    bar = progress_bar(show=progress, total=len(todo), desc="prepare", unit="asset", dynamic_ncols=True)
+    for note in [*duplicates.values(), *renames.values()]:
         bar.write(note)
     try:
         with open(root / REPORT, "a") as report:

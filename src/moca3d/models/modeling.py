@@ -32,6 +32,7 @@ class AtomicSaveMixin:
             for path in files:  # on disk before any rename
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
+                os.chmod(path, 0o644)  # diffusers writes the weights through a 0600 temporary file: unreadable to others
             (final / self.config_name).unlink(missing_ok=True)  # incomplete from here until the new config.json is in
             for path in files:
                 os.replace(path, final / path.name)

@@ -454,10 +454,25 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             shutil.rmtree(tmp, ignore_errors=True)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
+    for debris in final.parent.iterdir():  # an older step folder without state.json: a kill cut its removal (as before)
+        match = STEP_PATTERN.match(debris.name)
+        if match and int(match.group(1)) < step and not (debris / "state.json").is_file():
+            _remove_checkpoint(debris)
     for stale in final.parent.glob(".step_*.tmp"):  # left by a run killed while saving (one process saves at a time)
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed to a hidden .tmp name first, so a kill midway leaves what the next save
+    clears, not a step folder without its state.json."""
+    trash = folder.parent / f".{folder.name}.tmp"
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        trash = folder
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

@@ -46,6 +46,7 @@ from moca3d.models.lora import add_lora, lora_spec, merge_lora, save_adapter, tr
 from moca3d.models.transformer import PRIOR_FREE_MODULES, MoCATransformer
 from moca3d.models.vae import VecSetVAE
 from moca3d.pipeline import MoCAPipeline  # at import: a long run validates and exports with the code it started with
+from moca3d.progress import Lines, Show
 from moca3d.training.stop import TrainingStopped, stop_requests
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, process_max, process_maxima
@@ -489,7 +490,7 @@ def export_pipeline(out_dir: str | Path, model: Generator, vae: Union[VecSetVAE,
 
 def train(
     data_dir: str | Path, out_dir: str | Path, cfg: DiTTrainConfig, vae_dir: Optional[str | Path] = None,
-    device: Optional[str] = None, resume: bool = True, progress: bool = True, export_only: bool = False,
+    device: Optional[str] = None, resume: bool = True, progress: Show = True, export_only: bool = False,
 ) -> dict[str, Any]:
     """Train; checkpoints under OUT/checkpoints, the final (EMA) pipeline under OUT/pipeline. `export_only`: write the
     pipeline of the newest checkpoint (its EMA weights) and train nothing; the run resumes later as before."""
@@ -498,6 +499,8 @@ def train(
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():  # else bf16 on the CPU
+        raise ConfigError(f"device '{device}' requested but CUDA is not available")
     use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     precision = cfg.mixed_precision
     if precision == "auto":
@@ -516,7 +519,7 @@ def train(
         record_resume = check_resume(out / "train_config.json", cfg, accelerator.print)
     if cfg.steps < cfg.warmup_steps and not export_only and accelerator.is_main_process:  # e.g. a trial run with --steps
         warn_input(f"warmup_steps {cfg.warmup_steps} > steps {cfg.steps}: the learning rate never reaches lr {cfg.lr:g} "
-                   "(lower warmup_steps in the recipe)")
+                   "(more --steps, or a --config recipe with fewer warmup_steps)")
     scene = cfg.condition == "scene"
     if scene:
         from moca3d.data.scene import SceneLatentDataset
@@ -540,7 +543,8 @@ def train(
         else:
             preprocess = ImageEncoder(**cfg.image_encoder).image_size
         if Path(data_dir).is_file():  # a latent cache (LatentDataset.save_cache) of the training split
-            data = LatentDataset.from_cache(data_dir, cfg.max_components, None if callable(preprocess) else preprocess)
+            size = encoder.image_size if encoder is not None else preprocess  # checked now, not at the first batch
+            data = LatentDataset.from_cache(data_dir, cfg.max_components, size)
         else:
             data = LatentDataset(data_dir, "train", preprocess, cfg.max_components)
     vae = load_vae_folder(Path(vae_dir)) if vae_dir is not None else None  # loaded once: validation, export
@@ -561,10 +565,12 @@ def train(
         raise ConfigError(f"{data_dir}: {data.ids[largest]} has {data.latents[largest].shape[0]} components, more than the "
                           f"transformer's {limit} IDs: lower max_components to {limit} (such assets are left out), or raise "
                           "transformer.id_codebook_size (a new transformer)")
-    if 0 < cfg.validate_every <= cfg.steps and vae is not None and not scene:  # what `validate` reads, checked now
-        if Path(data_dir).is_file():
-            raise ConfigError(f"validate_every needs the dataset folder (its val split), not a latent cache ({data_dir}); "
-                              "set it to 0 to train from the cache")
+    validate_every = cfg.validate_every if vae is not None and not scene else 0
+    if validate_every and Path(data_dir).is_file():  # a cache holds one split: no val assets to generate
+        warn_input(f"validate_every {validate_every}: validation reads the dataset folder's val split, which a latent cache "
+                   f"({data_dir}) does not hold; training without it (evaluate-model scores the exported pipeline)")
+        validate_every = 0
+    if 0 < validate_every <= cfg.steps:  # what `validate` reads, checked now
         try:
             select_records(data_dir, "val", cfg.val_assets, 1, min(cfg.max_components, limit))
         except InputError as err:  # a small dataset's 5% val split is often empty
@@ -619,7 +625,9 @@ def train(
     t0 = time.time()
     columns = [TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"), TimeRemainingColumn()]
     processes = accelerator if accelerator.num_processes > 1 else None  # (None: no collective)
-    with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar, stop_requests() as stop:
+    shown = progress if accelerator.is_main_process else False
+    lines = Lines(total=cfg.steps, desc="train", initial=start, unit="step") if shown == "lines" else None  # a log file
+    with Progress(*columns, disable=shown is not True) as bar, stop_requests() as stop:
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
         for step in range(start, start if spent else cfg.steps):
             elapsed = before + time.time() - t0
@@ -649,13 +657,16 @@ def train(
                 log.append({"step": step + 1, "loss": loss_value, "grad_norm": float(grad_norm), "lr": lr,
                             "time": before + time.time() - t0})  # the run's training seconds, across resumes
             bar.update(task, completed=step + 1, info=f"loss {loss_value:.4f}")
+            if lines is not None:
+                lines.set_postfix(loss=f"{loss_value:.4f}")
+                lines.update(1)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, step + 1, unwrapped, optimizer, ema, keep_last=cfg.keep_checkpoints,
                                     extra={"elapsed_s": before + time.time() - t0, "data": identity, "vae": vae_id,
                                            "vae_dir": vae_path}, frozen=frozen)
-                    if cfg.validate_every and (step + 1) % cfg.validate_every == 0 and vae is not None and not scene:
+                    if validate_every and (step + 1) % validate_every == 0:
                         metrics = validate(unwrapped, ema, cfg, data_dir, vae)
                         log.append({"step": step + 1, **metrics})
                         accelerator.print(f"step {step + 1}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in metrics.items()))

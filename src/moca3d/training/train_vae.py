@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
+from moca3d.progress import Show, progress_bar
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, launched_processes, process_mean
 from moca3d.training.stop import TrainingStopped, stop_requests
@@ -376,7 +377,7 @@ def reconstruction_metrics(pred: list, gt: list, metric_points: int, seed: int =
 
 
 def validate(model: VecSetVAE, root: str | Path, cfg: VAETrainConfig, max_assets: Optional[int] = None,
-             split: str = "val", progress: bool = False, per_asset: bool = False) -> dict[str, Any]:
+             split: str = "val", progress: Show = False, per_asset: bool = False) -> dict[str, Any]:
     """Reconstruct held-out assets; mean per-part and per-asset CD and F-scores (+ each asset's under "assets")."""
     entries = [e for e in read_manifest(root) if e["split"] == split][: (max_assets or cfg.val_assets)]
     if not entries:
@@ -386,9 +387,7 @@ def validate(model: VecSetVAE, root: str | Path, cfg: VAETrainConfig, max_assets
     results: dict[str, list] = {"parts": [], "parts_normalized": [], "asset": []}
     iterator = entries
     if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(entries, desc="validate", leave=False)
+        iterator = progress_bar(entries, show=progress, desc="validate", unit="asset", leave=False)
     was_training = model.training
     model.eval()
     for e in iterator:
@@ -448,7 +447,7 @@ def process_rows(batch: dict[str, Any], cfg: VAETrainConfig, step: int, rank: in
 
 
 def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, resume: bool = False,
-              device: str = "cpu", progress: bool = True, validate_at_end: bool = True) -> dict[str, Any]:
+              device: str = "cpu", progress: Show = True, validate_at_end: bool = True) -> dict[str, Any]:
     """Train (or resume) a VAE; writes checkpoints, logs and OUT/vae (EMA weights, diffusers folder).
 
     Launched as several processes (`accelerate launch`, torchrun) it trains data-parallel: each process takes its
@@ -456,16 +455,18 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     process count continues exactly; with another one it continues on the same batches with other loss noise.
     """
     out_dir = Path(out_dir)
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
-    assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
-    has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
-    val_arrays = load_split(data_dir, "val") if has_val else None
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     processes, dev = launched_processes(device)
     world, rank = (processes.num_processes, processes.process_index) if processes else (1, 0)
     main = rank == 0
+    if main:
+        claim_run(out_dir, record=False)  # another job training there: refused before anything is read or written
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
+    assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
+    has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
+    val_arrays = load_split(data_dir, "val") if has_val else None
     batch_rows(cfg.batch_size, rank, world)  # a one-line ConfigError when the processes do not divide the batch
     say = print if main else (lambda *args: None)
     torch.manual_seed(cfg.seed)
@@ -505,9 +506,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
 
     bar = None
     if progress and main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="train-vae", dynamic_ncols=True)
+        bar = progress_bar(show=progress, total=cfg.steps, initial=start, desc="train-vae", unit="step", dynamic_ncols=True)
     model.train()
     t0 = time.time()
     running: dict[str, float] = {}
@@ -560,7 +559,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
                 if bar is not None:
                     bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
             if has_val and done % cfg.validate_every == 0 and done != cfg.steps:
-                metrics = validate(ema_model(ema, cfg, dev), data_dir, cfg)
+                metrics = validate(ema_model(ema, cfg, dev), data_dir, cfg, progress=progress)
                 _append_jsonl(log_path, {"step": done, "val": metrics})
                 if bar is not None:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -579,7 +578,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
         fit_latent_scale(final, train, cfg)
     final.save_pretrained(out_dir / "vae", safe_serialization=True)
     if has_val and validate_at_end:
-        summary["val"] = validate(final.to(dev), data_dir, cfg)
+        summary["val"] = validate(final.to(dev), data_dir, cfg, progress=progress)
         _append_jsonl(log_path, {"step": cfg.steps, "val": summary["val"], "final": True})
     atomic_write_json(summary, out_dir / "summary.json")
     release_run(out_dir)
@@ -647,7 +646,7 @@ def ema_model(ema: EMA, cfg: VAETrainConfig, device: torch.device) -> VecSetVAE:
 
 
 def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_points: int, batch_size: int = 16,
-                   overwrite: bool = False, progress: bool = True, token_order: str = "fps",
+                   overwrite: bool = False, progress: Show = True, token_order: str = "fps",
                    num_latents: Optional[int] = None) -> dict[str, int]:
     """Write ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C) posterior means) per asset.
 
@@ -662,9 +661,7 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
     done = skipped = 0
     iterator = entries
     if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(entries, desc="encode", unit="asset")
+        iterator = progress_bar(entries, show=progress, desc="encode", unit="asset")
     model.eval()
     encoder = encoder_id(model)  # recorded with every asset's latents
     for e in iterator:
