@@ -144,6 +144,10 @@ def test_saved_generations_score_as_they_did_when_read_back(object_dataset, obje
     saved = {p.stem for p in (tmp_path / "saved").iterdir()}
     kept = {row["id"] for row in generated["assets"] if row["num_pred"]}  # an all-empty generation has no file
     assert saved == kept
+    from moca3d.commands.info import generation_record
+
+    record = generation_record(next((tmp_path / "saved").iterdir()))["settings"]  # how it was made, as `generate` records
+    assert record.get("saved_by") == "evaluation" and (record.get("steps"), record.get("seed")) == (2, 0) and "model" in record, record
     read = evaluate_pipeline(None, root, "train", predictions=tmp_path / "saved", **kw)
     for a, b in zip(generated["assets"], read["assets"]):
         assert (a["id"], a["fscore@0.1"], a["num_pred"], a["num_empty"]) == (b["id"], b["fscore@0.1"], b["num_pred"], b["num_empty"])

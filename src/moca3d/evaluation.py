@@ -171,16 +171,17 @@ def evaluate_pipeline(
     for rec in with_progress(records, f"evaluate {split}", progress):
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
-        t0 = time.time()
+        t0, settings = time.time(), {}
         if predictions is not None:
             meshes = load_prediction(Path(predictions), rec["id"], missing, unusable)
         elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
-            meshes = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False).meshes
+            out = pipe(asset / "render.png", num_parts=len(gt), steps=steps, guidance=guidance, seed=seed, shift=shift, resolution=resolution, show_progress=False)
+            meshes, settings = out.meshes, out.settings
         seconds = time.time() - t0
         if predictions is None:
-            save_prediction(save, rec["id"], meshes, "part")
+            save_prediction(save, rec["id"], meshes, "part", settings)
         row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
         per_asset.append({**row, **object_metrics(meshes, gt, config)})
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
@@ -192,15 +193,16 @@ def evaluate_pipeline(
     return with_predictions(result, predictions, missing, "assets", unusable)
 
 
-def save_prediction(folder: Optional[Path], asset_id: str, meshes: list, kind: str) -> None:
+def save_prediction(folder: Optional[Path], asset_id: str, meshes: list, kind: str, settings: Optional[dict] = None) -> None:
     """Write one evaluated generation as `folder`/<asset id>.glb (`{kind}_XX` nodes, empty ones kept in place), as
-    `load_prediction` reads it back; nothing when `folder` is None or every component is empty (scored as missing)."""
+    `load_prediction` reads it back, with how it was made (`settings`: the pipeline output's, as `moca3d info` shows);
+    nothing when `folder` is None or every component is empty (scored as missing)."""
     from moca3d.geometry.mesh_io import component_names, save_components
 
     if folder is not None and any(len(m.faces) for m in meshes):
         Path(folder).mkdir(parents=True, exist_ok=True)
         save_components(Path(folder) / f"{asset_id}.glb", meshes, component_names(kind, len(meshes)),
-                        metadata={"saved_by": "evaluation", "id": asset_id})  # a record: its empty nodes read back in place
+                        metadata={**(settings or {}), "saved_by": "evaluation", "id": asset_id})  # its empty nodes read back in place
 
 
 def with_predictions(result: dict[str, Any], predictions: Optional[Path], missing: list[str], what: str,
@@ -263,7 +265,7 @@ def evaluate_scenes(
             continue
         if cuda:
             torch.cuda.reset_peak_memory_stats(pipe.device)
-        t0 = time.time()
+        t0, settings = time.time(), {}
         if predictions is not None:
             meshes = load_prediction(Path(predictions), rec["id"], missing, unusable)
             if meshes and len(meshes) != len(gt):
@@ -272,11 +274,12 @@ def evaluate_scenes(
             meshes = round_trip(pipe, asset, resolution)
         else:
             with tiny_masks_quiet():  # a test scene's small visible instances are what they are
-                meshes = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, shift=shift,
-                                             resolution=resolution, show_progress=False).meshes
+                out = pipe.generate_scene(asset / "render.png", masks, steps=steps, guidance=guidance, seed=seed, shift=shift,
+                                          resolution=resolution, show_progress=False)
+            meshes, settings = out.meshes, out.settings
         row = {"id": rec["id"], "num_instances": len(gt), "seconds": time.time() - t0}
         if predictions is None:
-            save_prediction(save, rec["id"], meshes, "instance")
+            save_prediction(save, rec["id"], meshes, "instance", settings)
         if cuda:
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
         row.update(evaluate_scene(meshes, gt, config))
