@@ -42,6 +42,10 @@ def test_unreadable_images_say_why(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(InputError, match="the file is empty"):
         load_image(tmp_path / "empty.png")
+    from moca3d.data.scene import load_masks
+
+    with pytest.raises(InputError, match="^cannot read label map .*empty.png: the file is empty$"):  # it said: not an image format
+        load_masks(tmp_path / "empty.png")
     Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "whole.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
     with pytest.raises(InputError, match="truncated or corrupt"):

@@ -163,7 +163,7 @@ def test_cli_prepare_and_evaluate(tmp_path):
     result = runner.invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "--out", str(root),
                                  "--num-surface", "64", "--num-queries", "64", "--image-size", "32"])
     assert result.exit_code == 0, result.output
-    assert "splits: 1 train, 0 val, 0 test (val and test empty: raise --val-fraction and --test-fraction for a held-out split)" in result.output
+    assert "splits: 1 train, 0 val, 0 test (val and test empty: prepare into a new --output with a larger --val-fraction and --test-fraction for a held-out split; a dataset keeps its split fractions)" in result.output
     (asset,) = _manifest(root)
     glb = root / "assets" / asset["id"] / "mesh.glb"
     result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", "-", "--num-points", "2000"])
@@ -182,7 +182,7 @@ def test_prepare_asks_to_raise_only_the_fractions_that_were_not_set_to_zero(tmp_
     result = CliRunner().invoke(app, ["prepare", "--procedural", "objects", "--count", "1", "--out", str(tmp_path / "ds"),
                                       "--num-surface", "64", "--num-queries", "64", "--image-size", "32", "--val-fraction", "0"])
     assert result.exit_code == 0, result.output
-    assert "splits: 1 train, 0 val, 0 test (test empty: raise --test-fraction for a held-out split)" in result.output
+    assert "splits: 1 train, 0 val, 0 test (test empty: prepare into a new --output with a larger --test-fraction for a held-out split; a dataset keeps its split fractions)" in result.output
     assert "--val-fraction" not in result.output
 
 

@@ -140,7 +140,7 @@ def test_prepare_names_every_empty_held_out_split(tmp_path):
     result = CliRunner().invoke(app, ["prepare", str(src), "-o", str(tmp_path / "data"), "--num-surface", "128",
                                       "--num-queries", "96", "--image-size", "48"])
     assert result.exit_code == 0, result.output
-    assert "val and test empty: raise --val-fraction and --test-fraction" in result.output
+    assert "val and test empty: prepare into a new --output with a larger --val-fraction and --test-fraction" in result.output
 
 
 def test_an_open_part_is_prepared_and_said(tmp_path):

@@ -101,7 +101,8 @@ def prepare_command(
     fractions = {"val": val_fraction, "test": test_fraction}
     empty = [name for name in ("val", "test") if not splits[name] and fractions[name] > 0]  # not one asked to be empty (0)
     raise_hint = " and ".join(f"--{name}-fraction" for name in empty)
-    hint = f" ({' and '.join(empty)} empty: raise {raise_hint} for a held-out split)" if empty else ""
+    hint = (f" ({' and '.join(empty)} empty: prepare into a new --output with a larger {raise_hint} for a held-out split; a "
+            "dataset keeps its split fractions)") if empty else ""
     typer.echo(f"splits: {splits['train']} train, {splits['val']} val, {splits['test']} test{hint}")
 
 

@@ -62,6 +62,8 @@ def readable(path: Path, what: str = "image") -> Iterator[None]:
     try:
         yield
     except UnidentifiedImageError:
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise InputError(f"cannot read {what} {path}: the file is empty") from None
         if (bits := float_tiff_bits(path)) is not None:
             raise InputError(f"cannot read {what} {path}: a TIFF of {bits}-bit floating-point samples, which PIL reads "
                              "only as 32-bit greyscale: save it with 8- or 16-bit integer samples") from None
@@ -119,8 +121,6 @@ def load_image(image: ImageLike, max_side: int | None = None) -> Image.Image:
             raise InputError(f"{path} is a folder, not an image")
         if not path.is_file():
             raise InputError(f"image not found: {path}")
-        if path.stat().st_size == 0:
-            raise InputError(f"cannot read image {path}: the file is empty")
         with readable(path), warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours: shrunk, or refused past PIL's limit
             with Image.open(path) as im:
