@@ -181,7 +181,8 @@ class MoCAPipeline:
                 base = adapter.get("base")
                 if not base or Path(base).resolve() == root.resolve():
                     raise
-                raise CheckpointError(f"{one_line(err)} (this adapter was trained from {base}: pass that pipeline, --model {base})") from None
+                where = f"pass that pipeline, --model {base}" if Path(base).is_dir() else f"it is no longer at {base}"
+                raise CheckpointError(f"{one_line(err)}: {where}") from None
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = None

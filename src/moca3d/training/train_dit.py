@@ -462,7 +462,7 @@ def adapter_config(cfg: DiTTrainConfig, model: Generator, frozen: Optional[dict]
     """The adapter folder's config: how to inject the adapters again (a scene run's: also how its encoder was
     widened and adapted, under "image_encoder"), and the base they belong to."""
     config = {"format": "moca3d-lora", **lora_spec(model.transformer, cfg.transformer_lora_rank, cfg.transformer_lora_alpha, PRIOR_FREE_MODULES),
-              "transformer_overrides": cfg.transformer, "base": str(cfg.init_from), "base_fingerprint": frozen}
+              "transformer_overrides": cfg.transformer, "base": str(Path(cfg.init_from).resolve()), "base_fingerprint": frozen}
     if cfg.condition == "scene":
         widened = encoder_folder_input(scene_encoder_folder(cfg))[0] != SCENE_CHANNELS
         full = [first_projection_path(model.image_encoder)] if cfg.train_projection else []
