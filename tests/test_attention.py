@@ -386,7 +386,10 @@ def test_blocksparse_on_cpu_says_nothing_of_compiling(monkeypatch):
 
     import torch.nn.attention.flex_attention as flex
 
-    monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set(), raising=False)  # torch says it once a process
+    from moca3d.attention.backends import blocksparse
+
+    monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set())  # torch says it once a process
+    monkeypatch.setattr(blocksparse, "_EAGER_QUIETED", [])
     m = make_module(backend="blocksparse")
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")

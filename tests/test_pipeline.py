@@ -413,12 +413,17 @@ def test_fine_tuning_from_a_cache_of_another_image_size_is_refused_with_the_reme
               progress=False)
 
 
-def test_training_on_cuda_without_it_is_refused():
-    """device="cuda" on a machine without CUDA trained on the CPU in bf16 (a torch dtype warning, 20x slower steps)."""
+def test_training_on_cuda_without_it_or_on_another_gpu_is_refused(monkeypatch):
+    """device="cuda" on a machine without CUDA trained on the CPU in bf16 (a torch dtype warning, 20x slower steps);
+    "cuda:1" trained on GPU 0 (accelerate's choice) without a word."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match=r"^device 'cuda' requested but CUDA is not available$"):
         train("unused", "unused", tiny_recipe(steps=1), device="cuda", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"^device 'cuda:1': training runs on the first visible GPU; choose it with "
+                                          r"CUDA_VISIBLE_DEVICES=1 and --device cuda$"):
+        train("unused", "unused", tiny_recipe(steps=1), device="cuda:1", progress=False)
 
 
 def test_weights_missing_a_tensor_or_stored_as_integers_are_refused(dataset, tmp_path):
@@ -442,6 +447,34 @@ def test_weights_missing_a_tensor_or_stored_as_integers_are_refused(dataset, tmp
         message = f"tensor '{name}' is missing from the weights" if case == "missing" else f"tensor '{name}' is stored as I32, not floating point"
         with pytest.raises(CheckpointError, match=re.escape(message)):
             MoCAPipeline.from_pretrained(bad)
+
+
+def test_a_vae_of_another_encoder_swapped_into_a_pipeline_is_refused(dataset, tmp_path):
+    """A pipeline folder with another run's vae/ (another encoder: latents its transformer never saw) loaded and
+    generated without a word; a decoder fine-tune of its own VAE (the encoder kept) still loads."""
+    import shutil
+
+    from moca3d.models.vae import VecSetVAE
+
+    root, vae_dir = dataset
+    train(root, tmp_path / "run", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    good = tmp_path / "run" / "pipeline"
+    from moca3d.training.train_vae import LATENT_MODULES
+
+    for case in ("decoder", "encoder"):
+        folder = tmp_path / case
+        shutil.copytree(good, folder)
+        vae = VecSetVAE.from_pretrained(good / "vae")
+        with torch.no_grad():
+            weight = next(w for n, w in vae.named_parameters()
+                          if (n.split(".")[0] in LATENT_MODULES) == (case == "encoder"))  # an encoder or a decoder tensor
+            weight.add_(0.01)
+        vae.save_pretrained(folder / "vae")
+        if case == "decoder":
+            MoCAPipeline.from_pretrained(folder)
+        else:
+            with pytest.raises(CheckpointError, match=r"vae: not the VAE this pipeline was saved with \(another encoder than sha256:"):
+                MoCAPipeline.from_pretrained(folder)
 
 
 def test_nan_weights_are_refused(dataset, tmp_path):

@@ -1,7 +1,9 @@
 """`moca3d prepare`: format, bad-input reporting, resume after interruption, parallel = serial."""
 
+import contextlib
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,6 +300,18 @@ def test_prepare_workers_leave_ctrl_c_to_the_parent():
     before = signal.getsignal(signal.SIGINT)
     with prep._workers_ignore_sigint():
         quiet = mp.get_context("spawn").Pool(1)
+    entered = []
+    real = prep._workers_ignore_sigint
+
+    @contextlib.contextmanager
+    def recorded():
+        with real():
+            entered.append(True)
+            yield
+
+    with pytest.MonkeyPatch.context() as patch:  # prepare's own pool starts inside it
+        patch.setattr(prep, "_workers_ignore_sigint", recorded)
+        assert list(prep._results([], Path("unused"), TINY, workers=2)) == [] and entered == [True]
     assert signal.getsignal(signal.SIGINT) is before
     loud = mp.get_context("spawn").Pool(1)  # the same pool started plainly: Python's KeyboardInterrupt handler
     with quiet, loud:

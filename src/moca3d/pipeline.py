@@ -98,6 +98,22 @@ def _check_finite(model: torch.nn.Module, where: Path) -> None:
             raise CheckpointError(f"{where}: tensor '{name}' contains NaN or Inf")
 
 
+VAE_ENCODER_KEY = "vae_encoder"  # model_index.json: the fingerprint (`encoder_id`) of the VAE encoder saved with the pipeline
+
+
+def _check_vae_encoder(recorded: Optional[str], vae: VecSetVAE, root: Path) -> None:
+    """A pipeline's vae/ is the one it was saved with, up to its decoder (`recorded`: model_index.json's VAE_ENCODER_KEY;
+    None for a folder saved before it was recorded): a VAE of another encoder makes latents its transformer never saw."""
+    if recorded is None:
+        return
+    from moca3d.training.train_vae import encoder_id
+
+    if encoder_id(vae) != recorded:
+        raise CheckpointError(f"{root / 'vae'}: not the VAE this pipeline was saved with (another encoder than {recorded}): its "
+                              "transformer's latents would decode wrong; put the pipeline's own vae/ back (a decoder "
+                              "fine-tune of it, which keeps the encoder, fits)")
+
+
 class MoCAPipeline:
     """Generate part (or instance) meshes from one image with a MoCA transformer."""
 
@@ -174,6 +190,7 @@ class MoCAPipeline:
                 raise CheckpointError(f"{sub}: cannot load the {name} ({reason})") from None
             _check_finite(model, sub)
             parts[name] = model
+        _check_vae_encoder(index.get(VAE_ENCODER_KEY), parts["vae"], root)
         if lora is not None:
             try:
                 parts["transformer"], parts["image_encoder"] = apply_lora(root, parts["transformer"], parts["image_encoder"], Path(lora))
@@ -208,7 +225,9 @@ class MoCAPipeline:
         except OSError as err:
             raise ConfigError(f"cannot make the folder {root} ({err.strerror or err})") from None
         (root / "model_index.json").unlink(missing_ok=True)  # over an earlier export: incomplete until the end
-        index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version()}
+        from moca3d.training.train_vae import encoder_id
+
+        index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version(), VAE_ENCODER_KEY: encoder_id(self.vae)}
         if self.trained_components is not None:
             index[TRAINED_KEY] = int(self.trained_components)
         for name, klass in COMPONENTS.items():

@@ -42,8 +42,8 @@ class Lines:
                  unit: str = "it", every_s: Optional[float] = None, file: Optional[TextIO] = None):
         self.iterable, self.desc, self.unit = iterable, desc, unit
         self.every_s = LINE_EVERY_S if every_s is None else every_s
-        self.total = total if total is not None or iterable is None else len(iterable)
-        self.n = self.start = initial
+        self.total = total if total is not None or not hasattr(iterable, "__len__") else len(iterable)
+        self.n = self.start = self.shown = initial  # shown: the count of the last line printed
         self.postfix, self.file = "", file
         self.t0 = self.last = time.monotonic()
 
@@ -51,18 +51,23 @@ class Lines:
         for item in self.iterable:
             yield item
             self.update(1)
+        self.close()
 
     def update(self, n: int = 1) -> None:
         """Count `n` more; print a line when `every_s` have passed since the last one."""
         self.n += n
+        if time.monotonic() - self.last >= self.every_s:
+            self._line()
+
+    def _line(self) -> None:
+        """Print the count, what set_postfix gave, the rate and the time left."""
         now = time.monotonic()
-        if now - self.last < self.every_s:
-            return
-        self.last = now
+        self.last, self.shown = now, self.n
         rate = (now - self.t0) / max(self.n - self.start, 1)  # seconds per unit
-        left = f", about {duration(rate * (self.total - self.n))} left" if self.total else ""
+        known = self.total is not None
+        left = f", about {duration(rate * max(self.total - self.n, 0))} left" if known else ""
         postfix = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}/{self.total or '?'} {self.unit}s{postfix} ({rate:.2f} s/{self.unit}{left})",
+        print(f"{self.desc}: {self.n}/{self.total if known else '?'} {self.unit}s{postfix} ({rate:.2f} s/{self.unit}{left})",
               file=self.file or sys.stderr, flush=True)
 
     def set_postfix(self, **values) -> None:
@@ -74,7 +79,9 @@ class Lines:
         print(text, flush=True)
 
     def close(self) -> None:
-        """Nothing to clear (tqdm's interface)."""
+        """The last count, when lines were printed before and it has moved since (tqdm's interface: nothing to clear)."""
+        if self.start < self.shown < self.n:
+            self._line()
 
 
 def progress_bar(iterable: Optional[Iterable] = None, *, show: Show, total: Optional[int] = None, desc: str = "",

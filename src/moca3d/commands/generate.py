@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used unless --vae is given)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
-        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda (auto: cuda when available; another GPU: CUDA_VISIBLE_DEVICES)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),

@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         vae: Optional[Path] = typer.Option(None, "--vae", callback=shipped, help="VAE folder for the exported pipeline (default: a resumed run's own, else the init pipeline's)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
-        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda (auto: cuda when available; another GPU: CUDA_VISIBLE_DEVICES)."),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),

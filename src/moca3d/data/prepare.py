@@ -146,6 +146,7 @@ class Job:
     id: str
     source: str  # a path, or "procedural:<kind>:<seed>:<index>"
     category: str = "mesh"  # of a file asset (PartNet's and procedural ones carry their own)
+    digest: str | None = None  # `source_digest`, when `resume_jobs` computed it (not read again)
 
 
 @dataclass
@@ -410,7 +411,7 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
         "duplicate_components": duplicates,
         "warnings": notes,
         # a file's: how it was stood up, and its content's fingerprint (a rerun tells it from a namesake by it)
-        **({"up_axis": config.up_axis, "source_sha1": source_digest(job.source)}
+        **({"up_axis": config.up_axis, "source_sha1": job.digest or source_digest(job.source)}
            if not job.source.startswith("procedural:") else {}),
     }
     (out_dir / META).write_text(json.dumps(record))
@@ -437,9 +438,11 @@ def run_job(job: Job, root: Path, config: PrepareConfig) -> tuple[str, dict]:
 
 
 def _worker_init() -> None:
-    """One torch thread per worker process: the processes are the parallelism."""
+    """One torch thread per worker process: the processes are the parallelism; Ctrl+C is the parent's (a worker the
+    pool starts again later, outside `_workers_ignore_sigint`, ignores it too)."""
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -518,7 +521,8 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
     the same category, for a job given one (chairs/a.glb is not tables/a.glb). A new source whose id an asset of another
     source holds (a.obj added beside a.ply, another folder's chair.glb) gets the next free `_k` id, said in `notes` (by
     source). A source with the content of an asset or of an earlier job (the same file under another --category, a copy
-    under another name) is left out, said in `duplicates` (by source): two copies could land in train and test."""
+    under another name, chairs/a.glb and tables/a.glb alike) is left out, said in `duplicates` (by source): two copies
+    could land in train and test. Each new file source is read once for that (its digest travels with its job)."""
     finished = _finished_sources(root)
     namesakes: dict[str, list[dict]] = {}  # source file name -> the assets prepared from a file of that name
     at_path: dict[str, list[dict]] = {}  # a recorded source's real path -> the assets prepared from it
@@ -532,7 +536,7 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
     digests: dict[str, str | None] = {}
 
     def digest(path: str) -> str | None:
-        if path not in digests:  # each file read once, and only for a namesake at another path
+        if path not in digests:  # each file read once
             try:
                 digests[path] = source_digest(path)
             except OSError:
@@ -547,12 +551,13 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
         if any(fits(a) for a in at_path.get(os.path.realpath(job.source), [])) or any(
                 fits(a) and _same_content(job.source, a, digest) for a in namesakes.get(Path(job.source).name, [])):
             continue
-        content = digest(job.source) if Path(job.source).exists() else None  # (procedural jobs have no file)
+        content = None if job.source.startswith("procedural:") else digest(job.source)
         twin = by_content.get(content) if content else None
         if twin is not None:
             if duplicates is not None:
                 same = twin["source"] and os.path.realpath(twin["source"]) == os.path.realpath(job.source)
                 what = (f"already prepared as asset '{twin['id']}' (category '{twin['category']}')" if same else
+                        f"the same content as {twin['source']} (prepared in this run as '{twin['id']}')" if twin.get("now") else
                         f"the same content as asset '{twin['id']}' (from {twin['source']})")
                 duplicates[job.source] = f"left out {job.source}: {what}; one asset per file keeps a copy out of another split"
             continue
@@ -566,8 +571,8 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
             job = Job(f"{job.id}_{k}", job.source, job.category)
             taken.add(job.id)
         if content:
-            by_content[content] = {"id": job.id, "source": job.source, "category": job.category}
-        todo.append(job)
+            by_content[content] = {"id": job.id, "source": job.source, "category": job.category, "now": True}
+        todo.append(Job(job.id, job.source, job.category, content))
     return todo
 
 
@@ -633,7 +638,7 @@ def prepare(
     reported = reported_sources(root, settings)
     renames: dict[str, str] = {}
     duplicates: dict[str, str] = {}
-    todo = [j for j in resume_jobs(jobs, root, renames, duplicates) if j.source not in reported]
+    todo = resume_jobs([j for j in jobs if j.source not in reported], root, renames, duplicates)  # reported: never twins
     renames = {job.source: renames[job.source] for job in todo if job.source in renames}
     summary = PrepareSummary(already_done=len(jobs) - len(todo) - len(duplicates), total=len(jobs), renamed=len(renames),
                              duplicates=len(duplicates))

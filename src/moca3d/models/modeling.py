@@ -29,10 +29,11 @@ class AtomicSaveMixin:
         try:
             super().save_pretrained(tmp, *args, **kwargs)
             files = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name == self.config_name)  # config last
+            mode = (tmp / self.config_name).stat().st_mode & 0o777  # written with open(): the user's umask
             for path in files:  # on disk before any rename
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
-                os.chmod(path, 0o644)  # diffusers writes the weights through a 0600 temporary file: unreadable to others
+                os.chmod(path, mode)  # diffusers writes the weights through a 0600 temporary file: as config.json instead
             (final / self.config_name).unlink(missing_ok=True)  # incomplete from here until the new config.json is in
             for path in files:
                 os.replace(path, final / path.name)

@@ -446,7 +446,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         state["rng"] = rng_meta
         atomic_write_json(state, tmp / "state.json")  # last: marks the checkpoint complete
         if final.exists():
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:

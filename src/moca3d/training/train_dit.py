@@ -501,6 +501,9 @@ def train(
         torch.set_num_threads(cfg.num_threads)
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():  # else bf16 on the CPU
         raise ConfigError(f"device '{device}' requested but CUDA is not available")
+    if device is not None and str(device).startswith("cuda:") and str(device) != "cuda:0":  # accelerate takes GPU 0
+        raise ConfigError(f"device '{device}': training runs on the first visible GPU; choose it with "
+                          f"CUDA_VISIBLE_DEVICES={str(device).split(':', 1)[1]} and --device cuda")
     use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     precision = cfg.mixed_precision
     if precision == "auto":
@@ -565,12 +568,13 @@ def train(
         raise ConfigError(f"{data_dir}: {data.ids[largest]} has {data.latents[largest].shape[0]} components, more than the "
                           f"transformer's {limit} IDs: lower max_components to {limit} (such assets are left out), or raise "
                           "transformer.id_codebook_size (a new transformer)")
-    validate_every = cfg.validate_every if vae is not None and not scene else 0
+    validate_every = cfg.validate_every if vae is not None and not scene and cfg.validate_every <= cfg.steps else 0
     if validate_every and Path(data_dir).is_file():  # a cache holds one split: no val assets to generate
-        warn_input(f"validate_every {validate_every}: validation reads the dataset folder's val split, which a latent cache "
-                   f"({data_dir}) does not hold; training without it (evaluate-model scores the exported pipeline)")
+        if accelerator.is_main_process:
+            warn_input(f"validate_every {validate_every}: validation reads the dataset folder's val split, which a latent cache "
+                       f"({data_dir}) does not hold; training without it (evaluate-model scores the exported pipeline)")
         validate_every = 0
-    if 0 < validate_every <= cfg.steps:  # what `validate` reads, checked now
+    if validate_every:  # what `validate` reads, checked now
         try:
             select_records(data_dir, "val", cfg.val_assets, 1, min(cfg.max_components, limit))
         except InputError as err:  # a small dataset's 5% val split is often empty

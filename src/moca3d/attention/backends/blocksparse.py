@@ -44,11 +44,19 @@ def default_block_size(latent_len: int, num_compressed: int, device: torch.devic
     return bs
 
 
+_EAGER_QUIETED = []  # non-empty once torch's once-a-process advice to compile eager flex_attention has been silenced
+
+
 def _eager_flex(*args, **kwargs) -> torch.Tensor:
-    """flex_attention unfused (differentiable on the CPU; chosen on purpose), without torch's multi-line advice to compile."""
+    """flex_attention unfused (differentiable on the CPU; chosen on purpose), without torch's multi-line advice to compile
+    (torch gives it once a process: only the first call is wrapped, the others run as they are)."""
+    if _EAGER_QUIETED:
+        return flex_attention(*args, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
-        return flex_attention(*args, **kwargs)
+        out = flex_attention(*args, **kwargs)
+    _EAGER_QUIETED.append(True)
+    return out
 
 
 def _flex(compiled: bool):
