@@ -99,6 +99,7 @@ def _check_finite(model: torch.nn.Module, where: Path) -> None:
 
 
 VAE_ENCODER_KEY = "vae_encoder"  # model_index.json: the fingerprint (`encoder_id`) of the VAE encoder saved with the pipeline
+VAE_ENCODER_DTYPE = torch.float16  # ... of its tensors at fp16: the same for a pipeline saved in fp16 and loaded in fp32
 
 
 def _check_vae_encoder(recorded: Optional[str], vae: VecSetVAE, root: Path) -> None:
@@ -108,7 +109,7 @@ def _check_vae_encoder(recorded: Optional[str], vae: VecSetVAE, root: Path) -> N
         return
     from moca3d.training.train_vae import encoder_id
 
-    if encoder_id(vae) != recorded:
+    if encoder_id(vae, VAE_ENCODER_DTYPE) != recorded:
         raise CheckpointError(f"{root / 'vae'}: not the VAE this pipeline was saved with (another encoder than {recorded}): its "
                               "transformer's latents would decode wrong; put the pipeline's own vae/ back (a decoder "
                               "fine-tune of it, which keeps the encoder, fits)")
@@ -227,7 +228,7 @@ class MoCAPipeline:
         (root / "model_index.json").unlink(missing_ok=True)  # over an earlier export: incomplete until the end
         from moca3d.training.train_vae import encoder_id
 
-        index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version(), VAE_ENCODER_KEY: encoder_id(self.vae)}
+        index = {"_class_name": "MoCAPipeline", "_moca3d_version": _version(), VAE_ENCODER_KEY: encoder_id(self.vae, VAE_ENCODER_DTYPE)}
         if self.trained_components is not None:
             index[TRAINED_KEY] = int(self.trained_components)
         for name, klass in COMPONENTS.items():

@@ -603,10 +603,12 @@ def load_vae_folder(folder: Path, hint: str = "") -> VecSetVAE:
 LATENT_MODULES = ("encoder", "quant")  # the posterior, points -> (mean, log-variance): all a VAE's latents depend on
 
 
-def encoder_id(model: torch.nn.Module) -> str:
+def encoder_id(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> str:
     """The fingerprint of a VAE's LATENT_MODULES, recorded with the latents it caches: a transformer trained on them
-    must be paired with a VAE of the same encoder (a decoder fine-tune keeps it)."""
-    state = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in LATENT_MODULES}
+    must be paired with a VAE of the same encoder (a decoder fine-tune keeps it). `dtype`: of the tensors hashed (one
+    whatever the dtype the weights are stored or loaded in, e.g. float16 for a pipeline saved in fp16 and loaded in fp32)."""
+    state = {k: v if dtype is None or not v.is_floating_point() else v.to(dtype)
+             for k, v in model.state_dict().items() if k.split(".")[0] in LATENT_MODULES}
     return "sha256:" + fingerprint(state)["sha256"][:16]
 
 
