@@ -41,14 +41,14 @@ def test_cli_progress_is_lines_off_a_terminal_and_durations_read_well():
 def test_lines_take_iterables_without_a_length_a_zero_total_and_end_with_the_last_count():
     stream = io.StringIO()
     assert list(Lines((i for i in range(3)), desc="read", every_s=0.0, file=stream)) == [0, 1, 2]
-    assert stream.getvalue().splitlines()[-1].startswith("read: 3/? its (")  # a generator: no total, no time left
+    assert stream.getvalue().splitlines()[-1].startswith("read: 3/? it (")  # a generator: no total, no time left
     empty = io.StringIO()
     Lines(total=0, desc="none", every_s=0.0, file=empty).update(1)
-    assert empty.getvalue().startswith("none: 1/0 its (") and "about 0 s left" in empty.getvalue()  # not "-0 s"
+    assert empty.getvalue().startswith("none: 1/0 it (") and "about 0 s left" in empty.getvalue()  # not "-0 s"
     late = io.StringIO()
     lines = Lines(total=10, desc="train", every_s=0.0, file=late)
     lines.update(2)
     lines.every_s = 1e9  # the next updates fall inside the interval
     lines.update(5)
     lines.close()
-    assert [line.split(" (")[0] for line in late.getvalue().splitlines()] == ["train: 2/10 its", "train: 7/10 its"]
+    assert [line.split(" (")[0] for line in late.getvalue().splitlines()] == ["train: 2/10 it", "train: 7/10 it"]

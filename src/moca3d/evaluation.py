@@ -40,9 +40,9 @@ def check_model_fits(pipe, records: list[dict], root, flag: str) -> None:
                           f"limit of {limit} (the most: {most['id']}, {most['num_components']}): lower {flag} to {limit}")
 
 
-def with_progress(items: list, desc: str, show: Show):
+def with_progress(items: list, desc: str, show: Show, unit: str = "it"):
     """`items`, wrapped in a bar or progress lines (`show`: moca3d.progress)."""
-    return progress_bar(items, show=show, desc=desc) if show else items
+    return progress_bar(items, show=show, desc=desc, unit=unit) if show else items
 
 
 def category_of(name: str) -> str:
@@ -168,7 +168,7 @@ def evaluate_pipeline(
     check_model_fits(None if reconstruct or predictions is not None else pipe, records, root, "--max-parts (max_parts)")
     config = MetricsConfig(num_points=metric_points, seed=seed, frame=frame)
     per_asset, missing, unusable = [], [], []
-    for rec in with_progress(records, f"evaluate {split}", progress):
+    for rec in with_progress(records, f"evaluate {split}", progress, "asset"):
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
         t0, settings = time.time(), {}
@@ -255,7 +255,7 @@ def evaluate_scenes(
     config = MetricsConfig(num_points=metric_points, seed=seed, frame=frame)
     cuda = pipe is not None and pipe.device.type == "cuda"
     per_scene, skipped, missing, unusable = [], [], [], []
-    for rec in with_progress(records, f"evaluate scenes {split}", progress):
+    for rec in with_progress(records, f"evaluate scenes {split}", progress, "scene"):
         asset = Path(root) / "assets" / rec["id"]
         gt, names = load_components(asset / "mesh.glb")
         masks = component_masks(asset / "mask.png", len(gt))  # (N, H, W)

@@ -67,7 +67,8 @@ class Lines:
         known = self.total is not None
         left = f", about {duration(rate * max(self.total - self.n, 0))} left" if known else ""
         postfix = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}/{self.total if known else '?'} {self.unit}s{postfix} ({rate:.2f} s/{self.unit}{left})",
+        units = self.unit if self.unit == "it" else f"{self.unit}s"  # tqdm's "it" stays as it is
+        print(f"{self.desc}: {self.n}/{self.total if known else '?'} {units}{postfix} ({rate:.2f} s/{self.unit}{left})",
               file=self.file or sys.stderr, flush=True)
 
     def set_postfix(self, **values) -> None:
