@@ -97,6 +97,33 @@ def test_input_warnings_are_said_by_the_first_process_alone(monkeypatch, capsys)
     assert capsys.readouterr().err == "warning: five assets left out\n"
 
 
+def test_errors_and_interruptions_are_said_by_the_first_process_alone(monkeypatch, capsys):
+    """Under torchrun each process printed the same `error:` line and the same `interrupted:` line (twice for 2)."""
+    import sys
+
+    import typer
+
+    from moca3d import cli
+    from moca3d.commands.common import training_stops
+    from moca3d.errors import ConfigError
+    from moca3d.training.stop import TrainingStopped
+
+    def failing(*args, **kwargs):
+        raise ConfigError("batch_size 3 must be divisible by the 2 processes")
+
+    monkeypatch.setattr(cli, "app", failing)
+    monkeypatch.setattr(sys, "argv", ["moca3d"])
+    for rank, said in (("1", ""), ("0", "error: batch_size 3 must be divisible by the 2 processes\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as ended:
+            cli.main()
+        assert ended.value.code == 2 and capsys.readouterr().err == said, rank
+        with pytest.raises(typer.Exit):
+            with training_stops(Path("run")):
+                raise TrainingStopped("stopped at step 75 of 300 (SIGTERM)", signum=15)
+        assert capsys.readouterr().err == ("interrupted: stopped at step 75 of 300 (SIGTERM)\n" if rank == "0" else ""), rank
+
+
 def test_pipeline_reconstruct_round_trips_components_through_its_vae(pipe, tmp_path):
     """The VAE round trip (the ceiling of any transformer) took private pieces from training/train_vae.py: now one call,
     for a list, one mesh or a file, in the input's frame and order, an empty component kept in its place."""

@@ -7,13 +7,13 @@ inside the command functions so that `moca3d --help` is instant.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import sys
 import warnings
 
 import typer
 
+from moca3d.commands.common import first_process
 from moca3d.errors import InputWarning, MoCA3DError, out_of_memory
 
 app = typer.Typer(
@@ -67,7 +67,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     """Our InputWarnings as one yellow line on stderr, said by the first process of a multi-process launch alone (each
     reads the same data: torchrun's 8 processes said each line 8 times); any other warning as Python shows it."""
     if issubclass(category, InputWarning):
-        if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        if not first_process():
             return
         typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
     else:
@@ -82,8 +82,9 @@ def main() -> None:
     warnings.showwarning = show_warning
     try:
         app(standalone_mode=True)
-    except MoCA3DError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    except MoCA3DError as err:  # each process of a launch meets the same one: the first says it
+        if first_process():
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except OSError as err:  # a failed read or write (permission, disk full): its reason and file, one line
         where = f": {err.filename}" if err.filename else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -222,11 +223,15 @@ def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Opt
 RUN_LENGTH_FLAGS = {"steps": "--steps", "time_limit_s": "--time-limit"}  # recipe keys a resumed run keeps unless given
 
 
-def say_once(message: str) -> None:
-    """Echo `message` from the first process alone of a launch (torchrun, accelerate launch: RANK), or from this one."""
-    import os
+def first_process() -> bool:
+    """Whether this is the first process of a launch (torchrun, accelerate launch: RANK 0), or the only one: the one
+    that speaks for all (each would say the same line)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
-    if os.environ.get("RANK", "0") == "0":
+
+def say_once(message: str) -> None:
+    """Echo `message` from the first process alone of a launch, or from this one."""
+    if first_process():
         typer.echo(message)
 
 
@@ -313,10 +318,12 @@ def training_stops(output: Path) -> Iterator[None]:
     try:
         yield
     except TrainingStopped as stop:  # the step's checkpoint is written
-        typer.echo(f"interrupted: {stop}", err=True)
+        if first_process():
+            typer.echo(f"interrupted: {stop}", err=True)
         raise typer.Exit(128 + int(stop.signum)) from None
     except KeyboardInterrupt:  # a second Ctrl+C: at once
-        typer.echo(f"interrupted: {output}'s newest checkpoint is the last one written; the same command resumes", err=True)
+        if first_process():
+            typer.echo(f"interrupted: {output}'s newest checkpoint is the last one written; the same command resumes", err=True)
         raise typer.Exit(130) from None
 
 
