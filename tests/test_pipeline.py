@@ -477,6 +477,23 @@ def test_a_vae_of_another_encoder_swapped_into_a_pipeline_is_refused(dataset, tm
                 MoCAPipeline.from_pretrained(folder)
 
 
+def test_train_takes_threads_and_a_resume_may_change_them(dataset, tmp_path):
+    """train had no --threads (train-vae had): a torchrun user's `--threads 1` was a usage error from every process."""
+    from moca3d.cli import app
+
+    root, vae_dir = dataset
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(tiny_recipe(steps=1).to_dict()))
+    base = ["train", str(root), "--config", str(recipe), "--vae", str(vae_dir), "--device", "cpu", "-o", str(tmp_path / "run")]
+    first = CliRunner().invoke(app, base + ["--threads", "1"])
+    assert first.exit_code == 0, first.output
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["num_threads"] == 1
+    again = CliRunner().invoke(app, base[:2] + base[6:] + ["--threads", "2", "--steps", "2"])  # the run's recipe, resumed
+    assert again.exit_code == 0 and "trained 1 step (to step 2)" in again.output, again.output
+    bad = CliRunner().invoke(app, base + ["--threads", "-1"])
+    assert "--threads must be >= 0" in str(bad.exception)
+
+
 def test_nan_weights_are_refused(dataset, tmp_path):
     root, vae_dir = dataset
     train(root, tmp_path / "run", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)

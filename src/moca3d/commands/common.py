@@ -200,10 +200,18 @@ EXPORT_ONLY_HELP = ("Write OUTPUT/pipeline from the newest checkpoint (its EMA w
                     "long run part-way; run the same command without it to train on (the end overwrites that pipeline).")
 
 
-def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int],
-                             attention_mode: Optional[str], time_limit: Optional[float], lora_rank: Optional[int] = None) -> dict:
+THREADS_HELP = "torch CPU threads (the recipe's num_threads; 0: torch's default); may change when a run resumes."
+
+
+def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int], attention_mode: Optional[str],
+                             time_limit: Optional[float], lora_rank: Optional[int] = None, threads: Optional[int] = None) -> dict:
     """Apply the command-line overrides of `train` / `train-scene` to a recipe dict (checked)."""
     from moca3d.attention.config import MODES
+
+    if threads is not None:
+        if threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {threads}")
+        recipe["num_threads"] = threads
 
     if steps is not None:
         recipe["steps"] = steps

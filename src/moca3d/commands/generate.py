@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
                                     resume_recipe, run_dit_training, run_vae, save_generation, shipped, write_json)
@@ -150,6 +150,7 @@ def register(app: typer.Typer) -> None:
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there; a resumed run keeps its own until given again), then export."),
         lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the adapter alone, for --lora) and keep the image encoder frozen; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
         from moca3d.training.train_dit import DiTTrainConfig
@@ -161,7 +162,7 @@ def register(app: typer.Typer) -> None:
         vae = run_vae(output, vae, resume, recipe.get("init_from"))
         if vae is None and not recipe.get("init_from"):
             raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless it starts from a pipeline (--init-from or the recipe's init_from)")
-        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
+        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank, threads)
         keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
         if lora_rank:  # the memory-lean fine-tune: the encoder stays as it is too (as TripoSG keeps DINOv2)
             recipe["freeze_image_encoder"] = True

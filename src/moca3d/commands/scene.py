@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
                                     interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae, shipped,
                                     save_generation, write_json)
@@ -146,6 +146,7 @@ def register(app: typer.Typer) -> None:
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there; a resumed run keeps its own until given again), then export."),
         lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the run's changes alone, the encoder's adapters and widened projection too, for generate-scene --lora), 0 in full; needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     ) -> None:
         """Fine-tune an object pipeline on scenes: 7-channel per-instance conditions, LoRA on the encoder."""
         from moca3d.training.train_dit import DiTTrainConfig
@@ -155,6 +156,6 @@ def register(app: typer.Typer) -> None:
         recipe["condition"] = "scene"
         if init_from is not None:
             recipe["init_from"] = str(init_from)
-        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank)
+        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank, threads)
         keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
         run_dit_training(data, output, recipe, run_vae(output, vae, resume, recipe.get("init_from")), device, resume, export_only)
