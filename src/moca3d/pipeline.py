@@ -85,6 +85,8 @@ def _check_finite(model: torch.nn.Module, where: Path) -> None:
     for name, tensor in state.items():
         if tensor.is_meta:  # diffusers leaves a tensor missing from the file uninitialised, on the meta device
             raise CheckpointError(f"{where}: tensor '{name}' is missing from the weights")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}: tensor '{name}' contains NaN or Inf")
     from safetensors import safe_open
 
     for file in sorted(Path(where).glob("*.safetensors")):
@@ -93,9 +95,6 @@ def _check_finite(model: torch.nn.Module, where: Path) -> None:
                 kind = stored.get_slice(name).get_dtype()  # "F32", "BF16", "I32", ...
                 if name in state and state[name].is_floating_point() and not kind.startswith(("F", "BF")):
                     raise CheckpointError(f"{file}: tensor '{name}' is stored as {kind}, not floating point")
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{where}: tensor '{name}' contains NaN or Inf")
 
 
 VAE_ENCODER_KEY = "vae_encoder"  # model_index.json: the fingerprint (`encoder_id`) of the VAE encoder saved with the pipeline

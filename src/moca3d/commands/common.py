@@ -203,16 +203,20 @@ EXPORT_ONLY_HELP = ("Write OUTPUT/pipeline from the newest checkpoint (its EMA w
 THREADS_HELP = "torch CPU threads (the recipe's num_threads; 0: torch's default); may change when a run resumes."
 
 
-def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int], attention_mode: Optional[str],
-                             time_limit: Optional[float], lora_rank: Optional[int] = None, threads: Optional[int] = None) -> dict:
-    """Apply the command-line overrides of `train` / `train-scene` to a recipe dict (checked)."""
-    from moca3d.attention.config import MODES
-
+def apply_threads(recipe: dict, threads: Optional[int]) -> None:
+    """--threads into a training recipe's num_threads (checked), when given."""
     if threads is not None:
         if threads < 0:
             raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {threads}")
         recipe["num_threads"] = threads
 
+
+def apply_training_overrides(recipe: dict, steps: Optional[int], batch_size: Optional[int], attention_mode: Optional[str],
+                             time_limit: Optional[float], lora_rank: Optional[int] = None, threads: Optional[int] = None) -> dict:
+    """Apply the command-line overrides of `train` / `train-scene` to a recipe dict (checked)."""
+    from moca3d.attention.config import MODES
+
+    apply_threads(recipe, threads)
     if steps is not None:
         recipe["steps"] = steps
     if batch_size is not None:
@@ -341,7 +345,6 @@ def run_dit_training(data: Path, output: Path, recipe: dict, vae: Optional[Path]
     from moca3d.training.train_dit import DiTTrainConfig, train
 
     check_run_folder(output)
-    device = resolve_device(device)  # cuda asked on a machine without it: refused, not trained on the CPU in bf16
     with training_stops(output):
         result = train(data, output, DiTTrainConfig.from_dict(recipe), vae_dir=vae, device=device, resume=resume,
                        export_only=export_only, progress=cli_progress(sys.stdout))  # rich's bar on stdout, else lines

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, shipped, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
+from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, THREADS_HELP, apply_threads, shipped, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
                                    resume_recipe, training_stops, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError, warn_input
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the batch size (components)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT_DIR."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
         init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Start from this VAE folder (fine-tune)."),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only: latents cached with --init-from's VAE (and transformers trained on them) stay valid."),
         validate: bool = typer.Option(True, "--validate/--no-validate", help="Reconstruct the val split's assets at the end (CD, F-score; minutes at the recipe's val_resolution); --no-validate for a quick trial run (eval-vae scores it later)."),
@@ -88,10 +88,7 @@ def register(app: typer.Typer) -> None:
             recipe["steps"] = steps
         if batch_size is not None:
             recipe["batch_size"] = batch_size
-        if threads is not None:
-            if threads < 0:
-                raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {threads}")
-            recipe["num_threads"] = threads
+        apply_threads(recipe, threads)
         if init_from is not None:
             recipe["init_from"] = str(init_from)
         if freeze_encoder:

@@ -499,8 +499,10 @@ def train(
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():  # else bf16 on the CPU
-        raise ConfigError(f"device '{device}' requested but CUDA is not available")
+    if device is not None:  # "auto" resolved; cuda asked without it refused (it trained on the CPU in bf16)
+        from moca3d.commands.common import resolve_device
+
+        device = resolve_device(str(device))
     if device is not None and str(device).startswith("cuda:") and str(device) != "cuda:0":  # accelerate takes GPU 0
         raise ConfigError(f"device '{device}': training runs on the first visible GPU; choose it with "
                           f"CUDA_VISIBLE_DEVICES={str(device).split(':', 1)[1]} and --device cuda")
