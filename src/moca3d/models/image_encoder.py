@@ -43,6 +43,9 @@ class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
             VecSetBlock(width, num_heads, mlp_ratio, self_attention=True, cross_attention=False, eps=1e-6) for _ in range(num_layers)
         )
         self.norm = LayerNorm32(width, eps=1e-6)
+        # With one image per process the token's gradient is a slice of the cat's, strided as (1, M, width):
+        # DistributedDataParallel then warns that grad strides do not match its bucket and copies every step.
+        self.cls_token.register_hook(_dense_grad)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,6 +75,11 @@ class ImageEncoder(AtomicSaveMixin, ModelMixin, ConfigMixin):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+def _dense_grad(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with its parameter's (contiguous) strides."""
+    return grad.clone(memory_format=torch.contiguous_format)
 
 
 # -- scene conditioning (DESIGN.md §4): a 7-channel first projection, LoRA fine-tuning ---------------
