@@ -124,6 +124,26 @@ def test_errors_and_interruptions_are_said_by_the_first_process_alone(monkeypatc
         assert capsys.readouterr().err == ("interrupted: stopped at step 75 of 300 (SIGTERM)\n" if rank == "0" else ""), rank
 
 
+def test_usage_errors_are_printed_by_the_first_process_alone(monkeypatch, capsys):
+    """Under torchrun each process printed the same usage error box; later ones now end with its status silently."""
+    import sys
+
+    from moca3d import cli
+
+    for argv, code in ((["moca3d", "train", "--bogus"], 2), (["moca3d", "train"], 2), (["moca3d", "info", "--help"], 0)):
+        monkeypatch.setattr(sys, "argv", argv)
+        for rank in ("1", "0"):
+            monkeypatch.setenv("RANK", rank)
+            with pytest.raises(SystemExit) as ended:
+                cli.main()
+            out = capsys.readouterr()
+            assert ended.value.code == code, (argv, rank)
+            if code:
+                assert ("Usage:" in out.err and "train" in out.err) == (rank == "0"), (argv, rank)
+            else:  # --help is asked of each process: each answers
+                assert "Usage:" in out.out and "info" in out.out, rank
+
+
 def test_pipeline_reconstruct_round_trips_components_through_its_vae(pipe, tmp_path):
     """The VAE round trip (the ceiling of any transformer) took private pieces from training/train_vae.py: now one call,
     for a list, one mesh or a file, in the input's frame and order, an empty component kept in its place."""

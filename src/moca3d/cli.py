@@ -77,11 +77,26 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 PYTHON_SHOWWARNING = warnings.showwarning
 
 
+def _run_quietly() -> None:
+    """The CLI in a later process of a launch: a usage error (an unknown flag, a bad value) ends it with click's exit
+    status and no text, since the first process prints the same one (torchrun's 8 processes printed it 8 times)."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(1)
+    except typer.TyperException as err:  # click's usage errors (typer carries its own click)
+        sys.exit(getattr(err, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def main() -> None:
     """Console entry point: bad input ends with one clear line, not a stack trace."""
     warnings.showwarning = show_warning
     try:
-        app(standalone_mode=True)
+        if first_process():
+            app(standalone_mode=True)
+        else:
+            _run_quietly()
     except MoCA3DError as err:  # each process of a launch meets the same one: the first says it
         if first_process():
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
