@@ -59,8 +59,8 @@ def test_two_processes_pretrain_one_encoder_on_their_shares_of_each_batch(object
     first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert first["exit"] == second["exit"] == 0, (first["error"], second["error"])
     assert first["rows"] == second["rows"] == [2] * 4  # 2 of the 4 images of each step, on each process
-    assert "image encoder:" in first["output"] and "step=1 " in first["output"]  # the first process reports
-    assert "image encoder:" not in second["output"] and "step=" not in second["output"]  # (its stderr: a warning of accelerate's)
+    assert "image encoder:" in first["output"] and "step 1: loss " in first["output"]  # the first process reports
+    assert "image encoder:" not in second["output"] and "step 1:" not in second["output"]  # (its stderr: a warning of accelerate's)
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # one line a step: the first process's alone
     assert logged[-1]["event"] == "done" and logged[-1]["processes"] == 2

@@ -1,6 +1,7 @@
 """Image-encoder pre-training on coarse surface grids, and DiT training from the pre-trained encoder."""
 
 import json
+import re
 import os
 
 import numpy as np
@@ -207,6 +208,10 @@ def test_pretrain_encoder_cli(dataset, tmp_path):
     assert (tmp_path / "run" / "image_encoder" / "config.json").is_file()
     lines = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert lines[-1]["event"] == "done" and lines[-1]["step"] == 2
+    printed = result.output.splitlines()  # sentences, as the other training verbs print (log.jsonl keeps the records)
+    assert re.fullmatch(r"building the surface grids of \d+ assets \(once\): .*grids.*", printed[0]), printed
+    assert re.fullmatch(r"step [12]: loss \d\.\d+, lr [\d.e-]+, \d+ s", printed[1]), printed
+    assert re.fullmatch(r"finished at step 2 after \d+\.\d min of training: .*val_assets 1.*", printed[-2]), printed
     with open(tmp_path / "run" / "log.jsonl", "a") as f:  # a kill after logging step 3, before its checkpoint
         f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     result = CliRunner().invoke(app, ["pretrain-encoder", str(dataset), "-o", str(tmp_path / "run"),

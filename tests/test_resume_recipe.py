@@ -2,6 +2,7 @@
 given again (a requeued command that forgot --time-limit dropped the limit and raised the LR again)."""
 
 import json
+import re
 
 import pytest
 
@@ -71,6 +72,8 @@ def test_a_vae_run_resumes_without_its_config_and_keeps_its_steps(object_dataset
     again = invoke("train-vae", root, "-o", run, "--resume")  # no --config: the run's recipe, so nothing to train
     assert again.exit_code == 0, again.output
     assert "trained 0 steps (to step 2)" in again.output
+    assert re.search(r"trained 2 steps \(to step 2\) in \d+\.\d min; weights", first.output), first.output
+    assert re.search(r"in 0\.\d min \(\d+\.\d min over the whole run\)", again.output), again.output  # it was the run's
     requeued = invoke("train-vae", root, "-o", run, "--config", config, "--resume")  # the file says 4; the run was 2
     assert requeued.exit_code == 0, requeued.output
     assert "keeping the run's steps 2 (the recipe's is 4; --steps changes it)" in requeued.output

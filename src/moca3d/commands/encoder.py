@@ -49,10 +49,27 @@ def register(app: typer.Typer) -> None:
                 trim_log(log_path, record["step"])
             with open(log_path, "a") as log_file:
                 log_file.write(json.dumps(record) + "\n")
-            typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            typer.echo(describe(record))
 
         with training_stops(out_dir):
             folder = pretrain_encoder(cfg, data_dir, out_dir, cache=cache, log=log, device=resolve_device(device))
         if folder is None:  # a further process of a multi-process launch: the first one reports
             return
         typer.echo(f"image encoder: {folder}")
+
+
+def describe(record: dict) -> str:
+    """One pretraining log record (log.jsonl keeps them whole) as the line the command prints."""
+    rest = {k: v for k, v in record.items() if k not in ("event", "step", "elapsed_s", "path", "note", "finished")}
+    pairs = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rest.items())
+    event = record.get("event")
+    if event == "building surface grids":
+        return f"building the surface grids of {record['assets']} assets (once): {record['path']}"
+    if event == "resume":
+        return (f"resuming at step {record['step']}" + (f" ({record['note']})" if "note" in record else "")
+                + (f": {record['finished']}" if "finished" in record else ""))
+    if event == "done":
+        return f"finished at step {record['step']} after {record['elapsed_s'] / 60:.1f} min of training" + (f": {pairs}" if pairs else "")
+    if event is None and "step" in record:
+        return f"step {record['step']}: {pairs}, {record['elapsed_s']:.0f} s"
+    return " ".join(f"{k}={v}" for k, v in record.items())

@@ -101,8 +101,9 @@ def register(app: typer.Typer) -> None:
                                 validate_at_end=validate)
         if summary.get("writer") is False:  # a further process of a multi-process launch: the first one reports
             return
+        run = f" ({summary['train_time_s'] / 60:.1f} min over the whole run)" if summary["trained_steps"] < summary["steps"] else ""
         typer.echo(f"trained {plural(summary['trained_steps'], 'step')} (to step {summary['steps']}) in "
-                   f"{summary['train_time_s'] / 60:.1f} min of training; weights in {out_dir / 'vae'}")
+                   f"{summary['session_time_s'] / 60:.1f} min{run}; weights in {out_dir / 'vae'}")
         for k, v in summary.get("val", {}).items():
             typer.echo(f"  val {k}: {v:.4f}")
 

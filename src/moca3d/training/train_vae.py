@@ -571,7 +571,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     if processes:
         processes.wait_for_everyone()
     summary: dict[str, Any] = {"steps": cfg.steps, "trained_steps": max(cfg.steps - start, 0), "train_time_s": train_time,
-                               "processes": world}
+                               "session_time_s": time.time() - t0, "processes": world}  # the run's, and this launch's
     if not main:
         return {**summary, "writer": False}  # the first process reports
     if not cfg.freeze_encoder:  # a frozen encoder keeps init_from's factors (in cfg.model)
