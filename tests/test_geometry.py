@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 
 from moca3d.errors import InputError
@@ -10,7 +11,7 @@ from moca3d.geometry.mesh_io import Normalization, load_components, normalize_me
 from moca3d.geometry.render import RenderConfig, object_camera, render, scene_camera
 from moca3d.geometry.sampling import (
     SurfaceSamplingConfig,
-    farthest_point_sample,
+    farthest_point_indices,
     sample_points,
     sample_sharp,
     sample_surface,
@@ -180,12 +181,12 @@ def test_sharp_samples_lie_on_box_edges_and_smooth_shapes_have_none():
 def test_farthest_point_sampling_count_and_spread(backend):
     rng = np.random.default_rng(0)
     # A dense cluster and a few far points: FPS must pick the far ones, random picks would not.
-    pts = np.concatenate([rng.normal(0, 0.01, (2000, 3)), np.eye(3) * 5, -np.eye(3) * 5])
-    idx = farthest_point_sample(pts, 16, backend=backend)
-    assert len(idx) == 16 and len(set(idx.tolist())) == 16
+    pts = torch.from_numpy(np.concatenate([rng.normal(0, 0.01, (2000, 3)), np.eye(3) * 5, -np.eye(3) * 5])).float()
+    idx = farthest_point_indices(pts[None], 16, backend=backend)[0]
+    assert idx.shape == (16,) and len(set(idx.tolist())) == 16 and idx[0] == 0  # from point 0 unless random_start
     assert set(range(2000, 2006)) <= set(idx.tolist())
     with pytest.raises(InputError):
-        farthest_point_sample(pts, 10_000)
+        farthest_point_indices(pts[None], 10_000)
 
 
 def test_inside_and_sdf_on_primitives():

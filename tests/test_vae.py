@@ -12,7 +12,8 @@ import torch
 import trimesh
 
 from moca3d.errors import ConfigError, InputError
-from moca3d.models.vae import VecSetVAE, canonical_token_order, convert_triposg_state_dict, farthest_point_indices
+from moca3d.geometry.sampling import farthest_point_indices
+from moca3d.models.vae import VecSetVAE, canonical_token_order, convert_triposg_state_dict
 
 TINY = dict(latent_channels=4, num_latents=16, num_attention_heads=2, width_encoder=32, width_decoder=32,
             num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import trimesh
 
-from moca3d.errors import InputError
+from moca3d.errors import ConfigError, InputError
 
 
 @dataclass
@@ -100,33 +101,38 @@ def sample_points(
     return _sample_faces(fused, count, rng)[0]
 
 
-def _fps_torch(points: torch.Tensor, count: int, start: int) -> torch.Tensor:
-    """Exact farthest-point sampling in torch (O(n * count)); returns indices (count,)."""
-    n = points.shape[0]
-    chosen = torch.empty(count, dtype=torch.long)
-    dist = torch.full((n,), float("inf"), dtype=points.dtype)
-    idx = start
-    for k in range(count):
-        chosen[k] = idx
-        dist = torch.minimum(dist, ((points - points[idx]) ** 2).sum(dim=1))  # (n,)
-        idx = int(torch.argmax(dist))
-    return chosen
+def farthest_point_indices(xyz: torch.Tensor, num_samples: int, random_start: bool = False,
+                           generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
+    """Farthest-point sample per batch element: xyz (B, P, 3) -> indices (B, num_samples) long.
 
+    Deterministic (starting from point 0) unless `random_start`. backend "auto" uses `fpsample`'s
+    exact FPS on CPU and an iterative torch loop ("torch") elsewhere; both give the same indices.
+    """
+    B, P, _ = xyz.shape
+    if num_samples > P:
+        raise InputError(f"cannot take {num_samples} farthest points from {P} points")
+    if num_samples == P:
+        return torch.arange(P, device=xyz.device).expand(B, P).clone()
+    if random_start:
+        starts = torch.randint(0, P, (B,), generator=generator).tolist()
+    else:
+        starts = [0] * B
+    if backend not in ("auto", "fpsample", "torch"):
+        raise ConfigError(f"unknown FPS backend '{backend}'")
+    if backend == "fpsample" or (backend == "auto" and xyz.device.type == "cpu"):
+        import fpsample
 
-def farthest_point_sample(points: np.ndarray | torch.Tensor, count: int, start: int = 0, backend: str = "auto") -> np.ndarray:
-    """Indices (count,) of a farthest-point subset of `points` (n, >=3); fpsample with a torch fallback."""
-    pts = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points)
-    xyz = np.ascontiguousarray(pts[:, :3], dtype=np.float32)  # (n, 3)
-    n = len(xyz)
-    if not 0 < count <= n:
-        raise InputError(f"farthest_point_sample: cannot pick {count} of {n} points")
-    if backend in ("auto", "fpsample"):
-        try:
-            import fpsample
-
-            # The kd-line bucket variant is exact FPS with a tree; height 5-7 is its sweet spot.
-            return np.asarray(fpsample.bucket_fps_kdline_sampling(xyz, count, h=7, start_idx=start), dtype=np.int64)
-        except ImportError:
-            if backend == "fpsample":
-                raise
-    return _fps_torch(torch.from_numpy(xyz).double(), count, start).numpy()
+        pts = xyz.detach().float().cpu().numpy()
+        idx = [fpsample.fps_sampling(pts[b], num_samples, start_idx=int(starts[b])) for b in range(B)]
+        return torch.from_numpy(np.stack(idx).astype(np.int64)).to(xyz.device)
+    pts = xyz.detach().float()
+    out = torch.empty(B, num_samples, dtype=torch.long, device=xyz.device)
+    cur = torch.tensor(starts, device=xyz.device)
+    dist = torch.full((B, P), float("inf"), device=xyz.device)
+    batch = torch.arange(B, device=xyz.device)
+    for i in range(num_samples):
+        out[:, i] = cur
+        d = (pts - pts[batch, cur][:, None]).pow(2).sum(-1)  # (B, P)
+        dist = torch.minimum(dist, d)
+        cur = dist.argmax(dim=1)
+    return out

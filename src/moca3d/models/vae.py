@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from moca3d.errors import ConfigError, InputError
+from moca3d.geometry.sampling import farthest_point_indices
 from moca3d.models.modeling import AtomicSaveMixin
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp of the posterior log-variance (numerical safety)
@@ -220,43 +221,6 @@ class DiagonalGaussian:
         """KL(q || N(0, I)) per sample, averaged over the L*C latent entries: (B,)."""
         kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)  # (B, L, C)
         return kl.flatten(1).mean(dim=1)
-
-
-def farthest_point_indices(xyz: torch.Tensor, num_samples: int, random_start: bool = False,
-                           generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
-    """Farthest-point sample per batch element: xyz (B, P, 3) -> indices (B, num_samples) long.
-
-    Deterministic (starting from point 0) unless `random_start`. backend "auto" uses `fpsample`'s
-    exact FPS on CPU and an iterative torch loop ("torch") elsewhere; both give the same indices.
-    """
-    B, P, _ = xyz.shape
-    if num_samples > P:
-        raise InputError(f"cannot take {num_samples} farthest points from {P} points")
-    if num_samples == P:
-        return torch.arange(P, device=xyz.device).expand(B, P).clone()
-    if random_start:
-        starts = torch.randint(0, P, (B,), generator=generator).tolist()
-    else:
-        starts = [0] * B
-    if backend not in ("auto", "fpsample", "torch"):
-        raise ConfigError(f"unknown FPS backend '{backend}'")
-    if backend == "fpsample" or (backend == "auto" and xyz.device.type == "cpu"):
-        import fpsample
-
-        pts = xyz.detach().float().cpu().numpy()
-        idx = [fpsample.fps_sampling(pts[b], num_samples, start_idx=int(starts[b])) for b in range(B)]
-        return torch.from_numpy(np.stack(idx).astype(np.int64)).to(xyz.device)
-    pts = xyz.detach().float()
-    out = torch.empty(B, num_samples, dtype=torch.long, device=xyz.device)
-    cur = torch.tensor(starts, device=xyz.device)
-    dist = torch.full((B, P), float("inf"), device=xyz.device)
-    batch = torch.arange(B, device=xyz.device)
-    for i in range(num_samples):
-        out[:, i] = cur
-        d = (pts - pts[batch, cur][:, None]).pow(2).sum(-1)  # (B, P)
-        dist = torch.minimum(dist, d)
-        cur = dist.argmax(dim=1)
-    return out
 
 
 TOKEN_ORDERS = ("fps", "canonical")  # latent token order: farthest-point order, or matched to a fixed template

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from moca3d.errors import ConfigError, InputError, one_line
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
-from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE, farthest_point_indices
+from moca3d.geometry.sampling import farthest_point_indices
+from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE
 from moca3d.progress import Show, progress_bar
 from moca3d.training.recipe import Recipe, check_resume, check_same_data, data_identity, lr_at, record_run_config
 from moca3d.training.distributed import batch_rows, launched_processes, process_mean
