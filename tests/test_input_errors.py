@@ -472,7 +472,7 @@ def test_a_run_folder_that_is_a_file_is_one_line(tmp_path, verb):
 def test_reports_are_standard_json_and_broken_data_files_are_named(tmp_path):
     from moca3d.data.dataset import load_cached_latents
     from moca3d.training.checkpoints import atomic_write_json
-    from moca3d.training.train_vae import load_samples
+    from moca3d.data.dataset import load_samples
 
     atomic_write_json({"chamfer": float("inf"), "rows": [float("nan"), 1.5]}, tmp_path / "report.json")
     text = (tmp_path / "report.json").read_text()

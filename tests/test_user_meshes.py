@@ -305,7 +305,7 @@ def test_a_single_file_is_prepared_and_a_z_up_one_stands_up(tmp_path):
     samples come out as the same object saved Y up."""
     import numpy as np
 
-    from moca3d.training.train_vae import load_samples
+    from moca3d.data.dataset import load_samples
 
     tall = trimesh.creation.box(extents=(0.4, 0.4, 2.0))  # tall along Z, a second part on top
     cap = trimesh.creation.box(extents=(0.6, 0.6, 0.2)).apply_translation([0, 0, 1.1])

@@ -406,7 +406,8 @@ def test_decoder_finetune_keeps_the_encoder_and_latent_scale(dataset, tmp_path):
 
 def test_load_split_mixes_assets_prepared_with_different_counts(tmp_path):
     """An asset with fewer surface points / queries sets the count; the others keep matching (point, sdf) subsets."""
-    from moca3d.training.train_vae import load_samples, load_split, read_manifest
+    from moca3d.data.dataset import load_samples, read_manifest
+    from moca3d.training.train_vae import load_split
 
     root = make_dataset(tmp_path / "mixed", num_assets=3, points=128, queries=128)
     first = read_manifest(root)[0]["id"]
@@ -426,7 +427,8 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     from safetensors.torch import load_file
 
     from moca3d.training.checkpoints import read_metadata
-    from moca3d.training.train_vae import encode_dataset, read_manifest
+    from moca3d.data.dataset import read_manifest
+    from moca3d.training.train_vae import encode_dataset
 
     model = tiny_vae()
     counts = encode_dataset(dataset, model, "tiny", num_points=64, progress=False, overwrite=True)
@@ -896,7 +898,8 @@ def test_encode_dataset_records_the_token_order(dataset, tmp_path):
     import shutil
 
     from moca3d.data.dataset import load_cached_latents
-    from moca3d.training.train_vae import encode_dataset, encoder_id, read_manifest
+    from moca3d.data.dataset import read_manifest
+    from moca3d.training.train_vae import encode_dataset, encoder_id
 
     dataset = Path(shutil.copytree(dataset, tmp_path / "data"))  # the module's dataset keeps its FPS latents
     model = tiny_vae()

@@ -81,7 +81,8 @@ def round_trip(pipe, asset: Path, resolution: int, points: int = 512) -> list:
     """
     import torch
 
-    from moca3d.training.train_vae import encode_latents, load_samples
+    from moca3d.data.dataset import load_samples
+    from moca3d.training.train_vae import encode_latents
 
     surface = torch.from_numpy(load_samples(asset.parent.parent, asset.name)["surface"]).float()  # (N, P, 6)
     latents = encode_latents(pipe.vae, surface.to(pipe.device), points, token_order=pipe.transformer.token_order)  # (N, L, C)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -43,6 +44,18 @@ def read_manifest(root: str | Path, split: str | None = None) -> list[dict]:
     return records
 
 
+def load_samples(root: str | Path, asset_id: str) -> dict[str, np.ndarray]:
+    """The surface and query arrays of ROOT/assets/<id>/samples.npz."""
+    path = Path(root) / "assets" / asset_id / "samples.npz"
+    if not path.is_file():
+        raise InputError(f"missing samples for asset {asset_id}: {path}")
+    try:
+        with np.load(path) as npz:
+            return {k: npz[k] for k in ("surface", "query_points", "query_sdf")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: unreadable samples ({one_line(err)}); prepare the asset again") from None
+
+
 def _subsample(n_total: int, n_keep: int | None, rng: np.random.Generator) -> np.ndarray | slice:
     """Random indices without replacement (sorted), or everything when n_keep is None or too large."""
     if n_keep is None or n_keep >= n_total:
@@ -69,11 +82,6 @@ class _PreparedBase(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Draw new subsamples each epoch (deterministic given seed, epoch and index)."""
         self.epoch = epoch
-
-    def _samples(self, asset_id: str) -> dict[str, np.ndarray]:
-        """The arrays of samples.npz for one asset."""
-        with np.load(self.root / "assets" / asset_id / "samples.npz") as data:
-            return {k: data[k] for k in ("surface", "query_points", "query_sdf")}
 
     def _pick(self, arrays: dict[str, np.ndarray], index: int) -> dict[str, torch.Tensor]:
         """Subsample surface and query points (the same subset for every component of an asset)."""
@@ -102,7 +110,7 @@ class AssetDataset(_PreparedBase):
         record = self.records[index]
         item = {"id": record["id"], "num_components": int(record["num_components"]), "names": record["names"],
                 "kind": record["kind"], "category": record["category"]}
-        item.update(self._pick(self._samples(record["id"]), index))  # surface (N, P, 6) ...
+        item.update(self._pick(load_samples(self.root, record["id"]), index))  # surface (N, P, 6) ...
         if self.load_images:
             from PIL import Image
 
@@ -129,7 +137,7 @@ class ComponentDataset(_PreparedBase):
         asset, component = self.index[index]
         asset_id = self.records[asset]["id"]
         if self._cache is None or self._cache[0] != asset_id:
-            self._cache = (asset_id, self._samples(asset_id))
+            self._cache = (asset_id, load_samples(self.root, asset_id))
         arrays = {k: v[component] for k, v in self._cache[1].items()}
         item = self._pick(arrays, index)  # surface (P, 6), query_points (Q, 3), query_sdf (Q,)
         item.update(asset_id=asset_id, component=component, name=self.records[asset]["names"][component])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moca3d.errors import ConfigError, InputError, one_line
+from moca3d.data.dataset import load_samples, read_manifest
+from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.geometry.sampling import farthest_point_indices
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE
@@ -121,17 +121,6 @@ class VAETrainConfig(Recipe):
 # ----------------------------------------------------------------------------------------------
 
 
-def read_manifest(root: str | Path) -> list[dict[str, Any]]:
-    """Entries of ROOT/manifest.jsonl."""
-    path = Path(root) / "manifest.jsonl"
-    if not path.is_file():
-        raise InputError(f"{root}: no manifest.jsonl (run `moca3d prepare` first)")
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not entries:
-        raise InputError(f"{path}: empty manifest")
-    return entries
-
-
 @dataclass
 class ComponentArrays:
     """All components of a split in memory, flat over assets."""
@@ -146,25 +135,13 @@ class ComponentArrays:
         return self.surface.shape[0]
 
 
-def load_samples(root: str | Path, asset_id: str) -> dict[str, np.ndarray]:
-    """Arrays of ROOT/assets/<id>/samples.npz."""
-    path = Path(root) / "assets" / asset_id / "samples.npz"
-    if not path.is_file():
-        raise InputError(f"missing samples for asset {asset_id}: {path}")
-    try:
-        with np.load(path) as npz:
-            return {k: npz[k] for k in ("surface", "query_points", "query_sdf")}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: unreadable samples ({one_line(err)}); prepare the asset again") from None
-
-
 def load_split(root: str | Path, split: str, max_assets: Optional[int] = None) -> ComponentArrays:
     """Load every component of the assets of one split (at most `max_assets` assets).
 
     Assets with more surface points or queries than the split's smallest count keep a fixed random
     subset of that size, so datasets prepared with different --num-surface / --num-queries mix.
     """
-    entries = [e for e in read_manifest(root) if e["split"] == split][:max_assets]
+    entries = read_manifest(root, split)[:max_assets]
     if not entries:
         raise InputError(f"{root}: no assets in split '{split}'")
     surf, qp, qs, ids, comp = [], [], [], [], []
@@ -380,7 +357,7 @@ def reconstruction_metrics(pred: list, gt: list, metric_points: int, seed: int =
 def validate(model: VecSetVAE, root: str | Path, cfg: VAETrainConfig, max_assets: Optional[int] = None,
              split: str = "val", progress: Show = False, per_asset: bool = False) -> dict[str, Any]:
     """Reconstruct held-out assets; mean per-part and per-asset CD and F-scores (+ each asset's under "assets")."""
-    entries = [e for e in read_manifest(root) if e["split"] == split][: (max_assets or cfg.val_assets)]
+    entries = read_manifest(root, split)[: (max_assets or cfg.val_assets)]
     if not entries:
         raise InputError(f"{root}: no assets in split '{split}' to validate on")
     extract = ExtractConfig(resolution=cfg.val_resolution, coarse_resolution=cfg.val_coarse_resolution,
@@ -466,7 +443,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     ckpt = latest_checkpoint(out_dir) if resume else None
     train = load_split(data_dir, "train")  # data and model first: bad input leaves no run folder behind
     assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
-    has_val = any(e["split"] == "val" for e in read_manifest(data_dir))
+    has_val = bool(read_manifest(data_dir, "val"))
     val_arrays = load_split(data_dir, "val") if has_val else None
     batch_rows(cfg.batch_size, rank, world)  # a one-line ConfigError when the processes do not divide the batch
     say = print if main else (lambda *args: None)
