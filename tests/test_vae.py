@@ -13,7 +13,8 @@ import trimesh
 
 from moca3d.errors import ConfigError, InputError
 from moca3d.geometry.sampling import farthest_point_indices
-from moca3d.models.vae import VecSetVAE, canonical_token_order, convert_triposg_state_dict
+from moca3d.convert.triposg import convert_vae_state_dict
+from moca3d.models.vae import VecSetVAE, canonical_token_order
 
 TINY = dict(latent_channels=4, num_latents=16, num_attention_heads=2, width_encoder=32, width_decoder=32,
             num_layers_encoder=1, num_layers_decoder=1, embed_frequency=4)
@@ -280,7 +281,7 @@ def test_triposg_naming_and_head_layout_conversion():
             tripo[f"{prefix}.{n}.weight"] = fused[i * D:(i + 1) * D]
     tripo["decoder.proj_out.weight"] = -sd["decoder.proj_out.weight"]
     tripo["decoder.proj_out.bias"] = -sd["decoder.proj_out.bias"]
-    back = convert_triposg_state_dict(tripo, heads)
+    back = convert_vae_state_dict(tripo, heads)
     for k, v in sd.items():
         assert torch.equal(back[k], v), k
 

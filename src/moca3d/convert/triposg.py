@@ -287,9 +287,30 @@ def vae_layout(config: dict) -> Layout:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def convert_vae_state_dict(state_dict: StateDict, num_heads: int) -> StateDict:
+    """Map a TripoSG VAE state dict onto VecSetVAE's layout.
+
+    TripoSG stores q|k|v (self-attention) and k|v (cross-attention) so that, once concatenated, the
+    rows are grouped per head ([q_h, k_h, v_h] for each head h); this model uses plain separate
+    projections, so the rows are regrouped (`split_per_head`, as for the DiT). TripoSG's decoder also
+    returns the negated projection, so `decoder.proj_out` is negated to keep "positive inside" equal.
+    """
+    out = dict(state_dict)
+    prefixes = sorted({k.rsplit(".", 2)[0] for k in state_dict if k.endswith("to_k.weight")})
+    for prefix in prefixes:
+        names = ["to_q", "to_k", "to_v"] if f"{prefix}.to_q.weight" in state_dict and prefix.endswith("attn1") else ["to_k", "to_v"]
+        fused = torch.cat([state_dict[f"{prefix}.{n}.weight"] for n in names], dim=0)  # (n*D, Din)
+        for n, weight in zip(names, split_per_head(fused, num_heads, len(names))):
+            out[f"{prefix}.{n}.weight"] = weight
+    for key in ("decoder.proj_out.weight", "decoder.proj_out.bias"):
+        if key in out:
+            out[key] = -out[key]
+    return out
+
+
 def load_triposg_vae(folder: Union[str, Path], num_latents: int = DEFAULT_NUM_LATENTS, dtype: Optional[torch.dtype] = None):
     """A VecSetVAE from TripoSG's `vae/` folder: per-head q/k/v regrouped, decoder output sign kept."""
-    from moca3d.models.vae import VecSetVAE, convert_triposg_state_dict
+    from moca3d.models.vae import VecSetVAE
 
     folder = Path(folder)
     config = vae_config_from_triposg(read_config(folder), num_latents)
@@ -302,7 +323,7 @@ def load_triposg_vae(folder: Union[str, Path], num_latents: int = DEFAULT_NUM_LA
         if not torch.allclose(state["embedder.frequencies"].float(), freqs):
             raise CheckpointError(f"{folder}: 'embedder.frequencies' are not 2^0..2^(F-1)")
         state = {k: v for k, v in state.items() if k != "embedder.frequencies"}
-    tensors = convert_triposg_state_dict(state, config.get("num_attention_heads", 8))
+    tensors = convert_vae_state_dict(state, config.get("num_attention_heads", 8))
     return assemble(VecSetVAE, config, tensors, dtype if dtype is not None else source_dtype(state), folder)
 
 

@@ -4,7 +4,7 @@ The 3DShape2VecSet / TripoSG family. Module and parameter names follow TripoSG's
 (`embedder`, `encoder.proj_in`, `encoder.blocks.{i}.attn{1,2}.to_{q,k,v,out.0}`, `ff.net.{0.proj,2}`,
 `encoder.norm_out`, `quant`, `post_quant`, `decoder.blocks`, `decoder.proj_query`,
 `decoder.norm_out`, `decoder.proj_out`) so that its weights can be loaded by a converter; see
-`convert_triposg_state_dict` for the two layout differences (per-head interleaved q/k/v, and the
+`moca3d.convert.triposg.convert_vae_state_dict` for the two layout differences (per-head interleaved q/k/v, and the
 sign of the output).
 """
 
@@ -429,26 +429,3 @@ class VecSetVAE(AtomicSaveMixin, ModelMixin, ConfigMixin):
         posterior = self.encode(surface, query_indices=query_indices)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, points), posterior
-
-
-def convert_triposg_state_dict(state_dict: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
-    """Map a TripoSG VAE state dict onto VecSetVAE's layout.
-
-    TripoSG stores q|k|v (self-attention) and k|v (cross-attention) so that, once concatenated, the
-    rows are grouped per head ([q_h, k_h, v_h] for each head h); this model uses plain separate
-    projections, so the rows are regrouped. TripoSG's decoder also returns the negated
-    projection, so `decoder.proj_out` is negated to keep "positive inside" semantics equal.
-    """
-    out = dict(state_dict)
-    prefixes = sorted({k.rsplit(".", 2)[0] for k in state_dict if k.endswith("to_k.weight")})
-    for prefix in prefixes:
-        names = ["to_q", "to_k", "to_v"] if f"{prefix}.to_q.weight" in state_dict and prefix.endswith("attn1") else ["to_k", "to_v"]
-        fused = torch.cat([state_dict[f"{prefix}.{n}.weight"] for n in names], dim=0)  # (n*D, Din)
-        D = fused.shape[0] // len(names)
-        per_head = fused.view(num_heads, len(names), D // num_heads, -1)  # (h, n, d, Din)
-        for i, n in enumerate(names):
-            out[f"{prefix}.{n}.weight"] = per_head[:, i].reshape(D, -1).clone()
-    for key in ("decoder.proj_out.weight", "decoder.proj_out.bias"):
-        if key in out:
-            out[key] = -out[key]
-    return out
