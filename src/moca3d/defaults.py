@@ -69,21 +69,23 @@ def check_component_count(count, limit: Optional[int] = None, noun: str = "parts
 
 def check_seed(seed: int, dash: str = "--") -> None:
     """A sampling seed torch.Generator takes: a whole number in [0, MAX_SEED] (one-line ConfigError)."""
-    if not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"{dash}seed must be a whole number from 0 to 2^63 - 1, got {seed!r}")
 
 
-def check_sampling_args(steps: int, guidance: float, resolution: int, shift: Optional[float] = None, dash: str = "--",
+def check_sampling_args(steps: int, guidance: float, resolution: Optional[int], shift: Optional[float] = None, dash: str = "--",
                         seed: Optional[int] = None) -> None:
-    """Sampling options of the CLI and the pipeline: steps, guidance, resolution, shift, seed (one-line ConfigErrors, names after `dash`)."""
+    """Sampling options of the CLI and the pipeline: steps, guidance, resolution, shift, seed (one-line ConfigErrors, names
+    after `dash`; None: not given)."""
     if seed is not None:
         check_seed(seed, dash)
     if not isinstance(steps, numbers.Integral) or steps < 1:
         raise ConfigError(f"{dash}steps must be >= 1 (a whole number), got {steps}")
     if not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
-        raise ConfigError(f"{dash}guidance must be a finite number, got {guidance}")
+        raise ConfigError(f"{dash}guidance must be a finite number, got {guidance!r}")
     if guidance < 0:
         raise ConfigError(f"{dash}guidance must be >= 0 (1 = no guidance), got {guidance}")
-    check_resolution(resolution, f"{dash}resolution")
+    if resolution is not None:
+        check_resolution(resolution, f"{dash}resolution")
     if shift is not None:
         check_shift(shift)

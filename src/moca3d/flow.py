@@ -7,12 +7,14 @@ t, and whose Euler step Z + (t_next - t) v is exactly ours), with classifier-fre
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from moca3d.defaults import GUIDANCE, STEPS, check_shift
+from moca3d.errors import ConfigError
 
 TIMESTEP_DISTRIBUTIONS = ("uniform", "logit_normal")  # training-time samplers of sample_timesteps
 
@@ -60,12 +62,48 @@ def make_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=check_shift(shift))
 
 
-def scheduler_with_shift(scheduler: FlowMatchEulerDiscreteScheduler, shift: Optional[float]) -> FlowMatchEulerDiscreteScheduler:
-    """A fresh copy of `scheduler`, with `shift` (checked) unless None: sampling sets the copy's timesteps, so
-    concurrent calls on one pipeline never share them."""
-    if shift is None:
-        return type(scheduler).from_config(scheduler.config)
-    return type(scheduler).from_config(scheduler.config, shift=check_shift(shift))
+def check_flow_scheduler(scheduler) -> None:
+    """A one-line ConfigError unless `scheduler` integrates a rectified flow (the transformer predicts eps - Z_0)."""
+    config = getattr(scheduler, "config", None)
+    name = type(scheduler).__name__
+    if config is None or not callable(getattr(scheduler, "step", None)):
+        raise ConfigError(f"the scheduler must be a diffusers scheduler, got {name}")
+    own = _init_config(scheduler)  # (one built from another class's config carries keys it never reads)
+    if name.startswith("FlowMatch") or (own.get("prediction_type") == "flow_prediction" and own.get("use_flow_sigmas")):
+        return
+    raise ConfigError(f"{name} is not a flow-matching scheduler (the transformer predicts a rectified-flow velocity): use "
+                      "FlowMatchEulerDiscreteScheduler (the default), another FlowMatch* one, or UniPC / DPM-Solver with "
+                      "use_flow_sigmas=True, prediction_type='flow_prediction'")
+
+
+def _init_config(scheduler) -> dict:
+    """The entries of `scheduler`'s config its class takes (one built from another class's config carries that one's)."""
+    accepted = inspect.signature(type(scheduler).__init__).parameters
+    return {k: v for k, v in scheduler.config.items() if k in accepted}
+
+
+def shift_key(scheduler) -> Optional[str]:
+    """The config key of `scheduler`'s timestep shift: FlowMatch*'s `shift`, UniPC / DPM-Solver's `flow_shift`; None."""
+    return next((key for key in ("shift", "flow_shift") if key in _init_config(scheduler)), None)
+
+
+def scheduler_shift(scheduler) -> Optional[float]:
+    """The timestep shift `scheduler` samples with (None: it has none)."""
+    key = shift_key(scheduler)
+    return None if key is None else float(scheduler.config[key])
+
+
+def scheduler_with_shift(scheduler, shift: Optional[float]):
+    """A fresh copy of a flow-matching `scheduler` (checked), with `shift` (checked) unless None: sampling sets the
+    copy's timesteps, so concurrent calls on one pipeline never share them."""
+    check_flow_scheduler(scheduler)
+    config = _init_config(scheduler)
+    if shift is not None:
+        key = shift_key(scheduler)
+        if key is None:
+            raise ConfigError(f"{type(scheduler).__name__} has no timestep shift: leave shift unset")
+        config[key] = check_shift(shift)
+    return type(scheduler).from_config(config)
 
 
 def guided_velocity(
@@ -92,13 +130,14 @@ def sample(
     guidance: float = GUIDANCE,
     shift: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
-    scheduler: Optional[FlowMatchEulerDiscreteScheduler] = None,
+    scheduler=None,
     progress: Optional[Callable[[int, int], None]] = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0): returns Z_0 of `shape` (B, N, L, C).
 
-    `shift` None keeps the scheduler's own (1 for a new one); a value overrides it on a copy. A model with component
+    `scheduler`: a flow-matching diffusers scheduler (None: `make_scheduler()`); `progress(i, n)` after each of its n model
+    evaluations. `shift` None keeps the scheduler's own (1 for a new one); a value overrides it on a copy. A model with component
     IDs (`sample_ids`) given none in `model_kwargs` gets one draw from `generator`, for every step and both guidance
     halves (the model would draw new ones each call), before the noise: as `MoCAPipeline.generate_latents` draws them.
     """
@@ -108,11 +147,11 @@ def sample(
     if "ids" not in model_kwargs and hasattr(model, "sample_ids"):
         model_kwargs["ids"] = model.sample_ids(shape[0], shape[1], generator, device)  # (B, N)
     z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)  # the state stays fp32 (a model casts)
-    B = shape[0]
+    B, evaluations = shape[0], len(scheduler.timesteps)  # `steps`, or more for a multi-stage one (Heun: 2 per step)
     for i, ts in enumerate(scheduler.timesteps):
         t = (ts / scheduler.config.num_train_timesteps).expand(B).to(device)
         v = guided_velocity(model, z, t, cond, uncond, guidance, **model_kwargs)
         z = scheduler.step(v, ts, z, return_dict=False)[0]
         if progress is not None:
-            progress(i + 1, steps)
+            progress(i + 1, evaluations)
     return z

@@ -18,14 +18,15 @@ from typing import Callable, Iterator, List, Optional, Union
 import numpy as np
 import torch
 import trimesh
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from moca3d import flow
 from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
 from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions, warn_exif_turn
 from moca3d.defaults import (ADAPTER_CONFIG, DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
-                             check_component_count, check_sampling_args, check_seed, check_shift,
+                             check_component_count, check_sampling_args, check_shift,
                              resolve_dtype)
-from moca3d.errors import CheckpointError, ConfigError, InputError, one_line, warn_input
+from moca3d.errors import CheckpointError, ConfigError, InputError, MoCA3DError, one_line, warn_input
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
 from moca3d.geometry.mesh_io import component_names, components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
@@ -129,12 +130,23 @@ class MoCAPipeline:
         self.vae = vae.eval()
         self.transformer = transformer.eval()
         self.image_encoder = image_encoder.eval()
-        self.scheduler = scheduler or flow.make_scheduler()
+        self.scheduler = scheduler or flow.make_scheduler()  # checked: a flow-matching diffusers scheduler
         self.source = {"model": None, "lora": None}  # where from_pretrained read it (recorded in generated files)
         # the most components a training example of the transformer (or of its base, for a fine-tune) held (model_index.json's
         # TRAINED_KEY; None: unknown):
         # more can be asked, up to max_components, and get a warning
         self.trained_components: Optional[int] = None
+
+    @property
+    def scheduler(self):
+        """The diffusers scheduler that integrates the flow (FlowMatchEulerDiscreteScheduler unless replaced); settable
+        with another flow-matching one, as in diffusers (`pipe.scheduler = X.from_config(pipe.scheduler.config)`)."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        flow.check_flow_scheduler(scheduler)
+        self._scheduler = scheduler
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -200,15 +212,7 @@ class MoCAPipeline:
                     raise
                 where = f"pass that pipeline, --model {base}" if Path(base).is_dir() else f"it is no longer at {base}"
                 raise CheckpointError(f"{one_line(err)}: {where}") from None
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = None
-        if (root / "scheduler").is_dir():
-            try:
-                scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-                check_shift(scheduler.config.shift)
-            except (OSError, ValueError) as err:
-                raise CheckpointError(f"{root / 'scheduler'}: cannot load the scheduler ({one_line(err)})") from None
+        scheduler = _load_scheduler(root / "scheduler", index.get("scheduler")) if (root / "scheduler").is_dir() else None
         pipe = cls(scheduler=scheduler, **parts).to(device, dtype)
         pipe.source = {"model": _model_name(root), "lora": None if lora is None else str(lora)}
         trained = adapter.get(TRAINED_KEY) if lora is not None else index.get(TRAINED_KEY)  # an adapter: its run's (base included)
@@ -234,7 +238,7 @@ class MoCAPipeline:
             part = getattr(self, name)
             part.save_pretrained(root / name)
             index[name] = ["transformers", type(part.model).__name__] if is_dino(part) else ["moca3d", klass.__name__]
-        self.scheduler.save_config(root / "scheduler")
+        flow.scheduler_with_shift(self.scheduler, None).save_config(root / "scheduler")  # its class's own config keys
         index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
         tmp = root / "model_index.json.tmp"
         tmp.write_text(json.dumps(index, indent=2))
@@ -306,18 +310,23 @@ class MoCAPipeline:
 
     @torch.no_grad()
     def generate_latents(
-        self, cond: torch.Tensor, num_parts: int, steps: int = STEPS, guidance: float = GUIDANCE, seed: int = 0,
+        self, cond: torch.Tensor, num_parts: int, steps: int = STEPS, guidance: float = GUIDANCE, seed: Optional[int] = 0,
         shift: Optional[float] = None, progress: Optional[Callable[[int, int], None]] = None,
         layout: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Sample (1, N, L, C) latents for `num_parts` components under `cond` (1, M, D) or (1, N, M, D).
+        """Sample (1, N, L, C) latents for `num_parts` components under `cond` (1, M, D) or (1, N, M, D) (`encode_image`'s,
+        `encode_scene`'s); steps, guidance, seed (None: a random one) and shift as for `__call__`.
 
         `layout` (1, N, F): per-component features for a transformer with `layout_features` (`scene_condition`'s).
         """
         cfg = self.transformer.config
         check_component_count(num_parts, self.transformer.max_components)
-        check_seed(seed, dash="")
-        g = torch.Generator().manual_seed(seed)
+        seed = random.SystemRandom().randrange(MAX_SEED + 1) if seed is None else seed
+        check_sampling_args(steps, guidance, None, shift, dash="", seed=seed)
+        if not isinstance(cond, torch.Tensor) or cond.dim() not in (3, 4) or cond.shape[0] != 1 or cond.shape[-1] != cfg.cond_dim:
+            got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise InputError(f"cond must be (1, M, {cfg.cond_dim}) or (1, N, M, {cfg.cond_dim}) (encode_image's or encode_scene's), got {got}")
+        g = torch.Generator().manual_seed(int(seed))  # e.g. numpy's integers, which torch.Generator refuses
         ids = self.transformer.sample_ids(1, num_parts, g, self.device)
         uncond = torch.zeros_like(cond)
         extra = {} if layout is None else {"layout": layout.to(self.device)}  # kept in the unconditional pass, as in training
@@ -415,6 +424,7 @@ class MoCAPipeline:
         check_sampling_args(steps, guidance, resolution, shift, dash="", seed=seed)  # all before the image is encoded
         seed = int(seed)  # e.g. numpy's integers, which torch.Generator refuses
         check_faces(faces, num, dash="")
+        scheduler = flow.scheduler_with_shift(self.scheduler, shift)  # a replaced scheduler without a shift refuses one
         shown = show_progress and on_terminal()  # elsewhere (a pipe, a log file) a transient bar leaves a blank line
         with Progress(disable=not shown, transient=True) as bar:
             cond, layout = encode()  # cond (1, M, D) shared, or (1, N, M, D) per component; layout None or (1, N, F)
@@ -426,14 +436,15 @@ class MoCAPipeline:
                            f"{prefix}s may come out worse (up to {self.transformer.max_components} are allowed)")
             task = bar.add_task("sampling", total=steps)
             latents = self.generate_latents(
-                cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i), layout=layout
+                cond, num, steps, guidance, seed, shift, progress=lambda i, n: bar.update(task, completed=i, total=n), layout=layout
             )[0]
             task = bar.add_task("decoding", total=num)
             meshes = simplify_components(self.decode_latents(latents, resolution, progress=lambda i, n: bar.update(task, completed=i)),
                                          faces)
         names = component_names(prefix, num)
         settings = {**self.source, "moca3d": _version(), f"{prefix}s": num, "steps": int(steps), "guidance": float(guidance), "seed": int(seed),
-                    "shift": float(shift if shift is not None else self.scheduler.config.shift), "resolution": int(resolution),
+                    "shift": flow.scheduler_shift(scheduler), "resolution": int(resolution),
+                    **({} if type(scheduler) is FlowMatchEulerDiscreteScheduler else {"scheduler": type(scheduler).__name__}),
                     "dtype": str(self.transformer.dtype).removeprefix("torch."),
                     **({"faces": int(faces)} if faces is not None else {}),
                     **{k: Path(v).name for k, v in inputs.items() if isinstance(v, (str, Path))}}
@@ -539,6 +550,26 @@ def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: 
     merge_lora(model)
     model.requires_grad_(True)  # as any loaded model
     return model.transformer, model.image_encoder
+
+
+def _load_scheduler(folder: Path, recorded) -> object:
+    """The scheduler of a pipeline folder: the diffusers class model_index.json names (FlowMatchEulerDiscreteScheduler
+    when it names none), a flow-matching one with a valid shift, else a one-line CheckpointError."""
+    import diffusers
+
+    name = recorded[1] if isinstance(recorded, list) and len(recorded) == 2 and recorded[0] == "diffusers" else "FlowMatchEulerDiscreteScheduler"
+    klass = getattr(diffusers, str(name), None)
+    if not (isinstance(klass, type) and issubclass(klass, diffusers.SchedulerMixin)):
+        raise CheckpointError(f"{folder}: model_index.json names the scheduler {name!r}, which is not a diffusers scheduler")
+    try:
+        scheduler = klass.from_pretrained(folder)
+        flow.check_flow_scheduler(scheduler)
+        shift = flow.scheduler_shift(scheduler)
+        if shift is not None:
+            check_shift(shift)
+    except (OSError, ValueError, MoCA3DError) as err:
+        raise CheckpointError(f"{folder}: cannot load the scheduler ({one_line(err)})") from None
+    return scheduler
 
 
 def _checked_device(device: Union[str, torch.device]) -> str:

@@ -228,7 +228,8 @@ def describe(path: Path) -> dict:
         out["components"][name] = component_entry(path / name, name)
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
-        out["components"]["scheduler"] = {"class": read_json(scheduler).get("_class_name"), "shift": read_json(scheduler).get("shift")}
+        config = read_json(scheduler)  # FlowMatch*'s shift, or UniPC / DPM-Solver's flow_shift
+        out["components"]["scheduler"] = {"class": config.get("_class_name"), "shift": config.get("shift", config.get("flow_shift"))}
     channels = out["components"]["image_encoder"].get("in_channels", 3)
     out["task"] = TASKS["scene" if channels == 7 else "object"]
     out["max_components"] = out["components"]["transformer"].get("id_codebook_size")
