@@ -168,5 +168,8 @@ def test_pipeline_reconstruct_round_trips_components_through_its_vae(pipe, tmp_p
     assert len(pipe.reconstruct(parts[0], points=max(64, n), resolution=16)) == 1
     with pytest.raises(ConfigError, match="points must be a whole number >= the VAE's"):
         pipe.reconstruct(parts, points=n - 1, resolution=16)
-    with pytest.raises(InputError, match="reconstruct takes a mesh file or folder"):
-        pipe.reconstruct([parts[0], "b.glb"], resolution=16)
+    loaded = trimesh.load(path)  # a Scene (trimesh.load of a GLB): its two meshes (an empty node has none), as the metrics read it
+    assert isinstance(loaded, trimesh.Scene) and len(pipe.reconstruct(loaded, points=max(64, n), resolution=16)) == 2
+    for wrong, holds in (([parts[0], "b.glb"], "a list holding a str"), (None, "NoneType")):
+        with pytest.raises(InputError, match=f"expected trimesh meshes .*, got {holds}"):
+            pipe.reconstruct(wrong, resolution=16)

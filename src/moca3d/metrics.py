@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,11 +41,11 @@ from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.geometry.mesh_io import (
     CANONICAL_EXTENT,
     Normalization,
+    as_components,
     bounds_of,
     fit_normalization,
     has_surface,
     normalize_meshes,
-    read_components,
     transform_meshes,
 )
 from moca3d.geometry.sampling import sample_points
@@ -124,9 +123,12 @@ def _as_points(x: np.ndarray | torch.Tensor) -> np.ndarray:
     """(n, >=3) array or tensor -> (n, 3) float64 numpy."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
+    if isinstance(x, (trimesh.Trimesh, trimesh.Scene)):
+        raise InputError("point metrics take (n, 3) point arrays: for meshes, object_metrics or surface_metrics sample their surfaces")
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] < 3 or len(x) == 0:
-        raise InputError(f"expected a non-empty (n, 3) point array, got shape {x.shape}")
+    if x.ndim != 2 or x.shape[1] not in (3, 6) or len(x) == 0:  # xyz, or xyz and normals (samples.npz's surface)
+        hint = ": channel-first? pass its transpose" if x.ndim == 2 and x.shape[0] in (3, 6) and len(x.T) > 0 else ""
+        raise InputError(f"expected a non-empty (n, 3) or (n, 6) point array, got shape {x.shape}{hint}")
     return x[:, :3]
 
 
@@ -169,23 +171,6 @@ def point_metrics(
     for tau in taus:
         out[f"fscore@{tau:g}"] = _fscore_from(d_pg, d_gp, tau)
     return out
-
-
-def as_components(meshes: list[trimesh.Trimesh] | trimesh.Trimesh | trimesh.Scene | str | Path) -> list[trimesh.Trimesh]:
-    """A component list from a list, one mesh (one component), a mesh file or folder (read as `moca3d evaluate` reads
-    it: in its order, empty parts in place) or a trimesh.Scene (its meshes, placed; in no reliable order, its empty
-    nodes dropped: `evaluate_scene` refuses one)."""
-    if isinstance(meshes, (str, Path)):
-        return read_components(meshes)[0]
-    if isinstance(meshes, trimesh.Trimesh):
-        return [meshes]
-    if isinstance(meshes, trimesh.Scene):
-        return [g for g in meshes.dump() if isinstance(g, trimesh.Trimesh)]
-    meshes = list(meshes)
-    wrong = next((type(m).__name__ for m in meshes if not isinstance(m, trimesh.Trimesh)), None)
-    if wrong is not None:
-        raise InputError(f"metrics take trimesh meshes (a list, one mesh, a mesh file or folder), got a list holding a {wrong}")
-    return meshes
 
 
 def _prepare(meshes: list[trimesh.Trimesh], normalize: bool) -> list[trimesh.Trimesh]:

@@ -374,13 +374,13 @@ class MoCAPipeline:
         return meshes
 
     @torch.no_grad()
-    def reconstruct(self, components: Union[str, Path, trimesh.Trimesh, List[trimesh.Trimesh]], points: int = 512,
+    def reconstruct(self, components: Union[str, Path, trimesh.Trimesh, trimesh.Scene, List[trimesh.Trimesh]], points: int = 512,
                     resolution: int = 128, seed: int = 0) -> List[trimesh.Trimesh]:
-        """Components (a mesh file or folder, one mesh, or a list) encoded and decoded by this pipeline's VAE, in their
+        """Components (a mesh file or folder, one mesh, a trimesh.Scene or a list) encoded and decoded by this pipeline's VAE, in their
         own frame and order (an empty one stays empty): the ceiling of any transformer on this VAE, as `moca3d
         reconstruct`. `points`: surface samples per component fed to the encoder (at least its latent tokens)."""
         from moca3d.defaults import check_resolution
-        from moca3d.geometry.mesh_io import read_components
+        from moca3d.geometry.mesh_io import as_components, read_components
         from moca3d.training.train_vae import reconstruct_components
 
         check_resolution(resolution, "resolution")
@@ -389,9 +389,7 @@ class MoCAPipeline:
         if isinstance(components, (str, Path)):
             parts, names = read_components(components)
         else:
-            parts = [components] if isinstance(components, trimesh.Trimesh) else list(components)
-            if not all(isinstance(p, trimesh.Trimesh) for p in parts):
-                raise InputError("reconstruct takes a mesh file or folder, a trimesh mesh or a list of them")
+            parts = as_components(components)
             names = component_names("part", len(parts))
         return reconstruct_components(parts, names, self.vae, int(points), self.extract_config(resolution), seed=seed,
                                       label=str(components) if isinstance(components, (str, Path)) else "components")

@@ -451,6 +451,25 @@ def read_components(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]
     return meshes, _unique_names(names)
 
 
+def as_components(meshes: list[trimesh.Trimesh] | trimesh.Trimesh | trimesh.Scene | str | Path) -> list[trimesh.Trimesh]:
+    """A component list from a list, one mesh (one component), a mesh file or folder (`read_components`: in its order,
+    empty parts in place) or a trimesh.Scene (its meshes, placed; in no reliable order, its empty nodes dropped)."""
+    if isinstance(meshes, (str, Path)):
+        return read_components(meshes)[0]
+    if isinstance(meshes, trimesh.Trimesh):
+        return [meshes]
+    if isinstance(meshes, trimesh.Scene):
+        return [g for g in meshes.dump() if isinstance(g, trimesh.Trimesh)]
+    expected = "trimesh meshes (a list, one mesh, a trimesh.Scene, a mesh file or folder)"
+    try:
+        meshes = list(meshes)
+    except TypeError:
+        raise InputError(f"expected {expected}, got {type(meshes).__name__}") from None
+    wrong = next((type(m).__name__ for m in meshes if not isinstance(m, trimesh.Trimesh)), None)
+    if wrong is not None:
+        raise InputError(f"expected {expected}, got a list holding a {wrong}")
+    return meshes
+
 def component_source(path: str | Path) -> Path:
     """Where an asset's components are read from: `path` (checked to exist), or the one mesh file of a folder that holds
     a single one (its components: a lone part file gives the same one part). A folder's mesh files in sub-folders are
