@@ -173,3 +173,19 @@ def test_pipeline_reconstruct_round_trips_components_through_its_vae(pipe, tmp_p
     for wrong, holds in (([parts[0], "b.glb"], "a list holding a str"), (None, "NoneType")):
         with pytest.raises(InputError, match=f"expected trimesh meshes .*, got {holds}"):
             pipe.reconstruct(wrong, resolution=16)
+
+
+def test_half_precision_on_the_cpu_is_warned_about_by_the_pipeline(object_pipeline):
+    """The CLI warned of --dtype bf16 on the CPU; pipe.to("cpu", torch.float16) ran silently, several times slower."""
+    import warnings
+
+    from moca3d.errors import InputWarning
+
+    with pytest.warns(InputWarning, match="float16 on the CPU is slower than float32"):
+        half = MoCAPipeline.from_pretrained(str(object_pipeline), torch_dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        half.to(torch.float32)  # back to fp32: nothing to say
+    assert half.dtype == torch.float32
+    one = half(CHAIR, num_parts=1, steps=1, resolution=16, show_progress=False)
+    assert repr(one).startswith("MoCAOutput(1 part, ")  # it said "1 parts"

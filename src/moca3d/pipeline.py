@@ -65,7 +65,7 @@ class MoCAOutput:
 
     def __repr__(self) -> str:
         empty = sum(1 for m in self.meshes if len(m.faces) == 0)
-        return (f"MoCAOutput({len(self.meshes)} {self.kind}s, {empty} empty, "
+        return (f"MoCAOutput({len(self.meshes)} {self.kind}{'s' if len(self.meshes) != 1 else ''}, {empty} empty, "
                 f"{sum(len(m.faces) for m in self.meshes):,} triangles, seed {self.settings.get('seed')})")
 
     def save(self, path: Union[str, Path]) -> Path:
@@ -264,6 +264,9 @@ class MoCAPipeline:
                 model.to(device)
             if dtype is not None and name != "vae":  # nn.Module's: diffusers' own `to` warns of fp32 modules none of ours has
                 torch.nn.Module.to(model, dtype)
+        if dtype is not None and dtype != torch.float32 and self.device.type == "cpu":
+            warn_input(f"{str(dtype).removeprefix('torch.')} on the CPU is slower than float32 there (bfloat16 matmuls about "
+                       "100x on cores without AMX) and its meshes are no smaller: keep float32 on a CPU (--dtype auto)")
         return self
 
     def enable_sequential_cpu_offload(self, device: Union[str, torch.device] = "cuda") -> "MoCAPipeline":

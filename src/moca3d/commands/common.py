@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import typer
 
 from moca3d.defaults import check_sampling_args
-from moca3d.errors import ConfigError, InputError, cannot_write, warn_input
+from moca3d.errors import ConfigError, InputError, cannot_write
 from moca3d.progress import cli_progress
 
 DTYPE_HELP = ("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16: the transformer's and image encoder's "
@@ -50,20 +50,6 @@ def resolve_device(name: str) -> str:
     if name != "cpu" and not name.startswith("cuda") and name != "mps":
         raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
     return name
-
-
-def generation_dtype(dtype: str, device: str):
-    """--dtype resolved for `device` (`resolve_dtype`), with a warning for half precision on the CPU, where it runs slower
-    than fp32 (bf16 matmuls about 100x on AVX2-only cores) and gives no smaller output."""
-    import torch
-
-    from moca3d.defaults import resolve_dtype
-
-    torch_dtype = resolve_dtype(dtype, device)
-    if device == "cpu" and torch_dtype != torch.float32:
-        warn_input(f"--dtype {dtype} on the CPU is slower than fp32 there and its meshes are no smaller: keep fp32 "
-                   "(--dtype auto) on a CPU")
-    return torch_dtype
 
 
 def _check_parents(path: Path, option: str) -> None:

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import DTYPE_HELP, generation_dtype, resolve_device, shipped
+from moca3d.commands.common import DTYPE_HELP, resolve_device, shipped
+from moca3d.defaults import resolve_dtype
 from moca3d.errors import ConfigError
 
 # the web demo's defaults live here (moca3d.app imports them) so that `--help` does not import gradio
@@ -91,7 +92,7 @@ def register(app: typer.Typer) -> None:
         from moca3d.defaults import check_resolution
 
         check_resolution(resolution)  # before any model is loaded
-        torch_dtype = generation_dtype(dtype, resolve_device(device))
+        torch_dtype = resolve_dtype(dtype, resolve_device(device))
         check_address(host, port)
         try:
             import gradio  # noqa: F401

@@ -8,11 +8,11 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
                                     resume_recipe, run_dit_training, run_vae, save_generation, shipped, write_json)
-from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args
+from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError, InputError, InputWarning, warn_input
 from moca3d.geometry.simplify import check_faces
 from moca3d.progress import cli_progress
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
             if offload and dev == "cpu":
                 warn_input("--offload moves weights to a GPU module by module; on the CPU it changes nothing (is --device "
                            "cuda meant?)")
-            torch_dtype = generation_dtype(dtype, dev)
+            torch_dtype = resolve_dtype(dtype, dev)
             adapter = object_lora(lora)
             # a bad image is refused before the (slow) model loading; a huge one decoded at a reduced scale (as the pipeline would)
             picture = load_image(image, MAX_WORKING_SIDE) if images is None else None

@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, generation_dtype, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
                                     interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae, shipped,
                                     save_generation, write_json)
-from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args
+from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
 from moca3d.errors import ConfigError
 from moca3d.geometry.simplify import check_faces
 from moca3d.progress import cli_progress
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
             dev = resolve_device(device)
-            torch_dtype = generation_dtype(dtype, dev)
+            torch_dtype = resolve_dtype(dtype, dev)
             folder = scene_model(model, lora)  # None: the built-in object model, the base of a --lora
             # the image and masks are read, and bad ones refused, before the (slow) model loading; the pipeline takes them read
             warn_exif_turn(image)  # the picture goes to the pipeline read: warned once, here
