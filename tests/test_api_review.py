@@ -189,3 +189,13 @@ def test_half_precision_on_the_cpu_is_warned_about_by_the_pipeline(object_pipeli
     assert half.dtype == torch.float32
     one = half(CHAIR, num_parts=1, steps=1, resolution=16, show_progress=False)
     assert repr(one).startswith("MoCAOutput(1 part, ")  # it said "1 parts"
+
+
+def test_the_readmes_shipped_model_paths_load_from_any_folder(tmp_path, monkeypatch):
+    """`--model src/moca3d/weights/scene` worked from anywhere (the CLI found the package's copy); the API only in the repository."""
+    monkeypatch.chdir(tmp_path)
+    scene = MoCAPipeline.from_pretrained("src/moca3d/weights/scene")
+    assert scene.is_scene_model and scene.source["model"] == "built-in scene"
+    assert not MoCAPipeline.from_pretrained(Path("src/moca3d/weights/default")).is_scene_model
+    with pytest.raises(Exception, match="no such pipeline folder"):
+        MoCAPipeline.from_pretrained("src/moca3d/weights/nothere")

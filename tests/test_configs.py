@@ -242,7 +242,8 @@ def test_catalogue_verbs_load_their_recipes():
     """The verb the catalogue names for a recipe reads it (each loader is strict, so another verb's recipe fails on
     its unknown keys), and a model path a fresh clone lacks (one not under src/moca3d/weights/) is named in its row."""
     from moca3d.commands.default import read_recipe
-    from moca3d.training.recipe import PATH_KEYS, SHIPPED_PREFIX
+    from moca3d.defaults import SHIPPED_PREFIX
+    from moca3d.training.recipe import PATH_KEYS
 
     def dit(condition):
         def load(path):

@@ -4,7 +4,7 @@ and the one-line checks of sampling options."""
 import math
 import numbers
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from moca3d.errors import ConfigError, InputError
 
@@ -16,6 +16,7 @@ MAX_RESOLUTION = 1024  # largest: a 1024^3 grid of float32 field values is alrea
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"  # the built-in object model, shipped in the package
 DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
+SHIPPED_PREFIX = "src/moca3d/weights/"  # how the README and the recipes in configs/ name the package's shipped models
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # the mesh formats read (geometry.mesh_io)
 TRAINED_KEY = "_trained_components"  # model_index.json / adapter_config.json: the most components a training example held (a fine-tune: its base's too)
 INSTANCE_MASKS = "instance_masks"  # a generated scene's record of each instance's mask: its label id or file name
@@ -23,6 +24,14 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> torch attribute
 RESOLUTION_RULE = f"{MIN_RESOLUTION}, {2 * MIN_RESOLUTION} or a multiple of 4 from {4 * MIN_RESOLUTION} to {MAX_RESOLUTION}"
 
+
+
+def shipped_path(value: Any) -> Any:
+    """A "src/moca3d/weights/..." path (the README's, a recipe's) -> the installed package's copy when it is not there
+    from the current folder (run outside the repository, or moca3d installed from a wheel); other values unchanged."""
+    if isinstance(value, (str, Path)) and str(value).startswith(SHIPPED_PREFIX) and not Path(value).exists():
+        return type(value)(Path(__file__).resolve().parent / "weights" / str(value)[len(SHIPPED_PREFIX):])
+    return value
 
 def check_shift(shift: float) -> float:
     """The timestep shift as a float: finite and > 0, else a one-line InputError (0 or NaN break the sampler's times)."""

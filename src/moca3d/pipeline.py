@@ -24,7 +24,7 @@ from moca3d import flow
 from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
 from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions, warn_exif_turn
 from moca3d.defaults import (ADAPTER_CONFIG, DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
-                             check_component_count, check_sampling_args, check_shift,
+                             check_component_count, check_sampling_args, check_shift, shipped_path,
                              resolve_dtype)
 from moca3d.errors import CheckpointError, ConfigError, InputError, MoCA3DError, one_line, warn_input
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
@@ -165,7 +165,7 @@ class MoCAPipeline:
         dtype = None if torch_dtype is None else resolve_dtype(torch_dtype, device)
         if path is not None and not str(path).strip():
             raise CheckpointError("an empty path: give a pipeline folder, or None for the built-in model")
-        root = Path(path).expanduser() if path is not None else DEFAULT_MODEL_DIR
+        root = Path(shipped_path(str(path))).expanduser() if path is not None else DEFAULT_MODEL_DIR  # the README's src/moca3d/weights/...
         if root.name == "model_index.json" and root.is_file():  # the index file itself: its folder is the pipeline
             root = root.parent
         if path is not None and not root.exists():

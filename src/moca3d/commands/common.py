@@ -262,7 +262,7 @@ def resume_recipe(recipe_class: type, config: Optional[Path], output: Path, reco
 def shipped(path: Optional[Path]) -> Optional[Path]:
     """A model path option as the README writes it, "src/moca3d/weights/...": the installed package's copy when the
     path is not there from the current folder (moca3d installed from a wheel, or run outside the repository)."""
-    from moca3d.training.recipe import shipped_path
+    from moca3d.defaults import shipped_path
 
     return None if path is None else Path(shipped_path(str(path)))
 

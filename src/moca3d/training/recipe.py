@@ -10,6 +10,7 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from moca3d.defaults import shipped_path
 from moca3d.errors import ConfigError
 
 R = TypeVar("R", bound="Recipe")
@@ -54,16 +55,7 @@ def type_error(hint: Any, value: Any) -> str | None:
     return None  # Any and other annotations: not checked
 
 
-SHIPPED_PREFIX = "src/moca3d/weights/"  # how the recipes in configs/ name the package's shipped models
 PATH_KEYS = ("init_from", "image_encoder_from")  # recipe keys naming a model folder
-
-
-def shipped_path(value: Any) -> Any:
-    """A recipe's "src/moca3d/weights/..." path -> the installed package's copy when it is not there from the current
-    folder (a recipe run outside the repository, or with moca3d installed from a wheel); other values unchanged."""
-    if isinstance(value, str) and value.startswith(SHIPPED_PREFIX) and not Path(value).exists():
-        return str(Path(__file__).resolve().parents[1] / "weights" / value[len(SHIPPED_PREFIX):])
-    return value
 
 
 def read_json(path: str | Path, missing: str = "config file not found: {path}") -> Any:
