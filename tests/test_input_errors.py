@@ -57,6 +57,21 @@ def test_unreadable_images_say_why(tmp_path):
         load_image(np.zeros((1, 1, 3), np.uint8))
 
 
+def test_images_as_bytes_or_file_objects_load_like_their_files_and_urls_are_refused(tmp_path):
+    """bytes and io.BytesIO (an upload) were 'unsupported image type'; a URL was 'image not found: https:/...' (one slash)."""
+    import io
+
+    data = (EXAMPLES / "chair.png").read_bytes()
+    expected = np.asarray(load_image(EXAMPLES / "chair.png"))
+    with open(EXAMPLES / "chair.png", "rb") as handle:
+        for given in (data, bytearray(data), io.BytesIO(data), handle):
+            assert np.array_equal(np.asarray(load_image(given)), expected), type(given).__name__
+    with pytest.raises(InputError, match="^cannot read image <bytes>: not an image format"):
+        load_image(b"hello")
+    with pytest.raises(InputError, match="^https://example.com/a.png: moca3d reads local files only"):
+        load_image("https://example.com/a.png")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--output", "{tmp}/out.ply"], "--output must be a .glb file (one named node per component) or .obj"),
     (["--output", "{tmp}/folder.glb"], "is a folder"),

@@ -7,11 +7,13 @@ Light to import (no diffusers), so the CLI checks an image in a second, before a
 
 from __future__ import annotations
 
+import io
 import math
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from moca3d.errors import InputError, InputWarning, warn_input
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
+ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor, bytes, BinaryIO]  # what load_image reads
 
 
 SCENE_CHANNELS = 7  # a scene condition's stack: instance-masked RGB, scene RGB, instance mask
@@ -101,8 +103,9 @@ def shrink(im: Image.Image, max_side: int) -> Image.Image:
 
 
 def load_image(image: ImageLike, max_side: int | None = None) -> Image.Image:
-    """A PIL image from a path, a PIL image, an (H, W[, 3|4]) uint8, uint16 or [0, 1] float array, or a torch tensor
-    laid out as torch's images are, ([1,] 1|3|4, H, W) or (H, W); clear error otherwise. With `max_side`, a larger
+    """A PIL image from a path, an encoded file's bytes or binary file object, a PIL image, an (H, W[, 3|4]) uint8, uint16
+    or [0, 1] float array, or a torch tensor laid out as torch's images are, ([1,] 1|3|4, H, W) or (H, W); clear error
+    otherwise (a URL too: nothing is downloaded). With `max_side`, a larger
     image is shrunk to it (`shrink`; a JPEG decoded at a reduced scale already)."""
     if isinstance(image, torch.Tensor):  # channels first
         array = image.detach().float().cpu().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
@@ -115,15 +118,23 @@ def load_image(image: ImageLike, max_side: int | None = None) -> Image.Image:
         image = np.moveaxis(array, 0, -1)  # (H, W, C)
     if isinstance(image, np.ndarray) and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)):
         image = np.repeat(image.reshape(image.shape[:2])[..., None], 3, axis=2)  # grey -> (H, W, 3)
+    if isinstance(image, (bytes, bytearray, memoryview)):  # an encoded file's bytes (an upload, a database row)
+        image = io.BytesIO(bytes(image))
+    if isinstance(image, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image):
+        raise InputError(f"{image}: moca3d reads local files only (no downloads): save the image and give its path")
+    source = None
     if isinstance(image, (str, Path)):
-        path = Path(image)
+        path = source = Path(image)
         if path.is_dir():
             raise InputError(f"{path} is a folder, not an image")
         if not path.is_file():
             raise InputError(f"image not found: {path}")
+    elif hasattr(image, "read"):  # a binary file object (open(..., "rb"), io.BytesIO)
+        source, path = image, Path(str(getattr(image, "name", "<bytes>")))
+    if source is not None:
         with readable(path), warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours: shrunk, or refused past PIL's limit
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 if max_side is not None and max(im.size) > max_side:
                     ratio = max_side / max(im.size)  # a JPEG decodes at 1/2, 1/4 or 1/8 scale, no smaller than this
                     im.draft(im.mode, (math.ceil(im.size[0] * ratio), math.ceil(im.size[1] * ratio)))
