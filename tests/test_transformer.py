@@ -362,3 +362,24 @@ def test_layout_embedding_starts_as_the_model_without_it_and_stays_equivariant()
         boxed(x, t, c, ids=ids, layout=layout[:, :, :5])
     with pytest.raises(InputError, match="layout features"):
         plain(x, t, c, ids=ids, layout=layout)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_an_unpadded_forward_reads_nothing_back_from_the_device(backend, monkeypatch):
+    """Routing read k and N back (tolist, int, bool) in every global block: a stall per block on a GPU. Without a
+    component mask every count is known on the host; with one, each block reads the mask's sums once."""
+    m = tiny_model(attention_backend=backend, global_blocks="all")
+    z, t, c = inputs(B=2, N=5)
+    ids = m.sample_ids(2, 5, torch.Generator().manual_seed(0), "cpu")
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: (reads.append(_n), _f(self, *a, **k))[1])
+    with torch.no_grad():
+        m(z, t, c, ids=ids)
+    assert reads == [], reads
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    with torch.no_grad():
+        m(z, t, c, ids=ids, component_mask=mask)
+    assert reads == ["tolist"] * sum(block.is_global for block in m.blocks) and reads, reads

@@ -24,14 +24,27 @@ class Routing:
     num_routed: torch.Tensor  # (B,) long: k of each sample
     num_real: torch.Tensor  # (B,) long: real (unpadded) components of each sample
     component_mask: Optional[torch.Tensor] = None  # (B, N) bool, True = real; None = all real
+    # the same counts on the host, so that shapes are decided without a device sync (one per block on a GPU)
+    counts: Optional[tuple[tuple[int, int], ...]] = None  # ((k, n_real) per sample)
+
+    def _counts(self) -> tuple[tuple[int, int], ...]:
+        if self.counts is None:  # built by hand: read once from the device
+            self.counts = tuple(zip(self.num_routed.tolist(), self.num_real.tolist()))
+        return self.counts
 
     @property
     def k_max(self) -> int:
-        return int(self.num_routed.max()) if self.num_routed.numel() else 0
+        return max((k for k, _ in self._counts()), default=0)
 
     @property
     def k_min(self) -> int:
-        return int(self.num_routed.min()) if self.num_routed.numel() else 0
+        return min((k for k, _ in self._counts()), default=0)
+
+    @property
+    def uniform(self) -> bool:
+        """Every sample has all N components real and the same k: no context slot is padding."""
+        N = self.gate.shape[-1]
+        return all(n == N for _, n in self._counts()) and self.k_max == self.k_min
 
     def routed_mask(self) -> torch.Tensor:
         """(B, Hr, N, N) bool: True where j is in S_i (routed to i in full)."""
@@ -49,17 +62,18 @@ class Routing:
         return self.component_mask
 
 
-def count_real(component_mask: Optional[torch.Tensor], batch: int, n: int, device) -> torch.Tensor:
-    """(B,) long: number of real components per sample."""
-    if component_mask is None:
-        return torch.full((batch,), n, dtype=torch.long, device=device)
-    return component_mask.sum(dim=1).long()
-
-
-def num_routed_per_sample(config: MoCAttentionConfig, num_real: torch.Tensor) -> torch.Tensor:
-    """(B,) long: k for each sample from its real component count."""
-    ks = [config.num_routed(int(n)) for n in num_real.tolist()]
-    return torch.tensor(ks, dtype=torch.long, device=num_real.device)
+def routing_counts(config: MoCAttentionConfig, component_mask: Optional[torch.Tensor], batch: int, n: int,
+                   device) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int], ...]]:
+    """k and the real component count of each sample: (B,) long tensors on `device` and ((k, n_real), ...) on the host.
+    Without a mask (every component real) nothing is read back from the device."""
+    reals = [n] * batch if component_mask is None else component_mask.sum(dim=1).tolist()
+    counts = tuple((config.num_routed(int(r)), int(r)) for r in reals)
+    if component_mask is None:  # one value each: filled on the device, no host-to-device copy
+        k = counts[0][0] if counts else 0
+        return (torch.full((batch,), k, dtype=torch.long, device=device),
+                torch.full((batch,), n, dtype=torch.long, device=device), counts)
+    ks = torch.tensor([k for k, _ in counts], dtype=torch.long).to(device, non_blocking=True)
+    return ks, component_mask.sum(dim=1).long(), counts
 
 
 class Router(nn.Module):
@@ -126,8 +140,7 @@ def route(
     """
     B, Hr, N, _ = gate.shape
     device = gate.device
-    num_real = count_real(component_mask, B, N, device)
-    num_routed = num_routed_per_sample(config, num_real)
+    num_routed, num_real, counts = routing_counts(config, component_mask, B, N, device)
     with torch.no_grad():
         score = gate.detach().float()
         if sample:
@@ -144,4 +157,4 @@ def route(
         eye = torch.eye(N, dtype=torch.bool, device=device).view(1, 1, N, N)
         score = score.masked_fill(eye, float("-inf"))
         order = torch.argsort(score, dim=-1, descending=True, stable=True)[..., : N - 1]  # (B, Hr, N, N-1)
-    return Routing(gate=gate, order=order, num_routed=num_routed, num_real=num_real, component_mask=component_mask)
+    return Routing(gate=gate, order=order, num_routed=num_routed, num_real=num_real, component_mask=component_mask, counts=counts)

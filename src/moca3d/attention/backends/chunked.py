@@ -63,7 +63,7 @@ class _ChunkedMoCAttention(torch.autograd.Function):
         config, num_latent = ctx.config, ctx.num_latent
         # The routing object holds a gate with its own graph; plan only from detached values.
         routing = ctx.routing
-        routing = Routing(gate.detach(), routing.order, routing.num_routed, routing.num_real, routing.component_mask)
+        routing = Routing(gate.detach(), routing.order, routing.num_routed, routing.num_real, routing.component_mask, routing.counts)
         B, N, H, T, d = q.shape
         Hr = gate.shape[1]
         q_flat, g_flat = q.reshape(B * N, H, T, d), grad_out.reshape(B * N, H, T, d)

@@ -100,7 +100,7 @@ def plan_context(
         rows=torch.cat(parts_rows, dim=-1),
         comp=torch.cat(parts_comp, dim=-1),
         gate=torch.cat(parts_gate, dim=-1),
-        valid=None if bool(valid.all()) else valid,
+        valid=None if routing.uniform else valid,  # (decided on the host: no device sync)
         unit=unit,
         context_len=context_len,
     )
