@@ -129,7 +129,7 @@ class MoCAttention(ComponentAttention):
             else:
                 if routing is None:
                     routing = self.route(x, component_mask, generator, seeds)
-                backend = select_backend(self.config, x.device, torch.is_grad_enabled())
+                backend = select_backend(self.config, x.device)
                 out = BACKENDS[backend](q, k, v, num_latent, routing, self.config)
         y = self.output(out, component_mask)
         return (y, routing) if return_routing else y

@@ -231,13 +231,9 @@ def check_unsmoothed(labels: np.ndarray, name: str = "the label map") -> None:
                      "masks in a folder)")
 
 
-def label_map_to_masks(labels: np.ndarray, max_instances: int | None = None, name: str = "the label map") -> np.ndarray:
-    """(H, W) label map -> (N, H, W) bool, one mask per non-zero id in increasing order (checked: `check_unsmoothed`)."""
-    return _label_map(labels, max_instances, name)[0]
-
-
 def _label_map(labels: np.ndarray, max_instances: int | None, name: str = "the label map") -> tuple[np.ndarray, list[str]]:
-    """`label_map_to_masks`, with each instance's id ("id 7")."""
+    """(H, W) label map -> (N, H, W) bool, one mask per non-zero id in increasing order (checked: `check_unsmoothed`), and
+    each instance's id ("id 7")."""
     if labels.ndim != 2:
         raise InputError(f"a label map must be (H, W), got {labels.shape}")
     if labels.dtype.kind == "f":

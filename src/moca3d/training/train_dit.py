@@ -413,11 +413,6 @@ def step_draws(cfg: DiTTrainConfig, step: int, dataset_size: int, batch_size: in
     return {"indices": indices, "t": t, "drop": drop, "generator": g}
 
 
-def model_config(model: nn.Module):
-    """The transformer config of a Generator, possibly wrapped (DDP)."""
-    return getattr(model, "module", model).transformer.config
-
-
 def training_loss(model: Generator, data: LatentDataset, draws: dict[str, Any], rows: slice, device) -> torch.Tensor:
     """Flow loss of the rows `rows` of the global batch described by `draws`."""
     g = draws["generator"]

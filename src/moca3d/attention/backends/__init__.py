@@ -27,7 +27,7 @@ BACKENDS = {
 }
 
 
-def select_backend(config: MoCAttentionConfig, device: torch.device, grad_enabled: bool) -> str:
+def select_backend(config: MoCAttentionConfig, device: torch.device) -> str:
     """The backend to use: the forced one, else `reference` on CUDA and `chunked` on the CPU.
 
     On an H200 (bf16, L = 1024, D = 2048; benchmarks/results/attention_cuda.json) the gathered
