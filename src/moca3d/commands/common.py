@@ -271,15 +271,12 @@ def run_vae(output: Path, vae: Optional[Path], resume: bool = True, init_from: O
     """`vae` (--vae) when given; else, resuming the run in OUTPUT, the VAE folder its newest checkpoint records (said);
     else None. A recorded folder that is gone is a one-line ConfigError (the run needs that VAE: its latent scale),
     unless the run starts from a pipeline (`init_from`, perhaps moved with the run): None, its VAE then."""
-    from moca3d.training.checkpoints import latest_checkpoint
+    from moca3d.training.checkpoints import checkpoint_extra, latest_checkpoint
 
     ckpt = latest_checkpoint(output) if vae is None and resume else None
     if ckpt is None:
         return vae
-    try:
-        recorded = json.loads((ckpt / "state.json").read_text()).get("extra", {}).get("vae_dir")
-    except (OSError, ValueError, AttributeError):
-        return None  # the trainer names a damaged checkpoint
+    recorded = checkpoint_extra(ckpt).get("vae_dir")  # (the trainer names a damaged checkpoint)
     if not recorded:  # a checkpoint from before the record, or a run without a VAE
         return None
     if not Path(recorded).is_dir():

@@ -153,7 +153,7 @@ def run_report(path: Path) -> Optional[dict]:
     """A training run folder (`train`, `train-scene`, `train-vae`, `pretrain-encoder`: a recorded recipe or checkpoints/):
     the step of its newest checkpoint, the recipe's start and target, the last logged loss, the model folders it
     exported; for one of its checkpoints (checkpoints/step_XXXXXXXX), that step and its run's report; else None."""
-    from moca3d.training.checkpoints import CHECKPOINT_DIR, STEP_PATTERN, latest_checkpoint
+    from moca3d.training.checkpoints import CHECKPOINT_DIR, STEP_PATTERN, checkpoint_extra, latest_checkpoint
 
     path = path.absolute()  # `info .` inside a checkpoint, `info step_00000005` inside checkpoints/
     checkpoint = STEP_PATTERN.match(path.name) if path.parent.name == CHECKPOINT_DIR else None
@@ -165,8 +165,8 @@ def run_report(path: Path) -> Optional[dict]:
     recipe = read_json(recipes[0]) if recipes else {}
     newest = latest_checkpoint(path)
     try:  # the run's training seconds at that checkpoint, what a time limit counts
-        elapsed = float(read_json(newest / "state.json").get("extra", {}).get("elapsed_s")) if newest else None
-    except (InputError, CheckpointError, TypeError, ValueError):
+        elapsed = float(checkpoint_extra(newest)["elapsed_s"]) if newest else None
+    except (KeyError, TypeError, ValueError):
         elapsed = None
     report = {"kind": "training run", "path": str(path), "step": int(STEP_PATTERN.match(newest.name).group(1)) if newest else None,
               "steps": recipe.get("steps"), "time_limit_s": recipe.get("time_limit_s") or None, "elapsed_s": elapsed,

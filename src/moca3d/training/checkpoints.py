@@ -475,6 +475,16 @@ def _remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def checkpoint_extra(path: str | Path) -> dict[str, Any]:
+    """The `extra` record of a checkpoint's state.json (what its run noted: vae_dir, elapsed_s, ...); {} when the file is
+    missing or damaged (resuming from it, `load_checkpoint` names the damage)."""
+    try:
+        extra = json.loads((Path(path) / "state.json").read_text()).get("extra", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     ema: Optional[EMA] = None, restore_rng_state: bool = True,
                     frozen: Union[dict[str, Any], None, str] = "compute") -> Checkpoint:
