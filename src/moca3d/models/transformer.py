@@ -26,7 +26,7 @@ from moca3d.attention import LocalAttention, MoCAttention, MoCAttentionConfig
 from moca3d.defaults import check_component_count
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.modeling import AtomicSaveMixin
-from moca3d.models.vae import FeedForward, LayerNorm32
+from moca3d.models.vae import FeedForward, FourierEmbedder, LayerNorm32
 
 
 TIME_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as diffusers' "gelu"
@@ -101,15 +101,13 @@ class LayoutEmbedding(nn.Module):
 
     def __init__(self, num_features: int, dim: int, num_freqs: int = 6):
         super().__init__()
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32), persistent=False)
-        self.linear_1 = nn.Linear(num_features * (1 + 2 * num_freqs), dim)
+        self.fourier = FourierEmbedder(num_freqs, num_features, include_pi=True)  # (no weights: checkpoints unchanged)
+        self.linear_1 = nn.Linear(self.fourier.out_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, layout: torch.Tensor) -> torch.Tensor:
         """(B, N, F) -> (B, N, D)."""
-        f = layout.float()
-        args = f[..., None] * self.freqs  # (B, N, F, K)
-        h = torch.cat([f, args.sin().flatten(-2), args.cos().flatten(-2)], dim=-1)  # (B, N, F (1 + 2K))
+        h = self.fourier(layout.float())  # (B, N, F (1 + 2K))
         return self.linear_2(F.silu(self.linear_1(h.to(self.linear_1.weight.dtype))))
 
 
