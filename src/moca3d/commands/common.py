@@ -186,6 +186,8 @@ EXPORT_ONLY_HELP = ("Write OUTPUT/pipeline from the newest checkpoint (its EMA w
                     "long run part-way; run the same command without it to train on (the end overwrites that pipeline).")
 
 
+DEVICE_HELP = "auto (cuda when available), cpu, cuda, cuda:N or mps."
+TRAIN_DEVICE_HELP = "auto (cuda when available), cpu or cuda (another GPU: CUDA_VISIBLE_DEVICES; several: accelerate launch)."
 THREADS_HELP = "torch CPU threads (the recipe's num_threads; 0: torch's default); may change when a run resumes."
 
 

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import typer
 
+from moca3d.commands.common import TRAIN_DEVICE_HELP
 from moca3d.progress import cli_progress
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -222,7 +223,7 @@ def register(app: typer.Typer) -> None:
     def train_default(
         work: Path = typer.Option(Path("runs/default"), "--work", help="Working folder: data/, vae/, dit/ (resumable)."),
         recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe JSON: dataset size and each training stage's config, named by file beside the recipe (else the repository's configs/ one) or by path (default: the repository's configs/default.json)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
+        device: str = typer.Option("auto", "--device", help=TRAIN_DEVICE_HELP),
         workers: int = typer.Option(2, "--workers", help="Processes for data preparation."),
         install: bool = typer.Option(False, "--install", help="Copy the trained pipeline into the package as the default model (the installed package's folder: it needs write access there; a wheel install's record of its files no longer matches)."),
         data: Optional[Path] = typer.Option(None, "--data", help="Use this prepared dataset instead of preparing one."),

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import DTYPE_HELP, resolve_device, shipped
+from moca3d.commands.common import DEVICE_HELP, DTYPE_HELP, resolve_device, shipped
 from moca3d.defaults import resolve_dtype
 from moca3d.errors import ConfigError
 
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         ),
         port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on; open http://HOST:PORT in a browser."),
         share: bool = typer.Option(False, "--share", help="Also publish a temporary public gradio.live link (needs internet; off by default)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
         resolution: int = typer.Option(DEFAULT_RESOLUTION, "--resolution", help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         scene_model: Optional[Path] = typer.Option(

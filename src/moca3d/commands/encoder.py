@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from moca3d.commands.common import DEVICE_HELP
+
 
 def register(app: typer.Typer) -> None:
     """Add `pretrain-encoder`."""
@@ -20,7 +22,7 @@ def register(app: typer.Typer) -> None:
         cache: Optional[Path] = typer.Option(None, "--cache", help="Read the renders from this latent cache (moca3d cache-latents) of DATA_DIR's train split (objects only)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     ) -> None:
         """Train the image encoder to predict each object's coarse 3D surface grid from its render (torchrun / accelerate launch: data-parallel over several processes).
 

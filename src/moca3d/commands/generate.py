@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (DEVICE_HELP, TRAIN_DEVICE_HELP, THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
                                     resume_recipe, run_dit_training, run_vae, save_generation, shipped, write_json)
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per part (16, 32 or a multiple of 4 from 64 to 1024)."),
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
-        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+        device: str = typer.Option("auto", help=DEVICE_HELP),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     ) -> None:
@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Pipeline folder to fine-tune, e.g. a converted TripoSG (overrides the recipe's init_from; its VAE is used unless --vae is given)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda (auto: cuda when available; another GPU: CUDA_VISIBLE_DEVICES)."),
+        device: str = typer.Option("auto", help=TRAIN_DEVICE_HELP),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
@@ -187,7 +187,7 @@ def register_evaluation(app: typer.Typer) -> None:
         max_parts: int = typer.Option(32, help="Skip assets with more parts."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
-        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)."),
+        device: str = typer.Option("auto", help=DEVICE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category and per-asset metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT parts instead of generations: the ceiling of any transformer on this VAE."),
         predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <asset id>.glb, .obj or an <asset id>/ folder of parts; in any frame with --frame each, in the prepared asset's with gt); an asset without one scores as empty and is listed as missing."),

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
+from moca3d.commands.common import (DEVICE_HELP, TRAIN_DEVICE_HELP, THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
                                     check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
                                     interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae, shipped,
                                     save_generation, write_json)
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         shift: Optional[float] = typer.Option(None, help="Timestep shift of the sampler (>1: more steps at high noise; default: the model's scheduler)."),
         resolution: int = typer.Option(128, help="Marching-cubes grid resolution per instance (16, 32 or a multiple of 4 from 64 to 1024)."),
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
-        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+        device: str = typer.Option("auto", help=DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     ) -> None:
         """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB (or OBJ) file."""
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         max_instances: int = typer.Option(32, help="Skip scenes with more instances."),
         seed: int = typer.Option(0, help="Sampling and metric seed."),
         metric_points: int = typer.Option(20000, help="Points sampled on each surface for CD / F-score."),
-        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+        device: str = typer.Option("auto", help=DEVICE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category, per-scene and per-instance metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
         predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <scene id>.glb, .obj or an <scene id>/ folder, instance i for mask i, in the prepared scene's frame); a scene without one scores as empty and is listed as missing."),
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         vae: Optional[Path] = typer.Option(None, "--vae", callback=shipped, help="VAE folder for the exported pipeline (default: a resumed run's own, else the init pipeline's)."),
         steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (a resumed run keeps its own until given again)."),
         batch_size: Optional[int] = typer.Option(None, help="Override the global batch size."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda (auto: cuda when available; another GPU: CUDA_VISIBLE_DEVICES)."),
+        device: str = typer.Option("auto", help=TRAIN_DEVICE_HELP),
         resume: bool = typer.Option(True, help="Continue from the newest checkpoint in the run folder."),
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (the dense-global baseline; a MoCA checkpoint's router weights are dropped) or none (local only)."),

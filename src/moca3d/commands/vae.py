@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (COMPONENTS_HELP, FACES_HELP, THREADS_HELP, apply_threads, shipped, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
+from moca3d.commands.common import (DEVICE_HELP, COMPONENTS_HELP, FACES_HELP, THREADS_HELP, apply_threads, shipped, check_output_path, check_run_folder, keep_run_length, plural, resolve_device,
                                    resume_recipe, training_stops, write_json)
 from moca3d.defaults import RESOLUTION_RULE, check_resolution
 from moca3d.errors import ConfigError, InputError, warn_input
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(None, "--steps", help="Override the number of steps."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the batch size (components)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT_DIR."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
         init_from: Optional[Path] = typer.Option(None, "--init-from", callback=shipped, help="Start from this VAE folder (fine-tune)."),
         freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only: latents cached with --init-from's VAE (and transformers trained on them) stay valid."),
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         resolution: int = typer.Option(128, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and each asset's) to this JSON file ('-': print it alone)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     ) -> None:
         """Reconstruct held-out assets part by part; print CD and F-scores (docs/DESIGN.md §6)."""
         from moca3d.training.train_vae import VAETrainConfig, validate
@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
         resolution: int = typer.Option(256, "--resolution", help=f"Finest grid cells per axis ({RESOLUTION_RULE})."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     ) -> None:
         """Encode every component of a mesh and decode it back (VAE round trip); the file records how (`moca3d info`)."""
         from moca3d import __version__
@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         token_order: str = typer.Option("fps", "--token-order", help="fps (farthest-point order, any transformer) or canonical (for a transformer with token_positions)."),
         num_latents: Optional[int] = typer.Option(None, "--num-latents", help="Latent tokens per component (default: the VAE's num_latents), e.g. 1024 for a fine-tune whose recipe sets the transformer's num_latents (configs/finetune_triposg_l1024.json); --points must be at least as many."),
     ) -> None:
