@@ -43,7 +43,7 @@ def check_shift(shift: float) -> float:
 
 def check_resolution(resolution: int, name: str = "--resolution") -> None:
     """The marching-cubes resolution meets RESOLUTION_RULE (one-line ConfigError)."""
-    # MoCAPipeline.extract_config refines a coarse grid of max(16, R // 4) cells by doublings up to R cells
+    # geometry.extract.vae_extract_config refines a coarse grid of R, R // 2 or R // 4 cells by doublings up to R cells
     valid = isinstance(resolution, numbers.Integral) and (
         resolution in (MIN_RESOLUTION, 2 * MIN_RESOLUTION) or (4 * MIN_RESOLUTION <= resolution <= MAX_RESOLUTION and resolution % 4 == 0))
     if not valid:

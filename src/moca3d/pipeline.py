@@ -27,7 +27,7 @@ from moca3d.defaults import (ADAPTER_CONFIG, DEFAULT_MODEL_DIR, DEFAULT_SCENE_MO
                              check_component_count, check_sampling_args, check_shift, shipped_path,
                              resolve_dtype)
 from moca3d.errors import CheckpointError, ConfigError, InputError, MoCA3DError, one_line, warn_input
-from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid
+from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid, vae_extract_config
 from moca3d.geometry.mesh_io import component_names, components_scene
 from moca3d.geometry.simplify import check_faces, simplify_components
 from moca3d.models.image_encoder import SCENE_CHANNELS, ImageEncoder, encode_views, input_channels
@@ -344,8 +344,7 @@ class MoCAPipeline:
     @staticmethod
     def extract_config(resolution: int = 128) -> ExtractConfig:
         """How generated latents become meshes: the grid, refinement band and floater filter of `decode_latents`."""
-        # the VAE's logits are SDF / truncation clamped to [-1, 1]: refine where |logit| < 0.95
-        return ExtractConfig(resolution=resolution, coarse_resolution=max(16, resolution // 4), band=0.95, band_decay=0.5, chunk_size=32768)
+        return vae_extract_config(resolution)
 
     @staticmethod
     def component_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Encode every component of a mesh and decode it back (VAE round trip); the file records how (`moca3d info`)."""
         from moca3d import __version__
-        from moca3d.geometry.extract import ExtractConfig
+        from moca3d.geometry.extract import vae_extract_config
         from moca3d.geometry.mesh_io import MESH_FORMATS, open_components, read_components, save_components
         from moca3d.geometry.simplify import check_faces, simplify_components
         from moca3d.training.train_vae import reconstruct_components
@@ -178,10 +178,7 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         vae = load_vae(model, dev)
         check_points(points, vae)
-        # a dense first grid of 32 cells or more where the resolution allows (thin parts), refined by doublings
-        coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
-        extract = ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5,
-                                progress=cli_progress() is True)  # a bar over field points: none in a log
+        extract = vae_extract_config(resolution, progress=cli_progress() is True)  # a bar over field points: none in a log
         meshes = reconstruct_components(parts, names, vae, points, extract, label=mesh.name)
         empty_in = {name for name, part in zip(names, parts) if len(part.faces) == 0}
         if not any(len(m.faces) for m in meshes):

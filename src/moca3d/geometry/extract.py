@@ -38,6 +38,15 @@ class ExtractConfig:
     progress: bool = False  # show a progress bar over field calls
 
 
+def vae_extract_config(resolution: int = 128, progress: bool = False) -> ExtractConfig:
+    """How a VAE field becomes a mesh (generation and reconstruction alike): a dense first grid of 32 cells or more
+    where the resolution allows (thin parts), refined by doublings up to `resolution` where |logit| < 0.95 (the
+    VAE's logits are SDF / truncation clamped to [-1, 1])."""
+    coarse = resolution // 4 if resolution >= 128 else resolution // 2 if resolution >= 64 else resolution
+    return ExtractConfig(resolution=resolution, coarse_resolution=coarse, band=0.95, band_decay=0.5, chunk_size=32768,
+                         progress=progress)
+
+
 def _grid_points(index: torch.Tensor, resolution: int, bounds: float) -> torch.Tensor:
     """Integer vertex indices (M, 3) of a resolution^3-cell grid -> coordinates (M, 3)."""
     return index.float() * (2.0 * bounds / resolution) - bounds
