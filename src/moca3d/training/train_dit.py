@@ -640,7 +640,8 @@ def train(
             draws = step_draws(cfg, step, len(data), cfg.batch_size, by_parts)
             with accelerator.autocast():
                 loss = training_loss(model, data, draws, rows, accelerator.device)
-            if not torch.isfinite(loss):
+            local_loss = loss.item()  # one device read a step: the finite check before backward, and the logged loss
+            if not math.isfinite(local_loss):
                 raise ConfigError(f"non-finite loss at step {step}; last checkpoint kept intact (lower the learning rate; the "
                                   "data's latents were checked finite)")
             optimizer.zero_grad(set_to_none=True)
@@ -649,7 +650,7 @@ def train(
             optimizer.step()
             unwrapped = accelerator.unwrap_model(model)
             ema.update(unwrapped)
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item() if processes else local_loss
             over = cfg.time_limit_s > 0 and before + time.time() - t0 > cfg.time_limit_s
             # one decision for all processes, one collective: SIGTERM / Ctrl+C on any of them, this step's checkpoint, then out
             over, stopped = (v > 0 for v in process_maxima([float(over), float(bool(stop))], processes, accelerator.device))

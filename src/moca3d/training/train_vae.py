@@ -258,8 +258,8 @@ def vae_loss(model: VecSetVAE, batch: dict[str, Any], cfg: VAETrainConfig) -> tu
     loss = loss_sdf + cfg.sign_weight * loss_sign + cfg.kl_weight * loss_kl
     with torch.no_grad():
         sign_acc = (((logits > 0) == (sdf > 0)).float() * weight).sum() / total
-    stats = {"loss": loss.item(), "sdf": loss_sdf.item(), "sign": loss_sign.item(), "kl": loss_kl.item(),
-             "sign_acc": sign_acc.item()}
+    values = torch.stack([loss, loss_sdf, loss_sign, loss_kl, sign_acc]).detach().float().tolist()  # one device read, not five
+    stats = dict(zip(("loss", "sdf", "sign", "kl", "sign_acc"), values))
     return loss, stats
 
 
