@@ -77,14 +77,29 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 PYTHON_SHOWWARNING = warnings.showwarning
 
 
-def _run_quietly() -> None:
-    """The CLI in a later process of a launch: a usage error (an unknown flag, a bad value) ends it with click's exit
-    status and no text, since the first process prints the same one (torchrun's 8 processes printed it 8 times)."""
+def usage_line(err: Exception) -> str:
+    """A click usage error (an unknown flag, a missing option, a bad value) as one line naming the verb's --help."""
+    ctx = getattr(err, "ctx", None)
+    message = err.format_message() if hasattr(err, "format_message") else str(err)
+    return f"{message} (see {ctx.command_path} --help)" if ctx is not None else message
+
+
+def _run() -> None:
+    """The CLI: a usage error is one `error:` line, as every other bad input (typer drew a box of five), said by the
+    first process of a launch alone (torchrun's 8 processes printed it 8 times); the others end with its status."""
     try:
         code = app(standalone_mode=False)
-    except typer.Abort:
+    except typer.Abort:  # Ctrl+C outside a command's own handling
+        if first_process():
+            typer.echo("aborted", err=True)
         sys.exit(1)
     except typer.TyperException as err:  # click's usage errors (typer carries its own click)
+        if type(err).__name__ == "NoArgsIsHelpError":  # `moca3d` alone, or a verb without its arguments: its help
+            if first_process():
+                typer.echo(err.format_message())
+            sys.exit(getattr(err, "exit_code", 2))
+        if first_process():
+            typer.secho(f"error: {usage_line(err)}", fg=typer.colors.RED, err=True)
         sys.exit(getattr(err, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -93,10 +108,7 @@ def main() -> None:
     """Console entry point: bad input ends with one clear line, not a stack trace."""
     warnings.showwarning = show_warning
     try:
-        if first_process():
-            app(standalone_mode=True)
-        else:
-            _run_quietly()
+        _run()
     except MoCA3DError as err:  # each process of a launch meets the same one: the first says it
         if first_process():
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
