@@ -357,8 +357,9 @@ def test_train_cli_cache_attention_mode_and_time_limit(dataset, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(tiny_recipe(steps=2).to_dict()))
     base = ["train", str(cache), "--config", str(recipe), "--vae", str(vae_dir), "--device", "cpu"]
-    res = runner.invoke(app, base + ["-o", str(tmp_path / "bad"), "--attention-mode", "sparse"])
-    assert isinstance(res.exception, ConfigError) and "--attention-mode must be one of" in str(res.exception)
+    for given in (base, base[:4]):  # without --vae too: the bad value is named, not the missing VAE
+        res = runner.invoke(app, given + ["-o", str(tmp_path / "bad"), "--attention-mode", "sparse"])
+        assert isinstance(res.exception, ConfigError) and "--attention-mode must be one of" in str(res.exception)
     res = runner.invoke(app, base[:4] + ["--device", "cpu", "--out", str(tmp_path / "novae")])
     assert isinstance(res.exception, ConfigError) and "needs --vae" in str(res.exception)  # else no pipeline at the end
     assert not (tmp_path / "novae").exists()

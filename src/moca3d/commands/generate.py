@@ -159,10 +159,10 @@ def register(app: typer.Typer) -> None:
         recipe, recorded = resume_recipe(DiTTrainConfig, config, output, "train_config.json", resume)
         if init_from is not None:
             recipe["init_from"] = str(init_from)
+        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank, threads)  # bad values first
         vae = run_vae(output, vae, resume, recipe.get("init_from"))
         if vae is None and not recipe.get("init_from"):
             raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless it starts from a pipeline (--init-from or the recipe's init_from)")
-        apply_training_overrides(recipe, steps, batch_size, attention_mode, time_limit, lora_rank, threads)
         keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
         if lora_rank:  # the memory-lean fine-tune: the encoder stays as it is too (as TripoSG keeps DINOv2)
             recipe["freeze_image_encoder"] = True

@@ -225,7 +225,7 @@ def register(app: typer.Typer) -> None:
     def cache_latents_cmd(
         data_dir: Path = typer.Argument(..., help="Prepared dataset with cached latents (moca3d encode-dataset): objects, or scenes (every asset of the split a scene: cached with their instance masks, for a scene recipe)."),
         output: Path = typer.Option(..., "--output", "--out", "-o", help="The cache file to write (.safetensors)."),
-        split: str = typer.Option("train", help="Split to cache: train, val or test."),
+        split: str = typer.Option("train", help="Split to cache: train, val, test or all (every split)."),
         image_size: int = typer.Option(128, "--image-size", help="The image encoder's input size (the recipe's image_encoder.image_size; a scene pipeline's: `moca3d info` shows it, 224 for a converted pipeline's DINOv2)."),
         max_parts: int = typer.Option(32, "--max-parts", help="Leave out assets with more parts."),
         instance_views: int = typer.Option(1, "--instance-views", help="Scenes: 2 also keeps the full-resolution renders and label maps, for a transformer with instance_views 2 (zoomed instance views)."),
