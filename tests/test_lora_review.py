@@ -255,3 +255,14 @@ def test_two_process_lora_training_matches_one_process(object_dataset, object_pi
     assert set(ddp) == set(trained) and any(is_lora_parameter(n) for n in ddp)
     for name, p in trained.items():
         torch.testing.assert_close(ddp[name], p.detach(), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_lora_fine_tune_freezes_the_image_encoder_by_recipe_key_and_flag_alike(object_pipeline):
+    """--lora-rank froze the image encoder, the recipe key transformer_lora_rank alone trained it in full: one rule now
+    (frozen unless the recipe says freeze_image_encoder false)."""
+    lora = dict(init_from=object_pipeline, transformer_lora_rank=2)
+    assert DiTTrainConfig.from_dict(lora).freeze_image_encoder is True
+    assert DiTTrainConfig.from_dict({**lora, "freeze_image_encoder": False}).freeze_image_encoder is False
+    assert DiTTrainConfig.from_dict(dict(init_from=object_pipeline)).freeze_image_encoder is False  # a full fine-tune trains it
+    assert DiTTrainConfig.from_dict({**lora, "condition": "scene"}).freeze_image_encoder is False  # scenes: the encoder's LoRA
+    assert DiTTrainConfig.from_dict({}).to_dict()["freeze_image_encoder"] is False  # recorded resolved

@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
         export_only: bool = typer.Option(False, "--export-only", help=EXPORT_ONLY_HELP),
         attention_mode: Optional[str] = typer.Option(None, help="Override the global blocks: moc, dense (PartCrafter-style baseline) or none (local only)."),
         time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training, a resumed run counting its earlier ones (the LR schedule ends there; a resumed run keeps its own until given again), then export."),
-        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the adapter alone, for --lora) and keep the image encoder frozen; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
+        lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Fine-tune the transformer through LoRA adapters of this rank (its layers frozen; MoCA's packer, routers and ID embedding in full; merged on export into OUT/pipeline, and OUT/lora holds the adapter alone, for --lora); the image encoder then stays frozen unless the recipe sets freeze_image_encoder false; 0: in full. Needs a pipeline to start from. Overrides the recipe's transformer_lora_rank."),
         threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     ) -> None:
         """Train the MoCA transformer and image encoder with rectified flow (accelerate: CPU, GPU, multi-GPU)."""
@@ -164,8 +164,6 @@ def register(app: typer.Typer) -> None:
         if vae is None and not recipe.get("init_from"):
             raise ConfigError("train needs --vae (the VAE folder that encoded DATA's latents, e.g. runs/vae/vae) unless it starts from a pipeline (--init-from or the recipe's init_from)")
         keep_run_length(recipe, recorded, steps=steps, time_limit_s=time_limit)
-        if lora_rank:  # the memory-lean fine-tune: the encoder stays as it is too (as TripoSG keeps DINOv2)
-            recipe["freeze_image_encoder"] = True
         run_dit_training(data, output, recipe, vae, device, resume, export_only)
 
 

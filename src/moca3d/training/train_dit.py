@@ -105,7 +105,9 @@ class DiTTrainConfig(Recipe):
     # scenes (issue 7): per-instance 7-channel conditions, fine-tuned from an object pipeline
     condition: str = "object"  # "object": one image per sample; "scene": one 7-channel stack per component
     init_from: Optional[str] = None  # a pipeline folder to start from (its VAE is reused): scenes, or object fine-tuning
-    freeze_image_encoder: bool = False  # keep the (pre-trained or DINOv2) encoder fixed, as TripoSG does
+    # keep the (pre-trained or DINOv2) encoder fixed, as TripoSG does; None: fixed in an object LoRA fine-tune
+    # (transformer_lora_rank > 0: the memory-lean one), else trained
+    freeze_image_encoder: Optional[bool] = None
     # a pre-trained image encoder folder (`moca3d pretrain-encoder`'s image_encoder/) for a fresh transformer,
     # or for a scene recipe the (scene-pre-trained, 3- or 7-channel) encoder to use instead of init_from's
     image_encoder_from: Optional[str] = None
@@ -122,7 +124,9 @@ class DiTTrainConfig(Recipe):
     transformer_lora_dropout: float = 0.0
 
     def check(self) -> None:
-        """Raise ConfigError for values out of range."""
+        """Raise ConfigError for values out of range; resolve freeze_image_encoder's None."""
+        if self.freeze_image_encoder is None:  # one rule for the recipe key and train's --lora-rank
+            self.freeze_image_encoder = bool(self.transformer_lora_rank) and self.condition == "object"
         self.check_positive("steps", "batch_size", "log_every", "checkpoint_every", "max_components")
         self.check_schedule()
         self.check_optimizer()
