@@ -186,3 +186,13 @@ def test_one_name_in_two_formats_is_warned_as_two_assets(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", InputWarning)
         assert [job.id for job in prep.folder_jobs(src)] == ["other", "thing"]
+
+
+def test_a_large_folder_is_checked_under_a_bar(tmp_path, capsys):
+    """Each new source is hashed (copies are left out) before preparing starts: a large PartNet folder read silently."""
+    many, few = prep.procedural_jobs("objects", 120), prep.procedural_jobs("objects", 5)
+    assert len(prep.resume_jobs(many, tmp_path, progress=True)) == 120
+    assert "checking sources" in capsys.readouterr().err
+    prep.resume_jobs(few, tmp_path, progress=True)
+    prep.resume_jobs(many, tmp_path, progress=False)
+    assert "checking sources" not in capsys.readouterr().err  # a few sources, or no bars asked

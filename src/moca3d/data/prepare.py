@@ -515,14 +515,15 @@ def _same_content(source: str, asset: dict, digest: Callable[[str], str | None])
 
 
 def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None,
-                duplicates: dict[str, str] | None = None) -> list[Job]:
+                duplicates: dict[str, str] | None = None, progress: Show = False) -> list[Job]:
     """The jobs still to prepare into `root`: a job is done when an asset holds its source, whatever the id it then got:
     one prepared from the same path, or a namesake (by file name) with the same content (`_same_content`: moved); and of
     the same category, for a job given one (chairs/a.glb is not tables/a.glb). A new source whose id an asset of another
     source holds (a.obj added beside a.ply, another folder's chair.glb) gets the next free `_k` id, said in `notes` (by
     source). A source with the content of an asset or of an earlier job (the same file under another --category, a copy
     under another name, chairs/a.glb and tables/a.glb alike) is left out, said in `duplicates` (by source): two copies
-    could land in train and test. Each new file source is read once for that (its digest travels with its job)."""
+    could land in train and test. Each new file source is read once for that (its digest travels with its job), under a
+    bar (`progress`) when there are many."""
     finished = _finished_sources(root)
     namesakes: dict[str, list[dict]] = {}  # source file name -> the assets prepared from a file of that name
     at_path: dict[str, list[dict]] = {}  # a recorded source's real path -> the assets prepared from it
@@ -544,7 +545,8 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
         return digests[path]
 
     todo = []
-    for job in jobs:
+    many = progress if len(jobs) >= 100 else False  # a large folder is read once before its first asset is prepared
+    for job in progress_bar(jobs, show=many, desc="checking sources", unit="source", leave=False):
         def fits(asset: dict) -> bool:
             return job.category == "mesh" or str(asset["category"]) == job.category
 
@@ -638,7 +640,8 @@ def prepare(
     reported = reported_sources(root, settings)
     renames: dict[str, str] = {}
     duplicates: dict[str, str] = {}
-    todo = resume_jobs([j for j in jobs if j.source not in reported], root, renames, duplicates)  # reported: never twins
+    todo = resume_jobs([j for j in jobs if j.source not in reported], root, renames, duplicates,  # reported: never twins
+                       progress=progress)
     renames = {job.source: renames[job.source] for job in todo if job.source in renames}
     summary = PrepareSummary(already_done=len(jobs) - len(todo) - len(duplicates), total=len(jobs), renamed=len(renames),
                              duplicates=len(duplicates))
