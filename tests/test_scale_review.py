@@ -39,11 +39,10 @@ def test_cache_latents_names_max_parts_for_assets_of_too_many_parts(object_datas
 
 def test_training_still_names_the_recipes_max_components(object_dataset):
     """Outside cache-latents (and after it) the option named is the recipe's max_components."""
-    from moca3d.data.dataset import parts_option, report_too_many_parts
+    from moca3d.data.dataset import report_too_many_parts
 
-    with parts_option("--max-parts", "raise --max-parts to cache them"):
-        with pytest.warns(InputWarning, match="more than --max-parts 4 parts .*raise --max-parts to cache them"):
-            report_too_many_parts(["a"], 1, "data", "'train' assets", 4)
+    with pytest.warns(InputWarning, match="more than --max-parts 4 parts .*raise --max-parts to cache them"):
+        report_too_many_parts(["a"], 1, "data", "'train' assets", 4, ("--max-parts", "raise --max-parts to cache them"))
     with pytest.warns(InputWarning, match="more than max_components 4 parts .*raise the recipe's max_components to train"):
         report_too_many_parts(["a"], 1, "data", "'train' assets", 4)
 

@@ -231,7 +231,7 @@ def register(app: typer.Typer) -> None:
         instance_views: int = typer.Option(1, "--instance-views", help="Scenes: 2 also keeps the full-resolution renders and label maps, for a transformer with instance_views 2 (zoomed instance views)."),
     ) -> None:
         """Pack a split's latents and preprocessed renders into one file: `moca3d train CACHE` starts in seconds."""
-        from moca3d.data.dataset import parts_option, read_manifest
+        from moca3d.data.dataset import read_manifest
         from moca3d.data.scene import SceneLatentDataset
         from moca3d.data.images import MIN_IMAGE_SIDE
         from moca3d.training.train_dit import LatentDataset
@@ -248,11 +248,11 @@ def register(app: typer.Typer) -> None:
         scenes = kinds == {True}
         if instance_views != 1 and not scenes:
             raise InputError("--instance-views is for scene caches; objects have one view")
-        with parts_option("--max-parts", "raise --max-parts to cache them"):  # not the recipe's max_components
-            if scenes:
-                data = SceneLatentDataset(data_dir, split, image_size, max_parts, views=instance_views)
-            else:
-                data = LatentDataset(data_dir, split, image_size, max_parts)
+        option = ("--max-parts", "raise --max-parts to cache them")  # named when assets are left out: not the recipe's max_components
+        if scenes:
+            data = SceneLatentDataset(data_dir, split, image_size, max_parts, views=instance_views, parts_option=option)
+        else:
+            data = LatentDataset(data_dir, split, image_size, max_parts, parts_option=option)
         path = data.save_cache(output)
         noun = "scenes" if scenes else "assets"
         typer.echo(f"{path}: {len(data)} {noun}, {sum(z.shape[0] for z in data.latents)} parts, {image_size} px images")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import zipfile
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -181,27 +179,17 @@ def report_missing_latents(missing: list[str], root: str | Path, split: str) -> 
 
 
 PARTS_OPTION = ("max_components", "raise the recipe's max_components to train on them")  # report_too_many_parts' default
-_parts_option: ContextVar[tuple[str, str]] = ContextVar("parts_option", default=PARTS_OPTION)
 
 
-@contextmanager
-def parts_option(option: str, remedy: str) -> Iterator[None]:
-    """Within it, report_too_many_parts names `option` (e.g. "--max-parts") and `remedy` ("raise --max-parts to cache
-    them"), not the recipe's max_components: for a command whose datasets leave out assets of too many parts."""
-    token = _parts_option.set((option, remedy))
-    try:
-        yield
-    finally:
-        _parts_option.reset(token)
-
-
-def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, what: str, max_components: int) -> str:
+def report_too_many_parts(too_many: list[str], kept: int, root: str | Path, what: str, max_components: int,
+                          option: tuple[str, str] = PARTS_OPTION) -> str:
     """Warn (one line) that assets (`what`: "'train' assets", "cached assets") with more than `max_components` parts are
-    left out; the phrase to add to the error when none is kept ("" when none was left out). The option it names is the
-    recipe's max_components, or the caller's (`parts_option`)."""
+    left out; the phrase to add to the error when none is kept ("" when none was left out). `option`: the setting that
+    limits them and its remedy, the recipe's max_components unless a command's (("--max-parts", "raise --max-parts to
+    cache them"))."""
     if not too_many:
         return ""
-    option, remedy = _parts_option.get()
+    option, remedy = option
     hint = f"{len(too_many)} {what} have more than {option} {max_components} parts (first: {too_many[0]}): {remedy}"
     if kept:
         warn_input(f"{root}: {hint}; they are left out")

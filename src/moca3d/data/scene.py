@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from moca3d.data.dataset import (SCENE_CACHE, check_latent_lengths, common_encoder, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
-                                 report_missing_latents, report_too_many_parts, save_latent_cache)
+                                 report_missing_latents, report_too_many_parts, save_latent_cache, PARTS_OPTION)
 from moca3d.data.images import SCENE_CHANNELS, ImageLike, load_image, preprocess_image, readable, rgb_on_white
 from moca3d.errors import ConfigError, InputError, InputWarning, warn_input
 from moca3d.geometry.mesh_io import component_names
@@ -549,8 +549,9 @@ class SceneLatentDataset:
     """
 
     def __init__(self, root: str | Path, split: str, image_size: int, max_components: int = 32, padding: float = SCENE_PADDING,
-                 latents: bool = True, views: int = 1):
-        """`latents=False`: the conditions alone (no cached latents needed, `self.latents` stays empty)."""
+                 latents: bool = True, views: int = 1, parts_option: tuple[str, str] = PARTS_OPTION):
+        """`latents=False`: the conditions alone (no cached latents needed, `self.latents` stays empty); `parts_option` as
+        LatentDataset's."""
         check_views(views)
         self.root = Path(root)
         self.padding, self.views = padding, views
@@ -589,7 +590,7 @@ class SceneLatentDataset:
                 self.renders.append(torch.from_numpy(rgb_on_white(render)[0].copy()).permute(2, 0, 1))
                 self.labels.append(torch.from_numpy(_labels_of(masks)))
             self.ids.append(rec["id"])
-        too_many_note = report_too_many_parts(too_many, len(self.ids), root, f"'{split}' scenes", max_components)
+        too_many_note = report_too_many_parts(too_many, len(self.ids), root, f"'{split}' scenes", max_components, parts_option)
         if not self.ids:
             hint = " (run `moca3d prepare --procedural scenes` and `moca3d encode-dataset`)" if missing or not too_many else ""
             raise InputError(f"{root}: no '{split}' scenes with cached latents{hint}{too_many_note}")

@@ -33,7 +33,7 @@ import torch.nn as nn
 from moca3d import flow
 from moca3d.attention.config import BACKENDS as ATTENTION_BACKENDS
 from moca3d.data.dataset import (OBJECT_CACHE, check_latent_encoder, check_latent_lengths, common_encoder, common_token_order, load_cached_latents, load_latent_cache, pad_components, read_manifest,
-                                 report_missing_latents, report_too_many_parts, require_token_order, save_latent_cache)
+                                 report_missing_latents, report_too_many_parts, require_token_order, save_latent_cache, PARTS_OPTION)
 from moca3d.data.images import load_image, preprocess_image
 from moca3d.data.scene import conditions_layout
 from moca3d.defaults import TRAINED_KEY
@@ -174,7 +174,9 @@ class DiTTrainConfig(Recipe):
 class LatentDataset:
     """In-memory latents (N, L, C) and preprocessed renders of a prepared dataset split."""
 
-    def __init__(self, root: str | Path, split: str, image_size: Union[int, Callable[[Path], torch.Tensor]], max_components: int = 32):
+    def __init__(self, root: str | Path, split: str, image_size: Union[int, Callable[[Path], torch.Tensor]], max_components: int = 32,
+                 parts_option: tuple[str, str] = PARTS_OPTION):
+        """`parts_option`: the setting named when assets of more than `max_components` parts are left out (`report_too_many_parts`)."""
         """`image_size`: the small encoder's size, or the encoder's own preprocessing (path -> (3, S, S))."""
         self.root = Path(root)
         preprocess = image_size if callable(image_size) else (lambda path: preprocess_image(path, image_size))
@@ -197,7 +199,7 @@ class LatentDataset:
             encoders.add(made["encoder"])
             self.images.append(preprocess(asset / "render.png"))
             self.ids.append(rec["id"])
-        too_many_note = report_too_many_parts(too_many, len(self.ids), root, f"'{split}' assets", max_components)
+        too_many_note = report_too_many_parts(too_many, len(self.ids), root, f"'{split}' assets", max_components, parts_option)
         if not self.ids:
             raise InputError(f"{root}: no '{split}' assets with cached latents"
                              + (" (run `moca3d encode-dataset` first)" if missing else "") + too_many_note)
