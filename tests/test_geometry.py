@@ -307,3 +307,24 @@ def test_loaded_parts_are_welded_without_stray_vertices_and_points_are_named(tmp
         meshes, names = load_file(tmp_path / "with_cloud.glb")
     assert names == ["body"]
     assert any(issubclass(w.category, InputWarning) and "'cloud'" in str(w.message) for w in caught)
+
+
+def test_every_resolution_meshes_from_a_first_grid_that_doubles_to_it():
+    """One rule for generation and reconstruction (the pipeline's first grid at 64 was 16 cells, the CLI's 32)."""
+    from moca3d.defaults import MAX_RESOLUTION, MIN_RESOLUTION, check_resolution
+    from moca3d.errors import ConfigError
+    from moca3d.geometry.extract import vae_extract_config
+    from moca3d.pipeline import MoCAPipeline
+
+    valid = []
+    for resolution in range(MIN_RESOLUTION, MAX_RESOLUTION + 1):
+        try:
+            check_resolution(resolution)
+        except ConfigError:
+            continue
+        valid.append(resolution)
+        coarse = vae_extract_config(resolution).coarse_resolution
+        assert coarse >= 16 and resolution % coarse == 0 and (resolution // coarse) in (1, 2, 4), resolution
+    assert {16, 32, 64, 68, 100, 128, 256, 1024} <= set(valid)
+    assert [vae_extract_config(r).coarse_resolution for r in (32, 64, 128, 256)] == [32, 32, 32, 64]
+    assert MoCAPipeline.extract_config(64) == vae_extract_config(64)

@@ -70,6 +70,8 @@ def test_images_as_bytes_or_file_objects_load_like_their_files_and_urls_are_refu
         load_image(b"hello")
     with pytest.raises(InputError, match="^https://example.com/a.png: moca3d reads local files only"):
         load_image("https://example.com/a.png")
+    with pytest.raises(InputError, match="^image not found: C:"):  # a drive letter is no URL scheme
+        load_image("C://pictures/a.png")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -71,16 +71,24 @@ def test_a_multi_stage_scheduler_reports_each_model_evaluation(pipe):
     seen = []
     pipe.generate_latents(pipe.encode_image(CHAIR), 2, steps=3, progress=lambda i, n: seen.append((i, n)))
     assert seen == [(i, 5) for i in range(1, 6)]
-    with pytest.raises(ConfigError, match="no timestep shift") if flow.shift_key(pipe.scheduler) is None else _nothing():
+    assert pipe(CHAIR, shift=2.0, **FAST).settings["shift"] == 2.0  # Heun's `shift`
+
+
+def test_a_scheduler_without_a_shift_refuses_one_and_dynamic_shifting_is_refused(pipe):
+    """Dynamic shifting needs an image-size mu the sampler lacks: it died mid-call with diffusers' 'mu must be passed'."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ConfigError, match="use_dynamic_shifting=True is not supported"):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+
+    class Unshifted(FlowMatchHeunDiscreteScheduler):  # a flow scheduler whose config has no shift
+        def __init__(self, num_train_timesteps: int = 1000):
+            super().__init__(num_train_timesteps=num_train_timesteps)
+
+    pipe.scheduler = Unshifted()
+    assert flow.shift_key(pipe.scheduler) is None and flow.scheduler_shift(pipe.scheduler) is None
+    with pytest.raises(ConfigError, match="Unshifted has no timestep shift: leave shift unset"):
         pipe(CHAIR, shift=2.0, **FAST)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_generate_latents_checks_what_call_checks(pipe):

@@ -89,14 +89,15 @@ def _run() -> None:
     first process of a launch alone (torchrun's 8 processes printed it 8 times); the others end with its status."""
     try:
         code = app(standalone_mode=False)
-    except typer.Abort:  # Ctrl+C outside a command's own handling
+    except typer.Abort:  # end of input at a prompt (Ctrl+C comes back as exit code 130)
         if first_process():
             typer.echo("aborted", err=True)
         sys.exit(1)
     except typer.TyperException as err:  # click's usage errors (typer carries its own click)
-        if type(err).__name__ == "NoArgsIsHelpError":  # `moca3d` alone, or a verb without its arguments: its help
-            if first_process():
-                typer.echo(err.format_message())
+        if type(err).__name__ == "NoArgsIsHelpError":  # `moca3d` alone, or a group without its verb: its help
+            message = err.format_message()  # (typer's rich help is printed already, the message left empty)
+            if message and first_process():
+                typer.echo(message)
             sys.exit(getattr(err, "exit_code", 2))
         if first_process():
             typer.secho(f"error: {usage_line(err)}", fg=typer.colors.RED, err=True)

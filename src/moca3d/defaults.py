@@ -25,13 +25,13 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short nam
 RESOLUTION_RULE = f"{MIN_RESOLUTION}, {2 * MIN_RESOLUTION} or a multiple of 4 from {4 * MIN_RESOLUTION} to {MAX_RESOLUTION}"
 
 
-
 def shipped_path(value: Any) -> Any:
     """A "src/moca3d/weights/..." path (the README's, a recipe's) -> the installed package's copy when it is not there
     from the current folder (run outside the repository, or moca3d installed from a wheel); other values unchanged."""
     if isinstance(value, (str, Path)) and str(value).startswith(SHIPPED_PREFIX) and not Path(value).exists():
         return type(value)(Path(__file__).resolve().parent / "weights" / str(value)[len(SHIPPED_PREFIX):])
     return value
+
 
 def check_shift(shift: float) -> float:
     """The timestep shift as a float: finite and > 0, else a one-line InputError (0 or NaN break the sampler's times)."""

@@ -69,7 +69,10 @@ def check_flow_scheduler(scheduler) -> None:
     if config is None or not callable(getattr(scheduler, "step", None)):
         raise ConfigError(f"the scheduler must be a diffusers scheduler, got {name}")
     own = _init_config(scheduler)  # (one built from another class's config carries keys it never reads)
-    if name.startswith("FlowMatch") or (own.get("prediction_type") == "flow_prediction" and own.get("use_flow_sigmas")):
+    if own.get("use_dynamic_shifting"):  # its timesteps need an image-size `mu` this sampler does not have
+        raise ConfigError(f"{name} with use_dynamic_shifting=True is not supported: use a fixed shift (use_dynamic_shifting=False)")
+    flow_match = any(c.__name__.startswith("FlowMatch") for c in type(scheduler).__mro__)  # (a subclass of one too)
+    if flow_match or (own.get("prediction_type") == "flow_prediction" and own.get("use_flow_sigmas")):
         return
     raise ConfigError(f"{name} is not a flow-matching scheduler (the transformer predicts a rectified-flow velocity): use "
                       "FlowMatchEulerDiscreteScheduler (the default), another FlowMatch* one, or UniPC / DPM-Solver with "

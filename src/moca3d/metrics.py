@@ -126,9 +126,10 @@ def _as_points(x: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(x, (trimesh.Trimesh, trimesh.Scene)):
         raise InputError("point metrics take (n, 3) point arrays: for meshes, object_metrics or surface_metrics sample their surfaces")
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] not in (3, 6) or len(x) == 0:  # xyz, or xyz and normals (samples.npz's surface)
-        hint = ": channel-first? pass its transpose" if x.ndim == 2 and x.shape[0] in (3, 6) and len(x.T) > 0 else ""
-        raise InputError(f"expected a non-empty (n, 3) or (n, 6) point array, got shape {x.shape}{hint}")
+    if x.ndim == 2 and x.shape[0] in (3, 6) and x.shape[1] > 6:  # 3 "points" of n coordinates
+        raise InputError(f"expected a non-empty (n, >=3) point array, got shape {x.shape}: channel-first? pass its transpose")
+    if x.ndim != 2 or x.shape[1] < 3 or len(x) == 0:
+        raise InputError(f"expected a non-empty (n, >=3) point array, got shape {x.shape}")
     return x[:, :3]
 
 

@@ -120,7 +120,7 @@ def load_image(image: ImageLike, max_side: int | None = None) -> Image.Image:
         image = np.repeat(image.reshape(image.shape[:2])[..., None], 3, axis=2)  # grey -> (H, W, 3)
     if isinstance(image, (bytes, bytearray, memoryview)):  # an encoded file's bytes (an upload, a database row)
         image = io.BytesIO(bytes(image))
-    if isinstance(image, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", image):
+    if isinstance(image, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]+://", image):  # a scheme (not a drive letter, C://)
         raise InputError(f"{image}: moca3d reads local files only (no downloads): save the image and give its path")
     source = None
     if isinstance(image, (str, Path)):

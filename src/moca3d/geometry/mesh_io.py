@@ -470,6 +470,7 @@ def as_components(meshes: list[trimesh.Trimesh] | trimesh.Trimesh | trimesh.Scen
         raise InputError(f"expected {expected}, got a list holding a {wrong}")
     return meshes
 
+
 def component_source(path: str | Path) -> Path:
     """Where an asset's components are read from: `path` (checked to exist), or the one mesh file of a folder that holds
     a single one (its components: a lone part file gives the same one part). A folder's mesh files in sub-folders are

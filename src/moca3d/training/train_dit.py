@@ -176,8 +176,8 @@ class LatentDataset:
 
     def __init__(self, root: str | Path, split: str, image_size: Union[int, Callable[[Path], torch.Tensor]], max_components: int = 32,
                  parts_option: tuple[str, str] = PARTS_OPTION):
-        """`parts_option`: the setting named when assets of more than `max_components` parts are left out (`report_too_many_parts`)."""
-        """`image_size`: the small encoder's size, or the encoder's own preprocessing (path -> (3, S, S))."""
+        """`image_size`: the small encoder's size, or the encoder's own preprocessing (path -> (3, S, S)); `parts_option`:
+        the setting named when assets of more than `max_components` parts are left out (`report_too_many_parts`)."""
         self.root = Path(root)
         preprocess = image_size if callable(image_size) else (lambda path: preprocess_image(path, image_size))
         self.latents: list[torch.Tensor] = []
