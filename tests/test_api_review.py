@@ -205,3 +205,20 @@ def test_the_readmes_shipped_model_paths_load_from_any_folder(tmp_path, monkeypa
     assert not MoCAPipeline.from_pretrained(Path("src/moca3d/weights/default")).is_scene_model
     with pytest.raises(Exception, match="no such pipeline folder"):
         MoCAPipeline.from_pretrained("src/moca3d/weights/nothere")
+
+
+def test_save_pretrained_can_store_half_precision_as_the_built_in_model_ships(pipe, tmp_path):
+    """save_pretrained wrote fp32 only (twice the size of the shipped fp16 transformer), with no way to keep fp16."""
+    from safetensors import safe_open
+
+    full, half = pipe.save_pretrained(tmp_path / "fp32"), pipe.save_pretrained(tmp_path / "fp16", torch_dtype="fp16")
+    for name, dtype in (("transformer", torch.float16), ("image_encoder", torch.float16), ("vae", torch.float32)):
+        (weights,) = (half / name).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}, name
+    size = [sum(p.stat().st_size for p in (root / "transformer").glob("*.safetensors")) for root in (full, half)]
+    assert size[1] < 0.6 * size[0]
+    assert pipe.dtype == torch.float32  # the pipeline itself is not cast
+    again = MoCAPipeline.from_pretrained(half)
+    assert again.dtype == torch.float32  # loaded back as fp32; fp16 storage rounds the weights (rel. 1e-3)
+    assert torch.allclose(again(CHAIR, num_parts=2, steps=3, resolution=16, show_progress=False).latents, pipe(CHAIR, num_parts=2, steps=3, resolution=16, show_progress=False).latents, atol=0.05)

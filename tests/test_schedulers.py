@@ -102,3 +102,4 @@ def test_generate_latents_checks_what_call_checks(pipe):
             pipe.generate_latents(cond, 2, **kw)
     with pytest.raises(InputError, match=r"cond must be \(1, M, \d+\) or \(1, N, M, \d+\) .*got \(\d+, \d+\)"):
         pipe.generate_latents(cond[0], 2)
+

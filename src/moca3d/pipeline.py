@@ -7,6 +7,7 @@ each model folder being `save_pretrained` output (config.json + safetensors).
 
 from __future__ import annotations
 
+import copy
 import json
 import numbers
 import os
@@ -219,8 +220,13 @@ class MoCAPipeline:
         pipe.trained_components = trained if isinstance(trained, int) and not isinstance(trained, bool) else None
         return pipe
 
-    def save_pretrained(self, path: Union[str, Path]) -> Path:
-        """Write every component and model_index.json (the index last, so a folder with it is complete)."""
+    def save_pretrained(self, path: Union[str, Path], torch_dtype: Union[torch.dtype, str, None] = None) -> Path:
+        """Write every component and model_index.json (the index last, so a folder with it is complete).
+
+        `torch_dtype` (e.g. torch.float16, "fp16"): the transformer's and image encoder's stored dtype (half the size of
+        fp32, as the built-in model ships; loaded back as fp32 unless asked otherwise); None: as they are. The VAE is
+        stored as it is, its field is meshed finely."""
+        dtype = None if torch_dtype is None else resolve_dtype(torch_dtype)  # ("auto": fp32, as on the CPU)
         root = Path(path).expanduser()
         if root.exists() and not root.is_dir():
             raise ConfigError(f"{root} is a file: save_pretrained writes a folder")
@@ -236,6 +242,8 @@ class MoCAPipeline:
             index[TRAINED_KEY] = int(self.trained_components)
         for name, klass in COMPONENTS.items():
             part = getattr(self, name)
+            if dtype is not None and name != "vae" and next(part.parameters()).dtype != dtype:
+                part = torch.nn.Module.to(copy.deepcopy(part), dtype)  # a copy: this pipeline keeps its weights
             part.save_pretrained(root / name)
             index[name] = ["transformers", type(part.model).__name__] if is_dino(part) else ["moca3d", klass.__name__]
         flow.scheduler_with_shift(self.scheduler, None).save_config(root / "scheduler")  # its class's own config keys
