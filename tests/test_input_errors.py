@@ -281,13 +281,14 @@ def test_evaluate_count_below_one_is_refused(tmp_path, count):
 
 
 @pytest.mark.parametrize("resolution", [16, 32, 64, 96, 100, 1024, 8, 48, 66, 1028, 2048])
-def test_resolution_rule_is_the_extraction_grid_rule(resolution):
-    """check_resolution accepts exactly the resolutions (up to 1024) that the pipeline's coarse grid reaches by doublings."""
-    config = MoCAPipeline.extract_config(resolution)
-    ratio = config.resolution / config.coarse_resolution
-    extractable = ratio == int(ratio) and int(ratio) & (int(ratio) - 1) == 0 and resolution <= 1024
-    if extractable:
+def test_resolution_rule_accepts_only_grids_the_extraction_reaches(resolution):
+    """What check_resolution accepts, the pipeline's coarse grid (16 cells or more) reaches by doublings; the rest is
+    refused with the rule (every accepted resolution: tests/test_geometry.py)."""
+    if resolution in (16, 32) or (64 <= resolution <= 1024 and resolution % 4 == 0):
         check_resolution(resolution)
+        config = MoCAPipeline.extract_config(resolution)
+        ratio = config.resolution / config.coarse_resolution
+        assert config.coarse_resolution >= 16 and ratio == int(ratio) and int(ratio) & (int(ratio) - 1) == 0
     else:
         with pytest.raises(ConfigError, match=f"--resolution must be 16, 32 or a multiple of 4 from 64 to 1024, got {resolution}"):
             check_resolution(resolution)
