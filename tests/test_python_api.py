@@ -149,6 +149,11 @@ def test_an_export_records_how_many_components_it_was_trained_on(object_dataset,
         tiny(EXAMPLES / "chair.png", num_parts=most, **FAST)
     with pytest.warns(InputWarning, match=f"{most + 1} parts: this model was trained on at most {most}"):
         tiny(EXAMPLES / "chair.png", num_parts=most + 1, **FAST)
+    with warnings.catch_warnings():  # said once per pipeline and count: a folder of images said it for each image
+        warnings.simplefilter("error", InputWarning)
+        tiny(EXAMPLES / "chair.png", num_parts=most + 1, **FAST)
+    with pytest.warns(InputWarning, match=f"{most + 2} parts: this model was trained on at most {most}"):
+        tiny(EXAMPLES / "chair.png", num_parts=most + 2, **FAST)
 
 
 def test_a_fine_tune_keeps_its_base_models_component_range(object_dataset, object_pipeline, tmp_path):

@@ -137,6 +137,7 @@ class MoCAPipeline:
         # TRAINED_KEY; None: unknown):
         # more can be asked, up to max_components, and get a warning
         self.trained_components: Optional[int] = None
+        self._warned_counts: set[tuple[str, int]] = set()  # counts beyond trained_components warned of already
 
     @property
     def scheduler(self):
@@ -439,7 +440,9 @@ class MoCAPipeline:
             num = cond.shape[1] if num is None else num
             num = int(num) if isinstance(num, numbers.Integral) and not isinstance(num, bool) else num  # numpy's: JSON
             check_faces(faces, num, dash="")  # a scene's count is known once its masks are read
-            if self.trained_components is not None and self.trained_components < num <= self.transformer.max_components:
+            beyond = self.trained_components is not None and self.trained_components < num <= self.transformer.max_components
+            if beyond and (prefix, num) not in self._warned_counts:  # once per pipeline and count (a folder of images)
+                self._warned_counts.add((prefix, num))
                 warn_input(f"{num} {prefix}s: this model was trained on at most {self.trained_components}; beyond that its "
                            f"{prefix}s may come out worse (up to {self.transformer.max_components} are allowed)")
             task = bar.add_task("sampling", total=steps)
