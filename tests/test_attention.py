@@ -511,3 +511,24 @@ def test_auto_backend_follows_the_measured_choice_per_device():
     assert select_backend(config, torch.device("cpu")) == "chunked"
     config.backend = "matmul"
     assert select_backend(config, torch.device("cpu")) == "matmul", "a forced backend is kept"
+
+
+def test_equal_importances_route_in_id_order_so_routing_follows_a_permutation():
+    """An untrained router's gates sit near 0.5 and can tie exactly (found at N = 64: two gates equal to the last
+    bit at the top-k cut); the stable sort then kept the lower index, so permuting the components changed which one
+    was routed (an output change of 3e-2). Ties now rank by the components' IDs, which a permutation carries along."""
+    from moca3d.attention.routing import tie_breaking_order
+
+    N = 7
+    config = MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=3)
+    gate = torch.full((1, 1, N, N), 0.5)  # every importance tied
+    gate[0, 0, 2, 5] = gate[0, 0, 2, 6] = 0.7  # and a tie above the cut, and a clear winner
+    gate[0, 0, 2, 1] = 0.9
+    ids = torch.tensor([[40, 3, 17, 8, 25, 1, 33]])
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    plain = route(gate, config, tie_order=tie_breaking_order(ids)).routed_mask()[0, 0]  # (N, N)
+    moved = route(gate[:, :, perm][..., perm], config, tie_order=tie_breaking_order(ids[:, perm])).routed_mask()[0, 0]
+    assert torch.equal(moved, plain[perm][:, perm])
+    assert plain[2].nonzero().flatten().tolist() == [1, 5, 6] and plain[0].nonzero().flatten().tolist() == [1, 3, 5]  # lowest IDs
+    unbroken = route(gate[:, :, perm][..., perm], config).routed_mask()[0, 0]  # index order: not equivariant here
+    assert not torch.equal(unbroken, plain[perm][:, perm])

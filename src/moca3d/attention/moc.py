@@ -98,10 +98,10 @@ class MoCAttention(ComponentAttention):
 
     def route(
         self, x: torch.Tensor, component_mask: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-        seeds: Optional[Sequence[int]] = None,
+        seeds: Optional[Sequence[int]] = None, tie_order: Optional[torch.Tensor] = None,
     ) -> Routing:
         """Routing of (B, N, T, D) tokens from their anchors (the last token of each component)."""
-        return self.router(x[:, :, -1], component_mask, generator, seeds)
+        return self.router(x[:, :, -1], component_mask, generator, seeds, tie_order)
 
     def forward(
         self,
@@ -112,8 +112,9 @@ class MoCAttention(ComponentAttention):
         return_routing: bool = False,
         generator: Optional[torch.Generator] = None,
         seeds: Optional[Sequence[int]] = None,
+        tie_order: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[Routing]]]:
-        """(B, N, T, D) -> (B, N, T, D); optionally also the Routing used."""
+        """(B, N, T, D) -> (B, N, T, D); optionally also the Routing used (`route`'s seeds and tie_order)."""
         num_latent = _check_layout(x, num_compressed, component_mask)
         B, N, T, D = x.shape
         mode = self.config.mode
@@ -128,7 +129,7 @@ class MoCAttention(ComponentAttention):
                 out = dense_global_attention(q, k, v, num_latent, component_mask)
             else:
                 if routing is None:
-                    routing = self.route(x, component_mask, generator, seeds)
+                    routing = self.route(x, component_mask, generator, seeds, tie_order)
                 backend = select_backend(self.config, x.device)
                 out = BACKENDS[backend](q, k, v, num_latent, routing, self.config)
         y = self.output(out, component_mask)

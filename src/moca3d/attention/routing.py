@@ -116,11 +116,17 @@ class Router(nn.Module):
         component_mask: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         seeds: Optional[Sequence[int]] = None,
+        tie_order: Optional[torch.Tensor] = None,
     ) -> Routing:
         """(B, N, D) anchors -> Routing: top-k at eval, sampling without replacement in training."""
         gate = self.importance(anchors, component_mask)
         sample = self.training and self.config.train_routing == "sample"
-        return route(gate, self.config, component_mask, sample=sample, generator=generator, seeds=seeds)
+        return route(gate, self.config, component_mask, sample=sample, generator=generator, seeds=seeds, tie_order=tie_order)
+
+
+def tie_breaking_order(ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) component IDs -> (B, N) the component indices in ID order: the routing's order among equal importances."""
+    return torch.argsort(ids, dim=1, stable=True)
 
 
 def route(
@@ -130,8 +136,11 @@ def route(
     sample: bool = False,
     generator: Optional[torch.Generator] = None,
     seeds: Optional[Sequence[int]] = None,
+    tie_order: Optional[torch.Tensor] = None,
 ) -> Routing:
-    """Rank the other components of each (i, h) by importance; the first k are routed.
+    """Rank the other components of each (i, h) by importance; the first k are routed. Equal importances rank in
+    `tie_order` (B, N), the components in the order of their IDs (`tie_breaking_order`): a permutation of the
+    components then permutes the routing with them; without it, in index order.
 
     With `sample`, the ranking is a draw without replacement from o_ij / sum_j o_ij (the
     Gumbel-top-k trick: argsort of log o + Gumbel noise), so its first k entries are k draws
@@ -156,5 +165,10 @@ def route(
             score = score.masked_fill(~component_mask.view(B, 1, 1, N), torch.finfo(score.dtype).min)
         eye = torch.eye(N, dtype=torch.bool, device=device).view(1, 1, N, N)
         score = score.masked_fill(eye, float("-inf"))
-        order = torch.argsort(score, dim=-1, descending=True, stable=True)[..., : N - 1]  # (B, Hr, N, N-1)
+        if tie_order is None:
+            order = torch.argsort(score, dim=-1, descending=True, stable=True)[..., : N - 1]  # (B, Hr, N, N-1)
+        else:  # a stable sort of the columns laid out in tie order: equal scores keep that order
+            columns = tie_order.view(B, 1, 1, N).expand(B, score.shape[1], N, N)
+            ranked = torch.argsort(score.gather(-1, columns), dim=-1, descending=True, stable=True)
+            order = columns.gather(-1, ranked)[..., : N - 1]  # (B, Hr, N, N-1)
     return Routing(gate=gate, order=order, num_routed=num_routed, num_real=num_real, component_mask=component_mask, counts=counts)

@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.checkpoint import checkpoint
 
 from moca3d.attention import LocalAttention, MoCAttention, MoCAttentionConfig
+from moca3d.attention.routing import tie_breaking_order
 from moca3d.defaults import check_component_count
 from moca3d.errors import ConfigError, InputError
 from moca3d.models.modeling import AtomicSaveMixin
@@ -157,8 +158,9 @@ class MoCABlock(nn.Module):
         self.skip_norm = LayerNorm32(dim) if skip else None
         self.time_linear = nn.Linear(dim, dim) if time_add else None
 
-    def forward(self, x, cond, num_compressed: int, component_mask=None, skip=None, temb=None, routing_seeds=None):
-        """x (B, N, T, D) -> (B, N, T, D); `routing_seeds` (B,) make training routing reproducible."""
+    def forward(self, x, cond, num_compressed: int, component_mask=None, skip=None, temb=None, routing_seeds=None, tie_order=None):
+        """x (B, N, T, D) -> (B, N, T, D); `routing_seeds` (B,) make training routing reproducible, `tie_order` (B, N)
+        ranks equal importances (the components in ID order)."""
         if self.skip_linear is not None:
             x = self.skip_norm(self.skip_linear(torch.cat([x, skip], dim=-1)))
         if self.time_linear is not None:
@@ -166,7 +168,7 @@ class MoCABlock(nn.Module):
         h = self.norm1(x)
         if self.is_global:
             seeds = routing_seeds.tolist() if routing_seeds is not None else None
-            x = x + self.attn1(h, num_compressed, component_mask, seeds=seeds)
+            x = x + self.attn1(h, num_compressed, component_mask, seeds=seeds, tie_order=tie_order)
         else:
             x = x + self.attn1(h, num_compressed, component_mask)
         x = x + self.attn2(self.norm2(x), cond)
@@ -375,12 +377,13 @@ class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
         Np = self.num_compressed
         if routing_seeds is None and generator is not None and self.training:
             routing_seeds = torch.randint(0, 2**62, (B,), generator=generator)
+        tie_order = tie_breaking_order(ids)  # (B, N): equal router scores rank by ID, so routing follows a permutation
         skips, half = [], len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             skip = skips.pop() if block.skip_linear is not None else None
             # seeds, not a generator: a checkpointed block recomputes the same routing
             seeds = (routing_seeds + 1_000_003 * (i + 1)) % 2**62 if (routing_seeds is not None and block.is_global) else None
-            args = (x, cond, Np, component_mask, skip, temb, seeds)
+            args = (x, cond, Np, component_mask, skip, temb, seeds, tie_order)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
