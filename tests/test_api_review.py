@@ -222,3 +222,23 @@ def test_save_pretrained_can_store_half_precision_as_the_built_in_model_ships(pi
     again = MoCAPipeline.from_pretrained(half)
     assert again.dtype == torch.float32  # loaded back as fp32; fp16 storage rounds the weights (rel. 1e-3)
     assert torch.allclose(again(CHAIR, num_parts=2, steps=3, resolution=16, show_progress=False).latents, pipe(CHAIR, num_parts=2, steps=3, resolution=16, show_progress=False).latents, atol=0.05)
+
+
+def test_output_parts_save_one_file_each_and_read_back_as_the_components(pipe, tmp_path):
+    """There was no per-part export (a tool taking one mesh per file); the folder reads back as the components."""
+    import numpy as np
+
+    from moca3d.geometry.mesh_io import read_components
+
+    out = pipe(CHAIR, num_parts=3, steps=2, resolution=16, show_progress=False)
+    solid = [n for n, m in zip(out.names, out.meshes) if len(m.faces)]
+    for ext in ("glb", "obj"):
+        paths = out.save_parts(tmp_path / ext, ext=ext)
+        assert [p.name for p in paths] == [f"{n}.{ext}" for n in solid]
+        meshes, names = read_components(tmp_path / ext)
+        assert names == solid
+        for mesh, name in zip(meshes, names):
+            original = out.meshes[out.names.index(name)]
+            assert np.allclose(mesh.bounds, original.bounds, atol=1e-5)
+    with pytest.raises(InputError, match="parts are written as glb, obj, ply, stl, not 'fbx'"):
+        out.save_parts(tmp_path / "x", ext="fbx")

@@ -40,6 +40,9 @@ from moca3d.progress import on_terminal
 COMPONENTS = {"vae": VecSetVAE, "transformer": MoCATransformer, "image_encoder": ImageEncoder}
 
 
+PART_FORMATS = ("glb", "obj", "ply", "stl")  # MoCAOutput.save_parts' one-mesh-per-file formats
+
+
 @dataclass
 class MoCAOutput:
     """Generated components: meshes in the shared normalised frame, their names and a GLB-ready scene."""
@@ -78,6 +81,23 @@ class MoCAOutput:
         if not any(len(m.faces) for m in self.meshes):
             raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
         return save_components(path, self.meshes, self.names, metadata=self.settings)
+
+    def save_parts(self, folder: Union[str, Path], ext: str = "glb") -> List[Path]:
+        """One file per component into `folder`, named after it (part_00.glb, ...; glb, obj, ply or stl), for a tool
+        that takes one mesh per file; an empty component is not written. `moca3d evaluate` and the metrics read such a
+        folder back as the components, in name order."""
+        from moca3d.geometry.mesh_io import save_separate
+
+        ext = ext.lower().lstrip(".")
+        if ext not in PART_FORMATS:
+            raise InputError(f"parts are written as {', '.join(PART_FORMATS)}, not '{ext}'")
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file: save_parts writes a folder")
+        kept = [(m, n) for m, n in zip(self.meshes, self.names) if len(m.faces)]
+        if not kept:
+            raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
+        return save_separate(folder, [m for m, _ in kept], [n for _, n in kept], ext=ext)
 
 
 def _check_finite(model: torch.nn.Module, where: Path) -> None:
