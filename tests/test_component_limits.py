@@ -1,5 +1,6 @@
 """Component counts beyond a model's ID codebook are refused before any work, not at the batch or asset that has them."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -71,3 +72,26 @@ def test_evaluation_refuses_records_beyond_the_model_before_generating(object_da
     with pytest.raises(ConfigError, match=r"1 of the 2 selected records .+ \(the most: s1, 40\): lower --max-instances to 32"):
         check_model_fits(SimpleNamespace(transformer=SimpleNamespace(max_components=32)), records, "scenes", "--max-instances")
     check_model_fits(None, records, "scenes", "--max-instances")  # no transformer (a round trip, read predictions): no limit
+
+
+def test_a_fine_tune_grows_the_id_codebook_of_its_base(object_dataset, object_pipeline, tmp_path):
+    """More components than a shipped model's IDs had no route but a new transformer: the recipe's larger
+    transformer.id_codebook_size now keeps every base weight and adds the new IDs at their init."""
+    import torch
+
+    from moca3d.models.transformer import MoCATransformer
+    from moca3d.training.train_dit import DiTTrainConfig, load_transformer
+
+    base = MoCATransformer.from_pretrained(f"{object_pipeline}/transformer")
+    size = base.config.id_codebook_size
+    grown = load_transformer(Path(object_pipeline), DiTTrainConfig(transformer={"id_codebook_size": size + 8}), None)
+    assert grown.max_components == size + 8
+    assert torch.equal(grown.id_embedding.weight[:size], base.id_embedding.weight)
+    kept = {k: v for k, v in base.state_dict().items() if k != "id_embedding.weight"}
+    assert all(torch.equal(grown.state_dict()[k], v) for k, v in kept.items())
+    with pytest.raises(ConfigError, match="no longer loads"):  # fewer IDs would drop trained ones: still refused
+        load_transformer(Path(object_pipeline), DiTTrainConfig(transformer={"id_codebook_size": size - 1}), None)
+    root, _ = object_dataset  # and it trains: a step with the grown codebook
+    recipe = tiny_dit_recipe(steps=1, init_from=str(object_pipeline), transformer={"id_codebook_size": size + 8}, image_encoder={})
+    train_dit.train(root, tmp_path / "grown", recipe, device="cpu", progress=False)
+    assert latest_checkpoint(tmp_path / "grown") is not None

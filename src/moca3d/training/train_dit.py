@@ -329,6 +329,9 @@ def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tup
             state["packer.queries"] = torch.cat([queries[:-1].repeat_interleave(factor, dim=0), queries[-1:]])
         if transformer.config.attention_mode != "moc":  # a MoCA checkpoint fine-tuned as dense / local-only
             state = {k: v for k, v in state.items() if ".router." not in k}  # has no router to load
+        grown, fresh = state["id_embedding.weight"], transformer.id_embedding.weight.detach()
+        if fresh.shape[0] > grown.shape[0]:  # a larger ID codebook (more components): the new IDs start at their init
+            state["id_embedding.weight"] = torch.cat([grown, fresh[grown.shape[0]:]])
         if transformer.layout_embed is not None:  # a layout embedding added by the overrides starts at its (zero) init
             state.update({k: v for k, v in transformer.state_dict().items() if k.startswith("layout_embed.") and k not in state})
         problem = state_dict_mismatch(transformer, state)
@@ -570,7 +573,7 @@ def train(
     if data.latents[largest].shape[0] > limit:  # it failed at the first batch drawing that asset, hours in perhaps
         raise ConfigError(f"{data_dir}: {data.ids[largest]} has {data.latents[largest].shape[0]} components, more than the "
                           f"transformer's {limit} IDs: lower max_components to {limit} (such assets are left out), or raise "
-                          "transformer.id_codebook_size (a new transformer)")
+                          "the recipe's transformer.id_codebook_size (from init_from: the new IDs are learned in the fine-tune)")
     validate_every = cfg.validate_every if vae is not None and not scene and cfg.validate_every <= cfg.steps else 0
     if validate_every and Path(data_dir).is_file():  # a cache holds one split: no val assets to generate
         if accelerator.is_main_process:
