@@ -322,6 +322,15 @@ def test_convert_cli_writes_pipeline_folder(tmp_path):
     pipe.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "model_index.json").read_text())["image_encoder"] == ["transformers", "Dinov2Model"]
     MoCAPipeline.from_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file, save_file
+
+    # a DINOv2 tensor stored as integers is refused as the small encoder's is (its names lack the wrapper's "model.")
+    (weights,) = (tmp_path / "again" / "image_encoder").glob("*.safetensors")
+    tensors = load_file(weights)
+    name = sorted(k for k in tensors if k.endswith("query.weight"))[0]
+    save_file({**tensors, name: tensors[name].to(torch.int32)}, str(weights))
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' is stored as I32, not floating point"):
+        MoCAPipeline.from_pretrained(tmp_path / "again")
 
 
 def test_converted_pipeline_runs_offloaded_and_loads_without_transformers_bars(tmp_path, capfd):
