@@ -94,6 +94,9 @@ def test_bad_uploads_get_one_line_errors(generator, tmp_path, monkeypatch):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     assert "not a PNG, JPEG or WebP image" in _error_of(generator, text)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert "empty.png is empty (0 bytes)" in _error_of(generator, empty)  # it said "not a PNG, JPEG or WebP image"
     gif = tmp_path / "anim.gif"
     Image.new("RGB", (8, 8), (200, 0, 0)).save(gif)
     assert "not a PNG, JPEG or WebP image" in _error_of(generator, gif)

@@ -97,6 +97,8 @@ def check_upload(image_path: Union[str, Path, None], what: str = "an image", for
     if not path.is_file():
         raise InputError(f"file not found: {path.name}")
     size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path.name} is empty (0 bytes): upload {what} ({kinds})")
     if size > MAX_UPLOAD_BYTES:
         raise InputError(f"{path.name} is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB")
     try:
