@@ -305,6 +305,9 @@ def test_scene_masks_are_read_once_with_a_triangle_budget(generator, tmp_path, m
     assert summary.startswith(f"{SCENE_INSTANCES} instances") and _triangles(glb) <= budget
     settings = generation_record(Path(glb))["settings"]
     assert settings["image"] == SCENE.name and settings.get("masks") == (SCENE_MASKS.name if labels else None)
+    # each instance's source: its label id, or its uploaded file's name (it was its place in a stack, "mask 0")
+    expected = [f"id {i}" for i in range(1, SCENE_INSTANCES + 1)] if labels else [Path(m).name for m in masks]
+    assert settings["instance_masks"] == expected
 
 
 def test_mask_errors_name_the_files_without_the_server_folders(generator, tmp_path):

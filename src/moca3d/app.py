@@ -31,8 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from moca3d.commands.common import resolve_device
 from moca3d.commands.demo import (DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RESOLUTION, MAX_PIXELS, MAX_UPLOAD_MB, check_address,
                                   page_url)
-from moca3d.data.scene import load_masks, tiny_masks_quiet
-from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS, check_resolution
+from moca3d.data.scene import read_masks as scene_masks, tiny_masks_quiet
+from moca3d.defaults import GUIDANCE, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_resolution
 from moca3d.errors import ConfigError, InputError, InputWarning, MoCA3DError, out_of_memory
 from moca3d.geometry.simplify import MIN_COMPONENT_FACES
 from moca3d.pipeline import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, MoCAPipeline
@@ -189,10 +189,12 @@ def gather_masks(uploads, folder: Path) -> Path:
     return folder
 
 
-def read_masks(mask_input: Path, max_instances: int) -> np.ndarray:
-    """gather_masks' label map or folder read as (N, H, W) bool masks; errors name the files without the server's folders."""
+def read_masks(mask_input: Path, max_instances: int) -> tuple[np.ndarray, list[str]]:
+    """gather_masks' label map or folder read as (N, H, W) bool masks and where each came from (its label id or file
+    name); errors name the files without the server's folders."""
     try:
-        return load_masks(mask_input, max_instances=max_instances)
+        masks, names = scene_masks(mask_input, max_instances=max_instances)
+        return masks, names or [f"mask {i}" for i in range(len(masks))]
     except InputError as err:  # e.g. "label map /tmp/gradio/<hash>/labels.png must be single-channel"
         folder = mask_input if mask_input.is_dir() else mask_input.parent
         raise InputError(str(err).replace(f"{folder}{os.sep}", "")) from None
@@ -252,7 +254,7 @@ class DemoGenerator:
             budget = triangle_budget(faces)
             settings = dict(steps=whole_number(steps, "the number of steps", 1, MAX_STEPS), guidance=guidance_scale(guidance),
                             seed=whole_number(seed, "the seed", 0, MAX_SEED))
-            instances = read_masks(mask_input, self.scene_pipeline.transformer.max_components)  # once: the pipeline takes them read
+            instances, sources = read_masks(mask_input, self.scene_pipeline.transformer.max_components)  # once: the pipeline takes them read
             with tiny_masks_quiet():  # warned of by their ids or file names as they were read
                 result = self.scene_pipeline.generate_scene(  # the budget: at least MIN_COMPONENT_FACES per instance
                     image, instances, **settings, faces=triangle_budget(budget, len(instances), "instances"),
@@ -260,6 +262,7 @@ class DemoGenerator:
                 )
             if mask_input.is_file():  # recorded as for masks given by their path (a folder of binary masks is a temporary one)
                 result.settings["masks"] = mask_input.name
+            result.settings[INSTANCE_MASKS] = sources  # label ids or the uploaded files' names, not their places in a stack
             return result
         try:
             return self._respond(run, "instances")
