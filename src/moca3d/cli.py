@@ -94,13 +94,11 @@ def _run() -> None:
             typer.echo("aborted", err=True)
         sys.exit(1)
     except typer.TyperException as err:  # click's usage errors (typer carries its own click)
-        if type(err).__name__ == "NoArgsIsHelpError":  # `moca3d` alone, or a group without its verb: its help
-            message = err.format_message()  # (typer's rich help is printed already, the message left empty)
-            if message and first_process():
-                typer.echo(message)
-            sys.exit(getattr(err, "exit_code", 2))
         if first_process():
-            typer.secho(f"error: {usage_line(err)}", fg=typer.colors.RED, err=True)
+            if type(err).__name__ != "NoArgsIsHelpError":
+                typer.secho(f"error: {usage_line(err)}", fg=typer.colors.RED, err=True)
+            elif err.format_message():  # `moca3d` alone, or a group without its verb: its help (typer's rich one: printed)
+                typer.echo(err.format_message())
         sys.exit(getattr(err, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 

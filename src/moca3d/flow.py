@@ -85,9 +85,14 @@ def _init_config(scheduler) -> dict:
     return {k: v for k, v in scheduler.config.items() if k in accepted}
 
 
+def _shift_key(config: dict) -> Optional[str]:
+    """The key of a scheduler config's timestep shift (of `_init_config`'s entries)."""
+    return next((key for key in ("shift", "flow_shift") if key in config), None)
+
+
 def shift_key(scheduler) -> Optional[str]:
     """The config key of `scheduler`'s timestep shift: FlowMatch*'s `shift`, UniPC / DPM-Solver's `flow_shift`; None."""
-    return next((key for key in ("shift", "flow_shift") if key in _init_config(scheduler)), None)
+    return _shift_key(_init_config(scheduler))
 
 
 def scheduler_shift(scheduler) -> Optional[float]:
@@ -102,7 +107,7 @@ def scheduler_with_shift(scheduler, shift: Optional[float]):
     check_flow_scheduler(scheduler)
     config = _init_config(scheduler)
     if shift is not None:
-        key = shift_key(scheduler)
+        key = _shift_key(config)
         if key is None:
             raise ConfigError(f"{type(scheduler).__name__} has no timestep shift: leave shift unset")
         config[key] = check_shift(shift)

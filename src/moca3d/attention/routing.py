@@ -66,14 +66,14 @@ def routing_counts(config: MoCAttentionConfig, component_mask: Optional[torch.Te
                    device) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int], ...]]:
     """k and the real component count of each sample: (B,) long tensors on `device` and ((k, n_real), ...) on the host.
     Without a mask (every component real) nothing is read back from the device."""
-    reals = [n] * batch if component_mask is None else component_mask.sum(dim=1).tolist()
-    counts = tuple((config.num_routed(int(r)), int(r)) for r in reals)
     if component_mask is None:  # one value each: filled on the device, no host-to-device copy
-        k = counts[0][0] if counts else 0
+        k = config.num_routed(n)
         return (torch.full((batch,), k, dtype=torch.long, device=device),
-                torch.full((batch,), n, dtype=torch.long, device=device), counts)
+                torch.full((batch,), n, dtype=torch.long, device=device), ((k, n),) * batch)
+    num_real = component_mask.sum(dim=1).long()  # (B,)
+    counts = tuple((config.num_routed(r), r) for r in num_real.tolist())
     ks = torch.tensor([k for k, _ in counts], dtype=torch.long).to(device, non_blocking=True)
-    return ks, component_mask.sum(dim=1).long(), counts
+    return ks, num_real, counts
 
 
 class Router(nn.Module):

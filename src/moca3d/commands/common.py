@@ -266,7 +266,7 @@ def shipped(path: Optional[Path]) -> Optional[Path]:
     path is not there from the current folder (moca3d installed from a wheel, or run outside the repository)."""
     from moca3d.defaults import shipped_path
 
-    return None if path is None else Path(shipped_path(str(path)))
+    return None if path is None else shipped_path(path)
 
 
 def run_vae(output: Path, vae: Optional[Path], resume: bool = True, init_from: Optional[str] = None) -> Optional[Path]:
