@@ -193,3 +193,36 @@ def test_input_warnings_point_at_the_callers_line():
     ours = [w for w in caught if issubclass(w.category, InputWarning)]
     assert len(ours) == 2, [str(w.message) for w in caught]
     assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+
+
+def test_diffusers_argument_names_mean_ours(pipe):
+    """num_inference_steps, guidance_scale and generator (diffusers', TripoSG's and PartCrafter's call) are steps, guidance
+    and a seed; the generator's seed is recorded and reproduces the output; both names at odds are one-line errors."""
+    image = EXAMPLES / "chair.png"
+    ours = pipe(image, num_parts=2, steps=2, guidance=3.0, seed=5, resolution=16, show_progress=False)
+    theirs = pipe(image, num_parts=2, num_inference_steps=2, guidance_scale=3.0, seed=5, resolution=16, show_progress=False)
+    assert torch.equal(ours.latents, theirs.latents)
+    assert (theirs.settings["steps"], theirs.settings["guidance"]) == (2, 3.0)
+    a = pipe(image, num_parts=2, generator=torch.Generator().manual_seed(1), **FAST)
+    b = pipe(image, num_parts=2, generator=torch.Generator().manual_seed(1), **FAST)
+    c = pipe(image, num_parts=2, seed=a.settings["seed"], **FAST)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.latents, c.latents)
+    assert a.settings["seed"] != pipe(image, num_parts=2, generator=torch.Generator().manual_seed(2), **FAST).settings["seed"]
+    for bad, match in ((dict(steps=3, num_inference_steps=2), "steps=3 and num_inference_steps=2 disagree"),
+                       (dict(guidance=3.0, guidance_scale=4.0), "guidance=3.0 and guidance_scale=4.0 disagree"),
+                       (dict(seed=4, generator=torch.Generator()), "give seed=4 or a generator, not both"),
+                       (dict(generator=7), "generator must be a torch.Generator")):
+        with pytest.raises(InputError, match=match):
+            pipe(image, num_parts=2, **{"resolution": 16, "show_progress": False, **bad})
+
+
+def test_scene_generation_takes_diffusers_argument_names():
+    """generate_scene maps the same names; a guidance_scale agrees with its own default guidance (2), not the objects' (7)."""
+    from moca3d.defaults import DEFAULT_SCENE_MODEL_DIR
+    scene = MoCAPipeline.from_pretrained(DEFAULT_SCENE_MODEL_DIR)
+    args = dict(image=EXAMPLES / "scene4.png", masks=EXAMPLES / "scene4_masks.png", resolution=16, show_progress=False)
+    ours = scene.generate_scene(**args, steps=1, guidance=5.0, seed=2)
+    theirs = scene.generate_scene(**args, num_inference_steps=1, guidance_scale=5.0, generator=None, seed=2)
+    assert torch.equal(ours.latents, theirs.latents) and theirs.settings["guidance"] == 5.0
+    with pytest.raises(InputError, match="guidance=7.0 and guidance_scale=5.0 disagree"):
+        scene.generate_scene(**args, guidance=7.0, guidance_scale=5.0)

@@ -431,7 +431,9 @@ class MoCAPipeline:
 
     def __call__(
         self, image: ImageLike, num_parts: int = 4, steps: int = STEPS, guidance: float = GUIDANCE, seed: Optional[int] = 0,
-        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None,
+        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None, *,
+        num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> MoCAOutput:
         """Image -> `num_parts` part meshes, with rich progress bars over sampling and decoding.
 
@@ -441,7 +443,12 @@ class MoCAPipeline:
         output (None: a random one, recorded in the output's settings). `shift`: the sampler's timestep shift (None:
         the scheduler's). `resolution`: marching-cubes grid per part. `faces`: a triangle budget for all parts together
         (quadric decimation, `geometry/simplify.py`; None: marching cubes' full meshes).
+
+        diffusers' names are accepted too: `num_inference_steps` (= steps), `guidance_scale` (= guidance) and
+        `generator` (a torch.Generator: its next draw is the seed, recorded in the output's settings).
         """
+        steps, guidance, seed = diffusers_arguments(steps, guidance, seed, num_inference_steps, guidance_scale, generator,
+                                                    GUIDANCE)
         # before the image is encoded (None would mean "one per condition" inside: the count of image tokens, not parts)
         check_component_count(num_parts, self.transformer.max_components)
         return self._generate(lambda: (self.encode_image(image), None), num_parts, "part", steps, guidance, seed, shift, resolution,
@@ -522,11 +529,16 @@ class MoCAPipeline:
 
     def generate_scene(
         self, image: ImageLike, masks: MasksLike, steps: int = STEPS, guidance: float = SCENE_GUIDANCE, seed: Optional[int] = 0,
-        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None,
+        shift: Optional[float] = None, resolution: int = 128, show_progress: bool = True, faces: Optional[int] = None, *,
+        num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> MoCAOutput:
         """Scene image + one mask per instance -> one mesh per instance (node `instance_XX`), in one frame; `faces`: a
         triangle budget for all instances together (None: marching cubes' full meshes). The output's settings record
-        each instance's mask ("instance_masks": its label id or file name) when the masks say it."""
+        each instance's mask ("instance_masks": its label id or file name) when the masks say it. The other arguments,
+        diffusers' names among them, are `__call__`'s."""
+        steps, guidance, seed = diffusers_arguments(steps, guidance, seed, num_inference_steps, guidance_scale, generator,
+                                                    SCENE_GUIDANCE)
         sources = []
 
         def encode():
@@ -539,6 +551,26 @@ class MoCAPipeline:
         if sources:
             out.settings[INSTANCE_MASKS] = sources
         return out
+
+
+def diffusers_arguments(steps, guidance, seed, num_inference_steps, guidance_scale, generator,
+                        default_guidance: float) -> tuple:
+    """(steps, guidance, seed) from ours and diffusers' names for them; one-line InputError where both say different things."""
+    if num_inference_steps is not None:
+        if steps not in (STEPS, num_inference_steps):
+            raise InputError(f"steps={steps} and num_inference_steps={num_inference_steps} disagree: give one of them")
+        steps = num_inference_steps
+    if guidance_scale is not None:
+        if guidance not in (default_guidance, guidance_scale):
+            raise InputError(f"guidance={guidance} and guidance_scale={guidance_scale} disagree: give one of them")
+        guidance = guidance_scale
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise InputError(f"generator must be a torch.Generator (or give seed=<int>), got {type(generator).__name__}")
+        if seed != 0:  # 0 is the default: a seed given on purpose and a generator are two seeds
+            raise InputError(f"give seed={seed} or a generator, not both")
+        seed = int(torch.randint(0, MAX_SEED, (1,), generator=generator, device=generator.device))  # recorded: reproducible
+    return steps, guidance, seed
 
 
 def apply_lora(root: Path, transformer: MoCATransformer, image_encoder, folder: Path) -> tuple[MoCATransformer, object]:
