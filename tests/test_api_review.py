@@ -242,3 +242,36 @@ def test_output_parts_save_one_file_each_and_read_back_as_the_components(pipe, t
             assert np.allclose(mesh.bounds, original.bounds, atol=1e-5)
     with pytest.raises(InputError, match="parts are written as glb, obj, ply, stl, not 'fbx'"):
         out.save_parts(tmp_path / "x", ext="fbx")
+
+
+def test_part_files_keep_name_colour_normals_and_record_and_replace_an_earlier_outputs(pipe, tmp_path):
+    """Per-part files were bare geometry (a GLB node named geometry_0, no material, no record), and a second output
+    saved into the same folder left the first one's other parts there, read back with it (render drew 8 of 6)."""
+    import numpy as np
+    import trimesh
+
+    from moca3d.commands.info import generation_record
+    from moca3d.geometry.mesh_io import gltf_document, main_color, palette, read_components
+
+    out = pipe(CHAIR, num_parts=4, steps=2, resolution=16, show_progress=False)
+    solid = [i for i, m in enumerate(out.meshes) if len(m.faces)]
+    colors = palette(len(out.meshes))
+    for ext in ("glb", "obj"):
+        for i, path in zip(solid, out.save_parts(tmp_path / ext, ext=ext)):
+            assert generation_record(path)["settings"]["seed"] == out.settings["seed"]
+            (mesh,), (name,) = read_components(path)
+            assert name == out.names[i] and np.array_equal(main_color(mesh), colors[i])
+    doc = gltf_document(tmp_path / "glb" / f"{out.names[solid[0]]}.glb")
+    assert [n["name"] for n in doc["nodes"]] == [out.names[solid[0]]] and "NORMAL" in doc["meshes"][0]["primitives"][0]["attributes"]
+    ply = trimesh.load(out.save_parts(tmp_path / "ply", ext="ply")[0], process=False)
+    assert np.array_equal(ply.visual.vertex_colors[0], colors[solid[0]]) and "nx" in ply.metadata["_ply_raw"]["vertex"]["data"].dtype.names
+
+    folder = tmp_path / "mixed"
+    (folder).mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "part_09.stl").write_bytes(b"stale")  # an earlier, larger output's
+    (folder / "part_08.obj").write_text("o part_08\n")
+    (folder / "part_08.mtl").write_text("# moca3d materials, one per component\n")
+    paths = out.save_parts(folder, ext="glb")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*(p.name for p in paths), "notes.txt"])
+    assert read_components(folder)[1] == [out.names[i] for i in solid]

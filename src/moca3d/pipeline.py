@@ -12,6 +12,7 @@ import json
 import numbers
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Union
@@ -83,9 +84,11 @@ class MoCAOutput:
         return save_components(path, self.meshes, self.names, metadata=self.settings)
 
     def save_parts(self, folder: Union[str, Path], ext: str = "glb") -> List[Path]:
-        """One file per component into `folder`, named after it (part_00.glb, ...; glb, obj, ply or stl), for a tool
-        that takes one mesh per file; an empty component is not written. `moca3d evaluate` and the metrics read such a
-        folder back as the components, in name order."""
+        """One file per component into `folder`, named after it (part_00.glb, ...; glb, obj, ply or stl) and in its
+        colour in the whole, for a tool that takes one mesh per file; glb and obj keep the node name, material, normals
+        and how it was made (`moca3d info`), ply the colour and normals. An empty component is not written. The folder
+        then holds this output alone: files of an earlier one named as components (part_07.obj, part_07.mtl, ...) are
+        removed. `moca3d evaluate` and the metrics read the folder back as the components, in name order."""
         from moca3d.geometry.mesh_io import save_separate
 
         ext = ext.lower().lstrip(".")
@@ -94,10 +97,15 @@ class MoCAOutput:
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder} is a file: save_parts writes a folder")
-        kept = [(m, n) for m, n in zip(self.meshes, self.names) if len(m.faces)]
-        if not kept:
+        if not any(len(m.faces) for m in self.meshes):
             raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
-        return save_separate(folder, [m for m, _ in kept], [n for _, n in kept], ext=ext)
+        paths = save_separate(folder, self.meshes, self.names, ext=ext, metadata=self.settings)
+        written = {p.name for p in paths} | ({p.with_suffix(".mtl").name for p in paths} if ext == "obj" else set())
+        earlier = re.compile(rf"{re.escape(self.kind)}_\d+\.({'|'.join(PART_FORMATS)}|mtl)", re.IGNORECASE)
+        for stale in folder.iterdir():  # an earlier output's parts would be read back with these
+            if stale.is_file() and earlier.fullmatch(stale.name) and stale.name not in written:
+                stale.unlink()
+        return paths
 
 
 def _check_finite(model: torch.nn.Module, where: Path) -> None:

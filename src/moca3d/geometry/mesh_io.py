@@ -757,20 +757,20 @@ def check_mesh_format(path: str | Path) -> Path:
 
 
 def save_components(path: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None,
-                    metadata: dict | None = None) -> Path:
+                    metadata: dict | None = None, colors: np.ndarray | None = None) -> Path:
     """Write the components as OBJ when `path` ends in .obj (`_obj_text`: one `o` object per component, an empty one
     without faces, each other with its material, vertex normals and colours; `metadata` as a first comment line; their
     materials in a sidecar <stem>.mtl, `_mtl_text`, replacing only one moca3d wrote, `mtl_target`; `load_file` reads
     the parts back, `keep_empty_components` the empty ones), as GLB when it ends in .glb (`save_glb`: named nodes, an
     empty one without a mesh, distinct colours, `metadata` in the glTF extras); atomic, InputError naming the path that
-    fails, or `path` if it has another suffix."""
+    fails, or `path` if it has another suffix. `colors`: RGBA uint8 (N, 4), default `palette`'s."""
     path = check_mesh_format(path)
     if path.suffix.lower() == ".glb":
-        return save_glb(path, meshes, names, metadata=metadata)
+        return save_glb(path, meshes, names, colors, metadata=metadata)
     if not any(len(mesh.faces) for mesh in meshes):
         raise InputError(f"{path}: all {len(meshes)} components are empty: nothing to write")
     mtl = mtl_target(path)
-    names, colors = _named_colors(meshes, names, None, obj_name)
+    names, colors = _named_colors(meshes, names, colors, obj_name)
     text = _obj_text(meshes, names, colors, mtllib=mtl.name)
     if metadata:  # "mtllib" escaped in its JSON strings: trimesh reads the material file's name after the first "mtllib"
         record = json.dumps(metadata).replace("mtllib", "mtl\\u006cib")
@@ -806,17 +806,38 @@ def _write_obj_and_mtl(path: Path, obj: bytes, mtl: Path, materials: bytes) -> N
 
 
 def save_separate(
-    folder: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None, ext: str = "obj"
+    folder: str | Path, meshes: list[trimesh.Trimesh], names: list[str] | None = None, ext: str = "obj",
+    metadata: dict | None = None,
 ) -> list[Path]:
-    """Write one file per component into `folder` (named after the component)."""
+    """One file per non-empty component into `folder`, named after it and in its colour in the whole (`palette`, by
+    index), each atomic: glb as `save_glb` and obj as `save_components` (a named node / `o` object and material, vertex
+    normals, `metadata`; an OBJ's .mtl beside it), ply with vertex colours and normals, stl the geometry alone."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = _unique_names(list(names) if names is not None else [f"component_{i}" for i in range(len(meshes))])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise cannot_write(folder, err) from None
+    names, colors = _named_colors(meshes, names, None)
     paths = []
-    for mesh, name in zip(meshes, names):
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        p = folder / f"{safe}.{ext}"
-        data = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).export(file_type=ext)
-        atomic_write_bytes(p, data.encode() if isinstance(data, str) else data)
-        paths.append(p)
+    for mesh, name, color in zip(meshes, names, colors):
+        if len(mesh.faces) == 0:
+            continue
+        path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.{ext}"
+        if ext == "glb":
+            save_glb(path, [mesh], [name], colors=color[None], metadata=metadata)
+        elif ext == "obj":
+            save_components(path, [mesh], [name], metadata=metadata, colors=color[None])
+        else:
+            part = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
+            if ext == "ply":
+                part.vertex_normals = _unit_vertex_normals(part)  # (V, 3)
+                part.visual.vertex_colors = np.broadcast_to(color, (len(part.vertices), 4))
+                data = trimesh.exchange.ply.export_ply(part, vertex_normal=True)
+            else:
+                data = part.export(file_type=ext)
+            try:
+                atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
+            except OSError as err:
+                raise cannot_write(path, err) from None
+        paths.append(path)
     return paths
