@@ -61,6 +61,23 @@ def test_floater_removal_and_empty_fields():
     assert len(empty.faces) == 0
 
 
+def test_a_speck_under_one_cell_is_dropped_beside_a_real_piece():
+    """A grid vertex barely above the level far from the rest gives an 8-triangle speck (area ~1e-5) that the face
+    fraction keeps when the part itself is small; under one cell's face in area it goes, unless it is all there is."""
+    from moca3d.geometry.extract import mesh_from_grid
+
+    config = ExtractConfig(resolution=32, coarse_resolution=32, min_component_fraction=0.02)
+    axis = np.linspace(-config.bounds, config.bounds, 33)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    grid = (0.15 - np.sqrt(x**2 + y**2 + z**2)).astype(np.float32)  # a sphere of radius 0.15: about 200 triangles
+    grid[28, 28, 28] = 0.05  # one vertex just inside, its neighbours well outside: a speck of radius ~2e-3
+    pieces = mesh_from_grid(grid, config).split(only_watertight=False)
+    assert len(pieces) == 1 and pieces[0].area > 0.2
+    alone = np.full_like(grid, -1.0)
+    alone[28, 28, 28] = 0.05
+    assert len(mesh_from_grid(alone, config).faces) == 8  # the speck alone is kept: it is all the field has
+
+
 def test_thin_plate_is_found_by_the_band():
     """A plate thinner than a coarse cell survives: its cells are refined because |sdf| < band."""
     plate = lambda p: 0.01 - p[:, 2].abs()  # slab |z| < 0.01, infinite in x, y: clipped by the grid boundary

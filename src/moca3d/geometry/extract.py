@@ -29,7 +29,8 @@ class ExtractConfig:
     band: float = 0.5  # refine cells whose corners have |value| < band (or a sign change)
     band_decay: float = 1.0  # band multiplier per doubling (0.5 follows the cell size for true SDFs)
     chunk_size: int = 65536  # query points per field call (bounds memory)
-    min_component_fraction: Optional[float] = 0.02  # drop pieces with fewer faces than this x largest; None keeps all
+    min_component_fraction: Optional[float] = 0.02  # drop pieces with fewer faces than this x largest, and specks
+    # under one grid cell's face in area when a larger piece is kept; None keeps all
     # > 0: a field with no inside vertex is meshed instead at the level of its `rescue_vertices`-th largest value,
     # if that level is above `rescue_floor`: the region the field comes closest to filling, rather than nothing
     rescue_vertices: int = 0
@@ -152,6 +153,8 @@ def mesh_from_grid(grid: np.ndarray, config: ExtractConfig) -> trimesh.Trimesh:
         if len(pieces) > 1:
             largest = max(len(p.faces) for p in pieces)
             keep = [p for p in pieces if len(p.faces) >= min_component_fraction * largest]
+            # a speck smaller than one cell's face (a corner grazing the level) is below what the grid resolves
+            keep = [p for p in keep if p.area >= spacing**2] or keep
             mesh = trimesh.util.concatenate(keep)
     return mesh
 

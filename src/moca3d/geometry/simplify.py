@@ -95,6 +95,15 @@ def pinch_pairs(vertices: np.ndarray, faces: np.ndarray, halves: np.ndarray) -> 
     return pairs if 2 * len(pairs) == len(halves) else []
 
 
+def single_triangles(faces: np.ndarray) -> np.ndarray:
+    """(F, 3) triangles -> those over vertices no other triangle has: a triangle present twice (with either winding: a
+    fin folded flat, or a two-triangle sliver enclosing nothing) goes with its twin, which leaves the surface closed."""
+    if not len(faces):
+        return faces
+    _, twin_of, copies = np.unique(np.sort(faces, axis=1), axis=0, return_inverse=True, return_counts=True)
+    return faces[copies[twin_of.reshape(-1)] == 1]
+
+
 def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     """`mesh` repaired where decimation folded it: a triangle present twice (a collapsed fin, no volume) is removed with
     its twin, and at an edge shared by four or more triangles (sheets pinched together) the triangles are paired into
@@ -105,9 +114,7 @@ def make_manifold(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
     vertices"). A mesh without such places is returned as it is.
     """
     vertices = np.asarray(mesh.vertices)
-    faces = np.asarray(mesh.faces)  # (F, 3)
-    _, twin_of, copies = np.unique(np.sort(faces, axis=1), axis=0, return_inverse=True, return_counts=True)
-    faces = faces[copies[twin_of.reshape(-1)] == 1]  # (F', 3): without triangles that appear more than once
+    faces = single_triangles(np.asarray(mesh.faces))  # (F', 3)
     F = len(faces)
     corner_edges = np.stack([faces, np.roll(faces, -1, axis=1)], axis=-1).reshape(-1, 2)  # (3F, 2): corner k -> k+1
     _, edge_of, counts = np.unique(np.sort(corner_edges, axis=1), axis=0, return_inverse=True, return_counts=True)
@@ -206,6 +213,9 @@ def simplify_mesh(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
                 kept.append(piece)
                 total += len(piece.faces)
         best = trimesh.util.concatenate(kept) if kept else coarse_hull(pieces[0], faces)
+    single = single_triangles(np.asarray(best.faces))  # a fold that closed on its own: no edge defect to repair
+    if 0 < len(single) < len(best.faces):
+        best = trimesh.Trimesh(best.vertices, single, process=False)
     best.remove_unreferenced_vertices()
     return repaired(best, allowed)
 
