@@ -340,3 +340,23 @@ def test_a_part_without_surface_is_left_out_not_the_asset(tmp_path):
     assert "left out of" in result.output and "decal" in result.output and "1 prepared without components" in result.output
     meta = json.loads((tmp_path / "data" / "assets" / "lamp" / "meta.json").read_text())
     assert meta["names"] == ["base", "shade"] and meta["dropped_components"] == ["decal"] and meta["num_components"] == 2
+
+
+def test_a_folder_of_multi_part_objects_is_not_one_asset_of_stacked_objects(tmp_path):
+    """A category folder (chairs/ of multi-part GLBs) given with its parent became one asset whose "parts" were whole
+    objects stacked on each other, silently; it is refused, naming the way out. A folder asset's part files, and one
+    part file of several pieces among them, still read."""
+    from moca3d.errors import InputError
+    from moca3d.geometry.mesh_io import load_folder
+
+    chairs = tmp_path / "chairs"
+    for name in ("a", "b"):
+        save_glb(chairs / f"{name}.glb", [trimesh.creation.box(), trimesh.creation.icosphere(1).apply_translation([0, 2, 0])],
+                 ["seat", "back"])
+    with pytest.raises(InputError, match="chairs: each of its 2 files holds several parts .*prepare that folder itself"):
+        load_folder(chairs)
+    lamp = tmp_path / "lamp"
+    save_separate(lamp, [trimesh.creation.box(), trimesh.creation.icosphere(1).apply_translation([0, 0, 2])], ["base", "shade"])
+    save_glb(lamp / "stand.glb", [trimesh.creation.box().apply_translation([3, 0, 0]), trimesh.creation.box().apply_translation([5, 0, 0])])
+    meshes, names = load_folder(lamp)
+    assert names == ["base", "shade", "stand"] and len(meshes) == 3

@@ -434,11 +434,16 @@ def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
         nested = nested_mesh_files(folder)
         where = f" (only its sub-folders do, e.g. {nested[0]}: a part is a file directly in it)" if nested else ""
         raise InputError(f"{folder.name}: folder holds no mesh files{where}")
-    meshes, names = [], []
+    meshes, names, several = [], [], []
     for f in files:
         parts, _ = load_file(f)
         meshes.append(fuse(parts))
         names.append(f.stem)
+        if len(parts) > 1:
+            several.append(f"{f.name}: {len(parts)}")
+    if len(files) > 1 and len(several) == len(files):  # e.g. a category's folder of multi-part objects
+        raise InputError(f"{folder.name}: each of its {len(files)} files holds several parts ({', '.join(several[:2])}): "
+                         "a folder of whole objects, not one object's parts (one per file); prepare that folder itself")
     return meshes, names
 
 
