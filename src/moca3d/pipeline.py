@@ -89,7 +89,7 @@ class MoCAOutput:
         and how it was made (`moca3d info`), ply the colour and normals. An empty component is not written. The folder
         then holds this output alone: files of an earlier one named as components (part_07.obj, part_07.mtl, ...) are
         removed. `moca3d evaluate` and the metrics read the folder back as the components, in name order."""
-        from moca3d.geometry.mesh_io import save_separate
+        from moca3d.geometry.mesh_io import mtl_path, save_separate
 
         ext = ext.lower().lstrip(".")
         if ext not in PART_FORMATS:
@@ -100,7 +100,7 @@ class MoCAOutput:
         if not any(len(m.faces) for m in self.meshes):
             raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
         paths = save_separate(folder, self.meshes, self.names, ext=ext, metadata=self.settings)
-        written = {p.name for p in paths} | ({p.with_suffix(".mtl").name for p in paths} if ext == "obj" else set())
+        written = {p.name for p in paths} | ({mtl_path(p).name for p in paths} if ext == "obj" else set())
         earlier = re.compile(rf"{re.escape(self.kind)}_\d+\.({'|'.join(PART_FORMATS)}|mtl)", re.IGNORECASE)
         for stale in folder.iterdir():  # an earlier output's parts would be read back with these
             if stale.is_file() and earlier.fullmatch(stale.name) and stale.name not in written:
