@@ -260,7 +260,7 @@ def test_part_files_keep_name_colour_normals_and_record_and_replace_an_earlier_o
         for i, path in zip(solid, out.save_parts(tmp_path / ext, ext=ext)):
             assert generation_record(path)["settings"]["seed"] == out.settings["seed"]
             (mesh,), (name,) = read_components(path)
-            assert name == out.names[i] and np.array_equal(main_color(mesh), colors[i])
+            assert name == out.names[i] and np.abs(main_color(mesh).astype(int) - colors[i]).max() <= 6  # glb: 8-bit linear
     doc = gltf_document(tmp_path / "glb" / f"{out.names[solid[0]]}.glb")
     assert [n["name"] for n in doc["nodes"]] == [out.names[solid[0]]] and "NORMAL" in doc["meshes"][0]["primitives"][0]["attributes"]
     ply = trimesh.load(out.save_parts(tmp_path / "ply", ext="ply")[0], process=False)

@@ -56,7 +56,9 @@ def test_evaluate_scene_pairs_an_obj_prediction_with_empty_instances(parts, tmp_
 
 def test_glb_parts_carry_a_named_material_of_their_colour_and_vertex_normals(parts, tmp_path):
     """Viewers and Blender show a material's colour (vertex colours alone came out white) and shade smoothly with the
-    file's normals (none were written: faceted); the colours still read back as each part's colour."""
+    file's normals (none were written: faceted); the colour is stored linear, as glTF defines baseColorFactor (the
+    palette's display values were stored: Blender and three.js showed them paler), and reads back as each part's
+    display colour (within 6/255 from the 8-bit linear step, 1/255 from 60/255 up)."""
     colors = palette(4, seed=3)
     path = save_glb(tmp_path / "parts.glb", parts, NAMES, colors=colors)
     doc = gltf_document(path)
@@ -68,9 +70,13 @@ def test_glb_parts_carry_a_named_material_of_their_colour_and_vertex_normals(par
         material = doc["materials"][primitive["material"]]
         pbr = material["pbrMetallicRoughness"]
         assert material["name"] == name and pbr["metallicFactor"] == 0.0
-        assert np.array_equal(np.round(np.asarray(pbr["baseColorFactor"]) * 255), colors[k])
+        srgb = colors[k, :3] / 255
+        linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)  # the sRGB curve, written out
+        assert np.allclose(pbr["baseColorFactor"], [*linear, 1.0], atol=0.5 / 255)  # 8-bit, as trimesh stores it
     loaded, names = load_file(path)
-    assert [main_color(m).tolist() for m in loaded] == [colors[0].tolist(), colors[2].tolist()]  # render's part colours
+    for mesh, k in zip(loaded, (0, 2)):  # render's part colours
+        back = main_color(mesh).astype(int)
+        assert back[3] == 255 and np.all(np.abs(back[:3] - colors[k, :3]) <= np.where(colors[k, :3] >= 60, 1, 6))
     assert all(np.allclose(m.vertices, p.vertices, atol=1e-6) and np.array_equal(m.faces, p.faces) for m, p in zip(loaded, parts[::2]))
 
 
@@ -166,3 +172,20 @@ def test_an_obj_named_with_spaces_points_to_a_mtl_without_them(tmp_path):
     path = save_components(tmp_path / "my chair ü.obj", [trimesh.creation.box()], ["seat"])
     assert (tmp_path / "my_chair_ü.mtl").is_file()
     assert "mtllib my_chair_ü.mtl" in path.read_text(encoding="utf-8")
+
+
+def test_colour_space_conversions_are_inverse_and_fixed_at_the_ends():
+    """glTF's linear base colour and the display (sRGB) colour: black, white and alpha stay, mid grey 128 is linear
+    0.216 (55/255), and every 8-bit value comes back within 6/255 (1/255 from 60/255 up)."""
+    from moca3d.geometry.mesh_io import linear_to_srgb, srgb_to_linear
+
+    values = np.arange(256, dtype=np.uint8)
+    rgba = np.stack([values, values[::-1], values, np.full(256, 77, np.uint8)], axis=1)  # (256, 4)
+    linear = srgb_to_linear(rgba)
+    assert linear.dtype == np.uint8 and (linear[:, 3] == 77).all()
+    assert linear[0, 0] == 0 and linear[255, 0] == 255 and linear[128, 0] == 55
+    assert (np.diff(linear[:, 0].astype(int)) >= 0).all()  # monotone
+    back = linear_to_srgb(linear).astype(int)
+    error = np.abs(back[:, 0] - values)
+    assert error.max() <= 6 and error[60:].max() <= 1 and (back[:, 3] == 77).all()
+    assert np.array_equal(linear_to_srgb(srgb_to_linear(rgba[None]))[0], linear_to_srgb(linear))  # any leading shape

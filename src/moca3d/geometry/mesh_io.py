@@ -152,8 +152,27 @@ def palette(n: int, seed: int = 0) -> np.ndarray:
     return (rgba * 255).round().astype(np.uint8)
 
 
+def srgb_to_linear(rgba: np.ndarray) -> np.ndarray:
+    """RGBA colours (uint8, (..., 4)) from display (sRGB) values to linear ones, as glTF's baseColorFactor holds them
+    (alpha unchanged)."""
+    rgba = np.asarray(rgba, dtype=np.uint8)
+    c = rgba[..., :3] / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return np.concatenate([(linear * 255).round().astype(np.uint8), rgba[..., 3:]], axis=-1)
+
+
+def linear_to_srgb(rgba: np.ndarray) -> np.ndarray:
+    """RGBA colours (uint8, (..., 4)) from linear values (glTF's baseColorFactor) to display (sRGB) ones, alpha
+    unchanged; `srgb_to_linear` then this gives a colour back within 1/255 from 60/255 up, 6/255 below."""
+    rgba = np.asarray(rgba, dtype=np.uint8)
+    c = rgba[..., :3] / 255.0
+    srgb = np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
+    return np.concatenate([(srgb * 255).round().astype(np.uint8), rgba[..., 3:]], axis=-1)
+
+
 def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
-    """The dominant RGBA colour (uint8, (4,)) of a mesh's visual, or None if it has none."""
+    """The dominant RGBA display colour (uint8, (4,)) of a mesh's visual, or None if it has none: a PBR (glTF)
+    material's base colour, linear in the file, comes back as sRGB like the rest."""
     visual = mesh.visual
     try:
         if isinstance(visual, trimesh.visual.ColorVisuals):
@@ -161,6 +180,8 @@ def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
                 return np.asarray(visual.main_color, dtype=np.uint8)
             return None
         material = getattr(visual, "material", None)
+        if isinstance(material, trimesh.visual.material.PBRMaterial):
+            return linear_to_srgb(material.main_color)
         if material is not None:
             return np.asarray(material.main_color, dtype=np.uint8)
     except (AttributeError, ValueError, IndexError):
@@ -627,11 +648,13 @@ def _unit_vertex_normals(mesh: trimesh.Trimesh) -> np.ndarray:
 
 
 def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str) -> trimesh.Trimesh:
-    """A geometry-only copy coloured by a named PBR material (dielectric, base colour `color`): viewers and DCC tools
-    show a material's colour by default, not vertex colours (and glTF would multiply the two)."""
+    """A geometry-only copy coloured by a named PBR material (dielectric, base colour `color`, an sRGB display colour,
+    stored linear as glTF defines it: Blender and three.js show `color`): viewers and DCC tools show a material's
+    colour by default, not vertex colours (and glTF would multiply the two)."""
     out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
     out.vertex_normals = _unit_vertex_normals(out)  # (V, 3)
-    material = trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=color, metallicFactor=0.0, roughnessFactor=0.7)
+    material = trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=srgb_to_linear(color), metallicFactor=0.0,
+                                                   roughnessFactor=0.7)
     out.visual = trimesh.visual.TextureVisuals(material=material)
     return out
 
