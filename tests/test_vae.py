@@ -441,21 +441,30 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     meta = read_metadata(path)
     assert meta["model"] == "tiny" and json.loads(meta["names"]) == ["sphere", "box"]
     assert encode_dataset(dataset, model, "tiny", num_points=64, progress=False) == {"encoded": 0, "skipped": len(entries)}
-    # Another model id re-encodes.
-    assert encode_dataset(dataset, model, "other", num_points=64, progress=False)["encoded"] == len(entries)
+    # Another model's latents replaced the first one's silently (a run trained on them then refused to resume):
+    # refused before anything is written, naming what differs; --overwrite replaces them
+    with pytest.raises(InputError, match=rf"{len(entries)} of {len(entries)} assets hold latents made otherwise "
+                                         r"\(\w+: model tiny \(now other\)\).*pass --overwrite"):
+        encode_dataset(dataset, tiny_vae(seed=1), "other", num_points=64, progress=False)
+    assert read_metadata(path)["model"] == "tiny"
+    # another folder of the same encoder weights (a decoder-only fine-tune) makes the same latents: kept
+    assert encode_dataset(dataset, model, "decoder-tuned", num_points=64, progress=False) == {"encoded": 0, "skipped": len(entries)}
+    assert encode_dataset(dataset, model, "other", num_points=64, progress=False, overwrite=True)["encoded"] == len(entries)
     # More points than prepared were used silently (as many as there were)
     with pytest.raises(InputError, match=r": 100000 surface points asked \(--points\), the data has \d+ per part"):
-        encode_dataset(dataset, model, "more", num_points=100_000, progress=False)
+        encode_dataset(dataset, model, "more", num_points=100_000, progress=False, overwrite=True)
     # So does the same model at another latent count (a converted VAE's weights are the same at every --num-latents)
     longer = VecSetVAE(**{**TINY, "num_latents": 2 * TINY["num_latents"]}).eval()
     longer.load_state_dict(model.state_dict())
-    assert encode_dataset(dataset, longer, "other", num_points=64, progress=False)["encoded"] == len(entries)
+    with pytest.raises(InputError, match=rf": L {TINY['num_latents']} \(now {2 * TINY['num_latents']}\)\)"):
+        encode_dataset(dataset, longer, "other", num_points=64, progress=False)
+    assert encode_dataset(dataset, longer, "other", num_points=64, progress=False, overwrite=True)["encoded"] == len(entries)
     by_config = load_file(str(path))["latents"]
     assert by_config.shape[1] == 2 * TINY["num_latents"]
     # ... or asked for one (encode-dataset --num-latents): the same latents as the VAE configured for it
-    assert encode_dataset(dataset, model, "other", num_points=64, progress=False)["encoded"] == len(entries)
-    assert encode_dataset(dataset, model, "other", num_points=64, progress=False, num_latents=2 * TINY["num_latents"]) == {
-        "encoded": len(entries), "skipped": 0}
+    assert encode_dataset(dataset, model, "other", num_points=64, progress=False, overwrite=True)["encoded"] == len(entries)
+    assert encode_dataset(dataset, model, "other", num_points=64, progress=False, num_latents=2 * TINY["num_latents"],
+                          overwrite=True) == {"encoded": len(entries), "skipped": 0}
     torch.testing.assert_close(load_file(str(path))["latents"], by_config, rtol=0, atol=0)
 
 
@@ -909,8 +918,10 @@ def test_encode_dataset_records_the_token_order(dataset, tmp_path):
     path = dataset / "assets" / entries[0]["id"] / "latents.safetensors"
     fps, made = load_cached_latents(path)
     assert made == {"token_order": "fps", "encoder": encoder_id(model)}
-    # same model and points, another order: re-encoded, not skipped
-    counts = encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="canonical")
+    # same model and points, another order: not skipped; replaced with --overwrite
+    with pytest.raises(InputError, match=r"order fps \(now canonical\)"):
+        encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="canonical")
+    counts = encode_dataset(dataset, model, "tiny", num_points=64, progress=False, token_order="canonical", overwrite=True)
     assert counts == {"encoded": len(entries), "skipped": 0}
     canonical, made = load_cached_latents(path)
     assert made["token_order"] == "canonical" and not torch.equal(canonical, fps)

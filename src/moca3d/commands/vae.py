@@ -51,8 +51,8 @@ def check_points(points: int, vae, num_latents: Optional[int] = None) -> None:
 
 
 def _weights_id(folder: Path) -> str:
-    """Content hash of a model folder's safetensors files: encode-dataset re-encodes latents another VAE folder made
-    (the latents' "encoder" record, `train_vae.encoder_id`, is what training checks)."""
+    """Content hash of a model folder's safetensors files, the "model" encode-dataset records with the latents (the
+    "encoder" record, `train_vae.encoder_id`, is what training checks)."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -201,7 +201,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, "--model", callback=shipped, help="VAE folder (config.json + safetensors; default: the packaged reconstruction VAE, src/moca3d/weights/vae)."),
         points: int = typer.Option(512, "--points", help="Surface points fed to the encoder per component."),
         batch_size: int = typer.Option(16, "--batch-size", help="Components encoded per forward pass."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode assets already encoded."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode every asset, also replacing latents another VAE (or other --points / --num-latents / --token-order) made: refused without it, as a run trained on them could no longer resume."),
         device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         token_order: str = typer.Option("fps", "--token-order", help="fps (farthest-point order, any transformer) or canonical (for a transformer with token_positions)."),
         num_latents: Optional[int] = typer.Option(None, "--num-latents", help="Latent tokens per component (default: the VAE's num_latents), e.g. 1024 for a fine-tune whose recipe sets the transformer's num_latents (configs/finetune_triposg_l1024.json); --points must be at least as many."),

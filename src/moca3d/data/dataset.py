@@ -225,8 +225,8 @@ def check_latent_encoder(encoder: Optional[str], vae_encoder: str, where: str, v
     """A one-line error when the cached latents (encoder id `encoder`; None: not recorded, not checked) were encoded
     by another VAE encoder than the VAE (`vae_encoder`) a transformer is about to train with."""
     if encoder is not None and encoder != vae_encoder:
-        again = (f"re-encode its dataset (`moca3d encode-dataset DATA --model {vae}`) and write the cache again "
-                 "(`moca3d cache-latents`)") if Path(where).is_file() else f"re-encode (`moca3d encode-dataset {where} --model {vae}`)"
+        again = (f"re-encode its dataset (`moca3d encode-dataset DATA --model {vae} --overwrite`) and write the cache again "
+                 "(`moca3d cache-latents`)") if Path(where).is_file() else f"re-encode (`moca3d encode-dataset {where} --model {vae} --overwrite`)"
         raise ConfigError(f"{where}: its latents were encoded by another VAE encoder ({encoder}) than {vae}'s ({vae_encoder}): "
                           f"train with the VAE that encoded them, or {again}")
 

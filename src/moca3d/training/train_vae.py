@@ -631,7 +631,9 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
     """Write ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C) posterior means) per asset.
 
     Resumable: an asset whose file already carries the same model id, latent count, point count and token order is
-    skipped (a converted VAE's weights are the same at every `--num-latents`). `num_latents`: L, default the VAE's.
+    skipped (a converted VAE's weights are the same at every `--num-latents`). Latents made otherwise (another VAE: a
+    run trained on them could no longer resume) are replaced only with `overwrite`, else an InputError names them
+    before anything is written. `num_latents`: L, default the VAE's.
     """
     from moca3d.training.checkpoints import atomic_save_tensors, read_metadata
 
@@ -644,17 +646,31 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
         iterator = progress_bar(entries, show=progress, desc="encode", unit="asset")
     model.eval()
     encoder = encoder_id(model)  # recorded with every asset's latents
-    for e in iterator:
+    wanted = (model_id, str(num_latents or model.config.num_latents), str(num_points), token_order)
+    made = {}  # asset id -> how its existing latents were made (model, L, points, order): `wanted` if the same latents
+    for e in entries if not overwrite else []:
         path = Path(data_dir) / "assets" / e["id"] / "latents.safetensors"
-        if path.is_file() and not overwrite:
+        if path.is_file():
             try:
                 meta = read_metadata(path)
-            except Exception:
-                meta = {}
-            wanted = (model_id, str(num_latents or model.config.num_latents), str(num_points), token_order)
-            if (meta.get("model"), meta.get("num_latents"), meta.get("num_points"), meta.get("token_order", "fps")) == wanted:
-                skipped += 1
+            except Exception:  # a broken file (a killed write of an old version): encoded again
                 continue
+            how = (meta.get("model"), meta.get("num_latents"), meta.get("num_points"), meta.get("token_order", "fps"))
+            if how[1:] == wanted[1:] and meta.get("encoder") == encoder:  # another folder, the same encoder weights
+                how = wanted  # (a decoder-only fine-tune): the same latents
+            made[e["id"]] = how
+    other = [(i, how) for i, how in made.items() if how != wanted]
+    if other:
+        (first, how), keys = other[0], ("model", "L", "points", "order")
+        differs = ", ".join(f"{k} {h} (now {w})" for k, h, w in zip(keys, how, wanted) if h != w)
+        raise InputError(f"{data_dir}: {len(other)} of {len(entries)} assets hold latents made otherwise ({first}: {differs}); "
+                         "re-encoding replaces them, and a run trained on them could no longer resume: pass --overwrite to "
+                         "replace them, or encode a copy of the dataset")
+    for e in iterator:
+        path = Path(data_dir) / "assets" / e["id"] / "latents.safetensors"
+        if made.get(e["id"]) == wanted:
+            skipped += 1
+            continue
         surface = torch.from_numpy(load_samples(data_dir, e["id"])["surface"]).float()
         if surface.shape[1] < num_points:  # they were used silently: latents of another point count than asked
             raise InputError(f"{e['id']}: {num_points} surface points asked (--points), the data has {surface.shape[1]} per part: "
