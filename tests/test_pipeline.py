@@ -179,15 +179,15 @@ def test_token_positions_train_on_canonical_latents_only(dataset, tmp_path):
         train(root, tmp_path / "fps", cfg, vae_dir=vae_dir, device="cpu", progress=False)
     ordered = Path(shutil.copytree(root, tmp_path / "data"))
     vae = VecSetVAE.from_pretrained(vae_dir)
-    encode_dataset(ordered, vae, "test", num_points=512, progress=False, token_order="canonical")
+    encode_dataset(ordered, vae, "test", num_points=512, progress=False, token_order="canonical", overwrite=True)
     data = LatentDataset(ordered, "train", 32)
     assert data.token_order == "canonical"
     assert LatentDataset.from_cache(data.save_cache(tmp_path / "cache.safetensors")).token_order == "canonical"
     result = train(tmp_path / "cache.safetensors", tmp_path / "run", cfg, vae_dir=vae_dir, device="cpu", progress=False)
     pipe = MoCAPipeline.from_pretrained(result["pipeline"])
     assert pipe.transformer.token_order == "canonical" and np.isfinite(result["final_loss"])
-    # back to FPS order (an order change re-encodes without --overwrite), then one asset canonical again: refused
-    assert encode_dataset(ordered, vae, "test", num_points=512, progress=False)["encoded"] == len(data)
+    # back to FPS order (an order change re-encodes with --overwrite), then one asset canonical again: refused
+    assert encode_dataset(ordered, vae, "test", num_points=512, progress=False, overwrite=True)["encoded"] == len(data)
     assert LatentDataset(ordered, "train", 32).token_order == "fps"
     from safetensors.torch import save_file
 
@@ -672,3 +672,27 @@ def test_a_device_torch_lacks_is_a_one_line_config_error(monkeypatch):
         with pytest.raises(ConfigError, match="^device 'cuda.*' requested but CUDA is not available$"):
             move()
     assert pipe.to(torch.device("cpu")).device.type == "cpu"
+
+
+def test_fine_tuning_with_a_vae_of_other_latents_than_its_base_warns(dataset, tmp_path):
+    """`train --init-from PIPE --vae OTHER` trained without a word although PIPE's transformer learned the latents of
+    its own VAE: another latent scale (or encoder) is named in one warning; PIPE's VAE, even copied elsewhere, is not."""
+    import warnings
+
+    from moca3d.errors import InputWarning
+
+    root, vae_dir = dataset
+    train(root, tmp_path / "base", tiny_recipe(steps=1), vae_dir=vae_dir, device="cpu", progress=False)
+    base = tmp_path / "base" / "pipeline"
+    same, rescaled = shutil.copytree(base / "vae", tmp_path / "same"), shutil.copytree(base / "vae", tmp_path / "rescaled")
+    config = json.loads((rescaled / "config.json").read_text())
+    (rescaled / "config.json").write_text(json.dumps({**config, "scaling_factor": 2.5 * config["scaling_factor"]}))
+    recipe = tiny_recipe(steps=1, warmup_steps=0, init_from=str(base))
+    with pytest.warns(InputWarning, match=rf"--vae {re.escape(str(rescaled))} is not {re.escape(str(base))}'s VAE and "
+                                          r"its latent shift/scale differ: .* encode the data with"):
+        train(root, tmp_path / "ft_rescaled", recipe, vae_dir=rescaled, device="cpu", progress=False)
+    for vae in (same, None):  # a copy of the base's VAE, or none given (the base's own)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(root, tmp_path / f"ft_{vae is None}", recipe, vae_dir=vae, device="cpu", progress=False)
+        assert not [str(w.message) for w in caught if issubclass(w.category, InputWarning)], vae

@@ -309,6 +309,23 @@ def init_folder(cfg: DiTTrainConfig) -> Path:
     return root
 
 
+def warn_other_latent_space(vae: VecSetVAE, vae_dir: Path, root: Path) -> None:
+    """An InputWarning when a fine-tune's VAE is not its base pipeline's (`root`/vae) and encodes or scales latents
+    otherwise: the base transformer learned the latents of its own VAE, so it starts from a prior of other latents."""
+    base_dir = root / "vae"
+    if vae_dir.resolve() == base_dir.resolve() or not (base_dir / "config.json").is_file():
+        return
+    base = load_vae_folder(base_dir)
+    differs = [what for what, ours, theirs in (
+        ("encoder", encoder_id(vae), encoder_id(base)),
+        ("latent shift/scale", (vae.config.shift_factor, vae.config.scaling_factor),
+         (base.config.shift_factor, base.config.scaling_factor))) if ours != theirs]
+    if differs:
+        warn_input(f"--vae {vae_dir} is not {root}'s VAE and its {' and '.join(differs)} differ: {root}'s transformer "
+                   "learned other latents, so the fine-tune starts from a mismatched prior (a long re-training); encode "
+                   f"the data with {base_dir} to keep it")
+
+
 def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tuple[int, int]]) -> MoCATransformer:
     """The transformer of pipeline `root`, with `cfg.transformer` overrides that keep its weights loadable."""
     transformer = MoCATransformer.from_pretrained(root / "transformer")
@@ -561,6 +578,8 @@ def train(
     vae_path = str(Path(vae_dir).resolve()) if vae is not None else None  # what a resume without --vae loads
     if vae is not None:  # latents of another encoder would train a transformer its pipeline's VAE cannot decode
         check_latent_encoder(data.encoder, encoder_id(vae), str(data_dir), vae_dir)
+    if vae is not None and cfg.init_from and ckpt is None and accelerator.is_main_process:
+        warn_other_latent_space(vae, Path(vae_dir), init_folder(cfg))
     if vae is not None:  # train on the unit-scale latents the pipeline samples
         data.latents = [vae.normalize_latents(z) for z in data.latents]
     torch.manual_seed(cfg.seed)
