@@ -1,5 +1,8 @@
 """`moca3d --help` and the verbs' shared conventions."""
 
+import re
+from pathlib import Path
+
 import pytest
 import typer.main
 from typer.testing import CliRunner
@@ -319,3 +322,41 @@ def test_prepare_interrupted_says_what_is_kept(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["prepare", "--procedural", "objects", "--count", "2", "-o", str(out)])
     assert result.exit_code == 130, result.output
     assert result.stderr == f"interrupted: the assets prepared in {out} are kept (manifest written); the same command resumes\n"
+
+
+def test_separate_writes_each_component_as_its_own_file_beside_the_output(object_pipeline, tmp_path):
+    """A tool that takes one mesh per file had only the Python API's save_parts: `--separate FORMAT` writes them from
+    the CLI too (generate, one image or a folder; generate-scene), named and in place; a wrong format or a file where
+    its folder goes is refused before any model loads."""
+    import numpy as np
+
+    from moca3d.errors import InputError
+    from moca3d.geometry.mesh_io import read_components
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    base = ["--steps", "2", "--resolution", "16", "--device", "cpu"]
+    out = tmp_path / "chair.glb"
+    result = CliRunner().invoke(app, ["generate", str(examples / "chair.png"), "--model", object_pipeline, "--parts", "3",
+                                      "-o", str(out), "--separate", "OBJ", *base])
+    assert result.exit_code == 0, result.output
+    whole, names = read_components(out)
+    solid = [n for n, m in zip(names, whole) if len(m.faces)]
+    files = sorted(p.name for p in (tmp_path / "chair_parts").iterdir())
+    assert files == sorted([f"{n}.obj" for n in solid] + [f"{n}.mtl" for n in solid])
+    assert f"wrote {len(solid)} part file" in result.output and "chair_parts/" in result.output
+    for name, mesh in zip(names, whole):
+        if len(mesh.faces):  # in its place in the whole, as its own file
+            (part,), _ = read_components(tmp_path / "chair_parts" / f"{name}.obj")
+            assert np.allclose(part.bounds, mesh.bounds, atol=1e-5)
+    for separate, message in (("fbx", "--separate writes glb, obj, ply, stl, not 'fbx'"),
+                              ("ply", "blocked_parts is a file, where the ply files of the parts go")):
+        (tmp_path / "blocked_parts").write_text("in the way")
+        bad = CliRunner().invoke(app, ["generate", str(examples / "chair.png"), "--model", str(tmp_path / "nowhere"),
+                                       "-o", str(tmp_path / "blocked.glb"), "--separate", separate])
+        assert isinstance(bad.exception, InputError) and re.search(message, str(bad.exception)), bad.output
+    scene = CliRunner().invoke(app, ["generate-scene", str(examples / "scene4.png"), "--masks", str(examples / "scene4_masks.png"),
+                                     "-o", str(tmp_path / "room.glb"), "--separate", "stl", "--steps", "4", "--resolution", "32",
+                                     "--device", "cpu"])
+    assert scene.exit_code == 0, scene.output
+    assert {p.suffix for p in (tmp_path / "room_parts").iterdir()} == {".stl"}
+    assert all(p.stem.startswith("instance_") for p in (tmp_path / "room_parts").iterdir())

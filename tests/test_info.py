@@ -161,3 +161,48 @@ def test_a_run_says_when_its_time_limit_or_fewer_steps_finished_it(object_datase
     shutil.rmtree(tmp_path / "long" / "checkpoints" / "step_00000003")  # cut after step 2: under way
     text = CliRunner().invoke(app, ["info", str(tmp_path / "long")]).output
     assert "trained to step 2 of 3 (newest checkpoint, 0.0 of its 60.0 min)" in text
+
+
+def test_a_prepared_dataset_shows_its_assets_splits_and_which_latents_it_holds(object_dataset, tmp_path):
+    """`info DATA` was refused ("neither a pipeline folder ..."): a user preparing their own data could not see its
+    splits, component counts or whether (and with which VAE) encode-dataset had cached its latents."""
+    import shutil
+
+    from moca3d.data.dataset import read_manifest
+
+    root = Path(shutil.copytree(object_dataset[0], tmp_path / "data"))
+    entries = read_manifest(root)
+    counts = sorted(e["num_components"] for e in entries)
+    (root / "assets" / entries[0]["id"] / "latents.safetensors").unlink()  # one not encoded yet
+    with open(root / "manifest.jsonl", "a") as fh:
+        fh.write("{cut off by a kill\n")
+    report = describe(root)
+    assert report["kind"] == "prepared dataset" and report["assets"] == len(entries) and report["unreadable_lines"] == 1
+    assert sum(report["splits"].values()) == len(entries) and report["kinds"] == {"object": len(entries)}
+    assert sum(report["categories"].values()) == len(entries)
+    assert report["components"] == {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]}
+    (made,) = report["latents"]
+    assert made["assets"] == len(entries) - 1 and made["model"] == "test" and made["encoder"].startswith("sha256:")
+    assert report["without_latents"] == 1
+    result = CliRunner().invoke(app, ["info", str(root)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(entries)} assets (objects)" in result.output and f"latents of {len(entries) - 1} of {len(entries)}: model test" in result.output
+    assert "1 asset without latents: `moca3d encode-dataset" in result.output and "1 manifest line unreadable" in result.output
+
+
+def test_a_folder_of_part_files_shows_its_parts_and_how_they_were_made(tmp_path):
+    """`info OUT/` of `save_parts` was refused: each part file held the record, the folder could not be asked."""
+    import trimesh
+
+    from moca3d.geometry.mesh_io import save_separate
+
+    meshes = [trimesh.creation.box(), trimesh.Trimesh(), trimesh.creation.icosphere(subdivisions=1)]
+    save_separate(tmp_path / "parts", meshes, ["part_00", "part_01", "part_02"], ext="glb", metadata={"seed": 7, "steps": 2})
+    report = describe(tmp_path / "parts")
+    assert report["kind"] == "folder of generated parts" and report["components"] == ["part_00", "part_02"]
+    assert report["settings"] == {"seed": 7, "steps": 2} and report["empty"] == []
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "parts")])
+    assert result.exit_code == 0 and "2 components: part_00, part_02" in result.output and "seed 7" in result.output, result.output
+    (tmp_path / "mine").mkdir()
+    trimesh.creation.box().export(tmp_path / "mine" / "a.stl")  # no record: another tool's parts
+    assert describe(tmp_path / "mine")["kind"] == "folder of mesh files"

@@ -18,11 +18,23 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"  # the built-i
 DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
 SHIPPED_PREFIX = "src/moca3d/weights/"  # how the README and the recipes in configs/ name the package's shipped models
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # the mesh formats read (geometry.mesh_io)
+PART_FORMATS = ("glb", "obj", "ply", "stl")  # MoCAOutput.save_parts' (and --separate's) one-mesh-per-file formats
 TRAINED_KEY = "_trained_components"  # model_index.json / adapter_config.json: the most components a training example held (a fine-tune: its base's too)
 INSTANCE_MASKS = "instance_masks"  # a generated scene's record of each instance's mask: its label id or file name
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # a LoRA adapter folder's files
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> torch attribute
 RESOLUTION_RULE = f"{MIN_RESOLUTION}, {2 * MIN_RESOLUTION} or a multiple of 4 from {4 * MIN_RESOLUTION} to {MAX_RESOLUTION}"
+
+
+def check_part_files(ext: str, folder: Path, what: str = "parts are written as") -> str:
+    """A one-file-per-component format (`PART_FORMATS`), lower case without its dot, and `folder` free to hold the
+    files (no file in its place): else a one-line InputError, `what` naming who writes them."""
+    ext = ext.lower().lstrip(".")
+    if ext not in PART_FORMATS:
+        raise InputError(f"{what} {', '.join(PART_FORMATS)}, not '{ext}'")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, where the {ext} files of the parts go (a folder)")
+    return ext
 
 
 def shipped_path(value: Any) -> Any:

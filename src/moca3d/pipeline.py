@@ -25,8 +25,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from moca3d import flow
 from moca3d.data.images import ImageLike, check_image, load_image, preprocess_image
 from moca3d.data.scene import MasksLike, conditions_layout, read_masks, scene_conditions, warn_exif_turn
-from moca3d.defaults import (ADAPTER_CONFIG, DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
-                             check_component_count, check_sampling_args, check_shift, shipped_path,
+from moca3d.defaults import (ADAPTER_CONFIG, DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, GUIDANCE, INSTANCE_MASKS, MAX_SEED, PART_FORMATS, SCENE_GUIDANCE, STEPS, TRAINED_KEY,  # noqa: F401
+                             check_component_count, check_part_files, check_sampling_args, check_shift, shipped_path,
                              resolve_dtype)
 from moca3d.errors import CheckpointError, ConfigError, InputError, MoCA3DError, one_line, warn_input
 from moca3d.geometry.extract import ExtractConfig, evaluate_grid, mesh_from_grid, vae_extract_config
@@ -41,7 +41,6 @@ from moca3d.progress import on_terminal
 COMPONENTS = {"vae": VecSetVAE, "transformer": MoCATransformer, "image_encoder": ImageEncoder}
 
 
-PART_FORMATS = ("glb", "obj", "ply", "stl")  # MoCAOutput.save_parts' one-mesh-per-file formats
 
 
 @dataclass
@@ -91,12 +90,8 @@ class MoCAOutput:
         removed. `moca3d evaluate` and the metrics read the folder back as the components, in name order."""
         from moca3d.geometry.mesh_io import mtl_path, save_separate
 
-        ext = ext.lower().lstrip(".")
-        if ext not in PART_FORMATS:
-            raise InputError(f"parts are written as {', '.join(PART_FORMATS)}, not '{ext}'")
         folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"{folder} is a file: save_parts writes a folder")
+        ext = check_part_files(ext, folder)
         if not any(len(m.faces) for m in self.meshes):
             raise InputError(f"all {len(self.meshes)} {self.kind}s decoded empty: nothing to write (try more steps or another seed)")
         paths = save_separate(folder, self.meshes, self.names, ext=ext, metadata=self.settings)

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from moca3d.defaults import check_sampling_args
+from moca3d.defaults import check_part_files, check_sampling_args
 from moca3d.errors import ConfigError, InputError, cannot_write
 from moca3d.progress import cli_progress
 
@@ -132,14 +132,33 @@ def interruptible(written: Optional[list] = None) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def save_generation(result, output: Path, noun: str, started: float) -> Path:
+SEPARATE_HELP = ("Also write each {noun} as its own file of this format (glb, obj, ply or stl) into OUTPUT's name + "
+                 "_parts/ beside it (chair.glb: chair_parts/{noun}_00.glb, ...), in its place and colour in the whole; "
+                 "empty {noun}s get no file; an earlier output's {noun} files there are removed.")
+
+
+def separate_folder(output: Path) -> Path:
+    """Where `--separate` writes a generation's one-file-per-component copy: beside OUTPUT, its name + _parts."""
+    return output.with_name(f"{output.stem}_parts")
+
+
+def check_separate(separate: Optional[str], output: Path) -> Optional[str]:
+    """--separate's format, lower case, checked before a model loads (`check_part_files`: an InputError naming the
+    formats, or the file in the way of its folder); None when not asked."""
+    return None if separate is None else check_part_files(separate, separate_folder(output), "--separate writes")
+
+
+def save_generation(result, output: Path, noun: str, started: float, separate: Optional[str] = None) -> Path:
     """Write a generation's GLB or OBJ and print one line: path, component count (of `noun`, singular), empty ones,
-    triangles, time."""
+    triangles, time; with `separate` (a format), also each component's own file (`separate_folder`), one line more."""
     path = result.save(output)
     empty = sum(1 for m in result.meshes if len(m.faces) == 0)
     note = f", {empty} empty" if empty else ""
     triangles = sum(len(m.faces) for m in result.meshes)
     typer.echo(f"wrote {path}: {plural(len(result.meshes), noun)} ({triangles:,} triangles{note}) in {time.time() - started:.1f} s")
+    if separate is not None:
+        files = result.save_parts(separate_folder(output), ext=separate)
+        typer.echo(f"wrote {plural(len(files), f'{noun} file')} to {separate_folder(output)}/")
     return path
 
 

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DEVICE_HELP, TRAIN_DEVICE_HELP, THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
-                                    check_generation_args, check_output_path, check_save_folder, check_run_folder, echo_categories, echo_means,
+from moca3d.commands.common import (DEVICE_HELP, TRAIN_DEVICE_HELP, THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, SEPARATE_HELP, apply_training_overrides,
+                                    check_generation_args, check_output_path, check_separate, check_save_folder, check_run_folder, echo_categories, echo_means,
                                     echo_missing, interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device,
                                     resume_recipe, run_dit_training, run_vae, save_generation, shipped, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, GUIDANCE, STEPS, check_component_count, check_sampling_args, resolve_dtype
@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help=DEVICE_HELP),
         offload: bool = typer.Option(False, "--offload", help="Sequential CPU offload: weights stay in RAM, modules visit the GPU in turn."),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+        separate: Optional[str] = typer.Option(None, "--separate", metavar="FORMAT", help=SEPARATE_HELP.format(noun="part")),
     ) -> None:
         """Generate PARTS part meshes from one IMAGE (or each image of a folder) and write them as a GLB (or OBJ) file."""
         import time
@@ -88,8 +89,10 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(f"with a folder of images, -o names the folder of their .glb files, not a file: got {output}")
                 check_generation_args(steps, resolution, guidance, output / "x.glb", seed, shift)
                 check_run_folder(output)
+                separate = check_separate(separate, output / "x.glb")
             else:
                 check_generation_args(steps, resolution, guidance, output, seed, shift)
+                separate = check_separate(separate, output)
             check_component_count(parts, model_limit(model or DEFAULT_MODEL_DIR), option="--parts")  # the pipeline's check, before loading
             check_faces(faces, parts)
             dev = resolve_device(device)
@@ -112,7 +115,7 @@ def register(app: typer.Typer) -> None:
             if images is None:
                 result = pipe(picture, **settings)
                 result.settings["image"] = image.name  # recorded as for an image given by its path
-                written.append(save_generation(result, output, "part", t0))
+                written.append(save_generation(result, output, "part", t0, separate))
                 return
             failed = []
             for path in images:  # a bad image is reported and skipped; the others are generated
@@ -131,7 +134,7 @@ def register(app: typer.Typer) -> None:
                     for w in caught:  # any other warning as Python would have shown it
                         if not issubclass(w.category, InputWarning):
                             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-                written.append(save_generation(result, output / f"{path.stem}.glb", "part", started))
+                written.append(save_generation(result, output / f"{path.stem}.glb", "part", started, separate))
             if failed:
                 raise InputError(f"{len(failed)} of {len(images)} images could not be used (first: {failed[0]}); the others are in {output}")
 

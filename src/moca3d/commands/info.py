@@ -1,6 +1,6 @@
 """`moca3d info`: what a pipeline, LoRA adapter or model (e.g. VAE) folder holds, read from its configs and weight headers,
-how a generated GLB / OBJ was made (the settings `MoCAOutput.save` and `reconstruct` write into it), or where a training
-run (or one of its checkpoints) stands and what it exported."""
+how a generated GLB / OBJ (or folder of part files) was made (the settings `MoCAOutput.save` and `reconstruct` write into
+it), where a training run (or one of its checkpoints) stands and what it exported, or what a prepared dataset holds."""
 
 from __future__ import annotations
 
@@ -103,6 +103,66 @@ def generation_record(path: Path) -> dict:
             "empty": [name for name, mesh in zip(names, meshes) if len(mesh.faces) == 0], "settings": settings, "generator": generator}
 
 
+def folder_record(path: Path) -> dict:
+    """A folder of part files (`MoCAOutput.save_parts`, or a folder asset): its components, one per mesh file as every
+    reader takes them, and the record of how they were made (each generated part file carries its output's)."""
+    from moca3d.geometry.mesh_io import part_files
+
+    files = part_files(path)
+    records = [generation_record(f) for f in files]  # each part file read once, as its own file
+    made = next((r for r in records if r["settings"]), records[0])
+    kind = "folder of generated parts" if made["settings"] else "folder of mesh files"
+    return {"kind": kind, "path": str(path), "components": [f.stem for f in files],
+            "empty": [f.stem for f, r in zip(files, records) if len(r["empty"]) == len(r["components"])],
+            "settings": made["settings"], "generator": made["generator"]}
+
+
+LATENT_RECORD = ("model", "encoder", "num_latents", "num_points", "token_order")  # how encode-dataset made an asset's latents
+
+
+def dataset_report(path: Path) -> dict:
+    """A prepared dataset (`moca3d prepare`: manifest.jsonl, assets/): its assets by split, kind and category, their
+    component counts, and which of them hold cached latents made how (read from the files' headers)."""
+    from safetensors import SafetensorError, safe_open
+
+    records, bad = [], 0
+    for line in (path / "manifest.jsonl").read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and {"id", "split", "num_components"} <= record.keys():
+            records.append(record)
+        elif line.strip():
+            bad += 1
+    counts = sorted(int(r["num_components"]) for r in records)
+    latents, missing = {}, 0
+    for r in records:
+        file = path / "assets" / str(r["id"]) / "latents.safetensors"
+        try:
+            with safe_open(str(file), framework="np") as fh:
+                meta = fh.metadata() or {}
+        except (OSError, SafetensorError):  # none yet (encode-dataset not run, or cut off) or unreadable
+            missing += 1
+            continue
+        how = json.dumps({k: meta.get(k, "fps" if k == "token_order" else None) for k in LATENT_RECORD})
+        latents[how] = latents.get(how, 0) + 1
+
+    def tally(key: str) -> dict:
+        found = {}
+        for r in records:
+            found[str(r.get(key))] = found.get(str(r.get(key)), 0) + 1
+        return dict(sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    splits = tally("split")
+    return {"kind": "prepared dataset", "path": str(path), "assets": len(records), "unreadable_lines": bad,
+            "splits": {split: splits[split] for split in ("train", "val", "test") if split in splits},
+            "kinds": tally("kind"), "categories": tally("category"),
+            "components": {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]} if counts else None,
+            "latents": [{**json.loads(how), "assets": n} for how, n in sorted(latents.items(), key=lambda kv: -kv[1])],
+            "without_latents": missing}
+
+
 def component_entry(folder: Path, name: str) -> dict:
     """A model folder's class, config essentials (`SHOWN[name]`) and weights summary."""
     config = read_json(folder / "config.json")
@@ -189,8 +249,8 @@ def describe(path: Path) -> dict:
 
         what = f"an image (generate from it: moca3d generate {path})" if path.suffix.lower() in IMAGE_EXTENSIONS else \
             f"a {path.suffix or 'suffix-less'} file"
-        raise InputError(f"{path}: {what}; info reads a mesh file ({' '.join(MESH_EXTENSIONS)}), or a pipeline, LoRA adapter or model "
-                         f"(e.g. VAE) folder")
+        raise InputError(f"{path}: {what}; info reads a mesh file ({' '.join(MESH_EXTENSIONS)}), or a pipeline, LoRA adapter, model "
+                         f"(e.g. VAE), training run, prepared dataset or part files' folder")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
     if (path / ADAPTER_CONFIG).is_file():
@@ -216,12 +276,19 @@ def describe(path: Path) -> dict:
     if release is not None:
         raise InputError(f"{path}: a {release} release, not a moca3d pipeline: convert it first "
                          f"(moca3d convert {release.lower()} {path} DST), then run info on DST")
+    if (path / "manifest.jsonl").is_file():
+        return dataset_report(path)
     if not (path / "model_index.json").is_file():
         run = run_report(path)
         if run is not None:
             return run
-        raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json), a LoRA adapter ({ADAPTER_CONFIG}) "
-                              f"nor a moca3d model folder (config.json of a {', '.join(COMPONENT_CLASSES)})")
+        from moca3d.geometry.mesh_io import part_files
+
+        if part_files(path):
+            return folder_record(path)
+        raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json), a LoRA adapter ({ADAPTER_CONFIG}), "
+                              f"a moca3d model folder (config.json of a {', '.join(COMPONENT_CLASSES)}), a training run, a "
+                              "prepared dataset (manifest.jsonl) nor a folder of mesh files")
     index = read_json(path / "model_index.json")
     out = {"kind": "pipeline", "path": str(path), "saved_by": f"moca3d {index.get('_moca3d_version', '?')}", "components": {}}
     for name in ("transformer", "image_encoder", "vae"):
@@ -282,6 +349,28 @@ def _echo_run(report: dict) -> None:
                    "train-scene run, --export-only writes pipeline/ from the newest checkpoint")
 
 
+def _echo_dataset(report: dict) -> None:
+    """A prepared dataset's assets, components, categories and cached latents (`dataset_report`)."""
+    splits = ", ".join(f"{n} {split}" for split, n in report["splits"].items())
+    kinds = " and ".join(f"{n} {kind}s" for kind, n in report["kinds"].items()) if len(report["kinds"]) > 1 else \
+        next(iter(report["kinds"]), "?") + "s"
+    counts = report["components"]
+    spread = f"; {counts['min']}-{counts['max']} components (median {counts['median']})" if counts else ""
+    typer.echo(f"  {plural(report['assets'], 'asset')} ({kinds}): {splits or 'none'}{spread}")
+    if report["unreadable_lines"]:
+        typer.echo(f"  {plural(report['unreadable_lines'], 'manifest line')} unreadable: re-run `moca3d prepare` on it")
+    categories = list(report["categories"].items())
+    more = f", ... ({len(categories) - 8} more)" if len(categories) > 8 else ""
+    typer.echo("  categories: " + ", ".join(f"{name} {n}" for name, n in categories[:8]) + more)
+    for made in report["latents"]:
+        made = {k: '?' if v is None else v for k, v in made.items()}  # a file without encode-dataset's record
+        typer.echo(f"  latents of {made['assets']} of {report['assets']}: model {made['model']} (encoder {made['encoder']}), "
+                   f"L {made['num_latents']}, {made['num_points']} points, {made['token_order']} order")
+    if report["without_latents"]:
+        typer.echo(f"  {plural(report['without_latents'], 'asset')} without latents: `moca3d encode-dataset {report['path']}` caches them")
+    typer.echo("  used by: moca3d train-vae / encode-dataset / train / train-scene / cache-latents / evaluate-model / evaluate-scenes")
+
+
 def echo(report: dict) -> None:
     """Print `describe`'s report for a reader."""
     if report["kind"] == "training checkpoint":  # the models to use are its run's (exported from the newest checkpoint)
@@ -290,7 +379,9 @@ def echo(report: dict) -> None:
     typer.echo(f"{report['path']}: {report['kind']}")
     if report["kind"] == "training run":
         return _echo_run(report)
-    if report["kind"] in ("generated file", "mesh file"):
+    if report["kind"] == "prepared dataset":
+        return _echo_dataset(report)
+    if report["kind"] in ("generated file", "mesh file", "folder of generated parts", "folder of mesh files"):
         empty = f" ({len(report['empty'])} empty: {', '.join(report['empty'])})" if report["empty"] else ""
         typer.echo(f"  {plural(len(report['components']), 'component')}{empty}: {', '.join(report['components'])}")
         made, generator = dict(report["settings"]), report["generator"]
@@ -333,10 +424,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("info")
     def info(
-        path: Optional[Path] = typer.Argument(None, callback=shipped, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), a model folder (e.g. a VAE: src/moca3d/weights/vae), a training run folder or one of its checkpoints (where it stands, what it exported), or a generated .glb / .obj (how it was made). Default: the built-in model."),
+        path: Optional[Path] = typer.Argument(None, callback=shipped, help="A pipeline folder (e.g. runs/dit/pipeline), a LoRA adapter folder (OUT/lora), a model folder (e.g. a VAE: src/moca3d/weights/vae), a training run folder or one of its checkpoints (where it stands, what it exported), a prepared dataset (its assets, splits, categories, cached latents), or a generated .glb / .obj or folder of part files (how it was made). Default: the built-in model."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ) -> None:
-        """Show what a pipeline, LoRA adapter or model folder holds (task, sizes, dtypes, settings; no model is loaded), where a training run stands, or how a generated GLB / OBJ was made."""
+        """Show what a pipeline, LoRA adapter or model folder holds (task, sizes, dtypes, settings; no model is loaded), where a training run stands, what a prepared dataset holds, or how a generated GLB / OBJ (or folder of parts) was made."""
         report = describe(path if path is not None else DEFAULT_MODEL_DIR)
         if json_out:
             typer.echo(json.dumps(report, indent=2))

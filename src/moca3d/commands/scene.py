@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from moca3d.commands.common import (DEVICE_HELP, TRAIN_DEVICE_HELP, THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, apply_training_overrides,
-                                    check_generation_args, check_output_path, check_save_folder, echo_categories, echo_means, echo_missing,
+from moca3d.commands.common import (DEVICE_HELP, TRAIN_DEVICE_HELP, THREADS_HELP, DTYPE_HELP, EXPORT_ONLY_HELP, FACES_HELP, FRAME_HELP, SAVE_HELP, SEPARATE_HELP, apply_training_overrides,
+                                    check_generation_args, check_output_path, check_separate, check_save_folder, echo_categories, echo_means, echo_missing,
                                     interruptible, check_init_from, keep_run_length, load_or_predictions, model_limit, plural, resolve_device, resume_recipe, run_dit_training, run_vae, shipped,
                                     save_generation, write_json)
 from moca3d.defaults import DEFAULT_MODEL_DIR, DEFAULT_SCENE_MODEL_DIR, INSTANCE_MASKS, SCENE_GUIDANCE, STEPS, check_sampling_args, resolve_dtype
@@ -57,6 +57,7 @@ def register(app: typer.Typer) -> None:
         faces: Optional[int] = typer.Option(None, "--faces", help=FACES_HELP),
         device: str = typer.Option("auto", help=DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+        separate: Optional[str] = typer.Option(None, "--separate", metavar="FORMAT", help=SEPARATE_HELP.format(noun="instance")),
     ) -> None:
         """Generate one mesh per instance mask of a scene IMAGE, placed as in the image, as a GLB (or OBJ) file."""
         import time
@@ -66,6 +67,7 @@ def register(app: typer.Typer) -> None:
             from moca3d.data.images import check_image, load_image
 
             check_generation_args(steps, resolution, guidance, output, seed, shift)
+            separate = check_separate(separate, output)
             dev = resolve_device(device)
             torch_dtype = resolve_dtype(dtype, dev)
             folder = scene_model(model, lora)  # None: the built-in object model, the base of a --lora
@@ -83,7 +85,7 @@ def register(app: typer.Typer) -> None:
                 result = pipe.generate_scene(picture, instances, steps=steps, guidance=guidance, seed=seed, shift=shift,
                                              resolution=resolution, faces=faces)
             result.settings.update(image=image.name, masks=masks.name, **{INSTANCE_MASKS: sources})  # as for paths given
-            save_generation(result, output, "instance", t0)
+            save_generation(result, output, "instance", t0, separate)
 
     @app.command("evaluate-scenes")
     def evaluate_scenes(

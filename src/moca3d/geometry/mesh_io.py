@@ -427,7 +427,7 @@ def keep_empty_components(path: Path, meshes: list[trimesh.Trimesh],
     return [mesh for _, mesh in rows], [name for name, _ in rows]
 
 
-def _part_files(folder: Path) -> list[Path]:
+def part_files(folder: Path) -> list[Path]:
     """The mesh files directly in `folder`, sorted by name: a folder asset's parts (hidden files, such as macOS's
     `._name.obj`, are none, as `prepare` lists a folder)."""
     return sorted(p for p in folder.iterdir()
@@ -450,7 +450,7 @@ def nested_mesh_files(folder: str | Path) -> list[str]:
 def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     """Components from the mesh files of a folder, one per file (sorted by name, named by stem)."""
     folder = Path(folder)
-    files = _part_files(folder)
+    files = part_files(folder)
     if not files:
         nested = nested_mesh_files(folder)
         where = f" (only its sub-folders do, e.g. {nested[0]}: a part is a file directly in it)" if nested else ""
@@ -505,7 +505,7 @@ def component_source(path: str | Path) -> Path:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        files = _part_files(path)
+        files = part_files(path)
         nested = nested_mesh_files(path) if files else []  # (without files, load_folder's error names them)
         if nested:
             files_are = "1 mesh file in its sub-folders is" if len(nested) == 1 else \
