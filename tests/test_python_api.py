@@ -81,7 +81,7 @@ def test_label_maps_refuse_negative_ids_and_take_tensors():
 def test_metrics_take_one_mesh_or_a_scene_and_warn_where_self_iou_clips():
     box = trimesh.creation.box()
     few = MetricsConfig(num_points=2000)
-    assert evaluate_object(box, trimesh.Scene([box]), few)["fscore@0.1"] == 1.0
+    assert evaluate_object(box, trimesh.Scene([box]), few)["fscore@0.1"] > 0.9  # itself, to the floor of 2000 points
     assert object_metrics(trimesh.Scene([box, box.copy().apply_translation([2, 0, 0])]), [box], few)["num_pred"] == 2
     big = [box.copy().apply_scale(4), box.copy().apply_scale(4).apply_translation([2, 0, 0])]  # IoU 1/3, not in [-1, 1]^3
     with pytest.warns(InputWarning, match="outside the voxel grid"):  # measured in their own box (the grid clipped them,

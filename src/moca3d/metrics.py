@@ -19,10 +19,12 @@
   with ground-truth instance i, each pair mapped by the normalisation of the ground-truth instance's own box:
   shape and placement at the instance's scale (an instance off by its own size scores low; no ICP or
   separate normalisation as MIDI's object scores have).
-- Sampling: the same seed on both sides, points by area; at 20 000 points (evaluate-model's and
+- Sampling: points by area, each side its own random stream of the seed (`PRED_STREAM`, `GT_STREAM`): the same
+  seed on both sides gave identical samples wherever the two share triangles in the same order, so a copy of the
+  ground truth scored CD 0 exactly, but the same parts in another order scored the noise floor; at 20 000 points (evaluate-model's and
   evaluate-scenes' default; `evaluate` and MetricsConfig take 100 000) the chamfer of a surface against itself
-  re-triangulated is about 0.025, at 100 000 about 0.011 (PartCrafter samples 204 800): compare chamfers at
-  one point count.
+  re-triangulated (or itself) is about 0.025, at 100 000 about 0.011 (PartCrafter samples 204 800): compare
+  chamfers at one point count.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def protocol(config: MetricsConfig, scene: bool = False) -> dict:
         "chamfer": "Euclidean (not squared) nearest-neighbour distance, mean prediction->GT plus mean GT->prediction",
         "fscore": "harmonic mean of precision and recall, the shares of points closer than tau (strict) each way",
         "frame": f"{config.frame}: {FRAME_WORDS[config.frame]}",
-        "sampling": "uniform by area on the fused surface of the non-empty components, the same seed on both sides",
+        "sampling": "uniform by area on the fused surface of the non-empty components, each side its own stream of the seed",
         "num_points": config.num_points, "seed": config.seed, "taus": list(config.taus),
         "self_iou": f"mean over pairs of non-empty components of the IoU of their filled voxels, {config.iou_resolution}^3 "
                     "over [-1, 1]^3 of the frame; None under two components",
@@ -197,6 +199,9 @@ def in_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], frame: str)
     return pred, gt
 
 
+PRED_STREAM, GT_STREAM = 0, 1  # the sub-seeds of a metric's samples on the prediction's side and on the ground truth's
+
+
 def surface_metrics(
     pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None
 ) -> dict[str, float]:
@@ -207,10 +212,8 @@ def surface_metrics(
 
 def _fused_surface_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig) -> dict[str, float]:
     """`surface_metrics` of two lists already in the metric frame."""
-    # The same seed on both sides: identical face lists give identical samples, hence exactly CD 0, F 1 (the same
-    # surface triangulated otherwise gets other samples: the chamfer floor of the module docstring)
-    p = sample_points(pred, config.num_points, config.seed)  # (num_points, 3)
-    g = sample_points(gt, config.num_points, config.seed)  # (num_points, 3)
+    p = sample_points(pred, config.num_points, [config.seed, PRED_STREAM])  # (num_points, 3)
+    g = sample_points(gt, config.num_points, [config.seed, GT_STREAM])  # (num_points, 3)
     return point_metrics(p, g, config.taus, config.workers)
 
 
@@ -303,9 +306,9 @@ def instance_metrics(
     for k, (p, g) in enumerate(zip(pred, gt)):
         norm: Normalization = fit_normalization([g])
         (p_n,), (g_n,) = transform_meshes([p], norm), transform_meshes([g], norm)
-        seed = [config.seed, k]
         results.append(point_metrics(
-            sample_points([p_n], config.num_points, seed), sample_points([g_n], config.num_points, seed),
+            sample_points([p_n], config.num_points, [config.seed, k, PRED_STREAM]),
+            sample_points([g_n], config.num_points, [config.seed, k, GT_STREAM]),
             config.taus, config.workers,
         ))
     return results
@@ -320,8 +323,8 @@ def balanced_scene_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh
         return {"chamfer": float("inf"), **{f"fscore@{t:g}": 0.0 for t in config.taus}}
     pred, gt = in_frame(pred, gt, config.frame)
     per = max(1, -(-config.num_points // len(gt)))  # ceil: at least num_points on the GT side
-    p = np.concatenate([sample_points([m], per, [config.seed, k]) for k, m in zip(kept, pred)])  # (len(pred) * per, 3)
-    g = np.concatenate([sample_points([m], per, [config.seed, k]) for k, m in enumerate(gt)])  # (N * per, 3)
+    p = np.concatenate([sample_points([m], per, [config.seed, k, PRED_STREAM]) for k, m in zip(kept, pred)])  # (len(pred) * per, 3)
+    g = np.concatenate([sample_points([m], per, [config.seed, k, GT_STREAM]) for k, m in enumerate(gt)])  # (N * per, 3)
     return point_metrics(p, g, config.taus, config.workers)
 
 

@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
                                "points": points, "metric_points": cfg.metric_points,
                                "protocol": {**{k: v for k, v in protocol(MetricsConfig(num_points=cfg.metric_points)).items()
                                                if k != "self_iou"}, "frame": frames,  # (no self-IoU here)
-                                            "sampling": "uniform by area on each compared surface, the same seed on both sides"}}
+                                            "sampling": "uniform by area on each compared surface, each side its own stream of the seed"}}
         if write_json(json_out, metrics):
             return
         for k, v in metrics.items():
