@@ -163,7 +163,7 @@ def test_saved_generations_score_as_they_did_when_read_back(object_dataset, obje
 
     box = trimesh.creation.box()
     save_prediction(tmp_path / "saved", "holed", [box, trimesh.Trimesh(), box.copy().apply_translation([2, 0, 0])], "part")
-    back = load_prediction(tmp_path / "saved", "holed", [])  # the empty part in its place (it was dropped: 2 parts)
+    back, _ = load_prediction(tmp_path / "saved", "holed", [])  # the empty part in its place (it was dropped: 2 parts)
     assert [len(m.faces) for m in back] == [12, 0, 12]
 
 
@@ -186,10 +186,10 @@ def test_predictions_found_in_any_mesh_format_and_a_one_file_folder_gives_its_pa
     trimesh.Scene(parts[ids[1]][0]).export(preds / f"{ids[1]}.gltf")
     meshes, names = parts[ids[2]]
     save_components(preds / ids[2] / "output.glb", [*meshes, trimesh.Trimesh()], [*names, "empty"], metadata={"verb": "generate"})
-    report = evaluate_pipeline(None, root, "train", count=3, metric_points=2000, progress=False, predictions=preds)
+    report = evaluate_pipeline(None, root, "train", count=3, metric_points=20_000, progress=False, predictions=preds)
     assert report["missing"] == []
     scores = {row["id"]: row for row in report["assets"]}
-    assert all(scores[a]["fscore@0.1"] == 1.0 for a in ids)
+    assert all(scores[a]["fscore@0.1"] > 0.99 for a in ids)  # each its ground truth: to the sampling floor
     assert scores[ids[2]]["num_pred"] == len(meshes) and scores[ids[2]]["num_empty"] == 1
 
 

@@ -103,3 +103,20 @@ def test_prepare_help_says_the_split_fractions_are_approximate():
     helps = {param.name: param.help for param in prepare.params}
     for name in ("val_fraction", "test_fraction"):
         assert "approximate" in helps[name] and "hash of its id" in helps[name]
+
+
+def test_json_to_stdout_is_standard_json_as_the_file_is(tmp_path, capsys):
+    """`--json -` printed an empty prediction's chamfer as `Infinity` (strict parsers refuse it) where `--json FILE`
+    wrote null: both write null for NaN and infinities now."""
+    from pathlib import Path
+
+    from moca3d.commands.common import write_json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+
+    report = {"chamfer": float("inf"), "fscore@0.1": 0.0, "rows": [{"self_iou": float("nan")}]}
+    assert write_json(Path("-"), report)
+    assert strict(capsys.readouterr().out) == {"chamfer": None, "fscore@0.1": 0.0, "rows": [{"self_iou": None}]}
+    write_json(tmp_path / "r.json", report)
+    assert strict((tmp_path / "r.json").read_text()) == {"chamfer": None, "fscore@0.1": 0.0, "rows": [{"self_iou": None}]}

@@ -219,3 +219,24 @@ def test_reconstruct_warns_of_open_components(identity_vae, tmp_path):
     save_components(tmp_path / "in.glb", [boxes(1)[0], opened.apply_translation([3, 0, 0])], ["closed", "lidless"])
     with pytest.warns(InputWarning, match="in.glb: open .not watertight. components lidless"):
         assert reconstruct(tmp_path / "in.glb", tmp_path / "out.glb").exit_code == 0
+
+
+def test_evaluate_warns_of_a_predicted_part_with_nan_vertices(tmp_path):
+    """One NaN vertex emptied its whole part silently (CD inf, F 0, exit 0): a broken export looked like a generation's
+    empty part. It still scores as empty (instance i stays i), with one warning naming it; a generation's empty part,
+    no warning."""
+    import warnings
+
+    from moca3d.errors import InputWarning
+
+    parts = boxes(2)
+    broken = trimesh.Trimesh(np.vstack([parts[1].vertices[:-1], [[np.nan, 0, 0]]]), parts[1].faces, process=False)
+    path = tmp_path / "pred.obj"
+    path.write_text(trimesh.exchange.obj.export_obj(trimesh.Scene({"a": parts[0], "b": broken}), include_normals=False))
+    with pytest.warns(InputWarning, match=r"pred.obj: 1 component\(s\) with NaN or infinite vertices scored as empty: b"):
+        meshes, names = read_prediction(path)
+    assert names == ["a", "b"] and [len(m.faces) > 0 for m in meshes] == [True, False]
+    save_components(tmp_path / "gen.glb", [parts[0], trimesh.Trimesh()], ["a", "b"], metadata={"verb": "generate"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        assert [len(m.faces) > 0 for m in read_prediction(tmp_path / "gen.glb")[0]] == [True, False]

@@ -561,6 +561,13 @@ def test_evaluate_scenes_scores_a_folder_of_predictions(scenes, tmp_path):
     assert folder.name in scored and scored[folder.name]["fscore@0.1"] == 1.0
     assert scored[folder.name]["instance_fscore@0.1"] == pytest.approx(1.0, abs=0.005)  # itself: to the sampling floor
     assert report["missing"] == ([] if other.name in hidden else [other.name]) and "model" not in report
+    assert scored[folder.name]["paired_by_name"] is False
+    # the same instances, named as the GT's, listed in another order: paired by name, as `evaluate --scene` pairs them
+    # (by position they scored instance F 0.33 here while `evaluate --scene` scored the same file 0.89)
+    save_components(preds / f"{folder.name}.glb", meshes[::-1], names[::-1])
+    reordered = {row["id"]: row for row in cli_report(args, tmp_path / "reordered.json")["scenes"]}[folder.name]
+    assert reordered["paired_by_name"] is True
+    assert reordered["instance_fscore@0.1"] == pytest.approx(scored[folder.name]["instance_fscore@0.1"], abs=0.005)
     save_components(preds / f"{folder.name}.glb", meshes[:-1], names[:-1])
     short = CliRunner().invoke(app, args)
     assert isinstance(short.exception, InputError)
@@ -585,10 +592,10 @@ def test_scene_predictions_keep_an_empty_instance_in_its_place(scenes, tmp_path)
     flat = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [2, 0, 0]], [[0, 1, 2]])
     for broken in (trimesh.Trimesh(), flat):  # instance 0: empty (as generate-scene writes it), then zero area
         save_components(tmp_path / "preds" / f"{folder.name}.glb", [broken, *meshes[1:]], names, metadata={"verb": "generate-scene"})
-        report = evaluate_scenes(None, data, "train", metric_points=2000, progress=False, predictions=tmp_path / "preds")
+        report = evaluate_scenes(None, data, "train", metric_points=20_000, progress=False, predictions=tmp_path / "preds")
         instances = report["scenes"][0]["instances"]
         assert len(instances) == n and report["missing"] == []
-        assert instances[0]["fscore@0.1"] == 0.0 and all(i["fscore@0.1"] == 1.0 for i in instances[1:])
+        assert instances[0]["fscore@0.1"] == 0.0 and all(i["fscore@0.1"] > 0.99 for i in instances[1:])  # sampling floor
 
 
 def test_generate_scene_cli_with_a_mask_folder(scenes, tmp_path):

@@ -108,13 +108,19 @@ def read_prediction(path: Path) -> tuple[list, list[str]]:
     """The components of one prediction and their names, in its order (`read_components`: a file, or a folder of part
     files). A part with no surface (a GLB's empty node, an OBJ's `o` object without faces, no faces, zero area,
     non-finite vertices) is kept as an empty mesh where it is: instance i stays instance i, and it scores as empty
-    instead of stopping the evaluation."""
+    instead of stopping the evaluation; one with non-finite vertices (a broken export, not a generation's empty part)
+    is warned of, by name."""
     import trimesh
 
     from moca3d.geometry.mesh_io import has_surface, read_components
 
     meshes, names = read_components(path)
-    usable = [bool(np.isfinite(np.asarray(mesh.vertices)).all()) and has_surface(mesh) for mesh in meshes]
+    finite = [bool(np.isfinite(np.asarray(mesh.vertices)).all()) for mesh in meshes]
+    broken = [name for name, ok in zip(names, finite) if not ok]
+    if broken:
+        warn_input(f"{Path(path).name}: {len(broken)} component(s) with NaN or infinite vertices scored as empty: "
+                   f"{', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}")
+    usable = [ok and has_surface(mesh) for mesh, ok in zip(meshes, finite)]
     return [mesh if ok else trimesh.Trimesh() for mesh, ok in zip(meshes, usable)], names
 
 
@@ -129,18 +135,19 @@ def read_ground_truth(path: Path) -> tuple[list, list[str]]:
     return meshes, names
 
 
-def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: Optional[list[dict]] = None) -> list:
-    """An asset's predicted components from a folder of predictions (`prediction_path`: <id>.glb, <id>.obj, or an
-    <id>/ folder of part files, e.g. another method's outputs; `read_prediction`); none (scored as empty) and its id
-    added to `missing` when the folder has no prediction of it. A prediction that cannot be read (an empty or corrupt
-    file, no triangle mesh) scores as empty too, with a warning naming its path, and {"id", "path", "reason"} added to
-    `unusable` (to `missing` when that is not given)."""
+def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: Optional[list[dict]] = None
+                    ) -> tuple[list, list[str]]:
+    """An asset's predicted components and their names from a folder of predictions (`prediction_path`: <id>.glb,
+    <id>.obj, or an <id>/ folder of part files, e.g. another method's outputs; `read_prediction`); none (scored as
+    empty) and its id added to `missing` when the folder has no prediction of it. A prediction that cannot be read (an
+    empty or corrupt file, no triangle mesh) scores as empty too, with a warning naming its path, and {"id", "path",
+    "reason"} added to `unusable` (to `missing` when that is not given)."""
     path = prediction_path(Path(folder), asset_id)
     if path is None:
         missing.append(asset_id)
-        return []
+        return [], []
     try:
-        return read_prediction(path)[0]
+        return read_prediction(path)
     except (InputError, OSError) as err:
         reason = str(err) if isinstance(err, InputError) else f"cannot read it ({err.strerror or err})"
         warn_input(f"{path}: unusable prediction of {asset_id} ({reason}): scored as all-empty")
@@ -148,7 +155,16 @@ def load_prediction(folder: Path, asset_id: str, missing: list[str], unusable: O
             missing.append(asset_id)
         else:
             unusable.append({"id": asset_id, "path": str(path), "reason": reason})
-        return []
+        return [], []
+
+
+def pair_by_name(meshes: list, names: list[str], gt_names: list[str]) -> tuple[list, bool]:
+    """Predicted instances in the ground truth's order when both name the same instances listed otherwise (True then),
+    else as given: instance i is scored against GT instance i (`evaluate --scene` and `evaluate-scenes` alike)."""
+    if names == list(gt_names) or sorted(names) != sorted(gt_names) or len(set(names)) != len(names):
+        return meshes, False
+    index = {name: i for i, name in enumerate(names)}
+    return [meshes[index[name]] for name in gt_names], True
 
 
 def evaluate_pipeline(
@@ -174,7 +190,7 @@ def evaluate_pipeline(
         gt, _ = load_components(asset / "mesh.glb")
         t0, settings = time.time(), {}
         if predictions is not None:
-            meshes = load_prediction(Path(predictions), rec["id"], missing, unusable)
+            meshes = load_prediction(Path(predictions), rec["id"], missing, unusable)[0]
         elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
@@ -268,9 +284,10 @@ def evaluate_scenes(
             torch.cuda.reset_peak_memory_stats(pipe.device)
         t0, settings = time.time(), {}
         if predictions is not None:
-            meshes = load_prediction(Path(predictions), rec["id"], missing, unusable)
+            meshes, pred_names = load_prediction(Path(predictions), rec["id"], missing, unusable)
             if meshes and len(meshes) != len(gt):
                 raise InputError(f"{predictions}: the prediction of {rec['id']} has {len(meshes)} instances, its masks {len(gt)}")
+            meshes, paired = pair_by_name(meshes, pred_names, names)
         elif reconstruct:
             meshes = round_trip(pipe, asset, resolution)
         else:
@@ -281,6 +298,8 @@ def evaluate_scenes(
         row = {"id": rec["id"], "num_instances": len(gt), "seconds": time.time() - t0}
         if predictions is None:
             save_prediction(save, rec["id"], meshes, "instance", settings)
+        else:
+            row["paired_by_name"] = paired
         if cuda:
             row["peak_memory_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
         row.update(evaluate_scene(meshes, gt, config))

@@ -117,7 +117,8 @@ def protocol(config: MetricsConfig, scene: bool = False) -> dict:
     }
     if scene:
         out["balanced"] = "the scene chamfer / F-scores with num_points / N points on each instance (MIDI-like weighting)"
-        out["instances"] = "prediction i vs GT instance i (the masks' order), both in the GT instance's box (largest side 2)"
+        out["instances"] = ("prediction i vs GT instance i (the masks' order; a prediction naming the same instances in "
+                            "another order is paired by name), both in the GT instance's box (largest side 2)")
     return out
 
 

@@ -164,11 +164,11 @@ def save_generation(result, output: Path, noun: str, started: float, separate: O
 
 def write_json(path: Optional[Path], obj: Any) -> bool:
     """Write `obj` as indented JSON to `path` atomically (checked as --json first; parents created), or print it for '-' (then True)."""
-    from moca3d.training.checkpoints import atomic_write_json
+    from moca3d.training.checkpoints import atomic_write_json, finite_json
 
     check_output_path(path, "--json")
-    if path is not None and str(path) == "-":
-        typer.echo(json.dumps(obj, indent=2))
+    if path is not None and str(path) == "-":  # standard JSON, as the file's: an empty prediction's inf chamfer is null
+        typer.echo(json.dumps(finite_json(obj), indent=2, allow_nan=False))
         return True
     if path is not None:
         try:

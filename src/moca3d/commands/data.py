@@ -117,7 +117,7 @@ def evaluate_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (after PartCrafter/MIDI; --frame: how the two are aligned)."""
-    from moca3d.evaluation import object_metrics, read_ground_truth, read_prediction
+    from moca3d.evaluation import object_metrics, pair_by_name, read_ground_truth, read_prediction
     from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene, protocol
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution",
@@ -131,9 +131,8 @@ def evaluate_command(
         surfaces = [m for m in pred_meshes if len(m.faces)]
         if surfaces:
             check_same_frame(surfaces, gt_meshes)
-        if pred_names != gt_names and sorted(pred_names) == sorted(gt_names):
-            index = {name: i for i, name in enumerate(pred_names)}
-            pred_meshes, pred_names = [pred_meshes[index[name]] for name in gt_names], list(gt_names)
+        pred_meshes, paired = pair_by_name(pred_meshes, pred_names, gt_names)
+        if paired:
             typer.echo("(components paired by name: the two files list them in different orders)", err=True)
         result = evaluate_scene(pred_meshes, gt_meshes, config)
     else:  # the fused surface of the non-empty parts (num_empty counts the others; none at all scores F = 0)

@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help=DEVICE_HELP),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write mean, per-category, per-scene and per-instance metrics to this JSON file ('-': print it alone)."),
         reconstruct: bool = typer.Option(False, "--reconstruct", help="Score the VAE round trip of the GT instances instead of generations: the ceiling of any transformer on this VAE."),
-        predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <scene id>.glb, .obj or an <scene id>/ folder, instance i for mask i, in the prepared scene's frame); a scene without one scores as empty and is listed as missing."),
+        predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score the meshes in this folder instead of generating (another method's outputs: <scene id>.glb, .obj or an <scene id>/ folder, instance i for mask i, or paired by name when it names the ground truth's instances in another order; in the prepared scene's frame); a scene without one scores as empty and is listed as missing."),
         frame: str = typer.Option("each", "--frame", help=FRAME_HELP + " Instance metrics always use each GT instance's own box."),
         save: Optional[Path] = typer.Option(None, "--save", help=SAVE_HELP),
     ) -> None:
