@@ -347,3 +347,30 @@ def test_metrics_config_takes_one_threshold_and_refuses_fractional_points():
     assert MetricsConfig(taus=0.1, num_points=100).taus == (0.1,)
     with pytest.raises(ConfigError, match="whole number"):
         MetricsConfig(num_points=1000.5)
+
+
+def test_evaluate_in_the_ground_truths_frame_warns_of_a_prediction_in_other_coordinates(tmp_path):
+    """--frame gt with a prediction still in the source's coordinates (a prepared asset's mesh.glb is normalised)
+    scored F 0.15 for a perfect match without a word: the boxes' overlap (IoU 0.34 here) is named in one warning."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.geometry.mesh_io import save_components
+    from moca3d.metrics import box_iou
+
+    part = [trimesh.creation.box(extents=[2, 2, 2])]
+    source = [part[0].copy().apply_scale(1 / 0.8).apply_translation([0.75, 0, 0])]  # normalised = (source - c) * 0.8
+    assert box_iou(part, part) == pytest.approx(1.0) and box_iou(source, part) == pytest.approx(6 / (8 + 2.5**3 - 6))
+    save_components(tmp_path / "gt.glb", part, ["box"])
+    save_components(tmp_path / "source.glb", source, ["box"])
+    args = ["--frame", "gt", "--num-points", "2000", "--iou-resolution", "16"]
+    with pytest.warns(InputWarning, match=r"--frame gt: the prediction's box overlaps the ground truth's by 0.34 \(IoU\): "
+                                          r"is source.glb in gt.glb's frame\?"):
+        assert CliRunner().invoke(app, ["evaluate", str(tmp_path / "source.glb"), str(tmp_path / "gt.glb"), *args]).exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)  # its own frame: no warning (nor in the default frame)
+        for pred in ("gt.glb", "source.glb"):
+            extra = args if pred == "gt.glb" else args[2:]
+            assert CliRunner().invoke(app, ["evaluate", str(tmp_path / pred), str(tmp_path / "gt.glb"), *extra]).exit_code == 0

@@ -11,7 +11,8 @@
 - F-score at tau: harmonic mean of precision (share of predicted points within tau of the ground
   truth) and recall (share of ground-truth points within tau of the prediction).
 - Self-IoU: mean over component pairs of the IoU of their filled voxel volumes on a 64^3 grid over
-  [-1, 1]^3 (pitch 2/64); overlap between generated parts, lower is better. None (left out of means, as
+  [-1, 1]^3 (pitch 2/64); overlap between generated parts, lower is better. A voxel a part's surface passes
+  through is the part's: two parts in contact share that layer (two unit cubes face to face in the grid: 0.016). None (left out of means, as
   PartCrafter leaves it out) for a prediction with fewer than two non-empty parts: no pair to overlap.
 - Scenes: the scene-level numbers above (points by area: a large instance outweighs a small one), the same with
   each instance weighted alike ("balanced_": num_points / N points on each predicted and each GT instance,
@@ -341,6 +342,14 @@ def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max
         tiny = " (or most of the prediction came out empty: score it without --scene)" if sizes[0] < sizes[1] else ""
         raise InputError(f"per-instance metrics: the prediction's scene is {sizes[0]:.3g} across and the ground truth's "
                          f"{sizes[1]:.3g} ({ratio:.0f}x); export both in one frame and unit{tiny}")
+
+
+def box_iou(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh]) -> float:
+    """IoU of the two sides' joint axis-aligned boxes: near 1 for a prediction in the ground truth's frame."""
+    (a0, a1), (b0, b1) = bounds_of(pred), bounds_of(gt)
+    inter = np.prod(np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0.0, None))
+    union = np.prod(a1 - a0) + np.prod(b1 - b0) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def object_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None) -> dict:

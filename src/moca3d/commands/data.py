@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import COMPONENTS_HELP, FRAME_HELP, check_output_path, check_run_folder, write_json
+from moca3d.errors import warn_input
 from moca3d.progress import cli_progress
 
 SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split is drawn from a hash of its id (stable "
@@ -17,6 +18,9 @@ SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split 
 COUNT_LABELS = {False: {"num_pred": "non-empty predicted parts", "num_gt": "ground-truth parts", "num_empty": "empty predicted parts"},
                 True: {"num_pred": "predicted instances (all)", "num_gt": "ground-truth instances",
                        "num_empty": "empty predicted instances"}}
+# `evaluate --frame gt`: boxes overlapping less than this (IoU) are warned of: the prediction is likely in another frame
+# (a source mesh's coordinates against a prepared asset's normalised mesh.glb overlapped 0.34)
+GT_FRAME_OVERLAP = 0.4
 
 
 def prepare_command(
@@ -118,7 +122,7 @@ def evaluate_command(
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (after PartCrafter/MIDI; --frame: how the two are aligned)."""
     from moca3d.evaluation import object_metrics, pair_by_name, read_ground_truth, read_prediction
-    from moca3d.metrics import MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene, protocol
+    from moca3d.metrics import MetricsConfig, box_iou, check_metric_settings, check_same_frame, evaluate_scene, protocol
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution",
                           frame=frame, frame_name="--frame")
@@ -127,8 +131,12 @@ def evaluate_command(
     gt_meshes, gt_names = read_ground_truth(gt)  # both sides read alike: the same layout gives the same components
     # a generation's empty components (kept as empty nodes / objects) are read in place: instance i is still i
     pred_meshes, pred_names = read_prediction(pred)
+    surfaces = [m for m in pred_meshes if len(m.faces)]
+    if frame == "gt" and surfaces and box_iou(surfaces, gt_meshes) < GT_FRAME_OVERLAP:
+        warn_input(f"--frame gt: the prediction's box overlaps the ground truth's by {box_iou(surfaces, gt_meshes):.2f} (IoU): "
+                   f"is {pred.name} in {gt.name}'s frame? (a prepared asset's mesh.glb is normalised: its normalization.json "
+                   "maps the source's coordinates to it)")
     if scene:
-        surfaces = [m for m in pred_meshes if len(m.faces)]
         if surfaces:
             check_same_frame(surfaces, gt_meshes)
         pred_meshes, paired = pair_by_name(pred_meshes, pred_names, gt_names)
