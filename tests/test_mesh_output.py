@@ -189,3 +189,24 @@ def test_colour_space_conversions_are_inverse_and_fixed_at_the_ends():
     error = np.abs(back[:, 0] - values)
     assert error.max() <= 6 and error[60:].max() <= 1 and (back[:, 3] == 77).all()
     assert np.array_equal(linear_to_srgb(srgb_to_linear(rgba[None]))[0], linear_to_srgb(linear))  # any leading shape
+
+
+def test_each_part_node_pivots_at_its_centre_and_sits_where_it_was(parts, tmp_path):
+    """Every node's origin was the object's origin (a rigger turning a wheel turned it about the object's centre):
+    each part's node now carries a translation to the centre of the part's box, its vertices about it; readers (ours,
+    trimesh's scene) put the parts back in place (atol 1e-6), and the normals stay unit."""
+    path = save_glb(tmp_path / "parts.glb", parts, NAMES)
+    doc = gltf_document(path)
+    nodes = {node["name"]: node for node in doc["nodes"]}
+    for name, k in (("box", 0), ("ball", 2)):
+        centre = parts[k].bounds.mean(axis=0)
+        assert np.allclose(nodes[name]["translation"] if "translation" in nodes[name] else nodes[name]["matrix"][12:15], centre)
+    assert all("mesh" not in nodes[name] and "translation" not in nodes[name] for name in ("hole", "gap"))  # empty: none
+    loaded, names = load_file(path)
+    assert all(np.allclose(m.vertices, p.vertices, atol=1e-6) for m, p in zip(loaded, parts[::2]))
+    placed = trimesh.load(path, force="scene").dump()
+    assert sorted(np.round(m.bounds.mean(axis=0), 5).tolist() for m in placed) == sorted(
+        np.round(p.bounds.mean(axis=0), 5).tolist() for p in parts[::2])
+    local = trimesh.load(path, force="scene").geometry["box"]
+    assert np.allclose(local.bounds.mean(axis=0), 0.0, atol=1e-6)  # the geometry itself about its pivot
+    assert np.allclose(np.linalg.norm(local.vertex_normals, axis=1), 1.0, atol=1e-5)

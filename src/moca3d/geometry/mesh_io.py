@@ -647,11 +647,11 @@ def _unit_vertex_normals(mesh: trimesh.Trimesh) -> np.ndarray:
     return normals
 
 
-def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str) -> trimesh.Trimesh:
+def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str, origin: np.ndarray = np.zeros(3)) -> trimesh.Trimesh:
     """A geometry-only copy coloured by a named PBR material (dielectric, base colour `color`, an sRGB display colour,
     stored linear as glTF defines it: Blender and three.js show `color`): viewers and DCC tools show a material's
-    colour by default, not vertex colours (and glTF would multiply the two)."""
-    out = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
+    colour by default, not vertex colours (and glTF would multiply the two). Its vertices are about `origin` (3,)."""
+    out = trimesh.Trimesh(np.asarray(mesh.vertices) - origin, np.asarray(mesh.faces), process=False)
     out.vertex_normals = _unit_vertex_normals(out)  # (V, 3)
     material = trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=srgb_to_linear(color), metallicFactor=0.0,
                                                    roughnessFactor=0.7)
@@ -662,14 +662,17 @@ def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str) -> trimes
 def components_scene(
     meshes: list[trimesh.Trimesh], names: list[str] | None = None, colors: np.ndarray | None = None
 ) -> trimesh.Scene:
-    """A scene with one named node per component, each with its own coloured material."""
+    """A scene with one named node per component, each with its own coloured material and its pivot (the node's
+    origin) at the centre of the component's box: a part turns about itself in a DCC tool, and sits where it was."""
     names, colors = _named_colors(meshes, names, colors)
     scene = trimesh.Scene()
     for mesh, name, color in zip(meshes, names, colors):
         if len(mesh.faces) == 0:  # an empty component keeps its named node, without geometry
             scene.graph.update(frame_to=name, frame_from=scene.graph.base_frame, matrix=np.eye(4))
-        else:
-            scene.add_geometry(_colored_copy(mesh, color, name), node_name=name, geom_name=name)
+            continue
+        pivot = np.eye(4)
+        pivot[:3, 3] = bounds_of([mesh]).mean(axis=0)  # (3,) the box's centre; the node's transform puts the part back
+        scene.add_geometry(_colored_copy(mesh, color, name, pivot[:3, 3]), node_name=name, geom_name=name, transform=pivot)
     return scene
 
 
