@@ -132,6 +132,8 @@ def test_reconstruct_reads_the_inputs_empty_components_once(identity_vae, tmp_pa
     assert result.exit_code == 0, result.output
     assert "kept as empty: hole (empty in the input)" in result.output
     assert calls == [tmp_path / "in.glb"]
+    # the packaged reconstruction VAE (not the built-in pipeline's: another decoder) is what the record names
+    assert describe(tmp_path / "out.glb")["settings"]["model"] == "built-in reconstruction VAE"
 
 
 @pytest.mark.parametrize("suffix", [".glb", ".obj"])

@@ -184,7 +184,7 @@ def register(app: typer.Typer) -> None:
         if not any(len(m.faces) for m in meshes):
             raise InputError(f"{mesh}: no component decoded to a surface")
         builtin = model is None or model.resolve() == PACKAGED_VAE  # recorded by name, never by its install path
-        settings = {"verb": "reconstruct", "model": "built-in" if builtin else str(model), "moca3d": __version__, "mesh": mesh.name,
+        settings = {"verb": "reconstruct", "model": "built-in reconstruction VAE" if builtin else str(model), "moca3d": __version__, "mesh": mesh.name,
                     "components": len(meshes), "resolution": resolution, "points": points, **({"faces": faces} if faces is not None else {})}
         meshes = simplify_components(meshes, faces)
         save_components(out, meshes, names, metadata=settings)
