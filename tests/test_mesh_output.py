@@ -197,6 +197,7 @@ def test_each_part_node_pivots_at_its_centre_and_sits_where_it_was(parts, tmp_pa
     trimesh's scene) put the parts back in place (atol 1e-6), and the normals stay unit."""
     path = save_glb(tmp_path / "parts.glb", parts, NAMES)
     doc = gltf_document(path)
+    assert doc["asset"]["generator"].startswith("moca3d ")  # the writer's name (trimesh's URL was there)
     nodes = {node["name"]: node for node in doc["nodes"]}
     for name, k in (("box", 0), ("ball", 2)):
         centre = parts[k].bounds.mean(axis=0)

@@ -386,7 +386,7 @@ def echo(report: dict) -> None:
         typer.echo(f"  {plural(len(report['components']), 'component')}{empty}: {', '.join(report['components'])}")
         made, generator = dict(report["settings"]), report["generator"]
         sources = made.pop(INSTANCE_MASKS, None)
-        elsewhere = f"; written by {generator}" if generator and "trimesh" not in generator else ""  # moca3d writes with trimesh
+        elsewhere = f"; written by {generator}" if generator and not generator.startswith(("moca3d", "https://github.com/mikedh/trimesh")) else ""
         made = {k: v for k, v in made.items() if v is not None}  # e.g. lora None: generated without an adapter
         typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else
                                       f"no record (moca3d's generate, generate-scene and reconstruct write one){elsewhere}"))

@@ -738,7 +738,13 @@ def save_glb(
     scene = components_scene(meshes, names, colors)
     if metadata:
         scene.metadata[METADATA_KEY] = metadata
-    data = scene.export(file_type="glb", include_normals=True)  # vertex normals: smooth shading in every viewer
+    from moca3d import __version__
+
+    def stamp(tree: dict) -> None:  # the writer's name in the file (trimesh puts its own)
+        tree["asset"]["generator"] = f"moca3d {__version__} (trimesh {trimesh.__version__})"
+
+    # vertex normals: smooth shading in every viewer
+    data = scene.export(file_type="glb", include_normals=True, tree_postprocessor=stamp)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
