@@ -171,7 +171,8 @@ def test_cli_prepare_and_evaluate(tmp_path):
     result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", "-", "--num-points", "2000"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
-    assert metrics["chamfer"] == 0.0 and metrics["fscore@0.1"] == 1.0 and metrics["num_pred"] == asset["num_components"]
+    assert metrics["chamfer"] < 0.1 and metrics["fscore@0.1"] > 0.98  # itself: the sampling floor at 2000 points
+    assert metrics["num_pred"] == asset["num_components"]
     result = runner.invoke(app, ["evaluate", str(glb), str(glb), "--json", str(tmp_path / "m" / "metrics.json"), "--num-points", "2000"])
     assert result.exit_code == 0, result.output
     assert "fscore@0.1" in result.output and json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
@@ -217,10 +218,10 @@ def test_cli_evaluate_scene_pairs_by_name_and_refuses_mixed_units(tmp_path):
     save_glb(tmp_path / "centimetres.glb", [box.copy().apply_scale(100), ball.copy().apply_scale(100)], ["box", "ball"])
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", str(tmp_path / "swapped.glb"), str(tmp_path / "gt.glb"), "--scene", "--json", "-",
-                                 "--num-points", "2000"])
+                                 "--num-points", "20000"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["instance_fscore@0.1"] == 1.0
-    assert (json.loads(result.stdout)["frame"], json.loads(result.stdout)["num_points"]) == ("each", 2000)  # how it was scored
+    assert json.loads(result.stdout)["instance_fscore@0.1"] == pytest.approx(1.0, abs=0.01)  # to the sampling floor
+    assert (json.loads(result.stdout)["frame"], json.loads(result.stdout)["num_points"]) == ("each", 20000)  # how it was scored
     result = runner.invoke(app, ["evaluate", str(tmp_path / "centimetres.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
     assert isinstance(result.exception, InputError) and "(100x); export both in one frame and unit" in str(result.exception)
     assert "came out empty" not in str(result.exception)  # the prediction is the bigger one: units, not emptiness
@@ -238,12 +239,12 @@ def test_cli_evaluate_scene_keeps_an_empty_generated_instance_in_its_place(tmp_p
     save_glb(tmp_path / "gt.glb", boxes, names)
     save_glb(tmp_path / "pred.glb", [boxes[0], trimesh.Trimesh(), boxes[2]], names, metadata={"verb": "generate-scene"})
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt.glb"), "--scene", "--json", "-",
-                                      "--num-points", "2000"])
+                                      "--num-points", "20000"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["num_pred"] == out["num_gt"] == 3 and out["num_empty"] == 1
     assert [i["empty"] for i in out["instances"]] == [False, True, False]
-    assert out["instance_fscore@0.1"] == pytest.approx(2 / 3)  # the empty one scores 0
+    assert out["instance_fscore@0.1"] == pytest.approx(2 / 3, abs=0.01)  # the empty one scores 0 (the others: to the floor)
     printed = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
     assert printed.exit_code == 0 and "instance part_1: empty" in printed.output
 
@@ -317,3 +318,36 @@ def test_prepare_workers_leave_ctrl_c_to_the_parent():
     with quiet, loud:
         assert quiet.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
         assert loud.apply(signal.getsignal, (signal.SIGINT,)) != signal.SIG_IGN
+
+
+def test_a_split_list_decides_every_assets_split_before_and_after(tmp_path):
+    """Splits came only from a hash of the id (a benchmark's published test set could not be kept): --splits takes a
+    list (JSON or `NAME SPLIT` lines; by id, source name or stem), re-splits assets prepared before, puts unlisted ones
+    in train (named), warns of listed names that match no asset, and a later run must bring a list again."""
+    from moca3d.errors import InputWarning
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(["chair_a", "chair_b", "table_a", "lamp_a"]):
+        trimesh.creation.box().apply_scale(1 + 0.2 * i).export(src / f"{name}.obj")
+    root = tmp_path / "ds"
+    args = ["prepare", str(src), "-o", str(root), "--num-surface", "64", "--num-queries", "64", "--image-size", "32"]
+    assert CliRunner().invoke(app, args).exit_code == 0  # hashed splits first
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["chair_a.obj", "table_a"], "test": ["chair_b", "sofa_z"]}))
+    with pytest.warns(InputWarning, match=r"splits.json: 1 listed name\(s\) match no asset here .*: sofa_z"):
+        result = CliRunner().invoke(app, [*args, "--splits", str(tmp_path / "splits.json")])
+    assert result.exit_code == 0, result.output
+    assert "splits: 3 train, 0 val, 1 test (1 not in splits.json: train, e.g. lamp_a)" in result.output
+    assert {r["id"]: r["split"] for r in _manifest(root)} == {"chair_a": "train", "chair_b": "test", "lamp_a": "train", "table_a": "train"}
+    assert json.loads((root / "assets" / "chair_b" / "meta.json").read_text())["split"] == "test"
+    (tmp_path / "splits.txt").write_text("id,split\nchair_a val  # by id\nlamp_a,test\n")
+    assert CliRunner().invoke(app, [*args, "--splits", str(tmp_path / "splits.txt")]).exit_code == 0
+    assert {r["id"]: r["split"] for r in _manifest(root)} == {"chair_a": "val", "chair_b": "train", "lamp_a": "test", "table_a": "train"}
+    again = CliRunner().invoke(app, args)  # hashed splits would now mix with the listed ones
+    assert isinstance(again.exception, ConfigError) and "its split list (--splits)" in str(again.exception)
+    for text, message in (('{"train": ["a"], "holdout": ["b"]}', "unknown split 'holdout' \\(of b\\): expected train, val, test"),
+                          ("a train\na test\n", "a is listed in two splits, train and test"),
+                          ("a train extra\n", "line 1 is not `NAME SPLIT`"), ("{not json", "not valid JSON")):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(InputError, match=message):
+            prep.read_split_list(tmp_path / "bad.txt")

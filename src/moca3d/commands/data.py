@@ -45,10 +45,11 @@ def prepare_command(
     category: str = typer.Option("mesh", "--category", help="For file assets: their category, which evaluate-model groups its scores by (PartNet folders read theirs from meta.json); prepare a folder per category into the same --output to label a mixed dataset."),
     val_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("val")),
     test_fraction: float = typer.Option(0.05, help=SPLIT_HELP.format("test")),
+    splits_file: Optional[Path] = typer.Option(None, "--splits", help="A split list instead of the fractions (a benchmark's): a JSON object {\"train\": [...], \"val\": [...], \"test\": [...]} or lines `NAME SPLIT`, NAME an asset id or its source file's (folder's) name or stem; unlisted assets are train. It re-splits the assets prepared before too; a dataset split by a list keeps taking one."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry assets listed in report.jsonl."),
 ) -> None:
     """Turn meshes (or procedural assets) into a dataset: samples, SDF queries, renders, masks, manifest."""
-    from moca3d.data.prepare import PrepareConfig, folder_jobs, prepare, procedural_jobs
+    from moca3d.data.prepare import PrepareConfig, folder_jobs, prepare, procedural_jobs, read_split_list
     from moca3d.errors import ConfigError, InputError
     from moca3d.geometry.inside import QueryConfig
     from moca3d.geometry.render import RenderConfig
@@ -66,6 +67,7 @@ def prepare_command(
         max_components=max_components, connected=connected, partnet_level=partnet_level,
         partnet_hierarchy=partnet_hierarchy, kind=kind, up_axis=up_axis, scene_objects=tuple(scene_objects),
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+        splits=read_split_list(splits_file) if splits_file is not None else None,
     )
     jobs = procedural_jobs(procedural, count, seed, start) if procedural else folder_jobs(input, category)
     try:
@@ -98,16 +100,23 @@ def prepare_command(
 
     from moca3d.data.dataset import read_manifest
 
-    splits = Counter(record["split"] for record in read_manifest(out))
-    if not splits:  # everything was reported skipped by an earlier run: say so instead of a silent empty dataset
+    counts = Counter(record["split"] for record in read_manifest(out))
+    if not counts:  # everything was reported skipped by an earlier run: say so instead of a silent empty dataset
         raise InputError(f"{out}: no asset prepared; every one is listed as skipped in {out / 'report.jsonl'} "
                          "(rerun with --retry-failed to try them again)")
-    fractions = {"val": val_fraction, "test": test_fraction}
-    empty = [name for name in ("val", "test") if not splits[name] and fractions[name] > 0]  # not one asked to be empty (0)
-    raise_hint = " and ".join(f"--{name}-fraction" for name in empty)
-    hint = (f" ({' and '.join(empty)} empty: prepare into a new --output with a larger {raise_hint} for a held-out split; a "
-            "dataset keeps its split fractions)") if empty else ""
-    typer.echo(f"splits: {splits['train']} train, {splits['val']} val, {splits['test']} test{hint}")
+    if summary.split_list is not None:  # from the list: what it did not name, and what it named that is not here
+        unlisted, unmatched = summary.split_list["unlisted"], summary.split_list["unmatched"]
+        hint = f" ({len(unlisted)} not in {splits_file.name}: train, e.g. {unlisted[0]})" if unlisted else ""
+        if unmatched:
+            warn_input(f"{splits_file.name}: {len(unmatched)} listed name(s) match no asset here (by id, source name or "
+                       f"stem): {', '.join(unmatched[:5])}{', ...' if len(unmatched) > 5 else ''}")
+    else:
+        fractions = {"val": val_fraction, "test": test_fraction}
+        empty = [name for name in ("val", "test") if not counts[name] and fractions[name] > 0]  # not one asked to be empty (0)
+        raise_hint = " and ".join(f"--{name}-fraction" for name in empty)
+        hint = (f" ({' and '.join(empty)} empty: prepare into a new --output with a larger {raise_hint} for a held-out split; a "
+                "dataset keeps its split fractions)") if empty else ""
+    typer.echo(f"splits: {counts['train']} train, {counts['val']} val, {counts['test']} test{hint}")
 
 
 def evaluate_command(

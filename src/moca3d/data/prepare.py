@@ -25,7 +25,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ from moca3d.progress import Show, progress_bar
 MANIFEST, REPORT, ASSETS, META, SETTINGS = "manifest.jsonl", "report.jsonl", "assets", "meta.json", "prepare.json"
 # the settings every asset of a dataset shares (`PrepareConfig.shared`); the others may change between runs into one
 # folder: the procedural stream and its scene sizes (seed, --start, --scene-objects) and --max-components
-PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components", "up_axis")
+PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components", "up_axis", "splits")
 # a file's up axis -> the rotation that stands it up in moca3d's frame (Y up, as glTF; renders look down on -Y's plane)
 UP_ROTATIONS = {
     "y": np.eye(3),
@@ -92,6 +92,8 @@ class PrepareConfig:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     seed: int = 0
+    split_list: bool = False  # the splits come from a list (`splits`, `read_split_list`), not from the fractions
+    splits: dict | None = None  # asset id / source name / source stem -> "train" | "val" | "test" (this run's list)
 
     def __post_init__(self) -> None:
         """One-line ConfigError (named as the `prepare` option) for a setting out of range, before any asset is built."""
@@ -134,8 +136,9 @@ class PrepareConfig:
         return json.loads(json.dumps(flat, default=str))  # JSON-ready (tuples as lists), as read back
 
     def digest(self) -> str:
-        """A short fingerprint of the settings, stored with each skipped asset in report.jsonl."""
-        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        """A short fingerprint of the settings, stored with each skipped asset in report.jsonl (the split list is not
+        one: an asset's split does not change how it is built)."""
+        text = json.dumps({k: v for k, v in asdict(self).items() if k != "splits"}, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -163,6 +166,7 @@ class PrepareSummary:
     small_assets: int = 0  # prepared without a component too small for the query sampling (`SPECK_FRACTION`)
     renamed: int = 0  # given a `_k` id: their id was taken by an asset of another source (`resume_jobs`)
     duplicates: int = 0  # not prepared: the same content as an asset (or an earlier job), which could land in another split
+    split_list: dict | None = None  # with a split list: `apply_split_list`'s unlisted assets and unmatched names
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -243,6 +247,75 @@ def procedural_jobs(kind: str, count: int, seed: int = 0, start: int = 0) -> lis
         raise ConfigError("--count must be at least 1")
     prefix = "object" if kind == "objects" else "scene"
     return [Job(f"{prefix}_s{seed}_{i:06d}", f"procedural:{kind}:{seed}:{i}") for i in range(start, start + count)]
+
+
+SPLITS = ("train", "val", "test")
+
+
+def read_split_list(path: str | Path) -> dict[str, str]:
+    """A split list: a JSON object of name lists ({"train": [...], "val": [...], "test": [...]}, as benchmarks publish
+    them) or text lines `NAME SPLIT` (or `NAME,SPLIT`; `#` comments and a header line `id,split` allowed). A name is an
+    asset id, or its source file's (folder's) name or stem. InputError naming the problem: unreadable, an unknown
+    split, a name given two splits."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: unreadable split list ({getattr(err, 'strerror', None) or err})") from None
+    pairs = []
+    if text.lstrip().startswith("{"):
+        try:
+            lists = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        for split, names in lists.items():
+            if not isinstance(names, list):
+                raise InputError(f"{path}: '{split}' must list names, got {type(names).__name__}")
+            pairs += [(str(name), split) for name in names]
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.split("#")[0].replace(",", " ").split()
+            if not fields or (number == 1 and [f.lower() for f in fields] == ["id", "split"]):
+                continue
+            if len(fields) != 2:
+                raise InputError(f"{path}: line {number} is not `NAME SPLIT`: {line.strip()!r}")
+            pairs.append((fields[0], fields[1]))
+    splits: dict[str, str] = {}
+    for name, split in pairs:
+        if split not in SPLITS:
+            raise InputError(f"{path}: unknown split '{split}' (of {name}): expected {', '.join(SPLITS)}")
+        if splits.setdefault(name, split) != split:
+            raise InputError(f"{path}: {name} is listed in two splits, {splits[name]} and {split}")
+    if not splits:
+        raise InputError(f"{path}: the split list names no asset")
+    return splits
+
+
+def listed_split(asset_id: str, source: str, splits: dict[str, str]) -> str | None:
+    """An asset's split in a split list: by its id, its source file's (or folder's) name, or that name's stem; None
+    when the list does not name it."""
+    name = Path(str(source)).name
+    return next((splits[key] for key in (asset_id, name, Path(name).stem) if key in splits), None)
+
+
+def apply_split_list(root: Path, splits: dict[str, str]) -> dict:
+    """Give every finished asset of `root` its split from a split list (meta.json rewritten atomically where it
+    changes; an unlisted asset is train); what it did: {"unlisted": asset ids, "unmatched": listed names no asset has}."""
+    matched, unlisted = set(), []
+    for asset_id in sorted(finished_ids(root)):
+        path = root / ASSETS / asset_id / META
+        meta = json.loads(path.read_text())
+        split = listed_split(asset_id, meta.get("source", ""), splits)
+        name = Path(str(meta.get("source", ""))).name
+        matched.update(key for key in (asset_id, name, Path(name).stem) if key in splits)
+        if split is None:
+            unlisted.append(asset_id)
+        if meta.get("split") != (split or "train"):
+            meta["split"] = split or "train"
+            tmp = path.with_name(f".{META}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, path)
+    return {"unlisted": unlisted, "unmatched": sorted(set(splits) - matched)}
 
 
 def split_of(asset_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -399,7 +472,7 @@ def build_asset(job: Job, out_dir: Path, config: PrepareConfig) -> dict:
     (out_dir / "normalization.json").write_text(json.dumps(norm.to_dict()))
     record = {
         "id": job.id,
-        "split": split_of(job.id, config.val_fraction, config.test_fraction),
+        "split": split_of(job.id, config.val_fraction, config.test_fraction),  # a split list's: set after (`prepare`)
         "kind": kind,
         "category": category,
         "num_components": len(meshes),
@@ -469,12 +542,24 @@ def check_settings(root: Path, config: PrepareConfig, vary: tuple[str, ...] = ()
                        if recorded.get(k, defaults.get(k)) != shared.get(k) and k not in vary]
             if changed:
                 diff = ", ".join(f"{k} {recorded.get(k)} -> {shared.get(k)}" for k in changed[:3])
+                listed = " and its split list (--splits)" if "split_list" in changed else ""
                 raise ConfigError(f"{root} was prepared with other settings ({diff}): its assets would mix them; "
-                                  "prepare into a new folder, or with its settings (prepare.json)")
+                                  f"prepare into a new folder, or with its settings (prepare.json){listed}")
             return
     tmp = root / f".{SETTINGS}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(shared, indent=1))
     os.replace(tmp, path)
+
+
+def _record_setting(root: Path, key: str, value) -> None:
+    """Set one shared setting in root's prepare.json (atomically)."""
+    path = root / SETTINGS
+    recorded = json.loads(path.read_text())
+    if recorded.get(key) != value:
+        recorded[key] = value
+        tmp = root / f".{SETTINGS}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(recorded, indent=1))
+        os.replace(tmp, path)
 
 
 def finished_ids(root: Path) -> set[str]:
@@ -633,7 +718,12 @@ def prepare(
     except OSError as err:
         raise ConfigError(f"cannot create the dataset folder {root}: {err.strerror or err}") from None
     _clean_stale(root)
-    check_settings(root, config, vary)
+    listed = config.splits is not None
+    if listed and not config.split_list:
+        config = replace(config, split_list=True)
+    check_settings(root, config, vary + (("split_list",) if listed else ()))  # a list may re-split any dataset
+    if listed:  # from now on it holds listed splits: a run without the list would add hashed ones among them
+        _record_setting(root, "split_list", True)
     if retry_failed and (root / REPORT).exists():
         (root / REPORT).unlink()
     settings = config.digest()
@@ -651,7 +741,8 @@ def prepare(
         bar.write(note)
     try:
         with open(root / REPORT, "a") as report:
-            for status, record in _results(todo, root, config, workers):
+            # (the split list is applied to every asset at the end, not sent to each worker with every job)
+            for status, record in _results(todo, root, replace(config, splits=None), workers):
                 if status == "ok":
                     summary.processed += 1
                     for note in record.get("warnings", []):
@@ -679,6 +770,8 @@ def prepare(
                 bar.update(1)
     finally:
         bar.close()
+        if listed:  # every asset, prepared now or before, gets its listed split
+            summary.split_list = apply_split_list(root, config.splits)
         write_manifest(root)
     return summary
 
