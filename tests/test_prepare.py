@@ -351,3 +351,19 @@ def test_a_split_list_decides_every_assets_split_before_and_after(tmp_path):
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(InputError, match=message):
             prep.read_split_list(tmp_path / "bad.txt")
+
+
+def test_models_in_formats_prepare_does_not_read_are_named_not_dropped_silently(tmp_path):
+    """A mixed folder's FBX (or .blend, USD, ...) vanished from the run: nothing said it was not prepared."""
+    src = tmp_path / "src"
+    src.mkdir()
+    trimesh.creation.box().export(src / "box.obj")
+    for name in ("car.fbx", "room.blend", "texture.png", "notes.txt"):  # images and notes pass silently
+        (src / name).write_bytes(b"\x00")
+    with pytest.warns(prep.InputWarning, match=r"2 3D file\(s\) in formats prepare does not read are left out \(first: "
+                                               r"car.fbx\): export them as GLB or OBJ"):
+        jobs = prep.folder_jobs(src)
+    assert [j.id for j in jobs] == ["box"]
+    (src / "box.obj").unlink()
+    with pytest.raises(InputError, match=r"no mesh files .* it holds 2 3D file\(s\) in formats prepare does not read"):
+        prep.folder_jobs(src)

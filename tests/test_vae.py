@@ -1006,3 +1006,25 @@ def test_train_vae_refuses_a_live_run_before_touching_its_files(dataset, tmp_pat
         other.kill()
         other.wait()
     assert (run / "log.jsonl").read_bytes() == before
+
+
+def test_training_without_a_val_split_says_it_validates_nothing(dataset, tmp_path):
+    """train-vae on a dataset without val assets skipped validation without a word (no val loss, no reconstruction
+    scores in the log); one warning now names the way to get one. With a val asset: no warning."""
+    import shutil
+    import warnings
+
+    from moca3d.errors import InputWarning
+    from moca3d.training.train_vae import train_vae
+
+    for splits in (["train", "train", "train"], ["train", "train", "val"]):
+        data = Path(shutil.copytree(dataset, tmp_path / "-".join(splits)))
+        lines = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+        (data / "manifest.jsonl").write_text("".join(json.dumps({**r, "split": s}) + "\n" for r, s in zip(lines, splits)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_vae(data, tmp_path / f"run-{splits[-1]}", tiny_train_config(steps=1, warmup_steps=0), progress=False,
+                      validate_at_end=False)
+        said = [str(w.message) for w in caught if issubclass(w.category, InputWarning)]
+        expected = [f"{data} has no val split: the run logs no validation"] if splits[-1] == "train" else []
+        assert [m[:len(e)] for m, e in zip(said, expected)] == expected and len(said) == len(expected), said

@@ -55,6 +55,9 @@ from moca3d.progress import Show, progress_bar
 MANIFEST, REPORT, ASSETS, META, SETTINGS = "manifest.jsonl", "report.jsonl", "assets", "meta.json", "prepare.json"
 # the settings every asset of a dataset shares (`PrepareConfig.shared`); the others may change between runs into one
 # folder: the procedural stream and its scene sizes (seed, --start, --scene-objects) and --max-components
+# 3D formats prepare does not read: a folder's files of these are named (other files, e.g. textures, pass silently)
+OTHER_3D_FORMATS = (".fbx", ".blend", ".usd", ".usda", ".usdc", ".usdz", ".dae", ".3ds", ".abc", ".x3d", ".wrl", ".step",
+                    ".stp", ".iges", ".igs", ".max", ".ma", ".mb", ".c4d", ".3mf", ".dxf")
 PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components", "up_axis", "splits")
 # a file's up axis -> the rotation that stands it up in moca3d's frame (Y up, as glTF; renders look down on -Y's plane)
 UP_ROTATIONS = {
@@ -192,11 +195,13 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
         raise InputError(f"{folder}: neither a mesh file ({', '.join(MESH_EXTENSIONS)}) nor a folder of meshes")
     if is_partnet(folder):  # one PartNet annotation folder given itself, not its parent (data_v0)
         return [Job(_safe_id(folder.name), str(folder), category)]
-    jobs, seen, by_stem = [], set(), {}
+    jobs, seen, by_stem, unread = [], set(), {}, []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_file() and entry.suffix.lower() not in MESH_EXTENSIONS:
+            if entry.suffix.lower() in OTHER_3D_FORMATS:  # a model left out without a word looked prepared
+                unread.append(entry.name)
             continue
         by_stem.setdefault(entry.stem if entry.is_file() else entry.name, []).append(len(jobs))
         base = _safe_id(entry.stem if entry.is_file() else entry.name)
@@ -208,8 +213,13 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
             asset_id = f"{base}_{k}"
         seen.add(asset_id)
         jobs.append(Job(asset_id, str(entry), category))
+    export = "export them as GLB or OBJ (Blender: File > Export > glTF 2.0)"
     if not jobs:
-        raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it")
+        found = f"; it holds {len(unread)} 3D file(s) in formats prepare does not read (first: {unread[0]}): {export}" if unread else ""
+        raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it{found}")
+    if unread:
+        warn_input(f"{folder}: {len(unread)} 3D file(s) in formats prepare does not read are left out (first: {unread[0]}): "
+                   f"{export}")
     for stem, indices in by_stem.items():  # thing.glb and thing.obj: one asset in two formats, trained on (or held out) twice?
         if len(indices) > 1:
             named = ", ".join(f"{Path(jobs[i].source).name} (id '{jobs[i].id}')" for i in indices)

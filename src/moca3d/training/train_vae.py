@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moca3d.data.dataset import load_samples, read_manifest
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.geometry.extract import ExtractConfig, extract_mesh
 from moca3d.geometry.sampling import farthest_point_indices
 from moca3d.models.vae import TOKEN_ORDERS, VecSetVAE
@@ -445,6 +445,9 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     assets = sorted(set(train.asset_ids))  # what the run trains on, recorded in its checkpoints
     has_val = bool(read_manifest(data_dir, "val"))
     val_arrays = load_split(data_dir, "val") if has_val else None
+    if not has_val and main:  # it validated nothing, without a word: no val loss, no reconstruction scores in the log
+        warn_input(f"{data_dir} has no val split: the run logs no validation (prepare with --val-fraction or a --splits "
+                   "list naming val assets; eval-vae --split test scores the VAE after)")
     batch_rows(cfg.batch_size, rank, world)  # a one-line ConfigError when the processes do not divide the batch
     say = print if main else (lambda *args: None)
     torch.manual_seed(cfg.seed)
