@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -136,7 +137,7 @@ def dataset_report(path: Path) -> dict:
         elif line.strip():
             bad += 1
     counts = sorted(int(r["num_components"]) for r in records)
-    latents, missing = {}, 0
+    latents, missing = Counter(), 0
     for r in records:
         file = path / "assets" / str(r["id"]) / "latents.safetensors"
         try:
@@ -145,21 +146,17 @@ def dataset_report(path: Path) -> dict:
         except (OSError, SafetensorError):  # none yet (encode-dataset not run, or cut off) or unreadable
             missing += 1
             continue
-        how = json.dumps({k: meta.get(k, "fps" if k == "token_order" else None) for k in LATENT_RECORD})
-        latents[how] = latents.get(how, 0) + 1
+        latents[json.dumps({k: meta.get(k, "fps" if k == "token_order" else None) for k in LATENT_RECORD})] += 1
 
-    def tally(key: str) -> dict:
-        found = {}
-        for r in records:
-            found[str(r.get(key))] = found.get(str(r.get(key)), 0) + 1
-        return dict(sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
+    def tally(key: str) -> dict:  # value -> count, most common first (then by name)
+        return dict(sorted(Counter(str(r.get(key)) for r in records).items(), key=lambda kv: (-kv[1], kv[0])))
 
     splits = tally("split")
     return {"kind": "prepared dataset", "path": str(path), "assets": len(records), "unreadable_lines": bad,
             "splits": {split: splits[split] for split in ("train", "val", "test") if split in splits},
             "kinds": tally("kind"), "categories": tally("category"),
             "components": {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]} if counts else None,
-            "latents": [{**json.loads(how), "assets": n} for how, n in sorted(latents.items(), key=lambda kv: -kv[1])],
+            "latents": [{**json.loads(how), "assets": n} for how, n in latents.most_common()],
             "without_latents": missing}
 
 
