@@ -301,11 +301,10 @@ def read_split_list(path: str | Path) -> dict[str, str]:
     return splits
 
 
-def listed_split(asset_id: str, source: str, splits: dict[str, str]) -> str | None:
-    """An asset's split in a split list: by its id, its source file's (or folder's) name, or that name's stem; None
-    when the list does not name it."""
+def list_names(asset_id: str, source: str) -> tuple[str, str, str]:
+    """The names a split list may give an asset by: its id, its source file's (or folder's) name, that name's stem."""
     name = Path(str(source)).name
-    return next((splits[key] for key in (asset_id, name, Path(name).stem) if key in splits), None)
+    return asset_id, name, Path(name).stem
 
 
 def apply_split_list(root: Path, splits: dict[str, str]) -> dict:
@@ -315,16 +314,13 @@ def apply_split_list(root: Path, splits: dict[str, str]) -> dict:
     for asset_id in sorted(finished_ids(root)):
         path = root / ASSETS / asset_id / META
         meta = json.loads(path.read_text())
-        split = listed_split(asset_id, meta.get("source", ""), splits)
-        name = Path(str(meta.get("source", ""))).name
-        matched.update(key for key in (asset_id, name, Path(name).stem) if key in splits)
-        if split is None:
+        named = [key for key in list_names(asset_id, meta.get("source", "")) if key in splits]
+        matched.update(named)
+        if not named:
             unlisted.append(asset_id)
-        if meta.get("split") != (split or "train"):
-            meta["split"] = split or "train"
-            tmp = path.with_name(f".{META}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, path)
+        split = splits[named[0]] if named else "train"
+        if meta.get("split") != split:
+            _write_json(path, {**meta, "split": split})
     return {"unlisted": unlisted, "unmatched": sorted(set(splits) - matched)}
 
 
@@ -556,20 +552,21 @@ def check_settings(root: Path, config: PrepareConfig, vary: tuple[str, ...] = ()
                 raise ConfigError(f"{root} was prepared with other settings ({diff}): its assets would mix them; "
                                   f"prepare into a new folder, or with its settings (prepare.json){listed}")
             return
-    tmp = root / f".{SETTINGS}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(shared, indent=1))
+    _write_json(path, shared, indent=1)
+
+
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    """Write `obj` as JSON to `path` atomically (a temporary file beside it, then renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
 
 
 def _record_setting(root: Path, key: str, value) -> None:
-    """Set one shared setting in root's prepare.json (atomically)."""
-    path = root / SETTINGS
-    recorded = json.loads(path.read_text())
+    """Set one shared setting in root's prepare.json."""
+    recorded = json.loads((root / SETTINGS).read_text())
     if recorded.get(key) != value:
-        recorded[key] = value
-        tmp = root / f".{SETTINGS}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(recorded, indent=1))
-        os.replace(tmp, path)
+        _write_json(root / SETTINGS, {**recorded, key: value}, indent=1)
 
 
 def finished_ids(root: Path) -> set[str]:
