@@ -5,6 +5,7 @@ Tolerances: fp32 on the CPU; outputs agree to 1e-5 absolute (values are O(1)), g
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -532,3 +533,32 @@ def test_equal_importances_route_in_id_order_so_routing_follows_a_permutation():
     assert plain[2].nonzero().flatten().tolist() == [1, 5, 6] and plain[0].nonzero().flatten().tolist() == [1, 3, 5]  # lowest IDs
     unbroken = route(gate[:, :, perm][..., perm], config).routed_mask()[0, 0]  # index order: not equivariant here
     assert not torch.equal(unbroken, plain[perm][:, perm])
+
+
+def test_routing_settings_are_checked_when_set_on_a_built_model_and_a_topk_that_routes_everything_is_refused():
+    """`attention_config.topk = 0` on a loaded model ran with k = 1 silently (only __post_init__ checked it); a
+    recipe's topk of 100 on a 50-ID model routed every component to all others (dense cost) without a word, and
+    `moca3d info` did not show it."""
+    from moca3d.commands.info import component_entry
+    from moca3d.models.transformer import MoCATransformer
+
+    cfg = MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=3)
+    assert cfg.num_routed(8) == 3
+    for name, value, message in (("topk", 0, "topk must be a whole number >= 1"), ("topk", 2.5, "topk must be a whole number"),
+                                 ("topk", True, "topk must be a whole number"), ("topk_ratio", 0.0, "topk_ratio must be in")):
+        bad = MoCAttentionConfig(dim=DIM, num_heads=HEADS)
+        setattr(bad, name, value)
+        with pytest.raises(ConfigError, match=message):
+            bad.num_routed(8)
+    small = dict(num_latents=8, in_channels=4, width=32, num_layers=2, num_heads=4, cond_dim=16, compression=4, id_codebook_size=50)
+    with pytest.raises(ConfigError, match=r"topk 100 routes every component to all the others at any count up to the model's 50"):
+        MoCATransformer(**small, topk=100)
+    assert MoCATransformer(**small, topk=48).attention_config.topk == 48  # k 48 of 50: still one left compressed
+    MoCATransformer(**small, topk=100, attention_mode="dense")  # no routing there: not checked
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        MoCATransformer(**small, topk=6).save_pretrained(folder)
+        assert component_entry(Path(folder), "transformer")["topk"] == 6
+        MoCATransformer(**small).save_pretrained(folder)
+        assert "topk" not in component_entry(Path(folder), "transformer")  # unset: the ratio decides (shown)

@@ -73,7 +73,12 @@ class MoCAttentionConfig:
         return self.num_heads if self.multihead_routing else 1
 
     def num_routed(self, n: int) -> int:
-        """k for a sample with n real components (0 when n == 1 or routing is off)."""
+        """k for a sample with n real components (0 when n == 1 or routing is off). The routing settings are checked
+        here too: set on a built model (`attention_config.topk = 0`) they bypass `__post_init__` (k 1, silently)."""
+        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1):
+            raise ConfigError(f"topk must be a whole number >= 1 (or None: topk_ratio), got {self.topk!r}")
+        if self.topk is None and not 0.0 < self.topk_ratio <= 1.0:
+            raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
         if n <= 1 or not self.routing:
             return 0
         k = self.topk if self.topk is not None else math.floor(self.topk_ratio * n + 0.5)

@@ -20,7 +20,7 @@ DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
 TASKS = {"object": "objects (one image)", "scene": "scenes (image + instance masks)"}  # what a pipeline (or adapter) generates
 # what a glance needs of each component's config
 SHOWN = {
-    "transformer": ("width", "num_layers", "num_heads", "attention_mode", "global_blocks", "topk_ratio", "compression",
+    "transformer": ("width", "num_layers", "num_heads", "attention_mode", "global_blocks", "topk_ratio", "topk", "compression",
                     "num_latents", "in_channels", "id_codebook_size", "layout_features", "instance_views"),
     "image_encoder": ("in_channels", "image_size", "patch_size", "width", "num_layers"),
     "vae": ("num_latents", "latent_channels", "width_encoder", "width_decoder", "num_layers_decoder", "truncation"),
@@ -163,7 +163,8 @@ def dataset_report(path: Path) -> dict:
 def component_entry(folder: Path, name: str) -> dict:
     """A model folder's class, config essentials (`SHOWN[name]`) and weights summary."""
     config = read_json(folder / "config.json")
-    entry = {"class": config.get("_class_name", "?"), **{k: config[k] for k in SHOWN[name] if k in config}}
+    entry = {"class": config.get("_class_name", "?"),
+             **{k: config[k] for k in SHOWN[name] if k in config and not (k == "topk" and config[k] is None)}}  # unset: the ratio
     if name == "image_encoder" and config.get("model_type") == "dinov2":  # a converted release's DINOv2
         from moca3d.models.dino import CROP_SIZE
 

@@ -97,7 +97,8 @@ def moc_attention_blocksparse(
         raise ConfigError("the blocksparse backend supports key gating only; use backend='chunked' for gate='value'")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, routing.gate))
     if q.device.type == "cpu" and needs_grad:
-        raise ConfigError("flex_attention has no backward on the CPU: train with backend='chunked' (the CPU default)")
+        raise ConfigError("flex_attention has no backward on the CPU: run inference under torch.no_grad() (or "
+                          "torch.inference_mode()), and train with backend='chunked' (the CPU default)")
     B, N, H, T, d = q.shape
     Lz, Np = num_latent, k.shape[3] - num_latent
     kz, kp, vz, vp = k[:, :, :, :Lz], k[:, :, :, Lz:], v[:, :, :, :Lz], v[:, :, :, Lz:]
