@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 import warnings
 from typing import Callable, Dict, List, Optional
 
@@ -29,31 +27,9 @@ from moca3d.attention.backends.fused import interpreted
 from moca3d.attention.backends import dense_global_attention
 from moca3d.attention.backends.context import build_context
 
-from benchkit import peak_memory_mb, positive_int, print_table, run_script, write_json  # benchmarks/benchkit.py
+from benchkit import peak_memory_mb, positive_int, print_table, run_script, time_interleaved, write_json  # benchmarks/benchkit.py
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1) -> Dict[str, float]:
-    """Median ms of each function, timed in turn within every repeat, so that a shared machine's
-    load changes hit all of them alike (side-by-side ratios)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def attention_flops(queries: int, keys: int, dim: int) -> float:

@@ -29,6 +29,69 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD = 128 * 1024  # bytes: larger allocations are mmapped (return_freed_memory)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for a GPU's queued work (timings end there); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Median ms of each function, timed in turn within every repeat, so that a shared machine's
+    load changes hit all of them alike (side-by-side ratios)."""
+    import statistics
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def flow_training_step(model: torch.nn.Module, batch: int, n: int, device: torch.device, dtype: torch.dtype,
+                       scene: bool = False, seed: int = 0, autocast: Optional[torch.dtype] = None
+                       ) -> Tuple[Callable[..., None], List[torch.Tensor]]:
+    """The inputs of one rectified-flow training step of a MoCATransformer (latents (B, N, L, C), timesteps, condition
+    tokens, an all-real component mask, IDs, routing seeds; with `scene`, one condition token set per component) and
+    `step(b, n)`: forward + flow loss + backward on the first b samples and n components (under autocast to `autocast`
+    when given); also the input tensors, for byte counts."""
+    from contextlib import nullcontext
+
+    from moca3d.flow import flow_loss, interpolate, sample_timesteps
+
+    config = model.config
+    B, N, L, C = batch, n, config.num_latents, config.in_channels
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(B, N, L, C, generator=g).to(device, dtype)  # (B, N, L, C) clean latents
+    noise = torch.randn(B, N, L, C, generator=g).to(device, dtype)
+    t = sample_timesteps(B, generator=g, device=device)  # (B,)
+    zt = interpolate(z0, noise, t)  # (B, N, L, C)
+    per_instance = (N,) if scene else ()  # a scene's condition: one token set per instance
+    cond = torch.randn(B, *per_instance, COND_TOKENS, config.cond_dim, generator=g).to(device, dtype)  # (B, [N,] T_c, cond_dim)
+    mask = torch.ones(B, N, dtype=torch.bool, device=device)  # every component real
+    ids = model.sample_ids(B, N, g, device)  # (B, N)
+    seeds = torch.arange(B) + seed  # (B,) routing seeds
+    F = getattr(config, "layout_features", 0) or 0  # a scene model's mask layout: (B, N, F) in [-1, 1]
+    layout = (torch.rand(B, N, F, generator=g) * 2 - 1).to(device) if F else None
+    context = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else nullcontext
+
+    def step(b: int = B, n: int = N) -> None:
+        """Forward + flow loss + backward on the first b samples and n components."""
+        c = cond[:b, :n] if scene else cond[:b]  # (b, [n,] T_c, cond_dim)
+        with context():
+            pred = model(zt[:b, :n], t[:b], c, component_mask=mask[:b, :n], ids=ids[:b, :n], routing_seeds=seeds[:b],
+                         layout=None if layout is None else layout[:b, :n])  # (b, n, L, C)
+        flow_loss(pred, z0[:b, :n], noise[:b, :n], mask[:b, :n]).backward()
+
+    return step, [z0, noise, t, zt, cond, mask, ids]
+
+
 def load_config(paths: Union[str, Sequence[str], None] = None) -> dict:
     """DEFAULT_CONFIG updated with the MoCATransformer arguments of each JSON file in turn (a path, a list, or None).
 

@@ -59,10 +59,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moca3d.attention.config import BACKENDS
-from moca3d.flow import flow_loss, interpolate, sample_timesteps
 from moca3d.models.transformer import MoCATransformer
 
-from benchkit import COND_TOKENS, GIB, load_config, measure_peak, positive_int, print_table, reset_peak_rss, rss_bytes, run_script, trim_heap, write_json  # benchmarks/benchkit.py
+from benchkit import GIB, flow_training_step, load_config, measure_peak, positive_int, print_table, reset_peak_rss, rss_bytes, run_script, trim_heap, write_json  # benchmarks/benchkit.py
 
 MODES = {"moc": "moca", "dense": "dense"}  # attention_mode -> name in the records, measured in this order
 SDPA_CHOICES = ("auto", "math")  # torch's fused kernels (no score matrix kept), or the math kernel (scores materialised)
@@ -106,35 +105,15 @@ def measure(spec: Dict) -> Dict:
         model = MoCATransformer(**{**config, "attention_mode": spec["mode"]})
     torch.nn.Module.to(model, device, store).train()  # plain cast (diffusers warns on .to(dtype)); training = sampled routing
     model.gradient_checkpointing = spec["grad_checkpointing"]
-    L, C = config["num_latents"], config["in_channels"]
-    g = torch.Generator().manual_seed(SEED)
-    z0 = torch.randn(B, N, L, C, generator=g).to(device, store)  # (B, N, L, C) clean latents
-    noise = torch.randn(B, N, L, C, generator=g).to(device, store)
-    t = sample_timesteps(B, generator=g, device=device)  # (B,)
-    zt = interpolate(z0, noise, t)  # (B, N, L, C)
-    per_instance = (N,) if spec["scene"] else ()  # a scene's condition: one token set per instance
-    cond = torch.randn(B, *per_instance, COND_TOKENS, config["cond_dim"], generator=g).to(device, store)  # (B, [N,] T_c, cond_dim)
-    mask = torch.ones(B, N, dtype=torch.bool, device=device)  # every component real
-    ids = model.sample_ids(B, N, g, device)  # (B, N)
-    seeds = torch.arange(B) + SEED  # (B,) routing seeds
-    F = config.get("layout_features", 0)  # a scene model's mask layout: (B, N, F) in [-1, 1]
-    layout = (torch.rand(B, N, F, generator=g) * 2 - 1).to(device) if F else None
-    autocast = torch.autocast(device.type, dtype=dtype) if spec["amp"] else nullcontext()
-
-    def step(b: int = B, n: int = N) -> None:
-        """Forward + flow loss + backward on the first b samples and n components."""
-        c = cond[:b, :n] if spec["scene"] else cond[:b]  # (b, [n,] T_c, cond_dim)
-        with autocast:
-            pred = model(zt[:b, :n], t[:b], c, component_mask=mask[:b, :n], ids=ids[:b, :n], routing_seeds=seeds[:b],
-                         layout=None if layout is None else layout[:b, :n])  # (b, n, L, C)
-        flow_loss(pred, z0[:b, :n], noise[:b, :n], mask[:b, :n]).backward()
+    step, inputs = flow_training_step(model, B, N, device, store, scene=spec["scene"], seed=SEED,
+                                      autocast=dtype if spec["amp"] else None)
 
     warm_b, warm_n = (B, N) if device.type == "cuda" else (1, min(N, WARMUP_N_CPU))
     with sdpa_kernel(SDPBackend.MATH) if spec["sdpa"] == "math" else nullcontext():
         for _ in range(spec["warmup"]):
             step(warm_b, warm_n)
             model.zero_grad(set_to_none=True)
-        tensors = list(model.parameters()) + [z0, noise, t, zt, cond, mask, ids]
+        tensors = list(model.parameters()) + inputs
         static = sum(x.numel() * x.element_size() for x in tensors)
         if device.type == "cpu" and limit:
             trim_heap()

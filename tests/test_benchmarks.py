@@ -370,3 +370,22 @@ def test_scene_encoder_eval_refuses_a_split_without_scenes(encoder_runs, tmp_pat
     with pytest.raises(SystemExit, match="no scene with a visible instance"):  # not a table of NaN
         load("scene_encoder_eval").main([str(root / "data"), "--run", str(root / "scene"), "--split", "train", "--json", str(tmp_path / "s.json")])
     assert not (tmp_path / "s.json").exists()
+
+
+def test_train_step_benchmark_times_every_differentiable_backend_and_marks_autos_choice(tmp_path):
+    """The whole training step per backend (what CPU training pays; attention.py times the layer alone)."""
+    out = tmp_path / "train_step.json"
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"num_latents": 16, "in_channels": 4, "width": 32, "num_layers": 2, "num_heads": 2, "cond_dim": 16,
+                                  "compression": 4}))
+    records = load("train_step").main(["--n", "2", "5", "--config", str(config), "--repeats", "1", "--device", "cpu",
+                                       "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == records and [r["n"] for r in records] == [2, 5]
+    for r in records:
+        times = {b: r[f"{b}_ms"] for b in ("reference", "chunked", "matmul")}
+        assert all(t > 0 for t in times.values()) and r["fastest"] == min(times, key=times.get)
+        assert r["auto"] == "chunked" and r["auto_over_fastest"] == pytest.approx(times["chunked"] / min(times.values()))
+        assert r["auto_over_fastest"] >= 1.0 and r["ratio_to_reference"]["reference"] == 1.0
+        assert (r["device"], r["threads"]) == ("cpu", 1)
+    with pytest.raises(SystemExit):  # no backward on the CPU: refused with argparse's one line
+        load("train_step").main(["--n", "2", "--config", str(config), "--device", "cpu", "--backends", "blocksparse"])
