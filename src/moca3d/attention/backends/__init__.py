@@ -34,7 +34,11 @@ def select_backend(config: MoCAttentionConfig, device: torch.device) -> str:
     context + flash SDPA of `reference` ran 2.5-2.9x faster than flex_attention (`blocksparse`)
     at N = 8, 16, 32, whose backward was also 19-51x slower than dense attention's. On the CPU,
     flex_attention has no backward and its compiled kernel is slower than cache-sized gathers
-    + SDPA, so the CPU takes `chunked` for inference and training alike.
+    + SDPA, so the CPU takes `chunked` for inference and training alike: its context memory stays
+    O(chunk_bytes) at any N. A whole training step (benchmarks/train_step.py, 2 threads, fp32) costs
+    little for it: `reference` was 1.03-1.17x faster at N = 4-32 on the built-in model's size (L = 64;
+    results/train_step_cpu.json) and the three differentiable backends were within 12 % of each other,
+    none fastest throughout, at L = 512 (N = 4-16; results/train_step_cpu_l512.json).
     """
     if config.backend not in BACKEND_NAMES:  # set on a built model (`attention_config.backend = ...`): not checked then
         raise ConfigError(f"attention backend must be one of {', '.join(BACKEND_NAMES)}, got {config.backend!r}")
