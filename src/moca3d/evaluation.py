@@ -58,6 +58,16 @@ def finite_mean(rows: list[dict], key: str) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
+def standard_errors(rows: list[dict], keys: tuple[str, ...]) -> dict[str, Optional[float]]:
+    """The standard error of each key's `finite_mean` (sample standard deviation / sqrt(n) over the values it averages;
+    None under two): how far the mean would move with another draw of as many assets, for reading a difference."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if r[key] is not None and np.isfinite(r[key])]
+        out[key] = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    return out
+
+
 def means(rows: list[dict], keys: tuple[str, ...]) -> dict[str, Optional[float]]:
     """`finite_mean` of each key, and `all_empty`: the rows whose chamfer is infinite (nothing predicted at all)."""
     out = {k: finite_mean(rows, k) for k in keys}
@@ -205,7 +215,7 @@ def evaluate_pipeline(
     mean = means(per_asset, keys) if per_asset else {}
     result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,
               "resolution": resolution, "seed": seed, "metric_points": metric_points, "frame": frame,
-              "protocol": protocol(config), "mean": mean,
+              "protocol": protocol(config), "mean": mean, "standard_error": standard_errors(per_asset, keys[:-1]),
               "by_category": by_category(per_asset, keys[:-1]), "assets": per_asset}
     return with_predictions(result, predictions, missing, "assets", unusable)
 
@@ -315,6 +325,7 @@ def evaluate_scenes(
         "split": split, "count": len(per_scene), "min_instances": min_instances, "max_instances": max_instances,
         "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct, "resolution": resolution, "seed": seed,
         "metric_points": metric_points, "frame": frame, "protocol": protocol(config, scene=True), "mean": mean,
+        "standard_error": standard_errors(per_scene, tuple(k for k in SCENE_KEYS if k != "seconds")),
         "by_category": by_category([i for s in per_scene for i in s["instances"]], INSTANCE_KEYS),
         "scenes": per_scene, "skipped": skipped,
     }

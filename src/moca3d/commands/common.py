@@ -178,15 +178,21 @@ def write_json(path: Optional[Path], obj: Any) -> bool:
     return False
 
 
-def echo_means(mean: dict[str, Optional[float]], width: int, per: str = "item") -> None:
-    """The `mean` of an evaluation report, one key a line (no value: "-"; seconds as seconds per `per`, e.g. scene),
-    then how many predictions were all empty."""
+def echo_means(mean: dict[str, Optional[float]], width: int, per: str = "item",
+               errors: Optional[dict[str, Optional[float]]] = None) -> None:
+    """The `mean` of an evaluation report, one key a line (no value: "-"; seconds as seconds per `per`, e.g. scene;
+    ± its standard error where `errors` has one), then how many predictions were all empty."""
     labels = {key: f"seconds per {per}" if key == "seconds" else key for key in mean if key != "all_empty"}
     width = max([width, *map(len, labels.values())])
+    errors = errors or {}
     for key, label in labels.items():
         value = mean[key]
         text = "-" if value is None else f"{value:.2f}" if key == "seconds" else f"{value:.4f}"
+        if value is not None and errors.get(key) is not None:
+            text += f" ± {errors[key]:.4f}"
         typer.echo(f"{label:>{width}}: {text}")
+    if errors and any(v is not None for v in errors.values()):
+        typer.echo(f"{'':>{width}}  (± the standard error of the mean over the {per}s)")
     if mean.get("all_empty"):
         typer.echo(f"{mean['all_empty']} with every component empty: scored F = 0, left out of the mean chamfer")
 

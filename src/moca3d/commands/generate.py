@@ -216,7 +216,7 @@ def register_evaluation(app: typer.Typer) -> None:
             result["lora"] = str(lora)
         if write_json(json_out, result):
             return
-        echo_means(result["mean"], 12, "asset")
+        echo_means(result["mean"], 12, "asset", result.get("standard_error"))
         echo_categories(result["by_category"], "fscore@0.1", "asset")
         typer.echo(f"{plural(result['count'], 'asset')} of '{split}'")
         echo_missing(result)

@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
             result["lora"] = str(lora)
         if write_json(json_out, result):
             return
-        echo_means(result["mean"], 22, "scene")
+        echo_means(result["mean"], 22, "scene", result.get("standard_error"))
         echo_categories(result["by_category"], "fscore@0.1", "instance")
         typer.echo(f"{plural(result['count'], 'scene')} of '{split}' with {min_instances}-{max_instances} instances; "
                    f"{len(result['skipped'])} skipped (hidden instances)")
