@@ -459,7 +459,8 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start, elapsed0 = state.step, float(state.extra.get("elapsed_s", 0.0))
-        check_same_data(state.extra.get("data"), asset_ids, out_dir, data_dir)
+        check_same_data(state.extra.get("data"), asset_ids, out_dir, data_dir,
+                        f"a recipe's image_encoder_from {out_dir}/image_encoder")
         if record_resume is not None and main:  # the resume accepted: its changes recorded
             record_resume()
         spent = cfg.spent(start, elapsed0)

@@ -305,15 +305,15 @@ def data_identity(ids: list[str]) -> dict[str, Any]:
     return {"assets": len(ids), "ids_sha1": hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()}
 
 
-def check_same_data(recorded: Optional[dict[str, Any]], ids: list[str], run: Path, data_dir) -> None:
+def check_same_data(recorded: Optional[dict[str, Any]], ids: list[str], run: Path, data_dir, restart: str = "") -> None:
     """ConfigError when a run resumes on other assets than its checkpoints recorded (`data_identity`; None: a checkpoint
-    written before the record existed, accepted)."""
+    written before the record existed, accepted); `restart` says how a new run starts from its weights."""
     current = data_identity(ids)
     if recorded is None or recorded == current:
         return
     was, now = (f"{n} asset{'' if n == 1 else 's'}" for n in (recorded["assets"], current["assets"]))
     raise ConfigError(f"{run} was trained on other data ({was}) than {data_dir} gives ({now}, other ids): resume on "
-                      "its own data, or start a new run from its weights")
+                      f"its own data, or start a new run from its weights{f' ({restart})' if restart else ''}")
 
 
 def lr_at(step: int, cfg) -> float:

@@ -624,7 +624,8 @@ def train(
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema, frozen=frozen)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
-        check_same_data(state.extra.get("data"), data.ids, out, data_dir)
+        check_same_data(state.extra.get("data"), data.ids, out, data_dir,
+                        f"a new -o with --init-from {out}/pipeline; `--export-only` writes it from the newest checkpoint")
         if state.extra.get("vae") not in (None, vae_id):  # (None: a checkpoint from before the record)
             raise ConfigError(f"{out} was trained with another VAE than {vae_dir} (its latent scale and decoder differ): "
                               "resume with the run's own --vae, or start a new run from its weights")
