@@ -183,7 +183,7 @@ def test_a_prepared_dataset_shows_its_assets_splits_and_which_latents_it_holds(o
     assert report["components"] == {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]}
     (made,) = report["latents"]
     assert made["assets"] == len(entries) - 1 and made["model"] == "test" and made["encoder"].startswith("sha256:")
-    assert report["without_latents"] == 1
+    assert report["without_latents"] == 1 and report["splits_drawn"].startswith("by id hash (val ")
     result = CliRunner().invoke(app, ["info", str(root)])
     assert result.exit_code == 0, result.output
     assert f"{len(entries)} assets (objects)" in result.output and f"latents of {len(entries) - 1} of {len(entries)}: model test" in result.output

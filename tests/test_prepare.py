@@ -340,6 +340,9 @@ def test_a_split_list_decides_every_assets_split_before_and_after(tmp_path):
     assert "splits: 3 train, 0 val, 1 test (1 not in splits.json: train, e.g. lamp_a)" in result.output
     assert {r["id"]: r["split"] for r in _manifest(root)} == {"chair_a": "train", "chair_b": "test", "lamp_a": "train", "table_a": "train"}
     assert json.loads((root / "assets" / "chair_b" / "meta.json").read_text())["split"] == "test"
+    from moca3d.commands.info import describe
+
+    assert describe(root)["splits_drawn"] == "from a split list (prepare --splits)"  # what `moca3d info DATA` says
     (tmp_path / "splits.txt").write_text("id,split\nchair_a val  # by id\nlamp_a,test\n")
     assert CliRunner().invoke(app, [*args, "--splits", str(tmp_path / "splits.txt")]).exit_code == 0
     assert {r["id"]: r["split"] for r in _manifest(root)} == {"chair_a": "val", "chair_b": "train", "lamp_a": "test", "table_a": "train"}

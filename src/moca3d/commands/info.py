@@ -152,7 +152,14 @@ def dataset_report(path: Path) -> dict:
         return dict(sorted(Counter(str(r.get(key)) for r in records).items(), key=lambda kv: (-kv[1], kv[0])))
 
     splits = tally("split")
-    return {"kind": "prepared dataset", "path": str(path), "assets": len(records), "unreadable_lines": bad,
+    try:  # how its splits were drawn: prepare's recorded settings
+        settings = json.loads((path / "prepare.json").read_text())
+    except (OSError, ValueError):
+        settings = {}
+    settings = settings if isinstance(settings, dict) else {}
+    drawn = "from a split list (prepare --splits)" if settings.get("split_list") else \
+        f"by id hash (val {settings.get('val_fraction', '?')}, test {settings.get('test_fraction', '?')})" if settings else None
+    return {"kind": "prepared dataset", "path": str(path), "assets": len(records), "unreadable_lines": bad, "splits_drawn": drawn,
             "splits": {split: splits[split] for split in ("train", "val", "test") if split in splits},
             "kinds": tally("kind"), "categories": tally("category"),
             "components": {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]} if counts else None,
@@ -354,7 +361,8 @@ def _echo_dataset(report: dict) -> None:
         next(iter(report["kinds"]), "?") + "s"
     counts = report["components"]
     spread = f"; {counts['min']}-{counts['max']} components (median {counts['median']})" if counts else ""
-    typer.echo(f"  {plural(report['assets'], 'asset')} ({kinds}): {splits or 'none'}{spread}")
+    drawn = f" (splits {report['splits_drawn']})" if report.get("splits_drawn") else ""
+    typer.echo(f"  {plural(report['assets'], 'asset')} ({kinds}): {splits or 'none'}{drawn}{spread}")
     if report["unreadable_lines"]:
         typer.echo(f"  {plural(report['unreadable_lines'], 'manifest line')} unreadable: re-run `moca3d prepare` on it")
     categories = list(report["categories"].items())
