@@ -391,3 +391,28 @@ def test_standard_errors_of_report_means_and_their_printed_form(capsys):
     out = capsys.readouterr().out
     assert f"fscore@0.1: {np.mean([0.8, 0.0, 0.6]):.4f} ± {se['fscore@0.1']:.4f}" in out
     assert "standard error of the mean over the assets" in out
+
+
+def test_evaluate_stands_a_z_up_ground_truth_up_before_scoring(tmp_path):
+    """A source mesh exported Z-up scored 0.46 against a perfect Y-up prediction (the shapes lay at right angles):
+    --gt-up-axis z turns it as prepare --up-axis z does, and the same pair scores as the prediction against itself."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from moca3d.cli import app
+    from moca3d.errors import ConfigError
+    from moca3d.geometry.mesh_io import UP_ROTATIONS, save_components
+
+    parts = [trimesh.creation.box(extents=[0.4, 2.0, 0.4]), trimesh.creation.box(extents=[1.0, 0.2, 1.0]).apply_translation([0, 1.1, 0])]
+    turn = np.eye(4)
+    turn[:3, :3] = UP_ROTATIONS["z"].T  # Y up -> Z up: how a CAD tool would have exported the ground truth
+    save_components(tmp_path / "pred.glb", parts, ["post", "top"])
+    save_components(tmp_path / "gt_zup.glb", [p.copy().apply_transform(turn) for p in parts], ["post", "top"])
+    base = ["evaluate", str(tmp_path / "pred.glb"), str(tmp_path / "gt_zup.glb"), "--num-points", "5000", "--iou-resolution", "16",
+            "--json", "-"]
+    lying = json.loads(CliRunner().invoke(app, base).stdout)
+    standing = json.loads(CliRunner().invoke(app, [*base, "--gt-up-axis", "z"]).stdout)
+    assert lying["fscore@0.1"] < 0.6 and standing["fscore@0.1"] == 1.0 and standing["gt_up_axis"] == "z"
+    bad = CliRunner().invoke(app, [*base, "--gt-up-axis", "w"])
+    assert isinstance(bad.exception, ConfigError) and "--gt-up-axis must be one of y, z, -z, x, -y, got 'w'" in str(bad.exception)

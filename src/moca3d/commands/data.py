@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import COMPONENTS_HELP, FRAME_HELP, check_output_path, check_run_folder, write_json
-from moca3d.errors import warn_input
+from moca3d.errors import ConfigError, warn_input
 from moca3d.progress import cli_progress
 
 SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split is drawn from a hash of its id (stable "
@@ -127,6 +127,7 @@ def evaluate_command(
     iou_resolution: int = typer.Option(64, help="Voxels per side for self-IoU."),
     scene: bool = typer.Option(False, "--scene", help="Also report per-instance metrics: component i vs i (paired by name instead when both files name the same components in another order), each where it is placed, so both files must share one frame and unit (the fused-surface metrics follow --frame)."),
     frame: str = typer.Option("each", "--frame", help=FRAME_HELP),
+    gt_up_axis: str = typer.Option("y", "--gt-up-axis", help="The axis that points up in GT (as prepare's --up-axis: y, z, -z, x or -y): a source mesh exported Z-up is turned to Y up, the frame generations come in, before scoring (a prepared asset's mesh.glb is Y up already)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file ('-': print them alone)."),
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (after PartCrafter/MIDI; --frame: how the two are aligned)."""
@@ -137,7 +138,12 @@ def evaluate_command(
                           frame=frame, frame_name="--frame")
     check_output_path(json_out, "--json")
     config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution, frame=frame)
+    from moca3d.geometry.mesh_io import UP_ROTATIONS, stand_up
+
+    if gt_up_axis not in UP_ROTATIONS:  # before any file is read
+        raise ConfigError(f"--gt-up-axis must be one of {', '.join(UP_ROTATIONS)}, got '{gt_up_axis}'")
     gt_meshes, gt_names = read_ground_truth(gt)  # both sides read alike: the same layout gives the same components
+    gt_meshes = stand_up(gt_meshes, gt_up_axis)
     # a generation's empty components (kept as empty nodes / objects) are read in place: instance i is still i
     pred_meshes, pred_names = read_prediction(pred)
     surfaces = [m for m in pred_meshes if len(m.faces)]
@@ -154,7 +160,8 @@ def evaluate_command(
         result = evaluate_scene(pred_meshes, gt_meshes, config)
     else:  # the fused surface of the non-empty parts (num_empty counts the others; none at all scores F = 0)
         result = object_metrics(pred_meshes, gt_meshes, config)
-    if write_json(json_out, {**result, "frame": frame, "num_points": num_points, "protocol": protocol(config, scene)}):
+    if write_json(json_out, {**result, "frame": frame, "num_points": num_points, "gt_up_axis": gt_up_axis,
+                             "protocol": protocol(config, scene)}):
         return
     labels = {key: COUNT_LABELS[scene].get(key, key) for key in result if key != "instances"}
     width = max([22, *map(len, labels.values())])

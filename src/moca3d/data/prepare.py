@@ -38,6 +38,7 @@ from moca3d.errors import ConfigError, InputError, InputWarning, one_line, warn_
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
     MESH_EXTENSIONS,
+    UP_ROTATIONS,
     TooManyComponentsError,
     bounds_of,
     load_asset,
@@ -46,6 +47,7 @@ from moca3d.geometry.mesh_io import (
     open_components,
     palette,
     save_glb,
+    stand_up,
     validate_components,
 )
 from moca3d.geometry.render import RenderConfig, floor_plane, object_camera, render, save_render, scene_camera
@@ -59,14 +61,6 @@ MANIFEST, REPORT, ASSETS, META, SETTINGS = "manifest.jsonl", "report.jsonl", "as
 OTHER_3D_FORMATS = (".fbx", ".blend", ".usd", ".usda", ".usdc", ".usdz", ".dae", ".3ds", ".abc", ".x3d", ".wrl", ".step",
                     ".stp", ".iges", ".igs", ".max", ".ma", ".mb", ".c4d", ".3mf", ".dxf")
 PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components", "up_axis", "splits")
-# a file's up axis -> the rotation that stands it up in moca3d's frame (Y up, as glTF; renders look down on -Y's plane)
-UP_ROTATIONS = {
-    "y": np.eye(3),
-    "z": np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]),  # (x, y, z) -> (x, z, -y): Z up (CAD, STL, 3ds Max) becomes Y up
-    "-z": np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]]),  # (x, y, z) -> (x, -z, y)
-    "x": np.array([[0, -1.0, 0], [1, 0, 0], [0, 0, 1]]),  # (x, y, z) -> (-y, x, z)
-    "-y": np.diag([1.0, -1, -1]),  # upside down: (x, y, z) -> (x, -y, -z)
-}
 TMP_PREFIX = ".tmp-"
 MIN_IMAGE_SIZE = 16  # smallest render side (pixels) that still shows every component
 MAX_IMAGE_SIZE = 4096  # largest render side: the supersampled ray grid of a bigger one does not fit in memory
@@ -360,9 +354,7 @@ def _load_job(job: Job, config: PrepareConfig) -> tuple[list[trimesh.Trimesh], l
         meshes, names, dropped = load_asset(job.source, config.connected, config.max_components, drop_degenerate=True)
         label = job.category
     if config.up_axis != "y":  # stood up in moca3d's frame (Y up), before renders and samples
-        turn = np.eye(4)
-        turn[:3, :3] = UP_ROTATIONS[config.up_axis]
-        meshes = [m.copy().apply_transform(turn) for m in meshes]
+        meshes = stand_up(meshes, config.up_axis)
     fallback = palette(len(meshes))
     colors = np.stack([c if (c := main_color(m)) is not None else fallback[i] for i, m in enumerate(meshes)])
     return meshes, names, colors, config.kind, label, dropped

@@ -21,7 +21,7 @@ import numpy as np
 import trimesh
 
 from moca3d.defaults import MESH_EXTENSIONS  # noqa: F401  (the formats read here; defaults: without trimesh's import)
-from moca3d.errors import InputError, cannot_write, one_line, warn_input
+from moca3d.errors import ConfigError, InputError, cannot_write, one_line, warn_input
 
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
 MIN_COMPONENT_AREA = 1e-12  # relative to the squared asset extent; below this a component is empty
@@ -70,6 +70,27 @@ def fuse(meshes: list[trimesh.Trimesh]) -> trimesh.Trimesh:
     if len(meshes) == 1:
         return meshes[0]
     return trimesh.util.concatenate(meshes)
+
+
+# a file's up axis -> the rotation that stands it up in moca3d's frame (Y up, as glTF; renders look down on -Y's plane)
+UP_ROTATIONS = {
+    "y": np.eye(3),
+    "z": np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]]),  # (x, y, z) -> (x, z, -y): Z up (CAD, STL, 3ds Max) becomes Y up
+    "-z": np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]]),  # (x, y, z) -> (x, -z, y)
+    "x": np.array([[0, -1.0, 0], [1, 0, 0], [0, 0, 1]]),  # (x, y, z) -> (-y, x, z)
+    "-y": np.diag([1.0, -1, -1]),  # upside down: (x, y, z) -> (x, -y, -z)
+}
+
+
+def stand_up(meshes: list[trimesh.Trimesh], up_axis: str) -> list[trimesh.Trimesh]:
+    """Copies of `meshes` turned so that their `up_axis` (UP_ROTATIONS) points up (+Y); "y": the meshes themselves."""
+    if up_axis not in UP_ROTATIONS:
+        raise ConfigError(f"--up-axis must be one of {', '.join(UP_ROTATIONS)}, got '{up_axis}'")
+    if up_axis == "y":
+        return meshes
+    turn = np.eye(4)
+    turn[:3, :3] = UP_ROTATIONS[up_axis]
+    return [m.copy().apply_transform(turn) for m in meshes]
 
 
 def bounds_of(meshes: list[trimesh.Trimesh]) -> np.ndarray:
