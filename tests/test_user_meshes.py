@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import moca3d.data.prepare as prep
 from conftest import TINY_PREPARE
 from moca3d.cli import app
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.inside import QueryConfig
 from moca3d.geometry.mesh_io import load_components, save_glb, save_separate
 from moca3d.geometry.render import RenderConfig
@@ -53,7 +53,8 @@ def test_obj_objects_with_several_materials_stay_one_component_each(tmp_path):
     assert all(trimesh.Trimesh(m.vertices, m.faces).is_watertight for m in meshes)
     # one object (no `o`), two materials: one component, named after the file
     _write_obj(tmp_path / "stool.obj", [(None, seat, {0: "Wood", 6: "Fabric"})], "chair.mtl")
-    meshes, names = load_components(tmp_path / "stool.obj")
+    with pytest.warns(InputWarning, match="stool.obj: one part .* though it holds 2 materials"):  # (they may be its parts)
+        meshes, names = load_components(tmp_path / "stool.obj")
     assert names == ["stool"] and [len(m.faces) for m in meshes] == [12]
 
 
@@ -360,3 +361,25 @@ def test_a_folder_of_multi_part_objects_is_not_one_asset_of_stacked_objects(tmp_
     save_glb(lamp / "stand.glb", [trimesh.creation.box().apply_translation([3, 0, 0]), trimesh.creation.box().apply_translation([5, 0, 0])])
     meshes, names = load_folder(lamp)
     assert names == ["base", "shade", "stand"] and len(meshes) == 3
+
+
+def test_a_one_part_file_of_several_materials_is_named(tmp_path):
+    """An OBJ whose parts were told apart only by `usemtl` (no `o` / `g` lines) became one part without a word; one
+    warning now says so and how to separate it. A file whose objects are its parts, several materials or not: none."""
+    import warnings
+
+    from moca3d.errors import InputWarning
+    from moca3d.geometry.mesh_io import load_asset
+
+    body = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\n"
+    faces = "usemtl seat\nf 1 2 3\nusemtl leg\nf 1 2 4\nf 1 3 4\nf 2 3 4\n"
+    (tmp_path / "by_material.obj").write_text(body + faces)
+    with pytest.warns(InputWarning, match=r"by_material.obj: one part \(no `o` objects or `g` groups\) though it holds 2 "
+                                          r"materials: .*Separate > By Material"):
+        meshes, names, _ = load_asset(tmp_path / "by_material.obj")
+    assert names == ["by_material"]
+    (tmp_path / "objects.obj").write_text(body + "o seat\nusemtl seat\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\n"
+                                          + body.replace("0 0 0", "3 0 0") + "o leg\nusemtl leg\nf 5 6 7\nf 5 6 8\nf 5 7 8\nf 6 7 8\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        assert load_asset(tmp_path / "objects.obj")[1] == ["seat", "leg"]

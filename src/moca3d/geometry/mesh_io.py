@@ -623,6 +623,10 @@ def load_asset(path: str | Path, connected: bool = False, max_components: int | 
     out."""
     source = component_source(path)
     meshes, names = load_folder(source) if source.is_dir() else load_file(source)
+    if len(meshes) == 1 and not connected and source.is_file() and (materials := material_count(source)) > 1:
+        warn_input(f"{source.name}: one part ({'no `o` objects or `g` groups' if source.suffix.lower() == '.obj' else 'one mesh node'})"
+                   f" though it holds {materials} materials: if they are its parts, separate it by material (Blender: "
+                   "Edit > Separate > By Material) and export again; --connected splits it into its pieces")
     if connected:  # the pieces first: a piece without surface is left out as a part would be
         meshes, names = split_connected(meshes, names)
     dropped = []
@@ -632,6 +636,21 @@ def load_asset(path: str | Path, connected: bool = False, max_components: int | 
             dropped = [names[i] for i in bad]
             meshes, names = [m for i, m in enumerate(meshes) if i not in bad], [n for i, n in enumerate(names) if i not in bad]
     return (*finish_components(meshes, names, False, max_components, label=Path(path).name), dropped)
+
+
+def material_count(path: Path) -> int:
+    """How many materials a file's faces use: an OBJ's distinct `usemtl` names, a glTF file's materials over its
+    meshes' primitives; 0 for other formats or an unreadable file."""
+    try:
+        if path.suffix.lower() == ".obj":
+            with open(path, "rb") as f:
+                return len({line.split(maxsplit=1)[1].strip() for line in f if line.startswith(b"usemtl ") and len(line.split()) > 1})
+        doc = gltf_document(path)
+    except (OSError, ValueError):
+        return 0
+    if doc is None:
+        return 0
+    return len({p.get("material") for mesh in doc.get("meshes", []) for p in mesh.get("primitives", [])} - {None})
 
 
 def finish_components(meshes: list[trimesh.Trimesh], names: list[str], connected: bool = False, max_components: int | None = None,
