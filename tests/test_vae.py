@@ -401,6 +401,12 @@ def test_decoder_finetune_keeps_the_encoder_and_latent_scale(dataset, tmp_path):
         assert not any(k.startswith(("encoder.", "quant.")) for k in f.keys())  # init_from's: not stored again
     resumed = train_vae(dataset, tmp_path / "tuned", tiny_train_config(model={}, init_from=str(tmp_path / "base" / "vae"),
                         freeze_encoder=True, lr=3e-3, steps=6), resume=True, progress=False, validate_at_end=False)
+    # a recipe's own model block beside init_from was dropped without a word: named now (the base's shape is kept)
+    from moca3d.errors import InputWarning
+
+    with pytest.warns(InputWarning, match=rf"the recipe's model settings num_latents 48 \(its: {TINY['num_latents']}\) are not used"):
+        train_vae(dataset, tmp_path / "reshaped", tiny_train_config(model={**TINY, "num_latents": 48}, init_from=str(tmp_path / "base" / "vae"),
+                  freeze_encoder=True, steps=1), progress=False, validate_at_end=False)
     assert resumed["steps"] == 6 and latest_checkpoint(tmp_path / "tuned").name == "step_00000006"
     again = VecSetVAE.from_pretrained(str(tmp_path / "tuned" / "vae")).state_dict()
     assert all(torch.equal(before[k], again[k]) for k in frozen)

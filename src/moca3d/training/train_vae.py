@@ -598,7 +598,14 @@ def build_vae(cfg: VAETrainConfig) -> VecSetVAE:
     if not cfg.init_from:
         return VecSetVAE(**cfg.model)
     model = load_vae_folder(Path(cfg.init_from))
-    cfg.model = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    base = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    # what the recipe's "model" block set (away from the default) that the base has otherwise: not used, said
+    ignored = {k: v for k, v in cfg.model.items() if SMALL_MODEL.get(k) != v and base.get(k) != v}
+    if ignored:
+        shown = ", ".join(f"{k} {v} (its: {base.get(k)})" for k, v in list(ignored.items())[:3])
+        warn_input(f"init_from {cfg.init_from}: the recipe's model settings {shown} are not used: a fine-tune keeps its "
+                   "base's shape (drop the recipe's \"model\" block, or train from scratch without init_from)")
+    cfg.model = base
     if cfg.freeze_encoder:
         for name in LATENT_MODULES:  # the cached latents (and transformers trained on them) stay valid
             getattr(model, name).requires_grad_(False)
