@@ -327,7 +327,7 @@ def test_number_of_routed_components():
     fixed = MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=6)
     assert [fixed.num_routed(n) for n in (1, 3, 8, 32)] == [0, 2, 6, 6]
     assert MoCAttentionConfig(dim=DIM, num_heads=HEADS, routing=False).num_routed(32) == 0
-    with pytest.raises(ConfigError, match="topk must be >= 1 .routing=False routes none"):
+    with pytest.raises(ConfigError, match="topk must be a whole number >= 1 .routing=False routes none"):
         MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=0)  # it would be read as 1
 
 
@@ -535,10 +535,12 @@ def test_equal_importances_route_in_id_order_so_routing_follows_a_permutation():
     assert not torch.equal(unbroken, plain[perm][:, perm])
 
 
-def test_routing_settings_are_checked_when_set_on_a_built_model_and_a_topk_that_routes_everything_is_refused():
+def test_routing_settings_are_checked_when_set_on_a_built_model_and_a_topk_that_routes_everything_is_named():
     """`attention_config.topk = 0` on a loaded model ran with k = 1 silently (only __post_init__ checked it); a
     recipe's topk of 100 on a 50-ID model routed every component to all others (dense cost) without a word, and
     `moca3d info` did not show it."""
+    import numpy as np
+
     from moca3d.commands.info import component_entry
     from moca3d.models.transformer import MoCATransformer
 
@@ -550,9 +552,15 @@ def test_routing_settings_are_checked_when_set_on_a_built_model_and_a_topk_that_
         setattr(bad, name, value)
         with pytest.raises(ConfigError, match=message):
             bad.num_routed(8)
+    for value in (4.0, True, "4"):  # refused when built as when used (4.0 was built, then failed at the first forward)
+        with pytest.raises(ConfigError, match="topk must be a whole number"):
+            MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=value)
+    assert MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=np.int64(4)).num_routed(8) == 4  # a numpy sweep's ints
     small = dict(num_latents=8, in_channels=4, width=32, num_layers=2, num_heads=4, cond_dim=16, compression=4, id_codebook_size=50)
-    with pytest.raises(ConfigError, match=r"topk 100 routes every component to all the others at any count up to the model's 50"):
-        MoCATransformer(**small, topk=100)
+    from moca3d.errors import InputWarning
+
+    with pytest.warns(InputWarning, match=r"topk 100 routes every component to all the others at any count up to the model's 50"):
+        MoCATransformer(**small, topk=100)  # warned, still built: a pipeline saved so still loads
     assert MoCATransformer(**small, topk=48).attention_config.topk == 48  # k 48 of 50: still one left compressed
     MoCATransformer(**small, topk=100, attention_mode="dense")  # no routing there: not checked
     import tempfile

@@ -370,3 +370,10 @@ def test_models_in_formats_prepare_does_not_read_are_named_not_dropped_silently(
     (src / "box.obj").unlink()
     with pytest.raises(InputError, match=r"no mesh files .* it holds 2 3D file\(s\) in formats prepare does not read"):
         prep.folder_jobs(src)
+
+
+def test_a_split_list_does_not_change_the_settings_fingerprint_of_skip_records():
+    """report.jsonl keeps each skipped source with the settings' digest, and a rerun skips it again only when the
+    digest matches: the split-list fields changed every config's digest, so an upgraded (or --splits) rerun retried
+    every asset skipped before. The default config's digest is what it was before them."""
+    assert prep.PrepareConfig(splits={"a": "test"}, split_list=True).digest() == prep.PrepareConfig().digest() == "83c51fa46a4e"

@@ -456,6 +456,12 @@ def test_encode_dataset_writes_latents_and_resumes(dataset, tmp_path):
     assert read_metadata(path)["model"] == "tiny"
     # another folder of the same encoder weights (a decoder-only fine-tune) makes the same latents: kept
     assert encode_dataset(dataset, model, "decoder-tuned", num_points=64, progress=False) == {"encoded": 0, "skipped": len(entries)}
+    # train-default (`replace`): another VAE's latents are replaced and counted, its own ones skipped
+    other = tiny_vae(seed=1)
+    assert encode_dataset(dataset, other, "other-vae", num_points=64, progress=False, replace=True) == {
+        "encoded": len(entries), "skipped": 0, "replaced": len(entries)}
+    assert encode_dataset(dataset, other, "other-vae", num_points=64, progress=False, replace=True) == {
+        "encoded": 0, "skipped": len(entries), "replaced": 0}
     assert encode_dataset(dataset, model, "other", num_points=64, progress=False, overwrite=True)["encoded"] == len(entries)
     # More points than prepared were used silently (as many as there were)
     with pytest.raises(InputError, match=r": 100000 surface points asked \(--points\), the data has \d+ per part"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -47,10 +48,7 @@ class MoCAttentionConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not 0.0 < self.topk_ratio <= 1.0:
-            raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
-        if self.topk is not None and self.topk < 1:
-            raise ConfigError(f"topk must be >= 1 (routing=False routes none), got {self.topk}")
+        self.check_routing()
         if self.router not in ("sigmoid", "softmax"):
             raise ConfigError(f"router must be 'sigmoid' or 'softmax', got {self.router!r}")
         if self.unselected not in ("compressed", "drop"):
@@ -72,13 +70,18 @@ class MoCAttentionConfig:
     def router_heads(self) -> int:
         return self.num_heads if self.multihead_routing else 1
 
+    def check_routing(self) -> None:
+        """ConfigError for a topk that is not a whole number >= 1 (None: topk_ratio decides) or a topk_ratio out of
+        (0, 1]; at construction and whenever k is taken (`num_routed`): set on a built model (`attention_config.topk =
+        0`) they bypass `__post_init__` (k became 1, silently)."""
+        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, numbers.Integral) or self.topk < 1):
+            raise ConfigError(f"topk must be a whole number >= 1 (routing=False routes none; None: topk_ratio), got {self.topk!r}")
+        if not (isinstance(self.topk_ratio, numbers.Real) and 0.0 < self.topk_ratio <= 1.0):
+            raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
+
     def num_routed(self, n: int) -> int:
-        """k for a sample with n real components (0 when n == 1 or routing is off). The routing settings are checked
-        here too: set on a built model (`attention_config.topk = 0`) they bypass `__post_init__` (k 1, silently)."""
-        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1):
-            raise ConfigError(f"topk must be a whole number >= 1 (or None: topk_ratio), got {self.topk!r}")
-        if self.topk is None and not 0.0 < self.topk_ratio <= 1.0:
-            raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
+        """k for a sample with n real components (0 when n == 1 or routing is off); the settings checked first."""
+        self.check_routing()
         if n <= 1 or not self.routing:
             return 0
         k = self.topk if self.topk is not None else math.floor(self.topk_ratio * n + 0.5)

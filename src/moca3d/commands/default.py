@@ -298,7 +298,9 @@ def register(app: typer.Typer) -> None:
                 vae_dir = ft_run / "vae"
             typer.echo("[3/4] caching latents")
             vae = load_vae(vae_dir, dev)
-            encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"], progress=cli_progress())
+            counts = encode_dataset(root, vae, _weights_id(vae_dir), spec["encoder_points"], progress=cli_progress(), replace=True)
+            if counts["replaced"]:  # e.g. --data encoded before with another VAE: this recipe's transformer needs its own
+                typer.echo(f"      re-encoded {counts['replaced']} assets whose latents another VAE (or other settings) made")
             dit_cfg = DiTTrainConfig.from_json(stage_file(beside, spec["dit_config"]))
             if spec.get("encoder_pretrain_config"):  # the image encoder learns a 3D prior first (then frozen or not)
                 from moca3d.training.pretrain_encoder import EncoderPretrainConfig, pretrain_encoder

@@ -134,8 +134,8 @@ class PrepareConfig:
 
     def digest(self) -> str:
         """A short fingerprint of the settings, stored with each skipped asset in report.jsonl (the split list is not
-        one: an asset's split does not change how it is built)."""
-        text = json.dumps({k: v for k, v in asdict(self).items() if k != "splits"}, sort_keys=True, default=str)
+        one: an asset's split does not change how it is built; and skip records of earlier versions keep matching)."""
+        text = json.dumps({k: v for k, v in asdict(self).items() if k not in ("splits", "split_list")}, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

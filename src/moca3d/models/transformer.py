@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from moca3d.attention import LocalAttention, MoCAttention, MoCAttentionConfig
 from moca3d.attention.routing import tie_breaking_order
 from moca3d.defaults import check_component_count
-from moca3d.errors import ConfigError, InputError
+from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.models.modeling import AtomicSaveMixin
 from moca3d.models.vae import FeedForward, FourierEmbedder, LayerNorm32
 
@@ -260,10 +260,10 @@ class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
             raise ConfigError(f"instance_views must be 1 or 2, got {instance_views}")
         if id_assignment not in ("random", "sequential"):
             raise ConfigError(f"id_assignment must be 'random' or 'sequential', got {id_assignment!r}")
-        if attention_mode == "moc" and topk is not None and topk >= id_codebook_size - 1:
-            raise ConfigError(f"topk {topk} routes every component to all the others at any count up to the model's "
-                              f"{id_codebook_size} (dense cost, MoC's saving lost): a smaller topk, or topk_ratio "
-                              f"({topk_ratio} of the components) instead")
+        if attention_mode == "moc" and isinstance(topk, int) and topk >= id_codebook_size - 1:  # (a saved one still loads)
+            warn_input(f"topk {topk} routes every component to all the others at any count up to the model's "
+                       f"{id_codebook_size} (dense cost, MoC's saving lost): a smaller topk, or topk_ratio "
+                       f"({topk_ratio} of the components) instead")
         self.num_compressed = num_latents // compression
         self.attention_config = MoCAttentionConfig(
             dim=width, num_heads=num_heads, mode=attention_mode, topk_ratio=topk_ratio, topk=topk, router=router,

@@ -637,13 +637,14 @@ def ema_model(ema: EMA, cfg: VAETrainConfig, device: torch.device) -> VecSetVAE:
 
 def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_points: int, batch_size: int = 16,
                    overwrite: bool = False, progress: Show = True, token_order: str = "fps",
-                   num_latents: Optional[int] = None) -> dict[str, int]:
+                   num_latents: Optional[int] = None, replace: bool = False) -> dict[str, int]:
     """Write ROOT/assets/<id>/latents.safetensors ("latents": (N, L, C) posterior means) per asset.
 
     Resumable: an asset whose file already carries the same model id, latent count, point count and token order is
     skipped (a converted VAE's weights are the same at every `--num-latents`). Latents made otherwise (another VAE: a
-    run trained on them could no longer resume) are replaced only with `overwrite`, else an InputError names them
-    before anything is written. `num_latents`: L, default the VAE's.
+    run trained on them could no longer resume) are replaced only with `overwrite` (every asset encoded again) or
+    `replace` (those alone, counted as "replaced": train-default, whose own VAE the data must be encoded with), else an
+    InputError names them before anything is written. `num_latents`: L, default the VAE's.
     """
     from moca3d.training.checkpoints import atomic_save_tensors, read_metadata
 
@@ -670,7 +671,7 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
                 how = wanted  # (a decoder-only fine-tune): the same latents
             made[e["id"]] = how
     other = [(i, how) for i, how in made.items() if how != wanted]
-    if other:
+    if other and not replace:
         (first, how), keys = other[0], ("model", "L", "points", "order")
         differs = ", ".join(f"{k} {h} (now {w})" for k, h, w in zip(keys, how, wanted) if h != w)
         raise InputError(f"{data_dir}: {len(other)} of {len(entries)} assets hold latents made otherwise ({first}: {differs}); "
@@ -691,7 +692,7 @@ def encode_dataset(data_dir: str | Path, model: VecSetVAE, model_id: str, num_po
                 "model": model_id, "encoder": encoder, "num_points": str(num_points), "kind": "posterior_mean"}
         atomic_save_tensors({"latents": latents.contiguous()}, path, metadata=meta)
         done += 1
-    return {"encoded": done, "skipped": skipped}
+    return {"encoded": done, "skipped": skipped, **({"replaced": len(other)} if replace else {})}
 
 
 def reconstruct_components(parts: list, names: list[str], model: VecSetVAE, num_points: int, extract: ExtractConfig,
