@@ -186,7 +186,7 @@ def test_a_prepared_dataset_shows_its_assets_splits_and_which_latents_it_holds(o
     assert report["without_latents"] == 1 and report["splits_drawn"].startswith("by id hash (val ")
     result = CliRunner().invoke(app, ["info", str(root)])
     assert result.exit_code == 0, result.output
-    assert f"{len(entries)} assets (objects)" in result.output and f"latents of {len(entries) - 1} of {len(entries)}: model test" in result.output
+    assert f"{len(entries)} assets ({len(entries)} objects)" in result.output and f"latents of {len(entries) - 1} of {len(entries)}: model test" in result.output
     assert "1 asset without latents: `moca3d encode-dataset" in result.output and "1 manifest line unreadable" in result.output
 
 
@@ -205,4 +205,21 @@ def test_a_folder_of_part_files_shows_its_parts_and_how_they_were_made(tmp_path)
     assert result.exit_code == 0 and "2 components: part_00, part_02" in result.output and "seed 7" in result.output, result.output
     (tmp_path / "mine").mkdir()
     trimesh.creation.box().export(tmp_path / "mine" / "a.stl")  # no record: another tool's parts
-    assert describe(tmp_path / "mine")["kind"] == "folder of mesh files"
+    assert describe(tmp_path / "mine")["kind"] == "mesh file"  # one file: read as that file, as evaluate reads it
+    trimesh.creation.icosphere().export(tmp_path / "mine" / "b.stl")
+    mine = describe(tmp_path / "mine")
+    assert mine["kind"] == "folder of part files" and mine["components"] == ["a", "b"] and mine["settings"] == {}
+    # whole objects side by side (a folder of generations, e.g. `generate imgs/ -o outs/`): no one record, per file
+    from moca3d.geometry.mesh_io import save_glb
+
+    (tmp_path / "outs").mkdir()
+    for name, seed in (("chair", 1), ("desk lamp", 2)):
+        save_glb(tmp_path / "outs" / f"{name}.glb", [trimesh.creation.box(), trimesh.creation.icosphere().apply_translation([3, 0, 0])],
+                 ["part_00", "part_01"], metadata={"seed": seed})
+    (tmp_path / "outs" / "zz.ply").write_bytes(b"garbage")
+    outs = describe(tmp_path / "outs")
+    assert outs["kind"] == "folder of mesh files" and outs["files"] == {"chair.glb": 2, "desk lamp.glb": 2}
+    assert len(outs["unreadable"]) == 1 and outs["unreadable"][0].startswith("zz.ply (")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "outs")])
+    assert result.exit_code == 0 and "2 mesh files: chair.glb (2 components), desk lamp.glb (2 components)" in result.output
+    assert "unreadable: zz.ply" in result.output

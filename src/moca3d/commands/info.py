@@ -105,17 +105,32 @@ def generation_record(path: Path) -> dict:
 
 
 def folder_record(path: Path) -> dict:
-    """A folder of part files (`MoCAOutput.save_parts`, or a folder asset): its components, one per mesh file as every
-    reader takes them, and the record of how they were made (each generated part file carries its output's)."""
+    """A folder of mesh files. One of parts (`MoCAOutput.save_parts`, a folder asset: each file one component, as
+    every reader takes them) gives its components and how they were made (each generated part file carries its
+    output's record); a folder holding one file, that file's (`component_source`); any other (whole objects, several
+    generations: files of several components or other records) lists its files with their component counts.
+    Unreadable files are listed, not fatal."""
     from moca3d.geometry.mesh_io import part_files
 
     files = part_files(path)
-    records = [generation_record(f) for f in files]  # each part file read once, as its own file
-    made = next((r for r in records if r["settings"]), records[0])
-    kind = "folder of generated parts" if made["settings"] else "folder of mesh files"
-    return {"kind": kind, "path": str(path), "components": [f.stem for f in files],
-            "empty": [f.stem for f, r in zip(files, records) if len(r["empty"]) == len(r["components"])],
-            "settings": made["settings"], "generator": made["generator"]}
+    if len(files) == 1:  # read as that file, as every reader reads such a folder
+        return generation_record(files[0])
+    records, unreadable = {}, []
+    for f in files:
+        try:
+            records[f] = generation_record(f)
+        except (InputError, CheckpointError) as err:
+            unreadable.append(f"{f.name} ({err})")
+    readable = list(records)
+    made = [r["settings"] for r in records.values()]
+    parts = readable and all(len(r["components"]) == 1 for r in records.values()) and all(m == made[0] for m in made)
+    report = {"path": str(path), "unreadable": unreadable}
+    if parts:
+        return {"kind": "folder of generated parts" if made[0] else "folder of part files", **report,
+                "components": [f.stem for f in readable], "empty": [f.stem for f in readable if records[f]["empty"]],
+                "settings": made[0], "generator": records[readable[0]]["generator"]}
+    return {"kind": "folder of mesh files", **report,
+            "files": {f.name: len(records[f]["components"]) for f in readable}}
 
 
 LATENT_RECORD = ("model", "encoder", "num_latents", "num_points", "token_order")  # how encode-dataset made an asset's latents
@@ -357,17 +372,17 @@ def _echo_run(report: dict) -> None:
 def _echo_dataset(report: dict) -> None:
     """A prepared dataset's assets, components, categories and cached latents (`dataset_report`)."""
     splits = ", ".join(f"{n} {split}" for split, n in report["splits"].items())
-    kinds = " and ".join(f"{n} {kind}s" for kind, n in report["kinds"].items()) if len(report["kinds"]) > 1 else \
-        next(iter(report["kinds"]), "?") + "s"
+    kinds = f" ({', '.join(plural(n, kind) for kind, n in report['kinds'].items())})" if report["kinds"] else ""
     counts = report["components"]
     spread = f"; {counts['min']}-{counts['max']} components (median {counts['median']})" if counts else ""
     drawn = f" (splits {report['splits_drawn']})" if report.get("splits_drawn") else ""
-    typer.echo(f"  {plural(report['assets'], 'asset')} ({kinds}): {splits or 'none'}{drawn}{spread}")
+    typer.echo(f"  {plural(report['assets'], 'asset')}{kinds}: {splits or 'none'}{drawn}{spread}")
     if report["unreadable_lines"]:
         typer.echo(f"  {plural(report['unreadable_lines'], 'manifest line')} unreadable: re-run `moca3d prepare` on it")
     categories = list(report["categories"].items())
     more = f", ... ({len(categories) - 8} more)" if len(categories) > 8 else ""
-    typer.echo("  categories: " + ", ".join(f"{name} {n}" for name, n in categories[:8]) + more)
+    if categories:
+        typer.echo("  categories: " + ", ".join(f"{name} {n}" for name, n in categories[:8]) + more)
     for made in report["latents"]:
         made = {k: '?' if v is None else v for k, v in made.items()}  # a file without encode-dataset's record
         typer.echo(f"  latents of {made['assets']} of {report['assets']}: model {made['model']} (encoder {made['encoder']}), "
@@ -387,7 +402,15 @@ def echo(report: dict) -> None:
         return _echo_run(report)
     if report["kind"] == "prepared dataset":
         return _echo_dataset(report)
-    if report["kind"] in ("generated file", "mesh file", "folder of generated parts", "folder of mesh files"):
+    if report["kind"] == "folder of mesh files":  # whole objects, or several generations: no one record
+        typer.echo(f"  {plural(len(report['files']), 'mesh file')}: "
+                   + ", ".join(f"{name} ({plural(n, 'component')})" for name, n in report["files"].items()))
+        typer.echo("  (a folder of part files holds one component a file, of one generation; `moca3d info FILE` reads one)")
+    if report.get("unreadable"):
+        typer.echo(f"  unreadable: {', '.join(report['unreadable'])}")
+    if report["kind"] == "folder of mesh files":
+        return
+    if report["kind"] in ("generated file", "mesh file", "folder of generated parts", "folder of part files"):
         empty = f" ({len(report['empty'])} empty: {', '.join(report['empty'])})" if report["empty"] else ""
         typer.echo(f"  {plural(len(report['components']), 'component')}{empty}: {', '.join(report['components'])}")
         made, generator = dict(report["settings"]), report["generator"]
