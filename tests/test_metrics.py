@@ -362,11 +362,13 @@ def test_evaluate_in_the_ground_truths_frame_warns_of_a_prediction_in_other_coor
 
     part = [trimesh.creation.box(extents=[2, 2, 2])]
     source = [part[0].copy().apply_scale(1 / 0.8).apply_translation([0.75, 0, 0])]  # normalised = (source - c) * 0.8
-    assert box_iou(part, part) == pytest.approx(1.0) and box_iou(source, part) == pytest.approx(6 / (8 + 2.5**3 - 6))
+    assert box_iou(part, part) == pytest.approx(1.0) and box_iou(source, part, pad=0) == pytest.approx(6 / (8 + 2.5**3 - 6))
+    flat = [trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], [[0, 1, 2], [0, 2, 3]])]
+    assert box_iou(flat, flat) == pytest.approx(1.0)  # a flat box has no volume: it was 0, a false alarm
     save_components(tmp_path / "gt.glb", part, ["box"])
     save_components(tmp_path / "source.glb", source, ["box"])
     args = ["--frame", "gt", "--num-points", "2000", "--iou-resolution", "16"]
-    with pytest.warns(InputWarning, match=r"--frame gt: the prediction's box overlaps the ground truth's by 0.34 \(IoU\): "
+    with pytest.warns(InputWarning, match=r"--frame gt: the prediction's box overlaps the ground truth's by 0.35 \(IoU\): "
                                           r"is source.glb in gt.glb's frame\?"):
         assert CliRunner().invoke(app, ["evaluate", str(tmp_path / "source.glb"), str(tmp_path / "gt.glb"), *args]).exit_code == 0
     with warnings.catch_warnings():

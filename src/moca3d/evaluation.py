@@ -12,7 +12,7 @@ from moca3d.data.dataset import read_manifest
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.geometry.mesh_io import load_components
-from moca3d.metrics import MetricsConfig, evaluate_scene, object_metrics, protocol  # object_metrics: re-exported
+from moca3d.metrics import GT_FRAME_OVERLAP, MetricsConfig, box_iou, evaluate_scene, object_metrics, protocol  # object_metrics: re-exported
 from moca3d.progress import Show, progress_bar
 
 
@@ -194,7 +194,7 @@ def evaluate_pipeline(
     records = select_records(root, split, count, min_parts, max_parts)
     check_model_fits(None if reconstruct or predictions is not None else pipe, records, root, "--max-parts (max_parts)")
     config = MetricsConfig(num_points=metric_points, seed=seed, frame=frame)
-    per_asset, missing, unusable = [], [], []
+    per_asset, missing, unusable, elsewhere = [], [], [], []
     for rec in with_progress(records, f"evaluate {split}", progress, "asset"):
         asset = Path(root) / "assets" / rec["id"]
         gt, _ = load_components(asset / "mesh.glb")
@@ -210,7 +210,14 @@ def evaluate_pipeline(
         if predictions is None:
             save_prediction(save, rec["id"], meshes, "part", settings)
         row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
+        surfaces = [m for m in meshes if len(m.faces)]
+        if predictions is not None and frame == "gt" and surfaces and box_iou(surfaces, gt) < GT_FRAME_OVERLAP:
+            elsewhere.append(rec["id"])
         per_asset.append({**row, **object_metrics(meshes, gt, config)})
+    if elsewhere:  # in the GT's frame, placement counts: predictions in another frame score low for nothing
+        warn_input(f"--frame gt: {len(elsewhere)} of {len(records)} predictions barely overlap their ground truth's box "
+                   f"(IoU under {GT_FRAME_OVERLAP}; first: {elsewhere[0]}): are they in the prepared assets' frame (each "
+                   "asset's normalization.json maps source coordinates to it)? --frame each compares them in any frame")
     keys = ("chamfer", "fscore@0.1", "fscore@0.05", "self_iou", "seconds")
     mean = means(per_asset, keys) if per_asset else {}
     result = {"split": split, "count": len(per_asset), "steps": steps, "guidance": guidance, "shift": shift, "reconstruct": reconstruct,

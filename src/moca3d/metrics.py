@@ -57,6 +57,9 @@ MIN_IOU_RESOLUTION = 8  # coarser grids cannot tell parts apart
 MAX_IOU_RESOLUTION = 256  # self-IoU holds a float32 R^3 grid per component: 64 MiB each at 256
 MAX_METRIC_POINTS = 10_000_000  # points per surface: about 3.5 GB of samples and KD-trees; more is killed for memory
 FRAME_RATIO = 5.0  # scene sizes differing more than this: prediction and ground truth are in different units
+# --frame gt: boxes overlapping less than this (`box_iou`) are warned of: the prediction is likely in another frame
+# (a source mesh's coordinates against a prepared asset's normalised mesh.glb overlapped 0.35)
+GT_FRAME_OVERLAP = 0.4
 # self-IoU's grid covers [-1, 1]^3; components reaching beyond this multiple of it (a generation reaches 1.05, the
 # extraction grid's bound) are measured normalised to their own box instead, those within it clipped to the border
 SELF_IOU_REACH = 1.25
@@ -344,9 +347,12 @@ def check_same_frame(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], max
                          f"{sizes[1]:.3g} ({ratio:.0f}x); export both in one frame and unit{tiny}")
 
 
-def box_iou(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh]) -> float:
-    """IoU of the two sides' joint axis-aligned boxes: near 1 for a prediction in the ground truth's frame."""
+def box_iou(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], pad: float = 0.01) -> float:
+    """IoU of the two sides' joint axis-aligned boxes, each grown by `pad` of the larger box's diagonal on every side
+    (a flat part's box has no volume): near 1 for a prediction in the ground truth's frame."""
     (a0, a1), (b0, b1) = bounds_of(pred), bounds_of(gt)
+    grow = pad * max(np.linalg.norm(a1 - a0), np.linalg.norm(b1 - b0))
+    a0, a1, b0, b1 = a0 - grow, a1 + grow, b0 - grow, b1 + grow
     inter = np.prod(np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0.0, None))
     union = np.prod(a1 - a0) + np.prod(b1 - b0) - inter
     return float(inter / union) if union > 0 else 0.0

@@ -18,9 +18,6 @@ SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split 
 COUNT_LABELS = {False: {"num_pred": "non-empty predicted parts", "num_gt": "ground-truth parts", "num_empty": "empty predicted parts"},
                 True: {"num_pred": "predicted instances (all)", "num_gt": "ground-truth instances",
                        "num_empty": "empty predicted instances"}}
-# `evaluate --frame gt`: boxes overlapping less than this (IoU) are warned of: the prediction is likely in another frame
-# (a source mesh's coordinates against a prepared asset's normalised mesh.glb overlapped 0.34)
-GT_FRAME_OVERLAP = 0.4
 
 
 def prepare_command(
@@ -132,7 +129,8 @@ def evaluate_command(
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (after PartCrafter/MIDI; --frame: how the two are aligned)."""
     from moca3d.evaluation import object_metrics, pair_by_name, read_ground_truth, read_prediction
-    from moca3d.metrics import MetricsConfig, box_iou, check_metric_settings, check_same_frame, evaluate_scene, protocol
+    from moca3d.metrics import (GT_FRAME_OVERLAP, MetricsConfig, box_iou, check_metric_settings, check_same_frame, evaluate_scene,
+                                protocol)
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution",
                           frame=frame, frame_name="--frame")
@@ -147,7 +145,7 @@ def evaluate_command(
     # a generation's empty components (kept as empty nodes / objects) are read in place: instance i is still i
     pred_meshes, pred_names = read_prediction(pred)
     surfaces = [m for m in pred_meshes if len(m.faces)]
-    if frame == "gt" and surfaces and box_iou(surfaces, gt_meshes) < GT_FRAME_OVERLAP:
+    if frame == "gt" and surfaces and box_iou(surfaces, gt_meshes) < GT_FRAME_OVERLAP:  # likely another frame
         warn_input(f"--frame gt: the prediction's box overlaps the ground truth's by {box_iou(surfaces, gt_meshes):.2f} (IoU): "
                    f"is {pred.name} in {gt.name}'s frame? (a prepared asset's mesh.glb is normalised: its normalization.json "
                    "maps the source's coordinates to it)")
