@@ -1,6 +1,7 @@
 """`moca3d prepare`: format, bad-input reporting, resume after interruption, parallel = serial."""
 
 import contextlib
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -350,7 +351,8 @@ def test_a_split_list_decides_every_assets_split_before_and_after(tmp_path):
     assert isinstance(again.exception, ConfigError) and "its split list (--splits)" in str(again.exception)
     for text, message in (('{"train": ["a"], "holdout": ["b"]}', "unknown split 'holdout' \\(of b\\): expected train, val, test"),
                           ("a train\na test\n", "a is listed in two splits, train and test"),
-                          ("a train extra\n", "line 1 is not `NAME SPLIT`"), ("{not json", "not valid JSON")):
+                          ("a train extra\n", "unknown split 'extra' \\(of a train\\)"), (",test\n", "line 1 is not `NAME SPLIT`"),
+                          ("{not json", "not valid JSON")):
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(InputError, match=message):
             prep.read_split_list(tmp_path / "bad.txt")
@@ -377,3 +379,23 @@ def test_a_split_list_does_not_change_the_settings_fingerprint_of_skip_records()
     digest matches: the split-list fields changed every config's digest, so an upgraded (or --splits) rerun retried
     every asset skipped before. The default config's digest is what it was before them."""
     assert prep.PrepareConfig(splits={"a": "test"}, split_list=True).digest() == prep.PrepareConfig().digest() == "83c51fa46a4e"
+
+
+def test_a_split_list_takes_names_with_spaces_any_separator_and_refuses_an_asset_given_two_splits(tmp_path):
+    """`office chair.glb test` was refused (split on every space) and a spreadsheet's CSV (a BOM, a `name,split`
+    header) misread; an asset named by two listed names of different splits went to whichever was looked up first."""
+    lines = "\ufeffname,split\noffice chair.glb,test\n\"desk lamp\",val\nstool\ttrain\nold bench   test  # spaces\n"
+    (tmp_path / "splits.csv").write_text(lines, encoding="utf-8")
+    assert prep.read_split_list(tmp_path / "splits.csv") == {"office chair.glb": "test", "desk lamp": "val", "stool": "train",
+                                                              "old bench": "test"}
+    (tmp_path / "bom.json").write_text('\ufeff{"test": ["a"]}', encoding="utf-8")
+    assert prep.read_split_list(tmp_path / "bom.json") == {"a": "test"}
+    src = tmp_path / "src"
+    src.mkdir()
+    trimesh.creation.box().export(src / "desk lamp.obj")
+    root = tmp_path / "ds"
+    prep.prepare(prep.folder_jobs(src), root, TINY, progress=False)
+    with pytest.raises(InputError, match=r"gives asset desk_lamp two splits by its names \(desk_lamp val, desk lamp.obj test\)"):
+        prep.prepare(prep.folder_jobs(src), root, dataclasses.replace(TINY, splits={"desk_lamp": "val", "desk lamp.obj": "test"}),
+                     progress=False)
+    assert [r["split"] for r in _manifest(root)] == ["train"]  # nothing re-split, the manifest still whole

@@ -258,12 +258,13 @@ SPLITS = ("train", "val", "test")
 
 def read_split_list(path: str | Path) -> dict[str, str]:
     """A split list: a JSON object of name lists ({"train": [...], "val": [...], "test": [...]}, as benchmarks publish
-    them) or text lines `NAME SPLIT` (or `NAME,SPLIT`; `#` comments and a header line `id,split` allowed). A name is an
-    asset id, or its source file's (folder's) name or stem. InputError naming the problem: unreadable, an unknown
-    split, a name given two splits."""
+    them) or text lines `NAME SPLIT`, the split last (`NAME,SPLIT`, tab-separated or CSV too; NAME may hold spaces or
+    be quoted; `#` comments, a header line ending in `split` and a UTF-8 BOM allowed). A name is an asset id, or its
+    source file's (folder's) name or stem. InputError naming the problem: unreadable, an unknown split, a name given
+    two splits."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # (a spreadsheet's CSV starts with a BOM)
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: unreadable split list ({getattr(err, 'strerror', None) or err})") from None
     pairs = []
@@ -278,12 +279,16 @@ def read_split_list(path: str | Path) -> dict[str, str]:
             pairs += [(str(name), split) for name in names]
     else:
         for number, line in enumerate(text.splitlines(), 1):
-            fields = line.split("#")[0].replace(",", " ").split()
-            if not fields or (number == 1 and [f.lower() for f in fields] == ["id", "split"]):
+            line = line.split("#")[0].strip()
+            if not line:
                 continue
-            if len(fields) != 2:
-                raise InputError(f"{path}: line {number} is not `NAME SPLIT`: {line.strip()!r}")
-            pairs.append((fields[0], fields[1]))
+            name, _, split = line.rpartition("," if "," in line else "\t" if "\t" in line else " ")
+            name, split = name.strip().strip("\"'").strip(), split.strip().strip("\"'")
+            if number == 1 and split.lower() == "split":  # a header: id,split / name,split / file split
+                continue
+            if not name:
+                raise InputError(f"{path}: line {number} is not `NAME SPLIT`: {line!r} (or give a JSON object of name lists)")
+            pairs.append((name, split))
     splits: dict[str, str] = {}
     for name, split in pairs:
         if split not in SPLITS:
@@ -304,17 +309,22 @@ def list_names(asset_id: str, source: str) -> tuple[str, str, str]:
 def apply_split_list(root: Path, splits: dict[str, str]) -> dict:
     """Give every finished asset of `root` its split from a split list (meta.json rewritten atomically where it
     changes; an unlisted asset is train); what it did: {"unlisted": asset ids, "unmatched": listed names no asset has}."""
-    matched, unlisted = set(), []
-    for asset_id in sorted(finished_ids(root)):
+    matched, unlisted, updates = set(), [], {}
+    for asset_id in sorted(finished_ids(root)):  # every asset's split first: a conflict writes nothing
         path = root / ASSETS / asset_id / META
         meta = json.loads(path.read_text())
         named = [key for key in list_names(asset_id, meta.get("source", "")) if key in splits]
+        if len({splits[key] for key in named}) > 1:  # e.g. its id in val, its file name in test
+            given = ", ".join(f"{key} {splits[key]}" for key in named)
+            raise InputError(f"the split list gives asset {asset_id} two splits by its names ({given}): list it once")
         matched.update(named)
         if not named:
             unlisted.append(asset_id)
         split = splits[named[0]] if named else "train"
         if meta.get("split") != split:
-            _write_json(path, {**meta, "split": split})
+            updates[path] = {**meta, "split": split}
+    for path, meta in updates.items():
+        _write_json(path, meta)
     return {"unlisted": unlisted, "unmatched": sorted(set(splits) - matched)}
 
 
@@ -769,9 +779,11 @@ def prepare(
                 bar.update(1)
     finally:
         bar.close()
-        if listed:  # every asset, prepared now or before, gets its listed split
-            summary.split_list = apply_split_list(root, config.splits)
-        write_manifest(root)
+        try:
+            if listed:  # every asset, prepared now or before, gets its listed split
+                summary.split_list = apply_split_list(root, config.splits)
+        finally:  # (a list giving an asset two splits is refused: the manifest still lists what was prepared)
+            write_manifest(root)
     return summary
 
 
