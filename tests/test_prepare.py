@@ -372,6 +372,22 @@ def test_models_in_formats_prepare_does_not_read_are_named_not_dropped_silently(
     (src / "box.obj").unlink()
     with pytest.raises(InputError, match=r"no mesh files .* it holds 2 3D file\(s\) in formats prepare does not read"):
         prep.folder_jobs(src)
+    with pytest.raises(InputError, match=r"car.fbx: neither a mesh file .* \(.fbx is not read: export it as GLB or OBJ"):
+        prep.folder_jobs(src / "car.fbx")
+    # a folder asset's part in such a format vanished from the asset: named; a folder of them alone, in the error
+    from moca3d.geometry.mesh_io import load_asset
+
+    lamp = tmp_path / "lamp"
+    lamp.mkdir()
+    trimesh.creation.box().export(lamp / "base.obj")
+    trimesh.creation.icosphere().apply_translation([0, 2, 0]).export(lamp / "pole.obj")
+    (lamp / "shade.fbx").write_bytes(b"\x00")
+    with pytest.warns(prep.InputWarning, match=r"lamp: 1 part file\(s\) in formats moca3d does not read are left out of it \(shade.fbx\)"):
+        assert load_asset(lamp)[1] == ["base", "pole"]
+    for name in ("base.obj", "pole.obj"):
+        (lamp / name).unlink()
+    with pytest.raises(InputError, match=r"lamp: folder holds no mesh files; its shade.fbx are in formats moca3d does not read"):
+        load_asset(lamp)
 
 
 def test_a_split_list_does_not_change_the_settings_fingerprint_of_skip_records():

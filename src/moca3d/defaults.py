@@ -18,6 +18,11 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "weights" / "default"  # the built-i
 DEFAULT_SCENE_MODEL_DIR = Path(__file__).parent / "weights" / "scene"  # the built-in scene model (train-scene)
 SHIPPED_PREFIX = "src/moca3d/weights/"  # how the README and the recipes in configs/ name the package's shipped models
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # the mesh formats read (geometry.mesh_io)
+# 3D formats moca3d does not read: a folder's files of these are named where left out (other files, e.g. textures, pass
+# silently), with how to export them (EXPORT_HINT)
+OTHER_3D_FORMATS = (".fbx", ".blend", ".usd", ".usda", ".usdc", ".usdz", ".dae", ".3ds", ".abc", ".x3d", ".wrl", ".step",
+                    ".stp", ".iges", ".igs", ".max", ".ma", ".mb", ".c4d", ".3mf", ".dxf")
+EXPORT_HINT = "export them as GLB or OBJ (Blender: File > Export > glTF 2.0)"
 PART_FORMATS = ("glb", "obj", "ply", "stl")  # MoCAOutput.save_parts' (and --separate's) one-mesh-per-file formats
 TRAINED_KEY = "_trained_components"  # model_index.json / adapter_config.json: the most components a training example held (a fine-tune: its base's too)
 INSTANCE_MASKS = "instance_masks"  # a generated scene's record of each instance's mask: its label id or file name

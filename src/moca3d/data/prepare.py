@@ -34,6 +34,7 @@ import trimesh
 from moca3d.data.partnet import HIERARCHIES, MAX_LEVEL, is_partnet, load_partnet
 from moca3d.data.partnet import category as partnet_category
 from moca3d.data.procedural import check_scene_objects
+from moca3d.defaults import EXPORT_HINT, OTHER_3D_FORMATS
 from moca3d.errors import ConfigError, InputError, InputWarning, one_line, warn_input
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
@@ -57,9 +58,6 @@ from moca3d.progress import Show, progress_bar
 MANIFEST, REPORT, ASSETS, META, SETTINGS = "manifest.jsonl", "report.jsonl", "assets", "meta.json", "prepare.json"
 # the settings every asset of a dataset shares (`PrepareConfig.shared`); the others may change between runs into one
 # folder: the procedural stream and its scene sizes (seed, --start, --scene-objects) and --max-components
-# 3D formats prepare does not read: a folder's files of these are named (other files, e.g. textures, pass silently)
-OTHER_3D_FORMATS = (".fbx", ".blend", ".usd", ".usda", ".usdc", ".usdz", ".dae", ".3ds", ".abc", ".x3d", ".wrl", ".step",
-                    ".stp", ".iges", ".igs", ".max", ".ma", ".mb", ".c4d", ".3mf", ".dxf")
 PER_RUN_SETTINGS = ("seed", "scene_objects", "max_components", "up_axis", "splits")
 TMP_PREFIX = ".tmp-"
 MIN_IMAGE_SIZE = 16  # smallest render side (pixels) that still shows every component
@@ -186,7 +184,8 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
         base = _safe_id(folder.stem)
         return [Job(base if category == "mesh" else _safe_id(f"{category}_{base}"), str(folder), category)]
     if not folder.is_dir():
-        raise InputError(f"{folder}: neither a mesh file ({', '.join(MESH_EXTENSIONS)}) nor a folder of meshes")
+        hint = f" ({folder.suffix} is not read: {EXPORT_HINT.replace('them', 'it')})" if folder.suffix.lower() in OTHER_3D_FORMATS else ""
+        raise InputError(f"{folder}: neither a mesh file ({', '.join(MESH_EXTENSIONS)}) nor a folder of meshes{hint}")
     if is_partnet(folder):  # one PartNet annotation folder given itself, not its parent (data_v0)
         return [Job(_safe_id(folder.name), str(folder), category)]
     jobs, seen, by_stem, unread = [], set(), {}, []
@@ -207,13 +206,12 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
             asset_id = f"{base}_{k}"
         seen.add(asset_id)
         jobs.append(Job(asset_id, str(entry), category))
-    export = "export them as GLB or OBJ (Blender: File > Export > glTF 2.0)"
     if not jobs:
-        found = f"; it holds {len(unread)} 3D file(s) in formats prepare does not read (first: {unread[0]}): {export}" if unread else ""
+        found = f"; it holds {len(unread)} 3D file(s) in formats prepare does not read (first: {unread[0]}): {EXPORT_HINT}" if unread else ""
         raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it{found}")
     if unread:
         warn_input(f"{folder}: {len(unread)} 3D file(s) in formats prepare does not read are left out (first: {unread[0]}): "
-                   f"{export}")
+                   f"{EXPORT_HINT}")
     for stem, indices in by_stem.items():  # thing.glb and thing.obj: one asset in two formats, trained on (or held out) twice?
         if len(indices) > 1:
             named = ", ".join(f"{Path(jobs[i].source).name} (id '{jobs[i].id}')" for i in indices)

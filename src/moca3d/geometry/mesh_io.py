@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from moca3d.defaults import MESH_EXTENSIONS  # noqa: F401  (the formats read here; defaults: without trimesh's import)
+from moca3d.defaults import EXPORT_HINT, MESH_EXTENSIONS, OTHER_3D_FORMATS  # noqa: F401  (the formats read here; defaults: without trimesh's import)
 from moca3d.errors import ConfigError, InputError, cannot_write, one_line, warn_input
 
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
@@ -475,6 +475,9 @@ def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     if not files:
         nested = nested_mesh_files(folder)
         where = f" (only its sub-folders do, e.g. {nested[0]}: a part is a file directly in it)" if nested else ""
+        unread = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS)
+        if unread:
+            where += f"; its {', '.join(unread[:NAMED_FILES])} are in formats moca3d does not read: {EXPORT_HINT}"
         raise InputError(f"{folder.name}: folder holds no mesh files{where}")
     meshes, names, several = [], [], []
     for f in files:
@@ -527,6 +530,10 @@ def component_source(path: str | Path) -> Path:
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         files = part_files(path)
+        unread = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS)
+        if unread and files:  # a part in a format not read vanished from its asset (without files: load_folder's error)
+            warn_input(f"{path.name}: {len(unread)} part file(s) in formats moca3d does not read are left out of it "
+                       f"({', '.join(unread[:NAMED_FILES])}): {EXPORT_HINT}")
         nested = nested_mesh_files(path) if files else []  # (without files, load_folder's error names them)
         if nested:
             files_are = "1 mesh file in its sub-folders is" if len(nested) == 1 else \
