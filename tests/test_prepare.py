@@ -415,3 +415,29 @@ def test_a_split_list_takes_names_with_spaces_any_separator_and_refuses_an_asset
         prep.prepare(prep.folder_jobs(src), root, dataclasses.replace(TINY, splits={"desk_lamp": "val", "desk lamp.obj": "test"}),
                      progress=False)
     assert [r["split"] for r in _manifest(root)] == ["train"]  # nothing re-split, the manifest still whole
+
+
+def test_a_rerun_names_assets_it_keeps_although_their_source_changed_or_stands_up_otherwise(tmp_path):
+    """A rerun after editing a source (a part added) said '1 already done' and kept the old asset; so did one with
+    --up-axis z after a run without it (the table lay on its side). Kept, but named, with how to prepare them anew."""
+    import os
+    import warnings
+
+    src = tmp_path / "src"
+    src.mkdir()
+    trimesh.creation.box().export(src / "desk.obj")
+    trimesh.creation.icosphere().export(src / "ball.obj")
+    root = tmp_path / "ds"
+    prep.prepare(prep.folder_jobs(src), root, TINY, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", prep.InputWarning)
+        assert prep.prepare(prep.folder_jobs(src), root, TINY, progress=False).already_done == 2  # nothing changed: quiet
+    later = (root / "assets" / "desk" / "meta.json").stat().st_mtime + 10
+    trimesh.creation.box(extents=[1, 2, 1]).export(src / "desk.obj")
+    os.utime(src / "desk.obj", (later, later))
+    with pytest.warns(prep.InputWarning, match=r"1 asset\(s\) kept as prepared before, though their source changed since: desk; "
+                                               r"delete their folders under assets/"):
+        prep.prepare(prep.folder_jobs(src), root, TINY, progress=False)
+    with pytest.warns(prep.InputWarning, match=r"2 asset\(s\) kept as prepared before, though prepared with another --up-axis "
+                                               r"than z: ball, desk"):
+        prep.prepare(prep.folder_jobs(src), root, dataclasses.replace(TINY, up_axis="z"), progress=False)

@@ -562,6 +562,17 @@ def _write_json(path: Path, obj, indent: int | None = None) -> None:
     os.replace(tmp, path)
 
 
+def _warn_outdated(kept: list[dict], config: PrepareConfig) -> None:
+    """One InputWarning naming the assets a rerun keeps as they were although their source file changed since they
+    were prepared, or this run stands its files up otherwise (--up-axis): they were kept silently."""
+    changed = [a["id"] for a in kept if a["prepared"] and _modified(a["source"]) > a["prepared"]]
+    turned = [a["id"] for a in kept if a.get("up_axis") not in (None, config.up_axis)]
+    for ids, why in ((changed, "their source changed since"), (turned, f"prepared with another --up-axis than {config.up_axis}")):
+        if ids:
+            warn_input(f"{len(ids)} asset(s) kept as prepared before, though {why}: {', '.join(ids[:5])}"
+                       f"{', ...' if len(ids) > 5 else ''}; delete their folders under assets/ and run again to prepare them anew")
+
+
 def _record_setting(root: Path, key: str, value) -> None:
     """Set one shared setting in root's prepare.json."""
     recorded = json.loads((root / SETTINGS).read_text())
@@ -578,17 +589,30 @@ def finished_ids(root: Path) -> set[str]:
 
 
 def _finished_sources(root: Path) -> list[dict]:
-    """Each finished asset's id, source, category and source fingerprint (`source_digest`; None before it was
-    recorded), from its meta.json (None where unreadable)."""
+    """Each finished asset's id, source, category, source fingerprint (`source_digest`; None before it was recorded),
+    up axis and when it was prepared (its meta.json's mtime), from its meta.json (None where unreadable)."""
     out = []
+    keys = ("source", "category", "source_sha1", "up_axis")
     for asset_id in finished_ids(root):
+        path = root / ASSETS / asset_id / META
         try:
-            meta = json.loads((root / ASSETS / asset_id / META).read_text())
-            row = {key: meta.get(key) for key in ("source", "category", "source_sha1")}
+            meta = json.loads(path.read_text())
+            row = {key: meta.get(key) for key in keys} | {"prepared": path.stat().st_mtime}
         except (OSError, ValueError, AttributeError):
-            row = {"source": None, "category": None, "source_sha1": None}
+            row = dict.fromkeys((*keys, "prepared"))
         out.append({"id": asset_id, **row})
     return out
+
+
+def _modified(source: str) -> float:
+    """When a source last changed: a file's mtime, a folder's newest file's (0 when it cannot be read)."""
+    try:
+        path = Path(source)
+        if path.is_dir():
+            return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _same_content(source: str, asset: dict, digest: Callable[[str], str | None]) -> bool:
@@ -607,7 +631,7 @@ def _same_content(source: str, asset: dict, digest: Callable[[str], str | None])
 
 
 def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None,
-                duplicates: dict[str, str] | None = None, progress: Show = False) -> list[Job]:
+                duplicates: dict[str, str] | None = None, progress: Show = False, kept: list[dict] | None = None) -> list[Job]:
     """The jobs still to prepare into `root`: a job is done when an asset holds its source, whatever the id it then got:
     one prepared from the same path, or a namesake (by file name) with the same content (`_same_content`: moved); and of
     the same category, for a job given one (chairs/a.glb is not tables/a.glb). A new source whose id an asset of another
@@ -615,7 +639,7 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
     source). A source with the content of an asset or of an earlier job (the same file under another --category, a copy
     under another name, chairs/a.glb and tables/a.glb alike) is left out, said in `duplicates` (by source): two copies
     could land in train and test. Each new file source is read once for that (its digest travels with its job), under a
-    bar (`progress`) when there are many."""
+    bar (`progress`) when there are many. `kept` collects the assets a job found done by its path (to check them)."""
     finished = _finished_sources(root)
     namesakes: dict[str, list[dict]] = {}  # source file name -> the assets prepared from a file of that name
     at_path: dict[str, list[dict]] = {}  # a recorded source's real path -> the assets prepared from it
@@ -642,8 +666,10 @@ def resume_jobs(jobs: list[Job], root: Path, notes: dict[str, str] | None = None
         def fits(asset: dict) -> bool:
             return job.category == "mesh" or str(asset["category"]) == job.category
 
-        if any(fits(a) for a in at_path.get(os.path.realpath(job.source), [])) or any(
-                fits(a) and _same_content(job.source, a, digest) for a in namesakes.get(Path(job.source).name, [])):
+        same_path = [a for a in at_path.get(os.path.realpath(job.source), []) if fits(a)]
+        if same_path or any(fits(a) and _same_content(job.source, a, digest) for a in namesakes.get(Path(job.source).name, [])):
+            if kept is not None:
+                kept += same_path
             continue
         content = None if job.source.startswith("procedural:") else digest(job.source)
         twin = by_content.get(content) if content else None
@@ -737,8 +763,10 @@ def prepare(
     reported = reported_sources(root, settings)
     renames: dict[str, str] = {}
     duplicates: dict[str, str] = {}
+    kept: list[dict] = []
     todo = resume_jobs([j for j in jobs if j.source not in reported], root, renames, duplicates,  # reported: never twins
-                       progress=progress)
+                       progress=progress, kept=kept)
+    _warn_outdated(kept, config)
     renames = {job.source: renames[job.source] for job in todo if job.source in renames}
     summary = PrepareSummary(already_done=len(jobs) - len(todo) - len(duplicates), total=len(jobs), renamed=len(renames),
                              duplicates=len(duplicates))
