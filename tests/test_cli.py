@@ -330,8 +330,8 @@ def test_prepare_interrupted_says_what_is_kept(tmp_path, monkeypatch):
 
 def test_separate_writes_each_component_as_its_own_file_beside_the_output(object_pipeline, tmp_path):
     """A tool that takes one mesh per file had only the Python API's save_parts: `--separate FORMAT` writes them from
-    the CLI too (generate, one image or a folder; generate-scene), named and in place; a wrong format or a file where
-    its folder goes is refused before any model loads."""
+    the CLI too (generate, generate-scene), named and in place; a wrong format or a file where its folder goes is
+    refused before any model loads."""
     import numpy as np
 
     from moca3d.errors import InputError

@@ -72,7 +72,7 @@ def test_glb_parts_carry_a_named_material_of_their_colour_and_vertex_normals(par
         assert material["name"] == name and pbr["metallicFactor"] == 0.0
         srgb = colors[k, :3] / 255
         linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)  # the sRGB curve, written out
-        assert np.allclose(pbr["baseColorFactor"], [*linear, 1.0], atol=0.5 / 255)  # 8-bit, as trimesh stores it
+        assert np.allclose(pbr["baseColorFactor"], [*linear, 1.0], atol=1e-12)  # exact (trimesh wrote its 8-bit copy)
     loaded, names = load_file(path)
     for mesh, k in zip(loaded, (0, 2)):  # render's part colours
         back = main_color(mesh).astype(int)
@@ -211,3 +211,27 @@ def test_each_part_node_pivots_at_its_centre_and_sits_where_it_was(parts, tmp_pa
     local = trimesh.load(path, force="scene").geometry["box"]
     assert np.allclose(local.bounds.mean(axis=0), 0.0, atol=1e-6)  # the geometry itself about its pivot
     assert np.allclose(np.linalg.norm(local.vertex_normals, axis=1), 1.0, atol=1e-5)
+
+
+def test_colours_of_textured_materials_and_of_files_written_before_linear_colours(tmp_path):
+    """A PBR material without a base colour factor (a textured export) read as grey (now None: the caller's palette);
+    a GLB moca3d wrote before colours were stored linear (its record, trimesh's generator) reads back its display
+    colours as they are (converted, they came out paler: (230, 80, 80) read as (244, 152, 152))."""
+    from moca3d.geometry.mesh_io import METADATA_KEY
+
+    textured = trimesh.creation.box()
+    textured.visual = trimesh.visual.TextureVisuals(material=trimesh.visual.material.PBRMaterial(name="wood"))
+    assert main_color(textured) is None
+    colors = palette(2)
+    old = trimesh.Scene()
+    for k, (name, mesh) in enumerate((("seat", trimesh.creation.box()), ("leg", trimesh.creation.icosphere().apply_translation([3, 0, 0])))):
+        mesh.visual = trimesh.visual.TextureVisuals(material=trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=colors[k]))
+        old.add_geometry(mesh, node_name=name, geom_name=name)
+    old.metadata[METADATA_KEY] = {"verb": "generate"}
+    (tmp_path / "old.glb").write_bytes(old.export(file_type="glb"))
+    assert gltf_document(tmp_path / "old.glb")["asset"]["generator"] == "https://github.com/mikedh/trimesh"
+    meshes, _ = load_file(tmp_path / "old.glb")
+    assert [main_color(m).tolist() for m in meshes] == colors.tolist()
+    del old.metadata[METADATA_KEY]  # another tool's file written with trimesh: glTF's linear colours, converted
+    (tmp_path / "other.glb").write_bytes(old.export(file_type="glb"))
+    assert main_color(load_file(tmp_path / "other.glb")[0][0]).tolist() != colors[0].tolist()

@@ -689,7 +689,7 @@ def test_fine_tuning_with_a_vae_of_other_latents_than_its_base_warns(dataset, tm
     (rescaled / "config.json").write_text(json.dumps({**config, "scaling_factor": 2.5 * config["scaling_factor"]}))
     recipe = tiny_recipe(steps=1, warmup_steps=0, init_from=str(base))
     with pytest.warns(InputWarning, match=rf"--vae {re.escape(str(rescaled))} is not {re.escape(str(base))}'s VAE and "
-                                          r"its latent shift/scale differ: .* encode the data with"):
+                                          r"its latent shift/scale differ: .* drop --vae .*encode-dataset DATA --model"):
         train(root, tmp_path / "ft_rescaled", recipe, vae_dir=rescaled, device="cpu", progress=False)
     for vae in (same, None):  # a copy of the base's VAE, or none given (the base's own)
         with warnings.catch_warnings(record=True) as caught:

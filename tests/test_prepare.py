@@ -222,6 +222,7 @@ def test_cli_evaluate_scene_pairs_by_name_and_refuses_mixed_units(tmp_path):
                                  "--num-points", "20000"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["instance_fscore@0.1"] == pytest.approx(1.0, abs=0.01)  # to the sampling floor
+    assert json.loads(result.stdout)["paired_by_name"] is True
     assert (json.loads(result.stdout)["frame"], json.loads(result.stdout)["num_points"]) == ("each", 20000)  # how it was scored
     result = runner.invoke(app, ["evaluate", str(tmp_path / "centimetres.glb"), str(tmp_path / "gt.glb"), "--scene", "--num-points", "2000"])
     assert isinstance(result.exception, InputError) and "(100x); export both in one frame and unit" in str(result.exception)

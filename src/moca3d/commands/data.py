@@ -155,13 +155,13 @@ def evaluate_command(
         pred_meshes, paired = pair_by_name(pred_meshes, pred_names, gt_names)
         if paired:
             typer.echo("(components paired by name: the two files list them in different orders)", err=True)
-        result = evaluate_scene(pred_meshes, gt_meshes, config)
+        result = {**evaluate_scene(pred_meshes, gt_meshes, config), "paired_by_name": paired}
     else:  # the fused surface of the non-empty parts (num_empty counts the others; none at all scores F = 0)
         result = object_metrics(pred_meshes, gt_meshes, config)
     if write_json(json_out, {**result, "frame": frame, "num_points": num_points, "gt_up_axis": gt_up_axis,
                              "protocol": protocol(config, scene)}):
         return
-    labels = {key: COUNT_LABELS[scene].get(key, key) for key in result if key != "instances"}
+    labels = {key: COUNT_LABELS[scene].get(key, key) for key in result if key not in ("instances", "paired_by_name")}  # (said above)
     width = max([22, *map(len, labels.values())])
     for key, label in labels.items():
         value = result[key]

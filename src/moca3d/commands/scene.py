@@ -131,6 +131,10 @@ def register(app: typer.Typer) -> None:
         echo_categories(result["by_category"], "fscore@0.1", "instance")
         typer.echo(f"{plural(result['count'], 'scene')} of '{split}' with {min_instances}-{max_instances} instances; "
                    f"{len(result['skipped'])} skipped (hidden instances)")
+        by_name = [row["id"] for row in result["scenes"] if row.get("paired_by_name")]
+        if by_name:  # (the JSON says so per scene)
+            typer.echo(f"{plural(len(by_name), 'prediction')} paired with the masks by instance name (listed in another "
+                       f"order): {', '.join(by_name[:5])}{', ...' if len(by_name) > 5 else ''}")
         echo_missing(result)
 
     @app.command("train-scene")

@@ -173,13 +173,18 @@ def palette(n: int, seed: int = 0) -> np.ndarray:
     return (rgba * 255).round().astype(np.uint8)
 
 
+def linear_rgba(rgba: np.ndarray) -> np.ndarray:
+    """RGBA display (sRGB) colours (uint8, (..., 4)) as linear floats in [0, 1] (alpha scaled only), as glTF's
+    baseColorFactor holds them."""
+    c = np.asarray(rgba, dtype=np.uint8) / 255.0
+    rgb = np.where(c[..., :3] <= 0.04045, c[..., :3] / 12.92, ((c[..., :3] + 0.055) / 1.055) ** 2.4)
+    return np.concatenate([rgb, c[..., 3:]], axis=-1)
+
+
 def srgb_to_linear(rgba: np.ndarray) -> np.ndarray:
-    """RGBA colours (uint8, (..., 4)) from display (sRGB) values to linear ones, as glTF's baseColorFactor holds them
-    (alpha unchanged)."""
-    rgba = np.asarray(rgba, dtype=np.uint8)
-    c = rgba[..., :3] / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    return np.concatenate([(linear * 255).round().astype(np.uint8), rgba[..., 3:]], axis=-1)
+    """RGBA colours (uint8, (..., 4)) from display (sRGB) values to linear ones (`linear_rgba`, 8-bit, as trimesh
+    keeps a material's colour), alpha unchanged."""
+    return (linear_rgba(rgba) * 255).round().astype(np.uint8)
 
 
 def linear_to_srgb(rgba: np.ndarray) -> np.ndarray:
@@ -189,6 +194,10 @@ def linear_to_srgb(rgba: np.ndarray) -> np.ndarray:
     c = rgba[..., :3] / 255.0
     srgb = np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
     return np.concatenate([(srgb * 255).round().astype(np.uint8), rgba[..., 3:]], axis=-1)
+
+
+TRIMESH_GENERATOR = "https://github.com/mikedh/trimesh"  # the glTF asset.generator moca3d's files held before they named it
+DISPLAY_FACTORS = "moca3d_display_colors"  # mesh.metadata key: its file stored display (sRGB) base colours (`load_file`)
 
 
 def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
@@ -202,7 +211,11 @@ def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
             return None
         material = getattr(visual, "material", None)
         if isinstance(material, trimesh.visual.material.PBRMaterial):
-            return linear_to_srgb(material.main_color)
+            if material.baseColorFactor is None:  # a texture's colours, not one: the caller's own (trimesh said grey)
+                return None
+            if mesh.metadata.get(DISPLAY_FACTORS):  # written by moca3d before it stored them linear
+                return np.asarray(material.baseColorFactor, dtype=np.uint8)
+            return linear_to_srgb(material.baseColorFactor)
         if material is not None:
             return np.asarray(material.main_color, dtype=np.uint8)
     except (AttributeError, ValueError, IndexError):
@@ -312,7 +325,20 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
         meshes, names = [meshes[i] for i in perm], [names[i] for i in perm]
     if len(names) == 1 and names[0] == path.name:  # trimesh names a lone mesh after its file
         names = [path.stem]
+    if order and order[0] == "nodes" and _display_colors(path):
+        for mesh in meshes:
+            mesh.metadata[DISPLAY_FACTORS] = True
     return meshes, names
+
+
+def _display_colors(path: Path) -> bool:
+    """Whether a glTF file is one moca3d wrote before it stored base colours linear: its record, trimesh's generator."""
+    try:
+        doc = gltf_document(path) or {}
+    except (OSError, ValueError):
+        return False
+    extras = ((doc.get("scenes") or [{}])[0] or {}).get("extras") or {}
+    return (doc.get("asset") or {}).get("generator") == TRIMESH_GENERATOR and METADATA_KEY in extras
 
 
 def gltf_document(path: Path) -> dict | None:
@@ -787,8 +813,15 @@ def save_glb(
         scene.metadata[METADATA_KEY] = metadata
     from moca3d import __version__
 
-    def stamp(tree: dict) -> None:  # the writer's name in the file (trimesh puts its own)
+    named = dict(zip(*_named_colors(meshes, names, colors)))  # material name -> its display colour
+
+    def stamp(tree: dict) -> None:
+        """The writer's name in the file (trimesh puts its own); each part's base colour as exact linear floats
+        (trimesh writes its 8-bit copy: up to 6/255 off in dark channels)."""
         tree["asset"]["generator"] = f"moca3d {__version__} (trimesh {trimesh.__version__})"
+        for material in tree.get("materials", []):
+            if material.get("name") in named:
+                material.setdefault("pbrMetallicRoughness", {})["baseColorFactor"] = linear_rgba(named[material["name"]]).tolist()
 
     # vertex normals: smooth shading in every viewer
     data = scene.export(file_type="glb", include_normals=True, tree_postprocessor=stamp)

@@ -322,8 +322,9 @@ def warn_other_latent_space(vae: VecSetVAE, vae_dir: Path, root: Path) -> None:
          (base.config.shift_factor, base.config.scaling_factor))) if ours != theirs]
     if differs:
         warn_input(f"--vae {vae_dir} is not {root}'s VAE and its {' and '.join(differs)} differ: {root}'s transformer "
-                   "learned other latents, so the fine-tune starts from a mismatched prior (a long re-training); encode "
-                   f"the data with {base_dir} to keep it")
+                   "learned other latents, so the fine-tune starts from a mismatched prior (a long re-training); to keep "
+                   f"it, drop --vae (its own VAE, {base_dir}, is used) and encode the data with that one "
+                   f"(encode-dataset DATA --model {base_dir} --overwrite)")
 
 
 def load_transformer(root: Path, cfg: DiTTrainConfig, latent_shape: Optional[tuple[int, int]]) -> MoCATransformer:
