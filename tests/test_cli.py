@@ -117,6 +117,9 @@ def test_evaluate_model_scores_a_folder_of_predictions_in_any_frame(object_datas
     base = ["evaluate-model", str(root), "--split", "train", "--metric-points", "4000", "--predictions", str(preds)]
     report = cli_report(base, tmp_path / "scores.json")
     scores = {row["id"]: row for row in report["assets"]}
+    printed = CliRunner().invoke(app, base)  # the summary counts empty predicted parts (the JSON alone had them)
+    solid = sum(scores[a]["num_pred"] for a in ids[:2])
+    assert printed.exit_code == 0 and f"0 of {solid} predicted parts empty" in printed.output, printed.output
     for asset in ids[:2]:
         assert scores[asset]["fscore@0.1"] == 1.0 and scores[asset]["chamfer"] < 0.06  # the sampling floor at 4000 points
     assert report["missing"] == ids[2:] and all(scores[a]["fscore@0.1"] == 0.0 for a in ids[2:])

@@ -187,7 +187,7 @@ def test_a_prepared_dataset_shows_its_assets_splits_and_which_latents_it_holds(o
     result = CliRunner().invoke(app, ["info", str(root)])
     assert result.exit_code == 0, result.output
     assert f"{len(entries)} assets ({len(entries)} objects)" in result.output and f"latents of {len(entries) - 1} of {len(entries)}: model test" in result.output
-    assert "1 asset without latents: `moca3d encode-dataset" in result.output and "1 manifest line unreadable" in result.output
+    assert "1 asset without latents: `moca3d encode-dataset" in result.output and "--model <the VAE that made the others>" in result.output and "1 manifest line unreadable" in result.output
 
 
 def test_a_folder_of_part_files_shows_its_parts_and_how_they_were_made(tmp_path):

@@ -218,5 +218,7 @@ def register_evaluation(app: typer.Typer) -> None:
             return
         echo_means(result["mean"], 12, "asset", result.get("standard_error"))
         echo_categories(result["by_category"], "fscore@0.1", "asset")
-        typer.echo(f"{plural(result['count'], 'asset')} of '{split}'")
+        empty = sum(row.get("num_empty", 0) for row in result["assets"])
+        parts = empty + sum(row.get("num_pred", 0) for row in result["assets"])  # (num_pred: the non-empty ones)
+        typer.echo(f"{plural(result['count'], 'asset')} of '{split}'; {empty} of {parts} predicted parts empty")
         echo_missing(result)

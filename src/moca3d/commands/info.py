@@ -388,7 +388,9 @@ def _echo_dataset(report: dict) -> None:
         typer.echo(f"  latents of {made['assets']} of {report['assets']}: model {made['model']} (encoder {made['encoder']}), "
                    f"L {made['num_latents']}, {made['num_points']} points, {made['token_order']} order")
     if report["without_latents"]:
-        typer.echo(f"  {plural(report['without_latents'], 'asset')} without latents: `moca3d encode-dataset {report['path']}` caches them")
+        same = " --model <the VAE that made the others>" if report["latents"] else ""  # (its record holds a hash, not a path)
+        typer.echo(f"  {plural(report['without_latents'], 'asset')} without latents: `moca3d encode-dataset {report['path']}{same}` "
+                   "caches them")
     typer.echo("  used by: moca3d train-vae / encode-dataset / train / train-scene / cache-latents / evaluate-model / evaluate-scenes")
 
 
