@@ -412,10 +412,19 @@ def test_a_split_list_takes_names_with_spaces_any_separator_and_refuses_an_asset
     trimesh.creation.box().export(src / "desk lamp.obj")
     root = tmp_path / "ds"
     prep.prepare(prep.folder_jobs(src), root, TINY, progress=False)
-    with pytest.raises(InputError, match=r"gives asset desk_lamp two splits by its names \(desk_lamp val, desk lamp.obj test\)"):
-        prep.prepare(prep.folder_jobs(src), root, dataclasses.replace(TINY, splits={"desk_lamp": "val", "desk lamp.obj": "test"}),
+    with pytest.raises(InputError, match=r"gives asset desk_lamp two splits by its names \(desk lamp.obj test, desk lamp val\)"):
+        prep.prepare(prep.folder_jobs(src), root, dataclasses.replace(TINY, splits={"desk lamp": "val", "desk lamp.obj": "test"}),
                      progress=False)
     assert [r["split"] for r in _manifest(root)] == ["train"]  # nothing re-split, the manifest still whole
+    assert json.loads((root / "prepare.json").read_text())["split_list"] is False  # not split by a list: hashed splits
+    # an exact id decides: model_1's stem is the other asset's id (two folders' model.glb), not a conflict
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        trimesh.creation.box().apply_scale(1.5 if folder == "b" else 1.0).export(tmp_path / folder / "model.glb")
+        prep.prepare(prep.folder_jobs(tmp_path / folder), tmp_path / "two", TINY, progress=False)
+    prep.prepare(prep.folder_jobs(tmp_path / "b"), tmp_path / "two", dataclasses.replace(TINY, splits={"model": "test", "model_1": "val"}),
+                 progress=False)
+    assert {r["id"]: r["split"] for r in _manifest(tmp_path / "two")} == {"model": "test", "model_1": "val"}
 
 
 def test_a_rerun_names_assets_it_keeps_although_their_source_changed_or_stands_up_otherwise(tmp_path):
@@ -434,6 +443,7 @@ def test_a_rerun_names_assets_it_keeps_although_their_source_changed_or_stands_u
         warnings.simplefilter("error", prep.InputWarning)
         assert prep.prepare(prep.folder_jobs(src), root, TINY, progress=False).already_done == 2  # nothing changed: quiet
     later = (root / "assets" / "desk" / "meta.json").stat().st_mtime + 10
+    os.utime(src / "ball.obj", (later, later))  # touched (a checkout, a copy of the same bytes): no change, no word
     trimesh.creation.box(extents=[1, 2, 1]).export(src / "desk.obj")
     os.utime(src / "desk.obj", (later, later))
     with pytest.warns(prep.InputWarning, match=r"1 asset\(s\) kept as prepared before, though their source changed since: desk; "

@@ -47,6 +47,7 @@ from moca3d.geometry.mesh_io import (
     normalize_meshes,
     open_components,
     palette,
+    part_files,
     save_glb,
     stand_up,
     validate_components,
@@ -311,11 +312,14 @@ def apply_split_list(root: Path, splits: dict[str, str]) -> dict:
     for asset_id in sorted(finished_ids(root)):  # every asset's split first: a conflict writes nothing
         path = root / ASSETS / asset_id / META
         meta = json.loads(path.read_text())
-        named = [key for key in list_names(asset_id, meta.get("source", "")) if key in splits]
-        if len({splits[key] for key in named}) > 1:  # e.g. its id in val, its file name in test
-            given = ", ".join(f"{key} {splits[key]}" for key in named)
-            raise InputError(f"the split list gives asset {asset_id} two splits by its names ({given}): list it once")
+        named = list(dict.fromkeys(key for key in list_names(asset_id, meta.get("source", "")) if key in splits))
         matched.update(named)
+        if asset_id in splits:  # its exact id decides (a namesake's stem may be another asset's id: model, model_1)
+            named = [asset_id]
+        elif len({splits[key] for key in named}) > 1:  # its file name in test, its stem in val
+            given = ", ".join(f"{key} {splits[key]}" for key in named)
+            raise InputError(f"the split list gives asset {asset_id} two splits by its names ({given}): list it once, "
+                             "or by its id")
         if not named:
             unlisted.append(asset_id)
         split = splits[named[0]] if named else "train"
@@ -565,7 +569,7 @@ def _write_json(path: Path, obj, indent: int | None = None) -> None:
 def _warn_outdated(kept: list[dict], config: PrepareConfig) -> None:
     """One InputWarning naming the assets a rerun keeps as they were although their source file changed since they
     were prepared, or this run stands its files up otherwise (--up-axis): they were kept silently."""
-    changed = [a["id"] for a in kept if a["prepared"] and _modified(a["source"]) > a["prepared"]]
+    changed = [a["id"] for a in kept if _changed(a)]
     turned = [a["id"] for a in kept if a.get("up_axis") not in (None, config.up_axis)]
     for ids, why in ((changed, "their source changed since"), (turned, f"prepared with another --up-axis than {config.up_axis}")):
         if ids:
@@ -605,14 +609,27 @@ def _finished_sources(root: Path) -> list[dict]:
 
 
 def _modified(source: str) -> float:
-    """When a source last changed: a file's mtime, a folder's newest file's (0 when it cannot be read)."""
+    """When a source last changed: a file's mtime, a folder asset's newest part file's (0 when it cannot be read)."""
     try:
         path = Path(source)
         if path.is_dir():
-            return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
+            return max((p.stat().st_mtime for p in part_files(path)), default=0.0)
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def _changed(asset: dict) -> bool:
+    """Whether a kept asset's source changed since it was prepared: touched later (`_modified`) and, where its content's
+    fingerprint was recorded, other content (a copy of the same bytes, a checkout, is no change)."""
+    if not asset["prepared"] or _modified(asset["source"]) <= asset["prepared"]:
+        return False
+    if not asset.get("source_sha1"):
+        return True
+    try:
+        return source_digest(asset["source"]) != asset["source_sha1"]
+    except OSError:
+        return False
 
 
 def _same_content(source: str, asset: dict, digest: Callable[[str], str | None]) -> bool:
@@ -752,11 +769,7 @@ def prepare(
         raise ConfigError(f"cannot create the dataset folder {root}: {err.strerror or err}") from None
     _clean_stale(root)
     listed = config.splits is not None
-    if listed and not config.split_list:
-        config = replace(config, split_list=True)
     check_settings(root, config, vary + (("split_list",) if listed else ()))  # a list may re-split any dataset
-    if listed:  # from now on it holds listed splits: a run without the list would add hashed ones among them
-        _record_setting(root, "split_list", True)
     if retry_failed and (root / REPORT).exists():
         (root / REPORT).unlink()
     settings = config.digest()
@@ -808,6 +821,7 @@ def prepare(
         try:
             if listed:  # every asset, prepared now or before, gets its listed split
                 summary.split_list = apply_split_list(root, config.splits)
+                _record_setting(root, "split_list", True)  # from now on: a run without a list would add hashed splits
         finally:  # (a list giving an asset two splits is refused: the manifest still lists what was prepared)
             write_manifest(root)
     return summary
