@@ -556,6 +556,8 @@ def test_routing_settings_are_checked_when_set_on_a_built_model_and_a_topk_that_
         with pytest.raises(ConfigError, match="topk must be a whole number"):
             MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=value)
     assert MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk=np.int64(4)).num_routed(8) == 4  # a numpy sweep's ints
+    with pytest.raises(ConfigError, match="topk_ratio must be in"):
+        MoCAttentionConfig(dim=DIM, num_heads=HEADS, topk_ratio=True)
     small = dict(num_latents=8, in_channels=4, width=32, num_layers=2, num_heads=4, cond_dim=16, compression=4, id_codebook_size=50)
     from moca3d.errors import InputWarning
 
@@ -566,7 +568,7 @@ def test_routing_settings_are_checked_when_set_on_a_built_model_and_a_topk_that_
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        MoCATransformer(**small, topk=6).save_pretrained(folder)
+        MoCATransformer(**small, topk=np.int64(6)).save_pretrained(folder)  # a numpy int: saved as JSON (it failed)
         assert component_entry(Path(folder), "transformer")["topk"] == 6
         MoCATransformer(**small).save_pretrained(folder)
         assert "topk" not in component_entry(Path(folder), "transformer")  # unset: the ratio decides (shown)

@@ -383,11 +383,13 @@ def test_models_in_formats_prepare_does_not_read_are_named_not_dropped_silently(
     trimesh.creation.box().export(lamp / "base.obj")
     trimesh.creation.icosphere().apply_translation([0, 2, 0]).export(lamp / "pole.obj")
     (lamp / "shade.fbx").write_bytes(b"\x00")
-    with pytest.warns(prep.InputWarning, match=r"lamp: 1 part file\(s\) in formats moca3d does not read are left out of it \(shade.fbx\)"):
+    (lamp / "lamp.blend").write_bytes(b"\x00")  # the project its parts came from: not named
+    with pytest.warns(prep.InputWarning, match=r"^lamp: shade.fbx not read \(a format moca3d does not read\): if it is a part, "
+                                               r"export it as GLB or OBJ"):
         assert load_asset(lamp)[1] == ["base", "pole"]
     for name in ("base.obj", "pole.obj"):
         (lamp / name).unlink()
-    with pytest.raises(InputError, match=r"lamp: folder holds no mesh files; its shade.fbx are in formats moca3d does not read"):
+    with pytest.raises(InputError, match=r"lamp: folder holds no mesh files; its lamp.blend, shade.fbx are in formats moca3d does not read"):
         load_asset(lamp)
 
 
@@ -405,6 +407,8 @@ def test_a_split_list_takes_names_with_spaces_any_separator_and_refuses_an_asset
     (tmp_path / "splits.csv").write_text(lines, encoding="utf-8")
     assert prep.read_split_list(tmp_path / "splits.csv") == {"office chair.glb": "test", "desk lamp": "val", "stool": "train",
                                                               "old bench": "test"}
+    (tmp_path / "sheet.csv").write_text("# exported from a sheet\n\nid,category,split\nchair_1,chair,test\nbig table,table,val\n")
+    assert prep.read_split_list(tmp_path / "sheet.csv") == {"chair_1": "test", "big table": "val"}  # by the header's columns
     (tmp_path / "bom.json").write_text('\ufeff{"test": ["a"]}', encoding="utf-8")
     assert prep.read_split_list(tmp_path / "bom.json") == {"a": "test"}
     src = tmp_path / "src"

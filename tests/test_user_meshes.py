@@ -53,7 +53,7 @@ def test_obj_objects_with_several_materials_stay_one_component_each(tmp_path):
     assert all(trimesh.Trimesh(m.vertices, m.faces).is_watertight for m in meshes)
     # one object (no `o`), two materials: one component, named after the file
     _write_obj(tmp_path / "stool.obj", [(None, seat, {0: "Wood", 6: "Fabric"})], "chair.mtl")
-    with pytest.warns(InputWarning, match="stool.obj: one part .* though it holds 2 materials"):  # (they may be its parts)
+    with pytest.warns(InputWarning, match="stool.obj: read as one part though its faces use 2 materials"):  # (they may be its parts)
         meshes, names = load_components(tmp_path / "stool.obj")
     assert names == ["stool"] and [len(m.faces) for m in meshes] == [12]
 
@@ -374,8 +374,8 @@ def test_a_one_part_file_of_several_materials_is_named(tmp_path):
     body = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\n"
     faces = "usemtl seat\nf 1 2 3\nusemtl leg\nf 1 2 4\nf 1 3 4\nf 2 3 4\n"
     (tmp_path / "by_material.obj").write_text(body + faces)
-    with pytest.warns(InputWarning, match=r"by_material.obj: one part \(no `o` objects or `g` groups\) though it holds 2 "
-                                          r"materials: .*Separate > By Material"):
+    with pytest.warns(InputWarning, match=r"by_material.obj: read as one part though its faces use 2 materials: "
+                                          r".*Separate > By Material"):
         meshes, names, _ = load_asset(tmp_path / "by_material.obj")
     assert names == ["by_material"]
     (tmp_path / "objects.obj").write_text(body + "o seat\nusemtl seat\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\n"

@@ -49,6 +49,8 @@ class MoCAttentionConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         self.check_routing()
+        if self.topk is not None:
+            self.topk = int(self.topk)  # (a numpy integer of a sweep: plain, as configs are saved as JSON)
         if self.router not in ("sigmoid", "softmax"):
             raise ConfigError(f"router must be 'sigmoid' or 'softmax', got {self.router!r}")
         if self.unselected not in ("compressed", "drop"):
@@ -76,7 +78,7 @@ class MoCAttentionConfig:
         0`) they bypass `__post_init__` (k became 1, silently)."""
         if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, numbers.Integral) or self.topk < 1):
             raise ConfigError(f"topk must be a whole number >= 1 (routing=False routes none; None: topk_ratio), got {self.topk!r}")
-        if not (isinstance(self.topk_ratio, numbers.Real) and 0.0 < self.topk_ratio <= 1.0):
+        if isinstance(self.topk_ratio, bool) or not (isinstance(self.topk_ratio, numbers.Real) and 0.0 < self.topk_ratio <= 1.0):
             raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
 
     def num_routed(self, n: int) -> int:

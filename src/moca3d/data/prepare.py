@@ -277,14 +277,23 @@ def read_split_list(path: str | Path) -> dict[str, str]:
                 raise InputError(f"{path}: '{split}' must list names, got {type(names).__name__}")
             pairs += [(str(name), split) for name in names]
     else:
+        columns = None  # a CSV header's (name, split) columns: id,category,split
         for number, line in enumerate(text.splitlines(), 1):
             line = line.split("#")[0].strip()
             if not line:
                 continue
-            name, _, split = line.rpartition("," if "," in line else "\t" if "\t" in line else " ")
-            name, split = name.strip().strip("\"'").strip(), split.strip().strip("\"'")
-            if number == 1 and split.lower() == "split":  # a header: id,split / name,split / file split
+            sep = "," if "," in line else "\t" if "\t" in line else " "
+            cells = [c.strip().strip("\"'").strip() for c in line.split(None if sep == " " else sep)]
+            lower = [c.lower() for c in cells]
+            if not pairs and columns is None and "split" in lower:  # a header, the first line of content
+                split_at = lower.index("split")
+                columns = (0 if split_at else 1, split_at)  # the name: the first other column
                 continue
+            if columns is not None and sep != " " and len(cells) > max(columns):
+                name, split = cells[columns[0]], cells[columns[1]]
+            else:
+                name, _, split = line.rpartition(sep)
+                name, split = name.strip().strip("\"'").strip(), split.strip().strip("\"'")
             if not name:
                 raise InputError(f"{path}: line {number} is not `NAME SPLIT`: {line!r} (or give a JSON object of name lists)")
             pairs.append((name, split))

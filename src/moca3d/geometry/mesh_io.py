@@ -198,6 +198,7 @@ def linear_to_srgb(rgba: np.ndarray) -> np.ndarray:
 
 TRIMESH_GENERATOR = "https://github.com/mikedh/trimesh"  # the glTF asset.generator moca3d's files held before they named it
 DISPLAY_FACTORS = "moca3d_display_colors"  # mesh.metadata key: its file stored display (sRGB) base colours (`load_file`)
+LINEAR_MARK = "moca3d_linear_colors"  # glTF scene extras of the files moca3d writes: base colours stored linear
 
 
 def main_color(mesh: trimesh.Trimesh) -> np.ndarray | None:
@@ -332,13 +333,14 @@ def load_file(path: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
 
 
 def _display_colors(path: Path) -> bool:
-    """Whether a glTF file is one moca3d wrote before it stored base colours linear: its record, trimesh's generator."""
+    """Whether a glTF file is one moca3d wrote before it stored base colours linear: its record and trimesh's generator,
+    without the mark of linear colours (LINEAR_MARK: a re-save by trimesh keeps it, and trimesh's generator)."""
     try:
         doc = gltf_document(path) or {}
     except (OSError, ValueError):
         return False
     extras = ((doc.get("scenes") or [{}])[0] or {}).get("extras") or {}
-    return (doc.get("asset") or {}).get("generator") == TRIMESH_GENERATOR and METADATA_KEY in extras
+    return (doc.get("asset") or {}).get("generator") == TRIMESH_GENERATOR and METADATA_KEY in extras and LINEAR_MARK not in extras
 
 
 def gltf_document(path: Path) -> dict | None:
@@ -556,10 +558,11 @@ def component_source(path: str | Path) -> Path:
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         files = part_files(path)
-        unread = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS)
+        unread = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS
+                        and p.stem != path.name)  # (chair/chair.blend: the project its parts were exported from)
         if unread and files:  # a part in a format not read vanished from its asset (without files: load_folder's error)
-            warn_input(f"{path.name}: {len(unread)} part file(s) in formats moca3d does not read are left out of it "
-                       f"({', '.join(unread[:NAMED_FILES])}): {EXPORT_HINT}")
+            warn_input(f"{path.name}: {', '.join(unread[:NAMED_FILES])} not read (a format moca3d does not read): if "
+                       f"{'it is a part' if len(unread) == 1 else 'they are parts'}, {EXPORT_HINT.replace('them', 'it' if len(unread) == 1 else 'them')}")
         nested = nested_mesh_files(path) if files else []  # (without files, load_folder's error names them)
         if nested:
             files_are = "1 mesh file in its sub-folders is" if len(nested) == 1 else \
@@ -657,9 +660,9 @@ def load_asset(path: str | Path, connected: bool = False, max_components: int | 
     source = component_source(path)
     meshes, names = load_folder(source) if source.is_dir() else load_file(source)
     if len(meshes) == 1 and not connected and source.is_file() and (materials := material_count(source)) > 1:
-        warn_input(f"{source.name}: one part ({'no `o` objects or `g` groups' if source.suffix.lower() == '.obj' else 'one mesh node'})"
-                   f" though it holds {materials} materials: if they are its parts, separate it by material (Blender: "
-                   "Edit > Separate > By Material) and export again; --connected splits it into its pieces")
+        warn_input(f"{source.name}: read as one part though its faces use {materials} materials: if they are its parts, "
+                   "separate it by material (Blender: Edit > Separate > By Material) and export again; --connected "
+                   "splits it into its pieces")
     if connected:  # the pieces first: a piece without surface is left out as a part would be
         meshes, names = split_connected(meshes, names)
     dropped = []
@@ -819,6 +822,8 @@ def save_glb(
         """The writer's name in the file (trimesh puts its own); each part's base colour as exact linear floats
         (trimesh writes its 8-bit copy: up to 6/255 off in dark channels)."""
         tree["asset"]["generator"] = f"moca3d {__version__} (trimesh {trimesh.__version__})"
+        for scene in tree.get("scenes", []):  # kept by a trimesh re-save, which puts back trimesh's generator
+            scene.setdefault("extras", {})[LINEAR_MARK] = True
         for material in tree.get("materials", []):
             if material.get("name") in named:
                 material.setdefault("pbrMetallicRoughness", {})["baseColorFactor"] = linear_rgba(named[material["name"]]).tolist()

@@ -13,6 +13,7 @@ Data flow of one forward pass, for B samples of N components with L latents each
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -260,6 +261,9 @@ class MoCATransformer(AtomicSaveMixin, ModelMixin, ConfigMixin):
             raise ConfigError(f"instance_views must be 1 or 2, got {instance_views}")
         if id_assignment not in ("random", "sequential"):
             raise ConfigError(f"id_assignment must be 'random' or 'sequential', got {id_assignment!r}")
+        if isinstance(topk, numbers.Integral) and not isinstance(topk, bool):
+            topk = int(topk)  # a numpy integer (a sweep's) is saved as a plain one: the config is JSON
+            self.register_to_config(topk=topk)
         if attention_mode == "moc" and isinstance(topk, int) and topk >= id_codebook_size - 1:  # (a saved one still loads)
             warn_input(f"topk {topk} routes every component to all the others at any count up to the model's "
                        f"{id_codebook_size} (dense cost, MoC's saving lost): a smaller topk, or topk_ratio "

@@ -460,7 +460,8 @@ def pretrain_encoder(cfg: EncoderPretrainConfig, data_dir: str | Path, out_dir: 
         state = load_checkpoint(ckpt, model, optimizer)
         start, elapsed0 = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), asset_ids, out_dir, data_dir,
-                        f"a recipe's image_encoder_from {out_dir}/image_encoder")
+                        f"a recipe's image_encoder_from {out_dir}/image_encoder, written when the run finishes: resume it "
+                        "on its own data first")
         if record_resume is not None and main:  # the resume accepted: its changes recorded
             record_resume()
         spent = cfg.spent(start, elapsed0)

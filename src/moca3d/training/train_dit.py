@@ -626,7 +626,8 @@ def train(
         state = load_checkpoint(ckpt, model, optimizer, ema, frozen=frozen)
         start, before = state.step, float(state.extra.get("elapsed_s", 0.0))
         check_same_data(state.extra.get("data"), data.ids, out, data_dir,
-                        f"a new -o with --init-from {out}/pipeline; `--export-only` writes it from the newest checkpoint")
+                        f"a new -o with --init-from {out}/pipeline, written at the run's end; cut off, `moca3d train <its "
+                        f"own data> -o {out} --export-only` writes it from the newest checkpoint")
         if state.extra.get("vae") not in (None, vae_id):  # (None: a checkpoint from before the record)
             raise ConfigError(f"{out} was trained with another VAE than {vae_dir} (its latent scale and decoder differ): "
                               "resume with the run's own --vae, or start a new run from its weights")

@@ -464,7 +464,8 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, cfg: VAETrainConfig, re
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, ema, frozen=frozen)
         start, elapsed = state.step, float(state.extra.get("elapsed_s", 0.0))
-        check_same_data(state.extra.get("data"), assets, out_dir, data_dir, f"a new -o with --init-from {out_dir}/vae")
+        check_same_data(state.extra.get("data"), assets, out_dir, data_dir,
+                        f"a new -o with --init-from {out_dir}/vae, written when the run finishes: resume it on its own data first")
         if record_resume is not None and main:  # after the checkpoint and its data: recorded now
             record_resume()
         say(f"resumed from {ckpt} (step {start})")
