@@ -384,8 +384,8 @@ def test_models_in_formats_prepare_does_not_read_are_named_not_dropped_silently(
     trimesh.creation.icosphere().apply_translation([0, 2, 0]).export(lamp / "pole.obj")
     (lamp / "shade.fbx").write_bytes(b"\x00")
     (lamp / "lamp.blend").write_bytes(b"\x00")  # the project its parts came from: not named
-    with pytest.warns(prep.InputWarning, match=r"^lamp: shade.fbx not read \(a format moca3d does not read\): if it is a part, "
-                                               r"export it as GLB or OBJ"):
+    with pytest.warns(prep.InputWarning, match=r"^lamp: shade.fbx not read \(a format moca3d does not read\): if parts, "
+                                               r"export them as GLB or OBJ"):
         assert load_asset(lamp)[1] == ["base", "pole"]
     for name in ("base.obj", "pole.obj"):
         (lamp / name).unlink()

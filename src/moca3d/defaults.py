@@ -23,6 +23,7 @@ MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # the mesh 
 OTHER_3D_FORMATS = (".fbx", ".blend", ".usd", ".usda", ".usdc", ".usdz", ".dae", ".3ds", ".abc", ".x3d", ".wrl", ".step",
                     ".stp", ".iges", ".igs", ".max", ".ma", ".mb", ".c4d", ".3mf", ".dxf")
 EXPORT_HINT = "export them as GLB or OBJ (Blender: File > Export > glTF 2.0)"
+TRIMESH_GENERATOR = "https://github.com/mikedh/trimesh"  # glTF asset.generator of trimesh's files (moca3d's, before it named itself)
 PART_FORMATS = ("glb", "obj", "ply", "stl")  # MoCAOutput.save_parts' (and --separate's) one-mesh-per-file formats
 TRAINED_KEY = "_trained_components"  # model_index.json / adapter_config.json: the most components a training example held (a fine-tune: its base's too)
 INSTANCE_MASKS = "instance_masks"  # a generated scene's record of each instance's mask: its label id or file name

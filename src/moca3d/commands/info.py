@@ -13,7 +13,8 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import plural, shipped
-from moca3d.defaults import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS, MESH_EXTENSIONS, TRAINED_KEY
+from moca3d.defaults import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_MODEL_DIR, INSTANCE_MASKS, MESH_EXTENSIONS, TRAINED_KEY,
+                             TRIMESH_GENERATOR)
 from moca3d.errors import CheckpointError, InputError
 
 DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
@@ -417,7 +418,7 @@ def echo(report: dict) -> None:
         typer.echo(f"  {plural(len(report['components']), 'component')}{empty}: {', '.join(report['components'])}")
         made, generator = dict(report["settings"]), report["generator"]
         sources = made.pop(INSTANCE_MASKS, None)
-        elsewhere = f"; written by {generator}" if generator and not generator.startswith(("moca3d", "https://github.com/mikedh/trimesh")) else ""
+        elsewhere = f"; written by {generator}" if generator and not generator.startswith(("moca3d", TRIMESH_GENERATOR)) else ""
         made = {k: v for k, v in made.items() if v is not None}  # e.g. lora None: generated without an adapter
         typer.echo("  made with: " + (", ".join(f"{k} {v}" for k, v in made.items()) if made else
                                       f"no record (moca3d's generate, generate-scene and reconstruct write one){elsewhere}"))

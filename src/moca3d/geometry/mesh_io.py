@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from moca3d.defaults import EXPORT_HINT, MESH_EXTENSIONS, OTHER_3D_FORMATS  # noqa: F401  (the formats read here; defaults: without trimesh's import)
+from moca3d.defaults import EXPORT_HINT, MESH_EXTENSIONS, OTHER_3D_FORMATS, TRIMESH_GENERATOR  # noqa: F401  (the formats read here; defaults: without trimesh's import)
 from moca3d.errors import ConfigError, InputError, cannot_write, one_line, warn_input
 
 CANONICAL_EXTENT = 2.0  # largest bounding-box side after normalisation: the asset fits [-1, 1]^3
@@ -196,7 +196,6 @@ def linear_to_srgb(rgba: np.ndarray) -> np.ndarray:
     return np.concatenate([(srgb * 255).round().astype(np.uint8), rgba[..., 3:]], axis=-1)
 
 
-TRIMESH_GENERATOR = "https://github.com/mikedh/trimesh"  # the glTF asset.generator moca3d's files held before they named it
 DISPLAY_FACTORS = "moca3d_display_colors"  # mesh.metadata key: its file stored display (sRGB) base colours (`load_file`)
 LINEAR_MARK = "moca3d_linear_colors"  # glTF scene extras of the files moca3d writes: base colours stored linear
 
@@ -476,6 +475,13 @@ def keep_empty_components(path: Path, meshes: list[trimesh.Trimesh],
     return [mesh for _, mesh in rows], [name for name, _ in rows]
 
 
+def unread_models(folder: Path, keep_own: bool = False) -> list[str]:
+    """The names of `folder`'s files in 3D formats moca3d does not read (OTHER_3D_FORMATS: FBX, .blend, ...), sorted;
+    one named as the folder (chair/chair.blend, the project its parts came from) only with `keep_own`."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS
+                  and (keep_own or p.stem != folder.name))
+
+
 def part_files(folder: Path) -> list[Path]:
     """The mesh files directly in `folder`, sorted by name: a folder asset's parts (hidden files, such as macOS's
     `._name.obj`, are none, as `prepare` lists a folder)."""
@@ -503,7 +509,7 @@ def load_folder(folder: str | Path) -> tuple[list[trimesh.Trimesh], list[str]]:
     if not files:
         nested = nested_mesh_files(folder)
         where = f" (only its sub-folders do, e.g. {nested[0]}: a part is a file directly in it)" if nested else ""
-        unread = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS)
+        unread = unread_models(folder, keep_own=True)
         if unread:
             where += f"; its {', '.join(unread[:NAMED_FILES])} are in formats moca3d does not read: {EXPORT_HINT}"
         raise InputError(f"{folder.name}: folder holds no mesh files{where}")
@@ -558,11 +564,10 @@ def component_source(path: str | Path) -> Path:
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         files = part_files(path)
-        unread = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS
-                        and p.stem != path.name)  # (chair/chair.blend: the project its parts were exported from)
+        unread = unread_models(path)
         if unread and files:  # a part in a format not read vanished from its asset (without files: load_folder's error)
             warn_input(f"{path.name}: {', '.join(unread[:NAMED_FILES])} not read (a format moca3d does not read): if "
-                       f"{'it is a part' if len(unread) == 1 else 'they are parts'}, {EXPORT_HINT.replace('them', 'it' if len(unread) == 1 else 'them')}")
+                       f"parts, {EXPORT_HINT}")
         nested = nested_mesh_files(path) if files else []  # (without files, load_folder's error names them)
         if nested:
             files_are = "1 mesh file in its sub-folders is" if len(nested) == 1 else \
@@ -723,11 +728,11 @@ def _unit_vertex_normals(mesh: trimesh.Trimesh) -> np.ndarray:
     return normals
 
 
-def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str, origin: np.ndarray = np.zeros(3)) -> trimesh.Trimesh:
+def _colored_copy(mesh: trimesh.Trimesh, color: np.ndarray, name: str, origin: np.ndarray | None = None) -> trimesh.Trimesh:
     """A geometry-only copy coloured by a named PBR material (dielectric, base colour `color`, an sRGB display colour,
     stored linear as glTF defines it: Blender and three.js show `color`): viewers and DCC tools show a material's
     colour by default, not vertex colours (and glTF would multiply the two). Its vertices are about `origin` (3,)."""
-    out = trimesh.Trimesh(np.asarray(mesh.vertices) - origin, np.asarray(mesh.faces), process=False)
+    out = trimesh.Trimesh(np.asarray(mesh.vertices) - (0.0 if origin is None else origin), np.asarray(mesh.faces), process=False)
     out.vertex_normals = _unit_vertex_normals(out)  # (V, 3)
     material = trimesh.visual.material.PBRMaterial(name=name, baseColorFactor=srgb_to_linear(color), metallicFactor=0.0,
                                                    roughnessFactor=0.7)
