@@ -258,9 +258,9 @@ SPLITS = ("train", "val", "test")
 def read_split_list(path: str | Path) -> dict[str, str]:
     """A split list: a JSON object of name lists ({"train": [...], "val": [...], "test": [...]}, as benchmarks publish
     them) or text lines `NAME SPLIT`, the split last (`NAME,SPLIT`, tab-separated or CSV too; NAME may hold spaces or
-    be quoted; `#` comments, a header line ending in `split` and a UTF-8 BOM allowed). A name is an asset id, or its
-    source file's (folder's) name or stem. InputError naming the problem: unreadable, an unknown split, a name given
-    two splits."""
+    be quoted; `#` comments, a UTF-8 BOM and a header naming a `split` column, e.g. id,category,split, allowed; the
+    name is then its first other column). A name is an asset id, or its source file's (folder's) name or stem.
+    InputError naming the problem: unreadable, an unknown split, a name given two splits."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # (a spreadsheet's CSV starts with a BOM)
