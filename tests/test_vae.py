@@ -345,7 +345,7 @@ def test_resume_continues_from_the_same_step_with_identical_state(dataset, tmp_p
         train_vae(dataset, tmp_path / "resumed", tiny_train_config(lr=0.5), resume=True, progress=False)
     other = make_dataset(tmp_path / "other", num_assets=2, points=128, queries=128)
     with pytest.raises(ConfigError, match=r"resumed was trained on other data \(2 assets\) than .*other gives \(1 asset, other ids\)"
-                                          r".* \(a new -o with --init-from .*resumed/vae\)"):  # how to start from its weights
+                                          r".* \(a new -o with --init-from .*resumed/vae, written when the run finishes"):  # how to start from its weights
         train_vae(other, tmp_path / "resumed", cfg, resume=True, progress=False)
     train_vae(dataset, tmp_path / "resumed", cfg, resume=True, progress=False, validate_at_end=False)
     steps = [[r["step"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines() if "loss" in (r := json.loads(line))]
