@@ -249,7 +249,8 @@ def test_a_moved_work_folder_resumes_its_cut_stage(tiny_run, tmp_path, monkeypat
     result = train_default(Path("moved"), longer)
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output and "(step 1)" in result.output
-    assert f"resuming with init_from {work / 'dit' / 'pipeline'} -> moved/dit/pipeline" in result.output
+    assert (f"resuming with init_from moved/dit/pipeline (recorded as {work / 'dit' / 'pipeline'}: the same folder, moved with "
+            "the run or spelled from here)") in result.output  # (`A -> B` read like a change of base)
     assert json.loads((moved / "dit_continue" / "train_config.json").read_text())["init_from"] == "moved/dit/pipeline"
     index = moved / "dit_continue" / "pipeline" / "model_index.json"
     before = index.stat().st_mtime_ns
@@ -271,12 +272,14 @@ def test_a_run_recipe_path_is_the_same_spelled_or_moved_another_way_but_not_anot
     said = []
     check_resume(config, {"init_from": str(tmp_path / "work" / "dit" / "pipeline"), "image_encoder_from": None, "steps": 2},
                  said.append)()  # (the returned function says and records, once the resume is accepted)
-    assert said == [f"resuming with init_from work/dit/pipeline -> {tmp_path / 'work' / 'dit' / 'pipeline'}"]
+    assert said == [f"resuming with init_from {tmp_path / 'work' / 'dit' / 'pipeline'} (recorded as work/dit/pipeline: the same "
+                    "folder, moved with the run or spelled from here)"]
     (tmp_path / "work").rename(tmp_path / "moved")
     config = tmp_path / "moved" / "run" / "train_config.json"
     same = {"init_from": str(tmp_path / "moved" / "dit" / "pipeline"), "image_encoder_from": None, "steps": 3}
     check_resume(config, same, said.append)()
-    assert said[-1] == f"resuming with steps 2 -> 3, init_from {tmp_path / 'work' / 'dit' / 'pipeline'} -> {same['init_from']}"
+    assert said[-1] == (f"resuming with steps 2 -> 3, init_from {same['init_from']} (recorded as {tmp_path / 'work' / 'dit' / 'pipeline'}: "
+                        "the same folder, moved with the run or spelled from here)")
     for other in ("moved/dit_continue/pipeline", str(tmp_path / "work" / "dit" / "pipeline"), "elsewhere/dit/pipeline"):
         with pytest.raises(ConfigError, match=r"another recipe \(init_from"):
             check_resume(config, {**same, "init_from": other}, said.append)

@@ -281,7 +281,10 @@ def check_resume(config_path: Path, cfg: Recipe | dict[str, Any], say: Callable[
 
     def record() -> None:
         if changed or respelled:
-            say("resuming with " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed + respelled))
+            said = [f"{k} {old.get(k)} -> {new.get(k)}" for k in changed]
+            said += [f"{k} {new.get(k)} (recorded as {old.get(k)}: the same folder, moved with the run or spelled from here)"
+                     for k in respelled]
+            say("resuming with " + ", ".join(said))
             record_run_config(config_path, new)
         elif _read_origin(config_path) != _origin(config_path, new):  # recorded without one, or the run folder moved
             from moca3d.training.checkpoints import atomic_write_json
