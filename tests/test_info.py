@@ -223,3 +223,12 @@ def test_a_folder_of_part_files_shows_its_parts_and_how_they_were_made(tmp_path)
     result = CliRunner().invoke(app, ["info", str(tmp_path / "outs")])
     assert result.exit_code == 0 and "2 mesh files: chair.glb (2 components), desk lamp.glb (2 components)" in result.output
     assert "unreadable: zz.ply" in result.output
+    (tmp_path / "broken").mkdir()
+    for name in ("a.ply", "b.ply"):  # nothing readable: said so, not "0 mesh files: " (one file: read as that file)
+        (tmp_path / "broken" / name).write_bytes(b"garbage")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "broken")])
+    assert result.exit_code == 0 and "no readable mesh file" in result.output and "unreadable: a.ply" in result.output
+    (tmp_path / "fbx").mkdir()
+    (tmp_path / "fbx" / "car.fbx").write_bytes(b"\x00")
+    with pytest.raises(InputError, match=r"its car.fbx are in formats moca3d does not read: export them as GLB or OBJ"):
+        describe(tmp_path / "fbx")

@@ -407,6 +407,8 @@ def test_a_split_list_takes_names_with_spaces_any_separator_and_refuses_an_asset
     (tmp_path / "splits.csv").write_text(lines, encoding="utf-8")
     assert prep.read_split_list(tmp_path / "splits.csv") == {"office chair.glb": "test", "desk lamp": "val", "stool": "train",
                                                               "old bench": "test"}
+    (tmp_path / "marks.txt").write_text("chair#2 test  # a name may hold '#'\nchair, big.glb\tval\n")
+    assert prep.read_split_list(tmp_path / "marks.txt") == {"chair#2": "test", "chair, big.glb": "val"}  # (a tab first)
     (tmp_path / "sheet.csv").write_text("# exported from a sheet\n\nid,category,split\nchair_1,chair,test\nbig table,table,val\n")
     assert prep.read_split_list(tmp_path / "sheet.csv") == {"chair_1": "test", "big table": "val"}  # by the header's columns
     (tmp_path / "bom.json").write_text('\ufeff{"test": ["a"]}', encoding="utf-8")

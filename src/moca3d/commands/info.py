@@ -303,10 +303,14 @@ def describe(path: Path) -> dict:
         run = run_report(path)
         if run is not None:
             return run
-        from moca3d.geometry.mesh_io import part_files
+        from moca3d.defaults import EXPORT_HINT
+        from moca3d.geometry.mesh_io import part_files, unread_models
 
         if part_files(path):
             return folder_record(path)
+        if unread := unread_models(path, keep_own=True):
+            raise InputError(f"{path}: its {', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''} are in formats moca3d "
+                             f"does not read: {EXPORT_HINT}")
         raise CheckpointError(f"{path}: neither a pipeline folder (model_index.json), a LoRA adapter ({ADAPTER_CONFIG}), "
                               f"a moca3d model folder (config.json of a {', '.join(COMPONENT_CLASSES)}), a training run, a "
                               "prepared dataset (manifest.jsonl) nor a folder of mesh files")
@@ -405,7 +409,9 @@ def echo(report: dict) -> None:
         return _echo_run(report)
     if report["kind"] == "prepared dataset":
         return _echo_dataset(report)
-    if report["kind"] == "folder of mesh files":  # whole objects, or several generations: no one record
+    if report["kind"] == "folder of mesh files" and not report["files"]:
+        typer.echo("  no readable mesh file")
+    elif report["kind"] == "folder of mesh files":  # whole objects, or several generations: no one record
         typer.echo(f"  {plural(len(report['files']), 'mesh file')}: "
                    + ", ".join(f"{name} ({plural(n, 'component')})" for name, n in report["files"].items()))
         typer.echo("  (a folder of part files holds one component a file, of one generation; `moca3d info FILE` reads one)")

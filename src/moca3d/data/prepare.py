@@ -279,10 +279,10 @@ def read_split_list(path: str | Path) -> dict[str, str]:
     else:
         columns = None  # a CSV header's (name, split) columns: id,category,split
         for number, line in enumerate(text.splitlines(), 1):
-            line = line.split("#")[0].strip()
+            line = re.split(r"(?:^|\s)#", line)[0].strip()  # a comment: `#` first or after a space (chair#2 is a name)
             if not line:
                 continue
-            sep = "," if "," in line else "\t" if "\t" in line else " "
+            sep = "\t" if "\t" in line else "," if "," in line else " "  # (a tab first: a name may hold a comma)
             cells = [c.strip().strip("\"'").strip() for c in line.split(None if sep == " " else sep)]
             lower = [c.lower() for c in cells]
             if not pairs and columns is None and "split" in lower:  # a header, the first line of content
