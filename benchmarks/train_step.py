@@ -20,14 +20,14 @@ from typing import Dict, List, Optional
 import torch
 
 from moca3d.attention.backends import select_backend
-from moca3d.defaults import DEFAULT_MODEL_DIR
+from moca3d.defaults import SHIPPED_PREFIX, shipped_path
 from moca3d.models.transformer import MoCATransformer
 
 from benchkit import flow_training_step, load_config, positive_int, print_table, run_script, time_interleaved, write_json  # benchmarks/benchkit.py
 
 CPU_BACKENDS = ("reference", "chunked", "matmul")  # differentiable on the CPU
 CUDA_BACKENDS = ("reference", "chunked", "matmul", "blocksparse", "fused")
-BUILT_IN = str(DEFAULT_MODEL_DIR / "transformer" / "config.json")  # the model a CPU user fine-tunes
+BUILT_IN = f"{SHIPPED_PREFIX}default/transformer/config.json"  # the model a CPU user fine-tunes (recorded so, not by install path)
 
 
 def bench_n(model: MoCATransformer, n: int, batch: int, backends: List[str], device: torch.device, dtype: torch.dtype,
@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     backends = args.backends or list(CUDA_BACKENDS if device.type == "cuda" else CPU_BACKENDS)
     if device.type == "cpu" and {"blocksparse", "fused"} & set(backends):
         p.error("blocksparse has no backward on the CPU and fused needs CUDA: time reference, chunked or matmul")
-    config = load_config(args.config)
+    config = load_config([str(shipped_path(path)) for path in args.config])
     torch.manual_seed(0)
     model = MoCATransformer(**{**config, "attention_mode": "moc"})
     torch.nn.Module.to(model, device, dtype).train()  # plain cast (diffusers warns on .to(dtype)); training: sampled routing
