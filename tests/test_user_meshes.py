@@ -13,7 +13,7 @@ from conftest import TINY_PREPARE
 from moca3d.cli import app
 from moca3d.errors import ConfigError, InputError, InputWarning
 from moca3d.geometry.inside import QueryConfig
-from moca3d.geometry.mesh_io import load_components, save_glb, save_separate
+from moca3d.geometry.mesh_io import UP_ROTATIONS, load_components, save_glb, save_separate
 from moca3d.geometry.render import RenderConfig
 from moca3d.geometry.sampling import SurfaceSamplingConfig
 from moca3d.metrics import check_metric_settings
@@ -311,7 +311,7 @@ def test_a_single_file_is_prepared_and_a_z_up_one_stands_up(tmp_path):
     tall = trimesh.creation.box(extents=(0.4, 0.4, 2.0))  # tall along Z, a second part on top
     cap = trimesh.creation.box(extents=(0.6, 0.6, 0.2)).apply_translation([0, 0, 1.1])
     turn = np.eye(4)
-    turn[:3, :3] = prep.UP_ROTATIONS["z"]
+    turn[:3, :3] = UP_ROTATIONS["z"]
     for name, parts in (("z_up", [tall, cap]), ("y_up", [m.copy().apply_transform(turn) for m in (tall, cap)])):
         (tmp_path / name).mkdir()
         save_glb(tmp_path / name / "lamp.glb", parts, ["post", "cap"])  # one asset id: the same sampling seed

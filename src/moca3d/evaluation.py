@@ -12,7 +12,7 @@ from moca3d.data.dataset import read_manifest
 from moca3d.defaults import GUIDANCE, SCENE_GUIDANCE, STEPS
 from moca3d.errors import ConfigError, InputError, warn_input
 from moca3d.geometry.mesh_io import load_components
-from moca3d.metrics import GT_FRAME_OVERLAP, MetricsConfig, box_iou, evaluate_scene, object_metrics, protocol  # object_metrics: re-exported
+from moca3d.metrics import GT_FRAME_OVERLAP, MetricsConfig, evaluate_scene, frame_overlap, object_metrics, protocol  # object_metrics: re-exported
 from moca3d.progress import Show, progress_bar
 
 
@@ -54,8 +54,13 @@ def category_of(name: str) -> str:
 def finite_mean(rows: list[dict], key: str) -> Optional[float]:
     """Mean of `key` over the rows where it is finite, None if none is: an all-empty prediction's chamfer (inf) is
     left out of the mean CD (the rows' `all_empty` count says how many), its F-scores (0) stay in theirs."""
-    values = [r[key] for r in rows if r[key] is not None and np.isfinite(r[key])]
+    values = finite_values(rows, key)
     return float(np.mean(values)) if values else None
+
+
+def finite_values(rows: list[dict], key: str) -> list[float]:
+    """The rows' finite values of `key`: what `finite_mean` and `standard_errors` average over."""
+    return [r[key] for r in rows if r[key] is not None and np.isfinite(r[key])]
 
 
 def standard_errors(rows: list[dict], keys: tuple[str, ...]) -> dict[str, Optional[float]]:
@@ -63,7 +68,7 @@ def standard_errors(rows: list[dict], keys: tuple[str, ...]) -> dict[str, Option
     None under two): how far the mean would move with another draw of as many assets, for reading a difference."""
     out = {}
     for key in keys:
-        values = [r[key] for r in rows if r[key] is not None and np.isfinite(r[key])]
+        values = finite_values(rows, key)
         out[key] = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
     return out
 
@@ -210,8 +215,8 @@ def evaluate_pipeline(
         if predictions is None:
             save_prediction(save, rec["id"], meshes, "part", settings)
         row = {"id": rec["id"], "category": rec.get("category", "unknown"), "num_parts": len(gt), "seconds": seconds}
-        surfaces = [m for m in meshes if len(m.faces)]
-        if predictions is not None and frame == "gt" and surfaces and box_iou(surfaces, gt) < GT_FRAME_OVERLAP:
+        overlap = frame_overlap(meshes, gt) if predictions is not None and frame == "gt" else None
+        if overlap is not None and overlap < GT_FRAME_OVERLAP:
             elsewhere.append(rec["id"])
         per_asset.append({**row, **object_metrics(meshes, gt, config)})
     if elsewhere:  # in the GT's frame, placement counts: predictions in another frame score low for nothing

@@ -12,7 +12,8 @@
   truth) and recall (share of ground-truth points within tau of the prediction).
 - Self-IoU: mean over component pairs of the IoU of their filled voxel volumes on a 64^3 grid over
   [-1, 1]^3 (pitch 2/64); overlap between generated parts, lower is better. A voxel a part's surface passes
-  through is the part's: two parts in contact share that layer (two unit cubes face to face in the grid: 0.016). None (left out of means, as
+  through is the part's: two parts in contact share that layer (two unit cubes face to face in the grid: 0.016).
+  None (left out of means, as
   PartCrafter leaves it out) for a prediction with fewer than two non-empty parts: no pair to overlap.
 - Scenes: the scene-level numbers above (points by area: a large instance outweighs a small one), the same with
   each instance weighted alike ("balanced_": num_points / N points on each predicted and each GT instance,
@@ -356,6 +357,13 @@ def box_iou(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], pad: float =
     inter = np.prod(np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0.0, None))
     union = np.prod(a1 - a0) + np.prod(b1 - b0) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+def frame_overlap(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh]) -> float | None:
+    """`box_iou` of a prediction's non-empty components and the ground truth (None when every one is empty): under
+    GT_FRAME_OVERLAP, the prediction is likely in another frame than the ground truth's."""
+    surfaces = [m for m in pred if len(m.faces)]
+    return box_iou(surfaces, gt) if surfaces else None
 
 
 def object_metrics(pred: list[trimesh.Trimesh], gt: list[trimesh.Trimesh], config: MetricsConfig | None = None) -> dict:

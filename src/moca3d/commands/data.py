@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from moca3d.commands.common import COMPONENTS_HELP, FRAME_HELP, check_output_path, check_run_folder, write_json
-from moca3d.errors import ConfigError, warn_input
+from moca3d.errors import warn_input
 from moca3d.progress import cli_progress
 
 SPLIT_HELP = ("Share of assets in the {} split, approximate: each asset's split is drawn from a hash of its id (stable "
@@ -129,24 +129,24 @@ def evaluate_command(
 ) -> None:
     """Chamfer distance, F-score@0.1/0.05 and self-IoU of PRED against GT (after PartCrafter/MIDI; --frame: how the two are aligned)."""
     from moca3d.evaluation import object_metrics, pair_by_name, read_ground_truth, read_prediction
-    from moca3d.metrics import (GT_FRAME_OVERLAP, MetricsConfig, box_iou, check_metric_settings, check_same_frame, evaluate_scene,
-                                protocol)
+    from moca3d.metrics import (GT_FRAME_OVERLAP, MetricsConfig, check_metric_settings, check_same_frame, evaluate_scene,
+                                frame_overlap, protocol)
 
     check_metric_settings(num_points, iou_resolution, points_name="--num-points", resolution_name="--iou-resolution",
                           frame=frame, frame_name="--frame")
     check_output_path(json_out, "--json")
     config = MetricsConfig(num_points=num_points, seed=seed, iou_resolution=iou_resolution, frame=frame)
-    from moca3d.geometry.mesh_io import UP_ROTATIONS, stand_up
+    from moca3d.geometry.mesh_io import check_up_axis, stand_up
 
-    if gt_up_axis not in UP_ROTATIONS:  # before any file is read
-        raise ConfigError(f"--gt-up-axis must be one of {', '.join(UP_ROTATIONS)}, got '{gt_up_axis}'")
+    check_up_axis(gt_up_axis, "--gt-up-axis")  # before any file is read
     gt_meshes, gt_names = read_ground_truth(gt)  # both sides read alike: the same layout gives the same components
     gt_meshes = stand_up(gt_meshes, gt_up_axis)
     # a generation's empty components (kept as empty nodes / objects) are read in place: instance i is still i
     pred_meshes, pred_names = read_prediction(pred)
     surfaces = [m for m in pred_meshes if len(m.faces)]
-    if frame == "gt" and surfaces and box_iou(surfaces, gt_meshes) < GT_FRAME_OVERLAP:  # likely another frame
-        warn_input(f"--frame gt: the prediction's box overlaps the ground truth's by {box_iou(surfaces, gt_meshes):.2f} (IoU): "
+    overlap = frame_overlap(surfaces, gt_meshes) if frame == "gt" else None
+    if overlap is not None and overlap < GT_FRAME_OVERLAP:  # likely another frame
+        warn_input(f"--frame gt: the prediction's box overlaps the ground truth's by {overlap:.2f} (IoU): "
                    f"is {pred.name} in {gt.name}'s frame? (a prepared asset's mesh.glb is normalised: its normalization.json "
                    "maps the source's coordinates to it)")
     if scene:

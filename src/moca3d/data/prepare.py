@@ -39,9 +39,9 @@ from moca3d.errors import ConfigError, InputError, InputWarning, one_line, warn_
 from moca3d.geometry.inside import QueryConfig, sample_queries
 from moca3d.geometry.mesh_io import (
     MESH_EXTENSIONS,
-    UP_ROTATIONS,
     TooManyComponentsError,
     bounds_of,
+    check_up_axis,
     load_asset,
     main_color,
     normalize_meshes,
@@ -111,8 +111,7 @@ class PrepareConfig:
             raise ConfigError(f"--val-fraction + --test-fraction must be at most 1, got {self.val_fraction} + {self.test_fraction}")
         if self.kind not in ("object", "scene"):
             raise ConfigError(f"--kind must be 'object' or 'scene', got '{self.kind}'")
-        if self.up_axis not in UP_ROTATIONS:
-            raise ConfigError(f"--up-axis must be one of {', '.join(UP_ROTATIONS)}, got '{self.up_axis}'")
+        check_up_axis(self.up_axis)
         check_scene_objects(*self.scene_objects)
         if not 0 <= self.partnet_level <= MAX_LEVEL:
             raise ConfigError(f"--partnet-level must be between 0 and {MAX_LEVEL}, got {self.partnet_level}")

@@ -82,10 +82,15 @@ UP_ROTATIONS = {
 }
 
 
+def check_up_axis(up_axis: str, option: str = "--up-axis") -> None:
+    """A one-line ConfigError, naming `option`, for an up axis UP_ROTATIONS does not have."""
+    if up_axis not in UP_ROTATIONS:
+        raise ConfigError(f"{option} must be one of {', '.join(UP_ROTATIONS)}, got '{up_axis}'")
+
+
 def stand_up(meshes: list[trimesh.Trimesh], up_axis: str) -> list[trimesh.Trimesh]:
     """Copies of `meshes` turned so that their `up_axis` (UP_ROTATIONS) points up (+Y); "y": the meshes themselves."""
-    if up_axis not in UP_ROTATIONS:
-        raise ConfigError(f"--up-axis must be one of {', '.join(UP_ROTATIONS)}, got '{up_axis}'")
+    check_up_axis(up_axis)
     if up_axis == "y":
         return meshes
     turn = np.eye(4)
