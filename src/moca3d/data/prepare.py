@@ -50,6 +50,7 @@ from moca3d.geometry.mesh_io import (
     part_files,
     save_glb,
     stand_up,
+    unread_models,
     validate_components,
 )
 from moca3d.geometry.render import RenderConfig, floor_plane, object_camera, render, save_render, scene_camera
@@ -188,13 +189,11 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
         raise InputError(f"{folder}: neither a mesh file ({', '.join(MESH_EXTENSIONS)}) nor a folder of meshes{hint}")
     if is_partnet(folder):  # one PartNet annotation folder given itself, not its parent (data_v0)
         return [Job(_safe_id(folder.name), str(folder), category)]
-    jobs, seen, by_stem, unread = [], set(), {}, []
+    jobs, seen, by_stem = [], set(), {}
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_file() and entry.suffix.lower() not in MESH_EXTENSIONS:
-            if entry.suffix.lower() in OTHER_3D_FORMATS:  # a model left out without a word looked prepared
-                unread.append(entry.name)
             continue
         by_stem.setdefault(entry.stem if entry.is_file() else entry.name, []).append(len(jobs))
         base = _safe_id(entry.stem if entry.is_file() else entry.name)
@@ -206,6 +205,7 @@ def folder_jobs(folder: str | Path, category: str = "mesh") -> list[Job]:
             asset_id = f"{base}_{k}"
         seen.add(asset_id)
         jobs.append(Job(asset_id, str(entry), category))
+    unread = unread_models(folder, keep_own=True)  # models left out without a word looked prepared
     if not jobs:
         found = f"; it holds {len(unread)} 3D file(s) in formats prepare does not read (first: {unread[0]}): {EXPORT_HINT}" if unread else ""
         raise InputError(f"{folder}: no mesh files ({', '.join(MESH_EXTENSIONS)}) and no asset sub-folders in it{found}")

@@ -483,8 +483,8 @@ def keep_empty_components(path: Path, meshes: list[trimesh.Trimesh],
 def unread_models(folder: Path, keep_own: bool = False) -> list[str]:
     """The names of `folder`'s files in 3D formats moca3d does not read (OTHER_3D_FORMATS: FBX, .blend, ...), sorted;
     one named as the folder (chair/chair.blend, the project its parts came from) only with `keep_own`."""
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in OTHER_3D_FORMATS
-                  and (keep_own or p.stem != folder.name))
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in OTHER_3D_FORMATS and (keep_own or p.stem != folder.name))
 
 
 def part_files(folder: Path) -> list[Path]:
